@@ -1,0 +1,197 @@
+//! The ABI between the eBPF programs and the agent.
+//!
+//! Every type here crosses the kernel/user boundary as raw bytes in a BPF map, so the rules
+//! are strict: `#[repr(C)]`, explicit zeroed padding (the kernel hashes every key byte, so
+//! stray padding makes lookups silently miss), no `bool`, byte order stated in the field name,
+//! and a compile-time size assertion per type. Reason codes are never renumbered.
+#![no_std]
+
+/// Map names, shared so the loader and the programs can never disagree.
+pub mod maps {
+    /// `cookie of the app's socket → original destination`, written by connect4/6.
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    /// `4-tuple seen by the agent → original destination`, re-keyed by sockops at
+    /// ACTIVE_ESTABLISHED, read by the agent after accept().
+    pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
+    /// `netns cookie → where the agent listens in that pod`: present only for enrolled pods.
+    pub const POD_CONFIG: &str = "POD_CONFIG";
+    /// `(netns cookie, address) → ()`: the pod's own addresses, never steered.
+    pub const POD_ADDRS: &str = "POD_ADDRS";
+    /// `destination address → action`: which destinations are steered to the agent.
+    pub const DEST_POLICY: &str = "DEST_POLICY";
+    /// Per-CPU counters indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// sk_lookup: the agent's inbound listener per pod (`SOCKMAP`, index from `POD_CONFIG`).
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+
+    /// Capacities. Sized for a node with a few hundred pods and tens of thousands of
+    /// connections being set up at once; entries live only between connect() and accept().
+    pub const MAX_PENDING_FLOWS: u32 = 65_536;
+    pub const MAX_PODS: u32 = 1_024;
+    pub const MAX_POD_ADDRS: u32 = 4_096;
+    pub const MAX_DESTS: u32 = 65_536;
+}
+
+/// `AF_INET` / `AF_INET6` as the kernel spells them (`u16`, host byte order).
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// A socket address in the layout the kernel's `bpf_sock_addr` / `bpf_sock_ops` use.
+///
+/// `addr_be` holds four 32-bit words in network byte order; IPv4 is stored IPv4-mapped
+/// (`::ffff:a.b.c.d`, i.e. words `[0, 0, be(0xffff), ip4_be]`) so one key type serves both
+/// families. `port_be` is in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    /// [`AF_INET`] or [`AF_INET6`]: how the application spoke, kept so getpeername answers
+    /// in the family the application used.
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockAddr>() == 24);
+
+impl SockAddr {
+    /// The IPv4-mapped prefix word, in network byte order.
+    pub const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+
+    #[inline(always)]
+    pub const fn v4(ip4_be: u32, port_be: u16) -> Self {
+        Self {
+            addr_be: [0, 0, Self::V4_MAPPED_WORD, ip4_be],
+            port_be,
+            family: AF_INET,
+            _pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn v6(addr_be: [u32; 4], port_be: u16) -> Self {
+        Self {
+            addr_be,
+            port_be,
+            family: AF_INET6,
+            _pad: 0,
+        }
+    }
+
+    /// The same address with the port cleared: the key form of [`maps::DEST_POLICY`] entries
+    /// that match every port.
+    #[inline(always)]
+    pub const fn without_port(self) -> Self {
+        Self {
+            port_be: 0,
+            family: 0,
+            ..self
+        }
+    }
+}
+
+/// Key of [`maps::ORIG_DST_BY_FLOW`]: the application socket's local address as the agent's
+/// listener sees it in `getpeername()` of the accepted socket, qualified by the netns,
+/// because every pod has its own 127.0.0.1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub netns_cookie: u64,
+    pub local: SockAddr,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 32);
+
+/// Key of [`maps::POD_ADDRS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodAddrKey {
+    pub netns_cookie: u64,
+    /// Address with port and family zeroed ([`SockAddr::without_port`]).
+    pub addr: SockAddr,
+}
+const _: () = assert!(core::mem::size_of::<PodAddrKey>() == 32);
+
+/// Value of [`maps::POD_CONFIG`]: where connect4/6 send this pod's steered connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodConfig {
+    /// The agent's outbound listener inside the pod's netns, on loopback.
+    pub outbound_port_be: u16,
+    /// The agent's inbound listener inside the pod's netns.
+    pub inbound_port_be: u16,
+    /// Index of the inbound listener in [`maps::INBOUND_LISTENERS`].
+    pub inbound_slot: u32,
+    /// [`POD_FLAG_*`](POD_FLAG_STEER_INBOUND) bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PodConfig>() == 16);
+
+/// sk_lookup steers inbound connections to this pod's addresses.
+pub const POD_FLAG_STEER_INBOUND: u32 = 1;
+
+/// Value of [`maps::DEST_POLICY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestAction {
+    /// One of the `ACTION_*` constants.
+    pub action: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DestAction>() == 8);
+
+/// Leave the connect() alone (plaintext, kernel networking).
+pub const ACTION_PASSTHROUGH: u32 = 0;
+/// Steer the connect() to the agent's outbound listener.
+pub const ACTION_STEER: u32 = 1;
+
+/// Per-CPU counters, the eBPF side's only voice: programs never log on the hot path.
+/// Values are an ABI: never renumber, retire to `_Reserved`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect4/6 ran in an enrolled pod (its netns has a [`PodConfig`]).
+    ConnectSeen = 0,
+    /// connect4/6 rewrote the destination to the agent.
+    ConnectSteered = 1,
+    /// connect4/6 could not record the original destination and refused the connect.
+    ConnectRecordFailed = 2,
+    /// sockops saw an actively established connection in an enrolled cgroup.
+    SockopsActiveEstablished = 3,
+    /// sockops re-keyed a steered flow from cookie to 4-tuple.
+    SockopsRekeyed = 4,
+    /// getpeername4/6 answered with the original destination.
+    GetpeernameRewritten = 5,
+    /// sk_lookup assigned a connection to the agent's inbound listener.
+    LookupSteered = 6,
+    /// sk_lookup found no listener for an enrolled pod (agent down): connection refused.
+    LookupNoListener = 7,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Self::ConnectSeen,
+        Self::ConnectSteered,
+        Self::ConnectRecordFailed,
+        Self::SockopsActiveEstablished,
+        Self::SockopsRekeyed,
+        Self::GetpeernameRewritten,
+        Self::LookupSteered,
+        Self::LookupNoListener,
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, has no implicit padding (explicit `_pad`
+    // fields, sizes asserted above) and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::SockAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodAddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DestAction {}
+}

@@ -1,0 +1,144 @@
+//! cgroup connect4/6 and getpeername4/6: steer a pod's outbound TCP connects to the agent's
+//! listener inside the pod's own netns, and keep the redirect invisible to the application.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use interceptor_common::{ACTION_STEER, Counter, PodAddrKey, SockAddr};
+
+use crate::maps::{DEST_POLICY, ORIG_DST_BY_COOKIE, POD_ADDRS, POD_CONFIG, count};
+
+/// Return values of cgroup sock_addr programs: 1 lets the syscall proceed, 0 fails it with
+/// EPERM.
+pub const ALLOW: i32 = 1;
+pub const REFUSE: i32 = 0;
+
+const IPPROTO_TCP: u32 = 6;
+const LOOPBACK4_BE: u32 = 0x7f00_0001u32.to_be();
+
+/// Whether a destination is steered: the pod is enrolled, the destination is neither loopback
+/// nor the pod itself, and the agent marked it (mesh workload or a policy that needs the agent).
+#[inline(always)]
+fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<u16> {
+    // SAFETY: helper valid for sock_addr programs; the context pointer comes from the kernel.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup; the value is copied before any other map call.
+    let pod = unsafe { POD_CONFIG.get(&netns) }?;
+    let port = pod.outbound_port_be;
+    let own = PodAddrKey {
+        netns_cookie: netns,
+        addr: dst.without_port(),
+    };
+    // SAFETY: read-only lookup, value unused.
+    if unsafe { POD_ADDRS.get(&own) }.is_some() {
+        return None;
+    }
+    // SAFETY: read-only lookups; `action` is copied out.
+    let action = unsafe { DEST_POLICY.get(dst).or_else(|| DEST_POLICY.get(&dst.without_port())) }?;
+    (action.action == ACTION_STEER).then_some(port)
+}
+
+/// Records `cookie → original destination`. A connection we cannot record would reach the agent
+/// without a destination, so it is refused instead (fail closed).
+#[inline(always)]
+fn record(ctx: &SockAddrContext, dst: &SockAddr) -> Result<(), ()> {
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ORIG_DST_BY_COOKIE.insert(&cookie, dst, 0).map_err(|_| ())
+}
+
+pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr; the verifier checks each field access.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    // Loopback is the pod's own business (and where the agent listens): never steered.
+    if sa.user_ip4 & 0xff_u32.to_be() == 0x7f_u32.to_be() {
+        return ALLOW;
+    }
+    let dst = SockAddr::v4(sa.user_ip4, sa.user_port as u16);
+    count(Counter::ConnectSeen);
+    let Some(port_be) = should_steer(ctx, &dst) else {
+        return ALLOW;
+    };
+    if record(ctx, &dst).is_err() {
+        count(Counter::ConnectRecordFailed);
+        return REFUSE;
+    }
+    sa.user_ip4 = LOOPBACK4_BE;
+    sa.user_port = u32::from(port_be);
+    count(Counter::ConnectSteered);
+    ALLOW
+}
+
+pub fn connect6(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: as in `connect4`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    // Full-width reads of user_ip6: narrower loads are rejected by older verifiers.
+    let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == SockAddr::V4_MAPPED_WORD;
+    let dst = if mapped {
+        if ip[3] & 0xff_u32.to_be() == 0x7f_u32.to_be() {
+            return ALLOW;
+        }
+        SockAddr::v4(ip[3], sa.user_port as u16)
+    } else {
+        if ip == [0, 0, 0, 1u32.to_be()] {
+            return ALLOW;
+        }
+        SockAddr::v6(ip, sa.user_port as u16)
+    };
+    count(Counter::ConnectSeen);
+    let Some(port_be) = should_steer(ctx, &dst) else {
+        return ALLOW;
+    };
+    if record(ctx, &dst).is_err() {
+        count(Counter::ConnectRecordFailed);
+        return REFUSE;
+    }
+    // A dual-stack socket aimed at an IPv4 peer must stay IPv4: ::ffff:127.0.0.1.
+    let lo = if mapped {
+        [0, 0, SockAddr::V4_MAPPED_WORD, LOOPBACK4_BE]
+    } else {
+        [0, 0, 0, 1u32.to_be()]
+    };
+    sa.user_ip6 = lo;
+    sa.user_port = u32::from(port_be);
+    count(Counter::ConnectSteered);
+    ALLOW
+}
+
+/// getpeername on a steered socket answers with the original destination.
+pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup, value copied.
+    if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
+        // SAFETY: as in `connect4`.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = dst.addr_be[3];
+        sa.user_port = u32::from(dst.port_be);
+        count(Counter::GetpeernameRewritten);
+    }
+    ALLOW
+}
+
+pub fn getpeername6(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup, value copied.
+    if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
+        // SAFETY: as in `connect4`.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6 = dst.addr_be;
+        sa.user_port = u32::from(dst.port_be);
+        count(Counter::GetpeernameRewritten);
+    }
+    ALLOW
+}

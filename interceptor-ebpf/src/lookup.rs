@@ -1,0 +1,56 @@
+//! sk_lookup: steer inbound TCP connections addressed to an enrolled pod to the agent's
+//! inbound listener in that pod's netns.
+
+use aya_ebpf::programs::SkLookupContext;
+use interceptor_common::{AF_INET6, Counter, SockAddr};
+
+use crate::maps::{INBOUND_LISTENERS, INBOUND_SLOTS, count};
+
+/// sk_lookup return values.
+pub const SK_PASS: u32 = 1;
+pub const SK_DROP: u32 = 0;
+
+const IPPROTO_TCP: u32 = 6;
+/// The agent reaches the app from this address (127.0.0.6, as Istio does); its own
+/// connections must never be steered back to itself.
+pub const AGENT_SOURCE4_BE: u32 = 0x7f00_0006u32.to_be();
+/// IPv6 counterpart: ::6.
+pub const AGENT_SOURCE6_BE: [u32; 4] = [0, 0, 0, 6u32.to_be()];
+
+pub fn on_lookup(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the kernel passes a valid, read-only bpf_sk_lookup.
+    let lk = unsafe { &*ctx.lookup };
+    if lk.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let dst = if lk.family == u32::from(AF_INET6) {
+        let remote = [lk.remote_ip6[0], lk.remote_ip6[1], lk.remote_ip6[2], lk.remote_ip6[3]];
+        if remote == AGENT_SOURCE6_BE {
+            return SK_PASS;
+        }
+        SockAddr::v6(
+            [lk.local_ip6[0], lk.local_ip6[1], lk.local_ip6[2], lk.local_ip6[3]],
+            0,
+        )
+    } else {
+        if lk.remote_ip4 == AGENT_SOURCE4_BE {
+            return SK_PASS;
+        }
+        SockAddr::v4(lk.local_ip4, 0)
+    };
+    // SAFETY: read-only lookup, value copied.
+    let Some(slot) = (unsafe { INBOUND_SLOTS.get(&dst.without_port()) }).copied() else {
+        return SK_PASS;
+    };
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, slot, 0) {
+        Ok(()) => {
+            count(Counter::LookupSteered);
+            SK_PASS
+        }
+        Err(_) => {
+            // Enrolled pod but no agent listener: refuse rather than deliver in clear.
+            count(Counter::LookupNoListener);
+            SK_DROP
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! Entry points only. Each converts its hook's result to the kernel's return convention in one
+//! place; the logic lives in the per-hook modules.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod lookup;
+mod maps;
+mod sockops;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn intercept_connect4(ctx: SockAddrContext) -> i32 {
+    connect::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn intercept_connect6(ctx: SockAddrContext) -> i32 {
+    connect::connect6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn intercept_getpeername4(ctx: SockAddrContext) -> i32 {
+    connect::getpeername4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn intercept_getpeername6(ctx: SockAddrContext) -> i32 {
+    connect::getpeername6(&ctx)
+}
+
+/// sock_ops programs' return value is only read for a few ops that ask for a reply; 1 is
+/// "carry on" for all the others.
+#[sock_ops]
+pub fn intercept_sockops(ctx: SockOpsContext) -> u32 {
+    sockops::on_event(&ctx);
+    1
+}
+
+#[sk_lookup]
+pub fn intercept_sk_lookup(ctx: SkLookupContext) -> u32 {
+    lookup::on_lookup(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

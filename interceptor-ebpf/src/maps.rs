@@ -1,0 +1,47 @@
+//! Every map the programs share, named from `interceptor_common::maps` so the loader finds them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+};
+use interceptor_common::{
+    Counter, DestAction, FlowKey, PodAddrKey, PodConfig, SockAddr,
+    maps::{MAX_DESTS, MAX_PENDING_FLOWS, MAX_POD_ADDRS, MAX_PODS},
+};
+
+/// LRU so a flow whose close we never saw (e.g. agent restarted mid-connect) ages out
+/// instead of filling the map.
+#[map(name = "ORIG_DST_BY_COOKIE")]
+pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
+    LruHashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
+
+#[map(name = "ORIG_DST_BY_FLOW")]
+pub static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, SockAddr> =
+    LruHashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
+
+#[map(name = "POD_CONFIG")]
+pub static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::with_max_entries(MAX_PODS, 0);
+
+#[map(name = "POD_ADDRS")]
+pub static POD_ADDRS: HashMap<PodAddrKey, u32> = HashMap::with_max_entries(MAX_POD_ADDRS, 0);
+
+#[map(name = "DEST_POLICY")]
+pub static DEST_POLICY: HashMap<SockAddr, DestAction> = HashMap::with_max_entries(MAX_DESTS, 0);
+
+/// Inbound: pod address → slot of the agent's listener in [`INBOUND_LISTENERS`].
+#[map(name = "INBOUND_SLOTS")]
+pub static INBOUND_SLOTS: HashMap<SockAddr, u32> = HashMap::with_max_entries(MAX_POD_ADDRS, 0);
+
+#[map(name = "INBOUND_LISTENERS")]
+pub static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(MAX_PODS, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, the program is not preempted on this CPU while it runs.
+        unsafe { *slot += 1 };
+    }
+}
