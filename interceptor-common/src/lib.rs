@@ -21,7 +21,9 @@ pub mod maps {
     pub const DEST_POLICY: &str = "DEST_POLICY";
     /// Per-CPU counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// sk_lookup: the agent's inbound listener per pod (`SOCKMAP`, index from `POD_CONFIG`).
+    /// sk_lookup: `pod address → slot` of the agent's inbound listener for that pod.
+    pub const INBOUND_SLOTS: &str = "INBOUND_SLOTS";
+    /// sk_lookup: the agent's inbound listening sockets (a SOCKMAP indexed by slot).
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
 
     /// Capacities. Sized for a node with a few hundred pods and tens of thousands of

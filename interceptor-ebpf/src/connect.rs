@@ -15,7 +15,33 @@ use crate::maps::{DEST_POLICY, ORIG_DST_BY_COOKIE, POD_ADDRS, POD_CONFIG, count}
 pub const ALLOW: i32 = 1;
 pub const REFUSE: i32 = 0;
 
-const IPPROTO_TCP: u32 = 6;
+pub(crate) const IPPROTO_TCP: u32 = 6;
+
+/// Context fields must be accessed as whole 32-bit words: an array copy compiles to a byte-wise
+/// memcpy, which the verifier rejects for `bpf_sock_addr`.
+#[inline(always)]
+pub(crate) fn read_ip6(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: each element is an aligned, readable u32 of the context.
+    unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_ip6(words: &mut [u32; 4], value: [u32; 4]) {
+    // SAFETY: each element is an aligned, writable u32 of the context.
+    unsafe {
+        core::ptr::write_volatile(&mut words[0], value[0]);
+        core::ptr::write_volatile(&mut words[1], value[1]);
+        core::ptr::write_volatile(&mut words[2], value[2]);
+        core::ptr::write_volatile(&mut words[3], value[3]);
+    }
+}
 const LOOPBACK4_BE: u32 = 0x7f00_0001u32.to_be();
 
 /// Whether a destination is steered: the pod is enrolled, the destination is neither loopback
@@ -80,8 +106,7 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
     if sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
-    // Full-width reads of user_ip6: narrower loads are rejected by older verifiers.
-    let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let ip = read_ip6(&sa.user_ip6);
     let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == SockAddr::V4_MAPPED_WORD;
     let dst = if mapped {
         if ip[3] & 0xff_u32.to_be() == 0x7f_u32.to_be() {
@@ -108,7 +133,7 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
     } else {
         [0, 0, 0, 1u32.to_be()]
     };
-    sa.user_ip6 = lo;
+    write_ip6(&mut sa.user_ip6, lo);
     sa.user_port = u32::from(port_be);
     count(Counter::ConnectSteered);
     ALLOW
@@ -136,7 +161,7 @@ pub fn getpeername6(ctx: &SockAddrContext) -> i32 {
     if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
         // SAFETY: as in `connect4`.
         let sa = unsafe { &mut *ctx.sock_addr };
-        sa.user_ip6 = dst.addr_be;
+        write_ip6(&mut sa.user_ip6, dst.addr_be);
         sa.user_port = u32::from(dst.port_be);
         count(Counter::GetpeernameRewritten);
     }

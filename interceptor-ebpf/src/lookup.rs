@@ -4,13 +4,15 @@
 use aya_ebpf::programs::SkLookupContext;
 use interceptor_common::{AF_INET6, Counter, SockAddr};
 
-use crate::maps::{INBOUND_LISTENERS, INBOUND_SLOTS, count};
+use crate::{
+    connect::{IPPROTO_TCP, read_ip6},
+    maps::{INBOUND_LISTENERS, INBOUND_SLOTS, count},
+};
 
 /// sk_lookup return values.
 pub const SK_PASS: u32 = 1;
 pub const SK_DROP: u32 = 0;
 
-const IPPROTO_TCP: u32 = 6;
 /// The agent reaches the app from this address (127.0.0.6, as Istio does); its own
 /// connections must never be steered back to itself.
 pub const AGENT_SOURCE4_BE: u32 = 0x7f00_0006u32.to_be();
@@ -24,14 +26,11 @@ pub fn on_lookup(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let dst = if lk.family == u32::from(AF_INET6) {
-        let remote = [lk.remote_ip6[0], lk.remote_ip6[1], lk.remote_ip6[2], lk.remote_ip6[3]];
+        let remote = read_ip6(&lk.remote_ip6);
         if remote == AGENT_SOURCE6_BE {
             return SK_PASS;
         }
-        SockAddr::v6(
-            [lk.local_ip6[0], lk.local_ip6[1], lk.local_ip6[2], lk.local_ip6[3]],
-            0,
-        )
+        SockAddr::v6(read_ip6(&lk.local_ip6), 0)
     } else {
         if lk.remote_ip4 == AGENT_SOURCE4_BE {
             return SK_PASS;

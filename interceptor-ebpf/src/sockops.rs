@@ -11,26 +11,42 @@ use aya_ebpf::{
 };
 use interceptor_common::{AF_INET6, Counter, FlowKey, SockAddr};
 
-use crate::maps::{ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, count};
+use crate::{
+    connect::read_ip6,
+    maps::{ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, count},
+};
 
 const TCP_CLOSE: u32 = 7;
 
 /// The app socket's local address: the peer address of the socket the agent accepts.
+///
+/// Every context field is read once, up front, with a volatile load: otherwise LLVM selects
+/// between two context pointers (`local_ip4` vs `local_ip6[3]`) and loads through the result,
+/// which the verifier rejects ("dereference of modified ctx ptr").
 #[inline(always)]
 fn flow_key(ctx: &SockOpsContext) -> FlowKey {
     // SAFETY: helper valid for sock_ops programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the kernel's bpf_sock_ops; each read is an aligned u32 field.
+    let (family, ip4, ip6, port) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ops).family),
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            read_ip6(&(*ops).local_ip6),
+            core::ptr::read_volatile(&raw const (*ops).local_port),
+        )
+    };
     // local_port is in host byte order in bpf_sock_ops (unlike remote_port).
-    let port_be = (ctx.local_port() as u16).to_be();
-    let local = if ctx.family() == u32::from(AF_INET6) {
-        let ip = ctx.local_ip6();
-        if ip[0] == 0 && ip[1] == 0 && ip[2] == SockAddr::V4_MAPPED_WORD {
-            SockAddr::v4(ip[3], port_be)
+    let port_be = (port as u16).to_be();
+    let local = if family == u32::from(AF_INET6) {
+        if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == SockAddr::V4_MAPPED_WORD {
+            SockAddr::v4(ip6[3], port_be)
         } else {
-            SockAddr::v6(ip, port_be)
+            SockAddr::v6(ip6, port_be)
         }
     } else {
-        SockAddr::v4(ctx.local_ip4(), port_be)
+        SockAddr::v4(ip4, port_be)
     };
     FlowKey {
         netns_cookie,

@@ -1,0 +1,507 @@
+//! The kernel half of interception, behind a typed facade: loads the eBPF object, attaches its
+//! programs per cgroup (outbound) and per netns (inbound), and owns the maps. The only module
+//! that imports aya; the rest of the agent speaks [`SocketAddr`]s and [`PodConfig`]s.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, SockMap},
+    programs::{
+        CgroupAttachMode, Program, ProgramError, SkLookup,
+        links::{FdLink, PinnedLink},
+    },
+};
+use interceptor_common::{
+    Counter, DestAction, FlowKey, PodAddrKey, PodConfig, SockAddr, maps,
+};
+
+/// The compiled eBPF object, built by aya-build from `interceptor-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
+
+/// Programs attached to every enrolled cgroup, in attach order. sockops goes first so a flow is
+/// never steered by connect4 before something is ready to re-key it.
+pub const CGROUP_PROGRAMS: [&str; 5] = [
+    "intercept_sockops",
+    "intercept_connect4",
+    "intercept_connect6",
+    "intercept_getpeername4",
+    "intercept_getpeername6",
+];
+pub const SK_LOOKUP_PROGRAM: &str = "intercept_sk_lookup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed (need root or CAP_BPF + CAP_NET_ADMIN)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected program `{name}`")]
+    Program {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program `{name}` was attached without a bpf_link (kernel older than 5.7?)")]
+    Link {
+        name: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("eBPF map `{0}` is missing from the object (build mismatch)")]
+    MissingMap(&'static str),
+    #[error("eBPF map `{name}` operation failed")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot open cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinning under {path} failed")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("system setup failed: {0}")]
+    Sys(#[source] std::io::Error),
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// How the datapath keeps its state.
+#[derive(Debug, Clone, Default)]
+pub struct DatapathOptions {
+    /// A directory on a bpffs. When set, maps and links are pinned there so enrolled pods stay
+    /// steered (and therefore fail closed) while the agent is down, and a restarted agent
+    /// re-adopts them. `None` keeps everything tied to this process (tests).
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// What the loader learned about each program: used by `interceptor probe`.
+#[derive(Debug, Clone)]
+pub struct ProgramReport {
+    pub name: String,
+    pub kind: &'static str,
+    pub result: Result<(), String>,
+}
+
+/// The loaded datapath. Dropping it detaches every link that is not pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pod_config: HashMap<MapData, u64, PodConfig>,
+    pod_addrs: HashMap<MapData, PodAddrKey, u32>,
+    dest_policy: HashMap<MapData, SockAddr, DestAction>,
+    orig_by_flow: HashMap<MapData, FlowKey, SockAddr>,
+    inbound_slots: HashMap<MapData, SockAddr, u32>,
+    inbound_listeners: SockMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    cgroups: StdHashMap<PathBuf, Vec<FdLink>>,
+    netns: StdHashMap<u64, FdLink>,
+    options: DatapathOptions,
+}
+
+fn kind_of(p: &Program) -> &'static str {
+    match p {
+        Program::SockOps(_) => "sock_ops",
+        Program::CgroupSockAddr(_) => "cgroup_sock_addr",
+        Program::SkLookup(_) => "sk_lookup",
+        Program::SkMsg(_) => "sk_msg",
+        _ => "other",
+    }
+}
+
+fn load_program(p: &mut Program) -> Result<(), ProgramError> {
+    match p {
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SkLookup(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
+        _ => Ok(()),
+    }
+}
+
+/// Loads every program of the object one by one and reports each verdict, without attaching
+/// anything. The verifier is the only honest answer to "does this kernel run our programs".
+pub fn probe_programs() -> Result<Vec<ProgramReport>> {
+    raise_memlock();
+    let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+    let mut reports: Vec<ProgramReport> = ebpf
+        .programs_mut()
+        .map(|(name, p)| ProgramReport {
+            name: name.to_owned(),
+            kind: kind_of(p),
+            result: load_program(p).map_err(|e| error_chain(&e)),
+        })
+        .collect();
+    reports.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(reports)
+}
+
+/// Kernels since 5.11 account BPF memory to the cgroup and ignore RLIMIT_MEMLOCK; older ones
+/// need it lifted. Without CAP_SYS_RESOURCE the lift fails, which only matters on those older
+/// kernels, and there the load itself reports the problem.
+fn raise_memlock() {
+    if let Err(e) = crate::sys::raise_memlock_rlimit() {
+        tracing::debug!(error = %e, "could not lift RLIMIT_MEMLOCK; relying on memcg accounting");
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+fn take<K, V>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>>
+where
+    K: aya::Pod,
+    V: aya::Pod,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+impl Datapath {
+    /// Loads the object and every program (so verifier failures surface at start-up, with the
+    /// verifier log), attaching nothing yet.
+    pub fn load(options: DatapathOptions) -> Result<Self> {
+        raise_memlock();
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = &options.pin_dir {
+            let maps_dir = dir.join("maps");
+            std::fs::create_dir_all(&maps_dir).map_err(DatapathError::Sys)?;
+            loader.default_map_pin_directory(maps_dir);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        for (name, p) in ebpf.programs_mut() {
+            load_program(p).map_err(|source| DatapathError::Program {
+                name: name.to_owned(),
+                source,
+            })?;
+        }
+        let pod_config = take(&mut ebpf, maps::POD_CONFIG)?;
+        let pod_addrs = take(&mut ebpf, maps::POD_ADDRS)?;
+        let dest_policy = take(&mut ebpf, maps::DEST_POLICY)?;
+        let orig_by_flow = take(&mut ebpf, maps::ORIG_DST_BY_FLOW)?;
+        let inbound_slots = take(&mut ebpf, maps::INBOUND_SLOTS)?;
+        let inbound_listeners = ebpf
+            .take_map(maps::INBOUND_LISTENERS)
+            .ok_or(DatapathError::MissingMap(maps::INBOUND_LISTENERS))
+            .and_then(|m| SockMap::try_from(m).map_err(map_err(maps::INBOUND_LISTENERS)))?;
+        let counters = ebpf
+            .take_map(maps::COUNTERS)
+            .ok_or(DatapathError::MissingMap(maps::COUNTERS))
+            .and_then(|m| PerCpuArray::try_from(m).map_err(map_err(maps::COUNTERS)))?;
+        Ok(Self {
+            ebpf,
+            pod_config,
+            pod_addrs,
+            dest_policy,
+            orig_by_flow,
+            inbound_slots,
+            inbound_listeners,
+            counters,
+            cgroups: StdHashMap::new(),
+            netns: StdHashMap::new(),
+            options,
+        })
+    }
+
+    /// Attaches the outbound programs to a pod's cgroup. They act on sockets created by
+    /// processes in that cgroup (including already-running ones), whatever their netns.
+    pub fn enroll_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        if self.cgroups.contains_key(cgroup) {
+            return Ok(());
+        }
+        let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
+        for name in CGROUP_PROGRAMS {
+            let program_error = |source| DatapathError::Program {
+                name: name.to_owned(),
+                source,
+            };
+            // Through bpf_link (5.7+) cgroup attachments always stack (multi) and the kernel
+            // refuses any mode flag, hence the flag-less `Single`. Stacking is what a restart
+            // needs: the new link goes on before the old one comes off, no plaintext window.
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| program_error(ProgramError::NotLoaded))?;
+            let link: FdLink = match prog {
+                Program::SockOps(p) => {
+                    let id = p
+                        .attach(dir.as_fd(), CgroupAttachMode::Single)
+                        .map_err(program_error)?;
+                    let link = p.take_link(id).map_err(program_error)?;
+                    FdLink::try_from(link).map_err(|source| DatapathError::Link {
+                        name: name.to_owned(),
+                        source,
+                    })?
+                }
+                Program::CgroupSockAddr(p) => {
+                    let id = p
+                        .attach(dir.as_fd(), CgroupAttachMode::Single)
+                        .map_err(program_error)?;
+                    let link = p.take_link(id).map_err(program_error)?;
+                    FdLink::try_from(link).map_err(|source| DatapathError::Link {
+                        name: name.to_owned(),
+                        source,
+                    })?
+                }
+                _ => return Err(program_error(ProgramError::UnexpectedProgramType)),
+            };
+            links.push(link);
+        }
+        if let Some(dir) = &self.options.pin_dir {
+            let link_dir = dir.join("links").join(cgroup_pin_name(cgroup));
+            std::fs::create_dir_all(&link_dir).map_err(DatapathError::Sys)?;
+            let mut pinned = Vec::new();
+            for (link, name) in links.into_iter().zip(CGROUP_PROGRAMS) {
+                let path = link_dir.join(name);
+                let _ = std::fs::remove_file(&path);
+                let p = link.pin(&path).map_err(|e| DatapathError::Pin {
+                    path: path.clone(),
+                    source: Box::new(e),
+                })?;
+                pinned.push(FdLink::from(p));
+            }
+            links = pinned;
+        }
+        self.cgroups.insert(cgroup.to_owned(), links);
+        Ok(())
+    }
+
+    /// Detaches the outbound programs from a cgroup: its new connections use plain
+    /// networking again.
+    pub fn unenroll_cgroup(&mut self, cgroup: &Path) {
+        self.cgroups.remove(cgroup);
+        if let Some(dir) = &self.options.pin_dir {
+            let _ = std::fs::remove_dir_all(dir.join("links").join(cgroup_pin_name(cgroup)));
+        }
+    }
+
+    /// Registers a pod's netns: connect4/6 in an enrolled cgroup steer only in a netns that has
+    /// a [`PodConfig`], and never to the pod's own addresses.
+    pub fn enroll_pod_netns(
+        &mut self,
+        netns_cookie: u64,
+        config: PodConfig,
+        own_addrs: &[IpAddr],
+    ) -> Result<()> {
+        for ip in own_addrs {
+            let key = PodAddrKey {
+                netns_cookie,
+                addr: sock_addr(SocketAddr::new(*ip, 0)).without_port(),
+            };
+            self.pod_addrs
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::POD_ADDRS))?;
+        }
+        self.pod_config
+            .insert(netns_cookie, config, 0)
+            .map_err(map_err(maps::POD_CONFIG))
+    }
+
+    pub fn unenroll_pod_netns(&mut self, netns_cookie: u64, own_addrs: &[IpAddr]) {
+        let _ = self.pod_config.remove(&netns_cookie);
+        for ip in own_addrs {
+            let key = PodAddrKey {
+                netns_cookie,
+                addr: sock_addr(SocketAddr::new(*ip, 0)).without_port(),
+            };
+            let _ = self.pod_addrs.remove(&key);
+        }
+    }
+
+    /// Decides what connect() does for a destination address (any port when `port` is None).
+    pub fn set_destination(&mut self, ip: IpAddr, port: Option<u16>, action: u32) -> Result<()> {
+        let key = dest_key(ip, port);
+        self.dest_policy
+            .insert(key, DestAction { action, _pad: 0 }, 0)
+            .map_err(map_err(maps::DEST_POLICY))
+    }
+
+    pub fn clear_destination(&mut self, ip: IpAddr, port: Option<u16>) {
+        let _ = self.dest_policy.remove(&dest_key(ip, port));
+    }
+
+    /// The original destination of a steered connection, looked up by the netns it was made
+    /// in and the app socket's address (the peer address of the accepted socket). The entry
+    /// stays until the app socket closes: getpeername needs it for the socket's lifetime.
+    pub fn original_destination(&self, netns_cookie: u64, app: SocketAddr) -> Option<SocketAddr> {
+        let key = FlowKey {
+            netns_cookie,
+            local: sock_addr(app),
+        };
+        self.orig_by_flow.get(&key, 0).ok().map(socket_addr)
+    }
+
+    /// Steers inbound TCP to `addrs` in the netns at `netns_path` to `listener`, a socket the
+    /// agent listens on inside that netns.
+    pub fn steer_inbound<L: std::os::fd::AsRawFd>(
+        &mut self,
+        netns_cookie: u64,
+        netns_path: &Path,
+        slot: u32,
+        listener: &L,
+        addrs: &[IpAddr],
+    ) -> Result<()> {
+        self.inbound_listeners
+            .set(slot, listener, 0)
+            .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        for ip in addrs {
+            self.inbound_slots
+                .insert(sock_addr(SocketAddr::new(*ip, 0)).without_port(), slot, 0)
+                .map_err(map_err(maps::INBOUND_SLOTS))?;
+        }
+        if self.netns.contains_key(&netns_cookie) {
+            return Ok(());
+        }
+        let ns = File::open(netns_path).map_err(DatapathError::Sys)?;
+        let program_error = |source| DatapathError::Program {
+            name: SK_LOOKUP_PROGRAM.to_owned(),
+            source,
+        };
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or_else(|| program_error(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(program_error)?;
+        let id = prog.attach(ns.as_fd()).map_err(program_error)?;
+        let link = prog.take_link(id).map_err(program_error)?;
+        let link = FdLink::from(link);
+        self.netns.insert(netns_cookie, link);
+        Ok(())
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> Counters {
+        let mut out = [0u64; Counter::COUNT as usize];
+        for c in Counter::ALL {
+            if let Ok(values) = self.counters.get(&(c as u32), 0) {
+                out[c as usize] = values.iter().sum();
+            }
+        }
+        Counters(out)
+    }
+}
+
+/// A snapshot of the eBPF counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; Counter::COUNT as usize]);
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+}
+
+fn cgroup_pin_name(cgroup: &Path) -> String {
+    cgroup
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "_")
+}
+
+/// Re-opens the links a previous agent pinned, so a restart takes them over instead of
+/// leaving a window with nothing attached.
+pub fn adopt_pinned_links(pin_dir: &Path) -> Vec<(PathBuf, PinnedLink)> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(pin_dir.join("links")) else {
+        return out;
+    };
+    for dir in dirs.flatten() {
+        let Ok(files) = std::fs::read_dir(dir.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if let Ok(link) = PinnedLink::from_pin(f.path()) {
+                out.push((f.path(), link));
+            }
+        }
+    }
+    out
+}
+
+fn dest_key(ip: IpAddr, port: Option<u16>) -> SockAddr {
+    let a = sock_addr(SocketAddr::new(ip, port.unwrap_or(0)));
+    if port.is_some() { a } else { a.without_port() }
+}
+
+/// Converts to the ABI layout: IPv4 as IPv4-mapped words, everything in network byte order.
+pub fn sock_addr(addr: SocketAddr) -> SockAddr {
+    let port_be = addr.port().to_be();
+    match addr.ip() {
+        IpAddr::V4(v4) => SockAddr::v4(u32::from_ne_bytes(v4.octets()), port_be),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SockAddr::v4(u32::from_ne_bytes(v4.octets()), port_be),
+            None => {
+                let o = v6.octets();
+                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                SockAddr::v6([w(0), w(4), w(8), w(12)], port_be)
+            }
+        },
+    }
+}
+
+/// The inverse of [`sock_addr`].
+pub fn socket_addr(a: SockAddr) -> SocketAddr {
+    let port = u16::from_be(a.port_be);
+    let mapped = a.addr_be[0] == 0 && a.addr_be[1] == 0 && a.addr_be[2] == SockAddr::V4_MAPPED_WORD;
+    if mapped && a.family != interceptor_common::AF_INET6 {
+        SocketAddr::new(IpAddr::from(a.addr_be[3].to_ne_bytes()), port)
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in a.addr_be.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        SocketAddr::new(IpAddr::from(o), port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abi_addresses_round_trip() {
+        for s in ["10.88.0.2:80", "[fd00:88::2]:8443", "127.0.0.1:15001", "[::1]:1"] {
+            let a: SocketAddr = s.parse().unwrap();
+            assert_eq!(socket_addr(sock_addr(a)), a, "{s}");
+        }
+    }
+
+    #[test]
+    fn ipv4_is_stored_mapped_in_network_order() {
+        let a = sock_addr("10.0.0.1:443".parse().unwrap());
+        assert_eq!(a.addr_be[3].to_ne_bytes(), [10, 0, 0, 1]);
+        assert_eq!(a.addr_be[2].to_ne_bytes(), [0, 0, 0xff, 0xff]);
+        assert_eq!(a.port_be.to_ne_bytes(), [1, 187]);
+        // v4-mapped IPv6 and plain IPv4 give the same key, as the eBPF side builds it.
+        let m = sock_addr("[::ffff:10.0.0.1]:443".parse().unwrap());
+        assert_eq!(a, m);
+    }
+}

@@ -1,0 +1,292 @@
+//! rustls configuration for mesh mutual TLS.
+//!
+//! A mesh connection is TLS 1.3 with certificates on both sides, identified by SPIFFE URI SANs
+//! and marked by the [`MESH_ALPN`] protocol. After the handshake the session keys move to
+//! kernel TLS, which shapes several choices here:
+//!
+//! - secret extraction is enabled on both sides;
+//! - the server sends no session tickets and nothing resumes, so no post-handshake handshake
+//!   message can arrive on a socket the kernel already owns (the kernel would hand it up as a
+//!   control record the data path does not expect);
+//! - only suites the kernel can offload are offered (see [`MeshSuite`]);
+//! - no 0-RTT data, which would have no replay protection.
+//!
+//! Handshake timeouts belong to the network layer; this module only builds configurations and
+//! interprets their outcome.
+
+mod provider;
+mod verifier;
+
+use std::sync::Arc;
+
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, CommonState, Error, ProtocolVersion,
+    RootCertStore, ServerConfig, SupportedCipherSuite,
+    client::{Resumption, VerifierBuilderError},
+    pki_types::CertificateDer,
+    server::{NoServerSessionStorage, WebPkiClientVerifier},
+    version::TLS13,
+};
+
+use self::verifier::{MeshClientVerifier, MeshServerVerifier};
+pub use self::{
+    provider::{MeshSuite, provider},
+    verifier::PeerIdentityError,
+};
+use crate::{
+    ca::LeafCert,
+    identity::{SpiffeId, TrustDomain},
+};
+
+/// The ALPN protocol that marks mesh mTLS, so the inbound side can tell it apart from an
+/// application's own TLS passing through.
+pub const MESH_ALPN: &[u8] = b"interceptor-mtls/1";
+
+/// What a finished mesh handshake established.
+#[derive(Clone, Debug)]
+pub struct Negotiated {
+    /// The authenticated identity of the other end.
+    pub peer: SpiffeId,
+    /// The TLS 1.3 suite whose keys go to the kernel.
+    pub suite: SupportedCipherSuite,
+}
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// The suite list was empty.
+    #[error(
+        "no cipher suite selected; allow at least one of AES-128-GCM, AES-256-GCM and \
+         ChaCha20-Poly1305"
+    )]
+    NoCipherSuites,
+    /// No trust anchor, or one of them did not parse.
+    #[error("mesh trust roots are unusable: {reason}")]
+    Roots { reason: String },
+    /// The local certificate belongs to another trust domain than the one configured.
+    #[error("local certificate is for {id}, which is outside trust domain `{trust_domain}`")]
+    LeafTrustDomain {
+        id: SpiffeId,
+        trust_domain: TrustDomain,
+    },
+    /// The expected server identity is one the mesh root cannot vouch for.
+    #[error(
+        "expected peer {id} is outside trust domain `{trust_domain}`, the only one this node can \
+         authenticate"
+    )]
+    ForeignPeer {
+        id: SpiffeId,
+        trust_domain: TrustDomain,
+    },
+    /// rustls rejected the configuration (for example a key that does not match the certificate).
+    #[error("rustls rejected the mesh tls configuration")]
+    Rustls(#[source] Error),
+    /// The client-certificate verifier could not be built.
+    #[error("cannot build the client certificate verifier")]
+    ClientVerifier(#[source] VerifierBuilderError),
+}
+
+/// Why a mesh handshake failed or its outcome is unusable.
+///
+/// Convert a `rustls::Error` from `process_new_packets` with `From` to learn why a peer was
+/// refused.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The peer's chain is valid but its SPIFFE identity is not acceptable.
+    #[error(transparent)]
+    PeerIdentity(Box<PeerIdentityError>),
+    /// The peer's certificate does not chain to our root: another mesh, or no mesh at all.
+    #[error("certificate not signed by the mesh root")]
+    UntrustedPeer(#[source] Error),
+    /// The peer's certificate is unusable for another reason: expired, wrong key usage,
+    /// malformed, or signed with an algorithm the mesh does not accept.
+    #[error("peer certificate rejected")]
+    PeerCertificate(#[source] Error),
+    /// The peer sent no certificate.
+    #[error("peer presented no certificate")]
+    NoPeerCertificate,
+    /// The peer aborted; its own logs carry the reason.
+    #[error("peer aborted the handshake with alert `{0:?}`; its logs say why")]
+    RefusedByPeer(AlertDescription),
+    /// The peer did not agree on [`MESH_ALPN`], so it is not a mesh endpoint.
+    #[error("peer did not negotiate alpn `interceptor-mtls/1`; it is not a mesh endpoint")]
+    NotMesh,
+    /// Anything but TLS 1.3 was negotiated (cannot happen with these configurations).
+    #[error("negotiated {0:?}; the mesh requires TLS 1.3")]
+    NotTls13(Option<ProtocolVersion>),
+    /// The handshake has not finished.
+    #[error("the handshake has not finished")]
+    Incomplete,
+    /// Any other TLS failure.
+    #[error("tls handshake failed")]
+    Tls(#[source] Error),
+}
+
+/// Builds a trust store from root certificates, failing on any that does not parse (rustls'
+/// own loader skips those silently, which would hide a broken bundle until handshakes fail).
+pub fn mesh_roots(
+    roots: impl IntoIterator<Item = CertificateDer<'static>>,
+) -> Result<Arc<RootCertStore>, TlsConfigError> {
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store.add(root).map_err(|e| TlsConfigError::Roots {
+            reason: e.to_string(),
+        })?;
+    }
+    if store.is_empty() {
+        return Err(TlsConfigError::Roots {
+            reason: "no root certificate".into(),
+        });
+    }
+    Ok(Arc::new(store))
+}
+
+/// The inbound (server) side: requires a client certificate chaining to `roots` with exactly
+/// one SPIFFE ID in `trust_domain`.
+pub fn server_config(
+    leaf: &LeafCert,
+    roots: Arc<RootCertStore>,
+    trust_domain: &TrustDomain,
+    suites: &[MeshSuite],
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    check_leaf(leaf, trust_domain)?;
+    let provider = provider(suites)?;
+    let webpki = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+        .build()
+        .map_err(TlsConfigError::ClientVerifier)?;
+    let verifier = MeshClientVerifier::new(webpki, trust_domain.clone());
+
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])
+        .map_err(TlsConfigError::Rustls)?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(leaf.chain().to_vec(), leaf.key().clone_key())
+        .map_err(TlsConfigError::Rustls)?;
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    config.enable_secret_extraction = true;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    // A client may ask for tickets (RFC 9149); it gets none either.
+    config.max_tls13_tickets = 0;
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
+}
+
+/// The outbound (client) side of a connection to `expected_server`.
+///
+/// Any `ServerName` may be passed to `ClientConnection::new` (the destination IP is natural):
+/// it is not checked, and SNI is not sent, because the server is identified by its SPIFFE ID
+/// alone.
+pub fn client_config(
+    leaf: &LeafCert,
+    roots: Arc<RootCertStore>,
+    trust_domain: &TrustDomain,
+    expected_server: &SpiffeId,
+    suites: &[MeshSuite],
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    check_leaf(leaf, trust_domain)?;
+    if expected_server.trust_domain() != trust_domain {
+        return Err(TlsConfigError::ForeignPeer {
+            id: expected_server.clone(),
+            trust_domain: trust_domain.clone(),
+        });
+    }
+    build_client_config(leaf, roots, expected_server, suites)
+}
+
+/// [`client_config`] without the trust-domain checks, so tests can build peers the checks
+/// would refuse.
+fn build_client_config(
+    leaf: &LeafCert,
+    roots: Arc<RootCertStore>,
+    expected_server: &SpiffeId,
+    suites: &[MeshSuite],
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let provider = provider(suites)?;
+    let verifier = MeshServerVerifier::new(
+        roots,
+        provider.signature_verification_algorithms,
+        expected_server.clone(),
+    );
+
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])
+        .map_err(TlsConfigError::Rustls)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(leaf.chain().to_vec(), leaf.key().clone_key())
+        .map_err(TlsConfigError::Rustls)?;
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    config.enable_secret_extraction = true;
+    config.resumption = Resumption::disabled();
+    config.enable_sni = false;
+    config.enable_early_data = false;
+    Ok(Arc::new(config))
+}
+
+/// The peer identity and suite of a finished mesh handshake, on either side.
+///
+/// Re-checks what the configurations already enforce (TLS 1.3, a verified certificate) and
+/// adds the one thing rustls cannot enforce: a server whose client offered no ALPN at all still
+/// completes the handshake, so the ALPN is checked here.
+pub fn negotiated(conn: &CommonState) -> Result<Negotiated, HandshakeError> {
+    if conn.is_handshaking() {
+        return Err(HandshakeError::Incomplete);
+    }
+    match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => {}
+        other => return Err(HandshakeError::NotTls13(other)),
+    }
+    if conn.alpn_protocol() != Some(MESH_ALPN) {
+        return Err(HandshakeError::NotMesh);
+    }
+    let suite = conn
+        .negotiated_cipher_suite()
+        .ok_or(HandshakeError::Incomplete)?;
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(HandshakeError::NoPeerCertificate)?;
+    let peer = SpiffeId::from_certificate(leaf)
+        .map_err(|e| HandshakeError::PeerIdentity(Box::new(PeerIdentityError::Certificate(e))))?;
+    Ok(Negotiated { peer, suite })
+}
+
+impl From<Error> for HandshakeError {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::InvalidCertificate(CertificateError::Other(ref other)) => {
+                match other.0.downcast_ref::<PeerIdentityError>() {
+                    Some(identity) => HandshakeError::PeerIdentity(Box::new(identity.clone())),
+                    None => HandshakeError::PeerCertificate(error),
+                }
+            }
+            // A root with the same name but another key (two clusters that both ran
+            // `ca init` for `cluster.local`) shows up as a bad chain signature.
+            Error::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::BadSignature,
+            ) => HandshakeError::UntrustedPeer(error),
+            Error::InvalidCertificate(_) => HandshakeError::PeerCertificate(error),
+            Error::NoCertificatesPresented => HandshakeError::NoPeerCertificate,
+            Error::AlertReceived(alert) => HandshakeError::RefusedByPeer(alert),
+            Error::NoApplicationProtocol => HandshakeError::NotMesh,
+            Error::HandshakeNotComplete => HandshakeError::Incomplete,
+            error => HandshakeError::Tls(error),
+        }
+    }
+}
+
+fn check_leaf(leaf: &LeafCert, trust_domain: &TrustDomain) -> Result<(), TlsConfigError> {
+    if leaf.id().trust_domain() == trust_domain {
+        return Ok(());
+    }
+    Err(TlsConfigError::LeafTrustDomain {
+        id: leaf.id().clone(),
+        trust_domain: trust_domain.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,207 @@
+//! Linux plumbing the rest of the agent needs and the standard library lacks: network
+//! namespaces, socket cookies, cgroup2 and bpffs mounts, rlimits. Every `unsafe` block here is
+//! a single syscall with its argument invariants stated.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+/// Runs `f` on a short-lived thread that has entered the network namespace at `netns`.
+///
+/// `setns(CLONE_NEWNET)` changes only the calling thread, and sockets keep the namespace they
+/// were created in, so listeners and upstream sockets for a pod are made here and then used
+/// from any thread.
+pub fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let ns = File::open(netns)?;
+    std::thread::spawn(move || {
+        setns_net(ns.as_fd())?;
+        f()
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns worker thread panicked"))?
+}
+
+/// Moves the calling thread into the network namespace `ns`.
+pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `ns` is a valid open fd for the lifetime of the call; CLONE_NEWNET restricts the
+    // kernel to network namespaces.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The netns cookie of the namespace a socket lives in: the key eBPF programs use for a pod
+/// (`bpf_get_netns_cookie`). `SO_NETNS_COOKIE` needs Linux 5.14.
+pub fn netns_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt_u64(sock, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE)
+}
+
+/// The socket cookie, as `bpf_get_socket_cookie` returns it.
+pub fn socket_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt_u64(sock, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+fn getsockopt_u64(sock: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<u64> {
+    let mut value = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the advertised size, and the kernel
+    // writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Where cgroup v2 is mounted. Hosts with the hybrid layout mount it somewhere under
+/// /sys/fs/cgroup (e.g. `/sys/fs/cgroup/unified`), so it is looked up, never assumed.
+pub fn cgroup2_mount() -> io::Result<PathBuf> {
+    mount_of_type("cgroup2")?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no cgroup2 filesystem in /proc/mounts: mount one (mount -t cgroup2 none /sys/fs/cgroup)",
+        )
+    })
+}
+
+/// The first mount point of a filesystem type, from /proc/mounts.
+pub fn mount_of_type(fstype: &str) -> io::Result<Option<PathBuf>> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    Ok(parse_mounts(&mounts, fstype))
+}
+
+fn parse_mounts(mounts: &str, fstype: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_dev, dir, ty) = (fields.next()?, fields.next()?, fields.next()?);
+        (ty == fstype).then(|| PathBuf::from(unescape_mount_path(dir)))
+    })
+}
+
+/// /proc/mounts escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = (bytes[i] == b'\\')
+            .then(|| bytes.get(i + 1..i + 4))
+            .flatten()
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match octal {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Makes sure a bpffs is mounted at `dir`, mounting one if not. Pins must outlive the agent so
+/// enrolled pods stay fail-closed while it restarts, and only a bpffs keeps them.
+pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let mut f = line.split_whitespace();
+        let (_d, m, t) = (f.next(), f.next(), f.next());
+        t == Some("bpf") && m.map(unescape_mount_path).as_deref() == dir.to_str()
+    });
+    if mounted {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let target = cstr(dir)?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call; no
+    // mount data is passed.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it.
+pub fn raise_memlock_rlimit() -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: `lim` is a valid rlimit for the duration of the call.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const lim) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The kernel release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        let mounts = "sysfs /sys sysfs rw 0 0\n\
+                      tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
+        assert_eq!(
+            parse_mounts(mounts, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(parse_mounts(mounts, "bpf"), None);
+    }
+
+    #[test]
+    fn unescapes_octal_in_mount_paths() {
+        assert_eq!(unescape_mount_path(r"/mnt/with\040space"), "/mnt/with space");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,136 @@
+//! The eBPF programs load and act per cgroup: a connection made from inside an enrolled cgroup
+//! is steered to the agent's listener with its original destination recorded, one made from
+//! outside the cgroup (same netns, same destination) is not.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    time::Duration,
+};
+
+use interceptor::{datapath::Datapath, sys};
+use interceptor_common::{ACTION_STEER, Counter, PodConfig};
+use interceptor_tests::{Cgroup, NetNs, accept_within, connect_from, require_privileged};
+
+const POD_IP: &str = "10.77.0.2";
+const SERVER: &str = "10.77.0.1:8080";
+const AGENT_PORT: u16 = 15001;
+
+struct Pod {
+    ns: NetNs,
+    server: TcpListener,
+    agent: TcpListener,
+    netns_cookie: u64,
+}
+
+/// A netns holding the "server" (the original destination) and the "agent" listener on
+/// loopback, as the agent sets one up per pod.
+fn pod() -> Pod {
+    let ns = NetNs::new("icg");
+    ns.ip(&["addr", "add", "10.77.0.1/32", "dev", "lo"]);
+    ns.ip(&["addr", "add", &format!("{POD_IP}/32"), "dev", "lo"]);
+    let server = ns.run(|| TcpListener::bind(SERVER));
+    let agent = ns.run(|| TcpListener::bind(("127.0.0.1", AGENT_PORT)));
+    let netns_cookie = sys::netns_cookie(std::os::fd::AsFd::as_fd(&agent)).expect("netns cookie");
+    Pod {
+        ns,
+        server,
+        agent,
+        netns_cookie,
+    }
+}
+
+fn enrolled_datapath(pod: &Pod, cgroup: &Cgroup) -> Datapath {
+    let mut dp = Datapath::load(Default::default()).expect("load eBPF");
+    dp.enroll_pod_netns(
+        pod.netns_cookie,
+        PodConfig {
+            outbound_port_be: AGENT_PORT.to_be(),
+            ..Default::default()
+        },
+        &[POD_IP.parse().unwrap()],
+    )
+    .expect("pod config");
+    dp.set_destination("10.77.0.1".parse().unwrap(), None, ACTION_STEER)
+        .expect("destination");
+    dp.enroll_cgroup(&cgroup.path).expect("attach to cgroup");
+    dp
+}
+
+#[test]
+fn connect_inside_enrolled_cgroup_is_steered_outside_is_not() {
+    require_privileged();
+    let pod = pod();
+    let cgroup = Cgroup::new("icg");
+    let dp = enrolled_datapath(&pod, &cgroup);
+    let dst: SocketAddr = SERVER.parse().unwrap();
+    let before = dp.counters();
+
+    // Inside: lands on the agent, the app still believes it talks to the server.
+    let child = connect_from(Some(&cgroup.path), &pod.ns.path(), dst, b"hello");
+    assert_eq!(child.peer, Ok(dst), "getpeername must show the original destination");
+    let (_conn, app_addr) =
+        accept_within(&pod.agent, Duration::from_secs(5)).expect("agent listener got nothing");
+    assert!(
+        accept_within(&pod.server, Duration::from_millis(100)).is_none(),
+        "steered connection reached the original destination"
+    );
+    assert_eq!(
+        dp.original_destination(pod.netns_cookie, app_addr),
+        Some(dst),
+        "sockops did not record the original destination for {app_addr}"
+    );
+    drop(child);
+
+    // Outside: same netns, same destination, not in the cgroup → untouched.
+    let child = connect_from(None, &pod.ns.path(), dst, b"hello");
+    assert_eq!(child.peer, Ok(dst));
+    let (_conn, plain_addr) = accept_within(&pod.server, Duration::from_secs(5))
+        .expect("unsteered connection did not reach the server");
+    assert!(
+        accept_within(&pod.agent, Duration::from_millis(100)).is_none(),
+        "a process outside the cgroup was steered"
+    );
+    assert_eq!(dp.original_destination(pod.netns_cookie, plain_addr), None);
+    drop(child);
+
+    let after = dp.counters();
+    assert_eq!(after.get(Counter::ConnectSteered) - before.get(Counter::ConnectSteered), 1);
+    assert_eq!(
+        after.get(Counter::SockopsActiveEstablished) - before.get(Counter::SockopsActiveEstablished),
+        1,
+        "sockops must see exactly the enrolled connection"
+    );
+    assert_eq!(after.get(Counter::GetpeernameRewritten) - before.get(Counter::GetpeernameRewritten), 1);
+}
+
+#[test]
+fn loopback_and_own_pod_addresses_are_never_steered() {
+    require_privileged();
+    let pod = pod();
+    let cgroup = Cgroup::new("icg");
+    let mut dp = enrolled_datapath(&pod, &cgroup);
+    // Even if the pod's own address were marked as a mesh destination, it is not steered.
+    dp.set_destination(POD_IP.parse().unwrap(), None, ACTION_STEER).unwrap();
+    let own = pod.ns.run(|| TcpListener::bind((POD_IP, 9090)));
+    let child = connect_from(
+        Some(&cgroup.path),
+        &pod.ns.path(),
+        format!("{POD_IP}:9090").parse().unwrap(),
+        b"",
+    );
+    assert!(child.peer.is_ok(), "{:?}", child.peer);
+    assert!(accept_within(&own, Duration::from_secs(5)).is_some());
+    assert!(accept_within(&pod.agent, Duration::from_millis(100)).is_none());
+    drop(child);
+
+    let lo = pod.ns.run(|| TcpListener::bind("127.0.0.1:9091"));
+    let child = connect_from(
+        Some(&cgroup.path),
+        &pod.ns.path(),
+        "127.0.0.1:9091".parse().unwrap(),
+        b"",
+    );
+    assert!(child.peer.is_ok());
+    assert!(accept_within(&lo, Duration::from_secs(5)).is_some());
+    assert!(accept_within(&pod.agent, Duration::from_millis(100)).is_none());
+}
