@@ -19,6 +19,9 @@ pub mod maps {
     pub const POD_ADDRS: &str = "POD_ADDRS";
     /// `destination address → action`: which destinations are steered to the agent.
     pub const DEST_POLICY: &str = "DEST_POLICY";
+    /// sk_msg local-leg option: `LegKey → socket` for the plain app↔agent loopback sockets
+    /// (never a kTLS socket: the kernel refuses that combination, and older kernels leaked).
+    pub const LOCAL_LEGS: &str = "LOCAL_LEGS";
     /// Per-CPU counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// sk_lookup: `pod address → slot` of the agent's inbound listener for that pod.
@@ -130,6 +133,19 @@ const _: () = assert!(core::mem::size_of::<PodConfig>() == 16);
 
 /// sk_lookup steers inbound connections to this pod's addresses.
 pub const POD_FLAG_STEER_INBOUND: u32 = 1;
+/// The plain app↔agent leg of this pod is short-circuited with sk_msg (the agent then copies
+/// with read/write on that leg: bytes redirected into a socket's ingress cannot be spliced).
+pub const POD_FLAG_LOCAL_LEG_SKMSG: u32 = 2;
+
+/// Key of [`maps::LOCAL_LEGS`]: one end of a loopback connection, seen from that end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LegKey {
+    pub netns_cookie: u64,
+    pub local: SockAddr,
+    pub remote: SockAddr,
+}
+const _: () = assert!(core::mem::size_of::<LegKey>() == 56);
 
 /// Value of [`maps::DEST_POLICY`].
 #[repr(C)]
@@ -167,10 +183,12 @@ pub enum Counter {
     LookupSteered = 6,
     /// sk_lookup found no listener for an enrolled pod (agent down): connection refused.
     LookupNoListener = 7,
+    /// sk_msg redirected a message to the other end of a local leg.
+    SkMsgRedirected = 8,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
         Self::ConnectSteered,
@@ -180,6 +198,7 @@ impl Counter {
         Self::GetpeernameRewritten,
         Self::LookupSteered,
         Self::LookupNoListener,
+        Self::SkMsgRedirected,
     ];
 }
 
@@ -196,4 +215,6 @@ mod pod {
     unsafe impl aya::Pod for super::PodConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DestAction {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LegKey {}
 }

@@ -6,11 +6,12 @@
 mod connect;
 mod lookup;
 mod maps;
+mod skmsg;
 mod sockops;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, sk_lookup, sk_msg, sock_ops},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -44,6 +45,12 @@ pub fn intercept_sockops(ctx: SockOpsContext) -> u32 {
 #[sk_lookup]
 pub fn intercept_sk_lookup(ctx: SkLookupContext) -> u32 {
     lookup::on_lookup(&ctx)
+}
+
+/// Attached to LOCAL_LEGS; redirects or passes, never drops.
+#[sk_msg]
+pub fn intercept_sk_msg(ctx: SkMsgContext) -> u32 {
+    skmsg::on_msg(&ctx)
 }
 
 #[cfg(not(test))]

@@ -2,10 +2,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use interceptor_common::{
-    Counter, DestAction, FlowKey, PodAddrKey, PodConfig, SockAddr,
+    Counter, DestAction, FlowKey, LegKey, PodAddrKey, PodConfig, SockAddr,
     maps::{MAX_DESTS, MAX_PENDING_FLOWS, MAX_POD_ADDRS, MAX_PODS},
 };
 
@@ -34,6 +34,9 @@ pub static INBOUND_SLOTS: HashMap<SockAddr, u32> = HashMap::with_max_entries(MAX
 
 #[map(name = "INBOUND_LISTENERS")]
 pub static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(MAX_PODS, 0);
+
+#[map(name = "LOCAL_LEGS")]
+pub static LOCAL_LEGS: SockHash<LegKey> = SockHash::with_max_entries(MAX_PENDING_FLOWS, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

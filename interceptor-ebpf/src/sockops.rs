@@ -4,16 +4,18 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
-use interceptor_common::{AF_INET6, Counter, FlowKey, SockAddr};
+use interceptor_common::{AF_INET6, Counter, FlowKey, LegKey, POD_FLAG_LOCAL_LEG_SKMSG, SockAddr};
 
 use crate::{
     connect::read_ip6,
-    maps::{ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, count},
+    maps::{LOCAL_LEGS, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, POD_CONFIG, count},
+    skmsg::addr,
 };
 
 const TCP_CLOSE: u32 = 7;
@@ -54,6 +56,39 @@ fn flow_key(ctx: &SockOpsContext) -> FlowKey {
     }
 }
 
+/// Both ends of the socket, for the sk_msg local-leg map.
+#[inline(always)]
+fn leg_key(ctx: &SockOpsContext, netns_cookie: u64) -> LegKey {
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the kernel's bpf_sock_ops; each read is an aligned u32 field, read once
+    // (see `flow_key`).
+    let (family, lip4, rip4, lip6, rip6, lport, rport) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ops).family),
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            core::ptr::read_volatile(&raw const (*ops).remote_ip4),
+            read_ip6(&(*ops).local_ip6),
+            read_ip6(&(*ops).remote_ip6),
+            core::ptr::read_volatile(&raw const (*ops).local_port),
+            core::ptr::read_volatile(&raw const (*ops).remote_port),
+        )
+    };
+    LegKey {
+        netns_cookie,
+        local: addr(family, lip4, lip6, (lport as u16).to_be()),
+        // remote_port holds the network-order port in its upper 16 bits.
+        remote: addr(family, rip4, rip6, (rport >> 16) as u16),
+    }
+}
+
+/// Whether the pod asked for the sk_msg local leg.
+#[inline(always)]
+fn local_leg_enabled(netns_cookie: u64) -> Option<u16> {
+    // SAFETY: read-only lookup, value copied.
+    let pod = unsafe { POD_CONFIG.get(&netns_cookie) }?;
+    (pod.flags & POD_FLAG_LOCAL_LEG_SKMSG != 0).then_some(pod.outbound_port_be)
+}
+
 pub fn on_event(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
@@ -64,11 +99,30 @@ pub fn on_event(ctx: &SockOpsContext) {
             let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
                 return;
             };
-            if ORIG_DST_BY_FLOW.insert(&flow_key(ctx), &dst, 0).is_ok() {
+            let key = flow_key(ctx);
+            if ORIG_DST_BY_FLOW.insert(&key, &dst, 0).is_ok() {
                 count(Counter::SockopsRekeyed);
+            }
+            if local_leg_enabled(key.netns_cookie).is_some() {
+                // SAFETY: `ctx.ops` is the live bpf_sock_ops of an established plain socket.
+                let _ = LOCAL_LEGS.update(leg_key(ctx, key.netns_cookie), unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
             }
             // Ask for state changes so both entries go when the socket closes.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+        // The agent's end of a local leg: accepted on its outbound listener (sockops is also
+        // attached to the agent's own cgroup when the option is on).
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // SAFETY: helper valid for sock_ops programs.
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            let Some(port_be) = local_leg_enabled(netns_cookie) else {
+                return;
+            };
+            let key = leg_key(ctx, netns_cookie);
+            if key.local.port_be == port_be {
+                // SAFETY: as above.
+                let _ = LOCAL_LEGS.update(key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
+            }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             // SAFETY: helper valid for sock_ops programs.

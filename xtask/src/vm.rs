@@ -137,6 +137,9 @@ pub fn vm_test(workspace_root: &Path, args: &VmTestArgs) -> Result<()> {
             outcome.elapsed.as_secs_f64(),
             report.prepare.as_secs_f64(),
         );
+        for warning in &outcome.warnings {
+            println!("        kernel warning: {warning}");
+        }
     }
     let failed: Vec<_> = reports
         .iter()

@@ -72,14 +72,19 @@ pub(crate) struct Outcome {
     pub(crate) verdict: Option<Verdict>,
     /// Kernel faults seen on the console, and watchdog or QEMU failures.
     pub(crate) problems: Vec<String>,
+    /// Kernel `WARNING: CPU:` reports: worth a look, but not a failure on their own.
+    pub(crate) warnings: Vec<String>,
     pub(crate) elapsed: Duration,
 }
 
 impl Outcome {
     /// Why the run does not count as a pass, or `None` if it does.
     pub(crate) fn failure(&self) -> Option<String> {
-        if !self.problems.is_empty() {
-            return Some(self.problems.join("; "));
+        if let Some(first) = self.problems.first() {
+            return Some(match self.problems.len() {
+                1 => first.clone(),
+                n => format!("{first} (and {} more)", n - 1),
+            });
         }
         match self.verdict {
             None => Some("the guest printed no VM-VERDICT".to_owned()),
@@ -125,7 +130,7 @@ pub(crate) fn run(label: &str, kernel: &Path, initrd: &Path, limits: &Limits) ->
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=4 edd=off"])
         // With -nographic QEMU would otherwise put the developer's terminal into raw mode.
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -199,6 +204,7 @@ pub(crate) fn run(label: &str, kernel: &Path, initrd: &Path, limits: &Limits) ->
     Ok(Outcome {
         verdict: watcher.verdict,
         problems: watcher.problems,
+        warnings: watcher.warnings,
         elapsed,
     })
 }
@@ -240,6 +246,7 @@ struct Watcher<'a> {
     stderr: Vec<u8>,
     verdict: Option<Verdict>,
     problems: Vec<String>,
+    warnings: Vec<String>,
 }
 
 impl<'a> Watcher<'a> {
@@ -250,6 +257,7 @@ impl<'a> Watcher<'a> {
             stderr: Vec::new(),
             verdict: None,
             problems: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -290,7 +298,13 @@ impl<'a> Watcher<'a> {
         if let Some(verdict) = parse_verdict(&line) {
             self.verdict = Some(verdict);
         }
-        if let Some(fault) = kernel_fault(&line) {
+        // /init replays dmesg at the end: faults there were already seen live on the
+        // console, but kernel warnings only show up in that replay.
+        if let Some(replayed) = line.split_once(DMESG_REPLAY).map(|(_, rest)| rest) {
+            if replayed.contains("WARNING: CPU:") {
+                self.warnings.push(replayed.trim().to_owned());
+            }
+        } else if let Some(fault) = kernel_fault(&line) {
             self.problems.push(format!("kernel fault: {fault}"));
         }
     }
@@ -328,6 +342,9 @@ fn parse_verdict(line: &str) -> Option<Verdict> {
         failed: failed.trim().parse().ok()?,
     })
 }
+
+/// Prefix of the kernel log lines /init replays before powering off.
+const DMESG_REPLAY: &str = "vm-init: dmesg: ";
 
 /// Recognises the first line of a kernel oops, BUG or panic report.
 fn kernel_fault(line: &str) -> Option<&str> {

@@ -1,0 +1,59 @@
+//! sk_msg local-leg option (Merbridge-style): a message sent on one end of a plain loopback
+//! app↔agent connection is put straight into the other end's receive queue, skipping the
+//! loopback TCP stack. Only plain sockets ever enter LOCAL_LEGS; kTLS sockets never do.
+
+use aya_ebpf::{EbpfContext as _, bindings::BPF_F_INGRESS, helpers::bpf_get_netns_cookie, programs::SkMsgContext};
+use interceptor_common::{AF_INET6, Counter, LegKey, SockAddr};
+
+use crate::{
+    connect::read_ip6,
+    maps::{LOCAL_LEGS, count},
+};
+
+pub const SK_PASS: u32 = 1;
+
+/// Builds an address from context words; IPv4-mapped IPv6 normalises to IPv4 so both ends of a
+/// dual-stack connection agree on the key.
+#[inline(always)]
+pub fn addr(family: u32, ip4: u32, ip6: [u32; 4], port_be: u16) -> SockAddr {
+    if family == u32::from(AF_INET6) {
+        if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == SockAddr::V4_MAPPED_WORD {
+            SockAddr::v4(ip6[3], port_be)
+        } else {
+            SockAddr::v6(ip6, port_be)
+        }
+    } else {
+        SockAddr::v4(ip4, port_be)
+    }
+}
+
+pub fn on_msg(ctx: &SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    // SAFETY: `md` is the kernel's sk_msg_md; every field is an aligned u32 read once.
+    let (family, rip4, lip4, rip6, lip6, rport, lport) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*md).family),
+            core::ptr::read_volatile(&raw const (*md).remote_ip4),
+            core::ptr::read_volatile(&raw const (*md).local_ip4),
+            read_ip6(&(*md).remote_ip6),
+            read_ip6(&(*md).local_ip6),
+            core::ptr::read_volatile(&raw const (*md).remote_port),
+            core::ptr::read_volatile(&raw const (*md).local_port),
+        )
+    };
+    // remote_port carries the network-order port in its upper 16 bits; local_port is host order.
+    let remote = addr(family, rip4, rip6, (rport >> 16) as u16);
+    let local = addr(family, lip4, lip6, (lport as u16).to_be());
+    // SAFETY: helper valid for sk_msg programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // The peer socket, seen from its own end.
+    let mut peer = LegKey {
+        netns_cookie,
+        local: remote,
+        remote: local,
+    };
+    if LOCAL_LEGS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        count(Counter::SkMsgRedirected);
+    }
+    SK_PASS
+}

@@ -1,0 +1,78 @@
+//! `cargo xtask test`: what CI runs, cheapest first, so a formatting slip fails in seconds and
+//! not after the VM boots.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use crate::{run, vm};
+
+/// Test targets of `interceptor-tests` that need kernel TLS: they run only in the VM (and fail
+/// loudly if started on a host without the `tls` ULP).
+const VM_ONLY: &[&str] = &["ktls_guards", "relay_ktls"];
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TestArgs {
+    /// Skip the QEMU run (for quick local iterations; CI never passes this).
+    #[arg(long)]
+    no_vm: bool,
+}
+
+pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
+    run(root, Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        root,
+        Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    run(
+        root,
+        Command::new("cargo").args([
+            "test",
+            "-p",
+            "interceptor-common",
+            "-p",
+            "interceptor",
+            "-p",
+            "xtask",
+            "-p",
+            "interceptor-bench",
+        ]),
+    )?;
+    host_privileged(root)?;
+    if args.no_vm {
+        eprintln!("--no-vm: VM tests NOT run; this is not a full test run");
+        return Ok(());
+    }
+    vm::vm_test(
+        root,
+        &vm::VmTestArgs {
+            kernel: "all".to_owned(),
+            filter: None,
+            release: false,
+        },
+    )
+}
+
+/// Every host-capable integration test of `interceptor-tests`, as root, with skips turned into
+/// failures.
+fn host_privileged(root: &Path) -> Result<()> {
+    let metadata = cargo_metadata::MetadataCommand::new()
+        .current_dir(root)
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let package = metadata
+        .packages
+        .iter()
+        .find(|p| p.name.as_str() == "interceptor-tests")
+        .context("interceptor-tests package")?;
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "-p", "interceptor-tests", "--lib"]);
+    for target in &package.targets {
+        if target.kind.iter().any(|k| k.to_string() == "test") && !VM_ONLY.contains(&target.name.as_str()) {
+            cmd.args(["--test", &target.name]);
+        }
+    }
+    cmd.env("INTERCEPTOR_REQUIRE_PRIVILEGED", "1");
+    run(root, &mut cmd)
+}
