@@ -51,18 +51,22 @@ fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<u16> {
     // SAFETY: helper valid for sock_addr programs; the context pointer comes from the kernel.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup; the value is copied before any other map call.
-    let pod = unsafe { POD_CONFIG.get(&netns) }?;
+    let pod = unsafe { POD_CONFIG.get(netns) }?;
     let port = pod.outbound_port_be;
     let own = PodAddrKey {
         netns_cookie: netns,
         addr: dst.without_port(),
     };
     // SAFETY: read-only lookup, value unused.
-    if unsafe { POD_ADDRS.get(&own) }.is_some() {
+    if unsafe { POD_ADDRS.get(own) }.is_some() {
         return None;
     }
     // SAFETY: read-only lookups; `action` is copied out.
-    let action = unsafe { DEST_POLICY.get(dst).or_else(|| DEST_POLICY.get(&dst.without_port())) }?;
+    let action = unsafe {
+        DEST_POLICY
+            .get(dst)
+            .or_else(|| DEST_POLICY.get(dst.without_port()))
+    }?;
     (action.action == ACTION_STEER).then_some(port)
 }
 
@@ -72,7 +76,7 @@ fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<u16> {
 fn record(ctx: &SockAddrContext, dst: &SockAddr) -> Result<(), ()> {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_DST_BY_COOKIE.insert(&cookie, dst, 0).map_err(|_| ())
+    ORIG_DST_BY_COOKIE.insert(cookie, dst, 0).map_err(|_| ())
 }
 
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
@@ -144,7 +148,7 @@ pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup, value copied.
-    if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
+    if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(cookie) } {
         // SAFETY: as in `connect4`.
         let sa = unsafe { &mut *ctx.sock_addr };
         sa.user_ip4 = dst.addr_be[3];
@@ -158,7 +162,7 @@ pub fn getpeername6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup, value copied.
-    if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
+    if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(cookie) } {
         // SAFETY: as in `connect4`.
         let sa = unsafe { &mut *ctx.sock_addr };
         write_ip6(&mut sa.user_ip6, dst.addr_be);

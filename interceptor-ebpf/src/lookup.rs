@@ -38,7 +38,7 @@ pub fn on_lookup(ctx: &SkLookupContext) -> u32 {
         SockAddr::v4(lk.local_ip4, 0)
     };
     // SAFETY: read-only lookup, value copied.
-    let Some(slot) = (unsafe { INBOUND_SLOTS.get(&dst.without_port()) }).copied() else {
+    let Some(slot) = (unsafe { INBOUND_SLOTS.get(dst.without_port()) }).copied() else {
         return SK_PASS;
     };
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, slot, 0) {

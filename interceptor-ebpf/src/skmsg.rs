@@ -2,7 +2,10 @@
 //! app↔agent connection is put straight into the other end's receive queue, skipping the
 //! loopback TCP stack. Only plain sockets ever enter LOCAL_LEGS; kTLS sockets never do.
 
-use aya_ebpf::{EbpfContext as _, bindings::BPF_F_INGRESS, helpers::bpf_get_netns_cookie, programs::SkMsgContext};
+use aya_ebpf::{
+    EbpfContext as _, bindings::BPF_F_INGRESS, helpers::bpf_get_netns_cookie,
+    programs::SkMsgContext,
+};
 use interceptor_common::{AF_INET6, Counter, LegKey, SockAddr};
 
 use crate::{

@@ -85,7 +85,7 @@ fn leg_key(ctx: &SockOpsContext, netns_cookie: u64) -> LegKey {
 #[inline(always)]
 fn local_leg_enabled(netns_cookie: u64) -> Option<u16> {
     // SAFETY: read-only lookup, value copied.
-    let pod = unsafe { POD_CONFIG.get(&netns_cookie) }?;
+    let pod = unsafe { POD_CONFIG.get(netns_cookie) }?;
     (pod.flags & POD_FLAG_LOCAL_LEG_SKMSG != 0).then_some(pod.outbound_port_be)
 }
 
@@ -96,16 +96,20 @@ pub fn on_event(ctx: &SockOpsContext) {
             // SAFETY: helper valid for sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             // SAFETY: read-only lookup; the value is copied before the insert below.
-            let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+            let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
                 return;
             };
             let key = flow_key(ctx);
-            if ORIG_DST_BY_FLOW.insert(&key, &dst, 0).is_ok() {
+            if ORIG_DST_BY_FLOW.insert(key, dst, 0).is_ok() {
                 count(Counter::SockopsRekeyed);
             }
             if local_leg_enabled(key.netns_cookie).is_some() {
                 // SAFETY: `ctx.ops` is the live bpf_sock_ops of an established plain socket.
-                let _ = LOCAL_LEGS.update(leg_key(ctx, key.netns_cookie), unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
+                let _ = LOCAL_LEGS.update(
+                    leg_key(ctx, key.netns_cookie),
+                    unsafe { &mut *ctx.ops },
+                    u64::from(BPF_ANY),
+                );
             }
             // Ask for state changes so both entries go when the socket closes.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
@@ -127,8 +131,8 @@ pub fn on_event(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             // SAFETY: helper valid for sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
-            let _ = ORIG_DST_BY_FLOW.remove(&flow_key(ctx));
+            let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+            let _ = ORIG_DST_BY_FLOW.remove(flow_key(ctx));
         }
         _ => {}
     }

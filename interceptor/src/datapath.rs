@@ -18,9 +18,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use interceptor_common::{
-    Counter, DestAction, FlowKey, PodAddrKey, PodConfig, SockAddr, maps,
-};
+use interceptor_common::{Counter, DestAction, FlowKey, PodAddrKey, PodConfig, SockAddr, maps};
 
 /// The compiled eBPF object, built by aya-build from `interceptor-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -420,10 +418,7 @@ impl Counters {
 }
 
 fn cgroup_pin_name(cgroup: &Path) -> String {
-    cgroup
-        .to_string_lossy()
-        .trim_matches('/')
-        .replace('/', "_")
+    cgroup.to_string_lossy().trim_matches('/').replace('/', "_")
 }
 
 /// Re-opens the links a previous agent pinned, so a restart takes them over instead of
@@ -488,7 +483,12 @@ mod tests {
 
     #[test]
     fn abi_addresses_round_trip() {
-        for s in ["10.88.0.2:80", "[fd00:88::2]:8443", "127.0.0.1:15001", "[::1]:1"] {
+        for s in [
+            "10.88.0.2:80",
+            "[fd00:88::2]:8443",
+            "127.0.0.1:15001",
+            "[::1]:1",
+        ] {
             let a: SocketAddr = s.parse().unwrap();
             assert_eq!(socket_addr(sock_addr(a)), a, "{s}");
         }

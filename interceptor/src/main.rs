@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use interceptor::{ca, identity::TrustDomain, probe};
 
 #[derive(Parser)]
-#[command(name = "interceptor", version, about = "Transparent mutual TLS for pods, eBPF-steered, kernel-TLS accelerated")]
+#[command(
+    name = "interceptor",
+    version,
+    about = "Transparent mutual TLS for pods, eBPF-steered, kernel-TLS accelerated"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -77,10 +81,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Ca {
-            command: CaCmd::Init { trust_domain, dir, force },
+            command:
+                CaCmd::Init {
+                    trust_domain,
+                    dir,
+                    force,
+                },
         } => {
             let td: TrustDomain = trust_domain.parse()?;
-            let on_existing = if force { ca::OnExisting::Replace } else { ca::OnExisting::Refuse };
+            let on_existing = if force {
+                ca::OnExisting::Replace
+            } else {
+                ca::OnExisting::Refuse
+            };
             ca::Ca::init(&td, &dir, on_existing)?;
             eprintln!("wrote CA for trust domain {td} to {}", dir.display());
             Ok(ExitCode::SUCCESS)

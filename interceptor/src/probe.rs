@@ -109,7 +109,10 @@ pub fn run(require_ktls: bool) -> Report {
         Mode::Userspace
     };
     if mode == Mode::Userspace {
-        let why = format!("kernel TLS unusable ({}); relaying through rustls in userspace", k.problems.join("; "));
+        let why = format!(
+            "kernel TLS unusable ({}); relaying through rustls in userspace",
+            k.problems.join("; ")
+        );
         if require_ktls {
             missing.push(why);
         } else {
@@ -150,7 +153,10 @@ impl Report {
     pub fn render(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
-        let path = |p: &Option<PathBuf>| p.as_ref().map_or("-".to_owned(), |p| p.display().to_string());
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("-".to_owned(), |p| p.display().to_string())
+        };
         let _ = writeln!(s, "{:<28} {}", "kernel", self.kernel);
         let _ = writeln!(s, "{:<28} {}", "cgroup2 mount", path(&self.cgroup2));
         let _ = writeln!(s, "{:<28} {}", "bpffs mount", path(&self.bpffs));
@@ -158,7 +164,11 @@ impl Report {
             let _ = writeln!(
                 s,
                 "{:<28} {}",
-                format!("bpf {} ({})", p.program.trim_start_matches("intercept_"), p.kind),
+                format!(
+                    "bpf {} ({})",
+                    p.program.trim_start_matches("intercept_"),
+                    p.kind
+                ),
                 if p.loads { "loads" } else { "REJECTED" }
             );
         }
@@ -172,7 +182,12 @@ impl Report {
                 yes(c.rx)
             );
         }
-        let _ = writeln!(s, "{:<28} {}", "kTLS rx expect-no-pad", yes(self.rx_expect_no_pad));
+        let _ = writeln!(
+            s,
+            "{:<28} {}",
+            "kTLS rx expect-no-pad",
+            yes(self.rx_expect_no_pad)
+        );
         let _ = writeln!(
             s,
             "{:<28} {}",

@@ -201,7 +201,10 @@ mod tests {
 
     #[test]
     fn unescapes_octal_in_mount_paths() {
-        assert_eq!(unescape_mount_path(r"/mnt/with\040space"), "/mnt/with space");
+        assert_eq!(
+            unescape_mount_path(r"/mnt/with\040space"),
+            "/mnt/with space"
+        );
         assert_eq!(unescape_mount_path("/plain"), "/plain");
     }
 }

@@ -91,7 +91,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -258,7 +260,12 @@ impl ChildArgs<'_> {
             if s < 0 {
                 fail(1002);
             }
-            if libc::connect(s, (self.sa as *const libc::sockaddr_storage).cast(), self.sa_len) != 0 {
+            if libc::connect(
+                s,
+                (self.sa as *const libc::sockaddr_storage).cast(),
+                self.sa_len,
+            ) != 0
+            {
                 fail(1003);
             }
             if !self.payload.is_empty() {
@@ -271,8 +278,10 @@ impl ChildArgs<'_> {
             }
             let mut buf = [0u8; 4 + 128];
             let len = (len as usize).min(128);
-            buf[4..4 + len]
-                .copy_from_slice(std::slice::from_raw_parts((&raw const peer).cast::<u8>(), len));
+            buf[4..4 + len].copy_from_slice(std::slice::from_raw_parts(
+                (&raw const peer).cast::<u8>(),
+                len,
+            ));
             libc::write(self.report, buf.as_ptr().cast(), 4 + len);
             // Hold the connection until the parent closes its end of the hold pipe.
             libc::read(self.hold, buf.as_mut_ptr().cast(), 1);
@@ -288,7 +297,9 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8], timeout: Duration) -> usize {
         events: libc::POLLIN,
         revents: 0,
     };
-    let left = deadline.saturating_duration_since(Instant::now()).as_millis() as i32;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as i32;
     // SAFETY: one valid pollfd.
     if unsafe { libc::poll(&raw mut pfd, 1, left) } <= 0 {
         return 0;

@@ -67,7 +67,11 @@ fn connect_inside_enrolled_cgroup_is_steered_outside_is_not() {
 
     // Inside: lands on the agent, the app still believes it talks to the server.
     let child = connect_from(Some(&cgroup.path), &pod.ns.path(), dst, b"hello");
-    assert_eq!(child.peer, Ok(dst), "getpeername must show the original destination");
+    assert_eq!(
+        child.peer,
+        Ok(dst),
+        "getpeername must show the original destination"
+    );
     let (_conn, app_addr) =
         accept_within(&pod.agent, Duration::from_secs(5)).expect("agent listener got nothing");
     assert!(
@@ -94,13 +98,20 @@ fn connect_inside_enrolled_cgroup_is_steered_outside_is_not() {
     drop(child);
 
     let after = dp.counters();
-    assert_eq!(after.get(Counter::ConnectSteered) - before.get(Counter::ConnectSteered), 1);
     assert_eq!(
-        after.get(Counter::SockopsActiveEstablished) - before.get(Counter::SockopsActiveEstablished),
+        after.get(Counter::ConnectSteered) - before.get(Counter::ConnectSteered),
+        1
+    );
+    assert_eq!(
+        after.get(Counter::SockopsActiveEstablished)
+            - before.get(Counter::SockopsActiveEstablished),
         1,
         "sockops must see exactly the enrolled connection"
     );
-    assert_eq!(after.get(Counter::GetpeernameRewritten) - before.get(Counter::GetpeernameRewritten), 1);
+    assert_eq!(
+        after.get(Counter::GetpeernameRewritten) - before.get(Counter::GetpeernameRewritten),
+        1
+    );
 }
 
 #[test]
@@ -110,7 +121,8 @@ fn loopback_and_own_pod_addresses_are_never_steered() {
     let cgroup = Cgroup::new("icg");
     let mut dp = enrolled_datapath(&pod, &cgroup);
     // Even if the pod's own address were marked as a mesh destination, it is not steered.
-    dp.set_destination(POD_IP.parse().unwrap(), None, ACTION_STEER).unwrap();
+    dp.set_destination(POD_IP.parse().unwrap(), None, ACTION_STEER)
+        .unwrap();
     let own = pod.ns.run(|| TcpListener::bind((POD_IP, 9090)));
     let child = connect_from(
         Some(&cgroup.path),

@@ -19,7 +19,10 @@ fn every_program_loads_and_mode_matches_the_kernel() {
         "intercept_getpeername6",
         "intercept_sk_lookup",
     ] {
-        assert!(names.contains(&want), "{want} missing from the object: {names:?}");
+        assert!(
+            names.contains(&want),
+            "{want} missing from the object: {names:?}"
+        );
     }
     assert!(report.missing.is_empty(), "{}", report.render());
     assert!(report.cgroup2.is_some());
@@ -29,7 +32,11 @@ fn every_program_loads_and_mode_matches_the_kernel() {
         .any(|w| w == "tls");
     if in_vm() {
         assert_eq!(report.mode, Mode::Ktls, "{}", report.render());
-        assert!(report.ktls_ciphers.iter().all(|c| c.tx && c.rx), "{}", report.render());
+        assert!(
+            report.ktls_ciphers.iter().all(|c| c.tx && c.rx),
+            "{}",
+            report.render()
+        );
         assert!(report.rx_expect_no_pad);
     } else if !ulp_listed && !report.tls_ulp {
         assert_eq!(report.mode, Mode::Userspace, "{}", report.render());

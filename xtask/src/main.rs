@@ -76,7 +76,14 @@ pub(crate) fn display(cmd: &Command) -> String {
 fn demo(root: &Path) -> Result<()> {
     run(
         root,
-        Command::new("cargo").args(["build", "--release", "-p", "interceptor", "--bin", "interceptor"]),
+        Command::new("cargo").args([
+            "build",
+            "--release",
+            "-p",
+            "interceptor",
+            "--bin",
+            "interceptor",
+        ]),
     )?;
     let bin = root.join("target/release/interceptor");
     // The probe exits non-zero when a required capability is missing; the demo shows that

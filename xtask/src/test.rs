@@ -19,10 +19,32 @@ pub(crate) struct TestArgs {
 }
 
 pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
-    run(root, Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        root,
+        Command::new("cargo").args(["fmt", "--all", "--", "--check"]),
+    )?;
     run(
         root,
         Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    // The eBPF crate is not a default member (it only builds for bpfel-unknown-none).
+    run(
+        root,
+        Command::new("cargo").args([
+            "+nightly",
+            "clippy",
+            "-p",
+            "interceptor-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--bins",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     run(
         root,
@@ -69,7 +91,9 @@ fn host_privileged(root: &Path) -> Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "-p", "interceptor-tests", "--lib"]);
     for target in &package.targets {
-        if target.kind.iter().any(|k| k.to_string() == "test") && !VM_ONLY.contains(&target.name.as_str()) {
+        if target.kind.iter().any(|k| k.to_string() == "test")
+            && !VM_ONLY.contains(&target.name.as_str())
+        {
             cmd.args(["--test", &target.name]);
         }
     }
