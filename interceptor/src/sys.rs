@@ -213,6 +213,63 @@ fn cstr(p: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
+/// How many bytes the kernel has ever queued on a TCP socket for sending since it connected:
+/// acknowledged bytes plus what is still in the send queue.
+///
+/// Kernel TLS may hold encrypted records back when the TCP send buffer is full and push them
+/// later from a work item; a `shutdown(SHUT_WR)` before that would put the FIN ahead of them
+/// and lose the records. Comparing this counter with what kTLS should have produced tells the
+/// relay when the kernel holds nothing back. The acknowledged count is read first: an ACK
+/// arriving between the two reads can only make the sum smaller, never claim bytes that are
+/// not queued yet.
+pub fn tcp_bytes_queued(sock: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the advertised size; the kernel writes
+    // at most `len` bytes (older kernels fewer, leaving the rest zero).
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let acked_end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    if (len as usize) < acked_end {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "kernel tcp_info has no tcpi_bytes_acked (needs Linux 4.1)",
+        ));
+    }
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int, the bytes in the send queue not yet
+    // acknowledged, into `outq`.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
+}
+
+/// Resizes a pipe (`F_SETPIPE_SZ`) and returns the size the kernel chose (it rounds up to a
+/// power-of-two number of pages). A larger pipe lets one `splice(2)` move more per call.
+pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
+    let want = libc::c_int::try_from(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pipe size too large"))?;
+    // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
+    let rc = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
