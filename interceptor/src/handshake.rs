@@ -14,6 +14,7 @@
 //! Handshake timeouts belong to the network layer; this module only builds configurations and
 //! interprets their outcome.
 
+pub mod driver;
 mod provider;
 mod verifier;
 

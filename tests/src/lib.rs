@@ -4,6 +4,7 @@
 //!
 //! Tests that need root never skip: without privileges they fail, saying why.
 
+pub mod topology;
 pub mod wire;
 
 use std::{

@@ -1,0 +1,415 @@
+//! Runs a mesh handshake over a real socket without reading past it.
+//!
+//! Once the handshake ends, the session's record layer moves either into the kernel (kTLS) or
+//! into the userspace relay. For the kernel hand-off, every byte after the last handshake
+//! record must still be in the socket's receive queue: the kernel decrypts from there, with a
+//! record sequence number that has to match the keys rustls hands over. A buffered reader
+//! would swallow the peer's first application records (the client's request right behind its
+//! Finished, or a server's 0.5-RTT banner) and the kernel would then start mid-stream. So the
+//! driver reads each record exactly: the 5-byte header, then that record's body, and stops at
+//! the record that completes the handshake.
+//!
+//! The same driver serves the userspace relay, so both modes see the same bytes at the same
+//! point, and a refused peer produces the same [`HandshakeError`] whichever mode follows.
+
+use std::{io, sync::Arc, time::Duration};
+
+use rustls::{
+    ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection,
+    pki_types::ServerName,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{HandshakeError, Negotiated, negotiated};
+use crate::{
+    identity::SpiffeId,
+    ktls::{KtlsError, SessionSecrets},
+};
+
+/// Largest TLS record the peer may send: 2^14 bytes of plaintext plus the 256 bytes of
+/// expansion RFC 8446 §5.2 allows a protected record.
+const MAX_RECORD_BODY: usize = (1 << 14) + 256;
+
+const RECORD_HEADER: usize = 5;
+
+/// A finished mesh handshake whose record layer has not been handed anywhere yet.
+///
+/// Either keep `conn` for the userspace relay, or call [`Established::into_ktls_secrets`] to
+/// give the session to the kernel. In both cases `leftover_plaintext` must reach the app
+/// before anything else the peer sends.
+pub struct Established {
+    /// Who the peer is and which suite protects the session.
+    pub negotiated: Negotiated,
+    /// Application data rustls already decrypted while finishing the handshake. Record-exact
+    /// reading makes this empty in practice; it is kept so that a future change in how the
+    /// handshake is read cannot silently drop the peer's first bytes.
+    pub leftover_plaintext: Vec<u8>,
+    /// The live session, with nothing buffered in either direction.
+    pub conn: Connection,
+}
+
+/// An [`Established`] session converted for the kernel: keys for `SessionSecrets::install`.
+#[derive(Debug)]
+pub struct KtlsHandoff {
+    pub negotiated: Negotiated,
+    /// Bytes to write to the app before splicing anything the kernel decrypts.
+    pub leftover_plaintext: Vec<u8>,
+    pub secrets: SessionSecrets,
+}
+
+/// Why a handshake over a socket did not produce a usable session.
+///
+/// [`DriveError::Handshake`] carries the TLS-level reason (wrong identity, foreign CA, refused
+/// by the peer, not a mesh endpoint); the other variants are transport failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriveError {
+    /// The TLS handshake itself failed; this is the reason to log for a refused peer.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The peer did not finish within the handshake timeout (a stalled or non-TLS peer).
+    #[error("handshake did not finish within {0:?}")]
+    Timeout(Duration),
+    /// The peer closed the connection before the handshake finished, without an alert.
+    #[error("peer closed the connection during the handshake")]
+    PeerClosed,
+    /// The peer announced a record longer than TLS allows, so it does not speak TLS.
+    #[error("peer sent a {len}-byte record; TLS records are at most {MAX_RECORD_BODY} bytes")]
+    RecordTooLong { len: usize },
+    /// Reading or writing the socket failed.
+    #[error("socket error during the handshake")]
+    Io(#[source] io::Error),
+}
+
+impl Established {
+    /// The authenticated identity of the other end.
+    pub fn peer(&self) -> &SpiffeId {
+        &self.negotiated.peer
+    }
+
+    /// Extracts the session keys and record sequence numbers for kernel TLS.
+    ///
+    /// Consumes the session: after this nothing in userspace can encrypt for it, so a failure
+    /// here or in the install that follows means the connection must be closed.
+    pub fn into_ktls_secrets(self) -> Result<KtlsHandoff, KtlsError> {
+        let secrets = self
+            .conn
+            .dangerous_extract_secrets()
+            .map_err(|e| KtlsError::UnsupportedSecrets(e.to_string()))?;
+        Ok(KtlsHandoff {
+            negotiated: self.negotiated,
+            leftover_plaintext: self.leftover_plaintext,
+            secrets: SessionSecrets::try_from(secrets)?,
+        })
+    }
+}
+
+impl std::fmt::Debug for Established {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Established")
+            .field("negotiated", &self.negotiated)
+            .field("leftover_plaintext", &self.leftover_plaintext.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outbound side: handshakes as a client on `sock`, which is connected to the peer agent.
+///
+/// `server_name` is never checked or sent (see `handshake::client_config`); the destination IP
+/// is a natural choice.
+pub async fn client_handshake(
+    sock: &mut TcpStream,
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    timeout: Duration,
+) -> Result<Established, DriveError> {
+    let conn = ClientConnection::new(config, server_name).map_err(HandshakeError::from)?;
+    drive(sock, conn.into(), timeout).await
+}
+
+/// The inbound side: handshakes as a server on an accepted `sock`.
+pub async fn server_handshake(
+    sock: &mut TcpStream,
+    config: Arc<ServerConfig>,
+    timeout: Duration,
+) -> Result<Established, DriveError> {
+    let conn = ServerConnection::new(config).map_err(HandshakeError::from)?;
+    drive(sock, conn.into(), timeout).await
+}
+
+/// Runs `conn`'s handshake over `sock` to completion, record by record, within `timeout`.
+pub async fn drive(
+    sock: &mut TcpStream,
+    mut conn: Connection,
+    timeout: Duration,
+) -> Result<Established, DriveError> {
+    match tokio::time::timeout(timeout, exchange(sock, &mut conn)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(DriveError::Timeout(timeout)),
+    }
+    let negotiated = negotiated(&conn)?;
+    let leftover_plaintext = drain_plaintext(&mut conn)?;
+    Ok(Established {
+        negotiated,
+        leftover_plaintext,
+        conn,
+    })
+}
+
+async fn exchange(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), DriveError> {
+    let mut record = Vec::with_capacity(RECORD_HEADER + MAX_RECORD_BODY);
+    loop {
+        flush(sock, conn).await?;
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+
+        record.clear();
+        record.resize(RECORD_HEADER, 0);
+        read_exact(sock, &mut record).await?;
+        // rustls validates the header on its own (content type, version, length), so a peer
+        // that does not speak TLS is refused with the proper alert before its "body" is awaited.
+        feed(sock, conn, &record).await?;
+        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        if len > MAX_RECORD_BODY {
+            return Err(DriveError::RecordTooLong { len });
+        }
+        record.resize(len, 0);
+        read_exact(sock, &mut record).await?;
+        feed(sock, conn, &record).await?;
+    }
+}
+
+/// Hands `bytes` to rustls and processes them. On a TLS error the alert rustls queued is sent
+/// (best effort) so the peer's log can say why, then the error is returned.
+async fn feed(sock: &mut TcpStream, conn: &mut Connection, bytes: &[u8]) -> Result<(), DriveError> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // Reading from a slice cannot fail; a zero-length read would mean rustls refuses more
+        // input, which it only does for a full plaintext buffer (impossible mid-handshake).
+        let n = conn.read_tls(&mut rest).map_err(DriveError::Io)?;
+        if n == 0 {
+            return Err(DriveError::Io(io::Error::other(
+                "rustls accepted no handshake bytes",
+            )));
+        }
+        if let Err(e) = conn.process_new_packets() {
+            let _ = flush(sock, conn).await;
+            return Err(HandshakeError::from(e).into());
+        }
+    }
+    Ok(())
+}
+
+async fn flush(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), DriveError> {
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).map_err(DriveError::Io)?;
+    }
+    if !out.is_empty() {
+        sock.write_all(&out).await.map_err(DriveError::Io)?;
+    }
+    Ok(())
+}
+
+async fn read_exact(sock: &mut TcpStream, buf: &mut [u8]) -> Result<(), DriveError> {
+    match sock.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(DriveError::PeerClosed),
+        Err(e) => Err(DriveError::Io(e)),
+    }
+}
+
+/// Takes whatever application data rustls decrypted during the handshake.
+fn drain_plaintext(conn: &mut Connection) -> Result<Vec<u8>, DriveError> {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match io::Read::read(&mut conn.reader(), &mut chunk) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
+            Err(e) => return Err(DriveError::Io(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use rustls::pki_types::ServerName;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::{
+        ca::{Ca, CertificateAuthority, DEFAULT_LEAF_TTL},
+        handshake::{MeshSuite, client_config, mesh_roots, server_config},
+        identity::TrustDomain,
+    };
+
+    const CLIENT_ID: &str = "spiffe://cluster.local/ns/frontend/sa/web";
+    const SERVER_ID: &str = "spiffe://cluster.local/ns/backend/sa/api";
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Configs {
+        client: Arc<ClientConfig>,
+        server: Arc<ServerConfig>,
+    }
+
+    fn configs(expected_server: &str) -> Configs {
+        let td: TrustDomain = "cluster.local".parse().unwrap();
+        let ca = Ca::generate(&td).unwrap();
+        let roots = mesh_roots(ca.roots()).unwrap();
+        let c = ca
+            .issue(&CLIENT_ID.parse().unwrap(), DEFAULT_LEAF_TTL)
+            .unwrap();
+        let s = ca
+            .issue(&SERVER_ID.parse().unwrap(), DEFAULT_LEAF_TTL)
+            .unwrap();
+        Configs {
+            client: client_config(
+                &c,
+                Arc::clone(&roots),
+                &td,
+                &expected_server.parse().unwrap(),
+                MeshSuite::AES_GCM,
+            )
+            .unwrap(),
+            server: server_config(&s, roots, &td, MeshSuite::AES_GCM).unwrap(),
+        }
+    }
+
+    fn name() -> ServerName<'static> {
+        ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into())
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// The client's first application record follows its Finished immediately; the server
+    /// must leave it in the socket for the kernel (or the relay) to decrypt.
+    #[tokio::test]
+    async fn stops_at_the_last_handshake_record() {
+        let cfg = configs(SERVER_ID);
+        let (mut c, mut s) = tcp_pair().await;
+        let client = tokio::spawn(async move {
+            let mut est = client_handshake(&mut c, cfg.client, name(), TIMEOUT)
+                .await
+                .unwrap();
+            io::Write::write_all(&mut est.conn.writer(), b"first request").unwrap();
+            let mut out = Vec::new();
+            est.conn.write_tls(&mut out).unwrap();
+            c.write_all(&out).await.unwrap();
+            (c, est)
+        });
+        let server_cfg = cfg.server;
+        let mut est = server_handshake(&mut s, server_cfg, TIMEOUT).await.unwrap();
+        let (_c, client_est) = client.await.unwrap();
+        assert!(est.leftover_plaintext.is_empty());
+        assert_eq!(est.peer().to_string(), CLIENT_ID);
+        assert_eq!(client_est.peer().to_string(), SERVER_ID);
+
+        // What is left on the socket is exactly one application-data record...
+        let mut header = [0u8; RECORD_HEADER];
+        s.read_exact(&mut header).await.unwrap();
+        assert_eq!(&header[..3], &[23, 3, 3]);
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        // ...that the session, continuing from where the driver stopped, decrypts.
+        est.conn.read_tls(&mut &header[..]).unwrap();
+        est.conn.read_tls(&mut &body[..]).unwrap();
+        est.conn.process_new_packets().unwrap();
+        let mut got = vec![0u8; 64];
+        let n = io::Read::read(&mut est.conn.reader(), &mut got).unwrap();
+        assert_eq!(&got[..n], b"first request");
+    }
+
+    #[tokio::test]
+    async fn secrets_continue_where_the_handshake_stopped() {
+        let cfg = configs(SERVER_ID);
+        let (mut c, mut s) = tcp_pair().await;
+        let client =
+            tokio::spawn(
+                async move { client_handshake(&mut c, cfg.client, name(), TIMEOUT).await },
+            );
+        let server = server_handshake(&mut s, cfg.server, TIMEOUT).await.unwrap();
+        let client = client.await.unwrap().unwrap();
+        let c = client.into_ktls_secrets().unwrap();
+        let s = server.into_ktls_secrets().unwrap();
+        assert_eq!(c.secrets.cipher, crate::ktls::Cipher::Aes128Gcm);
+        // Nothing was sent under the traffic keys yet, in either direction.
+        assert_eq!((c.secrets.tx.seq(), c.secrets.rx.seq()), (0, 0));
+        assert_eq!((s.secrets.tx.seq(), s.secrets.rx.seq()), (0, 0));
+        assert_eq!(c.negotiated.peer.to_string(), SERVER_ID);
+    }
+
+    #[tokio::test]
+    async fn wrong_identity_is_reported_on_both_sides() {
+        let cfg = configs("spiffe://cluster.local/ns/backend/sa/other");
+        let (mut c, mut s) = tcp_pair().await;
+        let client =
+            tokio::spawn(
+                async move { client_handshake(&mut c, cfg.client, name(), TIMEOUT).await },
+            );
+        let server = server_handshake(&mut s, cfg.server, TIMEOUT).await;
+        let client = client.await.unwrap();
+        match client {
+            Err(DriveError::Handshake(e @ HandshakeError::PeerIdentity(_))) => assert_eq!(
+                e.to_string(),
+                "peer presented spiffe://cluster.local/ns/backend/sa/api, expected \
+                 spiffe://cluster.local/ns/backend/sa/other"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(
+                server,
+                Err(DriveError::Handshake(HandshakeError::RefusedByPeer(_)))
+            ),
+            "{server:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_peer_times_out() {
+        let cfg = configs(SERVER_ID);
+        let (_c, mut s) = tcp_pair().await;
+        let t = Duration::from_millis(200);
+        let r = server_handshake(&mut s, cfg.server, t).await;
+        assert!(matches!(r, Err(DriveError::Timeout(d)) if d == t), "{r:?}");
+    }
+
+    /// A plaintext client is refused from its first five bytes, not after the timeout.
+    #[tokio::test]
+    async fn non_tls_peer_is_refused_at_once() {
+        let cfg = configs(SERVER_ID);
+        let (mut c, mut s) = tcp_pair().await;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let r = server_handshake(&mut s, cfg.server, TIMEOUT).await;
+        assert!(
+            matches!(r, Err(DriveError::Handshake(HandshakeError::Tls(_)))),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn peer_hanging_up_mid_handshake() {
+        let cfg = configs(SERVER_ID);
+        let (c, mut s) = tcp_pair().await;
+        drop(c);
+        let r = server_handshake(&mut s, cfg.server, TIMEOUT).await;
+        assert!(matches!(r, Err(DriveError::PeerClosed)), "{r:?}");
+    }
+}
