@@ -15,7 +15,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockMap},
     programs::{
         CgroupAttachMode, Program, ProgramError, SkLookup,
-        links::{FdLink, PinnedLink},
+        links::FdLink,
     },
 };
 use interceptor_common::{Counter, DestAction, FlowKey, PodAddrKey, PodConfig, SockAddr, maps};
@@ -390,9 +390,56 @@ impl Datapath {
             .map_err(program_error)?;
         let id = prog.attach(ns.as_fd()).map_err(program_error)?;
         let link = prog.take_link(id).map_err(program_error)?;
-        let link = FdLink::from(link);
+        let mut link = FdLink::from(link);
+        if let Some(dir) = &self.options.pin_dir {
+            // Pinned so inbound stays fail-closed (SK_DROP for pod addresses with no agent
+            // listener) while the agent is down.
+            let link_dir = dir.join("links").join(format!("netns-{netns_cookie}"));
+            std::fs::create_dir_all(&link_dir).map_err(DatapathError::Sys)?;
+            let path = link_dir.join(SK_LOOKUP_PROGRAM);
+            let _ = std::fs::remove_file(&path);
+            let pinned = link.pin(&path).map_err(|e| DatapathError::Pin {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+            link = FdLink::from(pinned);
+        }
         self.netns.insert(netns_cookie, link);
         Ok(())
+    }
+
+    /// Stops steering inbound connections for a pod: its addresses reach the app directly.
+    pub fn stop_inbound(&mut self, netns_cookie: u64, slot: u32, addrs: &[IpAddr]) {
+        for ip in addrs {
+            let _ = self
+                .inbound_slots
+                .remove(&sock_addr(SocketAddr::new(*ip, 0)).without_port());
+        }
+        let _ = self.inbound_listeners.clear_index(&slot);
+        self.netns.remove(&netns_cookie);
+        if let Some(dir) = &self.options.pin_dir {
+            let _ = std::fs::remove_dir_all(dir.join("links").join(format!("netns-{netns_cookie}")));
+        }
+    }
+
+    /// Removes links a previous agent pinned for pods that are no longer enrolled. Called after
+    /// start-up enrollment: until then those pins keep the old pods fail-closed.
+    pub fn prune_stale_pins(&self) -> Vec<String> {
+        let Some(dir) = &self.options.pin_dir else {
+            return Vec::new();
+        };
+        let mut keep: Vec<String> = self.cgroups.keys().map(|c| cgroup_pin_name(c)).collect();
+        keep.extend(self.netns.keys().map(|c| format!("netns-{c}")));
+        let mut removed = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir.join("links")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name) && std::fs::remove_dir_all(e.path()).is_ok() {
+                    removed.push(name);
+                }
+            }
+        }
+        removed
     }
 
     /// Sums the per-CPU counters.
@@ -419,26 +466,6 @@ impl Counters {
 
 fn cgroup_pin_name(cgroup: &Path) -> String {
     cgroup.to_string_lossy().trim_matches('/').replace('/', "_")
-}
-
-/// Re-opens the links a previous agent pinned, so a restart takes them over instead of
-/// leaving a window with nothing attached.
-pub fn adopt_pinned_links(pin_dir: &Path) -> Vec<(PathBuf, PinnedLink)> {
-    let mut out = Vec::new();
-    let Ok(dirs) = std::fs::read_dir(pin_dir.join("links")) else {
-        return out;
-    };
-    for dir in dirs.flatten() {
-        let Ok(files) = std::fs::read_dir(dir.path()) else {
-            continue;
-        };
-        for f in files.flatten() {
-            if let Ok(link) = PinnedLink::from_pin(f.path()) {
-                out.push((f.path(), link));
-            }
-        }
-    }
-    out
 }
 
 fn dest_key(ip: IpAddr, port: Option<u16>) -> SockAddr {

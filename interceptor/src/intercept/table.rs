@@ -10,6 +10,8 @@ use std::{
     },
 };
 
+use crate::relay::RelayStats;
+
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -29,13 +31,6 @@ pub enum Protection {
     Userspace,
     /// No TLS from the agent (non-mesh peer, or policy said so).
     Plaintext,
-}
-
-/// Live byte counters shared with the relay.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub to_peer: AtomicU64,
-    pub from_peer: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -69,14 +64,14 @@ pub struct FlowRow {
 #[derive(Debug, Default)]
 pub struct FlowTable {
     next: AtomicU64,
-    flows: Mutex<BTreeMap<u64, (FlowInfo, Arc<Counters>)>>,
+    flows: Mutex<BTreeMap<u64, (FlowInfo, Arc<RelayStats>)>>,
 }
 
 /// Removes its flow from the table when the connection ends, however it ends.
 pub struct FlowGuard<'a> {
     table: &'a FlowTable,
     id: u64,
-    pub counters: Arc<Counters>,
+    pub stats: Arc<RelayStats>,
 }
 
 impl Drop for FlowGuard<'_> {
@@ -86,7 +81,7 @@ impl Drop for FlowGuard<'_> {
 }
 
 impl FlowTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (FlowInfo, Arc<Counters>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (FlowInfo, Arc<RelayStats>)>> {
         // A panic while holding the lock cannot leave the map inconsistent (single insert or
         // remove), so a poisoned lock is still usable.
         self.flows.lock().unwrap_or_else(|p| p.into_inner())
@@ -94,12 +89,12 @@ impl FlowTable {
 
     pub fn insert(&self, info: FlowInfo) -> FlowGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let counters = Arc::new(Counters::default());
-        self.lock().insert(id, (info, Arc::clone(&counters)));
+        let stats = RelayStats::new();
+        self.lock().insert(id, (info, Arc::clone(&stats)));
         FlowGuard {
             table: self,
             id,
-            counters,
+            stats,
         }
     }
 
@@ -122,8 +117,8 @@ impl FlowTable {
                 peer_id: i.peer_id.clone(),
                 cipher: i.cipher.clone(),
                 protection: i.protection,
-                bytes_to_peer: c.to_peer.load(Ordering::Relaxed),
-                bytes_from_peer: c.from_peer.load(Ordering::Relaxed),
+                bytes_to_peer: c.bytes_app_to_peer(),
+                bytes_from_peer: c.bytes_peer_to_app(),
             })
             .collect()
     }

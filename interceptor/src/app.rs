@@ -1,0 +1,222 @@
+//! Wiring and lifecycle of `interceptor run`: probe, load the CA and the datapath, enroll the
+//! configured and persisted pods, serve the admin API, and on SIGTERM exit leaving the pinned
+//! programs in place so enrolled pods stay fail-closed until the agent is back.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, bail};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, Request, Response},
+    ca::Ca,
+    config::{Config, KtlsMode, Workload},
+    datapath::{Datapath, DatapathOptions},
+    handshake::MeshSuite,
+    intercept::{self, Offload, PodHandle, Shared},
+    ktls, sys,
+};
+
+/// The running agent as the admin API sees it.
+pub struct Agent {
+    shared: Arc<Shared>,
+    pods: Mutex<BTreeMap<String, PodHandle>>,
+    /// Runtime enrollments (`interceptor enroll`), persisted so they survive restarts.
+    runtime_file: PathBuf,
+    next_slot: Mutex<u32>,
+}
+
+/// Decides the data path from the probe and the configured `ktls` mode.
+pub fn offload(mode: KtlsMode) -> anyhow::Result<Offload> {
+    if mode == KtlsMode::Off {
+        return Ok(Offload::Userspace);
+    }
+    let support = ktls::probe();
+    let mut suites = Vec::new();
+    for (cipher, suite) in [
+        (ktls::Cipher::Aes128Gcm, MeshSuite::Aes128Gcm),
+        (ktls::Cipher::Aes256Gcm, MeshSuite::Aes256Gcm),
+        (ktls::Cipher::Chacha20Poly1305, MeshSuite::Chacha20Poly1305),
+    ] {
+        if support.supports(cipher) {
+            suites.push(suite);
+        }
+    }
+    if suites.is_empty() {
+        if mode == KtlsMode::Required {
+            bail!("ktls: required, but {}", support.summary());
+        }
+        warn!("{}; relaying mTLS through rustls in userspace", support.summary());
+        return Ok(Offload::Userspace);
+    }
+    info!("{}", support.summary());
+    Ok(Offload::Kernel(suites))
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let offload = offload(config.ktls)?;
+    let ca = Ca::load(&config.ca_dir).with_context(|| format!("CA in {}", config.ca_dir.display()))?;
+    if let Some(parent) = config.bpffs.parent() {
+        sys::ensure_bpffs(parent).with_context(|| format!("mount bpffs at {}", parent.display()))?;
+    }
+    let datapath = Datapath::load(DatapathOptions {
+        pin_dir: Some(config.bpffs.clone()),
+    })?;
+    let shared = Arc::new(Shared::new(
+        config.trust_domain.clone(),
+        Arc::new(ca),
+        offload,
+        config.tuning.clone(),
+        datapath,
+    )?);
+    {
+        let mut dp = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dir = shared.directory.write().unwrap_or_else(|p| p.into_inner());
+        for peer in &config.peers {
+            let id = crate::identity::SpiffeId::new(
+                config.trust_domain.clone(),
+                &peer.namespace,
+                &peer.service_account,
+            )?;
+            for ip in &peer.ips {
+                dp.set_destination(*ip, None, interceptor_common::ACTION_STEER)?;
+                dir.insert(*ip, id.clone());
+            }
+        }
+    }
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("state dir {}", config.state_dir.display()))?;
+    let agent = Arc::new(Agent {
+        shared: Arc::clone(&shared),
+        pods: Mutex::new(BTreeMap::new()),
+        runtime_file: config.state_dir.join("enrollments.json"),
+        next_slot: Mutex::new(0),
+    });
+    for w in config.workloads.iter().chain(agent.persisted()?.iter()) {
+        agent.enroll(w).with_context(|| format!("enroll {}", w.name))?;
+    }
+    let pruned = shared
+        .datapath
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .prune_stale_pins();
+    if !pruned.is_empty() {
+        info!(?pruned, "removed programs pinned for pods no longer enrolled");
+    }
+    let listener = admin::bind(&config.admin_socket)
+        .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
+    tokio::spawn(admin::serve(listener, Arc::clone(&agent)));
+    info!(admin = %config.admin_socket.display(), "ready");
+    shutdown_signal().await;
+    info!("stopping; pinned programs stay attached, so enrolled pods fail closed until restart");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+impl Agent {
+    fn persisted(&self) -> anyhow::Result<Vec<Workload>> {
+        match std::fs::read(&self.runtime_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is corrupt", self.runtime_file.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e).with_context(|| format!("read {}", self.runtime_file.display())),
+        }
+    }
+
+    fn persist(&self, update: impl FnOnce(&mut Vec<Workload>)) -> anyhow::Result<()> {
+        let mut list = self.persisted()?;
+        update(&mut list);
+        write_atomic(&self.runtime_file, &serde_json::to_vec_pretty(&list)?)
+    }
+
+    fn enroll(&self, w: &Workload) -> anyhow::Result<()> {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        if pods.contains_key(&w.name) {
+            bail!("workload `{}` is already enrolled", w.name);
+        }
+        let slot = {
+            let mut next = self.next_slot.lock().unwrap_or_else(|p| p.into_inner());
+            let used: Vec<u32> = pods.values().map(|p| p.slot()).collect();
+            while used.contains(&*next) {
+                *next += 1;
+            }
+            *next
+        };
+        let handle = intercept::enroll(&self.shared, w, slot)?;
+        pods.insert(w.name.clone(), handle);
+        Ok(())
+    }
+
+    fn unenroll(&self, name: &str) -> anyhow::Result<()> {
+        let pod = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .with_context(|| format!("no enrolled workload named `{name}`"))?;
+        intercept::unenroll(&self.shared, pod);
+        Ok(())
+    }
+}
+
+impl admin::Handler for Agent {
+    async fn handle(&self, req: Request) -> Response {
+        let result = match req {
+            Request::Flows => return Response::flows(&self.shared.flows.rows()),
+            Request::Stats => {
+                let c = self
+                    .shared
+                    .datapath
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .counters();
+                let stats = interceptor_common::Counter::ALL
+                    .iter()
+                    .map(|k| (format!("{k:?}"), serde_json::Value::from(c.get(*k))))
+                    .collect();
+                return Response::Stats {
+                    stats: serde_json::Value::Object(stats),
+                };
+            }
+            Request::Enroll { workload } => self.enroll(&workload).and_then(|()| {
+                self.persist(|l| {
+                    l.retain(|w| w.name != workload.name);
+                    l.push(workload.clone());
+                })
+                .map(|()| format!("enrolled {}", workload.name))
+            }),
+            Request::Unenroll { name } => self.unenroll(&name).and_then(|()| {
+                self.persist(|l| l.retain(|w| w.name != name))
+                    .map(|()| format!("unenrolled {name}"))
+            }),
+        };
+        match result {
+            Ok(message) => Response::Ok { message },
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+            },
+        }
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! Moves bytes between an app's plain TCP connection and the mesh connection to the peer agent.
+//!
+//! Two record layers, one set of rules:
+//!
+//! * **kernel** ([`relay_ktls`]): the peer socket carries kTLS TX and RX; plaintext is spliced
+//!   through one pipe per direction and never enters userspace. Non-data records stop
+//!   `splice(2)` with `EINVAL` and are read with `recvmsg` + cmsg (research T6).
+//! * **userspace** ([`relay_userspace`]): rustls keeps the record layer, for kernels without
+//!   kTLS or ciphers the kernel lacks.
+//!
+//! The rules both follow, because the app must not be able to tell them apart:
+//!
+//! * **Half-close is exact.** EOF from the app becomes close_notify then FIN toward the peer;
+//!   close_notify from the peer becomes `shutdown(SHUT_WR)` toward the app. The other direction
+//!   keeps flowing, so request / half-close / response protocols work.
+//! * **Truncation fails closed.** A FIN from the peer without close_notify means someone cut
+//!   the stream; the app gets a reset, never a clean EOF that would make a cut-off response
+//!   look complete. Every other failure (fatal alert, unexpected record, socket error, idle
+//!   timeout, record limit) resets both sides too.
+//! * **Session tickets are dropped**; the mesh never resumes. Any other post-handshake
+//!   handshake message (KeyUpdate in particular, which these kernels cannot follow) is fatal
+//!   in kernel mode.
+//! * **Back-pressure holds.** A direction stops reading its source while its buffer (pipe or
+//!   userspace buffer) toward the destination is full, so memory per flow is bounded and a slow
+//!   reader slows the writer instead of growing a queue.
+//! * **Both directions progress independently**, so neither side can deadlock the other by
+//!   writing while the other writes.
+//!
+//! Each relay is one future that polls both directions; it uses socket readiness only (no
+//! spinning, no extra tasks), and yields after [`YIELD_AFTER_BYTES`] so one fast flow cannot
+//! starve others on the same worker.
+
+mod kernel;
+mod userspace;
+
+use std::{
+    future::Future as _,
+    io,
+    os::fd::AsFd,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::AlertDescription;
+use tokio::{
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
+
+use crate::{
+    handshake::driver::Established,
+    ktls::{Cipher, KtlsError},
+};
+
+/// A relay gives other tasks a turn after moving this much in one poll.
+pub const YIELD_AFTER_BYTES: usize = 4 << 20;
+
+/// Which record layer carries a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RelayMode {
+    /// Kernel TLS on the peer socket, splice(2) in both directions.
+    Ktls,
+    /// rustls in the agent.
+    Userspace,
+}
+
+/// Live byte counts of one flow, shared with whoever lists flows (updated as bytes move, read
+/// without locking).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    mode: AtomicU8,
+    app_to_peer: AtomicU64,
+    peer_to_app: AtomicU64,
+}
+
+impl RelayStats {
+    pub fn new() -> Arc<RelayStats> {
+        Arc::new(RelayStats::default())
+    }
+
+    /// The record layer, once the relay has started (`None` while the flow is still
+    /// handshaking).
+    pub fn mode(&self) -> Option<RelayMode> {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => Some(RelayMode::Ktls),
+            2 => Some(RelayMode::Userspace),
+            _ => None,
+        }
+    }
+
+    /// Plaintext bytes the app sent that were handed to the peer's record layer.
+    pub fn bytes_app_to_peer(&self) -> u64 {
+        self.app_to_peer.load(Ordering::Relaxed)
+    }
+
+    /// Plaintext bytes from the peer delivered to the app's socket.
+    pub fn bytes_peer_to_app(&self) -> u64 {
+        self.peer_to_app.load(Ordering::Relaxed)
+    }
+
+    fn set_mode(&self, mode: RelayMode) {
+        let v = match mode {
+            RelayMode::Ktls => 1,
+            RelayMode::Userspace => 2,
+        };
+        self.mode.store(v, Ordering::Relaxed);
+    }
+
+    fn add_app_to_peer(&self, n: usize) {
+        self.app_to_peer.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn add_peer_to_app(&self, n: usize) {
+        self.peer_to_app.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Tuning of one relay.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayConfig {
+    /// A flow that moves no byte in either direction for this long is reset.
+    pub idle_timeout: Duration,
+    /// Userspace mode: size of each of the three per-flow buffers (app reads, peer ciphertext
+    /// reads, plaintext toward the app), and the cap on rustls' queue of encrypted records.
+    /// Bigger means fewer syscalls per byte; memory per flow is about 4x this.
+    pub buffer_size: usize,
+    /// Kernel mode: requested size of each of the two pipes. The kernel may round it up, or
+    /// refuse beyond `/proc/sys/fs/pipe-max-size` (then the default 64 KiB stays).
+    pub pipe_size: usize,
+    /// Kernel mode: reset the flow once this many records were sent under the one key.
+    /// `None` takes the cipher's limit ([`ktls_record_limit`]); set a small value only to
+    /// test the limit.
+    pub max_tx_records: Option<u64>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            idle_timeout: Duration::from_secs(3600),
+            buffer_size: 256 << 10,
+            pipe_size: 256 << 10,
+            max_tx_records: None,
+        }
+    }
+}
+
+/// The number of records the kernel relay lets one flow send before resetting it.
+///
+/// RFC 8446 §5.5 allows AES-GCM 2^24.5 full-size records per key. The relay cannot rekey
+/// (these kernels have no KeyUpdate support) and checks the kernel's exact TX record sequence
+/// only every [`kernel::RECORD_CHECK_BYTES`] of plaintext; since every record carries at least
+/// one byte, it can overshoot a check by at most that plus one pipe's worth (≤ 2^21 records
+/// with pipes up to 1 MiB). Stopping at 2^24 therefore stays below 2^24.5 in every case.
+/// ChaCha20-Poly1305 has no practical limit.
+pub fn ktls_record_limit(cipher: Cipher) -> Option<u64> {
+    cipher.record_limit().map(|_| 1 << 24)
+}
+
+/// Which record layer [`relay`] should use for an established session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordLayer {
+    /// Keep rustls.
+    Userspace,
+    /// Install the keys into the kernel, then splice. `expect_no_pad` enables TLS 1.3
+    /// decrypt-in-place (the peer is another agent, which never pads).
+    Kernel { expect_no_pad: bool },
+}
+
+/// Why a flow ended other than by both sides closing cleanly. Both sockets have been reset.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The peer's stream ended without close_notify: it was cut, so the app's data may be
+    /// incomplete.
+    #[error("peer connection ended without close_notify (truncated); app connection reset")]
+    Truncated,
+    /// The peer sent a fatal alert.
+    #[error("peer sent alert `{0:?}`; connection reset")]
+    PeerAlert(AlertDescription),
+    /// A record the relay cannot pass on: a KeyUpdate, an unknown content type, a malformed
+    /// alert. Kernel mode only (rustls handles these itself).
+    #[error("peer sent a TLS record of content type {content_type} the relay cannot handle ({detail}); connection reset")]
+    UnexpectedRecord { content_type: u8, detail: String },
+    /// rustls refused something the peer sent.
+    #[error("tls error on the peer connection; connection reset")]
+    Tls(#[source] rustls::Error),
+    /// Nothing moved in either direction for the idle timeout.
+    #[error("no data in either direction for {0:?}; connection reset")]
+    IdleTimeout(Duration),
+    /// The session reached the AEAD usage limit (kernel mode: no rekey possible).
+    #[error("{records} TLS records sent under one key, the AEAD usage limit; connection reset")]
+    RecordLimit { records: u64 },
+    /// The session keys could not be given to the kernel.
+    #[error("cannot hand the session to kernel TLS; connection reset")]
+    Ktls(#[source] KtlsError),
+    /// The app-side socket failed (reset by the app, for example).
+    #[error("app socket: {0}; peer connection reset")]
+    App(#[source] io::Error),
+    /// The peer-side socket failed.
+    #[error("peer socket: {0}; app connection reset")]
+    Peer(#[source] io::Error),
+}
+
+/// Relays an established session with the record layer the caller chose.
+///
+/// With [`RecordLayer::Kernel`] the keys are installed on `peer` first; if that fails the
+/// session cannot continue in userspace (the keys left rustls), so both sockets are reset.
+pub async fn relay(
+    app: TcpStream,
+    peer: TcpStream,
+    session: Established,
+    layer: RecordLayer,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    match layer {
+        RecordLayer::Userspace => {
+            relay_userspace(
+                app,
+                peer,
+                session.conn,
+                session.leftover_plaintext,
+                config,
+                stats,
+            )
+            .await
+        }
+        RecordLayer::Kernel { expect_no_pad } => {
+            let handoff = session
+                .into_ktls_secrets()
+                .and_then(|h| h.secrets.install(peer.as_fd(), expect_no_pad).map(|()| h));
+            match handoff {
+                Ok(h) => {
+                    relay_ktls(
+                        app,
+                        peer,
+                        h.secrets.cipher,
+                        h.leftover_plaintext,
+                        config,
+                        stats,
+                    )
+                    .await
+                }
+                Err(e) => {
+                    reset(&app);
+                    reset(&peer);
+                    Err(RelayError::Ktls(e))
+                }
+            }
+        }
+    }
+}
+
+/// Userspace relay: `conn` is the finished session on `peer`; `leftover` is plaintext the
+/// handshake already decrypted, delivered to the app first.
+pub async fn relay_userspace(
+    app: TcpStream,
+    peer: TcpStream,
+    conn: rustls::Connection,
+    leftover: Vec<u8>,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    stats.set_mode(RelayMode::Userspace);
+    userspace::run(app, peer, conn, leftover, config, stats).await
+}
+
+/// Kernel relay: `peer` already has kTLS TX and RX installed for `cipher`; `leftover` is
+/// plaintext the handshake already decrypted, delivered to the app first.
+pub async fn relay_ktls(
+    app: TcpStream,
+    peer: TcpStream,
+    cipher: Cipher,
+    leftover: Vec<u8>,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    stats.set_mode(RelayMode::Ktls);
+    kernel::run(app, peer, cipher, leftover, config, stats).await
+}
+
+/// Makes the close that follows send RST: the other side must see the flow failed, not end.
+fn reset(sock: &TcpStream) {
+    let _ = sock.set_zero_linger();
+}
+
+/// `shutdown(SHUT_WR)` on a tokio socket from synchronous code. Shutdown acts on the socket,
+/// not the descriptor, so a short-lived duplicate does it without tokio's async wrapper.
+fn shutdown_write(sock: &TcpStream) -> io::Result<()> {
+    let dup = sock.as_fd().try_clone_to_owned()?;
+    std::net::TcpStream::from(dup).shutdown(std::net::Shutdown::Write)
+}
+
+/// Idle detection that costs one clock read per poll rather than a timer reset per byte.
+struct IdleTimer {
+    timeout: Duration,
+    last_progress: Instant,
+    sleep: std::pin::Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration) -> IdleTimer {
+        let now = Instant::now();
+        IdleTimer {
+            timeout,
+            last_progress: now,
+            sleep: Box::pin(tokio::time::sleep_until(now + timeout)),
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// Ready once nothing has moved for the whole timeout.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = self.last_progress + self.timeout;
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+/// Outcome of one attempt at a non-blocking operation inside a poll loop.
+enum Step {
+    /// Bytes moved (or state advanced): loop again.
+    Progress,
+    /// Nothing to do now; a waker is registered where needed.
+    Idle,
+}
+
+/// Turns "the socket said WouldBlock" into either a retry (readiness arrived meanwhile) or a
+/// registered waker.
+fn wait_ready(ready: Poll<io::Result<()>>) -> io::Result<Step> {
+    match ready {
+        Poll::Ready(Ok(())) => Ok(Step::Progress),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(Step::Idle),
+    }
+}
+
+#[cfg(test)]
+mod tests;
