@@ -90,7 +90,12 @@ pub async fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
     use anyhow::Context as _;
     let stream = tokio::net::UnixStream::connect(path)
         .await
-        .with_context(|| format!("cannot reach the agent at {} (is `interceptor run` up?)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot reach the agent at {} (is `interceptor run` up?)",
+                path.display()
+            )
+        })?;
     let (rd, mut wr) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');

@@ -50,7 +50,10 @@ pub fn offload(mode: KtlsMode) -> anyhow::Result<Offload> {
         if mode == KtlsMode::Required {
             bail!("ktls: required, but {}", support.summary());
         }
-        warn!("{}; relaying mTLS through rustls in userspace", support.summary());
+        warn!(
+            "{}; relaying mTLS through rustls in userspace",
+            support.summary()
+        );
         return Ok(Offload::Userspace);
     }
     info!("{}", support.summary());
@@ -59,9 +62,11 @@ pub fn offload(mode: KtlsMode) -> anyhow::Result<Offload> {
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let offload = offload(config.ktls)?;
-    let ca = Ca::load(&config.ca_dir).with_context(|| format!("CA in {}", config.ca_dir.display()))?;
+    let ca =
+        Ca::load(&config.ca_dir).with_context(|| format!("CA in {}", config.ca_dir.display()))?;
     if let Some(parent) = config.bpffs.parent() {
-        sys::ensure_bpffs(parent).with_context(|| format!("mount bpffs at {}", parent.display()))?;
+        sys::ensure_bpffs(parent)
+            .with_context(|| format!("mount bpffs at {}", parent.display()))?;
     }
     let datapath = Datapath::load(DatapathOptions {
         pin_dir: Some(config.bpffs.clone()),
@@ -97,7 +102,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         next_slot: Mutex::new(0),
     });
     for w in config.workloads.iter().chain(agent.persisted()?.iter()) {
-        agent.enroll(w).with_context(|| format!("enroll {}", w.name))?;
+        agent
+            .enroll(w)
+            .with_context(|| format!("enroll {}", w.name))?;
     }
     let pruned = shared
         .datapath
@@ -105,7 +112,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .prune_stale_pins();
     if !pruned.is_empty() {
-        info!(?pruned, "removed programs pinned for pods no longer enrolled");
+        info!(
+            ?pruned,
+            "removed programs pinned for pods no longer enrolled"
+        );
     }
     let listener = admin::bind(&config.admin_socket)
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
@@ -118,7 +128,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };

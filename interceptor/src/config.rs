@@ -181,12 +181,17 @@ impl Config {
         let mut ips = std::collections::HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             if !names.insert(w.name.as_str()) {
-                return Err(format!("workloads[{i}].name: `{}` is enrolled twice", w.name));
+                return Err(format!(
+                    "workloads[{i}].name: `{}` is enrolled twice",
+                    w.name
+                ));
             }
             check_relative(&w.cgroup, &format!("workloads[{i}].cgroup"))?;
             check_relative(&w.netns, &format!("workloads[{i}].netns"))?;
             if w.ips.is_empty() {
-                return Err(format!("workloads[{i}].ips: a workload needs at least one address"));
+                return Err(format!(
+                    "workloads[{i}].ips: a workload needs at least one address"
+                ));
             }
             for ip in &w.ips {
                 if let Some(prev) = ips.insert(*ip, format!("workloads[{i}]")) {
@@ -203,7 +208,9 @@ impl Config {
         }
         let t = &self.tuning;
         if t.outbound_port == 0 || t.inbound_port == 0 || t.outbound_port == t.inbound_port {
-            return Err("tuning: outboundPort and inboundPort must be distinct and non-zero".to_owned());
+            return Err(
+                "tuning: outboundPort and inboundPort must be distinct and non-zero".to_owned(),
+            );
         }
         Ok(())
     }
@@ -229,7 +236,10 @@ fn check_relative(p: &Path, field: &str) -> Result<(), String> {
     if p.is_absolute() {
         Ok(())
     } else {
-        Err(format!("{field}: `{}` must be an absolute path", p.display()))
+        Err(format!(
+            "{field}: `{}` must be an absolute path",
+            p.display()
+        ))
     }
 }
 
@@ -273,7 +283,10 @@ peers:
         let bad = EXAMPLE.replace("ktls: auto", "ktls: auto\nktlss: on");
         let e = Config::parse("node.yaml", &bad).unwrap_err().to_string();
         assert!(e.contains("node.yaml") && e.contains("ktlss"), "{e}");
-        let bad = EXAMPLE.replace("serviceAccount: sleep", "serviceAccount: sleep\n    serviceAcount: x");
+        let bad = EXAMPLE.replace(
+            "serviceAccount: sleep",
+            "serviceAccount: sleep\n    serviceAcount: x",
+        );
         let e = Config::parse("node.yaml", &bad).unwrap_err().to_string();
         assert!(e.contains("serviceAcount"), "{e}");
     }
@@ -288,13 +301,19 @@ peers:
             .unwrap_err()
             .to_string();
         assert!(e.contains("peers[0].ips") && e.contains("10.88.0.2"), "{e}");
-        let e = Config::parse("n", &EXAMPLE.replace("trustDomain: cluster.local", "trustDomain: Bad Domain"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            "n",
+            &EXAMPLE.replace("trustDomain: cluster.local", "trustDomain: Bad Domain"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("trust"), "{e}");
-        let e = Config::parse("n", &EXAMPLE.replace("netns: /run/netns/sleep-full", "netns: sleep-full"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            "n",
+            &EXAMPLE.replace("netns: /run/netns/sleep-full", "netns: sleep-full"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("workloads[0].netns"), "{e}");
     }
 }

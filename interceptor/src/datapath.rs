@@ -13,10 +13,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockMap},
-    programs::{
-        CgroupAttachMode, Program, ProgramError, SkLookup,
-        links::FdLink,
-    },
+    programs::{CgroupAttachMode, Program, ProgramError, SkLookup, links::FdLink},
 };
 use interceptor_common::{Counter, DestAction, FlowKey, PodAddrKey, PodConfig, SockAddr, maps};
 
@@ -418,7 +415,8 @@ impl Datapath {
         let _ = self.inbound_listeners.clear_index(&slot);
         self.netns.remove(&netns_cookie);
         if let Some(dir) = &self.options.pin_dir {
-            let _ = std::fs::remove_dir_all(dir.join("links").join(format!("netns-{netns_cookie}")));
+            let _ =
+                std::fs::remove_dir_all(dir.join("links").join(format!("netns-{netns_cookie}")));
         }
     }
 

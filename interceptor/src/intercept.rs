@@ -27,7 +27,9 @@ use crate::{
     identity::{SpiffeId, TrustDomain},
     relay, sys,
 };
-use interceptor_common::{ACTION_STEER, POD_FLAG_LOCAL_LEG_SKMSG, POD_FLAG_STEER_INBOUND, PodConfig};
+use interceptor_common::{
+    ACTION_STEER, POD_FLAG_LOCAL_LEG_SKMSG, POD_FLAG_STEER_INBOUND, PodConfig,
+};
 
 use self::{
     peek::FirstBytes,
@@ -120,7 +122,10 @@ impl Shared {
         if let Some(c) = map.get(id) {
             return Ok(Arc::clone(c));
         }
-        let leaf = self.ca.issue(id, DEFAULT_LEAF_TTL).context("issue leaf certificate")?;
+        let leaf = self
+            .ca
+            .issue(id, DEFAULT_LEAF_TTL)
+            .context("issue leaf certificate")?;
         let server = handshake::server_config(
             &leaf,
             Arc::clone(&self.roots),
@@ -136,7 +141,11 @@ impl Shared {
         Ok(c)
     }
 
-    fn client_config(&self, me: &Credentials, expected: &SpiffeId) -> anyhow::Result<Arc<ClientConfig>> {
+    fn client_config(
+        &self,
+        me: &Credentials,
+        expected: &SpiffeId,
+    ) -> anyhow::Result<Arc<ClientConfig>> {
         let mut clients = me.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(expected) {
             return Ok(Arc::clone(c));
@@ -244,10 +253,20 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
     let mut tasks = Vec::new();
     for l in std::iter::once(out4).chain(out6) {
         l.set_nonblocking(true)?;
-        tasks.push(accept_loop(shared, &ctx, TcpListener::from_std(l)?, Direction::Outbound));
+        tasks.push(accept_loop(
+            shared,
+            &ctx,
+            TcpListener::from_std(l)?,
+            Direction::Outbound,
+        ));
     }
     inbound.set_nonblocking(true)?;
-    tasks.push(accept_loop(shared, &ctx, TcpListener::from_std(inbound)?, Direction::Inbound));
+    tasks.push(accept_loop(
+        shared,
+        &ctx,
+        TcpListener::from_std(inbound)?,
+        Direction::Inbound,
+    ));
     info!(pod = %workload.name, netns_cookie, "enrolled");
     Ok(PodHandle {
         workload: workload.clone(),
@@ -324,7 +343,12 @@ async fn dial(ctx: &PodCtx, dst: SocketAddr, source: Option<IpAddr>) -> anyhow::
         .with_context(|| format!("connect to {dst}"))
 }
 
-async fn outbound(shared: &Shared, ctx: &PodCtx, app: TcpStream, app_addr: SocketAddr) -> anyhow::Result<()> {
+async fn outbound(
+    shared: &Shared,
+    ctx: &PodCtx,
+    app: TcpStream,
+    app_addr: SocketAddr,
+) -> anyhow::Result<()> {
     let dst = shared
         .datapath()
         .original_destination(ctx.netns_cookie, app_addr)
@@ -378,7 +402,9 @@ async fn relay_mesh(
         Offload::Kernel(_) => {
             flow.protection = Protection::Ktls;
             // The peer is another agent, which never pads records.
-            relay::RecordLayer::Kernel { expect_no_pad: true }
+            relay::RecordLayer::Kernel {
+                expect_no_pad: true,
+            }
         }
         Offload::Userspace => {
             flow.protection = Protection::Userspace;
@@ -401,11 +427,20 @@ async fn plain(mut a: TcpStream, mut b: TcpStream) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn inbound(shared: &Shared, ctx: &PodCtx, mut client: TcpStream, source: SocketAddr) -> anyhow::Result<()> {
+async fn inbound(
+    shared: &Shared,
+    ctx: &PodCtx,
+    mut client: TcpStream,
+    source: SocketAddr,
+) -> anyhow::Result<()> {
     // sk_lookup delivered the connection unchanged: our local address is what the client dialed.
     let dst = client.local_addr()?;
     client.set_nodelay(true)?;
-    let kind = classify(&client, Duration::from_millis(shared.tuning.first_byte_wait_ms)).await?;
+    let kind = classify(
+        &client,
+        Duration::from_millis(shared.tuning.first_byte_wait_ms),
+    )
+    .await?;
     let mut flow = FlowInfo {
         pod: ctx.name.clone(),
         direction: Direction::Inbound,

@@ -37,7 +37,9 @@ pub fn tcp_socket_in(ns: BorrowedFd<'_>, v6: bool) -> io::Result<std::os::fd::Ow
         static HOME_NS: io::Result<File> = File::open("/proc/thread-self/ns/net");
     }
     HOME_NS.with(|home| {
-        let home = home.as_ref().map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+        let home = home
+            .as_ref()
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
         setns_net(ns)?;
         let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
         // SAFETY: plain socket(2) call; the returned fd is owned below.

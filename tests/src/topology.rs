@@ -41,7 +41,13 @@ impl Node {
         let ns = NetNs::new("node");
         let bridge = "br0".to_owned();
         ns.ip(&["link", "add", &bridge, "type", "bridge"]);
-        ns.ip(&["addr", "add", &format!("10.88.{index}.1/24"), "dev", &bridge]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("10.88.{index}.1/24"),
+            "dev",
+            &bridge,
+        ]);
         ns.ip(&["link", "set", &bridge, "up"]);
         // /proc/sys/net resolves to the netns of the task that opens it.
         ns.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"));
@@ -56,10 +62,17 @@ impl Node {
         self.ns.ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ]);
-        self.ns.ip(&["link", "set", &host_if, "master", &self.bridge, "up"]);
+        self.ns
+            .ip(&["link", "set", &host_if, "master", &self.bridge, "up"]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", "default", "via", &format!("10.88.{}.1", self.index)]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.88.{}.1", self.index),
+        ]);
         Pod {
             name: name.to_owned(),
             ns,
@@ -76,13 +89,27 @@ impl Node {
 pub fn wire(a: &Node, b: &Node) -> String {
     let ia = unique_name("wa");
     let ib = unique_name("wb");
-    a.ns.ip(&["link", "add", &ia, "type", "veth", "peer", "name", &ib, "netns", &b.ns.name]);
+    a.ns.ip(&[
+        "link", "add", &ia, "type", "veth", "peer", "name", &ib, "netns", &b.ns.name,
+    ]);
     a.ns.ip(&["addr", "add", "10.99.0.1/30", "dev", &ia]);
     b.ns.ip(&["addr", "add", "10.99.0.2/30", "dev", &ib]);
     a.ns.ip(&["link", "set", &ia, "up"]);
     b.ns.ip(&["link", "set", &ib, "up"]);
-    a.ns.ip(&["route", "add", &format!("10.88.{}.0/24", b.index), "via", "10.99.0.2"]);
-    b.ns.ip(&["route", "add", &format!("10.88.{}.0/24", a.index), "via", "10.99.0.1"]);
+    a.ns.ip(&[
+        "route",
+        "add",
+        &format!("10.88.{}.0/24", b.index),
+        "via",
+        "10.99.0.2",
+    ]);
+    b.ns.ip(&[
+        "route",
+        "add",
+        &format!("10.88.{}.0/24", a.index),
+        "via",
+        "10.99.0.1",
+    ]);
     ia
 }
 

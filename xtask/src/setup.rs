@@ -66,12 +66,17 @@ fn nightly_rust_src(root: &Path) -> Result<()> {
 /// links will not match; nightly ships that library in its sysroot, so we point
 /// `LLVM_PREFIX` at a directory holding a `libLLVM.so` link to it.
 fn bpf_linker(root: &Path) -> Result<()> {
-    if let Ok(out) = Command::new("bpf-linker").arg("--version").output()
+    let lib_dir = nightly_sysroot()?.join("lib");
+    // The linker is dynamically linked to nightly's libLLVM, which is only found through the
+    // toolchain's library path (as `rustup run nightly` sets it for aya-build).
+    if let Ok(out) = Command::new("bpf-linker")
+        .arg("--version")
+        .env("LD_LIBRARY_PATH", &lib_dir)
+        .output()
         && String::from_utf8_lossy(&out.stdout).contains(&format!("bpf-linker {BPF_LINKER_SERIES}"))
     {
         return Ok(());
     }
-    let lib_dir = nightly_sysroot()?.join("lib");
     let llvm = std::fs::read_dir(&lib_dir)
         .with_context(|| format!("read {}", lib_dir.display()))?
         .flatten()
@@ -107,6 +112,7 @@ fn bpf_linker(root: &Path) -> Result<()> {
                 "--version",
                 &format!("^{BPF_LINKER_SERIES}"),
                 "--locked",
+                "--force",
                 "--no-default-features",
                 "--features",
                 &format!("llvm-{major}"),

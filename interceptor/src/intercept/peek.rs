@@ -131,7 +131,8 @@ mod tests {
         )
         .unwrap();
         let mut conn =
-            rustls::ClientConnection::new(Arc::clone(&cfg), "10.0.0.1".try_into().unwrap()).unwrap();
+            rustls::ClientConnection::new(Arc::clone(&cfg), "10.0.0.1".try_into().unwrap())
+                .unwrap();
         let mut out = Vec::new();
         conn.write_tls(&mut out).unwrap();
         out
@@ -142,7 +143,11 @@ mod tests {
         let hello = mesh_client_hello();
         assert_eq!(classify(&hello), FirstBytes::Mesh);
         for cut in 0..hello.len() {
-            assert_eq!(classify(&hello[..cut]), FirstBytes::NeedMore, "cut at {cut}");
+            assert_eq!(
+                classify(&hello[..cut]),
+                FirstBytes::NeedMore,
+                "cut at {cut}"
+            );
         }
     }
 
