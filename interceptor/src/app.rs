@@ -60,7 +60,17 @@ pub fn offload(mode: KtlsMode) -> anyhow::Result<Offload> {
     Ok(Offload::Kernel(suites))
 }
 
+/// `interceptor run`: start, serve until SIGTERM/SIGINT, then exit leaving the pins.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let _agent = start(config).await?;
+    shutdown_signal().await;
+    info!("stopping; pinned programs stay attached, so enrolled pods fail closed until restart");
+    Ok(())
+}
+
+/// Starts the agent on the current tokio runtime and returns once every configured pod is
+/// enrolled and the admin socket answers. Dropping the runtime stops it (as a kill would).
+pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     let offload = offload(config.ktls)?;
     let ca =
         Ca::load(&config.ca_dir).with_context(|| format!("CA in {}", config.ca_dir.display()))?;
@@ -121,9 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
     tokio::spawn(admin::serve(listener, Arc::clone(&agent)));
     info!(admin = %config.admin_socket.display(), "ready");
-    shutdown_signal().await;
-    info!("stopping; pinned programs stay attached, so enrolled pods fail closed until restart");
-    Ok(())
+    Ok(agent)
 }
 
 async fn shutdown_signal() {
@@ -142,6 +150,25 @@ async fn shutdown_signal() {
 }
 
 impl Agent {
+    /// Open flows, as `interceptor flows` shows them.
+    pub fn flows(&self) -> Vec<crate::intercept::table::FlowRow> {
+        self.shared.flows.rows()
+    }
+
+    /// eBPF counters.
+    pub fn counters(&self) -> crate::datapath::Counters {
+        self.shared
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counters()
+    }
+
+    /// How mesh flows are protected on this node.
+    pub fn offload(&self) -> &Offload {
+        &self.shared.offload
+    }
+
     fn persisted(&self) -> anyhow::Result<Vec<Workload>> {
         match std::fs::read(&self.runtime_file) {
             Ok(bytes) => serde_json::from_slice(&bytes)

@@ -3,7 +3,14 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use interceptor::{ca, identity::TrustDomain, probe};
+use interceptor::{
+    admin::{self, Request, Response},
+    app, ca,
+    config::{Config, Workload},
+    identity::TrustDomain,
+    intercept::table,
+    probe,
+};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +34,49 @@ enum Cmd {
         #[arg(long)]
         require_ktls: bool,
     },
+    /// Run the node agent.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Enroll a pod on a running agent (takes effect for new connections at once).
+    Enroll {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// k=v, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        netns: PathBuf,
+        /// Repeatable.
+        #[arg(long = "ip", required = true)]
+        ips: Vec<std::net::IpAddr>,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_socket: PathBuf,
+    },
+    /// Remove a pod from a running agent: its new connections use plain networking again.
+    Unenroll {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_socket: PathBuf,
+    },
+    /// List open flows on a running agent.
+    Flows {
+        #[arg(long)]
+        json: bool,
+        /// Show the eBPF and refusal counters instead.
+        #[arg(long)]
+        stats: bool,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_socket: PathBuf,
+    },
     /// Manage the built-in certificate authority.
     Ca {
         #[command(subcommand)]
@@ -46,6 +96,28 @@ enum CaCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+const DEFAULT_ADMIN: &str = "/run/interceptor/admin.sock";
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("label `{s}` is not k=v"))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Sends one admin request and turns an error response into an error.
+fn admin_call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response> {
+    match runtime()?.block_on(admin::call(socket, &req))? {
+        Response::Error { message } => anyhow::bail!("{message}"),
+        other => Ok(other),
+    }
 }
 
 fn main() -> ExitCode {
@@ -79,6 +151,72 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Cmd::Run { config } => {
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
+            let config = Config::parse(&config.display().to_string(), &text)?;
+            runtime()?.block_on(app::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Enroll {
+            name,
+            namespace,
+            service_account,
+            labels,
+            cgroup,
+            netns,
+            ips,
+            admin_socket,
+        } => {
+            let workload = Workload {
+                name,
+                namespace,
+                service_account,
+                labels: labels.into_iter().collect(),
+                cgroup,
+                netns,
+                ips,
+            };
+            if let Response::Ok { message } =
+                admin_call(&admin_socket, Request::Enroll { workload })?
+            {
+                eprintln!("{message}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Unenroll { name, admin_socket } => {
+            if let Response::Ok { message } = admin_call(&admin_socket, Request::Unenroll { name })?
+            {
+                eprintln!("{message}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Flows {
+            json,
+            stats,
+            admin_socket,
+        } => {
+            let req = if stats {
+                Request::Stats
+            } else {
+                Request::Flows
+            };
+            match admin_call(&admin_socket, req)? {
+                Response::Flows { flows } if json => {
+                    println!("{}", serde_json::to_string_pretty(&flows)?)
+                }
+                Response::Flows { flows } => {
+                    let rows: Vec<table::FlowRow> = flows
+                        .into_iter()
+                        .filter_map(|v| serde_json::from_value(v).ok())
+                        .collect();
+                    print!("{}", table::render(&rows));
+                }
+                Response::Stats { stats } => println!("{}", serde_json::to_string_pretty(&stats)?),
+                other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Ca {
             command:

@@ -183,7 +183,9 @@ pub enum RelayError {
     PeerAlert(AlertDescription),
     /// A record the relay cannot pass on: a KeyUpdate, an unknown content type, a malformed
     /// alert. Kernel mode only (rustls handles these itself).
-    #[error("peer sent a TLS record of content type {content_type} the relay cannot handle ({detail}); connection reset")]
+    #[error(
+        "peer sent a TLS record of content type {content_type} the relay cannot handle ({detail}); connection reset"
+    )]
     UnexpectedRecord { content_type: u8, detail: String },
     /// rustls refused something the peer sent.
     #[error("tls error on the peer connection; connection reset")]
@@ -197,6 +199,9 @@ pub enum RelayError {
     /// The session keys could not be given to the kernel.
     #[error("cannot hand the session to kernel TLS; connection reset")]
     Ktls(#[source] KtlsError),
+    /// Local resources for the relay (pipes) could not be set up.
+    #[error("cannot set up the relay; connection reset")]
+    Setup(#[source] io::Error),
     /// The app-side socket failed (reset by the app, for example).
     #[error("app socket: {0}; peer connection reset")]
     App(#[source] io::Error),
@@ -348,6 +353,3 @@ fn wait_ready(ready: Poll<io::Result<()>>) -> io::Result<Step> {
         Poll::Pending => Ok(Step::Idle),
     }
 }
-
-#[cfg(test)]
-mod tests;

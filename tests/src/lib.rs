@@ -4,7 +4,9 @@
 //!
 //! Tests that need root never skip: without privileges they fail, saying why.
 
+pub mod agent;
 pub mod topology;
+pub mod pair;
 pub mod wire;
 
 use std::{

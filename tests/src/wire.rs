@@ -120,6 +120,15 @@ impl Capture {
         Self::start_filtered(ifname, Filter::All)
     }
 
+    /// Like [`Capture::start`], for an interface inside the network namespace at `netns` (a
+    /// packet socket stays bound to the namespace it was opened in).
+    pub fn start_in(netns: &std::path::Path, ifname: &str) -> Capture {
+        let name = ifname.to_owned();
+        let fd = interceptor::sys::in_netns(netns, move || open_packet_socket(&name))
+            .unwrap_or_else(|e| panic!("wire capture on {ifname} in {}: {e}", netns.display()));
+        Self::from_fd(fd, ifname, Filter::All)
+    }
+
     /// Like [`Capture::start`], keeping only frames that match `filter`.
     pub fn start_filtered(ifname: &str, filter: Filter) -> Capture {
         let fd = open_packet_socket(ifname).unwrap_or_else(|e| {
@@ -128,6 +137,10 @@ impl Capture {
                  `cargo xtask vm-test`)"
             )
         });
+        Self::from_fd(fd, ifname, filter)
+    }
+
+    fn from_fd(fd: OwnedFd, ifname: &str, filter: Filter) -> Capture {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -925,7 +938,9 @@ pub fn parse_tls_records(bytes: &[u8]) -> Result<Vec<RecordHeader>, String> {
             u16::from_be_bytes([h[1], h[2]]),
             usize::from(u16::from_be_bytes([h[3], h[4]])),
         );
-        if !(20..=23).contains(&ty) || ver != 0x0303 || len > MAX_RECORD_LEN {
+        // RFC 8446 §5.1: a first ClientHello may carry legacy_record_version 0x0301.
+        let version_ok = ver == 0x0303 || (ver == 0x0301 && ty == 22);
+        if !(20..=23).contains(&ty) || !version_ok || len > MAX_RECORD_LEN {
             return Err(format!(
                 "not a TLS record at offset {off}: type {ty}, version {ver:#06x}, length {len} \
                  (bytes {:02x?})",

@@ -14,7 +14,7 @@ use crate::relay::RelayStats;
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Outbound,
@@ -22,7 +22,7 @@ pub enum Direction {
 }
 
 /// How a flow's bytes are protected on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protection {
     /// mTLS with records encrypted by the kernel.
@@ -47,7 +47,7 @@ pub struct FlowInfo {
 }
 
 /// One row of `interceptor flows --json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct FlowRow {
     pub id: u64,
     pub pod: String,

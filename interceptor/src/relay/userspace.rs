@@ -20,8 +20,8 @@ use rustls::Connection;
 use tokio::net::TcpStream;
 
 use super::{
-    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, reset,
-    shutdown_write, wait_ready,
+    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, reset, shutdown_write,
+    wait_ready,
 };
 
 pub(super) async fn run(
@@ -278,9 +278,7 @@ impl Userspace {
                     self.peer_eof = true;
                     // An empty read tells rustls the transport ended; it then reports clean
                     // close (after close_notify) or truncation through the reader.
-                    self.conn
-                        .read_tls(&mut &[][..])
-                        .map_err(RelayError::Peer)?;
+                    self.conn.read_tls(&mut &[][..]).map_err(RelayError::Peer)?;
                     self.conn.process_new_packets().map_err(tls_error)?;
                     progress = true;
                 }

@@ -1,0 +1,528 @@
+//! The relay with kernel TLS as the record layer: `splice(2)` through one pipe per direction.
+//!
+//! Readiness and pipes: a non-blocking splice that returns `EAGAIN` does not say which end
+//! blocked. When its pipe is empty the source must be empty, so the source's readiness is
+//! cleared and awaited. When the pipe holds data the pipe may be full instead; then the
+//! source's readiness is left alone and the drain side decides: it either makes room (and the
+//! fill is retried on the next turn) or waits for the destination to become writable. So a
+//! direction never waits on something that cannot wake it, and never spins on a readiness
+//! flag it cannot clear.
+//!
+//! End of stream toward the peer: kTLS may keep encrypted records queued inside the kernel
+//! (not yet in TCP) when the send buffer was full, pushing them later from a work item; a FIN
+//! sent before then would overtake them. After close_notify the relay therefore waits until
+//! TCP has taken every byte kTLS produced (checked with [`sys::tcp_bytes_queued`] against the
+//! record count) before `shutdown(SHUT_WR)`.
+
+use std::{
+    future::Future as _,
+    io,
+    os::fd::{AsFd, OwnedFd},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::AlertDescription;
+use tokio::{
+    io::Interest,
+    net::TcpStream,
+    time::{Sleep, sleep},
+};
+
+use super::{
+    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, ktls_record_limit,
+    reset, shutdown_write, wait_ready,
+};
+use crate::{
+    ktls::{
+        self, Cipher, Direction, content_type,
+        sys::{self as ksys, SpliceFlags},
+    },
+    sys,
+};
+
+/// The exact TX record count is read back from the kernel after this much plaintext.
+pub(super) const RECORD_CHECK_BYTES: u64 = 1 << 20;
+
+/// TLS 1.3 record expansion under kTLS: 5-byte header, 1-byte inner content type, 16-byte
+/// AEAD tag (all three supported AEADs); the kernel never pads.
+const RECORD_OVERHEAD: u64 = 22;
+
+/// Largest record body the kernel can hand back from `recvmsg`.
+const MAX_RECORD: usize = (1 << 14) + 256;
+
+/// How often the end-of-stream flush check is repeated while kTLS still holds records.
+const FLUSH_RECHECK: Duration = Duration::from_millis(1);
+
+/// Linux's default pipe size, if resizing is refused.
+const DEFAULT_PIPE: usize = 64 << 10;
+
+fn flags() -> SpliceFlags {
+    SpliceFlags::NONBLOCK | SpliceFlags::MOVE
+}
+
+pub(super) async fn run(
+    app: TcpStream,
+    peer: TcpStream,
+    cipher: Cipher,
+    leftover: Vec<u8>,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    let setup = (|| -> io::Result<(Lane, Lane, u64)> {
+        Ok((
+            Lane::new(config.pipe_size)?,
+            Lane::new(config.pipe_size)?,
+            ktls::record_seq(peer.as_fd(), Direction::Tx)?,
+        ))
+    })();
+    let (up, down, seq_base) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            reset(&app);
+            reset(&peer);
+            return Err(RelayError::Setup(e));
+        }
+    };
+    // Without tcp_info's byte counter the flush check is skipped (shutdown right after
+    // close_notify), which only matters when the send buffer is full at the very end.
+    let queued_base = sys::tcp_bytes_queued(peer.as_fd()).ok();
+    let mut relay = Kernel {
+        stats,
+        up,
+        app_eof: false,
+        close_notify_sent: false,
+        peer_write_shut: false,
+        tx: TxAccount {
+            seq_base,
+            queued_base,
+            plaintext: 0,
+            since_check: 0,
+            limit: config.max_tx_records.or_else(|| ktls_record_limit(cipher)),
+        },
+        flush_wait: None,
+        down,
+        to_app: leftover,
+        to_app_off: 0,
+        peer_closed: false,
+        app_write_shut: false,
+        record: None,
+        app,
+        peer,
+    };
+    let mut idle = IdleTimer::new(config.idle_timeout);
+    let result = std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)).await;
+    if result.is_err() {
+        reset(&relay.app);
+        reset(&relay.peer);
+    }
+    result
+}
+
+/// One direction's pipe and how many bytes sit in it.
+struct Lane {
+    r: OwnedFd,
+    w: OwnedFd,
+    in_pipe: usize,
+    cap: usize,
+}
+
+impl Lane {
+    fn new(size: usize) -> io::Result<Lane> {
+        let (r, w) = ksys::pipe2(true)?;
+        let cap = sys::set_pipe_size(w.as_fd(), size).unwrap_or(DEFAULT_PIPE);
+        Ok(Lane {
+            r,
+            w,
+            in_pipe: 0,
+            cap,
+        })
+    }
+
+    /// Splices what `src` has into the pipe. `Ok(None)`: `EAGAIN` while the pipe held data,
+    /// so the pipe may be the one that is full; `src`'s readiness is kept.
+    fn fill(&self, src: &TcpStream) -> io::Result<Option<usize>> {
+        let in_pipe = self.in_pipe;
+        src.try_io(Interest::READABLE, || {
+            match ksys::splice(src.as_fd(), self.w.as_fd(), self.cap, flags()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe > 0 => Ok(None),
+                r => r.map(Some),
+            }
+        })
+    }
+
+    /// Splices the pipe's content into `dst`.
+    fn drain(&self, dst: &TcpStream) -> io::Result<usize> {
+        dst.try_io(Interest::WRITABLE, || {
+            ksys::splice(self.r.as_fd(), dst.as_fd(), self.in_pipe, flags())
+        })
+    }
+}
+
+/// What the kernel was asked to send on the peer socket, to check the AEAD limit and to tell
+/// when kTLS has pushed everything into TCP.
+struct TxAccount {
+    seq_base: u64,
+    queued_base: Option<u64>,
+    /// Plaintext bytes handed to kTLS, close_notify included.
+    plaintext: u64,
+    since_check: u64,
+    limit: Option<u64>,
+}
+
+struct Kernel {
+    app: TcpStream,
+    peer: TcpStream,
+    stats: Arc<RelayStats>,
+
+    up: Lane,
+    app_eof: bool,
+    close_notify_sent: bool,
+    peer_write_shut: bool,
+    tx: TxAccount,
+    flush_wait: Option<Pin<Box<Sleep>>>,
+
+    down: Lane,
+    /// Plaintext that did not come through the pipe (the handshake's leftover, or a data record
+    /// read with `recvmsg`), written to the app once the pipe ahead of it is empty.
+    to_app: Vec<u8>,
+    to_app_off: usize,
+    /// close_notify received: nothing more is read from the peer.
+    peer_closed: bool,
+    app_write_shut: bool,
+    /// Buffer for non-data records, allocated the first time one arrives.
+    record: Option<Box<[u8]>>,
+}
+
+impl Kernel {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        idle: &mut IdleTimer,
+        config: RelayConfig,
+    ) -> Poll<Result<(), RelayError>> {
+        let mut moved = 0usize;
+        loop {
+            let mut again = false;
+            let mut progress = self.app_to_peer(cx, &mut moved, &mut again)?;
+            progress |= self.peer_to_app(cx, &mut moved)?;
+
+            if self.peer_write_shut && self.app_write_shut {
+                return Poll::Ready(Ok(()));
+            }
+            if progress {
+                idle.progressed();
+                if moved >= YIELD_AFTER_BYTES {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                continue;
+            }
+            if again {
+                continue;
+            }
+            if idle.poll_expired(cx).is_ready() {
+                return Poll::Ready(Err(RelayError::IdleTimeout(config.idle_timeout)));
+            }
+            return Poll::Pending;
+        }
+    }
+
+    fn app_to_peer(
+        &mut self,
+        cx: &mut Context<'_>,
+        moved: &mut usize,
+        again: &mut bool,
+    ) -> Result<bool, RelayError> {
+        let mut progress = false;
+
+        if !self.app_eof {
+            match self.up.fill(&self.app) {
+                Ok(Some(0)) => {
+                    self.app_eof = true;
+                    progress = true;
+                }
+                Ok(Some(n)) => {
+                    self.up.in_pipe += n;
+                    *moved += n;
+                    progress = true;
+                }
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Step::Progress =
+                        wait_ready(self.app.poll_read_ready(cx)).map_err(RelayError::App)?
+                    {
+                        *again = true;
+                    }
+                }
+                Err(e) => return Err(RelayError::App(e)),
+            }
+        }
+
+        if self.up.in_pipe > 0 {
+            match self.up.drain(&self.peer) {
+                Ok(0) => {
+                    return Err(RelayError::Peer(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "splice into the peer socket moved nothing",
+                    )));
+                }
+                Ok(n) => {
+                    self.up.in_pipe -= n;
+                    self.stats.add_app_to_peer(n);
+                    self.tx.plaintext += n as u64;
+                    self.tx.since_check += n as u64;
+                    *moved += n;
+                    progress = true;
+                    if self.tx.since_check >= RECORD_CHECK_BYTES {
+                        self.check_record_limit()?;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Step::Progress =
+                        wait_ready(self.peer.poll_write_ready(cx)).map_err(RelayError::Peer)?
+                    {
+                        *again = true;
+                    }
+                }
+                Err(e) => return Err(RelayError::Peer(e)),
+            }
+        }
+
+        if self.app_eof && self.up.in_pipe == 0 && !self.close_notify_sent {
+            let peer = &self.peer;
+            match peer.try_io(Interest::WRITABLE, || ktls::send_close_notify(peer.as_fd())) {
+                Ok(()) => {
+                    self.close_notify_sent = true;
+                    self.tx.plaintext += 2;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Step::Progress =
+                        wait_ready(self.peer.poll_write_ready(cx)).map_err(RelayError::Peer)?
+                    {
+                        *again = true;
+                    }
+                }
+                Err(e) => return Err(RelayError::Peer(e)),
+            }
+        }
+
+        if self.close_notify_sent && !self.peer_write_shut {
+            if self.tx_flushed()? {
+                self.flush_wait = None;
+                shutdown_write(&self.peer).map_err(RelayError::Peer)?;
+                self.peer_write_shut = true;
+                progress = true;
+            } else {
+                let wait = self
+                    .flush_wait
+                    .get_or_insert_with(|| Box::pin(sleep(FLUSH_RECHECK)));
+                if wait.as_mut().poll(cx).is_ready() {
+                    self.flush_wait = None;
+                    *again = true;
+                }
+            }
+        }
+        Ok(progress)
+    }
+
+    fn peer_to_app(&mut self, cx: &mut Context<'_>, moved: &mut usize) -> Result<bool, RelayError> {
+        let mut progress = false;
+
+        if self.to_app_off < self.to_app.len() && self.down.in_pipe == 0 {
+            match self.app.try_write(&self.to_app[self.to_app_off..]) {
+                Ok(n) => {
+                    self.to_app_off += n;
+                    self.stats.add_peer_to_app(n);
+                    *moved += n;
+                    progress = true;
+                    if self.to_app_off == self.to_app.len() {
+                        self.to_app = Vec::new();
+                        self.to_app_off = 0;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Step::Progress =
+                        wait_ready(self.app.poll_write_ready(cx)).map_err(RelayError::App)?
+                    {
+                        progress = true;
+                    }
+                }
+                Err(e) => return Err(RelayError::App(e)),
+            }
+        }
+
+        if !self.peer_closed && self.to_app.is_empty() {
+            match self.down.fill(&self.peer) {
+                // The kernel reports close_notify as a record before any FIN; a FIN without
+                // one is a cut stream.
+                Ok(Some(0)) => return Err(RelayError::Truncated),
+                Ok(Some(n)) => {
+                    self.down.in_pipe += n;
+                    *moved += n;
+                    progress = true;
+                }
+                Ok(None) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if let Step::Progress = self.non_data_record(cx)? {
+                        progress = true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Step::Progress =
+                        wait_ready(self.peer.poll_read_ready(cx)).map_err(RelayError::Peer)?
+                    {
+                        progress = true;
+                    }
+                }
+                Err(e) => return Err(RelayError::Peer(e)),
+            }
+        }
+
+        if self.down.in_pipe > 0 {
+            match self.down.drain(&self.app) {
+                Ok(0) => {
+                    return Err(RelayError::App(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "splice into the app socket moved nothing",
+                    )));
+                }
+                Ok(n) => {
+                    self.down.in_pipe -= n;
+                    self.stats.add_peer_to_app(n);
+                    *moved += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Step::Progress =
+                        wait_ready(self.app.poll_write_ready(cx)).map_err(RelayError::App)?
+                    {
+                        progress = true;
+                    }
+                }
+                Err(e) => return Err(RelayError::App(e)),
+            }
+        }
+
+        if self.peer_closed
+            && self.down.in_pipe == 0
+            && self.to_app.is_empty()
+            && !self.app_write_shut
+        {
+            shutdown_write(&self.app).map_err(RelayError::App)?;
+            self.app_write_shut = true;
+            progress = true;
+        }
+        Ok(progress)
+    }
+
+    /// Reads the record that stopped `splice` and applies the policy: tickets are dropped,
+    /// close_notify ends the peer's direction, anything else ends the flow.
+    fn non_data_record(&mut self, cx: &mut Context<'_>) -> Result<Step, RelayError> {
+        let buf = self
+            .record
+            .get_or_insert_with(|| vec![0u8; MAX_RECORD].into_boxed_slice());
+        let peer = &self.peer;
+        let (kind, n) =
+            match peer.try_io(Interest::READABLE, || ksys::recv_record(peer.as_fd(), buf)) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return wait_ready(peer.poll_read_ready(cx)).map_err(RelayError::Peer);
+                }
+                Err(e) => return Err(RelayError::Peer(e)),
+            };
+        let body = &buf[..n];
+        match kind {
+            content_type::HANDSHAKE => match only_session_tickets(body) {
+                Ok(()) => Ok(Step::Progress),
+                Err(detail) => Err(RelayError::UnexpectedRecord {
+                    content_type: kind,
+                    detail,
+                }),
+            },
+            content_type::ALERT => match body {
+                // TLS 1.3 ignores the level; description 0 is close_notify.
+                [_, 0] => {
+                    self.peer_closed = true;
+                    Ok(Step::Progress)
+                }
+                [_, description] => {
+                    Err(RelayError::PeerAlert(AlertDescription::from(*description)))
+                }
+                _ => Err(RelayError::UnexpectedRecord {
+                    content_type: kind,
+                    detail: format!("{n}-byte alert"),
+                }),
+            },
+            content_type::APPLICATION_DATA if n == 0 => Err(RelayError::Truncated),
+            content_type::APPLICATION_DATA => {
+                self.to_app.extend_from_slice(body);
+                Ok(Step::Progress)
+            }
+            _ => Err(RelayError::UnexpectedRecord {
+                content_type: kind,
+                detail: format!("{n} bytes"),
+            }),
+        }
+    }
+
+    fn check_record_limit(&mut self) -> Result<(), RelayError> {
+        self.tx.since_check = 0;
+        if let Some(limit) = self.tx.limit {
+            let records =
+                ktls::record_seq(self.peer.as_fd(), Direction::Tx).map_err(RelayError::Peer)?;
+            if records >= limit {
+                return Err(RelayError::RecordLimit { records });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether TCP has taken every byte kTLS produced: the bytes queued since the relay
+    /// started must equal the plaintext plus the per-record expansion.
+    fn tx_flushed(&self) -> Result<bool, RelayError> {
+        let Some(base) = self.tx.queued_base else {
+            return Ok(true);
+        };
+        let fd = self.peer.as_fd();
+        let records = ktls::record_seq(fd, Direction::Tx)
+            .map_err(RelayError::Peer)?
+            .saturating_sub(self.tx.seq_base);
+        let expected = base + self.tx.plaintext + records * RECORD_OVERHEAD;
+        let queued = sys::tcp_bytes_queued(fd).map_err(RelayError::Peer)?;
+        Ok(queued >= expected)
+    }
+}
+
+/// `Ok` if a handshake record holds only complete NewSessionTicket messages, which the mesh
+/// ignores (it never resumes). Anything else is named in the error.
+pub(super) fn only_session_tickets(body: &[u8]) -> Result<(), String> {
+    const NEW_SESSION_TICKET: u8 = 4;
+    const KEY_UPDATE: u8 = 24;
+    if body.is_empty() {
+        return Err("empty handshake record".into());
+    }
+    let mut rest = body;
+    while let [kind, l0, l1, l2, tail @ ..] = rest {
+        let len = u32::from_be_bytes([0, *l0, *l1, *l2]) as usize;
+        if tail.len() < len {
+            return Err("handshake message continues in another record".into());
+        }
+        match *kind {
+            NEW_SESSION_TICKET => {}
+            KEY_UPDATE => {
+                return Err("KeyUpdate, which these kernels cannot follow (no rekey)".into());
+            }
+            other => return Err(format!("post-handshake message of type {other}")),
+        }
+        rest = &tail[len..];
+    }
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err("truncated handshake message header".into())
+    }
+}
