@@ -129,6 +129,7 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
     ));
 
     // Enrolled → enrolled: mTLS. Capture the server pod's link while it happens.
+    let tls_before = [tls_stat(&client), tls_stat(&server)];
     let capture = Capture::start_in(&node.ns.path(), &server.host_if);
     let f = curl(
         client.command("curl"),
@@ -148,6 +149,20 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
     assert!(mesh.len() >= 2, "no client↔server streams captured");
     for s in mesh {
         interceptor_tests::wire::assert_tls_records(&s.bytes);
+    }
+    if in_vm() {
+        // Kernel state: each agent's peer socket is a kTLS session in its pod's netns.
+        for (pod, before) in [&client, &server].into_iter().zip(tls_before) {
+            let after = tls_stat(pod);
+            for key in ["TlsTxSw", "TlsRxSw"] {
+                assert!(
+                    after.get(key) > before.get(key),
+                    "{key} did not rise in {}: {before:?} → {after:?}",
+                    pod.name
+                );
+            }
+            assert_eq!(after.get("TlsDecryptError"), before.get("TlsDecryptError"));
+        }
     }
 
     // Identities, as `interceptor flows` shows them, on a held connection.
@@ -252,6 +267,20 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
     drop(agent);
     drop(pins);
     let _ = (&mut client, &mut legacy);
+}
+
+/// `/proc/net/tls_stat` of a pod's netns (the file is per namespace; empty without kTLS).
+fn tls_stat(pod: &Pod) -> std::collections::HashMap<String, u64> {
+    interceptor::sys::in_netns(&pod.netns_path(), || {
+        Ok(std::fs::read_to_string("/proc/thread-self/net/tls_stat").unwrap_or_default())
+    })
+    .unwrap_or_default()
+    .lines()
+    .filter_map(|l| {
+        let mut it = l.split_whitespace();
+        Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+    })
+    .collect()
 }
 
 fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
