@@ -12,10 +12,18 @@ use crate::{config::Workload, intercept::table::FlowRow};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
-    Flows,
+    Flows {
+        /// Include recently closed flows.
+        #[serde(default)]
+        all: bool,
+    },
     Stats,
-    Enroll { workload: Workload },
-    Unenroll { name: String },
+    Enroll {
+        workload: Workload,
+    },
+    Unenroll {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

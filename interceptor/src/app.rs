@@ -155,6 +155,11 @@ impl Agent {
         self.shared.flows.rows()
     }
 
+    /// Recently closed and open flows (`interceptor flows --all`).
+    pub fn flows_with_recent(&self) -> Vec<crate::intercept::table::FlowRow> {
+        self.shared.flows.rows_with_recent()
+    }
+
     /// eBPF counters.
     pub fn counters(&self) -> crate::datapath::Counters {
         self.shared
@@ -217,7 +222,14 @@ impl Agent {
 impl admin::Handler for Agent {
     async fn handle(&self, req: Request) -> Response {
         let result = match req {
-            Request::Flows => return Response::flows(&self.shared.flows.rows()),
+            Request::Flows { all } => {
+                let rows = if all {
+                    self.shared.flows.rows_with_recent()
+                } else {
+                    self.shared.flows.rows()
+                };
+                return Response::flows(&rows);
+            }
             Request::Stats => {
                 let c = self
                     .shared

@@ -74,6 +74,9 @@ enum Cmd {
         /// Show the eBPF and refusal counters instead.
         #[arg(long)]
         stats: bool,
+        /// Include recently closed flows.
+        #[arg(long)]
+        all: bool,
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin_socket: PathBuf,
     },
@@ -195,12 +198,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Flows {
             json,
             stats,
+            all,
             admin_socket,
         } => {
             let req = if stats {
                 Request::Stats
             } else {
-                Request::Flows
+                Request::Flows { all }
             };
             match admin_call(&admin_socket, req)? {
                 Response::Flows { flows } if json => {

@@ -28,8 +28,9 @@ enum Cmd {
     Test(test::TestArgs),
     /// Boot Debian kernels in QEMU and run the test binaries there (kTLS lives there).
     VmTest(vm::VmTestArgs),
-    /// Set up, build, and show what the agent would do on this machine.
-    Demo,
+    /// The main job: set up, build, probe, then run the agent on a throwaway node (two enrolled
+    /// pods, one legacy) and print the curl matrix and the wire check.
+    Demo(DemoArgs),
 }
 
 fn main() -> Result<()> {
@@ -40,7 +41,7 @@ fn main() -> Result<()> {
         Cmd::Setup => Ok(()),
         Cmd::Test(args) => test::test(&root, &args),
         Cmd::VmTest(args) => vm::vm_test(&root, &args),
-        Cmd::Demo => demo(&root),
+        Cmd::Demo(args) => demo(&root, &args),
     }
 }
 
@@ -73,7 +74,24 @@ pub(crate) fn display(cmd: &Command) -> String {
         .join(" ")
 }
 
-fn demo(root: &Path) -> Result<()> {
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Run the demo inside the QEMU VM on Debian 6.1, where the kernel has TLS.
+    #[arg(long)]
+    vm: bool,
+}
+
+fn demo(root: &Path, args: &DemoArgs) -> Result<()> {
+    if args.vm {
+        return vm::vm_test(
+            root,
+            &vm::VmTestArgs {
+                kernel: "6.1".to_owned(),
+                filter: Some("demo_matrix".to_owned()),
+                release: true,
+            },
+        );
+    }
     run(
         root,
         Command::new("cargo").args([
@@ -83,12 +101,19 @@ fn demo(root: &Path) -> Result<()> {
             "interceptor",
             "--bin",
             "interceptor",
+            "-p",
+            "interceptor-tests",
+            "--bin",
+            "demo",
         ]),
     )?;
     let bin = root.join("target/release/interceptor");
     // The probe exits non-zero when a required capability is missing; the demo shows that
-    // verdict rather than failing on it.
+    // verdict and goes on (without kTLS it runs the userspace relay).
     let status = Command::new(&bin).arg("probe").status()?;
-    eprintln!("interceptor probe exited with {status}");
-    Ok(())
+    eprintln!("interceptor probe exited with {status}\n");
+    run(
+        root,
+        Command::new(root.join("target/release/demo")).env("INTERCEPTOR_AGENT_BIN", &bin),
+    )
 }

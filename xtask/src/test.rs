@@ -78,6 +78,11 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
 /// Every host-capable integration test of `interceptor-tests`, as root, with skips turned into
 /// failures.
 fn host_privileged(root: &Path) -> Result<()> {
+    // The demo test drives the real `interceptor` binary, found next to the test executables.
+    run(
+        root,
+        Command::new("cargo").args(["build", "-p", "interceptor", "--bin", "interceptor"]),
+    )?;
     let metadata = cargo_metadata::MetadataCommand::new()
         .current_dir(root)
         .no_deps()

@@ -59,12 +59,21 @@ pub struct FlowRow {
     pub protection: Protection,
     pub bytes_to_peer: u64,
     pub bytes_from_peer: u64,
+    /// A recently closed flow (listed with `--all`).
+    #[serde(default)]
+    pub closed: bool,
 }
+
+/// How many closed flows `interceptor flows --all` still shows.
+const RECENT: usize = 256;
 
 #[derive(Debug, Default)]
 pub struct FlowTable {
     next: AtomicU64,
     flows: Mutex<BTreeMap<u64, (FlowInfo, Arc<RelayStats>)>>,
+    /// The last closed flows with their final counts: short connections (a curl) are gone
+    /// before anyone can list them, yet operators and the demo want to see how they went.
+    recent: Mutex<std::collections::VecDeque<FlowRow>>,
 }
 
 /// Removes its flow from the table when the connection ends, however it ends.
@@ -76,7 +85,32 @@ pub struct FlowGuard<'a> {
 
 impl Drop for FlowGuard<'_> {
     fn drop(&mut self) {
-        self.table.lock().remove(&self.id);
+        let Some(entry) = self.table.lock().remove(&self.id) else {
+            return;
+        };
+        let mut row = row(self.id, &entry);
+        row.closed = true;
+        let mut recent = self.table.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(row);
+    }
+}
+
+fn row(id: u64, (i, c): &(FlowInfo, Arc<RelayStats>)) -> FlowRow {
+    FlowRow {
+        id,
+        pod: i.pod.clone(),
+        direction: i.direction,
+        source: i.source,
+        destination: i.destination,
+        peer_id: i.peer_id.clone(),
+        cipher: i.cipher.clone(),
+        protection: i.protection,
+        bytes_to_peer: c.bytes_app_to_peer(),
+        bytes_from_peer: c.bytes_peer_to_app(),
+        closed: false,
     }
 }
 
@@ -105,22 +139,22 @@ impl FlowTable {
         }
     }
 
+    /// Open flows.
     pub fn rows(&self) -> Vec<FlowRow> {
-        self.lock()
+        self.lock().iter().map(|(id, e)| row(*id, e)).collect()
+    }
+
+    /// Recently closed flows, oldest first, then the open ones.
+    pub fn rows_with_recent(&self) -> Vec<FlowRow> {
+        let mut rows: Vec<FlowRow> = self
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(id, (i, c))| FlowRow {
-                id: *id,
-                pod: i.pod.clone(),
-                direction: i.direction,
-                source: i.source,
-                destination: i.destination,
-                peer_id: i.peer_id.clone(),
-                cipher: i.cipher.clone(),
-                protection: i.protection,
-                bytes_to_peer: c.bytes_app_to_peer(),
-                bytes_from_peer: c.bytes_peer_to_app(),
-            })
-            .collect()
+            .cloned()
+            .collect();
+        rows.extend(self.rows());
+        rows
     }
 }
 
