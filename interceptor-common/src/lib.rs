@@ -26,7 +26,9 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// sk_lookup: `pod address → slot` of the agent's inbound listener for that pod.
     pub const INBOUND_SLOTS: &str = "INBOUND_SLOTS";
-    /// sk_lookup: the agent's inbound listening sockets (a SOCKMAP indexed by slot).
+    /// sk_lookup: the agent's inbound listening sockets, a SOCKMAP indexed by
+    /// [`crate::inbound_index`]: one IPv4 and one IPv6 listener per pod, because sk_assign
+    /// only hands a connection to a listener of its own family.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
 
     /// Capacities. Sized for a node with a few hundred pods and tens of thousands of
@@ -35,6 +37,12 @@ pub mod maps {
     pub const MAX_PODS: u32 = 1_024;
     pub const MAX_POD_ADDRS: u32 = 4_096;
     pub const MAX_DESTS: u32 = 65_536;
+}
+
+/// Index of a pod's inbound listener in [`maps::INBOUND_LISTENERS`].
+#[inline(always)]
+pub const fn inbound_index(slot: u32, v6: bool) -> u32 {
+    slot * 2 + v6 as u32
 }
 
 /// `AF_INET` / `AF_INET6` as the kernel spells them (`u16`, host byte order).

@@ -33,7 +33,7 @@ pub static DEST_POLICY: HashMap<SockAddr, DestAction> = HashMap::with_max_entrie
 pub static INBOUND_SLOTS: HashMap<SockAddr, u32> = HashMap::with_max_entries(MAX_POD_ADDRS, 0);
 
 #[map(name = "INBOUND_LISTENERS")]
-pub static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(MAX_PODS, 0);
+pub static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(2 * MAX_PODS, 0);
 
 #[map(name = "LOCAL_LEGS")]
 pub static LOCAL_LEGS: SockHash<LegKey> = SockHash::with_max_entries(MAX_PENDING_FLOWS, 0);

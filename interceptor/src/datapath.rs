@@ -353,19 +353,25 @@ impl Datapath {
         self.orig_by_flow.get(&key, 0).ok().map(socket_addr)
     }
 
-    /// Steers inbound TCP to `addrs` in the netns at `netns_path` to `listener`, a socket the
-    /// agent listens on inside that netns.
+    /// Steers inbound TCP to `addrs` in the netns at `netns_path` to the agent's listeners
+    /// inside that netns (`listener6` for IPv6 connections, when the pod has IPv6).
     pub fn steer_inbound<L: std::os::fd::AsRawFd>(
         &mut self,
         netns_cookie: u64,
         netns_path: &Path,
         slot: u32,
-        listener: &L,
+        listener4: &L,
+        listener6: Option<&L>,
         addrs: &[IpAddr],
     ) -> Result<()> {
         self.inbound_listeners
-            .set(slot, listener, 0)
+            .set(interceptor_common::inbound_index(slot, false), listener4, 0)
             .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        if let Some(l6) = listener6 {
+            self.inbound_listeners
+                .set(interceptor_common::inbound_index(slot, true), l6, 0)
+                .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        }
         for ip in addrs {
             self.inbound_slots
                 .insert(sock_addr(SocketAddr::new(*ip, 0)).without_port(), slot, 0)
@@ -412,7 +418,11 @@ impl Datapath {
                 .inbound_slots
                 .remove(&sock_addr(SocketAddr::new(*ip, 0)).without_port());
         }
-        let _ = self.inbound_listeners.clear_index(&slot);
+        for v6 in [false, true] {
+            let _ = self
+                .inbound_listeners
+                .clear_index(&interceptor_common::inbound_index(slot, v6));
+        }
         self.netns.remove(&netns_cookie);
         if let Some(dir) = &self.options.pin_dir {
             let _ =

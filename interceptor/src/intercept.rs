@@ -206,12 +206,13 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
     )?;
     shared.credentials(&id)?;
     let t = shared.tuning.clone();
-    let (out4, out6, inbound) = sys::in_netns(&workload.netns, move || {
+    let (out4, out6, in4, in6) = sys::in_netns(&workload.netns, move || {
         let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
         // IPv6 may be disabled in the pod; IPv4 still works then.
         let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
-        let inbound = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
-        Ok((out4, out6, inbound))
+        let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
+        let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
+        Ok((out4, out6, in4, in6))
     })
     .with_context(|| format!("listeners in netns {}", workload.netns.display()))?;
     let netns_cookie = sys::netns_cookie(out4.as_fd())?;
@@ -232,7 +233,14 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
             },
             &workload.ips,
         )?;
-        dp.steer_inbound(netns_cookie, &workload.netns, slot, &inbound, &workload.ips)?;
+        dp.steer_inbound(
+            netns_cookie,
+            &workload.netns,
+            slot,
+            &in4,
+            in6.as_ref(),
+            &workload.ips,
+        )?;
         dp.enroll_cgroup(&workload.cgroup)?;
         for ip in &workload.ips {
             dp.set_destination(*ip, None, ACTION_STEER)?;
@@ -260,13 +268,15 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
             Direction::Outbound,
         ));
     }
-    inbound.set_nonblocking(true)?;
-    tasks.push(accept_loop(
-        shared,
-        &ctx,
-        TcpListener::from_std(inbound)?,
-        Direction::Inbound,
-    ));
+    for l in std::iter::once(in4).chain(in6) {
+        l.set_nonblocking(true)?;
+        tasks.push(accept_loop(
+            shared,
+            &ctx,
+            TcpListener::from_std(l)?,
+            Direction::Inbound,
+        ));
+    }
     info!(pod = %workload.name, netns_cookie, "enrolled");
     Ok(PodHandle {
         workload: workload.clone(),
@@ -451,7 +461,7 @@ async fn inbound(
         protection: Protection::Plaintext,
     };
     let app_source = if dst.is_ipv6() {
-        IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
     } else {
         IpAddr::V4(AGENT_SOURCE_V4)
     };

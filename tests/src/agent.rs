@@ -53,7 +53,7 @@ pub fn workload(pod: &Pod, namespace: &str, service_account: &str) -> Workload {
         labels: [("app".to_owned(), pod.name.clone())].into_iter().collect(),
         cgroup: pod.cgroup.path.clone(),
         netns: pod.netns_path(),
-        ips: vec![pod.ip.into()],
+        ips: vec![pod.ip.into(), pod.ip6.into()],
     }
 }
 
@@ -93,6 +93,14 @@ pub struct RunningAgent {
 
 impl RunningAgent {
     pub fn start(config: Config) -> Self {
+        // The agent's warnings (refused flows and why) belong in the test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("INTERCEPTOR_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let pin_dir = config.bpffs.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();

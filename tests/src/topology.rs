@@ -31,6 +31,8 @@ pub struct Pod {
     pub ns: NetNs,
     pub cgroup: Cgroup,
     pub ip: std::net::Ipv4Addr,
+    /// fd00:88:<node>::<host>
+    pub ip6: std::net::Ipv6Addr,
     /// The veth end in the node namespace.
     pub host_if: String,
     children: Vec<Child>,
@@ -64,20 +66,33 @@ impl Node {
         ]);
         self.ns
             .ip(&["link", "set", &host_if, "master", &self.bridge, "up"]);
+        let ip6 = std::net::Ipv6Addr::new(
+            0xfd00,
+            0x88,
+            u16::from(self.index),
+            0,
+            0,
+            0,
+            0,
+            u16::from(host),
+        );
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
         ns.ip(&["link", "set", "eth0", "up"]);
+        let gw4 = format!("10.88.{}.1", self.index);
+        let gw6 = format!("fd00:88:{}::1", self.index);
+        ns.ip(&["route", "add", "default", "via", &gw4]);
+        // The v6 prefix route appears only once the link is operationally up; `onlink`
+        // does not wait for it.
         ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.88.{}.1", self.index),
+            "-6", "route", "add", "default", "via", &gw6, "dev", "eth0", "onlink",
         ]);
         Pod {
             name: name.to_owned(),
             ns,
             cgroup: Cgroup::new("pod"),
             ip,
+            ip6,
             host_if,
             children: Vec::new(),
         }

@@ -293,3 +293,85 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn ipv6_mesh_flow_is_mtls_and_invisible_to_the_app() {
+    require_privileged();
+    let node = Node::new(41);
+    let client = node.pod("sleep6", 2);
+    let mut server = node.pod("httpbin6", 3);
+    let www = TempDir::new("www6");
+    let payload = random_payload(64 << 10);
+    std::fs::write(www.0.join("blob"), &payload).unwrap();
+    let want = hex(&Sha256::digest(&payload));
+    let mut cmd = server.command_unenrolled(busybox());
+    cmd.args(["httpd", "-f", "-p", "[::]:80", "-h"]).arg(&www.0);
+    server.spawn(cmd);
+    serve_wait(&server, SocketAddr::from((server.ip6, 80)));
+    let scratch = TempDir::new("agent6");
+    let ca = scratch.0.join("ca");
+    make_ca(&ca, "cluster.local");
+    let ktls = if in_vm() {
+        KtlsMode::Required
+    } else {
+        KtlsMode::Auto
+    };
+    let agent = RunningAgent::start(config(
+        &ca,
+        &scratch.0,
+        ktls,
+        vec![
+            workload(&client, "ns6", "client"),
+            workload(&server, "ns6", "server"),
+        ],
+        vec![],
+    ));
+    let dst = SocketAddr::from((server.ip6, 80));
+    let held = connect_from(Some(&client.cgroup.path), &client.netns_path(), dst, b"");
+    assert_eq!(
+        held.peer,
+        Ok(dst),
+        "getpeername6 must show the original destination"
+    );
+    let flows = wait_for(|| {
+        let rows = agent.agent.flows();
+        (rows.len() >= 2).then_some(rows)
+    });
+    let out = flows
+        .iter()
+        .find(|r| r.pod == "sleep6")
+        .expect("outbound flow");
+    assert_eq!(out.destination, dst);
+    assert_eq!(
+        out.peer_id.as_deref(),
+        Some("spiffe://cluster.local/ns/ns6/sa/server")
+    );
+    assert_eq!(out.protection, expected_protection());
+    drop(held);
+    let capture = Capture::start_in(&node.ns.path(), &server.host_if);
+    let f = curl(
+        client.command("curl"),
+        &format!("http://[{}]/blob", server.ip6),
+    );
+    let frames = capture.stop();
+    assert_eq!(
+        (f.code.as_str(), f.body_sha.as_str()),
+        ("200", want.as_str())
+    );
+    interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
+}
+
+fn serve_wait(pod: &Pod, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ns = pod.netns_path();
+    while Instant::now() < deadline {
+        let ok = interceptor::sys::in_netns(&ns, move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(|_| ())
+        });
+        if ok.is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server in {} did not come up on {addr}", pod.name);
+}
