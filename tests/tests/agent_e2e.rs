@@ -375,3 +375,111 @@ fn serve_wait(pod: &Pod, addr: SocketAddr) {
     }
     panic!("server in {} did not come up on {addr}", pod.name);
 }
+
+/// Two nodes, one agent each, joined by a veth "wire": pods on different nodes reach each other
+/// with mTLS when the agents share a root CA, and are refused when they do not.
+#[test]
+fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
+    require_privileged();
+    let node1 = Node::new(61);
+    let node2 = Node::new(62);
+    let wire_if = interceptor_tests::topology::wire(&node1, &node2);
+    let client = node1.pod("n1client", 2);
+    let mut server = node2.pod("n2server", 3);
+    let www = TempDir::new("www2n");
+    let payload = random_payload(512 << 10);
+    std::fs::write(www.0.join("blob"), &payload).unwrap();
+    let want = hex(&Sha256::digest(&payload));
+    let mut cmd = server.command_unenrolled(busybox());
+    cmd.args(["httpd", "-f", "-p", "80", "-h"]).arg(&www.0);
+    server.spawn(cmd);
+    serve_wait(&server, SocketAddr::from((server.ip, 80)));
+
+    let scratch = TempDir::new("agents2n");
+    let ca = scratch.0.join("ca");
+    make_ca(&ca, "cluster.local");
+    let ktls = if in_vm() {
+        KtlsMode::Required
+    } else {
+        KtlsMode::Auto
+    };
+    let peer_of = |pod: &Pod, ns: &str, sa: &str| interceptor::config::Peer {
+        namespace: ns.to_owned(),
+        service_account: sa.to_owned(),
+        labels: Default::default(),
+        ips: vec![pod.ip.into(), pod.ip6.into()],
+    };
+    let s1 = scratch.0.join("n1");
+    let s2 = scratch.0.join("n2");
+    std::fs::create_dir_all(&s1).unwrap();
+    std::fs::create_dir_all(&s2).unwrap();
+    let agent1 = RunningAgent::start(config(
+        &ca,
+        &s1,
+        ktls,
+        vec![workload(&client, "foo", "sleep")],
+        vec![peer_of(&server, "bar", "httpbin")],
+    ));
+    let agent2 = RunningAgent::start(config(
+        &ca,
+        &s2,
+        ktls,
+        vec![workload(&server, "bar", "httpbin")],
+        vec![peer_of(&client, "foo", "sleep")],
+    ));
+
+    let capture = Capture::start_in(&node1.ns.path(), &wire_if);
+    let f = curl(
+        client.command("curl"),
+        &format!("http://{}/blob", server.ip),
+    );
+    let frames = capture.stop();
+    assert_eq!(
+        (f.code.as_str(), f.body_sha.as_str()),
+        ("200", want.as_str()),
+        "cross-node mTLS"
+    );
+    interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
+    let rows = agent2.agent.flows_with_recent();
+    let inbound = rows
+        .iter()
+        .find(|r| r.pod == "n2server")
+        .expect("server-side flow");
+    assert_eq!(
+        inbound.peer_id.as_deref(),
+        Some("spiffe://cluster.local/ns/foo/sa/sleep")
+    );
+    assert_eq!(inbound.protection, expected_protection());
+    drop(agent2);
+
+    // The server's node now trusts another root: the handshake fails, the connection is reset,
+    // and still nothing crosses the wire in clear.
+    let other_ca = scratch.0.join("other-ca");
+    make_ca(&other_ca, "cluster.local");
+    let s3 = scratch.0.join("n3");
+    std::fs::create_dir_all(&s3).unwrap();
+    let agent2 = RunningAgent::start(config(
+        &other_ca,
+        &s3,
+        ktls,
+        vec![workload(&server, "bar", "httpbin")],
+        vec![peer_of(&client, "foo", "sleep")],
+    ));
+    let capture = Capture::start_in(&node1.ns.path(), &wire_if);
+    let f = curl(
+        client.command("curl"),
+        &format!("http://{}/blob", server.ip),
+    );
+    let frames = capture.stop();
+    assert_eq!(f.code, "000", "a peer from another CA must be refused");
+    interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
+    assert!(
+        agent2
+            .agent
+            .flows_with_recent()
+            .iter()
+            .all(|r| r.peer_id.is_none()),
+        "no flow may be attributed to an unverified peer"
+    );
+    drop(agent1);
+}
