@@ -483,3 +483,78 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
     );
     drop(agent1);
 }
+
+/// A server that speaks first (SMTP-like banner): mesh clients get the banner at once, because
+/// their agent starts the handshake without waiting for the app; only plaintext clients wait
+/// out `firstByteWaitMs` before the server-side agent decides they are plaintext.
+#[test]
+fn server_speaks_first_without_delay_for_mesh_clients() {
+    require_privileged();
+    let node = Node::new(42);
+    let client = node.pod("ssfc", 2);
+    let legacy = node.pod("ssfl", 4);
+    let server = node.pod("ssfs", 3);
+    let listener = server.ns.run({
+        let ip = server.ip;
+        move || std::net::TcpListener::bind((ip, 25))
+    });
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { break };
+            let _ = std::io::Write::write_all(&mut c, b"220 banner ready\r\n");
+        }
+    });
+    let scratch = TempDir::new("agentssf");
+    let ca = scratch.0.join("ca");
+    make_ca(&ca, "cluster.local");
+    let ktls = if in_vm() {
+        KtlsMode::Required
+    } else {
+        KtlsMode::Auto
+    };
+    let mut cfg = config(
+        &ca,
+        &scratch.0,
+        ktls,
+        vec![
+            workload(&client, "a", "client"),
+            workload(&server, "a", "server"),
+        ],
+        vec![],
+    );
+    let wait = Duration::from_millis(2_000);
+    cfg.tuning.first_byte_wait_ms = wait.as_millis() as u64;
+    let _agent = RunningAgent::start(cfg);
+
+    // stdin stays open (a client that would speak only after the banner); EOF on stdin
+    // would make nc send FIN, which the agent rightly reads as "plaintext, go ahead".
+    let banner = |cmd: Command| {
+        use std::io::BufRead as _;
+        let mut cmd = cmd;
+        let start = Instant::now();
+        let mut child = cmd
+            .args(["nc", "-w", "5", &server.ip.to_string(), "25"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("nc");
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+        let elapsed = start.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        (line, elapsed)
+    };
+    let (text, mesh_time) = banner(client.command(busybox()));
+    assert!(text.starts_with("220 banner"), "mesh client got {text:?}");
+    assert!(
+        mesh_time < wait * 3 / 4,
+        "mesh client waited {mesh_time:?} for a server-first banner (the plaintext wait is {wait:?})"
+    );
+    let (text, legacy_time) = banner(legacy.command_unenrolled(busybox()));
+    assert!(text.starts_with("220 banner"), "legacy client got {text:?}");
+    assert!(
+        legacy_time >= wait,
+        "legacy client should pay the first-byte wait, took {legacy_time:?}"
+    );
+}
