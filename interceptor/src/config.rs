@@ -292,6 +292,14 @@ peers:
     }
 
     #[test]
+    fn the_shipped_deploy_config_parses() {
+        let cm: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../deploy/base/configmap.yaml")).unwrap();
+        let node = cm["data"]["node.yaml"].as_str().unwrap();
+        Config::parse("deploy/base/configmap.yaml", node).unwrap();
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let e = Config::parse("n", &EXAMPLE.replace("ktls: auto", "ktls: maybe"))
             .unwrap_err()
