@@ -114,7 +114,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{ca::Ca, handshake, identity::SpiffeId};
+    use crate::{
+        ca::{Ca, CertificateAuthority as _},
+        handshake,
+        identity::SpiffeId,
+    };
 
     /// A real ClientHello from our own client config.
     fn mesh_client_hello() -> Vec<u8> {
