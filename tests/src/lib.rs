@@ -6,8 +6,8 @@
 
 pub mod agent;
 pub mod demo;
-pub mod topology;
 pub mod pair;
+pub mod topology;
 pub mod wire;
 
 use std::{
