@@ -278,14 +278,8 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{:<8} {:<8} {:<5} {:<7} {:<22} {:<42} {}",
-            "FROM",
-            "TO",
-            "HTTP",
-            "BODY",
-            "MODE",
-            "SERVER SAW (client id)",
-            "CLIENT VERIFIED (server id)"
+            "{:<8} {:<8} {:<5} {:<7} {:<22} {:<42} CLIENT VERIFIED (server id)",
+            "FROM", "TO", "HTTP", "BODY", "MODE", "SERVER SAW (client id)"
         );
         for r in &self.rows {
             let _ = writeln!(
