@@ -7,8 +7,8 @@
 //! then boot it and judge the serial console (`qemu`). The guest prints exactly one
 //! `VM-VERDICT:` line; no verdict, a kernel fault, a hang or a timeout is a failure.
 
-mod initramfs;
-mod kernel;
+pub(crate) mod initramfs;
+pub(crate) mod kernel;
 mod qemu;
 
 use std::{
@@ -184,7 +184,9 @@ fn build_binaries(workspace_root: &Path, release: bool) -> Result<Binaries> {
     test_args.extend_from_slice(profile);
     let mut tests = Vec::new();
     for artifact in cargo_artifacts(workspace_root, &test_args)? {
-        if let (true, Some(path)) = (artifact.profile.test, artifact.executable) {
+        // A bin target's unit-test harness (e.g. the `demo` binary's) is not a test suite.
+        let is_bin = artifact.target.kind.iter().any(|k| k.to_string() == "bin");
+        if let (true, false, Some(path)) = (artifact.profile.test, is_bin, artifact.executable) {
             tests.push(TestBinary {
                 name: artifact.target.name,
                 path: path.into_std_path_buf(),
