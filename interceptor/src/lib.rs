@@ -13,6 +13,7 @@ pub mod handshake;
 pub mod identity;
 pub mod intercept;
 pub mod ktls;
+pub mod policy;
 pub mod probe;
 pub mod relay;
 pub mod sys;

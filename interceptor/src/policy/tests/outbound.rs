@@ -1,0 +1,419 @@
+//! `Engine::outbound`: endpoint picking, automatic mTLS and DestinationRule lookup.
+
+use super::*;
+
+fn inventory() -> Inventory {
+    let mut headless = service("db", "data", None, 5432, 5432, &["10.0.3.1"]);
+    headless.ports[0].name = Some("pg".to_owned());
+    Inventory {
+        workloads: vec![
+            mesh("foo", "sleep", "10.0.0.2"),
+            mesh("bar", "sleep", "10.0.1.2"),
+            mesh("foo", "httpbin", "10.0.0.1"),
+            legacy("foo", "httpbin-legacy", "10.0.0.9"),
+            mesh("bar", "httpbin", "10.0.1.1"),
+            legacy("data", "db", "10.0.3.1"),
+            legacy("out", "client", "10.0.4.1"),
+        ],
+        services: vec![
+            service(
+                "httpbin",
+                "foo",
+                Some("10.96.0.1"),
+                8000,
+                80,
+                &["10.0.0.1", "10.0.0.9"],
+            ),
+            service("httpbin", "bar", Some("10.96.0.2"), 8000, 80, &["10.0.1.1"]),
+            service("empty", "bar", Some("10.96.0.3"), 80, 80, &[]),
+            headless,
+        ],
+    }
+}
+
+fn request(source: &str, destination: &str, pick: u64) -> OutboundRequest {
+    OutboundRequest {
+        source: ip(source),
+        destination: addr(destination),
+        pick,
+    }
+}
+
+/// `(endpoint, transport code, reason)` for compact assertions.
+fn decide(
+    e: &Engine,
+    source: &str,
+    destination: &str,
+    pick: u64,
+) -> (String, &'static str, String) {
+    let o = e
+        .outbound(&request(source, destination, pick))
+        .unwrap_or_else(|r| panic!("refused: {r}"));
+    (o.endpoint.to_string(), o.tls.code(), o.reason.to_string())
+}
+
+fn dr(name: &str, namespace: &str, host: &str, tls: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  host: \"{host}\"
+  trafficPolicy:
+    tls: {tls}
+---
+"
+    )
+}
+
+#[test]
+fn auto_mtls_alternates_between_mesh_and_legacy_endpoints() {
+    let e = engine("", inventory());
+    let picks: Vec<_> = (0..4)
+        .map(|pick| decide(&e, "10.0.0.2", "10.96.0.1:8000", pick))
+        .collect();
+    assert_eq!(
+        picks[0],
+        (
+            "10.0.0.1:80".to_owned(),
+            "mesh_mtls",
+            "automatic: endpoint is PERMISSIVE (default)".to_owned()
+        )
+    );
+    assert_eq!(
+        picks[1],
+        (
+            "10.0.0.9:80".to_owned(),
+            "plaintext",
+            "automatic: endpoint is outside the mesh".to_owned()
+        )
+    );
+    assert_eq!(picks[2], picks[0]);
+    assert_eq!(picks[3], picks[1]);
+    // Any counter value works, including one that has wrapped.
+    assert_eq!(decide(&e, "10.0.0.2", "10.96.0.1:8000", u64::MAX), picks[1]);
+    let o = e
+        .outbound(&request("10.0.0.2", "10.96.0.1:8000", 0))
+        .expect("ok");
+    assert_eq!(
+        o.tls,
+        OutboundTls::Mesh {
+            server: Some(&id("foo", "httpbin"))
+        }
+    );
+    assert_eq!(o.service, Some("httpbin.foo.svc.cluster.local"));
+}
+
+#[test]
+fn auto_mtls_respects_the_endpoint_port_mode() {
+    let yaml = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: httpbin, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  portLevelMtls: {80: {mode: DISABLE}}
+";
+    let e = engine(yaml, inventory());
+    let (_, code, reason) = decide(&e, "10.0.0.2", "10.96.0.1:8000", 0);
+    assert_eq!(code, "plaintext");
+    assert_eq!(
+        reason,
+        "automatic: endpoint is DISABLE (port level, PeerAuthentication foo/httpbin)"
+    );
+    // Direct pod connections on another port still get mTLS.
+    assert_eq!(decide(&e, "10.0.0.2", "10.0.0.1:9000", 0).1, "mesh_mtls");
+}
+
+#[test]
+fn non_service_destinations_pass_through() {
+    let e = engine("", inventory());
+    assert_eq!(
+        decide(&e, "10.0.0.2", "93.184.216.34:443", 7),
+        (
+            "93.184.216.34:443".to_owned(),
+            "plaintext",
+            "automatic: endpoint is outside the mesh".to_owned()
+        )
+    );
+    // A VIP on a port the service does not expose is not the service.
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.1:9999", 0).0,
+        "10.96.0.1:9999"
+    );
+}
+
+#[test]
+fn refusals() {
+    let e = engine("", inventory());
+    let err = e
+        .outbound(&request("10.0.0.2", "10.96.0.3:80", 0))
+        .expect_err("no endpoints");
+    assert_eq!(err.code(), "no_endpoints");
+    assert_eq!(
+        err.to_string(),
+        "service empty.bar.svc.cluster.local has no endpoints"
+    );
+    let err = e
+        .outbound(&request("10.9.9.9", "10.96.0.1:8000", 0))
+        .expect_err("unknown");
+    assert_eq!(err, Refusal::UnknownClient);
+    let o = e
+        .outbound(&request("10.0.4.1", "10.96.0.1:8000", 0))
+        .expect("ok");
+    assert_eq!(
+        (o.tls, o.reason),
+        (OutboundTls::Plaintext, TlsReason::ClientOutsideMesh)
+    );
+}
+
+#[test]
+fn destination_rule_modes() {
+    let e = engine(
+        &format!(
+            "{}{}{}",
+            dr(
+                "a",
+                "foo",
+                "httpbin.bar.svc.cluster.local",
+                "{mode: DISABLE}"
+            ),
+            dr("b", "foo", "httpbin", "{mode: ISTIO_MUTUAL}"),
+            dr(
+                "c",
+                "foo",
+                "db.data.svc.cluster.local",
+                "{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, sni: db}"
+            ),
+        ),
+        inventory(),
+    );
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.2:8000", 0),
+        (
+            "10.0.1.1:80".to_owned(),
+            "plaintext",
+            "DestinationRule foo/a".to_owned()
+        )
+    );
+    // ISTIO_MUTUAL also to the legacy endpoint: the handshake will fail, as in Istio.
+    let (_, code, reason) = decide(&e, "10.0.0.2", "10.96.0.1:8000", 1);
+    assert_eq!(
+        (code, reason.as_str()),
+        ("mesh_mtls", "DestinationRule foo/b")
+    );
+    let o = e
+        .outbound(&request("10.0.0.2", "10.0.3.1:5432", 0))
+        .expect("ok");
+    let OutboundTls::Originate(tls) = o.tls else {
+        panic!("{o:?}")
+    };
+    assert_eq!(
+        (
+            tls.mode,
+            tls.client_certificate.as_deref(),
+            tls.sni.as_deref()
+        ),
+        (TlsMode::Mutual, Some("/c.pem"), Some("db"))
+    );
+    assert_eq!(o.tls.code(), "mutual");
+    assert_eq!(o.service, Some("db.data.svc.cluster.local"));
+    // Rules in foo are not seen from bar.
+    assert_eq!(decide(&e, "10.0.1.2", "10.96.0.2:8000", 0).1, "mesh_mtls");
+}
+
+#[test]
+fn simple_and_unusable_mutual() {
+    let e = engine(
+        &format!(
+            "{}{}",
+            dr(
+                "s",
+                "bar",
+                "httpbin",
+                "{mode: SIMPLE, caCertificates: /ca.pem}"
+            ),
+            dr("m", "foo", "*", "{mode: MUTUAL, credentialName: secret}")
+        ),
+        inventory(),
+    );
+    assert_eq!(decide(&e, "10.0.1.2", "10.96.0.2:8000", 0).1, "simple");
+    let err = e
+        .outbound(&request("10.0.0.2", "10.96.0.1:8000", 0))
+        .expect_err("refused");
+    assert_eq!(err.code(), "credentials_unavailable");
+    assert_eq!(
+        err.to_string(),
+        "DestinationRule foo/m needs client credentials from a Kubernetes secret the agent \
+         cannot read"
+    );
+}
+
+#[test]
+fn lookup_order_client_then_service_then_root_namespace() {
+    let yaml = format!(
+        "{}{}{}",
+        dr("root", "istio-system", "*.local", "{mode: ISTIO_MUTUAL}"),
+        dr(
+            "svc",
+            "bar",
+            "httpbin.bar.svc.cluster.local",
+            "{mode: SIMPLE}"
+        ),
+        dr(
+            "client",
+            "foo",
+            "*.bar.svc.cluster.local",
+            "{mode: DISABLE}"
+        ),
+    );
+    let e = engine(&yaml, inventory());
+    // The client's namespace wins even with a less specific host.
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.2:8000", 0).2,
+        "DestinationRule foo/client"
+    );
+    // From bar: the service namespace's rule.
+    assert_eq!(
+        decide(&e, "10.0.1.2", "10.96.0.2:8000", 0).2,
+        "DestinationRule bar/svc"
+    );
+    // httpbin.foo from bar: only the root rule matches.
+    assert_eq!(
+        decide(&e, "10.0.1.2", "10.96.0.1:8000", 0).2,
+        "DestinationRule istio-system/root"
+    );
+}
+
+#[test]
+fn most_specific_host_wins_within_a_namespace() {
+    let yaml = format!(
+        "{}{}{}{}",
+        dr("any", "istio-system", "*", "{mode: SIMPLE}"),
+        dr("local", "istio-system", "*.local", "{mode: ISTIO_MUTUAL}"),
+        dr(
+            "ns",
+            "istio-system",
+            "*.bar.svc.cluster.local",
+            "{mode: SIMPLE}"
+        ),
+        dr(
+            "exact",
+            "istio-system",
+            "httpbin.bar.svc.cluster.local",
+            "{mode: DISABLE}"
+        ),
+    );
+    let e = engine(&yaml, inventory());
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.2:8000", 0).2,
+        "DestinationRule istio-system/exact"
+    );
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.1:8000", 0).2,
+        "DestinationRule istio-system/local"
+    );
+    // A host only `*` matches.
+    let e = engine(
+        &dr("any", "istio-system", "*", "{mode: DISABLE}"),
+        inventory(),
+    );
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.1:8000", 0).2,
+        "DestinationRule istio-system/any"
+    );
+}
+
+#[test]
+fn port_level_settings_override_without_inheriting() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: foo}
+spec:
+  host: httpbin
+  trafficPolicy:
+    tls: {mode: DISABLE}
+    portLevelSettings:
+    - port: {number: 8000}
+      tls: {mode: ISTIO_MUTUAL}
+    - port: {number: 9000}
+";
+    let mut inv = inventory();
+    inv.services[0].ports.push(ServicePort {
+        name: None,
+        port: 9000,
+        target_port: Some(90),
+    });
+    inv.services[0].ports.push(ServicePort {
+        name: None,
+        port: 7000,
+        target_port: None,
+    });
+    let e = engine(yaml, inv);
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.1:8000", 0),
+        (
+            "10.0.0.1:80".to_owned(),
+            "mesh_mtls",
+            "DestinationRule foo/r (port level)".to_owned()
+        )
+    );
+    // A port-level entry without tls falls back to automatic mTLS, not to the rule's tls.
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.1:9000", 0),
+        (
+            "10.0.0.1:90".to_owned(),
+            "mesh_mtls",
+            "automatic: endpoint is PERMISSIVE (default)".to_owned()
+        )
+    );
+    assert_eq!(
+        decide(&e, "10.0.0.2", "10.96.0.1:7000", 0).2,
+        "DestinationRule foo/r"
+    );
+}
+
+#[test]
+fn export_to_and_workload_selector_limit_visibility() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: private, namespace: bar}
+spec:
+  host: httpbin
+  exportTo: [.]
+  trafficPolicy: {tls: {mode: DISABLE}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: selected, namespace: foo}
+spec:
+  host: httpbin.foo.svc.cluster.local
+  workloadSelector: {matchLabels: {app: httpbin}}
+  trafficPolicy: {tls: {mode: DISABLE}}
+";
+    let e = engine(yaml, inventory());
+    // From foo, bar's private rule is invisible: automatic mTLS.
+    assert_eq!(decide(&e, "10.0.0.2", "10.96.0.2:8000", 0).1, "mesh_mtls");
+    assert_eq!(
+        decide(&e, "10.0.1.2", "10.96.0.2:8000", 0).2,
+        "DestinationRule bar/private"
+    );
+    // sleep does not carry app=httpbin, httpbin does.
+    assert_eq!(decide(&e, "10.0.0.2", "10.96.0.1:8000", 0).1, "mesh_mtls");
+    assert_eq!(
+        decide(&e, "10.0.0.1", "10.96.0.1:8000", 0).2,
+        "DestinationRule foo/selected"
+    );
+}
+
+#[test]
+fn service_ids_for_round_robin_counters() {
+    let e = engine("", inventory());
+    assert_eq!(e.service_count(), 4);
+    let id = e.service_at(addr("10.96.0.2:8000")).expect("vip");
+    assert_eq!(id.index(), 1);
+    assert_eq!(
+        e.service_at(addr("10.0.3.1:5432")).map(ServiceId::index),
+        Some(3)
+    );
+    assert_eq!(e.service_at(addr("10.96.0.2:1")), None);
+}
