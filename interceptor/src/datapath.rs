@@ -12,10 +12,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, SockMap},
+    maps::{HashMap, MapData, PerCpuArray, SockHash, SockMap},
     programs::{CgroupAttachMode, Program, ProgramError, SkLookup, links::FdLink},
 };
-use interceptor_common::{Counter, DestAction, FlowKey, PodAddrKey, PodConfig, SockAddr, maps};
+use interceptor_common::{
+    Counter, DestAction, FlowKey, LegKey, PodAddrKey, PodConfig, SockAddr, maps,
+};
 
 /// The compiled eBPF object, built by aya-build from `interceptor-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -100,6 +102,10 @@ pub struct Datapath {
     inbound_slots: HashMap<MapData, SockAddr, u32>,
     inbound_listeners: SockMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    local_legs: SockHash<MapData, LegKey>,
+    /// sockops on the agent's own cgroup (sk_msg local-leg option), so the agent's ends of
+    /// local legs enter LOCAL_LEGS too.
+    agent_cgroup_link: Option<FdLink>,
     cgroups: StdHashMap<PathBuf, Vec<FdLink>>,
     netns: StdHashMap<u64, FdLink>,
     options: DatapathOptions,
@@ -206,6 +212,10 @@ impl Datapath {
             .take_map(maps::COUNTERS)
             .ok_or(DatapathError::MissingMap(maps::COUNTERS))
             .and_then(|m| PerCpuArray::try_from(m).map_err(map_err(maps::COUNTERS)))?;
+        let local_legs = ebpf
+            .take_map(maps::LOCAL_LEGS)
+            .ok_or(DatapathError::MissingMap(maps::LOCAL_LEGS))
+            .and_then(|m| SockHash::try_from(m).map_err(map_err(maps::LOCAL_LEGS)))?;
         Ok(Self {
             ebpf,
             pod_config,
@@ -215,6 +225,8 @@ impl Datapath {
             inbound_slots,
             inbound_listeners,
             counters,
+            local_legs,
+            agent_cgroup_link: None,
             cgroups: StdHashMap::new(),
             netns: StdHashMap::new(),
             options,
@@ -448,6 +460,50 @@ impl Datapath {
             }
         }
         removed
+    }
+
+    /// Turns on the sk_msg local-leg option: sk_msg runs on every socket in LOCAL_LEGS, and
+    /// sockops also watches the agent's own cgroup so the agent's accepted ends are added.
+    /// Only plain loopback sockets ever enter the map (sockops checks the port); the agent's
+    /// kTLS sockets never do, which the kernel would refuse anyway.
+    pub fn enable_local_leg(&mut self, agent_cgroup: &Path) -> Result<()> {
+        if self.agent_cgroup_link.is_some() {
+            return Ok(());
+        }
+        let program_error = |name: &str| {
+            let name = name.to_owned();
+            move |source| DatapathError::Program { name, source }
+        };
+        let prog: &mut aya::programs::SkMsg = self
+            .ebpf
+            .program_mut("intercept_sk_msg")
+            .ok_or_else(|| program_error("intercept_sk_msg")(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(program_error("intercept_sk_msg"))?;
+        prog.attach(self.local_legs.fd())
+            .map_err(program_error("intercept_sk_msg"))?;
+        let dir = File::open(agent_cgroup).map_err(|source| DatapathError::Cgroup {
+            path: agent_cgroup.to_owned(),
+            source,
+        })?;
+        let sockops: &mut aya::programs::SockOps = self
+            .ebpf
+            .program_mut("intercept_sockops")
+            .ok_or_else(|| program_error("intercept_sockops")(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(program_error("intercept_sockops"))?;
+        let id = sockops
+            .attach(dir.as_fd(), CgroupAttachMode::Single)
+            .map_err(program_error("intercept_sockops"))?;
+        let link = sockops
+            .take_link(id)
+            .map_err(program_error("intercept_sockops"))?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            name: "intercept_sockops".to_owned(),
+            source,
+        })?;
+        self.agent_cgroup_link = Some(link);
+        Ok(())
     }
 
     /// Sums the per-CPU counters.

@@ -155,6 +155,21 @@ fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The cgroup v2 directory of this process (from /proc/self/cgroup's `0::` line).
+pub fn own_cgroup() -> io::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no cgroup v2 entry in /proc/self/cgroup",
+            )
+        })?;
+    Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
+}
+
 /// Makes sure a bpffs is mounted at `dir`, mounting one if not. Pins must outlive the agent so
 /// enrolled pods stay fail-closed while it restarts, and only a bpffs keeps them.
 pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
