@@ -38,6 +38,8 @@ pub struct Report {
     pub capture_frames: usize,
     pub capture_tls_records: usize,
     pub ktls: bool,
+    /// `interceptor run` exited with status 0 on SIGTERM.
+    pub clean_exit: bool,
 }
 
 /// Writes straight to fd 2: the test harness captures `eprintln!`, and the demo's table is the
@@ -101,20 +103,29 @@ impl AgentProc {
     }
 }
 
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        // SIGTERM, as a DaemonSet rollout would send.
+impl AgentProc {
+    /// SIGTERM, as a DaemonSet rollout sends it; returns whether the agent exited cleanly
+    /// (status 0) within 5 s.
+    fn terminate(&mut self) -> bool {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if !self.terminate() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -261,6 +272,8 @@ pub fn run(ktls: KtlsMode) -> Report {
             });
         }
     }
+    let mut agent = agent;
+    let clean_exit = agent.terminate();
     drop(agent);
     drop(pins);
     let _ = (&mut sleep, &mut legacy);
@@ -269,6 +282,7 @@ pub fn run(ktls: KtlsMode) -> Report {
         capture_frames,
         capture_tls_records,
         ktls: ktls == KtlsMode::Required,
+        clean_exit,
     }
 }
 

@@ -49,4 +49,8 @@ fn demo_matrix() {
         assert_eq!(r.server_id, None);
     }
     assert!(report.capture_tls_records > 0);
+    assert!(
+        report.clean_exit,
+        "`interceptor run` must exit 0 on SIGTERM"
+    );
 }
