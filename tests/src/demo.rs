@@ -5,8 +5,8 @@
 use std::{
     io::Write as _,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -15,7 +15,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     agent::{TempDir, config, make_ca, workload},
-    topology::{Node, Pod},
+    apps::{Fetch, curl, random_payload, serve_http},
+    topology::Node,
     wire::{self, Capture},
 };
 
@@ -52,14 +53,6 @@ pub fn say(s: &str) {
         // SAFETY: `fd` is a fresh descriptor owned by nobody else.
         let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
         let _ = f.write_all(s.as_bytes());
-    }
-}
-
-fn busybox() -> &'static str {
-    if Path::new("/bin/busybox").exists() {
-        "/bin/busybox"
-    } else {
-        "busybox"
     }
 }
 
@@ -129,50 +122,6 @@ impl Drop for AgentProc {
     }
 }
 
-fn serve_http(pod: &mut Pod, dir: &Path) {
-    let mut cmd = pod.command_unenrolled(busybox());
-    cmd.args(["httpd", "-f", "-p", "80", "-h"]).arg(dir);
-    pod.spawn(cmd);
-    let ns = pod.netns_path();
-    let addr = SocketAddr::from((pod.ip, 80));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let up = interceptor::sys::in_netns(&ns, move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(|_| ())
-        });
-        if up.is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("httpd in {} did not come up", pod.name);
-}
-
-fn curl(mut cmd: Command, url: &str) -> (String, Vec<u8>) {
-    let out = cmd
-        .args(["-s", "-m", "20", "-o", "-", "-w", "\n%{http_code}", url])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl");
-    let mut body = out.stdout;
-    let nl = body.iter().rposition(|&b| b == b'\n').unwrap_or(0);
-    let code = String::from_utf8_lossy(&body[nl..]).trim().to_owned();
-    body.truncate(nl);
-    (code, body)
-}
-
-fn payload(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
-}
-
 /// Runs the whole demo and returns what it saw; panics (with the reason) if the environment
 /// cannot run it.
 pub fn run(ktls: KtlsMode) -> Report {
@@ -182,7 +131,7 @@ pub fn run(ktls: KtlsMode) -> Report {
     let mut httpbin = node.pod("httpbin", 3);
     let mut legacy = node.pod("legacy", 4);
     let www = TempDir::new("demo-www");
-    let body = payload(256 << 10);
+    let body = random_payload(256 << 10);
     std::fs::write(www.0.join("data"), &body).expect("write payload");
     let want = Sha256::digest(&body);
     serve_http(&mut httpbin, &www.0);
@@ -236,7 +185,7 @@ pub fn run(ktls: KtlsMode) -> Report {
             } else {
                 pod.command_unenrolled("curl")
             };
-            let (code, got) = curl(cmd, &format!("http://{ip}/data"));
+            let Fetch { code, body: got } = curl(cmd, &format!("http://{ip}/data"));
             if let Some(capture) = capture {
                 let frames = capture.stop();
                 wire::assert_no_plaintext(&frames, &body);

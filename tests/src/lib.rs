@@ -5,6 +5,7 @@
 //! Tests that need root never skip: without privileges they fail, saying why.
 
 pub mod agent;
+pub mod apps;
 pub mod demo;
 pub mod pair;
 pub mod topology;

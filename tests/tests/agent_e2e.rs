@@ -12,79 +12,12 @@ use std::{
 use interceptor::{config::KtlsMode, intercept::table::Protection};
 use interceptor_tests::{
     agent::{RunningAgent, TempDir, config, make_ca, workload},
+    apps::{busybox, curl, hex, random_payload, serve_http, serve_http_on},
     connect_from, in_vm, require_privileged,
     topology::{Node, Pod},
     wire::Capture,
 };
 use sha2::{Digest as _, Sha256};
-
-fn busybox() -> &'static str {
-    if std::path::Path::new("/bin/busybox").exists() {
-        "/bin/busybox"
-    } else {
-        "busybox"
-    }
-}
-
-/// A pod serving `dir` over HTTP on port 80 (busybox httpd, foreground).
-fn serve_http(pod: &mut Pod, dir: &std::path::Path) {
-    let mut cmd = pod.command_unenrolled(busybox());
-    cmd.args(["httpd", "-f", "-p", "80", "-h"]).arg(dir);
-    pod.spawn(cmd);
-    // Wait until it listens.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let ns = pod.netns_path();
-    let addr = SocketAddr::from((pod.ip, 80));
-    while Instant::now() < deadline {
-        let ok = interceptor::sys::in_netns(&ns, move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(|_| ())
-        });
-        if ok.is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("httpd in {} did not come up", pod.name);
-}
-
-struct Fetch {
-    code: String,
-    body_sha: String,
-}
-
-/// `curl` from a pod (enrolled or not); returns the HTTP code and the body's SHA-256.
-fn curl(cmd: Command, url: &str) -> Fetch {
-    let mut cmd = cmd;
-    let out = cmd
-        .args(["-s", "-m", "20", "-o", "-", "-w", "\n%{http_code}", url])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl");
-    let mut body = out.stdout;
-    let nl = body.iter().rposition(|&b| b == b'\n').unwrap_or(0);
-    let code = String::from_utf8_lossy(&body[nl..]).trim().to_owned();
-    body.truncate(nl);
-    Fetch {
-        code,
-        body_sha: hex(&Sha256::digest(&body)),
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn random_payload(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 /// The mode this environment must run mesh flows in.
 fn expected_protection() -> Protection {
@@ -137,7 +70,7 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
     );
     let frames = capture.stop();
     assert_eq!(f.code, "200", "enrolled → enrolled");
-    assert_eq!(f.body_sha, want, "payload corrupted through the mesh");
+    assert_eq!(f.sha256(), want, "payload corrupted through the mesh");
     interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
     let streams = interceptor_tests::wire::Streams::from_frames(frames);
     let server_addr = SocketAddr::from((server.ip, 80));
@@ -207,7 +140,7 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
         &format!("http://{}/blob", server.ip),
     );
     assert_eq!(
-        (f.code.as_str(), f.body_sha.as_str()),
+        (f.code.as_str(), f.sha256().as_str()),
         ("200", want.as_str()),
         "legacy → enrolled"
     );
@@ -217,7 +150,7 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
         &format!("http://{}/blob", legacy.ip),
     );
     assert_eq!(
-        (f.code.as_str(), f.body_sha.as_str()),
+        (f.code.as_str(), f.sha256().as_str()),
         ("200", want.as_str()),
         "enrolled → legacy"
     );
@@ -260,7 +193,7 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
         &format!("http://{}/blob", server.ip),
     );
     assert_eq!(
-        (f.code.as_str(), f.body_sha.as_str()),
+        (f.code.as_str(), f.sha256().as_str()),
         ("200", want.as_str()),
         "after restart"
     );
@@ -304,10 +237,8 @@ fn ipv6_mesh_flow_is_mtls_and_invisible_to_the_app() {
     let payload = random_payload(64 << 10);
     std::fs::write(www.0.join("blob"), &payload).unwrap();
     let want = hex(&Sha256::digest(&payload));
-    let mut cmd = server.command_unenrolled(busybox());
-    cmd.args(["httpd", "-f", "-p", "[::]:80", "-h"]).arg(&www.0);
-    server.spawn(cmd);
-    serve_wait(&server, SocketAddr::from((server.ip6, 80)));
+    let probe = SocketAddr::from((server.ip6, 80));
+    serve_http_on(&mut server, &www.0, "[::]:80", probe);
     let scratch = TempDir::new("agent6");
     let ca = scratch.0.join("ca");
     make_ca(&ca, "cluster.local");
@@ -355,25 +286,10 @@ fn ipv6_mesh_flow_is_mtls_and_invisible_to_the_app() {
     );
     let frames = capture.stop();
     assert_eq!(
-        (f.code.as_str(), f.body_sha.as_str()),
+        (f.code.as_str(), f.sha256().as_str()),
         ("200", want.as_str())
     );
     interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
-}
-
-fn serve_wait(pod: &Pod, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let ns = pod.netns_path();
-    while Instant::now() < deadline {
-        let ok = interceptor::sys::in_netns(&ns, move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(|_| ())
-        });
-        if ok.is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("server in {} did not come up on {addr}", pod.name);
 }
 
 /// Two nodes, one agent each, joined by a veth "wire": pods on different nodes reach each other
@@ -390,10 +306,7 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
     let payload = random_payload(512 << 10);
     std::fs::write(www.0.join("blob"), &payload).unwrap();
     let want = hex(&Sha256::digest(&payload));
-    let mut cmd = server.command_unenrolled(busybox());
-    cmd.args(["httpd", "-f", "-p", "80", "-h"]).arg(&www.0);
-    server.spawn(cmd);
-    serve_wait(&server, SocketAddr::from((server.ip, 80)));
+    serve_http(&mut server, &www.0);
 
     let scratch = TempDir::new("agents2n");
     let ca = scratch.0.join("ca");
@@ -435,7 +348,7 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
     );
     let frames = capture.stop();
     assert_eq!(
-        (f.code.as_str(), f.body_sha.as_str()),
+        (f.code.as_str(), f.sha256().as_str()),
         ("200", want.as_str()),
         "cross-node mTLS"
     );
@@ -571,10 +484,7 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
     let payload = random_payload(1 << 20);
     std::fs::write(www.0.join("blob"), &payload).unwrap();
     let want = hex(&Sha256::digest(&payload));
-    let mut cmd = server.command_unenrolled(busybox());
-    cmd.args(["httpd", "-f", "-p", "80", "-h"]).arg(&www.0);
-    server.spawn(cmd);
-    serve_wait(&server, SocketAddr::from((server.ip, 80)));
+    serve_http(&mut server, &www.0);
     let scratch = TempDir::new("agentsk");
     let ca = scratch.0.join("ca");
     make_ca(&ca, "cluster.local");
@@ -605,7 +515,7 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
             &format!("http://{}/blob", server.ip),
         );
         assert_eq!(
-            (f.code.as_str(), f.body_sha.as_str()),
+            (f.code.as_str(), f.sha256().as_str()),
             ("200", want.as_str())
         );
     }
