@@ -233,6 +233,43 @@ impl Datapath {
         })
     }
 
+    /// Attaches one cgroup program (sockops or sock_addr) to the cgroup open as `dir`.
+    ///
+    /// Through bpf_link (5.7+) cgroup attachments always stack (multi) and the kernel refuses
+    /// any mode flag, hence the flag-less `Single`. Stacking is what a restart needs: the new
+    /// link goes on before the old one comes off, so there is no plaintext window.
+    fn attach_to_cgroup(&mut self, name: &str, dir: &File) -> Result<FdLink> {
+        let program_error = |source| DatapathError::Program {
+            name: name.to_owned(),
+            source,
+        };
+        let link_error = |source| DatapathError::Link {
+            name: name.to_owned(),
+            source,
+        };
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| program_error(ProgramError::NotLoaded))?;
+        match prog {
+            Program::SockOps(p) => {
+                let id = p
+                    .attach(dir.as_fd(), CgroupAttachMode::Single)
+                    .map_err(program_error)?;
+                let link = p.take_link(id).map_err(program_error)?;
+                FdLink::try_from(link).map_err(link_error)
+            }
+            Program::CgroupSockAddr(p) => {
+                let id = p
+                    .attach(dir.as_fd(), CgroupAttachMode::Single)
+                    .map_err(program_error)?;
+                let link = p.take_link(id).map_err(program_error)?;
+                FdLink::try_from(link).map_err(link_error)
+            }
+            _ => Err(program_error(ProgramError::UnexpectedProgramType)),
+        }
+    }
+
     /// Attaches the outbound programs to a pod's cgroup. They act on sockets created by
     /// processes in that cgroup (including already-running ones), whatever their netns.
     pub fn enroll_cgroup(&mut self, cgroup: &Path) -> Result<()> {
@@ -245,41 +282,7 @@ impl Datapath {
         })?;
         let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
         for name in CGROUP_PROGRAMS {
-            let program_error = |source| DatapathError::Program {
-                name: name.to_owned(),
-                source,
-            };
-            // Through bpf_link (5.7+) cgroup attachments always stack (multi) and the kernel
-            // refuses any mode flag, hence the flag-less `Single`. Stacking is what a restart
-            // needs: the new link goes on before the old one comes off, no plaintext window.
-            let prog = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| program_error(ProgramError::NotLoaded))?;
-            let link: FdLink = match prog {
-                Program::SockOps(p) => {
-                    let id = p
-                        .attach(dir.as_fd(), CgroupAttachMode::Single)
-                        .map_err(program_error)?;
-                    let link = p.take_link(id).map_err(program_error)?;
-                    FdLink::try_from(link).map_err(|source| DatapathError::Link {
-                        name: name.to_owned(),
-                        source,
-                    })?
-                }
-                Program::CgroupSockAddr(p) => {
-                    let id = p
-                        .attach(dir.as_fd(), CgroupAttachMode::Single)
-                        .map_err(program_error)?;
-                    let link = p.take_link(id).map_err(program_error)?;
-                    FdLink::try_from(link).map_err(|source| DatapathError::Link {
-                        name: name.to_owned(),
-                        source,
-                    })?
-                }
-                _ => return Err(program_error(ProgramError::UnexpectedProgramType)),
-            };
-            links.push(link);
+            links.push(self.attach_to_cgroup(name, &dir)?);
         }
         if let Some(dir) = &self.options.pin_dir {
             let link_dir = dir.join("links").join(cgroup_pin_name(cgroup));
@@ -486,22 +489,7 @@ impl Datapath {
             path: agent_cgroup.to_owned(),
             source,
         })?;
-        let sockops: &mut aya::programs::SockOps = self
-            .ebpf
-            .program_mut("intercept_sockops")
-            .ok_or_else(|| program_error("intercept_sockops")(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error("intercept_sockops"))?;
-        let id = sockops
-            .attach(dir.as_fd(), CgroupAttachMode::Single)
-            .map_err(program_error("intercept_sockops"))?;
-        let link = sockops
-            .take_link(id)
-            .map_err(program_error("intercept_sockops"))?;
-        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
-            name: "intercept_sockops".to_owned(),
-            source,
-        })?;
+        let link = self.attach_to_cgroup("intercept_sockops", &dir)?;
         self.agent_cgroup_link = Some(link);
         Ok(())
     }
