@@ -3,9 +3,11 @@
 //! programs in place so enrolled pods stay fail-closed until the agent is back.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -17,7 +19,10 @@ use crate::{
     config::{Config, KtlsMode, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::MeshSuite,
-    intercept::{self, Offload, PodHandle, Shared},
+    intercept::{
+        self, Offload, PodHandle, Shared,
+        enforce::{Enforcer, Generation, Reload},
+    },
     ktls, sys,
 };
 
@@ -71,6 +76,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Starts the agent on the current tokio runtime and returns once every configured pod is
 /// enrolled and the admin socket answers. Dropping the runtime stops it (as a kill would).
 pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
+    // A policy that does not load refuses the start before anything is attached.
+    let policy = Enforcer::load(&config)?;
     let offload = offload(config.ktls)?;
     let ca =
         Ca::load(&config.ca_dir).with_context(|| format!("CA in {}", config.ca_dir.display()))?;
@@ -94,9 +101,9 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
         let mut datapath = datapath;
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
-        return start_with(config, offload, ca, datapath).await;
+        return start_with(config, offload, ca, datapath, policy).await;
     }
-    start_with(config, offload, ca, datapath).await
+    start_with(config, offload, ca, datapath, policy).await
 }
 
 async fn start_with(
@@ -104,6 +111,7 @@ async fn start_with(
     offload: Offload,
     ca: Ca,
     datapath: Datapath,
+    policy: Enforcer,
 ) -> anyhow::Result<Arc<Agent>> {
     let shared = Arc::new(Shared::new(
         config.trust_domain.clone(),
@@ -111,22 +119,23 @@ async fn start_with(
         offload,
         config.tuning.clone(),
         datapath,
+        policy,
     )?);
     {
         let mut dp = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
-        let mut dir = shared.directory.write().unwrap_or_else(|p| p.into_inner());
         for peer in &config.peers {
-            let id = crate::identity::SpiffeId::new(
+            crate::identity::SpiffeId::new(
                 config.trust_domain.clone(),
                 &peer.namespace,
                 &peer.service_account,
             )?;
             for ip in &peer.ips {
                 dp.set_destination(*ip, None, interceptor_common::ACTION_STEER)?;
-                dir.insert(*ip, id.clone());
             }
         }
     }
+    intercept::apply_steering(&shared, &BTreeSet::new(), &shared.policy.current().steer)
+        .context("steer service addresses")?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state dir {}", config.state_dir.display()))?;
     let agent = Arc::new(Agent {
@@ -140,6 +149,10 @@ async fn start_with(
             .enroll(w)
             .with_context(|| format!("enroll {}", w.name))?;
     }
+    agent
+        .sync_policy()
+        .context("policy for the enrolled pods")?;
+    tokio::spawn(watch_policy(Arc::clone(&shared)));
     let pruned = shared
         .datapath
         .lock()
@@ -156,6 +169,39 @@ async fn start_with(
     tokio::spawn(admin::serve(listener, Arc::clone(&agent)));
     info!(admin = %config.admin_socket.display(), "ready");
     Ok(agent)
+}
+
+/// Polls the policy sources; a new generation is steered and every open inbound flow is
+/// decided again under it.
+async fn watch_policy(shared: Arc<Shared>) {
+    if shared.policy.dir().is_none() {
+        return;
+    }
+    let every = Duration::from_millis(shared.tuning.policy_poll_ms);
+    loop {
+        tokio::time::sleep(every).await;
+        let polled = Arc::clone(&shared);
+        let Ok(reload) = tokio::task::spawn_blocking(move || polled.policy.poll()).await else {
+            continue;
+        };
+        if let Reload::Applied { old, new } = reload {
+            applied(&shared, &old.steer, &new);
+        }
+    }
+}
+
+/// Puts a new generation into effect for the data path and for open flows.
+fn applied(shared: &Shared, old_steer: &BTreeSet<SocketAddr>, new: &Generation) {
+    if let Err(e) = intercept::apply_steering(shared, old_steer, &new.steer) {
+        warn!("policy generation {}: {e:#}", new.number);
+    }
+    let closed = intercept::revalidate(shared, new);
+    if closed > 0 {
+        info!(
+            generation = new.number,
+            closed, "open flows closed by the new policy"
+        );
+    }
 }
 
 async fn shutdown_signal() {
@@ -198,6 +244,36 @@ impl Agent {
         &self.shared.offload
     }
 
+    /// The number of the policy generation in force; it grows by one with every applied change
+    /// (policy files, enrollments).
+    pub fn policy_generation(&self) -> u64 {
+        self.shared.policy.current().number
+    }
+
+    /// Refusals per reason (`refused.<code>`), flows closed by a policy change
+    /// (`closed.<code>`), rejected policy reloads and the generation.
+    pub fn policy_stats(&self) -> BTreeMap<String, u64> {
+        self.shared.policy.stats()
+    }
+
+    /// Rebuilds the policy for the pods enrolled now.
+    fn sync_policy(&self) -> anyhow::Result<()> {
+        let workloads: Vec<Workload> = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.workload.clone())
+            .collect();
+        let (old, new) = self
+            .shared
+            .policy
+            .set_workloads(workloads)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        applied(&self.shared, &old.steer, &new);
+        Ok(())
+    }
+
     fn persisted(&self) -> anyhow::Result<Vec<Workload>> {
         match std::fs::read(&self.runtime_file) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -231,6 +307,12 @@ impl Agent {
         Ok(())
     }
 
+    /// Enrolls at runtime (admin API): the pod joins the policy inventory at once.
+    fn enroll_now(&self, w: &Workload) -> anyhow::Result<()> {
+        self.enroll(w)?;
+        self.sync_policy()
+    }
+
     fn unenroll(&self, name: &str) -> anyhow::Result<()> {
         let pod = self
             .pods
@@ -239,7 +321,7 @@ impl Agent {
             .remove(name)
             .with_context(|| format!("no enrolled workload named `{name}`"))?;
         intercept::unenroll(&self.shared, pod);
-        Ok(())
+        self.sync_policy()
     }
 }
 
@@ -264,12 +346,17 @@ impl admin::Handler for Agent {
                 let stats = interceptor_common::Counter::ALL
                     .iter()
                     .map(|k| (format!("{k:?}"), serde_json::Value::from(c.get(*k))))
+                    .chain(
+                        self.policy_stats()
+                            .into_iter()
+                            .map(|(k, v)| (k, serde_json::Value::from(v))),
+                    )
                     .collect();
                 return Response::Stats {
                     stats: serde_json::Value::Object(stats),
                 };
             }
-            Request::Enroll { workload } => self.enroll(&workload).and_then(|()| {
+            Request::Enroll { workload } => self.enroll_now(&workload).and_then(|()| {
                 self.persist(|l| {
                     l.retain(|w| w.name != workload.name);
                     l.push(workload.clone());

@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::TrustDomain;
+use crate::{identity::TrustDomain, policy};
 
 /// Whether the agent offloads record encryption to kernel TLS.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +58,9 @@ pub struct Peer {
 pub struct Service {
     pub name: String,
     pub namespace: String,
-    pub vip: IpAddr,
+    /// The cluster IP; absent for a headless service (clients dial endpoint addresses).
+    #[serde(default)]
+    pub vip: Option<IpAddr>,
     pub ports: Vec<ServicePort>,
     /// Endpoint addresses; whether each is a mesh workload comes from `workloads`/`peers`.
     #[serde(default)]
@@ -71,7 +73,16 @@ pub struct ServicePort {
     #[serde(default)]
     pub name: Option<String>,
     pub port: u16,
-    pub target_port: u16,
+    /// The endpoints' port; defaults to `port`, as in Kubernetes.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    /// The port on the endpoints.
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
 }
 
 /// The whole node configuration.
@@ -107,13 +118,17 @@ pub struct Config {
     /// kubelet/node addresses whose plaintext probes pass STRICT.
     #[serde(default)]
     pub probe_sources: Vec<IpAddr>,
+    /// The cluster DNS suffix: services are `<name>.<namespace>.svc.<clusterDomain>`, which is
+    /// what DestinationRule hosts match.
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
     #[serde(default)]
     pub tuning: Tuning,
 }
 
 /// Knobs with safe defaults; the benchmark decides the defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Tuning {
     /// The agent's outbound listener port inside each pod netns (loopback only).
     pub outbound_port: u16,
@@ -126,6 +141,9 @@ pub struct Tuning {
     pub idle_timeout_secs: u64,
     /// sk_msg short-circuit of the plain app↔agent leg.
     pub sk_msg_local_leg: bool,
+    /// How often the agent looks for changes in `policyDir` (and the certificate files its
+    /// DestinationRules name).
+    pub policy_poll_ms: u64,
 }
 
 impl Default for Tuning {
@@ -137,6 +155,7 @@ impl Default for Tuning {
             first_byte_wait_ms: 200,
             idle_timeout_secs: 3_600,
             sk_msg_local_leg: false,
+            policy_poll_ms: 500,
         }
     }
 }
@@ -152,6 +171,9 @@ fn default_bpffs() -> PathBuf {
 }
 fn default_root_namespace() -> String {
     "istio-system".to_owned()
+}
+fn default_cluster_domain() -> String {
+    "cluster.local".to_owned()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,13 +228,76 @@ impl Config {
                 }
             }
         }
+        for (i, alias) in self.trust_domain_aliases.iter().enumerate() {
+            alias
+                .parse::<TrustDomain>()
+                .map_err(|e| format!("trustDomainAliases[{i}]: `{alias}`: {e}"))?;
+        }
+        if self.root_namespace.is_empty() {
+            return Err("rootNamespace: must not be empty".to_owned());
+        }
+        if self.cluster_domain.is_empty() || self.cluster_domain.starts_with('.') {
+            return Err(format!(
+                "clusterDomain: `{}` is not a DNS suffix",
+                self.cluster_domain
+            ));
+        }
+        let mut vips = std::collections::HashMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            if s.name.is_empty() || s.namespace.is_empty() {
+                return Err(format!(
+                    "services[{i}]: name and namespace must not be empty"
+                ));
+            }
+            if s.ports.is_empty() {
+                return Err(format!("services[{i}].ports: a service needs a port"));
+            }
+            for (j, p) in s.ports.iter().enumerate() {
+                if p.port == 0 || p.target() == 0 {
+                    return Err(format!("services[{i}].ports[{j}]: ports must be non-zero"));
+                }
+                let Some(vip) = s.vip else { continue };
+                if let Some(prev) = vips.insert((vip, p.port), format!("services[{i}]")) {
+                    return Err(format!(
+                        "services[{i}].ports[{j}]: {vip}:{} is also a port of {prev}",
+                        p.port
+                    ));
+                }
+            }
+            if let Some(vip) = s.vip
+                && let Some(owner) = ips.get(&vip)
+            {
+                return Err(format!(
+                    "services[{i}].vip: {vip} is the address of {owner}, not a virtual IP"
+                ));
+            }
+        }
         let t = &self.tuning;
         if t.outbound_port == 0 || t.inbound_port == 0 || t.outbound_port == t.inbound_port {
             return Err(
                 "tuning: outboundPort and inboundPort must be distinct and non-zero".to_owned(),
             );
         }
+        if t.policy_poll_ms == 0 {
+            return Err("tuning.policyPollMs: must be at least 1".to_owned());
+        }
         Ok(())
+    }
+
+    /// The mesh settings policy decisions need.
+    pub fn policy_settings(&self) -> policy::Settings {
+        policy::Settings {
+            root_namespace: self.root_namespace.clone(),
+            trust_domain: self.trust_domain.clone(),
+            // Validated in `parse`; a config built in code with a bad alias just loses it.
+            trust_domain_aliases: self
+                .trust_domain_aliases
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            cluster_domain: self.cluster_domain.clone(),
+            probe_sources: self.probe_sources.clone(),
+        }
     }
 
     /// Every mesh workload known to this node (enrolled here or listed as a peer), as
@@ -230,6 +315,70 @@ impl Config {
         });
         local.chain(remote)
     }
+}
+
+/// What policy decisions know about workloads and services: `workloads` (enrolled on this
+/// node) and `peers` are mesh workloads; a service endpoint that is neither is a workload
+/// outside the mesh, in the service's namespace with the `default` service account.
+pub fn policy_inventory(
+    workloads: &[Workload],
+    peers: &[Peer],
+    services: &[Service],
+) -> policy::Inventory {
+    let mut inventory = policy::Inventory::default();
+    let mut known = std::collections::HashSet::new();
+    for w in workloads {
+        known.extend(w.ips.iter().map(|ip| ip.to_canonical()));
+        inventory.workloads.push(policy::Workload {
+            name: Some(w.name.clone()),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            labels: w.labels.clone(),
+            ips: w.ips.clone(),
+            mesh: true,
+        });
+    }
+    for p in peers {
+        known.extend(p.ips.iter().map(|ip| ip.to_canonical()));
+        inventory.workloads.push(policy::Workload {
+            name: None,
+            namespace: p.namespace.clone(),
+            service_account: p.service_account.clone(),
+            labels: p.labels.clone(),
+            ips: p.ips.clone(),
+            mesh: true,
+        });
+    }
+    for s in services {
+        for ip in &s.endpoints {
+            if known.insert(ip.to_canonical()) {
+                inventory.workloads.push(policy::Workload {
+                    name: Some(format!("{} endpoint {ip}", s.name)),
+                    namespace: s.namespace.clone(),
+                    service_account: "default".to_owned(),
+                    labels: Default::default(),
+                    ips: vec![*ip],
+                    mesh: false,
+                });
+            }
+        }
+        inventory.services.push(policy::Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            vip: s.vip,
+            ports: s
+                .ports
+                .iter()
+                .map(|p| policy::ServicePort {
+                    name: p.name.clone(),
+                    port: p.port,
+                    target_port: Some(p.target()),
+                })
+                .collect(),
+            endpoints: s.endpoints.clone(),
+        });
+    }
+    inventory
 }
 
 fn check_relative(p: &Path, field: &str) -> Result<(), String> {
@@ -323,5 +472,90 @@ peers:
         .unwrap_err()
         .to_string();
         assert!(e.contains("workloads[0].netns"), "{e}");
+    }
+
+    const POLICY: &str = r#"
+rootNamespace: mesh-root
+policyDir: /etc/interceptor/policies
+probeSources: [10.88.0.1]
+trustDomainAliases: [old.example]
+clusterDomain: corp.local
+services:
+  - name: httpbin
+    namespace: partial
+    vip: 10.96.0.20
+    ports: [{name: http, port: 8000, targetPort: 80}]
+    endpoints: [10.88.0.2, 10.88.0.8]
+  - name: mongo
+    namespace: mongo
+    ports: [{port: 27017}]
+    endpoints: [10.88.5.10]
+tuning:
+  firstByteWaitMs: 100
+"#;
+
+    #[test]
+    fn policy_inputs_parse_and_become_settings_and_inventory() {
+        let c = Config::parse("node.yaml", &format!("{EXAMPLE}{POLICY}")).unwrap();
+        assert_eq!(c.tuning.first_byte_wait_ms, 100);
+        assert_eq!(
+            c.tuning.policy_poll_ms, 500,
+            "other tuning keeps its defaults"
+        );
+        let settings = c.policy_settings();
+        assert_eq!(settings.root_namespace, "mesh-root");
+        assert_eq!(settings.cluster_domain, "corp.local");
+        assert_eq!(settings.trust_domain_aliases[0].as_str(), "old.example");
+        assert_eq!(
+            settings.probe_sources,
+            ["10.88.0.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(c.services[1].vip, None);
+        assert_eq!(c.services[1].ports[0].target(), 27017);
+
+        let inv = policy_inventory(&c.workloads, &c.peers, &c.services);
+        let mesh = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            inv.workloads
+                .iter()
+                .find(|w| w.ips.contains(&ip))
+                .map(|w| (w.mesh, w.namespace.clone()))
+        };
+        // 10.88.0.2 is the enrolled sleep-full; 10.88.0.8 and the database are not enrolled.
+        assert_eq!(mesh("10.88.0.2"), Some((true, "full".to_owned())));
+        assert_eq!(mesh("10.88.1.3"), Some((true, "bar".to_owned())));
+        assert_eq!(mesh("10.88.0.8"), Some((false, "partial".to_owned())));
+        assert_eq!(mesh("10.88.5.10"), Some((false, "mongo".to_owned())));
+        assert_eq!(inv.services.len(), 2);
+        assert_eq!(inv.services[0].ports[0].target(), 80);
+    }
+
+    #[test]
+    fn bad_policy_inputs_are_named() {
+        let cases = [
+            ("old.example", "Bad Alias", "trustDomainAliases[0]"),
+            ("vip: 10.96.0.20", "vip: 10.88.0.2", "services[0].vip"),
+            ("{port: 27017}", "{port: 0}", "services[1].ports[0]"),
+            (
+                "clusterDomain: corp.local",
+                "clusterDomain: .x",
+                "clusterDomain",
+            ),
+            ("firstByteWaitMs: 100", "policyPollMs: 0", "policyPollMs"),
+            ("vip: 10.96.0.20", "vip: 10.96.0.20\n    vipp: 1", "vipp"),
+        ];
+        for (from, to, field) in cases {
+            let text = format!("{EXAMPLE}{POLICY}").replace(from, to);
+            let e = Config::parse("n", &text).unwrap_err().to_string();
+            assert!(e.contains(field), "{to}: {e}");
+        }
+        let twice = format!("{EXAMPLE}{POLICY}")
+            .replace(
+                "name: mongo\n    namespace: mongo\n",
+                "name: mongo\n    namespace: mongo\n    vip: 10.96.0.20\n",
+            )
+            .replace("{port: 27017}", "{port: 8000}");
+        let e = Config::parse("n", &twice).unwrap_err().to_string();
+        assert!(e.contains("10.96.0.20:8000"), "{e}");
     }
 }

@@ -2,15 +2,18 @@
 //! happens to every connection they accept (outbound: dial the original destination, mTLS,
 //! kTLS, relay; inbound: classify, mTLS or plaintext per policy, relay to the app).
 
+pub mod enforce;
+pub mod originate;
 pub mod peek;
 pub mod table;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
+    future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -32,8 +35,9 @@ use interceptor_common::{
 };
 
 use self::{
+    enforce::{Enforcer, Generation, Plan, Refused, Transport},
     peek::FirstBytes,
-    table::{Direction, FlowInfo, FlowTable, Protection},
+    table::{Cancel, Direction, FlowInfo, FlowTable, InboundCheck, Protection},
 };
 
 /// The agent reaches apps from this address; sk_lookup never steers it (see `lookup.rs`).
@@ -45,25 +49,6 @@ pub enum Offload {
     /// kTLS with these suites (the kernel accepted them on a real socket at start-up).
     Kernel(Vec<MeshSuite>),
     Userspace,
-}
-
-/// A mesh workload's identity by address: auto-mTLS needs to know, for a destination IP, whom
-/// to expect at the other end.
-#[derive(Debug, Default)]
-pub struct Directory {
-    by_ip: HashMap<IpAddr, SpiffeId>,
-}
-
-impl Directory {
-    pub fn insert(&mut self, ip: IpAddr, id: SpiffeId) {
-        self.by_ip.insert(ip, id);
-    }
-    pub fn remove(&mut self, ip: &IpAddr) {
-        self.by_ip.remove(ip);
-    }
-    pub fn lookup(&self, ip: &IpAddr) -> Option<&SpiffeId> {
-        self.by_ip.get(ip)
-    }
 }
 
 /// One service account's credentials and the rustls configs built from them.
@@ -82,7 +67,8 @@ pub struct Shared {
     pub offload: Offload,
     pub tuning: Tuning,
     pub datapath: Mutex<Datapath>,
-    pub directory: RwLock<Directory>,
+    /// Istio security policy: the current generation and how to load the next.
+    pub policy: Enforcer,
     pub flows: FlowTable,
     credentials: Mutex<HashMap<SpiffeId, Arc<Credentials>>>,
 }
@@ -94,6 +80,7 @@ impl Shared {
         offload: Offload,
         tuning: Tuning,
         datapath: Datapath,
+        policy: Enforcer,
     ) -> anyhow::Result<Self> {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
         Ok(Self {
@@ -103,7 +90,7 @@ impl Shared {
             offload,
             tuning,
             datapath: Mutex::new(datapath),
-            directory: RwLock::new(Directory::default()),
+            policy,
             flows: FlowTable::default(),
             credentials: Mutex::new(HashMap::new()),
         })
@@ -192,6 +179,7 @@ impl Drop for PodHandle {
 struct PodCtx {
     name: String,
     id: SpiffeId,
+    ips: Vec<IpAddr>,
     netns: std::fs::File,
     netns_cookie: u64,
 }
@@ -246,15 +234,10 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
             dp.set_destination(*ip, None, ACTION_STEER)?;
         }
     }
-    {
-        let mut dir = shared.directory.write().unwrap_or_else(|p| p.into_inner());
-        for ip in &workload.ips {
-            dir.insert(*ip, id.clone());
-        }
-    }
     let ctx = Arc::new(PodCtx {
         name: workload.name.clone(),
         id,
+        ips: workload.ips.clone(),
         netns: std::fs::File::open(&workload.netns)?,
         netns_cookie,
     });
@@ -294,10 +277,6 @@ pub fn unenroll(shared: &Shared, pod: PodHandle) {
         dp.unenroll_pod_netns(pod.netns_cookie, &pod.workload.ips);
         dp.stop_inbound(pod.netns_cookie, pod.slot, &pod.workload.ips);
     }
-    let mut dir = shared.directory.write().unwrap_or_else(|p| p.into_inner());
-    for ip in &pod.workload.ips {
-        dir.remove(ip);
-    }
     info!(pod = %pod.workload.name, "unenrolled");
 }
 
@@ -327,7 +306,7 @@ fn accept_loop(
                     Direction::Inbound => inbound(&shared, &ctx, stream, peer).await,
                 };
                 if let Err(e) = result {
-                    warn!(pod = %ctx.name, ?direction, %peer, "flow refused: {e:#}");
+                    warn!(pod = %ctx.name, ?direction, %peer, "flow failed: {e:#}");
                 }
             });
         }
@@ -353,23 +332,223 @@ async fn dial(ctx: &PodCtx, dst: SocketAddr, source: Option<IpAddr>) -> anyhow::
         .with_context(|| format!("connect to {dst}"))
 }
 
+/// The pod's own address of the family of `destination`: the source policy knows it by.
+fn pod_ip(ctx: &PodCtx, v6: bool) -> IpAddr {
+    ctx.ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv6() == v6)
+        .or_else(|| ctx.ips.first().copied())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// One refused connection: one log line with both ends, both identities and the reason, and
+/// a per-reason counter.
+struct Refusal<'a> {
+    direction: Direction,
+    pod: &'a str,
+    source: SocketAddr,
+    destination: SocketAddr,
+    /// Outbound: the endpoint the agent picked, when it differs from the destination.
+    endpoint: Option<SocketAddr>,
+    client: Option<&'a SpiffeId>,
+    server: Option<&'a SpiffeId>,
+}
+
+impl Refusal<'_> {
+    fn log(&self, shared: &Shared, refused: &Refused) {
+        let id = |i: Option<&SpiffeId>| i.map_or_else(|| "-".to_owned(), ToString::to_string);
+        let via = match self.endpoint {
+            Some(e) if e != self.destination => format!(" via {e}"),
+            _ => String::new(),
+        };
+        warn!(
+            target: "interceptor::policy",
+            "refused {} {} -> {}{via} pod={} client={} server={}: {} [{}]",
+            match self.direction {
+                Direction::Outbound => "outbound",
+                Direction::Inbound => "inbound",
+            },
+            self.source,
+            self.destination,
+            self.pod,
+            id(self.client),
+            id(self.server),
+            refused.reason,
+            refused.code,
+        );
+        shared.policy.count(format!("refused.{}", refused.code));
+    }
+}
+
+/// An error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// Makes the close that follows send RST (curl: `000`, exit 56 or 52), then closes.
+fn reset(sock: TcpStream) {
+    let _ = sock.set_zero_linger();
+    drop(sock);
+}
+
+/// Refuses an app's outbound connection the way Envoy answers 503: once the app has sent its
+/// request (or after the first-byte wait, for an app that waits for the server), reset. An
+/// app then sees the reset while waiting for the response (curl: `000`, exit 56) rather than
+/// as a failed connect, which is what an immediate reset can look like.
+async fn refuse_app(shared: &Shared, app: TcpStream) {
+    let wait = Duration::from_millis(shared.tuning.first_byte_wait_ms);
+    let _ = tokio::time::timeout(wait, app.readable()).await;
+    reset(app);
+}
+
+/// SO_LINGER 0 on a duplicate of a socket: the socket is reset when its last descriptor
+/// closes.
+fn zero_linger(fd: &OwnedFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is an open socket and the option value is a valid `linger` of the size
+    // passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Runs a relay until it ends or the flow's policy check fails (see [`revalidate`]); then
+/// both connections are reset, and the relay is dropped. `socks` are duplicates of the relay's
+/// two sockets, taken before they moved into it.
+async fn cancellable(
+    cancel: &Cancel,
+    socks: Vec<OwnedFd>,
+    relay: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        r = relay => r,
+        () = cancel.fired() => {
+            for fd in &socks {
+                zero_linger(fd);
+            }
+            // `revalidate` logged and counted it.
+            Ok(())
+        }
+    }
+}
+
+fn dups(socks: [&TcpStream; 2]) -> Vec<OwnedFd> {
+    socks
+        .iter()
+        .filter_map(|s| s.as_fd().try_clone_to_owned().ok())
+        .collect()
+}
+
+/// Decides every open inbound flow again under `generation`: a flow it refuses is reset within
+/// one poll of the relay, with one log line and a `closed.<reason>` count; allowed flows are
+/// untouched.
+pub fn revalidate(shared: &Shared, generation: &Generation) -> usize {
+    shared.flows.revalidate(|info, check| {
+        match generation.inbound(check.source, check.destination, check.peer.as_ref()) {
+            Ok(_) => true,
+            Err(refused) => {
+                warn!(
+                    target: "interceptor::policy",
+                    "closing inbound {} -> {} pod={} client={}: no longer allowed by policy \
+                     generation {}: {} [{}]",
+                    check.source,
+                    check.destination,
+                    info.pod,
+                    check
+                        .peer
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), ToString::to_string),
+                    generation.number,
+                    refused.reason,
+                    refused.code,
+                );
+                shared.policy.count(format!("closed.{}", refused.code));
+                false
+            }
+        }
+    })
+}
+
+/// Brings connect4's steering in line with a new generation (service VIPs, non-mesh endpoints
+/// a DestinationRule may originate TLS to); `old` is what the previous generation steered.
+pub fn apply_steering(
+    shared: &Shared,
+    old: &BTreeSet<SocketAddr>,
+    new: &BTreeSet<SocketAddr>,
+) -> anyhow::Result<()> {
+    let mut dp = shared.datapath();
+    for gone in old.difference(new) {
+        dp.clear_destination(gone.ip(), Some(gone.port()));
+    }
+    for added in new.difference(old) {
+        dp.set_destination(added.ip(), Some(added.port()), ACTION_STEER)
+            .with_context(|| format!("steer {added}"))?;
+    }
+    Ok(())
+}
+
 async fn outbound(
     shared: &Shared,
     ctx: &PodCtx,
     app: TcpStream,
     app_addr: SocketAddr,
 ) -> anyhow::Result<()> {
-    let dst = shared
+    let Some(dst) = shared
         .datapath()
         .original_destination(ctx.netns_cookie, app_addr)
-        .context("no original destination recorded for this connection")?;
+    else {
+        reset(app);
+        anyhow::bail!("no original destination recorded for this connection");
+    };
     app.set_nodelay(true)?;
-    let expected = shared
-        .directory
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .lookup(&dst.ip())
-        .cloned();
+    let generation = shared.policy.current();
+    let source = SocketAddr::new(pod_ip(ctx, dst.is_ipv6()), app_addr.port());
+    let mut refusal = Refusal {
+        direction: Direction::Outbound,
+        pod: &ctx.name,
+        source,
+        destination: dst,
+        endpoint: None,
+        client: Some(&ctx.id),
+        server: None,
+    };
+    let plan = match generation.outbound(source.ip(), dst) {
+        Ok(plan) => plan,
+        Err(refused) => {
+            refusal.log(shared, &refused);
+            refuse_app(shared, app).await;
+            return Ok(());
+        }
+    };
+    drop(generation);
+    let Plan {
+        endpoint,
+        transport,
+        reason,
+    } = plan;
+    refusal.endpoint = Some(endpoint);
+    let expected = match &transport {
+        Transport::Mesh(id) => id.clone(),
+        _ => None,
+    };
+    refusal.server = expected.as_ref();
     let mut flow = FlowInfo {
         pod: ctx.name.clone(),
         direction: Direction::Outbound,
@@ -378,32 +557,113 @@ async fn outbound(
         peer_id: None,
         cipher: None,
         protection: Protection::Plaintext,
+        endpoint: Some(endpoint),
+        reason: Some(reason),
     };
-    let mut peer = dial(ctx, dst, None).await?;
-    let Some(expected) = expected else {
-        // Not a mesh workload: plaintext passthrough.
-        let _guard = shared.flows.insert(flow);
-        return plain(app, peer).await;
+    if matches!(transport, Transport::Mesh(None)) {
+        let refused = Refused {
+            code: "mesh_identity_unknown",
+            reason: "ISTIO_MUTUAL to an endpoint whose mesh identity is not known".to_owned(),
+        };
+        refusal.log(shared, &refused);
+        refuse_app(shared, app).await;
+        return Ok(());
+    }
+    let mut peer = match dial(ctx, endpoint, None).await {
+        Ok(peer) => peer,
+        Err(e) => {
+            let refused = Refused {
+                code: "connect_failed",
+                reason: format!("{e:#}"),
+            };
+            refusal.log(shared, &refused);
+            refuse_app(shared, app).await;
+            return Ok(());
+        }
     };
-    let me = shared.credentials(&ctx.id)?;
-    let config = shared.client_config(&me, &expected)?;
-    let est = driver::client_handshake(
-        &mut peer,
-        config,
-        rustls_pki_types::ServerName::IpAddress(dst.ip().into()),
-        Duration::from_millis(shared.tuning.handshake_timeout_ms),
-    )
-    .await
-    .with_context(|| format!("mTLS to {dst} (expected {expected})"))?;
-    flow.peer_id = Some(est.peer().to_string());
-    flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
-    relay_mesh(shared, flow, app, peer, est).await
+    let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    match transport {
+        Transport::Plaintext => {
+            let guard = shared.flows.insert(flow);
+            let socks = dups([&app, &peer]);
+            cancellable(&guard.cancel, socks, plain(app, peer)).await
+        }
+        Transport::Mesh(None) => unreachable!("refused above"),
+        Transport::Mesh(Some(expected)) => {
+            let me = shared.credentials(&ctx.id)?;
+            let config = shared.client_config(&me, &expected)?;
+            let est = match driver::client_handshake(
+                &mut peer,
+                config,
+                rustls_pki_types::ServerName::IpAddress(endpoint.ip().into()),
+                timeout,
+            )
+            .await
+            {
+                Ok(est) => est,
+                Err(e) => {
+                    let refused = Refused {
+                        code: "handshake_failed",
+                        reason: format!("mTLS handshake failed: {}", chain(&e)),
+                    };
+                    refusal.log(shared, &refused);
+                    refuse_app(shared, app).await;
+                    reset(peer);
+                    return Ok(());
+                }
+            };
+            flow.peer_id = Some(est.peer().to_string());
+            flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+            relay_mesh(shared, flow, None, app, peer, est).await
+        }
+        Transport::Originate { config, name, mode } => {
+            let (conn, leftover) =
+                match originate::handshake(&mut peer, config, name.clone(), timeout).await {
+                    Ok(session) => session,
+                    Err(e) => {
+                        let refused = Refused {
+                            code: "origination_failed",
+                            reason: format!(
+                                "{mode} TLS origination to {}: {}",
+                                name.to_str(),
+                                chain(&e)
+                            ),
+                        };
+                        refusal.log(shared, &refused);
+                        refuse_app(shared, app).await;
+                        reset(peer);
+                        return Ok(());
+                    }
+                };
+            flow.protection = Protection::Tls;
+            flow.cipher = conn
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()));
+            let guard = shared.flows.insert(flow);
+            let config = relay_config(shared);
+            let socks = dups([&app, &peer]);
+            let stats = Arc::clone(&guard.stats);
+            cancellable(&guard.cancel, socks, async move {
+                relay::relay_userspace(app, peer, conn, leftover, config, stats).await?;
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+fn relay_config(shared: &Shared) -> relay::RelayConfig {
+    relay::RelayConfig {
+        idle_timeout: Duration::from_secs(shared.tuning.idle_timeout_secs),
+        ..Default::default()
+    }
 }
 
 /// Hands an established mesh session to kTLS (or keeps it in rustls) and relays.
 async fn relay_mesh(
     shared: &Shared,
     mut flow: FlowInfo,
+    check: Option<(InboundCheck, u64)>,
     app: TcpStream,
     peer: TcpStream,
     est: driver::Established,
@@ -421,13 +681,49 @@ async fn relay_mesh(
             relay::RecordLayer::Userspace
         }
     };
-    let guard = shared.flows.insert(flow);
-    let config = relay::RelayConfig {
-        idle_timeout: Duration::from_secs(shared.tuning.idle_timeout_secs),
-        ..Default::default()
-    };
-    relay::relay(app, peer, est, layer, config, Arc::clone(&guard.stats)).await?;
-    Ok(())
+    if let Some((check, decided_by)) = &check
+        && !admitted_now(shared, *decided_by, check, &flow.pod)
+    {
+        reset(app);
+        reset(peer);
+        return Ok(());
+    }
+    let guard = shared
+        .flows
+        .insert_checked(flow, check.map(|(check, _)| check));
+    let config = relay_config(shared);
+    let socks = dups([&app, &peer]);
+    let stats = Arc::clone(&guard.stats);
+    cancellable(&guard.cancel, socks, async move {
+        relay::relay(app, peer, est, layer, config, stats).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Closes the window between deciding a flow and listing it: a generation applied in between
+/// revalidated the table without this flow, so it is decided again here.
+fn admitted_now(shared: &Shared, decided_by: u64, check: &InboundCheck, pod: &str) -> bool {
+    let generation = shared.policy.current();
+    if generation.number == decided_by {
+        return true;
+    }
+    match generation.inbound(check.source, check.destination, check.peer.as_ref()) {
+        Ok(_) => true,
+        Err(refused) => {
+            Refusal {
+                direction: Direction::Inbound,
+                pod,
+                source: check.source,
+                destination: check.destination,
+                endpoint: None,
+                client: check.peer.as_ref(),
+                server: None,
+            }
+            .log(shared, &refused);
+            false
+        }
+    }
 }
 
 /// Plaintext passthrough (non-mesh destination, or plaintext a policy allows): the kernel's
@@ -446,11 +742,22 @@ async fn inbound(
     // sk_lookup delivered the connection unchanged: our local address is what the client dialed.
     let dst = client.local_addr()?;
     client.set_nodelay(true)?;
-    let kind = classify(
-        &client,
-        Duration::from_millis(shared.tuning.first_byte_wait_ms),
-    )
-    .await?;
+    let generation = shared.policy.current();
+    let wait = if generation.requires_mtls(source, dst) {
+        Duration::from_millis(shared.tuning.handshake_timeout_ms)
+    } else {
+        Duration::from_millis(shared.tuning.first_byte_wait_ms)
+    };
+    let kind = classify(&client, wait).await?;
+    let mut refusal = Refusal {
+        direction: Direction::Inbound,
+        pod: &ctx.name,
+        source,
+        destination: dst,
+        endpoint: None,
+        client: None,
+        server: Some(&ctx.id),
+    };
     let mut flow = FlowInfo {
         pod: ctx.name.clone(),
         direction: Direction::Inbound,
@@ -459,6 +766,8 @@ async fn inbound(
         peer_id: None,
         cipher: None,
         protection: Protection::Plaintext,
+        endpoint: None,
+        reason: None,
     };
     let app_source = if dst.is_ipv6() {
         IpAddr::V6(Ipv6Addr::LOCALHOST)
@@ -467,24 +776,78 @@ async fn inbound(
     };
     match kind {
         FirstBytes::Mesh => {
+            if let Some(refused) = generation.refuses_mtls(dst) {
+                refusal.log(shared, &refused);
+                reset(client);
+                return Ok(());
+            }
             let me = shared.credentials(&ctx.id)?;
-            let est = driver::server_handshake(
+            let est = match driver::server_handshake(
                 &mut client,
                 Arc::clone(&me.server),
                 Duration::from_millis(shared.tuning.handshake_timeout_ms),
             )
             .await
-            .with_context(|| format!("mTLS from {source}"))?;
-            flow.peer_id = Some(est.peer().to_string());
+            {
+                Ok(est) => est,
+                Err(e) => {
+                    let refused = Refused {
+                        code: "handshake_failed",
+                        reason: format!("mTLS handshake failed: {}", chain(&e)),
+                    };
+                    refusal.log(shared, &refused);
+                    reset(client);
+                    return Ok(());
+                }
+            };
+            let peer = est.peer().clone();
+            refusal.client = Some(&peer);
+            match generation.inbound(source, dst, Some(&peer)) {
+                Ok(code) => flow.reason = Some(code.to_owned()),
+                Err(refused) => {
+                    refusal.log(shared, &refused);
+                    reset(client);
+                    return Ok(());
+                }
+            }
+            let decided_by = generation.number;
+            drop(generation);
+            flow.peer_id = Some(peer.to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
             let app = dial(ctx, dst, Some(app_source)).await?;
-            debug!(pod = %ctx.name, %source, peer = %est.peer(), "inbound mTLS");
-            relay_mesh(shared, flow, app, client, est).await
+            debug!(pod = %ctx.name, %source, %peer, "inbound mTLS");
+            let check = InboundCheck {
+                source,
+                destination: dst,
+                peer: Some(peer.clone()),
+            };
+            relay_mesh(shared, flow, Some((check, decided_by)), app, client, est).await
         }
         FirstBytes::Other | FirstBytes::NeedMore => {
+            match generation.inbound(source, dst, None) {
+                Ok(code) => flow.reason = Some(code.to_owned()),
+                Err(refused) => {
+                    refusal.log(shared, &refused);
+                    reset(client);
+                    return Ok(());
+                }
+            }
+            let decided_by = generation.number;
+            drop(generation);
             let app = dial(ctx, dst, Some(app_source)).await?;
-            let _guard = shared.flows.insert(flow);
-            plain(client, app).await
+            let check = InboundCheck {
+                source,
+                destination: dst,
+                peer: None,
+            };
+            if !admitted_now(shared, decided_by, &check, &ctx.name) {
+                reset(client);
+                reset(app);
+                return Ok(());
+            }
+            let guard = shared.flows.insert_checked(flow, Some(check));
+            let socks = dups([&client, &app]);
+            cancellable(&guard.cancel, socks, plain(client, app)).await
         }
     }
 }

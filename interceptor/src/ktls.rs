@@ -370,7 +370,10 @@ pub fn install(
 }
 
 /// Attaches the `tls` ULP; tolerates it being attached already (the caller may have probed).
-fn attach_ulp(fd: BorrowedFd<'_>) -> Result<(), KtlsError> {
+///
+/// The ULP needs an ESTABLISHED socket, the keys do not: attaching it before the handshake
+/// keeps kTLS possible when the peer half-closes right after it (CLOSE_WAIT).
+pub fn attach_ulp(fd: BorrowedFd<'_>) -> Result<(), KtlsError> {
     match sys::set_ulp_tls(fd) {
         Ok(()) => Ok(()),
         Err(e) => match e.raw_os_error() {

@@ -79,6 +79,7 @@ pub fn config(
         root_namespace: "istio-system".to_owned(),
         policy_dir: None,
         probe_sources: Vec::new(),
+        cluster_domain: "cluster.local".to_owned(),
         tuning: Tuning::default(),
     }
 }

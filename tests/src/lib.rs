@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod apps;
 pub mod demo;
+pub mod mesh;
 pub mod pair;
 pub mod topology;
 pub mod wire;

@@ -46,7 +46,7 @@ pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/frontend/sa/web";
 pub const SERVER_ID: &str = "spiffe://cluster.local/ns/backend/sa/api";
 
 /// Generous per-step timeout: a hung relay fails the test instead of hanging it.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Which record layer both agents use after the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +61,9 @@ pub enum ServerAgent {
     /// Dials the server app and relays, like the real agent.
     #[default]
     Relay,
+    /// Waits this long after the handshake, then relays: lets the client's data and FIN
+    /// arrive first.
+    RelayAfter(Duration),
     /// Kernel layer only: right after installing kTLS, sends one record of `content_type`
     /// with `body` through the kernel (a NewSessionTicket, as a TLS stack with tickets enabled
     /// would send; a KeyUpdate; an alert), then relays.
@@ -89,6 +92,10 @@ pub struct PairOptions {
     pub server_agent: ServerAgent,
     pub relay: RelayConfig,
     pub handshake_timeout: Duration,
+    /// Both agents call `relay::prepare_socket` before the handshake, as the node agent does.
+    /// Off, a peer that half-closes right after the handshake makes that flow fall back to
+    /// userspace.
+    pub prepare_socket: bool,
 }
 
 impl PairOptions {
@@ -103,6 +110,7 @@ impl PairOptions {
                 ..RelayConfig::default()
             },
             handshake_timeout: Duration::from_secs(10),
+            prepare_socket: true,
         }
     }
 }
@@ -152,6 +160,7 @@ impl Drop for Pair {
 
 struct Agent {
     layer: Layer,
+    prepare_socket: bool,
     relay: RelayConfig,
     handshake_timeout: Duration,
     reports: mpsc::UnboundedSender<FlowReport>,
@@ -199,12 +208,14 @@ impl Pair {
         let (server_tx, server_rx) = mpsc::unbounded_channel();
         let client_agent = Arc::new(Agent {
             layer: opts.layer,
+            prepare_socket: opts.prepare_socket,
             relay: opts.relay,
             handshake_timeout: opts.handshake_timeout,
             reports: client_tx,
         });
         let server_agent = Arc::new(Agent {
             layer: opts.layer,
+            prepare_socket: opts.prepare_socket,
             relay: opts.relay,
             handshake_timeout: opts.handshake_timeout,
             reports: server_tx,
@@ -290,6 +301,12 @@ impl Agent {
         });
     }
 
+    fn prepare(&self, peer: &TcpStream) {
+        if self.prepare_socket {
+            relay::prepare_socket(peer, self.record_layer()).expect("prepare socket for kTLS");
+        }
+    }
+
     fn record_layer(&self) -> RecordLayer {
         match self.layer {
             Layer::Userspace => RecordLayer::Userspace,
@@ -316,6 +333,7 @@ impl Agent {
             }
         };
         let _ = peer.set_nodelay(true);
+        self.prepare(&peer);
         let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
         let est = match driver::client_handshake(&mut peer, cfg, name, self.handshake_timeout).await
         {
@@ -346,27 +364,18 @@ impl Agent {
         behaviour: ServerAgent,
     ) {
         let stats = RelayStats::new();
+        self.prepare(&peer);
         let est = match driver::server_handshake(&mut peer, cfg, self.handshake_timeout).await {
             Ok(est) => est,
             Err(e) => return self.report(Side::Server, Err(FlowError::Handshake(e)), stats),
         };
         let r = match behaviour {
-            ServerAgent::Relay => match TcpStream::connect(app_addr).await {
-                Ok(app) => {
-                    let _ = app.set_nodelay(true);
-                    relay::relay(
-                        app,
-                        peer,
-                        est,
-                        self.record_layer(),
-                        self.relay,
-                        Arc::clone(&stats),
-                    )
-                    .await
-                    .map_err(FlowError::Relay)
+            ServerAgent::Relay | ServerAgent::RelayAfter(_) => {
+                if let ServerAgent::RelayAfter(d) = behaviour {
+                    tokio::time::sleep(d).await;
                 }
-                Err(e) => Err(FlowError::Setup(format!("dial server app: {e}"))),
-            },
+                self.relay_to_app(peer, app_addr, est, &stats).await
+            }
             ServerAgent::RecordThenRelay { content_type, body } => {
                 self.record_then_relay(peer, app_addr, est, content_type, &body, &stats)
                     .await
@@ -374,6 +383,29 @@ impl Agent {
             ServerAgent::Truncate(data) => truncate(peer, est, self.layer, &data).await,
         };
         self.report(Side::Server, r, stats);
+    }
+
+    async fn relay_to_app(
+        &self,
+        peer: TcpStream,
+        app_addr: SocketAddr,
+        est: driver::Established,
+        stats: &Arc<RelayStats>,
+    ) -> Result<(), FlowError> {
+        let app = TcpStream::connect(app_addr)
+            .await
+            .map_err(|e| FlowError::Setup(format!("dial server app: {e}")))?;
+        let _ = app.set_nodelay(true);
+        relay::relay(
+            app,
+            peer,
+            est,
+            self.record_layer(),
+            self.relay,
+            Arc::clone(stats),
+        )
+        .await
+        .map_err(FlowError::Relay)
     }
 
     async fn record_then_relay(
@@ -587,13 +619,31 @@ pub async fn exchange(pair: &mut Pair, up: u64, down: u64, chunk: usize) -> Exch
             },
             read_digest(&mut r)
         );
-        (sent.expect("send"), got.expect("receive"))
+        (sent, got)
     };
     let ((c_sent, c_got), (s_sent, s_got)) = tokio::time::timeout(STEP_TIMEOUT, async {
         tokio::join!(side(client, seed_up, up), side(server, seed_down, down))
     })
     .await
     .expect("exchange timed out");
+    let (c_sent, c_got, s_sent, s_got) = match (c_sent, c_got, s_sent, s_got) {
+        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
+        (a, b, c, d) => {
+            // The apps' view says a flow failed; the agents' reports say why.
+            let wait = Duration::from_secs(5);
+            let client = tokio::time::timeout(wait, pair.report(Side::Client))
+                .await
+                .map(|r| r.result);
+            let server = tokio::time::timeout(wait, pair.report(Side::Server))
+                .await
+                .map(|r| r.result);
+            panic!(
+                "exchange of {up}/{down} bytes failed: client app sent {a:?}, received {b:?}; \
+                 server app sent {c:?}, received {d:?}; client agent: {client:?}; server agent: \
+                 {server:?}"
+            );
+        }
+    };
     let elapsed = start.elapsed();
     assert_eq!(s_got, c_sent, "client -> server bytes differ ({up} sent)");
     assert_eq!(c_got, s_sent, "server -> client bytes differ ({down} sent)");
@@ -638,13 +688,31 @@ pub async fn read_until_end(sock: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
 // ---------------------------------------------------------------------------------------------
 // Environment
 
-/// Runs `f` on a fresh multi-threaded runtime.
+/// Runs `f` on a fresh multi-threaded runtime, with the open-file limit raised: a kTLS flow
+/// through the pair holds fourteen descriptors (two sockets and two pipes in each agent, plus
+/// both app sockets), so 200 flows exceed the usual soft limit of 1024.
 pub fn run<F: Future>(f: F) -> F::Output {
+    raise_nofile_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")
         .block_on(f)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (best effort).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        }
+    }
 }
 
 /// Moves the calling thread into a fresh network namespace with `lo` up, so a capture on `lo`
@@ -784,13 +852,19 @@ pub async fn concurrent_flows(opts: PairOptions, flows: usize) {
             let mut s = pair.accept_app().await;
             echoes.push(tokio::spawn(async move {
                 let (data, end) = read_until_end(&mut s).await;
-                end.expect("echo server reads to EOF");
-                s.write_all(&data).await.expect("echo");
+                end.map_err(|e| format!("echo server reads to EOF: {e}"))?;
+                s.write_all(&data)
+                    .await
+                    .map_err(|e| format!("echo server writes: {e}"))
             }));
         }
+        let mut failures = Vec::new();
         for e in echoes {
-            e.await.expect("echo task");
+            if let Err(e) = e.await.expect("echo task") {
+                failures.push(e);
+            }
         }
+        failures
     };
     let entry = pair.entry;
     let clients = async {
@@ -798,25 +872,51 @@ pub async fn concurrent_flows(opts: PairOptions, flows: usize) {
         for i in 0..flows {
             tasks.push(tokio::spawn(async move {
                 let payload = Pattern::bytes(i as u64, (16 << 10) | i);
-                let mut c = TcpStream::connect(entry).await.expect("connect");
-                c.write_all(&payload).await.expect("write");
-                c.shutdown().await.expect("half-close");
+                let mut c = TcpStream::connect(entry)
+                    .await
+                    .map_err(|e| format!("flow {i}: connect: {e}"))?;
+                c.write_all(&payload)
+                    .await
+                    .map_err(|e| format!("flow {i}: write: {e}"))?;
+                c.shutdown()
+                    .await
+                    .map_err(|e| format!("flow {i}: half-close: {e}"))?;
                 let (echo, end) = read_until_end(&mut c).await;
-                end.expect("client reads the echo to EOF");
-                assert!(echo == payload, "flow {i}: echo differs");
+                end.map_err(|e| format!("flow {i}: client reads the echo to EOF: {e}"))?;
+                if echo != payload {
+                    return Err(format!("flow {i}: echo differs"));
+                }
+                Ok(())
             }));
         }
+        let mut failures = Vec::new();
         for t in tasks {
-            t.await.expect("client task");
+            if let Err(e) = t.await.expect("client task") {
+                failures.push(e);
+            }
         }
+        failures
     };
-    tokio::join!(server_app, clients);
+    let (server_failures, client_failures) = tokio::join!(server_app, clients);
+    let mut agent_failures = Vec::new();
     for side in [Side::Client, Side::Server] {
         for _ in 0..flows {
             let r = pair.report(side).await;
-            assert!(r.result.is_ok(), "{side:?}: {:?}", r.result);
+            if let Err(e) = r.result {
+                agent_failures.push(format!("{side:?} agent: {e:?}"));
+            }
         }
     }
+    assert!(
+        server_failures.is_empty() && client_failures.is_empty() && agent_failures.is_empty(),
+        "{} client app, {} server app and {} agent failures:\n{}\n{}\n{}",
+        client_failures.len(),
+        server_failures.len(),
+        agent_failures.len(),
+        client_failures.join("\n"),
+        server_failures.join("\n"),
+        agent_failures.join("\n"),
+    );
 }
 
 /// A server that speaks first (SMTP, SSH banners) is heard promptly without the client
@@ -923,4 +1023,57 @@ pub async fn wire_oracle(opts: PairOptions) {
         find_plaintext(&app_leg, &payload_up).is_some(),
         "negative control: the app leg carries the payload in the clear and must be found"
     );
+}
+
+/// While the server app does not read, the client app's writes stall after a bounded amount
+/// (socket buffers plus the relays' fixed buffers), proving nothing queues without bound; then
+/// the client half-closes with everything still in flight (the close_notify must queue behind
+/// it), the server reads, and every byte must arrive.
+pub async fn slow_reader_back_pressure(opts: PairOptions, total: usize) {
+    let mut pair = Pair::start(opts).await;
+    let mut client = TcpStream::connect(pair.entry).await.expect("connect");
+    let mut server = pair.accept_app().await;
+    let data = Pattern::bytes(9, total);
+    let mut written = 0;
+    loop {
+        let end = (written + (1 << 20)).min(total);
+        let w = tokio::time::timeout(
+            Duration::from_millis(500),
+            client.write(&data[written..end]),
+        );
+        match w.await {
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => panic!("write: {e}"),
+            Err(_) => break,
+        }
+        assert!(
+            written < total,
+            "all {total} bytes accepted with nobody reading"
+        );
+    }
+    eprintln!("writer stalled with {} KiB in flight", written >> 10);
+    let reader = tokio::spawn(async move {
+        let (got, end) = read_until_end(&mut server).await;
+        end.expect("server app reads to a clean EOF");
+        got
+    });
+    client
+        .write_all(&data[written..])
+        .await
+        .expect("write the rest");
+    client.shutdown().await.expect("half-close");
+    let got = reader.await.expect("reader");
+    assert!(
+        got.len() == data.len(),
+        "{} of {} bytes arrived",
+        got.len(),
+        data.len()
+    );
+    assert!(got == data, "data corrupted under back-pressure");
+    let (rest, end) = read_until_end(&mut client).await;
+    assert!(rest.is_empty() && end.is_ok(), "{end:?}");
+    for side in [Side::Client, Side::Server] {
+        let r = pair.report(side).await;
+        assert!(r.result.is_ok(), "{side:?}: {:?}", r.result);
+    }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's build, test and demo entry points. Every command first runs
 //! `setup`, so a fresh machine needs nothing but the Rust toolchains.
 
+mod bench;
 mod setup;
 mod test;
 mod vm;
@@ -31,6 +32,8 @@ enum Cmd {
     /// The main job: set up, build, probe, then run the agent on a throwaway node (two enrolled
     /// pods, one legacy) and print the curl matrix and the wire check.
     Demo(DemoArgs),
+    /// Side-by-side benchmark: interceptor vs HAProxy mTLS sidecars vs plaintext.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -42,6 +45,7 @@ fn main() -> Result<()> {
         Cmd::Test(args) => test::test(&root, &args),
         Cmd::VmTest(args) => vm::vm_test(&root, &args),
         Cmd::Demo(args) => demo(&root, &args),
+        Cmd::Bench(args) => bench::bench(&root, &args),
     }
 }
 

@@ -6,11 +6,13 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
-use crate::relay::RelayStats;
+use tokio::sync::Notify;
+
+use crate::{identity::SpiffeId, relay::RelayStats};
 
 use serde::Serialize;
 
@@ -31,6 +33,9 @@ pub enum Protection {
     Userspace,
     /// No TLS from the agent (non-mesh peer, or policy said so).
     Plaintext,
+    /// TLS the agent originated to a server outside the mesh (DestinationRule SIMPLE or
+    /// MUTUAL), relayed by rustls.
+    Tls,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +49,55 @@ pub struct FlowInfo {
     pub peer_id: Option<String>,
     pub cipher: Option<String>,
     pub protection: Protection,
+    /// Outbound: the address the agent connected to (a service VIP's chosen endpoint).
+    pub endpoint: Option<SocketAddr>,
+    /// The policy decision that let the flow through (mode or rule).
+    pub reason: Option<String>,
+}
+
+/// What an open inbound flow was decided on, kept so a new policy can decide it again.
+#[derive(Debug, Clone)]
+pub struct InboundCheck {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub peer: Option<SpiffeId>,
+}
+
+/// Closes a flow from outside its task: the flow's relay waits on it next to the data.
+#[derive(Debug, Default)]
+pub struct Cancel {
+    notify: Notify,
+    fired: AtomicBool,
+}
+
+impl Cancel {
+    /// Asks the flow to close; true the first time.
+    pub fn fire(&self) -> bool {
+        let first = !self.fired.swap(true, Ordering::AcqRel);
+        if first {
+            // Stores a permit if the flow is not waiting yet.
+            self.notify.notify_one();
+        }
+        first
+    }
+
+    /// Whether [`Cancel::fire`] was called.
+    pub fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// Completes once [`Cancel::fire`] was called.
+    pub async fn fired(&self) {
+        self.notify.notified().await;
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: FlowInfo,
+    stats: Arc<RelayStats>,
+    check: Option<InboundCheck>,
+    cancel: Arc<Cancel>,
 }
 
 /// One row of `interceptor flows --json`.
@@ -62,6 +116,12 @@ pub struct FlowRow {
     /// A recently closed flow (listed with `--all`).
     #[serde(default)]
     pub closed: bool,
+    /// Outbound: where the agent connected (the endpoint a service VIP resolved to).
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+    /// The policy decision that let the flow through.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// How many closed flows `interceptor flows --all` still shows.
@@ -70,7 +130,7 @@ const RECENT: usize = 256;
 #[derive(Debug, Default)]
 pub struct FlowTable {
     next: AtomicU64,
-    flows: Mutex<BTreeMap<u64, (FlowInfo, Arc<RelayStats>)>>,
+    flows: Mutex<BTreeMap<u64, Entry>>,
     /// The last closed flows with their final counts: short connections (a curl) are gone
     /// before anyone can list them, yet operators and the demo want to see how they went.
     recent: Mutex<std::collections::VecDeque<FlowRow>>,
@@ -81,6 +141,7 @@ pub struct FlowGuard<'a> {
     table: &'a FlowTable,
     id: u64,
     pub stats: Arc<RelayStats>,
+    pub cancel: Arc<Cancel>,
 }
 
 impl Drop for FlowGuard<'_> {
@@ -98,7 +159,8 @@ impl Drop for FlowGuard<'_> {
     }
 }
 
-fn row(id: u64, (i, c): &(FlowInfo, Arc<RelayStats>)) -> FlowRow {
+fn row(id: u64, entry: &Entry) -> FlowRow {
+    let (i, c) = (&entry.info, &entry.stats);
     FlowRow {
         id,
         pod: i.pod.clone(),
@@ -111,32 +173,65 @@ fn row(id: u64, (i, c): &(FlowInfo, Arc<RelayStats>)) -> FlowRow {
         bytes_to_peer: c.bytes_app_to_peer(),
         bytes_from_peer: c.bytes_peer_to_app(),
         closed: false,
+        endpoint: i.endpoint,
+        reason: i.reason.clone(),
     }
 }
 
 impl FlowTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (FlowInfo, Arc<RelayStats>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
         // A panic while holding the lock cannot leave the map inconsistent (single insert or
         // remove), so a poisoned lock is still usable.
         self.flows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn insert(&self, info: FlowInfo) -> FlowGuard<'_> {
+        self.insert_checked(info, None)
+    }
+
+    /// Inserts a flow whose admission `check` is re-decided when the policy changes.
+    pub fn insert_checked(&self, info: FlowInfo, check: Option<InboundCheck>) -> FlowGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let stats = RelayStats::new();
-        self.lock().insert(id, (info, Arc::clone(&stats)));
+        let cancel = Arc::new(Cancel::default());
+        self.lock().insert(
+            id,
+            Entry {
+                info,
+                stats: Arc::clone(&stats),
+                check,
+                cancel: Arc::clone(&cancel),
+            },
+        );
         FlowGuard {
             table: self,
             id,
             stats,
+            cancel,
         }
     }
 
     /// Updates a flow once the handshake has told us who the peer is.
     pub fn update(&self, id: u64, f: impl FnOnce(&mut FlowInfo)) {
-        if let Some((info, _)) = self.lock().get_mut(&id) {
-            f(info);
+        if let Some(entry) = self.lock().get_mut(&id) {
+            f(&mut entry.info);
         }
+    }
+
+    /// Re-decides every open flow that has a check: `allowed` returning false closes it (its
+    /// relay resets both connections). Returns how many were closed.
+    pub fn revalidate(&self, mut allowed: impl FnMut(&FlowInfo, &InboundCheck) -> bool) -> usize {
+        let mut closed = 0;
+        for entry in self.lock().values() {
+            let Some(check) = &entry.check else { continue };
+            if entry.cancel.is_fired() {
+                continue;
+            }
+            if !allowed(&entry.info, check) && entry.cancel.fire() {
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Open flows.
@@ -187,6 +282,7 @@ pub fn render(rows: &[FlowRow]) -> String {
                 Protection::Ktls => "ktls",
                 Protection::Userspace => "userspace",
                 Protection::Plaintext => "plaintext",
+                Protection::Tls => "tls",
             },
             r.bytes_to_peer,
             r.bytes_from_peer

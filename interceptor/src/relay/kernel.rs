@@ -44,7 +44,7 @@ use crate::{
 };
 
 /// The exact TX record count is read back from the kernel after this much plaintext.
-pub(super) const RECORD_CHECK_BYTES: u64 = 1 << 20;
+const RECORD_CHECK_BYTES: u64 = 1 << 20;
 
 /// TLS 1.3 record expansion under kTLS: 5-byte header, 1-byte inner content type, 16-byte
 /// AEAD tag (all three supported AEADs); the kernel never pads.
@@ -58,6 +58,9 @@ const FLUSH_RECHECK: Duration = Duration::from_millis(1);
 
 /// Linux's default pipe size, if resizing is refused.
 const DEFAULT_PIPE: usize = 64 << 10;
+
+/// Bound on the pipe size: one pipe's worth is the slack in the record-limit check.
+const MAX_PIPE: usize = 1 << 20;
 
 fn flags() -> SpliceFlags {
     SpliceFlags::NONBLOCK | SpliceFlags::MOVE
@@ -132,7 +135,7 @@ struct Lane {
 impl Lane {
     fn new(size: usize) -> io::Result<Lane> {
         let (r, w) = ksys::pipe2(true)?;
-        let cap = sys::set_pipe_size(w.as_fd(), size).unwrap_or(DEFAULT_PIPE);
+        let cap = sys::set_pipe_size(w.as_fd(), size.min(MAX_PIPE)).unwrap_or(DEFAULT_PIPE);
         Ok(Lane {
             r,
             w,
@@ -524,5 +527,36 @@ pub(super) fn only_session_tickets(body: &[u8]) -> Result<(), String> {
         Ok(())
     } else {
         Err("truncated handshake message header".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::only_session_tickets;
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(body.len()).unwrap().to_be_bytes();
+        let mut m = vec![kind, len[1], len[2], len[3]];
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn tickets_alone_are_accepted() {
+        assert_eq!(only_session_tickets(&msg(4, &[0; 40])), Ok(()));
+        let two = [msg(4, &[1; 20]), msg(4, &[])].concat();
+        assert_eq!(only_session_tickets(&two), Ok(()));
+    }
+
+    #[test]
+    fn anything_else_is_named() {
+        let e = only_session_tickets(&msg(24, &[0])).unwrap_err();
+        assert!(e.contains("KeyUpdate"), "{e}");
+        let e = only_session_tickets(&[msg(4, &[0; 8]), msg(13, &[])].concat()).unwrap_err();
+        assert!(e.contains("type 13"), "{e}");
+        assert!(only_session_tickets(&[]).is_err());
+        // A ticket split across records, and a stray partial header.
+        assert!(only_session_tickets(&msg(4, &[0; 8])[..10]).is_err());
+        assert!(only_session_tickets(&[msg(4, &[]), vec![4, 0]].concat()).is_err());
     }
 }

@@ -153,6 +153,49 @@ pub(crate) fn build(work_dir: &Path, kernel: &Kernel, payload: &Payload<'_>) -> 
     Ok(archive)
 }
 
+/// Builds `<work_dir>/initramfs.cpio.gz` like [`build`], but with caller-chosen executables
+/// (`(source, destination inside the guest)`, shared libraries copied along) and a caller-
+/// written `/init`, which receives the module names it must load. The benchmark's guest
+/// (`cargo xtask bench --vm`) is built this way.
+pub(crate) fn build_custom(
+    work_dir: &Path,
+    kernel: &Kernel,
+    executables: &[(&Path, &str)],
+    init: impl FnOnce(&[String]) -> String,
+) -> Result<PathBuf> {
+    let root = work_dir.join("root");
+    if root.exists() {
+        fs::remove_dir_all(&root)
+            .with_context(|| format!("failed to remove {}", root.display()))?;
+    }
+    for dir in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "lib64", "etc", "proc", "sys", "dev", "tmp", "run",
+        "root", "var/tmp",
+    ] {
+        create_dir(&root.join(dir))?;
+    }
+    let mut installer = Installer::new(&root);
+    install_busybox(&mut installer)?;
+    for tool in HOST_TOOLS {
+        if let Ok(path) = which::which(tool) {
+            installer.executable(&path, &format!("usr/bin/{tool}"), false)?;
+        }
+    }
+    for (source, dest) in executables {
+        let strip = !dest.starts_with("usr/");
+        installer.executable(source, dest, strip)?;
+    }
+    let modules = install_modules(&root, kernel)?;
+    write_etc(&root)?;
+    let init_path = root.join("init");
+    fs::write(&init_path, init(&modules)).context("failed to write /init")?;
+    fs::set_permissions(&init_path, fs::Permissions::from_mode(0o755))
+        .context("failed to make /init executable")?;
+    let archive = work_dir.join("initramfs.cpio.gz");
+    pack(&root, &archive)?;
+    Ok(archive)
+}
+
 fn create_dir(path: &Path) -> Result<()> {
     fs::create_dir_all(path).with_context(|| format!("failed to create {}", path.display()))
 }

@@ -1,0 +1,250 @@
+//! `interceptor-bench`: the orchestrator (`run`) and the small programs it starts inside the
+//! pods (`serve`, `http-load`, `churn`, `idle`, `http-get`). One binary, so the VM needs only
+//! this file next to the agent and the Debian tools.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use interceptor_bench::{
+    apps,
+    modes::Mode,
+    runner::{self, Plan},
+    topology::Layout,
+    workloads::{Params, Workload},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "interceptor-bench",
+    about = "interceptor vs HAProxy mTLS sidecars vs plaintext, side by side"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the benchmark (root): build the topology, run every mode in interleaved rounds,
+    /// write results.{json,md,svg}.
+    Run(RunArgs),
+    /// HTTP (1 KiB body) and echo servers, until killed.
+    Serve {
+        #[arg(long)]
+        http: SocketAddr,
+        #[arg(long)]
+        echo: SocketAddr,
+    },
+    /// Open-loop fixed-rate HTTP/1.1 load; JSON report on stdout.
+    HttpLoad {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        /// Measured seconds (after the warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+    },
+    /// New connection per request for DURATION seconds; JSON report on stdout.
+    Churn {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
+    /// Open COUNT echo connections, print `ready N`, hold them.
+    Idle {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 600)]
+        hold_secs: u64,
+    },
+    /// Re-render results.{md,svg} (and the summary in results.json) from a saved results.json,
+    /// e.g. one a VM run printed.
+    Render {
+        /// Directory holding results.json; the renderings are written next to it.
+        dir: PathBuf,
+    },
+    /// One GET on a new connection; prints the body.
+    HttpGet {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Measured rounds (at least 5 for a result; --quick defaults to 2).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Short durations and 2 rounds: a smoke run, not a result.
+    #[arg(long)]
+    quick: bool,
+    /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg (default: all).
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all).
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Topologies, comma separated: same-node, cross-node (default: both).
+    #[arg(long, value_delimiter = ',')]
+    topology: Vec<String>,
+    /// The agent binary (release build of `interceptor`).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Output directory for results and logs.
+    #[arg(long, default_value = "target/bench/host")]
+    out: PathBuf,
+    /// Pin the client pod (and its sidecar) to CPU 0 and the server pod to CPU 1.
+    #[arg(long)]
+    pin: bool,
+    /// Offered HTTP rate (requests/s over all connections).
+    #[arg(long)]
+    http_rate: Option<f64>,
+    /// Idle flows held open for the memory measurement.
+    #[arg(long)]
+    idle_flows: Option<usize>,
+    /// Seconds per bulk (iperf3) run.
+    #[arg(long)]
+    iperf_secs: Option<u64>,
+    /// Skip the warm-up pass.
+    #[arg(long)]
+    no_warmup: bool,
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("interceptor-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Run(args) => run(args),
+        Cmd::Serve { http, echo } => apps::serve(http, echo),
+        Cmd::HttpLoad {
+            target,
+            rate,
+            conns,
+            duration,
+            warmup,
+        } => {
+            let r = apps::http_load(
+                target,
+                rate,
+                conns,
+                Duration::from_secs_f64(duration),
+                Duration::from_secs_f64(warmup),
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::Churn { target, duration } => {
+            let r = apps::churn(target, Duration::from_secs_f64(duration))?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::Idle {
+            target,
+            count,
+            hold_secs,
+        } => apps::idle(target, count, Duration::from_secs(hold_secs)),
+        Cmd::Render { dir } => {
+            let text = std::fs::read(dir.join("results.json"))
+                .with_context(|| format!("read {}/results.json", dir.display()))?;
+            let mut report: interceptor_bench::report::Report =
+                serde_json::from_slice(&text).context("parse results.json")?;
+            for l in &mut report.layouts {
+                l.summarise();
+            }
+            runner::write(&report, &dir)?;
+            println!("{}", report.markdown());
+            Ok(())
+        }
+        Cmd::HttpGet { target, path } => {
+            let body = apps::http_get(target, &path, Duration::from_secs(10))?;
+            print!("{body}");
+            Ok(())
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let mut params = if args.quick {
+        Params::quick()
+    } else {
+        Params::full()
+    };
+    if let Some(r) = args.http_rate {
+        params.http_rate = r;
+    }
+    if let Some(n) = args.idle_flows {
+        params.idle_flows = n;
+    }
+    if let Some(s) = args.iperf_secs {
+        params.iperf_secs = s;
+    }
+    let modes = if args.modes.is_empty() {
+        Mode::ALL.to_vec()
+    } else {
+        let mut m = args
+            .modes
+            .iter()
+            .map(|s| Mode::parse(s))
+            .collect::<Result<Vec<_>>>()?;
+        // Keep the round order fixed whatever order they were named in.
+        m.sort_by_key(|m| Mode::ALL.iter().position(|x| x == m));
+        m.dedup();
+        m
+    };
+    let workloads = if args.workloads.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        args.workloads
+            .iter()
+            .map(|s| Workload::parse(s))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let layouts = if args.topology.is_empty() {
+        vec![Layout::SameNode, Layout::CrossNode]
+    } else {
+        args.topology
+            .iter()
+            .map(|s| Layout::parse(s))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let plan = Plan {
+        rounds: args.rounds.unwrap_or(if args.quick { 2 } else { 5 }),
+        quick: args.quick,
+        modes,
+        workloads,
+        layouts,
+        agent: args.agent,
+        out: args.out.clone(),
+        pin: args.pin,
+        params,
+        warmup: !args.no_warmup,
+    };
+    let report = runner::run(&plan)?;
+    runner::write(&report, &args.out).context("write results")?;
+    println!();
+    println!("{}", report.markdown());
+    println!(
+        "bench: results in {}/results.{{json,md,svg}}",
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,753 @@
+//! Results: raw samples, medians with quartiles, paired per-round ratios, the issue's targets,
+//! and their renderings (JSON for machines, Markdown for people, an SVG plot).
+//!
+//! Every ratio is computed within a round (mode X in round r ÷ plaintext in round r) and the
+//! median of those ratios is reported: on a 2-core machine the plaintext ceiling itself moves
+//! by ±25 % between runs, and pairing cancels most of that drift.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{modes::Mode, topology::Layout, workloads::Workload};
+
+/// One measured value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub round: usize,
+    pub mode: Mode,
+    pub workload: Workload,
+    pub metric: String,
+    pub value: f64,
+}
+
+/// Something that did not produce a number, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub round: Option<usize>,
+    pub mode: Mode,
+    pub workload: Option<Workload>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub q1: f64,
+    pub q3: f64,
+    pub n: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub median: f64,
+    pub per_round: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub workload: Workload,
+    pub metric: String,
+    pub unit: &'static str,
+    pub lower_is_better: bool,
+    pub medians: BTreeMap<Mode, Stat>,
+    /// mode ÷ plaintext, per round.
+    pub vs_plaintext: BTreeMap<Mode, Ratio>,
+    /// interceptor mode ÷ HAProxy pair, per round.
+    pub vs_haproxy: BTreeMap<Mode, Ratio>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub goal: String,
+    pub measured: Option<f64>,
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayoutResults {
+    pub layout: Layout,
+    /// Modes that could not run at all here, with the reason.
+    pub unavailable: BTreeMap<Mode, String>,
+    pub samples: Vec<Sample>,
+    pub failures: Vec<Failure>,
+    /// Derived from `samples` by [`LayoutResults::summarise`]; recomputed when a saved
+    /// report is rendered again.
+    #[serde(default, skip_deserializing)]
+    pub rows: Vec<Row>,
+    #[serde(default, skip_deserializing)]
+    pub targets: Vec<Target>,
+}
+
+impl LayoutResults {
+    pub fn new(layout: Layout) -> Self {
+        Self {
+            layout,
+            unavailable: BTreeMap::new(),
+            samples: Vec::new(),
+            failures: Vec::new(),
+            rows: Vec::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    fn values(&self, mode: Mode, w: Workload, metric: &str) -> BTreeMap<usize, f64> {
+        self.samples
+            .iter()
+            .filter(|s| s.mode == mode && s.workload == w && s.metric == metric)
+            .map(|s| (s.round, s.value))
+            .collect()
+    }
+
+    fn ratio(&self, num: Mode, den: Mode, w: Workload, metric: &str) -> Option<Ratio> {
+        let a = self.values(num, w, metric);
+        let b = self.values(den, w, metric);
+        let per_round: Vec<f64> = a
+            .iter()
+            .filter_map(|(r, x)| b.get(r).filter(|y| **y != 0.0).map(|y| x / y))
+            .collect();
+        (!per_round.is_empty()).then(|| Ratio {
+            median: median(&per_round),
+            per_round,
+        })
+    }
+
+    /// Computes rows and targets from the samples.
+    pub fn summarise(&mut self) {
+        let mut keys: Vec<(Workload, String)> = self
+            .samples
+            .iter()
+            .map(|s| (s.workload, s.metric.clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let modes: Vec<Mode> = {
+            let mut m: Vec<Mode> = self.samples.iter().map(|s| s.mode).collect();
+            m.sort();
+            m.dedup();
+            m
+        };
+        self.rows = keys
+            .into_iter()
+            .map(|(w, metric)| {
+                let (unit, lower) = meta(&metric);
+                let mut row = Row {
+                    workload: w,
+                    metric: metric.clone(),
+                    unit,
+                    lower_is_better: lower,
+                    medians: BTreeMap::new(),
+                    vs_plaintext: BTreeMap::new(),
+                    vs_haproxy: BTreeMap::new(),
+                };
+                for &m in &modes {
+                    let v: Vec<f64> = self.values(m, w, &metric).into_values().collect();
+                    if !v.is_empty() {
+                        row.medians.insert(m, stat(&v));
+                    }
+                    if m != Mode::Plaintext
+                        && let Some(r) = self.ratio(m, Mode::Plaintext, w, &metric)
+                    {
+                        row.vs_plaintext.insert(m, r);
+                    }
+                    if m.is_interceptor()
+                        && let Some(r) = self.ratio(m, Mode::HaproxyPair, w, &metric)
+                    {
+                        row.vs_haproxy.insert(m, r);
+                    }
+                }
+                row
+            })
+            .collect();
+        self.targets = self.targets();
+    }
+
+    /// The issue's targets, evaluated for the userspace relay (the mode that runs on hosts
+    /// without kTLS) and, where it ran, kTLS against the relay.
+    fn targets(&self) -> Vec<Target> {
+        let relay = Mode::InterceptorRelay;
+        let hap = Mode::HaproxyPair;
+        let mut t = Vec::new();
+        let r = self.ratio(relay, hap, Workload::Iperf1, "mb_s");
+        t.push(target(
+            "throughput, relay ÷ HAProxy pair (iperf3 1 stream)",
+            "≥ 2.5",
+            r.map(|r| r.median),
+            |v| v >= 2.5,
+        ));
+        let r = self.ratio(relay, hap, Workload::Iperf1, "cpu_s_per_gb");
+        t.push(target(
+            "CPU-s per GB (pods + agents), relay ÷ HAProxy pair",
+            "≤ 0.4",
+            r.map(|r| r.median),
+            |v| v <= 0.4,
+        ));
+        // Added round trip: (mode − plaintext) per round, relay's over the pair's.
+        let plain = self.values(Mode::Plaintext, Workload::Rr64, "p50_us");
+        let ours = self.values(relay, Workload::Rr64, "p50_us");
+        let theirs = self.values(hap, Workload::Rr64, "p50_us");
+        let per_round: Vec<f64> = plain
+            .iter()
+            .filter_map(|(r, p)| {
+                let o = ours.get(r)? - p;
+                let h = theirs.get(r)? - p;
+                (h > 0.0).then_some(o / h)
+            })
+            .collect();
+        t.push(target(
+            "added p50 round trip (64 B), relay's added ÷ pair's added",
+            "≤ 0.3",
+            (!per_round.is_empty()).then(|| median(&per_round)),
+            |v| v <= 0.3,
+        ));
+        let v: Vec<f64> = self
+            .values(relay, Workload::Churn, "setups_per_proxy_core_s")
+            .into_values()
+            .collect();
+        t.push(target(
+            "full mTLS connection setups per agent CPU-second (relay)",
+            "≥ 4000",
+            (!v.is_empty()).then(|| median(&v)),
+            |v| v >= 4000.0,
+        ));
+        let v: Vec<f64> = self
+            .values(relay, Workload::Idle, "max_proxy_rss_mb")
+            .into_values()
+            .collect();
+        t.push(target(
+            "agent RSS with the idle flows open (relay), MB",
+            "≤ 32",
+            (!v.is_empty()).then(|| median(&v)),
+            |v| v <= 32.0,
+        ));
+        let r = self.ratio(Mode::InterceptorKtls, relay, Workload::Iperf1, "mb_s");
+        t.push(target(
+            "throughput, kTLS ÷ userspace relay (same run)",
+            "≥ 1.0",
+            r.map(|r| r.median),
+            |v| v >= 1.0,
+        ));
+        t
+    }
+}
+
+/// The metrics a reader looks at first, in reading order.
+const HEADLINE: [(Workload, &str, &str); 15] = [
+    (Workload::Iperf1, "mb_s", "bulk 1 stream, MB/s"),
+    (Workload::Iperf4, "mb_s", "bulk 4 streams, MB/s"),
+    (
+        Workload::Iperf1,
+        "cpu_s_per_gb",
+        "CPU-s per GB, pods + proxies (1 stream)",
+    ),
+    (
+        Workload::Iperf1,
+        "proxy_cpu_s_per_gb",
+        "CPU-s per GB, proxies only (1 stream)",
+    ),
+    (Workload::Rr64, "p50_us", "RTT 64 B p50, µs"),
+    (Workload::Rr64, "p99_us", "RTT 64 B p99, µs"),
+    (Workload::Rr1k, "p50_us", "RTT 1 KiB p50, µs"),
+    (Workload::Http, "p50_us", "HTTP p50 at the fixed rate, µs"),
+    (Workload::Http, "p90_us", "HTTP p90, µs"),
+    (Workload::Http, "p99_us", "HTTP p99, µs"),
+    (
+        Workload::Http,
+        "proxy_vcpu_per_krps",
+        "proxy vCPU per 1000 rps",
+    ),
+    (
+        Workload::Churn,
+        "conn_per_s",
+        "new connections/s (1 client thread)",
+    ),
+    (Workload::Churn, "p99_us", "connect → first byte p99, µs"),
+    (
+        Workload::Churn,
+        "setups_per_proxy_core_s",
+        "full mTLS setups per proxy CPU-s",
+    ),
+    (
+        Workload::Idle,
+        "max_proxy_rss_mb",
+        "largest proxy RSS with idle flows, MB",
+    ),
+];
+
+impl LayoutResults {
+    /// A compact table: headline metrics, each mode's median, and the paired ratios that
+    /// matter (÷ plaintext, relay ÷ HAProxy, kTLS ÷ relay).
+    pub fn headline(&self, modes: &[Mode]) -> String {
+        let mut s = String::new();
+        let _ = write!(s, "| metric |");
+        for m in modes {
+            let _ = write!(s, " {} |", short(*m));
+        }
+        s.push_str(" relay ÷ HAProxy | kTLS ÷ relay |\n");
+        let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(modes.len()));
+        for (w, metric, label) in HEADLINE {
+            let Some(row) = self
+                .rows
+                .iter()
+                .find(|r| r.workload == w && r.metric == metric)
+            else {
+                continue;
+            };
+            let _ = write!(s, "| {label} |");
+            for m in modes {
+                let cell = match (row.medians.get(m), row.vs_plaintext.get(m)) {
+                    (Some(st), Some(r)) => {
+                        format!("{} ({}×)", fmt_num(st.median), fmt_num(r.median))
+                    }
+                    (Some(st), None) => fmt_num(st.median),
+                    _ => "—".to_owned(),
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            let rh = row
+                .vs_haproxy
+                .get(&Mode::InterceptorRelay)
+                .map_or("—".to_owned(), |r| fmt_num(r.median));
+            let kr = self
+                .ratio(Mode::InterceptorKtls, Mode::InterceptorRelay, w, metric)
+                .map_or("—".to_owned(), |r| fmt_num(r.median));
+            let _ = writeln!(s, " {rh} | {kr} |");
+        }
+        s.push_str(
+            "\nCells: median over rounds (median of per-round ratios to plaintext). Ratio \
+             columns: medians of per-round ratios.\n\n",
+        );
+        s
+    }
+}
+
+fn target(name: &str, goal: &str, measured: Option<f64>, ok: impl Fn(f64) -> bool) -> Target {
+    Target {
+        name: name.to_owned(),
+        goal: goal.to_owned(),
+        measured,
+        met: measured.map(ok),
+    }
+}
+
+/// (unit, lower is better) of a metric.
+fn meta(metric: &str) -> (&'static str, bool) {
+    match metric {
+        "mb_s" => ("MB/s", false),
+        "cpu_s_per_gb" | "busy_cpu_s_per_gb" | "proxy_cpu_s_per_gb" => ("CPU-s/GB", true),
+        "tcp_retransmits" => ("count", true),
+        "p50_us" | "p90_us" | "p99_us" | "p999_us" | "sender_lateness_p99_us" => ("µs", true),
+        "achieved_rps" => ("req/s", false),
+        "errors" => ("count", true),
+        "vcpu_per_krps" | "proxy_vcpu_per_krps" => ("vCPU per 1000 rps", true),
+        "conn_per_s" => ("conn/s", false),
+        "cpu_ms_per_conn" | "proxy_cpu_ms_per_conn" => ("CPU-ms/conn", true),
+        "setups_per_proxy_core_s" => ("setups per CPU-s", false),
+        "proxy_rss_mb" | "max_proxy_rss_mb" | "proxy_rss_delta_mb" => ("MB", true),
+        _ => ("", true),
+    }
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    quantile(v, 0.5)
+}
+
+/// Linear-interpolated quantile (like numpy's default).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pos = q * (s.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
+}
+
+fn stat(v: &[f64]) -> Stat {
+    Stat {
+        median: median(v),
+        q1: quantile(v, 0.25),
+        q3: quantile(v, 0.75),
+        n: v.len(),
+    }
+}
+
+/// Machine and software the numbers came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub hostname: String,
+    pub kernel: String,
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub cpu_flags: String,
+    pub tcp_available_ulp: String,
+    pub clocksource: String,
+    pub governor: String,
+    pub in_vm: bool,
+    pub tools: BTreeMap<String, String>,
+    pub agent_probe: Option<serde_json::Value>,
+    pub git_commit: Option<String>,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub started_unix: u64,
+    pub finished_unix: u64,
+    pub rounds: usize,
+    pub quick: bool,
+    pub pinned: bool,
+    pub params: crate::workloads::Params,
+    pub machine: Machine,
+    pub layouts: Vec<LayoutResults>,
+}
+
+fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        "—".to_owned()
+    } else if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn short(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Plaintext => "plaintext",
+        Mode::InterceptorKtls => "kTLS",
+        Mode::InterceptorRelay => "relay",
+        Mode::HaproxyPair => "HAProxy pair",
+        Mode::InterceptorSkmsg => "relay+sk_msg",
+    }
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "# interceptor benchmark results\n");
+        let _ = writeln!(
+            s,
+            "Machine: {} ({} CPUs, {}), kernel {}, tcp ULPs: `{}`{}. Rounds: {}{}{}.\n",
+            m.cpu_model,
+            m.cpus,
+            if m.in_vm { "QEMU guest" } else { "host" },
+            m.kernel,
+            m.tcp_available_ulp.trim(),
+            m.git_commit
+                .as_deref()
+                .map(|c| format!(", commit {c}"))
+                .unwrap_or_default(),
+            self.rounds,
+            if self.quick { " (--quick)" } else { "" },
+            if self.pinned {
+                ", client pod on CPU 0 / server pod on CPU 1"
+            } else {
+                ", unpinned"
+            },
+        );
+        let _ = writeln!(
+            s,
+            "Tools: {}.\n",
+            m.tools
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if m.in_vm {
+            let _ = writeln!(
+                s,
+                "**Emulated (QEMU TCG): AES is ~135× and TCP ~51× slower than on the host. \
+                 Read the ratios between modes of this same run; the absolute numbers and the \
+                 ratios to plaintext are not results for real hardware.**\n"
+            );
+        }
+        for l in &self.layouts {
+            let _ = writeln!(s, "## {}\n", l.layout.label());
+            for (mode, why) in &l.unavailable {
+                let _ = writeln!(s, "- {}: {why}", mode.label());
+            }
+            if !l.unavailable.is_empty() {
+                s.push('\n');
+            }
+            let modes: Vec<Mode> = Mode::ALL
+                .into_iter()
+                .filter(|m| l.rows.iter().any(|r| r.medians.contains_key(m)))
+                .collect();
+            s.push_str(&l.headline(&modes));
+            let _ = writeln!(
+                s,
+                "All metrics, medians over rounds (IQR in brackets where n ≥ 3):\n"
+            );
+            let _ = write!(s, "| workload | metric | unit |");
+            for m in &modes {
+                let _ = write!(s, " {} |", short(*m));
+            }
+            s.push('\n');
+            let _ = writeln!(s, "|---|---|---|{}", "---|".repeat(modes.len()));
+            for r in &l.rows {
+                let _ = write!(s, "| {} | {} | {} |", r.workload.label(), r.metric, r.unit);
+                for m in &modes {
+                    match r.medians.get(m) {
+                        Some(st) if st.n >= 3 => {
+                            let _ = write!(
+                                s,
+                                " {} [{}–{}] |",
+                                fmt_num(st.median),
+                                fmt_num(st.q1),
+                                fmt_num(st.q3)
+                            );
+                        }
+                        Some(st) => {
+                            let _ = write!(s, " {} |", fmt_num(st.median));
+                        }
+                        None => s.push_str(" — |"),
+                    }
+                }
+                s.push('\n');
+            }
+            let ratio_modes: Vec<Mode> = modes
+                .iter()
+                .copied()
+                .filter(|m| *m != Mode::Plaintext)
+                .collect();
+            let ours: Vec<Mode> = modes
+                .iter()
+                .copied()
+                .filter(|m| m.is_interceptor())
+                .collect();
+            let _ = writeln!(
+                s,
+                "\nMedian of per-round ratios (÷ plaintext of the same round; ours ÷ HAProxy pair \
+                 of the same round):\n"
+            );
+            let _ = write!(s, "| workload | metric |");
+            for m in &ratio_modes {
+                let _ = write!(s, " {} ÷ plain |", short(*m));
+            }
+            for m in &ours {
+                let _ = write!(s, " {} ÷ HAProxy |", short(*m));
+            }
+            s.push('\n');
+            let _ = writeln!(
+                s,
+                "|---|---|{}",
+                "---|".repeat(ratio_modes.len() + ours.len())
+            );
+            for r in &l.rows {
+                if r.vs_plaintext.is_empty() && r.vs_haproxy.is_empty() {
+                    continue;
+                }
+                let _ = write!(s, "| {} | {} |", r.workload.label(), r.metric);
+                for m in &ratio_modes {
+                    let _ = write!(
+                        s,
+                        " {} |",
+                        r.vs_plaintext
+                            .get(m)
+                            .map_or("—".to_owned(), |x| fmt_num(x.median))
+                    );
+                }
+                for m in &ours {
+                    let _ = write!(
+                        s,
+                        " {} |",
+                        r.vs_haproxy
+                            .get(m)
+                            .map_or("—".to_owned(), |x| fmt_num(x.median))
+                    );
+                }
+                s.push('\n');
+            }
+            let _ = writeln!(s, "\nTargets (issue 5):\n");
+            let _ = writeln!(s, "| target | goal | measured | met |");
+            let _ = writeln!(s, "|---|---|---|---|");
+            for t in &l.targets {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    t.name,
+                    t.goal,
+                    t.measured.map_or("—".to_owned(), fmt_num),
+                    match t.met {
+                        Some(true) => "yes",
+                        Some(false) => "**no**",
+                        None => "not measured",
+                    }
+                );
+            }
+            if !l.failures.is_empty() {
+                let _ = writeln!(s, "\nFailures:\n");
+                for f in &l.failures {
+                    let _ = writeln!(
+                        s,
+                        "- round {}, {}, {}: {}",
+                        f.round.map_or("—".to_owned(), |r| r.to_string()),
+                        f.mode.label(),
+                        f.workload.map_or("setup", |w| w.label()),
+                        f.message.replace('\n', " ")
+                    );
+                }
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Grouped bars: for each headline metric, each mode's median ratio to plaintext, one
+    /// panel per layout. Bars above 1 are better for throughput metrics and worse for
+    /// latency and cost metrics; the caption says which.
+    pub fn svg(&self) -> String {
+        const HEADLINE: [(Workload, &str, &str); 6] = [
+            (Workload::Iperf1, "mb_s", "iperf3 1 stream MB/s"),
+            (Workload::Iperf4, "mb_s", "iperf3 4 streams MB/s"),
+            (Workload::Iperf1, "cpu_s_per_gb", "CPU-s/GB (1 stream)"),
+            (Workload::Rr64, "p50_us", "RTT p50 64 B"),
+            (Workload::Http, "p99_us", "HTTP p99 @1000 rps"),
+            (Workload::Churn, "conn_per_s", "new conn/s"),
+        ];
+        let colors = [
+            (Mode::InterceptorKtls, "#1b9e77"),
+            (Mode::InterceptorRelay, "#7570b3"),
+            (Mode::InterceptorSkmsg, "#66a61e"),
+            (Mode::HaproxyPair, "#d95f02"),
+        ];
+        let panel_w = 900.0;
+        let panel_h = 300.0;
+        let top = 60.0;
+        let h = top + panel_h * self.layouts.len() as f64 + 40.0;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{panel_w}" height="{h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="15">Median per-round ratio to plaintext (log scale; 1 = plaintext){}</text>"#,
+            if self.machine.in_vm {
+                " — QEMU TCG: emulation distorts, compare modes only"
+            } else {
+                ""
+            }
+        );
+        let mut lx = 10.0;
+        for (mode, color) in colors {
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx}" y="32" width="12" height="12" fill="{color}"/><text x="{}" y="42">{}</text>"#,
+                lx + 16.0,
+                short(mode)
+            );
+            lx += 130.0;
+        }
+        // log10 axis from 0.01 to 100
+        let (lo, hi) = (-2.0f64, 2.0f64);
+        for (pi, l) in self.layouts.iter().enumerate() {
+            let y0 = top + panel_h * pi as f64;
+            let plot_top = y0 + 25.0;
+            let plot_bottom = y0 + panel_h - 45.0;
+            let left = 50.0;
+            let y_of = |ratio: f64| {
+                let v = ratio.max(1e-9).log10().clamp(lo, hi);
+                plot_bottom - (v - lo) / (hi - lo) * (plot_bottom - plot_top)
+            };
+            let _ = writeln!(
+                s,
+                r#"<text x="10" y="{}" font-size="13" font-weight="bold">{}</text>"#,
+                y0 + 15.0,
+                l.layout.label()
+            );
+            for tick in [0.01, 0.1, 1.0, 10.0, 100.0] {
+                let y = y_of(tick);
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="{}"/><text x="10" y="{}">{tick}</text>"##,
+                    panel_w - 10.0,
+                    if tick == 1.0 { "#000" } else { "#ddd" },
+                    y + 4.0
+                );
+            }
+            let group_w = (panel_w - left - 10.0) / HEADLINE.len() as f64;
+            for (gi, (w, metric, label)) in HEADLINE.iter().enumerate() {
+                let gx = left + group_w * gi as f64;
+                let row = l
+                    .rows
+                    .iter()
+                    .find(|r| r.workload == *w && r.metric == *metric);
+                let bar_w = (group_w - 20.0) / colors.len() as f64;
+                for (ci, (mode, color)) in colors.iter().enumerate() {
+                    let Some(ratio) = row.and_then(|r| r.vs_plaintext.get(mode)) else {
+                        continue;
+                    };
+                    let x = gx + 10.0 + bar_w * ci as f64;
+                    let y1 = y_of(1.0);
+                    let y = y_of(ratio.median);
+                    let (ytop, hgt) = if y < y1 { (y, y1 - y) } else { (y1, y - y1) };
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{x:.1}" y="{ytop:.1}" width="{:.1}" height="{hgt:.1}" fill="{color}"><title>{}: {:.3}</title></rect>"#,
+                        bar_w - 2.0,
+                        short(*mode),
+                        ratio.median
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#,
+                    gx + group_w / 2.0,
+                    plot_bottom + 18.0
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{}">Higher is better for MB/s and conn/s; lower is better for CPU-s/GB and latency.</text>"#,
+            h - 12.0
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 3.0, 4.0]), 2.5);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.25), 2.0);
+    }
+
+    #[test]
+    fn ratios_pair_rounds() {
+        let mut l = LayoutResults::new(Layout::SameNode);
+        for (round, plain, relay) in [(0, 100.0, 50.0), (1, 200.0, 50.0), (2, 100.0, 80.0)] {
+            for (mode, v) in [(Mode::Plaintext, plain), (Mode::InterceptorRelay, relay)] {
+                l.samples.push(Sample {
+                    round,
+                    mode,
+                    workload: Workload::Iperf1,
+                    metric: "mb_s".into(),
+                    value: v,
+                });
+            }
+        }
+        l.summarise();
+        let row = &l.rows[0];
+        let r = &row.vs_plaintext[&Mode::InterceptorRelay];
+        assert_eq!(r.per_round, vec![0.5, 0.25, 0.8]);
+        assert_eq!(r.median, 0.5);
+        assert_eq!(row.medians[&Mode::Plaintext].median, 100.0);
+    }
+}

@@ -1,0 +1,476 @@
+//! The workloads every mode runs in every round, and the CPU/memory accounting around them.
+//!
+//! Each workload is an external process started inside the client pod (its cgroup and netns,
+//! so the agent's eBPF programs see it as the pod's traffic), bounded in time, with
+//! system-wide CPU (`/proc/stat`) and the proxies' CPU (agent cgroup `cpu.stat`, or
+//! `/proc/<pid>/stat` of each sidecar) read around it.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::Stdio,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    apps::{ChurnReport, ECHO_PORT, HTTP_PORT, LoadReport},
+    modes::{Active, Env, IPERF_PORTS, SOCKPERF_PORT},
+    procs::{self, Proc, SystemCpu},
+    topology::Topology,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    Iperf1,
+    Iperf4,
+    Rr64,
+    Rr1k,
+    Http,
+    Churn,
+    Idle,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 7] = [
+        Workload::Iperf1,
+        Workload::Iperf4,
+        Workload::Rr64,
+        Workload::Rr1k,
+        Workload::Http,
+        Workload::Churn,
+        Workload::Idle,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Workload::Iperf1 => "iperf1",
+            Workload::Iperf4 => "iperf4",
+            Workload::Rr64 => "rr64",
+            Workload::Rr1k => "rr1k",
+            Workload::Http => "http",
+            Workload::Churn => "churn",
+            Workload::Idle => "idle",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.label() == s)
+            .with_context(|| {
+                format!("unknown workload {s:?}: expected iperf1 iperf4 rr64 rr1k http churn idle")
+            })
+    }
+}
+
+/// Durations and sizes; `--quick` and the VM shrink them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Params {
+    pub iperf_secs: u64,
+    pub rr_secs: u64,
+    pub http_secs: f64,
+    pub http_warmup_secs: f64,
+    pub http_rate: f64,
+    pub http_conns: usize,
+    pub churn_secs: f64,
+    pub idle_flows: usize,
+}
+
+impl Params {
+    pub fn full() -> Self {
+        Self {
+            iperf_secs: 10,
+            rr_secs: 5,
+            http_secs: 10.0,
+            http_warmup_secs: 1.0,
+            http_rate: 1000.0,
+            http_conns: 16,
+            churn_secs: 5.0,
+            idle_flows: 1000,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            iperf_secs: 3,
+            rr_secs: 2,
+            http_secs: 3.0,
+            http_warmup_secs: 0.5,
+            http_rate: 1000.0,
+            http_conns: 16,
+            churn_secs: 2.0,
+            idle_flows: 1000,
+        }
+    }
+
+    /// The warm-up pass before round 1: every path touched once, nothing recorded.
+    pub fn warmup(&self) -> Self {
+        Self {
+            iperf_secs: 1,
+            rr_secs: 1,
+            http_secs: 1.0,
+            http_warmup_secs: 0.2,
+            churn_secs: 0.5,
+            idle_flows: self.idle_flows.min(50),
+            ..self.clone()
+        }
+    }
+}
+
+/// One measured value.
+pub type Metric = (&'static str, f64);
+
+/// Runs one workload against an active mode and returns its metrics.
+pub fn run(
+    w: Workload,
+    topo: &Topology,
+    active: &Active,
+    env: &Env,
+    p: &Params,
+) -> Result<Vec<Metric>> {
+    match w {
+        Workload::Iperf1 => iperf(topo, active, env, p, 1),
+        Workload::Iperf4 => iperf(topo, active, env, p, 4),
+        Workload::Rr64 => sockperf(topo, active, env, p, 64),
+        Workload::Rr1k => sockperf(topo, active, env, p, 1024),
+        Workload::Http => http(topo, active, env, p),
+        Workload::Churn => churn(topo, active, env, p),
+        Workload::Idle => idle(topo, active, env, p),
+    }
+}
+
+/// CPU snapshot around a workload.
+struct CpuWindow {
+    start: Instant,
+    system: SystemCpu,
+    proxy: f64,
+    attributed: f64,
+}
+
+/// CPU seconds over one workload.
+struct Cpu {
+    wall: f64,
+    /// System-wide busy time (`/proc/stat`): includes softirq work no process is charged for,
+    /// and anything else running on the machine.
+    busy: f64,
+    /// The proxies (agents or sidecars) alone.
+    proxy: f64,
+    /// Both pods' cgroups plus the agents' cgroups: the apps and the proxies, nothing else on
+    /// the machine. On a shared machine this is the figure to trust for comparisons.
+    attributed: f64,
+}
+
+impl CpuWindow {
+    fn open(topo: &Topology, active: &Active) -> Result<Self> {
+        Ok(Self {
+            start: Instant::now(),
+            system: SystemCpu::read()?,
+            proxy: proxy_cpu(active)?,
+            attributed: attributed_cpu(topo, active)?,
+        })
+    }
+
+    fn close(self, topo: &Topology, active: &Active) -> Result<Cpu> {
+        let system = SystemCpu::read()?.since(&self.system);
+        Ok(Cpu {
+            wall: self.start.elapsed().as_secs_f64(),
+            busy: system.busy,
+            proxy: proxy_cpu(active)? - self.proxy,
+            attributed: attributed_cpu(topo, active)? - self.attributed,
+        })
+    }
+}
+
+/// Pod cgroups (apps, and sidecars, which live in their pods) plus agent cgroups.
+fn attributed_cpu(topo: &Topology, active: &Active) -> Result<f64> {
+    let mut usec = topo.client.cgroup.cpu_usec()? + topo.server.cgroup.cpu_usec()?;
+    for c in &active.proxy_cgroups {
+        usec += c.cpu_usec()?;
+    }
+    Ok(usec as f64 / 1e6)
+}
+
+/// Agents: their cgroup's `cpu.stat` (every thread and child); sidecars: `/proc/<pid>/stat`.
+fn proxy_cpu(active: &Active) -> Result<f64> {
+    if active.proxy_cgroups.is_empty() {
+        return active.proxy_cpu();
+    }
+    let mut usec = 0u64;
+    for c in &active.proxy_cgroups {
+        usec += c.cpu_usec()?;
+    }
+    Ok(usec as f64 / 1e6)
+}
+
+fn has_proxy(active: &Active) -> bool {
+    !active.proxies.is_empty()
+}
+
+fn iperf(
+    topo: &Topology,
+    active: &Active,
+    env: &Env,
+    p: &Params,
+    streams: usize,
+) -> Result<Vec<Metric>> {
+    let bin = "iperf3";
+    let mut children = Vec::new();
+    let win = CpuWindow::open(topo, active)?;
+    for port in IPERF_PORTS.iter().take(streams) {
+        let target = active.target(*port);
+        let mut cmd = topo.client.command(bin, env.client_cpu())?;
+        cmd.args([
+            "-c",
+            &target.ip().to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &p.iperf_secs.to_string(),
+            "-J",
+        ]);
+        let timeout = Duration::from_secs(p.iperf_secs * 3 + 30);
+        children.push(thread::spawn(move || {
+            procs::run_bounded("iperf3", &mut cmd, timeout)
+        }));
+    }
+    let mut bytes = 0f64;
+    let mut secs = 0f64;
+    let mut retrans = 0f64;
+    let mut first_err = None;
+    for c in children {
+        match c.join() {
+            Ok(Ok(out)) => match parse_iperf(&out.stdout) {
+                Ok((b, s, r)) => {
+                    bytes += b;
+                    secs = secs.max(s);
+                    retrans += r;
+                }
+                Err(e) => first_err = first_err.or(Some(e)),
+            },
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(_) => first_err = first_err.or(Some(anyhow::anyhow!("iperf3 thread panicked"))),
+        }
+    }
+    let cpu = win.close(topo, active)?;
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let gb = (bytes / 1e9).max(1e-12);
+    let mut m = vec![
+        ("mb_s", bytes / secs.max(1e-9) / 1e6),
+        ("cpu_s_per_gb", cpu.attributed / gb),
+        ("busy_cpu_s_per_gb", cpu.busy / gb),
+        ("tcp_retransmits", retrans),
+    ];
+    if has_proxy(active) {
+        m.push(("proxy_cpu_s_per_gb", cpu.proxy / gb));
+    }
+    Ok(m)
+}
+
+/// (bytes received, seconds, retransmits) from `iperf3 -J`.
+fn parse_iperf(json: &str) -> Result<(f64, f64, f64)> {
+    let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J output")?;
+    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {err}");
+    }
+    let end = &v["end"];
+    let bytes = end["sum_received"]["bytes"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.bytes")?;
+    let secs = end["sum_received"]["seconds"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.seconds")?;
+    let retrans = end["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0);
+    Ok((bytes, secs, retrans))
+}
+
+fn sockperf(
+    topo: &Topology,
+    active: &Active,
+    env: &Env,
+    p: &Params,
+    size: usize,
+) -> Result<Vec<Metric>> {
+    let target = active.target(SOCKPERF_PORT);
+    let mut cmd = topo.client.command("sockperf", env.client_cpu())?;
+    cmd.args([
+        "ping-pong",
+        "--tcp",
+        "-i",
+        &target.ip().to_string(),
+        "-p",
+        &SOCKPERF_PORT.to_string(),
+        "-m",
+        &size.to_string(),
+        "-t",
+        &p.rr_secs.to_string(),
+        "--full-rtt",
+    ]);
+    let out = procs::run_bounded(
+        "sockperf",
+        &mut cmd,
+        Duration::from_secs(p.rr_secs * 3 + 30),
+    )?;
+    // sockperf prints its report on stderr or stdout depending on the version.
+    let text = format!("{}\n{}", out.stdout, out.stderr);
+    let pct = |q: &str| -> Result<f64> {
+        text.lines()
+            .find_map(|l| {
+                l.split_once(&format!("percentile {q} ="))
+                    .and_then(|(_, v)| v.trim().parse().ok())
+            })
+            .with_context(|| format!("sockperf printed no percentile {q}"))
+    };
+    Ok(vec![
+        ("p50_us", pct("50.000")?),
+        ("p99_us", pct("99.000")?),
+        ("p999_us", pct("99.900")?),
+    ])
+}
+
+fn bench_in_client(topo: &Topology, env: &Env) -> Result<std::process::Command> {
+    topo.client
+        .command(&env.bench_bin.to_string_lossy(), env.client_cpu())
+}
+
+fn http(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
+    let mut cmd = bench_in_client(topo, env)?;
+    cmd.args([
+        "http-load",
+        "--target",
+        &active.target(HTTP_PORT).to_string(),
+        "--rate",
+        &p.http_rate.to_string(),
+        "--conns",
+        &p.http_conns.to_string(),
+        "--duration",
+        &p.http_secs.to_string(),
+        "--warmup",
+        &p.http_warmup_secs.to_string(),
+    ]);
+    let win = CpuWindow::open(topo, active)?;
+    let out = procs::run_bounded(
+        "http-load",
+        &mut cmd,
+        Duration::from_secs_f64((p.http_secs + p.http_warmup_secs) * 3.0 + 30.0),
+    )?;
+    let cpu = win.close(topo, active)?;
+    let r: LoadReport = serde_json::from_str(&out.stdout).context("http-load output")?;
+    // The offered rate holds for the whole invocation (warm-up included), so CPU over the
+    // whole window divided by that rate is the cost per 1000 rps.
+    let krps = p.http_rate / 1000.0;
+    let mut m = vec![
+        ("p50_us", r.latency.p50_us),
+        ("p90_us", r.latency.p90_us),
+        ("p99_us", r.latency.p99_us),
+        ("achieved_rps", r.achieved_rps),
+        ("errors", r.errors as f64),
+        ("vcpu_per_krps", cpu.attributed / cpu.wall / krps),
+        ("sender_lateness_p99_us", r.send_lateness_p99_us),
+    ];
+    if has_proxy(active) {
+        m.push(("proxy_vcpu_per_krps", cpu.proxy / cpu.wall / krps));
+    }
+    Ok(m)
+}
+
+fn churn(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
+    let mut cmd = bench_in_client(topo, env)?;
+    cmd.args([
+        "churn",
+        "--target",
+        &active.target(HTTP_PORT).to_string(),
+        "--duration",
+        &p.churn_secs.to_string(),
+    ]);
+    let win = CpuWindow::open(topo, active)?;
+    let out = procs::run_bounded(
+        "churn",
+        &mut cmd,
+        Duration::from_secs_f64(p.churn_secs * 3.0 + 30.0),
+    )?;
+    let cpu = win.close(topo, active)?;
+    let r: ChurnReport = serde_json::from_str(&out.stdout).context("churn output")?;
+    let n = (r.connections as f64).max(1.0);
+    let mut m = vec![
+        ("conn_per_s", r.conn_per_s),
+        ("p50_us", r.first_byte.p50_us),
+        ("p99_us", r.first_byte.p99_us),
+        ("errors", r.errors as f64),
+        ("cpu_ms_per_conn", cpu.attributed * 1000.0 / n),
+    ];
+    if has_proxy(active) {
+        m.push(("proxy_cpu_ms_per_conn", cpu.proxy * 1000.0 / n));
+        // Both ends' handshakes (client and server side) are in the proxies' CPU, so this is
+        // full mTLS connection setups per proxy CPU-second.
+        m.push(("setups_per_proxy_core_s", n / cpu.proxy.max(1e-9)));
+    }
+    Ok(m)
+}
+
+/// Memory with `idle_flows` established, idle connections through the mode.
+fn idle(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
+    if !has_proxy(active) {
+        return Ok(Vec::new());
+    }
+    let rss = |active: &Active| -> Result<(f64, f64)> {
+        let mut sum = 0u64;
+        let mut max = 0u64;
+        for pid in active.proxy_pids() {
+            let r = procs::process_rss(pid)?;
+            sum += r;
+            max = max.max(r);
+        }
+        Ok((sum as f64 / 1e6, max as f64 / 1e6))
+    };
+    let (before, _) = rss(active)?;
+    let mut cmd = bench_in_client(topo, env)?;
+    cmd.args([
+        "idle",
+        "--target",
+        &active.target(ECHO_PORT).to_string(),
+        "--count",
+        &p.idle_flows.to_string(),
+        "--hold-secs",
+        "600",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut holder = Proc::spawn("idle flows", &mut cmd)?;
+    let stdout = holder.take_stdout().context("idle stdout")?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60 + p.idle_flows as u64 / 2);
+    loop {
+        procs::check_interrupted()?;
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.starts_with("ready") => break,
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                holder.check_alive()?;
+            }
+            Err(_) => bail!("the idle-flow holder did not report its connections in time"),
+        }
+    }
+    // Let allocators settle after the burst of handshakes.
+    procs::sleep(Duration::from_millis(500))?;
+    let (sum, max) = rss(active)?;
+    drop(holder);
+    Ok(vec![
+        ("proxy_rss_mb", sum),
+        ("max_proxy_rss_mb", max),
+        ("proxy_rss_delta_mb", sum - before),
+    ])
+}

@@ -1,0 +1,797 @@
+//! The running agent's side of Istio security policy: reading `policyDir`, building a policy
+//! generation (the pure [`Engine`] plus what the data path needs next to it: per-service
+//! round-robin counters, TLS origination configs, the destinations connect4 must steer), and
+//! swapping generations while flows run.
+//!
+//! A generation is immutable and shared (`Arc`); a flow takes the current one when it starts.
+//! A new generation replaces the old one whole, when the policy files (or the certificate
+//! files they name) change, or when a pod is enrolled or leaves. A set of files that does not
+//! load keeps the previous generation, logs why and counts the failure.
+//!
+//! Decisions come out owned ([`Plan`], [`Refused`]), so nothing borrows the engine across an
+//! await.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use rustls::{ClientConfig, pki_types::ServerName};
+use tracing::{info, warn};
+
+use super::originate;
+use crate::{
+    config::{self, Config},
+    identity::SpiffeId,
+    policy::{
+        self, Engine, HostPattern, InboundRequest, Mode, OutboundRequest, OutboundTls, PolicySet,
+        Settings, TlsMode,
+    },
+};
+
+/// What one poll of the policy sources read: `(path, contents)`, `None` for a file that could
+/// not be read.
+type Snapshot = Vec<(PathBuf, Option<Vec<u8>>)>;
+
+/// Reads the `*.yaml` and `*.yml` files of `dir`, sorted by name, as `(path, contents)`.
+///
+/// Names starting with `.` are skipped: editors' swap files, and the `..data` links of a
+/// mounted ConfigMap (whose visible `name.yaml` links are read instead).
+pub fn read_policy_dir(dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read policy directory {}", dir.display()))?
+    {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            continue;
+        }
+        names.push(path);
+    }
+    names.sort();
+    names
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Ok((path.display().to_string(), text))
+        })
+        .collect()
+}
+
+/// Validates a policy directory offline (`interceptor policy check`): the warnings, or every
+/// error naming file, document and field. Origination credentials are loaded too, so a rule
+/// naming a missing certificate fails here as it would in the agent.
+pub fn check_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let files = read_policy_dir(dir)?;
+    let set = policy::load_documents(&files).map_err(|e| anyhow::anyhow!("{e}"))?;
+    originate::Configs::build(&set.destination_rules).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(set.warnings.iter().map(ToString::to_string).collect())
+}
+
+/// Why the agent refuses a connection: a stable code for counters and one reason for the log.
+#[derive(Clone, Debug)]
+pub struct Refused {
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// How to originate an outbound connection, decided by the current generation.
+pub struct Plan {
+    /// Where to connect (for a service VIP, the endpoint picked round robin).
+    pub endpoint: SocketAddr,
+    /// The transport.
+    pub transport: Transport,
+    /// Why (the DestinationRule, or automatic mTLS and the endpoint's mode).
+    pub reason: String,
+}
+
+pub enum Transport {
+    Plaintext,
+    /// Mesh mTLS, expecting this server identity (`None`: not known, refused).
+    Mesh(Option<SpiffeId>),
+    /// TLS origination with a DestinationRule's settings.
+    Originate {
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        mode: TlsMode,
+    },
+}
+
+/// One immutable policy generation.
+pub struct Generation {
+    pub engine: Engine,
+    pub number: u64,
+    picks: Vec<AtomicU64>,
+    originate: originate::Configs,
+    /// Destinations connect4 steers to the agent for policy's sake: service VIP ports, and
+    /// ports of service endpoints outside the mesh that a DestinationRule may originate TLS to.
+    /// (Mesh workloads are steered on every port when they are enrolled or configured.)
+    pub steer: BTreeSet<SocketAddr>,
+}
+
+impl Generation {
+    fn build(
+        set: PolicySet,
+        settings: &Settings,
+        inventory: policy::Inventory,
+        number: u64,
+    ) -> Result<Self, String> {
+        let originate = originate::Configs::build(&set.destination_rules)?;
+        let steer = steered(&set, settings, &inventory);
+        let engine = Engine::new(set, settings.clone(), inventory);
+        let picks = (0..engine.service_count())
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        Ok(Self {
+            engine,
+            number,
+            picks,
+            originate,
+            steer,
+        })
+    }
+
+    /// Decides an outbound connection from the workload at `source` to `destination`.
+    pub fn outbound(&self, source: IpAddr, destination: SocketAddr) -> Result<Plan, Refused> {
+        let pick = self
+            .engine
+            .service_at(destination)
+            .and_then(|s| self.picks.get(s.index()))
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+        let o = self
+            .engine
+            .outbound(&OutboundRequest {
+                source,
+                destination,
+                pick,
+            })
+            .map_err(|r| Refused {
+                code: r.code(),
+                reason: r.to_string(),
+            })?;
+        let transport = match o.tls {
+            OutboundTls::Plaintext => Transport::Plaintext,
+            OutboundTls::Mesh { server } => Transport::Mesh(server.cloned()),
+            OutboundTls::Originate(tls) => {
+                let config = self.originate.get(tls).ok_or_else(|| Refused {
+                    code: "credentials_unavailable",
+                    reason: format!("{}: no client configuration was built", o.reason),
+                })?;
+                Transport::Originate {
+                    config,
+                    name: originate::server_name(tls, o.service, o.endpoint),
+                    mode: tls.mode,
+                }
+            }
+        };
+        Ok(Plan {
+            endpoint: o.endpoint,
+            transport,
+            reason: o.reason.to_string(),
+        })
+    }
+
+    /// Decides an inbound connection; `Ok` carries the accepting verdict's code.
+    pub fn inbound(
+        &self,
+        source: SocketAddr,
+        destination: SocketAddr,
+        peer: Option<&SpiffeId>,
+    ) -> Result<&'static str, Refused> {
+        let verdict = self.engine.inbound(&InboundRequest {
+            source,
+            destination,
+            peer,
+        });
+        if verdict.is_allowed() {
+            Ok(verdict.code())
+        } else {
+            Err(Refused {
+                code: verdict.code(),
+                reason: verdict.to_string(),
+            })
+        }
+    }
+
+    /// Whether only mesh mTLS can be accepted from `source` at `destination` (STRICT, and not
+    /// a probe source): then a silent client cannot be let through as plaintext anyway, so
+    /// classification may wait for its first bytes as long as a handshake may take, and a
+    /// slow mesh client is never mistaken for a server-speaks-first plaintext one.
+    pub fn requires_mtls(&self, source: SocketAddr, destination: SocketAddr) -> bool {
+        let strict = self
+            .engine
+            .effective_peer_auth(destination.ip(), destination.port())
+            .is_some_and(|m| m.mode == Mode::Strict);
+        strict
+            && !self
+                .engine
+                .settings()
+                .probe_sources
+                .iter()
+                .any(|p| p.to_canonical() == source.ip().to_canonical())
+    }
+
+    /// A mesh ClientHello to a DISABLE port is refused before any handshake: the workload
+    /// does not terminate mesh TLS there.
+    pub fn refuses_mtls(&self, destination: SocketAddr) -> Option<Refused> {
+        let mode = self
+            .engine
+            .effective_peer_auth(destination.ip(), destination.port())?;
+        (mode.mode == Mode::Disable).then(|| Refused {
+            code: "mtls_refused_disable",
+            reason: format!("mTLS refused: {mode} does not terminate mesh TLS"),
+        })
+    }
+}
+
+/// VIP ports of every service, and the endpoint ports of non-mesh endpoints whose service a
+/// DestinationRule with TLS (SIMPLE, MUTUAL, ISTIO_MUTUAL) matches in any namespace: whether a
+/// given client sees the rule is decided per connection, steering only brings the connection
+/// to the agent.
+fn steered(
+    set: &PolicySet,
+    settings: &Settings,
+    inventory: &policy::Inventory,
+) -> BTreeSet<SocketAddr> {
+    let mesh: BTreeSet<IpAddr> = inventory
+        .workloads
+        .iter()
+        .filter(|w| w.mesh)
+        .flat_map(|w| w.ips.iter().map(|ip| ip.to_canonical()))
+        .collect();
+    let tls_rules: Vec<HostPattern> = set
+        .destination_rules
+        .iter()
+        .filter(|r| {
+            r.tls
+                .iter()
+                .chain(r.port_level.iter().filter_map(|(_, t)| t.as_ref()))
+                .any(|t| t.mode != TlsMode::Disable)
+        })
+        .map(|r| HostPattern::resolve(&r.host, &r.resource.namespace, &settings.cluster_domain))
+        .collect();
+    let mut out = BTreeSet::new();
+    for s in &inventory.services {
+        if let Some(vip) = s.vip {
+            out.extend(s.ports.iter().map(|p| SocketAddr::new(vip, p.port)));
+        }
+        let host = format!("{}.{}.svc.{}", s.name, s.namespace, settings.cluster_domain)
+            .to_ascii_lowercase();
+        if !tls_rules.iter().any(|h| h.specificity(&host).is_some()) {
+            continue;
+        }
+        for ip in s
+            .endpoints
+            .iter()
+            .filter(|ip| !mesh.contains(&ip.to_canonical()))
+        {
+            out.extend(s.ports.iter().map(|p| SocketAddr::new(*ip, p.target())));
+        }
+    }
+    out
+}
+
+/// The inputs of the current generation.
+struct Inputs {
+    /// What the last poll read (a failed load is not retried until something changes).
+    snapshot: Snapshot,
+    /// The certificate files the last loaded rules name.
+    credential_files: Vec<PathBuf>,
+    /// The last policy set that loaded.
+    good: PolicySet,
+    workloads: Vec<config::Workload>,
+    peers: Vec<config::Peer>,
+    services: Vec<config::Service>,
+}
+
+/// The outcome of [`Enforcer::poll`].
+pub enum Reload {
+    Unchanged,
+    /// A new generation is current; the previous one is returned for steering diffs.
+    Applied {
+        old: Arc<Generation>,
+        new: Arc<Generation>,
+    },
+    /// The sources changed but do not load; the previous generation stays.
+    Rejected(String),
+}
+
+/// Owns the current generation and how to make the next one.
+pub struct Enforcer {
+    settings: Settings,
+    dir: Option<PathBuf>,
+    current: RwLock<Arc<Generation>>,
+    inputs: Mutex<Inputs>,
+    counters: Mutex<BTreeMap<String, u64>>,
+    reload_failures: AtomicU64,
+    /// Warnings already logged, so each generation logs only what is new.
+    logged: Mutex<BTreeSet<String>>,
+}
+
+impl Enforcer {
+    /// Loads `policyDir` (if any) for the configured workloads; an invalid file is an error
+    /// naming file, document and field, so the agent refuses to start.
+    pub fn load(config: &Config) -> anyhow::Result<Self> {
+        let settings = config.policy_settings();
+        let dir = config.policy_dir.clone();
+        let (set, snapshot, credential_files) = match &dir {
+            Some(dir) => {
+                let files = read_policy_dir(dir)?;
+                let set = policy::load_documents(&files)
+                    .map_err(|e| anyhow::anyhow!("invalid policy in {}:\n{e}", dir.display()))?;
+                let creds = originate::credential_files(&set.destination_rules);
+                let snapshot = snapshot(dir, &creds);
+                (set, snapshot, creds)
+            }
+            None => (PolicySet::default(), Vec::new(), Vec::new()),
+        };
+        let inventory =
+            config::policy_inventory(&config.workloads, &config.peers, &config.services);
+        let generation = Generation::build(set.clone(), &settings, inventory, 1)
+            .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
+        let logged = log_loaded(&generation, dir.as_deref(), &BTreeSet::new());
+        Ok(Self {
+            settings,
+            dir,
+            current: RwLock::new(Arc::new(generation)),
+            inputs: Mutex::new(Inputs {
+                snapshot,
+                credential_files,
+                good: set,
+                workloads: config.workloads.clone(),
+                peers: config.peers.clone(),
+                services: config.services.clone(),
+            }),
+            counters: Mutex::new(BTreeMap::new()),
+            reload_failures: AtomicU64::new(0),
+            logged: Mutex::new(logged),
+        })
+    }
+
+    /// The current generation.
+    pub fn current(&self) -> Arc<Generation> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The directory being watched.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Looks at the policy sources and, if they changed, loads them into a new generation.
+    pub fn poll(&self) -> Reload {
+        let Some(dir) = &self.dir else {
+            return Reload::Unchanged;
+        };
+        let mut inputs = self.inputs();
+        let now = snapshot(dir, &inputs.credential_files);
+        if now == inputs.snapshot {
+            return Reload::Unchanged;
+        }
+        inputs.snapshot = now;
+        let loaded = read_policy_dir(dir)
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|files| policy::load_documents(&files).map_err(|e| e.to_string()));
+        let set = match loaded {
+            Ok(set) => set,
+            Err(e) => return self.rejected(e),
+        };
+        let creds = originate::credential_files(&set.destination_rules);
+        if creds != inputs.credential_files {
+            inputs.credential_files = creds;
+            inputs.snapshot = snapshot(dir, &inputs.credential_files);
+        }
+        match self.rebuild(&mut inputs, set) {
+            Ok((old, new)) => Reload::Applied { old, new },
+            Err(e) => self.rejected(e),
+        }
+    }
+
+    /// Replaces the enrolled workloads (enroll, unenroll) and rebuilds with the last good
+    /// policy.
+    pub fn set_workloads(
+        &self,
+        workloads: Vec<config::Workload>,
+    ) -> Result<(Arc<Generation>, Arc<Generation>), String> {
+        let mut inputs = self.inputs();
+        inputs.workloads = workloads;
+        let set = inputs.good.clone();
+        self.rebuild(&mut inputs, set)
+    }
+
+    fn rebuild(
+        &self,
+        inputs: &mut Inputs,
+        set: PolicySet,
+    ) -> Result<(Arc<Generation>, Arc<Generation>), String> {
+        let inventory =
+            config::policy_inventory(&inputs.workloads, &inputs.peers, &inputs.services);
+        let number = self.current().number + 1;
+        let generation = Arc::new(Generation::build(
+            set.clone(),
+            &self.settings,
+            inventory,
+            number,
+        )?);
+        inputs.good = set;
+        {
+            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+            *logged = log_loaded(&generation, self.dir.as_deref(), &logged);
+        }
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::clone(&generation),
+        );
+        Ok((old, generation))
+    }
+
+    fn rejected(&self, error: String) -> Reload {
+        self.reload_failures.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            generation = self.current().number,
+            "policy not applied, keeping the last good policy: {error}"
+        );
+        Reload::Rejected(error)
+    }
+
+    fn inputs(&self) -> std::sync::MutexGuard<'_, Inputs> {
+        self.inputs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one event (a refusal by code, a flow closed by a new policy).
+    pub fn count(&self, key: String) {
+        *self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default() += 1;
+    }
+
+    /// Counters for `flows --stats`: refusals per reason, flows closed by a policy change,
+    /// rejected reloads and the current generation.
+    pub fn stats(&self) -> BTreeMap<String, u64> {
+        let mut out = self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        out.insert(
+            "policy.reload_failures".to_owned(),
+            self.reload_failures.load(Ordering::Relaxed),
+        );
+        out.insert("policy.generation".to_owned(), self.current().number);
+        out
+    }
+}
+
+fn snapshot(dir: &Path, credential_files: &[PathBuf]) -> Snapshot {
+    let mut out: Snapshot = match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name().to_str().is_some_and(|n| {
+                        !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
+                    })
+                })
+                .map(|e| e.path())
+                .collect();
+            paths.sort();
+            paths
+                .into_iter()
+                .map(|p| {
+                    let bytes = std::fs::read(&p).ok();
+                    (p, bytes)
+                })
+                .collect()
+        }
+        // A missing directory differs from an empty one: the load reports it.
+        Err(_) => vec![(dir.to_owned(), None)],
+    };
+    out.extend(
+        credential_files
+            .iter()
+            .map(|p| (p.clone(), std::fs::read(p).ok())),
+    );
+    out
+}
+
+/// Logs the generation and those of its warnings not in `already`; returns its warnings.
+fn log_loaded(
+    generation: &Generation,
+    dir: Option<&Path>,
+    already: &BTreeSet<String>,
+) -> BTreeSet<String> {
+    let warnings: BTreeSet<String> = generation
+        .engine
+        .warnings()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    for w in warnings.difference(already) {
+        warn!("policy: {w}");
+    }
+    info!(
+        generation = generation.number,
+        dir = %dir.map_or_else(|| "-".to_owned(), |d| d.display().to_string()),
+        steered = generation.steer.len(),
+        "policy loaded"
+    );
+    warnings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch directory removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            static SEQ: AtomicU64 = AtomicU64::new(0);
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("enforce-{tag}-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.0.join(name), text).unwrap();
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(dir: &Path) -> Config {
+        let yaml = format!(
+            "trustDomain: cluster.local
+caDir: /nonexistent
+policyDir: {}
+probeSources: [10.88.0.1]
+workloads:
+  - name: httpbin-full
+    namespace: full
+    serviceAccount: httpbin
+    labels: {{app: httpbin}}
+    cgroup: /sys/fs/cgroup/a
+    netns: /run/netns/a
+    ips: [10.88.0.10]
+  - name: sleep-full
+    namespace: full
+    serviceAccount: sleep
+    cgroup: /sys/fs/cgroup/b
+    netns: /run/netns/b
+    ips: [10.88.0.11]
+services:
+  - name: httpbin
+    namespace: full
+    vip: 10.96.0.10
+    ports: [{{name: http, port: 8000, targetPort: 80}}]
+    endpoints: [10.88.0.10]
+  - name: mongo
+    namespace: mongo
+    ports: [{{port: 27017}}]
+    endpoints: [10.88.5.10]
+",
+            dir.display()
+        );
+        Config::parse("node.yaml", &yaml).unwrap()
+    }
+
+    const STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: full}
+spec:
+  mtls: {mode: STRICT}
+";
+
+    const BAD_MODE: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ok, namespace: full}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: bad, namespace: full}
+spec:
+  mtls: {mode: STRIKT}
+";
+
+    fn plaintext_to_httpbin(e: &Enforcer) -> Result<&'static str, Refused> {
+        e.current().inbound(
+            "10.88.0.31:40000".parse().unwrap(),
+            "10.88.0.10:80".parse().unwrap(),
+            None,
+        )
+    }
+
+    #[test]
+    fn a_bad_file_at_start_is_an_error_naming_file_document_and_field() {
+        let dir = Scratch::new("bad");
+        dir.write("10-strict.yaml", BAD_MODE);
+        let e = Enforcer::load(&config(&dir.0)).err().unwrap();
+        let e = format!("{e:#}");
+        assert!(e.contains("10-strict.yaml: document 2"), "{e}");
+        assert!(e.contains("spec.mtls.mode"), "{e}");
+        assert!(e.contains("STRIKT"), "{e}");
+    }
+
+    #[test]
+    fn runtime_changes_apply_and_bad_files_keep_the_last_good_policy() {
+        let dir = Scratch::new("reload");
+        let e = Enforcer::load(&config(&dir.0)).unwrap();
+        assert_eq!(e.current().number, 1);
+        assert_eq!(plaintext_to_httpbin(&e).unwrap(), "plaintext");
+        assert!(matches!(e.poll(), Reload::Unchanged));
+
+        dir.write("10-strict.yaml", STRICT);
+        let Reload::Applied { old, new } = e.poll() else {
+            panic!("not applied")
+        };
+        assert_eq!((old.number, new.number), (1, 2));
+        assert_eq!(
+            plaintext_to_httpbin(&e).unwrap_err().code,
+            "plaintext_refused_strict"
+        );
+        // A silent client may be waited for: it cannot pass as plaintext anyway.
+        let g = e.current();
+        let httpbin: SocketAddr = "10.88.0.10:80".parse().unwrap();
+        assert!(g.requires_mtls("10.88.0.31:40000".parse().unwrap(), httpbin));
+        assert!(!g.requires_mtls("10.88.0.1:40000".parse().unwrap(), httpbin));
+        // Not a workload of this node: no mode, the normal wait.
+        assert!(!g.requires_mtls(
+            "10.88.0.31:40000".parse().unwrap(),
+            "10.88.0.99:80".parse().unwrap()
+        ));
+        // Probe sources pass STRICT.
+        let probe = e.current().inbound(
+            "10.88.0.1:40000".parse().unwrap(),
+            "10.88.0.10:80".parse().unwrap(),
+            None,
+        );
+        assert_eq!(probe.unwrap(), "probe");
+
+        dir.write("10-strict.yaml", BAD_MODE);
+        let Reload::Rejected(why) = e.poll() else {
+            panic!("accepted a bad file")
+        };
+        assert!(
+            why.contains("document 2") && why.contains("spec.mtls.mode"),
+            "{why}"
+        );
+        assert_eq!(e.current().number, 2, "the last good policy stays");
+        assert_eq!(e.stats()["policy.reload_failures"], 1);
+        // The same bad content is not retried (or counted) on every poll.
+        assert!(matches!(e.poll(), Reload::Unchanged));
+        assert_eq!(e.stats()["policy.reload_failures"], 1);
+
+        std::fs::remove_file(dir.0.join("10-strict.yaml")).unwrap();
+        assert!(matches!(e.poll(), Reload::Applied { .. }));
+        assert_eq!(plaintext_to_httpbin(&e).unwrap(), "plaintext");
+    }
+
+    #[test]
+    fn unknown_kinds_warn_and_other_files_are_ignored() {
+        let dir = Scratch::new("kinds");
+        dir.write(
+            "a.yaml",
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: full}
+spec: {}
+",
+        );
+        dir.write("notes.txt", "not: [yaml");
+        dir.write(".hidden.yaml", "not: [yaml");
+        let warnings = check_dir(&dir.0).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("VirtualService"), "{warnings:?}");
+        Enforcer::load(&config(&dir.0)).unwrap();
+    }
+
+    #[test]
+    fn steering_covers_vips_and_non_mesh_endpoints_a_tls_rule_targets() {
+        let dir = Scratch::new("steer");
+        let e = Enforcer::load(&config(&dir.0)).unwrap();
+        let vip: SocketAddr = "10.96.0.10:8000".parse().unwrap();
+        let mongo: SocketAddr = "10.88.5.10:27017".parse().unwrap();
+        assert_eq!(e.current().steer, BTreeSet::from([vip]));
+        dir.write(
+            "dr.yaml",
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: full}
+spec:
+  host: mongo.mongo.svc.cluster.local
+  trafficPolicy:
+    tls: {mode: SIMPLE}
+",
+        );
+        assert!(matches!(e.poll(), Reload::Applied { .. }));
+        assert_eq!(e.current().steer, BTreeSet::from([vip, mongo]));
+        // Mesh endpoints are steered on every port already; a rule adds nothing for them.
+        let plan = e
+            .current()
+            .outbound("10.88.0.11".parse().unwrap(), mongo)
+            .unwrap_or_else(|r| panic!("{r:?}"));
+        assert!(matches!(
+            plan.transport,
+            Transport::Originate {
+                mode: TlsMode::Simple,
+                ..
+            }
+        ));
+        assert_eq!(plan.endpoint, mongo);
+    }
+
+    #[test]
+    fn origination_credentials_are_read_at_load_and_named_when_missing() {
+        let dir = Scratch::new("creds");
+        dir.write(
+            "dr.yaml",
+            "apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: db-mtls, namespace: full}
+spec:
+  host: mongo.mongo.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: MUTUAL
+      clientCertificate: /nonexistent/client.pem
+      privateKey: /nonexistent/client.key
+      caCertificates: /nonexistent/ca.pem
+",
+        );
+        let e = format!("{:#}", Enforcer::load(&config(&dir.0)).err().unwrap());
+        assert!(e.contains("dr.yaml: document 1"), "{e}");
+        assert!(
+            e.contains("spec.trafficPolicy.tls.caCertificates")
+                && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = check_dir(&dir.0).unwrap_err().to_string();
+        assert!(e.contains("caCertificates"), "{e}");
+    }
+
+    #[test]
+    fn round_robin_is_per_service() {
+        let dir = Scratch::new("rr");
+        let mut c = config(&dir.0);
+        c.services[0].endpoints.push("10.88.0.12".parse().unwrap());
+        let e = Enforcer::load(&c).unwrap();
+        let g = e.current();
+        let picks: Vec<SocketAddr> = (0..4)
+            .map(|_| {
+                g.outbound(
+                    "10.88.0.11".parse().unwrap(),
+                    "10.96.0.10:8000".parse().unwrap(),
+                )
+                .unwrap_or_else(|r| panic!("{r:?}"))
+                .endpoint
+            })
+            .collect();
+        let a: SocketAddr = "10.88.0.10:80".parse().unwrap();
+        let b: SocketAddr = "10.88.0.12:80".parse().unwrap();
+        assert_eq!(picks, [a, b, a, b]);
+    }
+}

@@ -1,0 +1,412 @@
+//! TLS origination for DestinationRule `SIMPLE` and `MUTUAL`: the app speaks plaintext to the
+//! agent, the agent speaks TLS to a server outside the mesh (a database that requires client
+//! certificates, an external API), with the rule's files.
+//!
+//! Credentials are read when a policy generation is built, never per connection: a rule whose
+//! files are missing or unparsable makes the whole generation invalid (at start the agent
+//! refuses to start, at runtime the last good policy stays), naming the rule's file, document
+//! and field.
+//!
+//! Server verification, as Envoy does for Istio: the chain must lead to `caCertificates` (or
+//! the system roots when the rule names none); then the certificate must carry one of
+//! `subjectAltNames` (DNS names, IP addresses or URIs such as SPIFFE IDs), or, when the rule
+//! lists none, the name the agent connects with (`sni`, else the service host, else the
+//! endpoint address). `insecureSkipVerify` skips all of it.
+//!
+//! These flows always use the rustls relay: a foreign server may send session tickets, pad
+//! records or send warning alerts, which rustls handles and the kernel record layer would not.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, Connection, DigitallySignedStruct, Error,
+    RootCertStore, SignatureScheme,
+    client::{
+        Resumption,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor, verify_server_name,
+    },
+    crypto::{self, WebPkiSupportedAlgorithms},
+    pki_types::{
+        CertificateDer, PrivateKeyDer, ServerName, UnixTime,
+        pem::{self, PemObject as _},
+    },
+    server::ParsedCertificate,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer as _};
+
+use crate::policy::{ClientTls, DestinationRule, TlsMode};
+
+/// Where distributions keep the system trust bundle; the first that exists is used when a rule
+/// names no `caCertificates`.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// Client configs for every `SIMPLE`/`MUTUAL` setting of a policy generation.
+#[derive(Default)]
+pub struct Configs {
+    entries: Vec<(ClientTls, Arc<ClientConfig>)>,
+}
+
+/// Why a rule's TLS settings cannot be used: the field and what is wrong.
+#[derive(Debug)]
+pub struct CredentialError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Configs {
+    /// Builds a config for each distinct origination setting in `rules`; the error names the
+    /// rule, its location and the field.
+    pub fn build(rules: &[DestinationRule]) -> Result<Self, String> {
+        let mut configs = Self::default();
+        for rule in rules {
+            let settings = rule
+                .tls
+                .iter()
+                .map(|t| (t, "spec.trafficPolicy.tls".to_owned()))
+                .chain(
+                    rule.port_level
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, (_, t))| {
+                            t.as_ref().map(|t| {
+                                (t, format!("spec.trafficPolicy.portLevelSettings[{i}].tls"))
+                            })
+                        }),
+                );
+            for (tls, path) in settings {
+                if !matches!(tls.mode, TlsMode::Simple | TlsMode::Mutual)
+                    || configs.get(tls).is_some()
+                {
+                    continue;
+                }
+                let config = client_config(tls).map_err(|e| {
+                    format!(
+                        "{}: {}: {path}.{}: {}",
+                        rule.resource.location, rule.resource, e.field, e.message
+                    )
+                })?;
+                configs.entries.push((tls.clone(), config));
+            }
+        }
+        Ok(configs)
+    }
+
+    /// The config built for `tls`.
+    pub fn get(&self, tls: &ClientTls) -> Option<Arc<ClientConfig>> {
+        self.entries
+            .iter()
+            .find(|(t, _)| t == tls)
+            .map(|(_, c)| Arc::clone(c))
+    }
+}
+
+/// The files the origination settings of `rules` read, so a change to them (a rotated client
+/// certificate) rebuilds the policy like a change to the policy files does.
+pub fn credential_files(rules: &[DestinationRule]) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = rules
+        .iter()
+        .flat_map(|r| {
+            r.tls
+                .iter()
+                .chain(r.port_level.iter().filter_map(|(_, t)| t.as_ref()))
+        })
+        .filter(|t| matches!(t.mode, TlsMode::Simple | TlsMode::Mutual))
+        .flat_map(|t| {
+            let key_pair = (t.mode == TlsMode::Mutual)
+                .then_some([t.client_certificate.as_ref(), t.private_key.as_ref()])
+                .into_iter()
+                .flatten();
+            key_pair
+                .chain([t.ca_certificates.as_ref()])
+                .flatten()
+                .map(PathBuf::from)
+        })
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+/// The rustls client config for one `SIMPLE` or `MUTUAL` setting.
+pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialError> {
+    let provider = Arc::new(crypto::aws_lc_rs::default_provider());
+    let roots = match &tls.ca_certificates {
+        Some(file) => roots_from(Path::new(file)).map_err(|message| CredentialError {
+            field: "caCertificates",
+            message,
+        })?,
+        None => system_roots(),
+    };
+    let verifier = Arc::new(OriginVerifier {
+        roots: Arc::new(roots),
+        algorithms: provider.signature_verification_algorithms,
+        subject_alt_names: tls.subject_alt_names.clone(),
+        skip: tls.insecure_skip_verify,
+    });
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CredentialError {
+            field: "mode",
+            message: e.to_string(),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match (tls.mode, &tls.client_certificate, &tls.private_key) {
+        (TlsMode::Mutual, Some(cert), Some(key)) => {
+            let chain = certs_from(Path::new(cert)).map_err(|message| CredentialError {
+                field: "clientCertificate",
+                message,
+            })?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| CredentialError {
+                field: "privateKey",
+                message: format!("cannot read a PEM private key from `{key}`: {e}"),
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| CredentialError {
+                    field: "privateKey",
+                    message: format!("does not match clientCertificate: {e}"),
+                })?
+        }
+        (TlsMode::Mutual, _, _) => {
+            return Err(CredentialError {
+                field: "clientCertificate",
+                message: "MUTUAL needs clientCertificate and privateKey".to_owned(),
+            });
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    // Every connection authenticates the server in full; policy changes take effect at once.
+    config.resumption = Resumption::disabled();
+    config.enable_early_data = false;
+    Ok(Arc::new(config))
+}
+
+fn certs_from(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(file)
+        .and_then(|it| it.collect::<Result<Vec<_>, pem::Error>>())
+        .map_err(|e| {
+            format!(
+                "cannot read PEM certificates from `{}`: {e}",
+                file.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!("`{}` holds no PEM certificate", file.display()));
+    }
+    Ok(certs)
+}
+
+fn roots_from(file: &Path) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    for cert in certs_from(file)? {
+        store
+            .add(cert)
+            .map_err(|e| format!("`{}`: unusable CA certificate: {e}", file.display()))?;
+    }
+    Ok(store)
+}
+
+/// The system bundle, or an empty store (every server refused) when there is none.
+fn system_roots() -> RootCertStore {
+    let mut store = RootCertStore::empty();
+    if let Some(file) = SYSTEM_BUNDLES.iter().map(Path::new).find(|p| p.exists())
+        && let Ok(certs) = certs_from(file)
+    {
+        let _ = store.add_parsable_certificates(certs);
+    }
+    store
+}
+
+/// The name a connection presents and, without `subjectAltNames`, verifies: the rule's `sni`,
+/// else the service host, else the endpoint address (no SNI is sent for an address).
+pub fn server_name(
+    tls: &ClientTls,
+    service: Option<&str>,
+    endpoint: SocketAddr,
+) -> ServerName<'static> {
+    tls.sni
+        .as_deref()
+        .or(service)
+        .and_then(|n| ServerName::try_from(n.to_owned()).ok())
+        .unwrap_or_else(|| ServerName::IpAddress(endpoint.ip().into()))
+}
+
+/// Why an origination handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginateError {
+    #[error("TLS handshake with the server failed")]
+    Tls(#[source] Error),
+    #[error("the server closed the connection during the TLS handshake")]
+    PeerClosed,
+    #[error("the TLS handshake did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("socket error during the TLS handshake")]
+    Io(#[source] std::io::Error),
+}
+
+/// Runs the client handshake on `sock`; returns the session and any application data the
+/// server already sent (to be delivered to the app first).
+pub async fn handshake(
+    sock: &mut TcpStream,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    timeout: Duration,
+) -> Result<(Connection, Vec<u8>), OriginateError> {
+    let conn = ClientConnection::new(config, name).map_err(OriginateError::Tls)?;
+    let mut conn = Connection::from(conn);
+    tokio::time::timeout(timeout, exchange(sock, &mut conn))
+        .await
+        .map_err(|_| OriginateError::Timeout(timeout))??;
+    let mut leftover = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match std::io::Read::read(&mut conn.reader(), &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => leftover.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(OriginateError::Io(e)),
+        }
+    }
+    Ok((conn, leftover))
+}
+
+async fn exchange(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), OriginateError> {
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        flush(sock, conn).await?;
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        let n = sock.read(&mut buf).await.map_err(OriginateError::Io)?;
+        if n == 0 {
+            return Err(OriginateError::PeerClosed);
+        }
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            conn.read_tls(&mut rest).map_err(OriginateError::Io)?;
+            if let Err(e) = conn.process_new_packets() {
+                // Best effort: the alert tells the server why.
+                let _ = flush(sock, conn).await;
+                return Err(OriginateError::Tls(e));
+            }
+        }
+    }
+}
+
+async fn flush(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), OriginateError> {
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).map_err(OriginateError::Io)?;
+    }
+    if !out.is_empty() {
+        sock.write_all(&out).await.map_err(OriginateError::Io)?;
+    }
+    Ok(())
+}
+
+/// webpki chain validation against the rule's roots, then the name check described in the
+/// module documentation.
+#[derive(Debug)]
+struct OriginVerifier {
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+    subject_alt_names: Vec<String>,
+    skip: bool,
+}
+
+impl ServerCertVerifier for OriginVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        if self.skip {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        if self.subject_alt_names.is_empty() {
+            verify_server_name(&cert, server_name)?;
+            return Ok(ServerCertVerified::assertion());
+        }
+        let uris = uri_sans(end_entity);
+        let matched = self.subject_alt_names.iter().any(|san| {
+            if san.contains("://") {
+                uris.iter().any(|u| u == san)
+            } else {
+                ServerName::try_from(san.as_str())
+                    .is_ok_and(|name| verify_server_name(&cert, &name).is_ok())
+            }
+        });
+        if matched {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(Error::InvalidCertificate(CertificateError::NotValidForName))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The URI SANs of a certificate (empty if it does not parse; webpki has accepted it by then).
+fn uri_sans(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
