@@ -400,14 +400,18 @@ fn reset(sock: TcpStream) {
 }
 
 /// Refuses an app's outbound connection the way Envoy answers 503: once the app has sent its
-/// request (or after the first-byte wait, for an app that waits for the server), reset. An
+/// request (or after a wait, for an app that waits for the server to speak), reset. An
 /// app then sees the reset while waiting for the response (curl: `000`, exit 56) rather than
 /// as a failed connect, which is what an immediate reset can look like.
 async fn refuse_app(shared: &Shared, app: TcpStream) {
-    let wait = Duration::from_millis(shared.tuning.first_byte_wait_ms);
-    let _ = tokio::time::timeout(wait, app.readable()).await;
+    let wait = Duration::from_millis(shared.tuning.first_byte_wait_ms).max(REFUSE_WAIT);
+    let mut byte = [0u8; 1];
+    let _ = tokio::time::timeout(wait, app.peek(&mut byte)).await;
     reset(app);
 }
+
+/// The least [`refuse_app`] waits for an app's request.
+const REFUSE_WAIT: Duration = Duration::from_secs(1);
 
 /// SO_LINGER 0 on a duplicate of a socket: the socket is reset when its last descriptor
 /// closes.

@@ -16,15 +16,8 @@ use interceptor::{
     intercept::table::FlowRow,
 };
 
-use crate::{agent::TempDir, topology::Pod};
-
-pub fn busybox() -> &'static str {
-    if Path::new("/bin/busybox").exists() {
-        "/bin/busybox"
-    } else {
-        "busybox"
-    }
-}
+pub use crate::apps::busybox;
+use crate::{agent::TempDir, apps, topology::Pod};
 
 /// A mesh workload entry for a pod, with the given labels (`app` is the usual selector).
 pub fn workload(
@@ -126,30 +119,11 @@ pub fn kube_proxy(pods: &[&Pod], services: &[Service]) {
     }
 }
 
-/// Waits until something accepts TCP connections at `addr` inside `pod`.
-pub fn wait_listening(pod: &Pod, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let ns = pod.netns_path();
-    while Instant::now() < deadline {
-        let ok = interceptor::sys::in_netns(&ns, move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(|_| ())
-        });
-        if ok.is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on {addr} in {}", pod.name);
-}
-
 /// busybox httpd serving `dir` on `port` in the pod (outside its cgroup: the server itself is
 /// never steered; inbound interception works on its address).
 pub fn serve_http(pod: &mut Pod, dir: &Path, port: u16) {
-    let mut cmd = pod.command_unenrolled(busybox());
-    cmd.args(["httpd", "-f", "-p", &port.to_string(), "-h"])
-        .arg(dir);
-    pod.spawn(cmd);
-    wait_listening(pod, SocketAddr::from((pod.ip, port)));
+    let probe = SocketAddr::from((pod.ip, port));
+    apps::serve_http_on(pod, dir, &port.to_string(), probe);
 }
 
 /// A web root with the paths the seeds' curls ask for (`/headers`, `/ip`).

@@ -146,12 +146,14 @@ pub struct FlowGuard<'a> {
 
 impl Drop for FlowGuard<'_> {
     fn drop(&mut self) {
+        // `recent` before `flows`, as in `rows_with_recent`: a listing never sees a closing
+        // flow in neither place.
+        let mut recent = self.table.recent.lock().unwrap_or_else(|p| p.into_inner());
         let Some(entry) = self.table.lock().remove(&self.id) else {
             return;
         };
         let mut row = row(self.id, &entry);
         row.closed = true;
-        let mut recent = self.table.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT {
             recent.pop_front();
         }
@@ -241,13 +243,8 @@ impl FlowTable {
 
     /// Recently closed flows, oldest first, then the open ones.
     pub fn rows_with_recent(&self) -> Vec<FlowRow> {
-        let mut rows: Vec<FlowRow> = self
-            .recent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<FlowRow> = recent.iter().cloned().collect();
         rows.extend(self.rows());
         rows
     }
