@@ -53,6 +53,10 @@ const REQUIRED_HOST_TOOLS: &[&str] = &[
     "apt-cache",
 ];
 
+/// Test suites that exercise only the userspace relay: the host runs them (`cargo xtask
+/// test`), the VM skips them.
+const HOST_ONLY: &[&str] = &["relay_userspace"];
+
 /// A test harness binary built by cargo, named by its target so guest logs stay readable.
 #[derive(Debug, Clone)]
 pub(crate) struct TestBinary {
@@ -185,7 +189,10 @@ fn build_binaries(workspace_root: &Path, release: bool) -> Result<Binaries> {
     let mut tests = Vec::new();
     for artifact in cargo_artifacts(workspace_root, &test_args)? {
         // A bin target's unit-test harness (e.g. the `demo` binary's) is not a test suite.
-        let is_bin = artifact.target.kind.iter().any(|k| k.to_string() == "bin");
+        // Host-only suites cover the userspace relay, which the host runs; the VM's time goes
+        // to what only it can test (kTLS).
+        let is_bin = artifact.target.kind.iter().any(|k| k.to_string() == "bin")
+            || HOST_ONLY.contains(&artifact.target.name.as_str());
         if let (true, false, Some(path)) = (artifact.profile.test, is_bin, artifact.executable) {
             tests.push(TestBinary {
                 name: artifact.target.name,
