@@ -526,3 +526,93 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
         "sk_msg redirected nothing: {before:?} → {after:?}"
     );
 }
+
+/// `interceptor enroll` / `unenroll` on a running agent: enrolling a pod makes its new
+/// connections to mesh destinations mTLS at once; unenrolling restores plain networking.
+#[test]
+fn runtime_enroll_and_unenroll_through_the_admin_socket() {
+    use interceptor::admin::{Request, Response};
+    require_privileged();
+    let node = Node::new(44);
+    let client = node.pod("rtc", 2);
+    let mut server = node.pod("rts", 3);
+    let www = TempDir::new("wwwrt");
+    let payload = random_payload(64 << 10);
+    std::fs::write(www.0.join("blob"), &payload).unwrap();
+    serve_http(&mut server, &www.0);
+    let scratch = TempDir::new("agentrt");
+    let ca = scratch.0.join("ca");
+    make_ca(&ca, "cluster.local");
+    let ktls = if in_vm() {
+        KtlsMode::Required
+    } else {
+        KtlsMode::Auto
+    };
+    let cfg = config(
+        &ca,
+        &scratch.0,
+        ktls,
+        vec![workload(&server, "rt", "server")],
+        vec![],
+    );
+    let admin = cfg.admin_socket.clone();
+    let agent = RunningAgent::start(cfg);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let call = |req: Request| {
+        rt.block_on(interceptor::admin::call(&admin, &req))
+            .expect("admin call")
+    };
+    let client_rows = || {
+        agent
+            .agent
+            .flows_with_recent()
+            .into_iter()
+            .filter(|r| r.pod == "rtc")
+            .count()
+    };
+    let url = format!("http://{}/blob", server.ip);
+
+    // Not enrolled: plaintext, the agent never sees the client side.
+    assert_eq!(curl(client.command("curl"), &url).code, "200");
+    assert_eq!(client_rows(), 0);
+
+    let resp = call(Request::Enroll {
+        workload: workload(&client, "rt", "client"),
+    });
+    assert!(matches!(resp, Response::Ok { .. }), "{resp:?}");
+    let f = curl(client.command("curl"), &url);
+    assert_eq!(f.code, "200");
+    let rows = agent.agent.flows_with_recent();
+    let out = rows
+        .iter()
+        .find(|r| r.pod == "rtc")
+        .expect("enrolled client flow");
+    assert_eq!(
+        out.peer_id.as_deref(),
+        Some("spiffe://cluster.local/ns/rt/sa/server")
+    );
+    assert_eq!(out.protection, expected_protection());
+
+    let resp = call(Request::Unenroll {
+        name: "rtc".to_owned(),
+    });
+    assert!(matches!(resp, Response::Ok { .. }), "{resp:?}");
+    let before = client_rows();
+    assert_eq!(curl(client.command("curl"), &url).code, "200");
+    assert_eq!(
+        client_rows(),
+        before,
+        "an unenrolled pod must not be steered"
+    );
+    // A bad request names the problem and changes nothing.
+    let resp = call(Request::Unenroll {
+        name: "nope".to_owned(),
+    });
+    assert!(
+        matches!(resp, Response::Error { ref message } if message.contains("nope")),
+        "{resp:?}"
+    );
+}
