@@ -76,6 +76,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Starts the agent on the current tokio runtime and returns once every configured pod is
 /// enrolled and the admin socket answers. Dropping the runtime stops it (as a kill would).
 pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
+    if let Err(e) = sys::raise_nofile_rlimit() {
+        warn!(error = %e, "could not raise RLIMIT_NOFILE; large flow counts may fail");
+    }
     // A policy that does not load refuses the start before anything is attached.
     let policy = Enforcer::load(&config)?;
     let offload = offload(config.ktls)?;

@@ -596,6 +596,7 @@ async fn outbound(
         Transport::Mesh(Some(expected)) => {
             let me = shared.credentials(&ctx.id)?;
             let config = shared.client_config(&me, &expected)?;
+            prepare_peer(shared, &peer);
             let est = match driver::client_handshake(
                 &mut peer,
                 config,
@@ -664,6 +665,21 @@ fn relay_config(shared: &Shared) -> relay::RelayConfig {
 }
 
 /// Hands an established mesh session to kTLS (or keeps it in rustls) and relays.
+/// Attaches the `tls` ULP to the peer socket before the handshake when kTLS is in use: the
+/// kernel refuses the ULP once the peer's FIN has arrived, and a peer that half-closes right
+/// behind its Finished would otherwise push the flow to userspace. Failure is not fatal: the
+/// relay then keeps the flow in rustls.
+fn prepare_peer(shared: &Shared, peer: &TcpStream) {
+    if let Offload::Kernel(_) = shared.offload {
+        let _ = relay::prepare_socket(
+            peer,
+            relay::RecordLayer::Kernel {
+                expect_no_pad: true,
+            },
+        );
+    }
+}
+
 async fn relay_mesh(
     shared: &Shared,
     mut flow: FlowInfo,
@@ -786,6 +802,7 @@ async fn inbound(
                 return Ok(());
             }
             let me = shared.credentials(&ctx.id)?;
+            prepare_peer(shared, &client);
             let est = match driver::server_handshake(
                 &mut client,
                 Arc::clone(&me.server),

@@ -218,6 +218,26 @@ pub fn raise_memlock_rlimit() -> io::Result<()> {
     }
 }
 
+/// Lifts the soft RLIMIT_NOFILE to the hard limit: a kTLS flow holds six descriptors in the
+/// agent (two sockets, two pipes of two ends), so the default soft 1024 caps a node at ~170
+/// flows.
+pub fn raise_nofile_rlimit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is valid for writes for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit for the duration of the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// The kernel release (`uname -r`).
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
