@@ -246,5 +246,6 @@ fn run(args: RunArgs) -> Result<()> {
         "bench: results in {}/results.{{json,md,svg}}",
         args.out.display()
     );
-    Ok(())
+    // Partial results are written above; the exit status still says the run was cut short.
+    interceptor_bench::procs::check_interrupted()
 }

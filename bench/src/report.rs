@@ -612,7 +612,7 @@ impl Report {
             (Workload::Iperf4, "mb_s", "iperf3 4 streams MB/s"),
             (Workload::Iperf1, "cpu_s_per_gb", "CPU-s/GB (1 stream)"),
             (Workload::Rr64, "p50_us", "RTT p50 64 B"),
-            (Workload::Http, "p99_us", "HTTP p99 @1000 rps"),
+            (Workload::Http, "p99_us", "HTTP p99, fixed rate"),
             (Workload::Churn, "conn_per_s", "new conn/s"),
         ];
         let colors = [
