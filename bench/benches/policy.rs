@@ -16,7 +16,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use interceptor::{
     identity::SpiffeId,
     policy::{
-        Engine, InboundRequest, Inventory, OutboundRequest, Service, ServicePort, Settings,
+        Engine, InboundRequest, Inventory, OutboundRequest, Pick, Service, ServicePort, Settings,
         Workload, load_documents,
     },
 };
@@ -141,7 +141,7 @@ fn policy(c: &mut Criterion) {
             let r = OutboundRequest {
                 source: pod_ip(3, 1),
                 destination: SocketAddr::new(vip(40, 0), 80),
-                pick,
+                pick: Pick::Next(pick),
             };
             engine.outbound(std::hint::black_box(&r)).is_ok()
         })

@@ -22,6 +22,10 @@ pub mod maps {
     /// sk_msg local-leg option: `LegKey → socket` for the plain app↔agent loopback sockets
     /// (never a kTLS socket: the kernel refuses that combination, and older kernels leaked).
     pub const LOCAL_LEGS: &str = "LOCAL_LEGS";
+    /// sk_msg local-leg option: `LegKey of the sending socket → bytes sk_msg redirected`,
+    /// created with the LOCAL_LEGS entry and removed when the socket closes. See
+    /// [`crate::SKMSG_LEG_BUDGET`].
+    pub const LEG_BYTES: &str = "LEG_BYTES";
     /// Per-CPU counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// sk_lookup: `pod address → slot` of the agent's inbound listener for that pod.
@@ -38,6 +42,19 @@ pub mod maps {
     pub const MAX_POD_ADDRS: u32 = 4_096;
     pub const MAX_DESTS: u32 = 65_536;
 }
+
+/// Bytes one direction of a local leg may move through sk_msg before it falls back to the
+/// loopback TCP path for the rest of its life.
+///
+/// The kernel charges an ingress redirect to the receiving socket but gives the sender no
+/// back-pressure: a writer faster than its reader queues without bound, pushes the node's TCP
+/// memory into pressure and finally gets `ENOMEM` from send() (cilium/cilium#6431). Capping
+/// what a leg may redirect caps what can queue. The fallback is one-way because it preserves
+/// byte order: everything redirected is already on the reader's ingress list before the first
+/// byte takes TCP, and a reader drains that list before its TCP receive queue. Request/response
+/// traffic and short connections (where skipping the loopback stack pays) stay within it;
+/// bulk transfers leave it early, and the benchmark shows they are no slower on TCP.
+pub const SKMSG_LEG_BUDGET: u64 = 1 << 20;
 
 /// Index of a pod's inbound listener in [`maps::INBOUND_LISTENERS`].
 #[inline(always)]
@@ -193,10 +210,13 @@ pub enum Counter {
     LookupNoListener = 7,
     /// sk_msg redirected a message to the other end of a local leg.
     SkMsgRedirected = 8,
+    /// sk_msg let a message take the loopback TCP path because its leg had spent
+    /// [`SKMSG_LEG_BUDGET`] (or was never given one).
+    SkMsgBudgetSpent = 9,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
         Self::ConnectSteered,
@@ -207,6 +227,7 @@ impl Counter {
         Self::LookupSteered,
         Self::LookupNoListener,
         Self::SkMsgRedirected,
+        Self::SkMsgBudgetSpent,
     ];
 }
 

@@ -38,6 +38,12 @@ pub static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(2 * MAX_PODS, 
 #[map(name = "LOCAL_LEGS")]
 pub static LOCAL_LEGS: SockHash<LegKey> = SockHash::with_max_entries(MAX_PENDING_FLOWS, 0);
 
+/// Plain hash, not LRU: an evicted entry would let a leg that already fell back to TCP start
+/// redirecting again, and the reader would then see the new bytes before older TCP ones.
+/// Entries come and go with their LOCAL_LEGS entry (sockops).
+#[map(name = "LEG_BYTES")]
+pub static LEG_BYTES: HashMap<LegKey, u64> = HashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
+
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 

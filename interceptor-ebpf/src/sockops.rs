@@ -4,8 +4,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
@@ -14,7 +14,7 @@ use interceptor_common::{AF_INET6, Counter, FlowKey, LegKey, POD_FLAG_LOCAL_LEG_
 
 use crate::{
     connect::read_ip6,
-    maps::{LOCAL_LEGS, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, POD_CONFIG, count},
+    maps::{LEG_BYTES, LOCAL_LEGS, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, POD_CONFIG, count},
     skmsg::addr,
 };
 
@@ -89,6 +89,27 @@ fn local_leg_enabled(netns_cookie: u64) -> Option<u16> {
     (pod.flags & POD_FLAG_LOCAL_LEG_SKMSG != 0).then_some(pod.outbound_port_be)
 }
 
+/// Puts an established plain loopback socket in LOCAL_LEGS with a fresh sk_msg budget. The
+/// budget entry comes first and only at establishment: a leg whose entry could not be made
+/// never redirects, and so can never start redirecting after bytes already went by TCP.
+///
+/// The entry is created only if absent: sockops runs once per attached cgroup on the path
+/// (the agent's own cgroup may be an ancestor of a pod's), and a second run must neither reset
+/// the budget nor undo the first run's registration.
+#[inline(always)]
+fn add_local_leg(ctx: &SockOpsContext, key: LegKey) {
+    if LEG_BYTES.insert(key, 0, u64::from(BPF_NOEXIST)).is_err() {
+        return;
+    }
+    // SAFETY: `ctx.ops` is the live bpf_sock_ops of an established plain socket.
+    if LOCAL_LEGS
+        .update(key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY))
+        .is_err()
+    {
+        let _ = LEG_BYTES.remove(key);
+    }
+}
+
 pub fn on_event(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
@@ -104,12 +125,7 @@ pub fn on_event(ctx: &SockOpsContext) {
                 count(Counter::SockopsRekeyed);
             }
             if local_leg_enabled(key.netns_cookie).is_some() {
-                // SAFETY: `ctx.ops` is the live bpf_sock_ops of an established plain socket.
-                let _ = LOCAL_LEGS.update(
-                    leg_key(ctx, key.netns_cookie),
-                    unsafe { &mut *ctx.ops },
-                    u64::from(BPF_ANY),
-                );
+                add_local_leg(ctx, leg_key(ctx, key.netns_cookie));
             }
             // Ask for state changes so both entries go when the socket closes.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
@@ -124,8 +140,8 @@ pub fn on_event(ctx: &SockOpsContext) {
             };
             let key = leg_key(ctx, netns_cookie);
             if key.local.port_be == port_be {
-                // SAFETY: as above.
-                let _ = LOCAL_LEGS.update(key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
+                add_local_leg(ctx, key);
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
@@ -133,6 +149,9 @@ pub fn on_event(ctx: &SockOpsContext) {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = ORIG_DST_BY_COOKIE.remove(cookie);
             let _ = ORIG_DST_BY_FLOW.remove(flow_key(ctx));
+            // SAFETY: helper valid for sock_ops programs.
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            let _ = LEG_BYTES.remove(leg_key(ctx, netns_cookie));
         }
         _ => {}
     }

@@ -28,6 +28,7 @@ use crate::{
     datapath::Datapath,
     handshake::{self, MeshSuite, driver},
     identity::{SpiffeId, TrustDomain},
+    policy::FlowTls,
     relay, sys,
 };
 use interceptor_common::{
@@ -37,7 +38,9 @@ use interceptor_common::{
 use self::{
     enforce::{Enforcer, Generation, Plan, Refused, Transport},
     peek::FirstBytes,
-    table::{Cancel, Direction, FlowInfo, FlowTable, InboundCheck, Protection},
+    table::{
+        Cancel, Direction, FlowCheck, FlowInfo, FlowTable, InboundCheck, OutboundCheck, Protection,
+    },
 };
 
 /// The agent reaches apps from this address; sk_lookup never steers it (see `lookup.rs`).
@@ -194,7 +197,15 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
     )?;
     shared.credentials(&id)?;
     let t = shared.tuning.clone();
+    let pod = workload.name.clone();
     let (out4, out6, in4, in6) = sys::in_netns(&workload.netns, move || {
+        if let Err(e) = sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
+            // Not fatal: it only matters if the pod widens its ephemeral port range.
+            warn!(
+                pod,
+                "cannot reserve the agent's ports against ephemeral use: {e}"
+            );
+        }
         let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
         // IPv6 may be disabled in the pod; IPv4 still works then.
         let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
@@ -355,16 +366,43 @@ struct Refusal<'a> {
     server: Option<&'a SpiffeId>,
 }
 
-impl Refusal<'_> {
-    fn log(&self, shared: &Shared, refused: &Refused) {
+impl<'a> Refusal<'a> {
+    /// An open flow's ends and identities, as its check recorded them.
+    fn of(check: &'a FlowCheck, pod: &'a str) -> Self {
+        match check {
+            FlowCheck::Inbound(c) => Refusal {
+                direction: Direction::Inbound,
+                pod,
+                source: c.source,
+                destination: c.destination,
+                endpoint: None,
+                client: c.peer.as_ref(),
+                server: None,
+            },
+            FlowCheck::Outbound(c) => Refusal {
+                direction: Direction::Outbound,
+                pod,
+                source: c.source,
+                destination: c.destination,
+                endpoint: Some(c.endpoint),
+                client: Some(&c.client),
+                server: match &c.tls {
+                    FlowTls::Mesh(server) => Some(server),
+                    FlowTls::Plaintext | FlowTls::Originate(_) => None,
+                },
+            },
+        }
+    }
+
+    /// `DIRECTION SRC -> DST [via ENDPOINT] pod=… client=… server=…`
+    fn describe(&self) -> String {
         let id = |i: Option<&SpiffeId>| i.map_or_else(|| "-".to_owned(), ToString::to_string);
         let via = match self.endpoint {
             Some(e) if e != self.destination => format!(" via {e}"),
             _ => String::new(),
         };
-        warn!(
-            target: "interceptor::policy",
-            "refused {} {} -> {}{via} pod={} client={} server={}: {} [{}]",
+        format!(
+            "{} {} -> {}{via} pod={} client={} server={}",
             match self.direction {
                 Direction::Outbound => "outbound",
                 Direction::Inbound => "inbound",
@@ -374,10 +412,30 @@ impl Refusal<'_> {
             self.pod,
             id(self.client),
             id(self.server),
+        )
+    }
+
+    fn log(&self, shared: &Shared, refused: &Refused) {
+        warn!(
+            target: "interceptor::policy",
+            "refused {}: {} [{}]",
+            self.describe(),
             refused.reason,
             refused.code,
         );
         shared.policy.count(format!("refused.{}", refused.code));
+    }
+
+    /// An open flow a new generation no longer allows.
+    fn log_closed(&self, shared: &Shared, generation: u64, refused: &Refused) {
+        warn!(
+            target: "interceptor::policy",
+            "closing {}: no longer allowed by policy generation {generation}: {} [{}]",
+            self.describe(),
+            refused.reason,
+            refused.code,
+        );
+        shared.policy.count(format!("closed.{}", refused.code));
     }
 }
 
@@ -460,34 +518,37 @@ fn dups(socks: [&TcpStream; 2]) -> Vec<OwnedFd> {
         .collect()
 }
 
-/// Decides every open inbound flow again under `generation`: a flow it refuses is reset within
-/// one poll of the relay, with one log line and a `closed.<reason>` count; allowed flows are
+/// Decides every open flow again under `generation`: a flow it refuses is reset within one
+/// poll of the relay, with one log line and a `closed.<reason>` count; allowed flows are
 /// untouched.
+///
+/// Inbound flows are decided as new connections with the same client, identity and
+/// destination. Outbound flows are decided on the endpoint they are connected to and closed
+/// when the generation refuses them or needs protection they lack
+/// ([`Generation::outbound_still`]: `transport_changed`); a flow already stronger than
+/// required stays.
 pub fn revalidate(shared: &Shared, generation: &Generation) -> usize {
-    shared.flows.revalidate(|info, check| {
-        match generation.inbound(check.source, check.destination, check.peer.as_ref()) {
-            Ok(_) => true,
+    shared
+        .flows
+        .revalidate(|info, check| match recheck(generation, check) {
+            Ok(()) => true,
             Err(refused) => {
-                warn!(
-                    target: "interceptor::policy",
-                    "closing inbound {} -> {} pod={} client={}: no longer allowed by policy \
-                     generation {}: {} [{}]",
-                    check.source,
-                    check.destination,
-                    info.pod,
-                    check
-                        .peer
-                        .as_ref()
-                        .map_or_else(|| "-".to_owned(), ToString::to_string),
-                    generation.number,
-                    refused.reason,
-                    refused.code,
-                );
-                shared.policy.count(format!("closed.{}", refused.code));
+                Refusal::of(check, &info.pod).log_closed(shared, generation.number, &refused);
                 false
             }
+        })
+}
+
+/// Decides an open flow again under `generation`.
+fn recheck(generation: &Generation, check: &FlowCheck) -> Result<(), Refused> {
+    match check {
+        FlowCheck::Inbound(c) => generation
+            .inbound(c.source, c.destination, c.peer.as_ref())
+            .map(|_| ()),
+        FlowCheck::Outbound(c) => {
+            generation.outbound_still(c.source.ip(), c.destination, c.endpoint, &c.tls)
         }
-    })
+    }
 }
 
 /// Brings connect4's steering in line with a new generation (service VIPs, non-mesh endpoints
@@ -541,6 +602,7 @@ async fn outbound(
             return Ok(());
         }
     };
+    let decided_by = generation.number;
     drop(generation);
     let Plan {
         endpoint,
@@ -564,15 +626,18 @@ async fn outbound(
         endpoint: Some(endpoint),
         reason: Some(reason),
     };
-    if matches!(transport, Transport::Mesh(None)) {
-        let refused = Refused {
-            code: "mesh_identity_unknown",
-            reason: "ISTIO_MUTUAL to an endpoint whose mesh identity is not known".to_owned(),
-        };
-        refusal.log(shared, &refused);
+    let Some(tls) = transport.to_flow() else {
+        refusal.log(shared, &enforce::mesh_identity_unknown());
         refuse_app(shared, app).await;
         return Ok(());
-    }
+    };
+    let check = FlowCheck::Outbound(OutboundCheck {
+        source,
+        destination: dst,
+        endpoint,
+        client: ctx.id.clone(),
+        tls,
+    });
     let mut peer = match dial(ctx, endpoint, None).await {
         Ok(peer) => peer,
         Err(e) => {
@@ -588,7 +653,12 @@ async fn outbound(
     let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
     match transport {
         Transport::Plaintext => {
-            let guard = shared.flows.insert(flow);
+            if !admitted_now(shared, decided_by, &check, &ctx.name) {
+                refuse_app(shared, app).await;
+                reset(peer);
+                return Ok(());
+            }
+            let guard = shared.flows.insert_checked(flow, Some(check));
             let socks = dups([&app, &peer]);
             cancellable(&guard.cancel, socks, plain(app, peer)).await
         }
@@ -619,9 +689,11 @@ async fn outbound(
             };
             flow.peer_id = Some(est.peer().to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
-            relay_mesh(shared, flow, None, app, peer, est).await
+            relay_mesh(shared, flow, check, decided_by, app, peer, est).await
         }
-        Transport::Originate { config, name, mode } => {
+        Transport::Originate {
+            config, name, mode, ..
+        } => {
             let (conn, leftover) =
                 match originate::handshake(&mut peer, config, name.clone(), timeout).await {
                     Ok(session) => session,
@@ -644,7 +716,12 @@ async fn outbound(
             flow.cipher = conn
                 .negotiated_cipher_suite()
                 .map(|s| format!("{:?}", s.suite()));
-            let guard = shared.flows.insert(flow);
+            if !admitted_now(shared, decided_by, &check, &ctx.name) {
+                reset(app);
+                reset(peer);
+                return Ok(());
+            }
+            let guard = shared.flows.insert_checked(flow, Some(check));
             let config = relay_config(shared);
             let socks = dups([&app, &peer]);
             let stats = Arc::clone(&guard.stats);
@@ -680,10 +757,13 @@ fn prepare_peer(shared: &Shared, peer: &TcpStream) {
     }
 }
 
+/// Relays an established mesh flow, listed with `check` (decided under generation
+/// `decided_by`) so that policy changes decide it again.
 async fn relay_mesh(
     shared: &Shared,
     mut flow: FlowInfo,
-    check: Option<(InboundCheck, u64)>,
+    check: FlowCheck,
+    decided_by: u64,
     app: TcpStream,
     peer: TcpStream,
     est: driver::Established,
@@ -701,16 +781,12 @@ async fn relay_mesh(
             relay::RecordLayer::Userspace
         }
     };
-    if let Some((check, decided_by)) = &check
-        && !admitted_now(shared, *decided_by, check, &flow.pod)
-    {
+    if !admitted_now(shared, decided_by, &check, &flow.pod) {
         reset(app);
         reset(peer);
         return Ok(());
     }
-    let guard = shared
-        .flows
-        .insert_checked(flow, check.map(|(check, _)| check));
+    let guard = shared.flows.insert_checked(flow, Some(check));
     let config = relay_config(shared);
     let socks = dups([&app, &peer]);
     let stats = Arc::clone(&guard.stats);
@@ -721,26 +797,18 @@ async fn relay_mesh(
     .await
 }
 
-/// Closes the window between deciding a flow and listing it: a generation applied in between
-/// revalidated the table without this flow, so it is decided again here.
-fn admitted_now(shared: &Shared, decided_by: u64, check: &InboundCheck, pod: &str) -> bool {
+/// Closes the window between deciding a flow and listing it (a handshake, a dial): a
+/// generation applied in between revalidated the table without this flow, so it is decided
+/// again here, as [`revalidate`] would have.
+fn admitted_now(shared: &Shared, decided_by: u64, check: &FlowCheck, pod: &str) -> bool {
     let generation = shared.policy.current();
     if generation.number == decided_by {
         return true;
     }
-    match generation.inbound(check.source, check.destination, check.peer.as_ref()) {
-        Ok(_) => true,
+    match recheck(&generation, check) {
+        Ok(()) => true,
         Err(refused) => {
-            Refusal {
-                direction: Direction::Inbound,
-                pod,
-                source: check.source,
-                destination: check.destination,
-                endpoint: None,
-                client: check.peer.as_ref(),
-                server: None,
-            }
-            .log(shared, &refused);
+            Refusal::of(check, pod).log(shared, &refused);
             false
         }
     }
@@ -837,12 +905,12 @@ async fn inbound(
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
             let app = dial(ctx, dst, Some(app_source)).await?;
             debug!(pod = %ctx.name, %source, %peer, "inbound mTLS");
-            let check = InboundCheck {
+            let check = FlowCheck::Inbound(InboundCheck {
                 source,
                 destination: dst,
                 peer: Some(peer.clone()),
-            };
-            relay_mesh(shared, flow, Some((check, decided_by)), app, client, est).await
+            });
+            relay_mesh(shared, flow, check, decided_by, app, client, est).await
         }
         FirstBytes::Other | FirstBytes::NeedMore => {
             match generation.inbound(source, dst, None) {
@@ -856,11 +924,11 @@ async fn inbound(
             let decided_by = generation.number;
             drop(generation);
             let app = dial(ctx, dst, Some(app_source)).await?;
-            let check = InboundCheck {
+            let check = FlowCheck::Inbound(InboundCheck {
                 source,
                 destination: dst,
                 peer: None,
-            };
+            });
             if !admitted_now(shared, decided_by, &check, &ctx.name) {
                 reset(client);
                 reset(app);

@@ -36,6 +36,14 @@
 //!   service with one mesh and one legacy endpoint alternates.
 //!   DestinationRules apply only to destinations the inventory maps to a service (its VIP or
 //!   one of its endpoints): the agent sees addresses, never host names.
+//! * Open flows under a new engine: inbound flows are decided again like new connections.
+//!   Outbound flows are decided again with [`Pick::Endpoint`], so a VIP flow is judged on the
+//!   endpoint it is connected to, not on the next round-robin pick; the flow stays when
+//!   [`OutboundTls::met_by`] says what it runs ([`FlowTls`]) is at least what the new
+//!   decision asks: anything meets plaintext (a flow stronger than required is left alone),
+//!   mesh mTLS needs mesh mTLS to the same server identity, origination needs origination
+//!   with the same settings. Otherwise, or when the new engine refuses the connection, the
+//!   caller closes it.
 //!
 //! # Old `authentication.istio.io/v1alpha1` policies
 //!
@@ -84,8 +92,8 @@ mod source;
 
 pub use compile::{Engine, ServiceId};
 pub use eval::{
-    EffectiveMode, InboundRequest, Outbound, OutboundRequest, OutboundTls, Refusal, TlsReason,
-    Verdict,
+    EffectiveMode, FlowTls, InboundRequest, Outbound, OutboundRequest, OutboundTls, Pick, Refusal,
+    TlsReason, Verdict,
 };
 pub use inventory::{Inventory, Service, ServicePort, Settings, Workload};
 pub use matcher::{IpBlock, IpBlockError, PatternError, StrMatch};

@@ -307,9 +307,72 @@ pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
     Ok(rc as usize)
 }
 
+/// Where the calling thread's network namespace keeps its reserved local ports (the sysctl is
+/// per namespace, and covers IPv6 too).
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Keeps the kernel from handing `ports` out as ephemeral ports in the calling thread's
+/// network namespace, adding them to what is reserved already.
+///
+/// The agent's listeners in a pod sit on fixed loopback ports. A pod that widens
+/// `ip_local_port_range` would otherwise let its own connections take those ports while the
+/// agent is down, and the agent's restart would then fail with `EADDRINUSE` until they close.
+pub fn reserve_local_ports(ports: &[u16]) -> io::Result<()> {
+    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    if let Some(merged) = merge_port_list(&current, ports) {
+        std::fs::write(RESERVED_PORTS, merged)?;
+    }
+    Ok(())
+}
+
+/// `current` (the sysctl's `a,b-c` syntax) with `ports` added, or `None` if every port is
+/// already covered.
+fn merge_port_list(current: &str, ports: &[u16]) -> Option<String> {
+    let covered = |port: u16| {
+        current.trim().split(',').any(|item| {
+            let item = item.trim();
+            match item.split_once('-') {
+                Some((lo, hi)) => matches!(
+                    (lo.parse::<u16>(), hi.parse::<u16>()),
+                    (Ok(lo), Ok(hi)) if (lo..=hi).contains(&port)
+                ),
+                None => item.parse() == Ok(port),
+            }
+        })
+    };
+    let missing: Vec<String> = ports
+        .iter()
+        .copied()
+        .filter(|&p| !covered(p))
+        .map(|p| p.to_string())
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let current = current.trim();
+    Some(if current.is_empty() {
+        missing.join(",")
+    } else {
+        format!("{current},{}", missing.join(","))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_ports_merge_keeps_what_is_there() {
+        assert_eq!(
+            merge_port_list("\n", &[15001, 15006]).as_deref(),
+            Some("15001,15006")
+        );
+        assert_eq!(
+            merge_port_list("8080,15000-15002\n", &[15001, 15006]).as_deref(),
+            Some("8080,15000-15002,15006")
+        );
+        assert_eq!(merge_port_list("15001,15006\n", &[15001, 15006]), None);
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {

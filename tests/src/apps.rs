@@ -100,3 +100,61 @@ pub fn random_payload(len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// An HTTP upload sink on `port` of the pod's IPv4 address, run by the test process
+/// (unenrolled): each request's body is hashed as it streams in and the SHA-256 hex is the
+/// response, so an upload of any size is checked without holding it. Lives as long as the
+/// test.
+pub fn serve_upload_hasher(pod: &Pod, port: u16) {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let addr = SocketAddr::from((pod.ip, port));
+    let listener = pod.ns.run(move || std::net::TcpListener::bind(addr));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut reader = BufReader::new(conn.try_clone()?);
+                let mut length = 0u64;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line)? == 0 {
+                        return Ok(());
+                    }
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut hasher = Sha256::new();
+                let mut body = reader.take(length);
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = body.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                }
+                let digest = hex(&hasher.finalize());
+                let mut conn = conn;
+                write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{digest}",
+                    digest.len()
+                )
+            });
+        }
+    });
+}
+
+/// Uploads `file` with `curl -T` (no `Expect: 100-continue` round trip) and returns what the
+/// server answered.
+pub fn curl_upload(mut cmd: Command, url: &str, file: &Path) -> Fetch {
+    cmd.args(["-H", "Expect:", "-T"]).arg(file);
+    curl(cmd, url)
+}

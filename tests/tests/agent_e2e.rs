@@ -12,7 +12,10 @@ use std::{
 use interceptor::{config::KtlsMode, intercept::table::Protection};
 use interceptor_tests::{
     agent::{RunningAgent, TempDir, config, make_ca, workload},
-    apps::{busybox, curl, hex, random_payload, serve_http, serve_http_on},
+    apps::{
+        busybox, curl, curl_upload, hex, random_payload, serve_http, serve_http_on,
+        serve_upload_hasher,
+    },
     connect_from, in_vm, require_privileged,
     topology::{Node, Pod},
     wire::Capture,
@@ -473,7 +476,11 @@ fn server_speaks_first_without_delay_for_mesh_clients() {
 }
 
 /// The sk_msg local-leg option: the plain app↔agent loopback leg is short-circuited by sk_msg
-/// (the eBPF counter proves messages were redirected), and the flow still works end to end.
+/// (the eBPF counter proves messages were redirected), and the flow still works end to end,
+/// including bulk transfers each way. The kernel gives ingress redirects no back-pressure, so
+/// without the per-leg budget a fast writer (curl uploading from a file, the agent writing a
+/// download) outruns its reader and gets ENOMEM; with it, each leg moves to ordinary TCP once
+/// its budget is spent, and the bytes stay in order.
 #[test]
 fn sk_msg_local_leg_option_redirects_and_stays_correct() {
     require_privileged();
@@ -484,7 +491,13 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
     let payload = random_payload(1 << 20);
     std::fs::write(www.0.join("blob"), &payload).unwrap();
     let want = hex(&Sha256::digest(&payload));
+    // Beyond any leg budget either way; smaller under emulation, where the relay is slow.
+    let bulk = random_payload(if in_vm() { 16 << 20 } else { 48 << 20 });
+    std::fs::write(www.0.join("bulk"), &bulk).unwrap();
+    let bulk_want = hex(&Sha256::digest(&bulk));
+    drop(bulk);
     serve_http(&mut server, &www.0);
+    serve_upload_hasher(&server, 8080);
     let scratch = TempDir::new("agentsk");
     let ca = scratch.0.join("ca");
     make_ca(&ca, "cluster.local");
@@ -524,6 +537,33 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
     assert!(
         after.get(c) > before.get(c),
         "sk_msg redirected nothing: {before:?} → {after:?}"
+    );
+    // Bulk, agent → app.
+    let f = curl(
+        client.command("curl"),
+        &format!("http://{}/bulk", server.ip),
+    );
+    assert_eq!(
+        (f.code.as_str(), f.sha256().as_str()),
+        ("200", bulk_want.as_str()),
+        "bulk download through the sk_msg leg"
+    );
+    // Bulk, app → agent: curl writes a file as fast as the kernel takes it.
+    let f = curl_upload(
+        client.command("curl"),
+        &format!("http://{}:8080/", server.ip),
+        &www.0.join("bulk"),
+    );
+    assert_eq!(
+        (f.code.as_str(), String::from_utf8_lossy(&f.body).as_ref()),
+        ("200", bulk_want.as_str()),
+        "bulk upload through the sk_msg leg"
+    );
+    let spent = interceptor_common::Counter::SkMsgBudgetSpent;
+    let end = agent.agent.counters();
+    assert!(
+        end.get(spent) > after.get(spent),
+        "bulk legs never reached their sk_msg budget: {after:?} → {end:?}"
     );
 }
 
@@ -574,15 +614,29 @@ fn runtime_enroll_and_unenroll_through_the_admin_socket() {
             .count()
     };
     let url = format!("http://{}/blob", server.ip);
+    let reserved = |pod: &Pod| {
+        interceptor::sys::in_netns(&pod.netns_path(), || {
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        })
+        .expect("read the pod's reserved ports")
+    };
 
     // Not enrolled: plaintext, the agent never sees the client side.
     assert_eq!(curl(client.command("curl"), &url).code, "200");
     assert_eq!(client_rows(), 0);
+    assert_eq!(
+        reserved(&client).trim(),
+        "",
+        "nothing reserved before enrolling"
+    );
 
     let resp = call(Request::Enroll {
         workload: workload(&client, "rt", "client"),
     });
     assert!(matches!(resp, Response::Ok { .. }), "{resp:?}");
+    // The agent's listener ports can no longer be taken as ephemeral ports in the pod (which
+    // would block the agent's restart while such a connection lives).
+    assert_eq!(reserved(&client).trim(), "15001,15006");
     let f = curl(client.command("curl"), &url);
     assert_eq!(f.code, "200");
     let rows = agent.agent.flows_with_recent();

@@ -684,6 +684,150 @@ fn policy_changes_apply_to_open_flows_within_a_second() {
     assert!(!refused.unwrap_or(false), "plaintext must be refused");
 }
 
+const DR_DB_SIMPLE_HTTPBIN_DISABLE: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: db
+  namespace: full
+spec:
+  host: db.data.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+  namespace: full
+spec:
+  host: httpbin.full.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: DISABLE
+";
+
+const DR_CACHE_ISTIO_MUTUAL: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: cache
+  namespace: full
+spec:
+  host: cache.data.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+";
+
+/// Outbound flows are decided again on the endpoint they are connected to: a plaintext flow
+/// that the new policy wants protected (TLS origination, then mesh mTLS) is reset within a
+/// second; a mesh flow to a service now set to DISABLE is stronger than needed and stays, as
+/// does a plaintext flow no rule touches.
+#[test]
+fn policy_changes_close_open_outbound_flows_that_need_more_protection() {
+    require_privileged();
+    const N: u8 = 74;
+    let node = Node::new(N);
+    let httpbin = node.pod("httpbin-full", 10);
+    let client = node.pod("sleep-full", 11);
+    let db = node.pod("db", 50);
+    let cache = node.pod("cache", 51);
+    for pod in [&httpbin, &db, &cache] {
+        mesh::echo_server(pod, 9000);
+    }
+    let services = vec![
+        service("db", "data", Some(vip(N, 1)), 9000, 9000, &[&db]),
+        service("cache", "data", Some(vip(N, 2)), 9000, 9000, &[&cache]),
+        service("httpbin", "full", Some(vip(N, 3)), 9000, 9000, &[&httpbin]),
+    ];
+    let cluster = Cluster::new();
+    let agent = RunningAgent::start(cluster.config(
+        vec![
+            workload(&httpbin, "full", "httpbin", &[("app", "httpbin")]),
+            workload(&client, "full", "sleep", &[("app", "sleep")]),
+        ],
+        services,
+    ));
+    let agent = &agent.agent;
+    let open = |host: u8| {
+        let dst = SocketAddr::from((vip(N, host), 9000));
+        mesh::NcSession::open(client.command(mesh::busybox()), dst)
+    };
+
+    // Through the VIPs: plaintext to the two legacy services, mTLS to httpbin.
+    let mut to_db = open(1);
+    assert_eq!(to_db.echo("db-1", ECHO).as_deref(), Some("db-1"));
+    let mut to_cache = open(2);
+    assert_eq!(to_cache.echo("cache-1", ECHO).as_deref(), Some("cache-1"));
+    let mut to_httpbin = open(3);
+    assert_eq!(
+        to_httpbin.echo("httpbin-1", ECHO).as_deref(),
+        Some("httpbin-1")
+    );
+    let outbound = |agent: &Agent| -> Vec<FlowRow> {
+        agent
+            .flows()
+            .into_iter()
+            .filter(|r| r.direction == Direction::Outbound)
+            .collect()
+    };
+    let protection = |rows: &[FlowRow], server: &Pod| {
+        rows.iter()
+            .find(|r| r.endpoint == Some(SocketAddr::from((server.ip, 9000))))
+            .map(|r| r.protection)
+    };
+    let rows = outbound(agent);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    assert_eq!(protection(&rows, &db), Some(Protection::Plaintext));
+    assert_eq!(protection(&rows, &cache), Some(Protection::Plaintext));
+    assert_eq!(protection(&rows, &httpbin), Some(expected_protection()));
+
+    // db now wants TLS origination: its plaintext flow is reset. httpbin may now be
+    // plaintext: the mTLS flow is stronger than that and stays.
+    let before = agent.policy_stats();
+    let t0 = Instant::now();
+    cluster
+        .policy
+        .write("dr.yaml", DR_DB_SIMPLE_HTTPBIN_DISABLE);
+    let closed = to_db
+        .wait_closed(Duration::from_secs(3))
+        .expect("the plaintext flow to db was not closed");
+    assert!(closed - t0 < SECOND, "closed after {:?}", closed - t0);
+    assert_eq!(to_cache.echo("cache-2", ECHO).as_deref(), Some("cache-2"));
+    assert_eq!(
+        to_httpbin.echo("httpbin-2", ECHO).as_deref(),
+        Some("httpbin-2")
+    );
+    let delta = stats_delta(&before, &agent.policy_stats());
+    let closed_counts: Vec<_> = delta
+        .iter()
+        .filter(|(k, _)| k.starts_with("closed."))
+        .collect();
+    assert_eq!(
+        closed_counts,
+        [(&"closed.transport_changed".to_owned(), &1)],
+        "{delta:?}"
+    );
+    let rows = outbound(agent);
+    assert_eq!(protection(&rows, &db), None, "{rows:#?}");
+    assert_eq!(protection(&rows, &httpbin), Some(expected_protection()));
+
+    // cache now wants mesh mTLS (ISTIO_MUTUAL): its plaintext flow is reset too.
+    let t0 = Instant::now();
+    cluster.policy.write("cache.yaml", DR_CACHE_ISTIO_MUTUAL);
+    let closed = to_cache
+        .wait_closed(Duration::from_secs(3))
+        .expect("the plaintext flow to cache was not closed");
+    assert!(closed - t0 < SECOND, "closed after {:?}", closed - t0);
+    assert_eq!(
+        to_httpbin.echo("httpbin-3", ECHO).as_deref(),
+        Some("httpbin-3")
+    );
+    let delta = stats_delta(&before, &agent.policy_stats());
+    assert_eq!(delta.get("closed.transport_changed"), Some(&2), "{delta:?}");
+    assert_eq!(outbound(agent).len(), 1, "{:#?}", agent.flows());
+}
+
 const SECOND: Duration = Duration::from_secs(1);
 /// How long a round trip may take on a live flow (the VM emulates its CPU).
 const ECHO: Duration = Duration::from_secs(10);

@@ -30,8 +30,8 @@ use crate::{
     config::{self, Config},
     identity::SpiffeId,
     policy::{
-        self, Engine, HostPattern, InboundRequest, Mode, OutboundRequest, OutboundTls, PolicySet,
-        Settings, TlsMode,
+        self, ClientTls, Engine, FlowTls, HostPattern, InboundRequest, Mode, OutboundRequest,
+        OutboundTls, Pick, PolicySet, Settings, TlsMode,
     },
 };
 
@@ -107,7 +107,21 @@ pub enum Transport {
         config: Arc<ClientConfig>,
         name: ServerName<'static>,
         mode: TlsMode,
+        /// The rule's settings, which a later generation must match for the flow to stay.
+        settings: ClientTls,
     },
+}
+
+impl Transport {
+    /// What a flow made with this transport runs; `None` for mesh mTLS to an unknown
+    /// identity, which is refused.
+    pub fn to_flow(&self) -> Option<FlowTls> {
+        Some(match self {
+            Self::Plaintext => FlowTls::Plaintext,
+            Self::Mesh(server) => FlowTls::Mesh(server.clone()?),
+            Self::Originate { settings, .. } => FlowTls::Originate(settings.clone()),
+        })
+    }
 }
 
 /// One immutable policy generation.
@@ -151,17 +165,51 @@ impl Generation {
             .service_at(destination)
             .and_then(|s| self.picks.get(s.index()))
             .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
-        let o = self
-            .engine
-            .outbound(&OutboundRequest {
-                source,
-                destination,
-                pick,
+        self.plan(&OutboundRequest {
+            source,
+            destination,
+            pick: Pick::Next(pick),
+        })
+        .map(|(plan, _)| plan)
+    }
+
+    /// Decides an open outbound flow again, on the endpoint it is connected to: `Ok` when it
+    /// may stay as it is. It is refused when this generation refuses it, or when the decision
+    /// needs protection the flow lacks (see [`OutboundTls::met_by`]): plaintext where mesh
+    /// mTLS or TLS origination is now required, mesh mTLS to another server identity,
+    /// origination with other settings (`transport_changed`). A flow already stronger than
+    /// required stays.
+    pub fn outbound_still(
+        &self,
+        source: IpAddr,
+        destination: SocketAddr,
+        endpoint: SocketAddr,
+        held: &FlowTls,
+    ) -> Result<(), Refused> {
+        let (plan, tls) = self.plan(&OutboundRequest {
+            source,
+            destination,
+            pick: Pick::Endpoint(endpoint),
+        })?;
+        if matches!(plan.transport, Transport::Mesh(None)) {
+            return Err(mesh_identity_unknown());
+        }
+        if tls.met_by(held) {
+            Ok(())
+        } else {
+            Err(Refused {
+                code: "transport_changed",
+                reason: format!("{} requires {tls}, the flow is {held}", plan.reason),
             })
-            .map_err(|r| Refused {
-                code: r.code(),
-                reason: r.to_string(),
-            })?;
+        }
+    }
+
+    /// The owned plan, and the engine's transport it came from.
+    fn plan(&self, request: &OutboundRequest) -> Result<(Plan, OutboundTls<'_>), Refused> {
+        let o = self.engine.outbound(request).map_err(|r| Refused {
+            code: r.code(),
+            reason: r.to_string(),
+        })?;
         let transport = match o.tls {
             OutboundTls::Plaintext => Transport::Plaintext,
             OutboundTls::Mesh { server } => Transport::Mesh(server.cloned()),
@@ -174,14 +222,16 @@ impl Generation {
                     config,
                     name: originate::server_name(tls, o.service, o.endpoint),
                     mode: tls.mode,
+                    settings: tls.clone(),
                 }
             }
         };
-        Ok(Plan {
+        let plan = Plan {
             endpoint: o.endpoint,
             transport,
             reason: o.reason.to_string(),
-        })
+        };
+        Ok((plan, o.tls))
     }
 
     /// Decides an inbound connection; `Ok` carries the accepting verdict's code.
@@ -234,6 +284,15 @@ impl Generation {
             code: "mtls_refused_disable",
             reason: format!("mTLS refused: {mode} does not terminate mesh TLS"),
         })
+    }
+}
+
+/// Mesh mTLS to an endpoint whose identity the inventory does not know: nothing could verify
+/// the server, so the connection is refused.
+pub fn mesh_identity_unknown() -> Refused {
+    Refused {
+        code: "mesh_identity_unknown",
+        reason: "ISTIO_MUTUAL to an endpoint whose mesh identity is not known".to_owned(),
     }
 }
 
@@ -771,6 +830,67 @@ spec:
         );
         let e = check_dir(&dir.0).unwrap_err().to_string();
         assert!(e.contains("caCertificates"), "{e}");
+    }
+
+    #[test]
+    fn open_outbound_flows_are_decided_again_on_their_endpoint() {
+        let dir = Scratch::new("still");
+        let e = Enforcer::load(&config(&dir.0)).unwrap();
+        let sleep: IpAddr = "10.88.0.11".parse().unwrap();
+        let vip: SocketAddr = "10.96.0.10:8000".parse().unwrap();
+        let httpbin: SocketAddr = "10.88.0.10:80".parse().unwrap();
+        let mongo: SocketAddr = "10.88.5.10:27017".parse().unwrap();
+        let mesh = FlowTls::Mesh(
+            "spiffe://cluster.local/ns/full/sa/httpbin"
+                .parse::<SpiffeId>()
+                .unwrap(),
+        );
+        let g = e.current();
+        g.outbound_still(sleep, vip, httpbin, &mesh).unwrap();
+        g.outbound_still(sleep, mongo, mongo, &FlowTls::Plaintext)
+            .unwrap();
+        // A plaintext flow the generation would make mesh mTLS (the pinned endpoint decides).
+        let refused = g
+            .outbound_still(sleep, vip, httpbin, &FlowTls::Plaintext)
+            .unwrap_err();
+        assert_eq!(refused.code, "transport_changed");
+
+        dir.write(
+            "dr.yaml",
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: full}
+spec:
+  host: mongo.mongo.svc.cluster.local
+  trafficPolicy:
+    tls: {mode: SIMPLE}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: full}
+spec:
+  host: httpbin.full.svc.cluster.local
+  trafficPolicy:
+    tls: {mode: DISABLE}
+",
+        );
+        assert!(matches!(e.poll(), Reload::Applied { .. }));
+        let g = e.current();
+        let refused = g
+            .outbound_still(sleep, mongo, mongo, &FlowTls::Plaintext)
+            .unwrap_err();
+        assert_eq!(refused.code, "transport_changed");
+        assert_eq!(
+            refused.reason,
+            "DestinationRule full/db requires SIMPLE TLS origination, the flow is plaintext"
+        );
+        // The mesh flow is stronger than DISABLE needs: it stays.
+        g.outbound_still(sleep, vip, httpbin, &mesh).unwrap();
+        // Refusals of the generation close flows too: the client is no longer known.
+        let refused = g
+            .outbound_still("10.88.9.9".parse().unwrap(), vip, httpbin, &mesh)
+            .unwrap_err();
+        assert_eq!(refused.code, "unknown_client");
     }
 
     #[test]

@@ -12,7 +12,11 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{identity::SpiffeId, relay::RelayStats};
+use crate::{
+    identity::SpiffeId,
+    policy::FlowTls,
+    relay::{RelayMode, RelayStats},
+};
 
 use serde::Serialize;
 
@@ -55,12 +59,32 @@ pub struct FlowInfo {
     pub reason: Option<String>,
 }
 
-/// What an open inbound flow was decided on, kept so a new policy can decide it again.
+/// What an open flow was decided on, kept so a new policy can decide it again.
+#[derive(Debug, Clone)]
+pub enum FlowCheck {
+    Inbound(InboundCheck),
+    Outbound(OutboundCheck),
+}
+
+/// An inbound flow: who connected to which workload port, with which proven identity.
 #[derive(Debug, Clone)]
 pub struct InboundCheck {
     pub source: SocketAddr,
     pub destination: SocketAddr,
     pub peer: Option<SpiffeId>,
+}
+
+/// An outbound flow: the endpoint it is connected to (a service VIP's pick must not change
+/// when it is decided again) and the protection it actually runs.
+#[derive(Debug, Clone)]
+pub struct OutboundCheck {
+    /// The client workload's address (its pod IP, which policy knows) and the app's port.
+    pub source: SocketAddr,
+    /// Where the app connected.
+    pub destination: SocketAddr,
+    pub endpoint: SocketAddr,
+    pub client: SpiffeId,
+    pub tls: FlowTls,
 }
 
 /// Closes a flow from outside its task: the flow's relay waits on it next to the data.
@@ -96,7 +120,7 @@ impl Cancel {
 struct Entry {
     info: FlowInfo,
     stats: Arc<RelayStats>,
-    check: Option<InboundCheck>,
+    check: Option<FlowCheck>,
     cancel: Arc<Cancel>,
 }
 
@@ -171,12 +195,25 @@ fn row(id: u64, entry: &Entry) -> FlowRow {
         destination: i.destination,
         peer_id: i.peer_id.clone(),
         cipher: i.cipher.clone(),
-        protection: i.protection,
+        protection: protection(i.protection, c.mode()),
         bytes_to_peer: c.bytes_app_to_peer(),
         bytes_from_peer: c.bytes_peer_to_app(),
         closed: false,
         endpoint: i.endpoint,
         reason: i.reason.clone(),
+    }
+}
+
+/// What a mesh flow's relay actually runs, not what the node offered: a flow the kernel
+/// would not take (the ULP refused on a socket the peer had already half-closed) is relayed by
+/// rustls and must be listed as such.
+fn protection(planned: Protection, relay: Option<RelayMode>) -> Protection {
+    match (planned, relay) {
+        (Protection::Ktls | Protection::Userspace, Some(RelayMode::Ktls)) => Protection::Ktls,
+        (Protection::Ktls | Protection::Userspace, Some(RelayMode::Userspace)) => {
+            Protection::Userspace
+        }
+        (planned, _) => planned,
     }
 }
 
@@ -192,7 +229,7 @@ impl FlowTable {
     }
 
     /// Inserts a flow whose admission `check` is re-decided when the policy changes.
-    pub fn insert_checked(&self, info: FlowInfo, check: Option<InboundCheck>) -> FlowGuard<'_> {
+    pub fn insert_checked(&self, info: FlowInfo, check: Option<FlowCheck>) -> FlowGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let stats = RelayStats::new();
         let cancel = Arc::new(Cancel::default());
@@ -222,7 +259,7 @@ impl FlowTable {
 
     /// Re-decides every open flow that has a check: `allowed` returning false closes it (its
     /// relay resets both connections). Returns how many were closed.
-    pub fn revalidate(&self, mut allowed: impl FnMut(&FlowInfo, &InboundCheck) -> bool) -> usize {
+    pub fn revalidate(&self, mut allowed: impl FnMut(&FlowInfo, &FlowCheck) -> bool) -> usize {
         let mut closed = 0;
         for entry in self.lock().values() {
             let Some(check) = &entry.check else { continue };
@@ -286,4 +323,23 @@ pub fn render(rows: &[FlowRow]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_protection_follows_the_relay_that_runs() {
+        use Protection::*;
+        // Planned kTLS, relay fell back to rustls: the listing must say userspace.
+        assert_eq!(protection(Ktls, Some(RelayMode::Userspace)), Userspace);
+        assert_eq!(protection(Ktls, Some(RelayMode::Ktls)), Ktls);
+        assert_eq!(protection(Userspace, Some(RelayMode::Userspace)), Userspace);
+        // Still handshaking: the plan is all there is.
+        assert_eq!(protection(Ktls, None), Ktls);
+        // Plaintext and origination flows have no mesh record layer to report.
+        assert_eq!(protection(Plaintext, Some(RelayMode::Userspace)), Plaintext);
+        assert_eq!(protection(Tls, Some(RelayMode::Userspace)), Tls);
+    }
 }

@@ -104,10 +104,33 @@ pub struct OutboundRequest {
     pub source: IpAddr,
     /// The address the application connected to: a service VIP, an endpoint or anything else.
     pub destination: SocketAddr,
+    /// Which endpoint a service VIP goes to.
+    pub pick: Pick,
+}
+
+/// How an outbound decision chooses the endpoint of a service VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
     /// The caller's round-robin counter for this connection (for example a per-service
-    /// counter, see [`Engine::service_at`]); a service VIP goes to endpoint
-    /// `pick % endpoints`.
-    pub pick: u64,
+    /// counter, see [`Engine::service_at`]): endpoint `n % endpoints`.
+    Next(u64),
+    /// The endpoint an open flow already connected to. Deciding an open flow again under a new
+    /// policy must judge the connection that exists, not whichever endpoint the round robin
+    /// would hand out next. The endpoint is kept even if the service no longer lists it: as
+    /// with kube-proxy and Envoy, endpoint changes do not cut open connections; policy does.
+    Endpoint(SocketAddr),
+}
+
+/// The transport an open outbound flow runs, owned so a later generation can judge it after
+/// the [`Engine`] that chose it is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlowTls {
+    /// Plaintext.
+    Plaintext,
+    /// Mesh mTLS that verified this server identity.
+    Mesh(SpiffeId),
+    /// TLS originated with these DestinationRule settings.
+    Originate(ClientTls),
 }
 
 /// How to originate an outbound connection.
@@ -377,9 +400,10 @@ impl Engine {
         }
     }
 
-    /// The service and endpoint for a destination: a VIP picks an endpoint round robin; an
-    /// endpoint address maps back to its service for DestinationRule lookup.
-    fn route(&self, destination: SocketAddr, pick: u64) -> Result<Routed<'_>, Refusal<'_>> {
+    /// The service and endpoint for a destination: a VIP picks an endpoint round robin (or
+    /// keeps the pinned one); an endpoint address maps back to its service for
+    /// DestinationRule lookup.
+    fn route(&self, destination: SocketAddr, pick: Pick) -> Result<Routed<'_>, Refusal<'_>> {
         let lookup = |(service, port): (u32, u16)| {
             let entry = self.services.get(service as usize)?;
             Some((entry, entry.service.ports.get(usize::from(port))?))
@@ -390,8 +414,14 @@ impl Engine {
             .copied()
             .and_then(lookup)
         {
+            let n = match pick {
+                Pick::Next(n) => n,
+                Pick::Endpoint(endpoint) => {
+                    return Ok((Some((entry, port)), canonical(endpoint)));
+                }
+            };
             let endpoints = &entry.service.endpoints;
-            let Some(&ip) = endpoints.get(nth(pick, endpoints.len())) else {
+            let Some(&ip) = endpoints.get(nth(n, endpoints.len())) else {
                 return Err(Refusal::NoEndpoints {
                     service: &entry.host,
                 });
@@ -404,7 +434,11 @@ impl Engine {
             .get(&destination)
             .copied()
             .and_then(lookup);
-        Ok((service, destination))
+        let endpoint = match pick {
+            Pick::Next(_) => destination,
+            Pick::Endpoint(endpoint) => canonical(endpoint),
+        };
+        Ok((service, endpoint))
     }
 
     /// The DestinationRule a client sees for a service, in Istio's lookup order.
@@ -625,6 +659,58 @@ impl OutboundTls<'_> {
                 ..
             }) => "mutual",
             Self::Originate(_) => "simple",
+        }
+    }
+}
+
+impl OutboundTls<'_> {
+    /// What a flow made with this transport runs; `None` for mesh mTLS without a known server
+    /// identity, which is never let through.
+    pub fn to_flow(&self) -> Option<FlowTls> {
+        Some(match self {
+            Self::Plaintext => FlowTls::Plaintext,
+            Self::Mesh { server } => FlowTls::Mesh((*server)?.clone()),
+            Self::Originate(tls) => FlowTls::Originate((*tls).clone()),
+        })
+    }
+
+    /// Whether an open flow running `held` gives at least the protection this (new) decision
+    /// asks for, so a policy change can leave it alone.
+    ///
+    /// Plaintext is met by anything: a flow already stronger than required (mesh mTLS or
+    /// originated TLS where plaintext would now do) keeps working, as closing it would protect
+    /// nothing. Mesh mTLS is met only by mesh mTLS that verified the same server identity, and
+    /// origination only by origination with the same settings (mode, credentials, CA, SNI,
+    /// SANs): the flow's handshake proved what the old settings asked, not the new ones.
+    pub fn met_by(&self, held: &FlowTls) -> bool {
+        match (self, held) {
+            (Self::Plaintext, _) => true,
+            (Self::Mesh { server: Some(want) }, FlowTls::Mesh(has)) => *want == has,
+            (Self::Originate(want), FlowTls::Originate(has)) => *want == has,
+            _ => false,
+        }
+    }
+}
+
+// === impl FlowTls ===
+
+impl fmt::Display for FlowTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Plaintext => f.write_str("plaintext"),
+            Self::Mesh(server) => write!(f, "mesh mTLS to {server}"),
+            Self::Originate(tls) => write!(f, "{} TLS origination", tls.mode),
+        }
+    }
+}
+
+impl fmt::Display for OutboundTls<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Plaintext => f.write_str("plaintext"),
+            Self::Mesh { server: Some(id) } => write!(f, "mesh mTLS to {id}"),
+            Self::Mesh { server: None } => f.write_str("mesh mTLS to an unknown identity"),
+            Self::Originate(tls) => write!(f, "{} TLS origination", tls.mode),
         }
     }
 }

@@ -141,7 +141,7 @@ fn inventory_problems_are_warnings() {
         .outbound(&OutboundRequest {
             source: ip("10.0.0.3"),
             destination: addr("10.0.0.1:80"),
-            pick: 0,
+            pick: Pick::Next(0),
         })
         .expect("known client");
     assert_eq!(o.reason, TlsReason::ClientOutsideMesh);

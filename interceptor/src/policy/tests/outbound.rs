@@ -35,7 +35,7 @@ fn request(source: &str, destination: &str, pick: u64) -> OutboundRequest {
     OutboundRequest {
         source: ip(source),
         destination: addr(destination),
-        pick,
+        pick: Pick::Next(pick),
     }
 }
 
@@ -416,4 +416,178 @@ fn service_ids_for_round_robin_counters() {
         Some(3)
     );
     assert_eq!(e.service_at(addr("10.96.0.2:1")), None);
+}
+
+fn pinned(source: &str, destination: &str, endpoint: &str) -> OutboundRequest {
+    OutboundRequest {
+        source: ip(source),
+        destination: addr(destination),
+        pick: Pick::Endpoint(addr(endpoint)),
+    }
+}
+
+#[test]
+fn a_pinned_endpoint_is_decided_for_itself_whatever_the_round_robin() {
+    let e = engine("", inventory());
+    // The VIP alternates, but an open flow to the legacy endpoint stays with it.
+    for _ in 0..3 {
+        let o = e
+            .outbound(&pinned("10.0.0.2", "10.96.0.1:8000", "10.0.0.9:80"))
+            .expect("ok");
+        assert_eq!(o.endpoint, addr("10.0.0.9:80"));
+        assert_eq!(o.tls, OutboundTls::Plaintext);
+        assert_eq!(o.service, Some("httpbin.foo.svc.cluster.local"));
+    }
+    let o = e
+        .outbound(&pinned("10.0.0.2", "10.96.0.1:8000", "10.0.0.1:80"))
+        .expect("ok");
+    assert_eq!(
+        o.tls,
+        OutboundTls::Mesh {
+            server: Some(&id("foo", "httpbin"))
+        }
+    );
+    // The service's rules still apply to the pinned endpoint.
+    let e = engine(
+        &dr("b", "foo", "httpbin", "{mode: ISTIO_MUTUAL}"),
+        inventory(),
+    );
+    let o = e
+        .outbound(&pinned("10.0.0.2", "10.96.0.1:8000", "10.0.0.9:80"))
+        .expect("ok");
+    assert_eq!(
+        (o.endpoint, o.tls.code(), o.reason.to_string()),
+        (
+            addr("10.0.0.9:80"),
+            "mesh_mtls",
+            "DestinationRule foo/b".to_owned()
+        )
+    );
+    // An endpoint the service no longer lists keeps its flow: endpoint changes do not cut open
+    // connections, and a service without endpoints has nothing to pick but still a pinned one.
+    let o = e
+        .outbound(&pinned("10.0.0.2", "10.96.0.3:80", "10.0.1.1:80"))
+        .expect("pinned");
+    assert_eq!(o.endpoint, addr("10.0.1.1:80"));
+    assert_eq!(o.service, Some("empty.bar.svc.cluster.local"));
+    // A direct destination keeps its own address and service.
+    let o = e
+        .outbound(&pinned("10.0.0.2", "10.0.3.1:5432", "10.0.3.1:5432"))
+        .expect("ok");
+    assert_eq!(o.endpoint, addr("10.0.3.1:5432"));
+    assert_eq!(o.service, Some("db.data.svc.cluster.local"));
+    // Refusals that do not depend on the endpoint still apply.
+    assert_eq!(
+        e.outbound(&pinned("10.9.9.9", "10.96.0.1:8000", "10.0.0.9:80")),
+        Err(Refusal::UnknownClient)
+    );
+}
+
+#[test]
+fn a_pinned_ipv4_mapped_endpoint_is_canonical() {
+    let e = engine("", inventory());
+    let o = e
+        .outbound(&pinned(
+            "10.0.0.2",
+            "10.96.0.1:8000",
+            "[::ffff:10.0.0.1]:80",
+        ))
+        .expect("ok");
+    assert_eq!(o.endpoint, addr("10.0.0.1:80"));
+    assert!(matches!(o.tls, OutboundTls::Mesh { server: Some(_) }));
+}
+
+#[test]
+fn open_flows_keep_only_what_still_meets_the_new_decision() {
+    let httpbin = id("foo", "httpbin");
+    let other = id("bar", "httpbin");
+    let simple = ClientTls {
+        mode: TlsMode::Simple,
+        client_certificate: None,
+        private_key: None,
+        ca_certificates: Some("/ca.pem".to_owned()),
+        sni: None,
+        subject_alt_names: Vec::new(),
+        insecure_skip_verify: false,
+        credential_name: None,
+    };
+    let mutual = ClientTls {
+        mode: TlsMode::Mutual,
+        client_certificate: Some("/c.pem".to_owned()),
+        private_key: Some("/k.pem".to_owned()),
+        ..simple.clone()
+    };
+    let other_ca = ClientTls {
+        ca_certificates: Some("/other-ca.pem".to_owned()),
+        ..simple.clone()
+    };
+    let plain = FlowTls::Plaintext;
+    let mesh = FlowTls::Mesh(httpbin.clone());
+    let originated = FlowTls::Originate(simple.clone());
+
+    // Plaintext now: whatever the flow has is at least that.
+    for held in [&plain, &mesh, &originated] {
+        assert!(OutboundTls::Plaintext.met_by(held), "{held}");
+    }
+    // Mesh mTLS now: only mesh mTLS to the same identity.
+    let to_httpbin = OutboundTls::Mesh {
+        server: Some(&httpbin),
+    };
+    assert!(to_httpbin.met_by(&mesh));
+    assert!(!to_httpbin.met_by(&plain));
+    assert!(!to_httpbin.met_by(&originated));
+    assert!(
+        !OutboundTls::Mesh {
+            server: Some(&other)
+        }
+        .met_by(&mesh)
+    );
+    assert!(!OutboundTls::Mesh { server: None }.met_by(&mesh));
+    // Origination now: only origination with the same settings.
+    assert!(OutboundTls::Originate(&simple).met_by(&originated));
+    assert!(!OutboundTls::Originate(&simple).met_by(&plain));
+    assert!(!OutboundTls::Originate(&simple).met_by(&mesh));
+    assert!(!OutboundTls::Originate(&mutual).met_by(&originated));
+    assert!(!OutboundTls::Originate(&other_ca).met_by(&originated));
+
+    // What a decision's flow runs, and how the log names both sides.
+    assert_eq!(to_httpbin.to_flow(), Some(mesh.clone()));
+    assert_eq!(OutboundTls::Mesh { server: None }.to_flow(), None);
+    assert_eq!(
+        OutboundTls::Originate(&simple).to_flow(),
+        Some(originated.clone())
+    );
+    assert_eq!(
+        mesh.to_string(),
+        "mesh mTLS to spiffe://cluster.local/ns/foo/sa/httpbin"
+    );
+    assert_eq!(originated.to_string(), "SIMPLE TLS origination");
+    assert_eq!(
+        OutboundTls::Originate(&mutual).to_string(),
+        "MUTUAL TLS origination"
+    );
+}
+
+#[test]
+fn deciding_an_open_flow_again_after_a_rule_change() {
+    // The flow was made under automatic mTLS to the legacy endpoint: plaintext.
+    let before = engine("", inventory());
+    let request = pinned("10.0.0.2", "10.96.0.1:8000", "10.0.0.9:80");
+    let held = before
+        .outbound(&request)
+        .expect("ok")
+        .tls
+        .to_flow()
+        .expect("known");
+    assert_eq!(held, FlowTls::Plaintext);
+    // SIMPLE origination for the service: the plaintext flow falls short.
+    let after = engine(&dr("s", "foo", "httpbin", "{mode: SIMPLE}"), inventory());
+    assert!(!after.outbound(&request).expect("ok").tls.met_by(&held));
+    // DISABLE: still plaintext, untouched; and a mesh flow to the other endpoint is stronger
+    // than DISABLE needs, so it stays too.
+    let after = engine(&dr("d", "foo", "httpbin", "{mode: DISABLE}"), inventory());
+    assert!(after.outbound(&request).expect("ok").tls.met_by(&held));
+    let mesh = FlowTls::Mesh(id("foo", "httpbin"));
+    let to_mesh = pinned("10.0.0.2", "10.96.0.1:8000", "10.0.0.1:80");
+    assert!(after.outbound(&to_mesh).expect("ok").tls.met_by(&mesh));
 }

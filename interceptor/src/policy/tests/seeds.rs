@@ -39,7 +39,7 @@ fn curl(e: &Engine, inventory: &Inventory, from: &str, to: &str, pick: u64) -> O
         match e.outbound(&OutboundRequest {
             source: ip(from),
             destination: addr(to),
-            pick,
+            pick: Pick::Next(pick),
         }) {
             Ok(o) => (o.endpoint, o.tls),
             Err(r) => return Refused(r.code()),
@@ -777,7 +777,7 @@ spec:
             .outbound(&OutboundRequest {
                 source: ip("10.88.4.12"),
                 destination: addr("10.88.5.10:27017"),
-                pick: 0,
+                pick: Pick::Next(0),
             })
             .expect("allowed");
         let OutboundTls::Originate(tls) = o.tls else {
