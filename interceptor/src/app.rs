@@ -91,20 +91,10 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     let datapath = Datapath::load(DatapathOptions {
         pin_dir: Some(config.bpffs.clone()),
     })?;
+    let mut datapath = datapath;
     if config.tuning.sk_msg_local_leg {
-        // Bytes sk_msg redirects into the agent's app-side socket sit on the psock's ingress
-        // list, which splice(2) cannot read (research §2); the kTLS relay splices that leg.
-        if matches!(offload, Offload::Kernel(_)) {
-            bail!(
-                "tuning.skMsgLocalLeg works with the userspace relay only for now: the kTLS \
-                 relay splices the app leg, and splice cannot read sk_msg-redirected data \
-                 (set ktls: off to use it)"
-            );
-        }
-        let mut datapath = datapath;
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
-        return start_with(config, offload, ca, datapath, policy).await;
     }
     start_with(config, offload, ca, datapath, policy).await
 }

@@ -139,7 +139,9 @@ pub struct Tuning {
     /// (server-speaks-first protocols). Mesh clients always speak first, so never pay it.
     pub first_byte_wait_ms: u64,
     pub idle_timeout_secs: u64,
-    /// sk_msg short-circuit of the plain app↔agent leg.
+    /// sk_msg short-circuit of the plain app↔agent leg (Merbridge-style). Off by default: the
+    /// benchmark shows no gain over loopback TCP, and each leg falls back to TCP after
+    /// `SKMSG_LEG_BUDGET` bytes anyway (ARCHITECTURE.md explains why).
     pub sk_msg_local_leg: bool,
     /// How often the agent looks for changes in `policyDir` (and the certificate files its
     /// DestinationRules name).

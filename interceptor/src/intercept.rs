@@ -737,6 +737,7 @@ async fn outbound(
 fn relay_config(shared: &Shared) -> relay::RelayConfig {
     relay::RelayConfig {
         idle_timeout: Duration::from_secs(shared.tuning.idle_timeout_secs),
+        app_leg_redirected: shared.tuning.sk_msg_local_leg,
         ..Default::default()
     }
 }

@@ -137,6 +137,10 @@ pub struct RelayConfig {
     /// arithmetic assumes it). The kernel rounds it up to a power of two pages, and without
     /// CAP_SYS_RESOURCE refuses more than `/proc/sys/fs/pipe-max-size` (then 64 KiB stays).
     pub pipe_size: usize,
+    /// Kernel mode: the app leg is short-circuited by sk_msg (`tuning.skMsgLocalLeg`), so the
+    /// app's bytes are read with `recv` into a buffer rather than spliced (splice cannot see
+    /// sk_msg-redirected data). The peer side stays zero-copy.
+    pub app_leg_redirected: bool,
     /// Kernel mode: reset the flow once this many records were sent under the one key.
     /// `None` takes the cipher's limit ([`ktls_record_limit`]); set a small value only to
     /// test the limit.
@@ -149,6 +153,7 @@ impl Default for RelayConfig {
             idle_timeout: Duration::from_secs(3600),
             buffer_size: 64 << 10,
             pipe_size: 256 << 10,
+            app_leg_redirected: false,
             max_tx_records: None,
         }
     }

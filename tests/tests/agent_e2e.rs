@@ -517,9 +517,6 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
         vec![],
     );
     cfg.tuning.sk_msg_local_leg = true;
-    // With kTLS the agent splices the app leg, which cannot read sk_msg-redirected bytes: it
-    // must refuse the combination rather than stall flows. The option runs on userspace.
-    cfg.ktls = KtlsMode::Off;
     let agent = RunningAgent::start(cfg);
     let before = agent.agent.counters();
     for _ in 0..3 {
@@ -559,6 +556,13 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
         ("200", bulk_want.as_str()),
         "bulk upload through the sk_msg leg"
     );
+    // With kTLS (VM) the app leg is read by copy and the mesh leg stays in the kernel.
+    let rows = agent.agent.flows_with_recent();
+    let client_rows: Vec<_> = rows.iter().filter(|r| r.pod == "skmc").collect();
+    assert!(!client_rows.is_empty(), "no client flow listed");
+    for r in client_rows {
+        assert_eq!(r.protection, expected_protection(), "{r:?}");
+    }
     let spent = interceptor_common::Counter::SkMsgBudgetSpent;
     let end = agent.agent.counters();
     assert!(

@@ -76,7 +76,11 @@ pub(super) async fn run(
 ) -> Result<(), RelayError> {
     let setup = (|| -> io::Result<(Lane, Lane, u64)> {
         Ok((
-            Lane::new(config.pipe_size)?,
+            if config.app_leg_redirected {
+                Lane::copying(config.pipe_size)
+            } else {
+                Lane::new(config.pipe_size)?
+            },
             Lane::new(config.pipe_size)?,
             ktls::record_seq(peer.as_fd(), Direction::Tx)?,
         ))
@@ -124,12 +128,26 @@ pub(super) async fn run(
     result
 }
 
-/// One direction's pipe and how many bytes sit in it.
+/// One direction's pipe (or copy buffer) and how many bytes sit in it.
 struct Lane {
-    r: OwnedFd,
-    w: OwnedFd,
+    carrier: Carrier,
     in_pipe: usize,
     cap: usize,
+}
+
+enum Carrier {
+    Pipe {
+        r: OwnedFd,
+        w: OwnedFd,
+    },
+    /// Read and write through memory instead of splicing from the source: with the sk_msg
+    /// local-leg option the app's bytes arrive on the psock's ingress list, which `splice(2)`
+    /// cannot read (it takes only the TCP receive queue), while `recv` drains both in order.
+    /// `start` is where the unsent bytes begin.
+    Copy {
+        buf: Box<[u8]>,
+        start: usize,
+    },
 }
 
 impl Lane {
@@ -137,30 +155,63 @@ impl Lane {
         let (r, w) = ksys::pipe2(true)?;
         let cap = sys::set_pipe_size(w.as_fd(), size.min(MAX_PIPE)).unwrap_or(DEFAULT_PIPE);
         Ok(Lane {
-            r,
-            w,
+            carrier: Carrier::Pipe { r, w },
             in_pipe: 0,
             cap,
         })
     }
 
-    /// Splices what `src` has into the pipe. `Ok(None)`: `EAGAIN` while the pipe held data,
-    /// so the pipe may be the one that is full; `src`'s readiness is kept.
-    fn fill(&self, src: &TcpStream) -> io::Result<Option<usize>> {
-        let in_pipe = self.in_pipe;
-        src.try_io(Interest::READABLE, || {
-            match ksys::splice(src.as_fd(), self.w.as_fd(), self.cap, flags()) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe > 0 => Ok(None),
-                r => r.map(Some),
-            }
-        })
+    fn copying(size: usize) -> Lane {
+        let cap = size.clamp(DEFAULT_PIPE, MAX_PIPE);
+        Lane {
+            carrier: Carrier::Copy {
+                buf: vec![0u8; cap].into_boxed_slice(),
+                start: 0,
+            },
+            in_pipe: 0,
+            cap,
+        }
     }
 
-    /// Splices the pipe's content into `dst`.
-    fn drain(&self, dst: &TcpStream) -> io::Result<usize> {
-        dst.try_io(Interest::WRITABLE, || {
-            ksys::splice(self.r.as_fd(), dst.as_fd(), self.in_pipe, flags())
-        })
+    /// Moves what `src` has into the lane. `Ok(None)`: `EAGAIN` while the pipe held data, so
+    /// the pipe may be the one that is full (or the copy buffer is full); `src`'s readiness is
+    /// kept.
+    fn fill(&mut self, src: &TcpStream) -> io::Result<Option<usize>> {
+        let in_pipe = self.in_pipe;
+        match &mut self.carrier {
+            Carrier::Pipe { w, .. } => src.try_io(Interest::READABLE, || {
+                match ksys::splice(src.as_fd(), w.as_fd(), self.cap, flags()) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe > 0 => Ok(None),
+                    r => r.map(Some),
+                }
+            }),
+            Carrier::Copy { buf, start } => {
+                if in_pipe == 0 {
+                    *start = 0;
+                }
+                let free = &mut buf[*start + in_pipe..];
+                if free.is_empty() {
+                    return Ok(None);
+                }
+                // Unlike splice, EAGAIN here can only mean the source is empty.
+                src.try_read(free).map(Some)
+            }
+        }
+    }
+
+    /// Moves the lane's content into `dst`.
+    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
+        let in_pipe = self.in_pipe;
+        match &mut self.carrier {
+            Carrier::Pipe { r, .. } => dst.try_io(Interest::WRITABLE, || {
+                ksys::splice(r.as_fd(), dst.as_fd(), in_pipe, flags())
+            }),
+            Carrier::Copy { buf, start } => {
+                let n = dst.try_write(&buf[*start..*start + in_pipe])?;
+                *start += n;
+                Ok(n)
+            }
+        }
     }
 }
 
