@@ -381,6 +381,7 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
         vec![workload(&server, "bar", "httpbin")],
         vec![peer_of(&client, "foo", "sleep")],
     ));
+    let refusals_before = agent1.agent.policy_stats();
     let capture = Capture::start_in(&node1.ns.path(), &wire_if);
     let f = curl(
         client.command("curl"),
@@ -388,6 +389,13 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
     );
     let frames = capture.stop();
     assert_eq!(f.code, "000", "a peer from another CA must be refused");
+    // The client's agent refused it, and counted why.
+    let refused = agent1.agent.policy_stats();
+    assert!(
+        refused.iter().any(|(k, v)| k.contains("handshake_failed")
+            && *v > refusals_before.get(k).copied().unwrap_or(0)),
+        "no handshake_failed refusal counted: {refusals_before:?} → {refused:?}"
+    );
     interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
     assert!(
         agent2
