@@ -14,6 +14,7 @@
 //! Handshake timeouts belong to the network layer; this module only builds configurations and
 //! interprets their outcome.
 
+mod cache;
 pub mod driver;
 mod provider;
 mod verifier;
@@ -250,7 +251,7 @@ pub fn negotiated(conn: &CommonState) -> Result<Negotiated, HandshakeError> {
         .peer_certificates()
         .and_then(|chain| chain.first())
         .ok_or(HandshakeError::NoPeerCertificate)?;
-    let peer = SpiffeId::from_certificate(leaf)
+    let peer = cache::leaf_identity(leaf)
         .map_err(|e| HandshakeError::PeerIdentity(Box::new(PeerIdentityError::Certificate(e))))?;
     Ok(Negotiated { peer, suite })
 }

@@ -725,6 +725,8 @@ async fn outbound(
             let config = relay_config(shared);
             let socks = dups([&app, &peer]);
             let stats = Arc::clone(&guard.stats);
+            // Boxed before the future captures it: see `relay::relay_userspace`.
+            let conn = Box::new(conn);
             cancellable(&guard.cancel, socks, async move {
                 relay::relay_userspace(app, peer, conn, leftover, config, stats).await?;
                 Ok(())

@@ -128,10 +128,13 @@ impl RelayStats {
 pub struct RelayConfig {
     /// A flow that moves no byte in either direction for this long is reset.
     pub idle_timeout: Duration,
-    /// Userspace mode: size of each of the three per-flow buffers (app reads, peer ciphertext
-    /// reads, plaintext toward the app), and the cap on rustls' queue of encrypted records;
-    /// memory per busy flow is up to 4x this. On loopback 64 KiB moved within 5% of 256 KiB's
-    /// throughput (about 1 GB/s one way through two agents) and 10% more than 16 KiB.
+    /// Userspace mode: the largest each of the three per-flow buffers (app reads, peer
+    /// ciphertext reads, plaintext toward the app) grows to, and the cap on rustls' queue of
+    /// encrypted records; memory per busy flow is up to 4x this. The buffers start at one
+    /// record (16 KiB), grow only while reads fill them, and are freed whenever the flow
+    /// waits with them drained, so an idle flow holds none. On loopback 64 KiB moved within 5%
+    /// of 256 KiB's throughput (about 1 GB/s one way through two agents) and 10% more than
+    /// 16 KiB.
     pub buffer_size: usize,
     /// Kernel mode: requested size of each of the two pipes, at most 1 MiB (the record-limit
     /// arithmetic assumes it). The kernel rounds it up to a power of two pages, and without
@@ -294,16 +297,20 @@ pub async fn relay(
 
 /// Userspace relay: `conn` is the finished session on `peer`; `leftover` is plaintext the
 /// handshake already decrypted, delivered to the app first.
+///
+/// Takes the session boxed or not. Boxed (as [`Established`] holds it), the relay's future
+/// stays a few hundred bytes; a session inline is over a kilobyte, copied into every future
+/// between here and the flow's task, all of which live as long as the flow.
 pub async fn relay_userspace(
     app: TcpStream,
     peer: TcpStream,
-    conn: rustls::Connection,
+    conn: impl Into<Box<rustls::Connection>>,
     leftover: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
 ) -> Result<(), RelayError> {
     stats.set_mode(RelayMode::Userspace);
-    userspace::run(app, peer, conn, leftover, config, stats).await
+    userspace::run(app, peer, conn.into(), leftover, config, stats).await
 }
 
 /// Kernel relay: `peer` already has kTLS TX and RX installed for `cipher`; `leftover` is

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::run;
+use crate::{build_release_with_agent, run};
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -121,21 +121,7 @@ fn is_root() -> bool {
 }
 
 fn build(root: &Path) -> Result<Binaries> {
-    run(
-        root,
-        Command::new("cargo").args([
-            "build",
-            "--release",
-            "-p",
-            "interceptor",
-            "--bin",
-            "interceptor",
-            "-p",
-            "interceptor-bench",
-            "--bin",
-            "interceptor-bench",
-        ]),
-    )?;
+    build_release_with_agent(root, "interceptor-bench", "interceptor-bench")?;
     let release = target_dir(root).join("release");
     let bins = Binaries {
         agent: release.join("interceptor"),

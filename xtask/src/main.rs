@@ -85,6 +85,25 @@ struct DemoArgs {
     vm: bool,
 }
 
+/// `cargo build --release` of the agent and `package`'s binary `bin`, in one cargo run.
+fn build_release_with_agent(root: &Path, package: &str, bin: &str) -> Result<()> {
+    run(
+        root,
+        Command::new("cargo").args([
+            "build",
+            "--release",
+            "-p",
+            "interceptor",
+            "--bin",
+            "interceptor",
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ]),
+    )
+}
+
 fn demo(root: &Path, args: &DemoArgs) -> Result<()> {
     if args.vm {
         return vm::vm_test(
@@ -96,21 +115,7 @@ fn demo(root: &Path, args: &DemoArgs) -> Result<()> {
             },
         );
     }
-    run(
-        root,
-        Command::new("cargo").args([
-            "build",
-            "--release",
-            "-p",
-            "interceptor",
-            "--bin",
-            "interceptor",
-            "-p",
-            "interceptor-tests",
-            "--bin",
-            "demo",
-        ]),
-    )?;
+    build_release_with_agent(root, "interceptor-tests", "demo")?;
     let bin = root.join("target/release/interceptor");
     // The probe exits non-zero when a required capability is missing; the demo shows that
     // verdict and goes on (without kTLS it runs the userspace relay).

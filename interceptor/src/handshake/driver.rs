@@ -47,8 +47,10 @@ pub struct Established {
     /// reading makes this empty in practice; it is kept so that a future change in how the
     /// handshake is read cannot silently drop the peer's first bytes.
     pub leftover_plaintext: Vec<u8>,
-    /// The live session, with nothing buffered in either direction.
-    pub conn: Connection,
+    /// The live session, with nothing buffered in either direction. Boxed because the
+    /// session is over a kilobyte and every future that carries it toward the relay (and
+    /// each of them lives as long as the flow) would otherwise hold a copy of that space.
+    pub conn: Box<Connection>,
 }
 
 /// An [`Established`] session converted for the kernel: keys for `SessionSecrets::install`.
@@ -127,7 +129,7 @@ pub async fn client_handshake(
     timeout: Duration,
 ) -> Result<Established, DriveError> {
     let conn = ClientConnection::new(config, server_name).map_err(HandshakeError::from)?;
-    drive(sock, conn.into(), timeout).await
+    drive_boxed(sock, Box::new(conn.into()), timeout).await
 }
 
 /// The inbound side: handshakes as a server on an accepted `sock`.
@@ -137,13 +139,21 @@ pub async fn server_handshake(
     timeout: Duration,
 ) -> Result<Established, DriveError> {
     let conn = ServerConnection::new(config).map_err(HandshakeError::from)?;
-    drive(sock, conn.into(), timeout).await
+    drive_boxed(sock, Box::new(conn.into()), timeout).await
 }
 
 /// Runs `conn`'s handshake over `sock` to completion, record by record, within `timeout`.
 pub async fn drive(
     sock: &mut TcpStream,
-    mut conn: Connection,
+    conn: Connection,
+    timeout: Duration,
+) -> Result<Established, DriveError> {
+    drive_boxed(sock, Box::new(conn), timeout).await
+}
+
+async fn drive_boxed(
+    sock: &mut TcpStream,
+    mut conn: Box<Connection>,
     timeout: Duration,
 ) -> Result<Established, DriveError> {
     match tokio::time::timeout(timeout, exchange(sock, &mut conn)).await {

@@ -12,25 +12,27 @@
 //! [`super::HandshakeError`] recovers so the agent can log the precise reason. Chain failures
 //! keep rustls' own error so the alert sent to the peer stays specific (`unknown_ca`,
 //! `certificate_expired`, ...).
+//!
+//! A chain accepted once is remembered (`super::cache`), so a peer's repeat connections skip
+//! the chain check until a certificate of it expires; the identity check and the handshake
+//! signature check run on every connection.
 
 use std::sync::Arc;
 
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore,
     SignatureScheme,
-    client::{
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        verify_server_cert_signed_by_trust_anchor,
-    },
-    crypto::{self, WebPkiSupportedAlgorithms},
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::WebPkiSupportedAlgorithms,
     pki_types::{CertificateDer, ServerName, UnixTime},
-    server::{
-        ParsedCertificate,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
+    server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 
-use crate::identity::{CertIdentityError, SpiffeId, TrustDomain};
+use super::cache::{VerifiedChains, leaf_identity};
+use crate::{
+    identity::{CertIdentityError, SpiffeId, TrustDomain},
+    intercept::originate::ServerChain,
+};
 
 /// Why a peer whose certificate chains to the mesh root was still refused.
 ///
@@ -67,14 +69,23 @@ pub enum PeerIdentityError {
 pub(super) struct MeshClientVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
     trust_domain: TrustDomain,
+    verified: VerifiedChains,
 }
+
+/// Client leaves a server verifier remembers: every workload that calls this one, with room
+/// for rotation.
+const CLIENT_CHAINS: usize = 4096;
+
+/// Server leaves a client verifier remembers: it accepts one identity, so a few leaves
+/// (rotation overlap, several replicas' agents) at most.
+const SERVER_CHAINS: usize = 64;
 
 /// Client side: accepts only the server identity the connection was meant for.
 #[derive(Debug)]
 pub(super) struct MeshServerVerifier {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
+    chain: ServerChain,
     expected: SpiffeId,
+    verified: VerifiedChains,
 }
 
 // === impl MeshClientVerifier ===
@@ -85,6 +96,7 @@ impl MeshClientVerifier {
         Self {
             webpki,
             trust_domain,
+            verified: VerifiedChains::new(CLIENT_CHAINS),
         }
     }
 }
@@ -108,17 +120,22 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verified = self
-            .webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let presented = SpiffeId::from_certificate(end_entity).map_err(reject)?;
+        let known = self.verified.contains(end_entity, intermediates, now);
+        if !known {
+            self.webpki
+                .verify_client_cert(end_entity, intermediates, now)?;
+        }
+        let presented = leaf_identity(end_entity).map_err(reject)?;
         if presented.trust_domain() != &self.trust_domain {
             return Err(reject(PeerIdentityError::ForeignTrustDomain {
                 presented: presented.trust_domain().clone(),
                 expected: self.trust_domain.clone(),
             }));
         }
-        Ok(verified)
+        if !known {
+            self.verified.insert(end_entity, intermediates, now);
+        }
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -153,9 +170,9 @@ impl MeshServerVerifier {
         expected: SpiffeId,
     ) -> Self {
         Self {
-            roots,
-            algorithms,
+            chain: ServerChain { roots, algorithms },
             expected,
+            verified: VerifiedChains::new(SERVER_CHAINS),
         }
     }
 }
@@ -173,20 +190,19 @@ impl ServerCertVerifier for MeshServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        let presented = SpiffeId::from_certificate(end_entity).map_err(reject)?;
+        let known = self.verified.contains(end_entity, intermediates, now);
+        if !known {
+            self.chain.verify(end_entity, intermediates, now)?;
+        }
+        let presented = leaf_identity(end_entity).map_err(reject)?;
         if presented != self.expected {
             return Err(reject(PeerIdentityError::UnexpectedIdentity {
                 presented,
                 expected: self.expected.clone(),
             }));
+        }
+        if !known {
+            self.verified.insert(end_entity, intermediates, now);
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -197,12 +213,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        possession(crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.algorithms,
-        ))
+        possession(self.chain.tls12_signature(message, cert, dss))
     }
 
     fn verify_tls13_signature(
@@ -211,16 +222,11 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        possession(crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.algorithms,
-        ))
+        possession(self.chain.tls13_signature(message, cert, dss))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.chain.supported_schemes()
     }
 }
 

@@ -663,31 +663,46 @@ spec:
   mtls: {mode: STRICT}
 ";
 
-    const BAD_MODE: &str = "apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: ok, namespace: full}
-spec:
-  mtls: {mode: STRICT}
----
+    /// [`STRICT`], then a second document with a misspelt mode.
+    fn bad_mode() -> String {
+        format!(
+            "{STRICT}---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
-metadata: {name: bad, namespace: full}
+metadata: {{name: bad, namespace: full}}
 spec:
-  mtls: {mode: STRIKT}
+  mtls: {{mode: STRIKT}}
+"
+        )
+    }
+
+    /// `SIMPLE` origination to the mongo service, which has no agent.
+    const MONGO_SIMPLE: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: full}
+spec:
+  host: mongo.mongo.svc.cluster.local
+  trafficPolicy:
+    tls: {mode: SIMPLE}
 ";
 
-    fn plaintext_to_httpbin(e: &Enforcer) -> Result<&'static str, Refused> {
+    /// A plaintext connection from `source` to httpbin's pod port.
+    fn plaintext_to_httpbin_from(e: &Enforcer, source: &str) -> Result<&'static str, Refused> {
         e.current().inbound(
-            "10.88.0.31:40000".parse().unwrap(),
+            source.parse().unwrap(),
             "10.88.0.10:80".parse().unwrap(),
             None,
         )
     }
 
+    fn plaintext_to_httpbin(e: &Enforcer) -> Result<&'static str, Refused> {
+        plaintext_to_httpbin_from(e, "10.88.0.31:40000")
+    }
+
     #[test]
     fn a_bad_file_at_start_is_an_error_naming_file_document_and_field() {
         let dir = Scratch::new("bad");
-        dir.write("10-strict.yaml", BAD_MODE);
+        dir.write("10-strict.yaml", &bad_mode());
         let e = Enforcer::load(&config(&dir.0)).err().unwrap();
         let e = format!("{e:#}");
         assert!(e.contains("10-strict.yaml: document 2"), "{e}");
@@ -723,14 +738,10 @@ spec:
             "10.88.0.99:80".parse().unwrap()
         ));
         // Probe sources pass STRICT.
-        let probe = e.current().inbound(
-            "10.88.0.1:40000".parse().unwrap(),
-            "10.88.0.10:80".parse().unwrap(),
-            None,
-        );
+        let probe = plaintext_to_httpbin_from(&e, "10.88.0.1:40000");
         assert_eq!(probe.unwrap(), "probe");
 
-        dir.write("10-strict.yaml", BAD_MODE);
+        dir.write("10-strict.yaml", &bad_mode());
         let Reload::Rejected(why) = e.poll() else {
             panic!("accepted a bad file")
         };
@@ -775,17 +786,7 @@ spec: {}
         let vip: SocketAddr = "10.96.0.10:8000".parse().unwrap();
         let mongo: SocketAddr = "10.88.5.10:27017".parse().unwrap();
         assert_eq!(e.current().steer, BTreeSet::from([vip]));
-        dir.write(
-            "dr.yaml",
-            "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: db, namespace: full}
-spec:
-  host: mongo.mongo.svc.cluster.local
-  trafficPolicy:
-    tls: {mode: SIMPLE}
-",
-        );
+        dir.write("dr.yaml", MONGO_SIMPLE);
         assert!(matches!(e.poll(), Reload::Applied { .. }));
         assert_eq!(e.current().steer, BTreeSet::from([vip, mongo]));
         // Mesh endpoints are steered on every port already; a rule adds nothing for them.
@@ -855,25 +856,18 @@ spec:
             .unwrap_err();
         assert_eq!(refused.code, "transport_changed");
 
-        dir.write(
-            "dr.yaml",
-            "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: db, namespace: full}
-spec:
-  host: mongo.mongo.svc.cluster.local
-  trafficPolicy:
-    tls: {mode: SIMPLE}
----
+        let yaml = format!(
+            "{MONGO_SIMPLE}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {name: httpbin, namespace: full}
+metadata: {{name: httpbin, namespace: full}}
 spec:
   host: httpbin.full.svc.cluster.local
   trafficPolicy:
-    tls: {mode: DISABLE}
-",
+    tls: {{mode: DISABLE}}
+"
         );
+        dir.write("dr.yaml", &yaml);
         assert!(matches!(e.poll(), Reload::Applied { .. }));
         let g = e.current();
         let refused = g

@@ -153,8 +153,10 @@ pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialErr
         None => system_roots(),
     };
     let verifier = Arc::new(OriginVerifier {
-        roots: Arc::new(roots),
-        algorithms: provider.signature_verification_algorithms,
+        chain: ServerChain {
+            roots: Arc::new(roots),
+            algorithms: provider.signature_verification_algorithms,
+        },
         subject_alt_names: tls.subject_alt_names.clone(),
         skip: tls.insecure_skip_verify,
     });
@@ -324,10 +326,61 @@ async fn flush(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), Origin
 /// module documentation.
 #[derive(Debug)]
 struct OriginVerifier {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
+    chain: ServerChain,
     subject_alt_names: Vec<String>,
     skip: bool,
+}
+
+/// The server-certificate checks rustls' `WebPkiServerVerifier` makes (trust anchor,
+/// signatures, validity, `serverAuth` usage, handshake signatures) without its DNS/IP name
+/// match, which each verifier replaces with its own: the rule's names here, the SPIFFE ID in
+/// the mesh's own [`crate::handshake`] verifier.
+#[derive(Debug)]
+pub(crate) struct ServerChain {
+    pub(crate) roots: Arc<RootCertStore>,
+    pub(crate) algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerChain {
+    /// Validates `end_entity`'s chain to the roots and returns it parsed for the name check.
+    pub(crate) fn verify<'a>(
+        &self,
+        end_entity: &'a CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ParsedCertificate<'a>, Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        Ok(cert)
+    }
+
+    pub(crate) fn tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    pub(crate) fn tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    pub(crate) fn supported_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 impl ServerCertVerifier for OriginVerifier {
@@ -342,14 +395,7 @@ impl ServerCertVerifier for OriginVerifier {
         if self.skip {
             return Ok(ServerCertVerified::assertion());
         }
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        let cert = self.chain.verify(end_entity, intermediates, now)?;
         if self.subject_alt_names.is_empty() {
             verify_server_name(&cert, server_name)?;
             return Ok(ServerCertVerified::assertion());
@@ -376,7 +422,7 @@ impl ServerCertVerifier for OriginVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.chain.tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -385,11 +431,11 @@ impl ServerCertVerifier for OriginVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.chain.tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.chain.supported_schemes()
     }
 }
 

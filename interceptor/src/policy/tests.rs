@@ -88,6 +88,11 @@ fn service(
     }
 }
 
+/// The `httpbin` service of `namespace` at `vip`: port 8000 → 80 named `http`.
+fn httpbin(namespace: &str, vip: &str, endpoints: &[&str]) -> Service {
+    service("httpbin", namespace, Some(vip), 8000, 80, endpoints)
+}
+
 fn plaintext<'a>(source: &str, destination: &str) -> InboundRequest<'a> {
     InboundRequest {
         source: addr(source),

@@ -11,23 +11,23 @@
 //!   emptied before it is fed more, so it never reports itself full.
 
 use std::{
-    io::{self, IoSlice, Read, Write},
+    io::{self, BufRead, IoSlice, Write},
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
 use rustls::Connection;
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWrite as _, net::TcpStream};
 
 use super::{
-    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, reset, shutdown_write,
-    wait_ready,
+    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, reset, wait_ready,
 };
 
 pub(super) async fn run(
     app: TcpStream,
     peer: TcpStream,
-    mut conn: Connection,
+    mut conn: Box<Connection>,
     leftover: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
@@ -65,7 +65,7 @@ pub(super) async fn run(
 struct Userspace {
     app: TcpStream,
     peer: TcpStream,
-    conn: Connection,
+    conn: Box<Connection>,
     stats: Arc<RelayStats>,
 
     /// Plaintext read from the app that rustls has not taken yet.
@@ -111,6 +111,11 @@ impl Userspace {
             if idle.poll_expired(cx).is_ready() {
                 return Poll::Ready(Err(RelayError::IdleTimeout(config.idle_timeout)));
             }
+            // Both directions wait for their sockets: whatever is drained goes back to the
+            // allocator, so a quiet flow holds no buffer.
+            self.up.release();
+            self.tls_in.release();
+            self.down.release();
             return Poll::Pending;
         }
     }
@@ -159,20 +164,20 @@ impl Userspace {
         }
 
         if self.close_notify_queued && !self.conn.wants_write() && !self.peer_write_shut {
-            shutdown_write(&self.peer).map_err(RelayError::Peer)?;
+            shutdown_write(&mut self.peer, cx).map_err(RelayError::Peer)?;
             self.peer_write_shut = true;
             progress = true;
         }
 
         if !self.app_eof && self.up.is_empty() {
             self.up.clear();
-            match self.app.try_read(self.up.spare()) {
+            let app = &self.app;
+            match self.up.fill(|v| app.try_read_buf(v)) {
                 Ok(0) => {
                     self.app_eof = true;
                     progress = true;
                 }
                 Ok(n) => {
-                    self.up.filled(n);
                     *moved += n;
                     progress = true;
                 }
@@ -216,7 +221,7 @@ impl Userspace {
         }
 
         if self.peer_closed && self.down.is_empty() && !self.app_write_shut {
-            shutdown_write(&self.app).map_err(RelayError::App)?;
+            shutdown_write(&mut self.app, cx).map_err(RelayError::App)?;
             self.app_write_shut = true;
             progress = true;
         }
@@ -235,17 +240,17 @@ impl Userspace {
             if self.down.is_empty() {
                 self.down.clear();
             }
-            if self.down.spare().is_empty() {
+            if self.down.spare_len() == 0 {
                 return Ok(progress);
             }
-            match self.conn.reader().read(self.down.spare()) {
+            let conn = &mut self.conn;
+            match self.down.fill(|v| read_plaintext(conn, v)) {
                 Ok(0) => {
                     // close_notify, after every byte before it.
                     self.peer_closed = true;
                     return Ok(true);
                 }
-                Ok(n) => {
-                    self.down.filled(n);
+                Ok(_) => {
                     progress = true;
                     continue;
                 }
@@ -273,7 +278,8 @@ impl Userspace {
             }
 
             self.tls_in.clear();
-            match self.peer.try_read(self.tls_in.spare()) {
+            let peer = &self.peer;
+            match self.tls_in.fill(|v| peer.try_read_buf(v)) {
                 Ok(0) => {
                     self.peer_eof = true;
                     // An empty read tells rustls the transport ended; it then reports clean
@@ -283,7 +289,6 @@ impl Userspace {
                     progress = true;
                 }
                 Ok(n) => {
-                    self.tls_in.filled(n);
                     *moved += n;
                     progress = true;
                 }
@@ -299,10 +304,34 @@ impl Userspace {
     }
 }
 
+/// Moves the plaintext of one received record (or the part that fits) into `into`'s spare
+/// capacity, with `Read::read`'s results: `Ok(0)` after close_notify, `WouldBlock` when rustls
+/// has nothing, `UnexpectedEof` after a cut stream. Through `fill_buf` the destination need not
+/// be initialised first.
+fn read_plaintext(conn: &mut Connection, into: &mut Vec<u8>) -> io::Result<usize> {
+    let mut reader = conn.reader();
+    let chunk = reader.fill_buf()?;
+    let n = chunk.len().min(into.capacity() - into.len());
+    into.extend_from_slice(&chunk[..n]);
+    reader.consume(n);
+    Ok(n)
+}
+
 fn tls_error(e: rustls::Error) -> RelayError {
     match e {
         rustls::Error::AlertReceived(alert) => RelayError::PeerAlert(alert),
         e => RelayError::Tls(e),
+    }
+}
+
+/// `shutdown(SHUT_WR)` without the descriptor duplicate `super::shutdown_write` needs for a
+/// shared socket: tokio's `poll_shutdown` on a TCP stream is that one system call, made at once.
+fn shutdown_write(sock: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
+    match Pin::new(sock).poll_shutdown(cx) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(io::Error::other(
+            "shutdown of a TCP stream did not complete",
+        )),
     }
 }
 
@@ -324,39 +353,51 @@ impl Write for SocketWriter<'_> {
     }
 }
 
-/// A fixed buffer with a consumed prefix: filled at the end, drained from the front, and only
+/// A buffer with a consumed prefix: filled at the end, drained from the front, and only
 /// rewound once empty (so no byte is ever moved within it).
+///
+/// Memory follows what is in flight rather than the configured size: nothing is allocated
+/// until the first read, the first allocation is one record's worth and only a read that fills
+/// the buffer makes the next one larger (up to the configured size), and [`Buf::release`]
+/// gives the memory back once the flow goes quiet. A node holds thousands of mostly idle flows;
+/// preallocating three full buffers each cost ~125 KB per flow end. Reads go into spare
+/// capacity, so a fresh allocation is never zeroed either.
 struct Buf {
-    data: Box<[u8]>,
+    /// `len()` is the filled end; an unallocated `Vec` while the buffer is released.
+    data: Vec<u8>,
     start: usize,
-    end: usize,
+    /// What the next allocation asks for.
+    next: usize,
+    max: usize,
 }
 
+/// The first allocation of a buffer: one full TLS record of plaintext.
+const FIRST_ALLOCATION: usize = 16 << 10;
+
 impl Buf {
-    fn new(size: usize) -> Buf {
+    fn new(max: usize) -> Buf {
         Buf {
-            data: vec![0u8; size].into_boxed_slice(),
+            data: Vec::new(),
             start: 0,
-            end: 0,
+            next: FIRST_ALLOCATION.min(max),
+            max,
         }
     }
 
-    fn with_content(mut content: Vec<u8>, size: usize) -> Buf {
-        let end = content.len();
-        content.resize(size.max(end), 0);
-        Buf {
-            data: content.into_boxed_slice(),
-            start: 0,
-            end,
+    fn with_content(content: Vec<u8>, max: usize) -> Buf {
+        let mut buf = Buf::new(max);
+        if !content.is_empty() {
+            buf.data = content;
         }
+        buf
     }
 
     fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.start == self.data.len()
     }
 
     fn pending(&self) -> &[u8] {
-        &self.data[self.start..self.end]
+        &self.data[self.start..]
     }
 
     fn consume(&mut self, n: usize) {
@@ -367,15 +408,42 @@ impl Buf {
     fn clear(&mut self) {
         if self.is_empty() {
             self.start = 0;
-            self.end = 0;
+            if self.data.capacity() < self.next {
+                // Outgrown: the next fill allocates the larger size, with nothing to copy.
+                self.data = Vec::new();
+            } else {
+                self.data.clear();
+            }
         }
     }
 
-    fn spare(&mut self) -> &mut [u8] {
-        &mut self.data[self.end..]
+    /// Room left for [`Buf::fill`], allocating the buffer if it is released.
+    fn spare_len(&mut self) -> usize {
+        if self.data.capacity() == 0 {
+            self.data = Vec::with_capacity(self.next);
+        }
+        self.data.capacity() - self.data.len()
     }
 
-    fn filled(&mut self, n: usize) {
-        self.end += n;
+    /// Appends with `read`, which may write at most [`Buf::spare_len`] bytes into the spare
+    /// capacity of the `Vec` it is given (tokio's `try_read_buf` and `extend_from_slice` both
+    /// stay within it). A read that fills the whole buffer asks for a larger one next time.
+    fn fill(&mut self, read: impl FnOnce(&mut Vec<u8>) -> io::Result<usize>) -> io::Result<usize> {
+        let room = self.spare_len();
+        let whole = self.data.is_empty();
+        let n = read(&mut self.data)?;
+        debug_assert!(self.data.len() <= self.data.capacity());
+        if whole && n == room && self.next < self.max {
+            self.next = (self.next * 4).min(self.max);
+        }
+        Ok(n)
+    }
+
+    /// Gives the memory back if nothing is pending.
+    fn release(&mut self) {
+        if self.is_empty() && self.data.capacity() != 0 {
+            self.data = Vec::new();
+            self.start = 0;
+        }
     }
 }

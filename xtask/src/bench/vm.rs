@@ -25,7 +25,10 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 use super::{BenchArgs, Binaries, target_dir};
-use crate::vm::{initramfs, kernel};
+use crate::vm::{
+    initramfs::{self, SYSTEM_MOUNTS, shell_quote},
+    kernel,
+};
 
 const BEGIN_JSON: &str = "BENCH-RESULTS-JSON-BEGIN";
 const END_JSON: &str = "BENCH-RESULTS-JSON-END";
@@ -119,10 +122,6 @@ fn between(lines: &[String], begin: &str, end: &str) -> Option<String> {
     Some(lines[start + 1..stop].join("\n"))
 }
 
-fn shell_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
-}
-
 /// The guest's PID 1: mount, load modules, run the harness, print the results, power off.
 /// It must never exit (the kernel would panic), so everything ends in `poweroff -f`.
 fn init_script(modules: &[String], harness_args: &[String], git: &str) -> String {
@@ -132,16 +131,7 @@ fn init_script(modules: &[String], harness_args: &[String], git: &str) -> String
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TERM=dumb RUST_BACKTRACE=1 INTERCEPTOR_IN_VM=1
 export INTERCEPTOR_BENCH_GIT_COMMIT={git}
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec 0</dev/console 1>/dev/console 2>&1
-mkdir -p /dev/pts /dev/shm
-mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /dev/shm
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
-mount -t bpf bpffs /sys/fs/bpf
-mount -t tmpfs tmpfs /tmp
+{SYSTEM_MOUNTS}mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 hostname vm
 ulimit -l unlimited
@@ -181,30 +171,8 @@ fn boot(label: &str, kernel: &Path, initrd: &Path) -> Result<Vec<String>> {
     );
     let silence = Duration::from_secs(900);
     let kvm = std::env::var("INTERCEPTOR_VM_KVM").is_ok_and(|v| v == "1");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    if kvm {
-        cmd.args(["-accel", "kvm", "-cpu", "host"]);
-    } else {
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
-    }
-    cmd.args([
-        "-m",
-        "2048",
-        "-smp",
-        "2",
-        "-nographic",
-        "-no-reboot",
-        "-nic",
-        "none",
-    ])
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", "console=ttyS0 panic=-1 loglevel=4 edd=off"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    let mut cmd = initramfs::qemu_command(kernel, initrd, kvm, "tcg,thread=multi");
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     let started = Instant::now();
     let mut child = cmd.spawn().context("failed to start qemu-system-x86_64")?;
     let stdout = child.stdout.take().context("QEMU stdout not captured")?;

@@ -107,17 +107,7 @@ const HOST_TOOLS: &[&str] = &[
 
 /// Builds `<work_dir>/initramfs.cpio.gz` from scratch and returns its path.
 pub(crate) fn build(work_dir: &Path, kernel: &Kernel, payload: &Payload<'_>) -> Result<PathBuf> {
-    let root = work_dir.join("root");
-    if root.exists() {
-        fs::remove_dir_all(&root)
-            .with_context(|| format!("failed to remove {}", root.display()))?;
-    }
-    for dir in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "lib64", "etc", "proc", "sys", "dev", "tmp", "run",
-        "root", "tests", "var/tmp",
-    ] {
-        create_dir(&root.join(dir))?;
-    }
+    let root = fresh_root(work_dir, &["tests"])?;
 
     let mut installer = Installer::new(&root);
     install_busybox(&mut installer)?;
@@ -133,11 +123,7 @@ pub(crate) fn build(work_dir: &Path, kernel: &Kernel, payload: &Payload<'_>) -> 
     }
     let modules = install_modules(&root, kernel)?;
     write_etc(&root)?;
-    let init = init_script(&modules, payload.tests, payload.filter);
-    let init_path = root.join("init");
-    fs::write(&init_path, init).context("failed to write /init")?;
-    fs::set_permissions(&init_path, fs::Permissions::from_mode(0o755))
-        .context("failed to make /init executable")?;
+    write_init(&root, &init_script(&modules, payload.tests, payload.filter))?;
 
     let archive = work_dir.join("initramfs.cpio.gz");
     pack(&root, &archive)?;
@@ -163,17 +149,7 @@ pub(crate) fn build_custom(
     executables: &[(&Path, &str)],
     init: impl FnOnce(&[String]) -> String,
 ) -> Result<PathBuf> {
-    let root = work_dir.join("root");
-    if root.exists() {
-        fs::remove_dir_all(&root)
-            .with_context(|| format!("failed to remove {}", root.display()))?;
-    }
-    for dir in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "lib64", "etc", "proc", "sys", "dev", "tmp", "run",
-        "root", "var/tmp",
-    ] {
-        create_dir(&root.join(dir))?;
-    }
+    let root = fresh_root(work_dir, &[])?;
     let mut installer = Installer::new(&root);
     install_busybox(&mut installer)?;
     for tool in HOST_TOOLS {
@@ -187,13 +163,37 @@ pub(crate) fn build_custom(
     }
     let modules = install_modules(&root, kernel)?;
     write_etc(&root)?;
-    let init_path = root.join("init");
-    fs::write(&init_path, init(&modules)).context("failed to write /init")?;
-    fs::set_permissions(&init_path, fs::Permissions::from_mode(0o755))
-        .context("failed to make /init executable")?;
+    write_init(&root, &init(&modules))?;
     let archive = work_dir.join("initramfs.cpio.gz");
     pack(&root, &archive)?;
     Ok(archive)
+}
+
+/// Empties `<work_dir>/root` and gives it the guest's directory skeleton plus `extra_dirs`.
+fn fresh_root(work_dir: &Path, extra_dirs: &[&str]) -> Result<PathBuf> {
+    let root = work_dir.join("root");
+    if root.exists() {
+        fs::remove_dir_all(&root)
+            .with_context(|| format!("failed to remove {}", root.display()))?;
+    }
+    for dir in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "lib64", "etc", "proc", "sys", "dev", "tmp", "run",
+        "root", "var/tmp",
+    ]
+    .iter()
+    .chain(extra_dirs)
+    {
+        create_dir(&root.join(dir))?;
+    }
+    Ok(root)
+}
+
+/// Writes the guest's PID 1, `/init`, executable.
+fn write_init(root: &Path, script: &str) -> Result<()> {
+    let path = root.join("init");
+    fs::write(&path, script).context("failed to write /init")?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+        .context("failed to make /init executable")
 }
 
 fn create_dir(path: &Path) -> Result<()> {
@@ -545,7 +545,7 @@ fn write_etc(root: &Path) -> Result<()> {
 }
 
 /// Quotes `value` for the guest's POSIX shell.
-fn shell_quote(value: &str) -> String {
+pub(crate) fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
@@ -557,8 +557,41 @@ fn init_script(modules: &[String], tests: &[TestBinary], filter: Option<&str>) -
     let names: Vec<_> = tests.iter().map(|t| t.name.as_str()).collect();
     let _ = writeln!(script, "TESTS={}", shell_quote(&names.join(" ")));
     let _ = writeln!(script, "FILTER={}", shell_quote(filter.unwrap_or("")));
+    script.push('\n');
+    script.push_str(SYSTEM_MOUNTS);
     script.push_str(INIT_BODY);
     script
+}
+
+/// The QEMU command line every guest boots with (`cargo xtask vm-test` and `bench --vm`):
+/// 2 GiB, two CPUs, the serial console, no network, no reboot, stdin closed (with
+/// `-nographic` QEMU would otherwise put the developer's terminal into raw mode). `tcg` is
+/// the accelerator without KVM; the caller sets stdout and stderr.
+pub(crate) fn qemu_command(kernel: &Path, initrd: &Path, kvm: bool, tcg: &str) -> Command {
+    let mut command = Command::new("qemu-system-x86_64");
+    if kvm {
+        command.args(["-accel", "kvm", "-cpu", "host"]);
+    } else {
+        command.args(["-accel", tcg, "-cpu", "max"]);
+    }
+    command
+        .args([
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=4 edd=off"])
+        .stdin(Stdio::null());
+    command
 }
 
 const INIT_PRELUDE: &str = r#"#!/bin/sh
@@ -567,8 +600,9 @@ export HOME=/root TERM=dumb RUST_BACKTRACE=1
 export INTERCEPTOR_IN_VM=1 INTERCEPTOR_REQUIRE_PRIVILEGED=1 INTERCEPTOR_AGENT_BIN=/bin/interceptor
 "#;
 
-const INIT_BODY: &str = r#"
-mount -t proc proc /proc
+/// The first thing every guest's PID 1 does: the kernel's filesystems, the console as
+/// stdio, cgroup v2 and bpffs. Each line ends in a newline.
+pub(crate) const SYSTEM_MOUNTS: &str = r#"mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec 0</dev/console 1>/dev/console 2>&1
@@ -577,7 +611,10 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpffs /sys/fs/bpf
-mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+"#;
+
+/// Follows [`SYSTEM_MOUNTS`].
+const INIT_BODY: &str = r#"mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run

@@ -8,13 +8,15 @@ use std::{
     env,
     io::Read,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::mpsc::{self, RecvTimeoutError},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
+
+use super::initramfs::qemu_command;
 
 /// Watchdogs for one QEMU run, from the environment.
 #[derive(Debug)]
@@ -109,32 +111,8 @@ enum Stream {
 /// Boots the guest and watches it until it powers off, faults fatally or a watchdog fires.
 /// Only a failure to start QEMU is an `Err`; everything else is recorded in the outcome.
 pub(crate) fn run(label: &str, kernel: &Path, initrd: &Path, limits: &Limits) -> Result<Outcome> {
-    let mut command = Command::new("qemu-system-x86_64");
-    if limits.kvm {
-        command.args(["-accel", "kvm", "-cpu", "host"]);
-    } else {
-        command.args(["-accel", "tcg", "-cpu", "max"]);
-    }
-    command
-        .args([
-            "-m",
-            "2048",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=4 edd=off"])
-        // With -nographic QEMU would otherwise put the developer's terminal into raw mode.
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = qemu_command(kernel, initrd, limits.kvm, "tcg");
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = command
         .spawn()

@@ -16,15 +16,8 @@ fn inventory() -> Inventory {
             legacy("out", "client", "10.0.4.1"),
         ],
         services: vec![
-            service(
-                "httpbin",
-                "foo",
-                Some("10.96.0.1"),
-                8000,
-                80,
-                &["10.0.0.1", "10.0.0.9"],
-            ),
-            service("httpbin", "bar", Some("10.96.0.2"), 8000, 80, &["10.0.1.1"]),
+            httpbin("foo", "10.96.0.1", &["10.0.0.1", "10.0.0.9"]),
+            httpbin("bar", "10.96.0.2", &["10.0.1.1"]),
             service("empty", "bar", Some("10.96.0.3"), 80, 80, &[]),
             headless,
         ],
@@ -52,6 +45,15 @@ fn decide(
     (o.endpoint.to_string(), o.tls.code(), o.reason.to_string())
 }
 
+/// What [`decide`] returns for `endpoint`, `transport` and `reason`.
+fn decision(
+    endpoint: &str,
+    transport: &'static str,
+    reason: &str,
+) -> (String, &'static str, String) {
+    (endpoint.to_owned(), transport, reason.to_owned())
+}
+
 fn dr(name: &str, namespace: &str, host: &str, tls: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1
@@ -66,6 +68,26 @@ spec:
     )
 }
 
+/// One file of [`dr`]s, in order.
+fn drs(rules: &[(&str, &str, &str, &str)]) -> String {
+    rules
+        .iter()
+        .map(|&(name, namespace, host, tls)| dr(name, namespace, host, tls))
+        .collect()
+}
+
+/// Asserts for each `(source, destination, reason)` the reason [`decide`] gives at pick 0.
+#[track_caller]
+fn assert_reasons(e: &Engine, expected: &[(&str, &str, &str)]) {
+    for (source, destination, want) in expected {
+        assert_eq!(
+            decide(e, source, destination, 0).2,
+            *want,
+            "{source} to {destination}"
+        );
+    }
+}
+
 #[test]
 fn auto_mtls_alternates_between_mesh_and_legacy_endpoints() {
     let e = engine("", inventory());
@@ -74,18 +96,18 @@ fn auto_mtls_alternates_between_mesh_and_legacy_endpoints() {
         .collect();
     assert_eq!(
         picks[0],
-        (
-            "10.0.0.1:80".to_owned(),
+        decision(
+            "10.0.0.1:80",
             "mesh_mtls",
-            "automatic: endpoint is PERMISSIVE (default)".to_owned()
+            "automatic: endpoint is PERMISSIVE (default)"
         )
     );
     assert_eq!(
         picks[1],
-        (
-            "10.0.0.9:80".to_owned(),
+        decision(
+            "10.0.0.9:80",
             "plaintext",
-            "automatic: endpoint is outside the mesh".to_owned()
+            "automatic: endpoint is outside the mesh"
         )
     );
     assert_eq!(picks[2], picks[0]);
@@ -129,10 +151,10 @@ fn non_service_destinations_pass_through() {
     let e = engine("", inventory());
     assert_eq!(
         decide(&e, "10.0.0.2", "93.184.216.34:443", 7),
-        (
-            "93.184.216.34:443".to_owned(),
+        decision(
+            "93.184.216.34:443",
             "plaintext",
-            "automatic: endpoint is outside the mesh".to_owned()
+            "automatic: endpoint is outside the mesh"
         )
     );
     // A VIP on a port the service does not expose is not the service.
@@ -169,31 +191,26 @@ fn refusals() {
 #[test]
 fn destination_rule_modes() {
     let e = engine(
-        &format!(
-            "{}{}{}",
-            dr(
+        &drs(&[
+            (
                 "a",
                 "foo",
                 "httpbin.bar.svc.cluster.local",
-                "{mode: DISABLE}"
+                "{mode: DISABLE}",
             ),
-            dr("b", "foo", "httpbin", "{mode: ISTIO_MUTUAL}"),
-            dr(
+            ("b", "foo", "httpbin", "{mode: ISTIO_MUTUAL}"),
+            (
                 "c",
                 "foo",
                 "db.data.svc.cluster.local",
-                "{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, sni: db}"
+                "{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, sni: db}",
             ),
-        ),
+        ]),
         inventory(),
     );
     assert_eq!(
         decide(&e, "10.0.0.2", "10.96.0.2:8000", 0),
-        (
-            "10.0.1.1:80".to_owned(),
-            "plaintext",
-            "DestinationRule foo/a".to_owned()
-        )
+        decision("10.0.1.1:80", "plaintext", "DestinationRule foo/a")
     );
     // ISTIO_MUTUAL also to the legacy endpoint: the handshake will fail, as in Istio.
     let (_, code, reason) = decide(&e, "10.0.0.2", "10.96.0.1:8000", 1);
@@ -224,16 +241,15 @@ fn destination_rule_modes() {
 #[test]
 fn simple_and_unusable_mutual() {
     let e = engine(
-        &format!(
-            "{}{}",
-            dr(
+        &drs(&[
+            (
                 "s",
                 "bar",
                 "httpbin",
-                "{mode: SIMPLE, caCertificates: /ca.pem}"
+                "{mode: SIMPLE, caCertificates: /ca.pem}",
             ),
-            dr("m", "foo", "*", "{mode: MUTUAL, credentialName: secret}")
-        ),
+            ("m", "foo", "*", "{mode: MUTUAL, credentialName: secret}"),
+        ]),
         inventory(),
     );
     assert_eq!(decide(&e, "10.0.1.2", "10.96.0.2:8000", 0).1, "simple");
@@ -250,67 +266,72 @@ fn simple_and_unusable_mutual() {
 
 #[test]
 fn lookup_order_client_then_service_then_root_namespace() {
-    let yaml = format!(
-        "{}{}{}",
-        dr("root", "istio-system", "*.local", "{mode: ISTIO_MUTUAL}"),
-        dr(
+    let yaml = drs(&[
+        ("root", "istio-system", "*.local", "{mode: ISTIO_MUTUAL}"),
+        (
             "svc",
             "bar",
             "httpbin.bar.svc.cluster.local",
-            "{mode: SIMPLE}"
+            "{mode: SIMPLE}",
         ),
-        dr(
+        (
             "client",
             "foo",
             "*.bar.svc.cluster.local",
-            "{mode: DISABLE}"
+            "{mode: DISABLE}",
         ),
-    );
+    ]);
     let e = engine(&yaml, inventory());
-    // The client's namespace wins even with a less specific host.
-    assert_eq!(
-        decide(&e, "10.0.0.2", "10.96.0.2:8000", 0).2,
-        "DestinationRule foo/client"
-    );
-    // From bar: the service namespace's rule.
-    assert_eq!(
-        decide(&e, "10.0.1.2", "10.96.0.2:8000", 0).2,
-        "DestinationRule bar/svc"
-    );
-    // httpbin.foo from bar: only the root rule matches.
-    assert_eq!(
-        decide(&e, "10.0.1.2", "10.96.0.1:8000", 0).2,
-        "DestinationRule istio-system/root"
+    assert_reasons(
+        &e,
+        &[
+            // The client's namespace wins even with a less specific host.
+            ("10.0.0.2", "10.96.0.2:8000", "DestinationRule foo/client"),
+            // From bar: the service namespace's rule.
+            ("10.0.1.2", "10.96.0.2:8000", "DestinationRule bar/svc"),
+            // httpbin.foo from bar: only the root rule matches.
+            (
+                "10.0.1.2",
+                "10.96.0.1:8000",
+                "DestinationRule istio-system/root",
+            ),
+        ],
     );
 }
 
 #[test]
 fn most_specific_host_wins_within_a_namespace() {
-    let yaml = format!(
-        "{}{}{}{}",
-        dr("any", "istio-system", "*", "{mode: SIMPLE}"),
-        dr("local", "istio-system", "*.local", "{mode: ISTIO_MUTUAL}"),
-        dr(
+    let yaml = drs(&[
+        ("any", "istio-system", "*", "{mode: SIMPLE}"),
+        ("local", "istio-system", "*.local", "{mode: ISTIO_MUTUAL}"),
+        (
             "ns",
             "istio-system",
             "*.bar.svc.cluster.local",
-            "{mode: SIMPLE}"
+            "{mode: SIMPLE}",
         ),
-        dr(
+        (
             "exact",
             "istio-system",
             "httpbin.bar.svc.cluster.local",
-            "{mode: DISABLE}"
+            "{mode: DISABLE}",
         ),
-    );
+    ]);
     let e = engine(&yaml, inventory());
-    assert_eq!(
-        decide(&e, "10.0.0.2", "10.96.0.2:8000", 0).2,
-        "DestinationRule istio-system/exact"
-    );
-    assert_eq!(
-        decide(&e, "10.0.0.2", "10.96.0.1:8000", 0).2,
-        "DestinationRule istio-system/local"
+    assert_reasons(
+        &e,
+        &[
+            (
+                "10.0.0.2",
+                "10.96.0.2:8000",
+                "DestinationRule istio-system/exact",
+            ),
+            (
+                "10.0.0.2",
+                "10.96.0.1:8000",
+                "DestinationRule istio-system/local",
+            ),
+        ],
     );
     // A host only `*` matches.
     let e = engine(
@@ -351,19 +372,19 @@ spec:
     let e = engine(yaml, inv);
     assert_eq!(
         decide(&e, "10.0.0.2", "10.96.0.1:8000", 0),
-        (
-            "10.0.0.1:80".to_owned(),
+        decision(
+            "10.0.0.1:80",
             "mesh_mtls",
-            "DestinationRule foo/r (port level)".to_owned()
+            "DestinationRule foo/r (port level)"
         )
     );
     // A port-level entry without tls falls back to automatic mTLS, not to the rule's tls.
     assert_eq!(
         decide(&e, "10.0.0.2", "10.96.0.1:9000", 0),
-        (
-            "10.0.0.1:90".to_owned(),
+        decision(
+            "10.0.0.1:90",
             "mesh_mtls",
-            "automatic: endpoint is PERMISSIVE (default)".to_owned()
+            "automatic: endpoint is PERMISSIVE (default)"
         )
     );
     assert_eq!(

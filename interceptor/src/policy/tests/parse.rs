@@ -11,8 +11,15 @@ fn warnings_of(yaml: &str) -> Vec<String> {
         .collect()
 }
 
-fn has_warning(warnings: &[String], needle: &str) -> bool {
-    warnings.iter().any(|w| w.contains(needle))
+/// Asserts that every needle is part of some warning.
+#[track_caller]
+fn assert_warned(warnings: &[String], needles: &[&str]) {
+    for needle in needles {
+        assert!(
+            warnings.iter().any(|w| w.contains(needle)),
+            "{needle} not in {warnings:#?}"
+        );
+    }
 }
 
 #[test]
@@ -188,19 +195,15 @@ spec:
   principalBinding: USE_ORIGIN
 ",
     );
-    assert!(has_warning(
+    assert_warned(
         &warnings,
-        "spec.peers[0].jwt: JWT peer authentication is L7"
-    ));
-    assert!(has_warning(
-        &warnings,
-        "spec.origins: origin (JWT) authentication is L7"
-    ));
-    assert!(has_warning(
-        &warnings,
-        "spec.principalBinding: origin (JWT)"
-    ));
-    assert!(has_warning(&warnings, "with mode DISABLE"));
+        &[
+            "spec.peers[0].jwt: JWT peer authentication is L7",
+            "spec.origins: origin (JWT) authentication is L7",
+            "spec.principalBinding: origin (JWT)",
+            "with mode DISABLE",
+        ],
+    );
 }
 
 #[test]
@@ -303,22 +306,20 @@ spec:
       credentialName: db-credentials
 ",
     );
-    for needle in [
-        "document 1: spec.host: `httpbin.full` is taken as a fully qualified name",
-        "write `httpbin.full.svc.cluster.local`",
-        "document 1: spec.subsets: ignored",
-        "document 1: spec.trafficPolicy.loadBalancer: ignored",
-        "document 1: spec.trafficPolicy.connectionPool: ignored",
-        "document 1: spec.trafficPolicy.tls.credentialName: ignored",
-        "document 1: spec.trafficPolicy.tls.caCrl: ignored",
-        "document 2: spec.trafficPolicy.tls.credentialName: the agent does not read \
-         Kubernetes secrets: connections using this rule are refused",
-    ] {
-        assert!(
-            has_warning(&warnings, needle),
-            "{needle} not in {warnings:#?}"
-        );
-    }
+    assert_warned(
+        &warnings,
+        &[
+            "document 1: spec.host: `httpbin.full` is taken as a fully qualified name",
+            "write `httpbin.full.svc.cluster.local`",
+            "document 1: spec.subsets: ignored",
+            "document 1: spec.trafficPolicy.loadBalancer: ignored",
+            "document 1: spec.trafficPolicy.connectionPool: ignored",
+            "document 1: spec.trafficPolicy.tls.credentialName: ignored",
+            "document 1: spec.trafficPolicy.tls.caCrl: ignored",
+            "document 2: spec.trafficPolicy.tls.credentialName: the agent does not read \
+             Kubernetes secrets: connections using this rule are refused",
+        ],
+    );
 }
 
 #[test]
@@ -442,24 +443,22 @@ spec:
         principals: [spiffe://cluster.local/ns/a/sa/b]
 ",
     );
-    for needle in [
-        "document 1: spec.action: AUDIT is not supported",
-        "document 2: spec.action: CUSTOM (external authorization) is not supported: its \
-         rules are enforced as DENY",
-        "document 2: spec.rules[0].from[0].source.remoteIpBlocks: evaluated against the \
-         connection's source address",
-        "document 2: spec.rules[0].when[1].key: evaluated against",
-        "document 2: spec.rules[0]: uses L7 fields an L4 agent cannot see \
-         (requestPrincipals, when request.headers[x-user])",
-        "document 3: spec.targetRefs: ignored",
-        "document 3: spec.rules[0].from[0].source.principals: Istio principals omit the \
-         spiffe:// scheme",
-    ] {
-        assert!(
-            has_warning(&warnings, needle),
-            "{needle} not in {warnings:#?}"
-        );
-    }
+    assert_warned(
+        &warnings,
+        &[
+            "document 1: spec.action: AUDIT is not supported",
+            "document 2: spec.action: CUSTOM (external authorization) is not supported: its \
+             rules are enforced as DENY",
+            "document 2: spec.rules[0].from[0].source.remoteIpBlocks: evaluated against the \
+             connection's source address",
+            "document 2: spec.rules[0].when[1].key: evaluated against",
+            "document 2: spec.rules[0]: uses L7 fields an L4 agent cannot see \
+             (requestPrincipals, when request.headers[x-user])",
+            "document 3: spec.targetRefs: ignored",
+            "document 3: spec.rules[0].from[0].source.principals: Istio principals omit the \
+             spiffe:// scheme",
+        ],
+    );
 }
 
 #[test]

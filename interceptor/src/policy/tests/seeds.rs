@@ -119,6 +119,12 @@ fn check(phase: &str, e: &Engine, inventory: &Inventory, rows: &[(&str, &str, &[
     }
 }
 
+/// Loads `yaml` over `inventory` and [`check`]s the rows.
+fn replay(inventory: Inventory, phase: &str, yaml: &str, rows: &[(&str, &str, &[Outcome])]) {
+    let e = engine(yaml, inventory.clone());
+    check(phase, &e, &inventory, rows);
+}
+
 // === seed 004: automatic mutual TLS ===
 
 mod seed_004 {
@@ -157,30 +163,9 @@ mod seed_004 {
                 named(legacy("legacy", "sleep", SLEEP_LEGACY), "sleep"),
             ],
             services: vec![
-                service(
-                    "httpbin",
-                    "full",
-                    Some("10.96.0.10"),
-                    8000,
-                    80,
-                    &["10.88.0.10"],
-                ),
-                service(
-                    "httpbin",
-                    "partial",
-                    Some("10.96.0.20"),
-                    8000,
-                    80,
-                    &["10.88.0.20", "10.88.0.21"],
-                ),
-                service(
-                    "httpbin",
-                    "legacy",
-                    Some("10.96.0.30"),
-                    8000,
-                    80,
-                    &["10.88.0.30"],
-                ),
+                httpbin("full", "10.96.0.10", &["10.88.0.10"]),
+                httpbin("partial", "10.96.0.20", &["10.88.0.20", "10.88.0.21"]),
+                httpbin("legacy", "10.96.0.30", &["10.88.0.30"]),
                 service("sleep", "full", Some("10.96.0.11"), 80, 80, &[SLEEP_FULL]),
             ],
         }
@@ -228,9 +213,7 @@ spec:
 ";
 
     fn run(phase: &str, yaml: &str, rows: &[(&str, &str, &[Outcome])]) {
-        let inventory = inventory();
-        let e = engine(yaml, inventory.clone());
-        check(phase, &e, &inventory, rows);
+        replay(inventory(), phase, yaml, rows);
     }
 
     /// `sleep.full → httpbin.partial` alternates: pick 0 is the sidecar endpoint, pick 1 the
@@ -371,30 +354,9 @@ mod seed_001 {
                 legacy("legacy", "sleep", SLEEP_LEGACY),
             ],
             services: vec![
-                service(
-                    "httpbin",
-                    "foo",
-                    Some("10.96.1.10"),
-                    8000,
-                    80,
-                    &["10.88.1.10"],
-                ),
-                service(
-                    "httpbin",
-                    "bar",
-                    Some("10.96.2.10"),
-                    8000,
-                    80,
-                    &["10.88.2.10"],
-                ),
-                service(
-                    "httpbin",
-                    "legacy",
-                    Some("10.96.3.10"),
-                    8000,
-                    80,
-                    &["10.88.3.10"],
-                ),
+                httpbin("foo", "10.96.1.10", &["10.88.1.10"]),
+                httpbin("bar", "10.96.2.10", &["10.88.2.10"]),
+                httpbin("legacy", "10.96.3.10", &["10.88.3.10"]),
                 // The API server: not a pod, not in the mesh.
                 service(
                     "kubernetes",
@@ -496,9 +458,7 @@ spec:
 ";
 
     fn run(phase: &str, yaml: &str, rows: &[(&str, &str, &[Outcome])]) {
-        let inventory = inventory();
-        let e = engine(yaml, inventory.clone());
-        check(phase, &e, &inventory, rows);
+        replay(inventory(), phase, yaml, rows);
     }
 
     #[test]
@@ -628,17 +588,7 @@ mod seed_003 {
                 mesh("full", "sleep", SLEEP_FULL),
                 legacy("mongo", "mongo", "10.88.5.10"),
             ],
-            services: vec![
-                service(
-                    "httpbin",
-                    "mtls-test",
-                    Some("10.96.4.10"),
-                    8000,
-                    80,
-                    &["10.88.4.10"],
-                ),
-                mongo,
-            ],
+            services: vec![httpbin("mtls-test", "10.96.4.10", &["10.88.4.10"]), mongo],
         }
     }
 
@@ -707,9 +657,7 @@ spec:
 ";
 
     fn run(phase: &str, yaml: &str, rows: &[(&str, &str, &[Outcome])]) {
-        let inventory = inventory();
-        let e = engine(yaml, inventory.clone());
-        check(phase, &e, &inventory, rows);
+        replay(inventory(), phase, yaml, rows);
     }
 
     #[test]
