@@ -402,6 +402,9 @@ pub struct Report {
     pub pinned: bool,
     pub params: crate::workloads::Params,
     pub machine: Machine,
+    /// The kTLS hand-off timed in this run's kernel (absent in results from older runs).
+    #[serde(default)]
+    pub handoff: Option<crate::handoff::Handoff>,
     pub layouts: Vec<LayoutResults>,
 }
 
@@ -469,6 +472,29 @@ impl Report {
                 "**Emulated (QEMU TCG): AES is ~135× and TCP ~51× slower than on the host. \
                  Read the ratios between modes of this same run; the absolute numbers and the \
                  ratios to plaintext are not results for real hardware.**\n"
+            );
+        }
+        if let Some(h) = &self.handoff {
+            let _ = writeln!(
+                s,
+                "kTLS hand-off per connection ({} samples, µs p50 / p90 / p99): secret \
+                 extraction + conversion {} / {} / {}; {}\n",
+                h.samples,
+                fmt_num(h.extract_us.p50),
+                fmt_num(h.extract_us.p90),
+                fmt_num(h.extract_us.p99),
+                match (&h.install_us, &h.install_unavailable) {
+                    (Some(i), _) => format!(
+                        "setsockopt TCP_ULP + TLS_TX + TLS_RX + TLS_RX_EXPECT_NO_PAD {} / {} / {}",
+                        fmt_num(i.p50),
+                        fmt_num(i.p90),
+                        fmt_num(i.p99)
+                    ),
+                    (None, why) => format!(
+                        "setsockopt part unavailable on this kernel ({})",
+                        why.as_deref().unwrap_or("no tls ULP")
+                    ),
+                },
             );
         }
         for l in &self.layouts {

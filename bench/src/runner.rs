@@ -79,6 +79,13 @@ pub fn run(plan: &Plan) -> Result<Report> {
         pin: plan.pin,
     };
     let machine = sysinfo::collect(agent.as_deref());
+    let handoff = match crate::handoff::measure(if plan.quick { 200 } else { 1000 }) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            println!("bench: kTLS hand-off timing failed: {e:#}");
+            None
+        }
+    };
     println!(
         "bench: {} ({} CPUs), kernel {}, tcp ULPs [{}]",
         machine.cpu_model, machine.cpus, machine.kernel, machine.tcp_available_ulp
@@ -134,6 +141,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
         pinned: plan.pin,
         params: plan.params.clone(),
         machine,
+        handoff,
         layouts,
     })
 }
