@@ -59,7 +59,9 @@ pub fn run(plan: &Plan) -> Result<Report> {
         );
     }
     let started = now_unix();
-    let work_dir = plan.out.join("work");
+    // Per process: a second run writing to the same --out must not delete this run's CA and
+    // configs when it starts or ends.
+    let work_dir = plan.out.join(format!("work-{}", std::process::id()));
     let log_dir = plan.out.join("logs");
     let _ = fs::remove_dir_all(&work_dir);
     fs::create_dir_all(&work_dir).with_context(|| format!("mkdir {}", work_dir.display()))?;

@@ -1,7 +1,10 @@
 //! The benchmark topology: pods as network namespaces on a node bridge, each with its own
 //! cgroup v2 directory, and a cross-node variant where two node namespaces are joined by a
-//! veth "wire" (the shape of `tests/src/topology.rs`, rebuilt here with `Result` errors
-//! because a benchmark must clean up and report, not panic).
+//! veth "wire". The namespaces, the bridge, the veth plumbing and the wire are the test
+//! harness's (`interceptor_tests::topology`, through its `Result`-returning constructors:
+//! a benchmark must clean up and report, not panic); what is the bench's own is here: names
+//! [`sweep_stale`] recognises, cgroups that kill what they hold, the pods' sysctls for
+//! connection churn and CPU pinning.
 //!
 //! ```text
 //! same-node:   node ns (br0 10.88.1.1/24) ─┬─ veth ─ client pod ns (10.88.1.2)
@@ -26,6 +29,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+pub use interceptor_tests::{NetNs, topology::Node};
 
 /// Listening ports in the pods (apps, sidecars at +20000, agent listeners), kept out of the
 /// widened ephemeral range.
@@ -49,73 +53,9 @@ fn short_if(what: &str) -> String {
     format!("{what}{n}")
 }
 
-/// Runs a command to completion and fails with its output when it does not succeed.
-pub fn run_cmd(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A named network namespace (`/run/netns/<name>`), deleted on drop.
-#[derive(Debug)]
-pub struct NetNs {
-    pub name: String,
-}
-
-impl NetNs {
-    pub fn new(what: &str) -> Result<Self> {
-        let name = unique(what);
-        run_cmd("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// `ip -n <ns> ...`
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        run_cmd("ip", &full)
-    }
-
-    /// Sets a per-namespace sysctl (`net.*`) by writing `/proc/sys` from a thread inside the
-    /// namespace; `ip netns exec` would do too, but this needs no extra process.
-    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-        let value = value.to_owned();
-        interceptor::sys::in_netns(&self.path(), move || fs::write(&path, value))
-            .with_context(|| format!("sysctl {key} in netns {}", self.name))
-    }
-
-    /// Reads a file under `/proc/thread-self/net` (per-namespace statistics such as
-    /// `tls_stat`) from inside the namespace.
-    pub fn proc_net(&self, file: &str) -> Result<String> {
-        let path = PathBuf::from("/proc/thread-self/net").join(file);
-        interceptor::sys::in_netns(&self.path(), move || fs::read_to_string(&path))
-            .with_context(|| format!("read /proc/net/{file} in netns {}", self.name))
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// A network namespace named by [`unique`], with loopback up.
+fn netns(what: &str) -> Result<NetNs> {
+    NetNs::named(unique(what))
 }
 
 /// A cgroup v2 directory, removed on drop after its processes are killed.
@@ -218,61 +158,33 @@ pub fn unique_bpffs_name(what: &str) -> String {
     unique(what)
 }
 
-/// One simulated node: a namespace with a bridge its pods hang off.
-#[derive(Debug)]
-pub struct Node {
-    pub ns: NetNs,
-    /// Pods get 10.88.<index>.x
-    pub index: u8,
+/// One simulated node (a namespace with a bridge its pods hang off), named by [`unique`].
+fn node(index: u8) -> Result<Node> {
+    Node::with_ns(netns("node")?, index)
 }
 
-impl Node {
-    pub fn new(index: u8) -> Result<Self> {
-        let ns = NetNs::new("node")?;
-        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
-        ns.ip(&["addr", "add", &format!("10.88.{index}.1/24"), "dev", "br0"])?;
-        ns.ip(&["link", "set", "br0", "up"])?;
-        ns.sysctl("net.ipv4.ip_forward", "1")?;
-        Ok(Self { ns, index })
-    }
-
-    /// Adds a pod with address 10.88.<node>.<host> (MTU 1500, default offloads).
-    pub fn pod(&self, name: &str, host: u8) -> Result<Pod> {
-        let ns = NetNs::new("pod")?;
-        let cgroup = Cgroup::new(&format!("pod-{name}-"))?;
-        let host_if = short_if("vh");
-        let ip = Ipv4Addr::new(10, 88, self.index, host);
-        self.ns.ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ])?;
-        self.ns
-            .ip(&["link", "set", &host_if, "master", "br0", "up"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.88.{}.1", self.index),
-        ])?;
-        // Connection churn opens tens of thousands of connections per run: reuse TIME_WAIT
-        // ports and widen the range, as the baseline measurements did (these namespaces only).
-        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        ns.sysctl("net.ipv4.ip_local_port_range", "10000 64999")?;
-        // ...but never hand out a port something listens on: the agent's 15001/15006, the
-        // apps', the sidecars'. A TIME_WAIT socket left on such a port by an ephemeral
-        // connection makes the next listener's bind() fail with EADDRINUSE (seen: agent
-        // restarts within 60 s of a churn run), which Kubernetes' default range avoids.
-        ns.sysctl("net.ipv4.ip_local_reserved_ports", RESERVED_PORTS)?;
-        Ok(Pod {
-            name: name.to_owned(),
-            ns,
-            cgroup,
-            ip,
-            host_if,
-        })
-    }
+/// Adds a pod with address 10.88.<node>.<host> (IPv4 only, MTU 1500, default offloads).
+fn pod(node: &Node, name: &str, host: u8) -> Result<Pod> {
+    let ns = netns("pod")?;
+    let cgroup = Cgroup::new(&format!("pod-{name}-"))?;
+    let host_if = short_if("vh");
+    let (ip, _) = node.plug(&ns, &host_if, host, false)?;
+    // Connection churn opens tens of thousands of connections per run: reuse TIME_WAIT
+    // ports and widen the range, as the baseline measurements did (these namespaces only).
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    ns.sysctl("net.ipv4.ip_local_port_range", "10000 64999")?;
+    // ...but never hand out a port something listens on: the agent's 15001/15006, the
+    // apps', the sidecars'. A TIME_WAIT socket left on such a port by an ephemeral
+    // connection makes the next listener's bind() fail with EADDRINUSE (seen: agent
+    // restarts within 60 s of a churn run), which Kubernetes' default range avoids.
+    ns.sysctl("net.ipv4.ip_local_reserved_ports", RESERVED_PORTS)?;
+    Ok(Pod {
+        name: name.to_owned(),
+        ns,
+        cgroup,
+        ip,
+        host_if,
+    })
 }
 
 /// One simulated pod: its own netns (eth0 on the node bridge) and cgroup.
@@ -314,41 +226,20 @@ pub fn enter(
     netns: Option<&Path>,
     cpu: CpuSet,
 ) -> Result<()> {
-    let procs = cgroup
-        .map(|c| {
-            std::ffi::CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes())
-                .context("cgroup path contains NUL")
-        })
-        .transpose()?;
-    let ns = netns
-        .map(|p| fs::File::open(p).with_context(|| format!("open netns {}", p.display())))
-        .transpose()?;
-    // SAFETY: the closure runs between fork and exec and only makes raw syscalls on memory
-    // prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::AsRawFd as _;
-            if let Some(procs) = &procs {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-            }
-            if let Some(ns) = &ns
-                && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(cpu) = cpu {
+    interceptor_tests::topology::enter(cmd, cgroup, netns)?;
+    if let Some(cpu) = cpu {
+        // SAFETY: the closure runs between fork and exec (after the one `enter` registered)
+        // and only makes raw syscalls on its own stack.
+        unsafe {
+            cmd.pre_exec(move || {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
                 libc::CPU_SET(cpu, &mut set);
                 if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            });
+        }
     }
     Ok(())
 }
@@ -395,9 +286,9 @@ impl Topology {
     pub fn new(layout: Layout) -> Result<Self> {
         match layout {
             Layout::SameNode => {
-                let node = Node::new(1)?;
-                let client = node.pod("client", 2)?;
-                let server = node.pod("server", 3)?;
+                let node = node(1)?;
+                let client = pod(&node, "client", 2)?;
+                let server = pod(&node, "server", 3)?;
                 Ok(Self {
                     layout,
                     client,
@@ -406,11 +297,11 @@ impl Topology {
                 })
             }
             Layout::CrossNode => {
-                let a = Node::new(1)?;
-                let b = Node::new(2)?;
-                wire(&a, &b)?;
-                let client = a.pod("client", 2)?;
-                let server = b.pod("server", 3)?;
+                let a = node(1)?;
+                let b = node(2)?;
+                interceptor_tests::topology::wire_named(&a, &b, &short_if("wa"), &short_if("wb"))?;
+                let client = pod(&a, "client", 2)?;
+                let server = pod(&b, "server", 3)?;
                 Ok(Self {
                     layout,
                     client,
@@ -425,32 +316,4 @@ impl Topology {
     pub fn node_of_server(&self) -> &Node {
         self.nodes.last().unwrap_or(&self.nodes[0])
     }
-}
-
-/// Joins two nodes with a veth pair and routes each node's pod subnet through it.
-fn wire(a: &Node, b: &Node) -> Result<()> {
-    let ia = short_if("wa");
-    let ib = short_if("wb");
-    a.ns.ip(&[
-        "link", "add", &ia, "type", "veth", "peer", "name", &ib, "netns", &b.ns.name,
-    ])?;
-    a.ns.ip(&["addr", "add", "10.99.0.1/30", "dev", &ia])?;
-    b.ns.ip(&["addr", "add", "10.99.0.2/30", "dev", &ib])?;
-    a.ns.ip(&["link", "set", &ia, "up"])?;
-    b.ns.ip(&["link", "set", &ib, "up"])?;
-    a.ns.ip(&[
-        "route",
-        "add",
-        &format!("10.88.{}.0/24", b.index),
-        "via",
-        "10.99.0.2",
-    ])?;
-    b.ns.ip(&[
-        "route",
-        "add",
-        &format!("10.88.{}.0/24", a.index),
-        "via",
-        "10.99.0.1",
-    ])?;
-    Ok(())
 }

@@ -57,6 +57,16 @@ pub fn workload(pod: &Pod, namespace: &str, service_account: &str) -> Workload {
     }
 }
 
+/// The peer entry (a pod on another node) for a topology pod.
+pub fn peer(pod: &Pod, namespace: &str, service_account: &str) -> Peer {
+    Peer {
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        labels: Default::default(),
+        ips: vec![pod.ip.into(), pod.ip6.into()],
+    }
+}
+
 /// A node config for tests.
 pub fn config(
     ca_dir: &Path,

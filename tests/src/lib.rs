@@ -9,6 +9,7 @@ pub mod apps;
 pub mod demo;
 pub mod mesh;
 pub mod pair;
+pub mod scenario;
 pub mod topology;
 pub mod wire;
 
@@ -46,23 +47,31 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}x{n}", std::process::id() % 100_000)
 }
 
-/// Runs a command and fails with its output when it does not succeed.
-pub fn run(cmd: &str, args: &[&str]) -> String {
+/// Runs a command to completion; the error carries its output when it does not succeed.
+pub fn try_run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    use anyhow::Context as _;
     let out = Command::new(cmd)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .with_context(|| format!("cannot run {cmd}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`{cmd} {}` failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command and fails with its output when it does not succeed.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    try_run(cmd, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A named network namespace (`/run/netns/<name>`), deleted on drop.
+#[derive(Debug)]
 pub struct NetNs {
     pub name: String,
 }
@@ -70,11 +79,15 @@ pub struct NetNs {
 impl NetNs {
     /// Creates the namespace with loopback up.
     pub fn new(prefix: &str) -> Self {
-        let name = unique_name(prefix);
-        run("ip", &["netns", "add", &name]);
+        Self::named(unique_name(prefix)).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Creates the namespace `name` with loopback up; deleted again if that fails.
+    pub fn named(name: String) -> anyhow::Result<Self> {
+        try_run("ip", &["netns", "add", &name])?;
         let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        ns.try_ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
     }
 
     pub fn path(&self) -> PathBuf {
@@ -83,9 +96,33 @@ impl NetNs {
 
     /// `ip -n <ns> ...`
     pub fn ip(&self, args: &[&str]) -> String {
+        self.try_ip(args).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// `ip -n <ns> ...`, failing with its output.
+    pub fn try_ip(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
-        run("ip", &full)
+        try_run("ip", &full)
+    }
+
+    /// Sets a per-namespace sysctl (`net.*`) by writing `/proc/sys` from a thread inside the
+    /// namespace (`/proc/sys/net` resolves to the netns of the task that opens it).
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        let value = value.to_owned();
+        interceptor::sys::in_netns(&self.path(), move || std::fs::write(&path, value))
+            .with_context(|| format!("sysctl {key} in netns {}", self.name))
+    }
+
+    /// Reads a file under `/proc/thread-self/net` (per-namespace statistics such as
+    /// `tls_stat`) from inside the namespace.
+    pub fn proc_net(&self, file: &str) -> anyhow::Result<String> {
+        use anyhow::Context as _;
+        let path = PathBuf::from("/proc/thread-self/net").join(file);
+        interceptor::sys::in_netns(&self.path(), move || std::fs::read_to_string(&path))
+            .with_context(|| format!("read /proc/net/{file} in netns {}", self.name))
     }
 
     /// Runs `f` on a thread inside this namespace (sockets made there stay in it).
@@ -105,6 +142,7 @@ impl Drop for NetNs {
 
 /// A cgroup v2 directory under the cgroup2 mount, removed on drop after its processes are
 /// moved back to the root.
+#[derive(Debug)]
 pub struct Cgroup {
     pub path: PathBuf,
 }

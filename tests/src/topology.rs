@@ -10,14 +10,18 @@
 //! ```
 
 use std::{
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::process::CommandExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command},
 };
+
+use anyhow::Context as _;
 
 use crate::{Cgroup, NetNs, unique_name};
 
 /// One simulated node: a namespace with a bridge that its pods hang off.
+#[derive(Debug)]
 pub struct Node {
     pub ns: NetNs,
     /// 10.88.<index>.0/24
@@ -30,9 +34,9 @@ pub struct Pod {
     pub name: String,
     pub ns: NetNs,
     pub cgroup: Cgroup,
-    pub ip: std::net::Ipv4Addr,
+    pub ip: Ipv4Addr,
     /// fd00:88:<node>::<host>
-    pub ip6: std::net::Ipv6Addr,
+    pub ip6: Ipv6Addr,
     /// The veth end in the node namespace.
     pub host_if: String,
     children: Vec<Child>,
@@ -40,53 +44,32 @@ pub struct Pod {
 
 impl Node {
     pub fn new(index: u8) -> Self {
-        let ns = NetNs::new("node");
+        Self::with_ns(NetNs::new("node"), index).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Makes `ns` a node: bridge `br0` with 10.88.<index>.1/24, IPv4 forwarding on.
+    pub fn with_ns(ns: NetNs, index: u8) -> anyhow::Result<Self> {
         let bridge = "br0".to_owned();
-        ns.ip(&["link", "add", &bridge, "type", "bridge"]);
-        ns.ip(&[
+        ns.try_ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ns.try_ip(&[
             "addr",
             "add",
             &format!("10.88.{index}.1/24"),
             "dev",
             &bridge,
-        ]);
-        ns.ip(&["link", "set", &bridge, "up"]);
-        // /proc/sys/net resolves to the netns of the task that opens it.
-        ns.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"));
-        Self { ns, index, bridge }
+        ])?;
+        ns.try_ip(&["link", "set", &bridge, "up"])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        Ok(Self { ns, index, bridge })
     }
 
     /// Adds a pod with address 10.88.<node>.<host>.
     pub fn pod(&self, name: &str, host: u8) -> Pod {
         let ns = NetNs::new("pod");
         let host_if = unique_name("vh");
-        let ip = std::net::Ipv4Addr::new(10, 88, self.index, host);
-        self.ns.ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ]);
-        self.ns
-            .ip(&["link", "set", &host_if, "master", &self.bridge, "up"]);
-        let ip6 = std::net::Ipv6Addr::new(
-            0xfd00,
-            0x88,
-            u16::from(self.index),
-            0,
-            0,
-            0,
-            0,
-            u16::from(host),
-        );
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        let gw4 = format!("10.88.{}.1", self.index);
-        let gw6 = format!("fd00:88:{}::1", self.index);
-        ns.ip(&["route", "add", "default", "via", &gw4]);
-        // The v6 prefix route appears only once the link is operationally up; `onlink`
-        // does not wait for it.
-        ns.ip(&[
-            "-6", "route", "add", "default", "via", &gw6, "dev", "eth0", "onlink",
-        ]);
+        let (ip, ip6) = self
+            .plug(&ns, &host_if, host, true)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         Pod {
             name: name.to_owned(),
             ns,
@@ -97,6 +80,51 @@ impl Node {
             children: Vec::new(),
         }
     }
+
+    /// Plugs the pod namespace `pod` into the bridge with a veth pair (`host_if` here, `eth0`
+    /// there): 10.88.<node>.<host>/24 with a default route via the bridge and, with `ipv6`,
+    /// fd00:88:<node>::<host>/64 likewise. Returns both addresses (the v6 one is assigned
+    /// only with `ipv6`).
+    pub fn plug(
+        &self,
+        pod: &NetNs,
+        host_if: &str,
+        host: u8,
+        ipv6: bool,
+    ) -> anyhow::Result<(Ipv4Addr, Ipv6Addr)> {
+        let ip = Ipv4Addr::new(10, 88, self.index, host);
+        let ip6 = Ipv6Addr::new(
+            0xfd00,
+            0x88,
+            u16::from(self.index),
+            0,
+            0,
+            0,
+            0,
+            u16::from(host),
+        );
+        self.ns.try_ip(&[
+            "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+        ])?;
+        self.ns
+            .try_ip(&["link", "set", host_if, "master", &self.bridge, "up"])?;
+        pod.try_ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        if ipv6 {
+            pod.try_ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        }
+        pod.try_ip(&["link", "set", "eth0", "up"])?;
+        let gw4 = format!("10.88.{}.1", self.index);
+        pod.try_ip(&["route", "add", "default", "via", &gw4])?;
+        if ipv6 {
+            let gw6 = format!("fd00:88:{}::1", self.index);
+            // The v6 prefix route appears only once the link is operationally up; `onlink`
+            // does not wait for it.
+            pod.try_ip(&[
+                "-6", "route", "add", "default", "via", &gw6, "dev", "eth0", "onlink",
+            ])?;
+        }
+        Ok((ip, ip6))
+    }
 }
 
 /// Joins two nodes with a veth pair and routes each node's pod subnet through it.
@@ -104,34 +132,70 @@ impl Node {
 pub fn wire(a: &Node, b: &Node) -> String {
     let ia = unique_name("wa");
     let ib = unique_name("wb");
-    a.ns.ip(&[
-        "link", "add", &ia, "type", "veth", "peer", "name", &ib, "netns", &b.ns.name,
-    ]);
-    a.ns.ip(&["addr", "add", "10.99.0.1/30", "dev", &ia]);
-    b.ns.ip(&["addr", "add", "10.99.0.2/30", "dev", &ib]);
-    a.ns.ip(&["link", "set", &ia, "up"]);
-    b.ns.ip(&["link", "set", &ib, "up"]);
-    a.ns.ip(&[
-        "route",
-        "add",
-        &format!("10.88.{}.0/24", b.index),
-        "via",
-        "10.99.0.2",
-    ]);
-    b.ns.ip(&[
-        "route",
-        "add",
-        &format!("10.88.{}.0/24", a.index),
-        "via",
-        "10.99.0.1",
-    ]);
+    wire_named(a, b, &ia, &ib).unwrap_or_else(|e| panic!("{e:#}"));
     ia
+}
+
+/// [`wire`] with the interface names given: `ia` in `a`'s namespace, `ib` in `b`'s.
+pub fn wire_named(a: &Node, b: &Node, ia: &str, ib: &str) -> anyhow::Result<()> {
+    a.ns.try_ip(&[
+        "link", "add", ia, "type", "veth", "peer", "name", ib, "netns", &b.ns.name,
+    ])?;
+    a.ns.try_ip(&["addr", "add", "10.99.0.1/30", "dev", ia])?;
+    b.ns.try_ip(&["addr", "add", "10.99.0.2/30", "dev", ib])?;
+    a.ns.try_ip(&["link", "set", ia, "up"])?;
+    b.ns.try_ip(&["link", "set", ib, "up"])?;
+    for (from, to, via) in [(a, b, "10.99.0.2"), (b, a, "10.99.0.1")] {
+        from.ns.try_ip(&[
+            "route",
+            "add",
+            &format!("10.88.{}.0/24", to.index),
+            "via",
+            via,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Prepares `cmd` to join `cgroup` (if any), then enter the netns at `netns` (if any), between
+/// fork and exec. In that order: entering the netns first would not matter for cgroupfs
+/// writes, but `ip netns exec` would also remount /sys and hide the cgroup2 mount.
+pub fn enter(cmd: &mut Command, cgroup: Option<&Path>, netns: Option<&Path>) -> anyhow::Result<()> {
+    let procs = cgroup
+        .map(|c| {
+            std::ffi::CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                .context("cgroup path contains NUL")
+        })
+        .transpose()?;
+    let ns = netns
+        .map(|p| std::fs::File::open(p).with_context(|| format!("open netns {}", p.display())))
+        .transpose()?;
+    // SAFETY: the closure runs between fork and exec and only makes raw syscalls on memory
+    // prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd as _;
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+            }
+            if let Some(ns) = &ns
+                && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 impl Pod {
     /// A command that will run inside this pod: it joins the pod's cgroup first, then its netns
-    /// (in that order: entering the netns first would not matter for cgroupfs writes, but
-    /// `ip netns exec` would also remount /sys and hide the cgroup2 mount).
+    /// (see [`enter`]).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         self.enter(&mut cmd, true);
@@ -147,35 +211,9 @@ impl Pod {
     }
 
     fn enter(&self, cmd: &mut Command, join_cgroup: bool) {
-        let procs = join_cgroup.then(|| {
-            std::ffi::CString::new(
-                self.cgroup
-                    .path
-                    .join("cgroup.procs")
-                    .into_os_string()
-                    .into_encoded_bytes(),
-            )
-            .expect("cgroup path")
-        });
-        let ns = std::fs::File::open(self.ns.path()).expect("open pod netns");
-        // SAFETY: the closure runs between fork and exec and only makes raw syscalls on memory
-        // prepared before fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                use std::os::fd::AsRawFd as _;
-                if let Some(procs) = &procs {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                }
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let cgroup = join_cgroup.then_some(self.cgroup.path.as_path());
+        enter(cmd, cgroup, Some(&self.ns.path()))
+            .unwrap_or_else(|e| panic!("pod {}: {e:#}", self.name));
     }
 
     /// Starts a long-running process in the pod; it is killed when the pod is dropped.

@@ -9,60 +9,36 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor::{config::KtlsMode, intercept::table::Protection};
 use interceptor_tests::{
-    agent::{RunningAgent, TempDir, config, make_ca, workload},
-    apps::{
-        busybox, curl, curl_upload, hex, random_payload, serve_http, serve_http_on,
-        serve_upload_hasher,
-    },
+    agent::{RunningAgent, peer, workload},
+    apps::{busybox, curl, curl_upload, serve_http, serve_http_on, serve_upload_hasher},
     connect_from, in_vm, require_privileged,
+    scenario::{Cluster, Scenario, Www, expected_protection, serve_blob},
     topology::{Node, Pod},
     wire::Capture,
 };
-use sha2::{Digest as _, Sha256};
-
-/// The mode this environment must run mesh flows in.
-fn expected_protection() -> Protection {
-    if in_vm() {
-        Protection::Ktls
-    } else {
-        Protection::Userspace
-    }
-}
 
 #[test]
 fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
     require_privileged();
-    let node = Node::new(40);
-    let mut client = node.pod("sleep", 2);
-    let mut server = node.pod("httpbin", 3);
+    let Scenario {
+        mut client,
+        mut server,
+        node,
+    } = Scenario::new(40, "sleep", "httpbin");
     let mut legacy = node.pod("legacy", 4);
-    let www = TempDir::new("www");
-    let payload = random_payload(1 << 20);
-    std::fs::write(www.0.join("blob"), &payload).unwrap();
-    let want = hex(&Sha256::digest(&payload));
-    serve_http(&mut server, &www.0);
-    serve_http(&mut legacy, &www.0);
+    let www = serve_blob(&mut server, "www", 1 << 20);
+    let (payload, want) = (&www.payload, &www.want);
+    serve_http(&mut legacy, www.path());
 
-    let scratch = TempDir::new("agent");
-    let ca = scratch.0.join("ca");
-    make_ca(&ca, "cluster.local");
-    let ktls = if in_vm() {
-        KtlsMode::Required
-    } else {
-        KtlsMode::Auto
-    };
-    let agent = RunningAgent::start(config(
-        &ca,
-        &scratch.0,
-        ktls,
+    let cluster = Cluster::new("agent");
+    let workloads = || {
         vec![
             workload(&client, "full", "sleep"),
             workload(&server, "full", "httpbin"),
-        ],
-        vec![],
-    ));
+        ]
+    };
+    let agent = cluster.start(workloads(), vec![]);
 
     // Enrolled → enrolled: mTLS. Capture the server pod's link while it happens.
     let tls_before = [tls_stat(&client), tls_stat(&server)];
@@ -73,8 +49,8 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
     );
     let frames = capture.stop();
     assert_eq!(f.code, "200", "enrolled → enrolled");
-    assert_eq!(f.sha256(), want, "payload corrupted through the mesh");
-    interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
+    assert_eq!(&f.sha256(), want, "payload corrupted through the mesh");
+    interceptor_tests::wire::assert_no_plaintext(&frames, payload);
     let streams = interceptor_tests::wire::Streams::from_frames(frames);
     let server_addr = SocketAddr::from((server.ip, 80));
     let mesh: Vec<_> = streams
@@ -170,7 +146,7 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
         f.code, "000",
         "with the agent down, the connection must be refused"
     );
-    interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
+    interceptor_tests::wire::assert_no_plaintext(&frames, payload);
     // Non-mesh traffic is not affected.
     let f = curl(
         client.command("curl"),
@@ -179,16 +155,7 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
     assert_eq!(f.code, "200");
 
     // Restarted with the same pins: traffic flows again.
-    let mut cfg = config(
-        &ca,
-        &scratch.0,
-        ktls,
-        vec![
-            workload(&client, "full", "sleep"),
-            workload(&server, "full", "httpbin"),
-        ],
-        vec![],
-    );
+    let mut cfg = cluster.config(workloads(), vec![]);
     cfg.bpffs = pins.0.clone();
     let agent = RunningAgent::start(cfg);
     let f = curl(
@@ -207,16 +174,15 @@ fn curl_matrix_mtls_between_enrolled_pods_plaintext_with_legacy() {
 
 /// `/proc/net/tls_stat` of a pod's netns (the file is per namespace; empty without kTLS).
 fn tls_stat(pod: &Pod) -> std::collections::HashMap<String, u64> {
-    interceptor::sys::in_netns(&pod.netns_path(), || {
-        Ok(std::fs::read_to_string("/proc/thread-self/net/tls_stat").unwrap_or_default())
-    })
-    .unwrap_or_default()
-    .lines()
-    .filter_map(|l| {
-        let mut it = l.split_whitespace();
-        Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
-    })
-    .collect()
+    pod.ns
+        .proc_net("tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
@@ -233,33 +199,21 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
 #[test]
 fn ipv6_mesh_flow_is_mtls_and_invisible_to_the_app() {
     require_privileged();
-    let node = Node::new(41);
-    let client = node.pod("sleep6", 2);
-    let mut server = node.pod("httpbin6", 3);
-    let www = TempDir::new("www6");
-    let payload = random_payload(64 << 10);
-    std::fs::write(www.0.join("blob"), &payload).unwrap();
-    let want = hex(&Sha256::digest(&payload));
+    let Scenario {
+        client,
+        mut server,
+        node,
+    } = Scenario::new(41, "sleep6", "httpbin6");
+    let www = Www::with_blob("www6", 64 << 10);
     let probe = SocketAddr::from((server.ip6, 80));
-    serve_http_on(&mut server, &www.0, "[::]:80", probe);
-    let scratch = TempDir::new("agent6");
-    let ca = scratch.0.join("ca");
-    make_ca(&ca, "cluster.local");
-    let ktls = if in_vm() {
-        KtlsMode::Required
-    } else {
-        KtlsMode::Auto
-    };
-    let agent = RunningAgent::start(config(
-        &ca,
-        &scratch.0,
-        ktls,
+    serve_http_on(&mut server, www.path(), "[::]:80", probe);
+    let agent = Cluster::new("agent6").start(
         vec![
             workload(&client, "ns6", "client"),
             workload(&server, "ns6", "server"),
         ],
         vec![],
-    ));
+    );
     let dst = SocketAddr::from((server.ip6, 80));
     let held = connect_from(Some(&client.cgroup.path), &client.netns_path(), dst, b"");
     assert_eq!(
@@ -290,9 +244,9 @@ fn ipv6_mesh_flow_is_mtls_and_invisible_to_the_app() {
     let frames = capture.stop();
     assert_eq!(
         (f.code.as_str(), f.sha256().as_str()),
-        ("200", want.as_str())
+        ("200", www.want.as_str())
     );
-    interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
+    interceptor_tests::wire::assert_no_plaintext(&frames, &www.payload);
 }
 
 /// Two nodes, one agent each, joined by a veth "wire": pods on different nodes reach each other
@@ -305,44 +259,26 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
     let wire_if = interceptor_tests::topology::wire(&node1, &node2);
     let client = node1.pod("n1client", 2);
     let mut server = node2.pod("n2server", 3);
-    let www = TempDir::new("www2n");
-    let payload = random_payload(512 << 10);
-    std::fs::write(www.0.join("blob"), &payload).unwrap();
-    let want = hex(&Sha256::digest(&payload));
-    serve_http(&mut server, &www.0);
+    let www = serve_blob(&mut server, "www2n", 512 << 10);
+    let (payload, want) = (&www.payload, &www.want);
 
-    let scratch = TempDir::new("agents2n");
-    let ca = scratch.0.join("ca");
-    make_ca(&ca, "cluster.local");
-    let ktls = if in_vm() {
-        KtlsMode::Required
-    } else {
-        KtlsMode::Auto
+    let cluster = Cluster::new("agents2n");
+    let node1_config = |cluster: &Cluster, state: &str| {
+        cluster.node_config(
+            state,
+            vec![workload(&client, "foo", "sleep")],
+            vec![peer(&server, "bar", "httpbin")],
+        )
     };
-    let peer_of = |pod: &Pod, ns: &str, sa: &str| interceptor::config::Peer {
-        namespace: ns.to_owned(),
-        service_account: sa.to_owned(),
-        labels: Default::default(),
-        ips: vec![pod.ip.into(), pod.ip6.into()],
+    let node2_config = |cluster: &Cluster, state: &str| {
+        cluster.node_config(
+            state,
+            vec![workload(&server, "bar", "httpbin")],
+            vec![peer(&client, "foo", "sleep")],
+        )
     };
-    let s1 = scratch.0.join("n1");
-    let s2 = scratch.0.join("n2");
-    std::fs::create_dir_all(&s1).unwrap();
-    std::fs::create_dir_all(&s2).unwrap();
-    let agent1 = RunningAgent::start(config(
-        &ca,
-        &s1,
-        ktls,
-        vec![workload(&client, "foo", "sleep")],
-        vec![peer_of(&server, "bar", "httpbin")],
-    ));
-    let agent2 = RunningAgent::start(config(
-        &ca,
-        &s2,
-        ktls,
-        vec![workload(&server, "bar", "httpbin")],
-        vec![peer_of(&client, "foo", "sleep")],
-    ));
+    let agent1 = RunningAgent::start(node1_config(&cluster, "n1"));
+    let agent2 = RunningAgent::start(node2_config(&cluster, "n2"));
 
     let capture = Capture::start_in(&node1.ns.path(), &wire_if);
     let f = curl(
@@ -355,7 +291,7 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
         ("200", want.as_str()),
         "cross-node mTLS"
     );
-    interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
+    interceptor_tests::wire::assert_no_plaintext(&frames, payload);
     let rows = agent2.agent.flows_with_recent();
     let inbound = rows
         .iter()
@@ -370,17 +306,8 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
 
     // The server's node now trusts another root: the handshake fails, the connection is reset,
     // and still nothing crosses the wire in clear.
-    let other_ca = scratch.0.join("other-ca");
-    make_ca(&other_ca, "cluster.local");
-    let s3 = scratch.0.join("n3");
-    std::fs::create_dir_all(&s3).unwrap();
-    let agent2 = RunningAgent::start(config(
-        &other_ca,
-        &s3,
-        ktls,
-        vec![workload(&server, "bar", "httpbin")],
-        vec![peer_of(&client, "foo", "sleep")],
-    ));
+    let other_cluster = Cluster::new("other-ca");
+    let agent2 = RunningAgent::start(node2_config(&other_cluster, "n3"));
     let refusals_before = agent1.agent.policy_stats();
     let capture = Capture::start_in(&node1.ns.path(), &wire_if);
     let f = curl(
@@ -396,7 +323,7 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
             && *v > refusals_before.get(k).copied().unwrap_or(0)),
         "no handshake_failed refusal counted: {refusals_before:?} → {refused:?}"
     );
-    interceptor_tests::wire::assert_no_plaintext(&frames, &payload);
+    interceptor_tests::wire::assert_no_plaintext(&frames, payload);
     assert!(
         agent2
             .agent
@@ -414,10 +341,12 @@ fn two_nodes_shared_ca_mtls_across_the_wire_foreign_ca_refused() {
 #[test]
 fn server_speaks_first_without_delay_for_mesh_clients() {
     require_privileged();
-    let node = Node::new(42);
-    let client = node.pod("ssfc", 2);
+    let Scenario {
+        client,
+        server,
+        node,
+    } = Scenario::new(42, "ssfc", "ssfs");
     let legacy = node.pod("ssfl", 4);
-    let server = node.pod("ssfs", 3);
     let listener = server.ns.run({
         let ip = server.ip;
         move || std::net::TcpListener::bind((ip, 25))
@@ -428,18 +357,8 @@ fn server_speaks_first_without_delay_for_mesh_clients() {
             let _ = std::io::Write::write_all(&mut c, b"220 banner ready\r\n");
         }
     });
-    let scratch = TempDir::new("agentssf");
-    let ca = scratch.0.join("ca");
-    make_ca(&ca, "cluster.local");
-    let ktls = if in_vm() {
-        KtlsMode::Required
-    } else {
-        KtlsMode::Auto
-    };
-    let mut cfg = config(
-        &ca,
-        &scratch.0,
-        ktls,
+    let cluster = Cluster::new("agentssf");
+    let mut cfg = cluster.config(
         vec![
             workload(&client, "a", "client"),
             workload(&server, "a", "server"),
@@ -492,32 +411,18 @@ fn server_speaks_first_without_delay_for_mesh_clients() {
 #[test]
 fn sk_msg_local_leg_option_redirects_and_stays_correct() {
     require_privileged();
-    let node = Node::new(43);
-    let client = node.pod("skmc", 2);
-    let mut server = node.pod("skms", 3);
-    let www = TempDir::new("wwwsk");
-    let payload = random_payload(1 << 20);
-    std::fs::write(www.0.join("blob"), &payload).unwrap();
-    let want = hex(&Sha256::digest(&payload));
+    let Scenario {
+        client,
+        mut server,
+        node: _node,
+    } = Scenario::new(43, "skmc", "skms");
+    let www = serve_blob(&mut server, "wwwsk", 1 << 20);
+    let want = &www.want;
     // Beyond any leg budget either way; smaller under emulation, where the relay is slow.
-    let bulk = random_payload(if in_vm() { 16 << 20 } else { 48 << 20 });
-    std::fs::write(www.0.join("bulk"), &bulk).unwrap();
-    let bulk_want = hex(&Sha256::digest(&bulk));
-    drop(bulk);
-    serve_http(&mut server, &www.0);
+    let bulk_want = www.add("bulk", if in_vm() { 16 << 20 } else { 48 << 20 });
     serve_upload_hasher(&server, 8080);
-    let scratch = TempDir::new("agentsk");
-    let ca = scratch.0.join("ca");
-    make_ca(&ca, "cluster.local");
-    let ktls = if in_vm() {
-        KtlsMode::Required
-    } else {
-        KtlsMode::Auto
-    };
-    let mut cfg = config(
-        &ca,
-        &scratch.0,
-        ktls,
+    let cluster = Cluster::new("agentsk");
+    let mut cfg = cluster.config(
         vec![
             workload(&client, "a", "client"),
             workload(&server, "a", "server"),
@@ -557,7 +462,7 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
     let f = curl_upload(
         client.command("curl"),
         &format!("http://{}:8080/", server.ip),
-        &www.0.join("bulk"),
+        &www.path().join("bulk"),
     );
     assert_eq!(
         (f.code.as_str(), String::from_utf8_lossy(&f.body).as_ref()),
@@ -585,28 +490,14 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
 fn runtime_enroll_and_unenroll_through_the_admin_socket() {
     use interceptor::admin::{Request, Response};
     require_privileged();
-    let node = Node::new(44);
-    let client = node.pod("rtc", 2);
-    let mut server = node.pod("rts", 3);
-    let www = TempDir::new("wwwrt");
-    let payload = random_payload(64 << 10);
-    std::fs::write(www.0.join("blob"), &payload).unwrap();
-    serve_http(&mut server, &www.0);
-    let scratch = TempDir::new("agentrt");
-    let ca = scratch.0.join("ca");
-    make_ca(&ca, "cluster.local");
-    let ktls = if in_vm() {
-        KtlsMode::Required
-    } else {
-        KtlsMode::Auto
-    };
-    let cfg = config(
-        &ca,
-        &scratch.0,
-        ktls,
-        vec![workload(&server, "rt", "server")],
-        vec![],
-    );
+    let Scenario {
+        client,
+        mut server,
+        node: _node,
+    } = Scenario::new(44, "rtc", "rts");
+    let _www = serve_blob(&mut server, "wwwrt", 64 << 10);
+    let cluster = Cluster::new("agentrt");
+    let cfg = cluster.config(vec![workload(&server, "rt", "server")], vec![]);
     let admin = cfg.admin_socket.clone();
     let agent = RunningAgent::start(cfg);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -21,57 +21,37 @@ use std::{
 
 use interceptor::{
     app::Agent,
-    config::{Config, KtlsMode, Service, Workload},
+    config::{Config, Service, Workload},
     intercept::table::{Direction, FlowRow, Protection},
 };
 use interceptor_tests::{
-    agent::{RunningAgent, TempDir, config, make_ca},
+    agent::{RunningAgent, TempDir},
     in_vm,
     mesh::{
         self, Curl, PolicyDir, curl, flows_after, httpbin_root, kube_proxy, last_flow_id,
         serve_http, service, stats_delta, wait_generation, workload,
     },
     require_privileged,
+    scenario::{self, expected_protection},
     topology::{Node, Pod},
 };
 
-fn ktls_mode() -> KtlsMode {
-    if in_vm() {
-        KtlsMode::Required
-    } else {
-        KtlsMode::Auto
-    }
-}
-
-fn expected_protection() -> Protection {
-    if in_vm() {
-        Protection::Ktls
-    } else {
-        Protection::Userspace
-    }
-}
-
 /// A test cluster on one node: a CA, a policy directory and the agent's config.
 struct Cluster {
-    scratch: TempDir,
-    ca: std::path::PathBuf,
+    base: scenario::Cluster,
     policy: PolicyDir,
 }
 
 impl Cluster {
     fn new() -> Self {
-        let scratch = TempDir::new("policye2e");
-        let ca = scratch.0.join("ca");
-        make_ca(&ca, "cluster.local");
         Self {
-            scratch,
-            ca,
+            base: scenario::Cluster::new("policye2e"),
             policy: PolicyDir::new(),
         }
     }
 
     fn config(&self, workloads: Vec<Workload>, services: Vec<Service>) -> Config {
-        let mut c = config(&self.ca, &self.scratch.0, ktls_mode(), workloads, vec![]);
+        let mut c = self.base.config(workloads, vec![]);
         c.services = services;
         c.policy_dir = Some(self.policy.path());
         if in_vm() {
@@ -83,6 +63,10 @@ impl Cluster {
         c
     }
 
+    fn start(&self, workloads: Vec<Workload>, services: Vec<Service>) -> RunningAgent {
+        RunningAgent::start(self.config(workloads, services))
+    }
+
     /// Writes policy files and waits until the agent runs them.
     fn apply(&self, agent: &Agent, files: &[(&str, &str)]) {
         let before = agent.policy_generation();
@@ -90,6 +74,21 @@ impl Cluster {
             self.policy.write(name, yaml);
         }
         wait_generation(agent, before);
+    }
+
+    /// Applies `files`, runs the phase's curl matrix and returns how the policy counters
+    /// moved meanwhile.
+    fn phase(
+        &self,
+        agent: &Agent,
+        files: &[(&str, &str)],
+        phase: &str,
+        rows: &[(&Client<'_>, &Target<'_>, Want)],
+    ) -> std::collections::BTreeMap<String, u64> {
+        let before = agent.policy_stats();
+        self.apply(agent, files);
+        matrix(agent, phase, rows);
+        stats_delta(&before, &agent.policy_stats())
     }
 
     fn delete(&self, agent: &Agent, names: &[&str]) {
@@ -109,7 +108,24 @@ struct Client<'a> {
     id: Option<&'a str>,
 }
 
-impl Client<'_> {
+impl<'a> Client<'a> {
+    /// An enrolled client with SPIFFE ID `id`.
+    fn mesh(label: &'a str, pod: &'a Pod, id: &'a str) -> Self {
+        Self {
+            label,
+            pod,
+            id: Some(id),
+        }
+    }
+
+    fn legacy(label: &'a str, pod: &'a Pod) -> Self {
+        Self {
+            label,
+            pod,
+            id: None,
+        }
+    }
+
     fn command(&self) -> Command {
         if self.id.is_some() {
             self.pod.command("curl")
@@ -241,22 +257,19 @@ fn vip(node: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, node, host)
 }
 
-fn target<'a>(
-    label: &'a str,
-    vip: Ipv4Addr,
-    port: u16,
-    path: &str,
-    mesh: &[&Pod],
-    target_port: u16,
-) -> Target<'a> {
+/// httpbin in `namespace` as the seeds deploy it: VIP 10.96.<node>.<host> port 8000, served
+/// on port 80 of `pods`.
+fn httpbin_service(namespace: &str, node: u8, host: u8, pods: &[&Pod]) -> Service {
+    service("httpbin", namespace, Some(vip(node, host)), 8000, 80, pods)
+}
+
+/// `path` of an [`httpbin_service`] at `vip`, with mTLS expected on the `mesh` pods.
+fn target<'a>(label: &'a str, vip: Ipv4Addr, path: &str, mesh: &[&Pod]) -> Target<'a> {
     Target {
         label,
-        url: format!("http://{vip}:{port}{path}"),
+        url: format!("http://{vip}:8000{path}"),
         extra: Vec::new(),
-        mesh_endpoints: mesh
-            .iter()
-            .map(|p| SocketAddr::from((p.ip, target_port)))
-            .collect(),
+        mesh_endpoints: mesh.iter().map(|p| SocketAddr::from((p.ip, 80))).collect(),
     }
 }
 
@@ -329,30 +342,9 @@ fn policy_seed_004_automatic_mtls_all_phases() {
         serve_http(pod, &www.0, 80);
     }
     let services = vec![
-        service(
-            "httpbin",
-            "full",
-            Some(vip(N, 10)),
-            8000,
-            80,
-            &[&httpbin_full],
-        ),
-        service(
-            "httpbin",
-            "partial",
-            Some(vip(N, 20)),
-            8000,
-            80,
-            &[&httpbin_partial, &httpbin_nosidecar],
-        ),
-        service(
-            "httpbin",
-            "legacy",
-            Some(vip(N, 30)),
-            8000,
-            80,
-            &[&httpbin_legacy],
-        ),
+        httpbin_service("full", N, 10, &[&httpbin_full]),
+        httpbin_service("partial", N, 20, &[&httpbin_partial, &httpbin_nosidecar]),
+        httpbin_service("legacy", N, 30, &[&httpbin_legacy]),
     ];
     kube_proxy(
         &[
@@ -367,7 +359,7 @@ fn policy_seed_004_automatic_mtls_all_phases() {
     );
     let cluster = Cluster::new();
     cluster.policy.write("00-mesh.yaml", MESH_PERMISSIVE);
-    let agent = RunningAgent::start(cluster.config(
+    let agent = cluster.start(
         vec![
             workload(&httpbin_full, "full", "httpbin", &[("app", "httpbin")]),
             workload(&sleep_full, "full", "sleep", &[("app", "sleep")]),
@@ -379,49 +371,38 @@ fn policy_seed_004_automatic_mtls_all_phases() {
             ),
         ],
         services,
-    ));
+    );
     let agent = &agent.agent;
 
-    let from_full = Client {
-        label: "sleep.full",
-        pod: &sleep_full,
-        id: Some(SLEEP_FULL_ID),
-    };
-    let from_legacy = Client {
-        label: "sleep.legacy",
-        pod: &sleep_legacy,
-        id: None,
-    };
-    let to_full = target(
-        "httpbin.full",
-        vip(N, 10),
-        8000,
-        "/headers",
-        &[&httpbin_full],
-        80,
-    );
+    let from_full = Client::mesh("sleep.full", &sleep_full, SLEEP_FULL_ID);
+    let from_legacy = Client::legacy("sleep.legacy", &sleep_legacy);
+    let to_full = target("httpbin.full", vip(N, 10), "/headers", &[&httpbin_full]);
     let to_partial = target(
         "httpbin.partial",
         vip(N, 20),
-        8000,
         "/headers",
         &[&httpbin_partial],
-        80,
     );
-    let to_legacy = target("httpbin.legacy", vip(N, 30), 8000, "/headers", &[], 80);
+    let to_legacy = target("httpbin.legacy", vip(N, 30), "/headers", &[]);
+    // The seed's matrix: what each of these six requests must get, in this order.
+    let all = |wants: [Want; 6]| {
+        let [a, b, c, d, e, f] = wants;
+        [
+            (&from_full, &to_full, a),
+            (&from_full, &to_partial, b),
+            (&from_full, &to_legacy, c),
+            (&from_legacy, &to_full, d),
+            (&from_legacy, &to_partial, e),
+            (&from_legacy, &to_legacy, f),
+        ]
+    };
+    use Want::{ByEndpoint, Mtls, Plain, Reset};
 
     // Setup check: "All requests should succeed with HTTP 200".
     matrix(
         agent,
         "PERMISSIVE (seed: start from permissive mode)",
-        &[
-            (&from_full, &to_full, Want::Mtls),
-            (&from_full, &to_partial, Want::ByEndpoint),
-            (&from_full, &to_legacy, Want::Plain),
-            (&from_legacy, &to_full, Want::Plain),
-            (&from_legacy, &to_partial, Want::Plain),
-            (&from_legacy, &to_legacy, Want::Plain),
-        ],
+        &all([Mtls, ByEndpoint, Plain, Plain, Plain, Plain]),
     );
 
     // Sidecar migration: ten requests to httpbin.partial alternate between its endpoints.
@@ -438,21 +419,12 @@ fn policy_seed_004_automatic_mtls_all_phases() {
     assert_eq!((mtls, plain), (5, 5), "round robin over the two endpoints");
 
     // Lock down to STRICT: sleep.legacy → httpbin.full fails (000, exit 56).
-    let before = agent.policy_stats();
-    cluster.apply(agent, &[("10-httpbin-full.yaml", STRICT_HTTPBIN_FULL)]);
-    matrix(
+    let delta = cluster.phase(
         agent,
+        &[("10-httpbin-full.yaml", STRICT_HTTPBIN_FULL)],
         "STRICT on httpbin.full",
-        &[
-            (&from_full, &to_full, Want::Mtls),
-            (&from_full, &to_partial, Want::ByEndpoint),
-            (&from_full, &to_legacy, Want::Plain),
-            (&from_legacy, &to_full, Want::Reset),
-            (&from_legacy, &to_partial, Want::Plain),
-            (&from_legacy, &to_legacy, Want::Plain),
-        ],
+        &all([Mtls, ByEndpoint, Plain, Reset, Plain, Plain]),
     );
-    let delta = stats_delta(&before, &agent.policy_stats());
     assert_eq!(
         delta.get("refused.plaintext_refused_strict"),
         Some(&1),
@@ -480,36 +452,20 @@ fn policy_seed_004_automatic_mtls_all_phases() {
     );
 
     // DISABLE: automatic mTLS sends plaintext to httpbin.full.
-    cluster.apply(agent, &[("10-httpbin-full.yaml", PLAINTEXT_HTTPBIN_FULL)]);
-    matrix(
+    cluster.phase(
         agent,
+        &[("10-httpbin-full.yaml", PLAINTEXT_HTTPBIN_FULL)],
         "DISABLE on httpbin.full",
-        &[
-            (&from_full, &to_full, Want::Plain),
-            (&from_full, &to_partial, Want::ByEndpoint),
-            (&from_full, &to_legacy, Want::Plain),
-            (&from_legacy, &to_full, Want::Plain),
-            (&from_legacy, &to_partial, Want::Plain),
-            (&from_legacy, &to_legacy, Want::Plain),
-        ],
+        &all([Plain, ByEndpoint, Plain, Plain, Plain, Plain]),
     );
 
     // A DestinationRule forcing ISTIO_MUTUAL onto the DISABLE server: sleep.full fails.
-    let before = agent.policy_stats();
-    cluster.apply(agent, &[("20-dr.yaml", ISTIO_MUTUAL_HTTPBIN_FULL)]);
-    matrix(
+    let delta = cluster.phase(
         agent,
+        &[("20-dr.yaml", ISTIO_MUTUAL_HTTPBIN_FULL)],
         "DestinationRule ISTIO_MUTUAL override",
-        &[
-            (&from_full, &to_full, Want::Reset),
-            (&from_full, &to_partial, Want::ByEndpoint),
-            (&from_full, &to_legacy, Want::Plain),
-            (&from_legacy, &to_full, Want::Plain),
-            (&from_legacy, &to_partial, Want::Plain),
-            (&from_legacy, &to_legacy, Want::Plain),
-        ],
+        &all([Reset, ByEndpoint, Plain, Plain, Plain, Plain]),
     );
-    let delta = stats_delta(&before, &agent.policy_stats());
     assert_eq!(
         delta.get("refused.mtls_refused_disable"),
         Some(&1),
@@ -531,7 +487,7 @@ fn policy_seed_004_automatic_mtls_all_phases() {
     // The counters as operators read them: `interceptor flows --stats`.
     let out = Command::new(interceptor_tests::demo::agent_binary())
         .args(["flows", "--stats", "--admin-socket"])
-        .arg(cluster.scratch.0.join("admin.sock"))
+        .arg(cluster.base.scratch.0.join("admin.sock"))
         .output()
         .unwrap();
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -622,14 +578,14 @@ fn policy_changes_apply_to_open_flows_within_a_second() {
     let legacy = node.pod("sleep-legacy", 31);
     mesh::echo_server(&server, 9000);
     let cluster = Cluster::new();
-    let agent = RunningAgent::start(cluster.config(
+    let agent = cluster.start(
         vec![
             workload(&server, "full", "httpbin", &[("app", "httpbin")]),
             workload(&client, "full", "sleep", &[("app", "sleep")]),
             workload(&other, "full", "other", &[("app", "other")]),
         ],
         vec![],
-    ));
+    );
     let agent = &agent.agent;
     let dst = SocketAddr::from((server.ip, 9000));
 
@@ -741,13 +697,13 @@ fn policy_changes_close_open_outbound_flows_that_need_more_protection() {
         service("httpbin", "full", Some(vip(N, 3)), 9000, 9000, &[&httpbin]),
     ];
     let cluster = Cluster::new();
-    let agent = RunningAgent::start(cluster.config(
+    let agent = cluster.start(
         vec![
             workload(&httpbin, "full", "httpbin", &[("app", "httpbin")]),
             workload(&client, "full", "sleep", &[("app", "sleep")]),
         ],
         services,
-    ));
+    );
     let agent = &agent.agent;
     let open = |host: u8| {
         let dst = SocketAddr::from((vip(N, host), 9000));
@@ -1084,30 +1040,9 @@ fn policy_seed_001_mesh_namespace_and_service_policies() {
     let pki = Pki::new(&["kubernetes.default.svc.cluster.local"]);
     https_server(&apiserver, 6443, pki.server(false), None);
     let services = vec![
-        service(
-            "httpbin",
-            "foo",
-            Some(vip(N, 10)),
-            8000,
-            80,
-            &[&httpbin_foo],
-        ),
-        service(
-            "httpbin",
-            "bar",
-            Some(vip(N, 20)),
-            8000,
-            80,
-            &[&httpbin_bar],
-        ),
-        service(
-            "httpbin",
-            "legacy",
-            Some(vip(N, 30)),
-            8000,
-            80,
-            &[&httpbin_legacy],
-        ),
+        httpbin_service("foo", N, 10, &[&httpbin_foo]),
+        httpbin_service("bar", N, 20, &[&httpbin_bar]),
+        httpbin_service("legacy", N, 30, &[&httpbin_legacy]),
         service(
             "kubernetes",
             "default",
@@ -1131,7 +1066,7 @@ fn policy_seed_001_mesh_namespace_and_service_policies() {
     );
     let cluster = Cluster::new();
     cluster.policy.write("00-mesh.yaml", MESH_STRICT);
-    let agent = RunningAgent::start(cluster.config(
+    let agent = cluster.start(
         vec![
             workload(&httpbin_foo, "foo", "httpbin", &[("app", "httpbin")]),
             workload(&sleep_foo, "foo", "sleep", &[("app", "sleep")]),
@@ -1139,27 +1074,23 @@ fn policy_seed_001_mesh_namespace_and_service_policies() {
             workload(&sleep_bar, "bar", "sleep", &[("app", "sleep")]),
         ],
         services,
-    ));
+    );
     let agent = &agent.agent;
 
-    let foo = Client {
-        label: "sleep.foo",
-        pod: &sleep_foo,
-        id: Some("spiffe://cluster.local/ns/foo/sa/sleep"),
-    };
-    let bar = Client {
-        label: "sleep.bar",
-        pod: &sleep_bar,
-        id: Some("spiffe://cluster.local/ns/bar/sa/sleep"),
-    };
-    let legacy = Client {
-        label: "sleep.legacy",
-        pod: &sleep_legacy,
-        id: None,
-    };
-    let to_foo = target("httpbin.foo", vip(N, 10), 8000, "/ip", &[&httpbin_foo], 80);
-    let to_bar = target("httpbin.bar", vip(N, 20), 8000, "/ip", &[&httpbin_bar], 80);
-    let to_legacy = target("httpbin.legacy", vip(N, 30), 8000, "/ip", &[], 80);
+    let foo = Client::mesh(
+        "sleep.foo",
+        &sleep_foo,
+        "spiffe://cluster.local/ns/foo/sa/sleep",
+    );
+    let bar = Client::mesh(
+        "sleep.bar",
+        &sleep_bar,
+        "spiffe://cluster.local/ns/bar/sa/sleep",
+    );
+    let legacy = Client::legacy("sleep.legacy", &sleep_legacy);
+    let to_foo = target("httpbin.foo", vip(N, 10), "/ip", &[&httpbin_foo]);
+    let to_bar = target("httpbin.bar", vip(N, 20), "/ip", &[&httpbin_bar]);
+    let to_legacy = target("httpbin.legacy", vip(N, 30), "/ip", &[]);
     let to_kubernetes = Target {
         label: "kubernetes.default",
         url: format!("https://{}:443/api", vip(N, 1)),
@@ -1379,14 +1310,7 @@ fn policy_seed_003_strict_deny_database_mutual_tls_and_probes() {
     // A one-way TLS server for SIMPLE.
     https_server(&mongo, 8443, pki.server(false), None);
     let services = vec![
-        service(
-            "httpbin",
-            "mtls-test",
-            Some(vip(N, 10)),
-            8000,
-            80,
-            &[&httpbin],
-        ),
+        httpbin_service("mtls-test", N, 10, &[&httpbin]),
         // Headless, as in the seed: clients dial the pod address.
         service("mongo", "mongo", None, 27017, 27017, &[&mongo]),
         service("web", "mongo", None, 8443, 8443, &[&mongo]),
@@ -1434,29 +1358,14 @@ fn policy_seed_003_strict_deny_database_mutual_tls_and_probes() {
     let agent = RunningAgent::start(cfg);
     let agent = &agent.agent;
 
-    let test = Client {
-        label: "sleep.mtls-test",
-        pod: &sleep_test,
-        id: Some("spiffe://cluster.local/ns/mtls-test/sa/sleep"),
-    };
-    let legacy = Client {
-        label: "sleep.legacy",
-        pod: &sleep_legacy,
-        id: None,
-    };
-    let full = Client {
-        label: "sleep.full",
-        pod: &sleep_full,
-        id: Some(SLEEP_FULL_ID),
-    };
-    let to_httpbin = target(
-        "httpbin.mtls-test",
-        vip(N, 10),
-        8000,
-        "/headers",
-        &[&httpbin],
-        80,
+    let test = Client::mesh(
+        "sleep.mtls-test",
+        &sleep_test,
+        "spiffe://cluster.local/ns/mtls-test/sa/sleep",
     );
+    let legacy = Client::legacy("sleep.legacy", &sleep_legacy);
+    let full = Client::mesh("sleep.full", &sleep_full, SLEEP_FULL_ID);
+    let to_httpbin = target("httpbin.mtls-test", vip(N, 10), "/headers", &[&httpbin]);
 
     matrix(
         agent,
@@ -1468,9 +1377,9 @@ fn policy_seed_003_strict_deny_database_mutual_tls_and_probes() {
         ],
     );
 
-    cluster.apply(agent, &[("10-strict.yaml", STRICT_HTTPBIN_MTLS_TEST)]);
-    matrix(
+    cluster.phase(
         agent,
+        &[("10-strict.yaml", STRICT_HTTPBIN_MTLS_TEST)],
         "STRICT by selector (+ ISTIO_MUTUAL)",
         &[
             (&test, &to_httpbin, Want::Mtls),
@@ -1481,10 +1390,9 @@ fn policy_seed_003_strict_deny_database_mutual_tls_and_probes() {
 
     // Envoy answers 403 to GET; the agent cannot see methods, so the DENY rule applies to
     // every connection from sleep.full (the seed's matrix has only GETs).
-    let before = agent.policy_stats();
-    cluster.apply(agent, &[("20-deny.yaml", DENY_SLEEP_FULL_GET)]);
-    matrix(
+    let delta = cluster.phase(
         agent,
+        &[("20-deny.yaml", DENY_SLEEP_FULL_GET)],
         "DENY cluster.local/ns/full/sa/sleep",
         &[
             (&test, &to_httpbin, Want::Mtls),
@@ -1492,7 +1400,6 @@ fn policy_seed_003_strict_deny_database_mutual_tls_and_probes() {
             (&full, &to_httpbin, Want::Reset),
         ],
     );
-    let delta = stats_delta(&before, &agent.policy_stats());
     assert_eq!(delta.get("refused.deny_rule"), Some(&1), "{delta:?}");
     assert_eq!(
         delta.get("refused.plaintext_refused_strict"),
