@@ -13,6 +13,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -39,7 +40,8 @@ use self::{
     enforce::{Enforcer, Generation, Plan, Refused, Transport},
     peek::FirstBytes,
     table::{
-        Cancel, Direction, FlowCheck, FlowInfo, FlowTable, InboundCheck, OutboundCheck, Protection,
+        Cancel, Direction, FlowCheck, FlowGuard, FlowInfo, FlowTable, InboundCheck, OutboundCheck,
+        Protection,
     },
 };
 
@@ -149,6 +151,16 @@ impl Shared {
         )?;
         clients.insert(expected.clone(), Arc::clone(&c));
         Ok(c)
+    }
+
+    /// Record-exact handshake reads where kTLS may take the session over (the kernel must
+    /// find the peer's first records still queued); reads ahead, with fewer system calls,
+    /// where the session stays in rustls anyway.
+    fn handshake_reads(&self) -> driver::Reads {
+        match self.offload {
+            Offload::Kernel(_) => driver::Reads::RecordExact,
+            Offload::Userspace => driver::Reads::Ahead,
+        }
     }
 
     fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
@@ -272,12 +284,24 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
         ));
     }
     info!(pod = %workload.name, netns_cookie, "enrolled");
+    release_free_heap();
     Ok(PodHandle {
         workload: workload.clone(),
         netns_cookie,
         slot,
         tasks,
     })
+}
+
+/// Gives the heap's free pages back to the kernel. Start-up (the eBPF object parsed and
+/// loaded, the config, the CA) leaves a couple of MB freed but resident in the main heap that
+/// glibc keeps until asked; enrolling a pod is rare, so it asks then.
+fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Undoes [`enroll`]: new connections of the pod use plain networking again.
@@ -312,9 +336,17 @@ fn accept_loop(
             let shared = Arc::clone(&shared);
             let ctx = Arc::clone(&ctx);
             tokio::spawn(async move {
-                let result = match direction {
-                    Direction::Outbound => outbound(&shared, &ctx, stream, peer).await,
-                    Direction::Inbound => inbound(&shared, &ctx, stream, peer).await,
+                // Two phases, each boxed: the set-up (decision, dial, handshake, configs) is
+                // freed before the relay starts, and the task itself stays a few words, so
+                // an idle flow holds only what its relay needs.
+                let setup: Setup<'_> = match direction {
+                    Direction::Outbound => Box::pin(outbound(&shared, &ctx, stream, peer)),
+                    Direction::Inbound => Box::pin(inbound(&shared, &ctx, stream, peer)),
+                };
+                let result = match setup.await {
+                    Ok(Some(relay)) => relay.await,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
                 };
                 if let Err(e) = result {
                     warn!(pod = %ctx.name, ?direction, %peer, "flow failed: {e:#}");
@@ -511,6 +543,22 @@ async fn cancellable(
     }
 }
 
+/// The second phase of a flow: its relay, owning the sockets, the session and the flow-table
+/// row, and nothing else of the set-up.
+type Relay<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+/// The first phase of a flow: decide, dial, handshake; `None` when the flow was refused.
+type Setup<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Option<Relay<'a>>>> + Send + 'a>>;
+
+/// A listed flow's relay, cancellable through its row (see [`cancellable`]).
+fn relaying<'a>(
+    guard: FlowGuard<'a>,
+    socks: Vec<OwnedFd>,
+    relay: impl Future<Output = anyhow::Result<()>> + Send + 'a,
+) -> Relay<'a> {
+    Box::pin(async move { cancellable(&guard.cancel, socks, relay).await })
+}
+
 fn dups(socks: [&TcpStream; 2]) -> Vec<OwnedFd> {
     socks
         .iter()
@@ -569,12 +617,14 @@ pub fn apply_steering(
     Ok(())
 }
 
-async fn outbound(
-    shared: &Shared,
+/// Sets up an outbound flow: decides it, dials, handshakes. Returns the relay to run, or
+/// `None` when the flow was refused (and already answered).
+async fn outbound<'a>(
+    shared: &'a Shared,
     ctx: &PodCtx,
     app: TcpStream,
     app_addr: SocketAddr,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Relay<'a>>> {
     let Some(dst) = shared
         .datapath()
         .original_destination(ctx.netns_cookie, app_addr)
@@ -599,7 +649,7 @@ async fn outbound(
         Err(refused) => {
             refusal.log(shared, &refused);
             refuse_app(shared, app).await;
-            return Ok(());
+            return Ok(None);
         }
     };
     let decided_by = generation.number;
@@ -629,7 +679,7 @@ async fn outbound(
     let Some(tls) = transport.to_flow() else {
         refusal.log(shared, &enforce::mesh_identity_unknown());
         refuse_app(shared, app).await;
-        return Ok(());
+        return Ok(None);
     };
     let check = FlowCheck::Outbound(OutboundCheck {
         source,
@@ -647,7 +697,7 @@ async fn outbound(
             };
             refusal.log(shared, &refused);
             refuse_app(shared, app).await;
-            return Ok(());
+            return Ok(None);
         }
     };
     let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
@@ -656,22 +706,23 @@ async fn outbound(
             if !admitted_now(shared, decided_by, &check, &ctx.name) {
                 refuse_app(shared, app).await;
                 reset(peer);
-                return Ok(());
+                return Ok(None);
             }
             let guard = shared.flows.insert_checked(flow, Some(check));
             let socks = dups([&app, &peer]);
-            cancellable(&guard.cancel, socks, plain(app, peer)).await
+            Ok(Some(relaying(guard, socks, plain(app, peer))))
         }
         Transport::Mesh(None) => unreachable!("refused above"),
         Transport::Mesh(Some(expected)) => {
             let me = shared.credentials(&ctx.id)?;
             let config = shared.client_config(&me, &expected)?;
             prepare_peer(shared, &peer);
-            let est = match driver::client_handshake(
+            let est = match driver::client_handshake_with(
                 &mut peer,
                 config,
                 rustls_pki_types::ServerName::IpAddress(endpoint.ip().into()),
                 timeout,
+                shared.handshake_reads(),
             )
             .await
             {
@@ -684,12 +735,12 @@ async fn outbound(
                     refusal.log(shared, &refused);
                     refuse_app(shared, app).await;
                     reset(peer);
-                    return Ok(());
+                    return Ok(None);
                 }
             };
             flow.peer_id = Some(est.peer().to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
-            relay_mesh(shared, flow, check, decided_by, app, peer, est).await
+            Ok(relay_mesh(shared, flow, check, decided_by, app, peer, est))
         }
         Transport::Originate {
             config, name, mode, ..
@@ -709,7 +760,7 @@ async fn outbound(
                         refusal.log(shared, &refused);
                         refuse_app(shared, app).await;
                         reset(peer);
-                        return Ok(());
+                        return Ok(None);
                     }
                 };
             flow.protection = Protection::Tls;
@@ -719,7 +770,7 @@ async fn outbound(
             if !admitted_now(shared, decided_by, &check, &ctx.name) {
                 reset(app);
                 reset(peer);
-                return Ok(());
+                return Ok(None);
             }
             let guard = shared.flows.insert_checked(flow, Some(check));
             let config = relay_config(shared);
@@ -727,11 +778,12 @@ async fn outbound(
             let stats = Arc::clone(&guard.stats);
             // Boxed before the future captures it: see `relay::relay_userspace`.
             let conn = Box::new(conn);
-            cancellable(&guard.cancel, socks, async move {
-                relay::relay_userspace(app, peer, conn, leftover, config, stats).await?;
-                Ok(())
-            })
-            .await
+            let relay = relay::relay_userspace(app, peer, conn, leftover, config, stats);
+            Ok(Some(relaying(
+                guard,
+                socks,
+                async move { Ok(relay.await?) },
+            )))
         }
     }
 }
@@ -760,9 +812,10 @@ fn prepare_peer(shared: &Shared, peer: &TcpStream) {
     }
 }
 
-/// Relays an established mesh flow, listed with `check` (decided under generation
-/// `decided_by`) so that policy changes decide it again.
-async fn relay_mesh(
+/// The relay of an established mesh flow, listed with `check` (decided under generation
+/// `decided_by`) so that policy changes decide it again; `None` if a policy change in the
+/// meantime refused it (both sockets reset).
+fn relay_mesh(
     shared: &Shared,
     mut flow: FlowInfo,
     check: FlowCheck,
@@ -770,7 +823,7 @@ async fn relay_mesh(
     app: TcpStream,
     peer: TcpStream,
     est: driver::Established,
-) -> anyhow::Result<()> {
+) -> Option<Relay<'_>> {
     let layer = match &shared.offload {
         Offload::Kernel(_) => {
             flow.protection = Protection::Ktls;
@@ -787,17 +840,14 @@ async fn relay_mesh(
     if !admitted_now(shared, decided_by, &check, &flow.pod) {
         reset(app);
         reset(peer);
-        return Ok(());
+        return None;
     }
     let guard = shared.flows.insert_checked(flow, Some(check));
     let config = relay_config(shared);
     let socks = dups([&app, &peer]);
     let stats = Arc::clone(&guard.stats);
-    cancellable(&guard.cancel, socks, async move {
-        relay::relay(app, peer, est, layer, config, stats).await?;
-        Ok(())
-    })
-    .await
+    let relay = relay::relay(app, peer, est, layer, config, stats);
+    Some(relaying(guard, socks, async move { Ok(relay.await?) }))
 }
 
 /// Closes the window between deciding a flow and listing it (a handshake, a dial): a
@@ -824,12 +874,14 @@ async fn plain(mut a: TcpStream, mut b: TcpStream) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn inbound(
-    shared: &Shared,
+/// Sets up an inbound flow: classifies it, handshakes or not per policy, dials the app.
+/// Returns the relay to run, or `None` when the flow was refused (and already reset).
+async fn inbound<'a>(
+    shared: &'a Shared,
     ctx: &PodCtx,
     mut client: TcpStream,
     source: SocketAddr,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Relay<'a>>> {
     // sk_lookup delivered the connection unchanged: our local address is what the client dialed.
     let dst = client.local_addr()?;
     client.set_nodelay(true)?;
@@ -870,14 +922,15 @@ async fn inbound(
             if let Some(refused) = generation.refuses_mtls(dst) {
                 refusal.log(shared, &refused);
                 reset(client);
-                return Ok(());
+                return Ok(None);
             }
             let me = shared.credentials(&ctx.id)?;
             prepare_peer(shared, &client);
-            let est = match driver::server_handshake(
+            let est = match driver::server_handshake_with(
                 &mut client,
                 Arc::clone(&me.server),
                 Duration::from_millis(shared.tuning.handshake_timeout_ms),
+                shared.handshake_reads(),
             )
             .await
             {
@@ -889,7 +942,7 @@ async fn inbound(
                     };
                     refusal.log(shared, &refused);
                     reset(client);
-                    return Ok(());
+                    return Ok(None);
                 }
             };
             let peer = est.peer().clone();
@@ -899,7 +952,7 @@ async fn inbound(
                 Err(refused) => {
                     refusal.log(shared, &refused);
                     reset(client);
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             let decided_by = generation.number;
@@ -913,7 +966,9 @@ async fn inbound(
                 destination: dst,
                 peer: Some(peer.clone()),
             });
-            relay_mesh(shared, flow, check, decided_by, app, client, est).await
+            Ok(relay_mesh(
+                shared, flow, check, decided_by, app, client, est,
+            ))
         }
         FirstBytes::Other | FirstBytes::NeedMore => {
             match generation.inbound(source, dst, None) {
@@ -921,7 +976,7 @@ async fn inbound(
                 Err(refused) => {
                     refusal.log(shared, &refused);
                     reset(client);
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             let decided_by = generation.number;
@@ -935,11 +990,11 @@ async fn inbound(
             if !admitted_now(shared, decided_by, &check, &ctx.name) {
                 reset(client);
                 reset(app);
-                return Ok(());
+                return Ok(None);
             }
             let guard = shared.flows.insert_checked(flow, Some(check));
             let socks = dups([&client, &app]);
-            cancellable(&guard.cancel, socks, plain(client, app)).await
+            Ok(Some(relaying(guard, socks, plain(client, app))))
         }
     }
 }

@@ -38,9 +38,10 @@ mod kernel;
 mod userspace;
 
 use std::{
-    future::Future as _,
+    future::Future,
     io,
     os::fd::AsFd,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU8, AtomicU64, Ordering},
@@ -248,49 +249,55 @@ pub fn prepare_socket(peer: &TcpStream, layer: RecordLayer) -> Result<(), KtlsEr
 /// the ULP is unavailable) the flow is relayed in userspace instead, which [`RelayStats::mode`]
 /// shows. Once the keys have left rustls there is no way back: a failure to install them
 /// resets both sockets.
-pub async fn relay(
+///
+/// The record layer is chosen (and the keys handed to the kernel) at the call; the returned
+/// future, boxed, holds only the state of the relay that runs. A flow lives as long as this
+/// future, so neither the arguments nor the other record layer's (larger) state stay with it.
+pub fn relay(
     app: TcpStream,
     peer: TcpStream,
     session: Established,
     layer: RecordLayer,
     config: RelayConfig,
     stats: Arc<RelayStats>,
-) -> Result<(), RelayError> {
+) -> Pin<Box<dyn Future<Output = Result<(), RelayError>> + Send>> {
     let expect_no_pad = match layer {
-        RecordLayer::Kernel { expect_no_pad } if ktls::attach_ulp(peer.as_fd()).is_ok() => {
+        // Records read past the handshake cannot be given to the kernel (see
+        // `Established::leftover_ciphertext`): such a session stays in userspace.
+        RecordLayer::Kernel { expect_no_pad }
+            if session.leftover_ciphertext.is_empty() && ktls::attach_ulp(peer.as_fd()).is_ok() =>
+        {
             expect_no_pad
         }
         _ => {
-            return relay_userspace(
+            stats.set_mode(RelayMode::Userspace);
+            return Box::pin(userspace::run(
                 app,
                 peer,
                 session.conn,
                 session.leftover_plaintext,
+                session.leftover_ciphertext,
                 config,
                 stats,
-            )
-            .await;
+            ));
         }
     };
     let handoff = session
         .into_ktls_secrets()
         .and_then(|h| h.secrets.install(peer.as_fd(), expect_no_pad).map(|()| h));
     match handoff {
-        Ok(h) => {
-            relay_ktls(
-                app,
-                peer,
-                h.secrets.cipher,
-                h.leftover_plaintext,
-                config,
-                stats,
-            )
-            .await
-        }
+        Ok(h) => Box::pin(relay_ktls(
+            app,
+            peer,
+            h.secrets.cipher,
+            h.leftover_plaintext,
+            config,
+            stats,
+        )),
         Err(e) => {
             reset(&app);
             reset(&peer);
-            Err(RelayError::Ktls(e))
+            Box::pin(std::future::ready(Err(RelayError::Ktls(e))))
         }
     }
 }
@@ -300,17 +307,18 @@ pub async fn relay(
 ///
 /// Takes the session boxed or not. Boxed (as [`Established`] holds it), the relay's future
 /// stays a few hundred bytes; a session inline is over a kilobyte, copied into every future
-/// between here and the flow's task, all of which live as long as the flow.
-pub async fn relay_userspace(
+/// between here and the flow's task, all of which live as long as the flow. The relay's
+/// state is built at the call and the future holds only that (not the arguments too).
+pub fn relay_userspace(
     app: TcpStream,
     peer: TcpStream,
     conn: impl Into<Box<rustls::Connection>>,
     leftover: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
-) -> Result<(), RelayError> {
+) -> impl Future<Output = Result<(), RelayError>> + Send {
     stats.set_mode(RelayMode::Userspace);
-    userspace::run(app, peer, conn.into(), leftover, config, stats).await
+    userspace::run(app, peer, conn.into(), leftover, Vec::new(), config, stats)
 }
 
 /// Kernel relay: `peer` already has kTLS TX and RX installed for `cipher`; `leftover` is

@@ -9,8 +9,16 @@
 //! driver reads each record exactly: the 5-byte header, then that record's body, and stops at
 //! the record that completes the handshake.
 //!
-//! The same driver serves the userspace relay, so both modes see the same bytes at the same
-//! point, and a refused peer produces the same [`HandshakeError`] whichever mode follows.
+//! When no kernel hand-off can follow (the node relays in userspace), [`Reads::Ahead`] reads
+//! as much as the socket holds instead, one system call per flight rather than two per
+//! record: the records are still fed to rustls one at a time and feeding stops at the record
+//! that completes the handshake, so whatever was read past it comes back as
+//! [`Established::leftover_ciphertext`] for the userspace relay to decrypt first. The kernel
+//! path cannot take such bytes, so [`Established::into_ktls_secrets`] refuses a session that
+//! has any.
+//!
+//! Either way a refused peer produces the same [`HandshakeError`], and the same checks run on
+//! the same records.
 
 use std::{io, sync::Arc, time::Duration};
 
@@ -47,6 +55,10 @@ pub struct Established {
     /// reading makes this empty in practice; it is kept so that a future change in how the
     /// handshake is read cannot silently drop the peer's first bytes.
     pub leftover_plaintext: Vec<u8>,
+    /// Records read past the end of the handshake and not given to rustls yet ([`Reads::Ahead`]
+    /// only; always empty with [`Reads::RecordExact`]). They precede anything still on the
+    /// socket: the userspace relay feeds them to `conn` first.
+    pub leftover_ciphertext: Vec<u8>,
     /// The live session, with nothing buffered in either direction. Boxed because the
     /// session is over a kilobyte and every future that carries it toward the relay (and
     /// each of them lives as long as the flow) would otherwise hold a copy of that space.
@@ -97,6 +109,14 @@ impl Established {
     /// Consumes the session: after this nothing in userspace can encrypt for it, so a failure
     /// here or in the install that follows means the connection must be closed.
     pub fn into_ktls_secrets(self) -> Result<KtlsHandoff, KtlsError> {
+        if !self.leftover_ciphertext.is_empty() {
+            // The kernel would start decrypting mid-stream: only record-exact reads hand off.
+            return Err(KtlsError::UnsupportedSecrets(format!(
+                "{} bytes of the peer's records were read past the handshake; kernel TLS needs \
+                 them still on the socket (record-exact handshake reads)",
+                self.leftover_ciphertext.len()
+            )));
+        }
         let secrets = self
             .conn
             .dangerous_extract_secrets()
@@ -114,8 +134,21 @@ impl std::fmt::Debug for Established {
         f.debug_struct("Established")
             .field("negotiated", &self.negotiated)
             .field("leftover_plaintext", &self.leftover_plaintext.len())
+            .field("leftover_ciphertext", &self.leftover_ciphertext.len())
             .finish_non_exhaustive()
     }
+}
+
+/// How the driver reads the peer's handshake records from the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// The 5-byte header, then that record's body: nothing past the handshake leaves the
+    /// kernel's queue. Required when kernel TLS may take the session over.
+    RecordExact,
+    /// As much as the socket holds (up to one maximal record): fewer system calls. Bytes past
+    /// the handshake come back in [`Established::leftover_ciphertext`]; only for a session
+    /// that stays in userspace.
+    Ahead,
 }
 
 /// The outbound side: handshakes as a client on `sock`, which is connected to the peer agent.
@@ -128,8 +161,19 @@ pub async fn client_handshake(
     server_name: ServerName<'static>,
     timeout: Duration,
 ) -> Result<Established, DriveError> {
+    client_handshake_with(sock, config, server_name, timeout, Reads::RecordExact).await
+}
+
+/// [`client_handshake`] with a choice of [`Reads`].
+pub async fn client_handshake_with(
+    sock: &mut TcpStream,
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    timeout: Duration,
+    reads: Reads,
+) -> Result<Established, DriveError> {
     let conn = ClientConnection::new(config, server_name).map_err(HandshakeError::from)?;
-    drive_boxed(sock, Box::new(conn.into()), timeout).await
+    drive_boxed(sock, Box::new(conn.into()), timeout, reads).await
 }
 
 /// The inbound side: handshakes as a server on an accepted `sock`.
@@ -138,8 +182,18 @@ pub async fn server_handshake(
     config: Arc<ServerConfig>,
     timeout: Duration,
 ) -> Result<Established, DriveError> {
+    server_handshake_with(sock, config, timeout, Reads::RecordExact).await
+}
+
+/// [`server_handshake`] with a choice of [`Reads`].
+pub async fn server_handshake_with(
+    sock: &mut TcpStream,
+    config: Arc<ServerConfig>,
+    timeout: Duration,
+    reads: Reads,
+) -> Result<Established, DriveError> {
     let conn = ServerConnection::new(config).map_err(HandshakeError::from)?;
-    drive_boxed(sock, Box::new(conn.into()), timeout).await
+    drive_boxed(sock, Box::new(conn.into()), timeout, reads).await
 }
 
 /// Runs `conn`'s handshake over `sock` to completion, record by record, within `timeout`.
@@ -148,24 +202,32 @@ pub async fn drive(
     conn: Connection,
     timeout: Duration,
 ) -> Result<Established, DriveError> {
-    drive_boxed(sock, Box::new(conn), timeout).await
+    drive_boxed(sock, Box::new(conn), timeout, Reads::RecordExact).await
 }
 
 async fn drive_boxed(
     sock: &mut TcpStream,
     mut conn: Box<Connection>,
     timeout: Duration,
+    reads: Reads,
 ) -> Result<Established, DriveError> {
-    match tokio::time::timeout(timeout, exchange(sock, &mut conn)).await {
-        Ok(Ok(())) => {}
+    let exchanged = match reads {
+        Reads::RecordExact => tokio::time::timeout(timeout, exchange(sock, &mut conn))
+            .await
+            .map(|r| r.map(|()| Vec::new())),
+        Reads::Ahead => tokio::time::timeout(timeout, exchange_ahead(sock, &mut conn)).await,
+    };
+    let leftover_ciphertext = match exchanged {
+        Ok(Ok(rest)) => rest,
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(DriveError::Timeout(timeout)),
-    }
+    };
     let negotiated = negotiated(&conn)?;
     let leftover_plaintext = drain_plaintext(&mut conn)?;
     Ok(Established {
         negotiated,
         leftover_plaintext,
+        leftover_ciphertext,
         conn,
     })
 }
@@ -191,6 +253,61 @@ async fn exchange(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), Dri
         record.resize(len, 0);
         read_exact(sock, &mut record).await?;
         feed(sock, conn, &record).await?;
+    }
+}
+
+/// [`exchange`] with reads as large as the socket offers. The records are fed exactly as
+/// there (header, then body, one record at a time); returns what was read past the record
+/// that completed the handshake.
+async fn exchange_ahead(
+    sock: &mut TcpStream,
+    conn: &mut Connection,
+) -> Result<Vec<u8>, DriveError> {
+    // Room for one maximal record: once the consumed prefix is dropped, a record that is not
+    // complete yet always fits.
+    let mut buf: Vec<u8> = Vec::with_capacity(RECORD_HEADER + MAX_RECORD_BODY);
+    // Start of the first record not fed completely, and whether its header was fed.
+    let mut pos = 0;
+    let mut header_fed = false;
+    loop {
+        flush(sock, conn).await?;
+        if !conn.is_handshaking() {
+            if pos == buf.len() {
+                // The usual case; do not keep the read buffer's memory alive.
+                return Ok(Vec::new());
+            }
+            buf.drain(..pos);
+            return Ok(buf);
+        }
+        let avail = buf.len() - pos;
+        if avail >= RECORD_HEADER {
+            let header = &buf[pos..pos + RECORD_HEADER];
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            if !header_fed {
+                // As in `exchange`: rustls judges the header before the body is awaited.
+                feed(sock, conn, header).await?;
+                header_fed = true;
+                if len > MAX_RECORD_BODY {
+                    return Err(DriveError::RecordTooLong { len });
+                }
+            }
+            if avail >= RECORD_HEADER + len {
+                let body = &buf[pos + RECORD_HEADER..pos + RECORD_HEADER + len];
+                feed(sock, conn, body).await?;
+                pos += RECORD_HEADER + len;
+                header_fed = false;
+                continue;
+            }
+        }
+        // The record at `pos` is incomplete: move it to the front and read more.
+        buf.drain(..pos);
+        pos = 0;
+        debug_assert!(buf.len() < buf.capacity());
+        match sock.read_buf(&mut buf).await {
+            Ok(0) => return Err(DriveError::PeerClosed),
+            Ok(_) => {}
+            Err(e) => return Err(DriveError::Io(e)),
+        }
     }
 }
 
@@ -361,6 +478,71 @@ mod tests {
         assert_eq!((c.secrets.tx.seq(), c.secrets.rx.seq()), (0, 0));
         assert_eq!((s.secrets.tx.seq(), s.secrets.rx.seq()), (0, 0));
         assert_eq!(c.negotiated.peer.to_string(), SERVER_ID);
+    }
+
+    /// Reading ahead: the client's first application record arrives in the same write as its
+    /// Finished. The server reads both at once, feeds rustls only up to the Finished and
+    /// returns the record, which the session then decrypts; the kernel refuses such a session.
+    #[tokio::test]
+    async fn reading_ahead_returns_the_records_past_the_handshake() {
+        let cfg = configs(SERVER_ID);
+        let (mut c, mut s) = tcp_pair().await;
+        let server = tokio::spawn(async move {
+            let est = server_handshake_with(&mut s, cfg.server, TIMEOUT, Reads::Ahead).await;
+            (s, est)
+        });
+        // A client driven by hand, so that its Finished and its first record go out in one
+        // write.
+        let mut conn = Connection::from(ClientConnection::new(cfg.client, name()).unwrap());
+        let mut buf = vec![0u8; 1 << 16];
+        while conn.is_handshaking() {
+            let mut out = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut out).unwrap();
+            }
+            if !conn.is_handshaking() {
+                break;
+            }
+            c.write_all(&out).await.unwrap();
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            conn.read_tls(&mut &buf[..n]).unwrap();
+            conn.process_new_packets().unwrap();
+        }
+        io::Write::write_all(&mut conn.writer(), b"first request").unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        c.write_all(&out).await.unwrap();
+
+        let (_s, est) = server.await.unwrap();
+        let mut est = est.unwrap();
+        assert_eq!(est.peer().to_string(), CLIENT_ID);
+        assert!(est.leftover_plaintext.is_empty());
+        assert!(!est.leftover_ciphertext.is_empty());
+        let rest = est.leftover_ciphertext.clone();
+        est.conn.read_tls(&mut &rest[..]).unwrap();
+        est.conn.process_new_packets().unwrap();
+        let mut got = vec![0u8; 64];
+        let n = io::Read::read(&mut est.conn.reader(), &mut got).unwrap();
+        assert_eq!(&got[..n], b"first request");
+
+        // The same session shape, unfed records and all, cannot go to the kernel.
+        let (mut c2, mut s2) = tcp_pair().await;
+        let cfg = configs(SERVER_ID);
+        let client = tokio::spawn(async move {
+            client_handshake_with(&mut c2, cfg.client, name(), TIMEOUT, Reads::Ahead).await
+        });
+        let mut server = server_handshake(&mut s2, cfg.server, TIMEOUT)
+            .await
+            .unwrap();
+        client.await.unwrap().unwrap();
+        server.leftover_ciphertext = b"unfed".to_vec();
+        assert!(matches!(
+            server.into_ktls_secrets(),
+            Err(KtlsError::UnsupportedSecrets(_))
+        ));
     }
 
     #[tokio::test]

@@ -154,7 +154,9 @@ const RECENT: usize = 256;
 #[derive(Debug, Default)]
 pub struct FlowTable {
     next: AtomicU64,
-    flows: Mutex<BTreeMap<u64, Entry>>,
+    /// Boxed rows: ids only grow, so the map's nodes are barely half full, and an inline row
+    /// (over 500 bytes) would cost about twice its size per open flow.
+    flows: Mutex<BTreeMap<u64, Box<Entry>>>,
     /// The last closed flows with their final counts: short connections (a curl) are gone
     /// before anyone can list them, yet operators and the demo want to see how they went.
     recent: Mutex<std::collections::VecDeque<FlowRow>>,
@@ -218,7 +220,7 @@ fn protection(planned: Protection, relay: Option<RelayMode>) -> Protection {
 }
 
 impl FlowTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Box<Entry>>> {
         // A panic while holding the lock cannot leave the map inconsistent (single insert or
         // remove), so a poisoned lock is still usable.
         self.flows.lock().unwrap_or_else(|p| p.into_inner())
@@ -235,12 +237,12 @@ impl FlowTable {
         let cancel = Arc::new(Cancel::default());
         self.lock().insert(
             id,
-            Entry {
+            Box::new(Entry {
                 info,
                 stats: Arc::clone(&stats),
                 check,
                 cancel: Arc::clone(&cancel),
-            },
+            }),
         );
         FlowGuard {
             table: self,

@@ -11,6 +11,7 @@
 //!   emptied before it is fed more, so it never reports itself full.
 
 use std::{
+    future::Future,
     io::{self, BufRead, IoSlice, Write},
     pin::Pin,
     sync::Arc,
@@ -24,14 +25,18 @@ use super::{
     IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, reset, wait_ready,
 };
 
-pub(super) async fn run(
+/// Builds the relay's state now; the future owns only that state. `leftover` is plaintext
+/// for the app, `leftover_tls` records from the peer not yet given to `conn`; both precede
+/// anything on the sockets.
+pub(super) fn run(
     app: TcpStream,
     peer: TcpStream,
     mut conn: Box<Connection>,
     leftover: Vec<u8>,
+    leftover_tls: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
-) -> Result<(), RelayError> {
+) -> impl Future<Output = Result<(), RelayError>> + Send {
     let size = config.buffer_size.max(16 << 10);
     conn.set_buffer_limit(Some(size));
     let mut relay = Userspace {
@@ -43,23 +48,25 @@ pub(super) async fn run(
         app_eof: false,
         close_notify_queued: false,
         peer_write_shut: false,
-        tls_in: Buf::new(size),
+        tls_in: Buf::with_content(leftover_tls, size),
         down: Buf::with_content(leftover, size),
         peer_eof: false,
         peer_closed: false,
         app_write_shut: false,
     };
-    let mut idle = IdleTimer::new(config.idle_timeout);
-    let result = std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)).await;
-    if let Err(e) = &result {
-        if matches!(e, RelayError::Tls(_)) {
-            // Best effort: tell the peer agent why (rustls queued the alert).
-            let _ = relay.conn.write_tls(&mut SocketWriter(&relay.peer));
+    async move {
+        let mut idle = IdleTimer::new(config.idle_timeout);
+        let result = std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)).await;
+        if let Err(e) = &result {
+            if matches!(e, RelayError::Tls(_)) {
+                // Best effort: tell the peer agent why (rustls queued the alert).
+                let _ = relay.conn.write_tls(&mut SocketWriter(&relay.peer));
+            }
+            reset(&relay.app);
+            reset(&relay.peer);
         }
-        reset(&relay.app);
-        reset(&relay.peer);
+        result
     }
-    result
 }
 
 struct Userspace {
