@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -528,13 +528,13 @@ fn zero_linger(fd: &OwnedFd) {
 /// two sockets, taken before they moved into it.
 async fn cancellable(
     cancel: &Cancel,
-    socks: Vec<OwnedFd>,
+    socks: &[OwnedFd],
     relay: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     tokio::select! {
         r = relay => r,
         () = cancel.fired() => {
-            for fd in &socks {
+            for fd in socks {
                 zero_linger(fd);
             }
             // `revalidate` logged and counted it.
@@ -550,13 +550,43 @@ type Relay<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
 /// The first phase of a flow: decide, dial, handshake; `None` when the flow was refused.
 type Setup<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Option<Relay<'a>>>> + Send + 'a>>;
 
-/// A listed flow's relay, cancellable through its row (see [`cancellable`]).
+/// A listed flow's relay, cancellable through its row (see [`cancellable`]). `socks` are
+/// duplicates of its two sockets, app side first; they keep both open until the relay's
+/// future is done, so the reset a failed relay asked for goes out when they drop.
+///
+/// With `hold_reset` (outbound TLS flows, which count the app's bytes), a flow that fails before
+/// the app sent a byte (the server side refused it right after the handshake) holds that
+/// reset until the app's request arrives, as
+/// [`refuse_app`] does: an app still finishing its own connect would otherwise see a failed
+/// connect (curl exit 7) instead of a refused request (exit 56), depending on scheduling.
 fn relaying<'a>(
     guard: FlowGuard<'a>,
     socks: Vec<OwnedFd>,
+    hold_reset: bool,
     relay: impl Future<Output = anyhow::Result<()>> + Send + 'a,
 ) -> Relay<'a> {
-    Box::pin(async move { cancellable(&guard.cancel, socks, relay).await })
+    Box::pin(async move {
+        let result = cancellable(&guard.cancel, &socks, relay).await;
+        if result.is_err()
+            && hold_reset
+            && guard.stats.bytes_app_to_peer() == 0
+            && let Some(app) = socks.first()
+        {
+            await_request(app.as_fd()).await;
+        }
+        result
+    })
+}
+
+/// Waits (at most [`REFUSE_WAIT`]) until the app has sent something or closed.
+async fn await_request(app: BorrowedFd<'_>) {
+    let Ok(dup) = app.try_clone_to_owned() else {
+        return;
+    };
+    let Ok(sock) = TcpStream::from_std(std::net::TcpStream::from(dup)) else {
+        return;
+    };
+    let _ = tokio::time::timeout(REFUSE_WAIT, sock.readable()).await;
 }
 
 fn dups(socks: [&TcpStream; 2]) -> Vec<OwnedFd> {
@@ -710,7 +740,7 @@ async fn outbound<'a>(
             }
             let guard = shared.flows.insert_checked(flow, Some(check));
             let socks = dups([&app, &peer]);
-            Ok(Some(relaying(guard, socks, plain(app, peer))))
+            Ok(Some(relaying(guard, socks, false, plain(app, peer))))
         }
         Transport::Mesh(None) => unreachable!("refused above"),
         Transport::Mesh(Some(expected)) => {
@@ -779,11 +809,9 @@ async fn outbound<'a>(
             // Boxed before the future captures it: see `relay::relay_userspace`.
             let conn = Box::new(conn);
             let relay = relay::relay_userspace(app, peer, conn, leftover, config, stats);
-            Ok(Some(relaying(
-                guard,
-                socks,
-                async move { Ok(relay.await?) },
-            )))
+            Ok(Some(relaying(guard, socks, true, async move {
+                Ok(relay.await?)
+            })))
         }
     }
 }
@@ -842,12 +870,15 @@ fn relay_mesh(
         reset(peer);
         return None;
     }
+    let hold_reset = flow.direction == Direction::Outbound;
     let guard = shared.flows.insert_checked(flow, Some(check));
     let config = relay_config(shared);
     let socks = dups([&app, &peer]);
     let stats = Arc::clone(&guard.stats);
     let relay = relay::relay(app, peer, est, layer, config, stats);
-    Some(relaying(guard, socks, async move { Ok(relay.await?) }))
+    Some(relaying(guard, socks, hold_reset, async move {
+        Ok(relay.await?)
+    }))
 }
 
 /// Closes the window between deciding a flow and listing it (a handshake, a dial): a
@@ -994,7 +1025,7 @@ async fn inbound<'a>(
             }
             let guard = shared.flows.insert_checked(flow, Some(check));
             let socks = dups([&client, &app]);
-            Ok(Some(relaying(guard, socks, plain(client, app))))
+            Ok(Some(relaying(guard, socks, false, plain(client, app))))
         }
     }
 }
