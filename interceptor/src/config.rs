@@ -429,6 +429,22 @@ peers:
         assert_eq!(c.root_namespace, "istio-system");
     }
 
+    /// The README's knob block states the defaults: it must parse, and say exactly them.
+    #[test]
+    fn readme_knobs_are_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let block = readme
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .find(|b| b.contains("tuning:"))
+            .expect("README has a yaml block with `tuning:`");
+        let text = format!("trustDomain: cluster.local\ncaDir: /ca\n{block}");
+        let c = Config::parse("README.md", &text).unwrap();
+        assert_eq!(c.tuning, Tuning::default());
+        assert_eq!(c.bpffs, default_bpffs());
+    }
+
     #[test]
     fn unknown_fields_are_errors_naming_the_field() {
         let bad = EXAMPLE.replace("ktls: auto", "ktls: auto\nktlss: on");
