@@ -531,6 +531,9 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
         // `required`: a kernel that cannot take the keys fails the start instead of
         // silently measuring the userspace relay under the kTLS label.
         Mode::InterceptorKtls => "required",
+        // The option on top of the node's default data path: kTLS where the kernel has it
+        // (the VM), the userspace relay where it does not (this host).
+        Mode::InterceptorSkmsg => "auto",
         _ => "off",
     };
     let client = || {

@@ -428,7 +428,7 @@ fn short(mode: Mode) -> &'static str {
         Mode::InterceptorKtls => "kTLS",
         Mode::InterceptorRelay => "relay",
         Mode::HaproxyPair => "HAProxy pair",
-        Mode::InterceptorSkmsg => "relay+sk_msg",
+        Mode::InterceptorSkmsg => "+sk_msg",
     }
 }
 
