@@ -120,21 +120,25 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let known = self.verified.contains(end_entity, intermediates, now);
-        if !known {
-            self.webpki
-                .verify_client_cert(end_entity, intermediates, now)?;
-        }
-        let presented = leaf_identity(end_entity).map_err(reject)?;
-        if presented.trust_domain() != &self.trust_domain {
-            return Err(reject(PeerIdentityError::ForeignTrustDomain {
-                presented: presented.trust_domain().clone(),
-                expected: self.trust_domain.clone(),
-            }));
-        }
-        if !known {
-            self.verified.insert(end_entity, intermediates, now);
-        }
+        verify_peer(
+            &self.verified,
+            (end_entity, intermediates, now),
+            || {
+                self.webpki
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .map(drop)
+            },
+            |presented| {
+                if presented.trust_domain() == &self.trust_domain {
+                    Ok(())
+                } else {
+                    Err(reject(PeerIdentityError::ForeignTrustDomain {
+                        presented: presented.trust_domain().clone(),
+                        expected: self.trust_domain.clone(),
+                    }))
+                }
+            },
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -190,20 +194,21 @@ impl ServerCertVerifier for MeshServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let known = self.verified.contains(end_entity, intermediates, now);
-        if !known {
-            self.chain.verify(end_entity, intermediates, now)?;
-        }
-        let presented = leaf_identity(end_entity).map_err(reject)?;
-        if presented != self.expected {
-            return Err(reject(PeerIdentityError::UnexpectedIdentity {
-                presented,
-                expected: self.expected.clone(),
-            }));
-        }
-        if !known {
-            self.verified.insert(end_entity, intermediates, now);
-        }
+        verify_peer(
+            &self.verified,
+            (end_entity, intermediates, now),
+            || self.chain.verify(end_entity, intermediates, now).map(drop),
+            |presented| {
+                if presented == self.expected {
+                    Ok(())
+                } else {
+                    Err(reject(PeerIdentityError::UnexpectedIdentity {
+                        presented,
+                        expected: self.expected.clone(),
+                    }))
+                }
+            },
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -228,6 +233,27 @@ impl ServerCertVerifier for MeshServerVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.chain.supported_schemes()
     }
+}
+
+/// The peer's certificate checks, shared by both verifiers: `chain` (trust anchor, signatures,
+/// validity, usage) runs unless this verifier accepted exactly this chain before and it is
+/// still valid; `identity` runs on the SPIFFE ID every time. A chain is remembered only once
+/// both passed, so a chain with the wrong identity is checked in full again next time.
+fn verify_peer(
+    verified: &VerifiedChains,
+    (leaf, intermediates, now): (&CertificateDer<'_>, &[CertificateDer<'_>], UnixTime),
+    chain: impl FnOnce() -> Result<(), Error>,
+    identity: impl FnOnce(SpiffeId) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let known = verified.contains(leaf, intermediates, now);
+    if !known {
+        chain()?;
+    }
+    identity(leaf_identity(leaf).map_err(reject)?)?;
+    if !known {
+        verified.insert(leaf, intermediates, now);
+    }
+    Ok(())
 }
 
 /// Tells a bad handshake signature apart from a bad chain signature: rustls reports both as
