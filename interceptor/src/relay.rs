@@ -34,6 +34,7 @@
 //! spinning, no extra tasks), and yields after [`YIELD_AFTER_BYTES`] so one fast flow cannot
 //! starve others on the same worker.
 
+mod buf;
 mod kernel;
 mod userspace;
 

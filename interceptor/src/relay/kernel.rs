@@ -32,8 +32,8 @@ use tokio::{
 };
 
 use super::{
-    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, ktls_record_limit,
-    reset, shutdown_write, wait_ready,
+    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, buf::Buf,
+    ktls_record_limit, reset, shutdown_write, wait_ready,
 };
 use crate::{
     ktls::{
@@ -143,11 +143,7 @@ enum Carrier {
     /// Read and write through memory instead of splicing from the source: with the sk_msg
     /// local-leg option the app's bytes arrive on the psock's ingress list, which `splice(2)`
     /// cannot read (it takes only the TCP receive queue), while `recv` drains both in order.
-    /// `start` is where the unsent bytes begin.
-    Copy {
-        buf: Box<[u8]>,
-        start: usize,
-    },
+    Copy(Buf),
 }
 
 impl Lane {
@@ -164,10 +160,7 @@ impl Lane {
     fn copying(size: usize) -> Lane {
         let cap = size.clamp(DEFAULT_PIPE, MAX_PIPE);
         Lane {
-            carrier: Carrier::Copy {
-                buf: vec![0u8; cap].into_boxed_slice(),
-                start: 0,
-            },
+            carrier: Carrier::Copy(Buf::new(cap)),
             in_pipe: 0,
             cap,
         }
@@ -185,16 +178,13 @@ impl Lane {
                     r => r.map(Some),
                 }
             }),
-            Carrier::Copy { buf, start } => {
-                if in_pipe == 0 {
-                    *start = 0;
-                }
-                let free = &mut buf[*start + in_pipe..];
-                if free.is_empty() {
+            Carrier::Copy(buf) => {
+                buf.clear();
+                if buf.spare_len() == 0 {
                     return Ok(None);
                 }
                 // Unlike splice, EAGAIN here can only mean the source is empty.
-                src.try_read(free).map(Some)
+                buf.fill(|v| src.try_read_buf(v)).map(Some)
             }
         }
     }
@@ -206,11 +196,19 @@ impl Lane {
             Carrier::Pipe { r, .. } => dst.try_io(Interest::WRITABLE, || {
                 ksys::splice(r.as_fd(), dst.as_fd(), in_pipe, flags())
             }),
-            Carrier::Copy { buf, start } => {
-                let n = dst.try_write(&buf[*start..*start + in_pipe])?;
-                *start += n;
+            Carrier::Copy(buf) => {
+                let n = dst.try_write(buf.pending())?;
+                buf.consume(n);
                 Ok(n)
             }
+        }
+    }
+
+    /// Gives a drained copy buffer's memory back while the flow waits (pipes hold no pages
+    /// when empty).
+    fn release(&mut self) {
+        if let Carrier::Copy(buf) = &mut self.carrier {
+            buf.release();
         }
     }
 }
@@ -280,6 +278,7 @@ impl Kernel {
             if idle.poll_expired(cx).is_ready() {
                 return Poll::Ready(Err(RelayError::IdleTimeout(config.idle_timeout)));
             }
+            self.up.release();
             return Poll::Pending;
         }
     }
