@@ -11,12 +11,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Request, Response},
     ca::Ca,
-    config::{Config, KtlsMode, Workload},
+    config::{self, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::MeshSuite,
     intercept::{
@@ -30,9 +30,26 @@ use crate::{
 pub struct Agent {
     shared: Arc<Shared>,
     pods: Mutex<BTreeMap<String, PodHandle>>,
+    /// Persisted enrollments that could not be restored (netns or cgroup gone, a conflict):
+    /// reported, retried, and dropped once their cgroup is gone.
+    stale: Mutex<BTreeMap<String, Stale>>,
     /// Runtime enrollments (`interceptor enroll`), persisted so they survive restarts.
     runtime_file: PathBuf,
     next_slot: Mutex<u32>,
+    /// Serializes enrollment changes: each one validates against, changes and persists the
+    /// whole set, so two at once would lose one.
+    changes: tokio::sync::Mutex<()>,
+    /// What runtime enrollments are validated against besides the enrolled pods.
+    peers: Vec<Peer>,
+    services: Vec<Service>,
+}
+
+/// A persisted enrollment the agent could not restore.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Stale {
+    pub workload: Workload,
+    /// Why it is not enrolled (the last attempt's error).
+    pub reason: String,
 }
 
 /// Decides the data path from the probe and the configured `ktls` mode.
@@ -134,29 +151,47 @@ async fn start_with(
     let agent = Arc::new(Agent {
         shared: Arc::clone(&shared),
         pods: Mutex::new(BTreeMap::new()),
+        stale: Mutex::new(BTreeMap::new()),
         runtime_file: config.state_dir.join("enrollments.json"),
         next_slot: Mutex::new(0),
+        changes: tokio::sync::Mutex::new(()),
+        peers: config.peers.clone(),
+        services: config.services.clone(),
     });
-    for w in config.workloads.iter().chain(agent.persisted()?.iter()) {
+    // The node config is the operator's: a workload there that cannot be enrolled refuses
+    // the start, naming it.
+    for w in &config.workloads {
         agent
-            .enroll(w)
+            .validate(w)
+            .and_then(|()| agent.enroll(w))
             .with_context(|| format!("enroll {}", w.name))?;
+    }
+    // Persisted runtime enrollments belong to pods that may have gone while the agent was
+    // down: one that cannot be restored is reported and kept fail-closed, never fatal.
+    let persisted = agent.persisted()?;
+    for w in &persisted {
+        if let Err(e) = agent.validate(w).and_then(|()| agent.enroll(w)) {
+            agent.mark_stale(w, &e, None);
+        }
     }
     agent
         .sync_policy()
         .context("policy for the enrolled pods")?;
     tokio::spawn(watch_policy(Arc::clone(&shared)));
+    let (keep_cgroups, keep_netns) = agent.stale_pins();
     let pruned = shared
         .datapath
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .prune_stale_pins();
+        .prune_stale_pins(&keep_cgroups, &keep_netns);
     if !pruned.is_empty() {
         info!(
             ?pruned,
             "removed programs pinned for pods no longer enrolled"
         );
     }
+    agent.check_stale().await;
+    tokio::spawn(watch_stale(Arc::clone(&agent)));
     let listener = admin::bind(&config.admin_socket)
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
     tokio::spawn(admin::serve(listener, Arc::clone(&agent)));
@@ -180,6 +215,17 @@ async fn watch_policy(shared: Arc<Shared>) {
         if let Reload::Applied { old, new } = reload {
             applied(&shared, &old.steer, &new);
         }
+    }
+}
+
+/// How often stale enrollments are looked at again (dropped when their cgroup is gone,
+/// retried when their netns and cgroup are back).
+const STALE_CHECK: Duration = Duration::from_secs(2);
+
+async fn watch_stale(agent: Arc<Agent>) {
+    loop {
+        tokio::time::sleep(STALE_CHECK).await;
+        agent.check_stale().await;
     }
 }
 
@@ -267,6 +313,26 @@ impl Agent {
         Ok(())
     }
 
+    /// Persisted enrollments that could not be restored, and why.
+    pub fn stale(&self) -> Vec<Stale> {
+        self.stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The names of the enrolled pods.
+    pub fn enrolled(&self) -> Vec<String> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     fn persisted(&self) -> anyhow::Result<Vec<Workload>> {
         match std::fs::read(&self.runtime_file) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -276,10 +342,31 @@ impl Agent {
         }
     }
 
+    /// Read-modify-write of the enrollment file; callers hold `changes`.
     fn persist(&self, update: impl FnOnce(&mut Vec<Workload>)) -> anyhow::Result<()> {
         let mut list = self.persisted()?;
         update(&mut list);
         write_atomic(&self.runtime_file, &serde_json::to_vec_pretty(&list)?)
+    }
+
+    /// The one validation of [`config::check_workloads`], for `w` joining the pods enrolled
+    /// now and the stale ones (which keep their name and addresses until they are dropped).
+    fn validate(&self, w: &Workload) -> anyhow::Result<()> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<(String, &Workload)> = pods
+            .values()
+            .map(|p| (format!("workload `{}`", p.workload.name), &p.workload))
+            .chain(stale.values().map(|s| {
+                (
+                    format!("stale enrollment `{}`", s.workload.name),
+                    &s.workload,
+                )
+            }))
+            .collect();
+        all.push((format!("workload `{}`", w.name), w));
+        config::check_workloads(&self.shared.trust_domain, &all, &self.peers, &self.services)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     fn enroll(&self, w: &Workload) -> anyhow::Result<()> {
@@ -300,21 +387,157 @@ impl Agent {
         Ok(())
     }
 
-    /// Enrolls at runtime (admin API): the pod joins the policy inventory at once.
-    fn enroll_now(&self, w: &Workload) -> anyhow::Result<()> {
-        self.enroll(w)?;
-        self.sync_policy()
-    }
-
-    fn unenroll(&self, name: &str) -> anyhow::Result<()> {
+    /// Removes a pod enrolled by [`Agent::enroll`] from the kernel and the pod table.
+    fn unenroll_pod(&self, name: &str) -> Option<Workload> {
         let pod = self
             .pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-            .with_context(|| format!("no enrolled workload named `{name}`"))?;
+            .remove(name)?;
+        let workload = pod.workload.clone();
         intercept::unenroll(&self.shared, pod);
+        Some(workload)
+    }
+
+    /// `interceptor enroll`: validated like the config's `workloads:`, enrolled, put in the
+    /// policy inventory and persisted, all or nothing.
+    async fn enroll_now(&self, w: &Workload) -> anyhow::Result<()> {
+        let _change = self.changes.lock().await;
+        self.validate(w)?;
+        self.enroll(w)?;
+        let done = self.sync_policy().and_then(|()| {
+            self.persist(|l| {
+                l.retain(|p| p.name != w.name);
+                l.push(w.clone());
+            })
+        });
+        if let Err(e) = done {
+            self.unenroll_pod(&w.name);
+            let _ = self.sync_policy();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `interceptor unenroll`: the file first, so an error leaves the pod as it was.
+    async fn unenroll_now(&self, name: &str) -> anyhow::Result<()> {
+        let _change = self.changes.lock().await;
+        let enrolled = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name);
+        let stale = self
+            .stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|s| s.workload.clone());
+        if !enrolled && stale.is_none() {
+            bail!("no enrolled workload named `{name}`");
+        }
+        self.persist(|l| l.retain(|w| w.name != name))?;
+        if let Some(w) = stale {
+            self.stale
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            self.shared
+                .datapath
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unenroll_cgroup(&w.cgroup);
+            info!(pod = name, "stale enrollment removed");
+            return Ok(());
+        }
+        self.unenroll_pod(name);
         self.sync_policy()
+    }
+
+    /// Records `w` as stale; logs unless `error` is what it already failed with.
+    fn mark_stale(&self, w: &Workload, error: &anyhow::Error, before: Option<&str>) {
+        let reason = format!("{error:#}");
+        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        if before != Some(reason.as_str()) {
+            error!(
+                pod = %w.name,
+                cgroup = %w.cgroup.display(),
+                netns = %w.netns.display(),
+                "persisted enrollment not restored (kept fail-closed until its cgroup is \
+                 gone): {reason}"
+            );
+        }
+        stale.insert(
+            w.name.clone(),
+            Stale {
+                workload: w.clone(),
+                reason,
+            },
+        );
+    }
+
+    /// The cgroups and network namespaces of stale enrollments whose pins must survive the
+    /// start-up prune: a previous agent's links keep those pods fail-closed.
+    fn stale_pins(&self) -> (Vec<PathBuf>, Vec<u64>) {
+        let stale = self.stale();
+        let cgroups = stale.iter().map(|s| s.workload.cgroup.clone()).collect();
+        let netns = stale
+            .iter()
+            .filter_map(|s| sys::netns_cookie_of(&s.workload.netns).ok())
+            .collect();
+        (cgroups, netns)
+    }
+
+    /// Drops stale enrollments whose cgroup is gone (nothing is left to protect) and retries
+    /// the others.
+    async fn check_stale(&self) {
+        if self
+            .stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        let _change = self.changes.lock().await;
+        let mut changed = false;
+        for s in self.stale() {
+            let w = &s.workload;
+            if !w.cgroup.exists() {
+                if let Err(e) = self.persist(|l| l.retain(|p| p.name != w.name)) {
+                    warn!(pod = %w.name, "cannot drop the stale enrollment: {e:#}");
+                    continue;
+                }
+                self.stale
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&w.name);
+                self.shared
+                    .datapath
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .forget_cgroup(&w.cgroup);
+                info!(pod = %w.name, cgroup = %w.cgroup.display(), "stale enrollment dropped: its cgroup is gone");
+                continue;
+            }
+            if !w.netns.exists() {
+                continue;
+            }
+            self.stale
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&w.name);
+            match self.validate(w).and_then(|()| self.enroll(w)) {
+                Ok(()) => {
+                    info!(pod = %w.name, "stale enrollment restored");
+                    changed = true;
+                }
+                Err(e) => self.mark_stale(w, &e, Some(&s.reason)),
+            }
+        }
+        if changed && let Err(e) = self.sync_policy() {
+            warn!("policy for the restored pods: {e:#}");
+        }
     }
 }
 
@@ -327,7 +550,7 @@ impl admin::Handler for Agent {
                 } else {
                     self.shared.flows.rows()
                 };
-                return Response::flows(&rows);
+                return Response::flows(&rows, self.stale());
             }
             Request::Stats => {
                 let c = self
@@ -344,22 +567,29 @@ impl admin::Handler for Agent {
                             .into_iter()
                             .map(|(k, v)| (k, serde_json::Value::from(v))),
                     )
+                    .chain([
+                        (
+                            "enrollments.active".to_owned(),
+                            serde_json::Value::from(self.enrolled().len()),
+                        ),
+                        (
+                            "enrollments.stale".to_owned(),
+                            serde_json::Value::from(self.stale().len()),
+                        ),
+                    ])
                     .collect();
                 return Response::Stats {
                     stats: serde_json::Value::Object(stats),
                 };
             }
-            Request::Enroll { workload } => self.enroll_now(&workload).and_then(|()| {
-                self.persist(|l| {
-                    l.retain(|w| w.name != workload.name);
-                    l.push(workload.clone());
-                })
-                .map(|()| format!("enrolled {}", workload.name))
-            }),
-            Request::Unenroll { name } => self.unenroll(&name).and_then(|()| {
-                self.persist(|l| l.retain(|w| w.name != name))
-                    .map(|()| format!("unenrolled {name}"))
-            }),
+            Request::Enroll { workload } => self
+                .enroll_now(&workload)
+                .await
+                .map(|()| format!("enrolled {}", workload.name)),
+            Request::Unenroll { name } => self
+                .unenroll_now(&name)
+                .await
+                .map(|()| format!("unenrolled {name}")),
         };
         match result {
             Ok(message) => Response::Ok { message },
@@ -370,9 +600,37 @@ impl admin::Handler for Agent {
     }
 }
 
+/// Replaces `path` with `bytes` so that a crash at any point leaves the old or the new
+/// contents, never a mix, and the new contents survive a power cut once this returns: a
+/// temporary file of its own (unique per call, so no other writer can interleave), synced,
+/// renamed over `path`, then the directory synced so the rename itself is durable.
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
-    Ok(())
+    use std::{
+        io::Write as _,
+        sync::atomic::{AtomicU64, Ordering},
+    };
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("write {}", path.display()))
 }

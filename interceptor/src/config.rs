@@ -3,7 +3,7 @@
 //! that names it, because a typo that silently disables mTLS is worse than a refused start.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -201,31 +201,21 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let mut names = std::collections::HashSet::new();
+        let labelled: Vec<(String, &Workload)> = self
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (format!("workloads[{i}]"), w))
+            .collect();
         let mut ips = std::collections::HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
-            if !names.insert(w.name.as_str()) {
-                return Err(format!(
-                    "workloads[{i}].name: `{}` is enrolled twice",
-                    w.name
-                ));
-            }
-            check_relative(&w.cgroup, &format!("workloads[{i}].cgroup"))?;
-            check_relative(&w.netns, &format!("workloads[{i}].netns"))?;
-            if w.ips.is_empty() {
-                return Err(format!(
-                    "workloads[{i}].ips: a workload needs at least one address"
-                ));
-            }
             for ip in &w.ips {
-                if let Some(prev) = ips.insert(*ip, format!("workloads[{i}]")) {
-                    return Err(format!("workloads[{i}].ips: {ip} is also used by {prev}"));
-                }
+                ips.insert(ip.to_canonical(), format!("workloads[{i}]"));
             }
         }
         for (i, p) in self.peers.iter().enumerate() {
             for ip in &p.ips {
-                if let Some(prev) = ips.insert(*ip, format!("peers[{i}]")) {
+                if let Some(prev) = ips.insert(ip.to_canonical(), format!("peers[{i}]")) {
                     return Err(format!("peers[{i}].ips: {ip} is also used by {prev}"));
                 }
             }
@@ -267,13 +257,14 @@ impl Config {
                 }
             }
             if let Some(vip) = s.vip
-                && let Some(owner) = ips.get(&vip)
+                && let Some(owner) = ips.get(&vip.to_canonical())
             {
                 return Err(format!(
                     "services[{i}].vip: {vip} is the address of {owner}, not a virtual IP"
                 ));
             }
         }
+        check_workloads(&self.trust_domain, &labelled, &self.peers, &self.services)?;
         let t = &self.tuning;
         if t.outbound_port == 0 || t.inbound_port == 0 || t.outbound_port == t.inbound_port {
             return Err(
@@ -317,6 +308,81 @@ impl Config {
         });
         local.chain(remote)
     }
+}
+
+/// The one validation of a set of pods enrolled on this node, for the `workloads:` of the
+/// config and for `interceptor enroll` alike (the agent checks the enrolled pods plus the new
+/// one): `label` names each entry in errors (`workloads[2]`, or `workload `name``).
+///
+/// Two pods sharing an address would share the kernel's per-address entries (inbound slot,
+/// steering), so unenrolling one would stop protecting the other; two sharing a cgroup would
+/// share its programs. Loopback, unspecified and multicast addresses are never a pod's.
+pub fn check_workloads(
+    trust_domain: &TrustDomain,
+    workloads: &[(String, &Workload)],
+    peers: &[Peer],
+    services: &[Service],
+) -> Result<(), String> {
+    let mut names: HashMap<&str, &str> = HashMap::new();
+    let mut cgroups: HashMap<&Path, &str> = HashMap::new();
+    let mut netns: HashMap<&Path, &str> = HashMap::new();
+    let mut ips: HashMap<IpAddr, String> = HashMap::new();
+    for (i, p) in peers.iter().enumerate() {
+        for ip in &p.ips {
+            ips.insert(ip.to_canonical(), format!("peers[{i}]"));
+        }
+    }
+    let vips: HashMap<IpAddr, &str> = services
+        .iter()
+        .filter_map(|s| Some((s.vip?.to_canonical(), s.name.as_str())))
+        .collect();
+    for (label, w) in workloads {
+        if w.name.is_empty() {
+            return Err(format!("{label}.name: must not be empty"));
+        }
+        if let Some(prev) = names.insert(&w.name, label) {
+            return Err(format!(
+                "{label}.name: `{}` is already enrolled as {prev}",
+                w.name
+            ));
+        }
+        crate::identity::SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account)
+            .map_err(|e| format!("{label}: {e}"))?;
+        check_relative(&w.cgroup, &format!("{label}.cgroup"))?;
+        check_relative(&w.netns, &format!("{label}.netns"))?;
+        if let Some(prev) = cgroups.insert(&w.cgroup, label) {
+            return Err(format!(
+                "{label}.cgroup: {} is also the cgroup of {prev}",
+                w.cgroup.display()
+            ));
+        }
+        if let Some(prev) = netns.insert(&w.netns, label) {
+            return Err(format!(
+                "{label}.netns: {} is also the network namespace of {prev}",
+                w.netns.display()
+            ));
+        }
+        if w.ips.is_empty() {
+            return Err(format!(
+                "{label}.ips: a workload needs at least one address"
+            ));
+        }
+        for ip in &w.ips {
+            let ip = ip.to_canonical();
+            if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+                return Err(format!("{label}.ips: {ip} cannot be a pod's address"));
+            }
+            if let Some(service) = vips.get(&ip) {
+                return Err(format!(
+                    "{label}.ips: {ip} is the virtual IP of service {service}"
+                ));
+            }
+            if let Some(prev) = ips.insert(ip, label.clone()) {
+                return Err(format!("{label}.ips: {ip} is also used by {prev}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What policy decisions know about workloads and services: `workloads` (enrolled on this
@@ -490,6 +556,86 @@ peers:
         .unwrap_err()
         .to_string();
         assert!(e.contains("workloads[0].netns"), "{e}");
+    }
+
+    /// The validation `interceptor enroll` shares with `workloads:`: a conflict names both
+    /// pods and what they share.
+    #[test]
+    fn one_workload_validation_for_config_and_runtime_enroll() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        let td = c.trust_domain.clone();
+        let first = c.workloads[0].clone();
+        let check = |new: &Workload| {
+            let all = [
+                ("workload `sleep-full`".to_owned(), &first),
+                (format!("workload `{}`", new.name), new),
+            ];
+            check_workloads(&td, &all, &c.peers, &c.services)
+        };
+        let fresh = Workload {
+            name: "other".to_owned(),
+            cgroup: "/sys/fs/cgroup/pods/other".into(),
+            netns: "/run/netns/other".into(),
+            ips: vec!["10.88.0.9".parse().unwrap()],
+            ..first.clone()
+        };
+        check(&fresh).unwrap();
+        let cases: [(&str, Box<dyn Fn(&mut Workload)>); 9] = [
+            (
+                "10.88.0.2 is also used by workload `sleep-full`",
+                Box::new(|w| w.ips = vec!["10.88.0.2".parse().unwrap()]),
+            ),
+            (
+                // The same address, IPv4-mapped: the kernel maps key it the same way.
+                "10.88.0.2 is also used by workload `sleep-full`",
+                Box::new(|w| w.ips = vec!["::ffff:10.88.0.2".parse().unwrap()]),
+            ),
+            (
+                "10.88.1.3 is also used by peers[0]",
+                Box::new(|w| w.ips = vec!["10.88.1.3".parse().unwrap()]),
+            ),
+            ("at least one address", Box::new(|w| w.ips.clear())),
+            (
+                "127.0.0.1 cannot be a pod's address",
+                Box::new(|w| w.ips = vec!["127.0.0.1".parse().unwrap()]),
+            ),
+            (
+                "`sleep-full` is already enrolled",
+                Box::new(|w| w.name = "sleep-full".to_owned()),
+            ),
+            (
+                "is also the cgroup of workload `sleep-full`",
+                Box::new(|w| w.cgroup = "/sys/fs/cgroup/pods/sleep-full".into()),
+            ),
+            (
+                "is also the network namespace",
+                Box::new(|w| w.netns = "/run/netns/sleep-full".into()),
+            ),
+            (
+                "namespace",
+                Box::new(|w| w.namespace = "Not A Label".into()),
+            ),
+        ];
+        for (want, change) in cases {
+            let mut w = fresh.clone();
+            change(&mut w);
+            let e = check(&w).unwrap_err();
+            assert!(
+                e.contains(want) && e.starts_with("workload `"),
+                "{want}: {e}"
+            );
+        }
+        // The config path gives the same answers, naming entries by index.
+        let twice = EXAMPLE.replace(
+            "peers:",
+            "  - {name: b, namespace: full, serviceAccount: s, cgroup: /c, netns: /n, \
+             ips: [10.88.0.2]}\npeers:",
+        );
+        let e = Config::parse("n", &twice).unwrap_err().to_string();
+        assert!(
+            e.contains("workloads[1].ips: 10.88.0.2 is also used by workloads[0]"),
+            "{e}"
+        );
     }
 
     const POLICY: &str = r#"

@@ -201,6 +201,11 @@ struct PodCtx {
 
 /// Opens the pod's listeners inside its netns, registers it with the datapath and starts
 /// accepting. `slot` must be unique among enrolled pods (sk_lookup's sockmap index).
+///
+/// A failure undoes what the attempt had set in the kernel (map entries, the ports it added
+/// to the pod's reserved ports, links not yet pinned), so the error changes nothing; links
+/// and pins of a previous agent for the pod are left as they were (see
+/// [`Datapath::attach_pod`](crate::datapath::Datapath::attach_pod)).
 pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::Result<PodHandle> {
     let id = SpiffeId::new(
         shared.trust_domain.clone(),
@@ -210,87 +215,143 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
     shared.credentials(&id)?;
     let t = shared.tuning.clone();
     let pod = workload.name.clone();
-    let (out4, out6, in4, in6) = sys::in_netns(&workload.netns, move || {
-        if let Err(e) = sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
-            // Not fatal: it only matters if the pod widens its ephemeral port range.
-            warn!(
-                pod,
-                "cannot reserve the agent's ports against ephemeral use: {e}"
-            );
+    let (listeners, reserved) = sys::in_netns(&workload.netns, move || {
+        let reserved = match sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
+            Ok(added) => added,
+            Err(e) => {
+                // Not fatal: it only matters if the pod widens its ephemeral port range.
+                warn!(
+                    pod,
+                    "cannot reserve the agent's ports against ephemeral use: {e}"
+                );
+                Vec::new()
+            }
+        };
+        let bind = || -> std::io::Result<_> {
+            let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
+            // IPv6 may be disabled in the pod; IPv4 still works then.
+            let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
+            let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
+            let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
+            Ok((out4, out6, in4, in6))
+        };
+        match bind() {
+            Ok(l) => Ok((l, reserved)),
+            Err(e) => {
+                let _ = sys::release_local_ports(&reserved);
+                Err(e)
+            }
         }
-        let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
-        // IPv6 may be disabled in the pod; IPv4 still works then.
-        let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
-        let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
-        let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
-        Ok((out4, out6, in4, in6))
     })
     .with_context(|| format!("listeners in netns {}", workload.netns.display()))?;
-    let netns_cookie = sys::netns_cookie(out4.as_fd())?;
-    {
-        let mut dp = shared.datapath();
-        let mut flags = POD_FLAG_STEER_INBOUND;
-        if shared.tuning.sk_msg_local_leg {
-            flags |= POD_FLAG_LOCAL_LEG_SKMSG;
+    let release_ports = |workload: &Workload| {
+        if reserved.is_empty() {
+            return;
         }
-        dp.enroll_pod_netns(
+        let ports = reserved.clone();
+        if let Err(e) = sys::in_netns(&workload.netns, move || sys::release_local_ports(&ports)) {
+            warn!(pod = %workload.name, "cannot release the reserved ports: {e}");
+        }
+    };
+    let (out4, out6, in4, in6) = listeners;
+    let netns_cookie = match sys::netns_cookie(out4.as_fd()) {
+        Ok(c) => c,
+        Err(e) => {
+            release_ports(workload);
+            return Err(e.into());
+        }
+    };
+    let registered = register(shared, workload, slot, netns_cookie, &in4, in6.as_ref());
+    if let Err(e) = registered {
+        shared
+            .datapath()
+            .rollback_pod(netns_cookie, slot, &workload.ips);
+        release_ports(workload);
+        return Err(e);
+    }
+    let started = (|| -> anyhow::Result<PodHandle> {
+        let ctx = Arc::new(PodCtx {
+            name: workload.name.clone(),
+            id,
+            ips: workload.ips.clone(),
+            netns: std::fs::File::open(&workload.netns)?,
             netns_cookie,
-            PodConfig {
-                outbound_port_be: shared.tuning.outbound_port.to_be(),
-                inbound_port_be: shared.tuning.inbound_port.to_be(),
-                inbound_slot: slot,
-                flags,
-                _pad: 0,
-            },
-            &workload.ips,
-        )?;
-        dp.steer_inbound(
+        });
+        let mut tasks = Vec::new();
+        for (l, direction) in std::iter::once(out4)
+            .chain(out6)
+            .map(|l| (l, Direction::Outbound))
+            .chain(
+                std::iter::once(in4)
+                    .chain(in6)
+                    .map(|l| (l, Direction::Inbound)),
+            )
+        {
+            l.set_nonblocking(true)?;
+            tasks.push(accept_loop(
+                shared,
+                &ctx,
+                TcpListener::from_std(l)?,
+                direction,
+            ));
+        }
+        Ok(PodHandle {
+            workload: workload.clone(),
             netns_cookie,
-            &workload.netns,
             slot,
-            &in4,
-            in6.as_ref(),
-            &workload.ips,
-        )?;
-        dp.enroll_cgroup(&workload.cgroup)?;
-        for ip in &workload.ips {
-            dp.set_destination(*ip, None, ACTION_STEER)?;
+            tasks,
+        })
+    })();
+    match started {
+        Ok(handle) => {
+            info!(pod = %workload.name, netns_cookie, "enrolled");
+            release_free_heap();
+            Ok(handle)
+        }
+        Err(e) => {
+            let mut dp = shared.datapath();
+            dp.unenroll_cgroup(&workload.cgroup);
+            dp.stop_inbound(netns_cookie, slot, &workload.ips);
+            dp.rollback_pod(netns_cookie, slot, &workload.ips);
+            drop(dp);
+            release_ports(workload);
+            Err(e)
         }
     }
-    let ctx = Arc::new(PodCtx {
-        name: workload.name.clone(),
-        id,
-        ips: workload.ips.clone(),
-        netns: std::fs::File::open(&workload.netns)?,
-        netns_cookie,
-    });
-    let mut tasks = Vec::new();
-    for l in std::iter::once(out4).chain(out6) {
-        l.set_nonblocking(true)?;
-        tasks.push(accept_loop(
-            shared,
-            &ctx,
-            TcpListener::from_std(l)?,
-            Direction::Outbound,
-        ));
+}
+
+/// The datapath half of [`enroll`]: map entries first, then the links, which are pinned last
+/// (so a failure before leaves nothing pinned for [`enroll`] to undo).
+fn register(
+    shared: &Shared,
+    workload: &Workload,
+    slot: u32,
+    netns_cookie: u64,
+    in4: &std::net::TcpListener,
+    in6: Option<&std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let mut dp = shared.datapath();
+    let mut flags = POD_FLAG_STEER_INBOUND;
+    if shared.tuning.sk_msg_local_leg {
+        flags |= POD_FLAG_LOCAL_LEG_SKMSG;
     }
-    for l in std::iter::once(in4).chain(in6) {
-        l.set_nonblocking(true)?;
-        tasks.push(accept_loop(
-            shared,
-            &ctx,
-            TcpListener::from_std(l)?,
-            Direction::Inbound,
-        ));
-    }
-    info!(pod = %workload.name, netns_cookie, "enrolled");
-    release_free_heap();
-    Ok(PodHandle {
-        workload: workload.clone(),
+    dp.enroll_pod_netns(
         netns_cookie,
-        slot,
-        tasks,
-    })
+        PodConfig {
+            outbound_port_be: shared.tuning.outbound_port.to_be(),
+            inbound_port_be: shared.tuning.inbound_port.to_be(),
+            inbound_slot: slot,
+            flags,
+            _pad: 0,
+        },
+        &workload.ips,
+    )?;
+    dp.steer_inbound(slot, in4, in6, &workload.ips)?;
+    for ip in &workload.ips {
+        dp.set_destination(*ip, None, ACTION_STEER)?;
+    }
+    dp.attach_pod(&workload.cgroup, netns_cookie, &workload.netns)?;
+    Ok(())
 }
 
 /// Gives the heap's free pages back to the kernel. Start-up (the eBPF object parsed and

@@ -138,6 +138,19 @@ fn admin_call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response
     }
 }
 
+/// Stale enrollments go to stderr, so `flows --json` stays one JSON document on stdout.
+fn print_stale(stale: &[app::Stale]) {
+    for s in stale {
+        eprintln!(
+            "stale enrollment {} (cgroup {}, netns {}): {}",
+            s.workload.name,
+            s.workload.cgroup.display(),
+            s.workload.netns.display(),
+            s.reason
+        );
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -222,15 +235,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Request::Flows { all }
             };
             match admin_call(&admin_socket, req)? {
-                Response::Flows { flows } if json => {
-                    println!("{}", serde_json::to_string_pretty(&flows)?)
+                Response::Flows { flows, stale } if json => {
+                    println!("{}", serde_json::to_string_pretty(&flows)?);
+                    print_stale(&stale);
                 }
-                Response::Flows { flows } => {
+                Response::Flows { flows, stale } => {
                     let rows: Vec<table::FlowRow> = flows
                         .into_iter()
                         .filter_map(|v| serde_json::from_value(v).ok())
                         .collect();
                     print!("{}", table::render(&rows));
+                    print_stale(&stale);
                 }
                 Response::Stats { stats } => println!("{}", serde_json::to_string_pretty(&stats)?),
                 other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
