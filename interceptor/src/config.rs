@@ -138,7 +138,16 @@ pub struct Tuning {
     /// How long inbound waits for a first byte before treating a silent client as plaintext
     /// (server-speaks-first protocols). Mesh clients always speak first, so never pay it.
     pub first_byte_wait_ms: u64,
+    /// A flow (mTLS or plaintext passthrough) with no byte in either direction for this long
+    /// is reset.
     pub idle_timeout_secs: u64,
+    /// Flows the agent holds at once for one pod: as a client (its outbound connections),
+    /// and as a server per source address. Beyond it new connections are reset and counted
+    /// (`refused.pod_connection_limit`), so one pod cannot use up the agent's descriptors.
+    pub max_connections_per_pod: u32,
+    /// Of those, how many may be in set-up (classification, handshake, dial) at once
+    /// (`refused.pod_handshake_limit`): set-up is where a stalled peer costs the agent.
+    pub max_pending_handshakes_per_pod: u32,
     /// sk_msg short-circuit of the plain app↔agent leg (Merbridge-style). Off by default: the
     /// benchmark shows no gain over loopback TCP, and each leg falls back to TCP after
     /// `SKMSG_LEG_BUDGET` bytes anyway (ARCHITECTURE.md explains why).
@@ -156,6 +165,8 @@ impl Default for Tuning {
             handshake_timeout_ms: 5_000,
             first_byte_wait_ms: 200,
             idle_timeout_secs: 3_600,
+            max_connections_per_pod: 4_096,
+            max_pending_handshakes_per_pod: 512,
             sk_msg_local_leg: false,
             policy_poll_ms: 500,
         }
@@ -273,6 +284,15 @@ impl Config {
         }
         if t.policy_poll_ms == 0 {
             return Err("tuning.policyPollMs: must be at least 1".to_owned());
+        }
+        if t.idle_timeout_secs == 0 {
+            return Err("tuning.idleTimeoutSecs: must be at least 1".to_owned());
+        }
+        if t.max_connections_per_pod == 0 || t.max_pending_handshakes_per_pod == 0 {
+            return Err(
+                "tuning: maxConnectionsPerPod and maxPendingHandshakesPerPod must be at least 1"
+                    .to_owned(),
+            );
         }
         Ok(())
     }
@@ -580,7 +600,8 @@ peers:
             ..first.clone()
         };
         check(&fresh).unwrap();
-        let cases: [(&str, Box<dyn Fn(&mut Workload)>); 9] = [
+        type Edit = Box<dyn Fn(&mut Workload)>;
+        let cases: [(&str, Edit); 9] = [
             (
                 "10.88.0.2 is also used by workload `sleep-full`",
                 Box::new(|w| w.ips = vec!["10.88.0.2".parse().unwrap()]),
@@ -666,6 +687,18 @@ tuning:
             c.tuning.policy_poll_ms, 500,
             "other tuning keeps its defaults"
         );
+        for (knob, zero) in [
+            ("maxConnectionsPerPod", "maxConnectionsPerPod: 0"),
+            (
+                "maxPendingHandshakesPerPod",
+                "maxPendingHandshakesPerPod: 0",
+            ),
+            ("idleTimeoutSecs", "idleTimeoutSecs: 0"),
+        ] {
+            let text = format!("{EXAMPLE}{POLICY}  {zero}\n");
+            let e = Config::parse("node.yaml", &text).unwrap_err().to_string();
+            assert!(e.contains(knob), "{e}");
+        }
         let settings = c.policy_settings();
         assert_eq!(settings.root_namespace, "mesh-root");
         assert_eq!(settings.cluster_domain, "corp.local");

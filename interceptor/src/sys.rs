@@ -211,6 +211,22 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Copies what is queued on a socket into `buf` without consuming it and without blocking
+/// (`MSG_PEEK | MSG_DONTWAIT`): `WouldBlock` when nothing is queued, `Ok(0)` at end of stream.
+pub fn peek(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the kernel writes at most
+    // that many.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it.
 pub fn raise_memlock_rlimit() -> io::Result<()> {
     let lim = libc::rlimit {
