@@ -583,11 +583,18 @@ fn pod_socket(ctx: &PodCtx, v6: bool) -> anyhow::Result<TcpSocket> {
 }
 
 /// Dials `dst` from inside the pod, optionally from a fixed source address.
+///
+/// The local port is always left to `connect()`, which picks it with the whole 4-tuple known
+/// (`sys::bind_address_no_port` before a bind): the agent's leg to an app closes first and
+/// leaves a TIME_WAIT socket per connection, and a port chosen at bind time would have to
+/// avoid all of them, so sustained churn to one app port would slow to a crawl and then fail.
 async fn dial(ctx: &PodCtx, dst: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let sock = pod_socket(ctx, dst.is_ipv6())?;
     sock.set_nodelay(true)?;
     if let Some(src) = source {
-        sock.bind(SocketAddr::new(src, 0))?;
+        sys::bind_address_no_port(sock.as_fd()).context("IP_BIND_ADDRESS_NO_PORT")?;
+        sock.bind(SocketAddr::new(src, 0))
+            .with_context(|| format!("bind {src}"))?;
     }
     tokio::time::timeout(Duration::from_secs(10), sock.connect(dst))
         .await

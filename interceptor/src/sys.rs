@@ -318,6 +318,30 @@ pub fn tcp_bytes_queued(sock: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
 }
 
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike): a later `bind` to an
+/// address with port 0 takes the address only, and `connect` picks the port once the whole
+/// 4-tuple is known. A port chosen at bind time must be free of every socket on it,
+/// TIME_WAIT included, and is searched for under the bind-hash locks; one chosen at connect
+/// time only has to make the 4-tuple unique, and may take over a TIME_WAIT socket on a
+/// loopback address (`tcp_tw_reuse`, default 2).
+pub fn bind_address_no_port(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `sock` is an open socket and the option value is a valid int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Resizes a pipe (`F_SETPIPE_SZ`) and returns the size the kernel chose (it rounds up to a
 /// power-of-two number of pages). A larger pipe lets one `splice(2)` move more per call.
 pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
