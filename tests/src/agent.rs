@@ -82,6 +82,7 @@ pub fn config(
         state_dir: state.join("state"),
         admin_socket: state.join("admin.sock"),
         ktls,
+        crypto: Default::default(),
         bpffs: PathBuf::from("/sys/fs/bpf").join(unique_name("itest")),
         workloads,
         peers,
