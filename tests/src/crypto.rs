@@ -3,24 +3,88 @@
 //! connections, read with the wire oracle's parsers.
 
 use std::{
+    collections::HashMap,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     path::Path,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use interceptor::{
+    app::Agent,
     ca::{Ca, CertificateAuthority as _, DEFAULT_LEAF_TTL},
-    handshake::{self, MeshCrypto, Negotiated},
+    config::Config,
+    handshake::{self, CryptoPolicy, MeshCrypto, Negotiated},
     identity::SpiffeId,
 };
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use crate::{
-    topology::Pod,
-    wire::{ClientHello, ServerHello, Streams, parse_client_hello, parse_server_hello},
+    topology::{Node, Pod},
+    wire::{
+        Capture, ClientHello, ServerHello, Streams, group_name, parse_client_hello,
+        parse_server_hello,
+    },
 };
+
+/// IANA code points the tests assert on.
+pub const X25519MLKEM768: u16 = 0x11ec;
+pub const X25519: u16 = 0x001d;
+pub const SECP256R1: u16 = 0x0017;
+pub const AES_128_GCM: u16 = 0x1301;
+pub const AES_256_GCM: u16 = 0x1302;
+
+/// Runs `f` while capturing the server pod's link; returns its result and the streams.
+pub fn captured<T>(node: &Node, server: &Pod, f: impl FnOnce() -> T) -> (T, Streams) {
+    let capture = Capture::start_in(&node.ns.path(), &server.host_if);
+    let out = f();
+    (out, capture.stop_streams())
+}
+
+/// Rewrites the node config `file` with another crypto policy (atomically, as a ConfigMap
+/// update appears) and waits (10 s at most) until the agent runs it.
+pub fn reconfigure(agent: &Agent, file: &Path, config: &mut Config, crypto: CryptoPolicy) {
+    config.crypto = crypto;
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(&config).expect("yaml")).expect("write config");
+    std::fs::rename(&tmp, file).expect("rename config");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.crypto_policy() != crypto {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not apply {crypto} (still {})",
+            agent.crypto_policy()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts the ServerHello's group, suite and HelloRetryRequest group, and TLS 1.3.
+pub fn assert_hello(sh: &Result<ServerHello, String>, group: u16, suite: u16, retry: Option<u16>) {
+    let sh = sh
+        .as_ref()
+        .unwrap_or_else(|e| panic!("no ServerHello: {e}"));
+    assert_eq!(
+        (group_name(sh.group), sh.cipher_suite, sh.retry_group),
+        (group_name(group), suite, retry),
+        "ServerHello on the wire: {sh:?}"
+    );
+    assert_eq!(sh.version, 0x0304, "TLS 1.3");
+}
+
+/// `/proc/net/tls_stat` of a pod's netns (per namespace; empty without kTLS).
+pub fn tls_stat(pod: &Pod) -> HashMap<String, u64> {
+    pod.ns
+        .proc_net("tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
 
 /// The identity the stand-in client presents.
 pub const PEER_ID: &str = "spiffe://cluster.local/ns/elsewhere/sa/peer";

@@ -15,65 +15,28 @@ use std::{
 
 use interceptor::{
     app::Agent,
-    config::Config,
     handshake::{CompliancePolicy, CryptoPolicy, MeshCrypto, MeshSuite},
     intercept::table::FlowRow,
 };
 use interceptor_tests::{
     agent::{RunningAgent, workload},
     apps::{curl, sha256_hex},
-    crypto::{MeshSession, PEER_ID, any_port, hellos, peer_client, refused_with_handshake_failure},
+    crypto::{
+        AES_128_GCM, AES_256_GCM, MeshSession, PEER_ID, SECP256R1, X25519, X25519MLKEM768,
+        any_port, assert_hello, captured, hellos, peer_client, reconfigure,
+        refused_with_handshake_failure,
+    },
     require_privileged,
     scenario::{Cluster, Scenario, serve_blob},
-    topology::Pod,
-    wire::{Capture, ServerHello, Streams, assert_no_plaintext, group_name},
+    wire::assert_no_plaintext,
 };
 
-const X25519MLKEM768: u16 = 0x11ec;
-const X25519: u16 = 0x001d;
-const SECP256R1: u16 = 0x0017;
-const AES_128_GCM: u16 = 0x1301;
-const AES_256_GCM: u16 = 0x1302;
 const SERVER_ID: &str = "spiffe://cluster.local/ns/crypto/sa/server";
 
 /// An older agent's mesh client towards the server pod.
 fn older_agent(cluster: &Cluster) -> std::sync::Arc<rustls::ClientConfig> {
     let crypto = MeshCrypto::legacy_classical(MeshSuite::AES_GCM).expect("legacy crypto");
     peer_client(&cluster.ca, &crypto, SERVER_ID)
-}
-
-/// Runs `f` while capturing the server pod's link; returns its result and the streams.
-fn captured<T>(
-    node: &interceptor_tests::topology::Node,
-    server: &Pod,
-    f: impl FnOnce() -> T,
-) -> (T, Streams) {
-    let capture = Capture::start_in(&node.ns.path(), &server.host_if);
-    let out = f();
-    (out, capture.stop_streams())
-}
-
-/// Waits (5 s at most) until the agent runs `want`, as the config watcher applies it.
-fn wait_crypto(agent: &Agent, want: CryptoPolicy) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while agent.crypto_policy() != want {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not apply {want} (still {})",
-            agent.crypto_policy()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Rewrites the node config file with another crypto policy (atomically, as a ConfigMap
-/// update appears) and waits until the agent runs it.
-fn reconfigure(agent: &Agent, file: &std::path::Path, config: &mut Config, crypto: CryptoPolicy) {
-    config.crypto = crypto;
-    let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(&config).expect("yaml")).expect("write config");
-    std::fs::rename(&tmp, file).expect("rename config");
-    wait_crypto(agent, crypto);
 }
 
 fn policy(compliance_policy: CompliancePolicy, require_aes256_gcm: bool) -> CryptoPolicy {
@@ -95,18 +58,6 @@ fn last_flow(agent: &Agent, pod: &str, peer: &str) -> FlowRow {
 
 fn stat(agent: &Agent, key: &str) -> u64 {
     agent.policy_stats().get(key).copied().unwrap_or(0)
-}
-
-fn assert_hello(sh: &Result<ServerHello, String>, group: u16, suite: u16, retry: Option<u16>) {
-    let sh = sh
-        .as_ref()
-        .unwrap_or_else(|e| panic!("no ServerHello: {e}"));
-    assert_eq!(
-        (group_name(sh.group), sh.cipher_suite, sh.retry_group),
-        (group_name(group), suite, retry),
-        "ServerHello on the wire: {sh:?}"
-    );
-    assert_eq!(sh.version, 0x0304, "TLS 1.3");
 }
 
 #[test]
