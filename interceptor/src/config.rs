@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{identity::TrustDomain, policy};
+use crate::{handshake::CryptoPolicy, identity::TrustDomain, policy};
 
 /// Whether the agent offloads record encryption to kernel TLS.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +100,10 @@ pub struct Config {
     pub admin_socket: PathBuf,
     #[serde(default)]
     pub ktls: KtlsMode,
+    /// Key exchange and suites for mesh and originated TLS (`compliancePolicy`,
+    /// `requireAes256Gcm`); re-read while the agent runs.
+    #[serde(default)]
+    pub crypto: CryptoPolicy,
     /// Where pins live; must be on a bpffs (mounted there when absent).
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
@@ -657,6 +661,43 @@ peers:
             e.contains("workloads[1].ips: 10.88.0.2 is also used by workloads[0]"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn crypto_policy_parses_with_istios_names() {
+        use crate::handshake::CompliancePolicy;
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(
+            c.crypto,
+            CryptoPolicy::default(),
+            "absent: the default policy"
+        );
+        assert_eq!(c.crypto.compliance_policy, CompliancePolicy::Default);
+        assert!(!c.crypto.require_aes256_gcm);
+        for (name, want) in [
+            ("default", CompliancePolicy::Default),
+            ("pqc", CompliancePolicy::Pqc),
+            ("fips-140-2", CompliancePolicy::Fips1402),
+        ] {
+            let text = format!("{EXAMPLE}crypto:\n  compliancePolicy: {name}\n");
+            let c = Config::parse("n", &text).unwrap();
+            assert_eq!(c.crypto.compliance_policy, want);
+            assert_eq!(want.name(), name);
+        }
+        let text = format!("{EXAMPLE}crypto: {{compliancePolicy: pqc, requireAes256Gcm: true}}\n");
+        let c = Config::parse("n", &text).unwrap();
+        assert!(c.crypto.require_aes256_gcm);
+        // A misspelt value or field is refused, naming it.
+        for (bad, named) in [
+            ("crypto: {compliancePolicy: fips}", "fips"),
+            ("crypto: {compliancePolicy: PQC}", "PQC"),
+            ("crypto: {requireAes256: true}", "requireAes256"),
+        ] {
+            let e = Config::parse("n", &format!("{EXAMPLE}{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{bad}: {e}");
+        }
     }
 
     const POLICY: &str = r#"

@@ -15,7 +15,7 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
     pin::Pin,
-    sync::{Arc, Mutex, Weak, atomic::AtomicBool},
+    sync::{Arc, Mutex, RwLock, Weak, atomic::AtomicBool},
     time::Duration,
 };
 
@@ -31,7 +31,7 @@ use crate::{
     ca::{CertificateAuthority, DEFAULT_LEAF_TTL, LeafCert},
     config::{Tuning, Workload},
     datapath::Datapath,
-    handshake::{self, MeshSuite, driver},
+    handshake::{self, CryptoPolicy, HandshakeError, MeshCrypto, MeshSuite, driver},
     identity::{SpiffeId, TrustDomain},
     policy::FlowTls,
     relay, sys,
@@ -46,7 +46,7 @@ use self::{
     peek::FirstBytes,
     table::{
         Cancel, Direction, FlowCheck, FlowGuard, FlowInfo, FlowTable, InboundCheck, OutboundCheck,
-        Protection,
+        Protection, SessionCrypto,
     },
 };
 
@@ -85,6 +85,8 @@ pub struct Shared {
     /// accepts); see [`Shared::sample`].
     log_limiter: Mutex<LogLimiter>,
     log_flush_started: AtomicBool,
+    /// The node's crypto policy over the suites `offload` carries; see [`Shared::set_crypto`].
+    crypto: RwLock<Arc<MeshCrypto>>,
 }
 
 /// Per reason, the first [`LOG_BURST`] warnings of every [`LOG_INTERVAL`] are logged; the
@@ -100,8 +102,10 @@ impl Shared {
         tuning: Tuning,
         datapath: Datapath,
         policy: Enforcer,
+        crypto: CryptoPolicy,
     ) -> anyhow::Result<Self> {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
+        let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
         Ok(Self {
             trust_domain,
             ca,
@@ -114,6 +118,7 @@ impl Shared {
             credentials: Mutex::new(HashMap::new()),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
+            crypto: RwLock::new(Arc::new(crypto)),
         })
     }
 
@@ -161,11 +166,42 @@ impl Shared {
         });
     }
 
-    fn suites(&self) -> &[MeshSuite] {
-        match &self.offload {
-            Offload::Kernel(s) => s,
-            Offload::Userspace => MeshSuite::AES_GCM,
-        }
+    /// What mesh handshakes offer and accept now.
+    pub fn crypto(&self) -> Arc<MeshCrypto> {
+        Arc::clone(&self.crypto.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// `policy` over the suites this node's data path carries; an error if none is left.
+    pub fn resolve_crypto(
+        &self,
+        policy: CryptoPolicy,
+    ) -> Result<MeshCrypto, handshake::TlsConfigError> {
+        MeshCrypto::new(policy, suites(&self.offload))
+    }
+
+    /// Puts new crypto into effect: handshakes from now on use it, and every open flow whose
+    /// session it would not allow is closed (logged, `closed.crypto_policy`). Returns how many
+    /// were closed.
+    pub fn set_crypto(&self, crypto: MeshCrypto) -> usize {
+        let crypto = Arc::new(crypto);
+        *self.crypto.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&crypto);
+        // Configs are rebuilt on next use. `credentials` reads the policy under this lock, so
+        // none built under the old policy survives the clear.
+        self.credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.flows.revalidate(|info, check| {
+            let Some(why) = info.session.and_then(|s| s.refused_by(&crypto)) else {
+                return true;
+            };
+            let refused = Refused {
+                code: "crypto_policy",
+                reason: why,
+            };
+            Refusal::of(check, &info.pod).log_closed_by(self, "the new crypto policy", &refused);
+            false
+        })
     }
 
     /// The leaf and server config of a service account, minted on first use (24 h TTL).
@@ -182,7 +218,7 @@ impl Shared {
             &leaf,
             Arc::clone(&self.roots),
             &self.trust_domain,
-            self.suites(),
+            &self.crypto(),
         )?;
         let c = Arc::new(Credentials {
             leaf,
@@ -207,7 +243,7 @@ impl Shared {
             Arc::clone(&self.roots),
             &self.trust_domain,
             expected,
-            self.suites(),
+            &self.crypto(),
         )?;
         clients.insert(expected.clone(), Arc::clone(&c));
         Ok(c)
@@ -225,6 +261,14 @@ impl Shared {
 
     fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
         self.datapath.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The suites the data path carries.
+fn suites(offload: &Offload) -> &[MeshSuite] {
+    match offload {
+        Offload::Kernel(s) => s,
+        Offload::Userspace => MeshSuite::AES_GCM,
     }
 }
 
@@ -691,11 +735,15 @@ impl<'a> Refusal<'a> {
 
     /// An open flow a new generation no longer allows.
     fn log_closed(&self, shared: &Shared, generation: u64, refused: &Refused) {
+        self.log_closed_by(shared, &format!("policy generation {generation}"), refused);
+    }
+
+    fn log_closed_by(&self, shared: &Shared, by: &str, refused: &Refused) {
         shared.policy.count(format!("closed.{}", refused.code));
         if shared.sample("closed", refused.code) {
             warn!(
                 target: "interceptor::policy",
-                "closing {}: no longer allowed by policy generation {generation}: {} [{}]",
+                "closing {}: no longer allowed by {by}: {} [{}]",
                 self.describe(),
                 refused.reason,
                 refused.code,
@@ -714,6 +762,49 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+/// Why a mesh handshake failed, for the refusal log: a crypto mismatch this side detected is
+/// `crypto_mismatch` and names what this node offers; an abort by the peer names it too,
+/// since the peer's policy may be what refused it.
+fn handshake_refused(shared: &Shared, e: &driver::DriveError) -> Refused {
+    let crypto = shared.crypto();
+    match e {
+        driver::DriveError::Handshake(HandshakeError::NoCommonCrypto(_)) => Refused {
+            code: "crypto_mismatch",
+            reason: format!(
+                "mTLS handshake failed: {e}; this node's {} offers {}",
+                crypto.policy(),
+                crypto.offer()
+            ),
+        },
+        driver::DriveError::Handshake(HandshakeError::RefusedByPeer(
+            rustls::AlertDescription::HandshakeFailure,
+        )) => Refused {
+            code: "handshake_failed",
+            reason: format!(
+                "mTLS handshake failed: {e} (this node's {} offers {}; the peer's crypto policy \
+                 may not accept it)",
+                crypto.policy(),
+                crypto.offer()
+            ),
+        },
+        _ => Refused {
+            code: "handshake_failed",
+            reason: format!("mTLS handshake failed: {}", chain(e)),
+        },
+    }
+}
+
+/// A session negotiated under a crypto policy that changed during the handshake.
+fn crypto_refuses(shared: &Shared, negotiated: &handshake::Negotiated) -> Option<Refused> {
+    let reason = shared
+        .crypto()
+        .refuses(negotiated.suite.suite(), negotiated.group)?;
+    Some(Refused {
+        code: "crypto_policy",
+        reason,
+    })
 }
 
 /// Makes the close that follows send RST (curl: `000`, exit 56 or 52), then closes.
@@ -935,6 +1026,7 @@ async fn outbound<'a>(
         source: app_addr,
         peer_id: None,
         cipher: None,
+        session: None,
         protection: Protection::Plaintext,
         endpoint: Some(endpoint),
         reason: Some(reason),
@@ -992,18 +1084,27 @@ async fn outbound<'a>(
             {
                 Ok(est) => est,
                 Err(e) => {
-                    let refused = Refused {
-                        code: "handshake_failed",
-                        reason: format!("mTLS handshake failed: {}", chain(&e)),
-                    };
-                    refusal.log(shared, &refused);
+                    refusal.log(shared, &handshake_refused(shared, &e));
                     refuse_app(shared, app).await;
                     reset(peer);
                     return Ok(None);
                 }
             };
+            if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
+                refusal.log(shared, &refused);
+                refuse_app(shared, app).await;
+                reset(peer);
+                return Ok(None);
+            }
             flow.peer_id = Some(est.peer().to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+            flow.session = Some(SessionCrypto::mesh(&est.negotiated));
+            debug!(
+                target: "interceptor::access",
+                pod = %ctx.name, %dst, peer = %est.peer(), cipher = ?est.negotiated.suite.suite(),
+                group = est.negotiated.group_label().as_deref().unwrap_or("-"),
+                "outbound mTLS"
+            );
             Ok(relay_mesh(shared, flow, check, decided_by, app, peer, est))
         }
         Transport::Originate {
@@ -1031,6 +1132,7 @@ async fn outbound<'a>(
             flow.cipher = conn
                 .negotiated_cipher_suite()
                 .map(|s| format!("{:?}", s.suite()));
+            flow.session = SessionCrypto::originated(&conn);
             if !admitted_now(shared, decided_by, &check, &ctx.name) {
                 reset(app);
                 reset(peer);
@@ -1178,6 +1280,7 @@ async fn inbound<'a>(
         source,
         peer_id: None,
         cipher: None,
+        session: None,
         protection: Protection::Plaintext,
         endpoint: None,
         reason: None,
@@ -1206,17 +1309,18 @@ async fn inbound<'a>(
             {
                 Ok(est) => est,
                 Err(e) => {
-                    let refused = Refused {
-                        code: "handshake_failed",
-                        reason: format!("mTLS handshake failed: {}", chain(&e)),
-                    };
-                    refusal.log(shared, &refused);
+                    refusal.log(shared, &handshake_refused(shared, &e));
                     reset(client);
                     return Ok(None);
                 }
             };
             let peer = est.peer().clone();
             refusal.client = Some(&peer);
+            if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
+                refusal.log(shared, &refused);
+                reset(client);
+                return Ok(None);
+            }
             match generation.inbound(source, dst, Some(&peer)) {
                 Ok(code) => flow.reason = Some(code.to_owned()),
                 Err(refused) => {
@@ -1229,8 +1333,14 @@ async fn inbound<'a>(
             drop(generation);
             flow.peer_id = Some(peer.to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+            flow.session = Some(SessionCrypto::mesh(&est.negotiated));
             let app = dial(ctx, dst, Some(app_source)).await?;
-            debug!(pod = %ctx.name, %source, %peer, "inbound mTLS");
+            debug!(
+                target: "interceptor::access",
+                pod = %ctx.name, %source, %peer, cipher = ?est.negotiated.suite.suite(),
+                group = est.negotiated.group_label().as_deref().unwrap_or("-"),
+                "inbound mTLS"
+            );
             let check = FlowCheck::Inbound(InboundCheck {
                 source,
                 destination: dst,

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod apps;
+pub mod crypto;
 pub mod demo;
 pub mod flood;
 pub mod mesh;

@@ -58,6 +58,7 @@ const REQUIRED_HOST_TOOLS: &[&str] = &[
 /// resource limits). One per line, so parallel additions merge cleanly.
 const HOST_ONLY: &[&str] = &[
     "churn_e2e",
+    "crypto_e2e",
     "limits_e2e",
     "limits_flood",
     "relay_userspace",
