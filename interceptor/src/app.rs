@@ -16,11 +16,12 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, Request, Response},
     ca::Ca,
+    ca::renew::{RenewPolicy, SystemClock},
     config::{Config, KtlsMode, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::MeshSuite,
     intercept::{
-        self, Offload, PodHandle, Shared,
+        self, Identity, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
     },
     ktls, sys,
@@ -106,9 +107,17 @@ async fn start_with(
     datapath: Datapath,
     policy: Enforcer,
 ) -> anyhow::Result<Arc<Agent>> {
+    let identity = Identity {
+        renew: RenewPolicy {
+            ttl: config.identity.leaf_ttl.0,
+            fraction: f64::from(config.identity.renew_percent) / 100.0,
+        },
+        clock: Arc::new(SystemClock),
+    };
     let shared = Arc::new(Shared::new(
         config.trust_domain.clone(),
         Arc::new(ca),
+        identity,
         offload,
         config.tuning.clone(),
         datapath,
@@ -146,6 +155,7 @@ async fn start_with(
         .sync_policy()
         .context("policy for the enrolled pods")?;
     tokio::spawn(watch_policy(Arc::clone(&shared)));
+    tokio::spawn(renew_leaves(Arc::clone(&shared)));
     let pruned = shared
         .datapath
         .lock()
@@ -163,6 +173,20 @@ async fn start_with(
     info!(admin = %config.admin_socket.display(), "ready");
     Ok(agent)
 }
+
+/// Renews workload certificates that are due without waiting for a handshake to need them.
+/// The period is a monotonic timer, but what is due is decided on the wall clock, so after a
+/// clock jump the next sweep (and any handshake before it) catches up.
+async fn renew_leaves(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(RENEW_SWEEP).await;
+        let swept = Arc::clone(&shared);
+        let _ = tokio::task::spawn_blocking(move || swept.renew_due()).await;
+    }
+}
+
+/// How often [`renew_leaves`] looks; a leaf lives at least `MIN_LEAF_TTL` (minutes).
+const RENEW_SWEEP: Duration = Duration::from_secs(5);
 
 /// Polls the policy sources; a new generation is steered and every open inbound flow is
 /// decided again under it.

@@ -40,8 +40,14 @@ use crate::identity::{CertIdentityError, SpiffeId, TrustDomain};
 /// the built-in CA only generates a key and signs, which takes well under a millisecond; an
 /// implementation that talks to a remote CA should be driven from a blocking task.
 pub trait CertificateAuthority: Send + Sync {
-    /// Mints a certificate for `id` that is valid for `ttl` from now.
-    fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<LeafCert, CaError>;
+    /// Mints a certificate for `id` that is valid for `ttl` from `now` (the caller's wall
+    /// clock, so a test can move it), possibly clipped to the signer's own validity.
+    fn issue_at(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<LeafCert, CaError>;
+
+    /// [`CertificateAuthority::issue_at`] the system clock's current time.
+    fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<LeafCert, CaError> {
+        self.issue_at(id, ttl, SystemTime::now())
+    }
 
     /// The trust anchors peers' certificates must chain to.
     fn roots(&self) -> Vec<CertificateDer<'static>>;
@@ -52,6 +58,7 @@ pub struct Ca {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, KeyPair>,
     root: CertificateDer<'static>,
+    root_not_before: OffsetDateTime,
     root_not_after: OffsetDateTime,
 }
 
@@ -71,7 +78,9 @@ pub struct LeafCert {
     id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    not_before: SystemTime,
     not_after: SystemTime,
+    serial: Vec<u8>,
 }
 
 /// Why a CA could not be created, loaded or used.
@@ -144,6 +153,17 @@ pub enum CaError {
     /// The requested lifetime is zero or too large to represent.
     #[error("certificate lifetime {ttl:?} is not usable; pick between 1 second and 10 years")]
     InvalidTtl { ttl: Duration },
+    /// The signing certificate has expired, so nothing it signs would verify.
+    #[error(
+        "the signing CA certificate expired at {not_after} (now {now}); install a current signer"
+    )]
+    SignerExpired { not_after: When, now: When },
+    /// The signing certificate is not valid yet (or the clock is behind).
+    #[error(
+        "the signing CA certificate is not valid before {not_before} (now {now}); check the \
+         node's clock or install a current signer"
+    )]
+    SignerNotYetValid { not_before: When, now: When },
     /// A certificate handed to [`LeafCert::new`] has no usable identity.
     #[error("certificate carries no usable mesh identity")]
     LeafIdentity(#[source] CertIdentityError),
@@ -217,7 +237,10 @@ impl Ca {
     }
 
     fn generate_with_pem(trust_domain: &TrustDomain) -> Result<(Ca, String), CaError> {
-        let now = OffsetDateTime::now_utc();
+        // Whole seconds, as the certificate stores them, so the in-memory validity is the same.
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(
@@ -240,6 +263,7 @@ impl Ca {
         let pem = root.pem();
         let ca = Ca {
             trust_domain: trust_domain.clone(),
+            root_not_before: params.not_before,
             root_not_after: params.not_after,
             issuer: Issuer::new(params, key),
             root: root.into(),
@@ -277,6 +301,7 @@ impl Ca {
                 cert: cert_path,
             });
         }
+        let root_not_before = cert.validity().not_before.to_datetime();
         let root_not_after = cert.validity().not_after.to_datetime();
         if root_not_after <= OffsetDateTime::now_utc() {
             return Err(CaError::RootExpired {
@@ -291,6 +316,7 @@ impl Ca {
             trust_domain,
             issuer,
             root: root.into_owned(),
+            root_not_before,
             root_not_after,
         })
     }
@@ -298,6 +324,11 @@ impl Ca {
     /// The trust domain whose identities this CA signs.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
+    }
+
+    /// When the signing certificate expires; no leaf it issues outlives it.
+    pub fn not_after(&self) -> SystemTime {
+        self.root_not_after.into()
     }
 
     /// The root certificate, for building trust stores.
@@ -309,14 +340,26 @@ impl Ca {
 impl CertificateAuthority for Ca {
     /// Issues a leaf valid from 5 minutes ago (to absorb clock skew between nodes) until `ttl`
     /// from now, cut short to the root's own expiry.
-    fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<LeafCert, CaError> {
+    fn issue_at(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<LeafCert, CaError> {
         if id.trust_domain() != &self.trust_domain {
             return Err(CaError::ForeignTrustDomain {
                 id: id.clone(),
                 trust_domain: self.trust_domain.clone(),
             });
         }
-        let now = OffsetDateTime::now_utc();
+        let now = OffsetDateTime::from(now);
+        if now >= self.root_not_after {
+            return Err(CaError::SignerExpired {
+                not_after: When(self.root_not_after),
+                now: When(now),
+            });
+        }
+        if now < self.root_not_before {
+            return Err(CaError::SignerNotYetValid {
+                not_before: When(self.root_not_before),
+                now: When(now),
+            });
+        }
         let not_after = time::Duration::try_from(ttl)
             .ok()
             .filter(|ttl| ttl.whole_seconds() >= 1 && *ttl <= ROOT_LIFETIME)
@@ -381,12 +424,16 @@ impl LeafCert {
         let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| CaError::LeafCertificate {
             reason: e.to_string(),
         })?;
+        let not_before = cert.validity().not_before.to_datetime().into();
         let not_after = cert.validity().not_after.to_datetime().into();
+        let serial = cert.raw_serial().to_vec();
         Ok(LeafCert {
             id,
             chain,
             key,
+            not_before,
             not_after,
+            serial,
         })
     }
 
@@ -409,6 +456,17 @@ impl LeafCert {
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
+
+    /// When the leaf starts being valid (backdated a little at issuance for clock skew).
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// The certificate serial number in hex, which tells two leaves of one identity apart in
+    /// logs.
+    pub fn serial_hex(&self) -> String {
+        self.serial.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl Drop for LeafCert {
@@ -423,12 +481,33 @@ impl fmt::Debug for LeafCert {
             .field("id", &self.id)
             .field("chain_len", &self.chain.len())
             .field("not_after", &self.not_after)
+            .field("serial", &self.serial_hex())
             .field("key", &"<redacted>")
             .finish()
     }
 }
 
 // === helpers ===
+
+/// A point in time shown as RFC 3339 UTC (`2026-12-06T05:42:14Z`) in messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct When(pub OffsetDateTime);
+
+impl fmt::Display for When {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.0.to_offset(time::UtcOffset::UTC);
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    }
+}
 
 /// Reads the root key, checking permissions on the open file so the check and the read see the
 /// same inode.
@@ -573,6 +652,8 @@ const CERT_MODE: u32 = 0o644;
 /// Backdating of `notBefore`, so a peer whose clock runs a little behind still accepts us.
 const CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
 const ROOT_LIFETIME: time::Duration = time::Duration::days(3650);
+
+pub mod renew;
 
 #[cfg(test)]
 mod tests;

@@ -14,8 +14,8 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
     pin::Pin,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -24,7 +24,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::{
-    ca::{CertificateAuthority, DEFAULT_LEAF_TTL, LeafCert},
+    ca::{
+        CertificateAuthority, LeafCert,
+        renew::{Clock, HoldsLeaf, LeafStore, RenewPolicy},
+    },
     config::{Tuning, Workload},
     datapath::Datapath,
     handshake::{self, MeshSuite, driver},
@@ -60,28 +63,51 @@ pub enum Offload {
 struct Credentials {
     leaf: LeafCert,
     server: Arc<ServerConfig>,
+    /// The trust store the configs were built with (client configs are built lazily).
+    roots: Arc<rustls::RootCertStore>,
     /// Client configs by expected server identity (the verifier pins it).
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl HoldsLeaf for Credentials {
+    fn leaf(&self) -> &LeafCert {
+        &self.leaf
+    }
+}
+
+/// The CA material in effect: the signer and the trust bundle, replaced as a whole when the
+/// files in `caDir` change.
+pub struct Material {
+    pub ca: Arc<dyn CertificateAuthority>,
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Bumped on every replacement; credentials minted under an older one are renewed.
+    pub generation: u64,
+}
+
+/// How workload certificates are renewed, and the wall clock that decides it.
+pub struct Identity {
+    pub renew: RenewPolicy,
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Everything the flow handlers share.
 pub struct Shared {
     pub trust_domain: TrustDomain,
-    pub ca: Arc<dyn CertificateAuthority>,
-    pub roots: Arc<rustls::RootCertStore>,
+    material: RwLock<Arc<Material>>,
     pub offload: Offload,
     pub tuning: Tuning,
     pub datapath: Mutex<Datapath>,
     /// Istio security policy: the current generation and how to load the next.
     pub policy: Enforcer,
     pub flows: FlowTable,
-    credentials: Mutex<HashMap<SpiffeId, Arc<Credentials>>>,
+    credentials: LeafStore<Credentials>,
 }
 
 impl Shared {
     pub fn new(
         trust_domain: TrustDomain,
         ca: Arc<dyn CertificateAuthority>,
+        identity: Identity,
         offload: Offload,
         tuning: Tuning,
         datapath: Datapath,
@@ -90,14 +116,45 @@ impl Shared {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
         Ok(Self {
             trust_domain,
-            ca,
-            roots,
+            material: RwLock::new(Arc::new(Material {
+                ca,
+                roots,
+                generation: 0,
+            })),
             offload,
             tuning,
             datapath: Mutex::new(datapath),
             policy,
             flows: FlowTable::default(),
-            credentials: Mutex::new(HashMap::new()),
+            credentials: LeafStore::new(identity.clock, identity.renew),
+        })
+    }
+
+    /// The signer and trust bundle new handshakes use.
+    pub fn material(&self) -> Arc<Material> {
+        Arc::clone(&self.material.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts new CA material into effect: every identity's leaf is reissued by the new signer
+    /// and its configs rebuilt on the new bundle at its next handshake (or sweep). Open flows
+    /// are untouched. Fails, keeping the current material, if the bundle is unusable.
+    pub fn replace_ca(&self, ca: Arc<dyn CertificateAuthority>) -> anyhow::Result<u64> {
+        let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
+        let mut material = self.material.write().unwrap_or_else(|p| p.into_inner());
+        let generation = material.generation + 1;
+        *material = Arc::new(Material {
+            ca,
+            roots,
+            generation,
+        });
+        Ok(generation)
+    }
+
+    /// Renews every leaf that is due or was minted under older material; returns how many.
+    pub fn renew_due(&self) -> usize {
+        let material = self.material();
+        self.credentials.sweep(material.generation, |id, now, ttl| {
+            self.mint(&material, id, now, ttl)
         })
     }
 
@@ -108,29 +165,42 @@ impl Shared {
         }
     }
 
-    /// The leaf and server config of a service account, minted on first use (24 h TTL).
+    /// The leaf and server config of a service account, current at this moment: minted on
+    /// first use and renewed when due, when the CA material changed, or when the wall clock is
+    /// outside the leaf's validity (see `ca::renew`). A handshake never presents a leaf that is
+    /// not valid now; with none left and the CA failing, the flow is refused.
     fn credentials(&self, id: &SpiffeId) -> anyhow::Result<Arc<Credentials>> {
-        let mut map = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(id) {
-            return Ok(Arc::clone(c));
-        }
-        let leaf = self
+        let material = self.material();
+        self.credentials
+            .get(id, material.generation, |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            })
+            .map_err(|e| e.context(format!("credentials of {id}")))
+    }
+
+    fn mint(
+        &self,
+        material: &Material,
+        id: &SpiffeId,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> anyhow::Result<Credentials> {
+        let leaf = material
             .ca
-            .issue(id, DEFAULT_LEAF_TTL)
+            .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
         let server = handshake::server_config(
             &leaf,
-            Arc::clone(&self.roots),
+            Arc::clone(&material.roots),
             &self.trust_domain,
             self.suites(),
         )?;
-        let c = Arc::new(Credentials {
+        Ok(Credentials {
             leaf,
             server,
+            roots: Arc::clone(&material.roots),
             clients: Mutex::new(HashMap::new()),
-        });
-        map.insert(id.clone(), Arc::clone(&c));
-        Ok(c)
+        })
     }
 
     fn client_config(
@@ -144,7 +214,7 @@ impl Shared {
         }
         let c = handshake::client_config(
             &me.leaf,
-            Arc::clone(&self.roots),
+            Arc::clone(&me.roots),
             &self.trust_domain,
             expected,
             self.suites(),
