@@ -11,12 +11,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Request, Response},
-    ca::Ca,
     ca::renew::{RenewPolicy, SystemClock},
+    ca::{self, Ca, CertificateAuthority as _},
     config::{Config, KtlsMode, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::MeshSuite,
@@ -83,8 +83,14 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     // A policy that does not load refuses the start before anything is attached.
     let policy = Enforcer::load(&config)?;
     let offload = offload(config.ktls)?;
-    let ca =
-        Ca::load(&config.ca_dir).with_context(|| format!("CA in {}", config.ca_dir.display()))?;
+    let ca_seen = ca_fingerprint(&config.ca_dir);
+    let ca = Ca::load_for(
+        &config.ca_dir,
+        Some(&config.trust_domain),
+        std::time::SystemTime::now(),
+    )
+    .with_context(|| format!("CA in {}", config.ca_dir.display()))?;
+    report_ca(&ca, "loaded");
     if let Some(parent) = config.bpffs.parent() {
         sys::ensure_bpffs(parent)
             .with_context(|| format!("mount bpffs at {}", parent.display()))?;
@@ -97,7 +103,14 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
     }
-    start_with(config, offload, ca, datapath, policy).await
+    let agent = start_with(config.clone(), offload, ca, datapath, policy).await?;
+    tokio::spawn(watch_ca(
+        Arc::clone(&agent.shared),
+        config.ca_dir.clone(),
+        Duration::from_millis(config.identity.ca_poll_ms),
+        ca_seen,
+    ));
+    Ok(agent)
 }
 
 async fn start_with(
@@ -187,6 +200,112 @@ async fn renew_leaves(shared: Arc<Shared>) {
 
 /// How often [`renew_leaves`] looks; a leaf lives at least `MIN_LEAF_TTL` (minutes).
 const RENEW_SWEEP: Duration = Duration::from_secs(5);
+
+/// What the agent last saw of the CA directory: a hash of each file's contents (or its
+/// absence). Hashes, not contents, so no copy of the key stays around.
+type CaFingerprint = Vec<Option<u64>>;
+
+fn ca_fingerprint(dir: &Path) -> CaFingerprint {
+    use std::hash::{Hash as _, Hasher as _};
+    ca::CA_FILES
+        .iter()
+        .map(|name| {
+            let bytes = zeroize::Zeroizing::new(std::fs::read(dir.join(name)).ok()?);
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            Some(h.finish())
+        })
+        .collect()
+}
+
+/// Logs what the agent signs with and trusts, and warns about what expires soon.
+fn report_ca(ca: &Ca, what: &str) {
+    let now = std::time::SystemTime::now();
+    info!(
+        signer = %ca.signer().subject,
+        signer_expires_in_days = ca
+            .not_after()
+            .duration_since(now)
+            .unwrap_or_default()
+            .as_secs()
+            / 86_400,
+        roots = ca.roots().len(),
+        trust_domain = %ca.trust_domain(),
+        "CA material {what}"
+    );
+    for w in ca.expiry_warnings(now) {
+        warn!("{w}");
+    }
+}
+
+/// Watches the CA directory and puts changed material into effect without a restart: new
+/// handshakes use leaves of the new signer and trust exactly the new bundle, open flows are
+/// untouched. Material that does not load (a half-copied set of files, an expired signer, a
+/// chain the bundle does not trust) is refused with the reason, and the previous material
+/// stays in effect; it is tried again on every poll until it loads or changes back. Expiry
+/// warnings are repeated hourly.
+async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: CaFingerprint) {
+    let mut failed: Option<String> = None;
+    let mut warned = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let d = dir.clone();
+        let td = shared.trust_domain.clone();
+        let prev = seen.clone();
+        let retry = failed.is_some();
+        let Ok(polled) = tokio::task::spawn_blocking(move || {
+            let now = ca_fingerprint(&d);
+            if now == prev && !retry {
+                return (now, None);
+            }
+            let loaded = Ca::load_for(&d, Some(&td), std::time::SystemTime::now());
+            (now, Some(loaded))
+        })
+        .await
+        else {
+            continue;
+        };
+        match polled {
+            (_, None) => {
+                if warned.elapsed() >= Duration::from_secs(3600) {
+                    warned = tokio::time::Instant::now();
+                    let m = shared.material();
+                    for w in m.ca.expiry_warnings(std::time::SystemTime::now()) {
+                        warn!("{w}");
+                    }
+                }
+            }
+            (now, Some(Ok(ca))) => {
+                report_ca(&ca, "reloaded");
+                match shared.replace_ca(Arc::new(ca)) {
+                    Ok(generation) => {
+                        seen = now;
+                        failed = None;
+                        let renewed = shared.renew_due();
+                        info!(
+                            generation,
+                            renewed, "new CA material in effect for new handshakes"
+                        );
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        if failed.as_ref() != Some(&msg) {
+                            error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
+                        }
+                        failed = Some(msg);
+                    }
+                }
+            }
+            (_, Some(Err(e))) => {
+                let msg = e.to_string();
+                if failed.as_ref() != Some(&msg) {
+                    error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
+                }
+                failed = Some(msg);
+            }
+        }
+    }
+}
 
 /// Polls the policy sources; a new generation is steered and every open inbound flow is
 /// decided again under it.
