@@ -380,6 +380,12 @@ impl Agent {
         &self.shared.offload
     }
 
+    /// The generation of the CA material in force: 0 as loaded at start, one more with every
+    /// reload of `caDir` that was put into effect.
+    pub fn ca_generation(&self) -> u64 {
+        self.shared.material().generation
+    }
+
     /// The number of the policy generation in force; it grows by one with every applied change
     /// (policy files, enrollments).
     pub fn policy_generation(&self) -> u64 {

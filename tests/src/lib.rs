@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod apps;
 pub mod demo;
+pub mod identity;
 pub mod mesh;
 pub mod pair;
 pub mod scenario;
