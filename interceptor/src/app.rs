@@ -194,7 +194,8 @@ async fn renew_leaves(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(RENEW_SWEEP).await;
         let swept = Arc::clone(&shared);
-        let _ = tokio::task::spawn_blocking(move || swept.renew_due()).await;
+        // A little ahead, so the handshakes between two sweeps rarely find a leaf due.
+        let _ = tokio::task::spawn_blocking(move || swept.renew_due(RENEW_SWEEP * 2)).await;
     }
 }
 
@@ -277,15 +278,17 @@ async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: 
             }
             (now, Some(Ok(ca))) => {
                 report_ca(&ca, "reloaded");
-                match shared.replace_ca(Arc::new(ca)) {
+                let s = Arc::clone(&shared);
+                let Ok(replaced) =
+                    tokio::task::spawn_blocking(move || s.replace_ca(Arc::new(ca))).await
+                else {
+                    continue;
+                };
+                match replaced {
                     Ok(generation) => {
                         seen = now;
                         failed = None;
-                        let renewed = shared.renew_due();
-                        info!(
-                            generation,
-                            renewed, "new CA material in effect for new handshakes"
-                        );
+                        info!(generation, "new CA material in effect for new handshakes");
                     }
                     Err(e) => {
                         let msg = format!("{e:#}");

@@ -140,22 +140,32 @@ impl Shared {
     /// are untouched. Fails, keeping the current material, if the bundle is unusable.
     pub fn replace_ca(&self, ca: Arc<dyn CertificateAuthority>) -> anyhow::Result<u64> {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
-        let mut material = self.material.write().unwrap_or_else(|p| p.into_inner());
-        let generation = material.generation + 1;
-        *material = Arc::new(Material {
+        let generation = self.material().generation + 1;
+        let material = Arc::new(Material {
             ca,
             roots,
             generation,
         });
+        // Mint under the new material before publishing it, so the handshakes right after a
+        // reload do not each wait for a key generation (the peer may be timing our first
+        // bytes). A handshake that still sees the old material keeps using these.
+        let minted = self
+            .credentials
+            .sweep(generation, Duration::ZERO, |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            });
+        *self.material.write().unwrap_or_else(|p| p.into_inner()) = material;
+        debug!(generation, minted, "CA material replaced");
         Ok(generation)
     }
 
-    /// Renews every leaf that is due or was minted under older material; returns how many.
-    pub fn renew_due(&self) -> usize {
+    /// Renews every leaf due within `ahead` or minted under older material; returns how many.
+    pub fn renew_due(&self, ahead: Duration) -> usize {
         let material = self.material();
-        self.credentials.sweep(material.generation, |id, now, ttl| {
-            self.mint(&material, id, now, ttl)
-        })
+        self.credentials
+            .sweep(material.generation, ahead, |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            })
     }
 
     fn suites(&self) -> &[MeshSuite] {

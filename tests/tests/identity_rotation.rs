@@ -160,8 +160,14 @@ fn staggered_root_rotation_loses_no_request_and_no_open_flow() {
     );
     c1.ca_dir = ca1.clone();
     c2.ca_dir = ca2.clone();
-    c1.identity.ca_poll_ms = 100;
-    c2.identity.ca_poll_ms = 100;
+    for c in [&mut c1, &mut c2] {
+        c.identity.ca_poll_ms = 100;
+        if in_vm() {
+            // The VM emulates its CPU: a mesh client's first ClientHello can take longer than
+            // the default wait for a silent (server-speaks-first) plaintext client.
+            c.tuning.first_byte_wait_ms = 2_000;
+        }
+    }
     let agent1 = RunningAgent::start(c1);
     let agent2 = RunningAgent::start(c2);
 
@@ -222,6 +228,25 @@ fn staggered_root_rotation_loses_no_request_and_no_open_flow() {
 
     check("before", &mut flow);
     assert!(chains_to(&root_a) && !chains_to(&root_b));
+
+    // A bad change (a bundle cut in half) is refused; the previous material stays in effect
+    // and is reloaded once the file is whole again.
+    let good = pem(&ca1, "root-cert.pem");
+    let before = agent1.agent.ca_generation();
+    write_atomic(
+        &ca1.join("root-cert.pem"),
+        &good.as_bytes()[..good.len() / 2],
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        agent1.agent.ca_generation(),
+        before,
+        "a truncated bundle was put into effect"
+    );
+    check("bad bundle on node1", &mut flow);
+    write_atomic(&ca1.join("root-cert.pem"), good.as_bytes());
+    wait_reload(&agent1.agent, before, "bundle repaired");
+    check("bundle repaired", &mut flow);
 
     let steps: [(&str, &Path, &RunningAgent, &dyn Fn()); 6] = [
         ("(a) node1 trusts A+B", &ca1, &agent1, &|| {

@@ -185,6 +185,17 @@ impl<T: HoldsLeaf> LeafStore<T> {
         material: u64,
         make: impl FnOnce(&SpiffeId, SystemTime, Duration) -> Result<T, E>,
     ) -> Result<Arc<T>, E> {
+        self.get_ahead(id, material, Duration::ZERO, make)
+    }
+
+    /// [`LeafStore::get`], treating a leaf as due `ahead` before its renewal point.
+    fn get_ahead<E: std::fmt::Display>(
+        &self,
+        id: &SpiffeId,
+        material: u64,
+        ahead: Duration,
+        make: impl FnOnce(&SpiffeId, SystemTime, Duration) -> Result<T, E>,
+    ) -> Result<Arc<T>, E> {
         let now = self.clock.now();
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let reason = match slots.get(id) {
@@ -193,9 +204,9 @@ impl<T: HoldsLeaf> LeafStore<T> {
                 let valid = presentable(slot.current.leaf(), now);
                 let reason = if !valid {
                     Reason::NotValidNow
-                } else if slot.material != material {
+                } else if slot.material < material {
                     Reason::NewMaterial
-                } else if now >= slot.renew_at {
+                } else if now + ahead >= slot.renew_at {
                     Reason::Due
                 } else {
                     return Ok(Arc::clone(&slot.current));
@@ -263,11 +274,13 @@ impl<T: HoldsLeaf> LeafStore<T> {
         }
     }
 
-    /// Renews every held leaf that is due (the periodic sweep), so renewal does not wait for
-    /// the next handshake. Returns how many were replaced.
+    /// Renews every held leaf that is due within `ahead` or was minted under older material
+    /// than `material` (the periodic sweep, and the step before new CA material is published),
+    /// so handshakes rarely wait for a key generation. Returns how many were replaced.
     pub fn sweep<E: std::fmt::Display>(
         &self,
         material: u64,
+        ahead: Duration,
         mut make: impl FnMut(&SpiffeId, SystemTime, Duration) -> Result<T, E>,
     ) -> usize {
         let held: Vec<(SpiffeId, Arc<T>)> = {
@@ -279,7 +292,7 @@ impl<T: HoldsLeaf> LeafStore<T> {
         };
         let mut renewed = 0;
         for (id, before) in held {
-            if let Ok(now) = self.get(&id, material, &mut make)
+            if let Ok(now) = self.get_ahead(&id, material, ahead, &mut make)
                 && !Arc::ptr_eq(&now, &before)
             {
                 renewed += 1;

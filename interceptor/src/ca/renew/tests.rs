@@ -173,19 +173,18 @@ fn sweep_renews_only_what_is_due() {
         .get(&other, 0, |id: &SpiffeId, now, ttl| ca.make(id, now, ttl))
         .unwrap();
     clock.advance(11 * HOUR);
-    assert_eq!(
-        store.sweep(0, |id: &SpiffeId, now, ttl| ca.make(id, now, ttl)),
-        1
-    );
-    assert_eq!(
-        store.sweep(0, |id: &SpiffeId, now, ttl| ca.make(id, now, ttl)),
-        0
-    );
-    // New CA material renews everything at once.
-    assert_eq!(
-        store.sweep(1, |id: &SpiffeId, now, ttl| ca.make(id, now, ttl)),
-        2
-    );
+    let make = |id: &SpiffeId, now, ttl| ca.make(id, now, ttl);
+    assert_eq!(store.sweep(0, Duration::ZERO, make), 1);
+    assert_eq!(store.sweep(0, Duration::ZERO, make), 0);
+    // Renewing a little ahead: the other leaf is due in an hour.
+    assert_eq!(store.sweep(0, Duration::from_secs(60), make), 0);
+    assert_eq!(store.sweep(0, HOUR, make), 1);
+    // New CA material renews everything at once...
+    assert_eq!(store.sweep(1, Duration::ZERO, make), 2);
+    // ...and a handshake still holding the previous material does not undo it.
+    let issued = ca.issued.load(Ordering::SeqCst);
+    store.get(&web(), 0, make).unwrap();
+    assert_eq!(ca.issued.load(Ordering::SeqCst), issued);
 }
 
 #[test]
