@@ -15,12 +15,13 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Request, Response},
-    ca::Ca,
+    ca::renew::{RenewPolicy, SystemClock},
+    ca::{self, Ca, CertificateAuthority as _},
     config::{self, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::{CryptoPolicy, MeshSuite},
     intercept::{
-        self, Offload, PodHandle, Shared,
+        self, Identity, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
     },
     ktls, sys,
@@ -101,8 +102,14 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     // A policy that does not load refuses the start before anything is attached.
     let policy = Enforcer::load(&config)?;
     let offload = offload(config.ktls)?;
-    let ca =
-        Ca::load(&config.ca_dir).with_context(|| format!("CA in {}", config.ca_dir.display()))?;
+    let ca_seen = ca_fingerprint(&config.ca_dir);
+    let ca = Ca::load_for(
+        &config.ca_dir,
+        Some(&config.trust_domain),
+        std::time::SystemTime::now(),
+    )
+    .with_context(|| format!("CA in {}", config.ca_dir.display()))?;
+    report_ca(&ca, "loaded");
     if let Some(parent) = config.bpffs.parent() {
         sys::ensure_bpffs(parent)
             .with_context(|| format!("mount bpffs at {}", parent.display()))?;
@@ -115,7 +122,14 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
     }
-    start_with(config, offload, ca, datapath, policy).await
+    let agent = start_with(config.clone(), offload, ca, datapath, policy).await?;
+    tokio::spawn(watch_ca(
+        Arc::clone(&agent.shared),
+        config.ca_dir.clone(),
+        Duration::from_millis(config.identity.ca_poll_ms),
+        ca_seen,
+    ));
+    Ok(agent)
 }
 
 async fn start_with(
@@ -125,9 +139,17 @@ async fn start_with(
     datapath: Datapath,
     policy: Enforcer,
 ) -> anyhow::Result<Arc<Agent>> {
+    let identity = Identity {
+        renew: RenewPolicy {
+            ttl: config.identity.leaf_ttl.0,
+            fraction: f64::from(config.identity.renew_percent) / 100.0,
+        },
+        clock: Arc::new(SystemClock),
+    };
     let shared = Arc::new(Shared::new(
         config.trust_domain.clone(),
         Arc::new(ca),
+        identity,
         offload,
         config.tuning.clone(),
         datapath,
@@ -181,6 +203,7 @@ async fn start_with(
         .sync_policy()
         .context("policy for the enrolled pods")?;
     tokio::spawn(watch_policy(Arc::clone(&shared)));
+    tokio::spawn(renew_leaves(Arc::clone(&shared)));
     let (keep_cgroups, keep_netns) = agent.stale_pins();
     let pruned = shared
         .datapath
@@ -200,6 +223,129 @@ async fn start_with(
     tokio::spawn(admin::serve(listener, Arc::clone(&agent)));
     info!(admin = %config.admin_socket.display(), "ready");
     Ok(agent)
+}
+
+/// Renews workload certificates that are due without waiting for a handshake to need them.
+/// The period is a monotonic timer, but what is due is decided on the wall clock, so after a
+/// clock jump the next sweep (and any handshake before it) catches up.
+async fn renew_leaves(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(RENEW_SWEEP).await;
+        let swept = Arc::clone(&shared);
+        // A little ahead, so the handshakes between two sweeps rarely find a leaf due.
+        let _ = tokio::task::spawn_blocking(move || swept.renew_due(RENEW_SWEEP * 2)).await;
+    }
+}
+
+/// How often [`renew_leaves`] looks; a leaf lives at least `MIN_LEAF_TTL` (minutes).
+const RENEW_SWEEP: Duration = Duration::from_secs(5);
+
+/// What the agent last saw of the CA directory: a hash of each file's contents (or its
+/// absence). Hashes, not contents, so no copy of the key stays around.
+type CaFingerprint = Vec<Option<u64>>;
+
+fn ca_fingerprint(dir: &Path) -> CaFingerprint {
+    use std::hash::{Hash as _, Hasher as _};
+    ca::CA_FILES
+        .iter()
+        .map(|name| {
+            let bytes = zeroize::Zeroizing::new(std::fs::read(dir.join(name)).ok()?);
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            Some(h.finish())
+        })
+        .collect()
+}
+
+/// Logs what the agent signs with and trusts, and warns about what expires soon.
+fn report_ca(ca: &Ca, what: &str) {
+    let now = std::time::SystemTime::now();
+    info!(
+        signer = %ca.signer().subject,
+        signer_expires_in_days = ca
+            .not_after()
+            .duration_since(now)
+            .unwrap_or_default()
+            .as_secs()
+            / 86_400,
+        roots = ca.roots().len(),
+        trust_domain = %ca.trust_domain(),
+        "CA material {what}"
+    );
+    for w in ca.expiry_warnings(now) {
+        warn!("{w}");
+    }
+}
+
+/// Watches the CA directory and puts changed material into effect without a restart: new
+/// handshakes use leaves of the new signer and trust exactly the new bundle, open flows are
+/// untouched. Material that does not load (a half-copied set of files, an expired signer, a
+/// chain the bundle does not trust) is refused with the reason, and the previous material
+/// stays in effect; it is tried again on every poll until it loads or changes back. Expiry
+/// warnings are repeated hourly.
+async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: CaFingerprint) {
+    let mut failed: Option<String> = None;
+    let mut warned = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let d = dir.clone();
+        let td = shared.trust_domain.clone();
+        let prev = seen.clone();
+        let retry = failed.is_some();
+        let Ok(polled) = tokio::task::spawn_blocking(move || {
+            let now = ca_fingerprint(&d);
+            if now == prev && !retry {
+                return (now, None);
+            }
+            let loaded = Ca::load_for(&d, Some(&td), std::time::SystemTime::now());
+            (now, Some(loaded))
+        })
+        .await
+        else {
+            continue;
+        };
+        match polled {
+            (_, None) => {
+                if warned.elapsed() >= Duration::from_secs(3600) {
+                    warned = tokio::time::Instant::now();
+                    let m = shared.material();
+                    for w in m.ca.expiry_warnings(std::time::SystemTime::now()) {
+                        warn!("{w}");
+                    }
+                }
+            }
+            (now, Some(Ok(ca))) => {
+                report_ca(&ca, "reloaded");
+                let s = Arc::clone(&shared);
+                let Ok(replaced) =
+                    tokio::task::spawn_blocking(move || s.replace_ca(Arc::new(ca))).await
+                else {
+                    continue;
+                };
+                match replaced {
+                    Ok(generation) => {
+                        seen = now;
+                        failed = None;
+                        info!(generation, "new CA material in effect for new handshakes");
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        if failed.as_ref() != Some(&msg) {
+                            error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
+                        }
+                        failed = Some(msg);
+                    }
+                }
+            }
+            (_, Some(Err(e))) => {
+                let msg = e.to_string();
+                if failed.as_ref() != Some(&msg) {
+                    error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
+                }
+                failed = Some(msg);
+            }
+        }
+    }
 }
 
 /// Polls the policy sources; a new generation is steered and every open inbound flow is
@@ -366,6 +512,12 @@ impl Agent {
         applied(&self.shared, &old.steer, &new);
         info!(closed, "crypto policy applied: {policy}");
         Ok(closed)
+    }
+
+    /// The generation of the CA material in force: 0 as loaded at start, one more with every
+    /// reload of `caDir` that was put into effect.
+    pub fn ca_generation(&self) -> u64 {
+        self.shared.material().generation
     }
 
     /// The number of the policy generation in force; it grows by one with every applied change

@@ -128,7 +128,106 @@ pub struct Config {
     pub cluster_domain: String,
     #[serde(default)]
     pub tuning: Tuning,
+    /// Workload certificate lifetime and renewal, and how the CA files are watched.
+    #[serde(default)]
+    pub identity: IdentitySettings,
 }
+
+/// `identity:` of the node config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct IdentitySettings {
+    /// Lifetime of workload certificates, such as `24h`, `90m`, `7d` or `1h30m`.
+    pub leaf_ttl: Ttl,
+    /// Renew a leaf once this share of its lifetime (in percent) has passed.
+    pub renew_percent: u8,
+    /// How often the agent looks for changes in the files of `caDir`.
+    pub ca_poll_ms: u64,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            leaf_ttl: Ttl(crate::ca::DEFAULT_LEAF_TTL),
+            renew_percent: 50,
+            ca_poll_ms: 1_000,
+        }
+    }
+}
+
+/// A lifetime written as a sequence of `<number><unit>` with units `d`, `h`, `m`, `s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Ttl(pub std::time::Duration);
+
+impl TryFrom<String> for Ttl {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<Ttl> for String {
+    fn from(ttl: Ttl) -> String {
+        ttl.to_string()
+    }
+}
+
+impl std::str::FromStr for Ttl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("`{text}` is not a duration such as `24h`, `90m`, `7d` or `1h30m`");
+        let mut total: u64 = 0;
+        let mut digits = String::new();
+        for c in text.trim().chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            let unit = match c {
+                'd' => 86_400,
+                'h' => 3_600,
+                'm' => 60,
+                's' => 1,
+                _ => return Err(bad()),
+            };
+            let n: u64 = digits.parse().map_err(|_| bad())?;
+            digits.clear();
+            total = n
+                .checked_mul(unit)
+                .and_then(|v| total.checked_add(v))
+                .ok_or_else(bad)?;
+        }
+        if !digits.is_empty() || total == 0 {
+            return Err(bad());
+        }
+        Ok(Ttl(std::time::Duration::from_secs(total)))
+    }
+}
+
+impl std::fmt::Display for Ttl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut secs = self.0.as_secs();
+        if secs == 0 {
+            return f.write_str("0s");
+        }
+        for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+            if secs >= size {
+                write!(f, "{}{unit}", secs / size)?;
+                secs %= size;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shortest leaf lifetime: long enough that renewal at half-life is not a storm, short enough
+/// that a test can watch rotation on a real clock.
+pub const MIN_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+/// Longest leaf lifetime: leaves are not revocable, so they stay short-lived.
+pub const MAX_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
 
 /// Knobs with safe defaults; the benchmark decides the defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +396,24 @@ impl Config {
                 "tuning: maxConnectionsPerPod and maxPendingHandshakesPerPod must be at least 1"
                     .to_owned(),
             );
+        }
+        let id = &self.identity;
+        if id.leaf_ttl.0 < MIN_LEAF_TTL || id.leaf_ttl.0 > MAX_LEAF_TTL {
+            return Err(format!(
+                "identity.leafTtl: {} is outside {} to {}",
+                id.leaf_ttl,
+                Ttl(MIN_LEAF_TTL),
+                Ttl(MAX_LEAF_TTL)
+            ));
+        }
+        if !(10..=90).contains(&id.renew_percent) {
+            return Err(format!(
+                "identity.renewPercent: {} is outside 10 to 90",
+                id.renew_percent
+            ));
+        }
+        if id.ca_poll_ms == 0 {
+            return Err("identity.caPollMs: must be at least 1".to_owned());
         }
         Ok(())
     }
@@ -533,6 +650,15 @@ peers:
         let c = Config::parse("README.md", &text).unwrap();
         assert_eq!(c.tuning, Tuning::default());
         assert_eq!(c.bpffs, default_bpffs());
+        let block = readme
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .find(|b| b.contains("identity:"))
+            .expect("README has a yaml block with `identity:`");
+        let text = format!("trustDomain: cluster.local\ncaDir: /ca\n{block}");
+        let c = Config::parse("README.md", &text).unwrap();
+        assert_eq!(c.identity, IdentitySettings::default());
     }
 
     #[test]
@@ -795,5 +921,39 @@ tuning:
             .replace("{port: 27017}", "{port: 8000}");
         let e = Config::parse("n", &twice).unwrap_err().to_string();
         assert!(e.contains("10.96.0.20:8000"), "{e}");
+    }
+
+    #[test]
+    fn identity_knobs_parse_with_bounds() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.identity, IdentitySettings::default());
+        assert_eq!(
+            c.identity.leaf_ttl.0,
+            std::time::Duration::from_secs(86_400)
+        );
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}identity:\n{yaml}"));
+        let c = with("  leafTtl: 1h30m\n  renewPercent: 60\n").unwrap();
+        assert_eq!(c.identity.leaf_ttl.0.as_secs(), 5_400);
+        assert_eq!(c.identity.leaf_ttl.to_string(), "1h30m");
+        assert_eq!(c.identity.renew_percent, 60);
+        for (yaml, field) in [
+            (
+                "  leafTtl: 4m\n",
+                "identity.leafTtl: 4m is outside 5m to 90d",
+            ),
+            ("  leafTtl: 91d\n", "identity.leafTtl"),
+            ("  leafTtl: 24\n", "`24` is not a duration"),
+            ("  leafTtl: 1x\n", "`1x` is not a duration"),
+            ("  leafTtl: h\n", "`h` is not a duration"),
+            (
+                "  renewPercent: 95\n",
+                "identity.renewPercent: 95 is outside 10 to 90",
+            ),
+            ("  caPollMs: 0\n", "identity.caPollMs"),
+            ("  leafTTL: 1h\n", "leafTTL"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
     }
 }

@@ -15,8 +15,11 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
     pin::Pin,
-    sync::{Arc, Mutex, RwLock, Weak, atomic::AtomicBool},
-    time::Duration,
+    sync::{
+        Arc, Mutex, RwLock, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -28,7 +31,10 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    ca::{CertificateAuthority, DEFAULT_LEAF_TTL, LeafCert},
+    ca::{
+        CertificateAuthority, LeafCert,
+        renew::{Clock, HoldsLeaf, LeafStore, RenewPolicy},
+    },
     config::{Tuning, Workload},
     datapath::Datapath,
     handshake::{self, CryptoPolicy, HandshakeError, MeshCrypto, MeshSuite, driver},
@@ -65,22 +71,46 @@ pub enum Offload {
 struct Credentials {
     leaf: LeafCert,
     server: Arc<ServerConfig>,
+    /// The trust store the configs were built with (client configs are built lazily).
+    roots: Arc<rustls::RootCertStore>,
     /// Client configs by expected server identity (the verifier pins it).
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl HoldsLeaf for Credentials {
+    fn leaf(&self) -> &LeafCert {
+        &self.leaf
+    }
+}
+
+/// The CA material in effect: the signer and the trust bundle, replaced as a whole when the
+/// files in `caDir` change.
+pub struct Material {
+    pub ca: Arc<dyn CertificateAuthority>,
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Bumped on every replacement; credentials minted under an older one are renewed.
+    pub generation: u64,
+}
+
+/// How workload certificates are renewed, and the wall clock that decides it.
+pub struct Identity {
+    pub renew: RenewPolicy,
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Everything the flow handlers share.
 pub struct Shared {
     pub trust_domain: TrustDomain,
-    pub ca: Arc<dyn CertificateAuthority>,
-    pub roots: Arc<rustls::RootCertStore>,
+    material: RwLock<Arc<Material>>,
     pub offload: Offload,
     pub tuning: Tuning,
     pub datapath: Mutex<Datapath>,
     /// Istio security policy: the current generation and how to load the next.
     pub policy: Enforcer,
     pub flows: FlowTable,
-    credentials: Mutex<HashMap<SpiffeId, Arc<Credentials>>>,
+    credentials: LeafStore<Credentials>,
+    /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
+    crypto_generation: AtomicU64,
     /// Samples the warnings a remote party can cause (refusals, failed flows, failed
     /// accepts); see [`Shared::sample`].
     log_limiter: Mutex<LogLimiter>,
@@ -95,9 +125,12 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 const LOG_BURST: u32 = 5;
 
 impl Shared {
+    // Each argument is one independent piece of node state the agent decided at start-up.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         trust_domain: TrustDomain,
         ca: Arc<dyn CertificateAuthority>,
+        identity: Identity,
         offload: Offload,
         tuning: Tuning,
         datapath: Datapath,
@@ -108,18 +141,67 @@ impl Shared {
         let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
         Ok(Self {
             trust_domain,
-            ca,
-            roots,
+            material: RwLock::new(Arc::new(Material {
+                ca,
+                roots,
+                generation: 0,
+            })),
             offload,
             tuning,
             datapath: Mutex::new(datapath),
             policy,
             flows: FlowTable::default(),
-            credentials: Mutex::new(HashMap::new()),
+            credentials: LeafStore::new(identity.clock, identity.renew),
+            crypto_generation: AtomicU64::new(0),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
             crypto: RwLock::new(Arc::new(crypto)),
         })
+    }
+
+    /// The signer and trust bundle new handshakes use.
+    pub fn material(&self) -> Arc<Material> {
+        Arc::clone(&self.material.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts new CA material into effect: every identity's leaf is reissued by the new signer
+    /// and its configs rebuilt on the new bundle at its next handshake (or sweep). Open flows
+    /// are untouched. Fails, keeping the current material, if the bundle is unusable.
+    pub fn replace_ca(&self, ca: Arc<dyn CertificateAuthority>) -> anyhow::Result<u64> {
+        let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
+        let generation = self.material().generation + 1;
+        let material = Arc::new(Material {
+            ca,
+            roots,
+            generation,
+        });
+        // Mint under the new material before publishing it, so the handshakes right after a
+        // reload do not each wait for a key generation (the peer may be timing our first
+        // bytes). A handshake that still sees the old material keeps using these.
+        let minted = self.credentials.sweep(
+            self.leaf_generation(&material),
+            Duration::ZERO,
+            |id, now, ttl| self.mint(&material, id, now, ttl),
+        );
+        *self.material.write().unwrap_or_else(|p| p.into_inner()) = material;
+        debug!(generation, minted, "CA material replaced");
+        Ok(generation)
+    }
+
+    /// What a held leaf's configs were built under: CA material and crypto policy. Both only
+    /// grow, so their sum grows whenever either changes, and the leaf store replaces any leaf
+    /// built under a smaller one.
+    fn leaf_generation(&self, material: &Material) -> u64 {
+        material.generation + self.crypto_generation.load(Ordering::SeqCst)
+    }
+
+    /// Renews every leaf due within `ahead` or minted under older material; returns how many.
+    pub fn renew_due(&self, ahead: Duration) -> usize {
+        let material = self.material();
+        self.credentials
+            .sweep(self.leaf_generation(&material), ahead, |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            })
     }
 
     /// Whether to log this occurrence of `kind` (`refused`, `flow_failed`, ...) with `code`:
@@ -185,12 +267,9 @@ impl Shared {
     pub fn set_crypto(&self, crypto: MeshCrypto) -> usize {
         let crypto = Arc::new(crypto);
         *self.crypto.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&crypto);
-        // Configs are rebuilt on next use. `credentials` reads the policy under this lock, so
-        // none built under the old policy survives the clear.
-        self.credentials
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        // Configs are rebuilt at their next use: the policy is written before the generation
+        // moves, so a config built under the new generation reads the new policy.
+        self.crypto_generation.fetch_add(1, Ordering::SeqCst);
         self.flows.revalidate(|info, check| {
             let Some(why) = info.session.and_then(|s| s.refused_by(&crypto)) else {
                 return true;
@@ -204,29 +283,42 @@ impl Shared {
         })
     }
 
-    /// The leaf and server config of a service account, minted on first use (24 h TTL).
+    /// The leaf and server config of a service account, current at this moment: minted on
+    /// first use and renewed when due, when the CA material changed, or when the wall clock is
+    /// outside the leaf's validity (see `ca::renew`). A handshake never presents a leaf that is
+    /// not valid now; with none left and the CA failing, the flow is refused.
     fn credentials(&self, id: &SpiffeId) -> anyhow::Result<Arc<Credentials>> {
-        let mut map = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(id) {
-            return Ok(Arc::clone(c));
-        }
-        let leaf = self
+        let material = self.material();
+        self.credentials
+            .get(id, self.leaf_generation(&material), |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            })
+            .map_err(|e| e.context(format!("credentials of {id}")))
+    }
+
+    fn mint(
+        &self,
+        material: &Material,
+        id: &SpiffeId,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> anyhow::Result<Credentials> {
+        let leaf = material
             .ca
-            .issue(id, DEFAULT_LEAF_TTL)
+            .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
         let server = handshake::server_config(
             &leaf,
-            Arc::clone(&self.roots),
+            Arc::clone(&material.roots),
             &self.trust_domain,
             &self.crypto(),
         )?;
-        let c = Arc::new(Credentials {
+        Ok(Credentials {
             leaf,
             server,
+            roots: Arc::clone(&material.roots),
             clients: Mutex::new(HashMap::new()),
-        });
-        map.insert(id.clone(), Arc::clone(&c));
-        Ok(c)
+        })
     }
 
     fn client_config(
@@ -240,7 +332,7 @@ impl Shared {
         }
         let c = handshake::client_config(
             &me.leaf,
-            Arc::clone(&self.roots),
+            Arc::clone(&me.roots),
             &self.trust_domain,
             expected,
             &self.crypto(),

@@ -104,7 +104,8 @@ enum PolicyCmd {
 
 #[derive(Subcommand)]
 enum CaCmd {
-    /// Create a root key (mode 0600) and certificate.
+    /// Create a self-signed root as signer and trust bundle (`ca-key.pem` mode 0600,
+    /// `ca-cert.pem`, `cert-chain.pem`, `root-cert.pem`).
     Init {
         #[arg(long)]
         trust_domain: String,
@@ -113,6 +114,34 @@ enum CaCmd {
         /// Replace an existing CA (every issued certificate stops being trusted).
         #[arg(long)]
         force: bool,
+    },
+    /// Mint an intermediate signed by the CA in --root-dir into a node's CA directory; the
+    /// roots of --root-dir are added to the roots the directory already trusts.
+    Intermediate {
+        /// The CA that signs the intermediate (its key is read, never copied).
+        #[arg(long)]
+        root_dir: PathBuf,
+        /// The node's CA directory (`caDir`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Lifetime, such as `365d` or `720h`; clipped to the root's.
+        #[arg(long, default_value = "365d")]
+        ttl: String,
+        /// Needed when the root carries no spiffe:// URI SAN (Istio's roots do not).
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Replace the signer already in --dir (a running agent picks the new one up).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print subject, issuer, SPIFFE trust domain and validity of every file in a CA
+    /// directory, and whether the agent would accept it; exits non-zero if not.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's trust domain, for CAs without a spiffe:// URI SAN.
+        #[arg(long)]
+        trust_domain: Option<String>,
     },
 }
 
@@ -289,6 +318,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ca::Ca::init(&td, &dir, on_existing)?;
             eprintln!("wrote CA for trust domain {td} to {}", dir.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ca {
+            command:
+                CaCmd::Intermediate {
+                    root_dir,
+                    dir,
+                    ttl,
+                    trust_domain,
+                    force,
+                },
+        } => {
+            let ttl: interceptor::config::Ttl =
+                ttl.parse().map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let td: Option<TrustDomain> = trust_domain.map(|t| t.parse()).transpose()?;
+            let on_existing = if force {
+                ca::OnExisting::Replace
+            } else {
+                ca::OnExisting::Refuse
+            };
+            let ca = ca::Ca::intermediate(&root_dir, &dir, ttl.0, td.as_ref(), on_existing)?;
+            eprintln!(
+                "wrote intermediate `{}` (until {}) to {}",
+                ca.signer().subject,
+                ca::When(ca.signer().not_after),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ca {
+            command: CaCmd::Status { dir, trust_domain },
+        } => {
+            let td: Option<TrustDomain> = trust_domain.map(|t| t.parse()).transpose()?;
+            let (report, loaded) =
+                ca::status::report(&dir, td.as_ref(), std::time::SystemTime::now());
+            print!("{report}");
+            Ok(if loaded.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

@@ -92,6 +92,7 @@ pub fn config(
         probe_sources: Vec::new(),
         cluster_domain: "cluster.local".to_owned(),
         tuning: Tuning::default(),
+        identity: Default::default(),
     }
 }
 
