@@ -115,6 +115,9 @@ pub struct Config {
     /// Istio security YAML, watched.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// How policy may reach the node's files.
+    #[serde(default)]
+    pub policy: PolicyOptions,
     /// kubelet/node addresses whose plaintext probes pass STRICT.
     #[serde(default)]
     pub probe_sources: Vec<IpAddr>,
@@ -124,6 +127,16 @@ pub struct Config {
     pub cluster_domain: String,
     #[serde(default)]
     pub tuning: Tuning,
+}
+
+/// What policy may read from the node besides `policyDir`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PolicyOptions {
+    /// The only directories DestinationRule `caCertificates`, `clientCertificate` and
+    /// `privateKey` files may be in. Whoever writes policy picks those paths and the agent
+    /// reads them as root, so none are allowed unless listed here.
+    pub cert_dirs: Vec<PathBuf>,
 }
 
 /// Knobs with safe defaults; the benchmark decides the defaults.
@@ -265,6 +278,9 @@ impl Config {
             }
         }
         check_workloads(&self.trust_domain, &labelled, &self.peers, &self.services)?;
+        for (i, d) in self.policy.cert_dirs.iter().enumerate() {
+            check_relative(d, &format!("policy.certDirs[{i}]"))?;
+        }
         let t = &self.tuning;
         if t.outbound_port == 0 || t.inbound_port == 0 || t.outbound_port == t.inbound_port {
             return Err(
@@ -580,7 +596,8 @@ peers:
             ..first.clone()
         };
         check(&fresh).unwrap();
-        let cases: [(&str, Box<dyn Fn(&mut Workload)>); 9] = [
+        type Change = Box<dyn Fn(&mut Workload)>;
+        let cases: [(&str, Change); 9] = [
             (
                 "10.88.0.2 is also used by workload `sleep-full`",
                 Box::new(|w| w.ips = vec!["10.88.0.2".parse().unwrap()]),

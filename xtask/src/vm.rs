@@ -55,7 +55,7 @@ const REQUIRED_HOST_TOOLS: &[&str] = &[
 
 /// Test suites that exercise only the userspace relay: the host runs them (`cargo xtask
 /// test`), the VM skips them.
-const HOST_ONLY: &[&str] = &["relay_userspace"];
+const HOST_ONLY: &[&str] = &["relay_userspace", "enroll_e2e"];
 
 /// A test harness binary built by cargo, named by its target so guest logs stay readable.
 #[derive(Debug, Clone)]
