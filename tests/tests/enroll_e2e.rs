@@ -402,6 +402,19 @@ fn cgroups_whose_old_pin_names_collided_keep_their_own_pins() {
     );
     assert!(matches!(resp, Response::Ok { .. }), "{resp:?}");
     let pins = PinCleanup(agent.kill());
+    // The killed runtime closes its listeners in the background; wait until it has.
+    let netns = other.netns_path();
+    wait_for(
+        "the agent's listener closed",
+        Duration::from_secs(5),
+        || {
+            let gone = interceptor::sys::in_netns(&netns, || {
+                Ok(std::net::TcpStream::connect(("127.0.0.1", 15001)).is_err())
+            })
+            .unwrap_or(false);
+            gone.then_some(())
+        },
+    );
     // Agent down: the still-enrolled pod's connects to the mesh are refused, not in clear.
     let held = connect_in(
         &flat,

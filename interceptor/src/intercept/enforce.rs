@@ -923,6 +923,14 @@ spec:
             generation,
             "every bad version was refused"
         );
+        // A FIFO among the policy files is refused the same way.
+        let yaml_fifo = dir.0.join("z.yaml");
+        let c_path = std::ffi::CString::new(yaml_fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; test-only.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let e2 = check_dir(&dir.0, &[]).unwrap_err().to_string();
+        assert!(e2.contains("z.yaml") && e2.contains("is a FIFO"), "{e2}");
+        assert!(matches!(e.poll(), Reload::Rejected(_)));
     }
 
     /// Credential files are read again only when they change: a rebuild for another reason
