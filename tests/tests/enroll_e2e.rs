@@ -401,6 +401,19 @@ fn cgroups_whose_old_pin_names_collided_keep_their_own_pins() {
         },
     );
     assert!(matches!(resp, Response::Ok { .. }), "{resp:?}");
+    // Kernel state that outlives the agent: the remaining pod's pinned links.
+    let pinned = agent
+        .pin_dir
+        .join("links")
+        .join(interceptor::datapath::cgroup_pin_name(&flat));
+    for program in interceptor::datapath::CGROUP_PROGRAMS {
+        assert!(
+            pinned.join(program).exists(),
+            "unenrolling {} removed the pins of {}",
+            nested.display(),
+            flat.display()
+        );
+    }
     let pins = PinCleanup(agent.kill());
     // The killed runtime closes its listeners in the background; wait until it has.
     let netns = other.netns_path();
