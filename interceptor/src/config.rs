@@ -119,6 +119,9 @@ pub struct Config {
     /// Istio security YAML, watched.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// How policy may reach the node's files.
+    #[serde(default)]
+    pub policy: PolicyOptions,
     /// kubelet/node addresses whose plaintext probes pass STRICT.
     #[serde(default)]
     pub probe_sources: Vec<IpAddr>,
@@ -228,6 +231,16 @@ impl std::fmt::Display for Ttl {
 pub const MIN_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 /// Longest leaf lifetime: leaves are not revocable, so they stay short-lived.
 pub const MAX_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
+
+/// What policy may read from the node besides `policyDir`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PolicyOptions {
+    /// The only directories DestinationRule `caCertificates`, `clientCertificate` and
+    /// `privateKey` files may be in. Whoever writes policy picks those paths and the agent
+    /// reads them as root, so none are allowed unless listed here.
+    pub cert_dirs: Vec<PathBuf>,
+}
 
 /// Knobs with safe defaults; the benchmark decides the defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -379,6 +392,9 @@ impl Config {
             }
         }
         check_workloads(&self.trust_domain, &labelled, &self.peers, &self.services)?;
+        for (i, d) in self.policy.cert_dirs.iter().enumerate() {
+            check_relative(d, &format!("policy.certDirs[{i}]"))?;
+        }
         let t = &self.tuning;
         if t.outbound_port == 0 || t.inbound_port == 0 || t.outbound_port == t.inbound_port {
             return Err(

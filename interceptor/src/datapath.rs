@@ -361,7 +361,7 @@ impl Datapath {
     }
 
     /// Pins `links` as `links/<dir>/<name>` (without a pin directory, returns them as they
-    /// are). Each is pinned as `<name>.new` first and renamed over the old pin only when all
+    /// are). Each is pinned as `<name>_new` first and renamed over the old pin only when all
     /// are pinned, so a failure leaves the previous pins untouched.
     fn pin_links(&self, dir: &str, names: &[&str], links: Vec<FdLink>) -> Result<Vec<FdLink>> {
         let Some(root) = &self.options.pin_dir else {
@@ -372,7 +372,8 @@ impl Datapath {
         let mut pinned = Vec::with_capacity(links.len());
         let mut staged = Vec::with_capacity(links.len());
         for (link, name) in links.into_iter().zip(names) {
-            let new = link_dir.join(format!("{name}.new"));
+            // Not `.new`: bpffs refuses names with a dot.
+            let new = link_dir.join(format!("{name}_new"));
             let _ = std::fs::remove_file(&new);
             match link.pin(&new) {
                 Ok(p) => {
@@ -674,7 +675,7 @@ impl Counters {
     }
 }
 
-/// The directory under `links/` holding a cgroup's pins: the path with `%` and `/`
+/// The directory under `links/` holding a cgroup's pins: the path with `%`, `/` and `.`
 /// percent-encoded, which no two paths share (`/a/b` is `%2Fa%2Fb`, `/a_b` is `%2Fa_b`).
 /// A path whose encoding would not fit in a file name (255 bytes) is named by its SHA-256
 /// instead (`sha256-<hex>`, which no encoded absolute path starts with).
@@ -683,7 +684,9 @@ pub fn cgroup_pin_name(cgroup: &Path) -> String {
     let mut name = String::with_capacity(bytes.len() + 8);
     for &b in bytes {
         match b {
-            b'%' | b'/' => name.push_str(&format!("%{b:02X}")),
+            // bpffs refuses names with a dot (EPERM: reserved by the kernel), which systemd
+            // cgroup paths (`kubepods.slice`) always have.
+            b'%' | b'/' | b'.' => name.push_str(&format!("%{b:02X}")),
             // Non-ASCII and control bytes too, so the name is the path's bytes exactly.
             b if b.is_ascii_graphic() || b == b' ' => name.push(char::from(b)),
             b => name.push_str(&format!("%{b:02X}")),
@@ -761,6 +764,8 @@ mod tests {
         assert_eq!(name("/a/b"), "%2Fa%2Fb");
         assert_eq!(name("/sys/fs/cgroup/x_y"), "%2Fsys%2Ffs%2Fcgroup%2Fx_y");
         assert!(!name("/a/b").contains('/'));
+        let systemd = name("/sys/fs/cgroup/kubepods.slice/kubepods-pod1.slice");
+        assert!(!systemd.contains('.'), "bpffs refuses dots: {systemd}");
         // The legacy scheme is what collided.
         let legacy = |p: &str| legacy_cgroup_pin_name(Path::new(p));
         assert_eq!(legacy("/a/b"), legacy("/a_b"));

@@ -3,6 +3,7 @@
 //! kTLS, relay; inbound: classify, mTLS or plaintext per policy, relay to the app).
 
 pub mod enforce;
+pub mod files;
 pub mod limits;
 pub mod originate;
 pub mod peek;

@@ -99,6 +99,11 @@ enum PolicyCmd {
     Check {
         /// The policy directory (`policyDir` of the node config).
         dir: PathBuf,
+        /// A directory DestinationRule certificate files may be read from (`policy.certDirs`
+        /// of the node config); repeatable. Without it, such a rule is invalid, as in an agent
+        /// with no `policy.certDirs`.
+        #[arg(long = "cert-dir")]
+        cert_dirs: Vec<PathBuf>,
     },
 }
 
@@ -282,8 +287,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Policy {
-            command: PolicyCmd::Check { dir },
-        } => match intercept::enforce::check_dir(&dir) {
+            command: PolicyCmd::Check { dir, cert_dirs },
+        } => match intercept::enforce::check_dir(&dir, &cert_dirs) {
             Ok(warnings) => {
                 for w in &warnings {
                     eprintln!("warning: {w}");

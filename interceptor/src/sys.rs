@@ -262,6 +262,38 @@ pub fn raise_nofile_rlimit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Opens `path`, relative to the directory open as `dir`, for reading, without leaving that
+/// directory: openat2(2) with `RESOLVE_BENEATH` (no `..` above it, no absolute path or symlink,
+/// and a relative symlink only if it stays inside, so Kubernetes' `..data` links in a mounted
+/// Secret or ConfigMap work) and `RESOLVE_NO_MAGICLINKS` (no `/proc/<pid>/...` jumps into
+/// another mount namespace). `O_NONBLOCK` so that opening a FIFO does not wait for a writer;
+/// callers check the file type on the descriptor before reading.
+pub fn open_beneath(dir: BorrowedFd<'_>, path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let c_path = cstr(path)?;
+    // SAFETY: open_how is plain integers; all-zero is its documented "no options" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `c_path` is a NUL-terminated string and `how` a valid open_how, both alive for the
+    // call; the size passed is the struct's own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c_path.as_ptr(),
+            &raw const how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("openat2 returned a bad fd"))?;
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// The kernel release (`uname -r`).
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -59,6 +59,7 @@ const REQUIRED_HOST_TOOLS: &[&str] = &[
 const HOST_ONLY: &[&str] = &[
     "churn_e2e",
     "crypto_e2e",
+    "enroll_e2e",
     "identity_clock",
     "limits_e2e",
     "limits_flood",
