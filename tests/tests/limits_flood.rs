@@ -74,13 +74,22 @@ impl Shell {
 
     /// `(HTTP code, hex SHA-256 of the body)` of a GET.
     fn fetch(&mut self, url: &str) -> (String, String) {
+        self.send(url);
+        self.result()
+    }
+
+    /// Starts a GET (curl gives up after 10 s); [`Shell::result`] waits for it.
+    fn send(&mut self, url: &str) {
         let b = &self.body;
         writeln!(
             self.stdin,
-            "rm -f {b}; c=$(curl -s -m 5 -o {b} -w '%{{http_code}}' {url}); \
+            "rm -f {b}; c=$(curl -s -m 10 -o {b} -w '%{{http_code}}' {url}); \
              echo \"$c $(sha256sum < {b} 2>/dev/null)\""
         )
         .expect("shell stdin");
+    }
+
+    fn result(&mut self) -> (String, String) {
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("shell stdout");
         let mut words = line.split_whitespace();
@@ -97,9 +106,13 @@ impl Drop for Shell {
     }
 }
 
+/// The tests of this file run one at a time: both exhaust this process's descriptors.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_flooding_pod_cannot_stop_another_pods_requests() {
     require_privileged();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     lower_fd_limit(FD_LIMIT);
     let Scenario {
         client,
@@ -183,4 +196,55 @@ fn a_flooding_pod_cannot_stop_another_pods_requests() {
         flood.connected
     );
     drop(flood);
+}
+
+/// Out of descriptors, the agent's accept fails: it backs off (10 ms doubling to 1 s) rather
+/// than retrying every few milliseconds, counts each failure, and serves the waiting
+/// connection once descriptors are free again.
+#[test]
+fn accept_backs_off_while_out_of_descriptors_and_recovers() {
+    require_privileged();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Scenario {
+        client,
+        mut server,
+        node: _node,
+    } = Scenario::new(64, "sleep", "httpbin");
+    let www = serve_blob(&mut server, "www", 1024);
+    let cluster = Cluster::new("emfile");
+    let agent = interceptor_tests::agent::RunningAgent::start(cluster.config(
+        vec![
+            workload(&client, "full", "sleep"),
+            workload(&server, "full", "httpbin"),
+        ],
+        vec![],
+    ));
+    let mut shell = Shell::start(&client, &cluster.scratch.0.join("body"));
+    let url = format!("http://{}/blob", server.ip);
+    assert_eq!(shell.fetch(&url).0, "200", "before the exhaustion");
+    let before = agent.agent.policy_stats();
+
+    // Take every descriptor this process (and so the agent) may open.
+    let mut hog = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        hog.push(f);
+    }
+    shell.send(&url);
+    std::thread::sleep(Duration::from_secs(3));
+    let failed = stats_delta(&before, &agent.agent.policy_stats())
+        .get("accept_failed.emfile")
+        .copied()
+        .unwrap_or(0);
+    drop(hog);
+    // 10 + 20 + ... + 1000 ms: about ten attempts in 3 s (a 50 ms retry made sixty).
+    assert!(
+        (1..=20).contains(&failed),
+        "{failed} failed accepts counted in 3 s out of descriptors"
+    );
+    let (code, hash) = shell.result();
+    assert_eq!(
+        code, "200",
+        "the waiting request was not served after recovery"
+    );
+    assert_eq!(hash, www.want);
 }
