@@ -236,6 +236,7 @@ fn accept_backs_off_while_out_of_descriptors_and_recovers() {
         .copied()
         .unwrap_or(0);
     drop(hog);
+    println!("out of descriptors for 3 s: {failed} failed accepts");
     // 10 + 20 + ... + 1000 ms: about ten attempts in 3 s (a 50 ms retry made sixty).
     assert!(
         (1..=20).contains(&failed),
