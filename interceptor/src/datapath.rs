@@ -288,6 +288,50 @@ impl Datapath {
         if self.cgroups.contains_key(cgroup) {
             return Ok(());
         }
+        let links = self.attach_cgroup_links(cgroup)?;
+        let links = self.pin_links(&cgroup_pin_name(cgroup), &CGROUP_PROGRAMS, links)?;
+        self.cgroups.insert(cgroup.to_owned(), links);
+        Ok(())
+    }
+
+    /// Attaches a pod's programs: the outbound ones to its cgroup, sk_lookup to its netns.
+    ///
+    /// Everything is attached before anything is pinned. A previous agent's pins for the pod
+    /// keep it fail-closed while this agent is not serving it, so an attempt that fails (the
+    /// cgroup is gone, the kernel refuses) must leave them as they were: the new links are
+    /// dropped, which detaches them, and the old pins stay. Only once every link is attached
+    /// are the pins replaced, each atomically (pinned beside, then renamed over).
+    pub fn attach_pod(&mut self, cgroup: &Path, netns_cookie: u64, netns: &Path) -> Result<()> {
+        let cgroup_links = if self.cgroups.contains_key(cgroup) {
+            None
+        } else {
+            Some(self.attach_cgroup_links(cgroup)?)
+        };
+        let lookup_link = if self.netns.contains_key(&netns_cookie) {
+            None
+        } else {
+            Some(self.attach_sk_lookup(netns)?)
+        };
+        if let Some(links) = cgroup_links {
+            let links = self.pin_links(&cgroup_pin_name(cgroup), &CGROUP_PROGRAMS, links)?;
+            self.cgroups.insert(cgroup.to_owned(), links);
+        }
+        if let Some(link) = lookup_link {
+            // Pinned so inbound stays fail-closed (SK_DROP for pod addresses with no agent
+            // listener) while the agent is down.
+            let mut links = self.pin_links(
+                &netns_pin_name(netns_cookie),
+                &[SK_LOOKUP_PROGRAM],
+                vec![link],
+            )?;
+            if let Some(link) = links.pop() {
+                self.netns.insert(netns_cookie, link);
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_cgroup_links(&mut self, cgroup: &Path) -> Result<Vec<FdLink>> {
         let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -296,23 +340,63 @@ impl Datapath {
         for name in CGROUP_PROGRAMS {
             links.push(self.attach_to_cgroup(name, &dir)?);
         }
-        if let Some(dir) = &self.options.pin_dir {
-            let link_dir = dir.join("links").join(cgroup_pin_name(cgroup));
-            std::fs::create_dir_all(&link_dir).map_err(DatapathError::Sys)?;
-            let mut pinned = Vec::new();
-            for (link, name) in links.into_iter().zip(CGROUP_PROGRAMS) {
-                let path = link_dir.join(name);
-                let _ = std::fs::remove_file(&path);
-                let p = link.pin(&path).map_err(|e| DatapathError::Pin {
-                    path: path.clone(),
-                    source: Box::new(e),
-                })?;
-                pinned.push(FdLink::from(p));
+        Ok(links)
+    }
+
+    fn attach_sk_lookup(&mut self, netns: &Path) -> Result<FdLink> {
+        let ns = File::open(netns).map_err(DatapathError::Sys)?;
+        let program_error = |source| DatapathError::Program {
+            name: SK_LOOKUP_PROGRAM.to_owned(),
+            source,
+        };
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or_else(|| program_error(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(program_error)?;
+        let id = prog.attach(ns.as_fd()).map_err(program_error)?;
+        let link = prog.take_link(id).map_err(program_error)?;
+        Ok(FdLink::from(link))
+    }
+
+    /// Pins `links` as `links/<dir>/<name>` (without a pin directory, returns them as they
+    /// are). Each is pinned as `<name>.new` first and renamed over the old pin only when all
+    /// are pinned, so a failure leaves the previous pins untouched.
+    fn pin_links(&self, dir: &str, names: &[&str], links: Vec<FdLink>) -> Result<Vec<FdLink>> {
+        let Some(root) = &self.options.pin_dir else {
+            return Ok(links);
+        };
+        let link_dir = root.join("links").join(dir);
+        std::fs::create_dir_all(&link_dir).map_err(DatapathError::Sys)?;
+        let mut pinned = Vec::with_capacity(links.len());
+        let mut staged = Vec::with_capacity(links.len());
+        for (link, name) in links.into_iter().zip(names) {
+            let new = link_dir.join(format!("{name}.new"));
+            let _ = std::fs::remove_file(&new);
+            match link.pin(&new) {
+                Ok(p) => {
+                    pinned.push(FdLink::from(p));
+                    staged.push((new, link_dir.join(name)));
+                }
+                Err(e) => {
+                    for (new, _) in &staged {
+                        let _ = std::fs::remove_file(new);
+                    }
+                    return Err(DatapathError::Pin {
+                        path: new,
+                        source: Box::new(e),
+                    });
+                }
             }
-            links = pinned;
         }
-        self.cgroups.insert(cgroup.to_owned(), links);
-        Ok(())
+        for (new, path) in staged {
+            std::fs::rename(&new, &path).map_err(|e| DatapathError::Pin {
+                path,
+                source: Box::new(e),
+            })?;
+        }
+        Ok(pinned)
     }
 
     /// Detaches the outbound programs from a cgroup: its new connections use plain
@@ -321,6 +405,19 @@ impl Datapath {
         self.cgroups.remove(cgroup);
         if let Some(dir) = &self.options.pin_dir {
             let _ = std::fs::remove_dir_all(dir.join("links").join(cgroup_pin_name(cgroup)));
+        }
+    }
+
+    /// Removes the pins any agent made for a cgroup that is gone, under this version's name
+    /// and the one agents before it used (see [`legacy_cgroup_pin_name`]).
+    pub fn forget_cgroup(&mut self, cgroup: &Path) {
+        self.unenroll_cgroup(cgroup);
+        let legacy = legacy_cgroup_pin_name(cgroup);
+        if let Some(dir) = &self.options.pin_dir
+            && !legacy.is_empty()
+            && !legacy.starts_with("netns-")
+        {
+            let _ = std::fs::remove_dir_all(dir.join("links").join(legacy));
         }
     }
 
@@ -439,12 +536,11 @@ impl Datapath {
             .count()
     }
 
-    /// Steers inbound TCP to `addrs` in the netns at `netns_path` to the agent's listeners
-    /// inside that netns (`listener6` for IPv6 connections, when the pod has IPv6).
+    /// Steers inbound TCP to `addrs` to the agent's listeners of inbound slot `slot`
+    /// (`listener6` for IPv6 connections, when the pod has IPv6). Only the maps: the netns's
+    /// sk_lookup link comes with [`Datapath::attach_pod`].
     pub fn steer_inbound<L: std::os::fd::AsRawFd>(
         &mut self,
-        netns_cookie: u64,
-        netns_path: &Path,
         slot: u32,
         listener4: &L,
         listener6: Option<&L>,
@@ -463,42 +559,21 @@ impl Datapath {
                 .insert(sock_addr(SocketAddr::new(*ip, 0)).without_port(), slot, 0)
                 .map_err(map_err(maps::INBOUND_SLOTS))?;
         }
-        if self.netns.contains_key(&netns_cookie) {
-            return Ok(());
-        }
-        let ns = File::open(netns_path).map_err(DatapathError::Sys)?;
-        let program_error = |source| DatapathError::Program {
-            name: SK_LOOKUP_PROGRAM.to_owned(),
-            source,
-        };
-        let prog: &mut SkLookup = self
-            .ebpf
-            .program_mut(SK_LOOKUP_PROGRAM)
-            .ok_or_else(|| program_error(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error)?;
-        let id = prog.attach(ns.as_fd()).map_err(program_error)?;
-        let link = prog.take_link(id).map_err(program_error)?;
-        let mut link = FdLink::from(link);
-        if let Some(dir) = &self.options.pin_dir {
-            // Pinned so inbound stays fail-closed (SK_DROP for pod addresses with no agent
-            // listener) while the agent is down.
-            let link_dir = dir.join("links").join(format!("netns-{netns_cookie}"));
-            std::fs::create_dir_all(&link_dir).map_err(DatapathError::Sys)?;
-            let path = link_dir.join(SK_LOOKUP_PROGRAM);
-            let _ = std::fs::remove_file(&path);
-            let pinned = link.pin(&path).map_err(|e| DatapathError::Pin {
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-            link = FdLink::from(pinned);
-        }
-        self.netns.insert(netns_cookie, link);
         Ok(())
     }
 
-    /// Stops steering inbound connections for a pod: its addresses reach the app directly.
-    pub fn stop_inbound(&mut self, netns_cookie: u64, slot: u32, addrs: &[IpAddr]) {
+    /// Undoes what a failed enrollment wrote into the maps (pod config and addresses, inbound
+    /// slot and listeners, destination steering), leaving links and pins alone: those are
+    /// only made once nothing else can fail.
+    pub fn rollback_pod(&mut self, netns_cookie: u64, slot: u32, addrs: &[IpAddr]) {
+        self.unenroll_pod_netns(netns_cookie, addrs);
+        self.clear_inbound(slot, addrs);
+        for ip in addrs {
+            self.clear_destination(*ip, None);
+        }
+    }
+
+    fn clear_inbound(&mut self, slot: u32, addrs: &[IpAddr]) {
         for ip in addrs {
             let _ = self
                 .inbound_slots
@@ -509,21 +584,33 @@ impl Datapath {
                 .inbound_listeners
                 .clear_index(&interceptor_common::inbound_index(slot, v6));
         }
+    }
+
+    /// Stops steering inbound connections for a pod: its addresses reach the app directly.
+    pub fn stop_inbound(&mut self, netns_cookie: u64, slot: u32, addrs: &[IpAddr]) {
+        self.clear_inbound(slot, addrs);
         self.netns.remove(&netns_cookie);
         if let Some(dir) = &self.options.pin_dir {
-            let _ =
-                std::fs::remove_dir_all(dir.join("links").join(format!("netns-{netns_cookie}")));
+            let _ = std::fs::remove_dir_all(dir.join("links").join(netns_pin_name(netns_cookie)));
         }
     }
 
     /// Removes links a previous agent pinned for pods that are no longer enrolled. Called after
-    /// start-up enrollment: until then those pins keep the old pods fail-closed.
-    pub fn prune_stale_pins(&self) -> Vec<String> {
+    /// start-up enrollment: until then those pins keep the old pods fail-closed. `keep` are
+    /// pods that are not enrolled now but must stay fail-closed (persisted enrollments that
+    /// could not be restored): the pins of their cgroups and network namespaces stay, under
+    /// either naming.
+    pub fn prune_stale_pins(&self, keep_cgroups: &[PathBuf], keep_netns: &[u64]) -> Vec<String> {
         let Some(dir) = &self.options.pin_dir else {
             return Vec::new();
         };
         let mut keep: Vec<String> = self.cgroups.keys().map(|c| cgroup_pin_name(c)).collect();
-        keep.extend(self.netns.keys().map(|c| format!("netns-{c}")));
+        keep.extend(self.netns.keys().map(|c| netns_pin_name(*c)));
+        for c in keep_cgroups {
+            keep.push(cgroup_pin_name(c));
+            keep.push(legacy_cgroup_pin_name(c));
+        }
+        keep.extend(keep_netns.iter().map(|c| netns_pin_name(*c)));
         let mut removed = Vec::new();
         if let Ok(entries) = std::fs::read_dir(dir.join("links")) {
             for e in entries.flatten() {
@@ -587,8 +674,43 @@ impl Counters {
     }
 }
 
-fn cgroup_pin_name(cgroup: &Path) -> String {
+/// The directory under `links/` holding a cgroup's pins: the path with `%` and `/`
+/// percent-encoded, which no two paths share (`/a/b` is `%2Fa%2Fb`, `/a_b` is `%2Fa_b`).
+/// A path whose encoding would not fit in a file name (255 bytes) is named by its SHA-256
+/// instead (`sha256-<hex>`, which no encoded absolute path starts with).
+pub fn cgroup_pin_name(cgroup: &Path) -> String {
+    let bytes = cgroup.as_os_str().as_encoded_bytes();
+    let mut name = String::with_capacity(bytes.len() + 8);
+    for &b in bytes {
+        match b {
+            b'%' | b'/' => name.push_str(&format!("%{b:02X}")),
+            // Non-ASCII and control bytes too, so the name is the path's bytes exactly.
+            b if b.is_ascii_graphic() || b == b' ' => name.push(char::from(b)),
+            b => name.push_str(&format!("%{b:02X}")),
+        }
+    }
+    if name.len() <= PIN_NAME_MAX {
+        return name;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(bytes);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256-{hex}")
+}
+
+/// File names on bpffs, as anywhere, are at most 255 bytes.
+const PIN_NAME_MAX: usize = 255;
+
+/// How agents before the injective [`cgroup_pin_name`] named a cgroup's pin directory
+/// (slashes to underscores, so `/a/b` and `/a_b` collided). A restarted agent pins its links
+/// under the new name and [`Datapath::prune_stale_pins`] then removes these, after the new
+/// links are attached, so an upgrade leaves no unsteered window.
+pub fn legacy_cgroup_pin_name(cgroup: &Path) -> String {
     cgroup.to_string_lossy().trim_matches('/').replace('/', "_")
+}
+
+fn netns_pin_name(netns_cookie: u64) -> String {
+    format!("netns-{netns_cookie}")
 }
 
 fn dest_key(ip: IpAddr, port: Option<u16>) -> SockAddr {
@@ -630,6 +752,27 @@ pub fn socket_addr(a: SockAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_pin_names_are_injective_and_fit() {
+        let name = |p: &str| cgroup_pin_name(Path::new(p));
+        assert_ne!(name("/a/b"), name("/a_b"));
+        assert_ne!(name("/a/b"), name("/a%2Fb"));
+        assert_eq!(name("/a/b"), "%2Fa%2Fb");
+        assert_eq!(name("/sys/fs/cgroup/x_y"), "%2Fsys%2Ffs%2Fcgroup%2Fx_y");
+        assert!(!name("/a/b").contains('/'));
+        // The legacy scheme is what collided.
+        let legacy = |p: &str| legacy_cgroup_pin_name(Path::new(p));
+        assert_eq!(legacy("/a/b"), legacy("/a_b"));
+        let long = format!("/sys/fs/cgroup/{}", "d/".repeat(100));
+        let long2 = format!("/sys/fs/cgroup/{}x", "d/".repeat(100));
+        let (a, b) = (name(&long), name(&long2));
+        assert!(a.starts_with("sha256-") && a.len() <= PIN_NAME_MAX, "{a}");
+        assert_ne!(a, b);
+        assert!(!name("/short").starts_with("sha256-"));
+        // Not `.`/`..`, and never the netns pins' prefix.
+        assert!(name("/").starts_with('%') && !name("/netns-1").starts_with("netns-"));
+    }
 
     #[test]
     fn abi_addresses_round_trip() {

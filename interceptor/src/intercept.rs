@@ -15,8 +15,11 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
     pin::Pin,
-    sync::{Arc, Mutex, Weak, atomic::AtomicBool},
-    time::Duration,
+    sync::{
+        Arc, Mutex, RwLock, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -28,10 +31,13 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    ca::{CertificateAuthority, DEFAULT_LEAF_TTL, LeafCert},
+    ca::{
+        CertificateAuthority, LeafCert,
+        renew::{Clock, HoldsLeaf, LeafStore, RenewPolicy},
+    },
     config::{Tuning, Workload},
     datapath::Datapath,
-    handshake::{self, MeshSuite, driver},
+    handshake::{self, CryptoPolicy, HandshakeError, MeshCrypto, MeshSuite, driver},
     identity::{SpiffeId, TrustDomain},
     policy::FlowTls,
     relay, sys,
@@ -46,7 +52,7 @@ use self::{
     peek::FirstBytes,
     table::{
         Cancel, Direction, FlowCheck, FlowGuard, FlowInfo, FlowTable, InboundCheck, OutboundCheck,
-        Protection,
+        Protection, SessionCrypto,
     },
 };
 
@@ -65,26 +71,52 @@ pub enum Offload {
 struct Credentials {
     leaf: LeafCert,
     server: Arc<ServerConfig>,
+    /// The trust store the configs were built with (client configs are built lazily).
+    roots: Arc<rustls::RootCertStore>,
     /// Client configs by expected server identity (the verifier pins it).
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl HoldsLeaf for Credentials {
+    fn leaf(&self) -> &LeafCert {
+        &self.leaf
+    }
+}
+
+/// The CA material in effect: the signer and the trust bundle, replaced as a whole when the
+/// files in `caDir` change.
+pub struct Material {
+    pub ca: Arc<dyn CertificateAuthority>,
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Bumped on every replacement; credentials minted under an older one are renewed.
+    pub generation: u64,
+}
+
+/// How workload certificates are renewed, and the wall clock that decides it.
+pub struct Identity {
+    pub renew: RenewPolicy,
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Everything the flow handlers share.
 pub struct Shared {
     pub trust_domain: TrustDomain,
-    pub ca: Arc<dyn CertificateAuthority>,
-    pub roots: Arc<rustls::RootCertStore>,
+    material: RwLock<Arc<Material>>,
     pub offload: Offload,
     pub tuning: Tuning,
     pub datapath: Mutex<Datapath>,
     /// Istio security policy: the current generation and how to load the next.
     pub policy: Enforcer,
     pub flows: FlowTable,
-    credentials: Mutex<HashMap<SpiffeId, Arc<Credentials>>>,
+    credentials: LeafStore<Credentials>,
+    /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
+    crypto_generation: AtomicU64,
     /// Samples the warnings a remote party can cause (refusals, failed flows, failed
     /// accepts); see [`Shared::sample`].
     log_limiter: Mutex<LogLimiter>,
     log_flush_started: AtomicBool,
+    /// The node's crypto policy over the suites `offload` carries; see [`Shared::set_crypto`].
+    crypto: RwLock<Arc<MeshCrypto>>,
 }
 
 /// Per reason, the first [`LOG_BURST`] warnings of every [`LOG_INTERVAL`] are logged; the
@@ -93,28 +125,83 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 const LOG_BURST: u32 = 5;
 
 impl Shared {
+    // Each argument is one independent piece of node state the agent decided at start-up.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         trust_domain: TrustDomain,
         ca: Arc<dyn CertificateAuthority>,
+        identity: Identity,
         offload: Offload,
         tuning: Tuning,
         datapath: Datapath,
         policy: Enforcer,
+        crypto: CryptoPolicy,
     ) -> anyhow::Result<Self> {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
+        let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
         Ok(Self {
             trust_domain,
-            ca,
-            roots,
+            material: RwLock::new(Arc::new(Material {
+                ca,
+                roots,
+                generation: 0,
+            })),
             offload,
             tuning,
             datapath: Mutex::new(datapath),
             policy,
             flows: FlowTable::default(),
-            credentials: Mutex::new(HashMap::new()),
+            credentials: LeafStore::new(identity.clock, identity.renew),
+            crypto_generation: AtomicU64::new(0),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
+            crypto: RwLock::new(Arc::new(crypto)),
         })
+    }
+
+    /// The signer and trust bundle new handshakes use.
+    pub fn material(&self) -> Arc<Material> {
+        Arc::clone(&self.material.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts new CA material into effect: every identity's leaf is reissued by the new signer
+    /// and its configs rebuilt on the new bundle at its next handshake (or sweep). Open flows
+    /// are untouched. Fails, keeping the current material, if the bundle is unusable.
+    pub fn replace_ca(&self, ca: Arc<dyn CertificateAuthority>) -> anyhow::Result<u64> {
+        let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
+        let generation = self.material().generation + 1;
+        let material = Arc::new(Material {
+            ca,
+            roots,
+            generation,
+        });
+        // Mint under the new material before publishing it, so the handshakes right after a
+        // reload do not each wait for a key generation (the peer may be timing our first
+        // bytes). A handshake that still sees the old material keeps using these.
+        let minted = self.credentials.sweep(
+            self.leaf_generation(&material),
+            Duration::ZERO,
+            |id, now, ttl| self.mint(&material, id, now, ttl),
+        );
+        *self.material.write().unwrap_or_else(|p| p.into_inner()) = material;
+        debug!(generation, minted, "CA material replaced");
+        Ok(generation)
+    }
+
+    /// What a held leaf's configs were built under: CA material and crypto policy. Both only
+    /// grow, so their sum grows whenever either changes, and the leaf store replaces any leaf
+    /// built under a smaller one.
+    fn leaf_generation(&self, material: &Material) -> u64 {
+        material.generation + self.crypto_generation.load(Ordering::SeqCst)
+    }
+
+    /// Renews every leaf due within `ahead` or minted under older material; returns how many.
+    pub fn renew_due(&self, ahead: Duration) -> usize {
+        let material = self.material();
+        self.credentials
+            .sweep(self.leaf_generation(&material), ahead, |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            })
     }
 
     /// Whether to log this occurrence of `kind` (`refused`, `flow_failed`, ...) with `code`:
@@ -161,36 +248,77 @@ impl Shared {
         });
     }
 
-    fn suites(&self) -> &[MeshSuite] {
-        match &self.offload {
-            Offload::Kernel(s) => s,
-            Offload::Userspace => MeshSuite::AES_GCM,
-        }
+    /// What mesh handshakes offer and accept now.
+    pub fn crypto(&self) -> Arc<MeshCrypto> {
+        Arc::clone(&self.crypto.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The leaf and server config of a service account, minted on first use (24 h TTL).
+    /// `policy` over the suites this node's data path carries; an error if none is left.
+    pub fn resolve_crypto(
+        &self,
+        policy: CryptoPolicy,
+    ) -> Result<MeshCrypto, handshake::TlsConfigError> {
+        MeshCrypto::new(policy, suites(&self.offload))
+    }
+
+    /// Puts new crypto into effect: handshakes from now on use it, and every open flow whose
+    /// session it would not allow is closed (logged, `closed.crypto_policy`). Returns how many
+    /// were closed.
+    pub fn set_crypto(&self, crypto: MeshCrypto) -> usize {
+        let crypto = Arc::new(crypto);
+        *self.crypto.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&crypto);
+        // Configs are rebuilt at their next use: the policy is written before the generation
+        // moves, so a config built under the new generation reads the new policy.
+        self.crypto_generation.fetch_add(1, Ordering::SeqCst);
+        self.flows.revalidate(|info, check| {
+            let Some(why) = info.session.and_then(|s| s.refused_by(&crypto)) else {
+                return true;
+            };
+            let refused = Refused {
+                code: "crypto_policy",
+                reason: why,
+            };
+            Refusal::of(check, &info.pod).log_closed_by(self, "the new crypto policy", &refused);
+            false
+        })
+    }
+
+    /// The leaf and server config of a service account, current at this moment: minted on
+    /// first use and renewed when due, when the CA material changed, or when the wall clock is
+    /// outside the leaf's validity (see `ca::renew`). A handshake never presents a leaf that is
+    /// not valid now; with none left and the CA failing, the flow is refused.
     fn credentials(&self, id: &SpiffeId) -> anyhow::Result<Arc<Credentials>> {
-        let mut map = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(id) {
-            return Ok(Arc::clone(c));
-        }
-        let leaf = self
+        let material = self.material();
+        self.credentials
+            .get(id, self.leaf_generation(&material), |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            })
+            .map_err(|e| e.context(format!("credentials of {id}")))
+    }
+
+    fn mint(
+        &self,
+        material: &Material,
+        id: &SpiffeId,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> anyhow::Result<Credentials> {
+        let leaf = material
             .ca
-            .issue(id, DEFAULT_LEAF_TTL)
+            .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
         let server = handshake::server_config(
             &leaf,
-            Arc::clone(&self.roots),
+            Arc::clone(&material.roots),
             &self.trust_domain,
-            self.suites(),
+            &self.crypto(),
         )?;
-        let c = Arc::new(Credentials {
+        Ok(Credentials {
             leaf,
             server,
+            roots: Arc::clone(&material.roots),
             clients: Mutex::new(HashMap::new()),
-        });
-        map.insert(id.clone(), Arc::clone(&c));
-        Ok(c)
+        })
     }
 
     fn client_config(
@@ -204,10 +332,10 @@ impl Shared {
         }
         let c = handshake::client_config(
             &me.leaf,
-            Arc::clone(&self.roots),
+            Arc::clone(&me.roots),
             &self.trust_domain,
             expected,
-            self.suites(),
+            &self.crypto(),
         )?;
         clients.insert(expected.clone(), Arc::clone(&c));
         Ok(c)
@@ -225,6 +353,14 @@ impl Shared {
 
     fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
         self.datapath.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The suites the data path carries.
+fn suites(offload: &Offload) -> &[MeshSuite] {
+    match offload {
+        Offload::Kernel(s) => s,
+        Offload::Userspace => MeshSuite::AES_GCM,
     }
 }
 
@@ -265,6 +401,11 @@ struct PodCtx {
 
 /// Opens the pod's listeners inside its netns, registers it with the datapath and starts
 /// accepting. `slot` must be unique among enrolled pods (sk_lookup's sockmap index).
+///
+/// A failure undoes what the attempt had set in the kernel (map entries, the ports it added
+/// to the pod's reserved ports, links not yet pinned), so the error changes nothing; links
+/// and pins of a previous agent for the pod are left as they were (see
+/// [`Datapath::attach_pod`](crate::datapath::Datapath::attach_pod)).
 pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::Result<PodHandle> {
     let id = SpiffeId::new(
         shared.trust_domain.clone(),
@@ -274,90 +415,146 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
     shared.credentials(&id)?;
     let t = shared.tuning.clone();
     let pod = workload.name.clone();
-    let (out4, out6, in4, in6) = sys::in_netns(&workload.netns, move || {
-        if let Err(e) = sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
-            // Not fatal: it only matters if the pod widens its ephemeral port range.
-            warn!(
-                pod,
-                "cannot reserve the agent's ports against ephemeral use: {e}"
-            );
+    let (listeners, reserved) = sys::in_netns(&workload.netns, move || {
+        let reserved = match sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
+            Ok(added) => added,
+            Err(e) => {
+                // Not fatal: it only matters if the pod widens its ephemeral port range.
+                warn!(
+                    pod,
+                    "cannot reserve the agent's ports against ephemeral use: {e}"
+                );
+                Vec::new()
+            }
+        };
+        let bind = || -> std::io::Result<_> {
+            let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
+            // IPv6 may be disabled in the pod; IPv4 still works then.
+            let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
+            let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
+            let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
+            Ok((out4, out6, in4, in6))
+        };
+        match bind() {
+            Ok(l) => Ok((l, reserved)),
+            Err(e) => {
+                let _ = sys::release_local_ports(&reserved);
+                Err(e)
+            }
         }
-        let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
-        // IPv6 may be disabled in the pod; IPv4 still works then.
-        let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
-        let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
-        let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
-        Ok((out4, out6, in4, in6))
     })
     .with_context(|| format!("listeners in netns {}", workload.netns.display()))?;
-    let netns_cookie = sys::netns_cookie(out4.as_fd())?;
-    {
-        let mut dp = shared.datapath();
-        let mut flags = POD_FLAG_STEER_INBOUND;
-        if shared.tuning.sk_msg_local_leg {
-            flags |= POD_FLAG_LOCAL_LEG_SKMSG;
+    let release_ports = |workload: &Workload| {
+        if reserved.is_empty() {
+            return;
         }
-        dp.enroll_pod_netns(
+        let ports = reserved.clone();
+        if let Err(e) = sys::in_netns(&workload.netns, move || sys::release_local_ports(&ports)) {
+            warn!(pod = %workload.name, "cannot release the reserved ports: {e}");
+        }
+    };
+    let (out4, out6, in4, in6) = listeners;
+    let netns_cookie = match sys::netns_cookie(out4.as_fd()) {
+        Ok(c) => c,
+        Err(e) => {
+            release_ports(workload);
+            return Err(e.into());
+        }
+    };
+    let registered = register(shared, workload, slot, netns_cookie, &in4, in6.as_ref());
+    if let Err(e) = registered {
+        shared
+            .datapath()
+            .rollback_pod(netns_cookie, slot, &workload.ips);
+        release_ports(workload);
+        return Err(e);
+    }
+    let started = (|| -> anyhow::Result<PodHandle> {
+        let ctx = Arc::new(PodCtx {
+            name: workload.name.clone(),
+            id,
+            ips: workload.ips.clone(),
+            netns: std::fs::File::open(&workload.netns)?,
             netns_cookie,
-            PodConfig {
-                outbound_port_be: shared.tuning.outbound_port.to_be(),
-                inbound_port_be: shared.tuning.inbound_port.to_be(),
-                inbound_slot: slot,
-                flags,
-                _pad: 0,
-            },
-            &workload.ips,
-        )?;
-        dp.steer_inbound(
+            outbound_limits: pod_limits(&shared.tuning),
+            inbound_limits: pod_limits(&shared.tuning),
+        });
+        shared.start_log_flush();
+        let mut tasks = Vec::new();
+        for (l, direction) in std::iter::once(out4)
+            .chain(out6)
+            .map(|l| (l, Direction::Outbound))
+            .chain(
+                std::iter::once(in4)
+                    .chain(in6)
+                    .map(|l| (l, Direction::Inbound)),
+            )
+        {
+            l.set_nonblocking(true)?;
+            tasks.push(accept_loop(
+                shared,
+                &ctx,
+                TcpListener::from_std(l)?,
+                direction,
+            ));
+        }
+        Ok(PodHandle {
+            workload: workload.clone(),
             netns_cookie,
-            &workload.netns,
             slot,
-            &in4,
-            in6.as_ref(),
-            &workload.ips,
-        )?;
-        dp.enroll_cgroup(&workload.cgroup)?;
-        for ip in &workload.ips {
-            dp.set_destination(*ip, None, ACTION_STEER)?;
+            tasks,
+        })
+    })();
+    match started {
+        Ok(handle) => {
+            info!(pod = %workload.name, netns_cookie, "enrolled");
+            release_free_heap();
+            Ok(handle)
+        }
+        Err(e) => {
+            let mut dp = shared.datapath();
+            dp.unenroll_cgroup(&workload.cgroup);
+            dp.stop_inbound(netns_cookie, slot, &workload.ips);
+            dp.rollback_pod(netns_cookie, slot, &workload.ips);
+            drop(dp);
+            release_ports(workload);
+            Err(e)
         }
     }
-    let ctx = Arc::new(PodCtx {
-        name: workload.name.clone(),
-        id,
-        ips: workload.ips.clone(),
-        netns: std::fs::File::open(&workload.netns)?,
-        netns_cookie,
-        outbound_limits: pod_limits(&shared.tuning),
-        inbound_limits: pod_limits(&shared.tuning),
-    });
-    shared.start_log_flush();
-    let mut tasks = Vec::new();
-    for l in std::iter::once(out4).chain(out6) {
-        l.set_nonblocking(true)?;
-        tasks.push(accept_loop(
-            shared,
-            &ctx,
-            TcpListener::from_std(l)?,
-            Direction::Outbound,
-        ));
+}
+
+/// The datapath half of [`enroll`]: map entries first, then the links, which are pinned last
+/// (so a failure before leaves nothing pinned for [`enroll`] to undo).
+fn register(
+    shared: &Shared,
+    workload: &Workload,
+    slot: u32,
+    netns_cookie: u64,
+    in4: &std::net::TcpListener,
+    in6: Option<&std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let mut dp = shared.datapath();
+    let mut flags = POD_FLAG_STEER_INBOUND;
+    if shared.tuning.sk_msg_local_leg {
+        flags |= POD_FLAG_LOCAL_LEG_SKMSG;
     }
-    for l in std::iter::once(in4).chain(in6) {
-        l.set_nonblocking(true)?;
-        tasks.push(accept_loop(
-            shared,
-            &ctx,
-            TcpListener::from_std(l)?,
-            Direction::Inbound,
-        ));
-    }
-    info!(pod = %workload.name, netns_cookie, "enrolled");
-    release_free_heap();
-    Ok(PodHandle {
-        workload: workload.clone(),
+    dp.enroll_pod_netns(
         netns_cookie,
-        slot,
-        tasks,
-    })
+        PodConfig {
+            outbound_port_be: shared.tuning.outbound_port.to_be(),
+            inbound_port_be: shared.tuning.inbound_port.to_be(),
+            inbound_slot: slot,
+            flags,
+            _pad: 0,
+        },
+        &workload.ips,
+    )?;
+    dp.steer_inbound(slot, in4, in6, &workload.ips)?;
+    for ip in &workload.ips {
+        dp.set_destination(*ip, None, ACTION_STEER)?;
+    }
+    dp.attach_pod(&workload.cgroup, netns_cookie, &workload.netns)?;
+    Ok(())
 }
 
 /// Gives the heap's free pages back to the kernel. Start-up (the eBPF object parsed and
@@ -522,11 +719,18 @@ fn pod_socket(ctx: &PodCtx, v6: bool) -> anyhow::Result<TcpSocket> {
 }
 
 /// Dials `dst` from inside the pod, optionally from a fixed source address.
+///
+/// The local port is always left to `connect()`, which picks it with the whole 4-tuple known
+/// (`sys::bind_address_no_port` before a bind): the agent's leg to an app closes first and
+/// leaves a TIME_WAIT socket per connection, and a port chosen at bind time would have to
+/// avoid all of them, so sustained churn to one app port would slow to a crawl and then fail.
 async fn dial(ctx: &PodCtx, dst: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let sock = pod_socket(ctx, dst.is_ipv6())?;
     sock.set_nodelay(true)?;
     if let Some(src) = source {
-        sock.bind(SocketAddr::new(src, 0))?;
+        sys::bind_address_no_port(sock.as_fd()).context("IP_BIND_ADDRESS_NO_PORT")?;
+        sock.bind(SocketAddr::new(src, 0))
+            .with_context(|| format!("bind {src}"))?;
     }
     tokio::time::timeout(Duration::from_secs(10), sock.connect(dst))
         .await
@@ -623,11 +827,15 @@ impl<'a> Refusal<'a> {
 
     /// An open flow a new generation no longer allows.
     fn log_closed(&self, shared: &Shared, generation: u64, refused: &Refused) {
+        self.log_closed_by(shared, &format!("policy generation {generation}"), refused);
+    }
+
+    fn log_closed_by(&self, shared: &Shared, by: &str, refused: &Refused) {
         shared.policy.count(format!("closed.{}", refused.code));
         if shared.sample("closed", refused.code) {
             warn!(
                 target: "interceptor::policy",
-                "closing {}: no longer allowed by policy generation {generation}: {} [{}]",
+                "closing {}: no longer allowed by {by}: {} [{}]",
                 self.describe(),
                 refused.reason,
                 refused.code,
@@ -646,6 +854,49 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+/// Why a mesh handshake failed, for the refusal log: a crypto mismatch this side detected is
+/// `crypto_mismatch` and names what this node offers; an abort by the peer names it too,
+/// since the peer's policy may be what refused it.
+fn handshake_refused(shared: &Shared, e: &driver::DriveError) -> Refused {
+    let crypto = shared.crypto();
+    match e {
+        driver::DriveError::Handshake(HandshakeError::NoCommonCrypto(_)) => Refused {
+            code: "crypto_mismatch",
+            reason: format!(
+                "mTLS handshake failed: {e}; this node's {} offers {}",
+                crypto.policy(),
+                crypto.offer()
+            ),
+        },
+        driver::DriveError::Handshake(HandshakeError::RefusedByPeer(
+            rustls::AlertDescription::HandshakeFailure,
+        )) => Refused {
+            code: "handshake_failed",
+            reason: format!(
+                "mTLS handshake failed: {e} (this node's {} offers {}; the peer's crypto policy \
+                 may not accept it)",
+                crypto.policy(),
+                crypto.offer()
+            ),
+        },
+        _ => Refused {
+            code: "handshake_failed",
+            reason: format!("mTLS handshake failed: {}", chain(e)),
+        },
+    }
+}
+
+/// A session negotiated under a crypto policy that changed during the handshake.
+fn crypto_refuses(shared: &Shared, negotiated: &handshake::Negotiated) -> Option<Refused> {
+    let reason = shared
+        .crypto()
+        .refuses(negotiated.suite.suite(), negotiated.group)?;
+    Some(Refused {
+        code: "crypto_policy",
+        reason,
+    })
 }
 
 /// Makes the close that follows send RST (curl: `000`, exit 56 or 52), then closes.
@@ -867,6 +1118,7 @@ async fn outbound<'a>(
         source: app_addr,
         peer_id: None,
         cipher: None,
+        session: None,
         protection: Protection::Plaintext,
         endpoint: Some(endpoint),
         reason: Some(reason),
@@ -924,18 +1176,27 @@ async fn outbound<'a>(
             {
                 Ok(est) => est,
                 Err(e) => {
-                    let refused = Refused {
-                        code: "handshake_failed",
-                        reason: format!("mTLS handshake failed: {}", chain(&e)),
-                    };
-                    refusal.log(shared, &refused);
+                    refusal.log(shared, &handshake_refused(shared, &e));
                     refuse_app(shared, app).await;
                     reset(peer);
                     return Ok(None);
                 }
             };
+            if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
+                refusal.log(shared, &refused);
+                refuse_app(shared, app).await;
+                reset(peer);
+                return Ok(None);
+            }
             flow.peer_id = Some(est.peer().to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+            flow.session = Some(SessionCrypto::mesh(&est.negotiated));
+            debug!(
+                target: "interceptor::access",
+                pod = %ctx.name, %dst, peer = %est.peer(), cipher = ?est.negotiated.suite.suite(),
+                group = est.negotiated.group_label().as_deref().unwrap_or("-"),
+                "outbound mTLS"
+            );
             Ok(relay_mesh(shared, flow, check, decided_by, app, peer, est))
         }
         Transport::Originate {
@@ -963,6 +1224,7 @@ async fn outbound<'a>(
             flow.cipher = conn
                 .negotiated_cipher_suite()
                 .map(|s| format!("{:?}", s.suite()));
+            flow.session = SessionCrypto::originated(&conn);
             if !admitted_now(shared, decided_by, &check, &ctx.name) {
                 reset(app);
                 reset(peer);
@@ -1110,6 +1372,7 @@ async fn inbound<'a>(
         source,
         peer_id: None,
         cipher: None,
+        session: None,
         protection: Protection::Plaintext,
         endpoint: None,
         reason: None,
@@ -1138,17 +1401,18 @@ async fn inbound<'a>(
             {
                 Ok(est) => est,
                 Err(e) => {
-                    let refused = Refused {
-                        code: "handshake_failed",
-                        reason: format!("mTLS handshake failed: {}", chain(&e)),
-                    };
-                    refusal.log(shared, &refused);
+                    refusal.log(shared, &handshake_refused(shared, &e));
                     reset(client);
                     return Ok(None);
                 }
             };
             let peer = est.peer().clone();
             refusal.client = Some(&peer);
+            if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
+                refusal.log(shared, &refused);
+                reset(client);
+                return Ok(None);
+            }
             match generation.inbound(source, dst, Some(&peer)) {
                 Ok(code) => flow.reason = Some(code.to_owned()),
                 Err(refused) => {
@@ -1161,8 +1425,14 @@ async fn inbound<'a>(
             drop(generation);
             flow.peer_id = Some(peer.to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+            flow.session = Some(SessionCrypto::mesh(&est.negotiated));
             let app = dial(ctx, dst, Some(app_source)).await?;
-            debug!(pod = %ctx.name, %source, %peer, "inbound mTLS");
+            debug!(
+                target: "interceptor::access",
+                pod = %ctx.name, %source, %peer, cipher = ?est.negotiated.suite.suite(),
+                group = est.negotiated.group_label().as_deref().unwrap_or("-"),
+                "inbound mTLS"
+            );
             let check = FlowCheck::Inbound(InboundCheck {
                 source,
                 destination: dst,

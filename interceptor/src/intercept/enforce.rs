@@ -28,6 +28,7 @@ use tracing::{info, warn};
 use super::originate;
 use crate::{
     config::{self, Config},
+    handshake::CryptoPolicy,
     identity::SpiffeId,
     policy::{
         self, ClientTls, Engine, FlowTls, HostPattern, InboundRequest, Mode, OutboundRequest,
@@ -77,7 +78,8 @@ pub fn read_policy_dir(dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
 pub fn check_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
     let files = read_policy_dir(dir)?;
     let set = policy::load_documents(&files).map_err(|e| anyhow::anyhow!("{e}"))?;
-    originate::Configs::build(&set.destination_rules).map_err(|e| anyhow::anyhow!("{e}"))?;
+    originate::Configs::build(&set.destination_rules, Default::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(set.warnings.iter().map(ToString::to_string).collect())
 }
 
@@ -140,10 +142,11 @@ impl Generation {
     fn build(
         set: PolicySet,
         settings: &Settings,
+        crypto: CryptoPolicy,
         inventory: policy::Inventory,
         number: u64,
     ) -> Result<Self, String> {
-        let originate = originate::Configs::build(&set.destination_rules)?;
+        let originate = originate::Configs::build(&set.destination_rules, crypto)?;
         let steer = steered(&set, settings, &inventory);
         let engine = Engine::new(set, settings.clone(), inventory);
         let picks = (0..engine.service_count())
@@ -354,6 +357,8 @@ struct Inputs {
     workloads: Vec<config::Workload>,
     peers: Vec<config::Peer>,
     services: Vec<config::Service>,
+    /// The node's crypto policy, which TLS origination follows.
+    crypto: CryptoPolicy,
 }
 
 /// The outcome of [`Enforcer::poll`].
@@ -399,7 +404,7 @@ impl Enforcer {
         };
         let inventory =
             config::policy_inventory(&config.workloads, &config.peers, &config.services);
-        let generation = Generation::build(set.clone(), &settings, inventory, 1)
+        let generation = Generation::build(set.clone(), &settings, config.crypto, inventory, 1)
             .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
         let logged = log_loaded(&generation, dir.as_deref(), &BTreeSet::new());
         Ok(Self {
@@ -413,6 +418,7 @@ impl Enforcer {
                 workloads: config.workloads.clone(),
                 peers: config.peers.clone(),
                 services: config.services.clone(),
+                crypto: config.crypto,
             }),
             counters: Mutex::new(BTreeMap::new()),
             reload_failures: AtomicU64::new(0),
@@ -471,6 +477,17 @@ impl Enforcer {
         self.rebuild(&mut inputs, set)
     }
 
+    /// Replaces the node's crypto policy and rebuilds, so TLS origination follows it.
+    pub fn set_crypto(
+        &self,
+        crypto: CryptoPolicy,
+    ) -> Result<(Arc<Generation>, Arc<Generation>), String> {
+        let mut inputs = self.inputs();
+        inputs.crypto = crypto;
+        let set = inputs.good.clone();
+        self.rebuild(&mut inputs, set)
+    }
+
     fn rebuild(
         &self,
         inputs: &mut Inputs,
@@ -482,6 +499,7 @@ impl Enforcer {
         let generation = Arc::new(Generation::build(
             set.clone(),
             &self.settings,
+            inputs.crypto,
             inventory,
             number,
         )?);

@@ -44,7 +44,10 @@ use tokio::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer as _};
 
-use crate::policy::{ClientTls, DestinationRule, TlsMode};
+use crate::{
+    handshake::{self, CryptoPolicy},
+    policy::{ClientTls, DestinationRule, TlsMode},
+};
 
 /// Where distributions keep the system trust bundle; the first that exists is used when a rule
 /// names no `caCertificates`.
@@ -69,9 +72,9 @@ pub struct CredentialError {
 }
 
 impl Configs {
-    /// Builds a config for each distinct origination setting in `rules`; the error names the
-    /// rule, its location and the field.
-    pub fn build(rules: &[DestinationRule]) -> Result<Self, String> {
+    /// Builds a config for each distinct origination setting in `rules`, under the node's
+    /// crypto policy; the error names the rule, its location and the field.
+    pub fn build(rules: &[DestinationRule], crypto: CryptoPolicy) -> Result<Self, String> {
         let mut configs = Self::default();
         for rule in rules {
             let settings = rule
@@ -94,7 +97,7 @@ impl Configs {
                 {
                     continue;
                 }
-                let config = client_config(tls).map_err(|e| {
+                let config = client_config(tls, crypto).map_err(|e| {
                     format!(
                         "{}: {}: {path}.{}: {}",
                         rule.resource.location, rule.resource, e.field, e.message
@@ -142,9 +145,13 @@ pub fn credential_files(rules: &[DestinationRule]) -> Vec<PathBuf> {
     files
 }
 
-/// The rustls client config for one `SIMPLE` or `MUTUAL` setting.
-pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialError> {
-    let provider = Arc::new(crypto::aws_lc_rs::default_provider());
+/// The rustls client config for one `SIMPLE` or `MUTUAL` setting: hybrid post-quantum key
+/// exchange first with classical fallback, or what the node's compliance policy allows.
+pub fn client_config(
+    tls: &ClientTls,
+    crypto: CryptoPolicy,
+) -> Result<Arc<ClientConfig>, CredentialError> {
+    let provider = handshake::origination_provider(crypto);
     let roots = match &tls.ca_certificates {
         Some(file) => roots_from(Path::new(file)).map_err(|message| CredentialError {
             field: "caCertificates",
@@ -161,7 +168,7 @@ pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialErr
         skip: tls.insecure_skip_verify,
     });
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(handshake::origination_versions(crypto))
         .map_err(|e| CredentialError {
             field: "mode",
             message: e.to_string(),
