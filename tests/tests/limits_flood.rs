@@ -7,14 +7,21 @@
 //! the flood's flows take every descriptor and the other pod's connections are never
 //! accepted.
 
-use std::time::Duration;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+    time::Duration,
+};
 
 use interceptor_tests::{
     agent::workload,
+    apps::busybox,
     flood::Flood,
-    mesh::{PolicyDir, curl, flows_after, last_flow_id, stats_delta},
+    mesh::{PolicyDir, flows_after, last_flow_id, stats_delta},
     require_privileged,
     scenario::{Cluster, Scenario, expected_protection, serve_blob},
+    topology::Pod,
 };
 
 const FD_LIMIT: u64 = 3072;
@@ -38,9 +45,74 @@ fn lower_fd_limit(n: u64) {
     assert_eq!(rc, 0, "setrlimit");
 }
 
+/// A shell in a pod that runs curl on request.
+struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    body: String,
+}
+
+impl Shell {
+    fn start(pod: &Pod, body: &Path) -> Shell {
+        let mut child = pod
+            .command(busybox())
+            .arg("sh")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("shell in pod");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Shell {
+            child,
+            stdin,
+            stdout,
+            body: body.display().to_string(),
+        }
+    }
+
+    /// `(HTTP code, hex SHA-256 of the body)` of a GET.
+    fn fetch(&mut self, url: &str) -> (String, String) {
+        self.send(url);
+        self.result()
+    }
+
+    /// Starts a GET (curl gives up after 10 s); [`Shell::result`] waits for it.
+    fn send(&mut self, url: &str) {
+        let b = &self.body;
+        writeln!(
+            self.stdin,
+            "rm -f {b}; c=$(curl -s -m 10 -o {b} -w '%{{http_code}}' {url}); \
+             echo \"$c $(sha256sum < {b} 2>/dev/null)\""
+        )
+        .expect("shell stdin");
+    }
+
+    fn result(&mut self) -> (String, String) {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("shell stdout");
+        let mut words = line.split_whitespace();
+        let code = words.next().unwrap_or("").to_owned();
+        let hash = words.next().unwrap_or("").to_owned();
+        (code, hash)
+    }
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tests of this file run one at a time: both exhaust this process's descriptors.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_flooding_pod_cannot_stop_another_pods_requests() {
     require_privileged();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     lower_fd_limit(FD_LIMIT);
     let Scenario {
         client,
@@ -66,6 +138,9 @@ fn a_flooding_pod_cannot_stop_another_pods_requests() {
     config.tuning.max_pending_handshakes_per_pod = 16;
     let agent = interceptor_tests::agent::RunningAgent::start(config);
     let before = agent.agent.policy_stats();
+    // Started before the flood: running curl later needs no descriptor of this process (which
+    // the agent shares).
+    let mut shell = Shell::start(&client, &cluster.scratch.0.join("body"));
 
     // 1500 connections held open by the flooder, each a mesh flow through the agent to the
     // echo server if admitted: far more than the agent's descriptors allow.
@@ -80,21 +155,12 @@ fn a_flooding_pod_cannot_stop_another_pods_requests() {
     // would be refused), with the payload intact.
     for i in 0..5 {
         let last = last_flow_id(&agent.agent);
-        let f = curl(
-            client.command("curl"),
-            &format!("http://{}/blob", server.ip),
-            &["-m", "5"],
-        );
+        let (code, hash) = shell.fetch(&format!("http://{}/blob", server.ip));
         assert_eq!(
-            f.code, "200",
-            "request {i} of the other pod failed during the flood (curl exit {})",
-            f.exit
+            code, "200",
+            "request {i} of the other pod failed during the flood"
         );
-        assert_eq!(
-            interceptor_tests::apps::sha256_hex(&f.body),
-            www.want,
-            "payload corrupted"
-        );
+        assert_eq!(hash, www.want, "payload corrupted");
         let flows = flows_after(&agent.agent, last);
         let out = flows
             .iter()
@@ -130,4 +196,56 @@ fn a_flooding_pod_cannot_stop_another_pods_requests() {
         flood.connected
     );
     drop(flood);
+}
+
+/// Out of descriptors, the agent's accept fails: it backs off (10 ms doubling to 1 s) rather
+/// than retrying every few milliseconds, counts each failure, and serves the waiting
+/// connection once descriptors are free again.
+#[test]
+fn accept_backs_off_while_out_of_descriptors_and_recovers() {
+    require_privileged();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Scenario {
+        client,
+        mut server,
+        node: _node,
+    } = Scenario::new(64, "sleep", "httpbin");
+    let www = serve_blob(&mut server, "www", 1024);
+    let cluster = Cluster::new("emfile");
+    let agent = interceptor_tests::agent::RunningAgent::start(cluster.config(
+        vec![
+            workload(&client, "full", "sleep"),
+            workload(&server, "full", "httpbin"),
+        ],
+        vec![],
+    ));
+    let mut shell = Shell::start(&client, &cluster.scratch.0.join("body"));
+    let url = format!("http://{}/blob", server.ip);
+    assert_eq!(shell.fetch(&url).0, "200", "before the exhaustion");
+    let before = agent.agent.policy_stats();
+
+    // Take every descriptor this process (and so the agent) may open.
+    let mut hog = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        hog.push(f);
+    }
+    shell.send(&url);
+    std::thread::sleep(Duration::from_secs(3));
+    let failed = stats_delta(&before, &agent.agent.policy_stats())
+        .get("accept_failed.emfile")
+        .copied()
+        .unwrap_or(0);
+    drop(hog);
+    println!("out of descriptors for 3 s: {failed} failed accepts");
+    // 10 + 20 + ... + 1000 ms: about ten attempts in 3 s (a 50 ms retry made sixty).
+    assert!(
+        (1..=20).contains(&failed),
+        "{failed} failed accepts counted in 3 s out of descriptors"
+    );
+    let (code, hash) = shell.result();
+    assert_eq!(
+        code, "200",
+        "the waiting request was not served after recovery"
+    );
+    assert_eq!(hash, www.want);
 }

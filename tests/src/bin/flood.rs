@@ -1,13 +1,15 @@
 //! A misbehaving client for the limits tests, run inside a pod (`Pod::command`): opens COUNT
 //! connections to DST, sends FIRST (hex) on each, optionally REST (hex) on each after
 //! DELAY_MS, prints `connected N failed M` and holds every connection until its stdin closes.
+//! Connecting stops after 5 s (an agent that no longer accepts would otherwise keep it here
+//! for COUNT connect timeouts); the rest count as failed.
 //!
 //! `flood DST COUNT [FIRST [DELAY_MS REST]]`
 
 use std::{
     io::{BufRead as _, Write as _},
     net::{SocketAddr, TcpStream},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -30,8 +32,14 @@ fn main() {
     });
     let mut held = Vec::with_capacity(count);
     let mut failed = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
     for _ in 0..count {
-        match TcpStream::connect_timeout(&dst, Duration::from_secs(2)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            failed += 1;
+            continue;
+        }
+        match TcpStream::connect_timeout(&dst, left.min(Duration::from_secs(1))) {
             Ok(mut s) => {
                 if !first.is_empty() {
                     let _ = s.write_all(&first);
