@@ -13,7 +13,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::Path,
     pin::Pin,
     sync::{
@@ -562,11 +562,7 @@ fn register(
 /// loaded, the config, the CA) leaves a couple of MB freed but resident in the main heap that
 /// glibc keeps until asked; enrolling a pod is rare, so it asks then.
 fn release_free_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::sys::trim_heap();
 }
 
 /// Undoes [`enroll`]: new connections of the pod use plain networking again.
@@ -923,21 +919,7 @@ const REFUSE_WAIT: Duration = Duration::from_secs(1);
 /// SO_LINGER 0 on a duplicate of a socket: the socket is reset when its last descriptor
 /// closes.
 fn zero_linger(fd: &OwnedFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `fd` is an open socket and the option value is a valid `linger` of the size
-    // passed.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    let _ = crate::sys::set_zero_linger(fd.as_fd());
 }
 
 /// Runs a relay until it ends or the flow's policy check fails (see [`revalidate`]); then

@@ -1,5 +1,8 @@
 //! The `interceptor` binary: parse the command line, set up logging, dispatch.
 
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};

@@ -52,7 +52,12 @@ pub fn tcp_socket_in(ns: BorrowedFd<'_>, v6: bool) -> io::Result<std::os::fd::Ow
         };
         let err = io::Error::last_os_error();
         // Always go home, even if socket() failed: this thread runs other pods' work next.
-        setns_net(home.as_fd()).expect("cannot return to the agent's own network namespace");
+        if let Err(e) = setns_net(home.as_fd()) {
+            // The runtime would catch a panic and keep this thread, still in the pod's
+            // namespace, for other pods' work: stop the agent instead, which fails closed.
+            tracing::error!("cannot return to the agent's own network namespace: {e}; aborting");
+            std::process::abort();
+        }
         if fd < 0 {
             return Err(err);
         }
@@ -385,6 +390,39 @@ pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(rc as usize)
+}
+
+/// Gives the heap's free pages back to the kernel (glibc keeps them otherwise).
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// SO_LINGER with a zero timeout: the socket is reset (RST) when its last descriptor closes.
+pub fn set_zero_linger(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `sock` is an open descriptor for the duration of the call and the option value
+    // is a valid `linger` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Where the calling thread's network namespace keeps its reserved local ports (the sysctl is
