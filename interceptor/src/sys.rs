@@ -506,6 +506,17 @@ fn merge_port_list(current: &str, ports: &[u16]) -> Option<String> {
     })
 }
 
+/// Creates a FIFO at `path`: tests use one to prove a reader never blocks on what policy names.
+pub fn mkfifo(path: &Path, mode: u32) -> io::Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), mode) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
