@@ -18,7 +18,7 @@ use crate::{
     ca::Ca,
     config::{self, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
-    handshake::MeshSuite,
+    handshake::{CryptoPolicy, MeshSuite},
     intercept::{
         self, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
@@ -82,9 +82,11 @@ pub fn offload(mode: KtlsMode) -> anyhow::Result<Offload> {
     Ok(Offload::Kernel(suites))
 }
 
-/// `interceptor run`: start, serve until SIGTERM/SIGINT, then exit leaving the pins.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let _agent = start(config).await?;
+/// `interceptor run`: start, serve until SIGTERM/SIGINT, then exit leaving the pins. `file`,
+/// where `config` was read from, is watched for crypto policy changes.
+pub async fn run(config: Config, file: PathBuf) -> anyhow::Result<()> {
+    let agent = start(config.clone()).await?;
+    tokio::spawn(watch_config(agent, file, config));
     shutdown_signal().await;
     info!("stopping; pinned programs stay attached, so enrolled pods fail closed until restart");
     Ok(())
@@ -130,6 +132,7 @@ async fn start_with(
         config.tuning.clone(),
         datapath,
         policy,
+        config.crypto,
     )?);
     {
         let mut dp = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,6 +232,67 @@ async fn watch_stale(agent: Arc<Agent>) {
     }
 }
 
+/// Watches the node configuration file (every `tuning.policyPollMs`) and applies a changed
+/// `crypto` section while the agent runs. A file that does not parse, or a policy this node
+/// cannot carry, is logged and counted (`config.reload_failures`) and the running policy
+/// stays. Other fields need a restart, which the log says.
+pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
+    let every = Duration::from_millis(loaded.tuning.policy_poll_ms);
+    let mut seen = std::fs::read(&file).ok();
+    let mut running = loaded;
+    loop {
+        tokio::time::sleep(every).await;
+        let now = std::fs::read(&file).ok();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let Some(bytes) = &seen else {
+            warn!(file = %file.display(), "node config unreadable; the running one stays");
+            continue;
+        };
+        let parsed = std::str::from_utf8(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                Config::parse(&file.display().to_string(), text).map_err(|e| e.to_string())
+            });
+        let next = match parsed {
+            Ok(next) => next,
+            Err(e) => {
+                agent
+                    .shared
+                    .policy
+                    .count("config.reload_failures".to_owned());
+                warn!("node config not applied, keeping the running one: {e}");
+                continue;
+            }
+        };
+        let mut rest = next.clone();
+        rest.crypto = running.crypto;
+        if rest != running {
+            warn!(
+                file = %file.display(),
+                "node config changed outside `crypto`; those changes take effect at the next restart"
+            );
+        }
+        if next.crypto != running.crypto {
+            match agent.set_crypto(next.crypto) {
+                Ok(_) => running.crypto = next.crypto,
+                Err(e) => {
+                    agent
+                        .shared
+                        .policy
+                        .count("config.reload_failures".to_owned());
+                    warn!(
+                        "crypto policy not applied, keeping {}: {e:#}",
+                        running.crypto
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Puts a new generation into effect for the data path and for open flows.
 fn applied(shared: &Shared, old_steer: &BTreeSet<SocketAddr>, new: &Generation) {
     if let Err(e) = intercept::apply_steering(shared, old_steer, &new.steer) {
@@ -281,6 +345,27 @@ impl Agent {
     /// How mesh flows are protected on this node.
     pub fn offload(&self) -> &Offload {
         &self.shared.offload
+    }
+
+    /// The crypto policy in force.
+    pub fn crypto_policy(&self) -> CryptoPolicy {
+        self.shared.crypto().policy()
+    }
+
+    /// Puts a crypto policy into effect (what a changed node config does): mesh handshakes
+    /// and TLS origination use it from now on, and open flows whose session it does not allow
+    /// are closed. Returns how many were; a policy this node cannot carry changes nothing.
+    pub fn set_crypto(&self, policy: CryptoPolicy) -> anyhow::Result<usize> {
+        let crypto = self.shared.resolve_crypto(policy)?;
+        let (old, new) = self
+            .shared
+            .policy
+            .set_crypto(policy)
+            .map_err(|e| anyhow::anyhow!("TLS origination under {policy}: {e}"))?;
+        let closed = self.shared.set_crypto(crypto);
+        applied(&self.shared, &old.steer, &new);
+        info!(closed, "crypto policy applied: {policy}");
+        Ok(closed)
     }
 
     /// The number of the policy generation in force; it grows by one with every applied change

@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{identity::TrustDomain, policy};
+use crate::{handshake::CryptoPolicy, identity::TrustDomain, policy};
 
 /// Whether the agent offloads record encryption to kernel TLS.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +100,10 @@ pub struct Config {
     pub admin_socket: PathBuf,
     #[serde(default)]
     pub ktls: KtlsMode,
+    /// Key exchange and suites for mesh and originated TLS (`compliancePolicy`,
+    /// `requireAes256Gcm`); re-read while the agent runs.
+    #[serde(default)]
+    pub crypto: CryptoPolicy,
     /// Where pins live; must be on a bpffs (mounted there when absent).
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
@@ -151,7 +155,16 @@ pub struct Tuning {
     /// How long inbound waits for a first byte before treating a silent client as plaintext
     /// (server-speaks-first protocols). Mesh clients always speak first, so never pay it.
     pub first_byte_wait_ms: u64,
+    /// A flow (mTLS or plaintext passthrough) with no byte in either direction for this long
+    /// is reset.
     pub idle_timeout_secs: u64,
+    /// Flows the agent holds at once for one pod: as a client (its outbound connections),
+    /// and as a server per source address. Beyond it new connections are reset and counted
+    /// (`refused.pod_connection_limit`), so one pod cannot use up the agent's descriptors.
+    pub max_connections_per_pod: u32,
+    /// Of those, how many may be in set-up (classification, handshake, dial) at once
+    /// (`refused.pod_handshake_limit`): set-up is where a stalled peer costs the agent.
+    pub max_pending_handshakes_per_pod: u32,
     /// sk_msg short-circuit of the plain app↔agent leg (Merbridge-style). Off by default: the
     /// benchmark shows no gain over loopback TCP, and each leg falls back to TCP after
     /// `SKMSG_LEG_BUDGET` bytes anyway (ARCHITECTURE.md explains why).
@@ -169,6 +182,8 @@ impl Default for Tuning {
             handshake_timeout_ms: 5_000,
             first_byte_wait_ms: 200,
             idle_timeout_secs: 3_600,
+            max_connections_per_pod: 4_096,
+            max_pending_handshakes_per_pod: 512,
             sk_msg_local_leg: false,
             policy_poll_ms: 500,
         }
@@ -289,6 +304,15 @@ impl Config {
         }
         if t.policy_poll_ms == 0 {
             return Err("tuning.policyPollMs: must be at least 1".to_owned());
+        }
+        if t.idle_timeout_secs == 0 {
+            return Err("tuning.idleTimeoutSecs: must be at least 1".to_owned());
+        }
+        if t.max_connections_per_pod == 0 || t.max_pending_handshakes_per_pod == 0 {
+            return Err(
+                "tuning: maxConnectionsPerPod and maxPendingHandshakesPerPod must be at least 1"
+                    .to_owned(),
+            );
         }
         Ok(())
     }
@@ -596,8 +620,8 @@ peers:
             ..first.clone()
         };
         check(&fresh).unwrap();
-        type Change = Box<dyn Fn(&mut Workload)>;
-        let cases: [(&str, Change); 9] = [
+        type Edit = Box<dyn Fn(&mut Workload)>;
+        let cases: [(&str, Edit); 9] = [
             (
                 "10.88.0.2 is also used by workload `sleep-full`",
                 Box::new(|w| w.ips = vec!["10.88.0.2".parse().unwrap()]),
@@ -655,6 +679,43 @@ peers:
         );
     }
 
+    #[test]
+    fn crypto_policy_parses_with_istios_names() {
+        use crate::handshake::CompliancePolicy;
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(
+            c.crypto,
+            CryptoPolicy::default(),
+            "absent: the default policy"
+        );
+        assert_eq!(c.crypto.compliance_policy, CompliancePolicy::Default);
+        assert!(!c.crypto.require_aes256_gcm);
+        for (name, want) in [
+            ("default", CompliancePolicy::Default),
+            ("pqc", CompliancePolicy::Pqc),
+            ("fips-140-2", CompliancePolicy::Fips1402),
+        ] {
+            let text = format!("{EXAMPLE}crypto:\n  compliancePolicy: {name}\n");
+            let c = Config::parse("n", &text).unwrap();
+            assert_eq!(c.crypto.compliance_policy, want);
+            assert_eq!(want.name(), name);
+        }
+        let text = format!("{EXAMPLE}crypto: {{compliancePolicy: pqc, requireAes256Gcm: true}}\n");
+        let c = Config::parse("n", &text).unwrap();
+        assert!(c.crypto.require_aes256_gcm);
+        // A misspelt value or field is refused, naming it.
+        for (bad, named) in [
+            ("crypto: {compliancePolicy: fips}", "fips"),
+            ("crypto: {compliancePolicy: PQC}", "PQC"),
+            ("crypto: {requireAes256: true}", "requireAes256"),
+        ] {
+            let e = Config::parse("n", &format!("{EXAMPLE}{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{bad}: {e}");
+        }
+    }
+
     const POLICY: &str = r#"
 rootNamespace: mesh-root
 policyDir: /etc/interceptor/policies
@@ -683,6 +744,18 @@ tuning:
             c.tuning.policy_poll_ms, 500,
             "other tuning keeps its defaults"
         );
+        for (knob, zero) in [
+            ("maxConnectionsPerPod", "maxConnectionsPerPod: 0"),
+            (
+                "maxPendingHandshakesPerPod",
+                "maxPendingHandshakesPerPod: 0",
+            ),
+            ("idleTimeoutSecs", "idleTimeoutSecs: 0"),
+        ] {
+            let text = format!("{EXAMPLE}{POLICY}  {zero}\n");
+            let e = Config::parse("node.yaml", &text).unwrap_err().to_string();
+            assert!(e.contains(knob), "{e}");
+        }
         let settings = c.policy_settings();
         assert_eq!(settings.root_namespace, "mesh-root");
         assert_eq!(settings.cluster_domain, "corp.local");

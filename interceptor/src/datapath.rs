@@ -16,16 +16,18 @@ use aya::{
     programs::{CgroupAttachMode, Program, ProgramError, SkLookup, links::FdLink},
 };
 use interceptor_common::{
-    Counter, DestAction, FlowKey, LegKey, PodAddrKey, PodConfig, SockAddr, maps,
+    Counter, DestAction, FlowKey, LegKey, OrigDst, PodAddrKey, PodConfig, SockAddr, maps,
 };
 
 /// The compiled eBPF object, built by aya-build from `interceptor-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
 /// Programs attached to every enrolled cgroup, in attach order. sockops goes first so a flow is
-/// never steered by connect4 before something is ready to re-key it.
-pub const CGROUP_PROGRAMS: [&str; 5] = [
+/// never steered by connect4 before something is ready to re-key it, and sock_release before
+/// connect4 so no recorded destination outlives its socket.
+pub const CGROUP_PROGRAMS: [&str; 6] = [
     "intercept_sockops",
+    "intercept_sock_release",
     "intercept_connect4",
     "intercept_connect6",
     "intercept_getpeername4",
@@ -78,9 +80,11 @@ type Result<T, E = DatapathError> = std::result::Result<T, E>;
 /// How the datapath keeps its state.
 #[derive(Debug, Clone, Default)]
 pub struct DatapathOptions {
-    /// A directory on a bpffs. When set, maps and links are pinned there so enrolled pods stay
-    /// steered (and therefore fail closed) while the agent is down, and a restarted agent
-    /// re-adopts them. `None` keeps everything tied to this process (tests).
+    /// A directory on a bpffs. When set, the links are pinned there, so enrolled pods stay
+    /// steered (and therefore fail closed) while the agent is down; the maps are not pinned
+    /// but live as long as a pinned program uses them. A restarted agent loads fresh maps,
+    /// fills them, and attaches its links before removing the old ones. `None` keeps
+    /// everything tied to this process (tests).
     pub pin_dir: Option<PathBuf>,
 }
 
@@ -98,6 +102,7 @@ pub struct Datapath {
     pod_config: HashMap<MapData, u64, PodConfig>,
     pod_addrs: HashMap<MapData, PodAddrKey, u32>,
     dest_policy: HashMap<MapData, SockAddr, DestAction>,
+    orig_by_cookie: HashMap<MapData, u64, OrigDst>,
     orig_by_flow: HashMap<MapData, FlowKey, SockAddr>,
     inbound_slots: HashMap<MapData, SockAddr, u32>,
     inbound_listeners: SockMap<MapData>,
@@ -115,6 +120,7 @@ fn kind_of(p: &Program) -> &'static str {
     match p {
         Program::SockOps(_) => "sock_ops",
         Program::CgroupSockAddr(_) => "cgroup_sock_addr",
+        Program::CgroupSock(_) => "cgroup_sock",
         Program::SkLookup(_) => "sk_lookup",
         Program::SkMsg(_) => "sk_msg",
         _ => "other",
@@ -125,6 +131,7 @@ fn load_program(p: &mut Program) -> Result<(), ProgramError> {
     match p {
         Program::SockOps(p) => p.load(),
         Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
         Program::SkLookup(p) => p.load(),
         Program::SkMsg(p) => p.load(),
         _ => Ok(()),
@@ -186,13 +193,9 @@ impl Datapath {
     /// verifier log), attaching nothing yet.
     pub fn load(options: DatapathOptions) -> Result<Self> {
         raise_memlock();
-        let mut loader = EbpfLoader::new();
-        if let Some(dir) = &options.pin_dir {
-            let maps_dir = dir.join("maps");
-            std::fs::create_dir_all(&maps_dir).map_err(DatapathError::Sys)?;
-            loader.default_map_pin_directory(maps_dir);
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(DatapathError::Load)?;
         for (name, p) in ebpf.programs_mut() {
             load_program(p).map_err(|source| DatapathError::Program {
                 name: name.to_owned(),
@@ -202,6 +205,7 @@ impl Datapath {
         let pod_config = take(&mut ebpf, maps::POD_CONFIG)?;
         let pod_addrs = take(&mut ebpf, maps::POD_ADDRS)?;
         let dest_policy = take(&mut ebpf, maps::DEST_POLICY)?;
+        let orig_by_cookie = take(&mut ebpf, maps::ORIG_DST_BY_COOKIE)?;
         let orig_by_flow = take(&mut ebpf, maps::ORIG_DST_BY_FLOW)?;
         let inbound_slots = take(&mut ebpf, maps::INBOUND_SLOTS)?;
         let inbound_listeners = ebpf
@@ -221,6 +225,7 @@ impl Datapath {
             pod_config,
             pod_addrs,
             dest_policy,
+            orig_by_cookie,
             orig_by_flow,
             inbound_slots,
             inbound_listeners,
@@ -260,6 +265,13 @@ impl Datapath {
                 FdLink::try_from(link).map_err(link_error)
             }
             Program::CgroupSockAddr(p) => {
+                let id = p
+                    .attach(dir.as_fd(), CgroupAttachMode::Single)
+                    .map_err(program_error)?;
+                let link = p.take_link(id).map_err(program_error)?;
+                FdLink::try_from(link).map_err(link_error)
+            }
+            Program::CgroupSock(p) => {
                 let id = p
                     .attach(dir.as_fd(), CgroupAttachMode::Single)
                     .map_err(program_error)?;
@@ -432,7 +444,11 @@ impl Datapath {
             .map_err(map_err(maps::POD_CONFIG))
     }
 
+    /// Forgets a pod's netns, and frees the original destinations its sockets recorded: once
+    /// the pod's cgroup is no longer enrolled, sock_release and sockops no longer run for
+    /// them.
     pub fn unenroll_pod_netns(&mut self, netns_cookie: u64, own_addrs: &[IpAddr]) {
+        self.forget_original_destinations(netns_cookie);
         let _ = self.pod_config.remove(&netns_cookie);
         for ip in own_addrs {
             let key = PodAddrKey {
@@ -464,6 +480,61 @@ impl Datapath {
             local: sock_addr(app),
         };
         self.orig_by_flow.get(&key, 0).ok().map(socket_addr)
+    }
+
+    /// Original destinations recorded for sockets still open in the netns `netns_cookie`:
+    /// `(by socket cookie, by flow)`.
+    pub fn original_destinations_held(&self, netns_cookie: u64) -> (usize, usize) {
+        let by_cookie = self
+            .orig_by_cookie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.netns_cookie == netns_cookie)
+            .count();
+        let by_flow = self
+            .orig_by_flow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .count();
+        (by_cookie, by_flow)
+    }
+
+    fn forget_original_destinations(&mut self, netns_cookie: u64) {
+        let cookies: Vec<u64> = self
+            .orig_by_cookie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.netns_cookie == netns_cookie)
+            .map(|(k, _)| k)
+            .collect();
+        for c in cookies {
+            let _ = self.orig_by_cookie.remove(&c);
+        }
+        let flows: Vec<FlowKey> = self
+            .orig_by_flow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for k in flows {
+            let _ = self.orig_by_flow.remove(&k);
+        }
+    }
+
+    /// Fills the socket-cookie map with `n` entries for the netns `netns_cookie` under
+    /// cookies no socket has (they count down from `u64::MAX`), as a flood of open sockets
+    /// would; returns how many fitted. Only for tests of the full-map behaviour; the entries
+    /// go with [`Datapath::unenroll_pod_netns`].
+    #[doc(hidden)]
+    pub fn occupy_original_destinations(&mut self, netns_cookie: u64, n: usize) -> usize {
+        let value = OrigDst {
+            dst: SockAddr::default(),
+            netns_cookie,
+        };
+        (0..n as u64)
+            .take_while(|i| self.orig_by_cookie.insert(u64::MAX - i, value, 0).is_ok())
+            .count()
     }
 
     /// Steers inbound TCP to `addrs` to the agent's listeners of inbound slot `slot`

@@ -191,8 +191,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run { config } => {
             let text = std::fs::read_to_string(&config)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
-            let config = Config::parse(&config.display().to_string(), &text)?;
-            runtime()?.block_on(app::run(config))?;
+            let parsed = Config::parse(&config.display().to_string(), &text)?;
+            runtime()?.block_on(app::run(parsed, config))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Enroll {

@@ -211,6 +211,22 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Copies what is queued on a socket into `buf` without consuming it and without blocking
+/// (`MSG_PEEK | MSG_DONTWAIT`): `WouldBlock` when nothing is queued, `Ok(0)` at end of stream.
+pub fn peek(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the kernel writes at most
+    // that many.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it.
 pub fn raise_memlock_rlimit() -> io::Result<()> {
     let lim = libc::rlimit {
@@ -332,6 +348,30 @@ pub fn tcp_bytes_queued(sock: BorrowedFd<'_>) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike): a later `bind` to an
+/// address with port 0 takes the address only, and `connect` picks the port once the whole
+/// 4-tuple is known. A port chosen at bind time must be free of every socket on it,
+/// TIME_WAIT included, and is searched for under the bind-hash locks; one chosen at connect
+/// time only has to make the 4-tuple unique, and may take over a TIME_WAIT socket on a
+/// loopback address (`tcp_tw_reuse`, default 2).
+pub fn bind_address_no_port(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `sock` is an open socket and the option value is a valid int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Resizes a pipe (`F_SETPIPE_SZ`) and returns the size the kernel chose (it rounds up to a

@@ -28,6 +28,7 @@ use tracing::{info, warn};
 use super::{files, originate};
 use crate::{
     config::{self, Config},
+    handshake::CryptoPolicy,
     identity::SpiffeId,
     policy::{
         self, ClientTls, Engine, FlowTls, HostPattern, InboundRequest, Mode, OutboundRequest,
@@ -92,7 +93,7 @@ pub fn check_dir(dir: &Path, cert_dirs: &[PathBuf]) -> anyhow::Result<Vec<String
     let files = read_policy_dir(dir)?;
     let set = policy::load_documents(&files).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cert_files = originate::CertFiles::new(cert_dirs.to_vec());
-    originate::Configs::build(&set.destination_rules, &cert_files)
+    originate::Configs::build(&set.destination_rules, &cert_files, Default::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(set.warnings.iter().map(ToString::to_string).collect())
 }
@@ -156,11 +157,12 @@ impl Generation {
     fn build(
         set: PolicySet,
         settings: &Settings,
+        crypto: CryptoPolicy,
         inventory: policy::Inventory,
         number: u64,
         cert_files: &originate::CertFiles,
     ) -> Result<Self, String> {
-        let originate = originate::Configs::build(&set.destination_rules, cert_files)?;
+        let originate = originate::Configs::build(&set.destination_rules, cert_files, crypto)?;
         let steer = steered(&set, settings, &inventory);
         let engine = Engine::new(set, settings.clone(), inventory);
         let picks = (0..engine.service_count())
@@ -371,6 +373,8 @@ struct Inputs {
     workloads: Vec<config::Workload>,
     peers: Vec<config::Peer>,
     services: Vec<config::Service>,
+    /// The node's crypto policy, which TLS origination follows.
+    crypto: CryptoPolicy,
 }
 
 /// The outcome of [`Enforcer::poll`].
@@ -419,8 +423,15 @@ impl Enforcer {
         };
         let inventory =
             config::policy_inventory(&config.workloads, &config.peers, &config.services);
-        let generation = Generation::build(set.clone(), &settings, inventory, 1, &cert_files)
-            .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
+        let generation = Generation::build(
+            set.clone(),
+            &settings,
+            config.crypto,
+            inventory,
+            1,
+            &cert_files,
+        )
+        .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
         let logged = log_loaded(&generation, dir.as_deref(), &BTreeSet::new());
         Ok(Self {
             settings,
@@ -434,6 +445,7 @@ impl Enforcer {
                 workloads: config.workloads.clone(),
                 peers: config.peers.clone(),
                 services: config.services.clone(),
+                crypto: config.crypto,
             }),
             counters: Mutex::new(BTreeMap::new()),
             reload_failures: AtomicU64::new(0),
@@ -492,6 +504,17 @@ impl Enforcer {
         self.rebuild(&mut inputs, set)
     }
 
+    /// Replaces the node's crypto policy and rebuilds, so TLS origination follows it.
+    pub fn set_crypto(
+        &self,
+        crypto: CryptoPolicy,
+    ) -> Result<(Arc<Generation>, Arc<Generation>), String> {
+        let mut inputs = self.inputs();
+        inputs.crypto = crypto;
+        let set = inputs.good.clone();
+        self.rebuild(&mut inputs, set)
+    }
+
     fn rebuild(
         &self,
         inputs: &mut Inputs,
@@ -503,6 +526,7 @@ impl Enforcer {
         let generation = Arc::new(Generation::build(
             set.clone(),
             &self.settings,
+            inputs.crypto,
             inventory,
             number,
             &self.cert_files,

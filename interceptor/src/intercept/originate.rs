@@ -47,7 +47,10 @@ use tokio::{
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer as _};
 
 use super::files;
-use crate::policy::{ClientTls, DestinationRule, TlsMode};
+use crate::{
+    handshake::{self, CryptoPolicy},
+    policy::{ClientTls, DestinationRule, TlsMode},
+};
 
 /// Where distributions keep the system trust bundle; the first that exists is used when a rule
 /// names no `caCertificates`.
@@ -81,6 +84,7 @@ pub struct CertFiles {
 
 struct Cached {
     tls: ClientTls,
+    crypto: CryptoPolicy,
     stamps: Vec<files::Stamp>,
     config: Arc<ClientConfig>,
 }
@@ -155,19 +159,27 @@ impl CertFiles {
 
     /// The config for `tls`: from the cache when its files have the stamps they had when it
     /// was built, else read and built (and cached once the files have settled).
-    fn config(&self, tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialError> {
+    fn config(
+        &self,
+        tls: &ClientTls,
+        crypto: CryptoPolicy,
+    ) -> Result<Arc<ClientConfig>, CredentialError> {
         let opened = self.open_setting(tls)?;
         let stamps = opened.stamps();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(hit) = cache.iter().find(|c| c.tls == *tls && c.stamps == stamps) {
+        if let Some(hit) = cache
+            .iter()
+            .find(|c| c.tls == *tls && c.crypto == crypto && c.stamps == stamps)
+        {
             return Ok(Arc::clone(&hit.config));
         }
         let settled = stamps.iter().all(files::Stamp::settled);
-        let config = client_config(tls, opened)?;
+        let config = client_config(tls, crypto, opened)?;
         cache.retain(|c| c.tls != *tls);
         if settled {
             cache.push(Cached {
                 tls: tls.clone(),
+                crypto,
                 stamps,
                 config: Arc::clone(&config),
             });
@@ -185,9 +197,14 @@ impl CertFiles {
 }
 
 impl Configs {
-    /// Builds a config for each distinct origination setting in `rules`, reading credentials
-    /// through `files`; the error names the rule, its location and the field.
-    pub fn build(rules: &[DestinationRule], files: &CertFiles) -> Result<Self, String> {
+    /// Builds a config for each distinct origination setting in `rules`, under the node's
+    /// crypto policy, reading credentials through `files`; the error names the rule, its
+    /// location and the field.
+    pub fn build(
+        rules: &[DestinationRule],
+        files: &CertFiles,
+        crypto: CryptoPolicy,
+    ) -> Result<Self, String> {
         let mut configs = Self::default();
         for rule in rules {
             let settings = rule
@@ -210,7 +227,7 @@ impl Configs {
                 {
                     continue;
                 }
-                let config = files.config(tls).map_err(|e| {
+                let config = files.config(tls, crypto).map_err(|e| {
                     format!(
                         "{}: {}: {path}.{}: {}",
                         rule.resource.location, rule.resource, e.field, e.message
@@ -259,9 +276,15 @@ pub fn credential_files(rules: &[DestinationRule]) -> Vec<PathBuf> {
     files
 }
 
-/// The rustls client config for one `SIMPLE` or `MUTUAL` setting, from its open files.
-fn client_config(tls: &ClientTls, opened: Opened) -> Result<Arc<ClientConfig>, CredentialError> {
-    let provider = Arc::new(crypto::aws_lc_rs::default_provider());
+/// The rustls client config for one `SIMPLE` or `MUTUAL` setting, from its open files:
+/// hybrid post-quantum key exchange first with classical fallback, or what the node's
+/// compliance policy allows.
+fn client_config(
+    tls: &ClientTls,
+    crypto: CryptoPolicy,
+    opened: Opened,
+) -> Result<Arc<ClientConfig>, CredentialError> {
+    let provider = handshake::origination_provider(crypto);
     let roots = match (&tls.ca_certificates, opened.roots) {
         (Some(file), Some(roots)) => {
             let pem = roots.read().map_err(|message| CredentialError {
@@ -285,7 +308,7 @@ fn client_config(tls: &ClientTls, opened: Opened) -> Result<Arc<ClientConfig>, C
         skip: tls.insecure_skip_verify,
     });
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(handshake::origination_versions(crypto))
         .map_err(|e| CredentialError {
             field: "mode",
             message: e.to_string(),
