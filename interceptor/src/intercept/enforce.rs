@@ -923,9 +923,7 @@ spec:
 
         // Inside the directory: a FIFO is refused without blocking (this test would hang).
         let fifo = certs.0.join("ca.pem");
-        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path; test-only.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        super::files::tests::mkfifo(&fifo);
         dir.write("dr.yaml", &rule(&fifo));
         let Reload::Rejected(why) = e.poll() else {
             panic!("accepted a FIFO")
@@ -949,9 +947,7 @@ spec:
         );
         // A FIFO among the policy files is refused the same way.
         let yaml_fifo = dir.0.join("z.yaml");
-        let c_path = std::ffi::CString::new(yaml_fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path; test-only.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        super::files::tests::mkfifo(&yaml_fifo);
         let e2 = check_dir(&dir.0, &[]).unwrap_err().to_string();
         assert!(e2.contains("z.yaml") && e2.contains("is a FIFO"), "{e2}");
         assert!(matches!(e.poll(), Reload::Rejected(_)));
