@@ -552,3 +552,38 @@ fn pins_under_the_old_names_are_adopted_on_upgrade() {
     drop(agent);
     drop(pins);
 }
+
+/// A stale enrollment is retried: once its network namespace is back (here: a new one at the
+/// same path), the pod is enrolled again without a restart.
+#[test]
+fn stale_enrollment_is_restored_when_its_netns_returns() {
+    require_privileged();
+    let _shared = shared();
+    let Scenario {
+        client: _client,
+        server,
+        node,
+    } = Scenario::new(77, "rsc", "rss");
+    let back = node.pod("rsb", 4);
+    let cluster = Cluster::new("agentrs");
+    let config = cluster.config(vec![workload(&server, "rs", "server")], vec![]);
+    let admin = config.admin_socket.clone();
+    let agent = RunningAgent::start(config);
+    let resp = enroll(&admin, workload(&back, "rs", "client"));
+    assert!(matches!(resp, Response::Ok { .. }), "{resp:?}");
+    let pins = PinCleanup(agent.kill());
+    run("ip", &["netns", "delete", &back.ns.name]);
+    let mut config = cluster.config(vec![workload(&server, "rs", "server")], vec![]);
+    config.bpffs = pins.0.clone();
+    let agent = RunningAgent::start(config);
+    assert_eq!(agent.agent.stale().len(), 1);
+    run("ip", &["netns", "add", &back.ns.name]);
+    back.ns.ip(&["link", "set", "lo", "up"]);
+    wait_for("stale enrollment restored", Duration::from_secs(10), || {
+        agent.agent.stale().is_empty().then_some(())
+    });
+    assert!(agent.agent.enrolled().contains(&"rsb".to_owned()));
+    assert_eq!(reserved_ports(&back.netns_path()), "15001,15006");
+    drop(agent);
+    drop(pins);
+}
