@@ -15,6 +15,7 @@
 //! * TLS 1.3 only, AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305: what both target kernels offer
 //!   in software (§3 feature table).
 
+#[allow(unsafe_code)] // the kTLS uapi, each block with its SAFETY comment
 pub mod sys;
 
 use std::fmt;

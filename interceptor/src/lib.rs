@@ -3,6 +3,13 @@
 //! One module per runtime component; ARCHITECTURE.md follows one connection through them.
 //! Only `datapath` imports aya; `unsafe` lives only in syscall wrappers (`ktls::sys`,
 //! `sys`) and `datapath`; `policy` and `identity` parsing do no I/O.
+//!
+//! `unsafe` is denied crate-wide and allowed module by module, and `unwrap`/`expect` are
+//! denied outside tests: an input the agent did not expect must cost one connection or one
+//! policy with an error that names it, never a panic.
+
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
 pub mod app;
@@ -16,4 +23,5 @@ pub mod ktls;
 pub mod policy;
 pub mod probe;
 pub mod relay;
+#[allow(unsafe_code)] // syscall wrappers, each block with its SAFETY comment
 pub mod sys;

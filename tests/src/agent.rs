@@ -89,9 +89,11 @@ pub fn config(
         services: Vec::new(),
         root_namespace: "istio-system".to_owned(),
         policy_dir: None,
+        policy: Default::default(),
         probe_sources: Vec::new(),
         cluster_domain: "cluster.local".to_owned(),
         tuning: Tuning::default(),
+        identity: Default::default(),
     }
 }
 

@@ -3,8 +3,8 @@
 //! Everything is pinned explicitly rather than taken from rustls defaults, so a rustls upgrade
 //! or a Cargo feature elsewhere in the dependency graph cannot widen what the mesh accepts:
 //! TLS 1.3 only, AEAD suites the kernel can take over, the key-exchange groups of the node's
-//! compliance policy, and ECDSA signatures only (the built-in CA issues P-256 keys; accepting
-//! RSA would only add parser surface).
+//! compliance policy, and ECDSA handshake signatures only (every mesh leaf is P-256); RSA is
+//! accepted only as a CA's signature inside a chain, for Istio's RSA plug-in CAs (see [`SIGNATURE_ALGORITHMS`]).
 //!
 //! The compliance policy uses Istio's `COMPLIANCE_POLICY` names, as one node setting:
 //!
@@ -31,7 +31,10 @@ use rustls::{
     version::{TLS12, TLS13},
 };
 use serde::{Deserialize, Serialize};
-use webpki::aws_lc_rs::{ECDSA_P256_SHA256, ECDSA_P384_SHA384};
+use webpki::aws_lc_rs::{
+    ECDSA_P256_SHA256, ECDSA_P384_SHA384, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_2048_8192_SHA384,
+    RSA_PKCS1_2048_8192_SHA512,
+};
 
 use super::TlsConfigError;
 
@@ -402,9 +405,18 @@ fn origination_allows(policy: CryptoPolicy, suite: SupportedCipherSuite) -> bool
     by_policy && (!policy.require_aes256_gcm || aes256)
 }
 
-/// ECDSA only, with each TLS 1.3 scheme bound to its own curve.
+/// Handshake signatures: ECDSA only, with each TLS 1.3 scheme bound to its own curve (every
+/// mesh leaf is P-256). Certificate signatures in a chain (`all`) also accept RSA PKCS#1, 2048
+/// bits or more: the signing CA of an Istio `cacerts` secret is RSA more often than not, and
+/// the leaves it signs carry an RSA signature.
 static SIGNATURE_ALGORITHMS: WebPkiSupportedAlgorithms = WebPkiSupportedAlgorithms {
-    all: &[ECDSA_P256_SHA256, ECDSA_P384_SHA384],
+    all: &[
+        ECDSA_P256_SHA256,
+        ECDSA_P384_SHA384,
+        RSA_PKCS1_2048_8192_SHA256,
+        RSA_PKCS1_2048_8192_SHA384,
+        RSA_PKCS1_2048_8192_SHA512,
+    ],
     mapping: &[
         (SignatureScheme::ECDSA_NISTP256_SHA256, &[ECDSA_P256_SHA256]),
         (SignatureScheme::ECDSA_NISTP384_SHA384, &[ECDSA_P384_SHA384]),
