@@ -41,6 +41,9 @@ pub struct Variant {
     pub conn_per_s: f64,
     pub cpu_us_per_conn: f64,
     pub handshake_cpu_us_in_memory: f64,
+    /// The key exchange alone (client key generation, server encapsulation or agreement,
+    /// client completion), CPU µs: the part of the handshake the group decides.
+    pub key_exchange_cpu_us: f64,
     /// Per round, for the spread.
     pub rounds_conn_per_s: Vec<f64>,
 }
@@ -78,10 +81,14 @@ pub fn run(secs: f64, rounds: usize) -> Result<Report> {
         .iter()
         .map(|(_, c)| Mesh::with(c, c))
         .collect::<Result<_>>()?;
-    let mut per_round: Vec<Vec<(f64, f64)>> = vec![Vec::new(); variants.len()];
+    let mut per_round: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); variants.len()];
+    let budget = Duration::from_secs_f64(secs);
     for _ in 0..rounds {
-        for (i, mesh) in meshes.iter().enumerate() {
-            per_round[i].push(churn(mesh, Duration::from_secs_f64(secs))?);
+        for (i, (mesh, (_, crypto))) in meshes.iter().zip(&variants).enumerate() {
+            let (rate, cpu) = churn(mesh, budget)?;
+            let in_memory = in_memory_us(mesh, budget / 2)?;
+            let kx = key_exchange_us(crypto, budget / 4)?;
+            per_round[i].push((rate, cpu, in_memory, kx));
         }
     }
     for (((name, _), mesh), rounds) in variants.iter().zip(&meshes).zip(per_round) {
@@ -94,7 +101,8 @@ pub fn run(secs: f64, rounds: usize) -> Result<Report> {
             server_flight_bytes,
             conn_per_s: median(&rates),
             cpu_us_per_conn: median(&rounds.iter().map(|r| r.1).collect::<Vec<_>>()),
-            handshake_cpu_us_in_memory: in_memory_us(mesh, Duration::from_secs_f64(secs))?,
+            handshake_cpu_us_in_memory: median(&rounds.iter().map(|r| r.2).collect::<Vec<_>>()),
+            key_exchange_cpu_us: median(&rounds.iter().map(|r| r.3).collect::<Vec<_>>()),
             rounds_conn_per_s: rates,
         });
     }
@@ -107,13 +115,16 @@ pub fn run(secs: f64, rounds: usize) -> Result<Report> {
 
 impl Report {
     pub fn markdown(&self) -> String {
-        let base = self.variants.get(1).map_or(1.0, |v| v.conn_per_s);
+        let (base, base_cpu) = self
+            .variants
+            .get(1)
+            .map_or((1.0, 1.0), |v| (v.conn_per_s, v.cpu_us_per_conn));
         let mut s = String::from(
-            "| variant | group | ClientHello B | server flight B | new conn/s | ÷ x25519 | CPU µs/conn | handshake CPU µs (in memory) |\n|---|---|---|---|---|---|---|---|\n",
+            "| variant | group | ClientHello B | server flight B | new conn/s | ÷ x25519 | CPU µs/conn | conn per CPU-s ÷ x25519 | handshake CPU µs (in memory) | key exchange CPU µs |\n|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for v in &self.variants {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} |\n",
+                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} |\n",
                 v.name,
                 v.group,
                 v.client_hello_bytes,
@@ -121,7 +132,9 @@ impl Report {
                 v.conn_per_s,
                 v.conn_per_s / base,
                 v.cpu_us_per_conn,
+                base_cpu / v.cpu_us_per_conn,
                 v.handshake_cpu_us_in_memory,
+                v.key_exchange_cpu_us,
             ));
         }
         s
@@ -164,16 +177,50 @@ fn sizes(mesh: &Mesh) -> Result<(usize, usize, String)> {
     Ok((client_hello, flight.len(), group))
 }
 
-/// Microseconds per in-memory handshake (both ends on this thread; wall time of pure CPU
-/// work, as the criterion benchmark measures it).
+/// This thread's CPU microseconds per in-memory handshake (both ends on this thread). CPU
+/// time, not wall time, so other work on a shared machine does not count.
 fn in_memory_us(mesh: &Mesh, budget: Duration) -> Result<f64> {
     let start = Instant::now();
+    let cpu = thread_cpu()?;
     let mut n = 0u64;
-    while start.elapsed() < budget / 2 || n < 10 {
+    while start.elapsed() < budget || n < 10 {
         mesh.handshake()?;
         n += 1;
     }
-    Ok(start.elapsed().as_secs_f64() * 1e6 / n as f64)
+    Ok((thread_cpu()? - cpu) * 1e6 / n as f64)
+}
+
+/// This thread's CPU microseconds per key exchange in the variant's first group, both ends.
+fn key_exchange_us(crypto: &MeshCrypto, budget: Duration) -> Result<f64> {
+    let provider = crypto.provider();
+    let group = *provider.kx_groups.first().context("no group")?;
+    let start = Instant::now();
+    let cpu = thread_cpu()?;
+    let mut n = 0u64;
+    while start.elapsed() < budget || n < 10 {
+        let client = group.start()?;
+        let server = group.start_and_complete(client.pub_key())?;
+        client.complete(&server.pub_key)?;
+        n += 1;
+    }
+    Ok((thread_cpu()? - cpu) * 1e6 / n as f64)
+}
+
+/// utime + stime of the calling thread, in seconds (clock ticks).
+fn thread_cpu() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").context("thread stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/thread-self/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|x| x.parse::<f64>().ok())
+            .context("utime/stime")
+    };
+    // Kernel USER_HZ, 100 on every Linux this runs on.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// New connections for `budget` over loopback: `(connections/s, process CPU µs per connection)`.

@@ -666,6 +666,7 @@ peers:
         let c = Config::parse("README.md", &text).unwrap();
         assert_eq!(c.tuning, Tuning::default());
         assert_eq!(c.bpffs, default_bpffs());
+        assert_eq!(c.crypto, CryptoPolicy::default());
         let block = readme
             .split("```yaml\n")
             .skip(1)

@@ -61,19 +61,6 @@ pub struct Negotiated {
     pub retried: bool,
 }
 
-impl Negotiated {
-    /// The group as logs and `interceptor flows` show it (`X25519MLKEM768`, `x25519`, …),
-    /// with ` (retry)` after a HelloRetryRequest.
-    pub fn group_label(&self) -> Option<String> {
-        let name = group_name(self.group?);
-        Some(if self.retried {
-            format!("{name} (retry)")
-        } else {
-            name
-        })
-    }
-}
-
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -1173,11 +1173,12 @@ async fn outbound<'a>(
             }
             flow.peer_id = Some(est.peer().to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
-            flow.session = Some(SessionCrypto::mesh(&est.negotiated));
+            let session = SessionCrypto::mesh(&est.negotiated);
+            flow.session = Some(session);
             debug!(
                 target: "interceptor::access",
-                pod = %ctx.name, %dst, peer = %est.peer(), cipher = ?est.negotiated.suite.suite(),
-                group = est.negotiated.group_label().as_deref().unwrap_or("-"),
+                pod = %ctx.name, %dst, peer = %est.peer(), cipher = ?session.suite,
+                group = session.group_label().as_deref().unwrap_or("-"),
                 "outbound mTLS"
             );
             Ok(relay_mesh(shared, flow, check, decided_by, app, peer, est))
@@ -1413,12 +1414,13 @@ async fn inbound<'a>(
             drop(generation);
             flow.peer_id = Some(peer.to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
-            flow.session = Some(SessionCrypto::mesh(&est.negotiated));
+            let session = SessionCrypto::mesh(&est.negotiated);
+            flow.session = Some(session);
             let app = dial(ctx, dst, Some(app_source)).await?;
             debug!(
                 target: "interceptor::access",
-                pod = %ctx.name, %source, %peer, cipher = ?est.negotiated.suite.suite(),
-                group = est.negotiated.group_label().as_deref().unwrap_or("-"),
+                pod = %ctx.name, %source, %peer, cipher = ?session.suite,
+                group = session.group_label().as_deref().unwrap_or("-"),
                 "inbound mTLS"
             );
             let check = FlowCheck::Inbound(InboundCheck {
