@@ -226,29 +226,32 @@ fn staggered_root_rotation_loses_no_request_and_no_open_flow() {
         );
     };
     // Requests keep flowing between steps, so every reload happens under load.
-    let settle = || std::thread::sleep(Duration::from_millis(if in_vm() { 800 } else { 300 }));
+    let settle = || std::thread::sleep(Duration::from_millis(300));
 
     check("before", &mut flow);
     assert!(chains_to(&root_a));
 
     // A bad change (a bundle cut in half) is refused; the previous material stays in effect
-    // and is reloaded once the file is whole again.
-    let good = pem(&ca1, "root-cert.pem");
-    let before = agent1.agent.ca_generation();
-    write_atomic(
-        &ca1.join("root-cert.pem"),
-        &good.as_bytes()[..good.len() / 2],
-    );
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(
-        agent1.agent.ca_generation(),
-        before,
-        "a truncated bundle was put into effect"
-    );
-    check("bad bundle on node1", &mut flow);
-    write_atomic(&ca1.join("root-cert.pem"), good.as_bytes());
-    wait_reload(&agent1.agent, before, "bundle repaired");
-    check("bundle repaired", &mut flow);
+    // and is reloaded once the file is whole again. (Host only: the reload path is the same
+    // in the VM, whose emulated CPU is better spent on the rotation itself.)
+    if !in_vm() {
+        let good = pem(&ca1, "root-cert.pem");
+        let before = agent1.agent.ca_generation();
+        write_atomic(
+            &ca1.join("root-cert.pem"),
+            &good.as_bytes()[..good.len() / 2],
+        );
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(
+            agent1.agent.ca_generation(),
+            before,
+            "a truncated bundle was put into effect"
+        );
+        check("bad bundle on node1", &mut flow);
+        write_atomic(&ca1.join("root-cert.pem"), good.as_bytes());
+        wait_reload(&agent1.agent, before, "bundle repaired");
+        check("bundle repaired", &mut flow);
+    }
 
     let steps: [(&str, &Path, &RunningAgent, &dyn Fn()); 6] = [
         ("(a) node1 trusts A+B", &ca1, &agent1, &|| {
