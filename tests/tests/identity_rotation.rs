@@ -15,12 +15,12 @@ use std::{
 
 use interceptor::{
     app::Agent,
-    ca::{Ca, OnExisting},
+    ca::{Ca, CertificateAuthority as _, OnExisting},
 };
 use interceptor_tests::{
     agent::{RunningAgent, TempDir, peer, workload},
     apps::{curl, random_payload, sha256_hex},
-    identity::mesh_request,
+    identity::{mesh_request, mesh_request_as},
     in_vm,
     mesh::{NcSession, busybox, echo_server},
     require_privileged,
@@ -230,6 +230,25 @@ fn staggered_root_rotation_loses_no_request_and_no_open_flow() {
 
     check("before", &mut flow);
     assert!(chains_to(&root_a));
+    // One root-A client leaf, kept: node2 accepts it now (and its verifier remembers the
+    // chain); once root A left node2's bundle the same bytes must be refused.
+    let old_client = Ca::load(&root_a)
+        .expect("root A")
+        .issue(
+            &CLIENT_ID.parse().expect("client id"),
+            Duration::from_secs(3600),
+        )
+        .expect("root-A client leaf");
+    let as_old_client = || {
+        mesh_request_as(
+            &client.netns_path(),
+            &old_client,
+            &root_b,
+            SERVER_ID,
+            SocketAddr::from((server.ip, 80)),
+            b"GET /blob HTTP/1.0\r\n\r\n",
+        )
+    };
 
     // A bad change (a bundle cut in half) is refused; the previous material stays in effect
     // and is reloaded once the file is whole again. (Host only: the reload path is the same
@@ -282,10 +301,24 @@ fn staggered_root_rotation_loses_no_request_and_no_open_flow() {
         if step == "(b) node2 signs with B" {
             // It presents its new intermediate at once (and only that).
             assert!(chains_to(&root_b) && !chains_to(&root_a), "{step}");
+            // ...and still accepts a root-A client, twice (the second from its chain cache).
+            for _ in 0..2 {
+                as_old_client().unwrap_or_else(|e| panic!("{step}: root-A client: {e:#}"));
+            }
         }
     }
-    // The old root is gone everywhere: a client of root A is refused by node2.
+    // The old root is gone everywhere: a client of root A is refused by node2, including the
+    // exact chain node2 accepted (and cached) before.
     assert!(!chains_to(&root_a), "a root-A client after (c)");
+    match as_old_client() {
+        Ok(_) => panic!("node2 still accepts a root-A chain after root A left its bundle"),
+        // The refusal comes from node2 (an alert, or the connection closed after the client's
+        // certificate), not from this client rejecting node2's chain.
+        Err(e) => assert!(
+            !format!("{e:#}").contains("invalid peer certificate"),
+            "{e:#}"
+        ),
+    }
 
     let results = traffic.finish();
     let frames = capture.stop();
