@@ -6,6 +6,7 @@
 
 pub mod apps;
 pub mod handoff;
+pub mod kx;
 pub mod micro;
 pub mod modes;
 pub mod pki;

@@ -72,6 +72,18 @@ enum Cmd {
         /// Directory holding results.json; the renderings are written next to it.
         dir: PathBuf,
     },
+    /// Cost of the hybrid post-quantum key exchange against x25519 alone (and secp256r1):
+    /// new connections/s and CPU per connection over loopback, handshake CPU, hello sizes.
+    /// Unprivileged; a Markdown table on stdout (`--json` for the raw report).
+    Kx {
+        /// Seconds per variant per round.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// One GET on a new connection; prints the body.
     HttpGet {
         #[arg(long)]
@@ -172,6 +184,15 @@ fn real_main() -> Result<()> {
             }
             runner::write(&report, &dir)?;
             println!("{}", report.markdown());
+            Ok(())
+        }
+        Cmd::Kx { secs, rounds, json } => {
+            let r = interceptor_bench::kx::run(secs, rounds)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.markdown());
+            }
             Ok(())
         }
         Cmd::HttpGet { target, path } => {

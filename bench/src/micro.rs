@@ -1,15 +1,16 @@
 //! Shared setup for the criterion microbenchmarks (`bench/benches`): an in-memory CA, leaves
 //! for two service accounts, and the agent's own rustls configurations
 //! (`interceptor::handshake::{server_config, client_config}`), so a benchmarked handshake is
-//! exactly the one the agent performs: TLS 1.3, X25519, ECDSA P-256 on both sides, SPIFFE
-//! identity checks in both verifiers, no resumption.
+//! exactly the one the agent performs: TLS 1.3, the node's key-exchange group (X25519MLKEM768
+//! by default; [`Mesh::with`] picks others), ECDSA P-256 on both sides, SPIFFE identity checks
+//! in both verifiers, no resumption.
 
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use interceptor::{
     ca::{Ca, CertificateAuthority as _},
-    handshake::{self, MeshSuite},
+    handshake::{self, MeshCrypto},
     identity::{SpiffeId, TrustDomain},
 };
 use rustls::{
@@ -23,8 +24,15 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// A fresh CA with a `client` and a `server` service account in namespace `bench`.
+    /// A fresh CA with a `client` and a `server` service account in namespace `bench`, both
+    /// ends with the node default crypto.
     pub fn new() -> Result<Self> {
+        let crypto = MeshCrypto::default_aes_gcm();
+        Self::with(&crypto, &crypto)
+    }
+
+    /// Like [`Mesh::new`], with the crypto of each end given.
+    pub fn with(client: &MeshCrypto, server: &MeshCrypto) -> Result<Self> {
         let td: TrustDomain = "cluster.local".parse().context("trust domain")?;
         let ca = Ca::generate(&td).context("CA")?;
         let ttl = std::time::Duration::from_secs(3600);
@@ -33,16 +41,15 @@ impl Mesh {
         let client_leaf = ca.issue(&client_id, ttl)?;
         let server_leaf = ca.issue(&server_id, ttl)?;
         let roots = handshake::mesh_roots(ca.roots())?;
-        let suites = MeshSuite::AES_GCM;
         Ok(Self {
             client: handshake::client_config(
                 &client_leaf,
                 Arc::clone(&roots),
                 &td,
                 &server_id,
-                suites,
+                client,
             )?,
-            server: handshake::server_config(&server_leaf, roots, &td, suites)?,
+            server: handshake::server_config(&server_leaf, roots, &td, server)?,
         })
     }
 

@@ -8,10 +8,16 @@
 
 /// Map names, shared so the loader and the programs can never disagree.
 pub mod maps {
-    /// `cookie of the app's socket → original destination`, written by connect4/6.
+    /// `cookie of the app's socket → original destination` ([`crate::OrigDst`]), written by
+    /// connect4/6, read by getpeername4/6 for the socket's lifetime and freed by
+    /// sock_release when the socket is released (or by the agent when it unenrolls the pod).
+    /// A plain hash: when it is full, connect4/6 refuse the connect (fail closed) rather than
+    /// evict the entry of another live socket.
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     /// `4-tuple seen by the agent → original destination`, re-keyed by sockops at
-    /// ACTIVE_ESTABLISHED, read by the agent after accept().
+    /// ACTIVE_ESTABLISHED, read by the agent after accept(), freed by sockops at TCP_CLOSE
+    /// (or by the agent when it unenrolls the pod). A plain hash: when it is full the flow
+    /// reaches the agent without a destination and is reset.
     pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
     /// `netns cookie → where the agent listens in that pod`: present only for enrolled pods.
     pub const POD_CONFIG: &str = "POD_CONFIG";
@@ -36,7 +42,8 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
 
     /// Capacities. Sized for a node with a few hundred pods and tens of thousands of
-    /// connections being set up at once; entries live only between connect() and accept().
+    /// steered connections open at once: the two original-destination maps hold one entry
+    /// per open steered app socket.
     pub const MAX_PENDING_FLOWS: u32 = 65_536;
     pub const MAX_PODS: u32 = 1_024;
     pub const MAX_POD_ADDRS: u32 = 4_096;
@@ -129,6 +136,17 @@ pub struct FlowKey {
     pub local: SockAddr,
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 32);
+
+/// Value of [`maps::ORIG_DST_BY_COOKIE`]: where the app meant to connect, and the netns it
+/// connected from, so the agent can free a pod's entries when it stops steering the pod (the
+/// pod's sockets then no longer run sock_release).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigDst {
+    pub dst: SockAddr,
+    pub netns_cookie: u64,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 
 /// Key of [`maps::POD_ADDRS`].
 #[repr(C)]
@@ -246,4 +264,6 @@ mod pod {
     unsafe impl aya::Pod for super::DestAction {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LegKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
 }

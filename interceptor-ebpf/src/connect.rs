@@ -4,9 +4,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
-use interceptor_common::{ACTION_STEER, Counter, PodAddrKey, SockAddr};
+use interceptor_common::{ACTION_STEER, Counter, OrigDst, PodAddrKey, SockAddr};
 
 use crate::maps::{DEST_POLICY, ORIG_DST_BY_COOKIE, POD_ADDRS, POD_CONFIG, count};
 
@@ -47,7 +47,7 @@ const LOOPBACK4_BE: u32 = 0x7f00_0001u32.to_be();
 /// Whether a destination is steered: the pod is enrolled, the destination is neither loopback
 /// nor the pod itself, and the agent marked it (mesh workload or a policy that needs the agent).
 #[inline(always)]
-fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<u16> {
+fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<(u16, u64)> {
     // SAFETY: helper valid for sock_addr programs; the context pointer comes from the kernel.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup; the value is copied before any other map call.
@@ -67,16 +67,20 @@ fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<u16> {
             .get(dst)
             .or_else(|| DEST_POLICY.get(dst.without_port()))
     }?;
-    (action.action == ACTION_STEER).then_some(port)
+    (action.action == ACTION_STEER).then_some((port, netns))
 }
 
-/// Records `cookie → original destination`. A connection we cannot record would reach the agent
-/// without a destination, so it is refused instead (fail closed).
+/// Records `cookie → original destination`. A connection we cannot record (the map is full)
+/// would reach the agent without a destination, so it is refused instead (fail closed).
 #[inline(always)]
-fn record(ctx: &SockAddrContext, dst: &SockAddr) -> Result<(), ()> {
+fn record(ctx: &SockAddrContext, dst: &SockAddr, netns_cookie: u64) -> Result<(), ()> {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_DST_BY_COOKIE.insert(cookie, dst, 0).map_err(|_| ())
+    let value = OrigDst {
+        dst: *dst,
+        netns_cookie,
+    };
+    ORIG_DST_BY_COOKIE.insert(cookie, value, 0).map_err(|_| ())
 }
 
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
@@ -91,10 +95,10 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     }
     let dst = SockAddr::v4(sa.user_ip4, sa.user_port as u16);
     count(Counter::ConnectSeen);
-    let Some(port_be) = should_steer(ctx, &dst) else {
+    let Some((port_be, netns)) = should_steer(ctx, &dst) else {
         return ALLOW;
     };
-    if record(ctx, &dst).is_err() {
+    if record(ctx, &dst, netns).is_err() {
         count(Counter::ConnectRecordFailed);
         return REFUSE;
     }
@@ -124,10 +128,10 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
         SockAddr::v6(ip, sa.user_port as u16)
     };
     count(Counter::ConnectSeen);
-    let Some(port_be) = should_steer(ctx, &dst) else {
+    let Some((port_be, netns)) = should_steer(ctx, &dst) else {
         return ALLOW;
     };
-    if record(ctx, &dst).is_err() {
+    if record(ctx, &dst, netns).is_err() {
         count(Counter::ConnectRecordFailed);
         return REFUSE;
     }
@@ -151,8 +155,8 @@ pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
     if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(cookie) } {
         // SAFETY: as in `connect4`.
         let sa = unsafe { &mut *ctx.sock_addr };
-        sa.user_ip4 = dst.addr_be[3];
-        sa.user_port = u32::from(dst.port_be);
+        sa.user_ip4 = dst.dst.addr_be[3];
+        sa.user_port = u32::from(dst.dst.port_be);
         count(Counter::GetpeernameRewritten);
     }
     ALLOW
@@ -165,9 +169,23 @@ pub fn getpeername6(ctx: &SockAddrContext) -> i32 {
     if let Some(dst) = unsafe { ORIG_DST_BY_COOKIE.get(cookie) } {
         // SAFETY: as in `connect4`.
         let sa = unsafe { &mut *ctx.sock_addr };
-        write_ip6(&mut sa.user_ip6, dst.addr_be);
-        sa.user_port = u32::from(dst.port_be);
+        write_ip6(&mut sa.user_ip6, dst.dst.addr_be);
+        sa.user_port = u32::from(dst.dst.port_be);
         count(Counter::GetpeernameRewritten);
     }
     ALLOW
+}
+
+/// cgroup sock_release: the socket is gone, and with it any need for its original destination
+/// (getpeername can no longer be asked). Covers the sockets that never reach TCP_CLOSE through
+/// sockops: connects that failed or were never established, and sockets closed before.
+pub fn release(ctx: &SockContext) {
+    // SAFETY: the kernel passes a valid bpf_sock; the verifier checks the field access.
+    let protocol = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock).protocol) };
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+    // SAFETY: helper valid for cgroup sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
 }

@@ -10,8 +10,8 @@ mod skmsg;
 mod sockops;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sk_lookup, sk_msg, sock_ops},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sk_lookup, sk_msg, sock_ops},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -32,6 +32,13 @@ pub fn intercept_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn intercept_getpeername6(ctx: SockAddrContext) -> i32 {
     connect::getpeername6(&ctx)
+}
+
+/// Frees the released socket's original destination. 1: sock_release programs must allow.
+#[cgroup_sock(sock_release)]
+pub fn intercept_sock_release(ctx: SockContext) -> i32 {
+    connect::release(&ctx);
+    1
 }
 
 /// sock_ops programs' return value is only read for a few ops that ask for a reply; 1 is

@@ -2,22 +2,27 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
+    maps::{HashMap, PerCpuArray, SockHash, SockMap},
 };
 use interceptor_common::{
-    Counter, DestAction, FlowKey, LegKey, PodAddrKey, PodConfig, SockAddr,
+    Counter, DestAction, FlowKey, LegKey, OrigDst, PodAddrKey, PodConfig, SockAddr,
     maps::{MAX_DESTS, MAX_PENDING_FLOWS, MAX_POD_ADDRS, MAX_PODS},
 };
 
-/// LRU so a flow whose close we never saw (e.g. agent restarted mid-connect) ages out
-/// instead of filling the map.
+/// Plain hash, not LRU: an LRU evicts the entry of another live socket when full (or earlier:
+/// its free lists are per CPU), and that socket then reaches the agent with no destination or
+/// answers getpeername wrongly. Full, this map makes connect4/6 refuse the new connect
+/// instead. Entries go when their socket is released (sock_release), so only open sockets
+/// hold one.
 #[map(name = "ORIG_DST_BY_COOKIE")]
-pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
-    LruHashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
+pub static ORIG_DST_BY_COOKIE: HashMap<u64, OrigDst> =
+    HashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
 
+/// Plain hash for the same reason; entries go at TCP_CLOSE (sockops asks for state callbacks
+/// when it creates one).
 #[map(name = "ORIG_DST_BY_FLOW")]
-pub static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, SockAddr> =
-    LruHashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
+pub static ORIG_DST_BY_FLOW: HashMap<FlowKey, SockAddr> =
+    HashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
 
 #[map(name = "POD_CONFIG")]
 pub static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::with_max_entries(MAX_PODS, 0);

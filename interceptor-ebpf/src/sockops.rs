@@ -117,7 +117,7 @@ pub fn on_event(ctx: &SockOpsContext) {
             // SAFETY: helper valid for sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             // SAFETY: read-only lookup; the value is copied before the insert below.
-            let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
+            let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).map(|o| o.dst) else {
                 return;
             };
             let key = flow_key(ctx);

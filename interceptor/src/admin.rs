@@ -29,22 +29,34 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "lowercase")]
 pub enum Response {
-    Flows { flows: Vec<FlowRowWire> },
-    Stats { stats: serde_json::Value },
-    Ok { message: String },
-    Error { message: String },
+    Flows {
+        flows: Vec<FlowRowWire>,
+        /// Persisted enrollments the agent could not restore, and why.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stale: Vec<crate::app::Stale>,
+    },
+    Stats {
+        stats: serde_json::Value,
+    },
+    Ok {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// `FlowRow` as it travels (the server side serialises, the CLI deserialises).
 pub type FlowRowWire = serde_json::Value;
 
 impl Response {
-    pub fn flows(rows: &[FlowRow]) -> Self {
+    pub fn flows(rows: &[FlowRow], stale: Vec<crate::app::Stale>) -> Self {
         Response::Flows {
             flows: rows
                 .iter()
                 .filter_map(|r| serde_json::to_value(r).ok())
                 .collect(),
+            stale,
         }
     }
 }
@@ -67,6 +79,12 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
+/// The longest request line the agent reads (an enroll request is well under 4 KiB). A
+/// longer one is answered with an error and the connection is closed: a line is buffered
+/// whole before it is parsed, so without a bound one client could make the agent allocate
+/// without limit.
+pub const MAX_REQUEST_LINE: usize = 64 << 10;
+
 pub async fn serve<H: Handler>(listener: tokio::net::UnixListener, handler: std::sync::Arc<H>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -75,22 +93,64 @@ pub async fn serve<H: Handler>(listener: tokio::net::UnixListener, handler: std:
         let handler = std::sync::Arc::clone(&handler);
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
-            let mut lines = BufReader::new(rd).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let resp = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => handler.handle(req).await,
-                    Err(e) => Response::Error {
-                        message: format!("bad request: {e}"),
-                    },
+            let mut reader = BufReader::new(rd);
+            loop {
+                let (resp, last) = match read_line(&mut reader).await {
+                    Ok(Line::Eof) | Err(_) => break,
+                    Ok(Line::TooLong) => (
+                        Response::Error {
+                            message: format!(
+                                "bad request: line longer than {MAX_REQUEST_LINE} bytes; \
+                                 closing the connection"
+                            ),
+                        },
+                        true,
+                    ),
+                    Ok(Line::Text(line)) => {
+                        let resp = match serde_json::from_slice::<Request>(&line) {
+                            Ok(req) => handler.handle(req).await,
+                            Err(e) => Response::Error {
+                                message: format!("bad request: {e}"),
+                            },
+                        };
+                        (resp, false)
+                    }
                 };
                 let mut out = serde_json::to_vec(&resp).unwrap_or_default();
                 out.push(b'\n');
-                if wr.write_all(&out).await.is_err() {
+                if wr.write_all(&out).await.is_err() || last {
                     break;
                 }
             }
         });
     }
+}
+
+enum Line {
+    Text(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+/// Reads one `\n`-terminated line of at most [`MAX_REQUEST_LINE`] bytes (a last line without
+/// `\n` counts too).
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<Line> {
+    use tokio::io::AsyncReadExt as _;
+    let mut line = Vec::new();
+    let limit = MAX_REQUEST_LINE as u64 + 1;
+    let n = (&mut *reader)
+        .take(limit)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_REQUEST_LINE {
+        return Ok(Line::TooLong);
+    }
+    Ok(Line::Text(line))
 }
 
 /// The CLI side: one request, one response.
@@ -114,4 +174,73 @@ pub async fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
         .await?
         .context("the agent closed the admin connection without answering")?;
     Ok(serde_json::from_str(&resp)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        async fn handle(&self, req: Request) -> Response {
+            Response::Ok {
+                message: format!("{req:?}"),
+            }
+        }
+    }
+
+    fn socket(tag: &str) -> std::path::PathBuf {
+        std::env::temp_dir()
+            .join(format!("admin-{tag}-{}", std::process::id()))
+            .join("admin.sock")
+    }
+
+    /// A client that sends an endless line gets a clear error and the connection closed;
+    /// the server keeps answering others.
+    #[tokio::test]
+    async fn an_overlong_line_is_refused_and_the_server_stays_up() {
+        let path = socket("long");
+        let listener = bind(&path).unwrap();
+        tokio::spawn(serve(listener, std::sync::Arc::new(Echo)));
+
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let (rd, mut wr) = stream.into_split();
+        // Keep writing past the bound without a newline: the agent must not buffer it all.
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..64 {
+                if wr.write_all(&chunk).await.is_err() {
+                    return true;
+                }
+            }
+            false
+        });
+        let mut lines = BufReader::new(rd).lines();
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("no answer to an overlong line within 10 s")
+            .unwrap()
+            .expect("an answer");
+        let resp: Response = serde_json::from_str(&reply).unwrap();
+        assert!(
+            matches!(&resp, Response::Error { message } if message.contains("longer than")),
+            "{resp:?}"
+        );
+        // Closed: EOF, or a reset because the unread rest of the line was discarded.
+        let after = lines.next_line().await;
+        assert!(!matches!(after, Ok(Some(_))), "{after:?}");
+        assert!(
+            writer.await.unwrap(),
+            "the agent kept reading 4 MiB of one line"
+        );
+
+        // A normal client is still served, also with a request just under the bound.
+        let ok = call(&path, &Request::Stats).await.unwrap();
+        assert!(matches!(ok, Response::Ok { .. }), "{ok:?}");
+        let name = "n".repeat(MAX_REQUEST_LINE - 64);
+        let ok = call(&path, &Request::Unenroll { name }).await.unwrap();
+        assert!(matches!(ok, Response::Ok { .. }), "{ok:?}");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
 }

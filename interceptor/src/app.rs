@@ -11,16 +11,17 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Request, Response},
-    ca::Ca,
-    config::{Config, KtlsMode, Workload},
+    ca::renew::{RenewPolicy, SystemClock},
+    ca::{self, Ca, CertificateAuthority as _},
+    config::{self, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
-    handshake::MeshSuite,
+    handshake::{CryptoPolicy, MeshSuite},
     intercept::{
-        self, Offload, PodHandle, Shared,
+        self, Identity, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
     },
     ktls, sys,
@@ -30,9 +31,26 @@ use crate::{
 pub struct Agent {
     shared: Arc<Shared>,
     pods: Mutex<BTreeMap<String, PodHandle>>,
+    /// Persisted enrollments that could not be restored (netns or cgroup gone, a conflict):
+    /// reported, retried, and dropped once their cgroup is gone.
+    stale: Mutex<BTreeMap<String, Stale>>,
     /// Runtime enrollments (`interceptor enroll`), persisted so they survive restarts.
     runtime_file: PathBuf,
     next_slot: Mutex<u32>,
+    /// Serializes enrollment changes: each one validates against, changes and persists the
+    /// whole set, so two at once would lose one.
+    changes: tokio::sync::Mutex<()>,
+    /// What runtime enrollments are validated against besides the enrolled pods.
+    peers: Vec<Peer>,
+    services: Vec<Service>,
+}
+
+/// A persisted enrollment the agent could not restore.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Stale {
+    pub workload: Workload,
+    /// Why it is not enrolled (the last attempt's error).
+    pub reason: String,
 }
 
 /// Decides the data path from the probe and the configured `ktls` mode.
@@ -65,9 +83,11 @@ pub fn offload(mode: KtlsMode) -> anyhow::Result<Offload> {
     Ok(Offload::Kernel(suites))
 }
 
-/// `interceptor run`: start, serve until SIGTERM/SIGINT, then exit leaving the pins.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let _agent = start(config).await?;
+/// `interceptor run`: start, serve until SIGTERM/SIGINT, then exit leaving the pins. `file`,
+/// where `config` was read from, is watched for crypto policy changes.
+pub async fn run(config: Config, file: PathBuf) -> anyhow::Result<()> {
+    let agent = start(config.clone()).await?;
+    tokio::spawn(watch_config(agent, file, config));
     shutdown_signal().await;
     info!("stopping; pinned programs stay attached, so enrolled pods fail closed until restart");
     Ok(())
@@ -82,8 +102,14 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     // A policy that does not load refuses the start before anything is attached.
     let policy = Enforcer::load(&config)?;
     let offload = offload(config.ktls)?;
-    let ca =
-        Ca::load(&config.ca_dir).with_context(|| format!("CA in {}", config.ca_dir.display()))?;
+    let ca_seen = ca_fingerprint(&config.ca_dir);
+    let ca = Ca::load_for(
+        &config.ca_dir,
+        Some(&config.trust_domain),
+        std::time::SystemTime::now(),
+    )
+    .with_context(|| format!("CA in {}", config.ca_dir.display()))?;
+    report_ca(&ca, "loaded");
     if let Some(parent) = config.bpffs.parent() {
         sys::ensure_bpffs(parent)
             .with_context(|| format!("mount bpffs at {}", parent.display()))?;
@@ -96,7 +122,14 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
     }
-    start_with(config, offload, ca, datapath, policy).await
+    let agent = start_with(config.clone(), offload, ca, datapath, policy).await?;
+    tokio::spawn(watch_ca(
+        Arc::clone(&agent.shared),
+        config.ca_dir.clone(),
+        Duration::from_millis(config.identity.ca_poll_ms),
+        ca_seen,
+    ));
+    Ok(agent)
 }
 
 async fn start_with(
@@ -106,13 +139,22 @@ async fn start_with(
     datapath: Datapath,
     policy: Enforcer,
 ) -> anyhow::Result<Arc<Agent>> {
+    let identity = Identity {
+        renew: RenewPolicy {
+            ttl: config.identity.leaf_ttl.0,
+            fraction: f64::from(config.identity.renew_percent) / 100.0,
+        },
+        clock: Arc::new(SystemClock),
+    };
     let shared = Arc::new(Shared::new(
         config.trust_domain.clone(),
         Arc::new(ca),
+        identity,
         offload,
         config.tuning.clone(),
         datapath,
         policy,
+        config.crypto,
     )?);
     {
         let mut dp = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,34 +176,176 @@ async fn start_with(
     let agent = Arc::new(Agent {
         shared: Arc::clone(&shared),
         pods: Mutex::new(BTreeMap::new()),
+        stale: Mutex::new(BTreeMap::new()),
         runtime_file: config.state_dir.join("enrollments.json"),
         next_slot: Mutex::new(0),
+        changes: tokio::sync::Mutex::new(()),
+        peers: config.peers.clone(),
+        services: config.services.clone(),
     });
-    for w in config.workloads.iter().chain(agent.persisted()?.iter()) {
+    // The node config is the operator's: a workload there that cannot be enrolled refuses
+    // the start, naming it.
+    for w in &config.workloads {
         agent
-            .enroll(w)
+            .validate(w)
+            .and_then(|()| agent.enroll(w))
             .with_context(|| format!("enroll {}", w.name))?;
+    }
+    // Persisted runtime enrollments belong to pods that may have gone while the agent was
+    // down: one that cannot be restored is reported and kept fail-closed, never fatal.
+    let persisted = agent.persisted()?;
+    for w in &persisted {
+        if let Err(e) = agent.validate(w).and_then(|()| agent.enroll(w)) {
+            agent.mark_stale(w, &e, None);
+        }
     }
     agent
         .sync_policy()
         .context("policy for the enrolled pods")?;
     tokio::spawn(watch_policy(Arc::clone(&shared)));
+    tokio::spawn(renew_leaves(Arc::clone(&shared)));
+    let (keep_cgroups, keep_netns) = agent.stale_pins();
     let pruned = shared
         .datapath
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .prune_stale_pins();
+        .prune_stale_pins(&keep_cgroups, &keep_netns);
     if !pruned.is_empty() {
         info!(
             ?pruned,
             "removed programs pinned for pods no longer enrolled"
         );
     }
+    agent.check_stale().await;
+    tokio::spawn(watch_stale(Arc::clone(&agent)));
     let listener = admin::bind(&config.admin_socket)
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
     tokio::spawn(admin::serve(listener, Arc::clone(&agent)));
     info!(admin = %config.admin_socket.display(), "ready");
     Ok(agent)
+}
+
+/// Renews workload certificates that are due without waiting for a handshake to need them.
+/// The period is a monotonic timer, but what is due is decided on the wall clock, so after a
+/// clock jump the next sweep (and any handshake before it) catches up.
+async fn renew_leaves(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(RENEW_SWEEP).await;
+        let swept = Arc::clone(&shared);
+        // A little ahead, so the handshakes between two sweeps rarely find a leaf due.
+        let _ = tokio::task::spawn_blocking(move || swept.renew_due(RENEW_SWEEP * 2)).await;
+    }
+}
+
+/// How often [`renew_leaves`] looks; a leaf lives at least `MIN_LEAF_TTL` (minutes).
+const RENEW_SWEEP: Duration = Duration::from_secs(5);
+
+/// What the agent last saw of the CA directory: a hash of each file's contents (or its
+/// absence). Hashes, not contents, so no copy of the key stays around.
+type CaFingerprint = Vec<Option<u64>>;
+
+fn ca_fingerprint(dir: &Path) -> CaFingerprint {
+    use std::hash::{Hash as _, Hasher as _};
+    ca::CA_FILES
+        .iter()
+        .map(|name| {
+            let bytes = zeroize::Zeroizing::new(std::fs::read(dir.join(name)).ok()?);
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            Some(h.finish())
+        })
+        .collect()
+}
+
+/// Logs what the agent signs with and trusts, and warns about what expires soon.
+fn report_ca(ca: &Ca, what: &str) {
+    let now = std::time::SystemTime::now();
+    info!(
+        signer = %ca.signer().subject,
+        signer_expires_in_days = ca
+            .not_after()
+            .duration_since(now)
+            .unwrap_or_default()
+            .as_secs()
+            / 86_400,
+        roots = ca.roots().len(),
+        trust_domain = %ca.trust_domain(),
+        "CA material {what}"
+    );
+    for w in ca.expiry_warnings(now) {
+        warn!("{w}");
+    }
+}
+
+/// Watches the CA directory and puts changed material into effect without a restart: new
+/// handshakes use leaves of the new signer and trust exactly the new bundle, open flows are
+/// untouched. Material that does not load (a half-copied set of files, an expired signer, a
+/// chain the bundle does not trust) is refused with the reason, and the previous material
+/// stays in effect; it is tried again on every poll until it loads or changes back. Expiry
+/// warnings are repeated hourly.
+async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: CaFingerprint) {
+    let mut failed: Option<String> = None;
+    let mut warned = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let d = dir.clone();
+        let td = shared.trust_domain.clone();
+        let prev = seen.clone();
+        let retry = failed.is_some();
+        let Ok(polled) = tokio::task::spawn_blocking(move || {
+            let now = ca_fingerprint(&d);
+            if now == prev && !retry {
+                return (now, None);
+            }
+            let loaded = Ca::load_for(&d, Some(&td), std::time::SystemTime::now());
+            (now, Some(loaded))
+        })
+        .await
+        else {
+            continue;
+        };
+        match polled {
+            (_, None) => {
+                if warned.elapsed() >= Duration::from_secs(3600) {
+                    warned = tokio::time::Instant::now();
+                    let m = shared.material();
+                    for w in m.ca.expiry_warnings(std::time::SystemTime::now()) {
+                        warn!("{w}");
+                    }
+                }
+            }
+            (now, Some(Ok(ca))) => {
+                report_ca(&ca, "reloaded");
+                let s = Arc::clone(&shared);
+                let Ok(replaced) =
+                    tokio::task::spawn_blocking(move || s.replace_ca(Arc::new(ca))).await
+                else {
+                    continue;
+                };
+                match replaced {
+                    Ok(generation) => {
+                        seen = now;
+                        failed = None;
+                        info!(generation, "new CA material in effect for new handshakes");
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        if failed.as_ref() != Some(&msg) {
+                            error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
+                        }
+                        failed = Some(msg);
+                    }
+                }
+            }
+            (_, Some(Err(e))) => {
+                let msg = e.to_string();
+                if failed.as_ref() != Some(&msg) {
+                    error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
+                }
+                failed = Some(msg);
+            }
+        }
+    }
 }
 
 /// Polls the policy sources; a new generation is steered and every open inbound flow is
@@ -179,6 +363,78 @@ async fn watch_policy(shared: Arc<Shared>) {
         };
         if let Reload::Applied { old, new } = reload {
             applied(&shared, &old.steer, &new);
+        }
+    }
+}
+
+/// How often stale enrollments are looked at again (dropped when their cgroup is gone,
+/// retried when their netns and cgroup are back).
+const STALE_CHECK: Duration = Duration::from_secs(2);
+
+async fn watch_stale(agent: Arc<Agent>) {
+    loop {
+        tokio::time::sleep(STALE_CHECK).await;
+        agent.check_stale().await;
+    }
+}
+
+/// Watches the node configuration file (every `tuning.policyPollMs`) and applies a changed
+/// `crypto` section while the agent runs. A file that does not parse, or a policy this node
+/// cannot carry, is logged and counted (`config.reload_failures`) and the running policy
+/// stays. Other fields need a restart, which the log says.
+pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
+    let every = Duration::from_millis(loaded.tuning.policy_poll_ms);
+    let mut seen = std::fs::read(&file).ok();
+    let mut running = loaded;
+    loop {
+        tokio::time::sleep(every).await;
+        let now = std::fs::read(&file).ok();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let Some(bytes) = &seen else {
+            warn!(file = %file.display(), "node config unreadable; the running one stays");
+            continue;
+        };
+        let parsed = std::str::from_utf8(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                Config::parse(&file.display().to_string(), text).map_err(|e| e.to_string())
+            });
+        let next = match parsed {
+            Ok(next) => next,
+            Err(e) => {
+                agent
+                    .shared
+                    .policy
+                    .count("config.reload_failures".to_owned());
+                warn!("node config not applied, keeping the running one: {e}");
+                continue;
+            }
+        };
+        let mut rest = next.clone();
+        rest.crypto = running.crypto;
+        if rest != running {
+            warn!(
+                file = %file.display(),
+                "node config changed outside `crypto`; those changes take effect at the next restart"
+            );
+        }
+        if next.crypto != running.crypto {
+            match agent.set_crypto(next.crypto) {
+                Ok(_) => running.crypto = next.crypto,
+                Err(e) => {
+                    agent
+                        .shared
+                        .policy
+                        .count("config.reload_failures".to_owned());
+                    warn!(
+                        "crypto policy not applied, keeping {}: {e:#}",
+                        running.crypto
+                    );
+                }
+            }
         }
     }
 }
@@ -237,6 +493,33 @@ impl Agent {
         &self.shared.offload
     }
 
+    /// The crypto policy in force.
+    pub fn crypto_policy(&self) -> CryptoPolicy {
+        self.shared.crypto().policy()
+    }
+
+    /// Puts a crypto policy into effect (what a changed node config does): mesh handshakes
+    /// and TLS origination use it from now on, and open flows whose session it does not allow
+    /// are closed. Returns how many were; a policy this node cannot carry changes nothing.
+    pub fn set_crypto(&self, policy: CryptoPolicy) -> anyhow::Result<usize> {
+        let crypto = self.shared.resolve_crypto(policy)?;
+        let (old, new) = self
+            .shared
+            .policy
+            .set_crypto(policy)
+            .map_err(|e| anyhow::anyhow!("TLS origination under {policy}: {e}"))?;
+        let closed = self.shared.set_crypto(crypto);
+        applied(&self.shared, &old.steer, &new);
+        info!(closed, "crypto policy applied: {policy}");
+        Ok(closed)
+    }
+
+    /// The generation of the CA material in force: 0 as loaded at start, one more with every
+    /// reload of `caDir` that was put into effect.
+    pub fn ca_generation(&self) -> u64 {
+        self.shared.material().generation
+    }
+
     /// The number of the policy generation in force; it grows by one with every applied change
     /// (policy files, enrollments).
     pub fn policy_generation(&self) -> u64 {
@@ -267,6 +550,26 @@ impl Agent {
         Ok(())
     }
 
+    /// Persisted enrollments that could not be restored, and why.
+    pub fn stale(&self) -> Vec<Stale> {
+        self.stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The names of the enrolled pods.
+    pub fn enrolled(&self) -> Vec<String> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     fn persisted(&self) -> anyhow::Result<Vec<Workload>> {
         match std::fs::read(&self.runtime_file) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -276,10 +579,31 @@ impl Agent {
         }
     }
 
+    /// Read-modify-write of the enrollment file; callers hold `changes`.
     fn persist(&self, update: impl FnOnce(&mut Vec<Workload>)) -> anyhow::Result<()> {
         let mut list = self.persisted()?;
         update(&mut list);
         write_atomic(&self.runtime_file, &serde_json::to_vec_pretty(&list)?)
+    }
+
+    /// The one validation of [`config::check_workloads`], for `w` joining the pods enrolled
+    /// now and the stale ones (which keep their name and addresses until they are dropped).
+    fn validate(&self, w: &Workload) -> anyhow::Result<()> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<(String, &Workload)> = pods
+            .values()
+            .map(|p| (format!("workload `{}`", p.workload.name), &p.workload))
+            .chain(stale.values().map(|s| {
+                (
+                    format!("stale enrollment `{}`", s.workload.name),
+                    &s.workload,
+                )
+            }))
+            .collect();
+        all.push((format!("workload `{}`", w.name), w));
+        config::check_workloads(&self.shared.trust_domain, &all, &self.peers, &self.services)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     fn enroll(&self, w: &Workload) -> anyhow::Result<()> {
@@ -300,21 +624,157 @@ impl Agent {
         Ok(())
     }
 
-    /// Enrolls at runtime (admin API): the pod joins the policy inventory at once.
-    fn enroll_now(&self, w: &Workload) -> anyhow::Result<()> {
-        self.enroll(w)?;
-        self.sync_policy()
-    }
-
-    fn unenroll(&self, name: &str) -> anyhow::Result<()> {
+    /// Removes a pod enrolled by [`Agent::enroll`] from the kernel and the pod table.
+    fn unenroll_pod(&self, name: &str) -> Option<Workload> {
         let pod = self
             .pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-            .with_context(|| format!("no enrolled workload named `{name}`"))?;
+            .remove(name)?;
+        let workload = pod.workload.clone();
         intercept::unenroll(&self.shared, pod);
+        Some(workload)
+    }
+
+    /// `interceptor enroll`: validated like the config's `workloads:`, enrolled, put in the
+    /// policy inventory and persisted, all or nothing.
+    async fn enroll_now(&self, w: &Workload) -> anyhow::Result<()> {
+        let _change = self.changes.lock().await;
+        self.validate(w)?;
+        self.enroll(w)?;
+        let done = self.sync_policy().and_then(|()| {
+            self.persist(|l| {
+                l.retain(|p| p.name != w.name);
+                l.push(w.clone());
+            })
+        });
+        if let Err(e) = done {
+            self.unenroll_pod(&w.name);
+            let _ = self.sync_policy();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `interceptor unenroll`: the file first, so an error leaves the pod as it was.
+    async fn unenroll_now(&self, name: &str) -> anyhow::Result<()> {
+        let _change = self.changes.lock().await;
+        let enrolled = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name);
+        let stale = self
+            .stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|s| s.workload.clone());
+        if !enrolled && stale.is_none() {
+            bail!("no enrolled workload named `{name}`");
+        }
+        self.persist(|l| l.retain(|w| w.name != name))?;
+        if let Some(w) = stale {
+            self.stale
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            self.shared
+                .datapath
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unenroll_cgroup(&w.cgroup);
+            info!(pod = name, "stale enrollment removed");
+            return Ok(());
+        }
+        self.unenroll_pod(name);
         self.sync_policy()
+    }
+
+    /// Records `w` as stale; logs unless `error` is what it already failed with.
+    fn mark_stale(&self, w: &Workload, error: &anyhow::Error, before: Option<&str>) {
+        let reason = format!("{error:#}");
+        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        if before != Some(reason.as_str()) {
+            error!(
+                pod = %w.name,
+                cgroup = %w.cgroup.display(),
+                netns = %w.netns.display(),
+                "persisted enrollment not restored (kept fail-closed until its cgroup is \
+                 gone): {reason}"
+            );
+        }
+        stale.insert(
+            w.name.clone(),
+            Stale {
+                workload: w.clone(),
+                reason,
+            },
+        );
+    }
+
+    /// The cgroups and network namespaces of stale enrollments whose pins must survive the
+    /// start-up prune: a previous agent's links keep those pods fail-closed.
+    fn stale_pins(&self) -> (Vec<PathBuf>, Vec<u64>) {
+        let stale = self.stale();
+        let cgroups = stale.iter().map(|s| s.workload.cgroup.clone()).collect();
+        let netns = stale
+            .iter()
+            .filter_map(|s| sys::netns_cookie_of(&s.workload.netns).ok())
+            .collect();
+        (cgroups, netns)
+    }
+
+    /// Drops stale enrollments whose cgroup is gone (nothing is left to protect) and retries
+    /// the others.
+    async fn check_stale(&self) {
+        if self
+            .stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        let _change = self.changes.lock().await;
+        let mut changed = false;
+        for s in self.stale() {
+            let w = &s.workload;
+            if !w.cgroup.exists() {
+                if let Err(e) = self.persist(|l| l.retain(|p| p.name != w.name)) {
+                    warn!(pod = %w.name, "cannot drop the stale enrollment: {e:#}");
+                    continue;
+                }
+                self.stale
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&w.name);
+                self.shared
+                    .datapath
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .forget_cgroup(&w.cgroup);
+                info!(pod = %w.name, cgroup = %w.cgroup.display(), "stale enrollment dropped: its cgroup is gone");
+                continue;
+            }
+            if !w.netns.exists() {
+                continue;
+            }
+            self.stale
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&w.name);
+            match self.validate(w).and_then(|()| self.enroll(w)) {
+                Ok(()) => {
+                    info!(pod = %w.name, "stale enrollment restored");
+                    changed = true;
+                }
+                Err(e) => self.mark_stale(w, &e, Some(&s.reason)),
+            }
+        }
+        if changed && let Err(e) = self.sync_policy() {
+            warn!("policy for the restored pods: {e:#}");
+        }
     }
 }
 
@@ -327,7 +787,7 @@ impl admin::Handler for Agent {
                 } else {
                     self.shared.flows.rows()
                 };
-                return Response::flows(&rows);
+                return Response::flows(&rows, self.stale());
             }
             Request::Stats => {
                 let c = self
@@ -344,22 +804,29 @@ impl admin::Handler for Agent {
                             .into_iter()
                             .map(|(k, v)| (k, serde_json::Value::from(v))),
                     )
+                    .chain([
+                        (
+                            "enrollments.active".to_owned(),
+                            serde_json::Value::from(self.enrolled().len()),
+                        ),
+                        (
+                            "enrollments.stale".to_owned(),
+                            serde_json::Value::from(self.stale().len()),
+                        ),
+                    ])
                     .collect();
                 return Response::Stats {
                     stats: serde_json::Value::Object(stats),
                 };
             }
-            Request::Enroll { workload } => self.enroll_now(&workload).and_then(|()| {
-                self.persist(|l| {
-                    l.retain(|w| w.name != workload.name);
-                    l.push(workload.clone());
-                })
-                .map(|()| format!("enrolled {}", workload.name))
-            }),
-            Request::Unenroll { name } => self.unenroll(&name).and_then(|()| {
-                self.persist(|l| l.retain(|w| w.name != name))
-                    .map(|()| format!("unenrolled {name}"))
-            }),
+            Request::Enroll { workload } => self
+                .enroll_now(&workload)
+                .await
+                .map(|()| format!("enrolled {}", workload.name)),
+            Request::Unenroll { name } => self
+                .unenroll_now(&name)
+                .await
+                .map(|()| format!("unenrolled {name}")),
         };
         match result {
             Ok(message) => Response::Ok { message },
@@ -370,9 +837,37 @@ impl admin::Handler for Agent {
     }
 }
 
+/// Replaces `path` with `bytes` so that a crash at any point leaves the old or the new
+/// contents, never a mix, and the new contents survive a power cut once this returns: a
+/// temporary file of its own (unique per call, so no other writer can interleave), synced,
+/// renamed over `path`, then the directory synced so the rename itself is durable.
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
-    Ok(())
+    use std::{
+        io::Write as _,
+        sync::atomic::{AtomicU64, Ordering},
+    };
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("write {}", path.display()))
 }

@@ -16,16 +16,18 @@ use aya::{
     programs::{CgroupAttachMode, Program, ProgramError, SkLookup, links::FdLink},
 };
 use interceptor_common::{
-    Counter, DestAction, FlowKey, LegKey, PodAddrKey, PodConfig, SockAddr, maps,
+    Counter, DestAction, FlowKey, LegKey, OrigDst, PodAddrKey, PodConfig, SockAddr, maps,
 };
 
 /// The compiled eBPF object, built by aya-build from `interceptor-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
 /// Programs attached to every enrolled cgroup, in attach order. sockops goes first so a flow is
-/// never steered by connect4 before something is ready to re-key it.
-pub const CGROUP_PROGRAMS: [&str; 5] = [
+/// never steered by connect4 before something is ready to re-key it, and sock_release before
+/// connect4 so no recorded destination outlives its socket.
+pub const CGROUP_PROGRAMS: [&str; 6] = [
     "intercept_sockops",
+    "intercept_sock_release",
     "intercept_connect4",
     "intercept_connect6",
     "intercept_getpeername4",
@@ -78,9 +80,11 @@ type Result<T, E = DatapathError> = std::result::Result<T, E>;
 /// How the datapath keeps its state.
 #[derive(Debug, Clone, Default)]
 pub struct DatapathOptions {
-    /// A directory on a bpffs. When set, maps and links are pinned there so enrolled pods stay
-    /// steered (and therefore fail closed) while the agent is down, and a restarted agent
-    /// re-adopts them. `None` keeps everything tied to this process (tests).
+    /// A directory on a bpffs. When set, the links are pinned there, so enrolled pods stay
+    /// steered (and therefore fail closed) while the agent is down; the maps are not pinned
+    /// but live as long as a pinned program uses them. A restarted agent loads fresh maps,
+    /// fills them, and attaches its links before removing the old ones. `None` keeps
+    /// everything tied to this process (tests).
     pub pin_dir: Option<PathBuf>,
 }
 
@@ -98,6 +102,7 @@ pub struct Datapath {
     pod_config: HashMap<MapData, u64, PodConfig>,
     pod_addrs: HashMap<MapData, PodAddrKey, u32>,
     dest_policy: HashMap<MapData, SockAddr, DestAction>,
+    orig_by_cookie: HashMap<MapData, u64, OrigDst>,
     orig_by_flow: HashMap<MapData, FlowKey, SockAddr>,
     inbound_slots: HashMap<MapData, SockAddr, u32>,
     inbound_listeners: SockMap<MapData>,
@@ -115,6 +120,7 @@ fn kind_of(p: &Program) -> &'static str {
     match p {
         Program::SockOps(_) => "sock_ops",
         Program::CgroupSockAddr(_) => "cgroup_sock_addr",
+        Program::CgroupSock(_) => "cgroup_sock",
         Program::SkLookup(_) => "sk_lookup",
         Program::SkMsg(_) => "sk_msg",
         _ => "other",
@@ -125,6 +131,7 @@ fn load_program(p: &mut Program) -> Result<(), ProgramError> {
     match p {
         Program::SockOps(p) => p.load(),
         Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
         Program::SkLookup(p) => p.load(),
         Program::SkMsg(p) => p.load(),
         _ => Ok(()),
@@ -186,13 +193,9 @@ impl Datapath {
     /// verifier log), attaching nothing yet.
     pub fn load(options: DatapathOptions) -> Result<Self> {
         raise_memlock();
-        let mut loader = EbpfLoader::new();
-        if let Some(dir) = &options.pin_dir {
-            let maps_dir = dir.join("maps");
-            std::fs::create_dir_all(&maps_dir).map_err(DatapathError::Sys)?;
-            loader.default_map_pin_directory(maps_dir);
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(DatapathError::Load)?;
         for (name, p) in ebpf.programs_mut() {
             load_program(p).map_err(|source| DatapathError::Program {
                 name: name.to_owned(),
@@ -202,6 +205,7 @@ impl Datapath {
         let pod_config = take(&mut ebpf, maps::POD_CONFIG)?;
         let pod_addrs = take(&mut ebpf, maps::POD_ADDRS)?;
         let dest_policy = take(&mut ebpf, maps::DEST_POLICY)?;
+        let orig_by_cookie = take(&mut ebpf, maps::ORIG_DST_BY_COOKIE)?;
         let orig_by_flow = take(&mut ebpf, maps::ORIG_DST_BY_FLOW)?;
         let inbound_slots = take(&mut ebpf, maps::INBOUND_SLOTS)?;
         let inbound_listeners = ebpf
@@ -221,6 +225,7 @@ impl Datapath {
             pod_config,
             pod_addrs,
             dest_policy,
+            orig_by_cookie,
             orig_by_flow,
             inbound_slots,
             inbound_listeners,
@@ -266,6 +271,13 @@ impl Datapath {
                 let link = p.take_link(id).map_err(program_error)?;
                 FdLink::try_from(link).map_err(link_error)
             }
+            Program::CgroupSock(p) => {
+                let id = p
+                    .attach(dir.as_fd(), CgroupAttachMode::Single)
+                    .map_err(program_error)?;
+                let link = p.take_link(id).map_err(program_error)?;
+                FdLink::try_from(link).map_err(link_error)
+            }
             _ => Err(program_error(ProgramError::UnexpectedProgramType)),
         }
     }
@@ -276,6 +288,50 @@ impl Datapath {
         if self.cgroups.contains_key(cgroup) {
             return Ok(());
         }
+        let links = self.attach_cgroup_links(cgroup)?;
+        let links = self.pin_links(&cgroup_pin_name(cgroup), &CGROUP_PROGRAMS, links)?;
+        self.cgroups.insert(cgroup.to_owned(), links);
+        Ok(())
+    }
+
+    /// Attaches a pod's programs: the outbound ones to its cgroup, sk_lookup to its netns.
+    ///
+    /// Everything is attached before anything is pinned. A previous agent's pins for the pod
+    /// keep it fail-closed while this agent is not serving it, so an attempt that fails (the
+    /// cgroup is gone, the kernel refuses) must leave them as they were: the new links are
+    /// dropped, which detaches them, and the old pins stay. Only once every link is attached
+    /// are the pins replaced, each atomically (pinned beside, then renamed over).
+    pub fn attach_pod(&mut self, cgroup: &Path, netns_cookie: u64, netns: &Path) -> Result<()> {
+        let cgroup_links = if self.cgroups.contains_key(cgroup) {
+            None
+        } else {
+            Some(self.attach_cgroup_links(cgroup)?)
+        };
+        let lookup_link = if self.netns.contains_key(&netns_cookie) {
+            None
+        } else {
+            Some(self.attach_sk_lookup(netns)?)
+        };
+        if let Some(links) = cgroup_links {
+            let links = self.pin_links(&cgroup_pin_name(cgroup), &CGROUP_PROGRAMS, links)?;
+            self.cgroups.insert(cgroup.to_owned(), links);
+        }
+        if let Some(link) = lookup_link {
+            // Pinned so inbound stays fail-closed (SK_DROP for pod addresses with no agent
+            // listener) while the agent is down.
+            let mut links = self.pin_links(
+                &netns_pin_name(netns_cookie),
+                &[SK_LOOKUP_PROGRAM],
+                vec![link],
+            )?;
+            if let Some(link) = links.pop() {
+                self.netns.insert(netns_cookie, link);
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_cgroup_links(&mut self, cgroup: &Path) -> Result<Vec<FdLink>> {
         let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -284,23 +340,64 @@ impl Datapath {
         for name in CGROUP_PROGRAMS {
             links.push(self.attach_to_cgroup(name, &dir)?);
         }
-        if let Some(dir) = &self.options.pin_dir {
-            let link_dir = dir.join("links").join(cgroup_pin_name(cgroup));
-            std::fs::create_dir_all(&link_dir).map_err(DatapathError::Sys)?;
-            let mut pinned = Vec::new();
-            for (link, name) in links.into_iter().zip(CGROUP_PROGRAMS) {
-                let path = link_dir.join(name);
-                let _ = std::fs::remove_file(&path);
-                let p = link.pin(&path).map_err(|e| DatapathError::Pin {
-                    path: path.clone(),
-                    source: Box::new(e),
-                })?;
-                pinned.push(FdLink::from(p));
+        Ok(links)
+    }
+
+    fn attach_sk_lookup(&mut self, netns: &Path) -> Result<FdLink> {
+        let ns = File::open(netns).map_err(DatapathError::Sys)?;
+        let program_error = |source| DatapathError::Program {
+            name: SK_LOOKUP_PROGRAM.to_owned(),
+            source,
+        };
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or_else(|| program_error(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(program_error)?;
+        let id = prog.attach(ns.as_fd()).map_err(program_error)?;
+        let link = prog.take_link(id).map_err(program_error)?;
+        Ok(FdLink::from(link))
+    }
+
+    /// Pins `links` as `links/<dir>/<name>` (without a pin directory, returns them as they
+    /// are). Each is pinned as `<name>_new` first and renamed over the old pin only when all
+    /// are pinned, so a failure leaves the previous pins untouched.
+    fn pin_links(&self, dir: &str, names: &[&str], links: Vec<FdLink>) -> Result<Vec<FdLink>> {
+        let Some(root) = &self.options.pin_dir else {
+            return Ok(links);
+        };
+        let link_dir = root.join("links").join(dir);
+        std::fs::create_dir_all(&link_dir).map_err(DatapathError::Sys)?;
+        let mut pinned = Vec::with_capacity(links.len());
+        let mut staged = Vec::with_capacity(links.len());
+        for (link, name) in links.into_iter().zip(names) {
+            // Not `.new`: bpffs refuses names with a dot.
+            let new = link_dir.join(format!("{name}_new"));
+            let _ = std::fs::remove_file(&new);
+            match link.pin(&new) {
+                Ok(p) => {
+                    pinned.push(FdLink::from(p));
+                    staged.push((new, link_dir.join(name)));
+                }
+                Err(e) => {
+                    for (new, _) in &staged {
+                        let _ = std::fs::remove_file(new);
+                    }
+                    return Err(DatapathError::Pin {
+                        path: new,
+                        source: Box::new(e),
+                    });
+                }
             }
-            links = pinned;
         }
-        self.cgroups.insert(cgroup.to_owned(), links);
-        Ok(())
+        for (new, path) in staged {
+            std::fs::rename(&new, &path).map_err(|e| DatapathError::Pin {
+                path,
+                source: Box::new(e),
+            })?;
+        }
+        Ok(pinned)
     }
 
     /// Detaches the outbound programs from a cgroup: its new connections use plain
@@ -309,6 +406,19 @@ impl Datapath {
         self.cgroups.remove(cgroup);
         if let Some(dir) = &self.options.pin_dir {
             let _ = std::fs::remove_dir_all(dir.join("links").join(cgroup_pin_name(cgroup)));
+        }
+    }
+
+    /// Removes the pins any agent made for a cgroup that is gone, under this version's name
+    /// and the one agents before it used (see [`legacy_cgroup_pin_name`]).
+    pub fn forget_cgroup(&mut self, cgroup: &Path) {
+        self.unenroll_cgroup(cgroup);
+        let legacy = legacy_cgroup_pin_name(cgroup);
+        if let Some(dir) = &self.options.pin_dir
+            && !legacy.is_empty()
+            && !legacy.starts_with("netns-")
+        {
+            let _ = std::fs::remove_dir_all(dir.join("links").join(legacy));
         }
     }
 
@@ -334,7 +444,11 @@ impl Datapath {
             .map_err(map_err(maps::POD_CONFIG))
     }
 
+    /// Forgets a pod's netns, and frees the original destinations its sockets recorded: once
+    /// the pod's cgroup is no longer enrolled, sock_release and sockops no longer run for
+    /// them.
     pub fn unenroll_pod_netns(&mut self, netns_cookie: u64, own_addrs: &[IpAddr]) {
+        self.forget_original_destinations(netns_cookie);
         let _ = self.pod_config.remove(&netns_cookie);
         for ip in own_addrs {
             let key = PodAddrKey {
@@ -368,12 +482,66 @@ impl Datapath {
         self.orig_by_flow.get(&key, 0).ok().map(socket_addr)
     }
 
-    /// Steers inbound TCP to `addrs` in the netns at `netns_path` to the agent's listeners
-    /// inside that netns (`listener6` for IPv6 connections, when the pod has IPv6).
+    /// Original destinations recorded for sockets still open in the netns `netns_cookie`:
+    /// `(by socket cookie, by flow)`.
+    pub fn original_destinations_held(&self, netns_cookie: u64) -> (usize, usize) {
+        let by_cookie = self
+            .orig_by_cookie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.netns_cookie == netns_cookie)
+            .count();
+        let by_flow = self
+            .orig_by_flow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .count();
+        (by_cookie, by_flow)
+    }
+
+    fn forget_original_destinations(&mut self, netns_cookie: u64) {
+        let cookies: Vec<u64> = self
+            .orig_by_cookie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.netns_cookie == netns_cookie)
+            .map(|(k, _)| k)
+            .collect();
+        for c in cookies {
+            let _ = self.orig_by_cookie.remove(&c);
+        }
+        let flows: Vec<FlowKey> = self
+            .orig_by_flow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for k in flows {
+            let _ = self.orig_by_flow.remove(&k);
+        }
+    }
+
+    /// Fills the socket-cookie map with `n` entries for the netns `netns_cookie` under
+    /// cookies no socket has (they count down from `u64::MAX`), as a flood of open sockets
+    /// would; returns how many fitted. Only for tests of the full-map behaviour; the entries
+    /// go with [`Datapath::unenroll_pod_netns`].
+    #[doc(hidden)]
+    pub fn occupy_original_destinations(&mut self, netns_cookie: u64, n: usize) -> usize {
+        let value = OrigDst {
+            dst: SockAddr::default(),
+            netns_cookie,
+        };
+        (0..n as u64)
+            .take_while(|i| self.orig_by_cookie.insert(u64::MAX - i, value, 0).is_ok())
+            .count()
+    }
+
+    /// Steers inbound TCP to `addrs` to the agent's listeners of inbound slot `slot`
+    /// (`listener6` for IPv6 connections, when the pod has IPv6). Only the maps: the netns's
+    /// sk_lookup link comes with [`Datapath::attach_pod`].
     pub fn steer_inbound<L: std::os::fd::AsRawFd>(
         &mut self,
-        netns_cookie: u64,
-        netns_path: &Path,
         slot: u32,
         listener4: &L,
         listener6: Option<&L>,
@@ -392,42 +560,21 @@ impl Datapath {
                 .insert(sock_addr(SocketAddr::new(*ip, 0)).without_port(), slot, 0)
                 .map_err(map_err(maps::INBOUND_SLOTS))?;
         }
-        if self.netns.contains_key(&netns_cookie) {
-            return Ok(());
-        }
-        let ns = File::open(netns_path).map_err(DatapathError::Sys)?;
-        let program_error = |source| DatapathError::Program {
-            name: SK_LOOKUP_PROGRAM.to_owned(),
-            source,
-        };
-        let prog: &mut SkLookup = self
-            .ebpf
-            .program_mut(SK_LOOKUP_PROGRAM)
-            .ok_or_else(|| program_error(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error)?;
-        let id = prog.attach(ns.as_fd()).map_err(program_error)?;
-        let link = prog.take_link(id).map_err(program_error)?;
-        let mut link = FdLink::from(link);
-        if let Some(dir) = &self.options.pin_dir {
-            // Pinned so inbound stays fail-closed (SK_DROP for pod addresses with no agent
-            // listener) while the agent is down.
-            let link_dir = dir.join("links").join(format!("netns-{netns_cookie}"));
-            std::fs::create_dir_all(&link_dir).map_err(DatapathError::Sys)?;
-            let path = link_dir.join(SK_LOOKUP_PROGRAM);
-            let _ = std::fs::remove_file(&path);
-            let pinned = link.pin(&path).map_err(|e| DatapathError::Pin {
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-            link = FdLink::from(pinned);
-        }
-        self.netns.insert(netns_cookie, link);
         Ok(())
     }
 
-    /// Stops steering inbound connections for a pod: its addresses reach the app directly.
-    pub fn stop_inbound(&mut self, netns_cookie: u64, slot: u32, addrs: &[IpAddr]) {
+    /// Undoes what a failed enrollment wrote into the maps (pod config and addresses, inbound
+    /// slot and listeners, destination steering), leaving links and pins alone: those are
+    /// only made once nothing else can fail.
+    pub fn rollback_pod(&mut self, netns_cookie: u64, slot: u32, addrs: &[IpAddr]) {
+        self.unenroll_pod_netns(netns_cookie, addrs);
+        self.clear_inbound(slot, addrs);
+        for ip in addrs {
+            self.clear_destination(*ip, None);
+        }
+    }
+
+    fn clear_inbound(&mut self, slot: u32, addrs: &[IpAddr]) {
         for ip in addrs {
             let _ = self
                 .inbound_slots
@@ -438,21 +585,33 @@ impl Datapath {
                 .inbound_listeners
                 .clear_index(&interceptor_common::inbound_index(slot, v6));
         }
+    }
+
+    /// Stops steering inbound connections for a pod: its addresses reach the app directly.
+    pub fn stop_inbound(&mut self, netns_cookie: u64, slot: u32, addrs: &[IpAddr]) {
+        self.clear_inbound(slot, addrs);
         self.netns.remove(&netns_cookie);
         if let Some(dir) = &self.options.pin_dir {
-            let _ =
-                std::fs::remove_dir_all(dir.join("links").join(format!("netns-{netns_cookie}")));
+            let _ = std::fs::remove_dir_all(dir.join("links").join(netns_pin_name(netns_cookie)));
         }
     }
 
     /// Removes links a previous agent pinned for pods that are no longer enrolled. Called after
-    /// start-up enrollment: until then those pins keep the old pods fail-closed.
-    pub fn prune_stale_pins(&self) -> Vec<String> {
+    /// start-up enrollment: until then those pins keep the old pods fail-closed. `keep` are
+    /// pods that are not enrolled now but must stay fail-closed (persisted enrollments that
+    /// could not be restored): the pins of their cgroups and network namespaces stay, under
+    /// either naming.
+    pub fn prune_stale_pins(&self, keep_cgroups: &[PathBuf], keep_netns: &[u64]) -> Vec<String> {
         let Some(dir) = &self.options.pin_dir else {
             return Vec::new();
         };
         let mut keep: Vec<String> = self.cgroups.keys().map(|c| cgroup_pin_name(c)).collect();
-        keep.extend(self.netns.keys().map(|c| format!("netns-{c}")));
+        keep.extend(self.netns.keys().map(|c| netns_pin_name(*c)));
+        for c in keep_cgroups {
+            keep.push(cgroup_pin_name(c));
+            keep.push(legacy_cgroup_pin_name(c));
+        }
+        keep.extend(keep_netns.iter().map(|c| netns_pin_name(*c)));
         let mut removed = Vec::new();
         if let Ok(entries) = std::fs::read_dir(dir.join("links")) {
             for e in entries.flatten() {
@@ -516,8 +675,45 @@ impl Counters {
     }
 }
 
-fn cgroup_pin_name(cgroup: &Path) -> String {
+/// The directory under `links/` holding a cgroup's pins: the path with `%`, `/` and `.`
+/// percent-encoded, which no two paths share (`/a/b` is `%2Fa%2Fb`, `/a_b` is `%2Fa_b`).
+/// A path whose encoding would not fit in a file name (255 bytes) is named by its SHA-256
+/// instead (`sha256-<hex>`, which no encoded absolute path starts with).
+pub fn cgroup_pin_name(cgroup: &Path) -> String {
+    let bytes = cgroup.as_os_str().as_encoded_bytes();
+    let mut name = String::with_capacity(bytes.len() + 8);
+    for &b in bytes {
+        match b {
+            // bpffs refuses names with a dot (EPERM: reserved by the kernel), which systemd
+            // cgroup paths (`kubepods.slice`) always have.
+            b'%' | b'/' | b'.' => name.push_str(&format!("%{b:02X}")),
+            // Non-ASCII and control bytes too, so the name is the path's bytes exactly.
+            b if b.is_ascii_graphic() || b == b' ' => name.push(char::from(b)),
+            b => name.push_str(&format!("%{b:02X}")),
+        }
+    }
+    if name.len() <= PIN_NAME_MAX {
+        return name;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(bytes);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256-{hex}")
+}
+
+/// File names on bpffs, as anywhere, are at most 255 bytes.
+const PIN_NAME_MAX: usize = 255;
+
+/// How agents before the injective [`cgroup_pin_name`] named a cgroup's pin directory
+/// (slashes to underscores, so `/a/b` and `/a_b` collided). A restarted agent pins its links
+/// under the new name and [`Datapath::prune_stale_pins`] then removes these, after the new
+/// links are attached, so an upgrade leaves no unsteered window.
+pub fn legacy_cgroup_pin_name(cgroup: &Path) -> String {
     cgroup.to_string_lossy().trim_matches('/').replace('/', "_")
+}
+
+fn netns_pin_name(netns_cookie: u64) -> String {
+    format!("netns-{netns_cookie}")
 }
 
 fn dest_key(ip: IpAddr, port: Option<u16>) -> SockAddr {
@@ -559,6 +755,29 @@ pub fn socket_addr(a: SockAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_pin_names_are_injective_and_fit() {
+        let name = |p: &str| cgroup_pin_name(Path::new(p));
+        assert_ne!(name("/a/b"), name("/a_b"));
+        assert_ne!(name("/a/b"), name("/a%2Fb"));
+        assert_eq!(name("/a/b"), "%2Fa%2Fb");
+        assert_eq!(name("/sys/fs/cgroup/x_y"), "%2Fsys%2Ffs%2Fcgroup%2Fx_y");
+        assert!(!name("/a/b").contains('/'));
+        let systemd = name("/sys/fs/cgroup/kubepods.slice/kubepods-pod1.slice");
+        assert!(!systemd.contains('.'), "bpffs refuses dots: {systemd}");
+        // The legacy scheme is what collided.
+        let legacy = |p: &str| legacy_cgroup_pin_name(Path::new(p));
+        assert_eq!(legacy("/a/b"), legacy("/a_b"));
+        let long = format!("/sys/fs/cgroup/{}", "d/".repeat(100));
+        let long2 = format!("/sys/fs/cgroup/{}x", "d/".repeat(100));
+        let (a, b) = (name(&long), name(&long2));
+        assert!(a.starts_with("sha256-") && a.len() <= PIN_NAME_MAX, "{a}");
+        assert_ne!(a, b);
+        assert!(!name("/short").starts_with("sha256-"));
+        // Not `.`/`..`, and never the netns pins' prefix.
+        assert!(name("/").starts_with('%') && !name("/netns-1").starts_with("netns-"));
+    }
 
     #[test]
     fn abi_addresses_round_trip() {

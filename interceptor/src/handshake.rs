@@ -22,8 +22,9 @@ mod verifier;
 use std::sync::Arc;
 
 use rustls::{
-    AlertDescription, CertificateError, ClientConfig, CommonState, Error, ProtocolVersion,
-    RootCertStore, ServerConfig, SupportedCipherSuite,
+    AlertDescription, CertificateError, ClientConfig, CommonState, Error, HandshakeKind,
+    NamedGroup, PeerIncompatible, ProtocolVersion, RootCertStore, ServerConfig,
+    SupportedCipherSuite,
     client::{Resumption, VerifierBuilderError},
     pki_types::CertificateDer,
     server::{NoServerSessionStorage, WebPkiClientVerifier},
@@ -32,7 +33,10 @@ use rustls::{
 
 use self::verifier::{MeshClientVerifier, MeshServerVerifier};
 pub use self::{
-    provider::{MeshSuite, provider},
+    provider::{
+        CompliancePolicy, CryptoPolicy, MeshCrypto, MeshGroup, MeshSuite, group_name,
+        origination_provider, origination_refuses, origination_versions,
+    },
     verifier::PeerIdentityError,
 };
 use crate::{
@@ -51,6 +55,23 @@ pub struct Negotiated {
     pub peer: SpiffeId,
     /// The TLS 1.3 suite whose keys go to the kernel.
     pub suite: SupportedCipherSuite,
+    /// The key-exchange group of the handshake (always known for a finished TLS 1.3 one).
+    pub group: Option<NamedGroup>,
+    /// The server asked for another key share (HelloRetryRequest): one more round trip.
+    pub retried: bool,
+}
+
+impl Negotiated {
+    /// The group as logs and `interceptor flows` show it (`X25519MLKEM768`, `x25519`, …),
+    /// with ` (retry)` after a HelloRetryRequest.
+    pub fn group_label(&self) -> Option<String> {
+        let name = group_name(self.group?);
+        Some(if self.retried {
+            format!("{name} (retry)")
+        } else {
+            name
+        })
+    }
 }
 
 /// Why a TLS configuration could not be built.
@@ -63,6 +84,14 @@ pub enum TlsConfigError {
          ChaCha20-Poly1305"
     )]
     NoCipherSuites,
+    /// The crypto policy allows none of the suites the data path can carry.
+    #[error(
+        "crypto {policy} allows none of the suites this node's data path carries ({carried:?})"
+    )]
+    PolicyExcludesSuites {
+        policy: CryptoPolicy,
+        carried: Vec<MeshSuite>,
+    },
     /// No trust anchor, or one of them did not parse.
     #[error("mesh trust roots are unusable: {reason}")]
     Roots { reason: String },
@@ -112,6 +141,10 @@ pub enum HandshakeError {
     /// The peer aborted; its own logs carry the reason.
     #[error("peer aborted the handshake with alert `{0:?}`; its logs say why")]
     RefusedByPeer(AlertDescription),
+    /// The two ends have no key-exchange group or no cipher suite in common: their crypto
+    /// policies do not meet (a `pqc` node and a peer without X25519MLKEM768, for example).
+    #[error("no {0} in common with the peer")]
+    NoCommonCrypto(&'static str),
     /// The peer did not agree on [`MESH_ALPN`], so it is not a mesh endpoint.
     #[error("peer did not negotiate alpn `interceptor-mtls/1`; it is not a mesh endpoint")]
     NotMesh,
@@ -151,10 +184,10 @@ pub fn server_config(
     leaf: &LeafCert,
     roots: Arc<RootCertStore>,
     trust_domain: &TrustDomain,
-    suites: &[MeshSuite],
+    crypto: &MeshCrypto,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
     check_leaf(leaf, trust_domain)?;
-    let provider = provider(suites)?;
+    let provider = crypto.provider();
     let webpki = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
         .build()
         .map_err(TlsConfigError::ClientVerifier)?;
@@ -186,7 +219,7 @@ pub fn client_config(
     roots: Arc<RootCertStore>,
     trust_domain: &TrustDomain,
     expected_server: &SpiffeId,
-    suites: &[MeshSuite],
+    crypto: &MeshCrypto,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
     check_leaf(leaf, trust_domain)?;
     if expected_server.trust_domain() != trust_domain {
@@ -195,7 +228,7 @@ pub fn client_config(
             trust_domain: trust_domain.clone(),
         });
     }
-    build_client_config(leaf, roots, expected_server, suites)
+    build_client_config(leaf, roots, expected_server, crypto)
 }
 
 /// [`client_config`] without the trust-domain checks, so tests can build peers the checks
@@ -204,9 +237,9 @@ fn build_client_config(
     leaf: &LeafCert,
     roots: Arc<RootCertStore>,
     expected_server: &SpiffeId,
-    suites: &[MeshSuite],
+    crypto: &MeshCrypto,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
-    let provider = provider(suites)?;
+    let provider = crypto.provider();
     let verifier = MeshServerVerifier::new(
         roots,
         provider.signature_verification_algorithms,
@@ -253,7 +286,12 @@ pub fn negotiated(conn: &CommonState) -> Result<Negotiated, HandshakeError> {
         .ok_or(HandshakeError::NoPeerCertificate)?;
     let peer = cache::leaf_identity(leaf)
         .map_err(|e| HandshakeError::PeerIdentity(Box::new(PeerIdentityError::Certificate(e))))?;
-    Ok(Negotiated { peer, suite })
+    Ok(Negotiated {
+        peer,
+        suite,
+        group: conn.negotiated_key_exchange_group().map(|g| g.name()),
+        retried: conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
+    })
 }
 
 impl From<Error> for HandshakeError {
@@ -273,6 +311,12 @@ impl From<Error> for HandshakeError {
             Error::InvalidCertificate(_) => HandshakeError::PeerCertificate(error),
             Error::NoCertificatesPresented => HandshakeError::NoPeerCertificate,
             Error::AlertReceived(alert) => HandshakeError::RefusedByPeer(alert),
+            Error::PeerIncompatible(PeerIncompatible::NoKxGroupsInCommon) => {
+                HandshakeError::NoCommonCrypto("key-exchange group")
+            }
+            Error::PeerIncompatible(PeerIncompatible::NoCipherSuitesInCommon) => {
+                HandshakeError::NoCommonCrypto("cipher suite")
+            }
             Error::NoApplicationProtocol => HandshakeError::NotMesh,
             Error::HandshakeNotComplete => HandshakeError::Incomplete,
             error => HandshakeError::Tls(error),

@@ -3,6 +3,8 @@
 //! kTLS, relay; inbound: classify, mTLS or plaintext per policy, relay to the app).
 
 pub mod enforce;
+pub mod files;
+pub mod limits;
 pub mod originate;
 pub mod peek;
 pub mod table;
@@ -14,20 +16,29 @@ use std::{
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::Path,
     pin::Pin,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex, RwLock, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 use rustls::{ClientConfig, ServerConfig};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    io::Interest,
+    net::{TcpListener, TcpSocket, TcpStream},
+};
 use tracing::{debug, info, warn};
 
 use crate::{
-    ca::{CertificateAuthority, DEFAULT_LEAF_TTL, LeafCert},
+    ca::{
+        CertificateAuthority, LeafCert,
+        renew::{Clock, HoldsLeaf, LeafStore, RenewPolicy},
+    },
     config::{Tuning, Workload},
     datapath::Datapath,
-    handshake::{self, MeshSuite, driver},
+    handshake::{self, CryptoPolicy, HandshakeError, MeshCrypto, MeshSuite, driver},
     identity::{SpiffeId, TrustDomain},
     policy::FlowTls,
     relay, sys,
@@ -38,10 +49,11 @@ use interceptor_common::{
 
 use self::{
     enforce::{Enforcer, Generation, Plan, Refused, Transport},
+    limits::{AcceptBackoff, CapExceeded, FlowPermit, LogLimiter, PodLimits},
     peek::FirstBytes,
     table::{
         Cancel, Direction, FlowCheck, FlowGuard, FlowInfo, FlowTable, InboundCheck, OutboundCheck,
-        Protection,
+        Protection, SessionCrypto,
     },
 };
 
@@ -60,77 +72,254 @@ pub enum Offload {
 struct Credentials {
     leaf: LeafCert,
     server: Arc<ServerConfig>,
+    /// The trust store the configs were built with (client configs are built lazily).
+    roots: Arc<rustls::RootCertStore>,
     /// Client configs by expected server identity (the verifier pins it).
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl HoldsLeaf for Credentials {
+    fn leaf(&self) -> &LeafCert {
+        &self.leaf
+    }
+}
+
+/// The CA material in effect: the signer and the trust bundle, replaced as a whole when the
+/// files in `caDir` change.
+pub struct Material {
+    pub ca: Arc<dyn CertificateAuthority>,
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Bumped on every replacement; credentials minted under an older one are renewed.
+    pub generation: u64,
+}
+
+/// How workload certificates are renewed, and the wall clock that decides it.
+pub struct Identity {
+    pub renew: RenewPolicy,
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Everything the flow handlers share.
 pub struct Shared {
     pub trust_domain: TrustDomain,
-    pub ca: Arc<dyn CertificateAuthority>,
-    pub roots: Arc<rustls::RootCertStore>,
+    material: RwLock<Arc<Material>>,
     pub offload: Offload,
     pub tuning: Tuning,
     pub datapath: Mutex<Datapath>,
     /// Istio security policy: the current generation and how to load the next.
     pub policy: Enforcer,
     pub flows: FlowTable,
-    credentials: Mutex<HashMap<SpiffeId, Arc<Credentials>>>,
+    credentials: LeafStore<Credentials>,
+    /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
+    crypto_generation: AtomicU64,
+    /// Samples the warnings a remote party can cause (refusals, failed flows, failed
+    /// accepts); see [`Shared::sample`].
+    log_limiter: Mutex<LogLimiter>,
+    log_flush_started: AtomicBool,
+    /// The node's crypto policy over the suites `offload` carries; see [`Shared::set_crypto`].
+    crypto: RwLock<Arc<MeshCrypto>>,
 }
 
+/// Per reason, the first [`LOG_BURST`] warnings of every [`LOG_INTERVAL`] are logged; the
+/// rest are summed into one line when the interval ends. Counters count every event.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+const LOG_BURST: u32 = 5;
+
 impl Shared {
+    // Each argument is one independent piece of node state the agent decided at start-up.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         trust_domain: TrustDomain,
         ca: Arc<dyn CertificateAuthority>,
+        identity: Identity,
         offload: Offload,
         tuning: Tuning,
         datapath: Datapath,
         policy: Enforcer,
+        crypto: CryptoPolicy,
     ) -> anyhow::Result<Self> {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
+        let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
         Ok(Self {
             trust_domain,
-            ca,
-            roots,
+            material: RwLock::new(Arc::new(Material {
+                ca,
+                roots,
+                generation: 0,
+            })),
             offload,
             tuning,
             datapath: Mutex::new(datapath),
             policy,
             flows: FlowTable::default(),
-            credentials: Mutex::new(HashMap::new()),
+            credentials: LeafStore::new(identity.clock, identity.renew),
+            crypto_generation: AtomicU64::new(0),
+            log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
+            log_flush_started: AtomicBool::new(false),
+            crypto: RwLock::new(Arc::new(crypto)),
         })
     }
 
-    fn suites(&self) -> &[MeshSuite] {
-        match &self.offload {
-            Offload::Kernel(s) => s,
-            Offload::Userspace => MeshSuite::AES_GCM,
-        }
+    /// The signer and trust bundle new handshakes use.
+    pub fn material(&self) -> Arc<Material> {
+        Arc::clone(&self.material.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The leaf and server config of a service account, minted on first use (24 h TTL).
-    fn credentials(&self, id: &SpiffeId) -> anyhow::Result<Arc<Credentials>> {
-        let mut map = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(id) {
-            return Ok(Arc::clone(c));
+    /// Puts new CA material into effect: every identity's leaf is reissued by the new signer
+    /// and its configs rebuilt on the new bundle at its next handshake (or sweep). Open flows
+    /// are untouched. Fails, keeping the current material, if the bundle is unusable.
+    pub fn replace_ca(&self, ca: Arc<dyn CertificateAuthority>) -> anyhow::Result<u64> {
+        let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
+        let generation = self.material().generation + 1;
+        let material = Arc::new(Material {
+            ca,
+            roots,
+            generation,
+        });
+        // Mint under the new material before publishing it, so the handshakes right after a
+        // reload do not each wait for a key generation (the peer may be timing our first
+        // bytes). A handshake that still sees the old material keeps using these.
+        let minted = self.credentials.sweep(
+            self.leaf_generation(&material),
+            Duration::ZERO,
+            |id, now, ttl| self.mint(&material, id, now, ttl),
+        );
+        *self.material.write().unwrap_or_else(|p| p.into_inner()) = material;
+        debug!(generation, minted, "CA material replaced");
+        Ok(generation)
+    }
+
+    /// What a held leaf's configs were built under: CA material and crypto policy. Both only
+    /// grow, so their sum grows whenever either changes, and the leaf store replaces any leaf
+    /// built under a smaller one.
+    fn leaf_generation(&self, material: &Material) -> u64 {
+        material.generation + self.crypto_generation.load(Ordering::SeqCst)
+    }
+
+    /// Renews every leaf due within `ahead` or minted under older material; returns how many.
+    pub fn renew_due(&self, ahead: Duration) -> usize {
+        let material = self.material();
+        self.credentials
+            .sweep(self.leaf_generation(&material), ahead, |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            })
+    }
+
+    /// Whether to log this occurrence of `kind` (`refused`, `flow_failed`, ...) with `code`:
+    /// true for the first few of each interval. Logs the summary of a previous interval
+    /// whose occurrences were left out.
+    fn sample(&self, kind: &'static str, code: &'static str) -> bool {
+        let (log, summary) = self
+            .log_limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check((kind, code), std::time::Instant::now());
+        if let Some(s) = summary {
+            log_suppressed(&s);
         }
-        let leaf = self
+        log
+    }
+
+    /// Reports left-out warnings even when the flood that caused them stopped: a task that
+    /// flushes the limiter every interval while `self` lives.
+    fn start_log_flush(self: &Arc<Self>) {
+        if self
+            .log_flush_started
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let weak: Weak<Shared> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LOG_INTERVAL);
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                let summaries = shared
+                    .log_limiter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .flush(std::time::Instant::now());
+                for s in &summaries {
+                    log_suppressed(s);
+                }
+            }
+        });
+    }
+
+    /// What mesh handshakes offer and accept now.
+    pub fn crypto(&self) -> Arc<MeshCrypto> {
+        Arc::clone(&self.crypto.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// `policy` over the suites this node's data path carries; an error if none is left.
+    pub fn resolve_crypto(
+        &self,
+        policy: CryptoPolicy,
+    ) -> Result<MeshCrypto, handshake::TlsConfigError> {
+        MeshCrypto::new(policy, suites(&self.offload))
+    }
+
+    /// Puts new crypto into effect: handshakes from now on use it, and every open flow whose
+    /// session it would not allow is closed (logged, `closed.crypto_policy`). Returns how many
+    /// were closed.
+    pub fn set_crypto(&self, crypto: MeshCrypto) -> usize {
+        let crypto = Arc::new(crypto);
+        *self.crypto.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&crypto);
+        // Configs are rebuilt at their next use: the policy is written before the generation
+        // moves, so a config built under the new generation reads the new policy.
+        self.crypto_generation.fetch_add(1, Ordering::SeqCst);
+        self.flows.revalidate(|info, check| {
+            let Some(why) = info.session.and_then(|s| s.refused_by(&crypto)) else {
+                return true;
+            };
+            let refused = Refused {
+                code: "crypto_policy",
+                reason: why,
+            };
+            Refusal::of(check, &info.pod).log_closed_by(self, "the new crypto policy", &refused);
+            false
+        })
+    }
+
+    /// The leaf and server config of a service account, current at this moment: minted on
+    /// first use and renewed when due, when the CA material changed, or when the wall clock is
+    /// outside the leaf's validity (see `ca::renew`). A handshake never presents a leaf that is
+    /// not valid now; with none left and the CA failing, the flow is refused.
+    fn credentials(&self, id: &SpiffeId) -> anyhow::Result<Arc<Credentials>> {
+        let material = self.material();
+        self.credentials
+            .get(id, self.leaf_generation(&material), |id, now, ttl| {
+                self.mint(&material, id, now, ttl)
+            })
+            .map_err(|e| e.context(format!("credentials of {id}")))
+    }
+
+    fn mint(
+        &self,
+        material: &Material,
+        id: &SpiffeId,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> anyhow::Result<Credentials> {
+        let leaf = material
             .ca
-            .issue(id, DEFAULT_LEAF_TTL)
+            .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
         let server = handshake::server_config(
             &leaf,
-            Arc::clone(&self.roots),
+            Arc::clone(&material.roots),
             &self.trust_domain,
-            self.suites(),
+            &self.crypto(),
         )?;
-        let c = Arc::new(Credentials {
+        Ok(Credentials {
             leaf,
             server,
+            roots: Arc::clone(&material.roots),
             clients: Mutex::new(HashMap::new()),
-        });
-        map.insert(id.clone(), Arc::clone(&c));
-        Ok(c)
+        })
     }
 
     fn client_config(
@@ -144,10 +333,10 @@ impl Shared {
         }
         let c = handshake::client_config(
             &me.leaf,
-            Arc::clone(&self.roots),
+            Arc::clone(&me.roots),
             &self.trust_domain,
             expected,
-            self.suites(),
+            &self.crypto(),
         )?;
         clients.insert(expected.clone(), Arc::clone(&c));
         Ok(c)
@@ -165,6 +354,14 @@ impl Shared {
 
     fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {
         self.datapath.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The suites the data path carries.
+fn suites(offload: &Offload) -> &[MeshSuite] {
+    match offload {
+        Offload::Kernel(s) => s,
+        Offload::Userspace => MeshSuite::AES_GCM,
     }
 }
 
@@ -197,10 +394,19 @@ struct PodCtx {
     ips: Vec<IpAddr>,
     netns: std::fs::File,
     netns_cookie: u64,
+    /// What the agent holds for this pod as a client (one bucket) and as a server (one bucket
+    /// per source address).
+    outbound_limits: Arc<PodLimits>,
+    inbound_limits: Arc<PodLimits>,
 }
 
 /// Opens the pod's listeners inside its netns, registers it with the datapath and starts
 /// accepting. `slot` must be unique among enrolled pods (sk_lookup's sockmap index).
+///
+/// A failure undoes what the attempt had set in the kernel (map entries, the ports it added
+/// to the pod's reserved ports, links not yet pinned), so the error changes nothing; links
+/// and pins of a previous agent for the pod are left as they were (see
+/// [`Datapath::attach_pod`](crate::datapath::Datapath::attach_pod)).
 pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::Result<PodHandle> {
     let id = SpiffeId::new(
         shared.trust_domain.clone(),
@@ -210,87 +416,146 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
     shared.credentials(&id)?;
     let t = shared.tuning.clone();
     let pod = workload.name.clone();
-    let (out4, out6, in4, in6) = sys::in_netns(&workload.netns, move || {
-        if let Err(e) = sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
-            // Not fatal: it only matters if the pod widens its ephemeral port range.
-            warn!(
-                pod,
-                "cannot reserve the agent's ports against ephemeral use: {e}"
-            );
+    let (listeners, reserved) = sys::in_netns(&workload.netns, move || {
+        let reserved = match sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
+            Ok(added) => added,
+            Err(e) => {
+                // Not fatal: it only matters if the pod widens its ephemeral port range.
+                warn!(
+                    pod,
+                    "cannot reserve the agent's ports against ephemeral use: {e}"
+                );
+                Vec::new()
+            }
+        };
+        let bind = || -> std::io::Result<_> {
+            let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
+            // IPv6 may be disabled in the pod; IPv4 still works then.
+            let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
+            let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
+            let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
+            Ok((out4, out6, in4, in6))
+        };
+        match bind() {
+            Ok(l) => Ok((l, reserved)),
+            Err(e) => {
+                let _ = sys::release_local_ports(&reserved);
+                Err(e)
+            }
         }
-        let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
-        // IPv6 may be disabled in the pod; IPv4 still works then.
-        let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
-        let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
-        let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
-        Ok((out4, out6, in4, in6))
     })
     .with_context(|| format!("listeners in netns {}", workload.netns.display()))?;
-    let netns_cookie = sys::netns_cookie(out4.as_fd())?;
-    {
-        let mut dp = shared.datapath();
-        let mut flags = POD_FLAG_STEER_INBOUND;
-        if shared.tuning.sk_msg_local_leg {
-            flags |= POD_FLAG_LOCAL_LEG_SKMSG;
+    let release_ports = |workload: &Workload| {
+        if reserved.is_empty() {
+            return;
         }
-        dp.enroll_pod_netns(
+        let ports = reserved.clone();
+        if let Err(e) = sys::in_netns(&workload.netns, move || sys::release_local_ports(&ports)) {
+            warn!(pod = %workload.name, "cannot release the reserved ports: {e}");
+        }
+    };
+    let (out4, out6, in4, in6) = listeners;
+    let netns_cookie = match sys::netns_cookie(out4.as_fd()) {
+        Ok(c) => c,
+        Err(e) => {
+            release_ports(workload);
+            return Err(e.into());
+        }
+    };
+    let registered = register(shared, workload, slot, netns_cookie, &in4, in6.as_ref());
+    if let Err(e) = registered {
+        shared
+            .datapath()
+            .rollback_pod(netns_cookie, slot, &workload.ips);
+        release_ports(workload);
+        return Err(e);
+    }
+    let started = (|| -> anyhow::Result<PodHandle> {
+        let ctx = Arc::new(PodCtx {
+            name: workload.name.clone(),
+            id,
+            ips: workload.ips.clone(),
+            netns: std::fs::File::open(&workload.netns)?,
             netns_cookie,
-            PodConfig {
-                outbound_port_be: shared.tuning.outbound_port.to_be(),
-                inbound_port_be: shared.tuning.inbound_port.to_be(),
-                inbound_slot: slot,
-                flags,
-                _pad: 0,
-            },
-            &workload.ips,
-        )?;
-        dp.steer_inbound(
+            outbound_limits: pod_limits(&shared.tuning),
+            inbound_limits: pod_limits(&shared.tuning),
+        });
+        shared.start_log_flush();
+        let mut tasks = Vec::new();
+        for (l, direction) in std::iter::once(out4)
+            .chain(out6)
+            .map(|l| (l, Direction::Outbound))
+            .chain(
+                std::iter::once(in4)
+                    .chain(in6)
+                    .map(|l| (l, Direction::Inbound)),
+            )
+        {
+            l.set_nonblocking(true)?;
+            tasks.push(accept_loop(
+                shared,
+                &ctx,
+                TcpListener::from_std(l)?,
+                direction,
+            ));
+        }
+        Ok(PodHandle {
+            workload: workload.clone(),
             netns_cookie,
-            &workload.netns,
             slot,
-            &in4,
-            in6.as_ref(),
-            &workload.ips,
-        )?;
-        dp.enroll_cgroup(&workload.cgroup)?;
-        for ip in &workload.ips {
-            dp.set_destination(*ip, None, ACTION_STEER)?;
+            tasks,
+        })
+    })();
+    match started {
+        Ok(handle) => {
+            info!(pod = %workload.name, netns_cookie, "enrolled");
+            release_free_heap();
+            Ok(handle)
+        }
+        Err(e) => {
+            let mut dp = shared.datapath();
+            dp.unenroll_cgroup(&workload.cgroup);
+            dp.stop_inbound(netns_cookie, slot, &workload.ips);
+            dp.rollback_pod(netns_cookie, slot, &workload.ips);
+            drop(dp);
+            release_ports(workload);
+            Err(e)
         }
     }
-    let ctx = Arc::new(PodCtx {
-        name: workload.name.clone(),
-        id,
-        ips: workload.ips.clone(),
-        netns: std::fs::File::open(&workload.netns)?,
-        netns_cookie,
-    });
-    let mut tasks = Vec::new();
-    for l in std::iter::once(out4).chain(out6) {
-        l.set_nonblocking(true)?;
-        tasks.push(accept_loop(
-            shared,
-            &ctx,
-            TcpListener::from_std(l)?,
-            Direction::Outbound,
-        ));
+}
+
+/// The datapath half of [`enroll`]: map entries first, then the links, which are pinned last
+/// (so a failure before leaves nothing pinned for [`enroll`] to undo).
+fn register(
+    shared: &Shared,
+    workload: &Workload,
+    slot: u32,
+    netns_cookie: u64,
+    in4: &std::net::TcpListener,
+    in6: Option<&std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let mut dp = shared.datapath();
+    let mut flags = POD_FLAG_STEER_INBOUND;
+    if shared.tuning.sk_msg_local_leg {
+        flags |= POD_FLAG_LOCAL_LEG_SKMSG;
     }
-    for l in std::iter::once(in4).chain(in6) {
-        l.set_nonblocking(true)?;
-        tasks.push(accept_loop(
-            shared,
-            &ctx,
-            TcpListener::from_std(l)?,
-            Direction::Inbound,
-        ));
-    }
-    info!(pod = %workload.name, netns_cookie, "enrolled");
-    release_free_heap();
-    Ok(PodHandle {
-        workload: workload.clone(),
+    dp.enroll_pod_netns(
         netns_cookie,
-        slot,
-        tasks,
-    })
+        PodConfig {
+            outbound_port_be: shared.tuning.outbound_port.to_be(),
+            inbound_port_be: shared.tuning.inbound_port.to_be(),
+            inbound_slot: slot,
+            flags,
+            _pad: 0,
+        },
+        &workload.ips,
+    )?;
+    dp.steer_inbound(slot, in4, in6, &workload.ips)?;
+    for ip in &workload.ips {
+        dp.set_destination(*ip, None, ACTION_STEER)?;
+    }
+    dp.attach_pod(&workload.cgroup, netns_cookie, &workload.netns)?;
+    Ok(())
 }
 
 /// Gives the heap's free pages back to the kernel. Start-up (the eBPF object parsed and
@@ -311,6 +576,24 @@ pub fn unenroll(shared: &Shared, pod: PodHandle) {
     info!(pod = %pod.workload.name, "unenrolled");
 }
 
+fn pod_limits(t: &Tuning) -> Arc<PodLimits> {
+    PodLimits::new(
+        t.max_connections_per_pod as usize,
+        t.max_pending_handshakes_per_pod as usize,
+    )
+}
+
+/// One sampled line for the warnings of one kind and code left out of the last interval.
+fn log_suppressed(s: &limits::Suppressed) {
+    let (kind, code) = s.key;
+    warn!(
+        target: "interceptor::policy",
+        "{} more {kind} [{code}] in the last {:?} not logged (all counted)",
+        s.count,
+        s.interval,
+    );
+}
+
 fn accept_loop(
     shared: &Arc<Shared>,
     ctx: &Arc<PodCtx>,
@@ -320,14 +603,31 @@ fn accept_loop(
     let shared = Arc::clone(shared);
     let ctx = Arc::clone(ctx);
     tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::default();
         loop {
             let (stream, peer) = match listener.accept().await {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff.succeeded();
+                    c
+                }
                 Err(e) => {
-                    warn!(pod = %ctx.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors or memory: retrying at once cannot succeed, and
+                    // would log and spin; wait, longer each time, until an accept succeeds.
+                    let name = limits::accept_error_name(&e);
+                    shared.policy.count(format!("accept_failed.{name}"));
+                    let wait = backoff.failed(&e);
+                    if shared.sample("failed accepts", name) {
+                        warn!(pod = %ctx.name, ?direction, error = %e, retry_in = ?wait, "accept failed");
+                    }
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
                     continue;
                 }
+            };
+            let Some(mut permit) = admit(&shared, &ctx, direction, &stream, peer) else {
+                reset(stream);
+                continue;
             };
             let shared = Arc::clone(&shared);
             let ctx = Arc::clone(&ctx);
@@ -340,16 +640,73 @@ fn accept_loop(
                     Direction::Inbound => Box::pin(inbound(&shared, &ctx, stream, peer)),
                 };
                 let result = match setup.await {
-                    Ok(Some(relay)) => relay.await,
+                    Ok(Some(relay)) => {
+                        permit.set_up();
+                        relay.await
+                    }
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
                 };
+                drop(permit);
                 if let Err(e) = result {
-                    warn!(pod = %ctx.name, ?direction, %peer, "flow failed: {e:#}");
+                    shared.policy.count("flows_failed".to_owned());
+                    if shared.sample("failed flows", "flow") {
+                        warn!(pod = %ctx.name, ?direction, %peer, "flow failed: {e:#}");
+                    }
                 }
             });
         }
     })
+}
+
+/// Takes a share of the pod's caps for a connection just accepted from `peer` (outbound: the
+/// app's own socket; inbound: the client, whose address is the per-source bucket), or logs
+/// and counts the refusal and returns `None` (the caller resets the connection).
+fn admit(
+    shared: &Shared,
+    ctx: &PodCtx,
+    direction: Direction,
+    stream: &TcpStream,
+    peer: SocketAddr,
+) -> Option<FlowPermit> {
+    let (limits, source) = match direction {
+        Direction::Outbound => (&ctx.outbound_limits, None),
+        Direction::Inbound => (&ctx.inbound_limits, Some(peer.ip())),
+    };
+    let cap = match limits.admit(source) {
+        Ok(permit) => return Some(permit),
+        Err(cap) => cap,
+    };
+    let code = cap.code();
+    shared.policy.count(format!("refused.{code}"));
+    if shared.sample("refused", code) {
+        let (held, pending) = limits.usage(source);
+        let (limit, what) = match cap {
+            CapExceeded::Connections => (shared.tuning.max_connections_per_pod, "flows held"),
+            CapExceeded::Handshakes => (
+                shared.tuning.max_pending_handshakes_per_pod,
+                "flows in set-up",
+            ),
+        };
+        let local = stream
+            .local_addr()
+            .map_or_else(|_| "-".to_owned(), |a| a.to_string());
+        warn!(
+            target: "interceptor::policy",
+            "refused {} {peer} -> {local} pod={}: {what} for this {} reached the cap of {limit} \
+             ({held} held, {pending} in set-up) [{code}]",
+            match direction {
+                Direction::Outbound => "outbound",
+                Direction::Inbound => "inbound",
+            },
+            ctx.name,
+            match direction {
+                Direction::Outbound => "pod",
+                Direction::Inbound => "source",
+            },
+        );
+    }
+    None
 }
 
 /// A socket in the pod's netns, so the connection leaves with the pod's address.
@@ -359,11 +716,18 @@ fn pod_socket(ctx: &PodCtx, v6: bool) -> anyhow::Result<TcpSocket> {
 }
 
 /// Dials `dst` from inside the pod, optionally from a fixed source address.
+///
+/// The local port is always left to `connect()`, which picks it with the whole 4-tuple known
+/// (`sys::bind_address_no_port` before a bind): the agent's leg to an app closes first and
+/// leaves a TIME_WAIT socket per connection, and a port chosen at bind time would have to
+/// avoid all of them, so sustained churn to one app port would slow to a crawl and then fail.
 async fn dial(ctx: &PodCtx, dst: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let sock = pod_socket(ctx, dst.is_ipv6())?;
     sock.set_nodelay(true)?;
     if let Some(src) = source {
-        sock.bind(SocketAddr::new(src, 0))?;
+        sys::bind_address_no_port(sock.as_fd()).context("IP_BIND_ADDRESS_NO_PORT")?;
+        sock.bind(SocketAddr::new(src, 0))
+            .with_context(|| format!("bind {src}"))?;
     }
     tokio::time::timeout(Duration::from_secs(10), sock.connect(dst))
         .await
@@ -443,27 +807,37 @@ impl<'a> Refusal<'a> {
         )
     }
 
+    /// Counted every time; logged as a sample (see [`Shared::sample`]): whoever can open
+    /// connections can cause refusals.
     fn log(&self, shared: &Shared, refused: &Refused) {
-        warn!(
-            target: "interceptor::policy",
-            "refused {}: {} [{}]",
-            self.describe(),
-            refused.reason,
-            refused.code,
-        );
         shared.policy.count(format!("refused.{}", refused.code));
+        if shared.sample("refused", refused.code) {
+            warn!(
+                target: "interceptor::policy",
+                "refused {}: {} [{}]",
+                self.describe(),
+                refused.reason,
+                refused.code,
+            );
+        }
     }
 
     /// An open flow a new generation no longer allows.
     fn log_closed(&self, shared: &Shared, generation: u64, refused: &Refused) {
-        warn!(
-            target: "interceptor::policy",
-            "closing {}: no longer allowed by policy generation {generation}: {} [{}]",
-            self.describe(),
-            refused.reason,
-            refused.code,
-        );
+        self.log_closed_by(shared, &format!("policy generation {generation}"), refused);
+    }
+
+    fn log_closed_by(&self, shared: &Shared, by: &str, refused: &Refused) {
         shared.policy.count(format!("closed.{}", refused.code));
+        if shared.sample("closed", refused.code) {
+            warn!(
+                target: "interceptor::policy",
+                "closing {}: no longer allowed by {by}: {} [{}]",
+                self.describe(),
+                refused.reason,
+                refused.code,
+            );
+        }
     }
 }
 
@@ -477,6 +851,49 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+/// Why a mesh handshake failed, for the refusal log: a crypto mismatch this side detected is
+/// `crypto_mismatch` and names what this node offers; an abort by the peer names it too,
+/// since the peer's policy may be what refused it.
+fn handshake_refused(shared: &Shared, e: &driver::DriveError) -> Refused {
+    let crypto = shared.crypto();
+    match e {
+        driver::DriveError::Handshake(HandshakeError::NoCommonCrypto(_)) => Refused {
+            code: "crypto_mismatch",
+            reason: format!(
+                "mTLS handshake failed: {e}; this node's {} offers {}",
+                crypto.policy(),
+                crypto.offer()
+            ),
+        },
+        driver::DriveError::Handshake(HandshakeError::RefusedByPeer(
+            rustls::AlertDescription::HandshakeFailure,
+        )) => Refused {
+            code: "handshake_failed",
+            reason: format!(
+                "mTLS handshake failed: {e} (this node's {} offers {}; the peer's crypto policy \
+                 may not accept it)",
+                crypto.policy(),
+                crypto.offer()
+            ),
+        },
+        _ => Refused {
+            code: "handshake_failed",
+            reason: format!("mTLS handshake failed: {}", chain(e)),
+        },
+    }
+}
+
+/// A session negotiated under a crypto policy that changed during the handshake.
+fn crypto_refuses(shared: &Shared, negotiated: &handshake::Negotiated) -> Option<Refused> {
+    let reason = shared
+        .crypto()
+        .refuses(negotiated.suite.suite(), negotiated.group)?;
+    Some(Refused {
+        code: "crypto_policy",
+        reason,
+    })
 }
 
 /// Makes the close that follows send RST (curl: `000`, exit 56 or 52), then closes.
@@ -684,6 +1101,7 @@ async fn outbound<'a>(
         source: app_addr,
         peer_id: None,
         cipher: None,
+        session: None,
         protection: Protection::Plaintext,
         endpoint: Some(endpoint),
         reason: Some(reason),
@@ -722,7 +1140,8 @@ async fn outbound<'a>(
             }
             let guard = shared.flows.insert_checked(flow, Some(check));
             let socks = dups([&app, &peer]);
-            Ok(Some(relaying(guard, socks, false, plain(app, peer))))
+            let relay = plain(shared, app, peer, &guard);
+            Ok(Some(relaying(guard, socks, false, relay)))
         }
         Transport::Mesh(None) => unreachable!("refused above"),
         Transport::Mesh(Some(expected)) => {
@@ -740,18 +1159,27 @@ async fn outbound<'a>(
             {
                 Ok(est) => est,
                 Err(e) => {
-                    let refused = Refused {
-                        code: "handshake_failed",
-                        reason: format!("mTLS handshake failed: {}", chain(&e)),
-                    };
-                    refusal.log(shared, &refused);
+                    refusal.log(shared, &handshake_refused(shared, &e));
                     refuse_app(shared, app).await;
                     reset(peer);
                     return Ok(None);
                 }
             };
+            if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
+                refusal.log(shared, &refused);
+                refuse_app(shared, app).await;
+                reset(peer);
+                return Ok(None);
+            }
             flow.peer_id = Some(est.peer().to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+            flow.session = Some(SessionCrypto::mesh(&est.negotiated));
+            debug!(
+                target: "interceptor::access",
+                pod = %ctx.name, %dst, peer = %est.peer(), cipher = ?est.negotiated.suite.suite(),
+                group = est.negotiated.group_label().as_deref().unwrap_or("-"),
+                "outbound mTLS"
+            );
             Ok(relay_mesh(shared, flow, check, decided_by, app, peer, est))
         }
         Transport::Originate {
@@ -779,6 +1207,7 @@ async fn outbound<'a>(
             flow.cipher = conn
                 .negotiated_cipher_suite()
                 .map(|s| format!("{:?}", s.suite()));
+            flow.session = SessionCrypto::originated(&conn);
             if !admitted_now(shared, decided_by, &check, &ctx.name) {
                 reset(app);
                 reset(peer);
@@ -880,11 +1309,16 @@ fn admitted_now(shared: &Shared, decided_by: u64, check: &FlowCheck, pod: &str) 
     }
 }
 
-/// Plaintext passthrough (non-mesh destination, or plaintext a policy allows): the kernel's
-/// copy with exact half-close in both directions.
-async fn plain(mut a: TcpStream, mut b: TcpStream) -> anyhow::Result<()> {
-    tokio::io::copy_bidirectional(&mut a, &mut b).await?;
-    Ok(())
+/// Plaintext passthrough (non-mesh destination, or plaintext a policy allows), under the idle
+/// timeout like every other flow; `a` is the side whose bytes count as app → peer.
+fn plain(
+    shared: &Shared,
+    a: TcpStream,
+    b: TcpStream,
+    guard: &FlowGuard<'_>,
+) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
+    let relay = relay::relay_plain(a, b, relay_config(shared), Arc::clone(&guard.stats));
+    async move { Ok(relay.await?) }
 }
 
 /// Sets up an inbound flow: classifies it, handshakes or not per policy, dials the app.
@@ -921,6 +1355,7 @@ async fn inbound<'a>(
         source,
         peer_id: None,
         cipher: None,
+        session: None,
         protection: Protection::Plaintext,
         endpoint: None,
         reason: None,
@@ -949,17 +1384,18 @@ async fn inbound<'a>(
             {
                 Ok(est) => est,
                 Err(e) => {
-                    let refused = Refused {
-                        code: "handshake_failed",
-                        reason: format!("mTLS handshake failed: {}", chain(&e)),
-                    };
-                    refusal.log(shared, &refused);
+                    refusal.log(shared, &handshake_refused(shared, &e));
                     reset(client);
                     return Ok(None);
                 }
             };
             let peer = est.peer().clone();
             refusal.client = Some(&peer);
+            if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
+                refusal.log(shared, &refused);
+                reset(client);
+                return Ok(None);
+            }
             match generation.inbound(source, dst, Some(&peer)) {
                 Ok(code) => flow.reason = Some(code.to_owned()),
                 Err(refused) => {
@@ -972,8 +1408,14 @@ async fn inbound<'a>(
             drop(generation);
             flow.peer_id = Some(peer.to_string());
             flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+            flow.session = Some(SessionCrypto::mesh(&est.negotiated));
             let app = dial(ctx, dst, Some(app_source)).await?;
-            debug!(pod = %ctx.name, %source, %peer, "inbound mTLS");
+            debug!(
+                target: "interceptor::access",
+                pod = %ctx.name, %source, %peer, cipher = ?est.negotiated.suite.suite(),
+                group = est.negotiated.group_label().as_deref().unwrap_or("-"),
+                "inbound mTLS"
+            );
             let check = FlowCheck::Inbound(InboundCheck {
                 source,
                 destination: dst,
@@ -1007,38 +1449,50 @@ async fn inbound<'a>(
             }
             let guard = shared.flows.insert_checked(flow, Some(check));
             let socks = dups([&client, &app]);
-            Ok(Some(relaying(guard, socks, false, plain(client, app))))
+            let relay = plain(shared, client, app, &guard);
+            Ok(Some(relaying(guard, socks, false, relay)))
         }
     }
 }
 
 /// Waits for the client's first bytes (at most `wait` for a silent, server-speaks-first
-/// client) and classifies them without consuming anything.
+/// client, or one that stops inside a ClientHello) and classifies them without consuming
+/// anything.
+///
+/// Readiness-driven: the socket is peeked when the kernel reports new bytes, never on a
+/// clock, so a stalled client costs nothing until its deadline. (A peek that finds only the
+/// bytes already seen reports `WouldBlock` to tokio, which then waits for the next readiness
+/// event: new data, FIN or RST.)
 async fn classify(client: &TcpStream, wait: Duration) -> anyhow::Result<FirstBytes> {
     let mut buf = vec![0u8; peek::MAX_PEEK];
     let deadline = tokio::time::Instant::now() + wait;
-    let mut last = 0;
     loop {
-        let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
+        let ready = match tokio::time::timeout_at(deadline, client.ready(Interest::READABLE)).await
+        {
             Ok(r) => r?,
-            // Silence: a server-speaks-first protocol. Plaintext.
+            // Silence, or a ClientHello that never completes: plaintext (a policy that
+            // requires mTLS refuses it).
             Err(_) => return Ok(FirstBytes::Other),
         };
-        if n == 0 {
-            return Ok(FirstBytes::Other);
-        }
-        match peek::classify(&buf[..n]) {
-            FirstBytes::NeedMore if n < buf.len() => {
-                if n == last {
-                    // peek returns immediately while bytes are queued; wait for more.
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    if tokio::time::Instant::now() >= deadline {
-                        return Ok(FirstBytes::Other);
-                    }
-                }
-                last = n;
+        let peeked = client.try_io(Interest::READABLE, || {
+            let n = sys::peek(client.as_fd(), &mut buf)?;
+            if n == 0 {
+                return Ok(FirstBytes::Other);
             }
-            other => return Ok(other),
+            match peek::classify(&buf[..n]) {
+                FirstBytes::NeedMore if n < buf.len() => Err(std::io::ErrorKind::WouldBlock.into()),
+                FirstBytes::NeedMore => Ok(FirstBytes::Other),
+                decided => Ok(decided),
+            }
+        });
+        match peeked {
+            Ok(kind) => return Ok(kind),
+            // The client half-closed inside a ClientHello: no more bytes will come.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && ready.is_read_closed() => {
+                return Ok(FirstBytes::Other);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }

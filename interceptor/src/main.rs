@@ -102,12 +102,18 @@ enum PolicyCmd {
     Check {
         /// The policy directory (`policyDir` of the node config).
         dir: PathBuf,
+        /// A directory DestinationRule certificate files may be read from (`policy.certDirs`
+        /// of the node config); repeatable. Without it, such a rule is invalid, as in an agent
+        /// with no `policy.certDirs`.
+        #[arg(long = "cert-dir")]
+        cert_dirs: Vec<PathBuf>,
     },
 }
 
 #[derive(Subcommand)]
 enum CaCmd {
-    /// Create a root key (mode 0600) and certificate.
+    /// Create a self-signed root as signer and trust bundle (`ca-key.pem` mode 0600,
+    /// `ca-cert.pem`, `cert-chain.pem`, `root-cert.pem`).
     Init {
         #[arg(long)]
         trust_domain: String,
@@ -116,6 +122,34 @@ enum CaCmd {
         /// Replace an existing CA (every issued certificate stops being trusted).
         #[arg(long)]
         force: bool,
+    },
+    /// Mint an intermediate signed by the CA in --root-dir into a node's CA directory; the
+    /// roots of --root-dir are added to the roots the directory already trusts.
+    Intermediate {
+        /// The CA that signs the intermediate (its key is read, never copied).
+        #[arg(long)]
+        root_dir: PathBuf,
+        /// The node's CA directory (`caDir`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Lifetime, such as `365d` or `720h`; clipped to the root's.
+        #[arg(long, default_value = "365d")]
+        ttl: String,
+        /// Needed when the root carries no spiffe:// URI SAN (Istio's roots do not).
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Replace the signer already in --dir (a running agent picks the new one up).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print subject, issuer, SPIFFE trust domain and validity of every file in a CA
+    /// directory, and whether the agent would accept it; exits non-zero if not.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's trust domain, for CAs without a spiffe:// URI SAN.
+        #[arg(long)]
+        trust_domain: Option<String>,
     },
 }
 
@@ -138,6 +172,19 @@ fn admin_call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response
     match runtime()?.block_on(admin::call(socket, &req))? {
         Response::Error { message } => anyhow::bail!("{message}"),
         other => Ok(other),
+    }
+}
+
+/// Stale enrollments go to stderr, so `flows --json` stays one JSON document on stdout.
+fn print_stale(stale: &[app::Stale]) {
+    for s in stale {
+        eprintln!(
+            "stale enrollment {} (cgroup {}, netns {}): {}",
+            s.workload.name,
+            s.workload.cgroup.display(),
+            s.workload.netns.display(),
+            s.reason
+        );
     }
 }
 
@@ -176,8 +223,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run { config } => {
             let text = std::fs::read_to_string(&config)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
-            let config = Config::parse(&config.display().to_string(), &text)?;
-            runtime()?.block_on(app::run(config))?;
+            let parsed = Config::parse(&config.display().to_string(), &text)?;
+            runtime()?.block_on(app::run(parsed, config))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Enroll {
@@ -225,15 +272,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Request::Flows { all }
             };
             match admin_call(&admin_socket, req)? {
-                Response::Flows { flows } if json => {
-                    println!("{}", serde_json::to_string_pretty(&flows)?)
+                Response::Flows { flows, stale } if json => {
+                    println!("{}", serde_json::to_string_pretty(&flows)?);
+                    print_stale(&stale);
                 }
-                Response::Flows { flows } => {
+                Response::Flows { flows, stale } => {
                     let rows: Vec<table::FlowRow> = flows
                         .into_iter()
                         .filter_map(|v| serde_json::from_value(v).ok())
                         .collect();
                     print!("{}", table::render(&rows));
+                    print_stale(&stale);
                 }
                 Response::Stats { stats } => println!("{}", serde_json::to_string_pretty(&stats)?),
                 other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
@@ -241,8 +290,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Policy {
-            command: PolicyCmd::Check { dir },
-        } => match intercept::enforce::check_dir(&dir) {
+            command: PolicyCmd::Check { dir, cert_dirs },
+        } => match intercept::enforce::check_dir(&dir, &cert_dirs) {
             Ok(warnings) => {
                 for w in &warnings {
                     eprintln!("warning: {w}");
@@ -277,6 +326,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ca::Ca::init(&td, &dir, on_existing)?;
             eprintln!("wrote CA for trust domain {td} to {}", dir.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ca {
+            command:
+                CaCmd::Intermediate {
+                    root_dir,
+                    dir,
+                    ttl,
+                    trust_domain,
+                    force,
+                },
+        } => {
+            let ttl: interceptor::config::Ttl =
+                ttl.parse().map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let td: Option<TrustDomain> = trust_domain.map(|t| t.parse()).transpose()?;
+            let on_existing = if force {
+                ca::OnExisting::Replace
+            } else {
+                ca::OnExisting::Refuse
+            };
+            let ca = ca::Ca::intermediate(&root_dir, &dir, ttl.0, td.as_ref(), on_existing)?;
+            eprintln!(
+                "wrote intermediate `{}` (until {}) to {}",
+                ca.signer().subject,
+                ca::When(ca.signer().not_after),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ca {
+            command: CaCmd::Status { dir, trust_domain },
+        } => {
+            let td: Option<TrustDomain> = trust_domain.map(|t| t.parse()).transpose()?;
+            let (report, loaded) =
+                ca::status::report(&dir, td.as_ref(), std::time::SystemTime::now());
+            print!("{report}");
+            Ok(if loaded.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

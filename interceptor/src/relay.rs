@@ -36,6 +36,7 @@
 
 mod buf;
 mod kernel;
+mod plain;
 mod userspace;
 
 use std::{
@@ -225,6 +226,9 @@ pub enum RelayError {
     /// The peer-side socket failed.
     #[error("peer socket: {0}; app connection reset")]
     Peer(#[source] io::Error),
+    /// Plaintext passthrough: either socket failed.
+    #[error("passthrough: {0}; both connections reset")]
+    Passthrough(#[source] io::Error),
 }
 
 /// Readies the socket to the peer agent for `layer`; call it right after connect/accept,
@@ -334,6 +338,18 @@ pub async fn relay_ktls(
 ) -> Result<(), RelayError> {
     stats.set_mode(RelayMode::Ktls);
     kernel::run(app, peer, cipher, leftover, config, stats).await
+}
+
+/// Plaintext passthrough between the app and a peer outside the mesh (or one a policy lets
+/// through in clear): the kernel's copy, exact half-close, the same idle timeout and byte
+/// counts as the TLS relays.
+pub async fn relay_plain(
+    app: TcpStream,
+    peer: TcpStream,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    plain::run(app, peer, config, stats).await
 }
 
 /// Makes the close that follows send RST: the other side must see the flow failed, not end.

@@ -78,6 +78,14 @@ pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// The netns cookie of the network namespace at `netns` (a bind mount or /proc/PID/ns/net),
+/// read through a socket made there.
+pub fn netns_cookie_of(netns: &Path) -> io::Result<u64> {
+    let ns = File::open(netns)?;
+    let sock = tcp_socket_in(ns.as_fd(), false)?;
+    netns_cookie(sock.as_fd())
+}
+
 /// The netns cookie of the namespace a socket lives in: the key eBPF programs use for a pod
 /// (`bpf_get_netns_cookie`). `SO_NETNS_COOKIE` needs Linux 5.14.
 pub fn netns_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
@@ -208,6 +216,22 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Copies what is queued on a socket into `buf` without consuming it and without blocking
+/// (`MSG_PEEK | MSG_DONTWAIT`): `WouldBlock` when nothing is queued, `Ok(0)` at end of stream.
+pub fn peek(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the kernel writes at most
+    // that many.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it.
 pub fn raise_memlock_rlimit() -> io::Result<()> {
     let lim = libc::rlimit {
@@ -241,6 +265,38 @@ pub fn raise_nofile_rlimit() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(lim.rlim_cur)
+}
+
+/// Opens `path`, relative to the directory open as `dir`, for reading, without leaving that
+/// directory: openat2(2) with `RESOLVE_BENEATH` (no `..` above it, no absolute path or symlink,
+/// and a relative symlink only if it stays inside, so Kubernetes' `..data` links in a mounted
+/// Secret or ConfigMap work) and `RESOLVE_NO_MAGICLINKS` (no `/proc/<pid>/...` jumps into
+/// another mount namespace). `O_NONBLOCK` so that opening a FIFO does not wait for a writer;
+/// callers check the file type on the descriptor before reading.
+pub fn open_beneath(dir: BorrowedFd<'_>, path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let c_path = cstr(path)?;
+    // SAFETY: open_how is plain integers; all-zero is its documented "no options" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `c_path` is a NUL-terminated string and `how` a valid open_how, both alive for the
+    // call; the size passed is the struct's own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c_path.as_ptr(),
+            &raw const how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("openat2 returned a bad fd"))?;
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// The kernel release (`uname -r`).
@@ -299,6 +355,30 @@ pub fn tcp_bytes_queued(sock: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
 }
 
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike): a later `bind` to an
+/// address with port 0 takes the address only, and `connect` picks the port once the whole
+/// 4-tuple is known. A port chosen at bind time must be free of every socket on it,
+/// TIME_WAIT included, and is searched for under the bind-hash locks; one chosen at connect
+/// time only has to make the 4-tuple unique, and may take over a TIME_WAIT socket on a
+/// loopback address (`tcp_tw_reuse`, default 2).
+pub fn bind_address_no_port(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `sock` is an open socket and the option value is a valid int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Resizes a pipe (`F_SETPIPE_SZ`) and returns the size the kernel chose (it rounds up to a
 /// power-of-two number of pages). A larger pipe lets one `splice(2)` move more per call.
 pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
@@ -355,29 +435,60 @@ const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 /// The agent's listeners in a pod sit on fixed loopback ports. A pod that widens
 /// `ip_local_port_range` would otherwise let its own connections take those ports while the
 /// agent is down, and the agent's restart would then fail with `EADDRINUSE` until they close.
-pub fn reserve_local_ports(ports: &[u16]) -> io::Result<()> {
+pub fn reserve_local_ports(ports: &[u16]) -> io::Result<Vec<u16>> {
     let current = std::fs::read_to_string(RESERVED_PORTS)?;
-    if let Some(merged) = merge_port_list(&current, ports) {
-        std::fs::write(RESERVED_PORTS, merged)?;
+    let Some(merged) = merge_port_list(&current, ports) else {
+        return Ok(Vec::new());
+    };
+    std::fs::write(RESERVED_PORTS, merged)?;
+    let added = ports
+        .iter()
+        .copied()
+        .filter(|p| !port_list_covers(&current, *p))
+        .collect();
+    Ok(added)
+}
+
+/// Takes `ports` (as [`reserve_local_ports`] returned them) out of the calling thread's
+/// network namespace's reserved ports again: what a failed enrollment added, it removes.
+/// Only single-port items equal to one of `ports` go; ranges stay.
+pub fn release_local_ports(ports: &[u16]) -> io::Result<()> {
+    if ports.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    let kept: Vec<&str> = current
+        .trim()
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty() && !item.parse().is_ok_and(|p: u16| ports.contains(&p)))
+        .collect();
+    // An empty write is refused by the kernel; a newline clears the list.
+    let text = if kept.is_empty() {
+        "\n".to_owned()
+    } else {
+        kept.join(",")
+    };
+    std::fs::write(RESERVED_PORTS, text)
+}
+
+fn port_list_covers(list: &str, port: u16) -> bool {
+    list.trim().split(',').any(|item| {
+        let item = item.trim();
+        match item.split_once('-') {
+            Some((lo, hi)) => matches!(
+                (lo.parse::<u16>(), hi.parse::<u16>()),
+                (Ok(lo), Ok(hi)) if (lo..=hi).contains(&port)
+            ),
+            None => item.parse() == Ok(port),
+        }
+    })
 }
 
 /// `current` (the sysctl's `a,b-c` syntax) with `ports` added, or `None` if every port is
 /// already covered.
 fn merge_port_list(current: &str, ports: &[u16]) -> Option<String> {
-    let covered = |port: u16| {
-        current.trim().split(',').any(|item| {
-            let item = item.trim();
-            match item.split_once('-') {
-                Some((lo, hi)) => matches!(
-                    (lo.parse::<u16>(), hi.parse::<u16>()),
-                    (Ok(lo), Ok(hi)) if (lo..=hi).contains(&port)
-                ),
-                None => item.parse() == Ok(port),
-            }
-        })
-    };
+    let covered = |port: u16| port_list_covers(current, port);
     let missing: Vec<String> = ports
         .iter()
         .copied()
@@ -393,6 +504,17 @@ fn merge_port_list(current: &str, ports: &[u16]) -> Option<String> {
     } else {
         format!("{current},{}", missing.join(","))
     })
+}
+
+/// Creates a FIFO at `path`: tests use one to prove a reader never blocks on what policy names.
+pub fn mkfifo(path: &Path, mode: u32) -> io::Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), mode) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]

@@ -82,15 +82,18 @@ pub fn config(
         state_dir: state.join("state"),
         admin_socket: state.join("admin.sock"),
         ktls,
+        crypto: Default::default(),
         bpffs: PathBuf::from("/sys/fs/bpf").join(unique_name("itest")),
         workloads,
         peers,
         services: Vec::new(),
         root_namespace: "istio-system".to_owned(),
         policy_dir: None,
+        policy: Default::default(),
         probe_sources: Vec::new(),
         cluster_domain: "cluster.local".to_owned(),
         tuning: Tuning::default(),
+        identity: Default::default(),
     }
 }
 
@@ -104,6 +107,18 @@ pub struct RunningAgent {
 
 impl RunningAgent {
     pub fn start(config: Config) -> Self {
+        Self::spawn(config, None)
+    }
+
+    /// Starts the agent from `config` written to `file`, which it then watches the way
+    /// `interceptor run --config FILE` does (crypto policy changes apply while it runs).
+    pub fn start_watching(config: Config, file: &Path) -> Self {
+        let yaml = serde_yaml::to_string(&config).expect("config to yaml");
+        std::fs::write(file, yaml).expect("write node config");
+        Self::spawn(config, Some(file.to_owned()))
+    }
+
+    fn spawn(config: Config, watch: Option<PathBuf>) -> Self {
         // The agent's warnings (refused flows and why) belong in the test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -121,7 +136,15 @@ impl RunningAgent {
                 .enable_all()
                 .build()
                 .expect("runtime");
+            let loaded = config.clone();
             let started = rt.block_on(interceptor::app::start(config));
+            if let (Ok(agent), Some(file)) = (&started, watch) {
+                rt.spawn(interceptor::app::watch_config(
+                    Arc::clone(agent),
+                    file,
+                    loaded,
+                ));
+            }
             let ok = started.is_ok();
             let _ = ready_tx.send(started.map_err(|e| format!("{e:#}")));
             if ok {

@@ -6,7 +6,10 @@
 
 pub mod agent;
 pub mod apps;
+pub mod crypto;
 pub mod demo;
+pub mod flood;
+pub mod identity;
 pub mod mesh;
 pub mod pair;
 pub mod scenario;

@@ -27,7 +27,7 @@ use std::{
 use crate::wire::{Capture, Filter, Stream, assert_no_plaintext, find_plaintext};
 use interceptor::{
     ca::{Ca, CertificateAuthority, DEFAULT_LEAF_TTL},
-    handshake::{MeshSuite, client_config, driver, mesh_roots, server_config},
+    handshake::{MeshCrypto, client_config, driver, mesh_roots, server_config},
     identity::{SpiffeId, TrustDomain},
     ktls::{self, Cipher, content_type},
     relay::{self, RecordLayer, RelayConfig, RelayError, RelayStats},
@@ -191,7 +191,7 @@ impl Pair {
                 )
             }
         };
-        let suites = MeshSuite::AES_GCM;
+        let suites = &MeshCrypto::default_aes_gcm();
         let client_cfg = client_config(&client_leaf, roots, &td, &id(&opts.client_expects), suites)
             .expect("client config");
         let server_cfg =

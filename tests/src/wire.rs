@@ -969,6 +969,225 @@ pub fn assert_tls_records(stream_bytes: &[u8]) -> Vec<RecordHeader> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Handshake hellos: what key exchange and suite the two ends really agreed on
+
+/// `ServerHello.random` of a HelloRetryRequest (RFC 8446 §4.1.3): SHA-256("HelloRetryRequest").
+const HRR_RANDOM: [u8; 32] = [
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+];
+const EXT_SUPPORTED_GROUPS: u16 = 10;
+const EXT_SUPPORTED_VERSIONS: u16 = 43;
+const EXT_KEY_SHARE: u16 = 51;
+
+/// The server's answer in one direction of a captured connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerHello {
+    /// `cipher_suite` (IANA code point, e.g. 0x1301 for TLS_AES_128_GCM_SHA256).
+    pub cipher_suite: u16,
+    /// The `key_share` group (e.g. 0x11ec for X25519MLKEM768).
+    pub group: u16,
+    /// Bytes of the server's key share (1120 for X25519MLKEM768, 32 for x25519).
+    pub key_share_len: usize,
+    /// `supported_versions` (0x0304 for TLS 1.3).
+    pub version: u16,
+    /// The group a HelloRetryRequest asked for before this ServerHello, if there was one.
+    pub retry_group: Option<u16>,
+}
+
+/// The client's first flight in one direction of a captured connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The whole handshake message (4-byte header included): what one new connection sends.
+    pub message_len: usize,
+    pub cipher_suites: Vec<u16>,
+    /// `supported_groups`, in the client's preference order.
+    pub groups: Vec<u16>,
+    /// `key_share` entries: `(group, share length)`.
+    pub key_shares: Vec<(u16, usize)>,
+}
+
+/// IANA names of the groups the tests meet.
+pub fn group_name(group: u16) -> String {
+    match group {
+        0x001d => "x25519".to_owned(),
+        0x0017 => "secp256r1".to_owned(),
+        0x0018 => "secp384r1".to_owned(),
+        0x11ec => "X25519MLKEM768".to_owned(),
+        0x11eb => "SecP256r1MLKEM768".to_owned(),
+        other => format!("{other:#06x}"),
+    }
+}
+
+/// IANA names of the TLS 1.3 suites.
+pub fn suite_name(suite: u16) -> String {
+    match suite {
+        0x1301 => "TLS_AES_128_GCM_SHA256".to_owned(),
+        0x1302 => "TLS_AES_256_GCM_SHA384".to_owned(),
+        0x1303 => "TLS_CHACHA20_POLY1305_SHA256".to_owned(),
+        other => format!("{other:#06x}"),
+    }
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!(
+                "truncated: wanted {n} bytes, {} left",
+                self.0.len()
+            ));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn vec8(&mut self) -> Result<&'a [u8], String> {
+        let n = usize::from(self.u8()?);
+        self.take(n)
+    }
+    fn vec16(&mut self) -> Result<&'a [u8], String> {
+        let n = usize::from(self.u16()?);
+        self.take(n)
+    }
+    fn u16s(mut self) -> Result<Vec<u16>, String> {
+        let mut out = Vec::new();
+        while !self.0.is_empty() {
+            out.push(self.u16()?);
+        }
+        Ok(out)
+    }
+}
+
+/// The plaintext handshake messages at the start of a stream, `(type, body)`, up to the first
+/// record that is neither handshake nor ChangeCipherSpec (encrypted from then on). Handshake
+/// messages may span records, so record bodies are joined first.
+fn leading_handshake_messages(stream: &[u8]) -> Result<Vec<(u8, Vec<u8>)>, String> {
+    let mut joined = Vec::new();
+    let mut off = 0;
+    while let Some(h) = stream.get(off..off + 5) {
+        let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+        let body = stream
+            .get(off + 5..off + 5 + len)
+            .ok_or_else(|| format!("record at {off} runs past the captured bytes"))?;
+        match h[0] {
+            22 => joined.extend_from_slice(body),
+            20 => {}
+            _ => break,
+        }
+        off += 5 + len;
+    }
+    let mut out = Vec::new();
+    let mut c = Cursor(&joined);
+    while c.0.len() >= 4 {
+        let ty = c.u8()?;
+        let l = c.take(3)?;
+        let len = (usize::from(l[0]) << 16) | (usize::from(l[1]) << 8) | usize::from(l[2]);
+        out.push((ty, c.take(len)?.to_vec()));
+    }
+    Ok(out)
+}
+
+/// Extensions of a hello body after the fixed fields have been read.
+fn extensions(c: &mut Cursor<'_>) -> Result<Vec<(u16, Vec<u8>)>, String> {
+    let mut exts = Cursor(c.vec16()?);
+    let mut out = Vec::new();
+    while !exts.0.is_empty() {
+        let ty = exts.u16()?;
+        out.push((ty, exts.vec16()?.to_vec()));
+    }
+    Ok(out)
+}
+
+/// Parses the server→client direction of a captured TLS 1.3 connection: the ServerHello (and
+/// the HelloRetryRequest before it, if any).
+pub fn parse_server_hello(server_to_client: &[u8]) -> Result<ServerHello, String> {
+    let mut retry_group = None;
+    for (ty, body) in leading_handshake_messages(server_to_client)? {
+        if ty != 2 {
+            return Err(format!(
+                "handshake message {ty} where a ServerHello belongs"
+            ));
+        }
+        let mut c = Cursor(&body);
+        c.take(2)?; // legacy_version
+        let random = c.take(32)?;
+        c.vec8()?; // legacy_session_id_echo
+        let cipher_suite = c.u16()?;
+        c.u8()?; // legacy_compression_method
+        let exts = extensions(&mut c)?;
+        let ext = |want: u16| exts.iter().find(|(t, _)| *t == want).map(|(_, d)| &d[..]);
+        let key_share = ext(EXT_KEY_SHARE).ok_or("ServerHello without key_share")?;
+        let mut ks = Cursor(key_share);
+        let group = ks.u16()?;
+        if random == HRR_RANDOM {
+            retry_group = Some(group);
+            continue;
+        }
+        let key_share_len = ks.vec16()?.len();
+        let version = ext(EXT_SUPPORTED_VERSIONS)
+            .map(|v| Cursor(v).u16())
+            .transpose()?
+            .unwrap_or(0x0303);
+        return Ok(ServerHello {
+            cipher_suite,
+            group,
+            key_share_len,
+            version,
+            retry_group,
+        });
+    }
+    Err("no ServerHello in the stream's plaintext records".to_owned())
+}
+
+/// Parses the first ClientHello of the client→server direction of a captured connection.
+pub fn parse_client_hello(client_to_server: &[u8]) -> Result<ClientHello, String> {
+    let (ty, body) = leading_handshake_messages(client_to_server)?
+        .into_iter()
+        .next()
+        .ok_or("no handshake message in the stream")?;
+    if ty != 1 {
+        return Err(format!(
+            "handshake message {ty} where a ClientHello belongs"
+        ));
+    }
+    let mut c = Cursor(&body);
+    c.take(2)?; // legacy_version
+    c.take(32)?; // random
+    c.vec8()?; // legacy_session_id
+    let cipher_suites = Cursor(c.vec16()?).u16s()?;
+    c.vec8()?; // legacy_compression_methods
+    let exts = extensions(&mut c)?;
+    let ext = |want: u16| exts.iter().find(|(t, _)| *t == want).map(|(_, d)| &d[..]);
+    let groups = match ext(EXT_SUPPORTED_GROUPS) {
+        Some(d) => Cursor(Cursor(d).vec16()?).u16s()?,
+        None => Vec::new(),
+    };
+    let mut key_shares = Vec::new();
+    if let Some(d) = ext(EXT_KEY_SHARE) {
+        let mut shares = Cursor(Cursor(d).vec16()?);
+        while !shares.0.is_empty() {
+            let group = shares.u16()?;
+            key_shares.push((group, shares.vec16()?.len()));
+        }
+    }
+    Ok(ClientHello {
+        message_len: 4 + body.len(),
+        cipher_suites,
+        groups,
+        key_shares,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 
 #[cfg(test)]
 mod tests {
@@ -1245,5 +1464,111 @@ mod tests {
         let t = std::time::Instant::now();
         assert_eq!(find_plaintext(&hay, &payload), None);
         assert!(t.elapsed() < std::time::Duration::from_secs(60));
+    }
+
+    /// Real hellos from rustls in memory, `(client→server, server→client)` bytes of the
+    /// plaintext first flights, with the given groups at each end.
+    fn hellos(
+        client_groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+        server_groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+    ) -> (Vec<u8>, Vec<u8>) {
+        use rustls::crypto::aws_lc_rs::default_provider;
+        use std::sync::Arc;
+        let provider = |kx_groups| {
+            Arc::new(rustls::crypto::CryptoProvider {
+                kx_groups,
+                ..default_provider()
+            })
+        };
+        let ca = interceptor::ca::Ca::generate(&"cluster.local".parse().unwrap()).unwrap();
+        let id = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let leaf = interceptor::ca::CertificateAuthority::issue(
+            &ca,
+            &id,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider(server_groups))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(leaf.chain().to_vec(), leaf.key().clone_key())
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.root().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider(client_groups))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut c =
+            rustls::ClientConnection::new(Arc::new(client), "example.org".try_into().unwrap())
+                .unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let mut out = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut out).unwrap();
+            }
+            to_server.extend_from_slice(&out);
+            s.read_tls(&mut &out[..]).unwrap();
+            s.process_new_packets().unwrap();
+            let mut back = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut back).unwrap();
+            }
+            to_client.extend_from_slice(&back);
+            c.read_tls(&mut &back[..]).unwrap();
+            // The client refuses the certificate (no DNS name); the hellos are all we need.
+            if c.process_new_packets().is_err() {
+                break;
+            }
+        }
+        (to_server, to_client)
+    }
+
+    #[test]
+    fn hellos_show_the_hybrid_group_and_its_classical_share() {
+        use rustls::crypto::aws_lc_rs::kx_group::*;
+        let (up, down) = hellos(vec![X25519MLKEM768, X25519], vec![X25519MLKEM768, X25519]);
+        let ch = parse_client_hello(&up).unwrap();
+        assert_eq!(ch.groups, [0x11ec, 0x001d]);
+        assert_eq!(ch.key_shares, [(0x11ec, 1216), (0x001d, 32)]);
+        assert!(ch.message_len > 1216, "{ch:?}");
+        let sh = parse_server_hello(&down).unwrap();
+        assert_eq!(group_name(sh.group), "X25519MLKEM768");
+        assert_eq!(sh.key_share_len, 1120);
+        assert_eq!(sh.version, 0x0304);
+        assert_eq!(sh.retry_group, None);
+        assert!(suite_name(sh.cipher_suite).starts_with("TLS_AES_"));
+
+        // A server without the hybrid takes the classical share at once.
+        let (_, down) = hellos(vec![X25519MLKEM768, X25519], vec![X25519]);
+        let sh = parse_server_hello(&down).unwrap();
+        assert_eq!(
+            (group_name(sh.group).as_str(), sh.retry_group),
+            ("x25519", None)
+        );
+    }
+
+    #[test]
+    fn a_hello_retry_request_is_seen_and_named() {
+        use rustls::crypto::aws_lc_rs::kx_group::*;
+        let (up, down) = hellos(vec![X25519, SECP256R1], vec![SECP256R1]);
+        assert_eq!(parse_client_hello(&up).unwrap().key_shares, [(0x001d, 32)]);
+        let sh = parse_server_hello(&down).unwrap();
+        assert_eq!(sh.retry_group, Some(0x0017));
+        assert_eq!(group_name(sh.group), "secp256r1");
+        assert_eq!(sh.key_share_len, 65);
+    }
+
+    #[test]
+    fn hello_parsers_refuse_what_is_not_a_hello() {
+        assert!(parse_server_hello(b"").is_err());
+        assert!(parse_client_hello(&[23, 3, 3, 0, 1, 0]).is_err());
+        // A truncated ServerHello names the problem instead of panicking.
+        let e = parse_server_hello(&[22, 3, 3, 0, 6, 2, 0, 0, 2, 3, 3]).unwrap_err();
+        assert!(e.contains("truncated"), "{e}");
     }
 }

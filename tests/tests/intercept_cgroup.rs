@@ -146,3 +146,119 @@ fn loopback_and_own_pod_addresses_are_never_steered() {
     assert!(accept_within(&lo, Duration::from_secs(5)).is_some());
     assert!(accept_within(&pod.agent, Duration::from_millis(100)).is_none());
 }
+
+/// Polls the original-destination entries held for the pod until they are `want`.
+fn held_becomes(dp: &Datapath, pod: &Pod, want: (usize, usize)) -> (usize, usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let held = dp.original_destinations_held(pod.netns_cookie);
+        if held == want || std::time::Instant::now() > deadline {
+            return held;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A steered connect that never establishes (nothing listens where it is steered) recorded
+/// its original destination; the entry must go with the socket, not stay until the map fills.
+#[test]
+fn a_connect_that_never_establishes_frees_its_original_destination() {
+    require_privileged();
+    let pod = pod();
+    let cgroup = Cgroup::new("icg");
+    let mut dp = enrolled_datapath(&pod, &cgroup);
+    // Steer to a port nothing listens on: every connect is refused.
+    dp.enroll_pod_netns(
+        pod.netns_cookie,
+        PodConfig {
+            outbound_port_be: 15099u16.to_be(),
+            ..Default::default()
+        },
+        &[POD_IP.parse().unwrap()],
+    )
+    .unwrap();
+    let before = dp.counters();
+    for _ in 0..20 {
+        let child = connect_from(
+            Some(&cgroup.path),
+            &pod.ns.path(),
+            SERVER.parse().unwrap(),
+            b"",
+        );
+        assert_eq!(
+            child.peer,
+            Err(libc::ECONNREFUSED),
+            "steered to a closed port"
+        );
+    }
+    let steered = dp.counters().get(Counter::ConnectSteered) - before.get(Counter::ConnectSteered);
+    assert_eq!(steered, 20, "every connect was steered (and so recorded)");
+    assert_eq!(
+        held_becomes(&dp, &pod, (0, 0)),
+        (0, 0),
+        "original destinations of released, never-established sockets are still held"
+    );
+}
+
+/// Full map: the connect is refused (EPERM) and counted; it neither goes out unsteered nor
+/// pushes out the entry of another open socket.
+#[test]
+fn a_full_original_destination_map_refuses_the_connect_and_keeps_live_entries() {
+    require_privileged();
+    let pod = pod();
+    let cgroup = Cgroup::new("icg");
+    let mut dp = enrolled_datapath(&pod, &cgroup);
+    let dst: SocketAddr = SERVER.parse().unwrap();
+    // One live, established, steered connection.
+    let live = connect_from(Some(&cgroup.path), &pod.ns.path(), dst, b"");
+    assert_eq!(live.peer, Ok(dst));
+    let (_conn, live_addr) = accept_within(&pod.agent, Duration::from_secs(5)).expect("agent");
+    // Then the map fills up, as a flood of open sockets would fill it.
+    let filled = dp.occupy_original_destinations(
+        pod.netns_cookie,
+        interceptor_common::maps::MAX_PENDING_FLOWS as usize,
+    );
+    assert!(filled > 0 && filled < interceptor_common::maps::MAX_PENDING_FLOWS as usize);
+    let before = dp.counters();
+    let refused = connect_from(Some(&cgroup.path), &pod.ns.path(), dst, b"");
+    assert_eq!(
+        refused.peer,
+        Err(libc::EPERM),
+        "full map: the connect must fail"
+    );
+    assert!(
+        accept_within(&pod.server, Duration::from_millis(200)).is_none(),
+        "a connect that could not be recorded went out unsteered"
+    );
+    assert!(accept_within(&pod.agent, Duration::from_millis(100)).is_none());
+    assert_eq!(
+        dp.counters().get(Counter::ConnectRecordFailed) - before.get(Counter::ConnectRecordFailed),
+        1
+    );
+    // The live connection keeps its destination, for the agent and for getpeername.
+    assert_eq!(
+        dp.original_destination(pod.netns_cookie, live_addr),
+        Some(dst)
+    );
+    drop(refused);
+    drop(live);
+}
+
+/// Unenrolling a pod frees the entries of its sockets that are still open: without its
+/// programs attached, their release no longer runs anything.
+#[test]
+fn unenroll_frees_the_original_destinations_of_open_sockets() {
+    require_privileged();
+    let pod = pod();
+    let cgroup = Cgroup::new("icg");
+    let mut dp = enrolled_datapath(&pod, &cgroup);
+    let dst: SocketAddr = SERVER.parse().unwrap();
+    let held = connect_from(Some(&cgroup.path), &pod.ns.path(), dst, b"");
+    assert_eq!(held.peer, Ok(dst));
+    let _conn = accept_within(&pod.agent, Duration::from_secs(5)).expect("agent");
+    assert_eq!(held_becomes(&dp, &pod, (1, 1)), (1, 1));
+    dp.unenroll_cgroup(&cgroup.path);
+    dp.unenroll_pod_netns(pod.netns_cookie, &[POD_IP.parse().unwrap()]);
+    assert_eq!(dp.original_destinations_held(pod.netns_cookie), (0, 0));
+    drop(held);
+}

@@ -1355,6 +1355,8 @@ fn policy_seed_003_strict_deny_database_mutual_tls_and_probes() {
     );
     // kubelet probes come from the node: here the bridge address.
     cfg.probe_sources = vec![IpAddr::V4(Ipv4Addr::new(10, 88, N, 1))];
+    // The DestinationRules' certificate files are read from here only.
+    cfg.policy.cert_dirs = vec![pki.dir.0.clone()];
     let agent = RunningAgent::start(cfg);
     let agent = &agent.agent;
 
@@ -1525,7 +1527,7 @@ fn policy_check_names_file_document_and_field() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x, namespace: foo}\nspec: {}\n",
     );
     // The library function the agent and the CLI share.
-    let warnings = interceptor::intercept::enforce::check_dir(&dir.path()).unwrap();
+    let warnings = interceptor::intercept::enforce::check_dir(&dir.path(), &[]).unwrap();
     assert!(
         warnings.iter().any(|w| w.contains("VirtualService")),
         "{warnings:?}"

@@ -22,6 +22,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "tcpdump",
     "curl",
+    "faketime",
     "iperf3",
     "haproxy",
     "sockperf",

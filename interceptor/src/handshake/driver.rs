@@ -375,7 +375,7 @@ mod tests {
     use super::*;
     use crate::{
         ca::{Ca, CertificateAuthority, DEFAULT_LEAF_TTL},
-        handshake::{MeshSuite, client_config, mesh_roots, server_config},
+        handshake::{MeshCrypto, client_config, mesh_roots, server_config},
         identity::TrustDomain,
     };
 
@@ -404,10 +404,10 @@ mod tests {
                 Arc::clone(&roots),
                 &td,
                 &expected_server.parse().unwrap(),
-                MeshSuite::AES_GCM,
+                &MeshCrypto::default_aes_gcm(),
             )
             .unwrap(),
-            server: server_config(&s, roots, &td, MeshSuite::AES_GCM).unwrap(),
+            server: server_config(&s, roots, &td, &MeshCrypto::default_aes_gcm()).unwrap(),
         }
     }
 

@@ -39,30 +39,30 @@ impl Node {
     }
 
     fn server(&self) -> Arc<ServerConfig> {
-        self.server_with(MeshSuite::AES_GCM)
+        self.server_with(&MeshCrypto::default_aes_gcm())
     }
 
-    fn server_with(&self, suites: &[MeshSuite]) -> Arc<ServerConfig> {
+    fn server_with(&self, crypto: &MeshCrypto) -> Arc<ServerConfig> {
         server_config(
             &self.leaf,
             Arc::clone(&self.roots),
             &self.trust_domain,
-            suites,
+            crypto,
         )
         .unwrap()
     }
 
     fn client(&self, expected: &str) -> Arc<ClientConfig> {
-        self.client_with(expected, MeshSuite::AES_GCM)
+        self.client_with(expected, &MeshCrypto::default_aes_gcm())
     }
 
-    fn client_with(&self, expected: &str, suites: &[MeshSuite]) -> Arc<ClientConfig> {
+    fn client_with(&self, expected: &str, crypto: &MeshCrypto) -> Arc<ClientConfig> {
         client_config(
             &self.leaf,
             Arc::clone(&self.roots),
             &self.trust_domain,
             &id(expected),
-            suites,
+            crypto,
         )
         .unwrap()
     }
@@ -186,9 +186,10 @@ fn assert_same(a: &ConnectionTrafficSecrets, b: &ConnectionTrafficSecrets) {
 
 fn extract_secrets(suites: &[MeshSuite]) -> (ExtractedSecrets, ExtractedSecrets) {
     let (client, server) = two_nodes();
+    let crypto = MeshCrypto::new(CryptoPolicy::default(), suites).unwrap();
     let (c, s) = connect(
-        client.client_with(SERVER_ID, suites),
-        server.server_with(suites),
+        client.client_with(SERVER_ID, &crypto),
+        server.server_with(&crypto),
     );
     (
         c.dangerous_extract_secrets().unwrap(),
@@ -281,8 +282,13 @@ fn server_refuses_a_client_from_another_trust_domain() {
         .issue(&id("spiffe://other.org/ns/x/sa/y"), DEFAULT_LEAF_TTL)
         .unwrap();
     // `client_config` would refuse this combination; build it as a foreign agent would.
-    let client =
-        build_client_config(&foreign_leaf, roots, &id(SERVER_ID), MeshSuite::AES_GCM).unwrap();
+    let client = build_client_config(
+        &foreign_leaf,
+        roots,
+        &id(SERVER_ID),
+        &MeshCrypto::default_aes_gcm(),
+    )
+    .unwrap();
 
     let failure = refused(client, server.server());
     let err = HandshakeError::from(failure.server.unwrap());
@@ -341,7 +347,7 @@ fn both_sides_refuse_a_peer_from_another_ca_with_the_same_trust_domain() {
         &client.leaf,
         client.roots,
         &id("spiffe://other.org/ns/backend/sa/api"),
-        MeshSuite::AES_GCM,
+        &MeshCrypto::default_aes_gcm(),
     )
     .unwrap();
     let failure = refused(client, server.server());
@@ -358,7 +364,7 @@ fn client_refuses_a_server_without_the_certificates_key() {
     // The server presents a genuine mesh certificate for the expected identity but signs the
     // handshake with another key, as someone replaying a captured certificate would.
     let (client, server) = two_nodes();
-    let provider = provider(MeshSuite::AES_GCM).unwrap();
+    let provider = MeshCrypto::default_aes_gcm().provider();
     let other_key = provider
         .key_provider
         .load_private_key(client.leaf.key().clone_key())
@@ -393,17 +399,18 @@ fn server_requires_a_client_certificate() {
     let (client, server) = two_nodes();
     let verifier = MeshServerVerifier::new(
         Arc::clone(&client.roots),
-        provider(MeshSuite::AES_GCM)
-            .unwrap()
+        MeshCrypto::default_aes_gcm()
+            .provider()
             .signature_verification_algorithms,
         id(SERVER_ID),
     );
-    let mut anonymous = ClientConfig::builder_with_provider(provider(MeshSuite::AES_GCM).unwrap())
-        .with_protocol_versions(&[&TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+    let mut anonymous =
+        ClientConfig::builder_with_provider(MeshCrypto::default_aes_gcm().provider())
+            .with_protocol_versions(&[&TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
     anonymous.alpn_protocols = vec![MESH_ALPN.to_vec()];
 
     let failure = refused(Arc::new(anonymous), server.server());
@@ -435,7 +442,7 @@ fn alpn_marks_mesh_connections() {
 
 #[test]
 fn suites_are_limited_to_the_callers_list() {
-    let aes = provider(MeshSuite::AES_GCM).unwrap();
+    let aes = MeshCrypto::default_aes_gcm().provider();
     let names: Vec<_> = aes
         .cipher_suites
         .iter()
@@ -448,24 +455,24 @@ fn suites_are_limited_to_the_callers_list() {
             rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
         ]
     );
-    let groups: Vec<_> = aes.kx_groups.iter().map(|g| g.name()).collect();
-    assert_eq!(
-        groups,
-        [rustls::NamedGroup::X25519, rustls::NamedGroup::secp256r1]
-    );
-    assert!(matches!(provider(&[]), Err(TlsConfigError::NoCipherSuites)));
-    let deduped = provider(&[MeshSuite::Aes256Gcm, MeshSuite::Aes256Gcm]).unwrap();
-    assert_eq!(deduped.cipher_suites.len(), 1);
+    assert!(matches!(
+        MeshCrypto::new(CryptoPolicy::default(), &[]),
+        Err(TlsConfigError::NoCipherSuites)
+    ));
+    let deduped = MeshCrypto::new(
+        CryptoPolicy::default(),
+        &[MeshSuite::Aes256Gcm, MeshSuite::Aes256Gcm],
+    )
+    .unwrap();
+    assert_eq!(deduped.provider().cipher_suites.len(), 1);
 
     // A client that can only do ChaCha20 finds no common suite with an AES-only server.
     let (client, server) = two_nodes();
-    let failure = refused(
-        client.client_with(SERVER_ID, &[MeshSuite::Chacha20Poly1305]),
-        server.server(),
-    );
+    let chacha = MeshCrypto::new(CryptoPolicy::default(), &[MeshSuite::Chacha20Poly1305]).unwrap();
+    let failure = refused(client.client_with(SERVER_ID, &chacha), server.server());
     assert!(matches!(
         HandshakeError::from(failure.server.unwrap()),
-        HandshakeError::Tls(Error::PeerIncompatible(_))
+        HandshakeError::NoCommonCrypto("cipher suite")
     ));
 }
 
@@ -477,7 +484,7 @@ fn configs_refuse_identities_outside_the_trust_domain() {
         Arc::clone(&client.roots),
         &client.trust_domain,
         &id("spiffe://other.org/ns/a/sa/b"),
-        MeshSuite::AES_GCM,
+        &MeshCrypto::default_aes_gcm(),
     )
     .unwrap_err();
     assert!(matches!(err, TlsConfigError::ForeignPeer { .. }), "{err}");
@@ -486,7 +493,7 @@ fn configs_refuse_identities_outside_the_trust_domain() {
         &client.leaf,
         Arc::clone(&client.roots),
         &td("other.org"),
-        MeshSuite::AES_GCM,
+        &MeshCrypto::default_aes_gcm(),
     )
     .unwrap_err();
     assert!(
@@ -509,4 +516,273 @@ fn negotiated_needs_a_finished_handshake() {
     let (client, server) = two_nodes();
     let (c, _) = pair(client.client(SERVER_ID), server.server());
     assert!(matches!(negotiated(&c), Err(HandshakeError::Incomplete)));
+}
+
+/// Crypto for one policy over every suite the kernel may carry.
+fn policy(compliance: CompliancePolicy, aes256: bool) -> MeshCrypto {
+    MeshCrypto::new(
+        CryptoPolicy {
+            compliance_policy: compliance,
+            require_aes256_gcm: aes256,
+        },
+        &[
+            MeshSuite::Aes128Gcm,
+            MeshSuite::Aes256Gcm,
+            MeshSuite::Chacha20Poly1305,
+        ],
+    )
+    .unwrap()
+}
+
+fn legacy() -> MeshCrypto {
+    MeshCrypto::legacy_classical(MeshSuite::AES_GCM).unwrap()
+}
+
+/// What both ends agreed on: `(group, suite, HelloRetryRequest)`, identical on both sides.
+fn agreed(client_crypto: &MeshCrypto, server_crypto: &MeshCrypto) -> (String, MeshSuite, bool) {
+    let (client, server) = two_nodes();
+    let (c, s) = connect(
+        client.client_with(SERVER_ID, client_crypto),
+        server.server_with(server_crypto),
+    );
+    let (at_c, at_s) = (negotiated(&c).unwrap(), negotiated(&s).unwrap());
+    assert_eq!(at_c.group, at_s.group);
+    assert_eq!(at_c.suite.suite(), at_s.suite.suite());
+    assert_eq!(at_c.retried, at_s.retried);
+    (
+        group_name(at_c.group.unwrap()),
+        MeshSuite::from_rustls(at_c.suite.suite()).unwrap(),
+        at_c.retried,
+    )
+}
+
+#[test]
+fn policies_negotiate_what_they_promise() {
+    use CompliancePolicy::*;
+    use MeshSuite::*;
+    let default = policy(Default, false);
+    let hybrid = ("X25519MLKEM768".to_owned(), Aes128Gcm, false);
+    assert_eq!(agreed(&default, &default), hybrid);
+    assert_eq!(agreed(&policy(Pqc, false), &default), hybrid);
+    assert_eq!(agreed(&default, &policy(Pqc, false)), hybrid);
+    // An agent of an earlier version: x25519 either way, without a retry (the default client
+    // sends the x25519 half of its hybrid share as a key share of its own).
+    let classical = ("x25519".to_owned(), Aes128Gcm, false);
+    assert_eq!(agreed(&legacy(), &default), classical);
+    assert_eq!(agreed(&default, &legacy()), classical);
+    // FIPS: NIST curves and AES-GCM; a default client meets a FIPS server on secp256r1 after
+    // a HelloRetryRequest (it sent no secp256r1 share), a FIPS client a default server at once.
+    let fips = policy(Fips1402, false);
+    assert_eq!(
+        agreed(&fips, &fips),
+        ("secp256r1".to_owned(), Aes128Gcm, false)
+    );
+    assert_eq!(
+        agreed(&default, &fips),
+        ("secp256r1".to_owned(), Aes128Gcm, true)
+    );
+    assert_eq!(
+        agreed(&fips, &default),
+        ("secp256r1".to_owned(), Aes128Gcm, false)
+    );
+    assert_eq!(
+        agreed(&legacy(), &fips),
+        ("secp256r1".to_owned(), Aes128Gcm, true)
+    );
+    // AES-256-GCM required on either side is what the session uses.
+    let aes256 = ("X25519MLKEM768".to_owned(), Aes256Gcm, false);
+    assert_eq!(agreed(&policy(Default, true), &default), aes256);
+    assert_eq!(agreed(&default, &policy(Default, true)), aes256);
+    assert_eq!(agreed(&policy(Pqc, true), &policy(Pqc, true)), aes256);
+    assert_eq!(
+        agreed(&policy(Fips1402, true), &fips),
+        ("secp256r1".to_owned(), Aes256Gcm, false)
+    );
+}
+
+#[test]
+fn pqc_refuses_classical_peers_with_a_reason_on_both_sides() {
+    let pqc = policy(CompliancePolicy::Pqc, false);
+    // The server finds no group in common and says so; the client sees its alert.
+    for (client, server) in [
+        (legacy(), pqc.clone()),
+        (pqc.clone(), legacy()),
+        (pqc.clone(), policy(CompliancePolicy::Fips1402, false)),
+        (policy(CompliancePolicy::Fips1402, false), pqc.clone()),
+    ] {
+        let (c, s) = two_nodes();
+        let failure = refused(c.client_with(SERVER_ID, &client), s.server_with(&server));
+        let at_server = HandshakeError::from(failure.server.unwrap());
+        assert!(
+            matches!(
+                at_server,
+                HandshakeError::NoCommonCrypto("key-exchange group")
+            ),
+            "{at_server:?}"
+        );
+        assert_eq!(
+            at_server.to_string(),
+            "no key-exchange group in common with the peer"
+        );
+        let at_client = HandshakeError::from(failure.client.unwrap());
+        assert!(
+            matches!(
+                at_client,
+                HandshakeError::RefusedByPeer(AlertDescription::HandshakeFailure)
+            ),
+            "{at_client:?}"
+        );
+    }
+}
+
+#[test]
+fn providers_offer_exactly_the_policy() {
+    use CompliancePolicy::*;
+    let groups = |c: &MeshCrypto| -> Vec<rustls::NamedGroup> {
+        c.provider().kx_groups.iter().map(|g| g.name()).collect()
+    };
+    let suites = |c: &MeshCrypto| -> Vec<rustls::CipherSuite> {
+        c.provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect()
+    };
+    use rustls::{CipherSuite as C, NamedGroup as G};
+    assert_eq!(
+        groups(&policy(Default, false)),
+        [G::X25519MLKEM768, G::X25519, G::secp256r1]
+    );
+    assert_eq!(
+        suites(&policy(Default, false)),
+        [
+            C::TLS13_AES_128_GCM_SHA256,
+            C::TLS13_AES_256_GCM_SHA384,
+            C::TLS13_CHACHA20_POLY1305_SHA256
+        ]
+    );
+    assert_eq!(groups(&policy(Pqc, false)), [G::X25519MLKEM768]);
+    assert_eq!(
+        suites(&policy(Pqc, false)),
+        [C::TLS13_AES_128_GCM_SHA256, C::TLS13_AES_256_GCM_SHA384]
+    );
+    assert_eq!(
+        groups(&policy(Fips1402, false)),
+        [G::secp256r1, G::secp384r1]
+    );
+    assert_eq!(
+        suites(&policy(Fips1402, false)),
+        [C::TLS13_AES_128_GCM_SHA256, C::TLS13_AES_256_GCM_SHA384]
+    );
+    for p in [Default, Pqc, Fips1402] {
+        assert_eq!(suites(&policy(p, true)), [C::TLS13_AES_256_GCM_SHA384]);
+        assert_eq!(policy(p, true).groups(), p.groups());
+    }
+    assert_eq!(groups(&legacy()), [G::X25519, G::secp256r1]);
+
+    // A policy that leaves nothing the data path can carry is an error naming both.
+    let only = CryptoPolicy {
+        compliance_policy: Fips1402,
+        require_aes256_gcm: false,
+    };
+    let err = MeshCrypto::new(only, &[MeshSuite::Chacha20Poly1305]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "crypto compliancePolicy fips-140-2 allows none of the suites this node's data path \
+         carries ([Chacha20Poly1305])"
+    );
+    let aes256 = CryptoPolicy {
+        compliance_policy: Default,
+        require_aes256_gcm: true,
+    };
+    assert!(matches!(
+        MeshCrypto::new(aes256, &[MeshSuite::Aes128Gcm]),
+        Err(TlsConfigError::PolicyExcludesSuites { .. })
+    ));
+}
+
+#[test]
+fn open_sessions_are_judged_against_the_current_policy() {
+    use rustls::{CipherSuite as C, NamedGroup as G};
+    let pqc = policy(CompliancePolicy::Pqc, false);
+    assert_eq!(
+        pqc.refuses(C::TLS13_AES_128_GCM_SHA256, Some(G::X25519MLKEM768)),
+        None
+    );
+    let why = pqc
+        .refuses(C::TLS13_AES_128_GCM_SHA256, Some(G::X25519))
+        .unwrap();
+    assert_eq!(
+        why,
+        "TLS13_AES_128_GCM_SHA256 with x25519 is not allowed by compliancePolicy pqc (groups \
+         X25519MLKEM768; suites TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384)"
+    );
+    let aes256 = policy(CompliancePolicy::Default, true);
+    assert!(
+        aes256
+            .refuses(C::TLS13_AES_128_GCM_SHA256, Some(G::X25519MLKEM768))
+            .is_some()
+    );
+    assert!(
+        aes256
+            .refuses(C::TLS13_AES_256_GCM_SHA384, Some(G::X25519))
+            .is_none()
+    );
+    assert!(aes256.refuses(C::TLS13_AES_256_GCM_SHA384, None).is_some());
+}
+
+#[test]
+fn originated_tls_follows_the_policy() {
+    use CompliancePolicy::*;
+    use rustls::{CipherSuite as C, NamedGroup as G};
+    let origin = |p, aes256| {
+        origination_provider(CryptoPolicy {
+            compliance_policy: p,
+            require_aes256_gcm: aes256,
+        })
+    };
+    let groups = |p: &rustls::crypto::CryptoProvider| -> Vec<G> {
+        p.kx_groups.iter().map(|g| g.name()).collect()
+    };
+    let default = origin(Default, false);
+    assert_eq!(
+        groups(&default),
+        [G::X25519MLKEM768, G::X25519, G::secp256r1, G::secp384r1]
+    );
+    assert!(
+        default.cipher_suites.len() > 3,
+        "TLS 1.2 suites stay for outside servers"
+    );
+    let pqc = origin(Pqc, false);
+    assert_eq!(groups(&pqc), [G::X25519MLKEM768]);
+    let names = |p: &rustls::crypto::CryptoProvider| -> Vec<C> {
+        p.cipher_suites.iter().map(|s| s.suite()).collect()
+    };
+    assert_eq!(
+        names(&pqc),
+        [C::TLS13_AES_256_GCM_SHA384, C::TLS13_AES_128_GCM_SHA256]
+    );
+    let fips = origin(Fips1402, false);
+    assert_eq!(groups(&fips), [G::secp256r1, G::secp384r1]);
+    assert!(
+        names(&fips)
+            .iter()
+            .all(|s| format!("{s:?}").contains("AES_") && format!("{s:?}").contains("GCM")),
+        "{:?}",
+        names(&fips)
+    );
+    assert!(names(&fips).contains(&C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256));
+    assert!(
+        names(&origin(Default, true))
+            .iter()
+            .all(|s| format!("{s:?}").contains("AES_256_GCM"))
+    );
+    assert_eq!(
+        origination_versions(CryptoPolicy {
+            compliance_policy: Pqc,
+            require_aes256_gcm: false,
+        })
+        .len(),
+        1
+    );
 }

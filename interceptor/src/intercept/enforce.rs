@@ -25,9 +25,10 @@ use anyhow::Context as _;
 use rustls::{ClientConfig, pki_types::ServerName};
 use tracing::{info, warn};
 
-use super::originate;
+use super::{files, originate};
 use crate::{
     config::{self, Config},
+    handshake::CryptoPolicy,
     identity::SpiffeId,
     policy::{
         self, ClientTls, Engine, FlowTls, HostPattern, InboundRequest, Mode, OutboundRequest,
@@ -44,6 +45,18 @@ type Snapshot = Vec<(PathBuf, Option<Vec<u8>>)>;
 /// Names starting with `.` are skipped: editors' swap files, and the `..data` links of a
 /// mounted ConfigMap (whose visible `name.yaml` links are read instead).
 pub fn read_policy_dir(dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    policy_files(dir)?
+        .into_iter()
+        .map(|path| {
+            let text = read_policy_file(dir, &path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            Ok((path.display().to_string(), text))
+        })
+        .collect()
+}
+
+/// The policy files of `dir`, sorted by name (see [`read_policy_dir`]).
+fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir)
         .with_context(|| format!("cannot read policy directory {}", dir.display()))?
@@ -61,23 +74,27 @@ pub fn read_policy_dir(dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
         names.push(path);
     }
     names.sort();
-    names
-        .into_iter()
-        .map(|path| {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            Ok((path.display().to_string(), text))
-        })
-        .collect()
+    Ok(names)
+}
+
+/// One policy file, read as [`files`] reads what policy controls: inside `dir`, regular,
+/// bounded (a FIFO named `x.yaml` must not hang the agent or `policy check`).
+fn read_policy_file(dir: &Path, path: &Path) -> Result<String, String> {
+    let name = path.strip_prefix(dir).unwrap_or(path);
+    let bytes = files::open_beneath(dir, name, files::POLICY_FILE_MAX)?.read()?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| "is not UTF-8".to_owned())
 }
 
 /// Validates a policy directory offline (`interceptor policy check`): the warnings, or every
-/// error naming file, document and field. Origination credentials are loaded too, so a rule
-/// naming a missing certificate fails here as it would in the agent.
-pub fn check_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
+/// error naming file, document and field. Origination credentials are loaded too, from inside
+/// `cert_dirs` (the node config's `policy.certDirs`), so a rule naming a missing certificate
+/// or a file elsewhere fails here as it would in the agent.
+pub fn check_dir(dir: &Path, cert_dirs: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let files = read_policy_dir(dir)?;
     let set = policy::load_documents(&files).map_err(|e| anyhow::anyhow!("{e}"))?;
-    originate::Configs::build(&set.destination_rules).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cert_files = originate::CertFiles::new(cert_dirs.to_vec());
+    originate::Configs::build(&set.destination_rules, Default::default(), &cert_files)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(set.warnings.iter().map(ToString::to_string).collect())
 }
 
@@ -140,10 +157,12 @@ impl Generation {
     fn build(
         set: PolicySet,
         settings: &Settings,
+        crypto: CryptoPolicy,
         inventory: policy::Inventory,
         number: u64,
+        cert_files: &originate::CertFiles,
     ) -> Result<Self, String> {
-        let originate = originate::Configs::build(&set.destination_rules)?;
+        let originate = originate::Configs::build(&set.destination_rules, crypto, cert_files)?;
         let steer = steered(&set, settings, &inventory);
         let engine = Engine::new(set, settings.clone(), inventory);
         let picks = (0..engine.service_count())
@@ -354,6 +373,8 @@ struct Inputs {
     workloads: Vec<config::Workload>,
     peers: Vec<config::Peer>,
     services: Vec<config::Service>,
+    /// The node's crypto policy, which TLS origination follows.
+    crypto: CryptoPolicy,
 }
 
 /// The outcome of [`Enforcer::poll`].
@@ -372,6 +393,8 @@ pub enum Reload {
 pub struct Enforcer {
     settings: Settings,
     dir: Option<PathBuf>,
+    /// Origination credentials: where they may be read from, and what was built from them.
+    cert_files: originate::CertFiles,
     current: RwLock<Arc<Generation>>,
     inputs: Mutex<Inputs>,
     counters: Mutex<BTreeMap<String, u64>>,
@@ -386,25 +409,34 @@ impl Enforcer {
     pub fn load(config: &Config) -> anyhow::Result<Self> {
         let settings = config.policy_settings();
         let dir = config.policy_dir.clone();
+        let cert_files = originate::CertFiles::new(config.policy.cert_dirs.clone());
         let (set, snapshot, credential_files) = match &dir {
             Some(dir) => {
                 let files = read_policy_dir(dir)?;
                 let set = policy::load_documents(&files)
                     .map_err(|e| anyhow::anyhow!("invalid policy in {}:\n{e}", dir.display()))?;
                 let creds = originate::credential_files(&set.destination_rules);
-                let snapshot = snapshot(dir, &creds);
+                let snapshot = snapshot(dir, &creds, &cert_files);
                 (set, snapshot, creds)
             }
             None => (PolicySet::default(), Vec::new(), Vec::new()),
         };
         let inventory =
             config::policy_inventory(&config.workloads, &config.peers, &config.services);
-        let generation = Generation::build(set.clone(), &settings, inventory, 1)
-            .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
+        let generation = Generation::build(
+            set.clone(),
+            &settings,
+            config.crypto,
+            inventory,
+            1,
+            &cert_files,
+        )
+        .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
         let logged = log_loaded(&generation, dir.as_deref(), &BTreeSet::new());
         Ok(Self {
             settings,
             dir,
+            cert_files,
             current: RwLock::new(Arc::new(generation)),
             inputs: Mutex::new(Inputs {
                 snapshot,
@@ -413,6 +445,7 @@ impl Enforcer {
                 workloads: config.workloads.clone(),
                 peers: config.peers.clone(),
                 services: config.services.clone(),
+                crypto: config.crypto,
             }),
             counters: Mutex::new(BTreeMap::new()),
             reload_failures: AtomicU64::new(0),
@@ -436,7 +469,7 @@ impl Enforcer {
             return Reload::Unchanged;
         };
         let mut inputs = self.inputs();
-        let now = snapshot(dir, &inputs.credential_files);
+        let now = snapshot(dir, &inputs.credential_files, &self.cert_files);
         if now == inputs.snapshot {
             return Reload::Unchanged;
         }
@@ -451,7 +484,7 @@ impl Enforcer {
         let creds = originate::credential_files(&set.destination_rules);
         if creds != inputs.credential_files {
             inputs.credential_files = creds;
-            inputs.snapshot = snapshot(dir, &inputs.credential_files);
+            inputs.snapshot = snapshot(dir, &inputs.credential_files, &self.cert_files);
         }
         match self.rebuild(&mut inputs, set) {
             Ok((old, new)) => Reload::Applied { old, new },
@@ -471,6 +504,17 @@ impl Enforcer {
         self.rebuild(&mut inputs, set)
     }
 
+    /// Replaces the node's crypto policy and rebuilds, so TLS origination follows it.
+    pub fn set_crypto(
+        &self,
+        crypto: CryptoPolicy,
+    ) -> Result<(Arc<Generation>, Arc<Generation>), String> {
+        let mut inputs = self.inputs();
+        inputs.crypto = crypto;
+        let set = inputs.good.clone();
+        self.rebuild(&mut inputs, set)
+    }
+
     fn rebuild(
         &self,
         inputs: &mut Inputs,
@@ -482,8 +526,10 @@ impl Enforcer {
         let generation = Arc::new(Generation::build(
             set.clone(),
             &self.settings,
+            inputs.crypto,
             inventory,
             number,
+            &self.cert_files,
         )?);
         inputs.good = set;
         {
@@ -537,34 +583,29 @@ impl Enforcer {
     }
 }
 
-fn snapshot(dir: &Path, credential_files: &[PathBuf]) -> Snapshot {
-    let mut out: Snapshot = match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            let mut paths: Vec<PathBuf> = entries
-                .filter_map(Result::ok)
-                .filter(|e| {
-                    e.file_name().to_str().is_some_and(|n| {
-                        !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
-                    })
-                })
-                .map(|e| e.path())
-                .collect();
-            paths.sort();
-            paths
-                .into_iter()
-                .map(|p| {
-                    let bytes = std::fs::read(&p).ok();
-                    (p, bytes)
-                })
-                .collect()
-        }
+/// What the policy sources look like now: the policy files' contents (bounded, see
+/// [`read_policy_file`]) and the credential files' fingerprints, which are read only when a
+/// file changed recently (see [`files::Opened::fingerprint`]).
+fn snapshot(
+    dir: &Path,
+    credential_files: &[PathBuf],
+    cert_files: &originate::CertFiles,
+) -> Snapshot {
+    let mut out: Snapshot = match policy_files(dir) {
+        Ok(paths) => paths
+            .into_iter()
+            .map(|p| {
+                let bytes = read_policy_file(dir, &p).ok().map(String::into_bytes);
+                (p, bytes)
+            })
+            .collect(),
         // A missing directory differs from an empty one: the load reports it.
         Err(_) => vec![(dir.to_owned(), None)],
     };
     out.extend(
         credential_files
             .iter()
-            .map(|p| (p.clone(), std::fs::read(p).ok())),
+            .map(|p| (p.clone(), cert_files.fingerprint(p))),
     );
     out
 }
@@ -773,7 +814,7 @@ spec: {}
         );
         dir.write("notes.txt", "not: [yaml");
         dir.write(".hidden.yaml", "not: [yaml");
-        let warnings = check_dir(&dir.0).unwrap();
+        let warnings = check_dir(&dir.0, &[]).unwrap();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("VirtualService"), "{warnings:?}");
         Enforcer::load(&config(&dir.0)).unwrap();
@@ -829,8 +870,143 @@ spec:
                 && e.contains("/nonexistent/ca.pem"),
             "{e}"
         );
-        let e = check_dir(&dir.0).unwrap_err().to_string();
+        let e = check_dir(&dir.0, &[]).unwrap_err().to_string();
         assert!(e.contains("caCertificates"), "{e}");
+    }
+
+    /// A rule naming a file outside `policy.certDirs` (none by default) is rejected with a
+    /// reason, at start and at runtime, where the previous policy stays; inside them, only
+    /// regular files are read (a FIFO neither hangs the agent nor `policy check`).
+    #[test]
+    fn origination_files_are_read_only_from_cert_dirs_and_only_if_regular() {
+        let dir = Scratch::new("certdirs");
+        let certs = Scratch::new("certdirs-pem");
+        let rule = |ca: &Path| {
+            format!(
+                "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: full}}
+spec:
+  host: mongo.mongo.svc.cluster.local
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {}}}
+",
+                ca.display()
+            )
+        };
+        dir.write("dr.yaml", &rule(Path::new("/dev/zero")));
+        let e = format!("{:#}", Enforcer::load(&config(&dir.0)).err().unwrap());
+        assert!(
+            e.contains("dr.yaml: document 1")
+                && e.contains("caCertificates")
+                && e.contains("`/dev/zero` is not inside policy.certDirs (none configured)"),
+            "{e}"
+        );
+        let e = check_dir(&dir.0, &[]).unwrap_err().to_string();
+        assert!(e.contains("not inside policy.certDirs"), "{e}");
+
+        // At runtime: the previous policy stays and the failure is counted.
+        std::fs::remove_file(dir.0.join("dr.yaml")).unwrap();
+        let mut c = config(&dir.0);
+        c.policy.cert_dirs = vec![certs.0.clone()];
+        let e = Enforcer::load(&c).unwrap();
+        let generation = e.current().number;
+        dir.write("dr.yaml", &rule(Path::new("/dev/zero")));
+        let Reload::Rejected(why) = e.poll() else {
+            panic!("accepted /dev/zero")
+        };
+        assert!(
+            why.contains("/dev/zero") && why.contains("not inside"),
+            "{why}"
+        );
+        assert_eq!(e.current().number, generation);
+
+        // Inside the directory: a FIFO is refused without blocking (this test would hang).
+        let fifo = certs.0.join("ca.pem");
+        crate::sys::mkfifo(&fifo, 0o600).unwrap();
+        dir.write("dr.yaml", &rule(&fifo));
+        let Reload::Rejected(why) = e.poll() else {
+            panic!("accepted a FIFO")
+        };
+        assert!(why.contains("is a FIFO"), "{why}");
+        let e2 = check_dir(&dir.0, std::slice::from_ref(&certs.0))
+            .unwrap_err()
+            .to_string();
+        assert!(e2.contains("is a FIFO"), "{e2}");
+        // A symlink out of the directory is refused too.
+        std::fs::remove_file(&fifo).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", &fifo).unwrap();
+        let e2 = check_dir(&dir.0, std::slice::from_ref(&certs.0))
+            .unwrap_err()
+            .to_string();
+        assert!(e2.contains("leaves"), "{e2}");
+        assert_eq!(
+            e.current().number,
+            generation,
+            "every bad version was refused"
+        );
+        // A FIFO among the policy files is refused the same way.
+        let yaml_fifo = dir.0.join("z.yaml");
+        crate::sys::mkfifo(&yaml_fifo, 0o600).unwrap();
+        let e2 = check_dir(&dir.0, &[]).unwrap_err().to_string();
+        assert!(e2.contains("z.yaml") && e2.contains("is a FIFO"), "{e2}");
+        assert!(matches!(e.poll(), Reload::Rejected(_)));
+    }
+
+    /// Credential files are read again only when they change: a rebuild for another reason
+    /// (an enrollment) reuses the config built from unchanged files; a rotation is picked up.
+    #[test]
+    fn origination_credentials_are_reread_only_when_changed() {
+        let dir = Scratch::new("reread");
+        let certs = Scratch::new("reread-pem");
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.example".to_owned()]).unwrap();
+        let ca_path = certs.0.join("ca.pem");
+        std::fs::write(&ca_path, ca.cert.pem()).unwrap();
+        dir.write(
+            "dr.yaml",
+            &format!(
+                "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: full}}
+spec:
+  host: mongo.mongo.svc.cluster.local
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {}}}
+",
+                ca_path.display()
+            ),
+        );
+        let mut c = config(&dir.0);
+        c.policy.cert_dirs = vec![certs.0.clone()];
+        let config_of = |e: &Enforcer| {
+            let plan = e
+                .current()
+                .outbound(
+                    "10.88.0.11".parse().unwrap(),
+                    "10.88.5.10:27017".parse().unwrap(),
+                )
+                .unwrap_or_else(|r| panic!("{r:?}"));
+            let Transport::Originate { config, .. } = plan.transport else {
+                panic!("not originated")
+            };
+            config
+        };
+        // Files written just now are not trusted by their stamps yet (same-tick rewrites).
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let e = Enforcer::load(&c).unwrap();
+        let first = config_of(&e);
+        let workloads = c.workloads.clone();
+        e.set_workloads(workloads.clone()).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &config_of(&e)),
+            "unchanged files were read again"
+        );
+        assert!(matches!(e.poll(), Reload::Unchanged));
+        // Rotated in place: a new config.
+        let ca2 = rcgen::generate_simple_self_signed(vec!["ca2.example".to_owned()]).unwrap();
+        std::fs::write(&ca_path, ca2.cert.pem()).unwrap();
+        assert!(matches!(e.poll(), Reload::Applied { .. }));
+        assert!(!Arc::ptr_eq(&first, &config_of(&e)));
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! agent, the agent speaks TLS to a server outside the mesh (a database that requires client
 //! certificates, an external API), with the rule's files.
 //!
-//! Credentials are read when a policy generation is built, never per connection: a rule whose
-//! files are missing or unparsable makes the whole generation invalid (at start the agent
-//! refuses to start, at runtime the last good policy stays), naming the rule's file, document
-//! and field.
+//! Credentials are read when a policy generation is built, never per connection, and only
+//! from inside `policy.certDirs` (see [`super::files`]): a rule whose files are outside it,
+//! missing, not regular files, too large or unparsable makes the whole generation invalid (at
+//! start the agent refuses to start, at runtime the last good policy stays), naming the rule's
+//! file, document and field. A setting whose files have not changed since the last build
+//! (same [`Stamp`](super::files::Stamp)s) reuses its config without reading them again.
 //!
 //! Server verification, as Envoy does for Istio: the chain must lead to `caCertificates` (or
 //! the system roots when the rule names none); then the certificate must carry one of
@@ -44,7 +46,11 @@ use tokio::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer as _};
 
-use crate::policy::{ClientTls, DestinationRule, TlsMode};
+use super::files;
+use crate::{
+    handshake::{self, CryptoPolicy},
+    policy::{ClientTls, DestinationRule, TlsMode},
+};
 
 /// Where distributions keep the system trust bundle; the first that exists is used when a rule
 /// names no `caCertificates`.
@@ -68,10 +74,137 @@ pub struct CredentialError {
     pub message: String,
 }
 
+/// Where origination credentials may be read from (`policy.certDirs`), and the configs built
+/// from them, by setting and the stamps of the files they were read from.
+#[derive(Default)]
+pub struct CertFiles {
+    dirs: Vec<PathBuf>,
+    cache: std::sync::Mutex<Vec<Cached>>,
+}
+
+struct Cached {
+    tls: ClientTls,
+    crypto: CryptoPolicy,
+    stamps: Vec<files::Stamp>,
+    config: Arc<ClientConfig>,
+}
+
+/// The setting's files, open: the rule's own, or the system bundle.
+struct Opened {
+    roots: Option<files::Opened>,
+    key_pair: Option<(files::Opened, files::Opened)>,
+}
+
+impl Opened {
+    fn stamps(&self) -> Vec<files::Stamp> {
+        self.roots
+            .iter()
+            .chain(self.key_pair.iter().flat_map(|(c, k)| [c, k]))
+            .map(|o| o.stamp)
+            .collect()
+    }
+}
+
+impl CertFiles {
+    /// Credentials may be read from inside `dirs` only.
+    pub fn new(dirs: Vec<PathBuf>) -> Self {
+        Self {
+            dirs,
+            cache: Default::default(),
+        }
+    }
+
+    /// Opens a file a rule names (`field`), inside `policy.certDirs`.
+    fn open(&self, path: &str, field: &'static str) -> Result<files::Opened, CredentialError> {
+        files::open_in(
+            Path::new(path),
+            &self.dirs,
+            "policy.certDirs",
+            files::CERT_FILE_MAX,
+        )
+        .map_err(|message| CredentialError { field, message })
+    }
+
+    /// What change detection compares for one credential file (see
+    /// [`files::Opened::fingerprint`]); an error when it cannot be opened, which the next
+    /// build reports.
+    pub fn fingerprint(&self, path: &Path) -> Option<Vec<u8>> {
+        files::open_in(path, &self.dirs, "policy.certDirs", files::CERT_FILE_MAX)
+            .ok()
+            .map(files::Opened::fingerprint)
+    }
+
+    fn open_setting(&self, tls: &ClientTls) -> Result<Opened, CredentialError> {
+        let roots = match &tls.ca_certificates {
+            Some(file) => Some(self.open(file, "caCertificates")?),
+            None => SYSTEM_BUNDLES
+                .iter()
+                .find_map(|p| files::open_trusted(Path::new(p), files::CERT_FILE_MAX * 4).ok()),
+        };
+        let key_pair = match (tls.mode, &tls.client_certificate, &tls.private_key) {
+            (TlsMode::Mutual, Some(cert), Some(key)) => Some((
+                self.open(cert, "clientCertificate")?,
+                self.open(key, "privateKey")?,
+            )),
+            (TlsMode::Mutual, _, _) => {
+                return Err(CredentialError {
+                    field: "clientCertificate",
+                    message: "MUTUAL needs clientCertificate and privateKey".to_owned(),
+                });
+            }
+            _ => None,
+        };
+        Ok(Opened { roots, key_pair })
+    }
+
+    /// The config for `tls`: from the cache when its files have the stamps they had when it
+    /// was built, else read and built (and cached once the files have settled).
+    fn config(
+        &self,
+        tls: &ClientTls,
+        crypto: CryptoPolicy,
+    ) -> Result<Arc<ClientConfig>, CredentialError> {
+        let opened = self.open_setting(tls)?;
+        let stamps = opened.stamps();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache
+            .iter()
+            .find(|c| c.tls == *tls && c.crypto == crypto && c.stamps == stamps)
+        {
+            return Ok(Arc::clone(&hit.config));
+        }
+        let settled = stamps.iter().all(files::Stamp::settled);
+        let config = client_config(tls, opened, crypto)?;
+        cache.retain(|c| c.tls != *tls);
+        if settled {
+            cache.push(Cached {
+                tls: tls.clone(),
+                crypto,
+                stamps,
+                config: Arc::clone(&config),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Forgets cached configs of settings not in `used`.
+    fn keep_only(&self, used: &[(ClientTls, Arc<ClientConfig>)]) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|c| used.iter().any(|(t, _)| *t == c.tls));
+    }
+}
+
 impl Configs {
-    /// Builds a config for each distinct origination setting in `rules`; the error names the
-    /// rule, its location and the field.
-    pub fn build(rules: &[DestinationRule]) -> Result<Self, String> {
+    /// Builds a config for each distinct origination setting in `rules`, under the node's
+    /// crypto policy, reading credentials through `files`; the error names the rule, its
+    /// location and the field.
+    pub fn build(
+        rules: &[DestinationRule],
+        crypto: CryptoPolicy,
+        files: &CertFiles,
+    ) -> Result<Self, String> {
         let mut configs = Self::default();
         for rule in rules {
             let settings = rule
@@ -94,7 +227,7 @@ impl Configs {
                 {
                     continue;
                 }
-                let config = client_config(tls).map_err(|e| {
+                let config = files.config(tls, crypto).map_err(|e| {
                     format!(
                         "{}: {}: {path}.{}: {}",
                         rule.resource.location, rule.resource, e.field, e.message
@@ -103,6 +236,7 @@ impl Configs {
                 configs.entries.push((tls.clone(), config));
             }
         }
+        files.keep_only(&configs.entries);
         Ok(configs)
     }
 
@@ -142,15 +276,28 @@ pub fn credential_files(rules: &[DestinationRule]) -> Vec<PathBuf> {
     files
 }
 
-/// The rustls client config for one `SIMPLE` or `MUTUAL` setting.
-pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialError> {
-    let provider = Arc::new(crypto::aws_lc_rs::default_provider());
-    let roots = match &tls.ca_certificates {
-        Some(file) => roots_from(Path::new(file)).map_err(|message| CredentialError {
-            field: "caCertificates",
-            message,
-        })?,
-        None => system_roots(),
+/// The rustls client config for one `SIMPLE` or `MUTUAL` setting, from its open files:
+/// hybrid post-quantum key exchange first with classical fallback, or what the node's
+/// compliance policy allows.
+fn client_config(
+    tls: &ClientTls,
+    opened: Opened,
+    crypto: CryptoPolicy,
+) -> Result<Arc<ClientConfig>, CredentialError> {
+    let provider = handshake::origination_provider(crypto);
+    let roots = match (&tls.ca_certificates, opened.roots) {
+        (Some(file), Some(roots)) => {
+            let pem = roots.read().map_err(|message| CredentialError {
+                field: "caCertificates",
+                message,
+            })?;
+            roots_from(file, &pem).map_err(|message| CredentialError {
+                field: "caCertificates",
+                message,
+            })?
+        }
+        (None, Some(bundle)) => system_roots(bundle),
+        (_, None) => RootCertStore::empty(),
     };
     let verifier = Arc::new(OriginVerifier {
         chain: ServerChain {
@@ -161,22 +308,22 @@ pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialErr
         skip: tls.insecure_skip_verify,
     });
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(handshake::origination_versions(crypto))
         .map_err(|e| CredentialError {
             field: "mode",
             message: e.to_string(),
         })?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let mut config = match (tls.mode, &tls.client_certificate, &tls.private_key) {
-        (TlsMode::Mutual, Some(cert), Some(key)) => {
-            let chain = certs_from(Path::new(cert)).map_err(|message| CredentialError {
-                field: "clientCertificate",
-                message,
-            })?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| CredentialError {
+    let mut config = match (&tls.client_certificate, &tls.private_key, opened.key_pair) {
+        (Some(cert_file), Some(key_file), Some((cert, key))) => {
+            let field = |field| move |message| CredentialError { field, message };
+            let cert_pem = cert.read().map_err(field("clientCertificate"))?;
+            let chain = certs_from(cert_file, &cert_pem).map_err(field("clientCertificate"))?;
+            let key_pem = key.read().map_err(field("privateKey"))?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| CredentialError {
                 field: "privateKey",
-                message: format!("cannot read a PEM private key from `{key}`: {e}"),
+                message: format!("cannot read a PEM private key from `{key_file}`: {e}"),
             })?;
             builder
                 .with_client_auth_cert(chain, key)
@@ -184,12 +331,6 @@ pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialErr
                     field: "privateKey",
                     message: format!("does not match clientCertificate: {e}"),
                 })?
-        }
-        (TlsMode::Mutual, _, _) => {
-            return Err(CredentialError {
-                field: "clientCertificate",
-                message: "MUTUAL needs clientCertificate and privateKey".to_owned(),
-            });
         }
         _ => builder.with_no_client_auth(),
     };
@@ -199,36 +340,32 @@ pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, CredentialErr
     Ok(Arc::new(config))
 }
 
-fn certs_from(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(file)
-        .and_then(|it| it.collect::<Result<Vec<_>, pem::Error>>())
-        .map_err(|e| {
-            format!(
-                "cannot read PEM certificates from `{}`: {e}",
-                file.display()
-            )
-        })?;
+fn certs_from(file: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, pem::Error>>()
+        .map_err(|e| format!("cannot read PEM certificates from `{file}`: {e}"))?;
     if certs.is_empty() {
-        return Err(format!("`{}` holds no PEM certificate", file.display()));
+        return Err(format!("`{file}` holds no PEM certificate"));
     }
     Ok(certs)
 }
 
-fn roots_from(file: &Path) -> Result<RootCertStore, String> {
+fn roots_from(file: &str, pem: &[u8]) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
-    for cert in certs_from(file)? {
+    for cert in certs_from(file, pem)? {
         store
             .add(cert)
-            .map_err(|e| format!("`{}`: unusable CA certificate: {e}", file.display()))?;
+            .map_err(|e| format!("`{file}`: unusable CA certificate: {e}"))?;
     }
     Ok(store)
 }
 
-/// The system bundle, or an empty store (every server refused) when there is none.
-fn system_roots() -> RootCertStore {
+/// The system bundle's certificates, or an empty store (every server refused) when it does
+/// not read.
+fn system_roots(bundle: files::Opened) -> RootCertStore {
     let mut store = RootCertStore::empty();
-    if let Some(file) = SYSTEM_BUNDLES.iter().map(Path::new).find(|p| p.exists())
-        && let Ok(certs) = certs_from(file)
+    if let Ok(pem) = bundle.read()
+        && let Ok(certs) = certs_from("system bundle", &pem)
     {
         let _ = store.add_parsable_certificates(certs);
     }

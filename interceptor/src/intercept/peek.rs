@@ -131,7 +131,7 @@ mod tests {
             roots,
             ca.trust_domain(),
             &id,
-            handshake::MeshSuite::AES_GCM,
+            &handshake::MeshCrypto::default_aes_gcm(),
         )
         .unwrap();
         let mut conn =

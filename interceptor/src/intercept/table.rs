@@ -10,9 +10,11 @@ use std::{
     },
 };
 
+use rustls::{CipherSuite, CommonState, HandshakeKind, NamedGroup};
 use tokio::sync::Notify;
 
 use crate::{
+    handshake::{self, MeshCrypto, Negotiated},
     identity::SpiffeId,
     policy::FlowTls,
     relay::{RelayMode, RelayStats},
@@ -52,11 +54,64 @@ pub struct FlowInfo {
     pub source: SocketAddr,
     pub peer_id: Option<String>,
     pub cipher: Option<String>,
+    /// Suite and key-exchange group of the flow's TLS session, if it has one.
+    pub session: Option<SessionCrypto>,
     pub protection: Protection,
     /// Outbound: the address the agent connected to (a service VIP's chosen endpoint).
     pub endpoint: Option<SocketAddr>,
     /// The policy decision that let the flow through (mode or rule).
     pub reason: Option<String>,
+}
+
+/// What a flow's TLS session negotiated, kept so a new crypto policy can judge it again.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionCrypto {
+    pub suite: CipherSuite,
+    pub group: Option<NamedGroup>,
+    /// A HelloRetryRequest was needed.
+    pub retried: bool,
+    /// Mesh mTLS (else TLS the agent originated to a server outside the mesh).
+    pub mesh: bool,
+}
+
+impl SessionCrypto {
+    pub fn mesh(negotiated: &Negotiated) -> Self {
+        Self {
+            suite: negotiated.suite.suite(),
+            group: negotiated.group,
+            retried: negotiated.retried,
+            mesh: true,
+        }
+    }
+
+    /// An originated session, once its handshake is done.
+    pub fn originated(conn: &CommonState) -> Option<Self> {
+        Some(Self {
+            suite: conn.negotiated_cipher_suite()?.suite(),
+            group: conn.negotiated_key_exchange_group().map(|g| g.name()),
+            retried: conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
+            mesh: false,
+        })
+    }
+
+    /// The group as `interceptor flows` shows it.
+    pub fn group_label(&self) -> Option<String> {
+        let name = handshake::group_name(self.group?);
+        Some(if self.retried {
+            format!("{name} (retry)")
+        } else {
+            name
+        })
+    }
+
+    /// Why `crypto` would not allow this session now, if it would not.
+    pub fn refused_by(&self, crypto: &MeshCrypto) -> Option<String> {
+        if self.mesh {
+            crypto.refuses(self.suite, self.group)
+        } else {
+            handshake::origination_refuses(crypto.policy(), self.suite, self.group)
+        }
+    }
 }
 
 /// What an open flow was decided on, kept so a new policy can decide it again.
@@ -134,6 +189,10 @@ pub struct FlowRow {
     pub destination: SocketAddr,
     pub peer_id: Option<String>,
     pub cipher: Option<String>,
+    /// The key-exchange group (`X25519MLKEM768`, `x25519`, …; ` (retry)` after a
+    /// HelloRetryRequest).
+    #[serde(default)]
+    pub group: Option<String>,
     pub protection: Protection,
     pub bytes_to_peer: u64,
     pub bytes_from_peer: u64,
@@ -197,6 +256,7 @@ fn row(id: u64, entry: &Entry) -> FlowRow {
         destination: i.destination,
         peer_id: i.peer_id.clone(),
         cipher: i.cipher.clone(),
+        group: i.session.and_then(|s| s.group_label()),
         protection: protection(i.protection, c.mode()),
         bytes_to_peer: c.bytes_app_to_peer(),
         bytes_from_peer: c.bytes_peer_to_app(),
@@ -299,13 +359,13 @@ impl FlowGuard<'_> {
 pub fn render(rows: &[FlowRow]) -> String {
     use std::fmt::Write as _;
     let mut s = format!(
-        "{:<16} {:<8} {:<24} {:<48} {:<12} {:<10} {:>12} {:>12}\n",
-        "POD", "DIR", "DESTINATION", "PEER", "CIPHER", "MODE", "BYTES_OUT", "BYTES_IN"
+        "{:<16} {:<8} {:<24} {:<48} {:<12} {:<16} {:<10} {:>12} {:>12}\n",
+        "POD", "DIR", "DESTINATION", "PEER", "CIPHER", "GROUP", "MODE", "BYTES_OUT", "BYTES_IN"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<16} {:<8} {:<24} {:<48} {:<12} {:<10} {:>12} {:>12}",
+            "{:<16} {:<8} {:<24} {:<48} {:<12} {:<16} {:<10} {:>12} {:>12}",
             r.pod,
             match r.direction {
                 Direction::Outbound => "out",
@@ -314,6 +374,7 @@ pub fn render(rows: &[FlowRow]) -> String {
             r.destination.to_string(),
             r.peer_id.as_deref().unwrap_or("-"),
             r.cipher.as_deref().unwrap_or("-"),
+            r.group.as_deref().unwrap_or("-"),
             match r.protection {
                 Protection::Ktls => "ktls",
                 Protection::Userspace => "userspace",

@@ -1,0 +1,100 @@
+//! Kernel TLS takes over sessions negotiated with the hybrid post-quantum group, with both
+//! AES-GCM key sizes (VM only: the host kernel has no `tls` module). The group only shapes the
+//! handshake secret; this proves the keys the kernel gets still decrypt the peer's records,
+//! on each supported kernel.
+
+use std::net::SocketAddr;
+
+use interceptor::{
+    handshake::{CompliancePolicy, CryptoPolicy},
+    intercept::table::Protection,
+};
+use interceptor_tests::{
+    agent::{RunningAgent, workload},
+    apps::curl,
+    crypto::{
+        AES_128_GCM, AES_256_GCM, X25519MLKEM768, any_port, assert_hello, captured, hellos,
+        reconfigure, tls_stat,
+    },
+    require_privileged,
+    scenario::{Cluster, Scenario, serve_blob},
+    wire::assert_no_plaintext,
+};
+
+#[test]
+fn ktls_carries_hybrid_group_sessions_with_aes_128_and_aes_256() {
+    require_privileged();
+    let Scenario {
+        client,
+        mut server,
+        node,
+    } = Scenario::new(72, "pqk-client", "pqk-server");
+    let www = serve_blob(&mut server, "pqk-www", 1 << 20);
+    let cluster = Cluster::new("crypto-ktls");
+    let mut config = cluster.config(
+        vec![
+            workload(&client, "crypto", "client"),
+            workload(&server, "crypto", "server"),
+        ],
+        vec![],
+    );
+    // The VM emulates its CPU; a hybrid ClientHello must not be mistaken for a silent client.
+    config.tuning.first_byte_wait_ms = 2_000;
+    let file = cluster.scratch.0.join("node.yaml");
+    let agent = RunningAgent::start_watching(config.clone(), &file);
+    let server_http = SocketAddr::from((server.ip, 80));
+
+    for (aes256, suite) in [(false, AES_128_GCM), (true, AES_256_GCM)] {
+        if aes256 {
+            let policy = CryptoPolicy {
+                compliance_policy: CompliancePolicy::Default,
+                require_aes256_gcm: true,
+            };
+            reconfigure(&agent.agent, &file, &mut config, policy);
+        }
+        let before = [tls_stat(&client), tls_stat(&server)];
+        let (f, streams) = captured(&node, &server, || {
+            curl(
+                client.command("curl"),
+                &format!("http://{}/blob", server.ip),
+            )
+        });
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", www.want.clone()),
+            "suite {suite:#06x}: payload through kTLS"
+        );
+        let (_, sh) = hellos(&streams, any_port(client.ip), server_http);
+        assert_hello(&sh, X25519MLKEM768, suite, None);
+        assert_no_plaintext(&streams, &www.payload);
+        // Kernel state: both agents' peer sockets became kTLS sessions and decrypted cleanly.
+        for (pod, before) in [&client, &server].into_iter().zip(before) {
+            let after = tls_stat(pod);
+            let get = |m: &std::collections::HashMap<String, u64>, k: &str| {
+                m.get(k).copied().unwrap_or(0)
+            };
+            for key in ["TlsTxSw", "TlsRxSw"] {
+                assert!(
+                    get(&after, key) > get(&before, key),
+                    "{key} did not rise in {} with suite {suite:#06x}: {before:?} → {after:?}",
+                    pod.name
+                );
+            }
+            assert_eq!(
+                get(&after, "TlsDecryptError"),
+                get(&before, "TlsDecryptError"),
+                "{}: kTLS decrypt errors",
+                pod.name
+            );
+        }
+        let row = agent
+            .agent
+            .flows_with_recent()
+            .into_iter()
+            .filter(|r| r.pod == "pqk-server")
+            .max_by_key(|r| r.id)
+            .expect("the server's flow");
+        assert_eq!(row.protection, Protection::Ktls);
+        assert_eq!(row.group.as_deref(), Some("X25519MLKEM768"));
+    }
+}
