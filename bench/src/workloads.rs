@@ -451,7 +451,12 @@ fn churn(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
 /// pause, so the second phase starts with the first one's TIME_WAIT sockets. Reports the
 /// rate of every window, first and last window and their ratio (the target: last ≥ 0.9×
 /// first), and the TIME_WAIT sockets each pod holds at the end of each phase.
+///
+/// Both pods run with a pod's default `tcp_tw_reuse` (2: loopback only) and ephemeral range
+/// for the workload, not the bench's widened ones (see `topology::pod`): where TIME_WAIT
+/// sockets land, and whether anything can reuse them, is what this workload measures.
 fn sustained(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
+    let _defaults = PodDefaults::apply(topo)?;
     let mut m = Vec::new();
     for threads in [1usize, 2] {
         let mut cmd = bench_in_client(topo, env)?;
@@ -512,6 +517,40 @@ fn sustained(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<
         );
     }
     Ok(m)
+}
+
+/// Kubernetes' defaults for TIME_WAIT reuse and the ephemeral range in both pods while it
+/// lives; the bench's own settings come back when it drops.
+struct PodDefaults<'a>(&'a Topology);
+
+impl<'a> PodDefaults<'a> {
+    const SET: [(&'static str, &'static str, &'static str); 2] = [
+        // (sysctl, pod default, the bench's setting)
+        ("net.ipv4.tcp_tw_reuse", "2", "1"),
+        ("net.ipv4.ip_local_port_range", "32768 60999", "10000 64999"),
+    ];
+
+    fn apply(topo: &'a Topology) -> Result<Self> {
+        let guard = PodDefaults(topo);
+        for pod in [&topo.client, &topo.server] {
+            for (key, default, _) in Self::SET {
+                pod.ns.sysctl(key, default)?;
+            }
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for PodDefaults<'_> {
+    fn drop(&mut self) {
+        for pod in [&self.0.client, &self.0.server] {
+            for (key, _, bench) in Self::SET {
+                if let Err(e) = pod.ns.sysctl(key, bench) {
+                    eprintln!("bench: cannot restore {key} in pod {}: {e:#}", pod.name);
+                }
+            }
+        }
+    }
 }
 
 /// TIME_WAIT sockets (IPv4 and IPv6) in a pod's netns.

@@ -185,11 +185,11 @@ fn churn(node: u8, v6: bool) {
              ephemeral range {range})"
         );
     }
-    // Kernel state: the condition this test is about really held. Every port of the range
-    // was taken by a TIME_WAIT socket on the agent's leg at some point; at least half are
-    // still there (each lasts 60 s and is replaced when reused).
+    // Kernel state: the condition this test is about really held: TIME_WAIT sockets piled up
+    // on the agent's leg (each lasts 60 s; a connect() that reuses one replaces it, and
+    // connect() takes the even half of the range first, so about PORTS / 2 remain).
     assert!(
-        waiting >= usize::from(PORTS / 2),
+        waiting >= usize::from(PORTS / 4),
         "only {waiting} TIME_WAIT sockets from the agent's source in the server pod after \
          {CONNECTIONS} connections: the agent's leg did not close first, so this test \
          proves nothing"
