@@ -1118,6 +1118,25 @@ async fn outbound<'a>(
         client: ctx.id.clone(),
         tls,
     });
+    // A mesh client's first flight is built before the connect: the server's agent waits
+    // only `firstByteWaitMs` for it before treating the connection as plaintext.
+    let prepared = match &transport {
+        Transport::Mesh(Some(expected)) => {
+            let me = shared.credentials(&ctx.id)?;
+            let config = shared.client_config(&me, expected)?;
+            let name = rustls_pki_types::ServerName::IpAddress(endpoint.ip().into());
+            match driver::client_connection(config, name) {
+                Ok(conn) => Some(conn),
+                Err(e) => {
+                    let e = driver::DriveError::from(e);
+                    refusal.log(shared, &handshake_refused(shared, &e));
+                    refuse_app(shared, app).await;
+                    return Ok(None);
+                }
+            }
+        }
+        _ => None,
+    };
     let mut peer = match dial(ctx, endpoint, None).await {
         Ok(peer) => peer,
         Err(e) => {
@@ -1144,14 +1163,14 @@ async fn outbound<'a>(
             Ok(Some(relaying(guard, socks, false, relay)))
         }
         Transport::Mesh(None) => unreachable!("refused above"),
-        Transport::Mesh(Some(expected)) => {
-            let me = shared.credentials(&ctx.id)?;
-            let config = shared.client_config(&me, &expected)?;
+        Transport::Mesh(Some(_)) => {
+            let Some(conn) = prepared else {
+                unreachable!("prepared above for every mesh transport")
+            };
             prepare_peer(shared, &peer);
-            let est = match driver::client_handshake_with(
+            let est = match driver::client_handshake_prepared(
                 &mut peer,
-                config,
-                rustls_pki_types::ServerName::IpAddress(endpoint.ip().into()),
+                conn,
                 timeout,
                 shared.handshake_reads(),
             )

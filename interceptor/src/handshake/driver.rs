@@ -172,7 +172,28 @@ pub async fn client_handshake_with(
     timeout: Duration,
     reads: Reads,
 ) -> Result<Established, DriveError> {
-    let conn = ClientConnection::new(config, server_name).map_err(HandshakeError::from)?;
+    let conn = client_connection(config, server_name)?;
+    client_handshake_prepared(sock, conn, timeout, reads).await
+}
+
+/// A client connection whose first flight (the ClientHello, with its key shares) is already
+/// built. Building it before the TCP connect keeps key generation (ML-KEM-768 is the costly
+/// part) off the path between connect and ClientHello: the peer agent times that gap to tell
+/// mesh clients from server-speaks-first plaintext ones.
+pub fn client_connection(
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+) -> Result<ClientConnection, HandshakeError> {
+    ClientConnection::new(config, server_name).map_err(HandshakeError::from)
+}
+
+/// [`client_handshake_with`] on a connection from [`client_connection`].
+pub async fn client_handshake_prepared(
+    sock: &mut TcpStream,
+    conn: ClientConnection,
+    timeout: Duration,
+    reads: Reads,
+) -> Result<Established, DriveError> {
     drive_boxed(sock, Box::new(conn.into()), timeout, reads).await
 }
 
