@@ -81,9 +81,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = w.to_string();
     }
 
-    let mut settings = Settings::default();
-    settings.trust_domain_aliases = vec!["old.example".parse().expect("alias")];
-    settings.probe_sources = vec!["10.88.0.1".parse().expect("probe source")];
+    let settings = Settings {
+        trust_domain_aliases: vec!["old.example".parse().expect("alias")],
+        probe_sources: vec!["10.88.0.1".parse().expect("probe source")],
+        ..Settings::default()
+    };
     let engine = Engine::new(set, settings, inventory.clone());
     for w in engine.warnings() {
         let _ = w.to_string();
