@@ -346,22 +346,124 @@ pub struct ChurnReport {
     /// connect() start → first response byte.
     #[serde(flatten)]
     pub first_byte: Percentiles,
+    /// Completed connections per second in each window, when windows were asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub window_conn_per_s: Vec<f64>,
 }
 
 /// New connection per request, closed-loop, one thread, for `duration`.
 pub fn churn(target: SocketAddr, duration: Duration) -> Result<ChurnReport> {
-    let req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    churn_with(
+        target,
+        &ChurnShape {
+            duration,
+            threads: 1,
+            window: None,
+            echo: false,
+        },
+    )
+}
+
+/// What a churn client does.
+#[derive(Debug, Clone)]
+pub struct ChurnShape {
+    pub duration: Duration,
+    /// Client threads, each making connections one after another.
+    pub threads: usize,
+    /// Count connections per window of this length (the sustained-churn report).
+    pub window: Option<Duration>,
+    /// Echo pattern (64 bytes to the echo server, the same 64 back, then the client closes
+    /// first, as most clients do) instead of one HTTP request with `Connection: close`
+    /// (after which the server closes first).
+    pub echo: bool,
+}
+
+/// Connections one after another on `shape.threads` threads for `shape.duration`.
+pub fn churn_with(target: SocketAddr, shape: &ChurnShape) -> Result<ChurnReport> {
     let start = Instant::now();
+    let windows = shape.window.map_or(0, |w| {
+        (shape.duration.as_secs_f64() / w.as_secs_f64()).ceil() as usize
+    });
+    let workers: Vec<_> = (0..shape.threads.max(1))
+        .map(|_| {
+            let shape = shape.clone();
+            thread::spawn(move || churn_thread(target, &shape, start, windows))
+        })
+        .collect();
     let mut lat = Vec::new();
     let mut errors = 0u64;
+    let mut per_window = vec![0u64; windows];
+    for w in workers {
+        let r = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("churn thread panicked"))??;
+        lat.extend(r.lat);
+        errors += r.errors;
+        for (sum, n) in per_window.iter_mut().zip(r.per_window) {
+            *sum += n;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let connections = lat.len() as u64;
+    let window_conn_per_s = match shape.window {
+        Some(w) => per_window
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                // The last window may be cut short by the deadline.
+                let begin = w.as_secs_f64() * i as f64;
+                let len = (secs.min(begin + w.as_secs_f64()) - begin).max(1e-9);
+                n as f64 / len
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(ChurnReport {
+        connections,
+        errors,
+        secs,
+        conn_per_s: connections as f64 / secs,
+        first_byte: Percentiles::from_ns(&mut lat),
+        window_conn_per_s,
+    })
+}
+
+struct ThreadResult {
+    lat: Vec<u64>,
+    errors: u64,
+    per_window: Vec<u64>,
+}
+
+fn churn_thread(
+    target: SocketAddr,
+    shape: &ChurnShape,
+    start: Instant,
+    windows: usize,
+) -> Result<ThreadResult> {
+    let req: &[u8] = if shape.echo {
+        &[b'e'; 64]
+    } else {
+        b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    };
+    let mut lat = Vec::new();
+    let mut errors = 0u64;
+    let mut per_window = vec![0u64; windows];
     let mut buf = [0u8; 4096];
-    while start.elapsed() < duration {
+    while start.elapsed() < shape.duration {
         let t0 = Instant::now();
         let one = (|| -> io::Result<Duration> {
             let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             s.write_all(req)?;
+            if shape.echo {
+                let mut got = [0u8; 64];
+                s.read_exact(&mut got[..1])?;
+                let first = t0.elapsed();
+                s.read_exact(&mut got[1..])?;
+                // Dropped here: the client closes first.
+                return Ok(first);
+            }
             let n = s.read(&mut buf)?;
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no response"));
@@ -372,7 +474,15 @@ pub fn churn(target: SocketAddr, duration: Duration) -> Result<ChurnReport> {
             Ok(first)
         })();
         match one {
-            Ok(d) => lat.push(d.as_nanos() as u64),
+            Ok(d) => {
+                lat.push(d.as_nanos() as u64);
+                if let Some(w) = shape.window {
+                    let i = (start.elapsed().as_secs_f64() / w.as_secs_f64()) as usize;
+                    if let Some(n) = per_window.get_mut(i.min(windows.saturating_sub(1))) {
+                        *n += 1;
+                    }
+                }
+            }
             Err(_) => {
                 errors += 1;
                 if errors > 1000 && lat.is_empty() {
@@ -381,14 +491,10 @@ pub fn churn(target: SocketAddr, duration: Duration) -> Result<ChurnReport> {
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    let connections = lat.len() as u64;
-    Ok(ChurnReport {
-        connections,
+    Ok(ThreadResult {
+        lat,
         errors,
-        secs,
-        conn_per_s: connections as f64 / secs,
-        first_byte: Percentiles::from_ns(&mut lat),
+        per_window,
     })
 }
 

@@ -56,6 +56,16 @@ enum Cmd {
         target: SocketAddr,
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
+        /// Client threads, each connecting one connection after another.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Also report the rate per window of this many seconds.
+        #[arg(long)]
+        window: Option<f64>,
+        /// 64 bytes echoed, then the client closes first (target: the echo server), instead
+        /// of one HTTP request with `Connection: close`.
+        #[arg(long)]
+        echo: bool,
     },
     /// Open COUNT echo connections, print `ready N`, hold them.
     Idle {
@@ -164,8 +174,20 @@ fn real_main() -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
-        Cmd::Churn { target, duration } => {
-            let r = apps::churn(target, Duration::from_secs_f64(duration))?;
+        Cmd::Churn {
+            target,
+            duration,
+            threads,
+            window,
+            echo,
+        } => {
+            let shape = apps::ChurnShape {
+                duration: Duration::from_secs_f64(duration),
+                threads,
+                window: window.map(Duration::from_secs_f64),
+                echo,
+            };
+            let r = apps::churn_with(target, &shape)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

@@ -345,6 +345,13 @@ fn meta(metric: &str) -> (&'static str, bool) {
         "cpu_ms_per_conn" | "proxy_cpu_ms_per_conn" => ("CPU-ms/conn", true),
         "setups_per_proxy_core_s" => ("setups per CPU-s", false),
         "proxy_rss_mb" | "max_proxy_rss_mb" | "proxy_rss_delta_mb" => ("MB", true),
+        // Sustained churn: `t<threads>_<name>`.
+        m if m.ends_with("conn_per_s") => ("conn/s", false),
+        m if m.ends_with("_over_first") => ("ratio", false),
+        m if m.ends_with("cpu_ms_per_conn") => ("CPU-ms/conn", true),
+        m if m.ends_with("p99_us") => ("µs", true),
+        m if m.ends_with("connections") => ("count", false),
+        m if m.ends_with("time_wait") => ("count", true),
         _ => ("", true),
     }
 }

@@ -33,6 +33,8 @@ pub enum Workload {
     Http,
     Churn,
     Idle,
+    /// Sustained churn (opt-in, minutes long): not in [`Workload::ALL`].
+    Sustained,
 }
 
 impl Workload {
@@ -46,6 +48,19 @@ impl Workload {
         Workload::Idle,
     ];
 
+    /// Every workload `--workloads` accepts: [`Workload::ALL`] (the default set) and the
+    /// long ones that run only when named.
+    pub const KNOWN: [Workload; 8] = [
+        Workload::Iperf1,
+        Workload::Iperf4,
+        Workload::Rr64,
+        Workload::Rr1k,
+        Workload::Http,
+        Workload::Churn,
+        Workload::Idle,
+        Workload::Sustained,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Workload::Iperf1 => "iperf1",
@@ -55,15 +70,19 @@ impl Workload {
             Workload::Http => "http",
             Workload::Churn => "churn",
             Workload::Idle => "idle",
+            Workload::Sustained => "sustained",
         }
     }
 
     pub fn parse(s: &str) -> Result<Self> {
-        Workload::ALL
+        Workload::KNOWN
             .into_iter()
             .find(|w| w.label() == s)
             .with_context(|| {
-                format!("unknown workload {s:?}: expected iperf1 iperf4 rr64 rr1k http churn idle")
+                format!(
+                    "unknown workload {s:?}: expected iperf1 iperf4 rr64 rr1k http churn idle \
+                     sustained"
+                )
             })
     }
 }
@@ -79,6 +98,12 @@ pub struct Params {
     pub http_conns: usize,
     pub churn_secs: f64,
     pub idle_flows: usize,
+    /// Sustained churn: seconds per client-thread count, and the window the rate is
+    /// reported in.
+    #[serde(default)]
+    pub sustained_secs: f64,
+    #[serde(default)]
+    pub sustained_window_secs: f64,
 }
 
 impl Params {
@@ -92,6 +117,8 @@ impl Params {
             http_conns: 16,
             churn_secs: 5.0,
             idle_flows: 1000,
+            sustained_secs: 120.0,
+            sustained_window_secs: 10.0,
         }
     }
 
@@ -105,6 +132,8 @@ impl Params {
             http_conns: 16,
             churn_secs: 2.0,
             idle_flows: 1000,
+            sustained_secs: 20.0,
+            sustained_window_secs: 5.0,
         }
     }
 
@@ -117,6 +146,8 @@ impl Params {
             http_warmup_secs: 0.2,
             churn_secs: 0.5,
             idle_flows: self.idle_flows.min(50),
+            sustained_secs: 2.0,
+            sustained_window_secs: 1.0,
             ..self.clone()
         }
     }
@@ -141,6 +172,7 @@ pub fn run(
         Workload::Http => http(topo, active, env, p),
         Workload::Churn => churn(topo, active, env, p),
         Workload::Idle => idle(topo, active, env, p),
+        Workload::Sustained => sustained(topo, active, env, p),
     }
 }
 
@@ -412,6 +444,127 @@ fn churn(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
         m.push(("setups_per_proxy_core_s", n / cpu.proxy.max(1e-9)));
     }
     Ok(m)
+}
+
+/// Sustained churn to one app port (the echo server; the client closes first): 1 client
+/// thread for `sustained_secs`, then 2 threads as long, on the same topology without a
+/// pause, so the second phase starts with the first one's TIME_WAIT sockets. Reports the
+/// rate of every window, first and last window and their ratio (the target: last ≥ 0.9×
+/// first), and the TIME_WAIT sockets each pod holds at the end of each phase.
+///
+/// Both pods run with a pod's default `tcp_tw_reuse` (2: loopback only) and ephemeral range
+/// for the workload, not the bench's widened ones (see `topology::pod`): where TIME_WAIT
+/// sockets land, and whether anything can reuse them, is what this workload measures.
+fn sustained(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
+    let _defaults = PodDefaults::apply(topo)?;
+    let mut m = Vec::new();
+    for threads in [1usize, 2] {
+        let mut cmd = bench_in_client(topo, env)?;
+        cmd.args([
+            "churn",
+            "--echo",
+            "--target",
+            &active.target(ECHO_PORT).to_string(),
+            "--duration",
+            &p.sustained_secs.to_string(),
+            "--threads",
+            &threads.to_string(),
+            "--window",
+            &p.sustained_window_secs.to_string(),
+        ]);
+        let win = CpuWindow::open(topo, active)?;
+        let out = procs::run_bounded(
+            "sustained churn",
+            &mut cmd,
+            Duration::from_secs_f64(p.sustained_secs * 2.0 + 60.0),
+        )?;
+        let cpu = win.close(topo, active)?;
+        let r: ChurnReport = serde_json::from_str(&out.stdout).context("churn output")?;
+        let w = &r.window_conn_per_s;
+        let (Some(&first), Some(&last)) = (w.first(), w.last()) else {
+            bail!("sustained churn reported no windows");
+        };
+        let worst = w.iter().copied().fold(f64::INFINITY, f64::min);
+        let n = (r.connections as f64).max(1.0);
+        let t = |name: &str| -> &'static str {
+            // Metric names are static in the report; a handful are built once per run.
+            Box::leak(format!("t{threads}_{name}").into_boxed_str())
+        };
+        m.push((t("connections"), r.connections as f64));
+        m.push((t("errors"), r.errors as f64));
+        m.push((t("first_conn_per_s"), first));
+        m.push((t("last_conn_per_s"), last));
+        m.push((t("last_over_first"), last / first.max(1e-9)));
+        m.push((t("worst_over_first"), worst / first.max(1e-9)));
+        m.push((t("p99_us"), r.first_byte.p99_us));
+        m.push((t("cpu_ms_per_conn"), cpu.attributed * 1000.0 / n));
+        if has_proxy(active) {
+            m.push((t("proxy_cpu_ms_per_conn"), cpu.proxy * 1000.0 / n));
+        }
+        for (i, rate) in w.iter().enumerate() {
+            m.push((t(&format!("w{i:02}_conn_per_s")), *rate));
+        }
+        m.push((t("server_time_wait"), time_wait(&topo.server)? as f64));
+        m.push((t("client_time_wait"), time_wait(&topo.client)? as f64));
+        println!(
+            "  sustained, {threads} thread(s), {} connections; conn/s per {} s window: {}",
+            r.connections,
+            p.sustained_window_secs,
+            w.iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(m)
+}
+
+/// Kubernetes' defaults for TIME_WAIT reuse and the ephemeral range in both pods while it
+/// lives; the bench's own settings come back when it drops.
+struct PodDefaults<'a>(&'a Topology);
+
+impl<'a> PodDefaults<'a> {
+    const SET: [(&'static str, &'static str, &'static str); 2] = [
+        // (sysctl, pod default, the bench's setting)
+        ("net.ipv4.tcp_tw_reuse", "2", "1"),
+        ("net.ipv4.ip_local_port_range", "32768 60999", "10000 64999"),
+    ];
+
+    fn apply(topo: &'a Topology) -> Result<Self> {
+        let guard = PodDefaults(topo);
+        for pod in [&topo.client, &topo.server] {
+            for (key, default, _) in Self::SET {
+                pod.ns.sysctl(key, default)?;
+            }
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for PodDefaults<'_> {
+    fn drop(&mut self) {
+        for pod in [&self.0.client, &self.0.server] {
+            for (key, _, bench) in Self::SET {
+                if let Err(e) = pod.ns.sysctl(key, bench) {
+                    eprintln!("bench: cannot restore {key} in pod {}: {e:#}", pod.name);
+                }
+            }
+        }
+    }
+}
+
+/// TIME_WAIT sockets (IPv4 and IPv6) in a pod's netns.
+fn time_wait(pod: &crate::topology::Pod) -> Result<usize> {
+    let mut n = 0;
+    for file in ["tcp", "tcp6"] {
+        let table = pod.ns.proc_net(file)?;
+        n += table
+            .lines()
+            .skip(1)
+            .filter(|l| l.split_whitespace().nth(3) == Some("06"))
+            .count();
+    }
+    Ok(n)
 }
 
 /// Memory with `idle_flows` established, idle connections through the mode.

@@ -298,6 +298,14 @@ impl Ca {
         trust_domain: Option<&TrustDomain>,
         existing: OnExisting,
     ) -> Result<Ca, CaError> {
+        if let (Ok(a), Ok(b)) = (fs::canonicalize(root_dir), fs::canonicalize(dir))
+            && a == b
+        {
+            // With `--force` this would replace the root's own key with the intermediate's.
+            return Err(CaError::AlreadyExists {
+                path: dir.join(SIGNER_KEY_FILE),
+            });
+        }
         let parent = Ca::load_for(root_dir, trust_domain, SystemTime::now())?;
         let now = whole_seconds(OffsetDateTime::now_utc());
         let not_after = time::Duration::try_from(ttl)

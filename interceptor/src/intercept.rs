@@ -1286,7 +1286,12 @@ fn relay_mesh(
     }
     let hold_reset = flow.direction == Direction::Outbound;
     let guard = shared.flows.insert_checked(flow, Some(check));
-    let config = relay_config(shared);
+    let config = relay::RelayConfig {
+        // The dialing agent leaves the first FIN, and with it the TIME_WAIT socket, to the
+        // peer agent (see the field).
+        peer_fin_first: hold_reset,
+        ..relay_config(shared)
+    };
     let socks = dups([&app, &peer]);
     let stats = Arc::clone(&guard.stats);
     let relay = relay::relay(app, peer, est, layer, config, stats);

@@ -151,7 +151,19 @@ pub struct RelayConfig {
     /// `None` takes the cipher's limit ([`ktls_record_limit`]); set a small value only to
     /// test the limit.
     pub max_tx_records: Option<u64>,
+    /// The peer is another agent and sends the first FIN: after our close_notify this side
+    /// sends no FIN of its own (close_notify is what the peer agent acts on) and closes the
+    /// connection only once the peer has closed it (at most [`PEER_FIN_WAIT`] later). The
+    /// side that sends the first FIN keeps the connection's TIME_WAIT socket; on the
+    /// dialing side that socket would hold a port of the pod's own address toward that one
+    /// server port for 60 s, and under sustained churn to one port the dialing side runs
+    /// out of them, so the dialing agent sets this and the TIME_WAIT stays with the server.
+    pub peer_fin_first: bool,
 }
+
+/// How long a relay with [`RelayConfig::peer_fin_first`] waits for the peer's FIN after both
+/// close_notify alerts; the peer agent sends it right behind its close_notify.
+pub const PEER_FIN_WAIT: Duration = Duration::from_secs(1);
 
 impl Default for RelayConfig {
     fn default() -> Self {
@@ -161,6 +173,7 @@ impl Default for RelayConfig {
             pipe_size: 256 << 10,
             app_leg_redirected: false,
             max_tx_records: None,
+            peer_fin_first: false,
         }
     }
 }
@@ -362,6 +375,24 @@ fn reset(sock: &TcpStream) {
 fn shutdown_write(sock: &TcpStream) -> io::Result<()> {
     let dup = sock.as_fd().try_clone_to_owned()?;
     std::net::TcpStream::from(dup).shutdown(std::net::Shutdown::Write)
+}
+
+/// Waits (at most [`PEER_FIN_WAIT`]) until the peer's FIN has arrived, after its
+/// close_notify; whatever else arrives ends the wait too (the caller closes either way).
+async fn await_peer_fin(peer: &TcpStream) {
+    let wait = async {
+        let mut byte = [0u8; 1];
+        loop {
+            if peer.readable().await.is_err() {
+                return;
+            }
+            match peer.try_read(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(PEER_FIN_WAIT, wait).await;
 }
 
 /// Idle detection that costs one clock read per poll rather than a timer reset per byte.

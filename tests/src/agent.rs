@@ -150,7 +150,10 @@ impl RunningAgent {
             if ok {
                 let _ = stop_rx.recv();
             }
-            rt.shutdown_background();
+            // Wait for the workers, so every task (and with them the agent's links, maps and
+            // listeners) is gone when `kill` returns, as after a real process exit; a leaked
+            // task would keep the old programs attached and race the next agent's.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
         });
         let agent = ready_rx
             .recv()

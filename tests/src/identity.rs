@@ -11,7 +11,7 @@ use std::{
 };
 
 use interceptor::{
-    ca::{Ca, CertificateAuthority as _, cert_info},
+    ca::{Ca, CertificateAuthority as _, LeafCert, cert_info},
     handshake,
     identity::SpiffeId,
 };
@@ -144,11 +144,25 @@ pub fn mesh_request(
 ) -> anyhow::Result<MeshReply> {
     let ca = Ca::load(ca_dir)?;
     let me: SpiffeId = client.parse()?;
-    let expected: SpiffeId = server.parse()?;
     let leaf = ca.issue(&me, Duration::from_secs(600))?;
+    mesh_request_as(netns, &leaf, ca_dir, server, dst, request)
+}
+
+/// [`mesh_request`] presenting a given `leaf` (the same bytes every time, as a peer agent
+/// between renewals does) and trusting the roots of `ca_dir`.
+pub fn mesh_request_as(
+    netns: &Path,
+    leaf: &LeafCert,
+    ca_dir: &Path,
+    server: &str,
+    dst: SocketAddr,
+    request: &[u8],
+) -> anyhow::Result<MeshReply> {
+    let ca = Ca::load(ca_dir)?;
+    let expected: SpiffeId = server.parse()?;
     let roots = handshake::mesh_roots(ca.roots())?;
     let config = handshake::client_config(
-        &leaf,
+        leaf,
         roots,
         ca.trust_domain(),
         &expected,

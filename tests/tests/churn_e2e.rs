@@ -6,9 +6,12 @@
 //! (`EADDRINUSE`), while one that leaves the port to `connect()` reuses a loopback TIME_WAIT
 //! socket once it is a second old and keeps going.
 //!
-//! The client is a plain process in another pod (not enrolled), so the flows are inbound
-//! plaintext through the agent: the same `dial` as every mesh flow's app leg, at a rate a
-//! test can pace.
+//! In the `into_a_pod` tests the client is a plain process in another pod (not enrolled), so
+//! the flows are inbound plaintext through the agent: the same `dial` as every mesh flow's app
+//! leg, at a rate a test can pace. The `mesh` tests put the narrow range in the client pod
+//! and churn mesh flows between two enrolled pods: there the TIME_WAIT socket of each mesh
+//! connection must land in the server pod (the dialing agent lets the peer agent close
+//! first), or the client agent's dials run out of ports.
 
 use std::{
     io::{Read as _, Write as _},
@@ -50,6 +53,101 @@ fn sustained_churn_into_a_pod_ipv6() {
     churn(71, true);
 }
 
+#[test]
+fn sustained_mesh_churn_between_pods_ipv4() {
+    mesh_churn(72, false);
+}
+
+#[test]
+fn sustained_mesh_churn_between_pods_ipv6() {
+    mesh_churn(73, true);
+}
+
+/// The client of [`mesh_churn`], in a process of its own inside the client pod's cgroup
+/// (only then is it steered): the test binary runs again with only this test and
+/// `CHURN_CLIENT_TARGET` set. Without that variable it does nothing.
+#[test]
+fn churn_client_process() {
+    let Ok(target) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let target: SocketAddr = target.parse().expect("client target");
+    if let Err((i, e)) = run_clients(target) {
+        panic!("connection {i} of {CONNECTIONS} to {target} failed: {e}");
+    }
+}
+
+const CLIENT_ENV: &str = "CHURN_CLIENT_TARGET";
+
+/// Mesh flows (mTLS between two enrolled pods), the client closing first. Each flow's mesh
+/// connection leaves one TIME_WAIT socket, and it must not be on the client's side: there it
+/// would hold a port of the client pod's own address, so, with a narrow ephemeral range in
+/// the client pod, the agent's dial to the server would fail (`EADDRNOTAVAIL`) once every
+/// port holds one. The dialing agent lets the peer agent send the first FIN, so the
+/// TIME_WAIT lands in the server pod, where it holds no port the client side needs.
+fn mesh_churn(node: u8, v6: bool) {
+    require_privileged();
+    let scenario = Scenario::new(node, "churner", "echo");
+    let (client, server) = (&scenario.client, &scenario.server);
+    let range = format!("{LOW} {}", LOW + PORTS - 1);
+    for (key, value) in [
+        ("net.ipv4.ip_local_port_range", range.as_str()),
+        ("net.ipv4.tcp_tw_reuse", "2"),
+    ] {
+        client.ns.sysctl(key, value).expect("client pod sysctl");
+    }
+    let (client_ip, server_ip): (IpAddr, IpAddr) = if v6 {
+        (client.ip6.into(), server.ip6.into())
+    } else {
+        (client.ip.into(), server.ip.into())
+    };
+    let target = SocketAddr::new(server_ip, APP_PORT);
+    let echo = EchoServer::start(&server.ns, target);
+
+    let cluster = Cluster::new("meshchurn");
+    let _agent = cluster.start(
+        vec![
+            workload(client, "churn", "client"),
+            workload(server, "churn", "echo"),
+        ],
+        vec![],
+    );
+
+    let exe = std::env::current_exe().expect("test binary");
+    let started = Instant::now();
+    let out = client
+        .command(&exe.to_string_lossy())
+        .args(["--exact", "churn_client_process", "--nocapture"])
+        .env(CLIENT_ENV, target.to_string())
+        .output()
+        .expect("run the client process");
+    let elapsed = started.elapsed();
+    let client_waiting = time_wait_from(&client.ns, client_ip, None);
+    let server_waiting = time_wait_from(&server.ns, server_ip, Some(APP_PORT));
+    drop(echo);
+    assert!(
+        out.status.success(),
+        "mesh churn from {client_ip} to {target} failed after {elapsed:?} \
+         ({client_waiting} TIME_WAIT sockets from the client pod's address in the client pod, \
+         {server_waiting} on the server's port in the server pod; client ephemeral range \
+         {range}):\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Kernel state: the mesh connections' TIME_WAIT sockets are on the server's side. A new
+    // connection on a 4-tuple takes its TIME_WAIT socket over, so there are at most as many
+    // as client ports in use (connect() tries the even half of the range first).
+    assert!(
+        server_waiting >= usize::from(PORTS / 4),
+        "only {server_waiting} TIME_WAIT sockets on {target} in the server pod after \
+         {CONNECTIONS} mesh connections"
+    );
+    assert!(
+        client_waiting <= CONNECTIONS / 20,
+        "{client_waiting} TIME_WAIT sockets from {client_ip} in the client pod: the client \
+         side closed its mesh connections first"
+    );
+}
+
 fn churn(node: u8, v6: bool) {
     require_privileged();
     let scenario = Scenario::new(node, "churner", "echo");
@@ -87,11 +185,11 @@ fn churn(node: u8, v6: bool) {
              ephemeral range {range})"
         );
     }
-    // Kernel state: the condition this test is about really held. Every port of the range
-    // was taken by a TIME_WAIT socket on the agent's leg at some point; at least half are
-    // still there (each lasts 60 s and is replaced when reused).
+    // Kernel state: the condition this test is about really held: TIME_WAIT sockets piled up
+    // on the agent's leg (each lasts 60 s; a connect() that reuses one replaces it, and
+    // connect() takes the even half of the range first, so about PORTS / 2 remain).
     assert!(
-        waiting >= usize::from(PORTS / 2),
+        waiting >= usize::from(PORTS / 4),
         "only {waiting} TIME_WAIT sockets from the agent's source in the server pod after \
          {CONNECTIONS} connections: the agent's leg did not close first, so this test \
          proves nothing"
@@ -133,13 +231,21 @@ fn one_connection(target: SocketAddr, i: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// TIME_WAIT sockets in `ns` whose local address is the agent's source toward apps.
-fn agent_time_wait(ns: &NetNs, v6: bool) -> usize {
-    let (file, local) = if v6 {
-        ("tcp6", "00000000000000000000000001000000:")
-    } else {
-        // 127.0.0.6 as /proc/net/tcp prints it (a little-endian u32 in hex).
-        ("tcp", "0600007F:")
+/// TIME_WAIT sockets in `ns` with local address `ip` (and port `port`, if given).
+fn time_wait_from(ns: &NetNs, ip: IpAddr, port: Option<u16>) -> usize {
+    let (file, addr) = match ip {
+        IpAddr::V4(a) => ("tcp", format!("{:08X}", u32::from_le_bytes(a.octets()))),
+        IpAddr::V6(a) => (
+            "tcp6",
+            a.octets()
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+                .collect(),
+        ),
+    };
+    let local = match port {
+        Some(p) => format!("{addr}:{p:04X}"),
+        None => format!("{addr}:"),
     };
     let table = ns.proc_net(file).expect("read the socket table");
     table
@@ -147,9 +253,19 @@ fn agent_time_wait(ns: &NetNs, v6: bool) -> usize {
         .skip(1)
         .filter(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].starts_with(local) && f[3] == "06"
+            f.len() > 3 && f[1].starts_with(&local) && f[3] == "06"
         })
         .count()
+}
+
+/// TIME_WAIT sockets in `ns` whose local address is the agent's source toward apps.
+fn agent_time_wait(ns: &NetNs, v6: bool) -> usize {
+    let source = if v6 {
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(interceptor::intercept::AGENT_SOURCE_V4)
+    };
+    time_wait_from(ns, source, None)
 }
 
 /// An echo server on a thread, listening in a pod's netns; stops when dropped.

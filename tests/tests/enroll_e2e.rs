@@ -475,3 +475,115 @@ impl Drop for CgroupDirs {
         }
     }
 }
+
+/// An agent from before the injective pin names left its pins under the old name (`/` → `_`):
+/// while no agent runs they keep the pod fail-closed; the new agent attaches its own links,
+/// pins them under the new name and only then removes the old directory, and the pod is
+/// served.
+#[test]
+fn pins_under_the_old_names_are_adopted_on_upgrade() {
+    require_privileged();
+    let _shared = shared();
+    let Scenario {
+        client,
+        mut server,
+        node: _node,
+    } = Scenario::new(76, "upc", "ups");
+    let _www = serve_blob(&mut server, "wwwup", 1024);
+    let cluster = Cluster::new("agentup");
+    let workloads = || {
+        vec![
+            workload(&client, "up", "client"),
+            workload(&server, "up", "server"),
+        ]
+    };
+    let agent = RunningAgent::start(cluster.config(workloads(), vec![]));
+    let pins = PinCleanup(agent.kill());
+    let links = pins.0.join("links");
+    let new = links.join(interceptor::datapath::cgroup_pin_name(&client.cgroup.path));
+    let old = links.join(interceptor::datapath::legacy_cgroup_pin_name(
+        &client.cgroup.path,
+    ));
+    assert_ne!(new, old);
+    // What the previous version left: the same links, under its name.
+    std::fs::rename(&new, &old).expect("rename the pin directory to the old name");
+    let dst = SocketAddr::from((server.ip, 80));
+    let netns = client.netns_path();
+    wait_for(
+        "the agent's listener closed",
+        Duration::from_secs(5),
+        || {
+            let gone = interceptor::sys::in_netns(&netns, || {
+                Ok(std::net::TcpStream::connect(("127.0.0.1", 15001)).is_err())
+            })
+            .unwrap_or(false);
+            gone.then_some(())
+        },
+    );
+    let held = connect_in(&client.cgroup.path, &netns, dst);
+    assert_eq!(
+        held.peer,
+        Err(libc::ECONNREFUSED),
+        "old-name pins must keep the pod fail-closed"
+    );
+    drop(held);
+
+    let mut config = cluster.config(workloads(), vec![]);
+    config.bpffs = pins.0.clone();
+    let agent = RunningAgent::start(config);
+    assert!(
+        !old.exists(),
+        "the old-name pins must be removed after adoption"
+    );
+    for program in interceptor::datapath::CGROUP_PROGRAMS {
+        assert!(
+            new.join(program).exists(),
+            "{program} not pinned under the new name"
+        );
+    }
+    let held = connect_in(&client.cgroup.path, &netns, dst);
+    assert_eq!(held.peer, Ok(dst));
+    wait_for(
+        "the upgraded agent serves the pod",
+        Duration::from_secs(5),
+        || agent_saw(&agent, "upc").then_some(()),
+    );
+    drop(held);
+    drop(agent);
+    drop(pins);
+}
+
+/// A stale enrollment is retried: once its network namespace is back (here: a new one at the
+/// same path), the pod is enrolled again without a restart.
+#[test]
+fn stale_enrollment_is_restored_when_its_netns_returns() {
+    require_privileged();
+    let _shared = shared();
+    let Scenario {
+        client: _client,
+        server,
+        node,
+    } = Scenario::new(77, "rsc", "rss");
+    let back = node.pod("rsb", 4);
+    let cluster = Cluster::new("agentrs");
+    let config = cluster.config(vec![workload(&server, "rs", "server")], vec![]);
+    let admin = config.admin_socket.clone();
+    let agent = RunningAgent::start(config);
+    let resp = enroll(&admin, workload(&back, "rs", "client"));
+    assert!(matches!(resp, Response::Ok { .. }), "{resp:?}");
+    let pins = PinCleanup(agent.kill());
+    run("ip", &["netns", "delete", &back.ns.name]);
+    let mut config = cluster.config(vec![workload(&server, "rs", "server")], vec![]);
+    config.bpffs = pins.0.clone();
+    let agent = RunningAgent::start(config);
+    assert_eq!(agent.agent.stale().len(), 1);
+    run("ip", &["netns", "add", &back.ns.name]);
+    back.ns.ip(&["link", "set", "lo", "up"]);
+    wait_for("stale enrollment restored", Duration::from_secs(10), || {
+        agent.agent.stale().is_empty().then_some(())
+    });
+    assert!(agent.agent.enrolled().contains(&"rsb".to_owned()));
+    assert_eq!(reserved_ports(&back.netns_path()), "15001,15006");
+    drop(agent);
+    drop(pins);
+}

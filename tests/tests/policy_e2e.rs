@@ -1603,3 +1603,73 @@ fn policy_check_names_file_document_and_field() {
         "{stderr}"
     );
 }
+
+/// `interceptor policy check` with DestinationRule files: outside `--cert-dir` (the node's
+/// `policy.certDirs`) they are refused without being opened, and inside it a FIFO is refused
+/// at once instead of blocking the check forever (as it did: the reader waited for a writer).
+#[test]
+fn policy_check_reads_rule_files_only_inside_cert_dirs_and_never_blocks() {
+    let dir = PolicyDir::new();
+    let certs = interceptor_tests::agent::TempDir::new("certs");
+    let fifo = certs.0.join("ca.pem");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let rule = |ca: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: mongo}}
+spec:
+  host: mongo.mongo.svc.cluster.local
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {ca}}}
+"
+        )
+    };
+    let bin = interceptor_tests::demo::agent_binary();
+    let check = |extra: &[&std::ffi::OsStr]| {
+        let mut child = Command::new(&bin)
+            .args(["policy", "check"])
+            .arg(dir.path())
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run interceptor policy check");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("interceptor policy check {extra:?} did not finish within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("read stderr");
+        (status.code(), stderr)
+    };
+    let cert_dir = [std::ffi::OsStr::new("--cert-dir"), certs.0.as_os_str()];
+
+    dir.write("dr.yaml", &rule(&fifo.display().to_string()));
+    let (code, stderr) = check(&cert_dir);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("caCertificates") && stderr.contains("is a FIFO"),
+        "{stderr}"
+    );
+    let (code, stderr) = check(&[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not inside policy.certDirs (none configured)"),
+        "{stderr}"
+    );
+    dir.write("dr.yaml", &rule("/dev/zero"));
+    let (code, stderr) = check(&cert_dir);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("`/dev/zero` is not inside"), "{stderr}");
+}

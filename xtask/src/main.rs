@@ -2,6 +2,7 @@
 //! `setup`, so a fresh machine needs nothing but the Rust toolchains.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
@@ -32,6 +33,8 @@ enum Cmd {
     /// The main job: set up, build, probe, then run the agent on a throwaway node (two enrolled
     /// pods, one legacy) and print the curl matrix and the wire check.
     Demo(DemoArgs),
+    /// libFuzzer runs of the input parsers (`--smoke` for CI, `--time SECS` for a long run).
+    Fuzz(fuzz::FuzzArgs),
     /// Side-by-side benchmark: interceptor vs HAProxy mTLS sidecars vs plaintext.
     Bench(bench::BenchArgs),
 }
@@ -45,6 +48,7 @@ fn main() -> Result<()> {
         Cmd::Test(args) => test::test(&root, &args),
         Cmd::VmTest(args) => vm::vm_test(&root, &args),
         Cmd::Demo(args) => demo(&root, &args),
+        Cmd::Fuzz(args) => fuzz::fuzz(&root, &args),
         Cmd::Bench(args) => bench::bench(&root, &args),
     }
 }

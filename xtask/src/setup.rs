@@ -34,6 +34,7 @@ const BPF_LINKER_SERIES: &str = "0.13";
 pub(crate) fn setup(root: &Path) -> Result<()> {
     nightly_rust_src(root)?;
     bpf_linker(root)?;
+    cargo_fuzz(root)?;
     debian_packages(root)?;
     Ok(())
 }
@@ -119,6 +120,21 @@ fn bpf_linker(root: &Path) -> Result<()> {
                 &format!("llvm-{major}"),
             ])
             .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+/// `cargo fuzz` drives the libFuzzer targets in `fuzz/` (with the nightly toolchain).
+fn cargo_fuzz(root: &Path) -> Result<()> {
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    run(
+        root,
+        Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]),
     )
 }
 

@@ -5,7 +5,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result};
 
-use crate::{run, vm};
+use crate::{fuzz, run, vm};
 
 /// Test targets of `interceptor-tests` that need kernel TLS: they run only in the VM (and fail
 /// loudly if started on a host without the `tls` ULP).
@@ -61,6 +61,14 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
         ]),
     )?;
     host_privileged(root)?;
+    fuzz::fuzz(
+        root,
+        &fuzz::FuzzArgs {
+            smoke: true,
+            time: None,
+            targets: Vec::new(),
+        },
+    )?;
     if args.no_vm {
         eprintln!("--no-vm: VM tests NOT run; this is not a full test run");
         return Ok(());

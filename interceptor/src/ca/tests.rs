@@ -394,6 +394,19 @@ fn intermediate_signs_presents_its_chain_and_needs_no_root_key() {
         .unwrap();
     assert_eq!(long.not_after(), int.not_after());
 
+    // Never over the root itself, even when asked to replace.
+    assert!(matches!(
+        Ca::intermediate(
+            &root_dir,
+            &root_dir,
+            Duration::from_hours(24),
+            None,
+            OnExisting::Replace
+        ),
+        Err(CaError::AlreadyExists { .. })
+    ));
+    assert_eq!(Ca::load(&root_dir).unwrap().root(), root.root());
+
     // Refuses to overwrite, replaces when asked, and then keeps the roots already trusted.
     assert!(matches!(
         Ca::intermediate(

@@ -229,7 +229,7 @@ fn too_large_rel(size: u64, cap: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     struct Scratch(PathBuf);

@@ -32,8 +32,8 @@ use tokio::{
 };
 
 use super::{
-    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, buf::Buf,
-    ktls_record_limit, reset, shutdown_write, wait_ready,
+    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, await_peer_fin,
+    buf::Buf, ktls_record_limit, reset, shutdown_write, wait_ready,
 };
 use crate::{
     ktls::{
@@ -102,6 +102,7 @@ pub(super) async fn run(
         app_eof: false,
         close_notify_sent: false,
         peer_write_shut: false,
+        peer_fin_first: config.peer_fin_first,
         tx: TxAccount {
             seq_base,
             queued_base,
@@ -124,6 +125,8 @@ pub(super) async fn run(
     if result.is_err() {
         reset(&relay.app);
         reset(&relay.peer);
+    } else if relay.peer_fin_first {
+        await_peer_fin(&relay.peer).await;
     }
     result
 }
@@ -232,7 +235,10 @@ struct Kernel {
     up: Lane,
     app_eof: bool,
     close_notify_sent: bool,
+    /// Our direction toward the peer is finished (close_notify flushed, then FIN unless
+    /// `peer_fin_first`).
     peer_write_shut: bool,
+    peer_fin_first: bool,
     tx: TxAccount,
     flush_wait: Option<Pin<Box<Sleep>>>,
 
@@ -366,7 +372,9 @@ impl Kernel {
         if self.close_notify_sent && !self.peer_write_shut {
             if self.tx_flushed()? {
                 self.flush_wait = None;
-                shutdown_write(&self.peer).map_err(RelayError::Peer)?;
+                if !self.peer_fin_first {
+                    shutdown_write(&self.peer).map_err(RelayError::Peer)?;
+                }
                 self.peer_write_shut = true;
                 progress = true;
             } else {

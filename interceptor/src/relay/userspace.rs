@@ -22,8 +22,8 @@ use rustls::Connection;
 use tokio::{io::AsyncWrite as _, net::TcpStream};
 
 use super::{
-    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, buf::Buf, reset,
-    wait_ready,
+    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, await_peer_fin,
+    buf::Buf, reset, wait_ready,
 };
 
 /// Builds the relay's state now; the future owns only that state. `leftover` is plaintext
@@ -49,6 +49,7 @@ pub(super) fn run(
         app_eof: false,
         close_notify_queued: false,
         peer_write_shut: false,
+        peer_fin_first: config.peer_fin_first,
         tls_in: Buf::with_content(leftover_tls, size),
         down: Buf::with_content(leftover, size),
         peer_eof: false,
@@ -65,6 +66,8 @@ pub(super) fn run(
             }
             reset(&relay.app);
             reset(&relay.peer);
+        } else if relay.peer_fin_first && !relay.peer_eof {
+            await_peer_fin(&relay.peer).await;
         }
         result
     }
@@ -80,7 +83,10 @@ struct Userspace {
     up: Buf,
     app_eof: bool,
     close_notify_queued: bool,
+    /// Our direction toward the peer is finished (close_notify sent, then FIN unless
+    /// `peer_fin_first`).
     peer_write_shut: bool,
+    peer_fin_first: bool,
 
     /// Ciphertext read from the peer that rustls has not taken yet.
     tls_in: Buf,
@@ -172,7 +178,9 @@ impl Userspace {
         }
 
         if self.close_notify_queued && !self.conn.wants_write() && !self.peer_write_shut {
-            shutdown_write(&mut self.peer, cx).map_err(RelayError::Peer)?;
+            if !self.peer_fin_first {
+                shutdown_write(&mut self.peer, cx).map_err(RelayError::Peer)?;
+            }
             self.peer_write_shut = true;
             progress = true;
         }
