@@ -140,6 +140,7 @@ impl Shared {
     ) -> anyhow::Result<Self> {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
         let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
+        crypto.warm_up();
         Ok(Self {
             trust_domain,
             material: RwLock::new(Arc::new(Material {
@@ -266,6 +267,7 @@ impl Shared {
     /// session it would not allow is closed (logged, `closed.crypto_policy`). Returns how many
     /// were closed.
     pub fn set_crypto(&self, crypto: MeshCrypto) -> usize {
+        crypto.warm_up();
         let crypto = Arc::new(crypto);
         *self.crypto.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&crypto);
         // Configs are rebuilt at their next use: the policy is written before the generation

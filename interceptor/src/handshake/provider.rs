@@ -301,6 +301,19 @@ impl MeshCrypto {
         format!("groups {}; suites {}", groups.join(", "), suites.join(", "))
     }
 
+    /// Runs one key exchange in every offered group, so that the first mesh connection does
+    /// not pay for the first use of that code (page faults, lazy set-up; under the emulated
+    /// CPU of the VM tests about 50 ms for ML-KEM, time the peer's inbound agent counts
+    /// against the wait after which it treats a silent client as plaintext).
+    pub fn warm_up(&self) {
+        for group in self.groups.iter().map(|g| g.rustls()) {
+            let Ok(client) = group.start() else { continue };
+            if let Ok(server) = group.start_and_complete(client.pub_key()) {
+                let _ = client.complete(&server.pub_key);
+            }
+        }
+    }
+
     /// The rustls provider for mesh connections. Both ends of a mesh connection use it, so
     /// the client's order decides suite and group.
     pub fn provider(&self) -> Arc<CryptoProvider> {

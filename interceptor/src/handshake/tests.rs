@@ -679,6 +679,9 @@ fn providers_offer_exactly_the_policy() {
         assert_eq!(policy(p, true).groups(), p.groups());
     }
     assert_eq!(groups(&legacy()), [G::X25519, G::secp256r1]);
+    for p in [Default, Pqc, Fips1402] {
+        policy(p, false).warm_up();
+    }
 
     // A policy that leaves nothing the data path can carry is an error naming both.
     let only = CryptoPolicy {

@@ -405,4 +405,46 @@ mod tests {
         assert_eq!(protection(Plaintext, Some(RelayMode::Userspace)), Plaintext);
         assert_eq!(protection(Tls, Some(RelayMode::Userspace)), Tls);
     }
+
+    #[test]
+    fn flows_show_the_negotiated_group_beside_the_suite() {
+        let session = SessionCrypto {
+            suite: CipherSuite::TLS13_AES_128_GCM_SHA256,
+            group: Some(NamedGroup::secp256r1),
+            retried: true,
+            mesh: true,
+        };
+        assert_eq!(session.group_label().as_deref(), Some("secp256r1 (retry)"));
+        let row = FlowRow {
+            id: 1,
+            pod: "web".into(),
+            direction: Direction::Inbound,
+            source: "10.88.0.2:40000".parse().unwrap(),
+            destination: "10.88.0.3:80".parse().unwrap(),
+            peer_id: Some("spiffe://cluster.local/ns/a/sa/b".into()),
+            cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
+            group: Some("X25519MLKEM768".into()),
+            protection: Protection::Ktls,
+            bytes_to_peer: 0,
+            bytes_from_peer: 0,
+            closed: false,
+            endpoint: None,
+            reason: None,
+        };
+        let table = render(std::slice::from_ref(&row));
+        let header = table.lines().next().unwrap();
+        let line = table.lines().nth(1).unwrap();
+        assert!(
+            header.contains("CIPHER") && header.contains("GROUP"),
+            "{table}"
+        );
+        assert!(line.contains("X25519MLKEM768"), "{table}");
+        // `--json` carries it; rows from an agent without the field still parse.
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["group"], "X25519MLKEM768");
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("group");
+        let parsed: FlowRow = serde_json::from_value(old).unwrap();
+        assert_eq!(parsed.group, None);
+    }
 }
