@@ -296,8 +296,7 @@ fn agent_sigkill_mid_transfer_fails_closed_and_restart_serves_within_a_second() 
     let rows = agent.flows();
     let out = rows
         .iter()
-        .filter(|r| r.pod == "fkc")
-        .next_back()
+        .rfind(|r| r.pod == "fkc")
         .expect("client flow after the restart");
     assert_eq!(out.protection, expected_protection(), "{out:?}");
     assert_eq!(
