@@ -3,6 +3,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -34,6 +35,9 @@ enum Cmd {
     Demo(DemoArgs),
     /// Side-by-side benchmark: interceptor vs HAProxy mTLS sidecars vs plaintext.
     Bench(bench::BenchArgs),
+    /// Long run of the real agent under mixed churn and bulk: transfers, wire, memory and
+    /// descriptors checked (not part of CI).
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,6 +50,7 @@ fn main() -> Result<()> {
         Cmd::VmTest(args) => vm::vm_test(&root, &args),
         Cmd::Demo(args) => demo(&root, &args),
         Cmd::Bench(args) => bench::bench(&root, &args),
+        Cmd::Soak(args) => soak::soak(&root, &args),
     }
 }
 
