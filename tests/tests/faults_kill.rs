@@ -11,7 +11,10 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -38,8 +41,9 @@ const RATE: &str = "512K";
 const PACE: (usize, Duration) = (64 << 10, Duration::from_millis(30));
 
 /// An HTTP server on `port` of the pod's address, run by the test process (outside the pod's
-/// cgroup), answering every request with `body` written at [`PACE`].
-fn serve_paced(pod: &Pod, port: u16, body: Arc<Vec<u8>>) {
+/// cgroup), answering every request with `body` written at [`PACE`]; `sent` counts the body
+/// bytes written.
+fn serve_paced(pod: &Pod, port: u16, body: Arc<Vec<u8>>, sent: Arc<AtomicUsize>) {
     use std::io::{BufRead as _, BufReader, Write as _};
     let addr = SocketAddr::from((pod.ip, port));
     let listener = pod.ns.run(move || std::net::TcpListener::bind(addr));
@@ -47,6 +51,7 @@ fn serve_paced(pod: &Pod, port: u16, body: Arc<Vec<u8>>) {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
             let body = Arc::clone(&body);
+            let sent = Arc::clone(&sent);
             std::thread::spawn(move || -> std::io::Result<()> {
                 let mut reader = BufReader::new(conn.try_clone()?);
                 loop {
@@ -63,6 +68,7 @@ fn serve_paced(pod: &Pod, port: u16, body: Arc<Vec<u8>>) {
                 )?;
                 for chunk in body.chunks(PACE.0) {
                     conn.write_all(chunk)?;
+                    sent.fetch_add(chunk.len(), Ordering::Relaxed);
                     std::thread::sleep(PACE.1);
                 }
                 Ok(())
@@ -121,7 +127,8 @@ fn agent_sigkill_mid_transfer_fails_closed_and_restart_serves_within_a_second() 
     serve_http(&mut legacy, &outside_www.0);
     serve_upload_hasher(&server, 8080);
     let paced = Arc::new(www.payload.clone());
-    serve_paced(&server, 8081, Arc::clone(&paced));
+    let sent = Arc::new(AtomicUsize::new(0));
+    serve_paced(&server, 8081, Arc::clone(&paced), Arc::clone(&sent));
     let blob = www.path().join("blob");
 
     let cluster = Cluster::new("fkill");
@@ -163,7 +170,15 @@ fn agent_sigkill_mid_transfer_fails_closed_and_restart_serves_within_a_second() 
             )
         }
     });
-    std::thread::sleep(Duration::from_millis(1000));
+    // Mid-transfer: a good part of the download is through (the VM needs longer to get there).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sent.load(Ordering::Relaxed) < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the download did not start within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pinned = pins(&pin_dir.0);
     assert!(
         pinned.iter().any(|p| p.starts_with("links/")),
