@@ -79,10 +79,12 @@ fn serve_paced(pod: &Pod, port: u16, body: Arc<Vec<u8>>, sent: Arc<AtomicUsize>)
 
 /// How long a restarted agent may take, from exec to the first new flow that completes.
 fn restart_budget() -> Duration {
-    // The VM emulates its CPU (TCG, no KVM): loading and verifying the eBPF programs alone is
-    // several times slower there.
+    // The VM emulates its CPU (TCG, no KVM) with a debug build of the agent: loading and
+    // verifying the eBPF programs, the CA and the first leaves take tens of times longer
+    // there (measured on 6.1: ready after 16 s, first flow after 23 s). The 1 s budget is
+    // held on the host, on a real CPU.
     if in_vm() {
-        Duration::from_secs(5)
+        Duration::from_secs(60)
     } else {
         Duration::from_secs(1)
     }
@@ -264,8 +266,9 @@ fn agent_sigkill_mid_transfer_fails_closed_and_restart_serves_within_a_second() 
             break agent.started.elapsed();
         }
         assert!(
-            agent.started.elapsed() < Duration::from_secs(20),
-            "no flow completed within 20 s of the restart: {f:?}"
+            agent.started.elapsed() < restart_budget(),
+            "no flow completed within {:?} of the restart: {f:?}",
+            restart_budget()
         );
         std::thread::sleep(Duration::from_millis(10));
     };
