@@ -385,3 +385,137 @@ fn mesh_client_hello() -> Vec<u8> {
     assert_eq!(peek::classify(&rec), peek::FirstBytes::Mesh);
     rec
 }
+
+/// 10 000 connections from one pod outside the mesh to an enrolled server under STRICT, each
+/// connected and silent: the agent holds at most `maxPendingHandshakesPerPod` of them while it
+/// waits for a first byte, resets the rest, refuses each held one at the handshake deadline,
+/// and meanwhile another pod's mTLS requests keep succeeding. The agent (the real binary, so
+/// its descriptors are its own) ends with the descriptors it had before.
+#[test]
+fn ten_thousand_silent_connections_cost_bounded_descriptors_and_no_service() {
+    use interceptor_tests::{flood::Flood, process::AgentProcess};
+    require_privileged();
+    let Scenario {
+        client,
+        mut server,
+        node,
+    } = Scenario::new(94, "fhc", "fhs");
+    let flooder = node.pod("fhf", 4);
+    let www = serve_blob(&mut server, "fhwww", 16 << 10);
+    let policy = PolicyDir::new();
+    policy.write(
+        "mesh.yaml",
+        &POLICY_A
+            .replace("namespace: ff", "namespace: fh")
+            .replace("ffs", "fhs")
+            .replace("ns/ff/", "ns/fh/"),
+    );
+    let cluster = Cluster::new("fhalf");
+    let mut cfg = cluster.config(
+        vec![
+            workload(&client, "fh", "client"),
+            workload(&server, "fh", "server"),
+        ],
+        vec![],
+    );
+    cfg.policy_dir = Some(policy.path());
+    cfg.tuning.handshake_timeout_ms = 2_000;
+    let pending_cap = cfg.tuning.max_pending_handshakes_per_pod as usize;
+    let _pins = interceptor_tests::agent::PinCleanup(cfg.bpffs.clone());
+    let agent = AgentProcess::start(&cfg, &cluster.scratch.0.join("node.yaml"));
+    let url = format!("http://{}/blob", server.ip);
+    let fetch = |what: &str| {
+        let f = curl(client.command("curl"), &url, &[]);
+        assert_eq!(
+            (f.code.as_str(), sha256_hex(&f.body)),
+            ("200", www.want.clone()),
+            "{what}"
+        );
+    };
+    fetch("before the flood");
+    std::thread::sleep(Duration::from_millis(500));
+    let baseline = agent.fd_count();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let requests = std::thread::spawn({
+        let (stop, served) = (Arc::clone(&stop), Arc::clone(&served));
+        let mut cmds: Vec<_> = (0..400).map(|_| client.command("curl")).collect();
+        let (url, want) = (url.clone(), www.want.clone());
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(cmd) = cmds.pop() else { break };
+                let f = curl(cmd, &url, &[]);
+                assert_eq!(
+                    (f.code.as_str(), sha256_hex(&f.body).as_str()),
+                    ("200", want.as_str()),
+                    "the other pod's request failed during the flood"
+                );
+                served.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    // Ten processes of 1 000 each: one process connecting in sequence spends its time on the
+    // SYNs the full accept queue drops (those stay half-open too, on the flooder's side).
+    let target = format!("{}:80", server.ip);
+    let floods: Vec<Flood> = (0..10)
+        .map(|_| {
+            std::thread::spawn({
+                let cmd = flooder.command_unenrolled(env!("CARGO_BIN_EXE_flood"));
+                let target = target.clone();
+                move || Flood::start(cmd, &[&target, "1000"])
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("flood"))
+        .collect();
+    let mut fds_max = agent.fd_count();
+    let held_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < held_until {
+        fds_max = fds_max.max(agent.fd_count());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = agent.stats();
+    stop.store(true, Ordering::Relaxed);
+    requests
+        .join()
+        .expect("the other pod's requests (see above)");
+    let connected: usize = floods.iter().map(|f| f.connected).sum();
+    let failed: usize = floods.iter().map(|f| f.failed).sum();
+    drop(floods);
+    let settle = Instant::now();
+    let mut fds_end = agent.fd_count();
+    while fds_end > baseline + 4 && settle.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        fds_end = agent.fd_count();
+    }
+    println!(
+        "flood: {connected} connected, {failed} failed; other pod: {} requests served; agent fds \
+         {baseline} before, {fds_max} max, {fds_end} after {:?}; refused: {:?}",
+        served.load(Ordering::Relaxed),
+        settle.elapsed(),
+        stats
+            .iter()
+            .filter(|(k, v)| k.starts_with("refused.") && **v > 0)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        connected > 2 * pending_cap,
+        "the flood connected only {connected} of 10 000 ({failed} failed): the cap was not tested"
+    );
+    assert!(
+        served.load(Ordering::Relaxed) >= 5,
+        "the other pod was barely served"
+    );
+    assert!(
+        fds_max <= baseline + pending_cap + 64,
+        "the agent held {fds_max} descriptors during the flood (baseline {baseline}, pending cap {pending_cap})"
+    );
+    assert!(
+        fds_end <= baseline + 4,
+        "agent descriptors did not return to the baseline: {baseline} before, {fds_end} after"
+    );
+    fetch("after the flood");
+}
