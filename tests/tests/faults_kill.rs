@@ -272,7 +272,10 @@ fn agent_sigkill_mid_transfer_fails_closed_and_restart_serves_within_a_second() 
         );
         std::thread::sleep(Duration::from_millis(10));
     };
-    println!("restart: agent ready after {ready:?}, first new flow served after {served:?}");
+    // Straight to stderr (not captured by the harness): the numbers belong in every CI log.
+    interceptor_tests::demo::say(&format!(
+        "restart: agent ready {ready:?} after exec, first new flow served {served:?} after exec\n"
+    ));
     assert!(
         served <= restart_budget(),
         "the restarted agent served its first new flow {served:?} after exec (budget {:?})",
