@@ -226,10 +226,54 @@ fn run(duration: Duration) -> bool {
         }
     }));
 
-    let index = PlaintextIndex::new(&payload);
-    let mut wire_bytes = 0u64;
-    let mut clear = 0u64;
-    let mut capture = Capture::start_in(&node.ns.path(), &server.host_if);
+    // The wire check runs on its own thread, so the samples keep their 10 s cadence however
+    // long a window takes to search. The next window starts before the previous one stops:
+    // no byte goes unchecked.
+    let wire_bytes = Arc::new(AtomicU64::new(0));
+    let clear = Arc::new(AtomicU64::new(0));
+    // Stopped only once the load has: the last transfers are captured too.
+    let wire_stop = Arc::new(AtomicBool::new(false));
+    let checker = {
+        let (stop, wire_bytes, clear) = (
+            Arc::clone(&wire_stop),
+            Arc::clone(&wire_bytes),
+            Arc::clone(&clear),
+        );
+        let (netns, ifname, payload) =
+            (node.ns.path(), server.host_if.clone(), Arc::clone(&payload));
+        std::thread::spawn(move || {
+            let index = PlaintextIndex::new(&payload);
+            let check = |streams: &interceptor_tests::wire::Streams| {
+                for s in &streams.streams {
+                    wire_bytes.fetch_add(s.bytes.len() as u64, Ordering::Relaxed);
+                    if let Some((at, off, len)) = index.find_in(&s.bytes) {
+                        clear.fetch_add(len as u64, Ordering::Relaxed);
+                        eprintln!(
+                            "soak: FAILED plaintext on the wire: {len} bytes of the payload (offset {off}) at byte {at} of {} -> {}",
+                            s.src, s.dst
+                        );
+                    }
+                }
+            };
+            let mut capture = Capture::start_in(&netns, &ifname);
+            loop {
+                let last = stop.load(Ordering::Relaxed);
+                if !last {
+                    std::thread::sleep(SAMPLE);
+                }
+                let next = (!last).then(|| Capture::start_in(&netns, &ifname));
+                let streams = match next {
+                    Some(next) => std::mem::replace(&mut capture, next).stop_streams(),
+                    None => {
+                        let streams = capture.stop_streams();
+                        check(&streams);
+                        return;
+                    }
+                };
+                check(&streams);
+            }
+        })
+    };
     let warm_up = (duration / 10).clamp(Duration::from_secs(10), Duration::from_secs(60));
     let mut rss_warm = None;
     let mut rss_max = 0;
@@ -237,19 +281,6 @@ fn run(duration: Duration) -> bool {
     let started = Instant::now();
     while started.elapsed() < duration {
         std::thread::sleep(SAMPLE.min(duration.saturating_sub(started.elapsed())));
-        // The next window starts before this one stops: no byte goes unchecked.
-        let next = Capture::start_in(&node.ns.path(), &server.host_if);
-        let streams = std::mem::replace(&mut capture, next).stop_streams();
-        for s in &streams.streams {
-            wire_bytes += s.bytes.len() as u64;
-            if let Some((at, off, len)) = index.find_in(&s.bytes) {
-                clear += len as u64;
-                eprintln!(
-                    "soak: FAILED plaintext on the wire: {len} bytes of the payload (offset {off}) at byte {at} of {} -> {}",
-                    s.src, s.dst
-                );
-            }
-        }
         let (rss, fds) = (agent.rss_kib(), agent.fd_count());
         rss_max = rss_max.max(rss);
         fds_max = fds_max.max(fds);
@@ -257,11 +288,12 @@ fn run(duration: Duration) -> bool {
             rss_warm = Some(rss);
         }
         println!(
-            "soak: t={:>4}s RSS {rss} KiB, {fds} fds; {} connections, {} MiB checked, {} MiB captured, {clear} clear bytes, {} failures",
+            "soak: t={:>4}s RSS {rss} KiB, {fds} fds; {} connections, {} MiB checked, {} MiB of wire searched, {} clear bytes, {} failures",
             started.elapsed().as_secs(),
             totals.connections.load(Ordering::Relaxed),
             totals.bytes.load(Ordering::Relaxed) >> 20,
-            wire_bytes >> 20,
+            wire_bytes.load(Ordering::Relaxed) >> 20,
+            clear.load(Ordering::Relaxed),
             totals.failures.load(Ordering::Relaxed),
         );
     }
@@ -269,13 +301,12 @@ fn run(duration: Duration) -> bool {
     for w in workers {
         let _ = w.join();
     }
-    for s in &capture.stop_streams().streams {
-        wire_bytes += s.bytes.len() as u64;
-        if let Some((_, _, len)) = index.find_in(&s.bytes) {
-            clear += len as u64;
-            eprintln!("soak: FAILED plaintext on the wire: {} -> {}", s.src, s.dst);
-        }
-    }
+    wire_stop.store(true, Ordering::Relaxed);
+    checker.join().expect("wire checker");
+    let (wire_bytes, clear) = (
+        wire_bytes.load(Ordering::Relaxed),
+        clear.load(Ordering::Relaxed),
+    );
     // Flows end when their sockets close; give the agent a moment to reap them.
     let settle = Instant::now();
     let mut fds_end = agent.fd_count();
