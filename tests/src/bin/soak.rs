@@ -159,6 +159,8 @@ fn run(duration: Duration) -> bool {
         agent.pid()
     );
 
+    // The first window starts before the load does.
+    let first_window = Capture::start_in(&node.ns.path(), &server.host_if);
     let totals = Arc::new(Totals::default());
     let stop = Arc::new(AtomicBool::new(false));
     let client = Arc::new(client);
@@ -255,7 +257,7 @@ fn run(duration: Duration) -> bool {
                     }
                 }
             };
-            let mut capture = Capture::start_in(&netns, &ifname);
+            let mut capture = first_window;
             loop {
                 let last = stop.load(Ordering::Relaxed);
                 if !last {
