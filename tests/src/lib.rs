@@ -12,6 +12,7 @@ pub mod flood;
 pub mod identity;
 pub mod mesh;
 pub mod pair;
+pub mod process;
 pub mod scenario;
 pub mod topology;
 pub mod wire;

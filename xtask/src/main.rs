@@ -4,6 +4,7 @@
 mod bench;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -37,6 +38,9 @@ enum Cmd {
     Fuzz(fuzz::FuzzArgs),
     /// Side-by-side benchmark: interceptor vs HAProxy mTLS sidecars vs plaintext.
     Bench(bench::BenchArgs),
+    /// Long run of the real agent under mixed churn and bulk: transfers, wire, memory and
+    /// descriptors checked (not part of CI).
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> Result<()> {
@@ -50,6 +54,7 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo(&root, &args),
         Cmd::Fuzz(args) => fuzz::fuzz(&root, &args),
         Cmd::Bench(args) => bench::bench(&root, &args),
+        Cmd::Soak(args) => soak::soak(&root, &args),
     }
 }
 

@@ -60,6 +60,7 @@ const HOST_ONLY: &[&str] = &[
     "churn_e2e",
     "crypto_e2e",
     "enroll_e2e",
+    "faults_e2e",
     "identity_clock",
     "limits_e2e",
     "limits_flood",

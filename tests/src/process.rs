@@ -1,0 +1,145 @@
+//! The real agent binary (`interceptor run`) as a child process, for the tests that must kill
+//! it the way a node does (SIGKILL: no destructor, no flush) and measure it from outside
+//! (resident memory and descriptors in `/proc/<pid>`). The in-process agent of
+//! [`crate::agent`] shares the test's descriptors and address space, so neither is visible
+//! there.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use interceptor::{config::Config, intercept::table::FlowRow};
+
+use crate::demo::agent_binary;
+
+/// A running `interceptor run --config FILE`; killed (SIGKILL) on drop if still alive.
+pub struct AgentProcess {
+    child: Child,
+    pub bin: PathBuf,
+    pub admin: PathBuf,
+    /// When the process was spawned.
+    pub started: Instant,
+}
+
+impl AgentProcess {
+    /// Writes `config` to `file` and starts the agent on it; returns once its admin socket
+    /// answers (at most 30 s: the VM emulates its CPU).
+    pub fn start(config: &Config, file: &Path) -> AgentProcess {
+        let yaml = serde_yaml::to_string(config).expect("config to yaml");
+        std::fs::write(file, yaml).expect("write node config");
+        let _ = std::fs::remove_file(&config.admin_socket);
+        let bin = agent_binary();
+        let started = Instant::now();
+        let child = Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(file)
+            .env(
+                "INTERCEPTOR_LOG",
+                std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let mut agent = AgentProcess {
+            child,
+            bin,
+            admin: config.admin_socket.clone(),
+            started,
+        };
+        agent.wait_ready(Duration::from_secs(30));
+        agent
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the agent exited during start: {status}");
+            }
+            if self.admin.exists() && self.try_stats().is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL, then reaps it: its sockets close in the kernel, its bpffs pins stay.
+    pub fn kill9(mut self) {
+        self.sigkill();
+    }
+
+    fn sigkill(&mut self) {
+        // SAFETY: signalling our own, not yet reaped, child.
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    /// `interceptor flows --all --json`: open and recently closed flows.
+    pub fn flows(&self) -> Vec<FlowRow> {
+        let out = Command::new(&self.bin)
+            .args(["flows", "--all", "--json", "--admin-socket"])
+            .arg(&self.admin)
+            .output()
+            .expect("interceptor flows");
+        assert!(
+            out.status.success(),
+            "interceptor flows: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("flows json")
+    }
+
+    /// `interceptor flows --stats`: the counters.
+    pub fn stats(&self) -> BTreeMap<String, u64> {
+        self.try_stats().expect("interceptor flows --stats")
+    }
+
+    fn try_stats(&self) -> Option<BTreeMap<String, u64>> {
+        let out = Command::new(&self.bin)
+            .args(["flows", "--stats", "--admin-socket"])
+            .arg(&self.admin)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Open descriptors of the agent process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident set size of the agent process, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.sigkill();
+        }
+    }
+}
