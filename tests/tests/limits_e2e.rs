@@ -8,11 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor::{handshake::MESH_ALPN, intercept::peek};
 use interceptor_tests::{
     agent::{RunningAgent, workload},
     apps::busybox,
-    flood::Flood,
+    flood::{Flood, mesh_client_hello},
     mesh::{NcSession, echo_server, stats_delta},
     require_privileged,
     scenario::{Cluster, Scenario, serve_blob},
@@ -36,31 +35,6 @@ fn process_cpu() -> Duration {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A minimal ClientHello record offering the mesh ALPN (not a complete TLS 1.3 hello: the
-/// agent classifies it as mesh, then its handshake fails).
-fn mesh_client_hello() -> Vec<u8> {
-    let mut alpn = vec![0, 0, MESH_ALPN.len() as u8];
-    alpn.extend_from_slice(MESH_ALPN);
-    let list_len = (alpn.len() - 2) as u16;
-    alpn[..2].copy_from_slice(&list_len.to_be_bytes());
-    let mut ext = vec![0x00, 0x10];
-    ext.extend_from_slice(&(alpn.len() as u16).to_be_bytes());
-    ext.extend_from_slice(&alpn);
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7u8; 32]);
-    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut hs = vec![1, 0];
-    hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    hs.extend_from_slice(&body);
-    let mut rec = vec![0x16, 0x03, 0x01];
-    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&hs);
-    assert_eq!(peek::classify(&rec), peek::FirstBytes::Mesh);
-    rec
 }
 
 #[test]
