@@ -14,9 +14,11 @@
 pub mod admin;
 pub mod app;
 pub mod ca;
+pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod handshake;
+pub mod health;
 pub mod identity;
 pub mod intercept;
 pub mod ktls;
