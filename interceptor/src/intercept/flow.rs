@@ -85,7 +85,7 @@ pub(super) async fn serve(
     };
     drop(permit);
     if let Err(e) = result {
-        shared.policy.count("flows_failed".to_owned());
+        shared.counters.flow_failed();
         if shared.sample("failed flows", "flow") {
             warn!(pod = %ctx.name, ?direction, %peer, "flow failed: {e:#}");
         }
@@ -148,7 +148,7 @@ impl Refusal {
 /// -> DST ...: reason`) and is only built when the sample is logged. Every refused
 /// connection passes here.
 pub(super) fn refused(shared: &Shared, code: RefusalCode, line: impl FnOnce() -> String) {
-    shared.policy.count(format!("refused.{code}"));
+    shared.counters.refused.add(code);
     if shared.sample("refused", code.as_str()) {
         warn!(target: "interceptor::policy", "refused {} [{code}]", line());
     }
@@ -164,7 +164,7 @@ fn refused_with(shared: &Shared, ends: &Ends, refused: &Refused) {
 /// Counts (`closed.<code>`) and logs as a sample an open flow `by` no longer allows (a
 /// policy generation, a crypto policy); the caller resets it.
 pub(super) fn closed(shared: &Shared, ends: &Ends, by: &str, refused: &Refused) {
-    shared.policy.count(format!("closed.{}", refused.code));
+    shared.counters.closed.add(refused.code);
     if shared.sample("closed", refused.code.as_str()) {
         warn!(
             target: "interceptor::policy",
