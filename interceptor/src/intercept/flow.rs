@@ -20,6 +20,7 @@ use super::{
     table::{Direction, FlowCheck},
 };
 use crate::{
+    error,
     handshake::{self, HandshakeError, driver},
     identity::SpiffeId,
     policy::FlowTls,
@@ -275,18 +276,6 @@ impl Ends {
     }
 }
 
-/// An error and its sources on one line.
-pub(super) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 /// Why a mesh handshake failed, for the refusal log: a crypto mismatch this side detected is
 /// `crypto_mismatch` and names what this node offers; an abort by the peer names it too,
 /// since the peer's policy may be what refused it.
@@ -314,7 +303,7 @@ pub(super) fn handshake_refused(shared: &Shared, e: &driver::DriveError) -> Refu
         },
         _ => Refused {
             code: RefusalCode::HandshakeFailed,
-            reason: format!("mTLS handshake failed: {}", chain(e)),
+            reason: format!("mTLS handshake failed: {}", error::chain(e)),
         },
     }
 }
