@@ -31,6 +31,7 @@ use rustls::{
     version::TLS13,
 };
 
+pub(crate) use self::verifier::ServerChain;
 use self::verifier::{MeshClientVerifier, MeshServerVerifier};
 pub use self::{
     provider::{
