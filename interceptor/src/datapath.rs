@@ -686,6 +686,11 @@ impl Datapath {
         ]
     }
 
+    /// Whether the netns `netns_cookie` has a [`PodConfig`] (its sockets are steered).
+    pub fn has_pod(&self, netns_cookie: u64) -> bool {
+        self.pod_config.get(&netns_cookie, 0).is_ok()
+    }
+
     /// The network namespaces with an sk_lookup link of this agent, by cookie.
     pub fn netns_links(&self) -> Vec<u64> {
         self.netns.keys().copied().collect()
