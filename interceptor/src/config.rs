@@ -860,7 +860,7 @@ peers:
         assert_eq!(settings.pods[0].service_account, "sleep");
         assert_eq!(c.workloads[0].own_cgroup(), None);
         // Round trip keeps the cgroup out.
-        let again = serde_yaml::to_string(&c).unwrap();
+        let again = yaml_serde::to_string(&c).unwrap();
         assert!(!again.contains("cgroup: ''"), "{again}");
         assert_eq!(Config::parse("n", &again).unwrap(), c);
 
