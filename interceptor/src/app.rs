@@ -2,6 +2,8 @@
 //! configured and persisted pods, serve the admin API, and on SIGTERM exit leaving the pinned
 //! programs in place so enrolled pods stay fail-closed until the agent is back.
 
+mod kubernetes;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -20,6 +22,7 @@ use crate::{
     config::{self, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::{CryptoPolicy, MeshSuite},
+    health::Readiness,
     intercept::{
         self, Identity, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
@@ -43,6 +46,8 @@ pub struct Agent {
     /// What runtime enrollments are validated against besides the enrolled pods.
     peers: Vec<Peer>,
     services: Vec<Service>,
+    /// What `/readyz` reports.
+    readiness: Arc<Readiness>,
 }
 
 /// A persisted enrollment the agent could not restore.
@@ -122,7 +127,39 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
     }
+    // Kubernetes mode: the watchers start first, and pods are enrolled once the cluster was
+    // listed (or after SYNC_WAIT, not ready until it is), so the first decisions already
+    // see the cluster's policy and peers.
+    let directory = match &config.kubernetes {
+        Some(settings) => {
+            let directory = kubernetes::connect(settings).await?;
+            if !kubernetes::wait_synced(&directory, kubernetes::SYNC_WAIT).await {
+                warn!(
+                    "the API server has not been listed within {:?}; serving, not ready",
+                    kubernetes::SYNC_WAIT
+                );
+            }
+            Some(directory)
+        }
+        None => None,
+    };
     let agent = start_with(config.clone(), offload, ca, datapath, policy).await?;
+    let ready = &agent.readiness;
+    for flag in [
+        &ready.programs_attached,
+        &ready.ca_loaded,
+        &ready.policy_loaded,
+    ] {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    }
+    match directory {
+        Some(directory) => {
+            kubernetes::start_following(Arc::clone(&agent), directory).await;
+        }
+        None => ready
+            .cluster_synced
+            .store(true, std::sync::atomic::Ordering::Release),
+    }
     tokio::spawn(watch_ca(
         Arc::clone(&agent.shared),
         config.ca_dir.clone(),
@@ -182,6 +219,7 @@ async fn start_with(
         changes: tokio::sync::Mutex::new(()),
         peers: config.peers.clone(),
         services: config.services.clone(),
+        readiness: Arc::new(Readiness::default()),
     });
     // The node config is the operator's: a workload there that cannot be enrolled refuses
     // the start, naming it.
@@ -491,6 +529,21 @@ impl Agent {
     /// How mesh flows are protected on this node.
     pub fn offload(&self) -> &Offload {
         &self.shared.offload
+    }
+
+    /// Start-up steps that hold, for `/readyz`.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        Arc::clone(&self.readiness)
+    }
+
+    /// The workloads enrolled now.
+    fn enrolled_workloads(&self) -> Vec<Workload> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.workload.clone())
+            .collect()
     }
 
     /// The crypto policy in force.
