@@ -2,6 +2,8 @@
 //! configured and persisted pods, serve the admin API, and on SIGTERM exit leaving the pinned
 //! programs in place so enrolled pods stay fail-closed until the agent is back.
 
+mod kubernetes;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -21,6 +23,7 @@ use crate::{
     config::{self, CniSettings, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::{CryptoPolicy, MeshSuite},
+    health::Readiness,
     intercept::{
         self, Identity, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
@@ -53,6 +56,8 @@ pub struct Agent {
     sandboxes: Mutex<BTreeMap<String, String>>,
     /// What was last written to `cni.membershipFile`.
     membership_written: Mutex<Option<MembershipFile>>,
+    /// What `/readyz` reports.
+    readiness: Arc<Readiness>,
 }
 
 /// A persisted enrollment the agent could not restore.
@@ -144,7 +149,39 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
             .with_context(|| format!("attach to cni.parentCgroup {}", parent.display()))?;
         info!(parent = %parent.display(), "pods are enrolled by network namespace");
     }
+    // Kubernetes mode: the watchers start first, and pods are enrolled once the cluster was
+    // listed (or after SYNC_WAIT, not ready until it is), so the first decisions already
+    // see the cluster's policy and peers.
+    let directory = match &config.kubernetes {
+        Some(settings) => {
+            let directory = kubernetes::connect(settings).await?;
+            if !kubernetes::wait_synced(&directory, kubernetes::SYNC_WAIT).await {
+                warn!(
+                    "the API server has not been listed within {:?}; serving, not ready",
+                    kubernetes::SYNC_WAIT
+                );
+            }
+            Some(directory)
+        }
+        None => None,
+    };
     let agent = start_with(config.clone(), offload, ca, datapath, policy).await?;
+    let ready = &agent.readiness;
+    for flag in [
+        &ready.programs_attached,
+        &ready.ca_loaded,
+        &ready.policy_loaded,
+    ] {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    }
+    match directory {
+        Some(directory) => {
+            kubernetes::start_following(Arc::clone(&agent), directory).await;
+        }
+        None => ready
+            .cluster_synced
+            .store(true, std::sync::atomic::Ordering::Release),
+    }
     tokio::spawn(watch_ca(
         Arc::clone(&agent.shared),
         config.ca_dir.clone(),
@@ -211,6 +248,7 @@ async fn start_with(
         cni: config.cni.clone(),
         sandboxes: Mutex::new(BTreeMap::new()),
         membership_written: Mutex::new(None),
+        readiness: Arc::new(Readiness::default()),
     });
     agent.write_membership();
     // The node config is the operator's: a workload there that cannot be enrolled refuses
@@ -516,6 +554,21 @@ impl Agent {
     /// How mesh flows are protected on this node.
     pub fn offload(&self) -> &Offload {
         &self.shared.offload
+    }
+
+    /// Start-up steps that hold, for `/readyz`.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        Arc::clone(&self.readiness)
+    }
+
+    /// The workloads enrolled now.
+    fn enrolled_workloads(&self) -> Vec<Workload> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.workload.clone())
+            .collect()
     }
 
     /// The crypto policy in force.
