@@ -266,7 +266,7 @@ const HEADLINE: [(Workload, &str, &str); 15] = [
     (
         Workload::Churn,
         "setups_per_proxy_core_s",
-        "full mTLS setups per proxy CPU-s",
+        "mTLS setups per proxy CPU-s (full, or resumed where on)",
     ),
     (
         Workload::Idle,
@@ -284,8 +284,8 @@ impl LayoutResults {
         for m in modes {
             let _ = write!(s, " {} |", short(*m));
         }
-        s.push_str(" relay ÷ HAProxy | kTLS ÷ relay |\n");
-        let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(modes.len()));
+        s.push_str(" relay ÷ HAProxy | kTLS ÷ relay | relay ÷ no resumption |\n");
+        let _ = writeln!(s, "|---|{}---|---|---|", "---|".repeat(modes.len()));
         for (w, metric, label) in HEADLINE {
             let Some(row) = self
                 .rows
@@ -312,7 +312,15 @@ impl LayoutResults {
             let kr = self
                 .ratio(Mode::InterceptorKtls, Mode::InterceptorRelay, w, metric)
                 .map_or("—".to_owned(), |r| fmt_num(r.median));
-            let _ = writeln!(s, " {rh} | {kr} |");
+            let rr = self
+                .ratio(
+                    Mode::InterceptorRelay,
+                    Mode::InterceptorRelayFull,
+                    w,
+                    metric,
+                )
+                .map_or("—".to_owned(), |r| fmt_num(r.median));
+            let _ = writeln!(s, " {rh} | {kr} | {rr} |");
         }
         s.push_str(
             "\nCells: median over rounds (median of per-round ratios to plaintext). Ratio \
@@ -436,6 +444,7 @@ fn short(mode: Mode) -> &'static str {
         Mode::InterceptorRelay => "relay",
         Mode::HaproxyPair => "HAProxy pair",
         Mode::InterceptorSkmsg => "+sk_msg",
+        Mode::InterceptorRelayFull => "relay, no resumption",
     }
 }
 
@@ -652,6 +661,7 @@ impl Report {
             (Mode::InterceptorKtls, "#1b9e77"),
             (Mode::InterceptorRelay, "#7570b3"),
             (Mode::InterceptorSkmsg, "#66a61e"),
+            (Mode::InterceptorRelayFull, "#e7298a"),
             (Mode::HaproxyPair, "#d95f02"),
         ];
         let panel_w = 900.0;
