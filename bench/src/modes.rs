@@ -515,6 +515,8 @@ struct PeerCfg {
 struct TuningCfg {
     sk_msg_local_leg: bool,
     session_resumption: bool,
+    /// Room for the `scale` workload's 10 000 idle connections from one pod.
+    max_connections_per_pod: u32,
     outbound_port: u16,
     inbound_port: u16,
     handshake_timeout_ms: u64,
@@ -599,6 +601,7 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
             tuning: TuningCfg {
                 sk_msg_local_leg: active.mode == Mode::InterceptorSkmsg,
                 session_resumption: active.mode != Mode::InterceptorRelayFull,
+                max_connections_per_pod: 16_384,
                 outbound_port: 15001,
                 inbound_port: 15006,
                 handshake_timeout_ms: 5_000,

@@ -9,7 +9,12 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{modes::Mode, topology::Layout, workloads::Workload};
+use crate::{
+    modes::Mode,
+    plot::{Chart, Series, page},
+    topology::Layout,
+    workloads::{SCALE_FLOWS, SCALE_IDLE, SCALE_THREADS, Workload},
+};
 
 /// One measured value.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -360,6 +365,12 @@ fn meta(metric: &str) -> (&'static str, bool) {
         m if m.ends_with("p99_us") => ("µs", true),
         m if m.ends_with("connections") => ("count", false),
         m if m.ends_with("time_wait") => ("count", true),
+        // Scaling curves: `bulk_p<flows>_…`, `idle_n<count>_…`, `setup_t<threads>_…`.
+        m if m.ends_with("_mb_s") => ("MB/s", false),
+        m if m.ends_with("cpu_s_per_gb") => ("CPU-s/GB", true),
+        m if m.ends_with("rss_kb_per_conn") => ("KB/conn", true),
+        m if m.ends_with("fds_per_conn") => ("fds/conn", true),
+        m if m.ends_with("rss_mb") => ("MB", true),
         _ => ("", true),
     }
 }
@@ -758,6 +769,126 @@ impl Report {
         );
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// One scaling curve: title, x label, y label, the x values, the metric name at an x.
+type Curve = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [usize],
+    fn(usize) -> String,
+);
+
+const CURVES: [Curve; 6] = [
+    (
+        "bulk throughput",
+        "concurrent flows",
+        "MB/s",
+        &SCALE_FLOWS,
+        |x| format!("bulk_p{x}_mb_s"),
+    ),
+    (
+        "proxy CPU per GB",
+        "concurrent flows",
+        "CPU-s/GB",
+        &SCALE_FLOWS,
+        |x| format!("bulk_p{x}_proxy_cpu_s_per_gb"),
+    ),
+    (
+        "proxy RSS per idle connection",
+        "idle connections",
+        "KB",
+        &SCALE_IDLE,
+        |x| format!("idle_n{x}_rss_kb_per_conn"),
+    ),
+    (
+        "proxy descriptors per idle connection",
+        "idle connections",
+        "fds",
+        &SCALE_IDLE,
+        |x| format!("idle_n{x}_fds_per_conn"),
+    ),
+    (
+        "new connections/s",
+        "client threads",
+        "conn/s",
+        &SCALE_THREADS,
+        |x| format!("setup_t{x}_conn_per_s"),
+    ),
+    (
+        "proxy CPU per new connection",
+        "client threads",
+        "CPU-ms",
+        &SCALE_THREADS,
+        |x| format!("setup_t{x}_proxy_cpu_ms_per_conn"),
+    ),
+];
+
+impl Report {
+    /// The `scale` workload's curves, per layout: one chart per measure, one line per mode,
+    /// each point the median over rounds (every round's value stays in results.json).
+    pub fn scaling_svg(&self) -> Option<String> {
+        let colors = [
+            (Mode::Plaintext, "#666666"),
+            (Mode::InterceptorKtls, "#1b9e77"),
+            (Mode::InterceptorRelay, "#7570b3"),
+            (Mode::HaproxyPair, "#d95f02"),
+            (Mode::InterceptorSkmsg, "#66a61e"),
+            (Mode::InterceptorRelayFull, "#e7298a"),
+        ];
+        let titles: Vec<String> = self
+            .layouts
+            .iter()
+            .flat_map(|l| {
+                CURVES
+                    .iter()
+                    .map(move |c| format!("{}: {}", l.layout.label(), c.0))
+            })
+            .collect();
+        let mut charts = Vec::new();
+        let mut any = false;
+        for (i, l) in self.layouts.iter().enumerate() {
+            for (j, (_, x_label, y_label, xs, metric)) in CURVES.iter().enumerate() {
+                let series: Vec<Series<'_>> = colors
+                    .iter()
+                    .filter_map(|(mode, color)| {
+                        let points: Vec<(f64, f64)> =
+                            xs.iter()
+                                .filter_map(|&x| {
+                                    let name = metric(x);
+                                    let row = l.rows.iter().find(|r| {
+                                        r.workload == Workload::Scale && r.metric == name
+                                    })?;
+                                    Some((x as f64, row.medians.get(mode)?.median))
+                                })
+                                .collect();
+                        (!points.is_empty()).then(|| Series {
+                            name: short(*mode),
+                            color,
+                            points,
+                        })
+                    })
+                    .collect();
+                any |= !series.is_empty();
+                charts.push(Chart {
+                    title: &titles[i * CURVES.len() + j],
+                    x_label,
+                    y_label,
+                    log_x: xs.len() > 2,
+                    log_y: false,
+                    series,
+                });
+            }
+        }
+        any.then(|| {
+            page(
+                "Scaling curves (medians over rounds; every round in results.json)",
+                &charts,
+                2,
+            )
+        })
     }
 }
 
