@@ -334,6 +334,10 @@ pub const MIN_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(5 *
 /// Longest leaf lifetime: leaves are not revocable, so they stay short-lived.
 pub const MAX_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
 
+/// Longest resumption ticket lifetime: tickets skip the certificate checks, so they stay
+/// short next to leaves (hours).
+pub const MAX_TICKET_LIFETIME_SECS: u64 = 3_600;
+
 /// What policy may read from the node besides `policyDir`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -373,6 +377,13 @@ pub struct Tuning {
     /// How often the agent looks for changes in `policyDir` (and the certificate files its
     /// DestinationRules name).
     pub policy_poll_ms: u64,
+    /// TLS 1.3 session resumption between agents: a workload's next connection to the same
+    /// server address skips certificates and signatures (still a fresh key exchange, still
+    /// one TLS session per connection). Off: every connection is a full handshake.
+    pub session_resumption: bool,
+    /// How long a resumption ticket stays usable, on both ends; no ticket outlives a policy
+    /// reload or a new certificate either.
+    pub ticket_lifetime_secs: u64,
 }
 
 impl Default for Tuning {
@@ -387,6 +398,8 @@ impl Default for Tuning {
             max_pending_handshakes_per_pod: 512,
             sk_msg_local_leg: false,
             policy_poll_ms: 500,
+            session_resumption: true,
+            ticket_lifetime_secs: 300,
         }
     }
 }
@@ -551,6 +564,12 @@ impl Config {
         }
         if t.policy_poll_ms == 0 {
             return Err("tuning.policyPollMs: must be at least 1".to_owned());
+        }
+        if !(1..=MAX_TICKET_LIFETIME_SECS).contains(&t.ticket_lifetime_secs) {
+            return Err(format!(
+                "tuning.ticketLifetimeSecs: {} is outside 1 to {MAX_TICKET_LIFETIME_SECS}",
+                t.ticket_lifetime_secs
+            ));
         }
         if t.idle_timeout_secs == 0 {
             return Err("tuning.idleTimeoutSecs: must be at least 1".to_owned());
@@ -1283,6 +1302,28 @@ tuning:
             ),
             ("  caPollMs: 0\n", "identity.caPollMs"),
             ("  leafTTL: 1h\n", "leafTTL"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn resumption_knobs_parse_with_bounds() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert!(c.tuning.session_resumption);
+        assert_eq!(c.tuning.ticket_lifetime_secs, 300);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        let c = with("  sessionResumption: false\n  ticketLifetimeSecs: 60\n").unwrap();
+        assert!(!c.tuning.session_resumption);
+        assert_eq!(c.tuning.ticket_lifetime_secs, 60);
+        for (yaml, field) in [
+            (
+                "  ticketLifetimeSecs: 0\n",
+                "tuning.ticketLifetimeSecs: 0 is outside 1 to 3600",
+            ),
+            ("  ticketLifetimeSecs: 86400\n", "tuning.ticketLifetimeSecs"),
+            ("  sessionResumption: maybe\n", "sessionResumption"),
         ] {
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");

@@ -66,6 +66,7 @@ const HOST_ONLY: &[&str] = &[
     "limits_e2e",
     "limits_flood",
     "relay_userspace",
+    "resumption_e2e",
 ];
 
 /// A test harness binary built by cargo, named by its target so guest logs stay readable.

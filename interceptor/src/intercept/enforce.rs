@@ -443,6 +443,9 @@ pub struct Enforcer {
     /// Origination credentials: where they may be read from, and what was built from them.
     cert_files: originate::CertFiles,
     current: RwLock<Arc<Generation>>,
+    /// The current generation's number, shared with whatever must not outlive a generation
+    /// (session resumption tickets).
+    number: Arc<AtomicU64>,
     inputs: Mutex<Inputs>,
     reload_failures: AtomicU64,
     /// Warnings already logged, so each generation logs only what is new.
@@ -484,6 +487,7 @@ impl Enforcer {
             dir,
             cert_files,
             current: RwLock::new(Arc::new(generation)),
+            number: Arc::new(AtomicU64::new(1)),
             inputs: Mutex::new(Inputs {
                 snapshot,
                 credential_files,
@@ -498,6 +502,13 @@ impl Enforcer {
             reload_failures: AtomicU64::new(0),
             logged: Mutex::new(logged),
         })
+    }
+
+    /// The current generation's number as a shared counter, for state that must not outlive
+    /// the generation it was made under (resumption tickets carry it and stop counting when
+    /// it moves).
+    pub fn generation_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.number)
     }
 
     /// The current generation.
@@ -627,6 +638,7 @@ impl Enforcer {
             &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
             Arc::clone(&generation),
         );
+        self.number.store(number, Ordering::SeqCst);
         Ok((old, generation))
     }
 
