@@ -319,6 +319,38 @@ impl Drop for Node {
     }
 }
 
+/// What `cargo xtask demo --containers` prints (this test with `INTERCEPTOR_DEMO` set).
+#[derive(Default)]
+struct Report {
+    rows: Vec<[String; 4]>,
+}
+
+impl Report {
+    fn row(&mut self, from: &str, to: &str, what: &str, ids: &str) {
+        self.rows.push([
+            from.to_owned(),
+            to.to_owned(),
+            what.to_owned(),
+            ids.to_owned(),
+        ]);
+    }
+
+    fn render(&self, took: Duration) -> String {
+        let mut out = String::from(
+            "\npodman pods (CNI backend: bridge + host-local, interceptor-cni chained), the \
+             agent keyed by network namespace:\n\n",
+        );
+        for [from, to, what, ids] in &self.rows {
+            out += &format!("  {from:<16} -> {to:<14} {what}\n");
+            if ids != "-" {
+                out += &format!("  {:<34}{ids}\n", "");
+            }
+        }
+        out += &format!("\n(wire checked on the server's bridge port; {took:.1?})\n");
+        out
+    }
+}
+
 /// The address in `ip -4 -o addr` output (`... inet 172.20.1.3/24 ...`).
 fn printed_ip(out: &str) -> String {
     out.split_whitespace()
@@ -542,6 +574,26 @@ fn podman_pods_are_enrolled_before_they_run() {
         "the outsider was enrolled"
     );
 
+    let mut report = Report::default();
+    report.row(
+        &format!("{MESH_NS}/client"),
+        &format!("{MESH_NS}/server"),
+        &format!(
+            "mTLS from the first SYN ({} connection(s), TLS records only, body never in clear)",
+            from_client.len()
+        ),
+        &format!(
+            "server verified {}; client verified {}",
+            "spiffe://cluster.local/ns/mesh/sa/sleep", "spiffe://cluster.local/ns/mesh/sa/httpd"
+        ),
+    );
+    report.row(
+        &format!("{PLAIN_NS}/outsider"),
+        &format!("{MESH_NS}/server"),
+        "plaintext (namespace not in the mesh: not enrolled, request and body in clear)",
+        "-",
+    );
+
     // Agent down: a mesh pod must not start; a pod outside the mesh still does.
     // The server at least (the exited client may already be gone through its DEL).
     let stats = stats_of(&agent);
@@ -558,6 +610,21 @@ fn podman_pods_are_enrolled_before_they_run() {
     );
     node.run_ok("plain2", PLAIN_NS, "echo started");
     assert!(node.logs_after_exit("plain2").contains("started"));
+    report.row(
+        &format!("{MESH_NS}/late"),
+        "(agent down)",
+        "not started: CNI ADD failed (error 11, the runtime retries)",
+        err.lines()
+            .find(|l| l.contains("must be in the mesh"))
+            .unwrap_or("")
+            .trim(),
+    );
+    report.row(
+        &format!("{PLAIN_NS}/plain2"),
+        "(agent down)",
+        "started: the membership file puts its namespace outside the mesh",
+        "-",
+    );
 
     // Back up on the same state: the persisted enrollments return; then the containers go
     // and take every trace with them.
@@ -605,6 +672,13 @@ fn podman_pods_are_enrolled_before_they_run() {
         "only the parent cgroup's pins stay: {links:?}"
     );
 
+    report.row(
+        "(all removed)",
+        "-",
+        "no flow, enrollment, map entry or netns pin left",
+        "-",
+    );
+
     // SIGTERM on the installer takes the plugin out of the chain.
     let mut installer = node.installer.take().expect("installer");
     // SAFETY: signalling our own child.
@@ -613,6 +687,9 @@ fn podman_pods_are_enrolled_before_they_run() {
     assert!(status.success(), "installer: {status}");
     assert!(!node.chained(), "the plugin is still chained after SIGTERM");
     drop(agent);
+    if std::env::var_os("INTERCEPTOR_DEMO").is_some() {
+        interceptor_tests::demo::say(&report.render(started.elapsed()));
+    }
     assert!(
         started.elapsed() < Duration::from_secs(90),
         "took {:?}",
