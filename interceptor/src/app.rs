@@ -436,10 +436,7 @@ pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
         let next = match parsed {
             Ok(next) => next,
             Err(e) => {
-                agent
-                    .shared
-                    .policy
-                    .count("config.reload_failures".to_owned());
+                agent.shared.counters.config_reload_failed();
                 warn!("node config not applied, keeping the running one: {e}");
                 continue;
             }
@@ -456,10 +453,7 @@ pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
             match agent.set_crypto(next.crypto) {
                 Ok(_) => running.crypto = next.crypto,
                 Err(e) => {
-                    agent
-                        .shared
-                        .policy
-                        .count("config.reload_failures".to_owned());
+                    agent.shared.counters.config_reload_failed();
                     warn!(
                         "crypto policy not applied, keeping {}: {e:#}",
                         running.crypto
@@ -560,7 +554,9 @@ impl Agent {
     /// Refusals per reason (`refused.<code>`), flows closed by a policy change
     /// (`closed.<code>`), rejected policy reloads and the generation.
     pub fn policy_stats(&self) -> BTreeMap<String, u64> {
-        self.shared.policy.stats()
+        let mut stats = self.shared.counters.stats();
+        stats.extend(self.shared.policy.stats());
+        stats
     }
 
     /// Rebuilds the policy for the pods enrolled now.

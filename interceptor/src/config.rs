@@ -813,6 +813,75 @@ peers:
         Config::parse("deploy/base/configmap.yaml", node).unwrap();
     }
 
+    /// The DaemonSet and the node config it ships name the same paths: every directory the
+    /// config writes is a writable mount, the CA is the Secret, and the admin socket's
+    /// directory is the same path on the node (where the CNI plugin connects to it).
+    #[test]
+    fn the_shipped_daemonset_mounts_what_the_config_names() {
+        let cm: yaml_serde::Value =
+            yaml_serde::from_str(include_str!("../../deploy/base/configmap.yaml")).unwrap();
+        let config = Config::parse("configmap", cm["data"]["node.yaml"].as_str().unwrap()).unwrap();
+        let ds: yaml_serde::Value =
+            yaml_serde::from_str(include_str!("../../deploy/base/daemonset.yaml")).unwrap();
+        let pod = &ds["spec"]["template"]["spec"];
+        let agent = pod["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .unwrap();
+        let volume = |name: &yaml_serde::Value| {
+            pod["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| &v["name"] == name)
+                .unwrap()
+                .clone()
+        };
+        // (mount path, read-only, volume)
+        let mounts: Vec<(PathBuf, bool, yaml_serde::Value)> = agent["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    PathBuf::from(m["mountPath"].as_str().unwrap()),
+                    m["readOnly"].as_bool().unwrap_or(false),
+                    volume(&m["name"]),
+                )
+            })
+            .collect();
+        let mount_of = |p: &Path| {
+            mounts
+                .iter()
+                .filter(|(m, _, _)| p.starts_with(m))
+                .max_by_key(|(m, _, _)| m.components().count())
+                .unwrap_or_else(|| panic!("{} is on no volume", p.display()))
+        };
+        for writable in [
+            config.state_dir.as_path(),
+            config.admin_socket.parent().unwrap(),
+            config.bpffs.as_path(),
+        ] {
+            assert!(!mount_of(writable).1, "{} is read-only", writable.display());
+        }
+        let (_, _, ca) = mount_of(&config.ca_dir);
+        assert_eq!(ca["secret"]["secretName"], "cacerts");
+        assert_eq!(ca["secret"]["defaultMode"].as_u64(), Some(0o400));
+        let (mount, _, run) = mount_of(&config.admin_socket);
+        assert_eq!(run["hostPath"]["path"].as_str(), mount.to_str());
+        let args: Vec<&str> = agent["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args.iter().position(|a| *a == "--config").unwrap();
+        let (_, _, cfg) = mount_of(Path::new(args[at + 1]));
+        assert_eq!(cfg["configMap"]["name"], cm["metadata"]["name"]);
+    }
+
     #[test]
     fn bad_values_are_named() {
         let e = Config::parse("n", &EXAMPLE.replace("ktls: auto", "ktls: maybe"))

@@ -148,7 +148,7 @@ pub fn probe_programs() -> Result<Vec<ProgramReport>> {
         .map(|(name, p)| ProgramReport {
             name: name.to_owned(),
             kind: kind_of(p),
-            result: load_program(p).map_err(|e| error_chain(&e)),
+            result: load_program(p).map_err(|e| crate::error::chain(&e)),
         })
         .collect();
     reports.sort_by(|a, b| a.name.cmp(&b.name));
@@ -162,17 +162,6 @@ fn raise_memlock() {
     if let Err(e) = crate::sys::raise_memlock_rlimit() {
         tracing::debug!(error = %e, "could not lift RLIMIT_MEMLOCK; relying on memcg accounting");
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 fn take<K, V>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>>

@@ -10,6 +10,7 @@
 //! * `handoff`: list an established flow and start its relay (kTLS, userspace, plain);
 //! * `revalidate`: decide open flows again when policy changes.
 
+mod counters;
 pub mod enforce;
 pub mod files;
 mod flow;
@@ -24,6 +25,7 @@ mod revalidate;
 pub mod table;
 
 pub use self::{
+    counters::Counters,
     pod::{PodHandle, enroll, pod_netns_cookie, unenroll},
     revalidate::{apply_steering, revalidate},
 };
@@ -112,6 +114,8 @@ pub struct Shared {
     /// Istio security policy: the current generation and how to load the next.
     pub policy: Enforcer,
     pub flows: FlowTable,
+    /// Refusals and policy closes by code, failed flows and accepts.
+    pub counters: Counters,
     credentials: LeafStore<Credentials>,
     /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
     crypto_generation: AtomicU64,
@@ -156,6 +160,7 @@ impl Shared {
             datapath: Mutex::new(datapath),
             policy,
             flows: FlowTable::default(),
+            counters: Counters::default(),
             credentials: LeafStore::new(identity.clock, identity.renew),
             crypto_generation: AtomicU64::new(0),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),

@@ -452,6 +452,20 @@ pub fn set_zero_linger(sock: BorrowedFd<'_>) -> io::Result<()> {
 /// per namespace, and covers IPv6 too).
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
+/// The same sysctl through the node's `/proc/sys/net` mounted at `/host/proc/sys/net`: a
+/// container that is not privileged gets `/proc/sys` read-only, and the DaemonSet mounts the
+/// node's copy there. The kernel resolves `net` sysctls by the network namespace of the thread
+/// that opens them, whichever mount they are reached through, so this path too reaches the pod.
+const RESERVED_PORTS_HOST: &str = "/host/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+fn reserved_ports_path() -> &'static str {
+    if Path::new(RESERVED_PORTS_HOST).exists() {
+        RESERVED_PORTS_HOST
+    } else {
+        RESERVED_PORTS
+    }
+}
+
 /// Keeps the kernel from handing `ports` out as ephemeral ports in the calling thread's
 /// network namespace, adding them to what is reserved already.
 ///
@@ -459,11 +473,11 @@ const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 /// `ip_local_port_range` would otherwise let its own connections take those ports while the
 /// agent is down, and the agent's restart would then fail with `EADDRINUSE` until they close.
 pub fn reserve_local_ports(ports: &[u16]) -> io::Result<Vec<u16>> {
-    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    let current = std::fs::read_to_string(reserved_ports_path())?;
     let Some(merged) = merge_port_list(&current, ports) else {
         return Ok(Vec::new());
     };
-    std::fs::write(RESERVED_PORTS, merged)?;
+    std::fs::write(reserved_ports_path(), merged)?;
     let added = ports
         .iter()
         .copied()
@@ -479,7 +493,7 @@ pub fn release_local_ports(ports: &[u16]) -> io::Result<()> {
     if ports.is_empty() {
         return Ok(());
     }
-    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    let current = std::fs::read_to_string(reserved_ports_path())?;
     let kept: Vec<&str> = current
         .trim()
         .split(',')
@@ -492,7 +506,7 @@ pub fn release_local_ports(ports: &[u16]) -> io::Result<()> {
     } else {
         kept.join(",")
     };
-    std::fs::write(RESERVED_PORTS, text)
+    std::fs::write(reserved_ports_path(), text)
 }
 
 fn port_list_covers(list: &str, port: u16) -> bool {
