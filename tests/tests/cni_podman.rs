@@ -8,6 +8,7 @@
 //!   very first connection (steering was in place before the container's first instruction);
 //! * a pod of a namespace outside the mesh talks plaintext, untouched;
 //! * with the agent down, a mesh pod does not start (CNI error) and an outside pod does;
+//! * the installer chains the plugin again after the main plugin rewrites its config;
 //! * once the containers are gone, no flow, enrollment, map entry or netns pin is left, and
 //!   stopping the installer takes the plugin out of the chain.
 //!
@@ -445,6 +446,24 @@ fn podman_pods_are_enrolled_before_they_run() {
         assert!(
             Instant::now() < deadline,
             "the installer did not chain the plugin"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The main plugin rewrites its config (as Calico or Cilium do on restart): chained again.
+    let main_conf = node.conf_dir.join("10-main.conflist");
+    let ours = std::fs::read_to_string(&main_conf).expect("conflist");
+    let mut rewritten: serde_json::Value = serde_json::from_str(&ours).expect("json");
+    rewritten["plugins"]
+        .as_array_mut()
+        .expect("plugins")
+        .retain(|p| p["type"] != "interceptor-cni");
+    std::fs::write(&main_conf, rewritten.to_string()).expect("rewrite");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node.chained() {
+        assert!(
+            Instant::now() < deadline,
+            "not chained again after a rewrite"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
