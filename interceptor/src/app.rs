@@ -241,10 +241,7 @@ async fn start_with(
         changes: tokio::sync::Mutex::new(()),
         peers: config.peers.clone(),
         services: config.services.clone(),
-        directory: config
-            .cni
-            .as_ref()
-            .map(|c| Arc::new(StaticDirectory::new(c)) as Arc<dyn PodDirectory>),
+        directory: pod_directory(&config),
         cni: config.cni.clone(),
         sandboxes: Mutex::new(BTreeMap::new()),
         membership_written: Mutex::new(None),
@@ -867,6 +864,14 @@ impl Agent {
             warn!("policy for the restored pods: {e:#}");
         }
     }
+}
+
+/// Who the pods the CNI plugin names are: only needed with `cni:`. The static table of
+/// `cni.namespaces`/`cni.pods` here; an API-server-backed directory takes its place where the
+/// node has one.
+fn pod_directory(config: &Config) -> Option<Arc<dyn PodDirectory>> {
+    let cni = config.cni.as_ref()?;
+    Some(Arc::new(StaticDirectory::new(cni)))
 }
 
 /// The enrollment name of a pod the CNI plugin names: unique on the node, as in Kubernetes.

@@ -58,6 +58,8 @@ const REQUIRED_HOST_TOOLS: &[&str] = &[
 /// resource limits, libfaketime which the guest lacks). One per line, so parallel additions merge cleanly.
 const HOST_ONLY: &[&str] = &[
     "churn_e2e",
+    "cni_enroll",
+    "cni_podman",
     "crypto_e2e",
     "enroll_e2e",
     "faults_e2e",
