@@ -28,8 +28,9 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| io::Error::other("netns worker thread panicked"))?
 }
 
-/// Creates a non-blocking, close-on-exec TCP socket in the network namespace `ns` without
-/// leaving the caller's thread there: enter, `socket()`, return. Costs two setns calls, far
+/// Creates a non-blocking, close-on-exec TCP socket in the network namespace `ns`, marked
+/// [`AGENT_SOCKET_MARK`](interceptor_common::AGENT_SOCKET_MARK), without leaving the caller's
+/// thread there: enter, `socket()`, return. Costs two setns calls, far
 /// less than handing the work to a thread parked in the pod's namespace.
 pub fn tcp_socket_in(ns: BorrowedFd<'_>, v6: bool) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
@@ -62,8 +63,30 @@ pub fn tcp_socket_in(ns: BorrowedFd<'_>, v6: bool) -> io::Result<std::os::fd::Ow
             return Err(err);
         }
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // Without the mark, programs attached at a parent cgroup holding the agent would
+        // steer this socket's connect back to the agent (a loop), so no mark, no socket.
+        set_mark(sock.as_fd(), interceptor_common::AGENT_SOCKET_MARK)?;
+        Ok(sock)
     })
+}
+
+/// Sets `SO_MARK` (needs CAP_NET_ADMIN).
+pub fn set_mark(sock: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
+    // SAFETY: `sock` is an open socket and the option value is a valid u32 of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Moves the calling thread into the network namespace `ns`.
