@@ -224,7 +224,7 @@ async fn start_with(
                 &peer.service_account,
             )?;
             for ip in &peer.ips {
-                dp.set_destination(*ip, None, interceptor_common::ACTION_STEER)?;
+                dp.set_destination(*ip, None, crate::datapath::Destination::Steer)?;
             }
         }
     }
@@ -1166,7 +1166,7 @@ impl admin::Handler for Agent {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .counters();
-                let stats = interceptor_common::Counter::ALL
+                let stats = crate::datapath::Counter::ALL
                     .iter()
                     .map(|k| (format!("{k:?}"), serde_json::Value::from(c.get(*k))))
                     .chain(

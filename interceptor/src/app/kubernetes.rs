@@ -187,7 +187,7 @@ impl Followed {
             }
         }
         for added in want.difference(&self.steered) {
-            if let Err(e) = dp.set_destination(*added, None, interceptor_common::ACTION_STEER) {
+            if let Err(e) = dp.set_destination(*added, None, crate::datapath::Destination::Steer) {
                 warn!(peer = %added, "cannot steer a mesh peer: {e:#}");
             }
         }
