@@ -228,6 +228,11 @@ pub fn unenroll(shared: &Shared, pod: PodHandle) {
         dp.unenroll_cgroup(&pod.workload.cgroup);
         dp.unenroll_pod_netns(pod.netns_cookie, &pod.workload.ips);
         dp.stop_inbound(pod.netns_cookie, pod.slot, &pod.workload.ips);
+        // Its addresses are no longer a mesh destination: the next pod given one of them
+        // (IPAM reuses addresses) may be outside the mesh.
+        for ip in &pod.workload.ips {
+            dp.clear_destination(*ip, None);
+        }
     }
     info!(pod = %pod.workload.name, "unenrolled");
 }
