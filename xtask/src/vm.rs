@@ -62,6 +62,8 @@ const HOST_ONLY: &[&str] = &[
     "enroll_e2e",
     "faults_e2e",
     "identity_clock",
+    "kube_e2e",
+    "kube_watch",
     "limits_e2e",
     "limits_flood",
     "relay_userspace",

@@ -21,7 +21,7 @@ use std::{sync::Arc, time::Duration};
 
 use ::kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, TypeMeta},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -296,7 +296,19 @@ async fn watch_policy_kind(
                     "watching Istio policy objects"
                 );
                 let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-                let wrap = move |e| Update::Policy(index, e);
+                // List items come without apiVersion and kind; the policy loader needs both.
+                let types = TypeMeta {
+                    api_version: resource.api_version.clone(),
+                    kind: resource.kind.clone(),
+                };
+                let wrap = move |e: watcher::Event<DynamicObject>| {
+                    Update::Policy(
+                        index,
+                        e.modify(|o| {
+                            o.types.get_or_insert_with(|| types.clone());
+                        }),
+                    )
+                };
                 follow(api, watcher::Config::default(), kind.kind, &updates, &wrap).await;
                 return;
             }
