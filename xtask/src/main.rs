@@ -2,6 +2,7 @@
 //! `setup`, so a fresh machine needs nothing but the Rust toolchains.
 
 mod bench;
+mod deploy;
 mod fuzz;
 mod setup;
 mod soak;
@@ -38,6 +39,11 @@ enum Cmd {
     Fuzz(fuzz::FuzzArgs),
     /// Side-by-side benchmark: interceptor vs HAProxy mTLS sidecars vs plaintext.
     Bench(bench::BenchArgs),
+    /// The deploy/ manifests against the Kubernetes schemas, and `cargo deny` (both are part
+    /// of `test`).
+    DeployCheck,
+    /// The container image the DaemonSet names (`FROM scratch`, podman), and its size.
+    Image(deploy::ImageArgs),
     /// Long run of the real agent under mixed churn and bulk: transfers, wire, memory and
     /// descriptors checked (not part of CI).
     Soak(soak::SoakArgs),
@@ -54,6 +60,8 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo(&root, &args),
         Cmd::Fuzz(args) => fuzz::fuzz(&root, &args),
         Cmd::Bench(args) => bench::bench(&root, &args),
+        Cmd::DeployCheck => deploy::validate_manifests(&root).and_then(|()| deploy::deny(&root)),
+        Cmd::Image(args) => deploy::image(&root, &args),
         Cmd::Soak(args) => soak::soak(&root, &args),
     }
 }
@@ -92,6 +100,9 @@ struct DemoArgs {
     /// Run the demo inside the QEMU VM on Debian 6.1, where the kernel has TLS.
     #[arg(long)]
     vm: bool,
+    /// Real containers instead: podman pods (CNI backend) enrolled by `interceptor-cni`.
+    #[arg(long, conflicts_with = "vm")]
+    containers: bool,
 }
 
 /// `cargo build --release` of the agent and `package`'s binary `bin`, in one cargo run.
@@ -114,6 +125,38 @@ fn build_release_with_agent(root: &Path, package: &str, bin: &str) -> Result<()>
 }
 
 fn demo(root: &Path, args: &DemoArgs) -> Result<()> {
+    if args.containers {
+        // The container end-to-end test, narrating: the binaries it drives sit next to it.
+        run(
+            root,
+            Command::new("cargo").args([
+                "build",
+                "-p",
+                "interceptor",
+                "--bin",
+                "interceptor",
+                "-p",
+                "interceptor-cni",
+                "--bin",
+                "interceptor-cni",
+            ]),
+        )?;
+        return run(
+            root,
+            Command::new("cargo")
+                .args([
+                    "test",
+                    "-p",
+                    "interceptor-tests",
+                    "--test",
+                    "cni_podman",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("INTERCEPTOR_DEMO", "1")
+                .env("INTERCEPTOR_REQUIRE_PRIVILEGED", "1"),
+        );
+    }
     if args.vm {
         return vm::vm_test(
             root,

@@ -5,7 +5,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result};
 
-use crate::{fuzz, run, vm};
+use crate::{deploy, fuzz, run, vm};
 
 /// Test targets of `interceptor-tests` that need kernel TLS: they run only in the VM (and fail
 /// loudly if started on a host without the `tls` ULP).
@@ -23,10 +23,12 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
         root,
         Command::new("cargo").args(["fmt", "--all", "--", "--check"]),
     )?;
+    deploy::validate_manifests(root)?;
     run(
         root,
         Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]),
     )?;
+    deploy::deny(root)?;
     // The eBPF crate is not a default member (it only builds for bpfel-unknown-none).
     run(
         root,
@@ -58,6 +60,8 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
             "xtask",
             "-p",
             "interceptor-bench",
+            "-p",
+            "interceptor-cni",
         ]),
     )?;
     host_privileged(root)?;
@@ -86,10 +90,21 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
 /// Every host-capable integration test of `interceptor-tests`, as root, with skips turned into
 /// failures.
 fn host_privileged(root: &Path) -> Result<()> {
-    // The demo test drives the real `interceptor` binary, found next to the test executables.
+    // The demo test drives the real `interceptor` binary, and the CNI test the real
+    // `interceptor-cni`, found next to the test executables.
     run(
         root,
-        Command::new("cargo").args(["build", "-p", "interceptor", "--bin", "interceptor"]),
+        Command::new("cargo").args([
+            "build",
+            "-p",
+            "interceptor",
+            "--bin",
+            "interceptor",
+            "-p",
+            "interceptor-cni",
+            "--bin",
+            "interceptor-cni",
+        ]),
     )?;
     let metadata = cargo_metadata::MetadataCommand::new()
         .current_dir(root)

@@ -443,8 +443,10 @@ pub struct Enforcer {
     /// Origination credentials: where they may be read from, and what was built from them.
     cert_files: originate::CertFiles,
     current: RwLock<Arc<Generation>>,
+    /// The current generation's number, shared with whatever must not outlive a generation
+    /// (session resumption tickets).
+    number: Arc<AtomicU64>,
     inputs: Mutex<Inputs>,
-    counters: Mutex<BTreeMap<String, u64>>,
     reload_failures: AtomicU64,
     /// Warnings already logged, so each generation logs only what is new.
     logged: Mutex<BTreeSet<String>>,
@@ -485,6 +487,7 @@ impl Enforcer {
             dir,
             cert_files,
             current: RwLock::new(Arc::new(generation)),
+            number: Arc::new(AtomicU64::new(1)),
             inputs: Mutex::new(Inputs {
                 snapshot,
                 credential_files,
@@ -496,10 +499,16 @@ impl Enforcer {
                 cluster: ClusterInputs::default(),
                 crypto: config.crypto,
             }),
-            counters: Mutex::new(BTreeMap::new()),
             reload_failures: AtomicU64::new(0),
             logged: Mutex::new(logged),
         })
+    }
+
+    /// The current generation's number as a shared counter, for state that must not outlive
+    /// the generation it was made under (resumption tickets carry it and stop counting when
+    /// it moves).
+    pub fn generation_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.number)
     }
 
     /// The current generation.
@@ -629,6 +638,7 @@ impl Enforcer {
             &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
             Arc::clone(&generation),
         );
+        self.number.store(number, Ordering::SeqCst);
         Ok((old, generation))
     }
 
@@ -645,24 +655,10 @@ impl Enforcer {
         self.inputs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts one event (a refusal by code, a flow closed by a new policy).
-    pub fn count(&self, key: String) {
-        *self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_default() += 1;
-    }
-
-    /// Counters for `flows --stats`: refusals per reason, flows closed by a policy change,
-    /// rejected reloads and the current generation.
+    /// Policy counters for `flows --stats`: rejected reloads and the current generation
+    /// (the connection path's counters are [`Shared::counters`](super::Shared::counters)).
     pub fn stats(&self) -> BTreeMap<String, u64> {
-        let mut out = self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut out = BTreeMap::new();
         out.insert(
             "policy.reload_failures".to_owned(),
             self.reload_failures.load(Ordering::Relaxed),

@@ -234,6 +234,11 @@ pub fn unenroll(shared: &Shared, pod: PodHandle) {
         dp.unenroll_cgroup(&pod.workload.cgroup);
         dp.unenroll_pod_netns(pod.netns_cookie, &pod.workload.ips);
         dp.stop_inbound(pod.netns_cookie, pod.slot, &pod.workload.ips);
+        // Its addresses are no longer a mesh destination: the next pod given one of them
+        // (IPAM reuses addresses) may be outside the mesh.
+        for ip in &pod.workload.ips {
+            dp.clear_destination(*ip, None);
+        }
     }
     info!(pod = %pod.workload.name, "unenrolled");
 }
@@ -266,7 +271,7 @@ fn accept_loop(
                     // Out of descriptors or memory: retrying at once cannot succeed, and
                     // would log and spin; wait, longer each time, until an accept succeeds.
                     let name = limits::accept_error_name(&e);
-                    shared.policy.count(format!("accept_failed.{name}"));
+                    shared.counters.accept_failed(name);
                     let wait = backoff.failed(&e);
                     if shared.sample("failed accepts", name) {
                         warn!(pod = %ctx.name, ?direction, error = %e, retry_in = ?wait, "accept failed");
