@@ -17,7 +17,7 @@
 
 mod state;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use ::kube::{
     Api, Client,
@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 pub use state::{ClusterView, POLICY_KINDS, PolicyKind, State, Store};
 
-use super::{PodDirectory, PodInfo, PodRef};
+use super::{Membership, PodDirectory, PodInfo, PodRef};
 use crate::config::KubernetesSettings;
 
 /// How often a kind whose CRD is missing is looked for again.
@@ -87,6 +87,16 @@ impl PodDirectory for KubeDirectory {
 
     fn synced(&self) -> bool {
         self.view.borrow().synced
+    }
+
+    fn mesh_namespaces(&self) -> Option<BTreeMap<String, bool>> {
+        let view = self.view.borrow();
+        view.synced.then(|| {
+            view.namespaces
+                .iter()
+                .map(|(ns, m)| (ns.clone(), *m == Membership::Mesh))
+                .collect()
+        })
     }
 }
 
