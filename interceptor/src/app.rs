@@ -165,7 +165,15 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
         }
         None => None,
     };
-    let agent = start_with(config.clone(), offload, ca, datapath, policy).await?;
+    let agent = start_with(
+        config.clone(),
+        offload,
+        ca,
+        datapath,
+        policy,
+        directory.clone(),
+    )
+    .await?;
     let ready = &agent.readiness;
     for flag in [
         &ready.programs_attached,
@@ -197,6 +205,7 @@ async fn start_with(
     ca: Ca,
     datapath: Datapath,
     policy: Enforcer,
+    cluster: Option<crate::cluster::kube::KubeDirectory>,
 ) -> anyhow::Result<Arc<Agent>> {
     let identity = Identity {
         renew: RenewPolicy {
@@ -241,7 +250,7 @@ async fn start_with(
         changes: tokio::sync::Mutex::new(()),
         peers: config.peers.clone(),
         services: config.services.clone(),
-        directory: pod_directory(&config),
+        directory: pod_directory(&config, cluster),
         cni: config.cni.clone(),
         sandboxes: Mutex::new(BTreeMap::new()),
         membership_written: Mutex::new(None),
@@ -869,7 +878,13 @@ impl Agent {
 /// Who the pods the CNI plugin names are: only needed with `cni:`. The static table of
 /// `cni.namespaces`/`cni.pods` here; an API-server-backed directory takes its place where the
 /// node has one.
-fn pod_directory(config: &Config) -> Option<Arc<dyn PodDirectory>> {
+fn pod_directory(
+    config: &Config,
+    cluster: Option<crate::cluster::kube::KubeDirectory>,
+) -> Option<Arc<dyn PodDirectory>> {
+    if let Some(cluster) = cluster {
+        return Some(Arc::new(cluster));
+    }
     let cni = config.cni.as_ref()?;
     Some(Arc::new(StaticDirectory::new(cni)))
 }

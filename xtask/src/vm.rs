@@ -65,6 +65,8 @@ const HOST_ONLY: &[&str] = &[
     "faults_e2e",
     "identity_clock",
     "intercept_netns",
+    "kube_e2e",
+    "kube_watch",
     "limits_e2e",
     "limits_flood",
     "relay_userspace",

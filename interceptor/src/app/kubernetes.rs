@@ -4,7 +4,8 @@
 //! whose namespace loses the enablement label (or that opts out) is unenrolled, and enrolled
 //! again when it is back in the mesh.
 //!
-//! An enrolled workload is taken to be the pod of the same namespace and name.
+//! An enrolled workload is taken to be the pod of the same namespace and name (CNI
+//! enrollments are named `namespace/name`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -102,6 +103,7 @@ impl Followed {
             self.inputs = inputs;
         }
         self.steer_peers(agent, view);
+        agent.write_membership();
         if view.synced && !agent.readiness.cluster_synced.swap(true, Ordering::AcqRel) {
             info!("cluster synced: ready as far as Kubernetes goes");
         }
@@ -109,9 +111,12 @@ impl Followed {
 
     /// Unenrolls pods that left the mesh and enrolls parked ones that are back.
     fn membership(&mut self, agent: &Agent, view: &ClusterView) {
+        // Enrolled by name (`interceptor enroll`, `workloads:`) or as `namespace/name` (CNI).
         let membership = |w: &Workload| {
+            let prefix = format!("{}/", w.namespace);
+            let name = w.name.strip_prefix(&prefix).unwrap_or(&w.name);
             view.local
-                .get(&(w.namespace.clone(), w.name.clone()))
+                .get(&(w.namespace.clone(), name.to_owned()))
                 .map(|info| info.membership)
         };
         let mut changed = false;

@@ -17,11 +17,11 @@
 
 mod state;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use ::kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, TypeMeta},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 pub use state::{ClusterView, POLICY_KINDS, PolicyKind, State, Store};
 
-use super::{PodDirectory, PodInfo, PodRef};
+use super::{Membership, PodDirectory, PodInfo, PodRef};
 use crate::config::KubernetesSettings;
 
 /// How often a kind whose CRD is missing is looked for again.
@@ -87,6 +87,16 @@ impl PodDirectory for KubeDirectory {
 
     fn synced(&self) -> bool {
         self.view.borrow().synced
+    }
+
+    fn mesh_namespaces(&self) -> Option<BTreeMap<String, bool>> {
+        let view = self.view.borrow();
+        view.synced.then(|| {
+            view.namespaces
+                .iter()
+                .map(|(ns, m)| (ns.clone(), *m == Membership::Mesh))
+                .collect()
+        })
     }
 }
 
@@ -296,7 +306,19 @@ async fn watch_policy_kind(
                     "watching Istio policy objects"
                 );
                 let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-                let wrap = move |e| Update::Policy(index, e);
+                // List items come without apiVersion and kind; the policy loader needs both.
+                let types = TypeMeta {
+                    api_version: resource.api_version.clone(),
+                    kind: resource.kind.clone(),
+                };
+                let wrap = move |e: watcher::Event<DynamicObject>| {
+                    Update::Policy(
+                        index,
+                        e.modify(|o| {
+                            o.types.get_or_insert_with(|| types.clone());
+                        }),
+                    )
+                };
                 follow(api, watcher::Config::default(), kind.kind, &updates, &wrap).await;
                 return;
             }
