@@ -134,6 +134,61 @@ pub struct Config {
     /// Workload certificate lifetime and renewal, and how the CA files are watched.
     #[serde(default)]
     pub identity: IdentitySettings,
+    /// Metrics, health and debug HTTP listener, and the access log.
+    #[serde(default)]
+    pub observability: Observability,
+}
+
+/// `observability:` of the node config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Observability {
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/debug/*` are served, in the node's network
+    /// namespace (pods have their own, so a pod's loopback is not this one); `null` turns the
+    /// listener off. Port 0 picks a free port (tests).
+    pub listen: Option<std::net::SocketAddr>,
+    pub access_log: AccessLog,
+}
+
+impl Default for Observability {
+    fn default() -> Self {
+        Self {
+            listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 15020))),
+            access_log: AccessLog::default(),
+        }
+    }
+}
+
+/// `observability.accessLog`: one line per connection at close (and per refusal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AccessLog {
+    pub enabled: bool,
+    pub format: AccessLogFormat,
+    /// Share of connections logged, in percent (the metrics count all of them).
+    pub sample_percent: u8,
+    /// At most this many lines per second; the rest are counted
+    /// (`interceptor_access_log_dropped_total`). 0: no limit.
+    pub max_per_second: u32,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            format: AccessLogFormat::Logfmt,
+            sample_percent: 100,
+            max_per_second: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    Json,
+    #[default]
+    Logfmt,
 }
 
 /// `identity:` of the node config.
@@ -430,6 +485,13 @@ impl Config {
         }
         if id.ca_poll_ms == 0 {
             return Err("identity.caPollMs: must be at least 1".to_owned());
+        }
+        let log = &self.observability.access_log;
+        if log.sample_percent > 100 {
+            return Err(format!(
+                "observability.accessLog.samplePercent: {} is outside 0 to 100",
+                log.sample_percent
+            ));
         }
         Ok(())
     }
@@ -968,6 +1030,33 @@ tuning:
             ),
             ("  caPollMs: 0\n", "identity.caPollMs"),
             ("  leafTTL: 1h\n", "leafTTL"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn observability_defaults_and_bounds() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(
+            c.observability.listen,
+            Some("127.0.0.1:15020".parse().unwrap())
+        );
+        assert_eq!(c.observability.access_log.format, AccessLogFormat::Logfmt);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}observability:\n{yaml}"));
+        let c = with("  listen: null\n  accessLog: {format: json, samplePercent: 10}\n").unwrap();
+        assert_eq!(c.observability.listen, None);
+        assert_eq!(c.observability.access_log.format, AccessLogFormat::Json);
+        assert_eq!(c.observability.access_log.sample_percent, 10);
+        for (yaml, field) in [
+            (
+                "  accessLog: {samplePercent: 101}\n",
+                "observability.accessLog.samplePercent",
+            ),
+            ("  accessLog: {format: xml}\n", "xml"),
+            ("  listen: localhost\n", "listen"),
+            ("  lisen: 127.0.0.1:1\n", "lisen"),
         ] {
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");

@@ -27,3 +27,4 @@ pub mod probe;
 pub mod relay;
 #[allow(unsafe_code)] // syscall wrappers, each block with its SAFETY comment
 pub mod sys;
+pub mod telemetry;
