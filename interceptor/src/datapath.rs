@@ -653,6 +653,48 @@ impl Datapath {
         Ok(())
     }
 
+    /// Entries and capacity of the hash maps that fill with traffic or enrollments, for the
+    /// fill-level metrics. Counted by walking the keys (one syscall each), so a full
+    /// original-destination map costs a few tens of milliseconds per scrape.
+    pub fn map_fill(&self) -> Vec<(&'static str, u64, u64)> {
+        use maps::{MAX_DESTS, MAX_PENDING_FLOWS, MAX_POD_ADDRS, MAX_PODS};
+        fn count<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>) -> u64 {
+            m.keys().filter_map(Result::ok).count() as u64
+        }
+        vec![
+            (
+                maps::ORIG_DST_BY_COOKIE,
+                count(&self.orig_by_cookie),
+                u64::from(MAX_PENDING_FLOWS),
+            ),
+            (
+                maps::ORIG_DST_BY_FLOW,
+                count(&self.orig_by_flow),
+                u64::from(MAX_PENDING_FLOWS),
+            ),
+            (
+                maps::POD_CONFIG,
+                count(&self.pod_config),
+                u64::from(MAX_PODS),
+            ),
+            (
+                maps::POD_ADDRS,
+                count(&self.pod_addrs),
+                u64::from(MAX_POD_ADDRS),
+            ),
+            (
+                maps::DEST_POLICY,
+                count(&self.dest_policy),
+                u64::from(MAX_DESTS),
+            ),
+            (
+                maps::INBOUND_SLOTS,
+                count(&self.inbound_slots),
+                u64::from(MAX_POD_ADDRS),
+            ),
+        ]
+    }
+
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Counters {
         let mut out = [0u64; Counter::COUNT as usize];

@@ -530,6 +530,16 @@ impl Telemetry {
             .remove(pod);
     }
 
+    /// A plaintext flow's mode: `plaintext` when the peer is a mesh workload this node knows
+    /// (policy let plaintext through), `passthrough` when it is outside the mesh.
+    pub fn plaintext_mode(&self, peer: IpAddr) -> Mode {
+        if self.at(peer).is_some() {
+            Mode::Plaintext
+        } else {
+            Mode::Passthrough
+        }
+    }
+
     fn pod(&self, name: &str) -> Option<Arc<WorkloadLabels>> {
         self.pods
             .read()
