@@ -28,7 +28,7 @@ impl AgentProcess {
     /// Writes `config` to `file` and starts the agent on it; returns once its admin socket
     /// answers (at most 30 s: the VM emulates its CPU).
     pub fn start(config: &Config, file: &Path) -> AgentProcess {
-        let yaml = serde_yaml::to_string(config).expect("config to yaml");
+        let yaml = yaml_serde::to_string(config).expect("config to yaml");
         std::fs::write(file, yaml).expect("write node config");
         let _ = std::fs::remove_file(&config.admin_socket);
         let bin = agent_binary();
