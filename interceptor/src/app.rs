@@ -209,6 +209,7 @@ async fn start_with(
         datapath,
         policy,
         config.crypto,
+        Arc::clone(&observed.telemetry),
     )?);
     {
         let mut dp = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
@@ -730,10 +731,17 @@ impl Agent {
         };
         let handle = intercept::enroll(&self.shared, w, slot)?;
         pods.insert(w.name.clone(), handle);
+        let id = crate::identity::SpiffeId::new(
+            self.shared.trust_domain.clone(),
+            &w.namespace,
+            &w.service_account,
+        )
+        .map(|id| id.to_string())
+        .unwrap_or_default();
         self.telemetry.add_workload(
             &w.name,
             &w.ips,
-            WorkloadLabels::of(&w.name, &w.namespace, &w.labels),
+            WorkloadLabels::of(&w.name, &w.namespace, &w.labels).with_principal(id),
         );
         Ok(())
     }
@@ -894,35 +902,13 @@ impl Agent {
     }
 }
 
-/// The mode label of a listed flow, as the counters gave it when it was listed.
-pub fn flow_mode(t: &Telemetry, row: &intercept::table::FlowRow) -> telemetry::Mode {
-    use intercept::table::{Direction, Protection};
-    match row.protection {
-        Protection::Ktls => telemetry::Mode::Ktls,
-        Protection::Userspace => telemetry::Mode::Userspace,
-        Protection::Tls => telemetry::Mode::Tls,
-        Protection::Plaintext => t.plaintext_mode(match row.direction {
-            Direction::Outbound => row.endpoint.unwrap_or(row.destination).ip(),
-            Direction::Inbound => row.source.ip(),
-        }),
-    }
-}
-
-/// The telemetry direction of a flow-table direction.
-pub fn direction(d: intercept::table::Direction) -> telemetry::Direction {
-    match d {
-        intercept::table::Direction::Outbound => telemetry::Direction::Outbound,
-        intercept::table::Direction::Inbound => telemetry::Direction::Inbound,
-    }
-}
-
 impl telemetry::Observed for Agent {
     fn snapshot(&self) -> telemetry::Snapshot {
         let mut open_flows = BTreeMap::new();
         for row in self.shared.flows.rows() {
-            let mode = flow_mode(&self.telemetry, &row);
+            let Some(mode) = row.mode else { continue };
             *open_flows
-                .entry((direction(row.direction), mode))
+                .entry((intercept::table::direction(row.direction), mode))
                 .or_insert(0) += 1;
         }
         let now = std::time::SystemTime::now();
@@ -945,8 +931,12 @@ impl telemetry::Observed for Agent {
             stale_enrollments: self.stale().len() as u64,
             policy_generation: self.policy_generation(),
             ca_generation: material.generation,
-            // Filled from the leaf store once the connection path exposes it.
-            certificates: Vec::new(),
+            certificates: self
+                .shared
+                .certificate_expiries()
+                .into_iter()
+                .map(|(id, t)| (id.to_string(), secs_until(t)))
+                .collect(),
             signer_expiry: material.ca.signer_not_after().map(secs_until),
             maps,
             datapath: interceptor_common::Counter::ALL

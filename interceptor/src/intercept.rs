@@ -52,6 +52,7 @@ use crate::{
     handshake::{self, CryptoPolicy, MeshCrypto, MeshSuite, driver},
     identity::{SpiffeId, TrustDomain},
     refusal::RefusalCode,
+    telemetry::Telemetry,
 };
 
 use self::{
@@ -112,6 +113,8 @@ pub struct Shared {
     /// Istio security policy: the current generation and how to load the next.
     pub policy: Enforcer,
     pub flows: FlowTable,
+    /// Metrics and the access log (the flow table counts into it too).
+    pub telemetry: Arc<Telemetry>,
     credentials: LeafStore<Credentials>,
     /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
     crypto_generation: AtomicU64,
@@ -140,6 +143,7 @@ impl Shared {
         datapath: Datapath,
         policy: Enforcer,
         crypto: CryptoPolicy,
+        telemetry: Arc<Telemetry>,
     ) -> anyhow::Result<Self> {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
         let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
@@ -155,13 +159,19 @@ impl Shared {
             tuning,
             datapath: Mutex::new(datapath),
             policy,
-            flows: FlowTable::default(),
+            flows: FlowTable::new(Arc::clone(&telemetry)),
+            telemetry,
             credentials: LeafStore::new(identity.clock, identity.renew),
             crypto_generation: AtomicU64::new(0),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
             crypto: RwLock::new(Arc::new(crypto)),
         })
+    }
+
+    /// Every identity with a leaf and when that leaf expires.
+    pub fn certificate_expiries(&self) -> Vec<(SpiffeId, SystemTime)> {
+        self.credentials.expiries()
     }
 
     /// The signer and trust bundle new handshakes use.

@@ -15,10 +15,10 @@ pub mod access;
 pub mod server;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::Write as _,
     net::IpAddr,
-    sync::{Arc, OnceLock, RwLock, Weak},
+    sync::{Arc, Mutex, OnceLock, RwLock, Weak},
     time::Duration,
 };
 
@@ -39,7 +39,9 @@ use prometheus_client::{
 use crate::config::AccessLogFormat;
 
 /// Which side of a flow this agent is: the client's (`outbound`) or the server's (`inbound`).
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Outbound,
@@ -65,7 +67,9 @@ impl Direction {
 }
 
 /// How a flow's bytes travel between the agents (or to the peer outside the mesh).
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Mesh mTLS, records encrypted by kernel TLS.
@@ -161,6 +165,9 @@ pub struct WorkloadLabels {
     /// Istio's canonical service: `service.istio.io/canonical-name`, else
     /// `app.kubernetes.io/name`, else `app`, else the workload.
     pub canonical_service: String,
+    /// An enrolled pod's SPIFFE ID (its end of a flow needs no proof); empty for a peer,
+    /// whose identity counts only when its certificate proved it.
+    pub principal: String,
 }
 
 impl WorkloadLabels {
@@ -177,7 +184,14 @@ impl WorkloadLabels {
             namespace: namespace.to_owned(),
             app: get("app").unwrap_or_else(|| UNKNOWN.to_owned()),
             canonical_service,
+            principal: String::new(),
         }
+    }
+
+    /// With the enrolled pod's SPIFFE ID.
+    pub fn with_principal(mut self, principal: impl ToString) -> Self {
+        self.principal = principal.to_string();
+        self
     }
 }
 
@@ -280,8 +294,6 @@ pub struct FlowMeta {
     pub destination: std::net::SocketAddr,
     /// Outbound: the address the agent connected to, when it differs (a service VIP's pick).
     pub endpoint: Option<std::net::SocketAddr>,
-    /// The enrolled pod's SPIFFE ID.
-    pub local_principal: String,
     /// The peer's proven SPIFFE ID (mesh mTLS only).
     pub peer_principal: Option<String>,
     pub cipher: Option<String>,
@@ -317,7 +329,7 @@ pub struct RefusalMeta<'a> {
     pub server: Option<String>,
     /// The stable refusal code (README's table).
     pub code: &'static str,
-    pub reason: &'a str,
+    pub reason: std::borrow::Cow<'a, str>,
 }
 
 /// What is read at scrape time from where it is kept.
@@ -378,6 +390,9 @@ pub struct Telemetry {
     config_reloads: Family<OutcomeLabels, Counter>,
     ca_reloads: Family<OutcomeLabels, Counter>,
     access_dropped: Family<DroppedLabels, Counter>,
+    /// One shared copy of each label set flows hold (a flow keeps its open labels until it
+    /// closes, so both counts land on the same series).
+    interned: Mutex<HashSet<Arc<TcpLabels>>>,
     /// Who is at an address: enrolled pods and peers, for the other end's labels.
     workloads: RwLock<HashMap<IpAddr, Arc<WorkloadLabels>>>,
     /// Enrolled pods by name.
@@ -392,9 +407,18 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
+/// Interned label sets beyond which unused ones are swept (at each power of two).
+const INTERNED_SWEEP: usize = 1_024;
+
 /// Handshake buckets: 0.25 ms to ~4 s (a TCG-emulated VM is slow, a busy node too).
 fn handshake_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.000_25, 2.0, 15)
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new(&crate::config::AccessLog::default())
+    }
 }
 
 impl Telemetry {
@@ -486,6 +510,7 @@ impl Telemetry {
             config_reloads,
             ca_reloads,
             access_dropped,
+            interned: Mutex::new(HashSet::new()),
             workloads: RwLock::new(HashMap::new()),
             pods: RwLock::new(HashMap::new()),
             access: access::AccessLog::new(access),
@@ -579,8 +604,12 @@ impl Telemetry {
                 UNKNOWN.to_owned(),
             ),
         };
+        let local_principal = local
+            .as_ref()
+            .map(|w| w.principal.clone())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| UNKNOWN.to_owned());
         let (local, peer) = (side(&local), side(&peer));
-        let local_principal = flow.local_principal.clone();
         let peer_principal = flow
             .peer_principal
             .clone()
@@ -610,14 +639,37 @@ impl Telemetry {
         }
     }
 
-    /// A flow was listed (admitted, about to relay).
-    pub fn flow_opened(&self, labels: &TcpLabels) {
-        self.opened.get_or_create(labels).inc();
+    /// A flow was listed (admitted, about to relay): counts it and returns the labels its
+    /// close must be counted under.
+    pub fn flow_opened(&self, flow: &FlowMeta) -> Arc<TcpLabels> {
+        let labels = self.intern(self.labels(flow));
+        self.opened.get_or_create(&labels).inc();
+        labels
+    }
+
+    fn intern(&self, labels: TcpLabels) -> Arc<TcpLabels> {
+        let mut set = self.interned.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = set.get(&labels) {
+            return Arc::clone(held);
+        }
+        // Label sets of departed workloads are dropped once no flow holds them.
+        if set.len() >= INTERNED_SWEEP && set.len().is_power_of_two() {
+            set.retain(|l| Arc::strong_count(l) > 1);
+        }
+        let labels = Arc::new(labels);
+        set.insert(Arc::clone(&labels));
+        labels
     }
 
     /// A listed flow ended: closed count, bytes, access log line. `to_peer` are the bytes the
     /// enrolled pod's app sent, `from_peer` those it received.
-    pub fn flow_closed(&self, flow: &FlowMeta, labels: &TcpLabels, end: &FlowEnd<'_>) {
+    pub fn flow_closed(
+        &self,
+        direction: Direction,
+        labels: &TcpLabels,
+        end: &FlowEnd<'_>,
+        flow: impl FnOnce() -> FlowMeta,
+    ) {
         let FlowEnd {
             outcome,
             to_peer,
@@ -632,7 +684,7 @@ impl Telemetry {
             })
             .inc();
         // Istio: received = request bytes (client → server), sent = response bytes.
-        let (request, response) = match flow.direction {
+        let (request, response) = match direction {
             Direction::Outbound => (to_peer, from_peer),
             Direction::Inbound => (from_peer, to_peer),
         };
@@ -642,7 +694,7 @@ impl Telemetry {
             access::flow_line(
                 format,
                 &access::FlowLine {
-                    flow,
+                    flow: &flow(),
                     labels,
                     outcome: outcome.as_str(),
                     reason,
@@ -654,15 +706,21 @@ impl Telemetry {
         });
     }
 
-    /// A connection was refused before it was listed.
-    pub fn refused(&self, refusal: &RefusalMeta<'_>) {
+    /// A connection was refused before it was listed; `refusal` builds its access line, if
+    /// one is written.
+    pub fn refused<'a>(
+        &self,
+        direction: Direction,
+        code: &'static str,
+        refusal: impl FnOnce() -> RefusalMeta<'a>,
+    ) {
         self.refused
             .get_or_create(&RefusedLabels {
-                direction: refusal.direction,
-                reason: refusal.code,
+                direction,
+                reason: code,
             })
             .inc();
-        self.log(|format| access::refusal_line(format, refusal));
+        self.log(|format| access::refusal_line(format, &refusal()));
     }
 
     /// A listed flow was closed by a policy change (its close line follows with the relay).

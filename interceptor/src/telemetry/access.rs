@@ -180,7 +180,7 @@ pub(super) fn refusal_line(format: AccessLogFormat, r: &RefusalMeta<'_>) -> Stri
         ("dst_spiffe", opt(r.server.as_deref())),
         ("outcome", "refused".into()),
         ("code", r.code.into()),
-        ("reason", r.reason.into()),
+        ("reason", r.reason.as_ref().into()),
     ];
     render(format, m)
 }

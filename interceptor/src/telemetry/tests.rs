@@ -59,7 +59,7 @@ fn telemetry() -> Telemetry {
     t.add_workload(
         "client",
         &["10.0.0.1".parse().unwrap()],
-        WorkloadLabels::of("client", "a", &labels(&[("app", "client")])),
+        WorkloadLabels::of("client", "a", &labels(&[("app", "client")])).with_principal(CLIENT),
     );
     t.add_workload(
         "",
@@ -77,7 +77,6 @@ fn outbound(mode: Mode, peer: Option<&str>) -> FlowMeta {
         source: "10.0.0.1:40000".parse().unwrap(),
         destination: "10.96.0.1:80".parse().unwrap(),
         endpoint: Some("10.0.0.2:8080".parse().unwrap()),
-        local_principal: CLIENT.into(),
         peer_principal: peer.map(str::to_owned),
         cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
         group: Some("X25519MLKEM768".into()),
@@ -107,11 +106,15 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
     assert_eq!(l.destination_workload_namespace, "b");
     assert_eq!(l.destination_principal, SERVER);
     assert_eq!(l.connection_security_policy, "mutual_tls");
-    t.flow_opened(&l);
-    t.flow_opened(&l);
+    let held = t.flow_opened(&flow);
+    assert_eq!(*held, l);
+    assert!(
+        Arc::ptr_eq(&held, &t.flow_opened(&flow)),
+        "one copy per label set"
+    );
     t.flow_closed(
-        &flow,
-        &l,
+        flow.direction,
+        &held,
         &FlowEnd {
             outcome: Outcome::Closed,
             to_peer: 100,
@@ -119,6 +122,7 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
             duration: Duration::from_millis(3),
             reason: None,
         },
+        || flow.clone(),
     );
     let opened = metric_lines(&t, "istio_tcp_connections_opened_total{");
     assert_eq!(opened.len(), 1, "{opened:?}");
@@ -149,7 +153,7 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
     assert_eq!(l.destination_principal, CLIENT);
     assert_eq!(l.connection_security_policy, "none");
     t.flow_closed(
-        &inbound,
+        inbound.direction,
         &l,
         &FlowEnd {
             outcome: Outcome::Failed,
@@ -158,6 +162,7 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
             duration: Duration::ZERO,
             reason: None,
         },
+        || inbound.clone(),
     );
     let sent = metric_lines(&t, "istio_tcp_sent_bytes_total{");
     assert!(
@@ -179,10 +184,10 @@ fn refusals_and_handshakes_are_counted_by_bounded_labels() {
         client: None,
         server: Some(CLIENT.into()),
         code: "plaintext_refused_strict",
-        reason: "plaintext to a STRICT port",
+        reason: "plaintext to a STRICT port".into(),
     };
     for _ in 0..3 {
-        t.refused(&r);
+        t.refused(Direction::Inbound, r.code, || r.clone());
     }
     t.policy_closed(Direction::Outbound, "deny_rule");
     let refused = metric_lines(&t, "interceptor_connections_refused_total{");
@@ -318,7 +323,7 @@ fn access_lines_are_json_or_logfmt_with_every_field() {
             client: None,
             server: None,
             code: "deny_rule",
-            reason: "DENY \"x\" matched",
+            reason: "DENY \"x\" matched".into(),
         },
     );
     assert!(r.contains(" code=deny_rule "), "{r}");
