@@ -11,7 +11,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::run;
 
 /// Debian packages: QEMU and an initramfs toolkit for the kTLS VM, the network tools the
-/// end-to-end tests drive, and the clients, servers and sidecar proxy the benchmark compares.
+/// end-to-end tests drive, Prometheus for the metrics test, and the clients, servers and
+/// sidecar proxy the benchmark compares.
 const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -27,6 +28,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",
     "sockperf",
     "wrk",
+    // A real Prometheus (and promtool) for the metrics end-to-end test.
+    "prometheus",
 ];
 
 const BPF_LINKER_SERIES: &str = "0.13";

@@ -64,6 +64,7 @@ const HOST_ONLY: &[&str] = &[
     "identity_clock",
     "limits_e2e",
     "limits_flood",
+    "metrics_e2e",
     "relay_userspace",
 ];
 
