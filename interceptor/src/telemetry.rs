@@ -495,6 +495,27 @@ impl Telemetry {
             "Access log lines not written: not sampled, or over the rate limit",
             access_dropped.clone(),
         );
+        // Bounded label sets start at zero, so every series exists from the first scrape
+        // (`increase()` sees the first event, dashboards show 0 rather than no data).
+        for direction in [Direction::Outbound, Direction::Inbound] {
+            for code in crate::refusal::RefusalCode::ALL {
+                let labels = RefusedLabels {
+                    direction,
+                    reason: code.as_str(),
+                };
+                let _ = refused.get_or_create(&labels);
+                let _ = policy_closed.get_or_create(&labels);
+            }
+        }
+        for outcome in ["applied", "rejected"] {
+            let labels = OutcomeLabels { outcome };
+            let _ = policy_reloads.get_or_create(&labels);
+            let _ = config_reloads.get_or_create(&labels);
+            let _ = ca_reloads.get_or_create(&labels);
+        }
+        for why in ["not_sampled", "rate_limited"] {
+            let _ = access_dropped.get_or_create(&DroppedLabels { why });
+        }
         let observed = Arc::new(Slot::default());
         registry.register_collector(Box::new(ScrapeTime(Arc::clone(&observed))));
         Self {

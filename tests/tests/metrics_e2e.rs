@@ -156,6 +156,24 @@ impl Prometheus {
             .collect()
     }
 
+    /// Whether Prometheus accepts `promql` (it parses and evaluates).
+    fn accepts(&self, promql: &str) -> Result<(), String> {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "5", "-G"])
+            .arg(format!("http://{}/api/v1/query", self.addr))
+            .arg("--data-urlencode")
+            .arg(format!("query={promql}"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}"))?;
+        if v["status"] == "success" {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    }
+
     /// `sum by (by) (promql)` as `label value → count`.
     fn sum_by(&self, promql: &str, by: &str) -> BTreeMap<String, u64> {
         self.query(&format!("sum by ({by}) ({promql})"))
@@ -168,6 +186,7 @@ impl Prometheus {
                     .join("/");
                 (key, v as u64)
             })
+            .filter(|(_, v)| *v > 0)
             .collect()
     }
 
@@ -411,6 +430,47 @@ fn prometheus_scrapes_exact_counts_after_a_curl_matrix() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Every query of the Grafana dashboard parses, and names only metrics the agent serves.
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+        "../../deploy/grafana/interceptor-dashboard.json"
+    ))
+    .expect("dashboard json");
+    let served: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            let promql = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$instance", ".*")
+                .replace("$namespace", ".*")
+                .replace("$workload", ".*");
+            if let Err(e) = prometheus.accepts(&promql) {
+                panic!("dashboard panel {}: {promql}: {e}", panel["title"]);
+            }
+            let names = promql
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("istio_") || w.starts_with("interceptor_"));
+            for name in names {
+                let family = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                assert!(
+                    served.contains(name) || served.contains(family),
+                    "dashboard panel {} uses {name}, which /metrics does not serve",
+                    panel["title"]
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} dashboard queries");
 
     // The config without key material.
     let (status, body) = http_get(&format!("http://{listen}/debug/config"));
