@@ -19,8 +19,9 @@ use std::{
 
 use interceptor::intercept::table::Protection;
 use interceptor_tests::{
-    agent::{RunningAgent, TempDir},
+    agent::{PinCleanup, RunningAgent, TempDir},
     mesh::{PolicyDir, curl, httpbin_root, serve_http, service, workload},
+    process::AgentProcess,
     require_privileged,
     scenario::{self, expected_protection},
     topology::Node,
@@ -477,4 +478,116 @@ fn prometheus_scrapes_exact_counts_after_a_curl_matrix() {
     assert_eq!(status, 200);
     assert!(body.contains("\"caDir\""), "{body}");
     assert!(!body.contains("PRIVATE KEY"), "{body}");
+}
+
+/// The access log of the real binary: one JSON line per connection on stdout, whatever
+/// `INTERCEPTOR_LOG` says, agreeing with `interceptor flows --json --all` on bytes and
+/// identities.
+#[test]
+fn access_log_has_one_json_line_per_connection() {
+    require_privileged();
+    let node = Node::new(84);
+    let mut httpbin = node.pod("httpbin", 10);
+    let sleep = node.pod("sleep", 11);
+    let legacy = node.pod("legacy", 30);
+    let www = httpbin_root();
+    serve_http(&mut httpbin, &www.0, 80);
+    let cluster = scenario::Cluster::new("accesslog");
+    let mut config = cluster.config(
+        vec![
+            workload(&httpbin, "full", "httpbin", &[("app", "httpbin")]),
+            workload(&sleep, "full", "sleep", &[("app", "sleep")]),
+        ],
+        vec![],
+    );
+    config.observability.access_log.format = interceptor::config::AccessLogFormat::Json;
+    let _pins = PinCleanup(config.bpffs.clone());
+    let log_path = cluster.scratch.0.join("access.log");
+    let log = std::fs::File::create(&log_path).expect("access log file");
+    let agent = AgentProcess::start_with_stdout(
+        &config,
+        &cluster.scratch.0.join("node.yaml"),
+        Stdio::from(log),
+    );
+    let url = format!("http://{}:80/headers", httpbin.ip);
+    let c = curl(sleep.command("curl"), &url, &[]);
+    assert_eq!(c.code, "200", "mTLS: {c:?}");
+    let c = curl(legacy.command_unenrolled("curl"), &url, &[]);
+    assert_eq!(c.code, "200", "plaintext from outside the mesh: {c:?}");
+
+    // sleep's outbound and httpbin's inbound of the mTLS request, and the inbound plaintext.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect();
+        if lines.len() >= 3 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    let flows = agent.flows();
+    let mesh = match expected_protection() {
+        Protection::Ktls => "ktls",
+        _ => "userspace",
+    };
+    for (direction, pod, mode, src) in [
+        (
+            "outbound",
+            "sleep",
+            mesh,
+            Some("spiffe://cluster.local/ns/full/sa/sleep"),
+        ),
+        (
+            "inbound",
+            "httpbin",
+            mesh,
+            Some("spiffe://cluster.local/ns/full/sa/sleep"),
+        ),
+        ("inbound", "httpbin", "passthrough", None),
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l["direction"] == direction && l["pod"] == pod && l["mode"] == mode)
+            .unwrap_or_else(|| panic!("no {direction} {pod} {mode} line in {lines:#?}"));
+        assert_eq!(line["event"], "flow_closed");
+        assert_eq!(line["outcome"], "closed", "{line}");
+        assert_eq!(line["src_spiffe"].as_str(), src, "{line}");
+        assert_eq!(line["ktls"], mode == "ktls", "{line}");
+        assert_eq!(line["dst_workload"], "httpbin", "{line}");
+        if mode != "passthrough" {
+            assert_eq!(
+                line["dst_spiffe"],
+                "spiffe://cluster.local/ns/full/sa/httpbin"
+            );
+            assert!(
+                line["cipher"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("TLS13_")),
+                "{line}"
+            );
+        }
+        // The same bytes as the flow table's row of that connection.
+        let row = flows
+            .iter()
+            .find(|r| {
+                r.source.to_string() == line["src_addr"].as_str().unwrap_or_default()
+                    && r.pod == pod
+            })
+            .unwrap_or_else(|| panic!("no flow row for {line}"));
+        assert_eq!(
+            line["bytes_sent"].as_u64(),
+            Some(row.bytes_to_peer),
+            "{line}"
+        );
+        assert_eq!(
+            line["bytes_received"].as_u64(),
+            Some(row.bytes_from_peer),
+            "{line}"
+        );
+        assert!(row.bytes_from_peer > 0 && row.bytes_to_peer > 0, "{row:?}");
+    }
 }
