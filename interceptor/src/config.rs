@@ -34,11 +34,72 @@ pub struct Workload {
     pub service_account: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// The pod's cgroup v2 directory.
+    /// The pod's cgroup v2 directory. Left out (empty) when the agent enrolls pods by network
+    /// namespace (`cni:`): the programs then run from the parent cgroup for every pod.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub cgroup: PathBuf,
     /// The pod's network namespace (a bind mount such as /run/netns/<name>).
     pub netns: PathBuf,
     pub ips: Vec<IpAddr>,
+}
+
+impl Workload {
+    /// The pod's own cgroup, when it is enrolled by cgroup.
+    pub fn own_cgroup(&self) -> Option<&Path> {
+        (!path_is_empty(&self.cgroup)).then_some(self.cgroup.as_path())
+    }
+}
+
+#[allow(clippy::ptr_arg)] // serde's `skip_serializing_if` passes the field as it is
+fn path_is_empty(p: &PathBuf) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// `cni:` of the node config: pods are enrolled by network namespace (ARCHITECTURE.md,
+/// "Enrollment keying"), by the CNI plugin, and named by a pod directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CniSettings {
+    /// Where the outbound programs are attached, once: a cgroup holding every pod cgroup
+    /// (kubelet's `kubepods`). The cgroup2 root when left out.
+    #[serde(default)]
+    pub parent_cgroup: Option<PathBuf>,
+    /// Which namespaces are in the mesh, written for the CNI plugin to read while the agent
+    /// is unreachable.
+    #[serde(default = "default_membership_file")]
+    pub membership_file: PathBuf,
+    /// How long an enrollment waits for the directory to know the pod.
+    #[serde(default = "default_lookup_timeout_ms")]
+    pub lookup_timeout_ms: u64,
+    /// The static pod directory (hosts without an API server): namespace → its labels;
+    /// `interceptor.io/mtls: enabled` puts the namespace in the mesh.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// The static pod directory: who each pod is.
+    #[serde(default)]
+    pub pods: Vec<StaticPod>,
+}
+
+fn default_membership_file() -> PathBuf {
+    PathBuf::from("/run/interceptor/cni-membership.json")
+}
+fn default_lookup_timeout_ms() -> u64 {
+    10_000
+}
+
+/// A pod of the static directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StaticPod {
+    pub namespace: String,
+    pub name: String,
+    /// When given, only a pod with this UID matches.
+    #[serde(default)]
+    pub uid: String,
+    pub service_account: String,
+    /// `interceptor.io/mtls: disabled` opts the pod out of an enabled namespace.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A mesh workload whose agent runs on another node.
@@ -134,6 +195,9 @@ pub struct Config {
     /// Workload certificate lifetime and renewal, and how the CA files are watched.
     #[serde(default)]
     pub identity: IdentitySettings,
+    /// Netns-keyed enrollment by the CNI plugin; absent: pods are enrolled by cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniSettings>,
     /// Metrics, health and debug HTTP listener, and the access log.
     #[serde(default)]
     pub observability: Observability,
@@ -447,6 +511,38 @@ impl Config {
             }
         }
         check_workloads(&self.trust_domain, &labelled, &self.peers, &self.services)?;
+        for (label, w) in &labelled {
+            check_cgroup_mode(label, w, self.cni.is_some())?;
+        }
+        if let Some(cni) = &self.cni {
+            if let Some(p) = &cni.parent_cgroup {
+                check_relative(p, "cni.parentCgroup")?;
+            }
+            check_relative(&cni.membership_file, "cni.membershipFile")?;
+            if cni.lookup_timeout_ms == 0 {
+                return Err("cni.lookupTimeoutMs: must be at least 1".to_owned());
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (i, p) in cni.pods.iter().enumerate() {
+                if p.namespace.is_empty() || p.name.is_empty() {
+                    return Err(format!(
+                        "cni.pods[{i}]: namespace and name must not be empty"
+                    ));
+                }
+                crate::identity::SpiffeId::new(
+                    self.trust_domain.clone(),
+                    &p.namespace,
+                    &p.service_account,
+                )
+                .map_err(|e| format!("cni.pods[{i}]: {e}"))?;
+                if !seen.insert((&p.namespace, &p.name)) {
+                    return Err(format!(
+                        "cni.pods[{i}]: {}/{} is listed twice",
+                        p.namespace, p.name
+                    ));
+                }
+            }
+        }
         for (i, d) in self.policy.cert_dirs.iter().enumerate() {
             check_relative(d, &format!("policy.certDirs[{i}]"))?;
         }
@@ -567,13 +663,15 @@ pub fn check_workloads(
         }
         crate::identity::SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account)
             .map_err(|e| format!("{label}: {e}"))?;
-        check_relative(&w.cgroup, &format!("{label}.cgroup"))?;
         check_relative(&w.netns, &format!("{label}.netns"))?;
-        if let Some(prev) = cgroups.insert(&w.cgroup, label) {
-            return Err(format!(
-                "{label}.cgroup: {} is also the cgroup of {prev}",
-                w.cgroup.display()
-            ));
+        if let Some(cgroup) = w.own_cgroup() {
+            check_relative(cgroup, &format!("{label}.cgroup"))?;
+            if let Some(prev) = cgroups.insert(cgroup, label) {
+                return Err(format!(
+                    "{label}.cgroup: {} is also the cgroup of {prev}",
+                    cgroup.display()
+                ));
+            }
         }
         if let Some(prev) = netns.insert(&w.netns, label) {
             return Err(format!(
@@ -602,6 +700,22 @@ pub fn check_workloads(
         }
     }
     Ok(())
+}
+
+/// A pod has a cgroup exactly when the agent enrolls by cgroup: with `cni:` the programs run
+/// from the parent cgroup, and a pod cgroup of its own would run them a second time.
+pub fn check_cgroup_mode(label: &str, w: &Workload, netns_keyed: bool) -> Result<(), String> {
+    match (w.own_cgroup(), netns_keyed) {
+        (None, false) => Err(format!(
+            "{label}.cgroup: required (pods are enrolled by cgroup unless `cni:` is configured)"
+        )),
+        (Some(c), true) => Err(format!(
+            "{label}.cgroup: {} given, but with `cni:` pods are enrolled by network namespace \
+             and their cgroup is left out",
+            c.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// What policy decisions know about workloads and services: `workloads` (enrolled on this
@@ -761,6 +875,75 @@ peers:
         Config::parse("deploy/base/configmap.yaml", node).unwrap();
     }
 
+    /// The DaemonSet and the node config it ships name the same paths: every directory the
+    /// config writes is a writable mount, the CA is the Secret, and the admin socket's
+    /// directory is the same path on the node (where the CNI plugin connects to it).
+    #[test]
+    fn the_shipped_daemonset_mounts_what_the_config_names() {
+        let cm: yaml_serde::Value =
+            yaml_serde::from_str(include_str!("../../deploy/base/configmap.yaml")).unwrap();
+        let config = Config::parse("configmap", cm["data"]["node.yaml"].as_str().unwrap()).unwrap();
+        let ds: yaml_serde::Value =
+            yaml_serde::from_str(include_str!("../../deploy/base/daemonset.yaml")).unwrap();
+        let pod = &ds["spec"]["template"]["spec"];
+        let agent = pod["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .unwrap();
+        let volume = |name: &yaml_serde::Value| {
+            pod["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| &v["name"] == name)
+                .unwrap()
+                .clone()
+        };
+        // (mount path, read-only, volume)
+        let mounts: Vec<(PathBuf, bool, yaml_serde::Value)> = agent["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    PathBuf::from(m["mountPath"].as_str().unwrap()),
+                    m["readOnly"].as_bool().unwrap_or(false),
+                    volume(&m["name"]),
+                )
+            })
+            .collect();
+        let mount_of = |p: &Path| {
+            mounts
+                .iter()
+                .filter(|(m, _, _)| p.starts_with(m))
+                .max_by_key(|(m, _, _)| m.components().count())
+                .unwrap_or_else(|| panic!("{} is on no volume", p.display()))
+        };
+        for writable in [
+            config.state_dir.as_path(),
+            config.admin_socket.parent().unwrap(),
+            config.bpffs.as_path(),
+        ] {
+            assert!(!mount_of(writable).1, "{} is read-only", writable.display());
+        }
+        let (_, _, ca) = mount_of(&config.ca_dir);
+        assert_eq!(ca["secret"]["secretName"], "cacerts");
+        assert_eq!(ca["secret"]["defaultMode"].as_u64(), Some(0o400));
+        let (mount, _, run) = mount_of(&config.admin_socket);
+        assert_eq!(run["hostPath"]["path"].as_str(), mount.to_str());
+        let args: Vec<&str> = agent["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args.iter().position(|a| *a == "--config").unwrap();
+        let (_, _, cfg) = mount_of(Path::new(args[at + 1]));
+        assert_eq!(cfg["configMap"]["name"], cm["metadata"]["name"]);
+    }
+
     #[test]
     fn bad_values_are_named() {
         let e = Config::parse("n", &EXAMPLE.replace("ktls: auto", "ktls: maybe"))
@@ -785,6 +968,60 @@ peers:
         .unwrap_err()
         .to_string();
         assert!(e.contains("workloads[0].netns"), "{e}");
+    }
+
+    /// `cni:` switches enrollment to network namespaces: pods then have no cgroup of their
+    /// own, and the static directory is checked like workloads are.
+    #[test]
+    fn cni_mode_and_the_static_directory() {
+        let cni = "cni:\n  parentCgroup: /sys/fs/cgroup/kubepods\n  namespaces:\n    \
+                   full: {interceptor.io/mtls: enabled}\n    legacy: {}\n  pods:\n    \
+                   - {namespace: full, name: sleep, serviceAccount: sleep, labels: {app: s}}\n";
+        let netns_keyed = EXAMPLE.replace("    cgroup: /sys/fs/cgroup/pods/sleep-full\n", "");
+        let c = Config::parse("n", &format!("{netns_keyed}{cni}")).unwrap();
+        let settings = c.cni.as_ref().unwrap();
+        assert_eq!(
+            settings.parent_cgroup.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/kubepods"))
+        );
+        assert_eq!(
+            settings.membership_file,
+            Path::new("/run/interceptor/cni-membership.json")
+        );
+        assert_eq!(settings.pods[0].service_account, "sleep");
+        assert_eq!(c.workloads[0].own_cgroup(), None);
+        // Round trip keeps the cgroup out.
+        let again = yaml_serde::to_string(&c).unwrap();
+        assert!(!again.contains("cgroup: ''"), "{again}");
+        assert_eq!(Config::parse("n", &again).unwrap(), c);
+
+        let e = Config::parse("n", &format!("{EXAMPLE}{cni}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("workloads[0].cgroup") && e.contains("network namespace"),
+            "{e}"
+        );
+        let e = Config::parse("n", &netns_keyed).unwrap_err().to_string();
+        assert!(e.contains("workloads[0].cgroup: required"), "{e}");
+        let twice = cni.replace(
+            "labels: {app: s}}\n",
+            "labels: {app: s}}\n    - {namespace: full, name: sleep, serviceAccount: x}\n",
+        );
+        let e = Config::parse("n", &format!("{netns_keyed}{twice}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cni.pods[1]") && e.contains("twice"), "{e}");
+        let e = Config::parse(
+            "n",
+            &format!(
+                "{netns_keyed}{}",
+                cni.replace("/sys/fs/cgroup/kubepods", "kubepods")
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cni.parentCgroup"), "{e}");
     }
 
     /// The validation `interceptor enroll` shares with `workloads:`: a conflict names both

@@ -10,6 +10,7 @@
 //! * `handoff`: list an established flow and start its relay (kTLS, userspace, plain);
 //! * `revalidate`: decide open flows again when policy changes.
 
+mod counters;
 pub mod enforce;
 pub mod files;
 mod flow;
@@ -24,6 +25,7 @@ mod revalidate;
 pub mod table;
 
 pub use self::{
+    counters::Counters,
     pod::{PodHandle, enroll, pod_netns_cookie, unenroll},
     revalidate::{apply_steering, revalidate},
 };
@@ -113,6 +115,8 @@ pub struct Shared {
     /// Istio security policy: the current generation and how to load the next.
     pub policy: Enforcer,
     pub flows: FlowTable,
+    /// Refusals and policy closes by code, failed flows and accepts.
+    pub counters: Counters,
     /// Metrics and the access log (the flow table counts into it too).
     pub telemetry: Arc<Telemetry>,
     credentials: LeafStore<Credentials>,
@@ -159,6 +163,7 @@ impl Shared {
             tuning,
             datapath: Mutex::new(datapath),
             policy,
+            counters: Counters::default(),
             flows: FlowTable::new(Arc::clone(&telemetry)),
             telemetry,
             credentials: LeafStore::new(identity.clock, identity.renew),

@@ -94,6 +94,7 @@ pub fn config(
         cluster_domain: "cluster.local".to_owned(),
         tuning: Tuning::default(),
         identity: Default::default(),
+        cni: None,
         // A free port each: tests run many agents at once in the host's netns.
         observability: interceptor::config::Observability {
             listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -62,6 +62,7 @@ const HOST_ONLY: &[&str] = &[
     "enroll_e2e",
     "faults_e2e",
     "identity_clock",
+    "intercept_netns",
     "limits_e2e",
     "limits_flood",
     "metrics_e2e",

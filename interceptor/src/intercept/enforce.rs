@@ -397,7 +397,6 @@ pub struct Enforcer {
     cert_files: originate::CertFiles,
     current: RwLock<Arc<Generation>>,
     inputs: Mutex<Inputs>,
-    counters: Mutex<BTreeMap<String, u64>>,
     reload_failures: AtomicU64,
     /// Warnings already logged, so each generation logs only what is new.
     logged: Mutex<BTreeSet<String>>,
@@ -447,7 +446,6 @@ impl Enforcer {
                 services: config.services.clone(),
                 crypto: config.crypto,
             }),
-            counters: Mutex::new(BTreeMap::new()),
             reload_failures: AtomicU64::new(0),
             logged: Mutex::new(logged),
         })
@@ -556,24 +554,10 @@ impl Enforcer {
         self.inputs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts one event (a refusal by code, a flow closed by a new policy).
-    pub fn count(&self, key: String) {
-        *self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_default() += 1;
-    }
-
-    /// Counters for `flows --stats`: refusals per reason, flows closed by a policy change,
-    /// rejected reloads and the current generation.
+    /// Policy counters for `flows --stats`: rejected reloads and the current generation
+    /// (the connection path's counters are [`Shared::counters`](super::Shared::counters)).
     pub fn stats(&self) -> BTreeMap<String, u64> {
-        let mut out = self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut out = BTreeMap::new();
         out.insert(
             "policy.reload_failures".to_owned(),
             self.reload_failures.load(Ordering::Relaxed),

@@ -15,7 +15,7 @@ use tracing::debug;
 use super::{
     Shared,
     enforce::{self, Plan, Refused, Transport},
-    flow::{Ends, Refusal, Stop, chain, crypto_refuses, handshake_refused, reset},
+    flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
     handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
     originate,
     pod::{PodCtx, dial, pod_ip},
@@ -265,7 +265,11 @@ async fn originate<'a>(
             Err(e) => {
                 let refused = Refused {
                     code: RefusalCode::OriginationFailed,
-                    reason: format!("{mode} TLS origination to {}: {}", name.to_str(), chain(&e)),
+                    reason: format!(
+                        "{mode} TLS origination to {}: {}",
+                        name.to_str(),
+                        crate::error::chain(&e)
+                    ),
                 };
                 return Err(out
                     .refusal(None, refused)
