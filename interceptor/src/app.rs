@@ -2,6 +2,8 @@
 //! configured and persisted pods, serve the admin API, and on SIGTERM exit leaving the pinned
 //! programs in place so enrolled pods stay fail-closed until the agent is back.
 
+mod kubernetes;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -161,7 +163,39 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
             .with_context(|| format!("attach to cni.parentCgroup {}", parent.display()))?;
         info!(parent = %parent.display(), "pods are enrolled by network namespace");
     }
+    // Kubernetes mode: the watchers start first, and pods are enrolled once the cluster was
+    // listed (or after SYNC_WAIT, not ready until it is), so the first decisions already
+    // see the cluster's policy and peers.
+    let directory = match &config.kubernetes {
+        Some(settings) => {
+            let directory = kubernetes::connect(settings).await?;
+            if !kubernetes::wait_synced(&directory, kubernetes::SYNC_WAIT).await {
+                warn!(
+                    "the API server has not been listed within {:?}; serving, not ready",
+                    kubernetes::SYNC_WAIT
+                );
+            }
+            Some(directory)
+        }
+        None => None,
+    };
     let agent = start_with(config.clone(), offload, ca, datapath, policy, observed).await?;
+    let ready = &agent.readiness;
+    for flag in [
+        &ready.programs_attached,
+        &ready.ca_loaded,
+        &ready.policy_loaded,
+    ] {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    }
+    match directory {
+        Some(directory) => {
+            kubernetes::start_following(Arc::clone(&agent), directory).await;
+        }
+        None => ready
+            .cluster_synced
+            .store(true, std::sync::atomic::Ordering::Release),
+    }
     tokio::spawn(watch_ca(
         Arc::clone(&agent.shared),
         Arc::clone(&agent.telemetry),
@@ -183,20 +217,31 @@ impl Observability {
     async fn start(config: &Config) -> anyhow::Result<Self> {
         let telemetry = Arc::new(Telemetry::new(&config.observability.access_log));
         let readiness = Arc::new(Readiness::default());
-        // Nothing to sync without a cluster (`kubernetes:` sets it after its first sync).
-        readiness.cluster_synced.store(true, Ordering::Release);
         let addr = match config.observability.listen {
-            Some(addr) => {
-                let listener = telemetry::server::bind(addr).await?;
-                let bound = listener.local_addr()?;
-                tokio::spawn(telemetry::server::serve(
-                    listener,
-                    Arc::clone(&telemetry),
-                    Arc::clone(&readiness),
-                ));
-                info!(%bound, "metrics, health and debug on http://{bound}");
-                Some(bound)
-            }
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let bound = listener.local_addr()?;
+                    tokio::spawn(telemetry::server::serve(
+                        listener,
+                        Arc::clone(&telemetry),
+                        Arc::clone(&readiness),
+                    ));
+                    info!(%bound, "metrics, health and debug on http://{bound}");
+                    Some(bound)
+                }
+                // The agent this one replaces (a rolling update starts the new pod first)
+                // holds the port until it exits: serve once it is free.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    warn!(%addr, "observability.listen is in use (the previous agent?); serving there once it is free");
+                    tokio::spawn(telemetry::server::serve_when_free(
+                        addr,
+                        Arc::clone(&telemetry),
+                        Arc::clone(&readiness),
+                    ));
+                    Some(addr)
+                }
+                Err(e) => anyhow::bail!("observability.listen {addr}: {e}"),
+            },
             None => None,
         };
         Ok(Self {
@@ -599,11 +644,6 @@ impl Agent {
         &self.telemetry
     }
 
-    /// What `/readyz` answers from.
-    pub fn readiness(&self) -> &Arc<Readiness> {
-        &self.readiness
-    }
-
     /// Open flows, as `interceptor flows` shows them.
     pub fn flows(&self) -> Vec<crate::intercept::table::FlowRow> {
         self.shared.flows.rows()
@@ -626,6 +666,21 @@ impl Agent {
     /// How mesh flows are protected on this node.
     pub fn offload(&self) -> &Offload {
         &self.shared.offload
+    }
+
+    /// Start-up steps that hold, for `/readyz`.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        Arc::clone(&self.readiness)
+    }
+
+    /// The workloads enrolled now.
+    fn enrolled_workloads(&self) -> Vec<Workload> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.workload.clone())
+            .collect()
     }
 
     /// The crypto policy in force.

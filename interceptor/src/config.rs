@@ -198,6 +198,10 @@ pub struct Config {
     /// Netns-keyed enrollment by the CNI plugin; absent: pods are enrolled by cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cni: Option<CniSettings>,
+    /// Kubernetes mode: pods, namespaces, services and Istio policy come from the API server
+    /// (added to whatever the file/static fields above say).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSettings>,
     /// Metrics, health and debug HTTP listener, and the access log.
     #[serde(default)]
     pub observability: Observability,
@@ -253,6 +257,40 @@ pub enum AccessLogFormat {
     Json,
     #[default]
     Logfmt,
+}
+
+/// `kubernetes:` of the node config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// A kubeconfig file (development); absent: the pod's service account (in-cluster).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The node this agent runs on (`spec.nodeName` of its pods); absent: the `NODE_NAME`
+    /// environment variable, which a DaemonSet sets from the downward API.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The label key of enablement: namespaces with `<meshLabel>: enabled` are in the mesh,
+    /// a pod with `<meshLabel>: disabled` opts out.
+    #[serde(default = "default_mesh_label")]
+    pub mesh_label: String,
+}
+
+impl KubernetesSettings {
+    /// The node name from the config or, failing that, from `env` (the value of `NODE_NAME`).
+    pub fn node(&self, env: Option<String>) -> Result<String, String> {
+        self.node_name
+            .clone()
+            .or(env)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                "kubernetes.nodeName: not set, and NODE_NAME is not in the environment".to_owned()
+            })
+    }
+}
+
+fn default_mesh_label() -> String {
+    "interceptor.io/mtls".to_owned()
 }
 
 /// `identity:` of the node config.
@@ -351,6 +389,10 @@ pub const MIN_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(5 *
 /// Longest leaf lifetime: leaves are not revocable, so they stay short-lived.
 pub const MAX_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
 
+/// Longest resumption ticket lifetime: tickets skip the certificate checks, so they stay
+/// short next to leaves (hours).
+pub const MAX_TICKET_LIFETIME_SECS: u64 = 3_600;
+
 /// What policy may read from the node besides `policyDir`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -390,6 +432,13 @@ pub struct Tuning {
     /// How often the agent looks for changes in `policyDir` (and the certificate files its
     /// DestinationRules name).
     pub policy_poll_ms: u64,
+    /// TLS 1.3 session resumption between agents: a workload's next connection to the same
+    /// server address skips certificates and signatures (still a fresh key exchange, still
+    /// one TLS session per connection). Off: every connection is a full handshake.
+    pub session_resumption: bool,
+    /// How long a resumption ticket stays usable, on both ends; no ticket outlives a policy
+    /// reload or a new certificate either.
+    pub ticket_lifetime_secs: u64,
 }
 
 impl Default for Tuning {
@@ -404,6 +453,8 @@ impl Default for Tuning {
             max_pending_handshakes_per_pod: 512,
             sk_msg_local_leg: false,
             policy_poll_ms: 500,
+            session_resumption: true,
+            ticket_lifetime_secs: 300,
         }
     }
 }
@@ -543,6 +594,20 @@ impl Config {
                 }
             }
         }
+        if let Some(k) = &self.kubernetes {
+            if let Some(path) = &k.kubeconfig {
+                check_relative(path, "kubernetes.kubeconfig")?;
+            }
+            if k.node_name.as_deref() == Some("") {
+                return Err("kubernetes.nodeName: must not be empty".to_owned());
+            }
+            if k.mesh_label.is_empty() || k.mesh_label.contains(char::is_whitespace) {
+                return Err(format!(
+                    "kubernetes.meshLabel: `{}` is not a label key",
+                    k.mesh_label
+                ));
+            }
+        }
         for (i, d) in self.policy.cert_dirs.iter().enumerate() {
             check_relative(d, &format!("policy.certDirs[{i}]"))?;
         }
@@ -554,6 +619,12 @@ impl Config {
         }
         if t.policy_poll_ms == 0 {
             return Err("tuning.policyPollMs: must be at least 1".to_owned());
+        }
+        if !(1..=MAX_TICKET_LIFETIME_SECS).contains(&t.ticket_lifetime_secs) {
+            return Err(format!(
+                "tuning.ticketLifetimeSecs: {} is outside 1 to {MAX_TICKET_LIFETIME_SECS}",
+                t.ticket_lifetime_secs
+            ));
         }
         if t.idle_timeout_secs == 0 {
             return Err("tuning.idleTimeoutSecs: must be at least 1".to_owned());
@@ -1240,6 +1311,32 @@ tuning:
     }
 
     #[test]
+    fn kubernetes_section_parses_strictly() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.kubernetes, None, "absent: file/static mode");
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}kubernetes:\n{yaml}"));
+        let c = with("  kubeconfig: /etc/kube/config\n  nodeName: node-a\n").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig.as_deref(), Some(Path::new("/etc/kube/config")));
+        assert_eq!(k.mesh_label, "interceptor.io/mtls");
+        assert_eq!(k.node(Some("env".into())).unwrap(), "node-a");
+        let c = Config::parse("n", &format!("{EXAMPLE}kubernetes: {{}}\n")).unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig, None, "in-cluster");
+        assert_eq!(k.node(Some("from-env".into())).unwrap(), "from-env");
+        assert!(k.node(None).unwrap_err().contains("NODE_NAME"));
+        for (yaml, named) in [
+            ("  nodename: a\n", "nodename"),
+            ("  kubeconfig: rel/path\n", "kubernetes.kubeconfig"),
+            ("  nodeName: \"\"\n", "kubernetes.nodeName"),
+            ("  meshLabel: \"a b\"\n", "kubernetes.meshLabel"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(named), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
     fn identity_knobs_parse_with_bounds() {
         let c = Config::parse("n", EXAMPLE).unwrap();
         assert_eq!(c.identity, IdentitySettings::default());
@@ -1274,26 +1371,21 @@ tuning:
     }
 
     #[test]
-    fn observability_defaults_and_bounds() {
+    fn resumption_knobs_parse_with_bounds() {
         let c = Config::parse("n", EXAMPLE).unwrap();
-        assert_eq!(
-            c.observability.listen,
-            Some("127.0.0.1:15020".parse().unwrap())
-        );
-        assert_eq!(c.observability.access_log.format, AccessLogFormat::Logfmt);
-        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}observability:\n{yaml}"));
-        let c = with("  listen: null\n  accessLog: {format: json, samplePercent: 10}\n").unwrap();
-        assert_eq!(c.observability.listen, None);
-        assert_eq!(c.observability.access_log.format, AccessLogFormat::Json);
-        assert_eq!(c.observability.access_log.sample_percent, 10);
+        assert!(c.tuning.session_resumption);
+        assert_eq!(c.tuning.ticket_lifetime_secs, 300);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        let c = with("  sessionResumption: false\n  ticketLifetimeSecs: 60\n").unwrap();
+        assert!(!c.tuning.session_resumption);
+        assert_eq!(c.tuning.ticket_lifetime_secs, 60);
         for (yaml, field) in [
             (
-                "  accessLog: {samplePercent: 101}\n",
-                "observability.accessLog.samplePercent",
+                "  ticketLifetimeSecs: 0\n",
+                "tuning.ticketLifetimeSecs: 0 is outside 1 to 3600",
             ),
-            ("  accessLog: {format: xml}\n", "xml"),
-            ("  listen: localhost\n", "listen"),
-            ("  lisen: 127.0.0.1:1\n", "lisen"),
+            ("  ticketLifetimeSecs: 86400\n", "tuning.ticketLifetimeSecs"),
+            ("  sessionResumption: maybe\n", "sessionResumption"),
         ] {
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");

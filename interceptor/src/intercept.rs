@@ -51,7 +51,7 @@ use crate::{
     },
     config::Tuning,
     datapath::Datapath,
-    handshake::{self, CryptoPolicy, MeshCrypto, MeshSuite, driver},
+    handshake::{self, CryptoPolicy, MeshCrypto, MeshSuite, SessionResumption, driver},
     identity::{SpiffeId, TrustDomain},
     refusal::RefusalCode,
     telemetry::Telemetry,
@@ -128,6 +128,11 @@ pub struct Shared {
     log_flush_started: AtomicBool,
     /// The node's crypto policy over the suites `offload` carries; see [`Shared::set_crypto`].
     crypto: RwLock<Arc<MeshCrypto>>,
+    /// Session resumption between agents (`tuning.sessionResumption`): configs minted from
+    /// now on issue and keep tickets under it. Its epoch is the policy generation, so no
+    /// ticket outlives a policy reload; a new leaf, CA or crypto policy builds new configs,
+    /// whose stores start empty.
+    resumption: SessionResumption,
 }
 
 /// Per reason, the first [`LOG_BURST`] warnings of every [`LOG_INTERVAL`] are logged; the
@@ -152,6 +157,14 @@ impl Shared {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
         let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
         crypto.warm_up();
+        let resumption = if tuning.session_resumption {
+            SessionResumption::new(
+                Duration::from_secs(tuning.ticket_lifetime_secs),
+                policy.generation_counter(),
+            )
+        } else {
+            SessionResumption::disabled()
+        };
         Ok(Self {
             trust_domain,
             material: RwLock::new(Arc::new(Material {
@@ -171,6 +184,7 @@ impl Shared {
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
             crypto: RwLock::new(Arc::new(crypto)),
+            resumption,
         })
     }
 
@@ -333,11 +347,12 @@ impl Shared {
             .ca
             .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
-        let server = handshake::server_config(
+        let server = handshake::server_config_with(
             &leaf,
             Arc::clone(&material.roots),
             &self.trust_domain,
             &self.crypto(),
+            &self.resumption,
         )?;
         Ok(Credentials {
             leaf,
@@ -356,12 +371,13 @@ impl Shared {
         if let Some(c) = clients.get(expected) {
             return Ok(Arc::clone(c));
         }
-        let c = handshake::client_config(
+        let c = handshake::client_config_with(
             &me.leaf,
             Arc::clone(&me.roots),
             &self.trust_domain,
             expected,
             &self.crypto(),
+            &self.resumption,
         )?;
         clients.insert(expected.clone(), Arc::clone(&c));
         Ok(c)

@@ -67,6 +67,7 @@ const HOST_ONLY: &[&str] = &[
     "limits_flood",
     "metrics_e2e",
     "relay_userspace",
+    "resumption_e2e",
 ];
 
 /// A test harness binary built by cargo, named by its target so guest logs stay readable.

@@ -235,6 +235,7 @@ async fn mesh<'a>(
         target: "interceptor::access",
         pod = %out.ctx.name, dst = %out.destination, peer = %est.peer(), cipher = ?session.suite,
         group = session.group_label().as_deref().unwrap_or("-"),
+        resumed = session.resumed,
         "outbound mTLS"
     );
     relay_mesh(shared, out.flow, out.check, out.decided_by, app, peer, est)

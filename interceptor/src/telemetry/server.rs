@@ -16,7 +16,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
-use tracing::warn;
+use tracing::{error, info, warn};
 
 use super::Telemetry;
 use crate::health::Readiness;
@@ -26,11 +26,27 @@ const MAX_CONNECTIONS: usize = 32;
 /// A client must send its request head within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds the listener; an address that cannot be bound refuses the start, naming it.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("observability.listen {addr}: {e}"))
+/// Binds `addr` once it is free (retrying every second while it is in use) and serves.
+pub async fn serve_when_free(
+    addr: SocketAddr,
+    telemetry: Arc<Telemetry>,
+    readiness: Arc<Readiness>,
+) {
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                info!(%addr, "metrics, health and debug on http://{addr}");
+                return serve(listener, telemetry, readiness).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                error!(%addr, "observability.listen: {e}; no metrics or probes");
+                return;
+            }
+        }
+    }
 }
 
 /// Serves until the runtime stops.

@@ -444,3 +444,42 @@ fn http_routes_answer_health_readiness_metrics_and_debug() {
     let post = hyper::Request::post("/metrics").body(()).unwrap();
     assert_eq!(server::route(&post, &t, &ready).status().as_u16(), 405);
 }
+
+/// A new agent started while the old one holds the port serves as soon as it is free (a
+/// rolling update runs both for a while).
+#[test]
+fn listener_takes_the_port_once_the_previous_agent_lets_go() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let old = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = old.local_addr().unwrap();
+        tokio::spawn(server::serve_when_free(
+            addr,
+            Arc::new(telemetry()),
+            Arc::new(Readiness::default()),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(old);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(mut c) = tokio::net::TcpStream::connect(addr).await {
+                c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut answer = String::new();
+                let _ = c.read_to_string(&mut answer).await;
+                if answer.starts_with("HTTP/1.1 200") {
+                    assert!(answer.ends_with("ok\n"), "{answer}");
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
