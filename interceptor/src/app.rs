@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -29,6 +29,7 @@ use crate::{
         enforce::{Enforcer, Generation, Reload},
     },
     ktls, sys,
+    telemetry::{self, Telemetry, WorkloadLabels},
 };
 
 /// The running agent as the admin API sees it.
@@ -56,8 +57,14 @@ pub struct Agent {
     sandboxes: Mutex<BTreeMap<String, String>>,
     /// What was last written to `cni.membershipFile`.
     membership_written: Mutex<Option<MembershipFile>>,
-    /// What `/readyz` reports.
+    /// Metrics and the access log.
+    telemetry: Arc<Telemetry>,
+    /// What `/readyz` answers from.
     readiness: Arc<Readiness>,
+    /// Where `/metrics` is served (`observability.listen`, with the port a 0 picked).
+    observability: Option<SocketAddr>,
+    /// The config the agent started with, for `/debug/config`.
+    config: Config,
 }
 
 /// A persisted enrollment the agent could not restore.
@@ -114,8 +121,14 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     if let Err(e) = sys::raise_nofile_rlimit() {
         warn!(error = %e, "could not raise RLIMIT_NOFILE; large flow counts may fail");
     }
+    // The listener first, so the probes see the start-up steps as they complete.
+    let observed = Observability::start(&config).await?;
     // A policy that does not load refuses the start before anything is attached.
     let policy = Enforcer::load(&config)?;
+    observed
+        .readiness
+        .policy_loaded
+        .store(true, Ordering::Release);
     let offload = offload(config.ktls)?;
     let ca_seen = ca_fingerprint(&config.ca_dir);
     let ca = Ca::load_for(
@@ -125,6 +138,7 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     )
     .with_context(|| format!("CA in {}", config.ca_dir.display()))?;
     report_ca(&ca, "loaded");
+    observed.readiness.ca_loaded.store(true, Ordering::Release);
     if let Some(parent) = config.bpffs.parent() {
         sys::ensure_bpffs(parent)
             .with_context(|| format!("mount bpffs at {}", parent.display()))?;
@@ -172,6 +186,7 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
         datapath,
         policy,
         directory.clone(),
+        observed,
     )
     .await?;
     let ready = &agent.readiness;
@@ -192,11 +207,58 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     }
     tokio::spawn(watch_ca(
         Arc::clone(&agent.shared),
+        Arc::clone(&agent.telemetry),
         config.ca_dir.clone(),
         Duration::from_millis(config.identity.ca_poll_ms),
         ca_seen,
     ));
     Ok(agent)
+}
+
+/// The metrics/health listener and what it serves, before the agent exists.
+struct Observability {
+    telemetry: Arc<Telemetry>,
+    readiness: Arc<Readiness>,
+    addr: Option<SocketAddr>,
+}
+
+impl Observability {
+    async fn start(config: &Config) -> anyhow::Result<Self> {
+        let telemetry = Arc::new(Telemetry::new(&config.observability.access_log));
+        let readiness = Arc::new(Readiness::default());
+        let addr = match config.observability.listen {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let bound = listener.local_addr()?;
+                    tokio::spawn(telemetry::server::serve(
+                        listener,
+                        Arc::clone(&telemetry),
+                        Arc::clone(&readiness),
+                    ));
+                    info!(%bound, "metrics, health and debug on http://{bound}");
+                    Some(bound)
+                }
+                // The agent this one replaces (a rolling update starts the new pod first)
+                // holds the port until it exits: serve once it is free.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    warn!(%addr, "observability.listen is in use (the previous agent?); serving there once it is free");
+                    tokio::spawn(telemetry::server::serve_when_free(
+                        addr,
+                        Arc::clone(&telemetry),
+                        Arc::clone(&readiness),
+                    ));
+                    Some(addr)
+                }
+                Err(e) => anyhow::bail!("observability.listen {addr}: {e}"),
+            },
+            None => None,
+        };
+        Ok(Self {
+            telemetry,
+            readiness,
+            addr,
+        })
+    }
 }
 
 async fn start_with(
@@ -206,6 +268,7 @@ async fn start_with(
     datapath: Datapath,
     policy: Enforcer,
     cluster: Option<crate::cluster::kube::KubeDirectory>,
+    observed: Observability,
 ) -> anyhow::Result<Arc<Agent>> {
     let identity = Identity {
         renew: RenewPolicy {
@@ -223,6 +286,7 @@ async fn start_with(
         datapath,
         policy,
         config.crypto,
+        Arc::clone(&observed.telemetry),
     )?);
     {
         let mut dp = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
@@ -254,8 +318,20 @@ async fn start_with(
         cni: config.cni.clone(),
         sandboxes: Mutex::new(BTreeMap::new()),
         membership_written: Mutex::new(None),
-        readiness: Arc::new(Readiness::default()),
+        telemetry: Arc::clone(&observed.telemetry),
+        readiness: Arc::clone(&observed.readiness),
+        observability: observed.addr,
+        config: config.clone(),
     });
+    let weak: std::sync::Weak<dyn telemetry::Observed> = Arc::downgrade(&agent) as _;
+    agent.telemetry.observe(weak);
+    for peer in &config.peers {
+        agent.telemetry.add_workload(
+            "",
+            &peer.ips,
+            WorkloadLabels::of("", &peer.namespace, &peer.labels),
+        );
+    }
     agent.write_membership();
     // The node config is the operator's: a workload there that cannot be enrolled refuses
     // the start, naming it.
@@ -276,7 +352,10 @@ async fn start_with(
     agent
         .sync_policy()
         .context("policy for the enrolled pods")?;
-    tokio::spawn(watch_policy(Arc::clone(&shared)));
+    tokio::spawn(watch_policy(
+        Arc::clone(&shared),
+        Arc::clone(&agent.telemetry),
+    ));
     tokio::spawn(renew_leaves(Arc::clone(&shared)));
     let (keep_cgroups, keep_netns) = agent.stale_pins();
     let pruned = shared
@@ -295,6 +374,11 @@ async fn start_with(
     let listener = admin::bind(&config.admin_socket)
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
     tokio::spawn(admin::serve(listener, Arc::clone(&agent)));
+    // Every configured pod has its programs attached (a failure refused the start above).
+    agent
+        .readiness
+        .programs_attached
+        .store(true, Ordering::Release);
     info!(admin = %config.admin_socket.display(), "ready");
     Ok(agent)
 }
@@ -357,7 +441,13 @@ fn report_ca(ca: &Ca, what: &str) {
 /// chain the bundle does not trust) is refused with the reason, and the previous material
 /// stays in effect; it is tried again on every poll until it loads or changes back. Expiry
 /// warnings are repeated hourly.
-async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: CaFingerprint) {
+async fn watch_ca(
+    shared: Arc<Shared>,
+    telemetry: Arc<Telemetry>,
+    dir: PathBuf,
+    every: Duration,
+    mut seen: CaFingerprint,
+) {
     let mut failed: Option<String> = None;
     let mut warned = tokio::time::Instant::now();
     loop {
@@ -398,6 +488,7 @@ async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: 
                 };
                 match replaced {
                     Ok(generation) => {
+                        telemetry.ca_reload(true);
                         seen = now;
                         failed = None;
                         info!(generation, "new CA material in effect for new handshakes");
@@ -405,6 +496,7 @@ async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: 
                     Err(e) => {
                         let msg = format!("{e:#}");
                         if failed.as_ref() != Some(&msg) {
+                            telemetry.ca_reload(false);
                             error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
                         }
                         failed = Some(msg);
@@ -414,6 +506,7 @@ async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: 
             (_, Some(Err(e))) => {
                 let msg = e.to_string();
                 if failed.as_ref() != Some(&msg) {
+                    telemetry.ca_reload(false);
                     error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
                 }
                 failed = Some(msg);
@@ -424,7 +517,7 @@ async fn watch_ca(shared: Arc<Shared>, dir: PathBuf, every: Duration, mut seen: 
 
 /// Polls the policy sources; a new generation is steered and every open inbound flow is
 /// decided again under it.
-async fn watch_policy(shared: Arc<Shared>) {
+async fn watch_policy(shared: Arc<Shared>, telemetry: Arc<Telemetry>) {
     if shared.policy.dir().is_none() {
         return;
     }
@@ -435,8 +528,13 @@ async fn watch_policy(shared: Arc<Shared>) {
         let Ok(reload) = tokio::task::spawn_blocking(move || polled.policy.poll()).await else {
             continue;
         };
-        if let Reload::Applied { old, new } = reload {
-            applied(&shared, &old.steer, &new);
+        match reload {
+            Reload::Applied { old, new } => {
+                telemetry.policy_reload(true);
+                applied(&shared, &old.steer, &new);
+            }
+            Reload::Rejected(_) => telemetry.policy_reload(false),
+            Reload::Unchanged => {}
         }
     }
 }
@@ -481,6 +579,7 @@ pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
             Ok(next) => next,
             Err(e) => {
                 agent.shared.counters.config_reload_failed();
+                agent.telemetry.config_reload(false);
                 warn!("node config not applied, keeping the running one: {e}");
                 continue;
             }
@@ -495,9 +594,13 @@ pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
         }
         if next.crypto != running.crypto {
             match agent.set_crypto(next.crypto) {
-                Ok(_) => running.crypto = next.crypto,
+                Ok(_) => {
+                    agent.telemetry.config_reload(true);
+                    running.crypto = next.crypto;
+                }
                 Err(e) => {
                     agent.shared.counters.config_reload_failed();
+                    agent.telemetry.config_reload(false);
                     warn!(
                         "crypto policy not applied, keeping {}: {e:#}",
                         running.crypto
@@ -538,6 +641,16 @@ async fn shutdown_signal() {
 }
 
 impl Agent {
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/debug/*` are served, if anywhere.
+    pub fn observability_addr(&self) -> Option<SocketAddr> {
+        self.observability
+    }
+
+    /// The agent's metrics and access log.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// Open flows, as `interceptor flows` shows them.
     pub fn flows(&self) -> Vec<crate::intercept::table::FlowRow> {
         self.shared.flows.rows()
@@ -709,6 +822,18 @@ impl Agent {
         };
         let handle = intercept::enroll(&self.shared, w, slot)?;
         pods.insert(w.name.clone(), handle);
+        let id = crate::identity::SpiffeId::new(
+            self.shared.trust_domain.clone(),
+            &w.namespace,
+            &w.service_account,
+        )
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+        self.telemetry.add_workload(
+            &w.name,
+            &w.ips,
+            WorkloadLabels::of(&w.name, &w.namespace, &w.labels).with_principal(id),
+        );
         Ok(())
     }
 
@@ -721,6 +846,8 @@ impl Agent {
             .remove(name)?;
         let workload = pod.workload.clone();
         intercept::unenroll(&self.shared, pod);
+        self.telemetry
+            .remove_workload(&workload.name, &workload.ips);
         Some(workload)
     }
 
@@ -887,6 +1014,75 @@ fn pod_directory(
     }
     let cni = config.cni.as_ref()?;
     Some(Arc::new(StaticDirectory::new(cni)))
+}
+
+impl telemetry::Observed for Agent {
+    fn snapshot(&self) -> telemetry::Snapshot {
+        let mut open_flows = BTreeMap::new();
+        for row in self.shared.flows.rows() {
+            let Some(mode) = row.mode else { continue };
+            *open_flows
+                .entry((intercept::table::direction(row.direction), mode))
+                .or_insert(0) += 1;
+        }
+        let now = std::time::SystemTime::now();
+        let secs_until = |t: std::time::SystemTime| match t.duration_since(now) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        let material = self.shared.material();
+        let (maps, counters) = {
+            let dp = self
+                .shared
+                .datapath
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            (dp.map_fill(), dp.counters())
+        };
+        telemetry::Snapshot {
+            open_flows,
+            enrolled_pods: self.enrolled().len() as u64,
+            stale_enrollments: self.stale().len() as u64,
+            policy_generation: self.policy_generation(),
+            ca_generation: material.generation,
+            certificates: self
+                .shared
+                .certificate_expiries()
+                .into_iter()
+                .map(|(id, t)| (id.to_string(), secs_until(t)))
+                .collect(),
+            signer_expiry: material.ca.signer_not_after().map(secs_until),
+            maps,
+            datapath: interceptor_common::Counter::ALL
+                .iter()
+                .map(|c| (telemetry::snake_case(&format!("{c:?}")), counters.get(*c)))
+                .collect(),
+        }
+    }
+
+    fn flows(&self, all: bool) -> serde_json::Value {
+        let rows = if all {
+            self.flows_with_recent()
+        } else {
+            self.flows()
+        };
+        serde_json::to_value(rows).unwrap_or_default()
+    }
+
+    fn config(&self) -> serde_json::Value {
+        let config = serde_json::to_value(&self.config).unwrap_or_default();
+        telemetry::redact(serde_json::json!({
+            "config": config,
+            "inForce": {
+                "crypto": self.crypto_policy().to_string(),
+                "offload": format!("{:?}", self.offload()),
+                "policyGeneration": self.policy_generation(),
+                "caGeneration": self.ca_generation(),
+                "enrolled": self.enrolled(),
+                "observability": self.observability.map(|a| a.to_string()),
+            },
+        }))
+    }
 }
 
 /// The enrollment name of a pod the CNI plugin names: unique on the node, as in Kubernetes.

@@ -68,6 +68,11 @@ pub trait CertificateAuthority: Send + Sync {
     fn expiry_warnings(&self, _now: SystemTime) -> Vec<String> {
         Vec::new()
     }
+
+    /// When the certificate that signs workload certificates expires, if there is one here.
+    fn signer_not_after(&self) -> Option<SystemTime> {
+        None
+    }
 }
 
 /// The built-in CA: a signing key and certificate, the chain it presents and the roots it
@@ -679,6 +684,10 @@ impl CertificateAuthority for Ca {
 
     fn expiry_warnings(&self, now: SystemTime) -> Vec<String> {
         self.expiry_report(now)
+    }
+
+    fn signer_not_after(&self) -> Option<SystemTime> {
+        Some(self.not_after())
     }
 }
 

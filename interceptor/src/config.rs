@@ -202,6 +202,61 @@ pub struct Config {
     /// (added to whatever the file/static fields above say).
     #[serde(default)]
     pub kubernetes: Option<KubernetesSettings>,
+    /// Metrics, health and debug HTTP listener, and the access log.
+    #[serde(default)]
+    pub observability: Observability,
+}
+
+/// `observability:` of the node config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Observability {
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/debug/*` are served, in the node's network
+    /// namespace (pods have their own, so a pod's loopback is not this one); `null` turns the
+    /// listener off. Port 0 picks a free port (tests).
+    pub listen: Option<std::net::SocketAddr>,
+    pub access_log: AccessLog,
+}
+
+impl Default for Observability {
+    fn default() -> Self {
+        Self {
+            listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 15020))),
+            access_log: AccessLog::default(),
+        }
+    }
+}
+
+/// `observability.accessLog`: one line per connection at close (and per refusal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AccessLog {
+    pub enabled: bool,
+    pub format: AccessLogFormat,
+    /// Share of connections logged, in percent (the metrics count all of them).
+    pub sample_percent: u8,
+    /// At most this many lines per second; the rest are counted
+    /// (`interceptor_access_log_dropped_total`). 0: no limit.
+    pub max_per_second: u32,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            format: AccessLogFormat::Logfmt,
+            sample_percent: 100,
+            max_per_second: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    Json,
+    #[default]
+    Logfmt,
 }
 
 /// `kubernetes:` of the node config.
@@ -597,6 +652,13 @@ impl Config {
         }
         if id.ca_poll_ms == 0 {
             return Err("identity.caPollMs: must be at least 1".to_owned());
+        }
+        let log = &self.observability.access_log;
+        if log.sample_percent > 100 {
+            return Err(format!(
+                "observability.accessLog.samplePercent: {} is outside 0 to 100",
+                log.sample_percent
+            ));
         }
         Ok(())
     }

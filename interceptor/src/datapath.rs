@@ -697,6 +697,24 @@ impl Datapath {
         self.netns.keys().copied().collect()
     }
 
+    /// [`Datapath::occupancy`] with each map's capacity, for the fill-level metrics. Counted
+    /// by walking the keys (one syscall each), so a full original-destination map costs a few
+    /// tens of milliseconds per scrape.
+    pub fn map_fill(&self) -> Vec<(&'static str, u64, u64)> {
+        self.occupancy()
+            .into_iter()
+            .map(|(name, used)| {
+                let capacity = match name {
+                    maps::ORIG_DST_BY_COOKIE | maps::ORIG_DST_BY_FLOW => maps::MAX_PENDING_FLOWS,
+                    maps::POD_CONFIG => maps::MAX_PODS,
+                    maps::DEST_POLICY => maps::MAX_DESTS,
+                    _ => maps::MAX_POD_ADDRS,
+                };
+                (name, used as u64, u64::from(capacity))
+            })
+            .collect()
+    }
+
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Counters {
         let mut out = [0u64; Counter::COUNT as usize];

@@ -54,6 +54,7 @@ use crate::{
     handshake::{self, CryptoPolicy, MeshCrypto, MeshSuite, SessionResumption, driver},
     identity::{SpiffeId, TrustDomain},
     refusal::RefusalCode,
+    telemetry::Telemetry,
 };
 
 use self::{
@@ -116,6 +117,8 @@ pub struct Shared {
     pub flows: FlowTable,
     /// Refusals and policy closes by code, failed flows and accepts.
     pub counters: Counters,
+    /// Metrics and the access log (the flow table counts into it too).
+    pub telemetry: Arc<Telemetry>,
     credentials: LeafStore<Credentials>,
     /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
     crypto_generation: AtomicU64,
@@ -149,6 +152,7 @@ impl Shared {
         datapath: Datapath,
         policy: Enforcer,
         crypto: CryptoPolicy,
+        telemetry: Arc<Telemetry>,
     ) -> anyhow::Result<Self> {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
         let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
@@ -172,8 +176,9 @@ impl Shared {
             tuning,
             datapath: Mutex::new(datapath),
             policy,
-            flows: FlowTable::default(),
             counters: Counters::default(),
+            flows: FlowTable::new(Arc::clone(&telemetry)),
+            telemetry,
             credentials: LeafStore::new(identity.clock, identity.renew),
             crypto_generation: AtomicU64::new(0),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
@@ -181,6 +186,11 @@ impl Shared {
             crypto: RwLock::new(Arc::new(crypto)),
             resumption,
         })
+    }
+
+    /// Every identity with a leaf and when that leaf expires.
+    pub fn certificate_expiries(&self) -> Vec<(SpiffeId, SystemTime)> {
+        self.credentials.expiries()
     }
 
     /// The signer and trust bundle new handshakes use.

@@ -29,3 +29,4 @@ pub mod refusal;
 pub mod relay;
 #[allow(unsafe_code)] // syscall wrappers, each block with its SAFETY comment
 pub mod sys;
+pub mod telemetry;

@@ -188,14 +188,39 @@ fn print_stale(stale: &[app::Stale]) {
     }
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("INTERCEPTOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+/// Logs go to stderr, filtered by `INTERCEPTOR_LOG`; access lines (one per connection, see
+/// `observability.accessLog`) go to stdout as they are, one JSON or logfmt line each, whatever
+/// the log filter says.
+fn init_logging() {
+    use tracing_subscriber::{
+        EnvFilter, Layer as _, filter::filter_fn, fmt, layer::SubscriberExt as _,
+        util::SubscriberInitExt as _,
+    };
+    fn access(m: &tracing::Metadata<'_>) -> bool {
+        m.target() == interceptor::telemetry::access::TARGET && *m.level() == tracing::Level::INFO
+    }
+    let env = EnvFilter::try_from_env("INTERCEPTOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(env)
+                .with_filter(filter_fn(|m| !access(m))),
         )
-        .with_writer(std::io::stderr)
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stdout)
+                .without_time()
+                .with_level(false)
+                .with_target(false)
+                .with_ansi(false)
+                .with_filter(filter_fn(access)),
+        )
         .init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

@@ -96,6 +96,11 @@ pub fn config(
         identity: Default::default(),
         cni: None,
         kubernetes: None,
+        // A free port each: tests run many agents at once in the host's netns.
+        observability: interceptor::config::Observability {
+            listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..Default::default()
+        },
     }
 }
 

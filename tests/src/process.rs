@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -28,6 +28,11 @@ impl AgentProcess {
     /// Writes `config` to `file` and starts the agent on it; returns once its admin socket
     /// answers (at most 30 s: the VM emulates its CPU).
     pub fn start(config: &Config, file: &Path) -> AgentProcess {
+        Self::start_with_stdout(config, file, Stdio::inherit())
+    }
+
+    /// [`AgentProcess::start`] with the agent's stdout (its access log) sent to `stdout`.
+    pub fn start_with_stdout(config: &Config, file: &Path, stdout: Stdio) -> AgentProcess {
         let yaml = yaml_serde::to_string(config).expect("config to yaml");
         std::fs::write(file, yaml).expect("write node config");
         let _ = std::fs::remove_file(&config.admin_socket);
@@ -36,6 +41,7 @@ impl AgentProcess {
         let child = Command::new(&bin)
             .args(["run", "--config"])
             .arg(file)
+            .stdout(stdout)
             .env(
                 "INTERCEPTOR_LOG",
                 std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "warn".to_owned()),

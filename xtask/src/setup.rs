@@ -11,8 +11,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::run;
 
 /// Debian packages: QEMU and an initramfs toolkit for the kTLS VM, the network tools the
-/// end-to-end tests drive, the clients, servers and sidecar proxy the benchmark compares, and
-/// the container runtime the CNI plugin is tested under.
+/// end-to-end tests drive, Prometheus for the metrics test, the clients, servers and sidecar
+/// proxy the benchmark compares, and the container runtime the CNI plugin is tested under.
 const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -33,6 +33,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "containernetworking-plugins",
+    // A real Prometheus (and promtool) for the metrics end-to-end test.
+    "prometheus",
 ];
 
 const BPF_LINKER_SERIES: &str = "0.13";

@@ -69,6 +69,7 @@ const HOST_ONLY: &[&str] = &[
     "kube_watch",
     "limits_e2e",
     "limits_flood",
+    "metrics_e2e",
     "relay_userspace",
     "resumption_e2e",
 ];

@@ -301,6 +301,15 @@ impl<T: HoldsLeaf> LeafStore<T> {
         renewed
     }
 
+    /// Every held identity and when its current leaf expires (the expiry metrics).
+    pub fn expiries(&self) -> Vec<(SpiffeId, SystemTime)> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .map(|(id, s)| (id.clone(), s.current.leaf().not_after()))
+            .collect()
+    }
+
     /// When the value for `id` was minted and when it is due, for tests and status output.
     pub fn schedule(&self, id: &SpiffeId) -> Option<(SystemTime, SystemTime)> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());

@@ -17,7 +17,7 @@ use super::{
     handoff::Relay,
     limits::FlowPermit,
     pod::PodCtx,
-    table::{Direction, FlowCheck},
+    table::{self, Direction, FlowCheck},
 };
 use crate::{
     error,
@@ -25,6 +25,7 @@ use crate::{
     identity::SpiffeId,
     policy::FlowTls,
     refusal::RefusalCode,
+    telemetry::RefusalMeta,
 };
 
 /// The first phase of a flow: decide, dial, handshake.
@@ -144,21 +145,55 @@ impl Refusal {
     }
 }
 
-/// Counts a refusal (`refused.<code>`) and logs it as a sample (see [`Shared::sample`]:
-/// whoever can open connections can cause refusals). `line` says who and why (`DIRECTION SRC
-/// -> DST ...: reason`) and is only built when the sample is logged. Every refused
-/// connection passes here.
-pub(super) fn refused(shared: &Shared, code: RefusalCode, line: impl FnOnce() -> String) {
+/// Counts a refusal (`refused.<code>`, `interceptor_connections_refused_total`), logs it as
+/// a sample (see [`Shared::sample`]: whoever can open connections can cause refusals) and
+/// writes its access line (sampled and rate limited on their own). `reason` is only built
+/// when a line is written. Every refused connection passes here.
+pub(super) fn refused<'a>(
+    shared: &Shared,
+    code: RefusalCode,
+    ends: &Ends,
+    reason: impl FnOnce() -> std::borrow::Cow<'a, str>,
+) {
     shared.counters.refused.add(code);
+    let mut reason = Some(reason);
+    let mut text: Option<std::borrow::Cow<'a, str>> = None;
+    let mut why = || -> std::borrow::Cow<'a, str> {
+        if let Some(make) = reason.take() {
+            text = Some(make());
+        }
+        text.clone().unwrap_or_default()
+    };
     if shared.sample("refused", code.as_str()) {
-        warn!(target: "interceptor::policy", "refused {} [{code}]", line());
+        warn!(
+            target: "interceptor::policy",
+            "refused {}: {} [{code}]",
+            ends.describe(),
+            why()
+        );
     }
+    let id = |i: &Option<SpiffeId>| i.as_ref().map(ToString::to_string);
+    shared
+        .telemetry
+        .refused(table::direction(ends.direction), code.as_str(), || {
+            RefusalMeta {
+                direction: table::direction(ends.direction),
+                pod: &ends.pod,
+                source: ends.source,
+                destination: ends.destination,
+                endpoint: ends.endpoint.filter(|e| *e != ends.destination),
+                client: id(&ends.client),
+                server: id(&ends.server),
+                code: code.as_str(),
+                reason: why(),
+            }
+        });
 }
 
 /// [`refused`] for a connection with known ends.
 fn refused_with(shared: &Shared, ends: &Ends, refused: &Refused) {
-    self::refused(shared, refused.code, || {
-        format!("{}: {}", ends.describe(), refused.reason)
+    self::refused(shared, refused.code, ends, || {
+        refused.reason.as_str().into()
     });
 }
 
@@ -166,6 +201,9 @@ fn refused_with(shared: &Shared, ends: &Ends, refused: &Refused) {
 /// policy generation, a crypto policy); the caller resets it.
 pub(super) fn closed(shared: &Shared, ends: &Ends, by: &str, refused: &Refused) {
     shared.counters.closed.add(refused.code);
+    shared
+        .telemetry
+        .policy_closed(table::direction(ends.direction), refused.code.as_str());
     if shared.sample("closed", refused.code.as_str()) {
         warn!(
             target: "interceptor::policy",
@@ -224,6 +262,29 @@ impl Ends {
             endpoint: None,
             client: client.cloned(),
             server: Some(ctx.id.clone()),
+        }
+    }
+
+    /// A connection just accepted on a pod's listener, before anything about it is known
+    /// (the per-pod caps refuse here): the client's address and the address it reached.
+    pub fn accepted(
+        ctx: &PodCtx,
+        direction: Direction,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> Self {
+        let (client, server) = match direction {
+            Direction::Outbound => (Some(ctx.id.clone()), None),
+            Direction::Inbound => (None, Some(ctx.id.clone())),
+        };
+        Ends {
+            direction,
+            pod: ctx.name.clone(),
+            source,
+            destination,
+            endpoint: None,
+            client,
+            server,
         }
     }
 

@@ -19,7 +19,11 @@ use super::{
     revalidate::admitted_now,
     table::{Cancel, Direction, FlowCheck, FlowGuard, FlowInfo, Protection},
 };
-use crate::{handshake::driver, relay};
+use crate::{
+    handshake::driver,
+    relay,
+    telemetry::{Mode, Outcome},
+};
 
 /// SO_LINGER 0 on a duplicate of a socket: the socket is reset when its last descriptor
 /// closes.
@@ -61,13 +65,18 @@ pub(super) type Relay<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Se
 /// (`flow::refuse_app`): an app still finishing its own connect would otherwise see a failed
 /// connect (curl exit 7) instead of a refused request (exit 56), depending on scheduling.
 pub(super) fn relaying<'a>(
-    guard: FlowGuard<'a>,
+    mut guard: FlowGuard<'a>,
     socks: Vec<OwnedFd>,
     hold_reset: bool,
     relay: impl Future<Output = anyhow::Result<()>> + Send + 'a,
 ) -> Relay<'a> {
     Box::pin(async move {
         let result = cancellable(&guard.cancel, &socks, relay).await;
+        match &result {
+            Ok(()) if guard.cancel.is_fired() => guard.ended(Outcome::PolicyClosed, None),
+            Ok(()) => guard.ended(Outcome::Closed, None),
+            Err(e) => guard.ended(Outcome::Failed, Some(format!("{e:#}"))),
+        }
         if result.is_err()
             && hold_reset
             && guard.stats.bytes_app_to_peer() == 0
@@ -118,6 +127,14 @@ pub(super) fn prepare_peer(shared: &Shared, peer: &TcpStream) {
                 expect_no_pad: true,
             },
         );
+    }
+}
+
+/// The metrics mode of this node's mesh flows.
+pub(super) fn mesh_mode(shared: &Shared) -> Mode {
+    match shared.offload {
+        Offload::Kernel(_) => Mode::Ktls,
+        Offload::Userspace => Mode::Userspace,
     }
 }
 

@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsFd as _,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -16,13 +16,13 @@ use super::{
     AGENT_SOURCE_V4, Shared,
     enforce::{Generation, Refused},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused},
-    handoff::{Relay, dups, plain, prepare_peer, relay_mesh, relaying},
+    handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_mesh, relaying},
     peek::{self, FirstBytes},
     pod::{PodCtx, dial},
     revalidate::admitted_now,
     table::{Direction, FlowCheck, FlowInfo, InboundCheck, Protection, SessionCrypto},
 };
-use crate::{handshake::driver, identity::SpiffeId, sys};
+use crate::{handshake::driver, identity::SpiffeId, sys, telemetry};
 
 /// What both set-ups know of the flow.
 struct Inbound<'c> {
@@ -111,6 +111,7 @@ async fn mesh<'a>(
     }
     let me = shared.credentials(&ctx.id)?;
     prepare_peer(shared, &client);
+    let started = Instant::now();
     let est = match driver::server_handshake_with(
         &mut client,
         Arc::clone(&me.server),
@@ -119,7 +120,15 @@ async fn mesh<'a>(
     )
     .await
     {
-        Ok(est) => est,
+        Ok(est) => {
+            shared.telemetry.handshake_done(
+                telemetry::Direction::Inbound,
+                mesh_mode(shared),
+                &ctx.name,
+                started.elapsed(),
+            );
+            est
+        }
         Err(e) => return Err(inbound.refuse(client, handshake_refused(shared, &e))),
     };
     let peer = est.peer().clone();

@@ -2,7 +2,11 @@
 //! policy generation, dial the endpoint from inside the pod, then one set-up per transport
 //! ([`plaintext`], [`mesh`] mTLS handed to kTLS or kept in rustls, [`originate`] TLS).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::net::TcpStream;
@@ -12,13 +16,15 @@ use super::{
     Shared,
     enforce::{self, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
-    handoff::{Relay, dups, plain, prepare_peer, relay_config, relay_mesh, relaying},
+    handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
     originate,
     pod::{PodCtx, dial, pod_ip},
     revalidate::admitted_now,
     table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
 };
-use crate::{handshake::driver, identity::SpiffeId, policy::TlsMode, refusal::RefusalCode};
+use crate::{
+    handshake::driver, identity::SpiffeId, policy::TlsMode, refusal::RefusalCode, telemetry,
+};
 
 /// What every transport's set-up knows of the flow.
 struct Outbound<'c> {
@@ -191,11 +197,20 @@ async fn mesh<'a>(
     let (app, mut peer) = dial_endpoint(&out, Some(&expected), app).await?;
     let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
     prepare_peer(shared, &peer);
+    let started = Instant::now();
     let est =
         match driver::client_handshake_prepared(&mut peer, conn, timeout, shared.handshake_reads())
             .await
         {
-            Ok(est) => est,
+            Ok(est) => {
+                shared.telemetry.handshake_done(
+                    telemetry::Direction::Outbound,
+                    mesh_mode(shared),
+                    &out.ctx.name,
+                    started.elapsed(),
+                );
+                est
+            }
             Err(e) => {
                 let refused = handshake_refused(shared, &e);
                 return Err(out
@@ -236,9 +251,18 @@ async fn originate<'a>(
     mut peer: TcpStream,
 ) -> Result<Relay<'a>, Stop> {
     let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    let started = Instant::now();
     let (conn, leftover) =
         match originate::handshake(&mut peer, config, name.clone(), timeout).await {
-            Ok(session) => session,
+            Ok(session) => {
+                shared.telemetry.handshake_done(
+                    telemetry::Direction::Outbound,
+                    telemetry::Mode::Tls,
+                    &out.ctx.name,
+                    started.elapsed(),
+                );
+                session
+            }
             Err(e) => {
                 let refused = Refused {
                     code: RefusalCode::OriginationFailed,

@@ -310,7 +310,11 @@ fn admit(
         Ok(permit) => return Some(permit),
         Err(cap) => cap,
     };
-    flow::refused(shared, cap.code(), || {
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let ends = flow::Ends::accepted(ctx, direction, peer, local);
+    flow::refused(shared, cap.code(), &ends, || {
         let (held, pending) = limits.usage(source);
         let (limit, what) = match cap {
             CapExceeded::Connections => (shared.tuning.max_connections_per_pod, "flows held"),
@@ -319,22 +323,14 @@ fn admit(
                 "flows in set-up",
             ),
         };
-        let local = stream
-            .local_addr()
-            .map_or_else(|_| "-".to_owned(), |a| a.to_string());
         format!(
-            "{} {peer} -> {local} pod={}: {what} for this {} reached the cap of {limit} \
-             ({held} held, {pending} in set-up)",
-            match direction {
-                Direction::Outbound => "outbound",
-                Direction::Inbound => "inbound",
-            },
-            ctx.name,
+            "{what} for this {} reached the cap of {limit} ({held} held, {pending} in set-up)",
             match direction {
                 Direction::Outbound => "pod",
                 Direction::Inbound => "source",
             },
         )
+        .into()
     });
     None
 }

@@ -18,6 +18,7 @@ use crate::{
     identity::SpiffeId,
     policy::FlowTls,
     relay::{RelayMode, RelayStats},
+    telemetry::{self, FlowEnd, FlowMeta, Mode, Outcome, TcpLabels, Telemetry},
 };
 
 use serde::Serialize;
@@ -181,6 +182,9 @@ struct Entry {
     stats: Arc<RelayStats>,
     check: Option<FlowCheck>,
     cancel: Arc<Cancel>,
+    /// The metrics labels it was counted under when listed (its close counts there too).
+    labels: Arc<TcpLabels>,
+    opened: std::time::Instant,
 }
 
 /// One row of `interceptor flows --json`.
@@ -213,6 +217,10 @@ pub struct FlowRow {
     /// The policy decision that let the flow through.
     #[serde(default)]
     pub reason: Option<String>,
+    /// The `mode` label its metrics carry (`ktls`, `userspace`, `tls`, `plaintext`,
+    /// `passthrough`), fixed when it was listed.
+    #[serde(default)]
+    pub mode: Option<Mode>,
 }
 
 /// How many closed flows `interceptor flows --all` still shows.
@@ -220,6 +228,9 @@ const RECENT: usize = 256;
 
 #[derive(Debug, Default)]
 pub struct FlowTable {
+    /// Counts every flow listed and closed here, so the metrics and `interceptor flows` have
+    /// one source.
+    telemetry: Arc<Telemetry>,
     next: AtomicU64,
     /// Boxed rows: ids only grow, so the map's nodes are barely half full, and an inline row
     /// (over 500 bytes) would cost about twice its size per open flow.
@@ -229,28 +240,94 @@ pub struct FlowTable {
     recent: Mutex<std::collections::VecDeque<FlowRow>>,
 }
 
-/// Removes its flow from the table when the connection ends, however it ends.
+/// Removes its flow from the table when the connection ends, however it ends, and counts
+/// its close.
 pub struct FlowGuard<'a> {
     table: &'a FlowTable,
     id: u64,
     pub stats: Arc<RelayStats>,
     pub cancel: Arc<Cancel>,
+    /// How the relay ended; a guard dropped without [`FlowGuard::ended`] (the task was
+    /// dropped with the runtime) counts as failed.
+    outcome: Outcome,
+    reason: Option<String>,
+}
+
+impl FlowGuard<'_> {
+    /// Records how the flow ended, for the close count and the access log.
+    pub fn ended(&mut self, outcome: Outcome, reason: Option<String>) {
+        self.outcome = outcome;
+        self.reason = reason;
+    }
 }
 
 impl Drop for FlowGuard<'_> {
     fn drop(&mut self) {
-        // `recent` before `flows`, as in `rows_with_recent`: a listing never sees a closing
-        // flow in neither place.
-        let mut recent = self.table.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(entry) = self.table.lock().remove(&self.id) else {
-            return;
+        let entry = {
+            // `recent` before `flows`, as in `rows_with_recent`: a listing never sees a
+            // closing flow in neither place.
+            let mut recent = self.table.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(entry) = self.table.lock().remove(&self.id) else {
+                return;
+            };
+            let mut row = row(self.id, &entry);
+            row.closed = true;
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(row);
+            entry
         };
-        let mut row = row(self.id, &entry);
-        row.closed = true;
-        if recent.len() == RECENT {
-            recent.pop_front();
-        }
-        recent.push_back(row);
+        let end = FlowEnd {
+            outcome: self.outcome,
+            to_peer: entry.stats.bytes_app_to_peer(),
+            from_peer: entry.stats.bytes_peer_to_app(),
+            duration: entry.opened.elapsed(),
+            reason: self.reason.as_deref(),
+        };
+        let info = &entry.info;
+        self.table
+            .telemetry
+            .flow_closed(direction(info.direction), &entry.labels, &end, || {
+                meta(info, entry.labels.mode)
+            });
+    }
+}
+
+/// The telemetry direction of a flow.
+pub fn direction(d: Direction) -> telemetry::Direction {
+    match d {
+        Direction::Outbound => telemetry::Direction::Outbound,
+        Direction::Inbound => telemetry::Direction::Inbound,
+    }
+}
+
+/// The metrics mode of a flow as listed: plaintext is `plaintext` with a mesh workload this
+/// node knows and `passthrough` with anyone else.
+fn mode(t: &Telemetry, info: &FlowInfo) -> Mode {
+    match info.protection {
+        Protection::Ktls => Mode::Ktls,
+        Protection::Userspace => Mode::Userspace,
+        Protection::Tls => Mode::Tls,
+        Protection::Plaintext => t.plaintext_mode(match info.direction {
+            Direction::Outbound => info.endpoint.unwrap_or(info.destination).ip(),
+            Direction::Inbound => info.source.ip(),
+        }),
+    }
+}
+
+fn meta(info: &FlowInfo, mode: Mode) -> FlowMeta {
+    FlowMeta {
+        direction: direction(info.direction),
+        mode,
+        pod: info.pod.clone(),
+        source: info.source,
+        destination: info.destination,
+        endpoint: info.endpoint.filter(|e| *e != info.destination),
+        peer_principal: info.peer_id.clone(),
+        cipher: info.cipher.clone(),
+        group: info.session.and_then(|s| s.group_label()),
+        decision: info.reason.clone(),
     }
 }
 
@@ -272,6 +349,7 @@ fn row(id: u64, entry: &Entry) -> FlowRow {
         closed: false,
         endpoint: i.endpoint,
         reason: i.reason.clone(),
+        mode: Some(entry.labels.mode),
     }
 }
 
@@ -295,6 +373,14 @@ impl FlowTable {
         self.flows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A table whose flows are counted in `telemetry`.
+    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            telemetry,
+            ..Default::default()
+        }
+    }
+
     pub fn insert(&self, info: FlowInfo) -> FlowGuard<'_> {
         self.insert_checked(info, None)
     }
@@ -304,6 +390,9 @@ impl FlowTable {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let stats = RelayStats::new();
         let cancel = Arc::new(Cancel::default());
+        let labels = self
+            .telemetry
+            .flow_opened(&meta(&info, mode(&self.telemetry, &info)));
         self.lock().insert(
             id,
             Box::new(Entry {
@@ -311,6 +400,8 @@ impl FlowTable {
                 stats: Arc::clone(&stats),
                 check,
                 cancel: Arc::clone(&cancel),
+                labels,
+                opened: std::time::Instant::now(),
             }),
         );
         FlowGuard {
@@ -318,6 +409,8 @@ impl FlowTable {
             id,
             stats,
             cancel,
+            outcome: Outcome::Failed,
+            reason: None,
         }
     }
 
@@ -459,6 +552,7 @@ mod tests {
             closed: false,
             endpoint: None,
             reason: None,
+            mode: None,
         };
         let table = render(std::slice::from_ref(&row));
         let header = table.lines().next().unwrap();
