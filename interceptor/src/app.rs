@@ -116,6 +116,7 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     }
     let datapath = Datapath::load(DatapathOptions {
         pin_dir: Some(config.bpffs.clone()),
+        adopt_maps: false,
     })?;
     let mut datapath = datapath;
     if config.tuning.sk_msg_local_leg {

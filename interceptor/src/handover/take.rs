@@ -14,11 +14,14 @@ use tracing::{info, warn};
 use super::{ListenerSpec, MAX_PODS, Message, PodTransfer, Versions, channel::Channel};
 use crate::sys;
 
+/// A listener received from the old agent, with what it is.
+pub type GivenListener = (ListenerSpec, TcpListener);
+
 /// A pod whose listeners this agent now holds (as does the old agent, until `release`).
 #[derive(Debug)]
 pub struct ReceivedPod {
     pub transfer: PodTransfer,
-    pub listeners: Vec<(ListenerSpec, TcpListener)>,
+    pub listeners: Vec<GivenListener>,
 }
 
 /// What asking the running agent gave.
