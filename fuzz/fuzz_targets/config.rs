@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    let yaml = serde_yaml::to_string(&config).expect("a parsed config serialises");
+    let yaml = yaml_serde::to_string(&config).expect("a parsed config serialises");
     let again = Config::parse("again.yaml", &yaml)
         .unwrap_or_else(|e| panic!("a valid config does not read back: {e}\n{yaml}"));
     assert_eq!(again, config, "round trip changed the config:\n{yaml}");

@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     let mut inventory = None;
     if parts.len() > 1
         && let Some(last) = parts.last()
-        && let Ok(inv) = serde_yaml::from_str::<Inventory>(last)
+        && let Ok(inv) = yaml_serde::from_str::<Inventory>(last)
     {
         inventory = Some(inv);
         parts.pop();
@@ -96,7 +96,7 @@ fuzz_target!(|data: &[u8]| {
 /// Parsed once: parsing it for every input would cost as much as the input itself.
 fn default_inventory() -> &'static Inventory {
     static INV: std::sync::OnceLock<Inventory> = std::sync::OnceLock::new();
-    INV.get_or_init(|| serde_yaml::from_str(INVENTORY).expect("built-in inventory"))
+    INV.get_or_init(|| yaml_serde::from_str(INVENTORY).expect("built-in inventory"))
 }
 
 fn decide_everything(engine: &Engine, inventory: &Inventory) {

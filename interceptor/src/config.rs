@@ -342,7 +342,7 @@ pub enum ConfigError {
 impl Config {
     /// Parses and validates `text`; `file` names the source in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        let config: Config = yaml_serde::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
             message: e.to_string(),
         })?;
@@ -719,8 +719,8 @@ peers:
 
     #[test]
     fn the_shipped_deploy_config_parses() {
-        let cm: serde_yaml::Value =
-            serde_yaml::from_str(include_str!("../../deploy/base/configmap.yaml")).unwrap();
+        let cm: yaml_serde::Value =
+            yaml_serde::from_str(include_str!("../../deploy/base/configmap.yaml")).unwrap();
         let node = cm["data"]["node.yaml"].as_str().unwrap();
         Config::parse("deploy/base/configmap.yaml", node).unwrap();
     }

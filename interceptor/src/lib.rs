@@ -25,6 +25,7 @@ pub mod intercept;
 pub mod ktls;
 pub mod policy;
 pub mod probe;
+pub mod refusal;
 pub mod relay;
 #[allow(unsafe_code)] // syscall wrappers, each block with its SAFETY comment
 pub mod sys;

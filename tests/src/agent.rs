@@ -114,7 +114,7 @@ impl RunningAgent {
     /// Starts the agent from `config` written to `file`, which it then watches the way
     /// `interceptor run --config FILE` does (crypto policy changes apply while it runs).
     pub fn start_watching(config: Config, file: &Path) -> Self {
-        let yaml = serde_yaml::to_string(&config).expect("config to yaml");
+        let yaml = yaml_serde::to_string(&config).expect("config to yaml");
         std::fs::write(file, yaml).expect("write node config");
         Self::spawn(config, Some(file.to_owned()))
     }

@@ -47,7 +47,7 @@ pub fn captured<T>(node: &Node, server: &Pod, f: impl FnOnce() -> T) -> (T, Stre
 pub fn reconfigure(agent: &Agent, file: &Path, config: &mut Config, crypto: CryptoPolicy) {
     config.crypto = crypto;
     let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(&config).expect("yaml")).expect("write config");
+    std::fs::write(&tmp, yaml_serde::to_string(&config).expect("yaml")).expect("write config");
     std::fs::rename(&tmp, file).expect("rename config");
     let deadline = Instant::now() + Duration::from_secs(10);
     while agent.crypto_policy() != crypto {

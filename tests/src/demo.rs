@@ -152,7 +152,7 @@ pub fn run(ktls: KtlsMode) -> Report {
     );
     let pins = crate::agent::PinCleanup(cfg.bpffs.clone());
     let cfg_path = scratch.0.join("node.yaml");
-    std::fs::write(&cfg_path, serde_yaml::to_string(&cfg).expect("yaml")).expect("write config");
+    std::fs::write(&cfg_path, yaml_serde::to_string(&cfg).expect("yaml")).expect("write config");
     let child = Command::new(&bin)
         .args(["run", "--config"])
         .arg(&cfg_path)

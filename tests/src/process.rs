@@ -40,7 +40,7 @@ impl AgentProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> AgentProcess {
-        let yaml = serde_yaml::to_string(config).expect("config to yaml");
+        let yaml = yaml_serde::to_string(config).expect("config to yaml");
         std::fs::write(file, yaml).expect("write node config");
         let _ = std::fs::remove_file(&config.admin_socket);
         let bin = agent_binary();

@@ -34,6 +34,7 @@ use crate::{
         self, ClientTls, Engine, FlowTls, HostPattern, InboundRequest, Mode, OutboundRequest,
         OutboundTls, Pick, PolicySet, Settings, TlsMode,
     },
+    refusal::RefusalCode,
 };
 
 /// What one poll of the policy sources read: `(path, contents)`, `None` for a file that could
@@ -101,7 +102,7 @@ pub fn check_dir(dir: &Path, cert_dirs: &[PathBuf]) -> anyhow::Result<Vec<String
 /// Why the agent refuses a connection: a stable code for counters and one reason for the log.
 #[derive(Clone, Debug)]
 pub struct Refused {
-    pub code: &'static str,
+    pub code: RefusalCode,
     pub reason: String,
 }
 
@@ -217,7 +218,7 @@ impl Generation {
             Ok(())
         } else {
             Err(Refused {
-                code: "transport_changed",
+                code: RefusalCode::TransportChanged,
                 reason: format!("{} requires {tls}, the flow is {held}", plan.reason),
             })
         }
@@ -234,7 +235,7 @@ impl Generation {
             OutboundTls::Mesh { server } => Transport::Mesh(server.cloned()),
             OutboundTls::Originate(tls) => {
                 let config = self.originate.get(tls).ok_or_else(|| Refused {
-                    code: "credentials_unavailable",
+                    code: RefusalCode::CredentialsUnavailable,
                     reason: format!("{}: no client configuration was built", o.reason),
                 })?;
                 Transport::Originate {
@@ -265,13 +266,12 @@ impl Generation {
             destination,
             peer,
         });
-        if verdict.is_allowed() {
-            Ok(verdict.code())
-        } else {
-            Err(Refused {
-                code: verdict.code(),
+        match verdict.refusal() {
+            None => Ok(verdict.code()),
+            Some(code) => Err(Refused {
+                code,
                 reason: verdict.to_string(),
-            })
+            }),
         }
     }
 
@@ -300,7 +300,7 @@ impl Generation {
             .engine
             .effective_peer_auth(destination.ip(), destination.port())?;
         (mode.mode == Mode::Disable).then(|| Refused {
-            code: "mtls_refused_disable",
+            code: RefusalCode::MtlsRefusedDisable,
             reason: format!("mTLS refused: {mode} does not terminate mesh TLS"),
         })
     }
@@ -310,7 +310,7 @@ impl Generation {
 /// the server, so the connection is refused.
 pub fn mesh_identity_unknown() -> Refused {
     Refused {
-        code: "mesh_identity_unknown",
+        code: RefusalCode::MeshIdentityUnknown,
         reason: "ISTIO_MUTUAL to an endpoint whose mesh identity is not known".to_owned(),
     }
 }

@@ -23,6 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::refusal::RefusalCode;
+
 /// Why a connection was turned away before any policy saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CapExceeded {
@@ -35,10 +37,10 @@ pub enum CapExceeded {
 
 impl CapExceeded {
     /// The refusal code (`refused.<code>` counter).
-    pub fn code(self) -> &'static str {
+    pub fn code(self) -> RefusalCode {
         match self {
-            CapExceeded::Connections => "pod_connection_limit",
-            CapExceeded::Handshakes => "pod_handshake_limit",
+            CapExceeded::Connections => RefusalCode::PodConnectionLimit,
+            CapExceeded::Handshakes => RefusalCode::PodHandshakeLimit,
         }
     }
 }

@@ -16,7 +16,10 @@ use super::{
     matcher::Principal,
     model::{Action, AuthorizationPolicy, ClientTls, Constraint, Mode, ResourceRef, Rule, TlsMode},
 };
-use crate::identity::{SpiffeId, TrustDomain};
+use crate::{
+    identity::{SpiffeId, TrustDomain},
+    refusal::RefusalCode,
+};
 
 /// The peer authentication mode in force for one workload port, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -593,30 +596,36 @@ impl fmt::Display for EffectiveMode<'_> {
 impl Verdict<'_> {
     /// Whether to accept the connection.
     pub fn is_allowed(&self) -> bool {
-        matches!(
-            self,
-            Self::Accepted { .. } | Self::Probe | Self::AllowedBy { .. }
-        )
+        self.refusal().is_none()
     }
 
-    /// A stable, low-cardinality name for counters and logs.
+    /// A stable, low-cardinality name for counters and logs: the [`RefusalCode`] of a
+    /// refusing verdict, or the name of the accepting one.
     pub fn code(&self) -> &'static str {
         match self {
             Self::Accepted { mtls: true, .. } => "mtls",
             Self::Accepted { mtls: false, .. } => "plaintext",
             Self::Probe => "probe",
             Self::AllowedBy { .. } => "allow_rule",
-            Self::PlaintextRefused { .. } => "plaintext_refused_strict",
-            Self::MtlsRefused { .. } => "mtls_refused_disable",
-            Self::ForeignTrustDomain => "foreign_trust_domain",
+            refusing => refusing.refusal().map_or("", RefusalCode::as_str),
+        }
+    }
+
+    /// Why this verdict refuses; `None` when it accepts.
+    pub fn refusal(&self) -> Option<RefusalCode> {
+        Some(match self {
+            Self::Accepted { .. } | Self::Probe | Self::AllowedBy { .. } => return None,
+            Self::PlaintextRefused { .. } => RefusalCode::PlaintextRefusedStrict,
+            Self::MtlsRefused { .. } => RefusalCode::MtlsRefusedDisable,
+            Self::ForeignTrustDomain => RefusalCode::ForeignTrustDomain,
             Self::DeniedBy {
                 action: Action::Custom,
                 ..
-            } => "custom_rule",
-            Self::DeniedBy { .. } => "deny_rule",
-            Self::NotAllowed { .. } => "no_allow_match",
-            Self::UnknownWorkload => "unknown_workload",
-        }
+            } => RefusalCode::CustomRule,
+            Self::DeniedBy { .. } => RefusalCode::DenyRule,
+            Self::NotAllowed { .. } => RefusalCode::NoAllowMatch,
+            Self::UnknownWorkload => RefusalCode::UnknownWorkload,
+        })
     }
 }
 
@@ -738,12 +747,12 @@ impl fmt::Display for TlsReason<'_> {
 // === impl Refusal ===
 
 impl Refusal<'_> {
-    /// A stable name for counters and logs.
-    pub fn code(&self) -> &'static str {
+    /// The stable name for counters and logs.
+    pub fn code(&self) -> RefusalCode {
         match self {
-            Self::NoEndpoints { .. } => "no_endpoints",
-            Self::CredentialsUnavailable { .. } => "credentials_unavailable",
-            Self::UnknownClient => "unknown_client",
+            Self::NoEndpoints { .. } => RefusalCode::NoEndpoints,
+            Self::CredentialsUnavailable { .. } => RefusalCode::CredentialsUnavailable,
+            Self::UnknownClient => RefusalCode::UnknownClient,
         }
     }
 }

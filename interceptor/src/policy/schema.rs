@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, fmt};
 
 use serde::{Deserialize, Deserializer, de::IgnoredAny};
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 use super::model::{Action, Labels, Mode, TlsMode};
 

@@ -2,14 +2,14 @@
 //!
 //! Each file is read twice: once into untyped values to learn every document's `kind`, then
 //! again into the typed schema of that kind. The second pass deserializes straight from the
-//! text, so serde_yaml reports the field path and line of a bad value, which `policy check`
+//! text, so yaml_serde reports the field path and line of a bad value, which `policy check`
 //! hands to the user. Closed Istio schemas use `deny_unknown_fields`; valid Istio fields the
 //! agent cannot honour are accepted and reported as warnings.
 
 use std::{fmt, sync::Arc};
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 use super::{
     authz::authorization_policy,
@@ -146,7 +146,7 @@ fn parse_file(name: &str, contents: &str, set: &mut PolicySet, errors: &mut Vec<
         document: index + 1,
     };
     let mut headers = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(contents).enumerate() {
+    for (index, document) in yaml_serde::Deserializer::from_str(contents).enumerate() {
         match Value::deserialize(document) {
             Ok(value) => {
                 let mut ctx = Ctx {
@@ -164,7 +164,7 @@ fn parse_file(name: &str, contents: &str, set: &mut PolicySet, errors: &mut Vec<
             }
         }
     }
-    let documents = serde_yaml::Deserializer::from_str(contents);
+    let documents = yaml_serde::Deserializer::from_str(contents);
     for (index, (document, header)) in documents.zip(headers).enumerate() {
         let Header::Parse(known) = header else {
             continue;
@@ -256,7 +256,7 @@ enum Parsed {
 
 fn parse_document(
     known: Known,
-    document: serde_yaml::Deserializer<'_>,
+    document: yaml_serde::Deserializer<'_>,
     ctx: &mut Ctx<'_>,
 ) -> Option<Parsed> {
     match known {
@@ -275,7 +275,7 @@ fn parse_document(
 }
 
 fn typed<'de, S: Deserialize<'de>>(
-    document: serde_yaml::Deserializer<'de>,
+    document: yaml_serde::Deserializer<'de>,
     ctx: &mut Ctx<'_>,
 ) -> Option<Resource<S>> {
     Resource::deserialize(document)
@@ -750,8 +750,8 @@ impl PolicyError {
 // === impl DocumentError ===
 
 impl DocumentError {
-    /// Splits serde_yaml's `path: message at line L column C` into its parts.
-    fn from_yaml(location: Location, error: &serde_yaml::Error) -> Self {
+    /// Splits yaml_serde's `path: message at line L column C` into its parts.
+    fn from_yaml(location: Location, error: &yaml_serde::Error) -> Self {
         let position = error.location().map(|l| (l.line(), l.column()));
         let mut text = error.to_string();
         if let Some((line, column)) = position {
@@ -760,7 +760,7 @@ impl DocumentError {
                 text = stripped.to_owned();
             }
         }
-        // serde_yaml prefixes the path only below the root; a path contains no spaces, a
+        // yaml_serde prefixes the path only below the root; a path contains no spaces, a
         // message always does.
         let (field, message) = match text.split_once(": ") {
             Some((path, rest)) if !path.is_empty() && !path.contains(' ') => {

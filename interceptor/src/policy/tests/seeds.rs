@@ -42,7 +42,7 @@ fn curl(e: &Engine, inventory: &Inventory, from: &str, to: &str, pick: u64) -> O
             pick: Pick::Next(pick),
         }) {
             Ok(o) => (o.endpoint, o.tls),
-            Err(r) => return Refused(r.code()),
+            Err(r) => return Refused(r.code().as_str()),
         }
     } else {
         (

@@ -1,0 +1,179 @@
+//! Hands an established flow to its relay: lists it in the flow table (after deciding it
+//! again if the policy changed during set-up) and starts the relay that fits its transport
+//! (kTLS or userspace for mesh mTLS, userspace for originated TLS, plain splice otherwise),
+//! cancellable by a later policy change.
+
+use std::{
+    future::Future,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::net::TcpStream;
+
+use super::{
+    Offload, Shared,
+    flow::{Ends, REFUSE_WAIT, Refusal, Stop},
+    revalidate::admitted_now,
+    table::{Cancel, Direction, FlowCheck, FlowGuard, FlowInfo, Protection},
+};
+use crate::{handshake::driver, relay};
+
+/// SO_LINGER 0 on a duplicate of a socket: the socket is reset when its last descriptor
+/// closes.
+fn zero_linger(fd: &OwnedFd) {
+    let _ = crate::sys::set_zero_linger(fd.as_fd());
+}
+
+/// Runs a relay until it ends or the flow's policy check fails (see `revalidate`); then
+/// both connections are reset, and the relay is dropped. `socks` are duplicates of the relay's
+/// two sockets, taken before they moved into it.
+async fn cancellable(
+    cancel: &Cancel,
+    socks: &[OwnedFd],
+    relay: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        r = relay => r,
+        () = cancel.fired() => {
+            for fd in socks {
+                zero_linger(fd);
+            }
+            // `revalidate` logged and counted it.
+            Ok(())
+        }
+    }
+}
+
+/// The second phase of a flow: its relay, owning the sockets, the session and the flow-table
+/// row, and nothing else of the set-up.
+pub(super) type Relay<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+/// A listed flow's relay, cancellable through its row (see [`cancellable`]). `socks` are
+/// duplicates of its two sockets, app side first; they keep both open until the relay's
+/// future is done, so the reset a failed relay asked for goes out when they drop.
+///
+/// With `hold_reset` (outbound TLS flows, which count the app's bytes), a flow that fails
+/// before the app sent a byte (the server side refused it right after the handshake) holds
+/// that reset until the app's request arrives, as a refused outbound connection is answered
+/// (`flow::refuse_app`): an app still finishing its own connect would otherwise see a failed
+/// connect (curl exit 7) instead of a refused request (exit 56), depending on scheduling.
+pub(super) fn relaying<'a>(
+    guard: FlowGuard<'a>,
+    socks: Vec<OwnedFd>,
+    hold_reset: bool,
+    relay: impl Future<Output = anyhow::Result<()>> + Send + 'a,
+) -> Relay<'a> {
+    Box::pin(async move {
+        let result = cancellable(&guard.cancel, &socks, relay).await;
+        if result.is_err()
+            && hold_reset
+            && guard.stats.bytes_app_to_peer() == 0
+            && let Some(app) = socks.first()
+        {
+            await_request(app.as_fd()).await;
+        }
+        result
+    })
+}
+
+/// Waits (at most [`REFUSE_WAIT`]) until the app has sent something or closed.
+async fn await_request(app: BorrowedFd<'_>) {
+    let Ok(dup) = app.try_clone_to_owned() else {
+        return;
+    };
+    let Ok(sock) = TcpStream::from_std(std::net::TcpStream::from(dup)) else {
+        return;
+    };
+    let _ = tokio::time::timeout(REFUSE_WAIT, sock.readable()).await;
+}
+
+pub(super) fn dups(socks: [&TcpStream; 2]) -> Vec<OwnedFd> {
+    socks
+        .iter()
+        .filter_map(|s| s.as_fd().try_clone_to_owned().ok())
+        .collect()
+}
+
+pub(super) fn relay_config(shared: &Shared) -> relay::RelayConfig {
+    relay::RelayConfig {
+        idle_timeout: Duration::from_secs(shared.tuning.idle_timeout_secs),
+        app_leg_redirected: shared.tuning.sk_msg_local_leg,
+        ..Default::default()
+    }
+}
+
+/// Hands an established mesh session to kTLS (or keeps it in rustls) and relays.
+/// Attaches the `tls` ULP to the peer socket before the handshake when kTLS is in use: the
+/// kernel refuses the ULP once the peer's FIN has arrived, and a peer that half-closes right
+/// behind its Finished would otherwise push the flow to userspace. Failure is not fatal: the
+/// relay then keeps the flow in rustls.
+pub(super) fn prepare_peer(shared: &Shared, peer: &TcpStream) {
+    if let Offload::Kernel(_) = shared.offload {
+        let _ = relay::prepare_socket(
+            peer,
+            relay::RecordLayer::Kernel {
+                expect_no_pad: true,
+            },
+        );
+    }
+}
+
+/// The relay of an established mesh flow, listed with `check` (decided under generation
+/// `decided_by`) so that policy changes decide it again; refused (both sockets reset) if a
+/// policy change in the meantime refuses it.
+pub(super) fn relay_mesh(
+    shared: &Shared,
+    mut flow: FlowInfo,
+    check: FlowCheck,
+    decided_by: u64,
+    app: TcpStream,
+    peer: TcpStream,
+    est: driver::Established,
+) -> Result<Relay<'_>, Stop> {
+    let layer = match &shared.offload {
+        Offload::Kernel(_) => {
+            flow.protection = Protection::Ktls;
+            // The peer is another agent, which never pads records.
+            relay::RecordLayer::Kernel {
+                expect_no_pad: true,
+            }
+        }
+        Offload::Userspace => {
+            flow.protection = Protection::Userspace;
+            relay::RecordLayer::Userspace
+        }
+    };
+    if let Err(refused) = admitted_now(shared, decided_by, &check) {
+        let ends = Ends::of(&check, &flow.pod);
+        return Err(Refusal::new(ends, refused).reset(app).reset(peer).into());
+    }
+    let hold_reset = flow.direction == Direction::Outbound;
+    let guard = shared.flows.insert_checked(flow, Some(check));
+    let config = relay::RelayConfig {
+        // The dialing agent leaves the first FIN, and with it the TIME_WAIT socket, to the
+        // peer agent (see the field).
+        peer_fin_first: hold_reset,
+        ..relay_config(shared)
+    };
+    let socks = dups([&app, &peer]);
+    let stats = Arc::clone(&guard.stats);
+    let relay = relay::relay(app, peer, est, layer, config, stats);
+    Ok(relaying(guard, socks, hold_reset, async move {
+        Ok(relay.await?)
+    }))
+}
+
+/// Plaintext passthrough (non-mesh destination, or plaintext a policy allows), under the idle
+/// timeout like every other flow; `a` is the side whose bytes count as app → peer.
+pub(super) fn plain(
+    shared: &Shared,
+    a: TcpStream,
+    b: TcpStream,
+    guard: &FlowGuard<'_>,
+) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
+    let relay = relay::relay_plain(a, b, relay_config(shared), Arc::clone(&guard.stats));
+    async move { Ok(relay.await?) }
+}

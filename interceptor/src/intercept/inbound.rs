@@ -1,0 +1,225 @@
+//! A connection to an enrolled pod's address, delivered by sk_lookup: classify its first
+//! bytes, then terminate mesh mTLS ([`mesh`]) or pass plaintext ([`plaintext`]) as policy
+//! decides, and hand it to the app through a connection from the agent's own source address.
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{io::Interest, net::TcpStream};
+use tracing::debug;
+
+use super::{
+    AGENT_SOURCE_V4, Shared,
+    enforce::{Generation, Refused},
+    flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused},
+    handoff::{Relay, dups, plain, prepare_peer, relay_mesh, relaying},
+    peek::{self, FirstBytes},
+    pod::{PodCtx, dial},
+    revalidate::admitted_now,
+    table::{Direction, FlowCheck, FlowInfo, InboundCheck, Protection, SessionCrypto},
+};
+use crate::{handshake::driver, identity::SpiffeId, sys};
+
+/// What both set-ups know of the flow.
+struct Inbound<'c> {
+    ctx: &'c PodCtx,
+    /// The client.
+    source: SocketAddr,
+    /// What the client dialed: a pod address and port.
+    destination: SocketAddr,
+    /// The agent's address toward the app (sk_lookup never steers it).
+    app_source: IpAddr,
+    flow: FlowInfo,
+}
+
+impl Inbound<'_> {
+    /// Refuses the client's connection (reset).
+    fn refuse(&self, client: TcpStream, refused: Refused) -> Stop {
+        self.refuse_from(None, client, refused)
+    }
+
+    /// Refuses the client's connection (reset), naming its verified identity.
+    fn refuse_from(&self, peer: Option<&SpiffeId>, client: TcpStream, refused: Refused) -> Stop {
+        let ends = Ends::inbound(self.ctx, self.source, self.destination, peer);
+        Refusal::new(ends, refused).reset(client).into()
+    }
+}
+
+/// Sets up an inbound flow: classifies it, handshakes or not per policy, dials the app.
+/// Returns the relay to run, or why there is none.
+pub(super) async fn inbound<'a>(
+    shared: &'a Shared,
+    ctx: &PodCtx,
+    client: TcpStream,
+    source: SocketAddr,
+) -> Result<Relay<'a>, Stop> {
+    // sk_lookup delivered the connection unchanged: our local address is what the client dialed.
+    let dst = client.local_addr()?;
+    client.set_nodelay(true)?;
+    let generation = shared.policy.current();
+    let wait = if generation.requires_mtls(source, dst) {
+        Duration::from_millis(shared.tuning.handshake_timeout_ms)
+    } else {
+        Duration::from_millis(shared.tuning.first_byte_wait_ms)
+    };
+    let kind = classify(&client, wait).await?;
+    let inbound = Inbound {
+        ctx,
+        source,
+        destination: dst,
+        app_source: if dst.is_ipv6() {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(AGENT_SOURCE_V4)
+        },
+        flow: FlowInfo {
+            pod: ctx.name.clone(),
+            direction: Direction::Inbound,
+            destination: dst,
+            source,
+            peer_id: None,
+            cipher: None,
+            session: None,
+            protection: Protection::Plaintext,
+            endpoint: None,
+            reason: None,
+        },
+    };
+    match kind {
+        FirstBytes::Mesh => mesh(shared, inbound, generation, client).await,
+        FirstBytes::Other | FirstBytes::NeedMore => {
+            plaintext(shared, inbound, generation, client).await
+        }
+    }
+}
+
+/// Terminates mesh mTLS (the client's agent must present a certificate of this trust
+/// domain), decides the verified client identity under policy, and dials the app.
+async fn mesh<'a>(
+    shared: &'a Shared,
+    mut inbound: Inbound<'_>,
+    generation: Arc<Generation>,
+    mut client: TcpStream,
+) -> Result<Relay<'a>, Stop> {
+    let (ctx, source, dst) = (inbound.ctx, inbound.source, inbound.destination);
+    if let Some(refused) = generation.refuses_mtls(dst) {
+        return Err(inbound.refuse(client, refused));
+    }
+    let me = shared.credentials(&ctx.id)?;
+    prepare_peer(shared, &client);
+    let est = match driver::server_handshake_with(
+        &mut client,
+        Arc::clone(&me.server),
+        Duration::from_millis(shared.tuning.handshake_timeout_ms),
+        shared.handshake_reads(),
+    )
+    .await
+    {
+        Ok(est) => est,
+        Err(e) => return Err(inbound.refuse(client, handshake_refused(shared, &e))),
+    };
+    let peer = est.peer().clone();
+    if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
+        return Err(inbound.refuse_from(Some(&peer), client, refused));
+    }
+    match generation.inbound(source, dst, Some(&peer)) {
+        Ok(code) => inbound.flow.reason = Some(code.to_owned()),
+        Err(refused) => return Err(inbound.refuse_from(Some(&peer), client, refused)),
+    }
+    let decided_by = generation.number;
+    drop(generation);
+    inbound.flow.peer_id = Some(peer.to_string());
+    inbound.flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+    let session = SessionCrypto::mesh(&est.negotiated);
+    inbound.flow.session = Some(session);
+    let app = dial(ctx, dst, Some(inbound.app_source)).await?;
+    debug!(
+        target: "interceptor::access",
+        pod = %ctx.name, %source, %peer, cipher = ?session.suite,
+        group = session.group_label().as_deref().unwrap_or("-"),
+        "inbound mTLS"
+    );
+    let check = FlowCheck::Inbound(InboundCheck {
+        source,
+        destination: dst,
+        peer: Some(peer),
+    });
+    relay_mesh(shared, inbound.flow, check, decided_by, app, client, est)
+}
+
+/// Plaintext (or bytes that are not a mesh ClientHello, or silence), let through only where
+/// policy allows it.
+async fn plaintext<'a>(
+    shared: &'a Shared,
+    mut inbound: Inbound<'_>,
+    generation: Arc<Generation>,
+    client: TcpStream,
+) -> Result<Relay<'a>, Stop> {
+    let (ctx, source, dst) = (inbound.ctx, inbound.source, inbound.destination);
+    match generation.inbound(source, dst, None) {
+        Ok(code) => inbound.flow.reason = Some(code.to_owned()),
+        Err(refused) => return Err(inbound.refuse(client, refused)),
+    }
+    let decided_by = generation.number;
+    drop(generation);
+    let app = dial(ctx, dst, Some(inbound.app_source)).await?;
+    let check = FlowCheck::Inbound(InboundCheck {
+        source,
+        destination: dst,
+        peer: None,
+    });
+    if let Err(refused) = admitted_now(shared, decided_by, &check) {
+        let ends = Ends::of(&check, &ctx.name);
+        return Err(Refusal::new(ends, refused).reset(client).reset(app).into());
+    }
+    let guard = shared.flows.insert_checked(inbound.flow, Some(check));
+    let socks = dups([&client, &app]);
+    let relay = plain(shared, client, app, &guard);
+    Ok(relaying(guard, socks, false, relay))
+}
+
+/// Waits for the client's first bytes (at most `wait` for a silent, server-speaks-first
+/// client, or one that stops inside a ClientHello) and classifies them without consuming
+/// anything.
+///
+/// Readiness-driven: the socket is peeked when the kernel reports new bytes, never on a
+/// clock, so a stalled client costs nothing until its deadline. (A peek that finds only the
+/// bytes already seen reports `WouldBlock` to tokio, which then waits for the next readiness
+/// event: new data, FIN or RST.)
+async fn classify(client: &TcpStream, wait: Duration) -> anyhow::Result<FirstBytes> {
+    let mut buf = vec![0u8; peek::MAX_PEEK];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let ready = match tokio::time::timeout_at(deadline, client.ready(Interest::READABLE)).await
+        {
+            Ok(r) => r?,
+            // Silence, or a ClientHello that never completes: plaintext (a policy that
+            // requires mTLS refuses it).
+            Err(_) => return Ok(FirstBytes::Other),
+        };
+        let peeked = client.try_io(Interest::READABLE, || {
+            let n = sys::peek(client.as_fd(), &mut buf)?;
+            if n == 0 {
+                return Ok(FirstBytes::Other);
+            }
+            match peek::classify(&buf[..n]) {
+                FirstBytes::NeedMore if n < buf.len() => Err(std::io::ErrorKind::WouldBlock.into()),
+                FirstBytes::NeedMore => Ok(FirstBytes::Other),
+                decided => Ok(decided),
+            }
+        });
+        match peeked {
+            Ok(kind) => return Ok(kind),
+            // The client half-closed inside a ClientHello: no more bytes will come.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && ready.is_read_closed() => {
+                return Ok(FirstBytes::Other);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! An app's outbound connection: find its original destination, decide it under the current
+//! policy generation, dial the endpoint from inside the pod, then one set-up per transport
+//! ([`plaintext`], [`mesh`] mTLS handed to kTLS or kept in rustls, [`originate`] TLS).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{
+    Shared,
+    enforce::{self, Plan, Refused, Transport},
+    flow::{Ends, Refusal, Stop, chain, crypto_refuses, handshake_refused, reset},
+    handoff::{Relay, dups, plain, prepare_peer, relay_config, relay_mesh, relaying},
+    originate,
+    pod::{PodCtx, dial, pod_ip},
+    revalidate::admitted_now,
+    table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
+};
+use crate::{handshake::driver, identity::SpiffeId, policy::TlsMode, refusal::RefusalCode};
+
+/// What every transport's set-up knows of the flow.
+struct Outbound<'c> {
+    ctx: &'c PodCtx,
+    /// The pod's address and the app's port: the source policy decides on.
+    source: SocketAddr,
+    destination: SocketAddr,
+    endpoint: SocketAddr,
+    /// The generation that decided the flow.
+    decided_by: u64,
+    check: FlowCheck,
+    flow: FlowInfo,
+}
+
+impl Outbound<'_> {
+    /// A refusal of this flow, expecting `server` at the endpoint.
+    fn refusal(&self, server: Option<&SpiffeId>, refused: Refused) -> Refusal {
+        Refusal::new(
+            Ends::outbound(
+                self.ctx,
+                self.source,
+                self.destination,
+                Some(self.endpoint),
+                server,
+            ),
+            refused,
+        )
+    }
+}
+
+/// Sets up an outbound flow: decides it, dials, handshakes. Returns the relay to run, or why
+/// there is none.
+pub(super) async fn outbound<'a>(
+    shared: &'a Shared,
+    ctx: &PodCtx,
+    app: TcpStream,
+    app_addr: SocketAddr,
+) -> Result<Relay<'a>, Stop> {
+    let Some(dst) = shared
+        .datapath()
+        .original_destination(ctx.netns_cookie, app_addr)
+    else {
+        reset(app);
+        return Err(anyhow::anyhow!("no original destination recorded for this connection").into());
+    };
+    app.set_nodelay(true)?;
+    let generation = shared.policy.current();
+    let source = SocketAddr::new(pod_ip(ctx, dst.is_ipv6()), app_addr.port());
+    let plan = match generation.outbound(source.ip(), dst) {
+        Ok(plan) => plan,
+        Err(refused) => {
+            let ends = Ends::outbound(ctx, source, dst, None, None);
+            return Err(Refusal::new(ends, refused).answer_app(app).into());
+        }
+    };
+    let decided_by = generation.number;
+    drop(generation);
+    let Plan {
+        endpoint,
+        transport,
+        reason,
+    } = plan;
+    let Some(tls) = transport.to_flow() else {
+        let ends = Ends::outbound(ctx, source, dst, Some(endpoint), None);
+        let refusal = Refusal::new(ends, enforce::mesh_identity_unknown());
+        return Err(refusal.answer_app(app).into());
+    };
+    let out = Outbound {
+        ctx,
+        source,
+        destination: dst,
+        endpoint,
+        decided_by,
+        check: FlowCheck::Outbound(OutboundCheck {
+            source,
+            destination: dst,
+            endpoint,
+            client: ctx.id.clone(),
+            tls,
+        }),
+        flow: FlowInfo {
+            pod: ctx.name.clone(),
+            direction: Direction::Outbound,
+            destination: dst,
+            source: app_addr,
+            peer_id: None,
+            cipher: None,
+            session: None,
+            protection: Protection::Plaintext,
+            endpoint: Some(endpoint),
+            reason: Some(reason),
+        },
+    };
+    match transport {
+        Transport::Plaintext => {
+            let (app, peer) = dial_endpoint(&out, None, app).await?;
+            plaintext(shared, out, app, peer)
+        }
+        Transport::Mesh(None) => unreachable!("refused above"),
+        Transport::Mesh(Some(expected)) => mesh(shared, out, expected, app).await,
+        Transport::Originate {
+            config, name, mode, ..
+        } => {
+            let (app, peer) = dial_endpoint(&out, None, app).await?;
+            originate(shared, out, (config, name, mode), app, peer).await
+        }
+    }
+}
+
+/// Dials the flow's endpoint from inside the pod; refuses the app's connection
+/// (`connect_failed`) if that fails. Returns the app's connection and the peer.
+async fn dial_endpoint(
+    out: &Outbound<'_>,
+    server: Option<&SpiffeId>,
+    app: TcpStream,
+) -> Result<(TcpStream, TcpStream), Stop> {
+    match dial(out.ctx, out.endpoint, None).await {
+        Ok(peer) => Ok((app, peer)),
+        Err(e) => {
+            let refused = Refused {
+                code: RefusalCode::ConnectFailed,
+                reason: format!("{e:#}"),
+            };
+            Err(out.refusal(server, refused).answer_app(app).into())
+        }
+    }
+}
+
+/// Plaintext to a destination outside the mesh (or where policy allows plaintext).
+fn plaintext<'a>(
+    shared: &'a Shared,
+    out: Outbound<'_>,
+    app: TcpStream,
+    peer: TcpStream,
+) -> Result<Relay<'a>, Stop> {
+    if let Err(refused) = admitted_now(shared, out.decided_by, &out.check) {
+        let ends = Ends::of(&out.check, &out.ctx.name);
+        return Err(Refusal::new(ends, refused)
+            .answer_app(app)
+            .reset(peer)
+            .into());
+    }
+    let guard = shared.flows.insert_checked(out.flow, Some(out.check));
+    let socks = dups([&app, &peer]);
+    let relay = plain(shared, app, peer, &guard);
+    Ok(relaying(guard, socks, false, relay))
+}
+
+/// Mesh mTLS to the agent of the server pod, which must present `expected`; the session
+/// then goes to kTLS, or stays in rustls (see [`relay_mesh`]).
+async fn mesh<'a>(
+    shared: &'a Shared,
+    mut out: Outbound<'_>,
+    expected: SpiffeId,
+    app: TcpStream,
+) -> Result<Relay<'a>, Stop> {
+    // The first flight is built before the connect: the server's agent waits only
+    // `firstByteWaitMs` for it before treating the connection as plaintext.
+    let me = shared.credentials(&out.ctx.id)?;
+    let config = shared.client_config(&me, &expected)?;
+    let name = rustls_pki_types::ServerName::IpAddress(out.endpoint.ip().into());
+    let conn = match driver::client_connection(config, name) {
+        Ok(conn) => conn,
+        Err(e) => {
+            let e = driver::DriveError::from(e);
+            let refused = handshake_refused(shared, &e);
+            return Err(out.refusal(Some(&expected), refused).answer_app(app).into());
+        }
+    };
+    let (app, mut peer) = dial_endpoint(&out, Some(&expected), app).await?;
+    let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    prepare_peer(shared, &peer);
+    let est =
+        match driver::client_handshake_prepared(&mut peer, conn, timeout, shared.handshake_reads())
+            .await
+        {
+            Ok(est) => est,
+            Err(e) => {
+                let refused = handshake_refused(shared, &e);
+                return Err(out
+                    .refusal(Some(&expected), refused)
+                    .answer_app(app)
+                    .reset(peer)
+                    .into());
+            }
+        };
+    if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
+        return Err(out
+            .refusal(Some(&expected), refused)
+            .answer_app(app)
+            .reset(peer)
+            .into());
+    }
+    out.flow.peer_id = Some(est.peer().to_string());
+    out.flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+    let session = SessionCrypto::mesh(&est.negotiated);
+    out.flow.session = Some(session);
+    debug!(
+        target: "interceptor::access",
+        pod = %out.ctx.name, dst = %out.destination, peer = %est.peer(), cipher = ?session.suite,
+        group = session.group_label().as_deref().unwrap_or("-"),
+        "outbound mTLS"
+    );
+    relay_mesh(shared, out.flow, out.check, out.decided_by, app, peer, est)
+}
+
+/// TLS origination with a DestinationRule's settings (SIMPLE or MUTUAL) to a server outside
+/// the mesh; the session stays in rustls.
+async fn originate<'a>(
+    shared: &'a Shared,
+    mut out: Outbound<'_>,
+    (config, name, mode): (Arc<ClientConfig>, ServerName<'static>, TlsMode),
+    app: TcpStream,
+    mut peer: TcpStream,
+) -> Result<Relay<'a>, Stop> {
+    let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    let (conn, leftover) =
+        match originate::handshake(&mut peer, config, name.clone(), timeout).await {
+            Ok(session) => session,
+            Err(e) => {
+                let refused = Refused {
+                    code: RefusalCode::OriginationFailed,
+                    reason: format!("{mode} TLS origination to {}: {}", name.to_str(), chain(&e)),
+                };
+                return Err(out
+                    .refusal(None, refused)
+                    .answer_app(app)
+                    .reset(peer)
+                    .into());
+            }
+        };
+    out.flow.protection = Protection::Tls;
+    out.flow.cipher = conn
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()));
+    out.flow.session = SessionCrypto::originated(&conn);
+    if let Err(refused) = admitted_now(shared, out.decided_by, &out.check) {
+        let ends = Ends::of(&out.check, &out.ctx.name);
+        return Err(Refusal::new(ends, refused).reset(app).reset(peer).into());
+    }
+    let guard = shared.flows.insert_checked(out.flow, Some(out.check));
+    let config = relay_config(shared);
+    let socks = dups([&app, &peer]);
+    let stats = Arc::clone(&guard.stats);
+    // Boxed before the future captures it: see `relay::relay_userspace`.
+    let conn = Box::new(conn);
+    let relay = crate::relay::relay_userspace(app, peer, conn, leftover, config, stats);
+    Ok(relaying(
+        guard,
+        socks,
+        true,
+        async move { Ok(relay.await?) },
+    ))
+}

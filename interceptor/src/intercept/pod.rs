@@ -1,0 +1,390 @@
+//! Enrolling a pod: the agent's listeners inside its netns, its datapath registration, and
+//! the accept loops that hand every connection to [`flow::serve`].
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{info, warn};
+
+use super::{
+    Shared, flow,
+    limits::{self, AcceptBackoff, CapExceeded, FlowPermit, PodLimits},
+    table::Direction,
+};
+use crate::{
+    config::{Tuning, Workload},
+    identity::SpiffeId,
+    sys,
+};
+use interceptor_common::{
+    ACTION_STEER, POD_FLAG_LOCAL_LEG_SKMSG, POD_FLAG_STEER_INBOUND, PodConfig,
+};
+
+/// An enrolled pod: its listeners live as long as this value.
+pub struct PodHandle {
+    pub workload: Workload,
+    pub netns_cookie: u64,
+    slot: u32,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl PodHandle {
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+}
+
+impl Drop for PodHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A pod-side context every handler gets.
+pub(super) struct PodCtx {
+    pub(super) name: String,
+    pub(super) id: SpiffeId,
+    pub(super) ips: Vec<IpAddr>,
+    pub(super) netns: std::fs::File,
+    pub(super) netns_cookie: u64,
+    /// What the agent holds for this pod as a client (one bucket) and as a server (one bucket
+    /// per source address).
+    pub(super) outbound_limits: Arc<PodLimits>,
+    pub(super) inbound_limits: Arc<PodLimits>,
+}
+
+/// Opens the pod's listeners inside its netns, registers it with the datapath and starts
+/// accepting. `slot` must be unique among enrolled pods (sk_lookup's sockmap index).
+///
+/// A failure undoes what the attempt had set in the kernel (map entries, the ports it added
+/// to the pod's reserved ports, links not yet pinned), so the error changes nothing; links
+/// and pins of a previous agent for the pod are left as they were (see
+/// [`Datapath::attach_pod`](crate::datapath::Datapath::attach_pod)).
+pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::Result<PodHandle> {
+    let id = SpiffeId::new(
+        shared.trust_domain.clone(),
+        &workload.namespace,
+        &workload.service_account,
+    )?;
+    shared.credentials(&id)?;
+    let t = shared.tuning.clone();
+    let pod = workload.name.clone();
+    let (listeners, reserved) = sys::in_netns(&workload.netns, move || {
+        let reserved = match sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
+            Ok(added) => added,
+            Err(e) => {
+                // Not fatal: it only matters if the pod widens its ephemeral port range.
+                warn!(
+                    pod,
+                    "cannot reserve the agent's ports against ephemeral use: {e}"
+                );
+                Vec::new()
+            }
+        };
+        let bind = || -> std::io::Result<_> {
+            let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
+            // IPv6 may be disabled in the pod; IPv4 still works then.
+            let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
+            let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
+            let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
+            Ok((out4, out6, in4, in6))
+        };
+        match bind() {
+            Ok(l) => Ok((l, reserved)),
+            Err(e) => {
+                let _ = sys::release_local_ports(&reserved);
+                Err(e)
+            }
+        }
+    })
+    .with_context(|| format!("listeners in netns {}", workload.netns.display()))?;
+    let release_ports = |workload: &Workload| {
+        if reserved.is_empty() {
+            return;
+        }
+        let ports = reserved.clone();
+        if let Err(e) = sys::in_netns(&workload.netns, move || sys::release_local_ports(&ports)) {
+            warn!(pod = %workload.name, "cannot release the reserved ports: {e}");
+        }
+    };
+    let (out4, out6, in4, in6) = listeners;
+    let netns_cookie = match sys::netns_cookie(out4.as_fd()) {
+        Ok(c) => c,
+        Err(e) => {
+            release_ports(workload);
+            return Err(e.into());
+        }
+    };
+    let registered = register(shared, workload, slot, netns_cookie, &in4, in6.as_ref());
+    if let Err(e) = registered {
+        shared
+            .datapath()
+            .rollback_pod(netns_cookie, slot, &workload.ips);
+        release_ports(workload);
+        return Err(e);
+    }
+    let started = (|| -> anyhow::Result<PodHandle> {
+        let ctx = Arc::new(PodCtx {
+            name: workload.name.clone(),
+            id,
+            ips: workload.ips.clone(),
+            netns: std::fs::File::open(&workload.netns)?,
+            netns_cookie,
+            outbound_limits: pod_limits(&shared.tuning),
+            inbound_limits: pod_limits(&shared.tuning),
+        });
+        shared.start_log_flush();
+        let mut tasks = Vec::new();
+        for (l, direction) in std::iter::once(out4)
+            .chain(out6)
+            .map(|l| (l, Direction::Outbound))
+            .chain(
+                std::iter::once(in4)
+                    .chain(in6)
+                    .map(|l| (l, Direction::Inbound)),
+            )
+        {
+            l.set_nonblocking(true)?;
+            tasks.push(accept_loop(
+                shared,
+                &ctx,
+                TcpListener::from_std(l)?,
+                direction,
+            ));
+        }
+        Ok(PodHandle {
+            workload: workload.clone(),
+            netns_cookie,
+            slot,
+            tasks,
+        })
+    })();
+    match started {
+        Ok(handle) => {
+            info!(pod = %workload.name, netns_cookie, "enrolled");
+            release_free_heap();
+            Ok(handle)
+        }
+        Err(e) => {
+            let mut dp = shared.datapath();
+            dp.unenroll_cgroup(&workload.cgroup);
+            dp.stop_inbound(netns_cookie, slot, &workload.ips);
+            dp.rollback_pod(netns_cookie, slot, &workload.ips);
+            drop(dp);
+            release_ports(workload);
+            Err(e)
+        }
+    }
+}
+
+/// The datapath half of [`enroll`]: map entries first, then the links, which are pinned last
+/// (so a failure before leaves nothing pinned for [`enroll`] to undo).
+fn register(
+    shared: &Shared,
+    workload: &Workload,
+    slot: u32,
+    netns_cookie: u64,
+    in4: &std::net::TcpListener,
+    in6: Option<&std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let mut dp = shared.datapath();
+    let mut flags = POD_FLAG_STEER_INBOUND;
+    if shared.tuning.sk_msg_local_leg {
+        flags |= POD_FLAG_LOCAL_LEG_SKMSG;
+    }
+    dp.enroll_pod_netns(
+        netns_cookie,
+        PodConfig {
+            outbound_port_be: shared.tuning.outbound_port.to_be(),
+            inbound_port_be: shared.tuning.inbound_port.to_be(),
+            inbound_slot: slot,
+            flags,
+            _pad: 0,
+        },
+        &workload.ips,
+    )?;
+    dp.steer_inbound(slot, in4, in6, &workload.ips)?;
+    for ip in &workload.ips {
+        dp.set_destination(*ip, None, ACTION_STEER)?;
+    }
+    dp.attach_pod(&workload.cgroup, netns_cookie, &workload.netns)?;
+    Ok(())
+}
+
+/// Gives the heap's free pages back to the kernel. Start-up (the eBPF object parsed and
+/// loaded, the config, the CA) leaves a couple of MB freed but resident in the main heap that
+/// glibc keeps until asked; enrolling a pod is rare, so it asks then.
+fn release_free_heap() {
+    crate::sys::trim_heap();
+}
+
+/// Undoes [`enroll`]: new connections of the pod use plain networking again.
+pub fn unenroll(shared: &Shared, pod: PodHandle) {
+    {
+        let mut dp = shared.datapath();
+        dp.unenroll_cgroup(&pod.workload.cgroup);
+        dp.unenroll_pod_netns(pod.netns_cookie, &pod.workload.ips);
+        dp.stop_inbound(pod.netns_cookie, pod.slot, &pod.workload.ips);
+    }
+    info!(pod = %pod.workload.name, "unenrolled");
+}
+
+fn pod_limits(t: &Tuning) -> Arc<PodLimits> {
+    PodLimits::new(
+        t.max_connections_per_pod as usize,
+        t.max_pending_handshakes_per_pod as usize,
+    )
+}
+
+/// Accepts on one of the pod's listeners and serves each connection in its own task.
+fn accept_loop(
+    shared: &Arc<Shared>,
+    ctx: &Arc<PodCtx>,
+    listener: TcpListener,
+    direction: Direction,
+) -> tokio::task::JoinHandle<()> {
+    let shared = Arc::clone(shared);
+    let ctx = Arc::clone(ctx);
+    tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => {
+                    backoff.succeeded();
+                    c
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: retrying at once cannot succeed, and
+                    // would log and spin; wait, longer each time, until an accept succeeds.
+                    let name = limits::accept_error_name(&e);
+                    shared.policy.count(format!("accept_failed.{name}"));
+                    let wait = backoff.failed(&e);
+                    if shared.sample("failed accepts", name) {
+                        warn!(pod = %ctx.name, ?direction, error = %e, retry_in = ?wait, "accept failed");
+                    }
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    continue;
+                }
+            };
+            let Some(permit) = admit(&shared, &ctx, direction, &stream, peer) else {
+                flow::reset(stream);
+                continue;
+            };
+            tokio::spawn(flow::serve(
+                Arc::clone(&shared),
+                Arc::clone(&ctx),
+                direction,
+                stream,
+                peer,
+                permit,
+            ));
+        }
+    })
+}
+
+/// Takes a share of the pod's caps for a connection just accepted from `peer` (outbound: the
+/// app's own socket; inbound: the client, whose address is the per-source bucket), or logs
+/// and counts the refusal and returns `None` (the caller resets the connection).
+fn admit(
+    shared: &Shared,
+    ctx: &PodCtx,
+    direction: Direction,
+    stream: &TcpStream,
+    peer: SocketAddr,
+) -> Option<FlowPermit> {
+    let (limits, source) = match direction {
+        Direction::Outbound => (&ctx.outbound_limits, None),
+        Direction::Inbound => (&ctx.inbound_limits, Some(peer.ip())),
+    };
+    let cap = match limits.admit(source) {
+        Ok(permit) => return Some(permit),
+        Err(cap) => cap,
+    };
+    flow::refused(shared, cap.code(), || {
+        let (held, pending) = limits.usage(source);
+        let (limit, what) = match cap {
+            CapExceeded::Connections => (shared.tuning.max_connections_per_pod, "flows held"),
+            CapExceeded::Handshakes => (
+                shared.tuning.max_pending_handshakes_per_pod,
+                "flows in set-up",
+            ),
+        };
+        let local = stream
+            .local_addr()
+            .map_or_else(|_| "-".to_owned(), |a| a.to_string());
+        format!(
+            "{} {peer} -> {local} pod={}: {what} for this {} reached the cap of {limit} \
+             ({held} held, {pending} in set-up)",
+            match direction {
+                Direction::Outbound => "outbound",
+                Direction::Inbound => "inbound",
+            },
+            ctx.name,
+            match direction {
+                Direction::Outbound => "pod",
+                Direction::Inbound => "source",
+            },
+        )
+    });
+    None
+}
+
+/// A socket in the pod's netns, so the connection leaves with the pod's address.
+fn pod_socket(ctx: &PodCtx, v6: bool) -> anyhow::Result<TcpSocket> {
+    let fd: OwnedFd = sys::tcp_socket_in(ctx.netns.as_fd(), v6)?;
+    Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
+}
+
+/// Dials `dst` from inside the pod, optionally from a fixed source address.
+///
+/// The local port is always left to `connect()`, which picks it with the whole 4-tuple known
+/// (`sys::bind_address_no_port` before a bind): the agent's leg to an app closes first and
+/// leaves a TIME_WAIT socket per connection, and a port chosen at bind time would have to
+/// avoid all of them, so sustained churn to one app port would slow to a crawl and then fail.
+pub(super) async fn dial(
+    ctx: &PodCtx,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+) -> anyhow::Result<TcpStream> {
+    let sock = pod_socket(ctx, dst.is_ipv6())?;
+    sock.set_nodelay(true)?;
+    if let Some(src) = source {
+        sys::bind_address_no_port(sock.as_fd()).context("IP_BIND_ADDRESS_NO_PORT")?;
+        sock.bind(SocketAddr::new(src, 0))
+            .with_context(|| format!("bind {src}"))?;
+    }
+    tokio::time::timeout(Duration::from_secs(10), sock.connect(dst))
+        .await
+        .with_context(|| format!("connect to {dst} timed out"))?
+        .with_context(|| format!("connect to {dst}"))
+}
+
+/// The pod's own address of the family of `destination`: the source policy knows it by.
+pub(super) fn pod_ip(ctx: &PodCtx, v6: bool) -> IpAddr {
+    ctx.ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv6() == v6)
+        .or_else(|| ctx.ips.first().copied())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// Reads the original-destination key path for tests and the CLI.
+pub fn pod_netns_cookie(netns: &Path) -> anyhow::Result<u64> {
+    sys::in_netns(netns, || {
+        let s = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        sys::netns_cookie(s.as_fd())
+    })
+    .context("netns cookie")
+}
