@@ -13,6 +13,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use tracing::{error, info, warn};
 
+mod upgrade;
+
 use crate::{
     admin::{self, Request, Response},
     ca::renew::{RenewPolicy, SystemClock},
@@ -43,6 +45,9 @@ pub struct Agent {
     /// What runtime enrollments are validated against besides the enrolled pods.
     peers: Vec<Peer>,
     services: Vec<Service>,
+    /// A successor holds the listeners (or this agent stepped down for one): no enrollment
+    /// changes any more, only the open flows are served until they end.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// A persisted enrollment the agent could not restore.
@@ -83,19 +88,34 @@ pub fn offload(mode: KtlsMode) -> anyhow::Result<Offload> {
     Ok(Offload::Kernel(suites))
 }
 
-/// `interceptor run`: start, serve until SIGTERM/SIGINT, then exit leaving the pins. `file`,
-/// where `config` was read from, is watched for crypto policy changes.
-pub async fn run(config: Config, file: PathBuf) -> anyhow::Result<()> {
-    let agent = start(config.clone()).await?;
-    tokio::spawn(watch_config(agent, file, config));
-    shutdown_signal().await;
-    info!("stopping; pinned programs stay attached, so enrolled pods fail closed until restart");
-    Ok(())
+/// `interceptor run`: start (with `takeover`, from the running agent's listeners), serve
+/// until SIGTERM/SIGINT or until a successor took over, drain, then exit leaving the pins.
+/// `file`, where `config` was read from, is watched for crypto policy changes.
+pub async fn run(config: Config, file: PathBuf, takeover: bool) -> anyhow::Result<()> {
+    let (agent, takeover) = upgrade::start(config.clone(), takeover).await?;
+    tokio::spawn(watch_config(Arc::clone(&agent), file, config.clone()));
+    let Some(settings) = &config.handover else {
+        shutdown_signal().await;
+        info!(
+            "stopping; pinned programs stay attached, so enrolled pods fail closed until restart"
+        );
+        return Ok(());
+    };
+    upgrade::serve_until_done(agent, settings, takeover).await
 }
 
 /// Starts the agent on the current tokio runtime and returns once every configured pod is
 /// enrolled and the admin socket answers. Dropping the runtime stops it (as a kill would).
 pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
+    start_from(config, None, false).await
+}
+
+/// [`start`], enrolling the pods a running agent handed over with the listeners received.
+async fn start_from(
+    config: Config,
+    takeover: Option<&mut crate::handover::take::Takeover>,
+    adopt_maps: bool,
+) -> anyhow::Result<Arc<Agent>> {
     if let Err(e) = sys::raise_nofile_rlimit() {
         warn!(error = %e, "could not raise RLIMIT_NOFILE; large flow counts may fail");
     }
@@ -116,14 +136,14 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     }
     let datapath = Datapath::load(DatapathOptions {
         pin_dir: Some(config.bpffs.clone()),
-        adopt_maps: false,
+        adopt_maps,
     })?;
     let mut datapath = datapath;
     if config.tuning.sk_msg_local_leg {
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
     }
-    let agent = start_with(config.clone(), offload, ca, datapath, policy).await?;
+    let agent = start_with(config.clone(), offload, ca, datapath, policy, takeover).await?;
     tokio::spawn(watch_ca(
         Arc::clone(&agent.shared),
         config.ca_dir.clone(),
@@ -139,6 +159,7 @@ async fn start_with(
     ca: Ca,
     datapath: Datapath,
     policy: Enforcer,
+    takeover: Option<&mut crate::handover::take::Takeover>,
 ) -> anyhow::Result<Arc<Agent>> {
     let identity = Identity {
         renew: RenewPolicy {
@@ -157,6 +178,10 @@ async fn start_with(
         policy,
         config.crypto,
     )?);
+    if takeover.is_some() {
+        // The old agent accepts on the handed-over listeners until it confirms it stopped.
+        shared.accepting.send_replace(false);
+    }
     {
         let mut dp = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
         for peer in &config.peers {
@@ -183,23 +208,34 @@ async fn start_with(
         changes: tokio::sync::Mutex::new(()),
         peers: config.peers.clone(),
         services: config.services.clone(),
+        retired: std::sync::atomic::AtomicBool::new(false),
     });
+    // Listeners handed over by the running agent, taken by name as each pod is enrolled.
+    let mut given = takeover
+        .map(|t| std::mem::take(&mut t.pods))
+        .unwrap_or_default();
     // The node config is the operator's: a workload there that cannot be enrolled refuses
     // the start, naming it.
     for w in &config.workloads {
+        let listeners = upgrade::listeners_for(&mut given, w);
         agent
             .validate(w)
-            .and_then(|()| agent.enroll(w))
+            .and_then(|()| agent.enroll_with(w, listeners))
             .with_context(|| format!("enroll {}", w.name))?;
     }
     // Persisted runtime enrollments belong to pods that may have gone while the agent was
     // down: one that cannot be restored is reported and kept fail-closed, never fatal.
     let persisted = agent.persisted()?;
     for w in &persisted {
-        if let Err(e) = agent.validate(w).and_then(|()| agent.enroll(w)) {
+        let listeners = upgrade::listeners_for(&mut given, w);
+        if let Err(e) = agent
+            .validate(w)
+            .and_then(|()| agent.enroll_with(w, listeners))
+        {
             agent.mark_stale(w, &e, None);
         }
     }
+    upgrade::enroll_rest(&agent, given);
     agent
         .sync_policy()
         .context("policy for the enrolled pods")?;
@@ -608,6 +644,15 @@ impl Agent {
     }
 
     fn enroll(&self, w: &Workload) -> anyhow::Result<()> {
+        self.enroll_with(w, None)
+    }
+
+    /// [`Agent::enroll`] with listeners a previous agent handed over instead of new ones.
+    fn enroll_with(
+        &self,
+        w: &Workload,
+        listeners: Option<Vec<crate::handover::take::GivenListener>>,
+    ) -> anyhow::Result<()> {
         let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         if pods.contains_key(&w.name) {
             bail!("workload `{}` is already enrolled", w.name);
@@ -620,7 +665,7 @@ impl Agent {
             }
             *next
         };
-        let handle = intercept::enroll(&self.shared, w, slot)?;
+        let handle = intercept::enroll(&self.shared, w, slot, listeners)?;
         pods.insert(w.name.clone(), handle);
         Ok(())
     }
@@ -729,11 +774,12 @@ impl Agent {
     /// Drops stale enrollments whose cgroup is gone (nothing is left to protect) and retries
     /// the others.
     async fn check_stale(&self) {
-        if self
-            .stale
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        if self.is_retired()
+            || self
+                .stale
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
         {
             return;
         }
@@ -820,6 +866,9 @@ impl admin::Handler for Agent {
                     stats: serde_json::Value::Object(stats),
                 };
             }
+            Request::Enroll { .. } | Request::Unenroll { .. } if self.is_retired() => Err(
+                anyhow::anyhow!("this agent handed its pods over and only drains its open flows"),
+            ),
             Request::Enroll { workload } => self
                 .enroll_now(&workload)
                 .await

@@ -121,6 +121,10 @@ pub struct Shared {
     log_flush_started: AtomicBool,
     /// The node's crypto policy over the suites `offload` carries; see [`Shared::set_crypto`].
     crypto: RwLock<Arc<MeshCrypto>>,
+    /// Whether accept loops accept. Closed while a new agent takes listeners over: the old
+    /// agent accepts on them until it confirms it stopped, so only one process ever accepts
+    /// and a successor killed half-way has taken no connection with it.
+    pub accepting: tokio::sync::watch::Sender<bool>,
 }
 
 /// Per reason, the first [`LOG_BURST`] warnings of every [`LOG_INTERVAL`] are logged; the
@@ -161,6 +165,7 @@ impl Shared {
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
             crypto: RwLock::new(Arc::new(crypto)),
+            accepting: tokio::sync::watch::Sender::new(true),
         })
     }
 

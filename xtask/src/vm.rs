@@ -65,6 +65,7 @@ const HOST_ONLY: &[&str] = &[
     "limits_e2e",
     "limits_flood",
     "relay_userspace",
+    "upgrade_e2e",
 ];
 
 /// A test harness binary built by cargo, named by its target so guest logs stay readable.

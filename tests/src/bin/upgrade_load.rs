@@ -2,7 +2,7 @@
 //! server whose per-flow hashes the test records (`interceptor_tests::upgrade::EchoServer`).
 //!
 //! `upgrade_load flows DST N SECS PAYLOAD`: N connections at once, each starting with its
-//! 8-byte id; even ids stream PAYLOAD (rotated per flow) in 4 KiB steps every 20 ms (bulk, 200 KB/s each),
+//! 8-byte id; even ids stream PAYLOAD (rotated per flow) in 2 KiB steps every 20 ms (bulk, 100 KB/s each),
 //! odd ids send a 64-byte message every 20 ms (interactive, request/response sized). After SECS every
 //! flow half-closes and reads the rest of the echo. Prints `started` once all are connected,
 //! then one JSON line per flow: `{"id","sent","sentSha","recv","recvSha","error"}`.
@@ -25,7 +25,7 @@ fn hex(b: &[u8]) -> String {
 
 /// The id the loop client's connections carry (the echo server records no hash for it).
 const LOOP_ID: u64 = u64::MAX;
-const STEP: usize = 4 << 10;
+const STEP: usize = 2 << 10;
 const PACE: Duration = Duration::from_millis(20);
 
 fn flow(
