@@ -48,6 +48,8 @@ pub struct Agent {
     /// A successor holds the listeners (or this agent stepped down for one): no enrollment
     /// changes any more, only the open flows are served until they end.
     retired: std::sync::atomic::AtomicBool,
+    /// Flows the agent this one took over from still serves (its reports; 0 once it exits).
+    predecessor_flows: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A persisted enrollment the agent could not restore.
@@ -209,6 +211,7 @@ async fn start_with(
         peers: config.peers.clone(),
         services: config.services.clone(),
         retired: std::sync::atomic::AtomicBool::new(false),
+        predecessor_flows: Arc::default(),
     });
     // Listeners handed over by the running agent, taken by name as each pod is enrolled.
     let mut given = takeover
@@ -859,6 +862,13 @@ impl admin::Handler for Agent {
                         (
                             "enrollments.stale".to_owned(),
                             serde_json::Value::from(self.stale().len()),
+                        ),
+                        (
+                            "handover.predecessor_flows".to_owned(),
+                            serde_json::Value::from(
+                                self.predecessor_flows
+                                    .load(std::sync::atomic::Ordering::Relaxed),
+                            ),
                         ),
                     ])
                     .collect();

@@ -31,6 +31,8 @@ pub const MIN_VERSION: u32 = 1;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Bound on the pods one handover may carry (a node runs a few hundred at most).
 pub const MAX_PODS: u32 = 4096;
+/// How often a draining old agent reports its open flows to its successor.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Bound on how long either side waits for the other's next message.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -151,6 +153,10 @@ pub enum Message {
     /// (or at the drain deadline) in the old process.
     #[serde(rename_all = "camelCase")]
     Released { flows_kept: u32 },
+    /// Old → new, every [`REPORT_EVERY`] after `released` until the old agent exits: how many
+    /// flows it still serves (the new agent reports them in `flows --stats`).
+    #[serde(rename_all = "camelCase")]
+    Draining { flows: u32 },
     /// Either way: the sender gives up; the connection closes after it.
     #[serde(rename_all = "camelCase")]
     Abort { reason: String },
@@ -174,6 +180,7 @@ impl Message {
             Message::Sent { .. } => "sent",
             Message::Taken { .. } => "taken",
             Message::Released { .. } => "released",
+            Message::Draining { .. } => "draining",
             Message::Abort { .. } => "abort",
         }
     }

@@ -125,6 +125,25 @@ pub struct Shared {
     /// agent accepts on them until it confirms it stopped, so only one process ever accepts
     /// and a successor killed half-way has taken no connection with it.
     pub accepting: tokio::sync::watch::Sender<bool>,
+    /// Connections accepted and not yet closed, set-up included (the flow table lists a flow
+    /// only once it is decided): what a draining agent waits for before it exits.
+    pub live: AtomicU64,
+}
+
+/// Counts one accepted connection in [`Shared::live`] for as long as it is held.
+pub(crate) struct Live(Arc<Shared>);
+
+impl Live {
+    pub(crate) fn count(shared: &Arc<Shared>) -> Live {
+        shared.live.fetch_add(1, Ordering::Relaxed);
+        Live(Arc::clone(shared))
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Per reason, the first [`LOG_BURST`] warnings of every [`LOG_INTERVAL`] are logged; the
@@ -166,6 +185,7 @@ impl Shared {
             log_flush_started: AtomicBool::new(false),
             crypto: RwLock::new(Arc::new(crypto)),
             accepting: tokio::sync::watch::Sender::new(true),
+            live: AtomicU64::new(0),
         })
     }
 

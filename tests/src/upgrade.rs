@@ -99,6 +99,11 @@ impl Flows {
         Flows { child, out }
     }
 
+    /// Whether the client is still running (its flows not all done).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits for every flow to end (at most `limit`) and returns what each saw.
     pub fn finish(mut self, limit: Duration) -> Vec<FlowResult> {
         let deadline = Instant::now() + limit;

@@ -142,6 +142,15 @@ fn assert_exits(agent: &mut AgentProcess, limit: Duration, what: &str) {
     assert!(status.is_some(), "{what} still running after {limit:?}");
 }
 
+/// `handover.predecessor_flows` of `flows --stats`.
+fn predecessor_flows(agent: &AgentProcess) -> u64 {
+    agent
+        .stats()
+        .get("handover.predecessor_flows")
+        .copied()
+        .expect("handover.predecessor_flows in flows --stats")
+}
+
 fn assert_churn_clean(churn: Churn, what: &str) -> u64 {
     let (ok, failed, errors) = churn.finish(Duration::from_secs(30));
     assert!(
@@ -161,11 +170,32 @@ fn upgrade_under_load_keeps_every_flow_and_refuses_no_connection() {
     let churn = b.churn(5.0);
     std::thread::sleep(Duration::from_secs(1));
     let new = b.takeover(&[]);
+    // The old agent keeps the open flows and reports them to the new one until they end.
+    let mut flows = flows;
+    let (mut reported, mut reported_while_running) = (0, false);
+    while flows.running() && reported == 0 {
+        reported = predecessor_flows(&new);
+        reported_while_running = flows.running();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        reported > 0 || !reported_while_running,
+        "the new agent never reported the flows its predecessor kept"
+    );
     let results = flows.finish(Duration::from_secs(40));
     assert_intact(&results, FLOWS, &b.received);
     let ok = assert_churn_clean(churn, "during the upgrade");
     eprintln!("upgrade: {FLOWS} flows intact, {ok} new connections, none failed");
     assert_exits(&mut old, Duration::from_secs(10), "the old agent");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while predecessor_flows(&new) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "flows of an exited predecessor still reported"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("upgrade: the new agent saw {reported} flows kept by its predecessor");
     b.assert_serving("after the old agent exited");
     // The new agent carries the new flows, and says which pods it took over.
     assert!(!new.flows().is_empty(), "the new agent lists no flow");

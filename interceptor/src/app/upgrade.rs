@@ -83,7 +83,12 @@ pub(super) async fn start(
     // accepts; connections that arrived meanwhile waited in the listeners' queues.
     agent.shared.accepting.send_replace(true);
     match finished {
-        Ok(Ok(_)) => {}
+        Ok(Ok((kept, channel))) => {
+            agent
+                .predecessor_flows
+                .store(u64::from(kept), Ordering::Relaxed);
+            take::follow(channel, Arc::clone(&agent.predecessor_flows));
+        }
         Ok(Err(e)) => warn!(
             predecessor,
             "the previous agent did not confirm the hand-over ({e:#}); it accepts on the same \
@@ -174,7 +179,7 @@ pub(super) async fn serve_until_done(
                 () = &mut successor => {}
                 () = tokio::time::sleep_until(deadline) => {
                     info!(
-                        flows = agent.shared.flows.rows().len(),
+                        flows = agent.open_connections(),
                         "drain window over without a successor: exiting; pinned programs stay, \
                          so enrolled pods fail closed until an agent is back"
                     );
@@ -186,7 +191,7 @@ pub(super) async fn serve_until_done(
         () = &mut successor => tokio::time::Instant::now() + window,
     };
     loop {
-        let open = agent.shared.flows.rows().len();
+        let open = agent.open_connections();
         if open == 0 {
             info!("the last open flow ended; exiting");
             return Ok(());
@@ -275,11 +280,16 @@ impl Source for Handing {
     }
 
     fn open_flows(&self) -> usize {
-        self.agent.shared.flows.rows().len()
+        self.agent.open_connections()
     }
 }
 
 impl Agent {
+    /// Connections this process still holds, those in set-up included.
+    fn open_connections(&self) -> usize {
+        usize::try_from(self.shared.live.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+    }
+
     pub(super) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
     }

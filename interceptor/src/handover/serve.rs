@@ -89,8 +89,11 @@ pub fn spawn(
                     }
                 };
                 match serve_one(sock, source.as_ref()) {
-                    Ok(Some(outcome)) => {
+                    Ok(Some((outcome, ch))) => {
                         let _ = done.send(Some(outcome));
+                        if let Some(ch) = ch {
+                            report(ch, source.as_ref());
+                        }
                         return;
                     }
                     Ok(None) => {}
@@ -101,11 +104,24 @@ pub fn spawn(
         .map(|_| ())
 }
 
-/// One successor's conversation. `Ok(None)`: it went away before asking for anything.
+/// Tells the successor how many flows this process still serves, until it has none or the
+/// successor stops listening (the process exits at the end of its drain anyway).
+fn report(mut ch: Channel, source: &dyn Source) {
+    loop {
+        let flows = u32::try_from(source.open_flows()).unwrap_or(u32::MAX);
+        if ch.send(&Message::Draining { flows }, &[]).is_err() || flows == 0 {
+            return;
+        }
+        std::thread::sleep(super::REPORT_EVERY);
+    }
+}
+
+/// One successor's conversation. `Ok(None)`: it went away before asking for anything. A
+/// successor that took over comes back with the channel, for [`report`].
 fn serve_one(
     sock: std::os::unix::net::UnixStream,
     source: &dyn Source,
-) -> anyhow::Result<Option<Outcome>> {
+) -> anyhow::Result<Option<(Outcome, Option<Channel>)>> {
     let mut ch = Channel::new(sock)?;
     let successor = ch.peer.pid;
     let ours = Versions::ours()?;
@@ -132,7 +148,7 @@ fn serve_one(
             },
             &[],
         );
-        return Ok(Some(Outcome::SteppedDown { successor }));
+        return Ok(Some((Outcome::SteppedDown { successor }, None)));
     };
     ch.send(&Message::Accept { version }, &[])?;
     let pods = source.pods()?;
@@ -171,5 +187,5 @@ fn serve_one(
         "handed over: the successor holds the listeners; this agent stopped accepting"
     );
     let _ = ch.send(&Message::Released { flows_kept: kept }, &[]);
-    Ok(Some(Outcome::HandedOver { successor }))
+    Ok(Some((Outcome::HandedOver { successor }, Some(ch))))
 }

@@ -174,8 +174,9 @@ fn adopt(pod: PodTransfer, fds: Vec<std::os::fd::OwnedFd>) -> anyhow::Result<Rec
 
 impl Takeover {
     /// Every received pod accepts in this agent now: tell the old agent to stop accepting,
-    /// and wait for it to confirm. Returns how many flows stay in the old process.
-    pub fn finish(mut self, pods: u32) -> anyhow::Result<u32> {
+    /// and wait for it to confirm. Returns how many flows stay in the old process, and the
+    /// channel on which it reports them ([`follow`]).
+    pub fn finish(mut self, pods: u32) -> anyhow::Result<(u32, Channel)> {
         self.channel.send(&Message::Taken { pods }, &[])?;
         let (released, _) = self.channel.expect("released")?;
         let Message::Released { flows_kept } = released else {
@@ -187,7 +188,7 @@ impl Takeover {
             flows_kept,
             "took over: the previous agent stopped accepting and keeps only its open flows"
         );
-        Ok(flows_kept)
+        Ok((flows_kept, self.channel))
     }
 
     /// Gives up before taking over: the old agent keeps serving.
@@ -199,4 +200,23 @@ impl Takeover {
             &[],
         );
     }
+}
+
+/// Follows the old agent's reports of the flows it still serves, storing the latest in
+/// `flows`, until it has none or exits (then 0). Runs on a thread of its own.
+pub fn follow(ch: Channel, flows: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::Ordering;
+    let mut ch = ch;
+    let _ = ch.set_timeout(super::REPORT_EVERY * 3);
+    let _ = std::thread::Builder::new()
+        .name("handover-follow".to_owned())
+        .spawn(move || {
+            while let Ok((Message::Draining { flows: n }, _)) = ch.expect("draining") {
+                flows.store(u64::from(n), Ordering::Relaxed);
+                if n == 0 {
+                    break;
+                }
+            }
+            flows.store(0, Ordering::Relaxed);
+        });
 }

@@ -78,6 +78,7 @@ fn every_message_round_trips() {
         },
         Message::Taken { pods: 1 },
         Message::Released { flows_kept: 3 },
+        Message::Draining { flows: 2 },
         Message::Abort {
             reason: "r".to_owned(),
         },

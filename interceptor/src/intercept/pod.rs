@@ -363,14 +363,19 @@ fn accept_loop(
                 flow::reset(stream);
                 continue;
             };
-            tokio::spawn(flow::serve(
+            let live = super::Live::count(&shared);
+            let serve = flow::serve(
                 Arc::clone(&shared),
                 Arc::clone(&ctx),
                 direction,
                 stream,
                 peer,
                 permit,
-            ));
+            );
+            tokio::spawn(async move {
+                serve.await;
+                drop(live);
+            });
         }
     })
 }
