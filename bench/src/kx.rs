@@ -11,6 +11,13 @@
 //! - **handshake CPU in memory** (no sockets: the TLS work alone, both ends on one thread);
 //! - **ClientHello size** and the **server's first flight** (ServerHello through Finished).
 //!
+//! Two more variants resume (TLS 1.3 `psk_dhe_ke`, as agents do between each other): after the
+//! first connection each handshake resumes with the previous connection's ticket, so the
+//! certificates and signatures drop out and the key exchange stays. rustls offers no
+//! `psk_ke` (its client always sends `psk_dhe_ke` only, and its server resumes only when that
+//! mode is offered), so what `psk_ke` would cost is estimated from the same run as the
+//! resumed handshake minus the key exchange alone.
+//!
 //! No privileges needed; nothing leaves loopback.
 
 use std::{
@@ -24,7 +31,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use interceptor::handshake::{self, CompliancePolicy, CryptoPolicy, MeshCrypto, MeshSuite};
+use interceptor::handshake::{
+    self, CompliancePolicy, CryptoPolicy, MeshCrypto, MeshSuite, SessionResumption,
+};
 use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
 use serde::Serialize;
 
@@ -44,6 +53,8 @@ pub struct Variant {
     /// The key exchange alone (client key generation, server encapsulation or agreement,
     /// client completion), CPU µs: the part of the handshake the group decides.
     pub key_exchange_cpu_us: f64,
+    /// Whether the handshakes after the first resume (checked on every connection).
+    pub resumed: bool,
     /// Per round, for the spread.
     pub rounds_conn_per_s: Vec<f64>,
 }
@@ -55,20 +66,32 @@ pub struct Report {
     pub variants: Vec<Variant>,
 }
 
-fn variants() -> Result<Vec<(&'static str, MeshCrypto)>> {
+fn variants() -> Result<Vec<(&'static str, MeshCrypto, bool)>> {
     let fips = CryptoPolicy {
         compliance_policy: CompliancePolicy::Fips1402,
         require_aes256_gcm: false,
     };
     Ok(vec![
-        ("default (hybrid)", MeshCrypto::default_aes_gcm()),
+        ("default (hybrid)", MeshCrypto::default_aes_gcm(), false),
         (
             "older agent (x25519)",
             MeshCrypto::legacy_classical(MeshSuite::AES_GCM)?,
+            false,
         ),
         (
             "fips-140-2 (secp256r1)",
             MeshCrypto::new(fips, MeshSuite::AES_GCM)?,
+            false,
+        ),
+        (
+            "default, resumed (psk_dhe_ke)",
+            MeshCrypto::default_aes_gcm(),
+            true,
+        ),
+        (
+            "x25519, resumed (psk_dhe_ke)",
+            MeshCrypto::legacy_classical(MeshSuite::AES_GCM)?,
+            true,
         ),
     ])
 }
@@ -77,22 +100,29 @@ fn variants() -> Result<Vec<(&'static str, MeshCrypto)>> {
 pub fn run(secs: f64, rounds: usize) -> Result<Report> {
     let mut out = Vec::new();
     let variants = variants()?;
+    let resumption = SessionResumption::new(SessionResumption::DEFAULT_LIFETIME, Arc::default());
     let meshes: Vec<Mesh> = variants
         .iter()
-        .map(|(_, c)| Mesh::with(c, c))
+        .map(|(_, c, resume)| {
+            if *resume {
+                Mesh::resuming(c, c, &resumption)
+            } else {
+                Mesh::with(c, c)
+            }
+        })
         .collect::<Result<_>>()?;
     let mut per_round: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); variants.len()];
     let budget = Duration::from_secs_f64(secs);
     for _ in 0..rounds {
-        for (i, (mesh, (_, crypto))) in meshes.iter().zip(&variants).enumerate() {
-            let (rate, cpu) = churn(mesh, budget)?;
-            let in_memory = in_memory_us(mesh, budget / 2)?;
+        for (i, (mesh, (_, crypto, resume))) in meshes.iter().zip(&variants).enumerate() {
+            let (rate, cpu) = churn(mesh, budget, *resume)?;
+            let in_memory = in_memory_us(mesh, budget / 2, *resume)?;
             let kx = key_exchange_us(crypto, budget / 4)?;
             per_round[i].push((rate, cpu, in_memory, kx));
         }
     }
-    for (((name, _), mesh), rounds) in variants.iter().zip(&meshes).zip(per_round) {
-        let (client_hello_bytes, server_flight_bytes, group) = sizes(mesh)?;
+    for (((name, _, resume), mesh), rounds) in variants.iter().zip(&meshes).zip(per_round) {
+        let (client_hello_bytes, server_flight_bytes, group) = sizes(mesh, *resume)?;
         let rates: Vec<f64> = rounds.iter().map(|r| r.0).collect();
         out.push(Variant {
             name: (*name).to_owned(),
@@ -103,6 +133,7 @@ pub fn run(secs: f64, rounds: usize) -> Result<Report> {
             cpu_us_per_conn: median(&rounds.iter().map(|r| r.1).collect::<Vec<_>>()),
             handshake_cpu_us_in_memory: median(&rounds.iter().map(|r| r.2).collect::<Vec<_>>()),
             key_exchange_cpu_us: median(&rounds.iter().map(|r| r.3).collect::<Vec<_>>()),
+            resumed: *resume,
             rounds_conn_per_s: rates,
         });
     }
@@ -120,11 +151,19 @@ impl Report {
             .get(1)
             .map_or((1.0, 1.0), |v| (v.conn_per_s, v.cpu_us_per_conn));
         let mut s = String::from(
-            "| variant | group | ClientHello B | server flight B | new conn/s | ÷ x25519 | CPU µs/conn | conn per CPU-s ÷ x25519 | handshake CPU µs (in memory) | key exchange CPU µs |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            "| variant | group | ClientHello B | server flight B | new conn/s | ÷ x25519 | CPU µs/conn | conn per CPU-s ÷ x25519 | handshake CPU µs (in memory) | key exchange CPU µs | psk_ke estimate µs |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for v in &self.variants {
+            let psk_ke = if v.resumed {
+                format!(
+                    "{:.0}",
+                    (v.handshake_cpu_us_in_memory - v.key_exchange_cpu_us).max(0.0)
+                )
+            } else {
+                "—".to_owned()
+            };
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} |\n",
+                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {psk_ke} |\n",
                 v.name,
                 v.group,
                 v.client_hello_bytes,
@@ -151,8 +190,12 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// ClientHello and server first-flight sizes, and the group, from one in-memory handshake.
-fn sizes(mesh: &Mesh) -> Result<(usize, usize, String)> {
+/// ClientHello and server first-flight sizes, and the group, from one in-memory handshake
+/// (a resumed one when `resume`: a full one first fetches the ticket).
+fn sizes(mesh: &Mesh, resume: bool) -> Result<(usize, usize, String)> {
+    if resume {
+        mesh.handshake()?;
+    }
     let name = ServerName::try_from("10.88.1.3").context("server name")?;
     let mut c = ClientConnection::new(Arc::clone(&mesh.client), name)?;
     let mut s = ServerConnection::new(Arc::clone(&mesh.server))?;
@@ -170,6 +213,9 @@ fn sizes(mesh: &Mesh) -> Result<(usize, usize, String)> {
     }
     c.read_tls(&mut &flight[..])?;
     c.process_new_packets()?;
+    if c.handshake_kind() == Some(rustls::HandshakeKind::Resumed) && !resume {
+        bail!("a handshake resumed without resumption configured");
+    }
     let group = c
         .negotiated_key_exchange_group()
         .map(|g| handshake::group_name(g.name()))
@@ -179,12 +225,16 @@ fn sizes(mesh: &Mesh) -> Result<(usize, usize, String)> {
 
 /// This thread's CPU microseconds per in-memory handshake (both ends on this thread). CPU
 /// time, not wall time, so other work on a shared machine does not count.
-fn in_memory_us(mesh: &Mesh, budget: Duration) -> Result<f64> {
+fn in_memory_us(mesh: &Mesh, budget: Duration, resume: bool) -> Result<f64> {
+    if resume {
+        mesh.handshake()?;
+    }
     let start = Instant::now();
     let cpu = thread_cpu()?;
     let mut n = 0u64;
     while start.elapsed() < budget || n < 10 {
-        mesh.handshake()?;
+        let (c, _) = mesh.handshake()?;
+        check_kind(&c, resume)?;
         n += 1;
     }
     Ok((thread_cpu()? - cpu) * 1e6 / n as f64)
@@ -223,8 +273,18 @@ fn thread_cpu() -> Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
+/// A resuming variant must resume every time (each connection brings the next ticket), a
+/// full one never: otherwise the row would not measure what it is labelled.
+fn check_kind(conn: &rustls::ClientConnection, resume: bool) -> Result<()> {
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed != resume {
+        bail!("handshake resumed: {resumed}, expected {resume}");
+    }
+    Ok(())
+}
+
 /// New connections for `budget` over loopback: `(connections/s, process CPU µs per connection)`.
-fn churn(mesh: &Mesh, budget: Duration) -> Result<(f64, f64)> {
+fn churn(mesh: &Mesh, budget: Duration, resume: bool) -> Result<(f64, f64)> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let addr = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -246,16 +306,25 @@ fn churn(mesh: &Mesh, budget: Duration) -> Result<(f64, f64)> {
             Ok(())
         })
     };
-    let cpu = process_cpu()?;
-    let start = Instant::now();
     let mut n = 0u64;
-    let result = (|| -> Result<()> {
+    let mut measured = || -> Result<(Instant, f64)> {
+        if resume {
+            // The first connection fetches the ticket and is not counted.
+            one_connection(mesh, addr, false)?;
+        }
+        let cpu = process_cpu()?;
+        let start = Instant::now();
         while start.elapsed() < budget {
-            one_connection(mesh, addr)?;
+            one_connection(mesh, addr, resume)?;
             n += 1;
         }
-        Ok(())
-    })();
+        Ok((start, cpu))
+    };
+    let result = measured();
+    let (start, cpu) = match &result {
+        Ok(v) => *v,
+        Err(_) => (Instant::now(), 0.0),
+    };
     let elapsed = start.elapsed();
     let used = process_cpu()? - cpu;
     stop.store(true, Ordering::Relaxed);
@@ -271,7 +340,7 @@ fn churn(mesh: &Mesh, budget: Duration) -> Result<(f64, f64)> {
     Ok((n / elapsed.as_secs_f64(), used * 1e6 / n))
 }
 
-fn one_connection(mesh: &Mesh, addr: SocketAddr) -> Result<()> {
+fn one_connection(mesh: &Mesh, addr: SocketAddr, resume: bool) -> Result<()> {
     let mut sock = TcpStream::connect(addr)?;
     sock.set_nodelay(true)?;
     let name = ServerName::IpAddress(addr.ip().into());
@@ -280,6 +349,7 @@ fn one_connection(mesh: &Mesh, addr: SocketAddr) -> Result<()> {
     tls.write_all(b"x")?;
     let mut byte = [0u8; 1];
     tls.read_exact(&mut byte)?;
+    check_kind(&conn, resume)?;
     let negotiated = handshake::negotiated(&conn)?;
     if negotiated.group.is_none() {
         bail!("no key-exchange group negotiated");

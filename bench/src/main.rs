@@ -94,6 +94,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// How policy load (reload) time and the per-connection decision grow with 10, 1 000 and
+    /// 10 000 AuthorizationPolicies. Unprivileged; writes scale-policy.{json,md,svg} to OUT.
+    ScalePolicy {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value = "target/bench/scaling")]
+        out: PathBuf,
+    },
     /// One GET on a new connection; prints the body.
     HttpGet {
         #[arg(long)]
@@ -215,6 +223,18 @@ fn real_main() -> Result<()> {
             } else {
                 print!("{}", r.markdown());
             }
+            Ok(())
+        }
+        Cmd::ScalePolicy { rounds, out } => {
+            let r = interceptor_bench::scale_policy::run(rounds)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+            std::fs::write(
+                out.join("scale-policy.json"),
+                serde_json::to_vec_pretty(&r)?,
+            )?;
+            std::fs::write(out.join("scale-policy.md"), r.markdown())?;
+            std::fs::write(out.join("scale-policy.svg"), r.svg())?;
+            print!("{}", r.markdown());
             Ok(())
         }
         Cmd::HttpGet { target, path } => {

@@ -33,6 +33,16 @@ impl Mesh {
 
     /// Like [`Mesh::new`], with the crypto of each end given.
     pub fn with(client: &MeshCrypto, server: &MeshCrypto) -> Result<Self> {
+        Self::resuming(client, server, &handshake::SessionResumption::disabled())
+    }
+
+    /// Like [`Mesh::with`], with session resumption as the agent configures it: after the
+    /// first connection every handshake resumes (`psk_dhe_ke`).
+    pub fn resuming(
+        client: &MeshCrypto,
+        server: &MeshCrypto,
+        resumption: &handshake::SessionResumption,
+    ) -> Result<Self> {
         let td: TrustDomain = "cluster.local".parse().context("trust domain")?;
         let ca = Ca::generate(&td).context("CA")?;
         let ttl = std::time::Duration::from_secs(3600);
@@ -42,19 +52,21 @@ impl Mesh {
         let server_leaf = ca.issue(&server_id, ttl)?;
         let roots = handshake::mesh_roots(ca.roots())?;
         Ok(Self {
-            client: handshake::client_config(
+            client: handshake::client_config_with(
                 &client_leaf,
                 Arc::clone(&roots),
                 &td,
                 &server_id,
                 client,
+                resumption,
             )?,
-            server: handshake::server_config(&server_leaf, roots, &td, server)?,
+            server: handshake::server_config_with(&server_leaf, roots, &td, server, resumption)?,
         })
     }
 
-    /// One full mutual-TLS handshake in memory, both ends on this thread, including the
-    /// SPIFFE identity read of the peer on each side (`handshake::negotiated`).
+    /// One mutual-TLS handshake in memory (full, or resumed when the configs resume), both
+    /// ends on this thread, including the SPIFFE identity read of the peer on each side
+    /// (`handshake::negotiated`). A resuming server's ticket reaches the client too.
     pub fn handshake(&self) -> Result<(ClientConnection, ServerConnection)> {
         let name = ServerName::try_from("10.88.1.3").context("server name")?;
         let mut c = ClientConnection::new(Arc::clone(&self.client), name)?;
@@ -66,6 +78,10 @@ impl Mesh {
             }
             move_bytes(&mut buf, |b| c.write_tls(b), |b| s.read_tls(b))?;
             s.process_new_packets()?;
+            move_bytes(&mut buf, |b| s.write_tls(b), |b| c.read_tls(b))?;
+            c.process_new_packets()?;
+        }
+        if s.wants_write() {
             move_bytes(&mut buf, |b| s.write_tls(b), |b| c.read_tls(b))?;
             c.process_new_packets()?;
         }

@@ -43,16 +43,20 @@ pub enum Mode {
     InterceptorRelay,
     HaproxyPair,
     InterceptorSkmsg,
+    /// The relay with `tuning.sessionResumption: false`: every connection a full handshake,
+    /// as before resumption existed; the same-run baseline for what resumption buys.
+    InterceptorRelayFull,
 }
 
 impl Mode {
-    /// Round order (A B C D E).
-    pub const ALL: [Mode; 5] = [
+    /// Round order (A B C D E F).
+    pub const ALL: [Mode; 6] = [
         Mode::Plaintext,
         Mode::InterceptorKtls,
         Mode::InterceptorRelay,
         Mode::HaproxyPair,
         Mode::InterceptorSkmsg,
+        Mode::InterceptorRelayFull,
     ];
 
     pub fn label(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Mode {
             Mode::InterceptorRelay => "interceptor-relay",
             Mode::HaproxyPair => "haproxy-pair",
             Mode::InterceptorSkmsg => "interceptor-skmsg",
+            Mode::InterceptorRelayFull => "interceptor-relay-full",
         }
     }
 
@@ -72,8 +77,12 @@ impl Mode {
             "interceptor-relay" | "relay" | "userspace" => Mode::InterceptorRelay,
             "haproxy-pair" | "haproxy" | "sidecar" => Mode::HaproxyPair,
             "interceptor-skmsg" | "skmsg" | "sk-msg" => Mode::InterceptorSkmsg,
+            "interceptor-relay-full" | "relay-full" | "no-resumption" => Mode::InterceptorRelayFull,
             other => {
-                bail!("unknown mode {other:?}: expected plaintext, ktls, relay, haproxy or skmsg")
+                bail!(
+                    "unknown mode {other:?}: expected plaintext, ktls, relay, haproxy, skmsg or \
+                     relay-full"
+                )
             }
         })
     }
@@ -81,7 +90,10 @@ impl Mode {
     pub fn is_interceptor(self) -> bool {
         matches!(
             self,
-            Mode::InterceptorKtls | Mode::InterceptorRelay | Mode::InterceptorSkmsg
+            Mode::InterceptorKtls
+                | Mode::InterceptorRelay
+                | Mode::InterceptorSkmsg
+                | Mode::InterceptorRelayFull
         )
     }
 }
@@ -113,7 +125,10 @@ pub fn availability(mode: Mode, env: &Env) -> Result<(), String> {
     match mode {
         Mode::Plaintext => Ok(()),
         Mode::HaproxyPair => which("haproxy").map(drop),
-        Mode::InterceptorKtls | Mode::InterceptorRelay | Mode::InterceptorSkmsg => {
+        Mode::InterceptorKtls
+        | Mode::InterceptorRelay
+        | Mode::InterceptorSkmsg
+        | Mode::InterceptorRelayFull => {
             agent_runnable(env.agent_bin.as_deref())?;
             if mode == Mode::InterceptorKtls {
                 let support = interceptor::ktls::probe();
@@ -247,9 +262,10 @@ pub fn start(mode: Mode, topo: &Topology, env: &Env, tag: &str) -> Result<Active
     match mode {
         Mode::Plaintext => {}
         Mode::HaproxyPair => start_haproxy(&mut active, topo, env, tag)?,
-        Mode::InterceptorKtls | Mode::InterceptorRelay | Mode::InterceptorSkmsg => {
-            start_agents(&mut active, topo, env, tag)?
-        }
+        Mode::InterceptorKtls
+        | Mode::InterceptorRelay
+        | Mode::InterceptorSkmsg
+        | Mode::InterceptorRelayFull => start_agents(&mut active, topo, env, tag)?,
     }
     verify_path(&mut active, topo, env)?;
     Ok(active)
@@ -498,6 +514,9 @@ struct PeerCfg {
 #[serde(rename_all = "camelCase")]
 struct TuningCfg {
     sk_msg_local_leg: bool,
+    session_resumption: bool,
+    /// Room for the `scale` workload's 10 000 idle connections from one pod.
+    max_connections_per_pod: u32,
     outbound_port: u16,
     inbound_port: u16,
     handshake_timeout_ms: u64,
@@ -581,6 +600,8 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
             peers,
             tuning: TuningCfg {
                 sk_msg_local_leg: active.mode == Mode::InterceptorSkmsg,
+                session_resumption: active.mode != Mode::InterceptorRelayFull,
+                max_connections_per_pod: 16_384,
                 outbound_port: 15001,
                 inbound_port: 15006,
                 handshake_timeout_ms: 5_000,

@@ -297,3 +297,18 @@ pub fn raise_nofile_limit() -> Result<u64> {
     }
     Ok(lim.rlim_cur)
 }
+
+/// This thread's CPU time in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`): fine-grained where
+/// `/proc` ticks (10 ms) are too coarse, e.g. for one policy load.
+pub fn thread_cpu_ns() -> Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("clock_gettime(thread CPU)");
+    }
+    Ok(u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0))
+}

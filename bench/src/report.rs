@@ -9,7 +9,12 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{modes::Mode, topology::Layout, workloads::Workload};
+use crate::{
+    modes::Mode,
+    plot::{Chart, Series, page},
+    topology::Layout,
+    workloads::{SCALE_FLOWS, SCALE_IDLE, SCALE_THREADS, Workload},
+};
 
 /// One measured value.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -266,7 +271,7 @@ const HEADLINE: [(Workload, &str, &str); 15] = [
     (
         Workload::Churn,
         "setups_per_proxy_core_s",
-        "full mTLS setups per proxy CPU-s",
+        "mTLS setups per proxy CPU-s (full, or resumed where on)",
     ),
     (
         Workload::Idle,
@@ -284,8 +289,8 @@ impl LayoutResults {
         for m in modes {
             let _ = write!(s, " {} |", short(*m));
         }
-        s.push_str(" relay ÷ HAProxy | kTLS ÷ relay |\n");
-        let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(modes.len()));
+        s.push_str(" relay ÷ HAProxy | kTLS ÷ relay | relay ÷ no resumption |\n");
+        let _ = writeln!(s, "|---|{}---|---|---|", "---|".repeat(modes.len()));
         for (w, metric, label) in HEADLINE {
             let Some(row) = self
                 .rows
@@ -312,7 +317,15 @@ impl LayoutResults {
             let kr = self
                 .ratio(Mode::InterceptorKtls, Mode::InterceptorRelay, w, metric)
                 .map_or("—".to_owned(), |r| fmt_num(r.median));
-            let _ = writeln!(s, " {rh} | {kr} |");
+            let rr = self
+                .ratio(
+                    Mode::InterceptorRelay,
+                    Mode::InterceptorRelayFull,
+                    w,
+                    metric,
+                )
+                .map_or("—".to_owned(), |r| fmt_num(r.median));
+            let _ = writeln!(s, " {rh} | {kr} | {rr} |");
         }
         s.push_str(
             "\nCells: median over rounds (median of per-round ratios to plaintext). Ratio \
@@ -352,6 +365,12 @@ fn meta(metric: &str) -> (&'static str, bool) {
         m if m.ends_with("p99_us") => ("µs", true),
         m if m.ends_with("connections") => ("count", false),
         m if m.ends_with("time_wait") => ("count", true),
+        // Scaling curves: `bulk_p<flows>_…`, `idle_n<count>_…`, `setup_t<threads>_…`.
+        m if m.ends_with("_mb_s") => ("MB/s", false),
+        m if m.ends_with("cpu_s_per_gb") => ("CPU-s/GB", true),
+        m if m.ends_with("rss_kb_per_conn") => ("KB/conn", true),
+        m if m.ends_with("fds_per_conn") => ("fds/conn", true),
+        m if m.ends_with("rss_mb") => ("MB", true),
         _ => ("", true),
     }
 }
@@ -436,6 +455,7 @@ fn short(mode: Mode) -> &'static str {
         Mode::InterceptorRelay => "relay",
         Mode::HaproxyPair => "HAProxy pair",
         Mode::InterceptorSkmsg => "+sk_msg",
+        Mode::InterceptorRelayFull => "relay, no resumption",
     }
 }
 
@@ -652,6 +672,7 @@ impl Report {
             (Mode::InterceptorKtls, "#1b9e77"),
             (Mode::InterceptorRelay, "#7570b3"),
             (Mode::InterceptorSkmsg, "#66a61e"),
+            (Mode::InterceptorRelayFull, "#e7298a"),
             (Mode::HaproxyPair, "#d95f02"),
         ];
         let panel_w = 900.0;
@@ -748,6 +769,126 @@ impl Report {
         );
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// One scaling curve: title, x label, y label, the x values, the metric name at an x.
+type Curve = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [usize],
+    fn(usize) -> String,
+);
+
+const CURVES: [Curve; 6] = [
+    (
+        "bulk throughput",
+        "concurrent flows",
+        "MB/s",
+        &SCALE_FLOWS,
+        |x| format!("bulk_p{x}_mb_s"),
+    ),
+    (
+        "proxy CPU per GB",
+        "concurrent flows",
+        "CPU-s/GB",
+        &SCALE_FLOWS,
+        |x| format!("bulk_p{x}_proxy_cpu_s_per_gb"),
+    ),
+    (
+        "proxy RSS per idle connection",
+        "idle connections",
+        "KB",
+        &SCALE_IDLE,
+        |x| format!("idle_n{x}_rss_kb_per_conn"),
+    ),
+    (
+        "proxy descriptors per idle connection",
+        "idle connections",
+        "fds",
+        &SCALE_IDLE,
+        |x| format!("idle_n{x}_fds_per_conn"),
+    ),
+    (
+        "new connections/s",
+        "client threads",
+        "conn/s",
+        &SCALE_THREADS,
+        |x| format!("setup_t{x}_conn_per_s"),
+    ),
+    (
+        "proxy CPU per new connection",
+        "client threads",
+        "CPU-ms",
+        &SCALE_THREADS,
+        |x| format!("setup_t{x}_proxy_cpu_ms_per_conn"),
+    ),
+];
+
+impl Report {
+    /// The `scale` workload's curves, per layout: one chart per measure, one line per mode,
+    /// each point the median over rounds (every round's value stays in results.json).
+    pub fn scaling_svg(&self) -> Option<String> {
+        let colors = [
+            (Mode::Plaintext, "#666666"),
+            (Mode::InterceptorKtls, "#1b9e77"),
+            (Mode::InterceptorRelay, "#7570b3"),
+            (Mode::HaproxyPair, "#d95f02"),
+            (Mode::InterceptorSkmsg, "#66a61e"),
+            (Mode::InterceptorRelayFull, "#e7298a"),
+        ];
+        let titles: Vec<String> = self
+            .layouts
+            .iter()
+            .flat_map(|l| {
+                CURVES
+                    .iter()
+                    .map(move |c| format!("{}: {}", l.layout.label(), c.0))
+            })
+            .collect();
+        let mut charts = Vec::new();
+        let mut any = false;
+        for (i, l) in self.layouts.iter().enumerate() {
+            for (j, (_, x_label, y_label, xs, metric)) in CURVES.iter().enumerate() {
+                let series: Vec<Series<'_>> = colors
+                    .iter()
+                    .filter_map(|(mode, color)| {
+                        let points: Vec<(f64, f64)> =
+                            xs.iter()
+                                .filter_map(|&x| {
+                                    let name = metric(x);
+                                    let row = l.rows.iter().find(|r| {
+                                        r.workload == Workload::Scale && r.metric == name
+                                    })?;
+                                    Some((x as f64, row.medians.get(mode)?.median))
+                                })
+                                .collect();
+                        (!points.is_empty()).then(|| Series {
+                            name: short(*mode),
+                            color,
+                            points,
+                        })
+                    })
+                    .collect();
+                any |= !series.is_empty();
+                charts.push(Chart {
+                    title: &titles[i * CURVES.len() + j],
+                    x_label,
+                    y_label,
+                    log_x: xs.len() > 2,
+                    log_y: false,
+                    series,
+                });
+            }
+        }
+        any.then(|| {
+            page(
+                "Scaling curves (medians over rounds; every round in results.json)",
+                &charts,
+                2,
+            )
+        })
     }
 }
 

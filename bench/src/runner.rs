@@ -260,11 +260,15 @@ fn short_num(v: f64) -> String {
     }
 }
 
-/// Writes `results.json`, `results.md` and `results.svg` into `dir`.
+/// Writes `results.json`, `results.md` and `results.svg` into `dir`, and
+/// `results-scaling.svg` when the run had the `scale` workload.
 pub fn write(report: &Report, dir: &std::path::Path) -> Result<()> {
     fs::create_dir_all(dir)?;
     fs::write(dir.join("results.json"), serde_json::to_vec_pretty(report)?)?;
     fs::write(dir.join("results.md"), report.markdown())?;
     fs::write(dir.join("results.svg"), report.svg())?;
+    if let Some(svg) = report.scaling_svg() {
+        fs::write(dir.join("results-scaling.svg"), svg)?;
+    }
     Ok(())
 }

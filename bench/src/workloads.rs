@@ -35,6 +35,9 @@ pub enum Workload {
     Idle,
     /// Sustained churn (opt-in, minutes long): not in [`Workload::ALL`].
     Sustained,
+    /// Scaling curves (opt-in): bulk with 1/16/256 concurrent flows, 1 000 and 10 000 idle
+    /// connections, setup rate at 1 and 2 client threads.
+    Scale,
 }
 
 impl Workload {
@@ -50,7 +53,7 @@ impl Workload {
 
     /// Every workload `--workloads` accepts: [`Workload::ALL`] (the default set) and the
     /// long ones that run only when named.
-    pub const KNOWN: [Workload; 8] = [
+    pub const KNOWN: [Workload; 9] = [
         Workload::Iperf1,
         Workload::Iperf4,
         Workload::Rr64,
@@ -59,6 +62,7 @@ impl Workload {
         Workload::Churn,
         Workload::Idle,
         Workload::Sustained,
+        Workload::Scale,
     ];
 
     pub fn label(self) -> &'static str {
@@ -71,6 +75,7 @@ impl Workload {
             Workload::Churn => "churn",
             Workload::Idle => "idle",
             Workload::Sustained => "sustained",
+            Workload::Scale => "scale",
         }
     }
 
@@ -81,7 +86,7 @@ impl Workload {
             .with_context(|| {
                 format!(
                     "unknown workload {s:?}: expected iperf1 iperf4 rr64 rr1k http churn idle \
-                     sustained"
+                     sustained scale"
                 )
             })
     }
@@ -173,6 +178,7 @@ pub fn run(
         Workload::Churn => churn(topo, active, env, p),
         Workload::Idle => idle(topo, active, env, p),
         Workload::Sustained => sustained(topo, active, env, p),
+        Workload::Scale => scale(topo, active, env, p),
     }
 }
 
@@ -572,6 +578,35 @@ fn idle(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<M
     if !has_proxy(active) {
         return Ok(Vec::new());
     }
+    let held = hold_idle(topo, active, env, p.idle_flows)?;
+    Ok(vec![
+        ("proxy_rss_mb", held.rss_mb),
+        ("max_proxy_rss_mb", held.max_rss_mb),
+        ("proxy_rss_delta_mb", held.rss_mb - held.rss_before_mb),
+    ])
+}
+
+/// The proxies with `count` idle connections open through them.
+struct Held {
+    rss_before_mb: f64,
+    rss_mb: f64,
+    max_rss_mb: f64,
+    fds_before: f64,
+    fds: f64,
+}
+
+/// Open file descriptors of the proxies.
+fn proxy_fds(active: &Active) -> Result<f64> {
+    let mut n = 0usize;
+    for pid in active.proxy_pids() {
+        n += std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("/proc/{pid}/fd"))?
+            .count();
+    }
+    Ok(n as f64)
+}
+
+fn hold_idle(topo: &Topology, active: &Active, env: &Env, count: usize) -> Result<Held> {
     let rss = |active: &Active| -> Result<(f64, f64)> {
         let mut sum = 0u64;
         let mut max = 0u64;
@@ -583,13 +618,14 @@ fn idle(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<M
         Ok((sum as f64 / 1e6, max as f64 / 1e6))
     };
     let (before, _) = rss(active)?;
+    let fds_before = proxy_fds(active)?;
     let mut cmd = bench_in_client(topo, env)?;
     cmd.args([
         "idle",
         "--target",
         &active.target(ECHO_PORT).to_string(),
         "--count",
-        &p.idle_flows.to_string(),
+        &count.to_string(),
         "--hold-secs",
         "600",
     ])
@@ -605,7 +641,7 @@ fn idle(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<M
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(60 + p.idle_flows as u64 / 2);
+    let deadline = Instant::now() + Duration::from_secs(60 + count as u64 / 2);
     loop {
         procs::check_interrupted()?;
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -620,10 +656,151 @@ fn idle(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<M
     // Let allocators settle after the burst of handshakes.
     procs::sleep(Duration::from_millis(500))?;
     let (sum, max) = rss(active)?;
+    let fds = proxy_fds(active)?;
     drop(holder);
-    Ok(vec![
-        ("proxy_rss_mb", sum),
-        ("max_proxy_rss_mb", max),
-        ("proxy_rss_delta_mb", sum - before),
-    ])
+    Ok(Held {
+        rss_before_mb: before,
+        rss_mb: sum,
+        max_rss_mb: max,
+        fds_before,
+        fds,
+    })
+}
+
+/// Scaling curves, each point a metric of its own so the JSON keeps every one: bulk
+/// throughput and proxy CPU per GB with 1, 16 and 256 concurrent flows (iperf3 `-P`, at most
+/// 128 streams per process); proxy RSS and descriptors per idle connection with 1 000 and
+/// 10 000 held; new connections/s and proxy CPU per connection with 1 and 2 client threads.
+fn scale(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
+    let name = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let mut m = Vec::new();
+    for flows in SCALE_FLOWS {
+        let r = iperf_parallel(topo, active, env, p, flows)?;
+        for (k, v) in r {
+            m.push((name(format!("bulk_p{flows}_{k}")), v));
+        }
+    }
+    if has_proxy(active) {
+        for count in SCALE_IDLE {
+            let h = hold_idle(topo, active, env, count)?;
+            let n = count as f64;
+            m.push((
+                name(format!("idle_n{count}_rss_kb_per_conn")),
+                (h.rss_mb - h.rss_before_mb) * 1e3 / n,
+            ));
+            m.push((
+                name(format!("idle_n{count}_fds_per_conn")),
+                (h.fds - h.fds_before) / n,
+            ));
+            m.push((name(format!("idle_n{count}_proxy_rss_mb")), h.rss_mb));
+            // Let the proxies close the held flows before the next count.
+            procs::sleep(Duration::from_secs(2))?;
+        }
+    }
+    for threads in SCALE_THREADS {
+        let mut cmd = bench_in_client(topo, env)?;
+        cmd.args([
+            "churn",
+            "--target",
+            &active.target(HTTP_PORT).to_string(),
+            "--duration",
+            &p.churn_secs.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ]);
+        let win = CpuWindow::open(topo, active)?;
+        let out = procs::run_bounded(
+            "churn",
+            &mut cmd,
+            Duration::from_secs_f64(p.churn_secs * 3.0 + 30.0),
+        )?;
+        let cpu = win.close(topo, active)?;
+        let r: ChurnReport = serde_json::from_str(&out.stdout).context("churn output")?;
+        let n = (r.connections as f64).max(1.0);
+        m.push((name(format!("setup_t{threads}_conn_per_s")), r.conn_per_s));
+        m.push((
+            name(format!("setup_t{threads}_p99_us")),
+            r.first_byte.p99_us,
+        ));
+        if has_proxy(active) {
+            m.push((
+                name(format!("setup_t{threads}_proxy_cpu_ms_per_conn")),
+                cpu.proxy * 1000.0 / n,
+            ));
+        }
+    }
+    Ok(m)
+}
+
+/// The x values of the scaling curves.
+pub const SCALE_FLOWS: [usize; 3] = [1, 16, 256];
+pub const SCALE_IDLE: [usize; 2] = [1_000, 10_000];
+pub const SCALE_THREADS: [usize; 2] = [1, 2];
+
+/// iperf3's most streams in one process (`-P`).
+const IPERF_MAX_STREAMS: usize = 128;
+
+/// `flows` concurrent bulk streams over as few iperf3 processes as `-P` allows.
+fn iperf_parallel(
+    topo: &Topology,
+    active: &Active,
+    env: &Env,
+    p: &Params,
+    flows: usize,
+) -> Result<Vec<Metric>> {
+    let procs_needed = flows.div_ceil(IPERF_MAX_STREAMS).max(1);
+    if procs_needed > IPERF_PORTS.len() {
+        bail!(
+            "{flows} flows need more iperf3 servers than the {} running",
+            IPERF_PORTS.len()
+        );
+    }
+    let per = flows / procs_needed;
+    let mut children = Vec::new();
+    let win = CpuWindow::open(topo, active)?;
+    for port in IPERF_PORTS.iter().take(procs_needed) {
+        let target = active.target(*port);
+        let mut cmd = topo.client.command("iperf3", env.client_cpu())?;
+        cmd.args([
+            "-c",
+            &target.ip().to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &p.iperf_secs.to_string(),
+            "-P",
+            &per.to_string(),
+            "-J",
+        ]);
+        let timeout = Duration::from_secs(p.iperf_secs * 3 + 60);
+        children.push(thread::spawn(move || {
+            procs::run_bounded("iperf3", &mut cmd, timeout)
+        }));
+    }
+    let mut bytes = 0f64;
+    let mut secs = 0f64;
+    let mut first_err = None;
+    for c in children {
+        match c.join() {
+            Ok(Ok(out)) => match parse_iperf(&out.stdout) {
+                Ok((b, s, _)) => {
+                    bytes += b;
+                    secs = secs.max(s);
+                }
+                Err(e) => first_err = first_err.or(Some(e)),
+            },
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(_) => first_err = first_err.or(Some(anyhow::anyhow!("iperf3 thread panicked"))),
+        }
+    }
+    let cpu = win.close(topo, active)?;
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let gb = (bytes / 1e9).max(1e-12);
+    let mut m = vec![("mb_s", bytes / secs.max(1e-9) / 1e6)];
+    if has_proxy(active) {
+        m.push(("proxy_cpu_s_per_gb", cpu.proxy / gb));
+    }
+    Ok(m)
 }

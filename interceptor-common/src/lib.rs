@@ -200,6 +200,14 @@ pub struct DestAction {
 }
 const _: () = assert!(core::mem::size_of::<DestAction>() == 8);
 
+/// `SO_MARK` of the sockets the agent opens inside a pod's netns. connect4/6 never steer a
+/// socket carrying it, so the agent's own dial is not sent back to the agent when the
+/// programs are attached at a cgroup that holds the agent too (netns-keyed enrollment). The
+/// mark only matters inside pod network namespaces (a packet crossing a veth into another
+/// netns loses it); its two bits are outside the ones kube-proxy (0x4000, 0x8000), Cilium
+/// (0x0f00), Calico (0xffff0000) and Istio's 0x539 use.
+pub const AGENT_SOCKET_MARK: u32 = 0x0000_3000;
+
 /// Leave the connect() alone (plaintext, kernel networking).
 pub const ACTION_PASSTHROUGH: u32 = 0;
 /// Steer the connect() to the agent's outbound listener.
@@ -216,7 +224,8 @@ pub enum Counter {
     ConnectSteered = 1,
     /// connect4/6 could not record the original destination and refused the connect.
     ConnectRecordFailed = 2,
-    /// sockops saw an actively established connection in an enrolled cgroup.
+    /// sockops saw an actively established connection in an enrolled pod (its netns has a
+    /// [`PodConfig`]).
     SockopsActiveEstablished = 3,
     /// sockops re-keyed a steered flow from cookie to 4-tuple.
     SockopsRekeyed = 4,

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockAddrContext, SockContext},
 };
-use interceptor_common::{ACTION_STEER, Counter, OrigDst, PodAddrKey, SockAddr};
+use interceptor_common::{ACTION_STEER, AGENT_SOCKET_MARK, Counter, OrigDst, PodAddrKey, SockAddr};
 
 use crate::maps::{DEST_POLICY, ORIG_DST_BY_COOKIE, POD_ADDRS, POD_CONFIG, count};
 
@@ -44,8 +44,13 @@ fn write_ip6(words: &mut [u32; 4], value: [u32; 4]) {
 }
 const LOOPBACK4_BE: u32 = 0x7f00_0001u32.to_be();
 
-/// Whether a destination is steered: the pod is enrolled, the destination is neither loopback
-/// nor the pod itself, and the agent marked it (mesh workload or a policy that needs the agent).
+/// Whether a destination is steered: the pod is enrolled, the socket is not the agent's own,
+/// the destination is neither loopback nor the pod itself, and the agent marked it (mesh
+/// workload or a policy that needs the agent). A socket in a netns without a [`PodConfig`]
+/// leaves after one map lookup, untouched and uncounted: with the programs attached at a
+/// parent cgroup that is every socket on the node outside the mesh.
+///
+/// [`PodConfig`]: interceptor_common::PodConfig
 #[inline(always)]
 fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<(u16, u64)> {
     // SAFETY: helper valid for sock_addr programs; the context pointer comes from the kernel.
@@ -53,6 +58,10 @@ fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<(u16, u64)> {
     // SAFETY: read-only lookup; the value is copied before any other map call.
     let pod = unsafe { POD_CONFIG.get(netns) }?;
     let port = pod.outbound_port_be;
+    count(Counter::ConnectSeen);
+    if is_agent_socket(ctx) {
+        return None;
+    }
     let own = PodAddrKey {
         netns_cookie: netns,
         addr: dst.without_port(),
@@ -68,6 +77,21 @@ fn should_steer(ctx: &SockAddrContext, dst: &SockAddr) -> Option<(u16, u64)> {
             .or_else(|| DEST_POLICY.get(dst.without_port()))
     }?;
     (action.action == ACTION_STEER).then_some((port, netns))
+}
+
+/// The agent's own sockets in a pod's netns (its dials to the original destination) carry
+/// [`AGENT_SOCKET_MARK`]. Per-cgroup attachment never sees them (the agent is outside every
+/// pod cgroup), but programs attached at a parent cgroup that also holds the agent would
+/// steer the agent's dial back to itself.
+#[inline(always)]
+fn is_agent_socket(ctx: &SockAddrContext) -> bool {
+    // SAFETY: `sk` of bpf_sock_addr is a non-null PTR_TO_SOCKET for the program's duration,
+    // and `mark` is an aligned u32 field the verifier lets sock_addr programs read.
+    let mark = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        core::ptr::read_volatile(&raw const (*sk).mark)
+    };
+    mark == AGENT_SOCKET_MARK
 }
 
 /// Records `cookie → original destination`. A connection we cannot record (the map is full)
@@ -94,7 +118,6 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     let dst = SockAddr::v4(sa.user_ip4, sa.user_port as u16);
-    count(Counter::ConnectSeen);
     let Some((port_be, netns)) = should_steer(ctx, &dst) else {
         return ALLOW;
     };
@@ -127,7 +150,6 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
         }
         SockAddr::v6(ip, sa.user_port as u16)
     };
-    count(Counter::ConnectSeen);
     let Some((port_be, netns)) = should_steer(ctx, &dst) else {
         return ALLOW;
     };

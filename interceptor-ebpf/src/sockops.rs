@@ -113,6 +113,13 @@ fn add_local_leg(ctx: &SockOpsContext, key: LegKey) {
 pub fn on_event(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: helper valid for sock_ops programs.
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            // Sockets of netns outside the mesh are neither counted nor looked at further.
+            // SAFETY: read-only lookup, value unused.
+            if unsafe { POD_CONFIG.get(netns_cookie) }.is_none() {
+                return;
+            }
             count(Counter::SockopsActiveEstablished);
             // SAFETY: helper valid for sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

@@ -2,12 +2,15 @@
 //! so pods — which have their own mount and network namespaces — cannot reach it. One JSON
 //! request per line, one JSON response per line.
 
-use std::path::Path;
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
-use crate::{config::Workload, intercept::table::FlowRow};
+use crate::{cluster::PodRef, config::Workload, intercept::table::FlowRow};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -23,6 +26,34 @@ pub enum Request {
     },
     Unenroll {
         name: String,
+    },
+    /// From the CNI plugin at ADD: enroll the pod the directory names, if it is in the mesh
+    /// (a pod outside it is answered `ok` and left alone).
+    #[serde(rename = "enroll-pod", rename_all = "camelCase")]
+    EnrollPod {
+        pod: PodRef,
+        netns: PathBuf,
+        ips: Vec<IpAddr>,
+        #[serde(default)]
+        container_id: String,
+    },
+    /// From the CNI plugin at DEL: idempotent, and a no-op for a sandbox other than the one
+    /// enrolled under the pod's name.
+    #[serde(rename = "unenroll-pod", rename_all = "camelCase")]
+    UnenrollPod {
+        pod: PodRef,
+        #[serde(default)]
+        container_id: String,
+    },
+    /// From the CNI plugin at CHECK: `ok` when the pod is enrolled as ADD left it (or is
+    /// outside the mesh), an error naming what differs otherwise.
+    #[serde(rename = "check-pod", rename_all = "camelCase")]
+    CheckPod {
+        pod: PodRef,
+        netns: PathBuf,
+        ips: Vec<IpAddr>,
+        #[serde(default)]
+        container_id: String,
     },
 }
 
@@ -181,6 +212,39 @@ mod tests {
     use super::*;
 
     struct Echo;
+
+    /// The lines `interceptor-cni` sends, byte for byte as it builds them, parse as requests.
+    #[test]
+    fn the_cni_plugin_requests_parse() {
+        let pod = r#"{"namespace":"full","name":"sleep","uid":"u-1"}"#;
+        let enroll = format!(
+            r#"{{"cmd":"enroll-pod","pod":{pod},"netns":"/run/netns/cni-1","ips":["10.88.0.5","fd00::5"],"containerId":"c0ffee"}}"#
+        );
+        match serde_json::from_str::<Request>(&enroll).unwrap() {
+            Request::EnrollPod {
+                pod,
+                netns,
+                ips,
+                container_id,
+            } => {
+                assert_eq!((pod.namespace.as_str(), pod.uid.as_str()), ("full", "u-1"));
+                assert_eq!(netns, PathBuf::from("/run/netns/cni-1"));
+                assert_eq!(ips.len(), 2);
+                assert_eq!(container_id, "c0ffee");
+            }
+            other => panic!("{other:?}"),
+        }
+        let del = format!(r#"{{"cmd":"unenroll-pod","pod":{pod},"containerId":"c0ffee"}}"#);
+        assert!(matches!(
+            serde_json::from_str::<Request>(&del).unwrap(),
+            Request::UnenrollPod { .. }
+        ));
+        let check = enroll.replace("enroll-pod", "check-pod");
+        assert!(matches!(
+            serde_json::from_str::<Request>(&check).unwrap(),
+            Request::CheckPod { .. }
+        ));
+    }
 
     impl Handler for Echo {
         async fn handle(&self, req: Request) -> Response {

@@ -2,6 +2,8 @@
 //! configured and persisted pods, serve the admin API, and on SIGTERM exit leaving the pinned
 //! programs in place so enrolled pods stay fail-closed until the agent is back.
 
+mod kubernetes;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -19,9 +21,11 @@ use crate::{
     admin::{self, Request, Response},
     ca::renew::{RenewPolicy, SystemClock},
     ca::{self, Ca, CertificateAuthority as _},
-    config::{self, Config, KtlsMode, Peer, Service, Workload},
+    cluster::{Membership, MembershipFile, PodDirectory, PodRef, StaticDirectory},
+    config::{self, CniSettings, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::{CryptoPolicy, MeshSuite},
+    health::Readiness,
     intercept::{
         self, Identity, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
@@ -45,6 +49,17 @@ pub struct Agent {
     /// What runtime enrollments are validated against besides the enrolled pods.
     peers: Vec<Peer>,
     services: Vec<Service>,
+    /// Netns-keyed enrollment (`cni:`): the settings and who the pods are.
+    cni: Option<CniSettings>,
+    directory: Option<Arc<dyn PodDirectory>>,
+    /// Pod name → the CNI sandbox (container ID) that enrolled it, so a DEL of an older
+    /// sandbox of the same pod name leaves the current one alone. Not persisted: after a
+    /// restart a DEL matches by name (and the netns path each enrollment keeps).
+    sandboxes: Mutex<BTreeMap<String, String>>,
+    /// What was last written to `cni.membershipFile`.
+    membership_written: Mutex<Option<MembershipFile>>,
+    /// What `/readyz` reports.
+    readiness: Arc<Readiness>,
     /// A successor holds the listeners (or this agent stepped down for one): no enrollment
     /// changes any more, only the open flows are served until they end.
     retired: std::sync::atomic::AtomicBool,
@@ -145,7 +160,51 @@ async fn start_from(
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
     }
+    if let Some(cni) = &config.cni {
+        // Once, before any pod: every pod cgroup the runtime creates below it later runs the
+        // programs from its first process on.
+        let parent = match &cni.parent_cgroup {
+            Some(p) => p.clone(),
+            None => sys::cgroup2_mount().context("cgroup2 mount (for cni.parentCgroup)")?,
+        };
+        datapath
+            .enroll_cgroup(&parent)
+            .with_context(|| format!("attach to cni.parentCgroup {}", parent.display()))?;
+        info!(parent = %parent.display(), "pods are enrolled by network namespace");
+    }
+    // Kubernetes mode: the watchers start first, and pods are enrolled once the cluster was
+    // listed (or after SYNC_WAIT, not ready until it is), so the first decisions already
+    // see the cluster's policy and peers.
+    let directory = match &config.kubernetes {
+        Some(settings) => {
+            let directory = kubernetes::connect(settings).await?;
+            if !kubernetes::wait_synced(&directory, kubernetes::SYNC_WAIT).await {
+                warn!(
+                    "the API server has not been listed within {:?}; serving, not ready",
+                    kubernetes::SYNC_WAIT
+                );
+            }
+            Some(directory)
+        }
+        None => None,
+    };
     let agent = start_with(config.clone(), offload, ca, datapath, policy, takeover).await?;
+    let ready = &agent.readiness;
+    for flag in [
+        &ready.programs_attached,
+        &ready.ca_loaded,
+        &ready.policy_loaded,
+    ] {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    }
+    match directory {
+        Some(directory) => {
+            kubernetes::start_following(Arc::clone(&agent), directory).await;
+        }
+        None => ready
+            .cluster_synced
+            .store(true, std::sync::atomic::Ordering::Release),
+    }
     tokio::spawn(watch_ca(
         Arc::clone(&agent.shared),
         config.ca_dir.clone(),
@@ -210,9 +269,18 @@ async fn start_with(
         changes: tokio::sync::Mutex::new(()),
         peers: config.peers.clone(),
         services: config.services.clone(),
+        directory: config
+            .cni
+            .as_ref()
+            .map(|c| Arc::new(StaticDirectory::new(c)) as Arc<dyn PodDirectory>),
+        cni: config.cni.clone(),
+        sandboxes: Mutex::new(BTreeMap::new()),
+        membership_written: Mutex::new(None),
+        readiness: Arc::new(Readiness::default()),
         retired: std::sync::atomic::AtomicBool::new(false),
         predecessor_flows: Arc::default(),
     });
+    agent.write_membership();
     // Listeners handed over by the running agent, taken by name as each pod is enrolled.
     let mut given = takeover
         .map(|t| std::mem::take(&mut t.pods))
@@ -415,6 +483,7 @@ async fn watch_stale(agent: Arc<Agent>) {
     loop {
         tokio::time::sleep(STALE_CHECK).await;
         agent.check_stale().await;
+        agent.write_membership();
     }
 }
 
@@ -445,10 +514,7 @@ pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
         let next = match parsed {
             Ok(next) => next,
             Err(e) => {
-                agent
-                    .shared
-                    .policy
-                    .count("config.reload_failures".to_owned());
+                agent.shared.counters.config_reload_failed();
                 warn!("node config not applied, keeping the running one: {e}");
                 continue;
             }
@@ -465,10 +531,7 @@ pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
             match agent.set_crypto(next.crypto) {
                 Ok(_) => running.crypto = next.crypto,
                 Err(e) => {
-                    agent
-                        .shared
-                        .policy
-                        .count("config.reload_failures".to_owned());
+                    agent.shared.counters.config_reload_failed();
                     warn!(
                         "crypto policy not applied, keeping {}: {e:#}",
                         running.crypto
@@ -533,6 +596,21 @@ impl Agent {
         &self.shared.offload
     }
 
+    /// Start-up steps that hold, for `/readyz`.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        Arc::clone(&self.readiness)
+    }
+
+    /// The workloads enrolled now.
+    fn enrolled_workloads(&self) -> Vec<Workload> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.workload.clone())
+            .collect()
+    }
+
     /// The crypto policy in force.
     pub fn crypto_policy(&self) -> CryptoPolicy {
         self.shared.crypto().policy()
@@ -569,7 +647,9 @@ impl Agent {
     /// Refusals per reason (`refused.<code>`), flows closed by a policy change
     /// (`closed.<code>`), rejected policy reloads and the generation.
     pub fn policy_stats(&self) -> BTreeMap<String, u64> {
-        self.shared.policy.stats()
+        let mut stats = self.shared.counters.stats();
+        stats.extend(self.shared.policy.stats());
+        stats
     }
 
     /// Rebuilds the policy for the pods enrolled now.
@@ -642,6 +722,8 @@ impl Agent {
             }))
             .collect();
         all.push((format!("workload `{}`", w.name), w));
+        config::check_cgroup_mode(&format!("workload `{}`", w.name), w, self.cni.is_some())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         config::check_workloads(&self.shared.trust_domain, &all, &self.peers, &self.services)
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
@@ -766,7 +848,10 @@ impl Agent {
     /// start-up prune: a previous agent's links keep those pods fail-closed.
     fn stale_pins(&self) -> (Vec<PathBuf>, Vec<u64>) {
         let stale = self.stale();
-        let cgroups = stale.iter().map(|s| s.workload.cgroup.clone()).collect();
+        let cgroups = stale
+            .iter()
+            .filter_map(|s| s.workload.own_cgroup().map(Path::to_owned))
+            .collect();
         let netns = stale
             .iter()
             .filter_map(|s| sys::netns_cookie_of(&s.workload.netns).ok())
@@ -790,7 +875,13 @@ impl Agent {
         let mut changed = false;
         for s in self.stale() {
             let w = &s.workload;
-            if !w.cgroup.exists() {
+            // What is left to protect: the pod's cgroup, or for a pod enrolled by netns its
+            // netns (gone with the sandbox).
+            let gone = match w.own_cgroup() {
+                Some(cgroup) => !cgroup.exists(),
+                None => !w.netns.exists(),
+            };
+            if gone {
                 if let Err(e) = self.persist(|l| l.retain(|p| p.name != w.name)) {
                     warn!(pod = %w.name, "cannot drop the stale enrollment: {e:#}");
                     continue;
@@ -804,7 +895,7 @@ impl Agent {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .forget_cgroup(&w.cgroup);
-                info!(pod = %w.name, cgroup = %w.cgroup.display(), "stale enrollment dropped: its cgroup is gone");
+                info!(pod = %w.name, cgroup = %w.cgroup.display(), netns = %w.netns.display(), "stale enrollment dropped: its cgroup or netns is gone");
                 continue;
             }
             if !w.netns.exists() {
@@ -825,6 +916,280 @@ impl Agent {
         if changed && let Err(e) = self.sync_policy() {
             warn!("policy for the restored pods: {e:#}");
         }
+    }
+}
+
+/// The enrollment name of a pod the CNI plugin names: unique on the node, as in Kubernetes.
+pub fn cni_pod_name(pod: &PodRef) -> String {
+    format!("{}/{}", pod.namespace, pod.name)
+}
+
+/// How long a directory that has synced gets to catch up with a pod it has not seen yet (a
+/// watch event can trail the sandbox by a moment).
+const LOOKUP_GRACE: Duration = Duration::from_secs(2);
+
+impl Agent {
+    fn cni_mode(&self) -> anyhow::Result<(&CniSettings, &Arc<dyn PodDirectory>)> {
+        match (&self.cni, &self.directory) {
+            (Some(cni), Some(directory)) => Ok((cni, directory)),
+            _ => bail!(
+                "this agent enrolls pods by cgroup (`interceptor enroll`); configure `cni:` \
+                 to enroll pods from the CNI plugin"
+            ),
+        }
+    }
+
+    /// Asks the directory, retrying while it has not synced (up to `cni.lookupTimeoutMs`)
+    /// and for a short grace once it has; then refuses, naming the pod.
+    async fn lookup_pod(&self, pod: &PodRef) -> anyhow::Result<crate::cluster::PodInfo> {
+        let (cni, directory) = self.cni_mode()?;
+        let start = tokio::time::Instant::now();
+        let timeout = Duration::from_millis(cni.lookup_timeout_ms);
+        loop {
+            if let Some(info) = directory.lookup(pod) {
+                return Ok(info);
+            }
+            let synced = directory.synced();
+            let limit = if synced {
+                timeout.min(LOOKUP_GRACE)
+            } else {
+                timeout
+            };
+            if start.elapsed() >= limit {
+                bail!(
+                    "pod {} (uid `{}`) is not known to the pod directory{}",
+                    cni_pod_name(pod),
+                    pod.uid,
+                    if synced {
+                        ""
+                    } else {
+                        " (it has not finished its first sync)"
+                    }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// CNI ADD: enrolls the pod by its netns if the directory puts it in the mesh.
+    async fn enroll_pod(
+        &self,
+        pod: &PodRef,
+        netns: &Path,
+        ips: &[std::net::IpAddr],
+        container_id: &str,
+    ) -> anyhow::Result<String> {
+        let info = self.lookup_pod(pod).await?;
+        let name = cni_pod_name(pod);
+        if info.membership == Membership::Outside {
+            return Ok(format!("{name} is outside the mesh; not enrolled"));
+        }
+        let current = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .map(|p| p.workload.netns.clone());
+        let stale = self
+            .stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&name);
+        match current {
+            // ADD retried for the same sandbox.
+            Some(n) if n == netns => {
+                self.record_sandbox(&name, container_id);
+                return Ok(format!("{name} is already enrolled"));
+            }
+            // An older sandbox of this pod whose DEL never reached us.
+            Some(_) => self.unenroll_now(&name).await?,
+            None if stale => self.unenroll_now(&name).await?,
+            None => {}
+        }
+        let w = Workload {
+            name: name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: info.service_account.clone(),
+            labels: info.labels.clone(),
+            cgroup: PathBuf::new(),
+            netns: netns.to_owned(),
+            ips: ips.to_vec(),
+        };
+        self.enroll_now(&w).await?;
+        self.record_sandbox(&name, container_id);
+        info!(pod = %name, netns = %netns.display(), sandbox = container_id, "enrolled by the CNI plugin");
+        Ok(format!(
+            "enrolled {name} as spiffe://{}/ns/{}/sa/{}",
+            self.shared.trust_domain, pod.namespace, info.service_account
+        ))
+    }
+
+    fn record_sandbox(&self, name: &str, container_id: &str) {
+        if !container_id.is_empty() {
+            self.sandboxes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_owned(), container_id.to_owned());
+        }
+    }
+
+    /// CNI DEL: idempotent; a sandbox other than the enrolled one changes nothing.
+    async fn unenroll_pod_by_ref(
+        &self,
+        pod: &PodRef,
+        container_id: &str,
+    ) -> anyhow::Result<String> {
+        self.cni_mode()?;
+        let name = cni_pod_name(pod);
+        let recorded = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .cloned();
+        if let Some(recorded) = recorded
+            && !container_id.is_empty()
+            && recorded != container_id
+        {
+            return Ok(format!(
+                "{name} is enrolled for sandbox {recorded}, not {container_id}; left alone"
+            ));
+        }
+        let known = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&name)
+            || self
+                .stale
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&name);
+        if !known {
+            return Ok(format!("{name} is not enrolled"));
+        }
+        self.unenroll_now(&name).await?;
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+        info!(pod = %name, sandbox = container_id, "unenrolled by the CNI plugin");
+        Ok(format!("unenrolled {name}"))
+    }
+
+    /// CNI CHECK: the pod is enrolled as ADD left it (same netns, which is still the one
+    /// steered, same addresses, same sandbox), or it is outside the mesh.
+    async fn check_pod(
+        &self,
+        pod: &PodRef,
+        netns: &Path,
+        ips: &[std::net::IpAddr],
+        container_id: &str,
+    ) -> anyhow::Result<String> {
+        self.cni_mode()?;
+        let name = cni_pod_name(pod);
+        let current = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .map(|p| (p.workload.clone(), p.netns_cookie));
+        let Some((w, cookie)) = current else {
+            let info = self.lookup_pod(pod).await?;
+            if info.membership == Membership::Outside {
+                return Ok(format!("{name} is outside the mesh"));
+            }
+            bail!("{name} is in the mesh but not enrolled");
+        };
+        if w.netns != netns {
+            bail!(
+                "{name} is enrolled with netns {}, not {}",
+                w.netns.display(),
+                netns.display()
+            );
+        }
+        let canon = |v: &[std::net::IpAddr]| -> BTreeSet<std::net::IpAddr> {
+            v.iter().map(|ip| ip.to_canonical()).collect()
+        };
+        if canon(&w.ips) != canon(ips) {
+            bail!("{name} is enrolled with addresses {:?}, not {ips:?}", w.ips);
+        }
+        let recorded = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .cloned();
+        if let Some(recorded) = recorded
+            && !container_id.is_empty()
+            && recorded != container_id
+        {
+            bail!("{name} is enrolled for sandbox {recorded}, not {container_id}");
+        }
+        let now = sys::netns_cookie_of(netns)
+            .with_context(|| format!("netns {} of {name}", netns.display()))?;
+        if now != cookie {
+            bail!(
+                "{name}: {} is not the netns that was enrolled",
+                netns.display()
+            );
+        }
+        if !self
+            .shared
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .has_pod(cookie)
+        {
+            bail!("{name}: its netns is not steered (no pod config in the kernel)");
+        }
+        Ok(format!("{name} is enrolled"))
+    }
+
+    /// Writes `cni.membershipFile` when what the directory says about namespaces changed, so
+    /// the CNI plugin can tell, while this agent is unreachable, which pods may start without
+    /// it. Kept when the agent stops: that is when the plugin needs it.
+    fn write_membership(&self) {
+        let (Some(cni), Some(directory)) = (&self.cni, &self.directory) else {
+            return;
+        };
+        let file = MembershipFile::of(directory.as_ref());
+        let mut last = self
+            .membership_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&file) {
+            return;
+        }
+        let path = &cni.membership_file;
+        let written = (|| -> anyhow::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            write_atomic(path, &serde_json::to_vec(&file)?)
+        })();
+        match written {
+            Ok(()) => *last = Some(file),
+            Err(e) => warn!(file = %path.display(), "cannot write the CNI membership cache: {e:#}"),
+        }
+    }
+
+    /// Entries in the per-pod maps and netns links: after every pod is gone, only what
+    /// node-wide steering (peers, services) put there is left.
+    fn map_occupancy(&self) -> Vec<(String, serde_json::Value)> {
+        let dp = self
+            .shared
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        dp.occupancy()
+            .into_iter()
+            .map(|(name, n)| (format!("map.{name}"), serde_json::Value::from(n)))
+            .chain([(
+                "links.netns".to_owned(),
+                serde_json::Value::from(dp.netns_links().len()),
+            )])
+            .collect()
     }
 }
 
@@ -854,6 +1219,7 @@ impl admin::Handler for Agent {
                             .into_iter()
                             .map(|(k, v)| (k, serde_json::Value::from(v))),
                     )
+                    .chain(self.map_occupancy())
                     .chain([
                         (
                             "enrollments.active".to_owned(),
@@ -876,9 +1242,16 @@ impl admin::Handler for Agent {
                     stats: serde_json::Value::Object(stats),
                 };
             }
-            Request::Enroll { .. } | Request::Unenroll { .. } if self.is_retired() => Err(
-                anyhow::anyhow!("this agent handed its pods over and only drains its open flows"),
-            ),
+            Request::Enroll { .. }
+            | Request::Unenroll { .. }
+            | Request::EnrollPod { .. }
+            | Request::UnenrollPod { .. }
+                if self.is_retired() =>
+            {
+                Err(anyhow::anyhow!(
+                    "this agent handed its pods over and only drains its open flows"
+                ))
+            }
             Request::Enroll { workload } => self
                 .enroll_now(&workload)
                 .await
@@ -887,6 +1260,21 @@ impl admin::Handler for Agent {
                 .unenroll_now(&name)
                 .await
                 .map(|()| format!("unenrolled {name}")),
+            Request::EnrollPod {
+                pod,
+                netns,
+                ips,
+                container_id,
+            } => self.enroll_pod(&pod, &netns, &ips, &container_id).await,
+            Request::UnenrollPod { pod, container_id } => {
+                self.unenroll_pod_by_ref(&pod, &container_id).await
+            }
+            Request::CheckPod {
+                pod,
+                netns,
+                ips,
+                container_id,
+            } => self.check_pod(&pod, &netns, &ips, &container_id).await,
         };
         match result {
             Ok(message) => Response::Ok { message },

@@ -40,7 +40,7 @@ use rustls_pki_types::{
     pem::{self, PemObject},
 };
 use time::OffsetDateTime;
-use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::identity::{CertIdentityError, SpiffeId, TrustDomain};
@@ -907,7 +907,7 @@ fn read_certs_or(
 /// Facts about a certificate for messages and `ca status`.
 pub fn cert_info(der: &[u8]) -> Result<CertInfo, String> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("not x.509 der: {e}"))?;
-    let trust_domain = root_trust_domain(&cert).ok();
+    let trust_domain = TrustDomain::from_certificate(&cert).ok();
     Ok(CertInfo {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
@@ -1043,27 +1043,6 @@ fn write_layout(dir: &Path, files: &Files<'_>, existing: OnExisting) -> Result<(
         }
     }
     sync_dir(dir)
-}
-
-/// The trust domain is the root's single `spiffe://<trust domain>` URI SAN.
-fn root_trust_domain(cert: &X509Certificate<'_>) -> Result<TrustDomain, String> {
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("unreadable subject alternative name: {e}"))?;
-    let uris: Vec<&str> = san
-        .iter()
-        .flat_map(|ext| ext.value.general_names.iter())
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => uri.strip_prefix("spiffe://"),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [trust_domain] => trust_domain
-            .parse()
-            .map_err(|e| format!("its spiffe URI SAN names no valid trust domain: {e}")),
-        _ => Err("it has no single spiffe://<trust domain> URI SAN; create it with `interceptor ca init`".into()),
-    }
 }
 
 /// A positive 128-bit serial from the system RNG; RFC 5280 asks for unpredictable serials.

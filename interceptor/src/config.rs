@@ -34,11 +34,72 @@ pub struct Workload {
     pub service_account: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// The pod's cgroup v2 directory.
+    /// The pod's cgroup v2 directory. Left out (empty) when the agent enrolls pods by network
+    /// namespace (`cni:`): the programs then run from the parent cgroup for every pod.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub cgroup: PathBuf,
     /// The pod's network namespace (a bind mount such as /run/netns/<name>).
     pub netns: PathBuf,
     pub ips: Vec<IpAddr>,
+}
+
+impl Workload {
+    /// The pod's own cgroup, when it is enrolled by cgroup.
+    pub fn own_cgroup(&self) -> Option<&Path> {
+        (!path_is_empty(&self.cgroup)).then_some(self.cgroup.as_path())
+    }
+}
+
+#[allow(clippy::ptr_arg)] // serde's `skip_serializing_if` passes the field as it is
+fn path_is_empty(p: &PathBuf) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// `cni:` of the node config: pods are enrolled by network namespace (ARCHITECTURE.md,
+/// "Enrollment keying"), by the CNI plugin, and named by a pod directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CniSettings {
+    /// Where the outbound programs are attached, once: a cgroup holding every pod cgroup
+    /// (kubelet's `kubepods`). The cgroup2 root when left out.
+    #[serde(default)]
+    pub parent_cgroup: Option<PathBuf>,
+    /// Which namespaces are in the mesh, written for the CNI plugin to read while the agent
+    /// is unreachable.
+    #[serde(default = "default_membership_file")]
+    pub membership_file: PathBuf,
+    /// How long an enrollment waits for the directory to know the pod.
+    #[serde(default = "default_lookup_timeout_ms")]
+    pub lookup_timeout_ms: u64,
+    /// The static pod directory (hosts without an API server): namespace → its labels;
+    /// `interceptor.io/mtls: enabled` puts the namespace in the mesh.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// The static pod directory: who each pod is.
+    #[serde(default)]
+    pub pods: Vec<StaticPod>,
+}
+
+fn default_membership_file() -> PathBuf {
+    PathBuf::from("/run/interceptor/cni-membership.json")
+}
+fn default_lookup_timeout_ms() -> u64 {
+    10_000
+}
+
+/// A pod of the static directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StaticPod {
+    pub namespace: String,
+    pub name: String,
+    /// When given, only a pod with this UID matches.
+    #[serde(default)]
+    pub uid: String,
+    pub service_account: String,
+    /// `interceptor.io/mtls: disabled` opts the pod out of an enabled namespace.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A mesh workload whose agent runs on another node.
@@ -139,6 +200,47 @@ pub struct Config {
     /// Workload certificate lifetime and renewal, and how the CA files are watched.
     #[serde(default)]
     pub identity: IdentitySettings,
+    /// Netns-keyed enrollment by the CNI plugin; absent: pods are enrolled by cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniSettings>,
+    /// Kubernetes mode: pods, namespaces, services and Istio policy come from the API server
+    /// (added to whatever the file/static fields above say).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSettings>,
+}
+
+/// `kubernetes:` of the node config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// A kubeconfig file (development); absent: the pod's service account (in-cluster).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The node this agent runs on (`spec.nodeName` of its pods); absent: the `NODE_NAME`
+    /// environment variable, which a DaemonSet sets from the downward API.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The label key of enablement: namespaces with `<meshLabel>: enabled` are in the mesh,
+    /// a pod with `<meshLabel>: disabled` opts out.
+    #[serde(default = "default_mesh_label")]
+    pub mesh_label: String,
+}
+
+impl KubernetesSettings {
+    /// The node name from the config or, failing that, from `env` (the value of `NODE_NAME`).
+    pub fn node(&self, env: Option<String>) -> Result<String, String> {
+        self.node_name
+            .clone()
+            .or(env)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                "kubernetes.nodeName: not set, and NODE_NAME is not in the environment".to_owned()
+            })
+    }
+}
+
+fn default_mesh_label() -> String {
+    "interceptor.io/mtls".to_owned()
 }
 
 /// `handover:` of the node config.
@@ -258,6 +360,10 @@ pub const MIN_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(5 *
 /// Longest leaf lifetime: leaves are not revocable, so they stay short-lived.
 pub const MAX_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
 
+/// Longest resumption ticket lifetime: tickets skip the certificate checks, so they stay
+/// short next to leaves (hours).
+pub const MAX_TICKET_LIFETIME_SECS: u64 = 3_600;
+
 /// What policy may read from the node besides `policyDir`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -297,6 +403,13 @@ pub struct Tuning {
     /// How often the agent looks for changes in `policyDir` (and the certificate files its
     /// DestinationRules name).
     pub policy_poll_ms: u64,
+    /// TLS 1.3 session resumption between agents: a workload's next connection to the same
+    /// server address skips certificates and signatures (still a fresh key exchange, still
+    /// one TLS session per connection). Off: every connection is a full handshake.
+    pub session_resumption: bool,
+    /// How long a resumption ticket stays usable, on both ends; no ticket outlives a policy
+    /// reload or a new certificate either.
+    pub ticket_lifetime_secs: u64,
 }
 
 impl Default for Tuning {
@@ -311,6 +424,8 @@ impl Default for Tuning {
             max_pending_handshakes_per_pod: 512,
             sk_msg_local_leg: false,
             policy_poll_ms: 500,
+            session_resumption: true,
+            ticket_lifetime_secs: 300,
         }
     }
 }
@@ -418,6 +533,52 @@ impl Config {
             }
         }
         check_workloads(&self.trust_domain, &labelled, &self.peers, &self.services)?;
+        for (label, w) in &labelled {
+            check_cgroup_mode(label, w, self.cni.is_some())?;
+        }
+        if let Some(cni) = &self.cni {
+            if let Some(p) = &cni.parent_cgroup {
+                check_relative(p, "cni.parentCgroup")?;
+            }
+            check_relative(&cni.membership_file, "cni.membershipFile")?;
+            if cni.lookup_timeout_ms == 0 {
+                return Err("cni.lookupTimeoutMs: must be at least 1".to_owned());
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (i, p) in cni.pods.iter().enumerate() {
+                if p.namespace.is_empty() || p.name.is_empty() {
+                    return Err(format!(
+                        "cni.pods[{i}]: namespace and name must not be empty"
+                    ));
+                }
+                crate::identity::SpiffeId::new(
+                    self.trust_domain.clone(),
+                    &p.namespace,
+                    &p.service_account,
+                )
+                .map_err(|e| format!("cni.pods[{i}]: {e}"))?;
+                if !seen.insert((&p.namespace, &p.name)) {
+                    return Err(format!(
+                        "cni.pods[{i}]: {}/{} is listed twice",
+                        p.namespace, p.name
+                    ));
+                }
+            }
+        }
+        if let Some(k) = &self.kubernetes {
+            if let Some(path) = &k.kubeconfig {
+                check_relative(path, "kubernetes.kubeconfig")?;
+            }
+            if k.node_name.as_deref() == Some("") {
+                return Err("kubernetes.nodeName: must not be empty".to_owned());
+            }
+            if k.mesh_label.is_empty() || k.mesh_label.contains(char::is_whitespace) {
+                return Err(format!(
+                    "kubernetes.meshLabel: `{}` is not a label key",
+                    k.mesh_label
+                ));
+            }
+        }
         for (i, d) in self.policy.cert_dirs.iter().enumerate() {
             check_relative(d, &format!("policy.certDirs[{i}]"))?;
         }
@@ -429,6 +590,12 @@ impl Config {
         }
         if t.policy_poll_ms == 0 {
             return Err("tuning.policyPollMs: must be at least 1".to_owned());
+        }
+        if !(1..=MAX_TICKET_LIFETIME_SECS).contains(&t.ticket_lifetime_secs) {
+            return Err(format!(
+                "tuning.ticketLifetimeSecs: {} is outside 1 to {MAX_TICKET_LIFETIME_SECS}",
+                t.ticket_lifetime_secs
+            ));
         }
         if t.idle_timeout_secs == 0 {
             return Err("tuning.idleTimeoutSecs: must be at least 1".to_owned());
@@ -531,13 +698,15 @@ pub fn check_workloads(
         }
         crate::identity::SpiffeId::new(trust_domain.clone(), &w.namespace, &w.service_account)
             .map_err(|e| format!("{label}: {e}"))?;
-        check_relative(&w.cgroup, &format!("{label}.cgroup"))?;
         check_relative(&w.netns, &format!("{label}.netns"))?;
-        if let Some(prev) = cgroups.insert(&w.cgroup, label) {
-            return Err(format!(
-                "{label}.cgroup: {} is also the cgroup of {prev}",
-                w.cgroup.display()
-            ));
+        if let Some(cgroup) = w.own_cgroup() {
+            check_relative(cgroup, &format!("{label}.cgroup"))?;
+            if let Some(prev) = cgroups.insert(cgroup, label) {
+                return Err(format!(
+                    "{label}.cgroup: {} is also the cgroup of {prev}",
+                    cgroup.display()
+                ));
+            }
         }
         if let Some(prev) = netns.insert(&w.netns, label) {
             return Err(format!(
@@ -566,6 +735,22 @@ pub fn check_workloads(
         }
     }
     Ok(())
+}
+
+/// A pod has a cgroup exactly when the agent enrolls by cgroup: with `cni:` the programs run
+/// from the parent cgroup, and a pod cgroup of its own would run them a second time.
+pub fn check_cgroup_mode(label: &str, w: &Workload, netns_keyed: bool) -> Result<(), String> {
+    match (w.own_cgroup(), netns_keyed) {
+        (None, false) => Err(format!(
+            "{label}.cgroup: required (pods are enrolled by cgroup unless `cni:` is configured)"
+        )),
+        (Some(c), true) => Err(format!(
+            "{label}.cgroup: {} given, but with `cni:` pods are enrolled by network namespace \
+             and their cgroup is left out",
+            c.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// What policy decisions know about workloads and services: `workloads` (enrolled on this
@@ -725,6 +910,75 @@ peers:
         Config::parse("deploy/base/configmap.yaml", node).unwrap();
     }
 
+    /// The DaemonSet and the node config it ships name the same paths: every directory the
+    /// config writes is a writable mount, the CA is the Secret, and the admin socket's
+    /// directory is the same path on the node (where the CNI plugin connects to it).
+    #[test]
+    fn the_shipped_daemonset_mounts_what_the_config_names() {
+        let cm: yaml_serde::Value =
+            yaml_serde::from_str(include_str!("../../deploy/base/configmap.yaml")).unwrap();
+        let config = Config::parse("configmap", cm["data"]["node.yaml"].as_str().unwrap()).unwrap();
+        let ds: yaml_serde::Value =
+            yaml_serde::from_str(include_str!("../../deploy/base/daemonset.yaml")).unwrap();
+        let pod = &ds["spec"]["template"]["spec"];
+        let agent = pod["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .unwrap();
+        let volume = |name: &yaml_serde::Value| {
+            pod["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| &v["name"] == name)
+                .unwrap()
+                .clone()
+        };
+        // (mount path, read-only, volume)
+        let mounts: Vec<(PathBuf, bool, yaml_serde::Value)> = agent["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    PathBuf::from(m["mountPath"].as_str().unwrap()),
+                    m["readOnly"].as_bool().unwrap_or(false),
+                    volume(&m["name"]),
+                )
+            })
+            .collect();
+        let mount_of = |p: &Path| {
+            mounts
+                .iter()
+                .filter(|(m, _, _)| p.starts_with(m))
+                .max_by_key(|(m, _, _)| m.components().count())
+                .unwrap_or_else(|| panic!("{} is on no volume", p.display()))
+        };
+        for writable in [
+            config.state_dir.as_path(),
+            config.admin_socket.parent().unwrap(),
+            config.bpffs.as_path(),
+        ] {
+            assert!(!mount_of(writable).1, "{} is read-only", writable.display());
+        }
+        let (_, _, ca) = mount_of(&config.ca_dir);
+        assert_eq!(ca["secret"]["secretName"], "cacerts");
+        assert_eq!(ca["secret"]["defaultMode"].as_u64(), Some(0o400));
+        let (mount, _, run) = mount_of(&config.admin_socket);
+        assert_eq!(run["hostPath"]["path"].as_str(), mount.to_str());
+        let args: Vec<&str> = agent["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args.iter().position(|a| *a == "--config").unwrap();
+        let (_, _, cfg) = mount_of(Path::new(args[at + 1]));
+        assert_eq!(cfg["configMap"]["name"], cm["metadata"]["name"]);
+    }
+
     #[test]
     fn bad_values_are_named() {
         let e = Config::parse("n", &EXAMPLE.replace("ktls: auto", "ktls: maybe"))
@@ -749,6 +1003,60 @@ peers:
         .unwrap_err()
         .to_string();
         assert!(e.contains("workloads[0].netns"), "{e}");
+    }
+
+    /// `cni:` switches enrollment to network namespaces: pods then have no cgroup of their
+    /// own, and the static directory is checked like workloads are.
+    #[test]
+    fn cni_mode_and_the_static_directory() {
+        let cni = "cni:\n  parentCgroup: /sys/fs/cgroup/kubepods\n  namespaces:\n    \
+                   full: {interceptor.io/mtls: enabled}\n    legacy: {}\n  pods:\n    \
+                   - {namespace: full, name: sleep, serviceAccount: sleep, labels: {app: s}}\n";
+        let netns_keyed = EXAMPLE.replace("    cgroup: /sys/fs/cgroup/pods/sleep-full\n", "");
+        let c = Config::parse("n", &format!("{netns_keyed}{cni}")).unwrap();
+        let settings = c.cni.as_ref().unwrap();
+        assert_eq!(
+            settings.parent_cgroup.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/kubepods"))
+        );
+        assert_eq!(
+            settings.membership_file,
+            Path::new("/run/interceptor/cni-membership.json")
+        );
+        assert_eq!(settings.pods[0].service_account, "sleep");
+        assert_eq!(c.workloads[0].own_cgroup(), None);
+        // Round trip keeps the cgroup out.
+        let again = yaml_serde::to_string(&c).unwrap();
+        assert!(!again.contains("cgroup: ''"), "{again}");
+        assert_eq!(Config::parse("n", &again).unwrap(), c);
+
+        let e = Config::parse("n", &format!("{EXAMPLE}{cni}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("workloads[0].cgroup") && e.contains("network namespace"),
+            "{e}"
+        );
+        let e = Config::parse("n", &netns_keyed).unwrap_err().to_string();
+        assert!(e.contains("workloads[0].cgroup: required"), "{e}");
+        let twice = cni.replace(
+            "labels: {app: s}}\n",
+            "labels: {app: s}}\n    - {namespace: full, name: sleep, serviceAccount: x}\n",
+        );
+        let e = Config::parse("n", &format!("{netns_keyed}{twice}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cni.pods[1]") && e.contains("twice"), "{e}");
+        let e = Config::parse(
+            "n",
+            &format!(
+                "{netns_keyed}{}",
+                cni.replace("/sys/fs/cgroup/kubepods", "kubepods")
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cni.parentCgroup"), "{e}");
     }
 
     /// The validation `interceptor enroll` shares with `workloads:`: a conflict names both
@@ -967,6 +1275,32 @@ tuning:
     }
 
     #[test]
+    fn kubernetes_section_parses_strictly() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.kubernetes, None, "absent: file/static mode");
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}kubernetes:\n{yaml}"));
+        let c = with("  kubeconfig: /etc/kube/config\n  nodeName: node-a\n").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig.as_deref(), Some(Path::new("/etc/kube/config")));
+        assert_eq!(k.mesh_label, "interceptor.io/mtls");
+        assert_eq!(k.node(Some("env".into())).unwrap(), "node-a");
+        let c = Config::parse("n", &format!("{EXAMPLE}kubernetes: {{}}\n")).unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig, None, "in-cluster");
+        assert_eq!(k.node(Some("from-env".into())).unwrap(), "from-env");
+        assert!(k.node(None).unwrap_err().contains("NODE_NAME"));
+        for (yaml, named) in [
+            ("  nodename: a\n", "nodename"),
+            ("  kubeconfig: rel/path\n", "kubernetes.kubeconfig"),
+            ("  nodeName: \"\"\n", "kubernetes.nodeName"),
+            ("  meshLabel: \"a b\"\n", "kubernetes.meshLabel"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(named), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
     fn identity_knobs_parse_with_bounds() {
         let c = Config::parse("n", EXAMPLE).unwrap();
         assert_eq!(c.identity, IdentitySettings::default());
@@ -994,6 +1328,28 @@ tuning:
             ),
             ("  caPollMs: 0\n", "identity.caPollMs"),
             ("  leafTTL: 1h\n", "leafTTL"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn resumption_knobs_parse_with_bounds() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert!(c.tuning.session_resumption);
+        assert_eq!(c.tuning.ticket_lifetime_secs, 300);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        let c = with("  sessionResumption: false\n  ticketLifetimeSecs: 60\n").unwrap();
+        assert!(!c.tuning.session_resumption);
+        assert_eq!(c.tuning.ticket_lifetime_secs, 60);
+        for (yaml, field) in [
+            (
+                "  ticketLifetimeSecs: 0\n",
+                "tuning.ticketLifetimeSecs: 0 is outside 1 to 3600",
+            ),
+            ("  ticketLifetimeSecs: 86400\n", "tuning.ticketLifetimeSecs"),
+            ("  sessionResumption: maybe\n", "sessionResumption"),
         ] {
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");

@@ -244,7 +244,7 @@ pub fn probe_programs() -> Result<Vec<ProgramReport>> {
         .map(|(name, p)| ProgramReport {
             name: name.to_owned(),
             kind: kind_of(p),
-            result: load_program(p).map_err(|e| error_chain(&e)),
+            result: load_program(p).map_err(|e| crate::error::chain(&e)),
         })
         .collect();
     reports.sort_by(|a, b| a.name.cmp(&b.name));
@@ -258,17 +258,6 @@ fn raise_memlock() {
     if let Err(e) = crate::sys::raise_memlock_rlimit() {
         tracing::debug!(error = %e, "could not lift RLIMIT_MEMLOCK; relying on memcg accounting");
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 fn take<K, V>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>>
@@ -419,7 +408,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches a pod's programs: the outbound ones to its cgroup, sk_lookup to its netns.
+    /// Attaches a pod's programs: the outbound ones to its cgroup, sk_lookup to its netns. An
+    /// empty `cgroup` is a pod enrolled by netns alone: the outbound programs already run for
+    /// it from the parent cgroup they were attached to once ([`Datapath::enroll_cgroup`]),
+    /// and act on its sockets because its netns has a [`PodConfig`].
     ///
     /// Everything is attached before anything is pinned. A previous agent's pins for the pod
     /// keep it fail-closed while this agent is not serving it, so an attempt that fails (the
@@ -427,7 +419,7 @@ impl Datapath {
     /// dropped, which detaches them, and the old pins stay. Only once every link is attached
     /// are the pins replaced, each atomically (pinned beside, then renamed over).
     pub fn attach_pod(&mut self, cgroup: &Path, netns_cookie: u64, netns: &Path) -> Result<()> {
-        let cgroup_links = if self.cgroups.contains_key(cgroup) {
+        let cgroup_links = if cgroup.as_os_str().is_empty() || self.cgroups.contains_key(cgroup) {
             None
         } else {
             Some(self.attach_cgroup_links(cgroup)?)
@@ -536,6 +528,11 @@ impl Datapath {
     /// Detaches the outbound programs from a cgroup: its new connections use plain
     /// networking again.
     pub fn unenroll_cgroup(&mut self, cgroup: &Path) {
+        // A pod enrolled by netns alone has none (and an empty name would be the whole
+        // `links` directory).
+        if cgroup.as_os_str().is_empty() {
+            return;
+        }
         self.cgroups.remove(cgroup);
         if let Some(dir) = &self.options.pin_dir {
             let _ = std::fs::remove_dir_all(dir.join("links").join(cgroup_pin_name(cgroup)));
@@ -545,6 +542,9 @@ impl Datapath {
     /// Removes the pins any agent made for a cgroup that is gone, under this version's name
     /// and the one agents before it used (see [`legacy_cgroup_pin_name`]).
     pub fn forget_cgroup(&mut self, cgroup: &Path) {
+        if cgroup.as_os_str().is_empty() {
+            return;
+        }
         self.unenroll_cgroup(cgroup);
         let legacy = legacy_cgroup_pin_name(cgroup);
         if let Some(dir) = &self.options.pin_dir
@@ -784,6 +784,38 @@ impl Datapath {
         let link = self.attach_to_cgroup("intercept_sockops", &dir)?;
         self.agent_cgroup_link = Some(link);
         Ok(())
+    }
+
+    /// How many entries each per-pod map holds, by map name: what a removed pod must leave
+    /// behind is none of its own.
+    pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (maps::POD_CONFIG, self.pod_config.keys().flatten().count()),
+            (maps::POD_ADDRS, self.pod_addrs.keys().flatten().count()),
+            (
+                maps::INBOUND_SLOTS,
+                self.inbound_slots.keys().flatten().count(),
+            ),
+            (
+                maps::ORIG_DST_BY_COOKIE,
+                self.orig_by_cookie.keys().flatten().count(),
+            ),
+            (
+                maps::ORIG_DST_BY_FLOW,
+                self.orig_by_flow.keys().flatten().count(),
+            ),
+            (maps::DEST_POLICY, self.dest_policy.keys().flatten().count()),
+        ]
+    }
+
+    /// Whether the netns `netns_cookie` has a [`PodConfig`] (its sockets are steered).
+    pub fn has_pod(&self, netns_cookie: u64) -> bool {
+        self.pod_config.get(&netns_cookie, 0).is_ok()
+    }
+
+    /// The network namespaces with an sk_lookup link of this agent, by cookie.
+    pub fn netns_links(&self) -> Vec<u64> {
+        self.netns.keys().copied().collect()
     }
 
     /// Sums the per-CPU counters.

@@ -267,9 +267,12 @@ fn check_pod(pod: &PodTransfer) -> Result<(), ProtocolError> {
             )));
         }
     }
-    if !pod.workload.netns.is_absolute() || !pod.workload.cgroup.is_absolute() {
+    // A pod enrolled by netns (CNI) has no cgroup of its own: its path is empty.
+    let cgroup = &pod.workload.cgroup;
+    if !pod.workload.netns.is_absolute() || !(cgroup.is_absolute() || cgroup.as_os_str().is_empty())
+    {
         return Err(ProtocolError::Invalid(format!(
-            "pod `{}`: netns and cgroup must be absolute paths",
+            "pod `{}`: netns (and cgroup, if any) must be absolute paths",
             pod.workload.name
         )));
     }

@@ -5,9 +5,11 @@
 //! kernel TLS, which shapes several choices here:
 //!
 //! - secret extraction is enabled on both sides;
-//! - the server sends no session tickets and nothing resumes, so no post-handshake handshake
-//!   message can arrive on a socket the kernel already owns (the kernel would hand it up as a
-//!   control record the data path does not expect);
+//! - TLS 1.3 resumption between agents is opt-in per config ([`server_config_with`],
+//!   [`client_config_with`], rules in `resumption`): the server's one ticket per connection
+//!   is written before the keys are extracted, so its sequence number is counted; a client
+//!   receives it after the handshake, in rustls (userspace relay) or as a control record the
+//!   kernel relay hands back. Configs built without it send and keep no tickets;
 //! - only suites the kernel can offload are offered (see [`MeshSuite`]);
 //! - no 0-RTT data, which would have no replay protection.
 //!
@@ -17,6 +19,7 @@
 mod cache;
 pub mod driver;
 mod provider;
+mod resumption;
 mod verifier;
 
 use std::sync::Arc;
@@ -25,19 +28,23 @@ use rustls::{
     AlertDescription, CertificateError, ClientConfig, CommonState, Error, HandshakeKind,
     NamedGroup, PeerIncompatible, ProtocolVersion, RootCertStore, ServerConfig,
     SupportedCipherSuite,
-    client::{Resumption, VerifierBuilderError},
-    pki_types::CertificateDer,
+    client::{Resumption, Tls12Resumption, VerifierBuilderError},
+    pki_types::{CertificateDer, UnixTime},
     server::{NoServerSessionStorage, WebPkiClientVerifier},
     version::TLS13,
 };
 
-use self::verifier::{MeshClientVerifier, MeshServerVerifier};
 pub use self::{
     provider::{
         CompliancePolicy, CryptoPolicy, MeshCrypto, MeshGroup, MeshSuite, group_name,
         origination_provider, origination_refuses, origination_versions,
     },
+    resumption::SessionResumption,
     verifier::PeerIdentityError,
+};
+use self::{
+    resumption::{ClientTickets, SERVER_TICKETS, ServerTickets},
+    verifier::{MeshClientVerifier, MeshServerVerifier},
 };
 use crate::{
     ca::LeafCert,
@@ -59,6 +66,9 @@ pub struct Negotiated {
     pub group: Option<NamedGroup>,
     /// The server asked for another key share (HelloRetryRequest): one more round trip.
     pub retried: bool,
+    /// The session resumed an earlier one (a ticket): no certificate was sent in this
+    /// handshake, `peer` is the identity of the certificate the ticket's session verified.
+    pub resumed: bool,
 }
 
 /// Why a TLS configuration could not be built.
@@ -173,6 +183,24 @@ pub fn server_config(
     trust_domain: &TrustDomain,
     crypto: &MeshCrypto,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    server_config_with(
+        leaf,
+        roots,
+        trust_domain,
+        crypto,
+        &SessionResumption::disabled(),
+    )
+}
+
+/// [`server_config`] that issues resumption tickets under `resumption` (one per connection)
+/// and accepts them, when it is enabled.
+pub fn server_config_with(
+    leaf: &LeafCert,
+    roots: Arc<RootCertStore>,
+    trust_domain: &TrustDomain,
+    crypto: &MeshCrypto,
+    resumption: &SessionResumption,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
     check_leaf(leaf, trust_domain)?;
     let provider = crypto.provider();
     let webpki = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
@@ -188,10 +216,17 @@ pub fn server_config(
         .map_err(TlsConfigError::Rustls)?;
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
     config.enable_secret_extraction = true;
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    // A client may ask for tickets (RFC 9149); it gets none either.
-    config.max_tls13_tickets = 0;
+    if resumption.enabled() {
+        config.session_storage = Arc::new(ServerTickets::new(resumption.clone(), SERVER_TICKETS));
+        config.send_tls13_tickets = 1;
+        // A client asking for more (RFC 9149) gets one too.
+        config.max_tls13_tickets = 1;
+    } else {
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        // A client may ask for tickets (RFC 9149); it gets none either.
+        config.max_tls13_tickets = 0;
+    }
     config.max_early_data_size = 0;
     Ok(Arc::new(config))
 }
@@ -208,6 +243,26 @@ pub fn client_config(
     expected_server: &SpiffeId,
     crypto: &MeshCrypto,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    client_config_with(
+        leaf,
+        roots,
+        trust_domain,
+        expected_server,
+        crypto,
+        &SessionResumption::disabled(),
+    )
+}
+
+/// [`client_config`] that keeps the tickets servers send under `resumption` and offers them
+/// to the same server address, when it is enabled.
+pub fn client_config_with(
+    leaf: &LeafCert,
+    roots: Arc<RootCertStore>,
+    trust_domain: &TrustDomain,
+    expected_server: &SpiffeId,
+    crypto: &MeshCrypto,
+    resumption: &SessionResumption,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
     check_leaf(leaf, trust_domain)?;
     if expected_server.trust_domain() != trust_domain {
         return Err(TlsConfigError::ForeignPeer {
@@ -215,7 +270,7 @@ pub fn client_config(
             trust_domain: trust_domain.clone(),
         });
     }
-    build_client_config(leaf, roots, expected_server, crypto)
+    build_client_config(leaf, roots, expected_server, crypto, resumption)
 }
 
 /// [`client_config`] without the trust-domain checks, so tests can build peers the checks
@@ -225,6 +280,7 @@ fn build_client_config(
     roots: Arc<RootCertStore>,
     expected_server: &SpiffeId,
     crypto: &MeshCrypto,
+    resumption: &SessionResumption,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let provider = crypto.provider();
     let verifier = MeshServerVerifier::new(
@@ -242,7 +298,12 @@ fn build_client_config(
         .map_err(TlsConfigError::Rustls)?;
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
     config.enable_secret_extraction = true;
-    config.resumption = Resumption::disabled();
+    config.resumption = if resumption.enabled() {
+        Resumption::store(Arc::new(ClientTickets::new(resumption.clone())))
+            .tls12_resumption(Tls12Resumption::Disabled)
+    } else {
+        Resumption::disabled()
+    };
     config.enable_sni = false;
     config.enable_early_data = false;
     Ok(Arc::new(config))
@@ -252,8 +313,14 @@ fn build_client_config(
 ///
 /// Re-checks what the configurations already enforce (TLS 1.3, a verified certificate) and
 /// adds the one thing rustls cannot enforce: a server whose client offered no ALPN at all still
-/// completes the handshake, so the ALPN is checked here.
+/// completes the handshake, so the ALPN is checked here. A resumed session is refused when the
+/// peer certificate its ticket carries is outside its validity window now: no chain check ran
+/// on this connection.
 pub fn negotiated(conn: &CommonState) -> Result<Negotiated, HandshakeError> {
+    negotiated_at(conn, UnixTime::now())
+}
+
+fn negotiated_at(conn: &CommonState, now: UnixTime) -> Result<Negotiated, HandshakeError> {
     if conn.is_handshaking() {
         return Err(HandshakeError::Incomplete);
     }
@@ -273,11 +340,16 @@ pub fn negotiated(conn: &CommonState) -> Result<Negotiated, HandshakeError> {
         .ok_or(HandshakeError::NoPeerCertificate)?;
     let peer = cache::leaf_identity(leaf)
         .map_err(|e| HandshakeError::PeerIdentity(Box::new(PeerIdentityError::Certificate(e))))?;
+    let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+    if resumed {
+        cache::check_validity(leaf, now).map_err(HandshakeError::PeerCertificate)?;
+    }
     Ok(Negotiated {
         peer,
         suite,
         group: conn.negotiated_key_exchange_group().map(|g| g.name()),
         retried: conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
+        resumed,
     })
 }
 

@@ -93,6 +93,17 @@ pub enum CertIdentityError {
 // === impl TrustDomain ===
 
 impl TrustDomain {
+    /// The trust domain a CA certificate names in its single `spiffe://<trust domain>` URI
+    /// SAN (how `interceptor ca init` marks its roots), under the rules of
+    /// [`SpiffeId::from_certificate`].
+    pub fn from_certificate(cert: &X509Certificate<'_>) -> Result<Self, CertIdentityError> {
+        let uri = single_spiffe_uri(cert)?;
+        uri.get(SCHEME.len()..)
+            .unwrap_or_default()
+            .parse()
+            .map_err(CertIdentityError::InvalidSpiffeId)
+    }
+
     /// The trust domain as written in SPIFFE IDs.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -182,24 +193,9 @@ impl SpiffeId {
         if !rest.is_empty() {
             return Err(CertIdentityError::TrailingData { len: rest.len() });
         }
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| CertIdentityError::Malformed {
-                reason: e.to_string(),
-            })?;
-        let uris: Vec<&str> = san
-            .iter()
-            .flat_map(|ext| ext.value.general_names.iter())
-            .filter_map(|name| match name {
-                GeneralName::URI(uri) if has_spiffe_scheme(uri) => Some(*uri),
-                _ => None,
-            })
-            .collect();
-        match uris.as_slice() {
-            [uri] => uri.parse().map_err(CertIdentityError::InvalidSpiffeId),
-            [] => Err(CertIdentityError::NoSpiffeId),
-            many => Err(CertIdentityError::MultipleSpiffeIds { count: many.len() }),
-        }
+        single_spiffe_uri(&cert)?
+            .parse()
+            .map_err(CertIdentityError::InvalidSpiffeId)
     }
 
     /// The trust domain that vouches for this identity.
@@ -275,6 +271,37 @@ impl fmt::Display for SpiffeId {
 }
 
 // === helpers ===
+
+/// The URI SANs of a certificate, in order, whatever their scheme.
+pub fn uri_sans<'c>(cert: &'c X509Certificate<'_>) -> Result<Vec<&'c str>, CertIdentityError> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| CertIdentityError::Malformed {
+            reason: e.to_string(),
+        })?;
+    Ok(san
+        .iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The one URI SAN with the `spiffe` scheme (matched without regard to case, so
+/// `SPIFFE://` cannot hide a second identity); none, or more than one, is an error.
+fn single_spiffe_uri<'c>(cert: &'c X509Certificate<'_>) -> Result<&'c str, CertIdentityError> {
+    let uris: Vec<&str> = uri_sans(cert)?
+        .into_iter()
+        .filter(|uri| has_spiffe_scheme(uri))
+        .collect();
+    match uris.as_slice() {
+        [uri] => Ok(uri),
+        [] => Err(CertIdentityError::NoSpiffeId),
+        many => Err(CertIdentityError::MultipleSpiffeIds { count: many.len() }),
+    }
+}
 
 fn has_spiffe_scheme(uri: &str) -> bool {
     uri.get(..SCHEME.len())

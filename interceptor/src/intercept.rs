@@ -10,6 +10,7 @@
 //! * `handoff`: list an established flow and start its relay (kTLS, userspace, plain);
 //! * `revalidate`: decide open flows again when policy changes.
 
+mod counters;
 pub mod enforce;
 pub mod files;
 mod flow;
@@ -24,6 +25,7 @@ mod revalidate;
 pub mod table;
 
 pub use self::{
+    counters::Counters,
     pod::{PodHandle, enroll, pod_netns_cookie, unenroll},
     revalidate::{apply_steering, revalidate},
 };
@@ -49,7 +51,7 @@ use crate::{
     },
     config::Tuning,
     datapath::Datapath,
-    handshake::{self, CryptoPolicy, MeshCrypto, MeshSuite, driver},
+    handshake::{self, CryptoPolicy, MeshCrypto, MeshSuite, SessionResumption, driver},
     identity::{SpiffeId, TrustDomain},
     refusal::RefusalCode,
 };
@@ -112,6 +114,8 @@ pub struct Shared {
     /// Istio security policy: the current generation and how to load the next.
     pub policy: Enforcer,
     pub flows: FlowTable,
+    /// Refusals and policy closes by code, failed flows and accepts.
+    pub counters: Counters,
     credentials: LeafStore<Credentials>,
     /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
     crypto_generation: AtomicU64,
@@ -121,6 +125,11 @@ pub struct Shared {
     log_flush_started: AtomicBool,
     /// The node's crypto policy over the suites `offload` carries; see [`Shared::set_crypto`].
     crypto: RwLock<Arc<MeshCrypto>>,
+    /// Session resumption between agents (`tuning.sessionResumption`): configs minted from
+    /// now on issue and keep tickets under it. Its epoch is the policy generation, so no
+    /// ticket outlives a policy reload; a new leaf, CA or crypto policy builds new configs,
+    /// whose stores start empty.
+    resumption: SessionResumption,
     /// Whether accept loops accept. Closed while a new agent takes listeners over: the old
     /// agent accepts on them until it confirms it stopped, so only one process ever accepts
     /// and a successor killed half-way has taken no connection with it.
@@ -167,6 +176,14 @@ impl Shared {
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
         let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
         crypto.warm_up();
+        let resumption = if tuning.session_resumption {
+            SessionResumption::new(
+                Duration::from_secs(tuning.ticket_lifetime_secs),
+                policy.generation_counter(),
+            )
+        } else {
+            SessionResumption::disabled()
+        };
         Ok(Self {
             trust_domain,
             material: RwLock::new(Arc::new(Material {
@@ -179,11 +196,13 @@ impl Shared {
             datapath: Mutex::new(datapath),
             policy,
             flows: FlowTable::default(),
+            counters: Counters::default(),
             credentials: LeafStore::new(identity.clock, identity.renew),
             crypto_generation: AtomicU64::new(0),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
             crypto: RwLock::new(Arc::new(crypto)),
+            resumption,
             accepting: tokio::sync::watch::Sender::new(true),
             live: AtomicU64::new(0),
         })
@@ -343,11 +362,12 @@ impl Shared {
             .ca
             .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
-        let server = handshake::server_config(
+        let server = handshake::server_config_with(
             &leaf,
             Arc::clone(&material.roots),
             &self.trust_domain,
             &self.crypto(),
+            &self.resumption,
         )?;
         Ok(Credentials {
             leaf,
@@ -366,12 +386,13 @@ impl Shared {
         if let Some(c) = clients.get(expected) {
             return Ok(Arc::clone(c));
         }
-        let c = handshake::client_config(
+        let c = handshake::client_config_with(
             &me.leaf,
             Arc::clone(&me.roots),
             &self.trust_domain,
             expected,
             &self.crypto(),
+            &self.resumption,
         )?;
         clients.insert(expected.clone(), Arc::clone(&c));
         Ok(c)

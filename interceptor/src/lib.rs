@@ -17,6 +17,7 @@ pub mod ca;
 pub mod cluster;
 pub mod config;
 pub mod datapath;
+pub mod error;
 pub mod handover;
 pub mod handshake;
 pub mod health;

@@ -77,7 +77,7 @@ pub fn run(require_ktls: bool) -> Report {
             })
             .collect(),
         Err(e) => {
-            missing.push(format!("eBPF: {}", error_chain(&e)));
+            missing.push(format!("eBPF: {}", crate::error::chain(&e)));
             Vec::new()
         }
     };
@@ -131,17 +131,6 @@ pub fn run(require_ktls: bool) -> Report {
         missing,
         notes,
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 fn yes(b: bool) -> &'static str {

@@ -6,7 +6,10 @@
 //! dashboards and alerts, so the names are spelled once, here, and the README table
 //! ("Refusal codes") lists every one of them (a unit test keeps the two in step).
 
-use std::fmt;
+use std::{
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,6 +116,40 @@ impl PartialEq<&str> for RefusalCode {
     }
 }
 
+/// One counter per [`RefusalCode`], lock-free (connections count from every task at once).
+pub struct RefusalCounts([AtomicU64; RefusalCode::ALL.len()]);
+
+impl Default for RefusalCounts {
+    fn default() -> Self {
+        RefusalCounts(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl RefusalCounts {
+    /// Counts one event of `code`.
+    pub fn add(&self, code: RefusalCode) {
+        self.0[code.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count of `code` so far.
+    pub fn get(&self, code: RefusalCode) -> u64 {
+        self.0[code.index()].load(Ordering::Relaxed)
+    }
+
+    /// Every code with its count (zeros included), in [`RefusalCode::ALL`] order.
+    pub fn snapshot(&self) -> Vec<(RefusalCode, u64)> {
+        RefusalCode::ALL.iter().map(|&c| (c, self.get(c))).collect()
+    }
+}
+
+impl fmt::Debug for RefusalCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.snapshot().into_iter().filter(|(_, n)| *n > 0))
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -129,6 +166,27 @@ mod tests {
         // be left out of ALL: the serde names and ALL must agree one to one.
         let names: BTreeSet<&str> = RefusalCode::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(names.len(), RefusalCode::ALL.len());
+    }
+
+    #[test]
+    fn counts_are_per_code() {
+        let counts = super::RefusalCounts::default();
+        counts.add(RefusalCode::DenyRule);
+        counts.add(RefusalCode::DenyRule);
+        counts.add(RefusalCode::OriginationFailed);
+        let nonzero: Vec<_> = counts
+            .snapshot()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(
+            nonzero,
+            [
+                (RefusalCode::DenyRule, 2),
+                (RefusalCode::OriginationFailed, 1)
+            ]
+        );
+        assert_eq!(counts.snapshot().len(), RefusalCode::ALL.len());
     }
 
     #[test]

@@ -28,8 +28,9 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| io::Error::other("netns worker thread panicked"))?
 }
 
-/// Creates a non-blocking, close-on-exec TCP socket in the network namespace `ns` without
-/// leaving the caller's thread there: enter, `socket()`, return. Costs two setns calls, far
+/// Creates a non-blocking, close-on-exec TCP socket in the network namespace `ns`, marked
+/// [`AGENT_SOCKET_MARK`](interceptor_common::AGENT_SOCKET_MARK), without leaving the caller's
+/// thread there: enter, `socket()`, return. Costs two setns calls, far
 /// less than handing the work to a thread parked in the pod's namespace.
 pub fn tcp_socket_in(ns: BorrowedFd<'_>, v6: bool) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
@@ -62,8 +63,30 @@ pub fn tcp_socket_in(ns: BorrowedFd<'_>, v6: bool) -> io::Result<std::os::fd::Ow
             return Err(err);
         }
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // Without the mark, programs attached at a parent cgroup holding the agent would
+        // steer this socket's connect back to the agent (a loop), so no mark, no socket.
+        set_mark(sock.as_fd(), interceptor_common::AGENT_SOCKET_MARK)?;
+        Ok(sock)
     })
+}
+
+/// Sets `SO_MARK` (needs CAP_NET_ADMIN).
+pub fn set_mark(sock: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
+    // SAFETY: `sock` is an open socket and the option value is a valid u32 of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Moves the calling thread into the network namespace `ns`.
@@ -458,6 +481,20 @@ pub fn set_zero_linger(sock: BorrowedFd<'_>) -> io::Result<()> {
 /// per namespace, and covers IPv6 too).
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
+/// The same sysctl through the node's `/proc/sys/net` mounted at `/host/proc/sys/net`: a
+/// container that is not privileged gets `/proc/sys` read-only, and the DaemonSet mounts the
+/// node's copy there. The kernel resolves `net` sysctls by the network namespace of the thread
+/// that opens them, whichever mount they are reached through, so this path too reaches the pod.
+const RESERVED_PORTS_HOST: &str = "/host/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+fn reserved_ports_path() -> &'static str {
+    if Path::new(RESERVED_PORTS_HOST).exists() {
+        RESERVED_PORTS_HOST
+    } else {
+        RESERVED_PORTS
+    }
+}
+
 /// Keeps the kernel from handing `ports` out as ephemeral ports in the calling thread's
 /// network namespace, adding them to what is reserved already.
 ///
@@ -465,11 +502,11 @@ const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 /// `ip_local_port_range` would otherwise let its own connections take those ports while the
 /// agent is down, and the agent's restart would then fail with `EADDRINUSE` until they close.
 pub fn reserve_local_ports(ports: &[u16]) -> io::Result<Vec<u16>> {
-    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    let current = std::fs::read_to_string(reserved_ports_path())?;
     let Some(merged) = merge_port_list(&current, ports) else {
         return Ok(Vec::new());
     };
-    std::fs::write(RESERVED_PORTS, merged)?;
+    std::fs::write(reserved_ports_path(), merged)?;
     let added = ports
         .iter()
         .copied()
@@ -485,7 +522,7 @@ pub fn release_local_ports(ports: &[u16]) -> io::Result<()> {
     if ports.is_empty() {
         return Ok(());
     }
-    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    let current = std::fs::read_to_string(reserved_ports_path())?;
     let kept: Vec<&str> = current
         .trim()
         .split(',')
@@ -498,7 +535,7 @@ pub fn release_local_ports(ports: &[u16]) -> io::Result<()> {
     } else {
         kept.join(",")
     };
-    std::fs::write(RESERVED_PORTS, text)
+    std::fs::write(reserved_ports_path(), text)
 }
 
 fn port_list_covers(list: &str, port: u16) -> bool {

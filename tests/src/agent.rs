@@ -95,6 +95,8 @@ pub fn config(
         cluster_domain: "cluster.local".to_owned(),
         tuning: Tuning::default(),
         identity: Default::default(),
+        cni: None,
+        kubernetes: None,
     }
 }
 

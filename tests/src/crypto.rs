@@ -101,6 +101,30 @@ pub fn peer_client(ca_dir: &Path, crypto: &MeshCrypto, expected: &str) -> Arc<Cl
         .expect("peer client config")
 }
 
+/// [`peer_client`] that keeps the tickets the server sends and resumes with them, as a
+/// client agent does.
+pub fn peer_client_resuming(
+    ca_dir: &Path,
+    crypto: &MeshCrypto,
+    expected: &str,
+) -> Arc<ClientConfig> {
+    let ca = Ca::load(ca_dir).expect("load the cluster CA");
+    let me: SpiffeId = PEER_ID.parse().expect("peer id");
+    let leaf = ca.issue(&me, DEFAULT_LEAF_TTL).expect("peer leaf");
+    let roots = handshake::mesh_roots(ca.roots()).expect("roots");
+    let expected: SpiffeId = expected.parse().expect("expected server id");
+    let resumption = handshake::SessionResumption::new(Duration::from_secs(60), Arc::default());
+    handshake::client_config_with(
+        &leaf,
+        roots,
+        ca.trust_domain(),
+        &expected,
+        crypto,
+        &resumption,
+    )
+    .expect("peer client config")
+}
+
 /// A mesh TLS session the test holds from an unenrolled pod.
 pub struct MeshSession {
     pub local: SocketAddr,

@@ -219,6 +219,18 @@ pub fn connect_from(
     dst: SocketAddr,
     payload: &[u8],
 ) -> ConnectedChild {
+    connect_from_marked(cgroup, netns, dst, payload, 0)
+}
+
+/// [`connect_from`] with `SO_MARK` set to `mark` (unless 0) before the connect, as the agent
+/// marks its own sockets in pod network namespaces.
+pub fn connect_from_marked(
+    cgroup: Option<&Path>,
+    netns: &Path,
+    dst: SocketAddr,
+    payload: &[u8],
+    mark: u32,
+) -> ConnectedChild {
     let procs = cgroup.map(|c| {
         std::ffi::CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes())
             .expect("cgroup path")
@@ -238,6 +250,7 @@ pub fn connect_from(
             sa: &sa,
             sa_len,
             payload,
+            mark,
             report: report_wr.as_raw_fd(),
             hold: hold_rd.as_raw_fd(),
             parent_ends: [report_rd.as_raw_fd(), hold_wr.as_raw_fd()],
@@ -269,6 +282,7 @@ struct ChildArgs<'a> {
     sa: &'a libc::sockaddr_storage,
     sa_len: libc::socklen_t,
     payload: &'a [u8],
+    mark: u32,
     report: i32,
     hold: i32,
     /// The parent's pipe ends, which fork() duplicated into the child: closed first, or the
@@ -308,6 +322,17 @@ impl ChildArgs<'_> {
             let s = libc::socket(i32::from(self.sa.ss_family), libc::SOCK_STREAM, 0);
             if s < 0 {
                 fail(1002);
+            }
+            if self.mark != 0
+                && libc::setsockopt(
+                    s,
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&raw const self.mark).cast(),
+                    4,
+                ) != 0
+            {
+                fail(1005);
             }
             if libc::connect(
                 s,

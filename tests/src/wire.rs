@@ -979,6 +979,8 @@ const HRR_RANDOM: [u8; 32] = [
 const EXT_SUPPORTED_GROUPS: u16 = 10;
 const EXT_SUPPORTED_VERSIONS: u16 = 43;
 const EXT_KEY_SHARE: u16 = 51;
+const EXT_PRE_SHARED_KEY: u16 = 41;
+const EXT_PSK_KEY_EXCHANGE_MODES: u16 = 45;
 
 /// The server's answer in one direction of a captured connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -993,6 +995,9 @@ pub struct ServerHello {
     pub version: u16,
     /// The group a HelloRetryRequest asked for before this ServerHello, if there was one.
     pub retry_group: Option<u16>,
+    /// `pre_shared_key`: the index of the client's PSK identity the server accepted, present
+    /// only when the session resumes (RFC 8446 §4.2.11).
+    pub psk_identity: Option<u16>,
 }
 
 /// The client's first flight in one direction of a captured connection.
@@ -1005,6 +1010,10 @@ pub struct ClientHello {
     pub groups: Vec<u16>,
     /// `key_share` entries: `(group, share length)`.
     pub key_shares: Vec<(u16, usize)>,
+    /// PSK identities (tickets) offered in `pre_shared_key`: zero unless trying to resume.
+    pub psk_identities: usize,
+    /// `psk_key_exchange_modes` (0 `psk_ke`, 1 `psk_dhe_ke`).
+    pub psk_modes: Vec<u8>,
 }
 
 /// IANA names of the groups the tests meet.
@@ -1137,12 +1146,16 @@ pub fn parse_server_hello(server_to_client: &[u8]) -> Result<ServerHello, String
             .map(|v| Cursor(v).u16())
             .transpose()?
             .unwrap_or(0x0303);
+        let psk_identity = ext(EXT_PRE_SHARED_KEY)
+            .map(|v| Cursor(v).u16())
+            .transpose()?;
         return Ok(ServerHello {
             cipher_suite,
             group,
             key_share_len,
             version,
             retry_group,
+            psk_identity,
         });
     }
     Err("no ServerHello in the stream's plaintext records".to_owned())
@@ -1179,11 +1192,26 @@ pub fn parse_client_hello(client_to_server: &[u8]) -> Result<ClientHello, String
             key_shares.push((group, shares.vec16()?.len()));
         }
     }
+    let mut psk_identities = 0;
+    if let Some(d) = ext(EXT_PRE_SHARED_KEY) {
+        let mut ids = Cursor(Cursor(d).vec16()?);
+        while !ids.0.is_empty() {
+            ids.vec16()?; // identity (the ticket)
+            ids.take(4)?; // obfuscated_ticket_age
+            psk_identities += 1;
+        }
+    }
+    let psk_modes = match ext(EXT_PSK_KEY_EXCHANGE_MODES) {
+        Some(d) => Cursor(d).vec8()?.to_vec(),
+        None => Vec::new(),
+    };
     Ok(ClientHello {
         message_len: 4 + body.len(),
         cipher_suites,
         groups,
         key_shares,
+        psk_identities,
+        psk_modes,
     })
 }
 
@@ -1550,6 +1578,91 @@ mod tests {
             (group_name(sh.group).as_str(), sh.retry_group),
             ("x25519", None)
         );
+    }
+
+    /// Both directions of a complete in-memory handshake with the given configs, the
+    /// server's ticket delivered.
+    fn captured(
+        client: std::sync::Arc<rustls::ClientConfig>,
+        server: std::sync::Arc<rustls::ServerConfig>,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let name =
+            rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([10, 0, 0, 7]).into());
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for _ in 0..4 {
+            let mut out = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut out).unwrap();
+            }
+            up.extend_from_slice(&out);
+            s.read_tls(&mut &out[..]).unwrap();
+            s.process_new_packets().unwrap();
+            let mut back = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut back).unwrap();
+            }
+            down.extend_from_slice(&back);
+            c.read_tls(&mut &back[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        (up, down)
+    }
+
+    #[test]
+    fn a_resumed_mesh_handshake_shows_its_psk_on_the_wire() {
+        use interceptor::handshake::{
+            MeshCrypto, SessionResumption, client_config_with, mesh_roots, server_config_with,
+        };
+        use std::sync::Arc;
+        let td: interceptor::identity::TrustDomain = "cluster.local".parse().unwrap();
+        let ca = interceptor::ca::Ca::generate(&td).unwrap();
+        let issue = |spiffe: &str| {
+            interceptor::ca::CertificateAuthority::issue(
+                &ca,
+                &spiffe.parse().unwrap(),
+                std::time::Duration::from_secs(600),
+            )
+            .unwrap()
+        };
+        let (client, server) = (
+            issue("spiffe://cluster.local/ns/a/sa/client"),
+            issue("spiffe://cluster.local/ns/a/sa/server"),
+        );
+        let roots = mesh_roots(interceptor::ca::CertificateAuthority::roots(&ca)).unwrap();
+        let crypto = MeshCrypto::default_aes_gcm();
+        let rules = SessionResumption::new(std::time::Duration::from_secs(60), Arc::default());
+        let cc = client_config_with(
+            &client,
+            Arc::clone(&roots),
+            &td,
+            server.id(),
+            &crypto,
+            &rules,
+        )
+        .unwrap();
+        let sc = server_config_with(&server, roots, &td, &crypto, &rules).unwrap();
+
+        let (up, down) = captured(Arc::clone(&cc), Arc::clone(&sc));
+        let (ch, sh) = (
+            parse_client_hello(&up).unwrap(),
+            parse_server_hello(&down).unwrap(),
+        );
+        assert_eq!((ch.psk_identities, sh.psk_identity), (0, None));
+        // rustls offers psk_dhe_ke only.
+        assert_eq!(ch.psk_modes, [1]);
+
+        let (up, down) = captured(cc, sc);
+        let (ch, sh) = (
+            parse_client_hello(&up).unwrap(),
+            parse_server_hello(&down).unwrap(),
+        );
+        assert_eq!((ch.psk_identities, sh.psk_identity), (1, Some(0)));
+        assert_eq!(ch.psk_modes, [1]);
+        // psk_dhe_ke: a fresh key exchange even when resuming.
+        assert!(sh.key_share_len > 0);
     }
 
     #[test]

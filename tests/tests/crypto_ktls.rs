@@ -6,15 +6,15 @@
 use std::net::SocketAddr;
 
 use interceptor::{
-    handshake::{CompliancePolicy, CryptoPolicy},
+    handshake::{CompliancePolicy, CryptoPolicy, MeshCrypto},
     intercept::table::Protection,
 };
 use interceptor_tests::{
     agent::{RunningAgent, workload},
-    apps::curl,
+    apps::{curl, sha256_hex},
     crypto::{
-        AES_128_GCM, AES_256_GCM, X25519MLKEM768, any_port, assert_hello, captured, hellos,
-        reconfigure, tls_stat,
+        AES_128_GCM, AES_256_GCM, MeshSession, PEER_ID, X25519MLKEM768, any_port, assert_hello,
+        captured, hellos, peer_client_resuming, reconfigure, tls_stat,
     },
     require_privileged,
     scenario::{Cluster, Scenario, serve_blob},
@@ -96,5 +96,76 @@ fn ktls_carries_hybrid_group_sessions_with_aes_128_and_aes_256() {
             .expect("the server's flow");
         assert_eq!(row.protection, Protection::Ktls);
         assert_eq!(row.group.as_deref(), Some("X25519MLKEM768"));
+    }
+}
+
+/// A resumed session (no certificates in its handshake, keys from the ticket's secret and a
+/// fresh key exchange) goes to the kernel like a full one: the server agent extracts its keys
+/// after sending the next ticket under them, so the kernel's record sequence starts past it.
+/// The client is the test's own rustls, which keeps tickets as a userspace client agent does.
+#[test]
+fn ktls_takes_over_resumed_sessions() {
+    require_privileged();
+    let Scenario {
+        client: _client,
+        mut server,
+        node,
+    } = Scenario::new(96, "rsk-client", "rsk-server");
+    let stranger = node.pod("rsk-peer", 4);
+    let www = serve_blob(&mut server, "rsk-www", 256 << 10);
+    let cluster = Cluster::new("resume-ktls");
+    let mut config = cluster.config(vec![workload(&server, "crypto", "server")], vec![]);
+    config.tuning.first_byte_wait_ms = 2_000;
+    let agent = RunningAgent::start(config);
+    let server_http = SocketAddr::from((server.ip, 80));
+    let client = peer_client_resuming(
+        &cluster.ca,
+        &MeshCrypto::default_aes_gcm(),
+        "spiffe://cluster.local/ns/crypto/sa/server",
+    );
+    for (round, resumed) in [(0, false), (1, true)] {
+        let before = tls_stat(&server);
+        let (got, streams) = captured(&node, &server, || {
+            let session =
+                MeshSession::open(&stranger, server_http, std::sync::Arc::clone(&client))?;
+            let (local, resumed) = (session.local, session.negotiated.resumed);
+            session.get("/blob").map(|body| (local, resumed, body))
+        });
+        let (local, was_resumed, body) = got.unwrap_or_else(|e| panic!("connection {round}: {e}"));
+        assert_eq!(was_resumed, resumed, "connection {round}");
+        assert_eq!(sha256_hex(&body), www.want, "connection {round}: payload");
+        let (ch, sh) = hellos(&streams, local, server_http);
+        let sh = sh.expect("ServerHello");
+        assert_eq!(
+            (ch.psk_identities, sh.psk_identity),
+            if resumed { (1, Some(0)) } else { (0, None) },
+            "connection {round} on the wire"
+        );
+        assert_no_plaintext(&streams, &www.payload);
+        let after = tls_stat(&server);
+        let get =
+            |m: &std::collections::HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+        for key in ["TlsTxSw", "TlsRxSw"] {
+            assert!(
+                get(&after, key) > get(&before, key),
+                "connection {round}: {key} did not rise: {before:?} → {after:?}"
+            );
+        }
+        assert_eq!(
+            get(&after, "TlsDecryptError"),
+            get(&before, "TlsDecryptError")
+        );
+        let row = agent
+            .agent
+            .flows_with_recent()
+            .into_iter()
+            .filter(|r| r.pod == "rsk-server" && r.peer_id.as_deref() == Some(PEER_ID))
+            .max_by_key(|r| r.id)
+            .expect("the server's flow");
+        assert_eq!(
+            (row.protection, row.resumed),
+            (Protection::Ktls, Some(resumed)),
+            "connection {round}"
+        );
     }
 }

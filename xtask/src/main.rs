@@ -2,6 +2,7 @@
 //! `setup`, so a fresh machine needs nothing but the Rust toolchains.
 
 mod bench;
+mod deploy;
 mod fuzz;
 mod setup;
 mod soak;
@@ -38,6 +39,11 @@ enum Cmd {
     Fuzz(fuzz::FuzzArgs),
     /// Side-by-side benchmark: interceptor vs HAProxy mTLS sidecars vs plaintext.
     Bench(bench::BenchArgs),
+    /// The deploy/ manifests against the Kubernetes schemas, and `cargo deny` (both are part
+    /// of `test`).
+    DeployCheck,
+    /// The container image the DaemonSet names (`FROM scratch`, podman), and its size.
+    Image(deploy::ImageArgs),
     /// Long run of the real agent under mixed churn and bulk: transfers, wire, memory and
     /// descriptors checked (not part of CI).
     Soak(soak::SoakArgs),
@@ -54,6 +60,8 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo(&root, &args),
         Cmd::Fuzz(args) => fuzz::fuzz(&root, &args),
         Cmd::Bench(args) => bench::bench(&root, &args),
+        Cmd::DeployCheck => deploy::validate_manifests(&root).and_then(|()| deploy::deny(&root)),
+        Cmd::Image(args) => deploy::image(&root, &args),
         Cmd::Soak(args) => soak::soak(&root, &args),
     }
 }

@@ -5,7 +5,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result};
 
-use crate::{fuzz, run, vm};
+use crate::{deploy, fuzz, run, vm};
 
 /// Test targets of `interceptor-tests` that need kernel TLS: they run only in the VM (and fail
 /// loudly if started on a host without the `tls` ULP).
@@ -23,10 +23,12 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
         root,
         Command::new("cargo").args(["fmt", "--all", "--", "--check"]),
     )?;
+    deploy::validate_manifests(root)?;
     run(
         root,
         Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]),
     )?;
+    deploy::deny(root)?;
     // The eBPF crate is not a default member (it only builds for bpfel-unknown-none).
     run(
         root,

@@ -62,9 +62,11 @@ const HOST_ONLY: &[&str] = &[
     "enroll_e2e",
     "faults_e2e",
     "identity_clock",
+    "intercept_netns",
     "limits_e2e",
     "limits_flood",
     "relay_userspace",
+    "resumption_e2e",
     "upgrade_e2e",
 ];
 

@@ -14,7 +14,7 @@ use rustls::{
     pki_types::UnixTime,
     server::{ParsedCertificate, WebPkiClientVerifier},
 };
-use x509_parser::extensions::ParsedExtension;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
 
 use super::*;
 
@@ -124,7 +124,7 @@ fn root_certificate_shape() {
     assert_eq!(cert.subject(), cert.issuer());
     let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
     assert_eq!(lifetime, 3650 * 86_400 + 300);
-    assert_eq!(root_trust_domain(&cert).unwrap(), td());
+    assert_eq!(TrustDomain::from_certificate(&cert).unwrap(), td());
     assert_eq!(
         cert.public_key().algorithm.algorithm,
         x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY

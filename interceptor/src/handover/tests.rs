@@ -135,6 +135,11 @@ fn bad_frames_are_errors_naming_the_problem() {
     p.workload.netns = "relative".into();
     let body = serde_json::to_vec(&Message::Pod { pod: p }).unwrap();
     assert!(matches!(decode(&body, 2), Err(ProtocolError::Invalid(_))));
+    // A pod enrolled by netns (CNI) has no cgroup: accepted.
+    let mut p = pod("a");
+    p.workload.cgroup = "".into();
+    let body = serde_json::to_vec(&Message::Pod { pod: p }).unwrap();
+    assert!(decode(&body, 2).is_ok());
 }
 
 #[test]

@@ -23,7 +23,10 @@ use std::{
     sync::{LazyLock, Mutex},
 };
 
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::{
+    CertificateError, Error,
+    pki_types::{CertificateDer, UnixTime},
+};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer as _};
 
 use crate::identity::{CertIdentityError, SpiffeId};
@@ -142,6 +145,44 @@ pub(super) fn leaf_identity(der: &[u8]) -> Result<SpiffeId, CertIdentityError> {
     Ok(id)
 }
 
+/// Whether `der` is inside its validity window at `now`, for a resumed session (whose peer
+/// chain no verifier looked at on this connection). The window is remembered by the
+/// certificate's bytes; a certificate whose dates cannot be read is refused.
+pub(super) fn check_validity(der: &[u8], now: UnixTime) -> Result<(), Error> {
+    const CAPACITY: usize = 4096;
+    /// `(not_before, not_after)` in Unix seconds.
+    type Window = (u64, u64);
+    static WINDOWS: LazyLock<Mutex<HashMap<Vec<u8>, Window>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+
+    let known = WINDOWS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(der)
+        .copied();
+    let (not_before, not_after) = match known {
+        Some(window) => window,
+        None => {
+            let window =
+                validity(der).ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
+            let mut windows = WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
+            if windows.len() >= CAPACITY {
+                windows.clear();
+            }
+            windows.insert(der.to_vec(), window);
+            window
+        }
+    };
+    let now = now.as_secs();
+    if now < not_before {
+        return Err(Error::InvalidCertificate(CertificateError::NotValidYet));
+    }
+    if now > not_after {
+        return Err(Error::InvalidCertificate(CertificateError::Expired));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -207,5 +248,21 @@ mod tests {
         assert_eq!(first.to_string(), "spiffe://cluster.local/ns/ns/sa/a");
         assert_eq!(leaf_identity(a.as_ref()).unwrap(), first);
         assert!(leaf_identity(b"not a certificate").is_err());
+    }
+
+    #[test]
+    fn validity_is_judged_at_the_given_time() {
+        let a = leaf("a");
+        let t = now();
+        assert_eq!(check_validity(a.as_ref(), at(t)), Ok(()));
+        assert_eq!(
+            check_validity(a.as_ref(), at(t + 2 * 3600)),
+            Err(Error::InvalidCertificate(CertificateError::Expired))
+        );
+        assert_eq!(
+            check_validity(a.as_ref(), at(t - 24 * 3600)),
+            Err(Error::InvalidCertificate(CertificateError::NotValidYet))
+        );
+        assert!(check_validity(b"garbage", at(t)).is_err());
     }
 }

@@ -317,3 +317,39 @@ fn certificate_identity_errors() {
         Err(CertIdentityError::TrailingData { len: 2 })
     );
 }
+
+/// A CA's trust domain is read by the same rules as a workload's identity: one `spiffe` URI
+/// SAN, whatever the case of its scheme, among URIs of other schemes.
+#[test]
+fn trust_domain_of_a_ca_certificate() {
+    use x509_parser::{certificate::X509Certificate, prelude::FromDer as _};
+    let of = |sans| {
+        let der = cert_with_sans(sans);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        TrustDomain::from_certificate(&cert)
+    };
+    assert_eq!(
+        of(vec![
+            uri("https://example.org/x"),
+            uri("spiffe://cluster.local")
+        ]),
+        Ok(td("cluster.local"))
+    );
+    assert_eq!(
+        of(vec![uri("spiffe://a.example"), uri("SPIFFE://b.example")]),
+        Err(CertIdentityError::MultipleSpiffeIds { count: 2 })
+    );
+    assert_eq!(of(vec![]), Err(CertIdentityError::NoSpiffeId));
+    assert!(matches!(
+        of(vec![uri("spiffe://")]),
+        Err(CertIdentityError::InvalidSpiffeId(
+            IdentityError::EmptyTrustDomain
+        ))
+    ));
+    let der = cert_with_sans(vec![uri("spiffe://td/ns/a/sa/b"), uri("urn:x")]);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    assert_eq!(
+        crate::identity::uri_sans(&cert).unwrap(),
+        ["spiffe://td/ns/a/sa/b", "urn:x"]
+    );
+}

@@ -20,6 +20,7 @@ use super::{
     table::{Direction, FlowCheck},
 };
 use crate::{
+    error,
     handshake::{self, HandshakeError, driver},
     identity::SpiffeId,
     policy::FlowTls,
@@ -85,7 +86,7 @@ pub(super) async fn serve(
     };
     drop(permit);
     if let Err(e) = result {
-        shared.policy.count("flows_failed".to_owned());
+        shared.counters.flow_failed();
         if shared.sample("failed flows", "flow") {
             warn!(pod = %ctx.name, ?direction, %peer, "flow failed: {e:#}");
         }
@@ -148,7 +149,7 @@ impl Refusal {
 /// -> DST ...: reason`) and is only built when the sample is logged. Every refused
 /// connection passes here.
 pub(super) fn refused(shared: &Shared, code: RefusalCode, line: impl FnOnce() -> String) {
-    shared.policy.count(format!("refused.{code}"));
+    shared.counters.refused.add(code);
     if shared.sample("refused", code.as_str()) {
         warn!(target: "interceptor::policy", "refused {} [{code}]", line());
     }
@@ -164,7 +165,7 @@ fn refused_with(shared: &Shared, ends: &Ends, refused: &Refused) {
 /// Counts (`closed.<code>`) and logs as a sample an open flow `by` no longer allows (a
 /// policy generation, a crypto policy); the caller resets it.
 pub(super) fn closed(shared: &Shared, ends: &Ends, by: &str, refused: &Refused) {
-    shared.policy.count(format!("closed.{}", refused.code));
+    shared.counters.closed.add(refused.code);
     if shared.sample("closed", refused.code.as_str()) {
         warn!(
             target: "interceptor::policy",
@@ -275,18 +276,6 @@ impl Ends {
     }
 }
 
-/// An error and its sources on one line.
-pub(super) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 /// Why a mesh handshake failed, for the refusal log: a crypto mismatch this side detected is
 /// `crypto_mismatch` and names what this node offers; an abort by the peer names it too,
 /// since the peer's policy may be what refused it.
@@ -314,7 +303,7 @@ pub(super) fn handshake_refused(shared: &Shared, e: &driver::DriveError) -> Refu
         },
         _ => Refused {
             code: RefusalCode::HandshakeFailed,
-            reason: format!("mTLS handshake failed: {}", chain(e)),
+            reason: format!("mTLS handshake failed: {}", error::chain(e)),
         },
     }
 }

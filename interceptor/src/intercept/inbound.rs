@@ -141,6 +141,7 @@ async fn mesh<'a>(
         target: "interceptor::access",
         pod = %ctx.name, %source, %peer, cipher = ?session.suite,
         group = session.group_label().as_deref().unwrap_or("-"),
+        resumed = session.resumed,
         "inbound mTLS"
     );
     let check = FlowCheck::Inbound(InboundCheck {

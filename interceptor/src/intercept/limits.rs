@@ -194,17 +194,29 @@ fn exhausts_resources(error: &io::Error) -> bool {
     )
 }
 
+/// Every name [`accept_error_name`] returns; `other` last.
+pub const ACCEPT_ERRORS: [&str; 7] = [
+    "emfile",
+    "enfile",
+    "enobufs",
+    "enomem",
+    "econnaborted",
+    "eperm",
+    "other",
+];
+
 /// A short name for an accept error, for its counter (`accept_failed.<name>`).
 pub fn accept_error_name(error: &io::Error) -> &'static str {
-    match error.raw_os_error() {
-        Some(libc::EMFILE) => "emfile",
-        Some(libc::ENFILE) => "enfile",
-        Some(libc::ENOBUFS) => "enobufs",
-        Some(libc::ENOMEM) => "enomem",
-        Some(libc::ECONNABORTED) => "econnaborted",
-        Some(libc::EPERM) => "eperm",
-        _ => "other",
-    }
+    let i = match error.raw_os_error() {
+        Some(libc::EMFILE) => 0,
+        Some(libc::ENFILE) => 1,
+        Some(libc::ENOBUFS) => 2,
+        Some(libc::ENOMEM) => 3,
+        Some(libc::ECONNABORTED) => 4,
+        Some(libc::EPERM) => 5,
+        _ => 6,
+    };
+    ACCEPT_ERRORS[i]
 }
 
 /// Per-key log sampling: within each `interval`, the first `burst` events of a key are

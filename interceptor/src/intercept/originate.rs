@@ -44,7 +44,7 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
-use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer as _};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer as _};
 
 use super::files;
 use crate::{
@@ -581,15 +581,7 @@ fn uri_sans(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return Vec::new();
     };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some((*u).to_owned()),
-            _ => None,
-        })
-        .collect()
+    crate::identity::uri_sans(&cert)
+        .map(|uris| uris.into_iter().map(str::to_owned).collect())
+        .unwrap_or_default()
 }

@@ -11,7 +11,7 @@ use tracing::debug;
 use super::{
     Shared,
     enforce::{self, Plan, Refused, Transport},
-    flow::{Ends, Refusal, Stop, chain, crypto_refuses, handshake_refused, reset},
+    flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
     handoff::{Relay, dups, plain, prepare_peer, relay_config, relay_mesh, relaying},
     originate,
     pod::{PodCtx, dial, pod_ip},
@@ -220,6 +220,7 @@ async fn mesh<'a>(
         target: "interceptor::access",
         pod = %out.ctx.name, dst = %out.destination, peer = %est.peer(), cipher = ?session.suite,
         group = session.group_label().as_deref().unwrap_or("-"),
+        resumed = session.resumed,
         "outbound mTLS"
     );
     relay_mesh(shared, out.flow, out.check, out.decided_by, app, peer, est)
@@ -241,7 +242,11 @@ async fn originate<'a>(
             Err(e) => {
                 let refused = Refused {
                     code: RefusalCode::OriginationFailed,
-                    reason: format!("{mode} TLS origination to {}: {}", name.to_str(), chain(&e)),
+                    reason: format!(
+                        "{mode} TLS origination to {}: {}",
+                        name.to_str(),
+                        crate::error::chain(&e)
+                    ),
                 };
                 return Err(out
                     .refusal(None, refused)

@@ -348,7 +348,7 @@ fn accept_loop(
                     // Out of descriptors or memory: retrying at once cannot succeed, and
                     // would log and spin; wait, longer each time, until an accept succeeds.
                     let name = limits::accept_error_name(&e);
-                    shared.policy.count(format!("accept_failed.{name}"));
+                    shared.counters.accept_failed(name);
                     let wait = backoff.failed(&e);
                     if shared.sample("failed accepts", name) {
                         warn!(pod = %ctx.name, ?direction, error = %e, retry_in = ?wait, "accept failed");

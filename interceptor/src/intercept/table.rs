@@ -70,6 +70,8 @@ pub struct SessionCrypto {
     pub group: Option<NamedGroup>,
     /// A HelloRetryRequest was needed.
     pub retried: bool,
+    /// The session resumed an earlier one with a ticket (mesh only).
+    pub resumed: bool,
     /// Mesh mTLS (else TLS the agent originated to a server outside the mesh).
     pub mesh: bool,
 }
@@ -80,6 +82,7 @@ impl SessionCrypto {
             suite: negotiated.suite.suite(),
             group: negotiated.group,
             retried: negotiated.retried,
+            resumed: negotiated.resumed,
             mesh: true,
         }
     }
@@ -90,6 +93,7 @@ impl SessionCrypto {
             suite: conn.negotiated_cipher_suite()?.suite(),
             group: conn.negotiated_key_exchange_group().map(|g| g.name()),
             retried: conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
+            resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
             mesh: false,
         })
     }
@@ -193,6 +197,10 @@ pub struct FlowRow {
     /// HelloRetryRequest).
     #[serde(default)]
     pub group: Option<String>,
+    /// Whether the TLS session resumed an earlier one (a ticket) instead of a full
+    /// handshake; absent for flows without TLS.
+    #[serde(default)]
+    pub resumed: Option<bool>,
     pub protection: Protection,
     pub bytes_to_peer: u64,
     pub bytes_from_peer: u64,
@@ -257,6 +265,7 @@ fn row(id: u64, entry: &Entry) -> FlowRow {
         peer_id: i.peer_id.clone(),
         cipher: i.cipher.clone(),
         group: i.session.and_then(|s| s.group_label()),
+        resumed: i.session.map(|s| s.resumed),
         protection: protection(i.protection, c.mode()),
         bytes_to_peer: c.bytes_app_to_peer(),
         bytes_from_peer: c.bytes_peer_to_app(),
@@ -359,13 +368,22 @@ impl FlowGuard<'_> {
 pub fn render(rows: &[FlowRow]) -> String {
     use std::fmt::Write as _;
     let mut s = format!(
-        "{:<16} {:<8} {:<24} {:<48} {:<12} {:<16} {:<10} {:>12} {:>12}\n",
-        "POD", "DIR", "DESTINATION", "PEER", "CIPHER", "GROUP", "MODE", "BYTES_OUT", "BYTES_IN"
+        "{:<16} {:<8} {:<24} {:<48} {:<12} {:<16} {:<7} {:<10} {:>12} {:>12}\n",
+        "POD",
+        "DIR",
+        "DESTINATION",
+        "PEER",
+        "CIPHER",
+        "GROUP",
+        "RESUMED",
+        "MODE",
+        "BYTES_OUT",
+        "BYTES_IN"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<16} {:<8} {:<24} {:<48} {:<12} {:<16} {:<10} {:>12} {:>12}",
+            "{:<16} {:<8} {:<24} {:<48} {:<12} {:<16} {:<7} {:<10} {:>12} {:>12}",
             r.pod,
             match r.direction {
                 Direction::Outbound => "out",
@@ -375,6 +393,11 @@ pub fn render(rows: &[FlowRow]) -> String {
             r.peer_id.as_deref().unwrap_or("-"),
             r.cipher.as_deref().unwrap_or("-"),
             r.group.as_deref().unwrap_or("-"),
+            match r.resumed {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            },
             match r.protection {
                 Protection::Ktls => "ktls",
                 Protection::Userspace => "userspace",
@@ -406,12 +429,17 @@ mod tests {
         assert_eq!(protection(Tls, Some(RelayMode::Userspace)), Tls);
     }
 
+    fn session_resumed(s: &SessionCrypto) -> Option<bool> {
+        Some(s.resumed)
+    }
+
     #[test]
     fn flows_show_the_negotiated_group_beside_the_suite() {
         let session = SessionCrypto {
             suite: CipherSuite::TLS13_AES_128_GCM_SHA256,
             group: Some(NamedGroup::secp256r1),
             retried: true,
+            resumed: true,
             mesh: true,
         };
         assert_eq!(session.group_label().as_deref(), Some("secp256r1 (retry)"));
@@ -424,6 +452,7 @@ mod tests {
             peer_id: Some("spiffe://cluster.local/ns/a/sa/b".into()),
             cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
             group: Some("X25519MLKEM768".into()),
+            resumed: session_resumed(&session),
             protection: Protection::Ktls,
             bytes_to_peer: 0,
             bytes_from_peer: 0,
@@ -439,12 +468,19 @@ mod tests {
             "{table}"
         );
         assert!(line.contains("X25519MLKEM768"), "{table}");
+        assert!(
+            header.contains("RESUMED") && line.contains(" yes "),
+            "{table}"
+        );
         // `--json` carries it; rows from an agent without the field still parse.
         let json = serde_json::to_value(&row).unwrap();
         assert_eq!(json["group"], "X25519MLKEM768");
         let mut old = json.clone();
+        assert_eq!(json["resumed"], true);
         old.as_object_mut().unwrap().remove("group");
+        old.as_object_mut().unwrap().remove("resumed");
         let parsed: FlowRow = serde_json::from_value(old).unwrap();
         assert_eq!(parsed.group, None);
+        assert_eq!(parsed.resumed, None);
     }
 }

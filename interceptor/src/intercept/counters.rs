@@ -1,0 +1,119 @@
+//! What the connection path counts: refusals and policy closes by [`RefusalCode`], flows that
+//! failed, accepts that failed (by errno), node-config reloads that were rejected. Every
+//! counter is an atomic, so counting never waits for a lock; `interceptor flows --stats`
+//! reads them through [`Counters::stats`], an exporter through the typed getters.
+
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use super::limits::ACCEPT_ERRORS;
+use crate::refusal::{RefusalCode, RefusalCounts};
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections refused, by code (`refused.<code>`).
+    pub refused: RefusalCounts,
+    /// Open flows closed by a policy change, by code (`closed.<code>`).
+    pub closed: RefusalCounts,
+    flows_failed: AtomicU64,
+    accept_failed: [AtomicU64; ACCEPT_ERRORS.len()],
+    config_reload_failures: AtomicU64,
+}
+
+impl Counters {
+    /// A flow that failed after it was accepted, other than by a refusal (`flows_failed`).
+    pub fn flow_failed(&self) {
+        self.flows_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A failed accept, by [`limits::accept_error_name`](super::limits::accept_error_name)
+    /// (`accept_failed.<name>`).
+    pub fn accept_failed(&self, name: &str) {
+        let i = ACCEPT_ERRORS
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or(ACCEPT_ERRORS.len() - 1);
+        self.accept_failed[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A node config (or crypto policy) that was not applied (`config.reload_failures`).
+    pub fn config_reload_failed(&self) {
+        self.config_reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn flows_failed(&self) -> u64 {
+        self.flows_failed.load(Ordering::Relaxed)
+    }
+
+    /// Every accept error name with its count, zeros included.
+    pub fn accept_failures(&self) -> Vec<(&'static str, u64)> {
+        ACCEPT_ERRORS
+            .iter()
+            .zip(&self.accept_failed)
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    pub fn config_reload_failures(&self) -> u64 {
+        self.config_reload_failures.load(Ordering::Relaxed)
+    }
+
+    /// The counters that counted something, by their `flows --stats` names.
+    pub fn stats(&self) -> BTreeMap<String, u64> {
+        let codes = |prefix: &str, counts: &RefusalCounts| -> Vec<(String, u64)> {
+            counts
+                .snapshot()
+                .into_iter()
+                .map(|(code, n): (RefusalCode, u64)| (format!("{prefix}.{code}"), n))
+                .collect()
+        };
+        codes("refused", &self.refused)
+            .into_iter()
+            .chain(codes("closed", &self.closed))
+            .chain(
+                self.accept_failures()
+                    .into_iter()
+                    .map(|(name, n)| (format!("accept_failed.{name}"), n)),
+            )
+            .chain([
+                ("flows_failed".to_owned(), self.flows_failed()),
+                (
+                    "config.reload_failures".to_owned(),
+                    self.config_reload_failures(),
+                ),
+            ])
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_name_what_counted() {
+        let c = Counters::default();
+        assert!(c.stats().is_empty());
+        c.refused.add(RefusalCode::DenyRule);
+        c.closed.add(RefusalCode::TransportChanged);
+        c.accept_failed("emfile");
+        c.accept_failed("no such name");
+        c.flow_failed();
+        c.config_reload_failed();
+        let want: BTreeMap<String, u64> = [
+            ("refused.deny_rule", 1),
+            ("closed.transport_changed", 1),
+            ("accept_failed.emfile", 1),
+            ("accept_failed.other", 1),
+            ("flows_failed", 1),
+            ("config.reload_failures", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(c.stats(), want);
+    }
+}

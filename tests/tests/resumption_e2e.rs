@@ -1,0 +1,206 @@
+//! TLS 1.3 session resumption between agents, end to end and on the wire (the ClientHello's
+//! `pre_shared_key` offer and the ServerHello's acceptance, in a capture of the server pod's
+//! link): the first connection between two workloads is a full handshake, the next one to the
+//! same address resumes; on a resumed connection the server agent's policy decision uses the
+//! client identity restored from the ticket (an ALLOW naming only that principal lets it
+//! through, a DENY naming it on another port refuses it); and after a policy reload no ticket
+//! issued before it is offered or accepted, so a policy that now denies the client refuses it
+//! on a full handshake.
+//!
+//! Host only: the userspace relay, where the client agent's rustls keeps the tickets.
+
+use std::net::SocketAddr;
+
+use interceptor::{app::Agent, intercept::table::FlowRow};
+use interceptor_tests::{
+    agent::{RunningAgent, workload},
+    apps::curl,
+    crypto::{any_port, captured, hellos},
+    mesh::{PolicyDir, stats_delta, wait_generation},
+    require_privileged,
+    scenario::{Cluster, Scenario, serve_blob},
+    wire::{Streams, assert_no_plaintext},
+};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/resume/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/resume/sa/server";
+
+/// ALLOW the client on port 80, DENY it on port 81: both rules need the client's identity.
+const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-client-80, namespace: resume}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/resume/sa/client"]
+    to:
+    - operation:
+        ports: ["80"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client-81, namespace: resume}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/resume/sa/client"]
+    to:
+    - operation:
+        ports: ["81"]
+"#;
+
+/// The client is denied everywhere.
+const DENY_ALL: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: resume}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/resume/sa/client"]
+"#;
+
+/// Whether the one captured connection from the client pod to `server` offered a ticket,
+/// and whether the server accepted it; panics if no ServerHello crossed the wire.
+fn psk_on_the_wire(
+    streams: &Streams,
+    client: &interceptor_tests::topology::Pod,
+    server: SocketAddr,
+) -> (usize, Option<u16>) {
+    let (ch, sh) = hellos(streams, any_port(client.ip), server);
+    let sh = sh.unwrap_or_else(|e| panic!("no ServerHello to {server}: {e}"));
+    // psk_dhe_ke only, and a fresh key share either way.
+    assert_eq!(ch.psk_modes, [1], "{ch:?}");
+    assert!(sh.key_share_len > 0);
+    (ch.psk_identities, sh.psk_identity)
+}
+
+/// The newest flow of `pod` (open or just closed).
+fn last_flow(agent: &Agent, pod: &str) -> FlowRow {
+    agent
+        .flows_with_recent()
+        .into_iter()
+        .filter(|r| r.pod == pod)
+        .max_by_key(|r| r.id)
+        .unwrap_or_else(|| panic!("no flow of {pod}"))
+}
+
+#[test]
+fn a_second_connection_resumes_and_policy_still_decides_with_the_restored_identity() {
+    require_privileged();
+    let Scenario {
+        client,
+        mut server,
+        node,
+    } = Scenario::new(95, "res-client", "res-server");
+    let www = serve_blob(&mut server, "resume-www", 128 << 10);
+    let cluster = Cluster::new("resume");
+    let policy = PolicyDir::new();
+    policy.write("policy.yaml", POLICY);
+    let mut config = cluster.config(
+        vec![
+            workload(&client, "resume", "client"),
+            workload(&server, "resume", "server"),
+        ],
+        vec![],
+    );
+    config.policy_dir = Some(policy.path());
+    assert!(
+        config.tuning.session_resumption,
+        "resumption is on by default"
+    );
+    let agent = RunningAgent::start(config);
+    let agent = &agent.agent;
+    let (http, other) = (
+        SocketAddr::from((server.ip, 80)),
+        SocketAddr::from((server.ip, 81)),
+    );
+    let get = |addr: SocketAddr| {
+        captured(&node, &server, || {
+            curl(client.command("curl"), &format!("http://{addr}/blob"))
+        })
+    };
+
+    // 1. The first connection is a full handshake: no ticket offered, none accepted.
+    let (f, streams) = get(http);
+    assert_eq!((f.code.as_str(), f.sha256()), ("200", www.want.clone()));
+    assert_eq!(psk_on_the_wire(&streams, &client, http), (0, None));
+    assert_no_plaintext(&streams, &www.payload);
+    let row = last_flow(agent, "res-server");
+    assert_eq!(
+        (row.peer_id.as_deref(), row.resumed),
+        (Some(CLIENT_ID), Some(false))
+    );
+
+    // 2. The next one resumes with the ticket the first brought back, on both agents' sides;
+    //    the ALLOW rule naming only the client's principal let it through, so the decision
+    //    saw the identity restored from the ticket.
+    let (f, streams) = get(http);
+    assert_eq!((f.code.as_str(), f.sha256()), ("200", www.want.clone()));
+    assert_eq!(psk_on_the_wire(&streams, &client, http), (1, Some(0)));
+    assert_no_plaintext(&streams, &www.payload);
+    let row = last_flow(agent, "res-server");
+    assert_eq!(
+        (row.peer_id.as_deref(), row.resumed),
+        (Some(CLIENT_ID), Some(true)),
+        "{row:?}"
+    );
+    let row = last_flow(agent, "res-client");
+    assert_eq!(
+        (row.peer_id.as_deref(), row.resumed),
+        (Some(SERVER_ID), Some(true)),
+        "{row:?}"
+    );
+
+    // 3. A resumed connection to port 81 (tickets are per server address) is refused by the
+    //    DENY rule naming the client: the restored identity is decided on every connection.
+    let before = agent.policy_stats();
+    let (f, streams) = get(other);
+    assert_eq!(f.code, "000", "port 81 must be refused");
+    assert_eq!(psk_on_the_wire(&streams, &client, other), (1, Some(0)));
+    let delta = stats_delta(&before, &agent.policy_stats());
+    assert_eq!(delta.get("refused.deny_rule"), Some(&1), "{delta:?}");
+
+    // 4. After a reload that denies the client, no ticket from before counts: the client
+    //    offers none, and the full handshake's identity is refused.
+    let generation = agent.policy_generation();
+    policy.write("deny.yaml", DENY_ALL);
+    wait_generation(agent, generation);
+    let before = agent.policy_stats();
+    let (f, streams) = get(http);
+    assert_eq!(f.code, "000", "the client must be refused after the reload");
+    assert_eq!(psk_on_the_wire(&streams, &client, http), (0, None));
+    let delta = stats_delta(&before, &agent.policy_stats());
+    assert_eq!(delta.get("refused.deny_rule"), Some(&1), "{delta:?}");
+    // The refused connection's handshake had finished, so its ticket (issued under the new
+    // generation) may have reached the client: resumed or not, the next one is refused too.
+    let before = agent.policy_stats();
+    let (f, streams) = get(http);
+    assert_eq!(f.code, "000");
+    let (_, accepted) = psk_on_the_wire(&streams, &client, http);
+    let delta = stats_delta(&before, &agent.policy_stats());
+    assert_eq!(
+        delta.get("refused.deny_rule"),
+        Some(&1),
+        "resumed: {}; {delta:?}",
+        accepted.is_some()
+    );
+
+    // 5. Lifting the deny: a full handshake first (a new generation again), then resumption.
+    let generation = agent.policy_generation();
+    policy.remove("deny.yaml");
+    wait_generation(agent, generation);
+    let (f, streams) = get(http);
+    assert_eq!(f.code, "200");
+    assert_eq!(psk_on_the_wire(&streams, &client, http).1, None);
+    let (f, streams) = get(http);
+    assert_eq!(f.code, "200");
+    assert_eq!(psk_on_the_wire(&streams, &client, http), (1, Some(0)));
+}
