@@ -15,6 +15,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use tracing::{error, info, warn};
 
+mod upgrade;
+
 use crate::{
     admin::{self, Request, Response},
     ca::renew::{RenewPolicy, SystemClock},
@@ -65,6 +67,11 @@ pub struct Agent {
     observability: Option<SocketAddr>,
     /// The config the agent started with, for `/debug/config`.
     config: Config,
+    /// A successor holds the listeners (or this agent stepped down for one): no enrollment
+    /// changes any more, only the open flows are served until they end.
+    retired: std::sync::atomic::AtomicBool,
+    /// Flows the agent this one took over from still serves (its reports; 0 once it exits).
+    predecessor_flows: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A persisted enrollment the agent could not restore.
@@ -105,19 +112,34 @@ pub fn offload(mode: KtlsMode) -> anyhow::Result<Offload> {
     Ok(Offload::Kernel(suites))
 }
 
-/// `interceptor run`: start, serve until SIGTERM/SIGINT, then exit leaving the pins. `file`,
-/// where `config` was read from, is watched for crypto policy changes.
-pub async fn run(config: Config, file: PathBuf) -> anyhow::Result<()> {
-    let agent = start(config.clone()).await?;
-    tokio::spawn(watch_config(agent, file, config));
-    shutdown_signal().await;
-    info!("stopping; pinned programs stay attached, so enrolled pods fail closed until restart");
-    Ok(())
+/// `interceptor run`: start (with `takeover`, from the running agent's listeners), serve
+/// until SIGTERM/SIGINT or until a successor took over, drain, then exit leaving the pins.
+/// `file`, where `config` was read from, is watched for crypto policy changes.
+pub async fn run(config: Config, file: PathBuf, takeover: bool) -> anyhow::Result<()> {
+    let (agent, takeover) = upgrade::start(config.clone(), takeover).await?;
+    tokio::spawn(watch_config(Arc::clone(&agent), file, config.clone()));
+    let Some(settings) = &config.handover else {
+        shutdown_signal().await;
+        info!(
+            "stopping; pinned programs stay attached, so enrolled pods fail closed until restart"
+        );
+        return Ok(());
+    };
+    upgrade::serve_until_done(agent, settings, takeover).await
 }
 
 /// Starts the agent on the current tokio runtime and returns once every configured pod is
 /// enrolled and the admin socket answers. Dropping the runtime stops it (as a kill would).
 pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
+    start_from(config, None, false).await
+}
+
+/// [`start`], enrolling the pods a running agent handed over with the listeners received.
+async fn start_from(
+    config: Config,
+    takeover: Option<&mut crate::handover::take::Takeover>,
+    adopt_maps: bool,
+) -> anyhow::Result<Arc<Agent>> {
     if let Err(e) = sys::raise_nofile_rlimit() {
         warn!(error = %e, "could not raise RLIMIT_NOFILE; large flow counts may fail");
     }
@@ -145,6 +167,7 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
     }
     let datapath = Datapath::load(DatapathOptions {
         pin_dir: Some(config.bpffs.clone()),
+        adopt_maps,
     })?;
     let mut datapath = datapath;
     if config.tuning.sk_msg_local_leg {
@@ -187,6 +210,7 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
         policy,
         directory.clone(),
         observed,
+        takeover,
     )
     .await?;
     let ready = &agent.readiness;
@@ -261,6 +285,8 @@ impl Observability {
     }
 }
 
+// The parts start-up built, each from its own step; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn start_with(
     config: Config,
     offload: Offload,
@@ -269,6 +295,7 @@ async fn start_with(
     policy: Enforcer,
     cluster: Option<crate::cluster::kube::KubeDirectory>,
     observed: Observability,
+    takeover: Option<&mut crate::handover::take::Takeover>,
 ) -> anyhow::Result<Arc<Agent>> {
     let identity = Identity {
         renew: RenewPolicy {
@@ -288,6 +315,10 @@ async fn start_with(
         config.crypto,
         Arc::clone(&observed.telemetry),
     )?);
+    if takeover.is_some() {
+        // The old agent accepts on the handed-over listeners until it confirms it stopped.
+        shared.accepting.send_replace(false);
+    }
     {
         let mut dp = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
         for peer in &config.peers {
@@ -322,6 +353,8 @@ async fn start_with(
         readiness: Arc::clone(&observed.readiness),
         observability: observed.addr,
         config: config.clone(),
+        retired: std::sync::atomic::AtomicBool::new(false),
+        predecessor_flows: Arc::default(),
     });
     let weak: std::sync::Weak<dyn telemetry::Observed> = Arc::downgrade(&agent) as _;
     agent.telemetry.observe(weak);
@@ -333,22 +366,32 @@ async fn start_with(
         );
     }
     agent.write_membership();
+    // Listeners handed over by the running agent, taken by name as each pod is enrolled.
+    let mut given = takeover
+        .map(|t| std::mem::take(&mut t.pods))
+        .unwrap_or_default();
     // The node config is the operator's: a workload there that cannot be enrolled refuses
     // the start, naming it.
     for w in &config.workloads {
+        let listeners = upgrade::listeners_for(&mut given, w);
         agent
             .validate(w)
-            .and_then(|()| agent.enroll(w))
+            .and_then(|()| agent.enroll_with(w, listeners))
             .with_context(|| format!("enroll {}", w.name))?;
     }
     // Persisted runtime enrollments belong to pods that may have gone while the agent was
     // down: one that cannot be restored is reported and kept fail-closed, never fatal.
     let persisted = agent.persisted()?;
     for w in &persisted {
-        if let Err(e) = agent.validate(w).and_then(|()| agent.enroll(w)) {
+        let listeners = upgrade::listeners_for(&mut given, w);
+        if let Err(e) = agent
+            .validate(w)
+            .and_then(|()| agent.enroll_with(w, listeners))
+        {
             agent.mark_stale(w, &e, None);
         }
     }
+    upgrade::enroll_rest(&agent, given);
     agent
         .sync_policy()
         .context("policy for the enrolled pods")?;
@@ -808,6 +851,15 @@ impl Agent {
     }
 
     fn enroll(&self, w: &Workload) -> anyhow::Result<()> {
+        self.enroll_with(w, None)
+    }
+
+    /// [`Agent::enroll`] with listeners a previous agent handed over instead of new ones.
+    fn enroll_with(
+        &self,
+        w: &Workload,
+        listeners: Option<Vec<crate::handover::take::GivenListener>>,
+    ) -> anyhow::Result<()> {
         let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         if pods.contains_key(&w.name) {
             bail!("workload `{}` is already enrolled", w.name);
@@ -820,7 +872,7 @@ impl Agent {
             }
             *next
         };
-        let handle = intercept::enroll(&self.shared, w, slot)?;
+        let handle = intercept::enroll(&self.shared, w, slot, listeners)?;
         pods.insert(w.name.clone(), handle);
         let id = crate::identity::SpiffeId::new(
             self.shared.trust_domain.clone(),
@@ -946,11 +998,12 @@ impl Agent {
     /// Drops stale enrollments whose cgroup is gone (nothing is left to protect) and retries
     /// the others.
     async fn check_stale(&self) {
-        if self
-            .stale
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        if self.is_retired()
+            || self
+                .stale
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
         {
             return;
         }
@@ -1395,11 +1448,28 @@ impl admin::Handler for Agent {
                             "enrollments.stale".to_owned(),
                             serde_json::Value::from(self.stale().len()),
                         ),
+                        (
+                            "handover.predecessor_flows".to_owned(),
+                            serde_json::Value::from(
+                                self.predecessor_flows
+                                    .load(std::sync::atomic::Ordering::Relaxed),
+                            ),
+                        ),
                     ])
                     .collect();
                 return Response::Stats {
                     stats: serde_json::Value::Object(stats),
                 };
+            }
+            Request::Enroll { .. }
+            | Request::Unenroll { .. }
+            | Request::EnrollPod { .. }
+            | Request::UnenrollPod { .. }
+                if self.is_retired() =>
+            {
+                Err(anyhow::anyhow!(
+                    "this agent handed its pods over and only drains its open flows"
+                ))
             }
             Request::Enroll { workload } => self
                 .enroll_now(&workload)

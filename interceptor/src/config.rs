@@ -159,6 +159,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
+    /// Upgrades without dropped connections (`interceptor run --takeover`): where the running
+    /// agent offers its listeners to a successor, and how long a stopping agent waits for one
+    /// and for its open flows. Absent: no handover socket, SIGTERM exits at once.
+    #[serde(default)]
+    pub handover: Option<HandoverSettings>,
     #[serde(default)]
     pub ktls: KtlsMode,
     /// Key exchange and suites for mesh and originated TLS (`compliancePolicy`,
@@ -291,6 +296,27 @@ impl KubernetesSettings {
 
 fn default_mesh_label() -> String {
     "interceptor.io/mtls".to_owned()
+}
+
+/// `handover:` of the node config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HandoverSettings {
+    /// The unix socket a successor connects to (its directory is made 0700, the socket 0600).
+    pub socket: PathBuf,
+    /// After SIGTERM, or after a successor took the listeners: how long open flows may take to
+    /// end on their own before the agent exits (and resets what is left). Without a successor
+    /// the agent keeps accepting meanwhile, so the pods lose nothing while a successor is late.
+    pub drain_window: Ttl,
+}
+
+impl Default for HandoverSettings {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/var/run/interceptor/handover.sock"),
+            drain_window: Ttl(std::time::Duration::from_secs(30)),
+        }
+    }
 }
 
 /// `identity:` of the node config.

@@ -83,12 +83,108 @@ type Result<T, E = DatapathError> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Default)]
 pub struct DatapathOptions {
     /// A directory on a bpffs. When set, the links are pinned there, so enrolled pods stay
-    /// steered (and therefore fail closed) while the agent is down; the maps are not pinned
-    /// but live as long as a pinned program uses them. A restarted agent loads fresh maps,
-    /// fills them, and attaches its links before removing the old ones. `None` keeps
-    /// everything tied to this process (tests).
+    /// steered (and therefore fail closed) while the agent is down, and so are the maps
+    /// (`maps/<layout>/<NAME>`, see [`map_layout`]). A restarted agent loads fresh maps
+    /// (replacing those pins), fills them, and attaches its links before removing the old
+    /// ones. `None` keeps everything tied to this process (tests).
     pub pin_dir: Option<PathBuf>,
+    /// Use the maps a running agent pinned instead of fresh ones (a handover): both agents'
+    /// programs then record into and read from the same maps, so a connection steered by
+    /// either agent's connect4 is found by whichever agent accepts it. Only maps of the same
+    /// [`map_layout`] are shared; a build whose maps differ gets fresh ones.
+    pub adopt_maps: bool,
 }
+
+/// Every map with its key and value size and capacity, as this build's programs and
+/// agent see them. Its hash names the directory the maps are pinned in, so an agent only
+/// ever adopts maps laid out exactly as it expects. Bump the revision when a map's meaning
+/// changes without its sizes changing.
+const MAP_LAYOUT_REVISION: u32 = 1;
+
+/// The directory name for this build's pinned maps (see [`MAP_LAYOUT_REVISION`]).
+pub fn map_layout() -> String {
+    use interceptor_common::maps::{MAX_DESTS, MAX_PENDING_FLOWS, MAX_POD_ADDRS, MAX_PODS};
+    use std::mem::size_of;
+    let layout: [(&str, usize, usize, u32); 10] = [
+        (
+            maps::ORIG_DST_BY_COOKIE,
+            size_of::<u64>(),
+            size_of::<OrigDst>(),
+            MAX_PENDING_FLOWS,
+        ),
+        (
+            maps::ORIG_DST_BY_FLOW,
+            size_of::<FlowKey>(),
+            size_of::<SockAddr>(),
+            MAX_PENDING_FLOWS,
+        ),
+        (
+            maps::POD_CONFIG,
+            size_of::<u64>(),
+            size_of::<PodConfig>(),
+            MAX_PODS,
+        ),
+        (
+            maps::POD_ADDRS,
+            size_of::<PodAddrKey>(),
+            size_of::<u32>(),
+            MAX_POD_ADDRS,
+        ),
+        (
+            maps::DEST_POLICY,
+            size_of::<SockAddr>(),
+            size_of::<DestAction>(),
+            MAX_DESTS,
+        ),
+        (
+            maps::INBOUND_SLOTS,
+            size_of::<SockAddr>(),
+            size_of::<u32>(),
+            MAX_POD_ADDRS,
+        ),
+        (
+            maps::INBOUND_LISTENERS,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            2 * MAX_PODS,
+        ),
+        (
+            maps::LOCAL_LEGS,
+            size_of::<LegKey>(),
+            size_of::<u32>(),
+            MAX_PENDING_FLOWS,
+        ),
+        (
+            maps::LEG_BYTES,
+            size_of::<LegKey>(),
+            size_of::<u64>(),
+            MAX_PENDING_FLOWS,
+        ),
+        (
+            maps::COUNTERS,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            Counter::COUNT,
+        ),
+    ];
+    let text = format!("{MAP_LAYOUT_REVISION}:{layout:?}");
+    let hex = sha256_hex(text.as_bytes());
+    format!("v{MAP_LAYOUT_REVISION}-{}", hex.get(..16).unwrap_or(&hex))
+}
+
+/// The maps every program shares, pinned by name when there is a pin directory.
+const PINNED_MAPS: [&str; 10] = [
+    maps::ORIG_DST_BY_COOKIE,
+    maps::ORIG_DST_BY_FLOW,
+    maps::POD_CONFIG,
+    maps::POD_ADDRS,
+    maps::DEST_POLICY,
+    maps::INBOUND_SLOTS,
+    maps::INBOUND_LISTENERS,
+    maps::LOCAL_LEGS,
+    maps::LEG_BYTES,
+    maps::COUNTERS,
+];
 
 /// What the loader learned about each program: used by `interceptor probe`.
 #[derive(Debug, Clone)]
@@ -184,9 +280,38 @@ impl Datapath {
     /// verifier log), attaching nothing yet.
     pub fn load(options: DatapathOptions) -> Result<Self> {
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(DatapathError::Load)?;
+        let mut loader = EbpfLoader::new();
+        let map_dir = options
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join("maps").join(map_layout()));
+        if let Some(dir) = &map_dir {
+            std::fs::create_dir_all(dir).map_err(DatapathError::Sys)?;
+            if !options.adopt_maps {
+                // Fresh maps, as a restart always had: unpinning leaves the old maps alive
+                // for as long as the old programs (still pinned) use them.
+                for name in PINNED_MAPS {
+                    let _ = std::fs::remove_file(dir.join(name));
+                }
+            }
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        if let Some(dir) = &map_dir
+            && let Some(maps_root) = dir.parent()
+        {
+            // Maps of other layouts belong to builds that are gone or going; their programs
+            // keep them alive as long as they are attached.
+            if let Ok(entries) = std::fs::read_dir(maps_root) {
+                for e in entries.flatten() {
+                    if e.path() != *dir {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
         for (name, p) in ebpf.programs_mut() {
             load_program(p).map_err(|source| DatapathError::Program {
                 name: name.to_owned(),
@@ -392,6 +517,14 @@ impl Datapath {
             })?;
         }
         Ok(pinned)
+    }
+
+    /// Lets go of this process's links without touching a pin: after a handover the
+    /// successor's links are pinned in their place, so ours detach here, and any link still
+    /// pinned (a pod the successor did not take) stays attached through its pin.
+    pub fn release_links(&mut self) {
+        self.cgroups.clear();
+        self.netns.clear();
     }
 
     /// Detaches the outbound programs from a cgroup: its new connections use plain
@@ -805,6 +938,14 @@ pub fn cgroup_pin_name(cgroup: &Path) -> String {
     let digest = sha2::Sha256::digest(bytes);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256-{hex}")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// File names on bpffs, as anywhere, are at most 255 bytes.

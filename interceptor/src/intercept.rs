@@ -133,6 +133,29 @@ pub struct Shared {
     /// ticket outlives a policy reload; a new leaf, CA or crypto policy builds new configs,
     /// whose stores start empty.
     resumption: SessionResumption,
+    /// Whether accept loops accept. Closed while a new agent takes listeners over: the old
+    /// agent accepts on them until it confirms it stopped, so only one process ever accepts
+    /// and a successor killed half-way has taken no connection with it.
+    pub accepting: tokio::sync::watch::Sender<bool>,
+    /// Connections accepted and not yet closed, set-up included (the flow table lists a flow
+    /// only once it is decided): what a draining agent waits for before it exits.
+    pub live: AtomicU64,
+}
+
+/// Counts one accepted connection in [`Shared::live`] for as long as it is held.
+pub(crate) struct Live(Arc<Shared>);
+
+impl Live {
+    pub(crate) fn count(shared: &Arc<Shared>) -> Live {
+        shared.live.fetch_add(1, Ordering::Relaxed);
+        Live(Arc::clone(shared))
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Per reason, the first [`LOG_BURST`] warnings of every [`LOG_INTERVAL`] are logged; the
@@ -185,6 +208,8 @@ impl Shared {
             log_flush_started: AtomicBool::new(false),
             crypto: RwLock::new(Arc::new(crypto)),
             resumption,
+            accepting: tokio::sync::watch::Sender::new(true),
+            live: AtomicU64::new(0),
         })
     }
 

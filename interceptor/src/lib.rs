@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod error;
+pub mod handover;
 pub mod handshake;
 pub mod health;
 pub mod identity;

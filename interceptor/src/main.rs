@@ -41,6 +41,11 @@ enum Cmd {
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// Take the listeners of the agent running on this node (its `handover.socket`)
+        /// instead of binding new ones, so the upgrade refuses no connection; starts afresh
+        /// when none is running.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Enroll a pod on a running agent (takes effect for new connections at once).
     Enroll {
@@ -245,11 +250,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(2)
             })
         }
-        Cmd::Run { config } => {
+        Cmd::Run { config, takeover } => {
             let text = std::fs::read_to_string(&config)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
             let parsed = Config::parse(&config.display().to_string(), &text)?;
-            runtime()?.block_on(app::run(parsed, config))?;
+            runtime()?.block_on(app::run(parsed, config, takeover))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Enroll {

@@ -120,6 +120,35 @@ pub fn socket_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt_u64(sock, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
+/// Whether a socket is a listening TCP socket (`SO_ACCEPTCONN`, `SO_PROTOCOL`): what a
+/// descriptor received from another process must be before it is used as one.
+pub fn is_listening(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    let tcp = getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    let listening = getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)?;
+    Ok(listening != 0 && tcp == libc::IPPROTO_TCP)
+}
+
+fn getsockopt_int(sock: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the advertised size, and the kernel
+    // writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn getsockopt_u64(sock: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<u64> {
     let mut value = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -554,6 +583,184 @@ pub fn mkfifo(path: &Path, mode: u32) -> io::Result<()> {
     }
 }
 
+/// Most descriptors one handover message may carry. The kernel's own cap is 253
+/// (`SCM_MAX_FD`); a pod's listeners or one flow's sockets need far fewer.
+pub const MAX_PASSED_FDS: usize = 16;
+
+/// The credentials the kernel recorded for the other end of a unix socket when it connected
+/// (`SO_PEERCRED`): not what the peer claims, so it can be trusted for an access decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `SO_PEERCRED` of a connected unix socket.
+pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `sock` is open for the call; `cred` is a writable `ucred` and `len` its size,
+    // which the kernel does not exceed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// The effective uid of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Sends `data` with `fds` attached (`SCM_RIGHTS`) in one `sendmsg` on a unix socket. The
+/// descriptors ride on the first byte: the receiver gets them with the read that consumes it.
+/// Returns how many bytes went out (the caller sends the rest without descriptors). Sending
+/// duplicates the descriptors into the receiver; ours stay open.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    if fds.len() > MAX_PASSED_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} descriptors in one message (at most {MAX_PASSED_FDS})",
+                fds.len()
+            ),
+        ));
+    }
+    if data.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "descriptors need at least one byte to ride on",
+        ));
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let payload = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    // u64 elements keep the buffer aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` zeroed, aligned bytes, enough for one header
+        // with `payload` bytes of data, so CMSG_FIRSTHDR is non-null and CMSG_DATA lies
+        // inside the buffer; `raw` holds exactly `payload` bytes.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                payload,
+            );
+        }
+    }
+    // SAFETY: `msg` points at `iov` (which points at `data`) and `control`, all alive for the
+    // call; the descriptors in the control message are open (borrowed from the caller).
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Reads up to `buf.len()` bytes from a unix socket, taking ownership of any descriptors that
+/// arrived with them (close-on-exec). More than [`MAX_PASSED_FDS`] descriptors, or a control
+/// message of another kind, is an error; the descriptors received are closed then.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::FromRawFd as _;
+    let fd_size = std::mem::size_of::<libc::c_int>();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_PASSED_FDS * fd_size) as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at `iov` (into `buf`) and `control`, both writable and alive for
+    // the call, with their true lengths.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    let mut foreign = false;
+    // SAFETY: the kernel filled `msg.msg_control` up to `msg_controllen`; CMSG_FIRSTHDR and
+    // CMSG_NXTHDR stay within it, and each SCM_RIGHTS payload holds `cmsg_len - CMSG_LEN(0)`
+    // bytes of descriptors that are now ours (read unaligned: CMSG_DATA need not be aligned
+    // for c_int).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(cmsg);
+                for i in 0..bytes / fd_size {
+                    let raw = std::ptr::read_unaligned(data.add(i * fd_size).cast::<libc::c_int>());
+                    fds.push(std::os::fd::OwnedFd::from_raw_fd(raw));
+                }
+            } else {
+                foreign = true;
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("more than {MAX_PASSED_FDS} descriptors in one message"),
+        ));
+    }
+    if foreign {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected control message (not SCM_RIGHTS)",
+        ));
+    }
+    Ok((n as usize, fds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,5 +798,41 @@ mod tests {
             "/mnt/with space"
         );
         assert_eq!(unescape_mount_path("/plain"), "/plain");
+    }
+
+    #[test]
+    fn descriptors_cross_a_unix_socket_and_stay_usable() {
+        use std::io::{Read as _, Write as _};
+        use std::os::fd::AsFd as _;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut p1, mut p2) = std::os::unix::net::UnixStream::pair().unwrap();
+        let n = send_with_fds(a.as_fd(), b"hello", &[p2.as_fd()]).unwrap();
+        assert_eq!(n, 5);
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(fds.len(), 1);
+        // The received descriptor is the same socket: writing to it reaches p1.
+        let mut got = std::os::unix::net::UnixStream::from(fds.into_iter().next().unwrap());
+        got.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        p1.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"x");
+        p2.write_all(b"y").unwrap();
+        p1.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"y");
+        // Same process on both ends: the kernel's credentials are ours.
+        let cred = peer_cred(a.as_fd()).unwrap();
+        assert_eq!(cred.pid, std::process::id() as i32);
+        assert_eq!(cred.uid, euid());
+    }
+
+    #[test]
+    fn too_many_descriptors_are_refused_before_sending() {
+        use std::os::fd::AsFd as _;
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let many: Vec<_> = (0..=MAX_PASSED_FDS).map(|_| a.as_fd()).collect();
+        assert!(send_with_fds(a.as_fd(), b"x", &many).is_err());
+        assert!(send_with_fds(a.as_fd(), b"", &[]).is_err());
     }
 }

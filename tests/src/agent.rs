@@ -81,6 +81,7 @@ pub fn config(
         ca_dir: ca_dir.to_owned(),
         state_dir: state.join("state"),
         admin_socket: state.join("admin.sock"),
+        handover: None,
         ktls,
         crypto: Default::default(),
         bpffs: PathBuf::from("/sys/fs/bpf").join(unique_name("itest")),

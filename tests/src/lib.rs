@@ -16,6 +16,7 @@ pub mod pair;
 pub mod process;
 pub mod scenario;
 pub mod topology;
+pub mod upgrade;
 pub mod wire;
 
 use std::{

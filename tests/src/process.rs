@@ -28,11 +28,33 @@ impl AgentProcess {
     /// Writes `config` to `file` and starts the agent on it; returns once its admin socket
     /// answers (at most 30 s: the VM emulates its CPU).
     pub fn start(config: &Config, file: &Path) -> AgentProcess {
-        Self::start_with_stdout(config, file, Stdio::inherit())
+        Self::start_with(config, file, &[], &[])
     }
 
     /// [`AgentProcess::start`] with the agent's stdout (its access log) sent to `stdout`.
     pub fn start_with_stdout(config: &Config, file: &Path, stdout: Stdio) -> AgentProcess {
+        Self::spawn(config, file, &[], &[], stdout)
+    }
+
+    /// [`AgentProcess::start`] with extra `run` arguments (such as `--takeover`) and
+    /// environment. The admin socket of an agent already running on `config` is removed
+    /// first, so readiness is this agent's own.
+    pub fn start_with(
+        config: &Config,
+        file: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
+        Self::spawn(config, file, args, env, Stdio::inherit())
+    }
+
+    fn spawn(
+        config: &Config,
+        file: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdout: Stdio,
+    ) -> AgentProcess {
         let yaml = yaml_serde::to_string(config).expect("config to yaml");
         std::fs::write(file, yaml).expect("write node config");
         let _ = std::fs::remove_file(&config.admin_socket);
@@ -42,6 +64,8 @@ impl AgentProcess {
             .args(["run", "--config"])
             .arg(file)
             .stdout(stdout)
+            .args(args)
+            .envs(env.iter().copied())
             .env(
                 "INTERCEPTOR_LOG",
                 std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "warn".to_owned()),
@@ -88,6 +112,32 @@ impl AgentProcess {
         // SAFETY: signalling our own, not yet reaped, child.
         unsafe { libc::kill(self.pid(), libc::SIGKILL) };
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM: the agent drains (see the `handover` config) and exits.
+    pub fn sigterm(&self) {
+        // SAFETY: signalling our own, not yet reaped, child.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `limit` for the process to exit on its own; its exit status, or `None`
+    /// if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `interceptor flows --all --json`: open and recently closed flows.

@@ -21,6 +21,7 @@ use super::{
 use crate::{
     config::{Tuning, Workload},
     datapath::{Destination, PodSettings},
+    handover::{ListenerRole, ListenerSpec, take::GivenListener},
     identity::SpiffeId,
     sys,
 };
@@ -31,11 +32,37 @@ pub struct PodHandle {
     pub netns_cookie: u64,
     slot: u32,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Copies of the listeners the accept loops own, for a successor agent (handover).
+    listeners: Vec<(ListenerSpec, OwnedFd)>,
 }
 
 impl PodHandle {
     pub fn slot(&self) -> u32 {
         self.slot
+    }
+
+    /// Duplicates of the pod's listeners and what each is, to hand over to a successor.
+    pub fn listener_copies(&self) -> std::io::Result<(Vec<ListenerSpec>, Vec<OwnedFd>)> {
+        let mut specs = Vec::with_capacity(self.listeners.len());
+        let mut fds = Vec::with_capacity(self.listeners.len());
+        for (spec, fd) in &self.listeners {
+            specs.push(*spec);
+            fds.push(fd.try_clone()?);
+        }
+        Ok((specs, fds))
+    }
+
+    /// Stops accepting and returns once this process holds none of the pod's listeners (a
+    /// successor that holds them keeps the accept queues open). Open flows are not touched.
+    pub async fn stop(mut self) {
+        self.listeners.clear();
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 }
 
@@ -67,7 +94,15 @@ pub(super) struct PodCtx {
 /// to the pod's reserved ports, links not yet pinned), so the error changes nothing; links
 /// and pins of a previous agent for the pod are left as they were (see
 /// [`Datapath::attach_pod`](crate::datapath::Datapath::attach_pod)).
-pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::Result<PodHandle> {
+///
+/// `given`: listeners a previous agent handed over (the same sockets, so their accept queues
+/// were never closed), used instead of binding new ones.
+pub fn enroll(
+    shared: &Arc<Shared>,
+    workload: &Workload,
+    slot: u32,
+    given: Option<Vec<GivenListener>>,
+) -> anyhow::Result<PodHandle> {
     let id = SpiffeId::new(
         shared.trust_domain.clone(),
         &workload.namespace,
@@ -88,6 +123,9 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
                 Vec::new()
             }
         };
+        if let Some(given) = given {
+            return Ok((sort_given(given)?, reserved));
+        }
         let bind = || -> std::io::Result<_> {
             let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
             // IPv6 may be disabled in the pod; IPv4 still works then.
@@ -142,6 +180,7 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
         });
         shared.start_log_flush();
         let mut tasks = Vec::new();
+        let mut copies = Vec::new();
         for (l, direction) in std::iter::once(out4)
             .chain(out6)
             .map(|l| (l, Direction::Outbound))
@@ -152,6 +191,18 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
             )
         {
             l.set_nonblocking(true)?;
+            let at = l.local_addr()?;
+            copies.push((
+                ListenerSpec {
+                    role: match direction {
+                        Direction::Outbound => ListenerRole::Outbound,
+                        Direction::Inbound => ListenerRole::Inbound,
+                    },
+                    ip: at.ip(),
+                    port: at.port(),
+                },
+                OwnedFd::from(l.try_clone()?),
+            ));
             tasks.push(accept_loop(
                 shared,
                 &ctx,
@@ -164,6 +215,7 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
             netns_cookie,
             slot,
             tasks,
+            listeners: copies,
         })
     })();
     match started {
@@ -182,6 +234,34 @@ pub fn enroll(shared: &Arc<Shared>, workload: &Workload, slot: u32) -> anyhow::R
             Err(e)
         }
     }
+}
+
+type Listeners = (
+    std::net::TcpListener,
+    Option<std::net::TcpListener>,
+    std::net::TcpListener,
+    Option<std::net::TcpListener>,
+);
+
+/// Orders handed-over listeners as [`enroll`] binds them: outbound v4, v6, inbound v4, v6.
+fn sort_given(given: Vec<GivenListener>) -> std::io::Result<Listeners> {
+    let (mut out4, mut out6, mut in4, mut in6) = (None, None, None, None);
+    for (spec, l) in given {
+        let slot = match (spec.role, spec.ip.is_ipv6()) {
+            (ListenerRole::Outbound, false) => &mut out4,
+            (ListenerRole::Outbound, true) => &mut out6,
+            (ListenerRole::Inbound, false) => &mut in4,
+            (ListenerRole::Inbound, true) => &mut in6,
+        };
+        *slot = Some(l);
+    }
+    let missing = |what| std::io::Error::other(format!("no {what} listener handed over"));
+    Ok((
+        out4.ok_or_else(|| missing("outbound IPv4"))?,
+        out6,
+        in4.ok_or_else(|| missing("inbound IPv4"))?,
+        in6,
+    ))
 }
 
 /// The datapath half of [`enroll`]: map entries first, then the links, which are pinned last
@@ -255,6 +335,8 @@ fn accept_loop(
     let ctx = Arc::clone(ctx);
     tokio::spawn(async move {
         let mut backoff = AcceptBackoff::default();
+        // Connections wait in the listener's queue meanwhile (see `Shared::accepting`).
+        let _ = shared.accepting.subscribe().wait_for(|open| *open).await;
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(c) => {
@@ -280,14 +362,19 @@ fn accept_loop(
                 flow::reset(stream);
                 continue;
             };
-            tokio::spawn(flow::serve(
+            let live = super::Live::count(&shared);
+            let serve = flow::serve(
                 Arc::clone(&shared),
                 Arc::clone(&ctx),
                 direction,
                 stream,
                 peer,
                 permit,
-            ));
+            );
+            tokio::spawn(async move {
+                serve.await;
+                drop(live);
+            });
         }
     })
 }

@@ -1,0 +1,296 @@
+//! The agent's part in upgrades (`handover:` in the node config): offering its listeners to a
+//! successor, taking them from a predecessor (`run --takeover`), and draining on SIGTERM.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::OwnedFd,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use super::{Agent, shutdown_signal, start_from};
+use crate::{
+    config::{Config, HandoverSettings, Workload},
+    handover::{
+        PodTransfer,
+        serve::{self, Source},
+        take::{self, Asked, GivenListener, ReceivedPod},
+    },
+};
+
+/// Test knob: the new agent waits this many milliseconds between holding the handed-over
+/// listeners and telling the old agent to stop, so a test can kill it there.
+const STALL_ENV: &str = "INTERCEPTOR_HANDOVER_STALL_MS";
+
+/// How often a draining agent looks whether its last flow ended.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// Starts the agent; with `takeover`, first asks the running agent for its listeners and,
+/// once every pod accepts here, tells it to stop accepting. Returns the predecessor's pid
+/// when one handed over.
+pub(super) async fn start(
+    config: Config,
+    takeover: bool,
+) -> anyhow::Result<(Arc<Agent>, Option<i32>)> {
+    let mut taken = None;
+    let mut predecessor_alive = false;
+    if takeover {
+        let settings = config
+            .handover
+            .as_ref()
+            .context("--takeover needs `handover:` (its socket) in the node config")?;
+        let socket = settings.socket.clone();
+        match tokio::task::spawn_blocking(move || take::ask(&socket))
+            .await
+            .context("handover thread")?
+            .context("taking over from the running agent (it keeps serving)")?
+        {
+            Asked::NoPredecessor => {}
+            Asked::Fallback { .. } => predecessor_alive = true,
+            Asked::Received(t) => taken = Some(t),
+        }
+    }
+    let Some(mut t) = taken else {
+        // A predecessor that stepped down still runs its programs until we replace them:
+        // sharing its maps (same layout) keeps what it steers visible to us meanwhile.
+        return Ok((start_from(config, None, predecessor_alive).await?, None));
+    };
+    let agent = match start_from(config, Some(&mut t), true).await {
+        Ok(a) => a,
+        Err(e) => {
+            // The old agent never stopped accepting: it goes on as if we had not come.
+            t.abort(&format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    let pods = u32::try_from(agent.enrolled().len()).unwrap_or(u32::MAX);
+    let predecessor = t.predecessor;
+    if let Some(ms) = std::env::var(STALL_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        warn!(
+            ms,
+            "{STALL_ENV}: holding the handed-over listeners without taking over"
+        );
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let finished = tokio::task::spawn_blocking(move || t.finish(pods)).await;
+    // The old agent stopped accepting (or is gone, or did not answer): from here this agent
+    // accepts; connections that arrived meanwhile waited in the listeners' queues.
+    agent.shared.accepting.send_replace(true);
+    match finished {
+        Ok(Ok((kept, channel))) => {
+            agent
+                .predecessor_flows
+                .store(u64::from(kept), Ordering::Relaxed);
+            take::follow(channel, Arc::clone(&agent.predecessor_flows));
+        }
+        Ok(Err(e)) => warn!(
+            predecessor,
+            "the previous agent did not confirm the hand-over ({e:#}); it accepts on the same \
+             listeners until it exits"
+        ),
+        Err(e) => warn!(predecessor, "handover thread: {e}"),
+    }
+    Ok((agent, Some(predecessor)))
+}
+
+/// Takes the listeners handed over for `w` (matched by name and netns).
+pub(super) fn listeners_for(
+    given: &mut BTreeMap<String, ReceivedPod>,
+    w: &Workload,
+) -> Option<Vec<GivenListener>> {
+    let pod = given.remove(&w.name)?;
+    if pod.transfer.workload.netns != w.netns {
+        warn!(
+            pod = %w.name,
+            "handed over for netns {} but enrolled here in {}: binding new listeners",
+            pod.transfer.workload.netns.display(),
+            w.netns.display()
+        );
+        return None;
+    }
+    Some(pod.listeners)
+}
+
+/// Enrolls the pods the predecessor handed over that neither the node config nor the
+/// persisted enrollments name (enrolled at run time there): they are persisted here too, so
+/// they survive this agent's restart as they would have the old one's.
+pub(super) fn enroll_rest(agent: &Agent, given: BTreeMap<String, ReceivedPod>) {
+    for (name, pod) in given {
+        let w = pod.transfer.workload;
+        let done = agent
+            .validate(&w)
+            .and_then(|()| agent.enroll_with(&w, Some(pod.listeners)))
+            .and_then(|()| {
+                agent.persist(|l| {
+                    l.retain(|p| p.name != w.name);
+                    l.push(w.clone());
+                })
+            });
+        if let Err(e) = done {
+            warn!(pod = %name, "handed over but not enrolled here: {e:#}");
+            agent.mark_stale(&w, &e, None);
+        }
+    }
+}
+
+/// Serves the handover socket until SIGTERM or a successor, then drains: see
+/// `HandoverSettings`. Returns when the process should exit.
+pub(super) async fn serve_until_done(
+    agent: Arc<Agent>,
+    settings: &HandoverSettings,
+    predecessor: Option<i32>,
+) -> anyhow::Result<()> {
+    let listener = serve::bind(&settings.socket)
+        .with_context(|| format!("handover socket {}", settings.socket.display()))?;
+    if let Some(pid) = predecessor {
+        info!(
+            predecessor = pid,
+            socket = %settings.socket.display(),
+            "offering the listeners to the next successor"
+        );
+    }
+    let (done, mut outcome) = tokio::sync::watch::channel(None);
+    let source: Arc<dyn Source> = Arc::new(Handing {
+        agent: Arc::clone(&agent),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    serve::spawn(listener, source, done).context("handover thread")?;
+    let window = settings.drain_window.0;
+    let successor = async {
+        if outcome.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(successor);
+    let deadline = tokio::select! {
+        () = shutdown_signal() => {
+            info!(
+                drain_window = %settings.drain_window,
+                "stopping: serving on until a successor takes the listeners or the drain window ends"
+            );
+            let deadline = tokio::time::Instant::now() + window;
+            tokio::select! {
+                () = &mut successor => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    info!(
+                        flows = agent.open_connections(),
+                        "drain window over without a successor: exiting; pinned programs stay, \
+                         so enrolled pods fail closed until an agent is back"
+                    );
+                    return Ok(());
+                }
+            }
+            deadline
+        }
+        () = &mut successor => tokio::time::Instant::now() + window,
+    };
+    loop {
+        let open = agent.open_connections();
+        if open == 0 {
+            info!("the last open flow ended; exiting");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                flows = open,
+                "drain window over: exiting, the flows still open are reset"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// The running agent as the handover thread sees it.
+struct Handing {
+    agent: Arc<Agent>,
+    /// Stopping accept loops awaits their tasks, from the handover thread.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Handing {
+    /// Stops every pod's accept loops and closes this process's copies of the listeners;
+    /// returns once they are closed. No map entry or pin is touched: the pods stay
+    /// enrolled in the kernel, for the successor.
+    fn stop_accepting(&self) -> usize {
+        self.agent.retired.store(true, Ordering::SeqCst);
+        let pods = std::mem::take(&mut *self.agent.pods.lock().unwrap_or_else(|p| p.into_inner()));
+        let n = pods.len();
+        self.runtime.block_on(async move {
+            for (_, pod) in pods {
+                pod.stop().await;
+            }
+        });
+        n
+    }
+}
+
+impl Source for Handing {
+    fn pods(&self) -> anyhow::Result<Vec<(PodTransfer, Vec<OwnedFd>)>> {
+        let pods = self.agent.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.values()
+            .map(|pod| {
+                let (specs, fds) = pod
+                    .listener_copies()
+                    .with_context(|| format!("listeners of `{}`", pod.workload.name))?;
+                Ok((
+                    PodTransfer {
+                        workload: pod.workload.clone(),
+                        netns_cookie: pod.netns_cookie,
+                        listeners: specs,
+                    },
+                    fds,
+                ))
+            })
+            .collect()
+    }
+
+    fn release(&self) -> u32 {
+        let pods = self.stop_accepting();
+        // The successor pinned its own links over ours: dropping ours detaches them, so
+        // only its programs run from here on (on the same maps).
+        self.agent
+            .shared
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release_links();
+        let flows = self.open_flows();
+        info!(pods, flows, "stopped accepting; draining the open flows");
+        u32::try_from(flows).unwrap_or(u32::MAX)
+    }
+
+    fn step_down(&self) -> u32 {
+        self.stop_accepting();
+        // Still pinned, our links stay attached until the successor pins its own over them;
+        // then they detach instead of running beside its programs until we exit.
+        self.agent
+            .shared
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release_links();
+        u32::try_from(self.open_flows()).unwrap_or(u32::MAX)
+    }
+
+    fn open_flows(&self) -> usize {
+        self.agent.open_connections()
+    }
+}
+
+impl Agent {
+    /// Connections this process still holds, those in set-up included.
+    fn open_connections(&self) -> usize {
+        usize::try_from(self.shared.live.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+    }
+
+    pub(super) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+}
