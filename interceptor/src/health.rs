@@ -10,6 +10,9 @@ pub struct Readiness {
     pub policy_loaded: AtomicBool,
     /// Set at start when the agent has no cluster to sync with.
     pub cluster_synced: AtomicBool,
+    /// A successor took the listeners: this agent only finishes its open flows, reports not
+    /// ready, and gives the metrics port up so the successor can bind it.
+    pub retired: AtomicBool,
 }
 
 impl Readiness {
@@ -19,6 +22,9 @@ impl Readiness {
 
     /// The steps that do not hold yet, by name, for the `/readyz` body.
     pub fn missing(&self) -> Vec<&'static str> {
+        if self.retired.load(Ordering::Acquire) {
+            return vec!["retired (a successor serves the pods)"];
+        }
         [
             ("programs_attached", &self.programs_attached),
             ("ca_loaded", &self.ca_loaded),

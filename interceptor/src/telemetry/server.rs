@@ -25,6 +25,8 @@ use crate::health::Readiness;
 const MAX_CONNECTIONS: usize = 32;
 /// A client must send its request head within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon an idle listener notices that the agent retired.
+const RETIRED_POLL: Duration = Duration::from_millis(250);
 
 /// Binds `addr` once it is free (retrying every second while it is in use) and serves.
 pub async fn serve_when_free(
@@ -49,16 +51,23 @@ pub async fn serve_when_free(
     }
 }
 
-/// Serves until the runtime stops.
+/// Serves until the runtime stops or the agent retires: a successor started with
+/// `--takeover` waits for this address (see [`serve_when_free`]), so a retired agent closes it
+/// instead of holding it for its whole drain.
 pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>, readiness: Arc<Readiness>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        if readiness.retired.load(std::sync::atomic::Ordering::Acquire) {
+            info!("retired: metrics and probes are the successor's now");
+            return;
+        }
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
+        let stream = match tokio::time::timeout(RETIRED_POLL, listener.accept()).await {
+            Err(_) => continue,
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(e)) => {
                 warn!(error = %e, "observability listener: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
