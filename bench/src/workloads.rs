@@ -680,23 +680,6 @@ fn scale(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
             m.push((name(format!("bulk_p{flows}_{k}")), v));
         }
     }
-    if has_proxy(active) {
-        for count in SCALE_IDLE {
-            let h = hold_idle(topo, active, env, count)?;
-            let n = count as f64;
-            m.push((
-                name(format!("idle_n{count}_rss_kb_per_conn")),
-                (h.rss_mb - h.rss_before_mb) * 1e3 / n,
-            ));
-            m.push((
-                name(format!("idle_n{count}_fds_per_conn")),
-                (h.fds - h.fds_before) / n,
-            ));
-            m.push((name(format!("idle_n{count}_proxy_rss_mb")), h.rss_mb));
-            // Let the proxies close the held flows before the next count.
-            procs::sleep(Duration::from_secs(2))?;
-        }
-    }
     for threads in SCALE_THREADS {
         let mut cmd = bench_in_client(topo, env)?;
         cmd.args([
@@ -727,6 +710,23 @@ fn scale(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
                 name(format!("setup_t{threads}_proxy_cpu_ms_per_conn")),
                 cpu.proxy * 1000.0 / n,
             ));
+        }
+    }
+    if has_proxy(active) {
+        for count in SCALE_IDLE {
+            let h = hold_idle(topo, active, env, count)?;
+            let n = count as f64;
+            m.push((
+                name(format!("idle_n{count}_rss_kb_per_conn")),
+                (h.rss_mb - h.rss_before_mb) * 1e3 / n,
+            ));
+            m.push((
+                name(format!("idle_n{count}_fds_per_conn")),
+                (h.fds - h.fds_before) / n,
+            ));
+            m.push((name(format!("idle_n{count}_proxy_rss_mb")), h.rss_mb));
+            // Let the proxies close the held flows before the next count.
+            procs::sleep(Duration::from_secs(2))?;
         }
     }
     Ok(m)
