@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::IpAddr,
     os::unix::net::UnixStream,
     path::Path,
@@ -144,9 +144,10 @@ pub fn call(socket: &Path, timeout: Duration, request: &Value) -> Result<String,
     stream
         .write_all(line.as_bytes())
         .map_err(|e| unreachable("write to", e))?;
+    // Bounded like the agent's own request lines.
     let mut answer = String::new();
-    BufReader::new(&stream)
-        .take_line(&mut answer)
+    BufReader::new((&stream).take(1 << 20))
+        .read_line(&mut answer)
         .map_err(|e| unreachable("read from", e))?;
     if answer.trim().is_empty() {
         return Err(AgentError::Unreachable(format!(
@@ -164,17 +165,6 @@ pub fn call(socket: &Path, timeout: Duration, request: &Value) -> Result<String,
     match value.get("result").and_then(Value::as_str) {
         Some("ok") => Ok(message),
         _ => Err(AgentError::Refused(message)),
-    }
-}
-
-/// `read_line` bounded like the agent's own request lines.
-trait TakeLine {
-    fn take_line(self, out: &mut String) -> std::io::Result<usize>;
-}
-
-impl<R: std::io::BufRead> TakeLine for R {
-    fn take_line(self, out: &mut String) -> std::io::Result<usize> {
-        self.take(1 << 20).read_line(out)
     }
 }
 

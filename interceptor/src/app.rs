@@ -2,6 +2,8 @@
 //! configured and persisted pods, serve the admin API, and on SIGTERM exit leaving the pinned
 //! programs in place so enrolled pods stay fail-closed until the agent is back.
 
+mod kubernetes;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -21,6 +23,7 @@ use crate::{
     config::{self, CniSettings, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::{CryptoPolicy, MeshSuite},
+    health::Readiness,
     intercept::{
         self, Identity, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
@@ -53,6 +56,8 @@ pub struct Agent {
     sandboxes: Mutex<BTreeMap<String, String>>,
     /// What was last written to `cni.membershipFile`.
     membership_written: Mutex<Option<MembershipFile>>,
+    /// What `/readyz` reports.
+    readiness: Arc<Readiness>,
 }
 
 /// A persisted enrollment the agent could not restore.
@@ -144,7 +149,47 @@ pub async fn start(config: Config) -> anyhow::Result<Arc<Agent>> {
             .with_context(|| format!("attach to cni.parentCgroup {}", parent.display()))?;
         info!(parent = %parent.display(), "pods are enrolled by network namespace");
     }
-    let agent = start_with(config.clone(), offload, ca, datapath, policy).await?;
+    // Kubernetes mode: the watchers start first, and pods are enrolled once the cluster was
+    // listed (or after SYNC_WAIT, not ready until it is), so the first decisions already
+    // see the cluster's policy and peers.
+    let directory = match &config.kubernetes {
+        Some(settings) => {
+            let directory = kubernetes::connect(settings).await?;
+            if !kubernetes::wait_synced(&directory, kubernetes::SYNC_WAIT).await {
+                warn!(
+                    "the API server has not been listed within {:?}; serving, not ready",
+                    kubernetes::SYNC_WAIT
+                );
+            }
+            Some(directory)
+        }
+        None => None,
+    };
+    let agent = start_with(
+        config.clone(),
+        offload,
+        ca,
+        datapath,
+        policy,
+        directory.clone(),
+    )
+    .await?;
+    let ready = &agent.readiness;
+    for flag in [
+        &ready.programs_attached,
+        &ready.ca_loaded,
+        &ready.policy_loaded,
+    ] {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    }
+    match directory {
+        Some(directory) => {
+            kubernetes::start_following(Arc::clone(&agent), directory).await;
+        }
+        None => ready
+            .cluster_synced
+            .store(true, std::sync::atomic::Ordering::Release),
+    }
     tokio::spawn(watch_ca(
         Arc::clone(&agent.shared),
         config.ca_dir.clone(),
@@ -160,6 +205,7 @@ async fn start_with(
     ca: Ca,
     datapath: Datapath,
     policy: Enforcer,
+    cluster: Option<crate::cluster::kube::KubeDirectory>,
 ) -> anyhow::Result<Arc<Agent>> {
     let identity = Identity {
         renew: RenewPolicy {
@@ -187,7 +233,7 @@ async fn start_with(
                 &peer.service_account,
             )?;
             for ip in &peer.ips {
-                dp.set_destination(*ip, None, interceptor_common::ACTION_STEER)?;
+                dp.set_destination(*ip, None, crate::datapath::Destination::Steer)?;
             }
         }
     }
@@ -204,13 +250,11 @@ async fn start_with(
         changes: tokio::sync::Mutex::new(()),
         peers: config.peers.clone(),
         services: config.services.clone(),
-        directory: config
-            .cni
-            .as_ref()
-            .map(|c| Arc::new(StaticDirectory::new(c)) as Arc<dyn PodDirectory>),
+        directory: pod_directory(&config, cluster),
         cni: config.cni.clone(),
         sandboxes: Mutex::new(BTreeMap::new()),
         membership_written: Mutex::new(None),
+        readiness: Arc::new(Readiness::default()),
     });
     agent.write_membership();
     // The node config is the operator's: a workload there that cannot be enrolled refuses
@@ -518,6 +562,21 @@ impl Agent {
         &self.shared.offload
     }
 
+    /// Start-up steps that hold, for `/readyz`.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        Arc::clone(&self.readiness)
+    }
+
+    /// The workloads enrolled now.
+    fn enrolled_workloads(&self) -> Vec<Workload> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.workload.clone())
+            .collect()
+    }
+
     /// The crypto policy in force.
     pub fn crypto_policy(&self) -> CryptoPolicy {
         self.shared.crypto().policy()
@@ -816,6 +875,20 @@ impl Agent {
     }
 }
 
+/// Who the pods the CNI plugin names are: only needed with `cni:`. The static table of
+/// `cni.namespaces`/`cni.pods` here; an API-server-backed directory takes its place where the
+/// node has one.
+fn pod_directory(
+    config: &Config,
+    cluster: Option<crate::cluster::kube::KubeDirectory>,
+) -> Option<Arc<dyn PodDirectory>> {
+    if let Some(cluster) = cluster {
+        return Some(Arc::new(cluster));
+    }
+    let cni = config.cni.as_ref()?;
+    Some(Arc::new(StaticDirectory::new(cni)))
+}
+
 /// The enrollment name of a pod the CNI plugin names: unique on the node, as in Kubernetes.
 pub fn cni_pod_name(pod: &PodRef) -> String {
     format!("{}/{}", pod.namespace, pod.name)
@@ -1108,7 +1181,7 @@ impl admin::Handler for Agent {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .counters();
-                let stats = interceptor_common::Counter::ALL
+                let stats = crate::datapath::Counter::ALL
                     .iter()
                     .map(|k| (format!("{k:?}"), serde_json::Value::from(c.get(*k))))
                     .chain(

@@ -4,6 +4,8 @@
 //! reflector in a cluster and a static table on hosts without one; both answer through this
 //! trait so enrollment has one code path.
 
+pub mod kube;
+
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};

@@ -198,6 +198,44 @@ pub struct Config {
     /// Netns-keyed enrollment by the CNI plugin; absent: pods are enrolled by cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cni: Option<CniSettings>,
+    /// Kubernetes mode: pods, namespaces, services and Istio policy come from the API server
+    /// (added to whatever the file/static fields above say).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSettings>,
+}
+
+/// `kubernetes:` of the node config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// A kubeconfig file (development); absent: the pod's service account (in-cluster).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The node this agent runs on (`spec.nodeName` of its pods); absent: the `NODE_NAME`
+    /// environment variable, which a DaemonSet sets from the downward API.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The label key of enablement: namespaces with `<meshLabel>: enabled` are in the mesh,
+    /// a pod with `<meshLabel>: disabled` opts out.
+    #[serde(default = "default_mesh_label")]
+    pub mesh_label: String,
+}
+
+impl KubernetesSettings {
+    /// The node name from the config or, failing that, from `env` (the value of `NODE_NAME`).
+    pub fn node(&self, env: Option<String>) -> Result<String, String> {
+        self.node_name
+            .clone()
+            .or(env)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                "kubernetes.nodeName: not set, and NODE_NAME is not in the environment".to_owned()
+            })
+    }
+}
+
+fn default_mesh_label() -> String {
+    "interceptor.io/mtls".to_owned()
 }
 
 /// `identity:` of the node config.
@@ -499,6 +537,20 @@ impl Config {
                         p.namespace, p.name
                     ));
                 }
+            }
+        }
+        if let Some(k) = &self.kubernetes {
+            if let Some(path) = &k.kubeconfig {
+                check_relative(path, "kubernetes.kubeconfig")?;
+            }
+            if k.node_name.as_deref() == Some("") {
+                return Err("kubernetes.nodeName: must not be empty".to_owned());
+            }
+            if k.mesh_label.is_empty() || k.mesh_label.contains(char::is_whitespace) {
+                return Err(format!(
+                    "kubernetes.meshLabel: `{}` is not a label key",
+                    k.mesh_label
+                ));
             }
         }
         for (i, d) in self.policy.cert_dirs.iter().enumerate() {
@@ -1194,6 +1246,32 @@ tuning:
             .replace("{port: 27017}", "{port: 8000}");
         let e = Config::parse("n", &twice).unwrap_err().to_string();
         assert!(e.contains("10.96.0.20:8000"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_section_parses_strictly() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.kubernetes, None, "absent: file/static mode");
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}kubernetes:\n{yaml}"));
+        let c = with("  kubeconfig: /etc/kube/config\n  nodeName: node-a\n").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig.as_deref(), Some(Path::new("/etc/kube/config")));
+        assert_eq!(k.mesh_label, "interceptor.io/mtls");
+        assert_eq!(k.node(Some("env".into())).unwrap(), "node-a");
+        let c = Config::parse("n", &format!("{EXAMPLE}kubernetes: {{}}\n")).unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig, None, "in-cluster");
+        assert_eq!(k.node(Some("from-env".into())).unwrap(), "from-env");
+        assert!(k.node(None).unwrap_err().contains("NODE_NAME"));
+        for (yaml, named) in [
+            ("  nodename: a\n", "nodename"),
+            ("  kubeconfig: rel/path\n", "kubernetes.kubeconfig"),
+            ("  nodeName: \"\"\n", "kubernetes.nodeName"),
+            ("  meshLabel: \"a b\"\n", "kubernetes.meshLabel"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(named), "{yaml}: {e}");
+        }
     }
 
     #[test]

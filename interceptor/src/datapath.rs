@@ -15,8 +15,10 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash, SockMap},
     programs::{CgroupAttachMode, Program, ProgramError, SkLookup, links::FdLink},
 };
+pub use interceptor_common::Counter;
 use interceptor_common::{
-    Counter, DestAction, FlowKey, LegKey, OrigDst, PodAddrKey, PodConfig, SockAddr, maps,
+    ACTION_PASSTHROUGH, ACTION_STEER, DestAction, FlowKey, LegKey, OrigDst,
+    POD_FLAG_LOCAL_LEG_SKMSG, POD_FLAG_STEER_INBOUND, PodAddrKey, PodConfig, SockAddr, maps,
 };
 
 /// The compiled eBPF object, built by aya-build from `interceptor-ebpf`.
@@ -427,9 +429,10 @@ impl Datapath {
     pub fn enroll_pod_netns(
         &mut self,
         netns_cookie: u64,
-        config: PodConfig,
+        settings: PodSettings,
         own_addrs: &[IpAddr],
     ) -> Result<()> {
+        let config = settings.abi();
         for ip in own_addrs {
             let key = PodAddrKey {
                 netns_cookie,
@@ -460,8 +463,17 @@ impl Datapath {
     }
 
     /// Decides what connect() does for a destination address (any port when `port` is None).
-    pub fn set_destination(&mut self, ip: IpAddr, port: Option<u16>, action: u32) -> Result<()> {
+    pub fn set_destination(
+        &mut self,
+        ip: IpAddr,
+        port: Option<u16>,
+        action: Destination,
+    ) -> Result<()> {
         let key = dest_key(ip, port);
+        let action = match action {
+            Destination::Steer => ACTION_STEER,
+            Destination::Passthrough => ACTION_PASSTHROUGH,
+        };
         self.dest_policy
             .insert(key, DestAction { action, _pad: 0 }, 0)
             .map_err(map_err(maps::DEST_POLICY))
@@ -695,6 +707,50 @@ impl Datapath {
         }
         Counters(out)
     }
+}
+
+/// What the agent asks of the eBPF programs for one pod's netns; [`PodConfig`] is its ABI
+/// form.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodSettings {
+    /// The agent's outbound listener in the pod (connect4/6 steer to it).
+    pub outbound_port: u16,
+    /// The agent's inbound listener in the pod.
+    pub inbound_port: u16,
+    /// The pod's index in sk_lookup's listener sockmap.
+    pub inbound_slot: u32,
+    /// sk_lookup hands connections to the pod's addresses to the agent.
+    pub steer_inbound: bool,
+    /// sockops and sk_msg short-cut the app <-> agent loopback leg (`tuning.skMsgLocalLeg`).
+    pub local_leg_skmsg: bool,
+}
+
+impl PodSettings {
+    fn abi(self) -> PodConfig {
+        let mut flags = 0;
+        if self.steer_inbound {
+            flags |= POD_FLAG_STEER_INBOUND;
+        }
+        if self.local_leg_skmsg {
+            flags |= POD_FLAG_LOCAL_LEG_SKMSG;
+        }
+        PodConfig {
+            outbound_port_be: self.outbound_port.to_be(),
+            inbound_port_be: self.inbound_port.to_be(),
+            inbound_slot: self.inbound_slot,
+            flags,
+            _pad: 0,
+        }
+    }
+}
+
+/// What connect() in an enrolled pod does for a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// Steered to the agent's outbound listener.
+    Steer,
+    /// Left alone (kernel networking).
+    Passthrough,
 }
 
 /// A snapshot of the eBPF counters.

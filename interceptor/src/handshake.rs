@@ -34,6 +34,7 @@ use rustls::{
     version::TLS13,
 };
 
+pub(crate) use self::verifier::ServerChain;
 pub use self::{
     provider::{
         CompliancePolicy, CryptoPolicy, MeshCrypto, MeshGroup, MeshSuite, group_name,

@@ -95,6 +95,7 @@ pub fn config(
         tuning: Tuning::default(),
         identity: Default::default(),
         cni: None,
+        kubernetes: None,
     }
 }
 

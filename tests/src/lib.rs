@@ -5,6 +5,7 @@
 //! Tests that need root never skip: without privileges they fail, saying why.
 
 pub mod agent;
+pub mod apiserver;
 pub mod apps;
 pub mod crypto;
 pub mod demo;

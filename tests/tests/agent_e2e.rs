@@ -443,7 +443,7 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
         );
     }
     let after = agent.agent.counters();
-    let c = interceptor_common::Counter::SkMsgRedirected;
+    let c = interceptor::datapath::Counter::SkMsgRedirected;
     assert!(
         after.get(c) > before.get(c),
         "sk_msg redirected nothing: {before:?} → {after:?}"
@@ -476,7 +476,7 @@ fn sk_msg_local_leg_option_redirects_and_stays_correct() {
     for r in client_rows {
         assert_eq!(r.protection, expected_protection(), "{r:?}");
     }
-    let spent = interceptor_common::Counter::SkMsgBudgetSpent;
+    let spent = interceptor::datapath::Counter::SkMsgBudgetSpent;
     let end = agent.agent.counters();
     assert!(
         end.get(spent) > after.get(spent),

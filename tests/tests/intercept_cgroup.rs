@@ -7,8 +7,8 @@ use std::{
     time::Duration,
 };
 
+use interceptor::datapath::{Counter, Destination, PodSettings};
 use interceptor::{datapath::Datapath, sys};
-use interceptor_common::{ACTION_STEER, Counter, PodConfig};
 use interceptor_tests::{Cgroup, NetNs, accept_within, connect_from, require_privileged};
 
 const POD_IP: &str = "10.77.0.2";
@@ -43,14 +43,14 @@ fn enrolled_datapath(pod: &Pod, cgroup: &Cgroup) -> Datapath {
     let mut dp = Datapath::load(Default::default()).expect("load eBPF");
     dp.enroll_pod_netns(
         pod.netns_cookie,
-        PodConfig {
-            outbound_port_be: AGENT_PORT.to_be(),
+        PodSettings {
+            outbound_port: AGENT_PORT,
             ..Default::default()
         },
         &[POD_IP.parse().unwrap()],
     )
     .expect("pod config");
-    dp.set_destination("10.77.0.1".parse().unwrap(), None, ACTION_STEER)
+    dp.set_destination("10.77.0.1".parse().unwrap(), None, Destination::Steer)
         .expect("destination");
     dp.enroll_cgroup(&cgroup.path).expect("attach to cgroup");
     dp
@@ -121,7 +121,7 @@ fn loopback_and_own_pod_addresses_are_never_steered() {
     let cgroup = Cgroup::new("icg");
     let mut dp = enrolled_datapath(&pod, &cgroup);
     // Even if the pod's own address were marked as a mesh destination, it is not steered.
-    dp.set_destination(POD_IP.parse().unwrap(), None, ACTION_STEER)
+    dp.set_destination(POD_IP.parse().unwrap(), None, Destination::Steer)
         .unwrap();
     let own = pod.ns.run(|| TcpListener::bind((POD_IP, 9090)));
     let child = connect_from(
@@ -170,8 +170,8 @@ fn a_connect_that_never_establishes_frees_its_original_destination() {
     // Steer to a port nothing listens on: every connect is refused.
     dp.enroll_pod_netns(
         pod.netns_cookie,
-        PodConfig {
-            outbound_port_be: 15099u16.to_be(),
+        PodSettings {
+            outbound_port: 15099,
             ..Default::default()
         },
         &[POD_IP.parse().unwrap()],

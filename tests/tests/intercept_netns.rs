@@ -9,8 +9,11 @@ use std::{
     time::Duration,
 };
 
-use interceptor::{datapath::Datapath, sys};
-use interceptor_common::{ACTION_STEER, AGENT_SOCKET_MARK, Counter, PodConfig, maps};
+use interceptor::{
+    datapath::{Datapath, Destination, PodSettings},
+    sys,
+};
+use interceptor_common::{AGENT_SOCKET_MARK, Counter, maps};
 use interceptor_tests::{
     Cgroup, NetNs, accept_within, connect_from, connect_from_marked, require_privileged,
 };
@@ -64,14 +67,17 @@ fn programs_at_a_parent_cgroup_act_only_on_enrolled_netns() {
     let mut dp = Datapath::load(Default::default()).expect("load eBPF");
     dp.enroll_pod_netns(
         enrolled.cookie,
-        PodConfig {
-            outbound_port_be: AGENT_PORT.to_be(),
-            ..Default::default()
+        PodSettings {
+            outbound_port: AGENT_PORT,
+            inbound_port: 0,
+            inbound_slot: 0,
+            steer_inbound: false,
+            local_leg_skmsg: false,
         },
         &[POD_IP.parse().unwrap()],
     )
     .expect("pod config");
-    dp.set_destination("10.78.0.1".parse().unwrap(), None, ACTION_STEER)
+    dp.set_destination("10.78.0.1".parse().unwrap(), None, Destination::Steer)
         .expect("destination");
     // Once, at the parent: the pod's own cgroup (created by the runtime later) inherits it.
     dp.enroll_cgroup(&parent.path)

@@ -100,6 +100,9 @@ struct DemoArgs {
     /// Run the demo inside the QEMU VM on Debian 6.1, where the kernel has TLS.
     #[arg(long)]
     vm: bool,
+    /// Real containers instead: podman pods (CNI backend) enrolled by `interceptor-cni`.
+    #[arg(long, conflicts_with = "vm")]
+    containers: bool,
 }
 
 /// `cargo build --release` of the agent and `package`'s binary `bin`, in one cargo run.
@@ -122,6 +125,38 @@ fn build_release_with_agent(root: &Path, package: &str, bin: &str) -> Result<()>
 }
 
 fn demo(root: &Path, args: &DemoArgs) -> Result<()> {
+    if args.containers {
+        // The container end-to-end test, narrating: the binaries it drives sit next to it.
+        run(
+            root,
+            Command::new("cargo").args([
+                "build",
+                "-p",
+                "interceptor",
+                "--bin",
+                "interceptor",
+                "-p",
+                "interceptor-cni",
+                "--bin",
+                "interceptor-cni",
+            ]),
+        )?;
+        return run(
+            root,
+            Command::new("cargo")
+                .args([
+                    "test",
+                    "-p",
+                    "interceptor-tests",
+                    "--test",
+                    "cni_podman",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("INTERCEPTOR_DEMO", "1")
+                .env("INTERCEPTOR_REQUIRE_PRIVILEGED", "1"),
+        );
+    }
     if args.vm {
         return vm::vm_test(
             root,

@@ -11,7 +11,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::run;
 
 /// Debian packages: QEMU and an initramfs toolkit for the kTLS VM, the network tools the
-/// end-to-end tests drive, and the clients, servers and sidecar proxy the benchmark compares.
+/// end-to-end tests drive, the clients, servers and sidecar proxy the benchmark compares, and
+/// the container runtime the CNI plugin is tested under.
 const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -27,6 +28,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",
     "sockperf",
     "wrk",
+    // The CNI plugin's end-to-end test and `demo --containers`: a real container runtime
+    // with the CNI network backend (runc: crun refuses hybrid cgroup hosts).
+    "podman",
+    "runc",
+    "containernetworking-plugins",
 ];
 
 const BPF_LINKER_SERIES: &str = "0.13";

@@ -60,6 +60,8 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
             "xtask",
             "-p",
             "interceptor-bench",
+            "-p",
+            "interceptor-cni",
         ]),
     )?;
     host_privileged(root)?;
@@ -88,10 +90,21 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
 /// Every host-capable integration test of `interceptor-tests`, as root, with skips turned into
 /// failures.
 fn host_privileged(root: &Path) -> Result<()> {
-    // The demo test drives the real `interceptor` binary, found next to the test executables.
+    // The demo test drives the real `interceptor` binary, and the CNI test the real
+    // `interceptor-cni`, found next to the test executables.
     run(
         root,
-        Command::new("cargo").args(["build", "-p", "interceptor", "--bin", "interceptor"]),
+        Command::new("cargo").args([
+            "build",
+            "-p",
+            "interceptor",
+            "--bin",
+            "interceptor",
+            "-p",
+            "interceptor-cni",
+            "--bin",
+            "interceptor-cni",
+        ]),
     )?;
     let metadata = cargo_metadata::MetadataCommand::new()
         .current_dir(root)

@@ -58,11 +58,15 @@ const REQUIRED_HOST_TOOLS: &[&str] = &[
 /// resource limits, libfaketime which the guest lacks). One per line, so parallel additions merge cleanly.
 const HOST_ONLY: &[&str] = &[
     "churn_e2e",
+    "cni_enroll",
+    "cni_podman",
     "crypto_e2e",
     "enroll_e2e",
     "faults_e2e",
     "identity_clock",
     "intercept_netns",
+    "kube_e2e",
+    "kube_watch",
     "limits_e2e",
     "limits_flood",
     "relay_userspace",

@@ -22,17 +22,72 @@ use std::sync::Arc;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore,
     SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::WebPkiSupportedAlgorithms,
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::{self, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, ServerName, UnixTime},
-    server::danger::{ClientCertVerified, ClientCertVerifier},
+    server::{
+        ParsedCertificate,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
 };
 
 use super::cache::{VerifiedChains, leaf_identity};
-use crate::{
-    identity::{CertIdentityError, SpiffeId, TrustDomain},
-    intercept::originate::ServerChain,
-};
+use crate::identity::{CertIdentityError, SpiffeId, TrustDomain};
+
+/// The server-certificate checks rustls' `WebPkiServerVerifier` makes (trust anchor,
+/// signatures, validity, `serverAuth` usage, handshake signatures) without its DNS/IP name
+/// match, which each verifier replaces with its own: the rule's names here, the SPIFFE ID in
+/// the mesh's own verifier (`MeshServerVerifier`).
+#[derive(Debug)]
+pub(crate) struct ServerChain {
+    pub(crate) roots: Arc<RootCertStore>,
+    pub(crate) algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerChain {
+    /// Validates `end_entity`'s chain to the roots and returns it parsed for the name check.
+    pub(crate) fn verify<'a>(
+        &self,
+        end_entity: &'a CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ParsedCertificate<'a>, Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        Ok(cert)
+    }
+
+    pub(crate) fn tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    pub(crate) fn tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    pub(crate) fn supported_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
 
 /// Why a peer whose certificate chains to the mesh root was still refused.
 ///

@@ -370,11 +370,58 @@ struct Inputs {
     credential_files: Vec<PathBuf>,
     /// The last policy set that loaded.
     good: PolicySet,
+    /// The policy files as last read, loaded together with the cluster's objects.
+    files: Vec<(String, String)>,
     workloads: Vec<config::Workload>,
     peers: Vec<config::Peer>,
     services: Vec<config::Service>,
+    /// What the API server says (Kubernetes mode), next to the node config's.
+    cluster: ClusterInputs,
     /// The node's crypto policy, which TLS origination follows.
     crypto: CryptoPolicy,
+}
+
+/// The API server's contribution to policy: Istio objects as documents, mesh pods of other
+/// nodes and services.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClusterInputs {
+    pub documents: Vec<(String, String)>,
+    pub peers: Vec<config::Peer>,
+    pub services: Vec<config::Service>,
+}
+
+impl Inputs {
+    /// Policy files and cluster objects, loaded as one set.
+    fn documents(&self) -> Vec<(String, String)> {
+        self.files
+            .iter()
+            .chain(&self.cluster.documents)
+            .cloned()
+            .collect()
+    }
+
+    fn inventory(&self) -> policy::Inventory {
+        let peers: Vec<config::Peer> = self
+            .peers
+            .iter()
+            .chain(&self.cluster.peers)
+            .cloned()
+            .collect();
+        let services: Vec<config::Service> = self
+            .services
+            .iter()
+            .chain(&self.cluster.services)
+            .cloned()
+            .collect();
+        config::policy_inventory(&self.workloads, &peers, &services)
+    }
+}
+
+/// The outcome of [`Enforcer::set_cluster`]: the peers and services always take effect;
+/// objects that do not load are `rejected` and the last good policy stays.
+pub struct ClusterReload {
+    pub generation: Option<(Arc<Generation>, Arc<Generation>)>,
+    pub rejected: Option<String>,
 }
 
 /// The outcome of [`Enforcer::poll`].
@@ -412,16 +459,16 @@ impl Enforcer {
         let settings = config.policy_settings();
         let dir = config.policy_dir.clone();
         let cert_files = originate::CertFiles::new(config.policy.cert_dirs.clone());
-        let (set, snapshot, credential_files) = match &dir {
+        let (set, snapshot, credential_files, files) = match &dir {
             Some(dir) => {
                 let files = read_policy_dir(dir)?;
                 let set = policy::load_documents(&files)
                     .map_err(|e| anyhow::anyhow!("invalid policy in {}:\n{e}", dir.display()))?;
                 let creds = originate::credential_files(&set.destination_rules);
                 let snapshot = snapshot(dir, &creds, &cert_files);
-                (set, snapshot, creds)
+                (set, snapshot, creds, files)
             }
-            None => (PolicySet::default(), Vec::new(), Vec::new()),
+            None => (PolicySet::default(), Vec::new(), Vec::new(), Vec::new()),
         };
         let inventory =
             config::policy_inventory(&config.workloads, &config.peers, &config.services);
@@ -445,9 +492,11 @@ impl Enforcer {
                 snapshot,
                 credential_files,
                 good: set,
+                files,
                 workloads: config.workloads.clone(),
                 peers: config.peers.clone(),
                 services: config.services.clone(),
+                cluster: ClusterInputs::default(),
                 crypto: config.crypto,
             }),
             reload_failures: AtomicU64::new(0),
@@ -485,7 +534,10 @@ impl Enforcer {
         inputs.snapshot = now;
         let loaded = read_policy_dir(dir)
             .map_err(|e| format!("{e:#}"))
-            .and_then(|files| policy::load_documents(&files).map_err(|e| e.to_string()));
+            .and_then(|files| {
+                inputs.files = files;
+                policy::load_documents(&inputs.documents()).map_err(|e| e.to_string())
+            });
         let set = match loaded {
             Ok(set) => set,
             Err(e) => return self.rejected(e),
@@ -513,6 +565,44 @@ impl Enforcer {
         self.rebuild(&mut inputs, set)
     }
 
+    /// Replaces what the API server says and rebuilds. Peers and services take effect in any
+    /// case; objects that do not load (together with the policy files) are reported in
+    /// `rejected`, naming each bad object, and the last good policy stays.
+    pub fn set_cluster(&self, cluster: ClusterInputs) -> ClusterReload {
+        let mut inputs = self.inputs();
+        let documents_changed = inputs.cluster.documents != cluster.documents;
+        inputs.cluster = cluster;
+        let good = inputs.good.clone();
+        let mut rejected = None;
+        let mut attempt = None;
+        if documents_changed {
+            match policy::load_documents(&inputs.documents()) {
+                Ok(set) => attempt = Some(set),
+                Err(e) => rejected = Some(e.to_string()),
+            }
+        }
+        let mut generation = None;
+        if let Some(set) = attempt {
+            match self.rebuild(&mut inputs, set) {
+                Ok(applied) => generation = Some(applied),
+                Err(e) => rejected = Some(e),
+            }
+        }
+        if generation.is_none() {
+            match self.rebuild(&mut inputs, good) {
+                Ok(applied) => generation = Some(applied),
+                Err(e) => rejected = Some(e),
+            }
+        }
+        if let Some(e) = &rejected {
+            self.rejected(e.clone());
+        }
+        ClusterReload {
+            generation,
+            rejected,
+        }
+    }
+
     /// Replaces the node's crypto policy and rebuilds, so TLS origination follows it.
     pub fn set_crypto(
         &self,
@@ -529,8 +619,7 @@ impl Enforcer {
         inputs: &mut Inputs,
         set: PolicySet,
     ) -> Result<(Arc<Generation>, Arc<Generation>), String> {
-        let inventory =
-            config::policy_inventory(&inputs.workloads, &inputs.peers, &inputs.services);
+        let inventory = inputs.inventory();
         let number = self.current().number + 1;
         let generation = Arc::new(Generation::build(
             set.clone(),
@@ -1079,5 +1168,66 @@ spec:
         let a: SocketAddr = "10.88.0.10:80".parse().unwrap();
         let b: SocketAddr = "10.88.0.12:80".parse().unwrap();
         assert_eq!(picks, [a, b, a, b]);
+    }
+
+    /// Istio objects from the API server join the policy files' set; a bad object is named,
+    /// counted and keeps the last good policy, while the cluster's peers still take effect.
+    #[test]
+    fn cluster_objects_join_policy_and_a_bad_one_keeps_the_last_good() {
+        let dir = Scratch::new("cluster");
+        let e = Enforcer::load(&config(&dir.0)).unwrap();
+        let client: SocketAddr = "10.88.0.11:40000".parse().unwrap();
+        let server: SocketAddr = "10.88.0.10:80".parse().unwrap();
+        assert!(!e.current().requires_mtls(client, server));
+        let object = |name: &str, mode: &str| {
+            (
+                format!(
+                    "PeerAuthentication full/{name} (security.istio.io/v1 from the API server)"
+                ),
+                format!(
+                    r#"{{"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication",
+                    "metadata":{{"name":"{name}","namespace":"full","uid":"u"}},
+                    "spec":{{"mtls":{{"mode":"{mode}"}}}}}}"#
+                ),
+            )
+        };
+        let r = e.set_cluster(ClusterInputs {
+            documents: vec![object("strict", "STRICT")],
+            ..Default::default()
+        });
+        assert!(r.rejected.is_none() && r.generation.is_some());
+        assert!(e.current().requires_mtls(client, server));
+        let peer = config::Peer {
+            namespace: "bar".into(),
+            service_account: "remote".into(),
+            labels: Default::default(),
+            ips: vec!["10.88.9.9".parse().unwrap()],
+        };
+        let r = e.set_cluster(ClusterInputs {
+            documents: vec![object("strict", "STRICT"), object("typo", "STRICTLY")],
+            peers: vec![peer],
+            services: Vec::new(),
+        });
+        let why = r.rejected.unwrap();
+        assert!(why.contains("PeerAuthentication full/typo"), "{why}");
+        assert_eq!(e.stats()["policy.reload_failures"], 1);
+        let now = e.current();
+        assert!(
+            now.requires_mtls(client, server),
+            "the last good policy stays"
+        );
+        let plan = now
+            .outbound(client.ip(), "10.88.9.9:8080".parse().unwrap())
+            .ok()
+            .unwrap();
+        assert!(
+            matches!(&plan.transport, Transport::Mesh(Some(id)) if id.to_string().ends_with("/ns/bar/sa/remote")),
+            "the cluster's peer is a mesh workload: {}",
+            plan.reason
+        );
+        // Removing the object lifts STRICT.
+        let r = e.set_cluster(ClusterInputs::default());
+        assert!(r.rejected.is_none());
+        assert!(!e.current().requires_mtls(client, server));
     }
 }

@@ -31,14 +31,12 @@ use rustls::{
     client::{
         Resumption,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        verify_server_cert_signed_by_trust_anchor, verify_server_name,
+        verify_server_name,
     },
-    crypto::{self, WebPkiSupportedAlgorithms},
     pki_types::{
         CertificateDer, PrivateKeyDer, ServerName, UnixTime,
         pem::{self, PemObject as _},
     },
-    server::ParsedCertificate,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -48,7 +46,7 @@ use x509_parser::{certificate::X509Certificate, prelude::FromDer as _};
 
 use super::files;
 use crate::{
-    handshake::{self, CryptoPolicy},
+    handshake::{self, CryptoPolicy, ServerChain},
     policy::{ClientTls, DestinationRule, TlsMode},
 };
 
@@ -466,58 +464,6 @@ struct OriginVerifier {
     chain: ServerChain,
     subject_alt_names: Vec<String>,
     skip: bool,
-}
-
-/// The server-certificate checks rustls' `WebPkiServerVerifier` makes (trust anchor,
-/// signatures, validity, `serverAuth` usage, handshake signatures) without its DNS/IP name
-/// match, which each verifier replaces with its own: the rule's names here, the SPIFFE ID in
-/// the mesh's own [`crate::handshake`] verifier.
-#[derive(Debug)]
-pub(crate) struct ServerChain {
-    pub(crate) roots: Arc<RootCertStore>,
-    pub(crate) algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerChain {
-    /// Validates `end_entity`'s chain to the roots and returns it parsed for the name check.
-    pub(crate) fn verify<'a>(
-        &self,
-        end_entity: &'a CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ParsedCertificate<'a>, Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        Ok(cert)
-    }
-
-    pub(crate) fn tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    pub(crate) fn tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    pub(crate) fn supported_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }
 
 impl ServerCertVerifier for OriginVerifier {

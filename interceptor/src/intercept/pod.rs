@@ -20,11 +20,9 @@ use super::{
 };
 use crate::{
     config::{Tuning, Workload},
+    datapath::{Destination, PodSettings},
     identity::SpiffeId,
     sys,
-};
-use interceptor_common::{
-    ACTION_STEER, POD_FLAG_LOCAL_LEG_SKMSG, POD_FLAG_STEER_INBOUND, PodConfig,
 };
 
 /// An enrolled pod: its listeners live as long as this value.
@@ -197,24 +195,20 @@ fn register(
     in6: Option<&std::net::TcpListener>,
 ) -> anyhow::Result<()> {
     let mut dp = shared.datapath();
-    let mut flags = POD_FLAG_STEER_INBOUND;
-    if shared.tuning.sk_msg_local_leg {
-        flags |= POD_FLAG_LOCAL_LEG_SKMSG;
-    }
     dp.enroll_pod_netns(
         netns_cookie,
-        PodConfig {
-            outbound_port_be: shared.tuning.outbound_port.to_be(),
-            inbound_port_be: shared.tuning.inbound_port.to_be(),
+        PodSettings {
+            outbound_port: shared.tuning.outbound_port,
+            inbound_port: shared.tuning.inbound_port,
             inbound_slot: slot,
-            flags,
-            _pad: 0,
+            steer_inbound: true,
+            local_leg_skmsg: shared.tuning.sk_msg_local_leg,
         },
         &workload.ips,
     )?;
     dp.steer_inbound(slot, in4, in6, &workload.ips)?;
     for ip in &workload.ips {
-        dp.set_destination(*ip, None, ACTION_STEER)?;
+        dp.set_destination(*ip, None, Destination::Steer)?;
     }
     dp.attach_pod(&workload.cgroup, netns_cookie, &workload.netns)?;
     Ok(())
@@ -234,6 +228,11 @@ pub fn unenroll(shared: &Shared, pod: PodHandle) {
         dp.unenroll_cgroup(&pod.workload.cgroup);
         dp.unenroll_pod_netns(pod.netns_cookie, &pod.workload.ips);
         dp.stop_inbound(pod.netns_cookie, pod.slot, &pod.workload.ips);
+        // Its addresses are no longer a mesh destination: the next pod given one of them
+        // (IPAM reuses addresses) may be outside the mesh.
+        for ip in &pod.workload.ips {
+            dp.clear_destination(*ip, None);
+        }
     }
     info!(pod = %pod.workload.name, "unenrolled");
 }

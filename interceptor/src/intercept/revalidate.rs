@@ -12,7 +12,7 @@ use super::{
     flow::{self, Ends},
     table::FlowCheck,
 };
-use interceptor_common::ACTION_STEER;
+use crate::datapath::Destination;
 
 /// Decides every open flow again under `generation`: a flow it refuses is reset within one
 /// poll of the relay, with one log line and a `closed.<reason>` count; allowed flows are
@@ -60,7 +60,7 @@ pub fn apply_steering(
         dp.clear_destination(gone.ip(), Some(gone.port()));
     }
     for added in new.difference(old) {
-        dp.set_destination(added.ip(), Some(added.port()), ACTION_STEER)
+        dp.set_destination(added.ip(), Some(added.port()), Destination::Steer)
             .with_context(|| format!("steer {added}"))?;
     }
     Ok(())

@@ -1,0 +1,257 @@
+//! The agent's side of the CNI plugin, request by request, on plain network namespaces: what
+//! `enroll-pod`, `check-pod` and `unenroll-pod` answer for a mesh pod, a pod outside the
+//! mesh, a pod the directory does not know, a retried ADD, a DEL of another sandbox, and an
+//! agent that enrolls by cgroup. The podman test (`cni_podman.rs`) drives the happy path
+//! through a real runtime; these are the answers a runtime rarely provokes.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+};
+
+use interceptor::config::{CniSettings, KtlsMode, StaticPod};
+use interceptor_tests::{
+    Cgroup, NetNs,
+    agent::{RunningAgent, TempDir, config, make_ca},
+    require_privileged,
+};
+use serde_json::{Value, json};
+
+fn ask(socket: &Path, request: &Value) -> Value {
+    let mut s = UnixStream::connect(socket).expect("admin socket");
+    writeln!(s, "{request}").expect("write");
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).expect("read");
+    serde_json::from_str(&line).expect("answer")
+}
+
+fn ok(answer: &Value) -> &str {
+    assert_eq!(answer["result"], "ok", "{answer}");
+    answer["message"].as_str().unwrap_or_default()
+}
+
+fn refused(answer: &Value) -> &str {
+    assert_eq!(answer["result"], "error", "{answer}");
+    answer["message"].as_str().unwrap_or_default()
+}
+
+fn pod(ns: &str, name: &str) -> Value {
+    json!({"namespace": ns, "name": name, "uid": ""})
+}
+
+fn enroll(cmd: &str, p: Value, netns: &Path, ip: &str, sandbox: &str) -> Value {
+    json!({"cmd": cmd, "pod": p, "netns": netns, "ips": [ip], "containerId": sandbox})
+}
+
+fn stat(socket: &Path, key: &str) -> u64 {
+    ask(socket, &json!({"cmd": "stats"}))["stats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stat {key}"))
+}
+
+#[test]
+fn the_agent_answers_the_plugin_for_every_kind_of_pod() {
+    require_privileged();
+    let parent = Cgroup::new("icne");
+    let dir = TempDir::new("icne");
+    let ca = dir.0.join("ca");
+    make_ca(&ca, "cluster.local");
+    let mesh_ns = NetNs::new("icnm");
+    mesh_ns.ip(&["addr", "add", "10.79.0.2/32", "dev", "lo"]);
+    let other_ns = NetNs::new("icno");
+    other_ns.ip(&["addr", "add", "10.79.0.3/32", "dev", "lo"]);
+
+    let mut cfg = config(&ca, &dir.0, KtlsMode::Off, vec![], vec![]);
+    cfg.cni = Some(CniSettings {
+        parent_cgroup: Some(parent.path.clone()),
+        membership_file: dir.0.join("membership.json"),
+        lookup_timeout_ms: 300,
+        namespaces: [(
+            "full".to_owned(),
+            [("interceptor.io/mtls".to_owned(), "enabled".to_owned())]
+                .into_iter()
+                .collect(),
+        )]
+        .into_iter()
+        .collect(),
+        pods: vec![StaticPod {
+            namespace: "full".into(),
+            name: "sleep".into(),
+            uid: String::new(),
+            service_account: "sleep".into(),
+            labels: Default::default(),
+        }],
+    });
+    let socket = cfg.admin_socket.clone();
+    let agent = RunningAgent::start(cfg.clone());
+    let netns = mesh_ns.path();
+
+    // A mesh pod: enrolled under its namespace/name, with the directory's service account.
+    let m = ok(&ask(
+        &socket,
+        &enroll(
+            "enroll-pod",
+            pod("full", "sleep"),
+            &netns,
+            "10.79.0.2",
+            "sb1",
+        ),
+    ))
+    .to_owned();
+    assert!(m.contains("spiffe://cluster.local/ns/full/sa/sleep"), "{m}");
+    assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
+    assert_eq!(stat(&socket, "map.POD_CONFIG"), 1);
+    // ADD retried for the same sandbox: nothing changes.
+    ok(&ask(
+        &socket,
+        &enroll(
+            "enroll-pod",
+            pod("full", "sleep"),
+            &netns,
+            "10.79.0.2",
+            "sb1",
+        ),
+    ));
+    assert_eq!(stat(&socket, "enrollments.active"), 1);
+    // CHECK: as ADD left it, and each difference named.
+    ok(&ask(
+        &socket,
+        &enroll(
+            "check-pod",
+            pod("full", "sleep"),
+            &netns,
+            "10.79.0.2",
+            "sb1",
+        ),
+    ));
+    let e = refused(&ask(
+        &socket,
+        &enroll(
+            "check-pod",
+            pod("full", "sleep"),
+            &netns,
+            "10.79.0.9",
+            "sb1",
+        ),
+    ))
+    .to_owned();
+    assert!(e.contains("addresses"), "{e}");
+    let e = refused(&ask(
+        &socket,
+        &enroll(
+            "check-pod",
+            pod("full", "sleep"),
+            &other_ns.path(),
+            "10.79.0.2",
+            "sb1",
+        ),
+    ))
+    .to_owned();
+    assert!(e.contains("netns"), "{e}");
+    // DEL of another sandbox of the same pod name leaves the enrolled one alone.
+    let m = ok(&ask(
+        &socket,
+        &json!({"cmd": "unenroll-pod", "pod": pod("full", "sleep"), "containerId": "old"}),
+    ))
+    .to_owned();
+    assert!(m.contains("left alone"), "{m}");
+    assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
+
+    // A pod of a namespace outside the mesh: ok, not enrolled; CHECK ok too.
+    let m = ok(&ask(
+        &socket,
+        &enroll(
+            "enroll-pod",
+            pod("legacy", "web"),
+            &other_ns.path(),
+            "10.79.0.3",
+            "sb2",
+        ),
+    ))
+    .to_owned();
+    assert!(m.contains("outside the mesh"), "{m}");
+    ok(&ask(
+        &socket,
+        &enroll(
+            "check-pod",
+            pod("legacy", "web"),
+            &other_ns.path(),
+            "10.79.0.3",
+            "sb2",
+        ),
+    ));
+    assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
+
+    // A pod of a mesh namespace that the directory does not know: refused, never guessed.
+    let e = refused(&ask(
+        &socket,
+        &enroll(
+            "enroll-pod",
+            pod("full", "stranger"),
+            &other_ns.path(),
+            "10.79.0.3",
+            "sb3",
+        ),
+    ))
+    .to_owned();
+    assert!(
+        e.contains("full/stranger") && e.contains("not known"),
+        "{e}"
+    );
+    // DEL: unenrolls, then is idempotent; the pod's entries are gone.
+    ok(&ask(
+        &socket,
+        &json!({"cmd": "unenroll-pod", "pod": pod("full", "sleep"), "containerId": "sb1"}),
+    ));
+    let m = ok(&ask(
+        &socket,
+        &json!({"cmd": "unenroll-pod", "pod": pod("full", "sleep"), "containerId": "sb1"}),
+    ))
+    .to_owned();
+    assert!(m.contains("not enrolled"), "{m}");
+    assert!(agent.agent.enrolled().is_empty());
+    for key in [
+        "map.POD_CONFIG",
+        "map.POD_ADDRS",
+        "map.DEST_POLICY",
+        "links.netns",
+    ] {
+        assert_eq!(stat(&socket, key), 0, "{key}");
+    }
+    // CHECK of a mesh pod that is not enrolled fails.
+    let e = refused(&ask(
+        &socket,
+        &enroll(
+            "check-pod",
+            pod("full", "sleep"),
+            &netns,
+            "10.79.0.2",
+            "sb1",
+        ),
+    ))
+    .to_owned();
+    assert!(e.contains("not enrolled"), "{e}");
+    drop(agent);
+
+    // An agent that enrolls by cgroup says so instead of enrolling half a pod.
+    let mut per_cgroup = cfg;
+    per_cgroup.cni = None;
+    per_cgroup.bpffs = per_cgroup
+        .bpffs
+        .with_file_name(interceptor_tests::unique_name("itest"));
+    let agent = RunningAgent::start(per_cgroup);
+    let e = refused(&ask(
+        &socket,
+        &enroll(
+            "enroll-pod",
+            pod("full", "sleep"),
+            &netns,
+            "10.79.0.2",
+            "sb1",
+        ),
+    ))
+    .to_owned();
+    assert!(e.contains("configure `cni:`"), "{e}");
+    drop(agent);
+}
