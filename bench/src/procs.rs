@@ -279,8 +279,13 @@ pub fn processes_cpu(pids: &[u32]) -> Result<f64> {
     pids.iter().map(|p| process_cpu(*p)).sum()
 }
 
-/// Raises the soft open-file limit to the hard one (children inherit it): 1 000 idle flows
-/// need several thousand descriptors in the agent, the holder and the echo server.
+/// Descriptors the harness asks for (children inherit them): 10 000 idle flows through an
+/// agent are some 40 000 descriptors there.
+const NOFILE_WANTED: libc::rlim_t = 1 << 17;
+
+/// Raises the open-file limit (children inherit it): to [`NOFILE_WANTED`] where allowed (root),
+/// else the soft limit to the hard one. 1 000 idle flows need several thousand descriptors in
+/// the agent, the holder and the echo server.
 pub fn raise_nofile_limit() -> Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -289,6 +294,16 @@ pub fn raise_nofile_limit() -> Result<u64> {
     // SAFETY: getrlimit writes into the struct we own.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    // The `scale` workload holds 10 000 idle flows: about four descriptors each in an agent.
+    // As root the hard limit may rise too (up to fs.nr_open); if it may not, keep it.
+    let wanted = libc::rlimit {
+        rlim_cur: NOFILE_WANTED.max(lim.rlim_max),
+        rlim_max: NOFILE_WANTED.max(lim.rlim_max),
+    };
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const wanted) } == 0 {
+        return Ok(wanted.rlim_cur);
     }
     lim.rlim_cur = lim.rlim_max;
     // SAFETY: setrlimit reads the struct we own.

@@ -674,27 +674,20 @@ fn hold_idle(topo: &Topology, active: &Active, env: &Env, count: usize) -> Resul
 fn scale(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
     let name = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let mut m = Vec::new();
+    // A point that fails (a host limit, a timeout under load) is reported and marked
+    // `<point>_failed`; the other points are kept.
+    let failed = |point: String, e: anyhow::Error, m: &mut Vec<Metric>| {
+        eprintln!("  scale: {point} failed: {e:#}");
+        m.push((name(format!("{point}_failed")), 1.0));
+    };
     for flows in SCALE_FLOWS {
-        let r = iperf_parallel(topo, active, env, p, flows)?;
-        for (k, v) in r {
-            m.push((name(format!("bulk_p{flows}_{k}")), v));
-        }
-    }
-    if has_proxy(active) {
-        for count in SCALE_IDLE {
-            let h = hold_idle(topo, active, env, count)?;
-            let n = count as f64;
-            m.push((
-                name(format!("idle_n{count}_rss_kb_per_conn")),
-                (h.rss_mb - h.rss_before_mb) * 1e3 / n,
-            ));
-            m.push((
-                name(format!("idle_n{count}_fds_per_conn")),
-                (h.fds - h.fds_before) / n,
-            ));
-            m.push((name(format!("idle_n{count}_proxy_rss_mb")), h.rss_mb));
-            // Let the proxies close the held flows before the next count.
-            procs::sleep(Duration::from_secs(2))?;
+        match iperf_parallel(topo, active, env, p, flows) {
+            Ok(r) => {
+                for (k, v) in r {
+                    m.push((name(format!("bulk_p{flows}_{k}")), v));
+                }
+            }
+            Err(e) => failed(format!("bulk_p{flows}"), e, &mut m),
         }
     }
     for threads in SCALE_THREADS {
@@ -727,6 +720,29 @@ fn scale(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
                 name(format!("setup_t{threads}_proxy_cpu_ms_per_conn")),
                 cpu.proxy * 1000.0 / n,
             ));
+        }
+    }
+    if has_proxy(active) {
+        for count in SCALE_IDLE {
+            let h = match hold_idle(topo, active, env, count) {
+                Ok(h) => h,
+                Err(e) => {
+                    failed(format!("idle_n{count}"), e, &mut m);
+                    continue;
+                }
+            };
+            let n = count as f64;
+            m.push((
+                name(format!("idle_n{count}_rss_kb_per_conn")),
+                (h.rss_mb - h.rss_before_mb) * 1e3 / n,
+            ));
+            m.push((
+                name(format!("idle_n{count}_fds_per_conn")),
+                (h.fds - h.fds_before) / n,
+            ));
+            m.push((name(format!("idle_n{count}_proxy_rss_mb")), h.rss_mb));
+            // Let the proxies close the held flows before the next count.
+            procs::sleep(Duration::from_secs(2))?;
         }
     }
     Ok(m)
