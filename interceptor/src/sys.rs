@@ -128,46 +128,50 @@ pub fn is_listening(sock: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(listening != 0 && tcp == libc::IPPROTO_TCP)
 }
 
-fn getsockopt_int(sock: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are valid for writes of the advertised size, and the kernel
-    // writes at most `len` bytes.
+/// Option values the kernel fills in: plain old data for which every byte pattern is a valid
+/// value, so a shorter write by an older kernel still leaves a valid value.
+trait SockoptValue: Copy {}
+impl SockoptValue for libc::c_int {}
+impl SockoptValue for u64 {}
+impl SockoptValue for libc::tcp_info {}
+impl SockoptValue for libc::ucred {}
+
+/// Reads one socket option into `value`; returns how many bytes the kernel wrote.
+fn getsockopt<T: SockoptValue>(
+    sock: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: &mut T,
+) -> io::Result<usize> {
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is valid for writes of `len` bytes (its own size) and any bytes make a
+    // valid `T` (`SockoptValue`); the kernel writes at most `len` bytes and reports how many.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
             level,
             name,
-            (&raw mut value).cast(),
+            std::ptr::from_mut(value).cast(),
             &raw mut len,
         )
     };
     if rc == 0 {
-        Ok(value)
+        Ok(len as usize)
     } else {
         Err(io::Error::last_os_error())
     }
 }
 
+fn getsockopt_int(sock: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    getsockopt(sock, level, name, &mut value)?;
+    Ok(value)
+}
+
 fn getsockopt_u64(sock: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<u64> {
     let mut value = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are valid for writes of the advertised size, and the kernel
-    // writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&raw mut value).cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    getsockopt(sock, level, name, &mut value)?;
+    Ok(value)
 }
 
 /// Where cgroup v2 is mounted. Hosts with the hybrid layout mount it somewhere under
@@ -375,23 +379,9 @@ fn cstr(p: &Path) -> io::Result<CString> {
 pub fn tcp_bytes_queued(sock: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` and `len` are valid for writes of the advertised size; the kernel writes
-    // at most `len` bytes (older kernels fewer, leaving the rest zero).
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let len = getsockopt(sock, libc::SOL_TCP, libc::TCP_INFO, &mut info)?;
     let acked_end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
-    if (len as usize) < acked_end {
+    if len < acked_end {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "kernel tcp_info has no tcpi_bytes_acked (needs Linux 4.1)",
@@ -603,21 +593,7 @@ pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
         uid: 0,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `sock` is open for the call; `cred` is a writable `ucred` and `len` its size,
-    // which the kernel does not exceed.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    getsockopt(sock, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred)?;
     Ok(PeerCred {
         pid: cred.pid,
         uid: cred.uid,
