@@ -189,6 +189,17 @@ impl Followed {
         for gone in self.steered.difference(&want) {
             if !own.contains(gone) {
                 dp.clear_destination(*gone, None);
+                agent.telemetry.remove_workload("", &[*gone]);
+            }
+        }
+        // Metrics and the access log name these peers as they name the node config's.
+        for peer in &view.peers {
+            if peer.ips.iter().any(|ip| want.contains(&ip.to_canonical())) {
+                agent.telemetry.add_workload(
+                    "",
+                    &peer.ips,
+                    crate::telemetry::WorkloadLabels::of("", &peer.namespace, &peer.labels),
+                );
             }
         }
         for added in want.difference(&self.steered) {
