@@ -17,6 +17,7 @@
 //! interprets their outcome.
 
 mod cache;
+mod credentials;
 pub mod driver;
 mod provider;
 mod resumption;
@@ -36,6 +37,7 @@ use rustls::{
 
 pub(crate) use self::verifier::ServerChain;
 pub use self::{
+    credentials::Credentials,
     provider::{
         CompliancePolicy, CryptoPolicy, MeshCrypto, MeshGroup, MeshSuite, group_name,
         origination_provider, origination_refuses, origination_versions,

@@ -31,7 +31,6 @@ pub use self::{
 };
 
 use std::{
-    collections::HashMap,
     net::Ipv4Addr,
     sync::{
         Arc, Mutex, RwLock, Weak,
@@ -41,17 +40,18 @@ use std::{
 };
 
 use anyhow::Context as _;
-use rustls::{ClientConfig, ServerConfig};
 use tracing::{debug, warn};
 
 use crate::{
     ca::{
-        CertificateAuthority, LeafCert,
-        renew::{Clock, HoldsLeaf, LeafStore, RenewPolicy},
+        CertificateAuthority,
+        renew::{Clock, LeafStore, RenewPolicy},
     },
     config::Tuning,
     datapath::Datapath,
-    handshake::{self, CryptoPolicy, MeshCrypto, MeshSuite, SessionResumption, driver},
+    handshake::{
+        self, Credentials, CryptoPolicy, MeshCrypto, MeshSuite, SessionResumption, driver,
+    },
     identity::{SpiffeId, TrustDomain},
     refusal::RefusalCode,
     telemetry::Telemetry,
@@ -72,22 +72,6 @@ pub enum Offload {
     /// kTLS with these suites (the kernel accepted them on a real socket at start-up).
     Kernel(Vec<MeshSuite>),
     Userspace,
-}
-
-/// One service account's credentials and the rustls configs built from them.
-struct Credentials {
-    leaf: LeafCert,
-    server: Arc<ServerConfig>,
-    /// The trust store the configs were built with (client configs are built lazily).
-    roots: Arc<rustls::RootCertStore>,
-    /// Client configs by expected server identity (the verifier pins it).
-    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
-}
-
-impl HoldsLeaf for Credentials {
-    fn leaf(&self) -> &LeafCert {
-        &self.leaf
-    }
 }
 
 /// The CA material in effect: the signer and the trust bundle, replaced as a whole when the
@@ -372,40 +356,13 @@ impl Shared {
             .ca
             .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
-        let server = handshake::server_config_with(
-            &leaf,
+        Ok(Credentials::new(
+            leaf,
             Arc::clone(&material.roots),
             &self.trust_domain,
-            &self.crypto(),
+            self.crypto(),
             &self.resumption,
-        )?;
-        Ok(Credentials {
-            leaf,
-            server,
-            roots: Arc::clone(&material.roots),
-            clients: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn client_config(
-        &self,
-        me: &Credentials,
-        expected: &SpiffeId,
-    ) -> anyhow::Result<Arc<ClientConfig>> {
-        let mut clients = me.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(expected) {
-            return Ok(Arc::clone(c));
-        }
-        let c = handshake::client_config_with(
-            &me.leaf,
-            Arc::clone(&me.roots),
-            &self.trust_domain,
-            expected,
-            &self.crypto(),
-            &self.resumption,
-        )?;
-        clients.insert(expected.clone(), Arc::clone(&c));
-        Ok(c)
+        )?)
     }
 
     /// Record-exact handshake reads where kTLS may take the session over (the kernel must

@@ -114,7 +114,7 @@ async fn mesh<'a>(
     let started = Instant::now();
     let est = match driver::server_handshake_with(
         &mut client,
-        Arc::clone(&me.server),
+        Arc::clone(me.server()),
         Duration::from_millis(shared.tuning.handshake_timeout_ms),
         shared.handshake_reads(),
     )

@@ -184,7 +184,7 @@ async fn mesh<'a>(
     // The first flight is built before the connect: the server's agent waits only
     // `firstByteWaitMs` for it before treating the connection as plaintext.
     let me = shared.credentials(&out.ctx.id)?;
-    let config = shared.client_config(&me, &expected)?;
+    let config = me.client(&expected).map_err(anyhow::Error::from)?;
     let name = rustls_pki_types::ServerName::IpAddress(out.endpoint.ip().into());
     let conn = match driver::client_connection(config, name) {
         Ok(conn) => conn,

@@ -1,0 +1,79 @@
+//! One service account's mesh credentials: its leaf and every rustls config built from it.
+//! They are built and dropped as one piece, so a renewed leaf, a new trust bundle or a new
+//! crypto policy never shares a config (or a resumption store) with the one before; the
+//! connection path only asks for "the server config" or "a client config for that peer".
+
+use std::{collections::HashMap, sync::Arc, sync::Mutex};
+
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use super::{
+    MeshCrypto, SessionResumption, TlsConfigError, client_config_with, server_config_with,
+};
+use crate::{
+    ca::{LeafCert, renew::HoldsLeaf},
+    identity::{SpiffeId, TrustDomain},
+};
+
+pub struct Credentials {
+    leaf: LeafCert,
+    server: Arc<ServerConfig>,
+    /// What the client configs are built with, lazily, one per expected server identity.
+    roots: Arc<RootCertStore>,
+    trust_domain: TrustDomain,
+    crypto: Arc<MeshCrypto>,
+    resumption: SessionResumption,
+    /// Client configs by expected server identity (the verifier pins it).
+    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl Credentials {
+    pub fn new(
+        leaf: LeafCert,
+        roots: Arc<RootCertStore>,
+        trust_domain: &TrustDomain,
+        crypto: Arc<MeshCrypto>,
+        resumption: &SessionResumption,
+    ) -> Result<Self, TlsConfigError> {
+        let server =
+            server_config_with(&leaf, Arc::clone(&roots), trust_domain, &crypto, resumption)?;
+        Ok(Credentials {
+            leaf,
+            server,
+            roots,
+            trust_domain: trust_domain.clone(),
+            crypto,
+            resumption: resumption.clone(),
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The config that terminates mesh mTLS for this service account.
+    pub fn server(&self) -> &Arc<ServerConfig> {
+        &self.server
+    }
+
+    /// The config that dials a mesh peer which must prove `expected`.
+    pub fn client(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(expected) {
+            return Ok(Arc::clone(c));
+        }
+        let c = client_config_with(
+            &self.leaf,
+            Arc::clone(&self.roots),
+            &self.trust_domain,
+            expected,
+            &self.crypto,
+            &self.resumption,
+        )?;
+        clients.insert(expected.clone(), Arc::clone(&c));
+        Ok(c)
+    }
+}
+
+impl HoldsLeaf for Credentials {
+    fn leaf(&self) -> &LeafCert {
+        &self.leaf
+    }
+}
