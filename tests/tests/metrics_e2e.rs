@@ -284,6 +284,15 @@ fn prometheus_scrapes_exact_counts_after_a_curl_matrix() {
         http_get(&format!("http://{listen}/readyz")),
         (200, "ready\n".into())
     );
+    // Not reachable from a pod: the listener is on the node's loopback, and a pod's loopback
+    // is its own network namespace's.
+    assert!(listen.ip().is_loopback(), "{listen}");
+    let from_pod = curl(
+        sleep.command("curl"),
+        &format!("http://{listen}/metrics"),
+        &[],
+    );
+    assert_eq!(from_pod.code, "000", "a pod reached /metrics: {from_pod:?}");
     let prometheus = Prometheus::start(listen);
 
     // The matrix. Each curl is checked, so a count that matches for the wrong reason fails.
