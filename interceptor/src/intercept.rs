@@ -316,7 +316,7 @@ impl Shared {
         self.crypto_generation.fetch_add(1, Ordering::SeqCst);
         self.flows.revalidate(|info, check| {
             let Some(why) = info.session.and_then(|s| s.refused_by(&crypto)) else {
-                return true;
+                return Ok(());
             };
             let refused = Refused {
                 code: RefusalCode::CryptoPolicy,
@@ -328,7 +328,7 @@ impl Shared {
                 "the new crypto policy",
                 &refused,
             );
-            false
+            Err(refused.code)
         })
     }
 

@@ -73,7 +73,10 @@ pub(super) fn relaying<'a>(
     Box::pin(async move {
         let result = cancellable(&guard.cancel, &socks, relay).await;
         match &result {
-            Ok(()) if guard.cancel.is_fired() => guard.ended(Outcome::PolicyClosed, None),
+            Ok(()) if guard.cancel.is_fired() => {
+                let code = guard.cancel.code().map(|c| c.to_string());
+                guard.ended(Outcome::PolicyClosed, code);
+            }
             Ok(()) => guard.ended(Outcome::Closed, None),
             Err(e) => guard.ended(Outcome::Failed, Some(format!("{e:#}"))),
         }

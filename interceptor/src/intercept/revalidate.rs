@@ -27,11 +27,11 @@ pub fn revalidate(shared: &Shared, generation: &Generation) -> usize {
     shared
         .flows
         .revalidate(|info, check| match recheck(generation, check) {
-            Ok(()) => true,
+            Ok(()) => Ok(()),
             Err(refused) => {
                 let by = format!("policy generation {}", generation.number);
                 flow::closed(shared, &Ends::of(check, &info.pod), &by, &refused);
-                false
+                Err(refused.code)
             }
         })
 }

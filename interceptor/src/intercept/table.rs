@@ -17,6 +17,7 @@ use crate::{
     handshake::{self, MeshCrypto, Negotiated},
     identity::SpiffeId,
     policy::FlowTls,
+    refusal::RefusalCode,
     relay::{RelayMode, RelayStats},
     telemetry::{self, FlowEnd, FlowMeta, Mode, Outcome, TcpLabels, Telemetry},
 };
@@ -152,6 +153,8 @@ pub struct OutboundCheck {
 pub struct Cancel {
     notify: Notify,
     fired: AtomicBool,
+    /// Why a policy change closed the flow, for its access-log line.
+    code: std::sync::OnceLock<RefusalCode>,
 }
 
 impl Cancel {
@@ -166,6 +169,17 @@ impl Cancel {
     }
 
     /// Whether [`Cancel::fire`] was called.
+    /// [`Cancel::fire`] for a flow a policy no longer allows.
+    pub fn fire_because(&self, code: RefusalCode) -> bool {
+        let _ = self.code.set(code);
+        self.fire()
+    }
+
+    /// The refusal that closed the flow, if a policy did.
+    pub fn code(&self) -> Option<RefusalCode> {
+        self.code.get().copied()
+    }
+
     pub fn is_fired(&self) -> bool {
         self.fired.load(Ordering::Acquire)
     }
@@ -421,16 +435,21 @@ impl FlowTable {
         }
     }
 
-    /// Re-decides every open flow that has a check: `allowed` returning false closes it (its
-    /// relay resets both connections). Returns how many were closed.
-    pub fn revalidate(&self, mut allowed: impl FnMut(&FlowInfo, &FlowCheck) -> bool) -> usize {
+    /// Re-decides every open flow that has a check: `allowed` returning the refusal closes it
+    /// (its relay resets both connections). Returns how many were closed.
+    pub fn revalidate(
+        &self,
+        mut allowed: impl FnMut(&FlowInfo, &FlowCheck) -> Result<(), RefusalCode>,
+    ) -> usize {
         let mut closed = 0;
         for entry in self.lock().values() {
             let Some(check) = &entry.check else { continue };
             if entry.cancel.is_fired() {
                 continue;
             }
-            if !allowed(&entry.info, check) && entry.cancel.fire() {
+            if let Err(code) = allowed(&entry.info, check)
+                && entry.cancel.fire_because(code)
+            {
                 closed += 1;
             }
         }
@@ -520,6 +539,17 @@ mod tests {
         // Plaintext and origination flows have no mesh record layer to report.
         assert_eq!(protection(Plaintext, Some(RelayMode::Userspace)), Plaintext);
         assert_eq!(protection(Tls, Some(RelayMode::Userspace)), Tls);
+    }
+
+    #[test]
+    fn a_policy_close_keeps_its_refusal_code_for_the_access_log() {
+        let cancel = Cancel::default();
+        assert_eq!(cancel.code(), None);
+        assert!(cancel.fire_because(RefusalCode::DenyRule));
+        // A second decision does not rewrite why the flow was closed.
+        assert!(!cancel.fire_because(RefusalCode::CryptoPolicy));
+        assert!(cancel.is_fired());
+        assert_eq!(cancel.code(), Some(RefusalCode::DenyRule));
     }
 
     fn session_resumed(s: &SessionCrypto) -> Option<bool> {
