@@ -82,9 +82,8 @@ impl Agent for SocketAgent {
         ips: &[IpAddr],
         container_id: &str,
     ) -> Result<String, AgentError> {
-        call(
-            &conf.admin_socket,
-            Duration::from_secs(conf.timeout_seconds),
+        ask(
+            conf,
             &json!({"cmd": "enroll-pod", "pod": pod, "netns": netns, "ips": ips,
                     "containerId": container_id}),
         )
@@ -96,9 +95,8 @@ impl Agent for SocketAgent {
         pod: &PodRef,
         container_id: &str,
     ) -> Result<String, AgentError> {
-        call(
-            &conf.admin_socket,
-            Duration::from_secs(conf.timeout_seconds),
+        ask(
+            conf,
             &json!({"cmd": "unenroll-pod", "pod": pod, "containerId": container_id}),
         )
     }
@@ -111,9 +109,8 @@ impl Agent for SocketAgent {
         ips: &[IpAddr],
         container_id: &str,
     ) -> Result<String, AgentError> {
-        call(
-            &conf.admin_socket,
-            Duration::from_secs(conf.timeout_seconds),
+        ask(
+            conf,
             &json!({"cmd": "check-pod", "pod": pod, "netns": netns, "ips": ips,
                     "containerId": container_id}),
         )
@@ -130,6 +127,15 @@ impl Agent for SocketAgent {
 }
 
 /// One request line, one answer line (`{"result":"ok"|"error","message":...}`).
+/// [`call`] with the socket and timeout the plugin's config names.
+fn ask(conf: &NetConf, request: &Value) -> Result<String, AgentError> {
+    call(
+        &conf.admin_socket,
+        Duration::from_secs(conf.timeout_seconds),
+        request,
+    )
+}
+
 pub fn call(socket: &Path, timeout: Duration, request: &Value) -> Result<String, AgentError> {
     let unreachable = |what: &str, e: std::io::Error| {
         AgentError::Unreachable(format!("{what} {}: {e}", socket.display()))

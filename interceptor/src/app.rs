@@ -1252,6 +1252,15 @@ impl Agent {
         }
     }
 
+    /// The CNI sandbox (container ID) that enrolled `name`, if this agent saw it.
+    fn sandbox_of(&self, name: &str) -> Option<String> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
     /// CNI DEL: idempotent; a sandbox other than the enrolled one changes nothing.
     async fn unenroll_pod_by_ref(
         &self,
@@ -1260,12 +1269,7 @@ impl Agent {
     ) -> anyhow::Result<String> {
         self.cni_mode()?;
         let name = cni_pod_name(pod);
-        let recorded = self
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&name)
-            .cloned();
+        let recorded = self.sandbox_of(&name);
         if let Some(recorded) = recorded
             && !container_id.is_empty()
             && recorded != container_id
@@ -1333,12 +1337,7 @@ impl Agent {
         if canon(&w.ips) != canon(ips) {
             bail!("{name} is enrolled with addresses {:?}, not {ips:?}", w.ips);
         }
-        let recorded = self
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&name)
-            .cloned();
+        let recorded = self.sandbox_of(&name);
         if let Some(recorded) = recorded
             && !container_id.is_empty()
             && recorded != container_id
