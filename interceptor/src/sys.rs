@@ -128,6 +128,23 @@ pub fn is_listening(sock: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(listening != 0 && tcp == libc::IPPROTO_TCP)
 }
 
+/// How many connections may wait for the agent's accept loop. std listens with 128, and a
+/// pod opening a few hundred connections at once (a client pool warming up) overflowed
+/// that: the kernel then drops SYNs and the client waits a full retransmit timeout. The
+/// kernel caps this at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: libc::c_int = 4096;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`].
+pub fn tcp_listener(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    // SAFETY: listen(2) on a socket we own; calling it again on a listening socket only
+    // changes the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
 /// Option values the kernel fills in: plain old data for which every byte pattern is a valid
 /// value, so a shorter write by an older kernel still leaves a valid value.
 trait SockoptValue: Copy {}

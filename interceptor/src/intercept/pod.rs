@@ -127,11 +127,11 @@ pub fn enroll(
             return Ok((sort_given(given)?, reserved));
         }
         let bind = || -> std::io::Result<_> {
-            let out4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.outbound_port))?;
+            let out4 = sys::tcp_listener((Ipv4Addr::LOCALHOST, t.outbound_port).into())?;
             // IPv6 may be disabled in the pod; IPv4 still works then.
-            let out6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.outbound_port)).ok();
-            let in4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, t.inbound_port))?;
-            let in6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, t.inbound_port)).ok();
+            let out6 = sys::tcp_listener((Ipv6Addr::LOCALHOST, t.outbound_port).into()).ok();
+            let in4 = sys::tcp_listener((Ipv4Addr::LOCALHOST, t.inbound_port).into())?;
+            let in6 = sys::tcp_listener((Ipv6Addr::LOCALHOST, t.inbound_port).into()).ok();
             Ok((out4, out6, in4, in6))
         };
         match bind() {

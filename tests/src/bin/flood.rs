@@ -1,8 +1,9 @@
 //! A misbehaving client for the limits tests, run inside a pod (`Pod::command`): opens COUNT
 //! connections to DST, sends FIRST (hex) on each, optionally REST (hex) on each after
 //! DELAY_MS, prints `connected N failed M` and holds every connection until its stdin closes.
-//! Connecting stops after 5 s (an agent that no longer accepts would otherwise keep it here
-//! for COUNT connect timeouts); the rest count as failed.
+//! A connect may take one SYN retransmit (up to 3 s); connecting stops after 5 s (an agent
+//! that no longer accepts would otherwise keep it here for COUNT connect timeouts); the rest
+//! count as failed.
 //!
 //! `flood DST COUNT [FIRST [DELAY_MS REST]]`
 
@@ -39,7 +40,7 @@ fn main() {
             failed += 1;
             continue;
         }
-        match TcpStream::connect_timeout(&dst, left.min(Duration::from_secs(1))) {
+        match TcpStream::connect_timeout(&dst, left.min(Duration::from_secs(3))) {
             Ok(mut s) => {
                 if !first.is_empty() {
                     let _ = s.write_all(&first);
