@@ -27,7 +27,7 @@ use crate::{
     handshake::{CryptoPolicy, MeshSuite},
     health::Readiness,
     intercept::{
-        self, Identity, Offload, PodHandle, Shared,
+        self, Identity, NodeParts, Offload, PodHandle, Shared,
         enforce::{Enforcer, Generation, Reload},
     },
     ktls, sys,
@@ -202,17 +202,15 @@ async fn start_from(
         }
         None => None,
     };
-    let agent = start_with(
-        config.clone(),
+    let parts = StartParts {
         offload,
         ca,
         datapath,
         policy,
-        directory.clone(),
+        cluster: directory.clone(),
         observed,
-        takeover,
-    )
-    .await?;
+    };
+    let agent = start_with(config.clone(), parts, takeover).await?;
     let ready = &agent.readiness;
     for flag in [
         &ready.programs_attached,
@@ -285,18 +283,29 @@ impl Observability {
     }
 }
 
-// The parts start-up built, each from its own step; a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
-async fn start_with(
-    config: Config,
+/// What the start-up steps before [`start_with`] built, each on its own.
+struct StartParts {
     offload: Offload,
     ca: Ca,
     datapath: Datapath,
     policy: Enforcer,
     cluster: Option<crate::cluster::kube::KubeDirectory>,
     observed: Observability,
+}
+
+async fn start_with(
+    config: Config,
+    parts: StartParts,
     takeover: Option<&mut crate::handover::take::Takeover>,
 ) -> anyhow::Result<Arc<Agent>> {
+    let StartParts {
+        offload,
+        ca,
+        datapath,
+        policy,
+        cluster,
+        observed,
+    } = parts;
     let identity = Identity {
         renew: RenewPolicy {
             ttl: config.identity.leaf_ttl.0,
@@ -304,17 +313,17 @@ async fn start_with(
         },
         clock: Arc::new(SystemClock),
     };
-    let shared = Arc::new(Shared::new(
-        config.trust_domain.clone(),
-        Arc::new(ca),
+    let shared = Arc::new(Shared::new(NodeParts {
+        trust_domain: config.trust_domain.clone(),
+        ca: Arc::new(ca),
         identity,
         offload,
-        config.tuning.clone(),
+        tuning: config.tuning.clone(),
         datapath,
         policy,
-        config.crypto,
-        Arc::clone(&observed.telemetry),
-    )?);
+        crypto: config.crypto,
+        telemetry: Arc::clone(&observed.telemetry),
+    })?);
     if takeover.is_some() {
         // The old agent accepts on the handed-over listeners until it confirms it stopped.
         shared.accepting.send_replace(false);
