@@ -86,6 +86,17 @@ fn the_agent_answers_the_plugin_for_every_kind_of_pod() {
     let socket = cfg.admin_socket.clone();
     let agent = RunningAgent::start(cfg.clone());
     let netns = mesh_ns.path();
+    // The membership cache the plugin reads while the agent is away: written at start, and
+    // written again by the agent's file watcher when someone removes it.
+    let membership = dir.0.join("membership.json");
+    let written = std::fs::read(&membership).expect("membership cache written at start");
+    assert!(String::from_utf8_lossy(&written).contains("\"full\""));
+    std::fs::remove_file(&membership).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::fs::read(&membership).ok().as_ref() != Some(&written) {
+        assert!(std::time::Instant::now() < deadline, "membership cache not rewritten");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     // A mesh pod: enrolled under its namespace/name, with the directory's service account.
     let m = ok(&ask(
