@@ -72,7 +72,7 @@ pub struct Agent {
     /// changes any more, only the open flows are served until they end.
     retired: std::sync::atomic::AtomicBool,
     /// The node config file and the config read from it, until the file watcher takes them.
-    watched_config: Mutex<Option<(PathBuf, Config)>>,
+    watched_config: Mutex<Option<watch::NodeSource>>,
     /// Flows the agent this one took over from still serves (its reports; 0 once it exits).
     predecessor_flows: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -481,10 +481,12 @@ async fn watch_stale(agent: Arc<Agent>) {
 /// (`config.reload_failures`) and the running policy stays. Other fields need a restart,
 /// which the log says.
 pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
+    // Read now, not at the watcher's next tick: a change made in between is a change.
+    let seen = std::fs::read(&file).ok();
     *agent
         .watched_config
         .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some((file, loaded));
+        .unwrap_or_else(|p| p.into_inner()) = Some(watch::NodeSource::new(file, seen, loaded));
 }
 
 /// Puts a new generation into effect for the data path and for open flows.

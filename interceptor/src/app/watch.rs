@@ -197,13 +197,7 @@ impl Watcher {
                 .watched_config
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .map(|(file, running)| NodeSource {
-                    gate: Gate::default(),
-                    seen: std::fs::read(&file).ok(),
-                    file,
-                    running,
-                });
+                .take();
         }
         if let Some(node) = &mut self.node {
             node.tick(&self.agent, wall);
@@ -326,7 +320,7 @@ impl CaSource {
 /// A file that does not parse, or a policy this node cannot carry, is logged and counted
 /// (`config.reload_failures`) and the running policy stays. Other fields need a restart,
 /// which the log says.
-struct NodeSource {
+pub(super) struct NodeSource {
     file: PathBuf,
     gate: Gate,
     seen: Option<Vec<u8>>,
@@ -334,6 +328,16 @@ struct NodeSource {
 }
 
 impl NodeSource {
+    /// `seen`: the file's contents when `running` was read from it.
+    pub(super) fn new(file: PathBuf, seen: Option<Vec<u8>>, running: Config) -> Self {
+        Self {
+            file,
+            gate: Gate::default(),
+            seen,
+            running,
+        }
+    }
+
     fn tick(&mut self, agent: &Agent, wall: SystemTime) {
         if !self.gate.changed(Stamps::of([self.file.clone()]), wall) {
             return;
