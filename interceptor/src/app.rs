@@ -59,9 +59,12 @@ pub struct Agent {
     cni: Option<CniSettings>,
     directory: Option<Arc<dyn PodDirectory>>,
     /// Pod name → the CNI sandbox (container ID) that enrolled it, so a DEL of an older
-    /// sandbox of the same pod name leaves the current one alone. Not persisted: after a
-    /// restart a DEL matches by name (and the netns path each enrollment keeps).
+    /// sandbox of the same pod name leaves the current one alone. Persisted in
+    /// `sandbox_file` (next to the enrollments) so that holds across restarts and upgrades:
+    /// a late DEL of an old sandbox must not unenroll the running pod, which would let its
+    /// traffic out unprotected.
     sandboxes: Mutex<BTreeMap<String, String>>,
+    sandbox_file: PathBuf,
     /// What was last written to `cni.membershipFile`.
     membership_written: Mutex<Option<MembershipFile>>,
     /// Metrics and the access log.
@@ -357,7 +360,8 @@ async fn start_with(
         services: config.services.clone(),
         directory: pod_directory(&config, cluster),
         cni: config.cni.clone(),
-        sandboxes: Mutex::new(BTreeMap::new()),
+        sandboxes: Mutex::new(load_sandboxes(&config.state_dir.join(SANDBOX_FILE))),
+        sandbox_file: config.state_dir.join(SANDBOX_FILE),
         membership_written: Mutex::new(None),
         telemetry: Arc::clone(&observed.telemetry),
         readiness: Arc::clone(&observed.readiness),
@@ -781,6 +785,10 @@ impl Agent {
             bail!("no enrolled workload named `{name}`");
         }
         self.persist(|l| l.retain(|w| w.name != name))?;
+        // Gone with the enrollment, whichever way it went (DEL, netns gone, replaced).
+        if let Err(e) = self.set_sandbox(name, None) {
+            warn!(pod = name, "{e:#}");
+        }
         if let Some(w) = stale {
             self.stale
                 .lock()
@@ -1057,7 +1065,7 @@ impl Agent {
         match current {
             // ADD retried for the same sandbox.
             Some(n) if n == netns => {
-                self.record_sandbox(&name, container_id);
+                self.set_sandbox(&name, Some(container_id))?;
                 return Ok(format!("{name} is already enrolled"));
             }
             // An older sandbox of this pod whose DEL never reached us.
@@ -1075,7 +1083,7 @@ impl Agent {
             ips: ips.to_vec(),
         };
         self.enroll_now(&w).await?;
-        self.record_sandbox(&name, container_id);
+        self.set_sandbox(&name, Some(container_id))?;
         info!(pod = %name, netns = %netns.display(), sandbox = container_id, "enrolled by the CNI plugin");
         Ok(format!(
             "enrolled {name} as spiffe://{}/ns/{}/sa/{}",
@@ -1083,13 +1091,21 @@ impl Agent {
         ))
     }
 
-    fn record_sandbox(&self, name: &str, container_id: &str) {
-        if !container_id.is_empty() {
-            self.sandboxes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.to_owned(), container_id.to_owned());
+    /// Records (or with `None` forgets) the sandbox that enrolled `name`, on disk before it
+    /// returns: ADD fails (and the runtime retries) rather than leave a record a restart
+    /// would lose.
+    fn set_sandbox(&self, name: &str, container_id: Option<&str>) -> anyhow::Result<()> {
+        let mut map = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = match container_id {
+            Some("") => false,
+            Some(id) => map.insert(name.to_owned(), id.to_owned()).as_deref() != Some(id),
+            None => map.remove(name).is_some(),
+        };
+        if changed {
+            // Under the lock: the last write holds the latest map.
+            write_atomic(&self.sandbox_file, &serde_json::to_vec_pretty(&*map)?)?;
         }
+        Ok(())
     }
 
     /// The CNI sandbox (container ID) that enrolled `name`, if this agent saw it.
@@ -1132,10 +1148,6 @@ impl Agent {
             return Ok(format!("{name} is not enrolled"));
         }
         self.unenroll_now(&name).await?;
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&name);
         info!(pod = %name, sandbox = container_id, "unenrolled by the CNI plugin");
         Ok(format!("unenrolled {name}"))
     }
@@ -1348,6 +1360,28 @@ impl admin::Handler for Agent {
             Err(e) => Response::Error {
                 message: format!("{e:#}"),
             },
+        }
+    }
+}
+
+/// The CNI sandbox of each pod enrolled by the plugin, in the state directory.
+const SANDBOX_FILE: &str = "cni-sandboxes.json";
+
+/// The persisted sandbox map; empty when there is none. A file that does not parse is named
+/// and ignored: DELs then match by pod name alone, as before any record.
+fn load_sandboxes(path: &Path) -> BTreeMap<String, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(
+                "{} is corrupt ({e}): CNI sandboxes forgotten",
+                path.display()
+            );
+            BTreeMap::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            warn!("read {}: {e}: CNI sandboxes forgotten", path.display());
+            BTreeMap::new()
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod flood;
 pub mod identity;
 pub mod mesh;
 pub mod pair;
+pub mod podman;
 pub mod process;
 pub mod scenario;
 pub mod topology;

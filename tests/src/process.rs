@@ -142,17 +142,7 @@ impl AgentProcess {
 
     /// `interceptor flows --all --json`: open and recently closed flows.
     pub fn flows(&self) -> Vec<FlowRow> {
-        let out = Command::new(&self.bin)
-            .args(["flows", "--all", "--json", "--admin-socket"])
-            .arg(&self.admin)
-            .output()
-            .expect("interceptor flows");
-        assert!(
-            out.status.success(),
-            "interceptor flows: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("flows json")
+        admin_flows(&self.bin, &self.admin)
     }
 
     /// `interceptor flows --stats`: the counters.
@@ -161,15 +151,7 @@ impl AgentProcess {
     }
 
     fn try_stats(&self) -> Option<BTreeMap<String, u64>> {
-        let out = Command::new(&self.bin)
-            .args(["flows", "--stats", "--admin-socket"])
-            .arg(&self.admin)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        admin_stats(&self.bin, &self.admin)
     }
 
     /// Open descriptors of the agent process.
@@ -198,4 +180,32 @@ impl Drop for AgentProcess {
             self.sigkill();
         }
     }
+}
+
+/// `bin flows --all --json` against the agent behind `admin`: open and recently closed flows.
+pub fn admin_flows(bin: &Path, admin: &Path) -> Vec<FlowRow> {
+    let out = Command::new(bin)
+        .args(["flows", "--all", "--json", "--admin-socket"])
+        .arg(admin)
+        .output()
+        .expect("interceptor flows");
+    assert!(
+        out.status.success(),
+        "interceptor flows: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("flows json")
+}
+
+/// `bin flows --stats` against the agent behind `admin`; `None` while it does not answer.
+pub fn admin_stats(bin: &Path, admin: &Path) -> Option<BTreeMap<String, u64>> {
+    let out = Command::new(bin)
+        .args(["flows", "--stats", "--admin-socket"])
+        .arg(admin)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
 }

@@ -14,7 +14,7 @@ use std::{
 use interceptor::config::{CniSettings, KtlsMode, StaticPod};
 use interceptor_tests::{
     Cgroup, NetNs,
-    agent::{RunningAgent, TempDir, config, make_ca},
+    agent::{PinCleanup, RunningAgent, TempDir, config, make_ca},
     require_privileged,
 };
 use serde_json::{Value, json};
@@ -152,6 +152,19 @@ fn the_agent_answers_the_plugin_for_every_kind_of_pod() {
     ))
     .to_owned();
     assert!(m.contains("left alone"), "{m}");
+    assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
+    // The same after a restart: the sandbox that enrolled the pod is on disk with it, so a late
+    // DEL of an old sandbox cannot unenroll the running pod (its traffic would go out in clear).
+    let pins = agent.kill();
+    let _pins = PinCleanup(pins);
+    let agent = RunningAgent::start(cfg.clone());
+    assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
+    let m = ok(&ask(
+        &socket,
+        &json!({"cmd": "unenroll-pod", "pod": pod("full", "sleep"), "containerId": "old"}),
+    ))
+    .to_owned();
+    assert!(m.contains("left alone"), "after a restart: {m}");
     assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
 
     // A pod of a namespace outside the mesh: ok, not enrolled; CHECK ok too.

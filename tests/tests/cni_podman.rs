@@ -1,32 +1,41 @@
 //! The CNI plugin under a real container runtime: podman (CNI network backend, bridge +
 //! host-local IPAM) runs our plugin chained after the bridge plugin, as a Kubernetes node's
-//! runtime would. The real agent runs in netns-keyed mode with its programs attached once at
-//! the containers' parent cgroup (and the agent itself inside it, as a DaemonSet pod sits in
-//! `kubepods`). Checked on the bridge with the wire oracle and in the agent's state:
+//! runtime would. The agent and the CNI installer run as containers of the image
+//! `cargo xtask image --profile dev` builds, started the way `deploy/base/daemonset.yaml`
+//! says (host network, its capabilities, security options and host mounts; only the node's
+//! CNI, state and socket directories are the test's own). The agent is netns-keyed, with its
+//! programs attached once at the containers' parent cgroup (and its own container inside it,
+//! as a DaemonSet pod sits in `kubepods`). Checked on the bridge with the wire oracle and in
+//! the agent's state:
 //!
 //! * a mesh pod whose entrypoint connects at once gets mTLS with the right SPIFFE IDs on its
 //!   very first connection (steering was in place before the container's first instruction);
 //! * a pod of a namespace outside the mesh talks plaintext, untouched;
 //! * with the agent down, a mesh pod does not start (CNI error) and an outside pod does;
 //! * the installer chains the plugin again after the main plugin rewrites its config;
-//! * once the containers are gone, no flow, enrollment, map entry or netns pin is left, and
-//!   stopping the installer takes the plugin out of the chain.
+//! * the agent container killed and started again (same mounts) comes back on its state;
+//! * once the containers are gone, no flow, enrollment, map entry or netns pin is left;
+//! * stopping the installer leaves the chain (`--keep-on-exit`, for rolling updates), and
+//!   `interceptor-cni uninstall` from the image takes it out.
 //!
 //! Needs podman, runc, containernetworking-plugins and busybox-static (`cargo xtask setup`
 //! installs them), and root.
 
 use std::{
+    collections::BTreeMap,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use interceptor::config::{CniSettings, KtlsMode, StaticPod};
+use interceptor::config::{CniSettings, HandoverSettings, KtlsMode, StaticPod};
 use interceptor_tests::{
     agent::{PinCleanup, TempDir, config, make_ca},
     apps::random_payload,
-    process::AgentProcess,
+    demo::agent_binary,
+    podman::{DaemonSet, PodContainer, Volumes},
+    process::{admin_flows, admin_stats},
     require_privileged, unique_name,
     wire::{self, Capture},
 };
@@ -37,25 +46,6 @@ const PLAIN_NS: &str = "plain";
 const PORT: u16 = 8080;
 /// Every podman call is bounded; a container run takes about a second here.
 const PODMAN_TIMEOUT: &str = "60";
-
-/// The plugin binary: next to this test executable (target/<profile>), as `cargo xtask test`
-/// builds it.
-fn plugin_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("INTERCEPTOR_CNI_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().expect("exe dir");
-    for candidate in [dir.join("interceptor-cni"), dir.join("../interceptor-cni")] {
-        if candidate.exists() {
-            return candidate;
-        }
-    }
-    panic!(
-        "interceptor-cni not found next to {}: build -p interceptor-cni (cargo xtask test does)",
-        exe.display()
-    );
-}
 
 fn require_tools() {
     for (path, package) in [
@@ -88,7 +78,6 @@ struct Node {
     bin_dir: PathBuf,
     rootfs: PathBuf,
     containers: Vec<String>,
-    installer: Option<Child>,
 }
 
 impl Node {
@@ -178,7 +167,6 @@ impl Node {
             bin_dir,
             rootfs,
             containers: Vec::new(),
-            installer: None,
         }
     }
 
@@ -294,10 +282,6 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(mut i) = self.installer.take() {
-            let _ = i.kill();
-            let _ = i.wait();
-        }
         self.remove_containers();
         let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(&self.network));
         let _ = Command::new("ip")
@@ -362,8 +346,29 @@ fn printed_ip(out: &str) -> String {
         .to_owned()
 }
 
-fn stats_of(agent: &AgentProcess) -> std::collections::BTreeMap<String, u64> {
-    agent.stats()
+/// The agent's container, and the node-side end of its admin socket (what the CNI plugin and
+/// an operator's `interceptor flows` use).
+struct ContainerAgent {
+    pod: PodContainer,
+    cli: PathBuf,
+    admin: PathBuf,
+}
+
+impl ContainerAgent {
+    fn wait_ready(&self) {
+        self.pod
+            .wait_until(Duration::from_secs(30), "serving its admin socket", || {
+                admin_stats(&self.cli, &self.admin).is_some()
+            });
+    }
+
+    fn flows(&self) -> Vec<interceptor::intercept::table::FlowRow> {
+        admin_flows(&self.cli, &self.admin)
+    }
+
+    fn stats(&self) -> BTreeMap<String, u64> {
+        admin_stats(&self.cli, &self.admin).expect("interceptor flows --stats")
+    }
 }
 
 #[test]
@@ -376,14 +381,27 @@ fn podman_pods_are_enrolled_before_they_run() {
     std::fs::write(node.rootfs.join("www/data"), &payload).expect("payload");
     let want = format!("{:x}", Sha256::digest(&payload));
 
-    // The agent, netns-keyed, its programs once at the containers' parent cgroup.
+    // The agent, netns-keyed, its programs once at the containers' parent cgroup. Its config
+    // names the paths inside its container (the DaemonSet's mount points).
     let ca = node.dir.0.join("ca");
     make_ca(&ca, "cluster.local");
-    let mut cfg = config(&ca, &node.dir.0, KtlsMode::Auto, vec![], vec![]);
-    let membership = node.dir.0.join("membership.json");
+    let mut cfg = config(
+        Path::new("/etc/interceptor/ca"),
+        Path::new("/unused"),
+        KtlsMode::Auto,
+        vec![],
+        vec![],
+    );
+    cfg.state_dir = "/var/lib/interceptor".into();
+    cfg.admin_socket = "/run/interceptor/admin.sock".into();
+    // `run --takeover` (the DaemonSet's arguments) needs the handover socket.
+    cfg.handover = Some(HandoverSettings {
+        socket: "/var/run/interceptor/handover.sock".into(),
+        ..Default::default()
+    });
     cfg.cni = Some(CniSettings {
         parent_cgroup: Some(node.parent.clone()),
-        membership_file: membership.clone(),
+        membership_file: "/run/interceptor/cni-membership.json".into(),
         lookup_timeout_ms: 2_000,
         namespaces: [
             (
@@ -408,47 +426,90 @@ fn podman_pods_are_enrolled_before_they_run() {
             .collect(),
     });
     let _pins = PinCleanup(cfg.bpffs.clone());
-    let agent = AgentProcess::start(&cfg, &node.dir.0.join("node.yaml"));
-    // Inside the parent too, as a DaemonSet pod is inside kubepods: its own dials in the pods'
-    // netns must not be steered back to it.
-    let agent_cg = node.parent.join("agent");
-    std::fs::create_dir(&agent_cg).expect("agent cgroup");
-    std::fs::write(agent_cg.join("cgroup.procs"), agent.pid().to_string()).expect("move agent");
+    let config_dir = node.dir.0.join("config");
+    std::fs::create_dir_all(&config_dir).expect("config dir");
+    std::fs::write(
+        config_dir.join("node.yaml"),
+        yaml_serde::to_string(&cfg).expect("config to yaml"),
+    )
+    .expect("node.yaml");
+    // The node's directories the DaemonSet mounts, as this test's own.
+    let run_dir = node.dir.0.join("run");
+    let volumes = Volumes {
+        containers_conf: node.containers_conf.clone(),
+        host_paths: [
+            ("/var/lib/interceptor", node.dir.0.join("state")),
+            ("/run/interceptor", run_dir.clone()),
+            ("/opt/cni/bin", node.bin_dir.clone()),
+            ("/etc/cni/net.d", node.conf_dir.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        sources: [("config", config_dir), ("cacerts", ca)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        node_name: "node-a".to_owned(),
+    };
+    let daemonset = DaemonSet::load();
+    let cli = agent_binary();
+    let image = daemonset.dev_image("agent", &cli);
+    let parent = format!("/{}", node.tag);
+    let agent = ContainerAgent {
+        // Inside the parent cgroup, as a DaemonSet pod is inside kubepods: its own dials in
+        // the pods' netns must not be steered back to it.
+        pod: PodContainer::run(
+            &daemonset,
+            "agent",
+            &image,
+            &format!("{}-agent", node.tag),
+            &volumes,
+            &[
+                "--cgroup-parent",
+                &parent,
+                "--ulimit",
+                "nofile=16384:16384",
+                "--ulimit",
+                "nproc=4096:4096",
+            ],
+            &[],
+        ),
+        cli,
+        admin: run_dir.join("admin.sock"),
+    };
+    agent.wait_ready();
+    let membership = run_dir.join("cni-membership.json");
     assert!(
         std::fs::read_to_string(&membership).is_ok_and(|m| m.contains("\"plain\":false")),
         "the agent wrote no membership cache"
     );
 
-    // The installer chains the plugin into the main config.
+    // The installer, from the same image, chains the plugin into the main config. The plugin
+    // runs on the node: it names the node's paths of the socket and the membership file.
     let plugin_config = serde_json::json!({
-        "adminSocket": cfg.admin_socket,
+        "adminSocket": agent.admin,
         "membershipFile": membership,
         "timeoutSeconds": 10,
-    });
-    node.installer = Some(
-        Command::new(plugin_binary())
-            .arg("install")
-            .arg("--cni-bin-dir")
-            .arg(&node.bin_dir)
-            .arg("--cni-conf-dir")
-            .arg(&node.conf_dir)
-            .args([
-                "--plugin-config",
-                &plugin_config.to_string(),
-                "--poll-ms",
-                "100",
-            ])
-            .spawn()
-            .expect("start the installer"),
+    })
+    .to_string();
+    let installer = PodContainer::run(
+        &daemonset,
+        "install-cni",
+        &image,
+        &format!("{}-install-cni", node.tag),
+        &volumes,
+        &[
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ],
+        &["--plugin-config", &plugin_config, "--poll-ms", "100"],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.chained() || !node.bin_dir.join("interceptor-cni").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the installer did not chain the plugin"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    installer.wait_until(Duration::from_secs(10), "chained", || {
+        node.chained() && node.bin_dir.join("interceptor-cni").exists()
+    });
 
     // The main plugin rewrites its config (as Calico or Cilium do on restart): chained again.
     let main_conf = node.conf_dir.join("10-main.conflist");
@@ -615,12 +676,12 @@ fn podman_pods_are_enrolled_before_they_run() {
 
     // Agent down: a mesh pod must not start; a pod outside the mesh still does.
     // The server at least (the exited client may already be gone through its DEL).
-    let stats = stats_of(&agent);
+    let stats = agent.stats();
     assert!(
         stats.get("enrollments.active").is_some_and(|n| *n >= 1),
         "{stats:?}"
     );
-    agent.kill9();
+    assert_eq!(agent.pod.stop_with("KILL"), 137, "the agent's exit code");
     let late = node.run("late", MESH_NS, "echo started");
     let err = String::from_utf8_lossy(&late.stderr);
     assert!(
@@ -645,13 +706,15 @@ fn podman_pods_are_enrolled_before_they_run() {
         "-",
     );
 
-    // Back up on the same state: the persisted enrollments return; then the containers go
-    // and take every trace with them.
-    let agent = AgentProcess::start(&cfg, &node.dir.0.join("node.yaml"));
+    // Started again in its container (as a kubelet restarts it): back on the same state, the
+    // persisted enrollments return; then the containers go and take every trace with them.
+    let _ = std::fs::remove_file(&agent.admin);
+    agent.pod.restart();
+    agent.wait_ready();
     node.remove_containers();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = stats_of(&agent);
+        let s = agent.stats();
         let clean = [
             "enrollments.active",
             "enrollments.stale",
@@ -698,13 +761,33 @@ fn podman_pods_are_enrolled_before_they_run() {
         "-",
     );
 
-    // SIGTERM on the installer takes the plugin out of the chain.
-    let mut installer = node.installer.take().expect("installer");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(installer.id() as i32, libc::SIGTERM) };
-    let status = installer.wait().expect("installer exit");
-    assert!(status.success(), "installer: {status}");
-    assert!(!node.chained(), "the plugin is still chained after SIGTERM");
+    // The installer stopped (SIGTERM) leaves the chain: during a rolling update the next one
+    // takes over, and mesh pods never start unsteered meanwhile.
+    assert_eq!(installer.stop_with("TERM"), 0, "{}", installer.logs());
+    assert!(node.chained(), "the installer unchained the plugin on exit");
+    // `interceptor-cni uninstall` from the image, with the installer's mounts, takes it out.
+    let out = PodContainer::run_to_end(
+        &daemonset,
+        "install-cni",
+        &image,
+        &volumes,
+        &["uninstall", "--cni-conf-dir", "/host/etc/cni/net.d"],
+    );
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !node.chained(),
+        "the plugin is still chained after uninstall"
+    );
+    report.row(
+        "(installer)",
+        "-",
+        "SIGTERM keeps the chain (rolling update); `uninstall` from the image removes it",
+        "-",
+    );
     drop(agent);
     if std::env::var_os("INTERCEPTOR_DEMO").is_some() {
         interceptor_tests::demo::say(&report.render(started.elapsed()));

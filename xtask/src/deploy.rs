@@ -194,10 +194,17 @@ fn invalid_fixtures(root: &Path) -> Result<Vec<PathBuf>> {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ImageArgs {
-    /// Use the debug build (`target/debug`) instead of a release build: for a quick local
-    /// image, not for a cluster.
-    #[arg(long)]
-    debug: bool,
+    /// `release` (default): the image for a cluster, from a release build. `dev`: the debug
+    /// binaries as `cargo build` left them (no release build, plugin linked dynamically), tagged
+    /// `<version>-dev`, for the container e2e test and quick local runs.
+    #[arg(long, value_enum, default_value_t = ImageProfile::Release)]
+    pub(crate) profile: ImageProfile,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ImageProfile {
+    Release,
+    Dev,
 }
 
 /// The image name the DaemonSet uses; `cargo xtask image` tags exactly this.
@@ -205,34 +212,72 @@ pub(crate) fn image_name() -> String {
     format!("localhost/interceptor:{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// `cargo xtask image`: builds the agent (and the CNI plugin, when the workspace has it),
-/// stages them with exactly the shared libraries they link and the dynamic loader, and builds
-/// `deploy/Containerfile` (`FROM scratch`) with podman. Prints the image size.
-pub(crate) fn image(root: &Path, args: &ImageArgs) -> Result<()> {
-    ensure_podman(root)?;
-    let mut build = Command::new("cargo");
-    build.args(["build", "-p", "interceptor", "--bin", "interceptor"]);
-    if !args.debug {
-        build.arg("--release");
-    }
-    run(root, &mut build)?;
-    let profile = if args.debug { "debug" } else { "release" };
-    let agent = root.join("target").join(profile).join("interceptor");
-    let cni = build_cni(root, args.debug)?;
+/// The label holding the SHA-256 of the agent binary an image was built from: the container
+/// e2e test refuses an image older than the binary next to it.
+const AGENT_SHA256_LABEL: &str = "io.interceptor.agent-sha256";
 
-    let context = root.join("target/image");
+/// `cargo xtask image`: builds the agent and the CNI plugin, stages them with exactly the
+/// shared libraries they link and the dynamic loader, and builds `deploy/Containerfile`
+/// (`FROM scratch`) with podman. Prints the image size.
+pub(crate) fn image(root: &Path, args: &ImageArgs) -> Result<()> {
+    let started = Instant::now();
+    let dev = args.profile == ImageProfile::Dev;
+    ensure_podman(root)?;
+    let (agent, cni) = if dev {
+        // The test build's own binaries: nothing is compiled that CI has not built already.
+        // The plugin links the host's C library dynamically, which is fine on the node it was
+        // built on, and only there.
+        run(
+            root,
+            Command::new("cargo").args([
+                "build",
+                "-p",
+                "interceptor",
+                "--bin",
+                "interceptor",
+                "-p",
+                "interceptor-cni",
+                "--bin",
+                "interceptor-cni",
+            ]),
+        )?;
+        let dir = root.join("target/debug");
+        (dir.join("interceptor"), Some(dir.join("interceptor-cni")))
+    } else {
+        run(
+            root,
+            Command::new("cargo").args([
+                "build",
+                "--release",
+                "-p",
+                "interceptor",
+                "--bin",
+                "interceptor",
+            ]),
+        )?;
+        (
+            root.join("target/release/interceptor"),
+            build_static_cni(root)?,
+        )
+    };
+
+    let context = root.join(if dev {
+        "target/image-dev"
+    } else {
+        "target/image"
+    });
     let rootfs = context.join("rootfs");
     if rootfs.exists() {
         fs::remove_dir_all(&rootfs).with_context(|| format!("remove {}", rootfs.display()))?;
     }
     let mut staged = Vec::new();
     for (bin, name) in
-        std::iter::once((agent, "interceptor")).chain(cni.map(|c| (c, "interceptor-cni")))
+        std::iter::once((&agent, "interceptor")).chain(cni.as_ref().map(|c| (c, "interceptor-cni")))
     {
         let dest = rootfs.join("usr/local/bin").join(name);
-        copy_file(&bin, &dest)?;
+        copy_file(bin, &dest)?;
         staged.push(format!("/usr/local/bin/{name}"));
-        for lib in shared_libraries(&bin)? {
+        for lib in shared_libraries(bin)? {
             let in_image = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
             if !in_image.exists() {
                 // The library's content under the path the loader asks for (symlinks resolved).
@@ -247,15 +292,27 @@ pub(crate) fn image(root: &Path, args: &ImageArgs) -> Result<()> {
     std::os::unix::fs::symlink("../run", rootfs.join("var/run")).context("var/run symlink")?;
     fs::create_dir_all(rootfs.join("tmp"))?;
 
-    let name = image_name();
+    let name = if dev {
+        format!("{}-dev", image_name())
+    } else {
+        image_name()
+    };
+    let previous = image_id(&name);
     run(
         root,
         Command::new("podman")
-            .args(["build", "--file"])
+            .args(["build", "--quiet", "--file"])
             .arg(root.join("deploy/Containerfile"))
-            .args(["--tag", &name])
+            .args(["--tag", &name, "--label"])
+            .arg(format!("{AGENT_SHA256_LABEL}={}", sha256_of(&agent)?))
             .arg(&context),
     )?;
+    // A rebuild leaves the old image untagged: removed, or every test run would add one.
+    if let Some(old) = previous.filter(|old| image_id(&name).as_ref() != Some(old)) {
+        let _ = Command::new("podman")
+            .args(["rmi", "--force", &old])
+            .output();
+    }
     // The image can start its binaries: the loader and every library are in it.
     for bin in staged.iter().filter(|p| p.starts_with("/usr/local/bin/")) {
         run(
@@ -287,17 +344,44 @@ pub(crate) fn image(root: &Path, args: &ImageArgs) -> Result<()> {
         .trim()
         .parse()
         .context("image size")?;
-    eprintln!("image {name}: {:.1} MiB, holding:", size as f64 / 1048576.0);
+    eprintln!(
+        "image {name}: {:.1} MiB, built in {:.1?}, holding:",
+        size as f64 / 1048576.0,
+        started.elapsed()
+    );
     for path in &staged {
         eprintln!("  {path}");
     }
     Ok(())
 }
 
+/// The ID of the image tagged `name`, if there is one.
+fn image_id(name: &str) -> Option<String> {
+    let out = Command::new("podman")
+        .args(["image", "inspect", "--format", "{{.Id}}", name])
+        .output()
+        .ok()?;
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !id.is_empty()).then_some(id)
+}
+
+fn sha256_of(file: &Path) -> Result<String> {
+    let out = Command::new("sha256sum")
+        .arg(file)
+        .output()
+        .with_context(|| format!("sha256sum {}", file.display()))?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .filter(|h| out.status.success() && h.len() == 64)
+        .map(str::to_owned)
+        .with_context(|| format!("sha256sum {} failed", file.display()))
+}
+
 /// `interceptor-cni` linked statically: the installer copies it onto the node, where the
 /// container runtime runs it against the node's own C library, which may be older than ours.
 /// `None` while the workspace has no such package.
-fn build_cni(root: &Path, debug: bool) -> Result<Option<PathBuf>> {
+fn build_static_cni(root: &Path) -> Result<Option<PathBuf>> {
     let metadata = cargo_metadata::MetadataCommand::new()
         .current_dir(root)
         .no_deps()
@@ -319,15 +403,10 @@ fn build_cni(root: &Path, debug: bool) -> Result<Option<PathBuf>> {
         .args(["--target", &host])
         .arg("--target-dir")
         .arg(&target_dir)
+        .arg("--release")
         .env("RUSTFLAGS", "-C target-feature=+crt-static");
-    if !debug {
-        cmd.arg("--release");
-    }
     run(root, &mut cmd)?;
-    let bin = target_dir
-        .join(&host)
-        .join(if debug { "debug" } else { "release" })
-        .join("interceptor-cni");
+    let bin = target_dir.join(&host).join("release/interceptor-cni");
     if !shared_libraries(&bin)?.is_empty() {
         bail!("{} is not statically linked", bin.display());
     }

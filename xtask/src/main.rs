@@ -126,20 +126,13 @@ fn build_release_with_agent(root: &Path, package: &str, bin: &str) -> Result<()>
 
 fn demo(root: &Path, args: &DemoArgs) -> Result<()> {
     if args.containers {
-        // The container end-to-end test, narrating: the binaries it drives sit next to it.
-        run(
+        // The container end-to-end test, narrating: it runs the agent and the installer from
+        // the dev image, and its plugin binaries sit next to it.
+        deploy::image(
             root,
-            Command::new("cargo").args([
-                "build",
-                "-p",
-                "interceptor",
-                "--bin",
-                "interceptor",
-                "-p",
-                "interceptor-cni",
-                "--bin",
-                "interceptor-cni",
-            ]),
+            &deploy::ImageArgs {
+                profile: deploy::ImageProfile::Dev,
+            },
         )?;
         return run(
             root,

@@ -106,6 +106,14 @@ fn host_privileged(root: &Path) -> Result<()> {
             "interceptor-cni",
         ]),
     )?;
+    // cni_podman runs the agent and the CNI installer from the image, as the DaemonSet does:
+    // the dev image packs the binaries just built (no release build).
+    deploy::image(
+        root,
+        &deploy::ImageArgs {
+            profile: deploy::ImageProfile::Dev,
+        },
+    )?;
     let metadata = cargo_metadata::MetadataCommand::new()
         .current_dir(root)
         .no_deps()
