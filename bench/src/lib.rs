@@ -18,3 +18,5 @@ pub mod scale_policy;
 pub mod sysinfo;
 pub mod topology;
 pub mod workloads;
+pub mod zds;
+pub mod ztunnel;

@@ -119,7 +119,8 @@ struct RunArgs {
     /// Short durations and 2 rounds: a smoke run, not a result.
     #[arg(long)]
     quick: bool,
-    /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg (default: all).
+    /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg, relay-full, ztunnel,
+    /// ztunnel-1stream (default: all).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all).
@@ -131,6 +132,10 @@ struct RunArgs {
     /// The agent binary (release build of `interceptor`).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
+    /// without either they are reported unavailable). bench/README.md says how to build one.
+    #[arg(long)]
+    ztunnel: Option<PathBuf>,
     /// Output directory for results and logs.
     #[arg(long, default_value = "target/bench/host")]
     out: PathBuf,
@@ -296,6 +301,7 @@ fn run(args: RunArgs) -> Result<()> {
         workloads,
         layouts,
         agent: args.agent,
+        ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,
         params,

@@ -46,17 +46,25 @@ pub enum Mode {
     /// The relay with `tuning.sessionResumption: false`: every connection a full handshake,
     /// as before resumption existed; the same-run baseline for what resumption buys.
     InterceptorRelayFull,
+    /// Istio ambient's ztunnel, its default: app connections multiplexed as HTTP/2 streams
+    /// over pooled HBONE connections (see `crate::ztunnel`).
+    ZtunnelDefault,
+    /// ztunnel with `POOL_MAX_STREAMS_PER_CONNECTION=1`: one HBONE (mTLS) connection per app
+    /// connection, the like-for-like case for connection setup.
+    ZtunnelOneStream,
 }
 
 impl Mode {
-    /// Round order (A B C D E F).
-    pub const ALL: [Mode; 6] = [
+    /// Round order (A B C D E F G H).
+    pub const ALL: [Mode; 8] = [
         Mode::Plaintext,
         Mode::InterceptorKtls,
         Mode::InterceptorRelay,
         Mode::HaproxyPair,
         Mode::InterceptorSkmsg,
         Mode::InterceptorRelayFull,
+        Mode::ZtunnelDefault,
+        Mode::ZtunnelOneStream,
     ];
 
     pub fn label(self) -> &'static str {
@@ -67,6 +75,8 @@ impl Mode {
             Mode::HaproxyPair => "haproxy-pair",
             Mode::InterceptorSkmsg => "interceptor-skmsg",
             Mode::InterceptorRelayFull => "interceptor-relay-full",
+            Mode::ZtunnelDefault => "ztunnel",
+            Mode::ZtunnelOneStream => "ztunnel-1stream",
         }
     }
 
@@ -78,13 +88,19 @@ impl Mode {
             "haproxy-pair" | "haproxy" | "sidecar" => Mode::HaproxyPair,
             "interceptor-skmsg" | "skmsg" | "sk-msg" => Mode::InterceptorSkmsg,
             "interceptor-relay-full" | "relay-full" | "no-resumption" => Mode::InterceptorRelayFull,
+            "ztunnel" | "ztunnel-default" => Mode::ZtunnelDefault,
+            "ztunnel-1stream" | "ztunnel-1" => Mode::ZtunnelOneStream,
             other => {
                 bail!(
-                    "unknown mode {other:?}: expected plaintext, ktls, relay, haproxy, skmsg or \
-                     relay-full"
+                    "unknown mode {other:?}: expected plaintext, ktls, relay, haproxy, skmsg, \
+                     relay-full, ztunnel or ztunnel-1stream"
                 )
             }
         })
+    }
+
+    pub fn is_ztunnel(self) -> bool {
+        matches!(self, Mode::ZtunnelDefault | Mode::ZtunnelOneStream)
     }
 
     pub fn is_interceptor(self) -> bool {
@@ -102,6 +118,8 @@ impl Mode {
 #[derive(Debug, Clone)]
 pub struct Env {
     pub agent_bin: Option<PathBuf>,
+    /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
+    pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
     pub work_dir: PathBuf,
     pub log_dir: PathBuf,
@@ -125,6 +143,9 @@ pub fn availability(mode: Mode, env: &Env) -> Result<(), String> {
     match mode {
         Mode::Plaintext => Ok(()),
         Mode::HaproxyPair => which("haproxy").map(drop),
+        Mode::ZtunnelDefault | Mode::ZtunnelOneStream => {
+            crate::ztunnel::availability(env.ztunnel_bin.as_deref())
+        }
         Mode::InterceptorKtls
         | Mode::InterceptorRelay
         | Mode::InterceptorSkmsg
@@ -199,6 +220,8 @@ pub struct Active {
     servers: Vec<Proc>,
     /// What the server app must see as the peer of a connection from the client pod.
     expect_peer: IpAddr,
+    /// The ztunnel modes' redirection and ZDS servers, removed after the proxies stop.
+    ztunnel: Option<crate::ztunnel::Deployment>,
 }
 
 impl Active {
@@ -224,6 +247,11 @@ impl Active {
         self.proxies.clear();
         self.servers.clear();
         let mut problems = String::new();
+        if let Some(mut z) = self.ztunnel.take()
+            && let Err(e) = z.stop()
+        {
+            let _ = write!(problems, "{e:#}; ");
+        }
         for dir in self.bpffs_dirs.drain(..) {
             if dir.exists()
                 && let Err(e) = fs::remove_dir_all(&dir)
@@ -258,6 +286,7 @@ pub fn start(mode: Mode, topo: &Topology, env: &Env, tag: &str) -> Result<Active
         bpffs_dirs: Vec::new(),
         servers,
         expect_peer: IpAddr::V4(topo.client.ip),
+        ztunnel: None,
     };
     match mode {
         Mode::Plaintext => {}
@@ -266,6 +295,18 @@ pub fn start(mode: Mode, topo: &Topology, env: &Env, tag: &str) -> Result<Active
         | Mode::InterceptorRelay
         | Mode::InterceptorSkmsg
         | Mode::InterceptorRelayFull => start_agents(&mut active, topo, env, tag)?,
+        Mode::ZtunnelDefault | Mode::ZtunnelOneStream => {
+            let bin = env.ztunnel_bin.as_deref().context("no ztunnel binary")?;
+            active.expect_peer = IpAddr::V4(crate::ztunnel::expected_peer(topo));
+            let sink = crate::ztunnel::Sink {
+                procs: &mut active.proxies,
+                cgroups: &mut active.proxy_cgroups,
+            };
+            let one_stream = mode == Mode::ZtunnelOneStream;
+            active.ztunnel = Some(crate::ztunnel::start(
+                bin, topo, env, tag, one_stream, sink,
+            )?);
+        }
     }
     verify_path(&mut active, topo, env)?;
     Ok(active)
@@ -378,6 +419,10 @@ fn verify_path(active: &mut Active, topo: &Topology, env: &Env) -> Result<()> {
             active.mode.label(),
             active.expect_peer
         );
+    }
+    if active.mode.is_ztunnel() {
+        crate::ztunnel::check_hbone(topo)
+            .with_context(|| format!("{} path check", active.mode.label()))?;
     }
     if active.mode == Mode::InterceptorKtls {
         let after = tls_sessions(topo);

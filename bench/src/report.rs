@@ -60,6 +60,12 @@ pub struct Row {
     pub vs_plaintext: BTreeMap<Mode, Ratio>,
     /// interceptor mode ÷ HAProxy pair, per round.
     pub vs_haproxy: BTreeMap<Mode, Ratio>,
+    /// interceptor mode ÷ ztunnel's default (pooled HBONE), per round.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub vs_ztunnel: BTreeMap<Mode, Ratio>,
+    /// interceptor mode ÷ ztunnel with one stream per HBONE connection, per round.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub vs_ztunnel_1stream: BTreeMap<Mode, Ratio>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -145,6 +151,8 @@ impl LayoutResults {
                     medians: BTreeMap::new(),
                     vs_plaintext: BTreeMap::new(),
                     vs_haproxy: BTreeMap::new(),
+                    vs_ztunnel: BTreeMap::new(),
+                    vs_ztunnel_1stream: BTreeMap::new(),
                 };
                 for &m in &modes {
                     let v: Vec<f64> = self.values(m, w, &metric).into_values().collect();
@@ -160,6 +168,14 @@ impl LayoutResults {
                         && let Some(r) = self.ratio(m, Mode::HaproxyPair, w, &metric)
                     {
                         row.vs_haproxy.insert(m, r);
+                    }
+                    if m.is_interceptor() {
+                        if let Some(r) = self.ratio(m, Mode::ZtunnelDefault, w, &metric) {
+                            row.vs_ztunnel.insert(m, r);
+                        }
+                        if let Some(r) = self.ratio(m, Mode::ZtunnelOneStream, w, &metric) {
+                            row.vs_ztunnel_1stream.insert(m, r);
+                        }
                     }
                 }
                 row
@@ -335,6 +351,52 @@ impl LayoutResults {
     }
 }
 
+impl LayoutResults {
+    /// Ours ÷ ztunnel (default and 1-stream) for every metric both measured, paired per round;
+    /// empty when no ztunnel mode ran.
+    pub fn ztunnel_table(&self, ours: &[Mode]) -> String {
+        let mut s = String::new();
+        let rows: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|r| !r.vs_ztunnel.is_empty() || !r.vs_ztunnel_1stream.is_empty())
+            .collect();
+        if rows.is_empty() {
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\nOurs ÷ ztunnel, median of per-round ratios (↑: higher is better for us, ↓: lower \
+             is better):\n"
+        );
+        let _ = write!(s, "| workload | metric | dir |");
+        for m in ours {
+            let _ = write!(
+                s,
+                " {0} ÷ ztunnel default | {0} ÷ ztunnel 1-stream |",
+                short(*m)
+            );
+        }
+        s.push('\n');
+        let _ = writeln!(s, "|---|---|---|{}", "---|---|".repeat(ours.len()));
+        for r in rows {
+            let dir = if r.lower_is_better { "↓" } else { "↑" };
+            let _ = write!(s, "| {} | {} | {dir} |", r.workload.label(), r.metric);
+            for m in ours {
+                for map in [&r.vs_ztunnel, &r.vs_ztunnel_1stream] {
+                    let _ = write!(
+                        s,
+                        " {} |",
+                        map.get(m).map_or("—".to_owned(), |x| fmt_num(x.median))
+                    );
+                }
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
 fn target(name: &str, goal: &str, measured: Option<f64>, ok: impl Fn(f64) -> bool) -> Target {
     Target {
         name: name.to_owned(),
@@ -456,6 +518,8 @@ fn short(mode: Mode) -> &'static str {
         Mode::HaproxyPair => "HAProxy pair",
         Mode::InterceptorSkmsg => "+sk_msg",
         Mode::InterceptorRelayFull => "relay, no resumption",
+        Mode::ZtunnelDefault => "ztunnel",
+        Mode::ZtunnelOneStream => "ztunnel 1-stream",
     }
 }
 
@@ -621,6 +685,7 @@ impl Report {
                 }
                 s.push('\n');
             }
+            s.push_str(&l.ztunnel_table(&ours));
             let _ = writeln!(s, "\nTargets (issue 5):\n");
             let _ = writeln!(s, "| target | goal | measured | met |");
             let _ = writeln!(s, "|---|---|---|---|");
@@ -673,6 +738,8 @@ impl Report {
             (Mode::InterceptorRelay, "#7570b3"),
             (Mode::InterceptorSkmsg, "#66a61e"),
             (Mode::InterceptorRelayFull, "#e7298a"),
+            (Mode::ZtunnelDefault, "#e6ab02"),
+            (Mode::ZtunnelOneStream, "#a6761d"),
             (Mode::HaproxyPair, "#d95f02"),
         ];
         let panel_w = 900.0;
@@ -837,6 +904,8 @@ impl Report {
             (Mode::HaproxyPair, "#d95f02"),
             (Mode::InterceptorSkmsg, "#66a61e"),
             (Mode::InterceptorRelayFull, "#e7298a"),
+            (Mode::ZtunnelDefault, "#e6ab02"),
+            (Mode::ZtunnelOneStream, "#a6761d"),
         ];
         let titles: Vec<String> = self
             .layouts

@@ -29,6 +29,8 @@ pub struct Plan {
     pub workloads: Vec<Workload>,
     pub layouts: Vec<Layout>,
     pub agent: Option<PathBuf>,
+    /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
+    pub ztunnel: Option<PathBuf>,
     pub out: PathBuf,
     pub pin: bool,
     pub params: Params,
@@ -74,6 +76,8 @@ pub fn run(plan: &Plan) -> Result<Report> {
     let pki = pki::create(&work_dir, agent.as_deref()).context("certificates")?;
     let env = Env {
         agent_bin: agent.clone(),
+        ztunnel_bin: crate::ztunnel::binary(plan.ztunnel.as_deref())
+            .map(|z| fs::canonicalize(&z).unwrap_or(z)),
         bench_bin: std::env::current_exe().context("own executable")?,
         work_dir: work_dir.clone(),
         log_dir,

@@ -28,6 +28,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",
     "sockperf",
     "wrk",
+    // The bench's ztunnel modes: in-pod redirection as Istio ambient installs it.
+    "iptables",
     // The CNI plugin's end-to-end test and `demo --containers`: a real container runtime
     // with the CNI network backend (runc: crun refuses hybrid cgroup hosts).
     "podman",
