@@ -456,6 +456,7 @@ fn short(mode: Mode) -> &'static str {
         Mode::HaproxyPair => "HAProxy pair",
         Mode::InterceptorSkmsg => "+sk_msg",
         Mode::InterceptorRelayFull => "relay, no resumption",
+        Mode::InterceptorLocal => "same-node fast path",
     }
 }
 
@@ -673,6 +674,7 @@ impl Report {
             (Mode::InterceptorRelay, "#7570b3"),
             (Mode::InterceptorSkmsg, "#66a61e"),
             (Mode::InterceptorRelayFull, "#e7298a"),
+            (Mode::InterceptorLocal, "#e6ab02"),
             (Mode::HaproxyPair, "#d95f02"),
         ];
         let panel_w = 900.0;
@@ -837,6 +839,7 @@ impl Report {
             (Mode::HaproxyPair, "#d95f02"),
             (Mode::InterceptorSkmsg, "#66a61e"),
             (Mode::InterceptorRelayFull, "#e7298a"),
+            (Mode::InterceptorLocal, "#e6ab02"),
         ];
         let titles: Vec<String> = self
             .layouts
