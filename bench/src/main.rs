@@ -119,7 +119,8 @@ struct RunArgs {
     /// Short durations and 2 rounds: a smoke run, not a result.
     #[arg(long)]
     quick: bool,
-    /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg (default: all).
+    /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg, relay-full, local
+    /// (default: all).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all).
