@@ -10,7 +10,7 @@
 //! (PeerAuthentication with its port levels: DISABLE refuses, as it refuses a mesh
 //! ClientHello; AuthorizationPolicy with the client's principal). Then it dials the app
 //! from inside the server pod, from the address the inbound path uses, and splices between
-//! the two loopback legs: two TCP connections instead of three, no TLS, and no byte on
+//! the two loopback legs (`relay::relay_spliced`): two TCP connections instead of three, no TLS, and no byte on
 //! either pod's link.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -22,7 +22,7 @@ use super::{
     Shared,
     enforce::{Generation, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop},
-    handoff::{Relay, dups, plain, relaying},
+    handoff::{Relay, dups, relay_config, relaying},
     outbound::Outbound,
     pod::{PodCtx, agent_source, dial},
     revalidate::admitted_now,
@@ -167,10 +167,11 @@ pub(super) async fn relay<'a>(
     });
     let guard = shared.flows.insert_checked(out.flow, Some(check));
     let socks = dups([&app, &peer]);
-    let relay = plain(shared, app, peer, &guard);
+    let relay =
+        crate::relay::relay_spliced(app, peer, relay_config(shared), Arc::clone(&guard.stats));
     Ok(relaying(guard, socks, false, async move {
         let ended = relay.await;
         drop(permit);
-        ended
+        Ok(ended?)
     }))
 }
