@@ -19,6 +19,7 @@ use interceptor::{
 use interceptor_tests::{
     agent::{PinCleanup, RunningAgent, TempDir},
     apps::{curl, curl_upload, random_payload, serve_http_on, serve_upload_hasher, sha256_hex},
+    connect_from,
     mesh::{PolicyDir, workload},
     process::AgentProcess,
     require_privileged,
@@ -275,6 +276,55 @@ fn same_node_fast_path_policy_matrix_wire_and_principals() {
         "spiffe://cluster.local/ns/other/sa/other"
     );
     assert_eq!(denied["dst_spiffe"], HTTPBIN_ID);
+
+    // A policy change decides an open same-node flow again on the server's half: a DENY of
+    // the client's principal closes it.
+    let held = connect_from(
+        Some(&sleep.cgroup.path),
+        &sleep.netns_path(),
+        SocketAddr::from((ip, 80)),
+        b"",
+    );
+    assert_eq!(held.peer, Ok(SocketAddr::from((ip, 80))));
+    let open = || {
+        agent
+            .flows()
+            .iter()
+            .any(|r| r.protection == Protection::Local && !r.closed)
+    };
+    wait_until("the held flow is listed", open);
+    let before = agent.stats();
+    policy.write("deny-sleep.yaml", POLICY_DENY_SLEEP);
+    wait_until("the held flow is closed by the new policy", || !open());
+    let after = agent.stats();
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert_eq!(delta("closed.deny_rule"), 1, "{after:?}");
+    drop(held);
+}
+
+const POLICY_DENY_SLEEP: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-sleep
+  namespace: full
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/full/sa/sleep]
+";
+
+/// Polls `cond` for up to 10 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// With `sameNodeFastPath: false` the same two pods get mesh mTLS on the wire, as before.
