@@ -256,48 +256,12 @@ fn iperf(
     p: &Params,
     streams: usize,
 ) -> Result<Vec<Metric>> {
-    let bin = "iperf3";
-    let mut children = Vec::new();
-    let win = CpuWindow::open(topo, active)?;
-    for port in IPERF_PORTS.iter().take(streams) {
-        let target = active.target(*port);
-        let mut cmd = topo.client.command(bin, env.client_cpu())?;
-        cmd.args([
-            "-c",
-            &target.ip().to_string(),
-            "-p",
-            &port.to_string(),
-            "-t",
-            &p.iperf_secs.to_string(),
-            "-J",
-        ]);
-        let timeout = Duration::from_secs(p.iperf_secs * 3 + 30);
-        children.push(thread::spawn(move || {
-            procs::run_bounded("iperf3", &mut cmd, timeout)
-        }));
-    }
-    let mut bytes = 0f64;
-    let mut secs = 0f64;
-    let mut retrans = 0f64;
-    let mut first_err = None;
-    for c in children {
-        match c.join() {
-            Ok(Ok(out)) => match parse_iperf(&out.stdout) {
-                Ok((b, s, r)) => {
-                    bytes += b;
-                    secs = secs.max(s);
-                    retrans += r;
-                }
-                Err(e) => first_err = first_err.or(Some(e)),
-            },
-            Ok(Err(e)) => first_err = first_err.or(Some(e)),
-            Err(_) => first_err = first_err.or(Some(anyhow::anyhow!("iperf3 thread panicked"))),
-        }
-    }
-    let cpu = win.close(topo, active)?;
-    if let Some(e) = first_err {
-        return Err(e);
-    }
+    let (sum, cpu) = iperf_clients(topo, active, env, p, streams, None, 30)?;
+    let IperfSum {
+        bytes,
+        secs,
+        retrans,
+    } = sum;
     let gb = (bytes / 1e9).max(1e-12);
     let mut m = vec![
         ("mb_s", bytes / secs.max(1e-9) / 1e6),
@@ -309,6 +273,76 @@ fn iperf(
         m.push(("proxy_cpu_s_per_gb", cpu.proxy / gb));
     }
     Ok(m)
+}
+
+/// What a set of iperf3 clients reported, summed.
+struct IperfSum {
+    bytes: f64,
+    /// The longest client's.
+    secs: f64,
+    retrans: f64,
+}
+
+/// Runs `clients` iperf3 clients at once (one per server port; with `streams`, that many
+/// streams each) for `p.iperf_secs` inside one CPU window, and sums their reports. Every
+/// client is waited for (each bounded by three times its run plus `slack_secs`) before the
+/// first failure is returned.
+fn iperf_clients(
+    topo: &Topology,
+    active: &Active,
+    env: &Env,
+    p: &Params,
+    clients: usize,
+    streams: Option<usize>,
+    slack_secs: u64,
+) -> Result<(IperfSum, Cpu)> {
+    let mut children = Vec::new();
+    let win = CpuWindow::open(topo, active)?;
+    for port in IPERF_PORTS.iter().take(clients) {
+        let target = active.target(*port);
+        let mut cmd = topo.client.command("iperf3", env.client_cpu())?;
+        cmd.args([
+            "-c",
+            &target.ip().to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &p.iperf_secs.to_string(),
+        ]);
+        if let Some(n) = streams {
+            cmd.args(["-P", &n.to_string()]);
+        }
+        cmd.arg("-J");
+        let timeout = Duration::from_secs(p.iperf_secs * 3 + slack_secs);
+        children.push(thread::spawn(move || {
+            procs::run_bounded("iperf3", &mut cmd, timeout)
+        }));
+    }
+    let mut sum = IperfSum {
+        bytes: 0.0,
+        secs: 0.0,
+        retrans: 0.0,
+    };
+    let mut first_err = None;
+    for c in children {
+        match c.join() {
+            Ok(Ok(out)) => match parse_iperf(&out.stdout) {
+                Ok((b, s, r)) => {
+                    sum.bytes += b;
+                    sum.secs = sum.secs.max(s);
+                    sum.retrans += r;
+                }
+                Err(e) => first_err = first_err.or(Some(e)),
+            },
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(_) => first_err = first_err.or(Some(anyhow::anyhow!("iperf3 thread panicked"))),
+        }
+    }
+    let cpu = win.close(topo, active)?;
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok((sum, cpu)),
+    }
 }
 
 /// (bytes received, seconds, retransmits) from `iperf3 -J`.
@@ -772,47 +806,8 @@ fn iperf_parallel(
         );
     }
     let per = flows / procs_needed;
-    let mut children = Vec::new();
-    let win = CpuWindow::open(topo, active)?;
-    for port in IPERF_PORTS.iter().take(procs_needed) {
-        let target = active.target(*port);
-        let mut cmd = topo.client.command("iperf3", env.client_cpu())?;
-        cmd.args([
-            "-c",
-            &target.ip().to_string(),
-            "-p",
-            &port.to_string(),
-            "-t",
-            &p.iperf_secs.to_string(),
-            "-P",
-            &per.to_string(),
-            "-J",
-        ]);
-        let timeout = Duration::from_secs(p.iperf_secs * 3 + 60);
-        children.push(thread::spawn(move || {
-            procs::run_bounded("iperf3", &mut cmd, timeout)
-        }));
-    }
-    let mut bytes = 0f64;
-    let mut secs = 0f64;
-    let mut first_err = None;
-    for c in children {
-        match c.join() {
-            Ok(Ok(out)) => match parse_iperf(&out.stdout) {
-                Ok((b, s, _)) => {
-                    bytes += b;
-                    secs = secs.max(s);
-                }
-                Err(e) => first_err = first_err.or(Some(e)),
-            },
-            Ok(Err(e)) => first_err = first_err.or(Some(e)),
-            Err(_) => first_err = first_err.or(Some(anyhow::anyhow!("iperf3 thread panicked"))),
-        }
-    }
-    let cpu = win.close(topo, active)?;
-    if let Some(e) = first_err {
-        return Err(e);
-    }
+    let (IperfSum { bytes, secs, .. }, cpu) =
+        iperf_clients(topo, active, env, p, procs_needed, Some(per), 60)?;
     let gb = (bytes / 1e9).max(1e-12);
     let mut m = vec![("mb_s", bytes / secs.max(1e-9) / 1e6)];
     if has_proxy(active) {

@@ -2,6 +2,10 @@
 //! configured and persisted pods, serve the admin API, and on SIGTERM exit leaving the pinned
 //! programs in place so enrolled pods stay fail-closed until the agent is back.
 
+#[cfg(feature = "kubernetes")]
+mod kubernetes;
+#[cfg(not(feature = "kubernetes"))]
+#[path = "app/without_kubernetes.rs"]
 mod kubernetes;
 
 use std::{
@@ -16,19 +20,20 @@ use anyhow::{Context as _, bail};
 use tracing::{error, info, warn};
 
 mod upgrade;
+mod watch;
 
 use crate::{
     admin::{self, Request, Response},
     ca::renew::{RenewPolicy, SystemClock},
-    ca::{self, Ca, CertificateAuthority as _},
+    ca::{Ca, CertificateAuthority as _},
     cluster::{Membership, MembershipFile, PodDirectory, PodRef, StaticDirectory},
     config::{self, CniSettings, Config, KtlsMode, Peer, Service, Workload},
     datapath::{Datapath, DatapathOptions},
     handshake::{CryptoPolicy, MeshSuite},
     health::Readiness,
     intercept::{
-        self, Identity, Offload, PodHandle, Shared,
-        enforce::{Enforcer, Generation, Reload},
+        self, Identity, NodeParts, Offload, PodHandle, Shared,
+        enforce::{Enforcer, Generation},
     },
     ktls, sys,
     telemetry::{self, Telemetry, WorkloadLabels},
@@ -70,6 +75,8 @@ pub struct Agent {
     /// A successor holds the listeners (or this agent stepped down for one): no enrollment
     /// changes any more, only the open flows are served until they end.
     retired: std::sync::atomic::AtomicBool,
+    /// The node config file and the config read from it, until the file watcher takes them.
+    watched_config: Mutex<Option<watch::NodeSource>>,
     /// Flows the agent this one took over from still serves (its reports; 0 once it exits).
     predecessor_flows: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -152,7 +159,7 @@ async fn start_from(
         .policy_loaded
         .store(true, Ordering::Release);
     let offload = offload(config.ktls)?;
-    let ca_seen = ca_fingerprint(&config.ca_dir);
+    let ca_seen = watch::ca_fingerprint(&config.ca_dir);
     let ca = Ca::load_for(
         &config.ca_dir,
         Some(&config.trust_domain),
@@ -202,17 +209,15 @@ async fn start_from(
         }
         None => None,
     };
-    let agent = start_with(
-        config.clone(),
+    let parts = StartParts {
         offload,
         ca,
         datapath,
         policy,
-        directory.clone(),
+        cluster: directory.clone(),
         observed,
-        takeover,
-    )
-    .await?;
+    };
+    let agent = start_with(config.clone(), parts, takeover).await?;
     let ready = &agent.readiness;
     for flag in [
         &ready.programs_attached,
@@ -229,13 +234,7 @@ async fn start_from(
             .cluster_synced
             .store(true, std::sync::atomic::Ordering::Release),
     }
-    tokio::spawn(watch_ca(
-        Arc::clone(&agent.shared),
-        Arc::clone(&agent.telemetry),
-        config.ca_dir.clone(),
-        Duration::from_millis(config.identity.ca_poll_ms),
-        ca_seen,
-    ));
+    tokio::spawn(watch::Watcher::new(Arc::clone(&agent), ca_seen).run());
     Ok(agent)
 }
 
@@ -285,18 +284,29 @@ impl Observability {
     }
 }
 
-// The parts start-up built, each from its own step; a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
-async fn start_with(
-    config: Config,
+/// What the start-up steps before [`start_with`] built, each on its own.
+struct StartParts {
     offload: Offload,
     ca: Ca,
     datapath: Datapath,
     policy: Enforcer,
-    cluster: Option<crate::cluster::kube::KubeDirectory>,
+    cluster: Option<kubernetes::KubeDirectory>,
     observed: Observability,
+}
+
+async fn start_with(
+    config: Config,
+    parts: StartParts,
     takeover: Option<&mut crate::handover::take::Takeover>,
 ) -> anyhow::Result<Arc<Agent>> {
+    let StartParts {
+        offload,
+        ca,
+        datapath,
+        policy,
+        cluster,
+        observed,
+    } = parts;
     let identity = Identity {
         renew: RenewPolicy {
             ttl: config.identity.leaf_ttl.0,
@@ -304,17 +314,17 @@ async fn start_with(
         },
         clock: Arc::new(SystemClock),
     };
-    let shared = Arc::new(Shared::new(
-        config.trust_domain.clone(),
-        Arc::new(ca),
+    let shared = Arc::new(Shared::new(NodeParts {
+        trust_domain: config.trust_domain.clone(),
+        ca: Arc::new(ca),
         identity,
         offload,
-        config.tuning.clone(),
+        tuning: config.tuning.clone(),
         datapath,
         policy,
-        config.crypto,
-        Arc::clone(&observed.telemetry),
-    )?);
+        crypto: config.crypto,
+        telemetry: Arc::clone(&observed.telemetry),
+    })?);
     if takeover.is_some() {
         // The old agent accepts on the handed-over listeners until it confirms it stopped.
         shared.accepting.send_replace(false);
@@ -355,6 +365,7 @@ async fn start_with(
         config: config.clone(),
         retired: std::sync::atomic::AtomicBool::new(false),
         predecessor_flows: Arc::default(),
+        watched_config: Mutex::new(None),
     });
     let weak: std::sync::Weak<dyn telemetry::Observed> = Arc::downgrade(&agent) as _;
     agent.telemetry.observe(weak);
@@ -395,10 +406,6 @@ async fn start_with(
     agent
         .sync_policy()
         .context("policy for the enrolled pods")?;
-    tokio::spawn(watch_policy(
-        Arc::clone(&shared),
-        Arc::clone(&agent.telemetry),
-    ));
     tokio::spawn(renew_leaves(Arc::clone(&shared)));
     let (keep_cgroups, keep_netns) = agent.stale_pins();
     let pruned = shared
@@ -441,23 +448,6 @@ async fn renew_leaves(shared: Arc<Shared>) {
 /// How often [`renew_leaves`] looks; a leaf lives at least `MIN_LEAF_TTL` (minutes).
 const RENEW_SWEEP: Duration = Duration::from_secs(5);
 
-/// What the agent last saw of the CA directory: a hash of each file's contents (or its
-/// absence). Hashes, not contents, so no copy of the key stays around.
-type CaFingerprint = Vec<Option<u64>>;
-
-fn ca_fingerprint(dir: &Path) -> CaFingerprint {
-    use std::hash::{Hash as _, Hasher as _};
-    ca::CA_FILES
-        .iter()
-        .map(|name| {
-            let bytes = zeroize::Zeroizing::new(std::fs::read(dir.join(name)).ok()?);
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            bytes.hash(&mut h);
-            Some(h.finish())
-        })
-        .collect()
-}
-
 /// Logs what the agent signs with and trusts, and warns about what expires soon.
 fn report_ca(ca: &Ca, what: &str) {
     let now = std::time::SystemTime::now();
@@ -478,110 +468,6 @@ fn report_ca(ca: &Ca, what: &str) {
     }
 }
 
-/// Watches the CA directory and puts changed material into effect without a restart: new
-/// handshakes use leaves of the new signer and trust exactly the new bundle, open flows are
-/// untouched. Material that does not load (a half-copied set of files, an expired signer, a
-/// chain the bundle does not trust) is refused with the reason, and the previous material
-/// stays in effect; it is tried again on every poll until it loads or changes back. Expiry
-/// warnings are repeated hourly.
-async fn watch_ca(
-    shared: Arc<Shared>,
-    telemetry: Arc<Telemetry>,
-    dir: PathBuf,
-    every: Duration,
-    mut seen: CaFingerprint,
-) {
-    let mut failed: Option<String> = None;
-    let mut warned = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(every).await;
-        let d = dir.clone();
-        let td = shared.trust_domain.clone();
-        let prev = seen.clone();
-        let retry = failed.is_some();
-        let Ok(polled) = tokio::task::spawn_blocking(move || {
-            let now = ca_fingerprint(&d);
-            if now == prev && !retry {
-                return (now, None);
-            }
-            let loaded = Ca::load_for(&d, Some(&td), std::time::SystemTime::now());
-            (now, Some(loaded))
-        })
-        .await
-        else {
-            continue;
-        };
-        match polled {
-            (_, None) => {
-                if warned.elapsed() >= Duration::from_secs(3600) {
-                    warned = tokio::time::Instant::now();
-                    let m = shared.material();
-                    for w in m.ca.expiry_warnings(std::time::SystemTime::now()) {
-                        warn!("{w}");
-                    }
-                }
-            }
-            (now, Some(Ok(ca))) => {
-                report_ca(&ca, "reloaded");
-                let s = Arc::clone(&shared);
-                let Ok(replaced) =
-                    tokio::task::spawn_blocking(move || s.replace_ca(Arc::new(ca))).await
-                else {
-                    continue;
-                };
-                match replaced {
-                    Ok(generation) => {
-                        telemetry.ca_reload(true);
-                        seen = now;
-                        failed = None;
-                        info!(generation, "new CA material in effect for new handshakes");
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        if failed.as_ref() != Some(&msg) {
-                            telemetry.ca_reload(false);
-                            error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
-                        }
-                        failed = Some(msg);
-                    }
-                }
-            }
-            (_, Some(Err(e))) => {
-                let msg = e.to_string();
-                if failed.as_ref() != Some(&msg) {
-                    telemetry.ca_reload(false);
-                    error!(dir = %dir.display(), "CA reload refused, keeping the previous material: {msg}");
-                }
-                failed = Some(msg);
-            }
-        }
-    }
-}
-
-/// Polls the policy sources; a new generation is steered and every open inbound flow is
-/// decided again under it.
-async fn watch_policy(shared: Arc<Shared>, telemetry: Arc<Telemetry>) {
-    if shared.policy.dir().is_none() {
-        return;
-    }
-    let every = Duration::from_millis(shared.tuning.policy_poll_ms);
-    loop {
-        tokio::time::sleep(every).await;
-        let polled = Arc::clone(&shared);
-        let Ok(reload) = tokio::task::spawn_blocking(move || polled.policy.poll()).await else {
-            continue;
-        };
-        match reload {
-            Reload::Applied { old, new } => {
-                telemetry.policy_reload(true);
-                applied(&shared, &old.steer, &new);
-            }
-            Reload::Rejected(_) => telemetry.policy_reload(false),
-            Reload::Unchanged => {}
-        }
-    }
-}
-
 /// How often stale enrollments are looked at again (dropped when their cgroup is gone,
 /// retried when their netns and cgroup are back).
 const STALE_CHECK: Duration = Duration::from_secs(2);
@@ -590,68 +476,21 @@ async fn watch_stale(agent: Arc<Agent>) {
     loop {
         tokio::time::sleep(STALE_CHECK).await;
         agent.check_stale().await;
-        agent.write_membership();
     }
 }
 
-/// Watches the node configuration file (every `tuning.policyPollMs`) and applies a changed
-/// `crypto` section while the agent runs. A file that does not parse, or a policy this node
-/// cannot carry, is logged and counted (`config.reload_failures`) and the running policy
-/// stays. Other fields need a restart, which the log says.
+/// Hands the node configuration file to the agent's file watcher (see [`watch`]), which
+/// applies a changed `crypto` section while the agent runs; returns at once. A file that does
+/// not parse, or a policy this node cannot carry, is logged and counted
+/// (`config.reload_failures`) and the running policy stays. Other fields need a restart,
+/// which the log says.
 pub async fn watch_config(agent: Arc<Agent>, file: PathBuf, loaded: Config) {
-    let every = Duration::from_millis(loaded.tuning.policy_poll_ms);
-    let mut seen = std::fs::read(&file).ok();
-    let mut running = loaded;
-    loop {
-        tokio::time::sleep(every).await;
-        let now = std::fs::read(&file).ok();
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        let Some(bytes) = &seen else {
-            warn!(file = %file.display(), "node config unreadable; the running one stays");
-            continue;
-        };
-        let parsed = std::str::from_utf8(bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                Config::parse(&file.display().to_string(), text).map_err(|e| e.to_string())
-            });
-        let next = match parsed {
-            Ok(next) => next,
-            Err(e) => {
-                agent.shared.counters.config_reload_failed();
-                agent.telemetry.config_reload(false);
-                warn!("node config not applied, keeping the running one: {e}");
-                continue;
-            }
-        };
-        let mut rest = next.clone();
-        rest.crypto = running.crypto;
-        if rest != running {
-            warn!(
-                file = %file.display(),
-                "node config changed outside `crypto`; those changes take effect at the next restart"
-            );
-        }
-        if next.crypto != running.crypto {
-            match agent.set_crypto(next.crypto) {
-                Ok(_) => {
-                    agent.telemetry.config_reload(true);
-                    running.crypto = next.crypto;
-                }
-                Err(e) => {
-                    agent.shared.counters.config_reload_failed();
-                    agent.telemetry.config_reload(false);
-                    warn!(
-                        "crypto policy not applied, keeping {}: {e:#}",
-                        running.crypto
-                    );
-                }
-            }
-        }
-    }
+    // Read now, not at the watcher's next tick: a change made in between is a change.
+    let seen = std::fs::read(&file).ok();
+    *agent
+        .watched_config
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(watch::NodeSource::new(file, seen, loaded));
 }
 
 /// Puts a new generation into effect for the data path and for open flows.
@@ -724,6 +563,7 @@ impl Agent {
     }
 
     /// The workloads enrolled now.
+    #[cfg(feature = "kubernetes")]
     fn enrolled_workloads(&self) -> Vec<Workload> {
         self.pods
             .lock()
@@ -1060,7 +900,7 @@ impl Agent {
 /// node has one.
 fn pod_directory(
     config: &Config,
-    cluster: Option<crate::cluster::kube::KubeDirectory>,
+    cluster: Option<kubernetes::KubeDirectory>,
 ) -> Option<Arc<dyn PodDirectory>> {
     if let Some(cluster) = cluster {
         return Some(Arc::new(cluster));
@@ -1362,6 +1202,15 @@ impl Agent {
             bail!("{name}: its netns is not steered (no pod config in the kernel)");
         }
         Ok(format!("{name} is enrolled"))
+    }
+
+    /// Makes the next [`Agent::write_membership`] write even if nothing changed (the file on
+    /// disk did).
+    fn forget_membership_written(&self) {
+        *self
+            .membership_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Writes `cni.membershipFile` when what the directory says about namespaces changed, so

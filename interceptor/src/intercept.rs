@@ -153,20 +153,32 @@ impl Drop for Live {
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 const LOG_BURST: u32 = 5;
 
+/// The node state start-up decided, each piece by its own step, that [`Shared`] is built on.
+pub struct NodeParts {
+    pub trust_domain: TrustDomain,
+    pub ca: Arc<dyn CertificateAuthority>,
+    pub identity: Identity,
+    pub offload: Offload,
+    pub tuning: Tuning,
+    pub datapath: Datapath,
+    pub policy: Enforcer,
+    pub crypto: CryptoPolicy,
+    pub telemetry: Arc<Telemetry>,
+}
+
 impl Shared {
-    // Each argument is one independent piece of node state the agent decided at start-up.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        trust_domain: TrustDomain,
-        ca: Arc<dyn CertificateAuthority>,
-        identity: Identity,
-        offload: Offload,
-        tuning: Tuning,
-        datapath: Datapath,
-        policy: Enforcer,
-        crypto: CryptoPolicy,
-        telemetry: Arc<Telemetry>,
-    ) -> anyhow::Result<Self> {
+    pub fn new(parts: NodeParts) -> anyhow::Result<Self> {
+        let NodeParts {
+            trust_domain,
+            ca,
+            identity,
+            offload,
+            tuning,
+            datapath,
+            policy,
+            crypto,
+            telemetry,
+        } = parts;
         let roots = handshake::mesh_roots(ca.roots()).context("mesh roots")?;
         let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
         crypto.warm_up();

@@ -164,6 +164,20 @@ pub fn curl(mut cmd: Command, url: &str, extra: &[&str]) -> Curl {
     }
 }
 
+/// httpbin (namespace `full`, `app: httpbin`) takes mTLS only.
+pub const STRICT_HTTPBIN: &str = "apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: httpbin
+  namespace: full
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  mtls:
+    mode: STRICT
+";
+
 /// A policy directory the agent watches.
 pub struct PolicyDir {
     pub dir: TempDir,
@@ -174,6 +188,13 @@ impl PolicyDir {
         Self {
             dir: TempDir::new("policy"),
         }
+    }
+
+    /// A new directory holding `name` with `yaml`.
+    pub fn with(name: &str, yaml: &str) -> Self {
+        let dir = Self::new();
+        dir.write(name, yaml);
+        dir
     }
 
     pub fn path(&self) -> PathBuf {

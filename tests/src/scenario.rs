@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::{
-    agent::{RunningAgent, TempDir, config, make_ca},
+    agent::{RunningAgent, TempDir, config, make_ca, workload},
     apps::{random_payload, serve_http, sha256_hex},
     in_vm,
+    mesh::PolicyDir,
     topology::{Node, Pod},
 };
 use interceptor::{
@@ -94,6 +95,18 @@ impl Cluster {
         let state = self.scratch.0.join(node);
         std::fs::create_dir_all(&state).expect("node state dir");
         config(&self.ca, &state, ktls_mode(), workloads, peers)
+    }
+
+    /// [`Cluster::config`] for pods of one namespace, each given with its service account,
+    /// with policy read from `policy`: the set-up of most policy-driven tests.
+    pub fn config_in(&self, namespace: &str, pods: &[(&Pod, &str)], policy: &PolicyDir) -> Config {
+        let workloads = pods
+            .iter()
+            .map(|(pod, account)| workload(pod, namespace, account))
+            .collect();
+        let mut config = self.config(workloads, vec![]);
+        config.policy_dir = Some(policy.path());
+        config
     }
 
     /// Starts the agent of [`Cluster::config`].

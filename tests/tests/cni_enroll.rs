@@ -8,6 +8,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
     path::Path,
+    time::{Duration, Instant},
 };
 
 use interceptor::config::{CniSettings, KtlsMode, StaticPod};
@@ -40,8 +41,17 @@ fn pod(ns: &str, name: &str) -> Value {
     json!({"namespace": ns, "name": name, "uid": ""})
 }
 
-fn enroll(cmd: &str, p: Value, netns: &Path, ip: &str, sandbox: &str) -> Value {
-    json!({"cmd": cmd, "pod": p, "netns": netns, "ips": [ip], "containerId": sandbox})
+/// Asks what the plugin asks for one pod, written `cmd namespace/name ip sandbox`, in
+/// `netns`; returns the answer.
+fn ask_pod(socket: &Path, request: &str, netns: &Path) -> Value {
+    let [cmd, pod_ref, ip, sandbox] = request.split(' ').collect::<Vec<_>>()[..] else {
+        panic!("`{request}`: want `cmd namespace/name ip sandbox`");
+    };
+    let (ns, name) = pod_ref.split_once('/').expect("namespace/name");
+    ask(
+        socket,
+        &json!({"cmd": cmd, "pod": pod(ns, name), "netns": netns, "ips": [ip], "containerId": sandbox}),
+    )
 }
 
 fn stat(socket: &Path, key: &str) -> u64 {
@@ -86,66 +96,52 @@ fn the_agent_answers_the_plugin_for_every_kind_of_pod() {
     let socket = cfg.admin_socket.clone();
     let agent = RunningAgent::start(cfg.clone());
     let netns = mesh_ns.path();
+    // The membership cache the plugin reads while the agent is away: written at start, and
+    // written again by the agent's file watcher when someone removes it.
+    let membership = dir.0.join("membership.json");
+    let written = std::fs::read(&membership).expect("membership cache written at start");
+    assert!(String::from_utf8_lossy(&written).contains("\"full\""));
+    std::fs::remove_file(&membership).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::fs::read(&membership).ok().as_ref() != Some(&written) {
+        assert!(Instant::now() < deadline, "membership cache not rewritten");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // A mesh pod: enrolled under its namespace/name, with the directory's service account.
-    let m = ok(&ask(
+    let m = ok(&ask_pod(
         &socket,
-        &enroll(
-            "enroll-pod",
-            pod("full", "sleep"),
-            &netns,
-            "10.79.0.2",
-            "sb1",
-        ),
+        "enroll-pod full/sleep 10.79.0.2 sb1",
+        &netns,
     ))
     .to_owned();
     assert!(m.contains("spiffe://cluster.local/ns/full/sa/sleep"), "{m}");
     assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
     assert_eq!(stat(&socket, "map.POD_CONFIG"), 1);
     // ADD retried for the same sandbox: nothing changes.
-    ok(&ask(
+    ok(&ask_pod(
         &socket,
-        &enroll(
-            "enroll-pod",
-            pod("full", "sleep"),
-            &netns,
-            "10.79.0.2",
-            "sb1",
-        ),
+        "enroll-pod full/sleep 10.79.0.2 sb1",
+        &netns,
     ));
     assert_eq!(stat(&socket, "enrollments.active"), 1);
     // CHECK: as ADD left it, and each difference named.
-    ok(&ask(
+    ok(&ask_pod(
         &socket,
-        &enroll(
-            "check-pod",
-            pod("full", "sleep"),
-            &netns,
-            "10.79.0.2",
-            "sb1",
-        ),
+        "check-pod full/sleep 10.79.0.2 sb1",
+        &netns,
     ));
-    let e = refused(&ask(
+    let e = refused(&ask_pod(
         &socket,
-        &enroll(
-            "check-pod",
-            pod("full", "sleep"),
-            &netns,
-            "10.79.0.9",
-            "sb1",
-        ),
+        "check-pod full/sleep 10.79.0.9 sb1",
+        &netns,
     ))
     .to_owned();
     assert!(e.contains("addresses"), "{e}");
-    let e = refused(&ask(
+    let e = refused(&ask_pod(
         &socket,
-        &enroll(
-            "check-pod",
-            pod("full", "sleep"),
-            &other_ns.path(),
-            "10.79.0.2",
-            "sb1",
-        ),
+        "check-pod full/sleep 10.79.0.2 sb1",
+        &other_ns.path(),
     ))
     .to_owned();
     assert!(e.contains("netns"), "{e}");
@@ -159,40 +155,25 @@ fn the_agent_answers_the_plugin_for_every_kind_of_pod() {
     assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
 
     // A pod of a namespace outside the mesh: ok, not enrolled; CHECK ok too.
-    let m = ok(&ask(
+    let m = ok(&ask_pod(
         &socket,
-        &enroll(
-            "enroll-pod",
-            pod("legacy", "web"),
-            &other_ns.path(),
-            "10.79.0.3",
-            "sb2",
-        ),
+        "enroll-pod legacy/web 10.79.0.3 sb2",
+        &other_ns.path(),
     ))
     .to_owned();
     assert!(m.contains("outside the mesh"), "{m}");
-    ok(&ask(
+    ok(&ask_pod(
         &socket,
-        &enroll(
-            "check-pod",
-            pod("legacy", "web"),
-            &other_ns.path(),
-            "10.79.0.3",
-            "sb2",
-        ),
+        "check-pod legacy/web 10.79.0.3 sb2",
+        &other_ns.path(),
     ));
     assert_eq!(agent.agent.enrolled(), ["full/sleep"]);
 
     // A pod of a mesh namespace that the directory does not know: refused, never guessed.
-    let e = refused(&ask(
+    let e = refused(&ask_pod(
         &socket,
-        &enroll(
-            "enroll-pod",
-            pod("full", "stranger"),
-            &other_ns.path(),
-            "10.79.0.3",
-            "sb3",
-        ),
+        "enroll-pod full/stranger 10.79.0.3 sb3",
+        &other_ns.path(),
     ))
     .to_owned();
     assert!(
@@ -220,15 +201,10 @@ fn the_agent_answers_the_plugin_for_every_kind_of_pod() {
         assert_eq!(stat(&socket, key), 0, "{key}");
     }
     // CHECK of a mesh pod that is not enrolled fails.
-    let e = refused(&ask(
+    let e = refused(&ask_pod(
         &socket,
-        &enroll(
-            "check-pod",
-            pod("full", "sleep"),
-            &netns,
-            "10.79.0.2",
-            "sb1",
-        ),
+        "check-pod full/sleep 10.79.0.2 sb1",
+        &netns,
     ))
     .to_owned();
     assert!(e.contains("not enrolled"), "{e}");
@@ -241,15 +217,10 @@ fn the_agent_answers_the_plugin_for_every_kind_of_pod() {
         .bpffs
         .with_file_name(interceptor_tests::unique_name("itest"));
     let agent = RunningAgent::start(per_cgroup);
-    let e = refused(&ask(
+    let e = refused(&ask_pod(
         &socket,
-        &enroll(
-            "enroll-pod",
-            pod("full", "sleep"),
-            &netns,
-            "10.79.0.2",
-            "sb1",
-        ),
+        "enroll-pod full/sleep 10.79.0.2 sb1",
+        &netns,
     ))
     .to_owned();
     assert!(e.contains("configure `cni:`"), "{e}");

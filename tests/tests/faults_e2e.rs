@@ -20,57 +20,42 @@ use interceptor_tests::{
     wire::{Capture, assert_no_plaintext},
 };
 
-/// Generation A: STRICT, and both the client and the other pod may reach the server.
-const POLICY_A: &str = "apiVersion: security.istio.io/v1beta1
+/// A mesh-wide PeerAuthentication in `mode`, and an AuthorizationPolicy that lets the
+/// service accounts `accounts` of namespace `ns` (and no one else) reach the pods of `ns`
+/// labelled `app: <server>`.
+fn mesh_policy(mode: &str, ns: &str, server: &str, accounts: &[&str]) -> String {
+    let principals = accounts
+        .iter()
+        .map(|sa| format!("cluster.local/ns/{ns}/sa/{sa}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "apiVersion: security.istio.io/v1beta1
 kind: PeerAuthentication
 metadata:
   name: default
   namespace: istio-system
 spec:
   mtls:
-    mode: STRICT
+    mode: {mode}
 ---
 apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy
 metadata:
   name: server
-  namespace: ff
+  namespace: {ns}
 spec:
   selector:
     matchLabels:
-      app: ffs
+      app: {server}
   action: ALLOW
   rules:
   - from:
     - source:
-        principals: [cluster.local/ns/ff/sa/client, cluster.local/ns/ff/sa/other]
-";
-
-/// Generation B: PERMISSIVE, and only the client may reach the server (by another rule).
-const POLICY_B: &str = "apiVersion: security.istio.io/v1beta1
-kind: PeerAuthentication
-metadata:
-  name: default
-  namespace: istio-system
-spec:
-  mtls:
-    mode: PERMISSIVE
----
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata:
-  name: server
-  namespace: ff
-spec:
-  selector:
-    matchLabels:
-      app: ffs
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: [cluster.local/ns/ff/sa/client]
-";
+        principals: [{principals}]
+"
+    )
+}
 
 /// Bulk flows through a path both generations allow, while the policy alternates every
 /// 100 ms (each change a new generation that decides every open flow again): every transfer
@@ -87,18 +72,14 @@ fn policy_flapping_every_100ms_leaves_allowed_bulk_flows_byte_exact() {
     let other = node.pod("ffx", 4);
     let www = serve_blob(&mut server, "ffwww", 1 << 20);
     serve_upload_hasher(&server, 8080);
-    let policy = PolicyDir::new();
-    policy.write("mesh.yaml", POLICY_A);
+    // Generation A: STRICT, and both the client and the other pod may reach the server.
+    let policy_a = mesh_policy("STRICT", "ff", "ffs", &["client", "other"]);
+    // Generation B: PERMISSIVE, and only the client may reach the server.
+    let policy_b = mesh_policy("PERMISSIVE", "ff", "ffs", &["client"]);
+    let policy = PolicyDir::with("mesh.yaml", &policy_a);
     let cluster = Cluster::new("fflap");
-    let mut cfg = cluster.config(
-        vec![
-            workload(&client, "ff", "client"),
-            workload(&server, "ff", "server"),
-            workload(&other, "ff", "other"),
-        ],
-        vec![],
-    );
-    cfg.policy_dir = Some(policy.path());
+    let pods = [(&client, "client"), (&server, "server"), (&other, "other")];
+    let mut cfg = cluster.config_in("ff", &pods, &policy);
     cfg.tuning.policy_poll_ms = 20;
     let agent = RunningAgent::start(cfg);
     let url = format!("http://{}/blob", server.ip);
@@ -170,7 +151,7 @@ fn policy_flapping_every_100ms_leaves_allowed_bulk_flows_byte_exact() {
         flips += 1;
         policy.write(
             "mesh.yaml",
-            if flips % 2 == 1 { POLICY_B } else { POLICY_A },
+            if flips % 2 == 1 { &policy_b } else { &policy_a },
         );
     }
     stop.store(true, Ordering::Relaxed);
@@ -377,23 +358,12 @@ fn ten_thousand_silent_connections_cost_bounded_descriptors_and_no_service() {
     } = Scenario::new(94, "fhc", "fhs");
     let flooder = node.pod("fhf", 4);
     let www = serve_blob(&mut server, "fhwww", 16 << 10);
-    let policy = PolicyDir::new();
-    policy.write(
+    let policy = PolicyDir::with(
         "mesh.yaml",
-        &POLICY_A
-            .replace("namespace: ff", "namespace: fh")
-            .replace("ffs", "fhs")
-            .replace("ns/ff/", "ns/fh/"),
+        &mesh_policy("STRICT", "fh", "fhs", &["client", "other"]),
     );
     let cluster = Cluster::new("fhalf");
-    let mut cfg = cluster.config(
-        vec![
-            workload(&client, "fh", "client"),
-            workload(&server, "fh", "server"),
-        ],
-        vec![],
-    );
-    cfg.policy_dir = Some(policy.path());
+    let mut cfg = cluster.config_in("fh", &[(&client, "client"), (&server, "server")], &policy);
     cfg.tuning.handshake_timeout_ms = 2_000;
     let pending_cap = cfg.tuning.max_pending_handshakes_per_pod as usize;
     let _pins = interceptor_tests::agent::PinCleanup(cfg.bpffs.clone());

@@ -122,18 +122,14 @@ fn a_flooding_pod_cannot_stop_another_pods_requests() {
     let flooder = node.pod("flooder", 4);
     let www = serve_blob(&mut server, "www", 64 << 10);
     interceptor_tests::mesh::echo_server(&server, 9000);
-    let policy = PolicyDir::new();
-    policy.write("mesh.yaml", STRICT_MESH);
+    let policy = PolicyDir::with("mesh.yaml", STRICT_MESH);
     let cluster = Cluster::new("flood");
-    let mut config = cluster.config(
-        vec![
-            workload(&client, "full", "sleep"),
-            workload(&server, "full", "httpbin"),
-            workload(&flooder, "full", "flooder"),
-        ],
-        vec![],
-    );
-    config.policy_dir = Some(policy.path());
+    let pods = [
+        (&client, "sleep"),
+        (&server, "httpbin"),
+        (&flooder, "flooder"),
+    ];
+    let mut config = cluster.config_in("full", &pods, &policy);
     config.tuning.max_connections_per_pod = 64;
     config.tuning.max_pending_handshakes_per_pod = 16;
     let agent = interceptor_tests::agent::RunningAgent::start(config);

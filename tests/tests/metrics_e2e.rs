@@ -20,26 +20,15 @@ use std::{
 use interceptor::intercept::table::Protection;
 use interceptor_tests::{
     agent::{PinCleanup, RunningAgent, TempDir},
-    mesh::{PolicyDir, curl, httpbin_root, serve_http, service, workload},
+    mesh::{PolicyDir, STRICT_HTTPBIN, curl, httpbin_root, serve_http, service, workload},
     process::AgentProcess,
     require_privileged,
     scenario::{self, expected_protection},
     topology::Node,
 };
 
-const STRICT_HTTPBIN: &str = "apiVersion: security.istio.io/v1beta1
-kind: PeerAuthentication
-metadata:
-  name: httpbin
-  namespace: full
-spec:
-  selector:
-    matchLabels:
-      app: httpbin
-  mtls:
-    mode: STRICT
----
-apiVersion: security.istio.io/v1
+/// Beside [`STRICT_HTTPBIN`]: the intruder may not reach httpbin.
+const DENY_INTRUDER: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
   name: deny-intruder
@@ -245,7 +234,10 @@ fn prometheus_scrapes_exact_counts_after_a_curl_matrix() {
     serve_http(&mut outside, &www.0, 8080);
     let cluster = scenario::Cluster::new("metricse2e");
     let policy = PolicyDir::new();
-    policy.write("10-httpbin.yaml", STRICT_HTTPBIN);
+    policy.write(
+        "10-httpbin.yaml",
+        &format!("{STRICT_HTTPBIN}---\n{DENY_INTRUDER}"),
+    );
     let mut config = cluster.config(
         vec![
             workload(&httpbin, "full", "httpbin", &[("app", "httpbin")]),

@@ -28,8 +28,8 @@ use interceptor_tests::{
     agent::{RunningAgent, TempDir},
     in_vm,
     mesh::{
-        self, Curl, PolicyDir, curl, flows_after, httpbin_root, kube_proxy, last_flow_id,
-        serve_http, service, stats_delta, wait_generation, workload,
+        self, Curl, PolicyDir, STRICT_HTTPBIN, curl, flows_after, httpbin_root, kube_proxy,
+        last_flow_id, serve_http, service, stats_delta, wait_generation, workload,
     },
     require_privileged,
     scenario::{self, expected_protection},
@@ -507,19 +507,6 @@ fn policy_seed_004_automatic_mtls_all_phases() {
 }
 
 // === changes apply to open flows ===
-
-const STRICT_HTTPBIN: &str = "apiVersion: security.istio.io/v1beta1
-kind: PeerAuthentication
-metadata:
-  name: httpbin
-  namespace: full
-spec:
-  selector:
-    matchLabels:
-      app: httpbin
-  mtls:
-    mode: STRICT
-";
 
 const DENY_SLEEP_FULL: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

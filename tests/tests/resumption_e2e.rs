@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use interceptor::{app::Agent, intercept::table::FlowRow};
 use interceptor_tests::{
-    agent::{RunningAgent, workload},
+    agent::RunningAgent,
     apps::curl,
     crypto::{any_port, captured, hellos},
     mesh::{PolicyDir, stats_delta, wait_generation},
@@ -102,16 +102,9 @@ fn a_second_connection_resumes_and_policy_still_decides_with_the_restored_identi
     } = Scenario::new(95, "res-client", "res-server");
     let www = serve_blob(&mut server, "resume-www", 128 << 10);
     let cluster = Cluster::new("resume");
-    let policy = PolicyDir::new();
-    policy.write("policy.yaml", POLICY);
-    let mut config = cluster.config(
-        vec![
-            workload(&client, "resume", "client"),
-            workload(&server, "resume", "server"),
-        ],
-        vec![],
-    );
-    config.policy_dir = Some(policy.path());
+    let policy = PolicyDir::with("policy.yaml", POLICY);
+    let pods = [(&client, "client"), (&server, "server")];
+    let config = cluster.config_in("resume", &pods, &policy);
     assert!(
         config.tuning.session_resumption,
         "resumption is on by default"

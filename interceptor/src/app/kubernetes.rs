@@ -20,11 +20,14 @@ use super::{Agent, applied};
 use crate::{
     cluster::{
         Membership,
-        kube::{self, ClusterView, KubeDirectory},
+        kube::{self, ClusterView},
     },
     config::{KubernetesSettings, Workload},
     intercept::enforce::ClusterInputs,
+    telemetry::WorkloadLabels,
 };
+
+pub(super) use crate::cluster::kube::KubeDirectory;
 
 /// How long start-up waits for the first full sync before serving anyway (not ready).
 pub(super) const SYNC_WAIT: Duration = Duration::from_secs(10);
@@ -84,6 +87,9 @@ struct Followed {
     steered: BTreeSet<IpAddr>,
     /// Workloads unenrolled because their pod left the mesh, by name.
     parked: BTreeMap<String, Workload>,
+    /// The steered peers as telemetry knows them, by their addresses: a view registers only
+    /// the peers that are new or whose labels changed.
+    labeled: BTreeMap<Vec<IpAddr>, WorkloadLabels>,
 }
 
 impl Followed {
@@ -193,15 +199,17 @@ impl Followed {
             }
         }
         // Metrics and the access log name these peers as they name the node config's.
+        let mut labeled = BTreeMap::new();
         for peer in &view.peers {
             if peer.ips.iter().any(|ip| want.contains(&ip.to_canonical())) {
-                agent.telemetry.add_workload(
-                    "",
-                    &peer.ips,
-                    crate::telemetry::WorkloadLabels::of("", &peer.namespace, &peer.labels),
-                );
+                let labels = WorkloadLabels::of("", &peer.namespace, &peer.labels);
+                if self.labeled.get(&peer.ips) != Some(&labels) {
+                    agent.telemetry.add_workload("", &peer.ips, labels.clone());
+                }
+                labeled.insert(peer.ips.clone(), labels);
             }
         }
+        self.labeled = labeled;
         for added in want.difference(&self.steered) {
             if let Err(e) = dp.set_destination(*added, None, crate::datapath::Destination::Steer) {
                 warn!(peer = %added, "cannot steer a mesh peer: {e:#}");

@@ -220,7 +220,7 @@ impl Handing {
     /// enrolled in the kernel, for the successor.
     fn stop_accepting(&self) -> usize {
         self.agent.retired.store(true, Ordering::SeqCst);
-        self.agent.readiness.retired.store(true, Ordering::Release);
+        self.agent.readiness.retire();
         let pods = std::mem::take(&mut *self.agent.pods.lock().unwrap_or_else(|p| p.into_inner()));
         let n = pods.len();
         self.runtime.block_on(async move {

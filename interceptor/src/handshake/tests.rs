@@ -802,6 +802,29 @@ fn resuming(lifetime: Duration) -> (SessionResumption, Arc<std::sync::atomic::At
     (SessionResumption::new(lifetime, Arc::clone(&epoch)), epoch)
 }
 
+/// The configs of a client and a server that resume sessions under `crules` and `srules`.
+fn resuming_configs(
+    client: &Node,
+    server: &Node,
+    crules: &SessionResumption,
+    srules: &SessionResumption,
+) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
+    (
+        client.resuming_client(SERVER_ID, crules),
+        server.resuming_server(srules),
+    )
+}
+
+/// The second connection between two nodes with tickets for a minute: it resumes the
+/// first's session.
+fn second_connection() -> (Connection, Connection) {
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    let (cc, sc) = resuming_configs(&client, &server, &rules, &rules);
+    connect(Arc::clone(&cc), Arc::clone(&sc));
+    connect(cc, sc)
+}
+
 impl Node {
     fn resuming_server(&self, rules: &SessionResumption) -> Arc<ServerConfig> {
         server_config_with(
@@ -839,10 +862,7 @@ fn resumed(c: &Connection, s: &Connection) -> (bool, bool) {
 fn a_second_connection_resumes_and_both_sides_keep_the_peer_identity() {
     let (client, server) = two_nodes();
     let (rules, _) = resuming(Duration::from_secs(60));
-    let (cc, sc) = (
-        client.resuming_client(SERVER_ID, &rules),
-        server.resuming_server(&rules),
-    );
+    let (cc, sc) = resuming_configs(&client, &server, &rules, &rules);
     let (c, s) = connect(Arc::clone(&cc), Arc::clone(&sc));
     assert_eq!(resumed(&c, &s), (false, false));
     let Connection::Client(first) = &c else {
@@ -862,14 +882,7 @@ fn a_second_connection_resumes_and_both_sides_keep_the_peer_identity() {
 
 #[test]
 fn resumed_sessions_extract_matching_secrets_for_the_kernel() {
-    let (client, server) = two_nodes();
-    let (rules, _) = resuming(Duration::from_secs(60));
-    let (cc, sc) = (
-        client.resuming_client(SERVER_ID, &rules),
-        server.resuming_server(&rules),
-    );
-    connect(Arc::clone(&cc), Arc::clone(&sc));
-    let (c, s) = connect(cc, sc);
+    let (c, s) = second_connection();
     assert_eq!(resumed(&c, &s), (true, true));
     let (c, s) = (
         c.dangerous_extract_secrets().unwrap(),
@@ -938,10 +951,7 @@ fn tickets_expire_on_both_sides() {
     for (client_lifetime, server_lifetime) in [(1, 60_000), (60_000, 1)] {
         let (crules, _) = resuming(Duration::from_millis(client_lifetime));
         let (srules, _) = resuming(Duration::from_millis(server_lifetime));
-        let (cc, sc) = (
-            client.resuming_client(SERVER_ID, &crules),
-            server.resuming_server(&srules),
-        );
+        let (cc, sc) = resuming_configs(&client, &server, &crules, &srules);
         connect(Arc::clone(&cc), Arc::clone(&sc));
         std::thread::sleep(Duration::from_millis(20));
         let (c, s) = connect(cc, sc);
@@ -959,10 +969,7 @@ fn a_new_epoch_stops_resumption_on_either_side() {
     for bump_client in [true, false] {
         let (crules, cepoch) = resuming(Duration::from_secs(60));
         let (srules, sepoch) = resuming(Duration::from_secs(60));
-        let (cc, sc) = (
-            client.resuming_client(SERVER_ID, &crules),
-            server.resuming_server(&srules),
-        );
+        let (cc, sc) = resuming_configs(&client, &server, &crules, &srules);
         connect(Arc::clone(&cc), Arc::clone(&sc));
         let epoch = if bump_client { &cepoch } else { &sepoch };
         epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -999,10 +1006,7 @@ fn resumption_is_off_unless_asked_for() {
     let (client, server) = two_nodes();
     let (rules, _) = resuming(Duration::ZERO);
     assert!(!rules.enabled());
-    let (cc, sc) = (
-        client.resuming_client(SERVER_ID, &rules),
-        server.resuming_server(&rules),
-    );
+    let (cc, sc) = resuming_configs(&client, &server, &rules, &rules);
     let (c, s) = connect(Arc::clone(&cc), Arc::clone(&sc));
     assert!(!s.wants_write());
     let Connection::Client(first) = &c else {
@@ -1016,14 +1020,7 @@ fn resumption_is_off_unless_asked_for() {
 
 #[test]
 fn a_resumed_session_whose_peer_certificate_expired_is_refused() {
-    let (client, server) = two_nodes();
-    let (rules, _) = resuming(Duration::from_secs(60));
-    let (cc, sc) = (
-        client.resuming_client(SERVER_ID, &rules),
-        server.resuming_server(&rules),
-    );
-    connect(Arc::clone(&cc), Arc::clone(&sc));
-    let (c, s) = connect(cc, sc);
+    let (c, s) = second_connection();
     let later = UnixTime::since_unix_epoch(
         Duration::from_secs(UnixTime::now().as_secs())
             + DEFAULT_LEAF_TTL

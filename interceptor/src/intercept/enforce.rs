@@ -521,6 +521,12 @@ impl Enforcer {
         self.dir.as_deref()
     }
 
+    /// The files outside the policy directory that the current rules name (DestinationRule
+    /// credentials): a change to them is a policy change too.
+    pub fn credential_files(&self) -> Vec<PathBuf> {
+        self.inputs().credential_files.clone()
+    }
+
     /// Looks at the policy sources and, if they changed, loads them into a new generation.
     pub fn poll(&self) -> Reload {
         let Some(dir) = &self.dir else {

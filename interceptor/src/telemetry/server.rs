@@ -25,8 +25,6 @@ use crate::health::Readiness;
 const MAX_CONNECTIONS: usize = 32;
 /// A client must send its request head within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How soon an idle listener notices that the agent retired.
-const RETIRED_POLL: Duration = Duration::from_millis(250);
 
 /// Binds `addr` once it is free (retrying every second while it is in use) and serves.
 pub async fn serve_when_free(
@@ -56,18 +54,27 @@ pub async fn serve_when_free(
 /// instead of holding it for its whole drain.
 pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>, readiness: Arc<Readiness>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let signal = Arc::clone(&readiness);
+    let retired = signal.retired();
+    tokio::pin!(retired);
     loop {
-        if readiness.retired.load(std::sync::atomic::Ordering::Acquire) {
-            info!("retired: metrics and probes are the successor's now");
-            return;
-        }
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut retired => {
+                info!("retired: metrics and probes are the successor's now");
+                return;
+            }
+            accepted = async {
+                let permit = Arc::clone(&slots).acquire_owned().await.ok()?;
+                Some((permit, listener.accept().await))
+            } => accepted,
+        };
+        let Some((permit, accepted)) = accepted else {
             return;
         };
-        let stream = match tokio::time::timeout(RETIRED_POLL, listener.accept()).await {
-            Err(_) => continue,
-            Ok(Ok((stream, _))) => stream,
-            Ok(Err(e)) => {
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
                 warn!(error = %e, "observability listener: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;

@@ -483,3 +483,44 @@ fn listener_takes_the_port_once_the_previous_agent_lets_go() {
         }
     });
 }
+
+/// Retiring closes the listener at once (the successor waits for the port), even while it
+/// idles in `accept` or while every connection slot is taken; `/readyz` then says why.
+#[test]
+fn retiring_gives_the_port_up_at_once() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ready = Arc::new(Readiness::default());
+        let served = tokio::spawn(server::serve(
+            listener,
+            Arc::new(telemetry()),
+            Arc::clone(&ready),
+        ));
+        // Idle connections hold slots and never send a request head.
+        let mut idle = Vec::new();
+        for _ in 0..40 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!served.is_finished());
+        let retired_at = std::time::Instant::now();
+        ready.retire();
+        tokio::time::timeout(Duration::from_secs(1), served)
+            .await
+            .expect("listener closed within a second of retiring")
+            .unwrap();
+        assert!(retired_at.elapsed() < Duration::from_millis(200));
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("the port is free for the successor");
+        assert_eq!(
+            ready.missing(),
+            vec!["retired (a successor serves the pods)"]
+        );
+    });
+}
