@@ -119,8 +119,8 @@ struct RunArgs {
     /// Short durations and 2 rounds: a smoke run, not a result.
     #[arg(long)]
     quick: bool,
-    /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg, relay-full, ztunnel,
-    /// ztunnel-1stream (default: all).
+    /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg, relay-full, local,
+    /// ztunnel, ztunnel-1stream (default: all).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all).

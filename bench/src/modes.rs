@@ -46,6 +46,10 @@ pub enum Mode {
     /// The relay with `tuning.sessionResumption: false`: every connection a full handshake,
     /// as before resumption existed; the same-run baseline for what resumption buys.
     InterceptorRelayFull,
+    /// The agent with `tuning.sameNodeFastPath` (its default): both pods on this agent, no
+    /// TLS, two loopback legs. Same node only (cross-node it would be the relay again).
+    /// Every other agent mode turns the fast path off, so same-node numbers stay mTLS.
+    InterceptorLocal,
     /// Istio ambient's ztunnel, its default: app connections multiplexed as HTTP/2 streams
     /// over pooled HBONE connections (see `crate::ztunnel`).
     ZtunnelDefault,
@@ -55,14 +59,15 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// Round order (A B C D E F G H).
-    pub const ALL: [Mode; 8] = [
+    /// Round order (A B C D E F G H I).
+    pub const ALL: [Mode; 9] = [
         Mode::Plaintext,
         Mode::InterceptorKtls,
         Mode::InterceptorRelay,
         Mode::HaproxyPair,
         Mode::InterceptorSkmsg,
         Mode::InterceptorRelayFull,
+        Mode::InterceptorLocal,
         Mode::ZtunnelDefault,
         Mode::ZtunnelOneStream,
     ];
@@ -75,6 +80,7 @@ impl Mode {
             Mode::HaproxyPair => "haproxy-pair",
             Mode::InterceptorSkmsg => "interceptor-skmsg",
             Mode::InterceptorRelayFull => "interceptor-relay-full",
+            Mode::InterceptorLocal => "interceptor-local",
             Mode::ZtunnelDefault => "ztunnel",
             Mode::ZtunnelOneStream => "ztunnel-1stream",
         }
@@ -88,12 +94,13 @@ impl Mode {
             "haproxy-pair" | "haproxy" | "sidecar" => Mode::HaproxyPair,
             "interceptor-skmsg" | "skmsg" | "sk-msg" => Mode::InterceptorSkmsg,
             "interceptor-relay-full" | "relay-full" | "no-resumption" => Mode::InterceptorRelayFull,
+            "interceptor-local" | "local" | "same-node-fast-path" => Mode::InterceptorLocal,
             "ztunnel" | "ztunnel-default" => Mode::ZtunnelDefault,
             "ztunnel-1stream" | "ztunnel-1" => Mode::ZtunnelOneStream,
             other => {
                 bail!(
                     "unknown mode {other:?}: expected plaintext, ktls, relay, haproxy, skmsg, \
-                     relay-full, ztunnel or ztunnel-1stream"
+                     relay-full, local, ztunnel or ztunnel-1stream"
                 )
             }
         })
@@ -110,7 +117,14 @@ impl Mode {
                 | Mode::InterceptorRelay
                 | Mode::InterceptorSkmsg
                 | Mode::InterceptorRelayFull
+                | Mode::InterceptorLocal
         )
+    }
+
+    /// Whether the mode means anything on `layout` (the fast path needs both pods on one
+    /// agent).
+    pub fn runs_on(self, layout: Layout) -> bool {
+        self != Mode::InterceptorLocal || layout == Layout::SameNode
     }
 }
 
@@ -149,7 +163,8 @@ pub fn availability(mode: Mode, env: &Env) -> Result<(), String> {
         Mode::InterceptorKtls
         | Mode::InterceptorRelay
         | Mode::InterceptorSkmsg
-        | Mode::InterceptorRelayFull => {
+        | Mode::InterceptorRelayFull
+        | Mode::InterceptorLocal => {
             agent_runnable(env.agent_bin.as_deref())?;
             if mode == Mode::InterceptorKtls {
                 let support = interceptor::ktls::probe();
@@ -222,6 +237,8 @@ pub struct Active {
     expect_peer: IpAddr,
     /// The ztunnel modes' redirection and ZDS servers, removed after the proxies stop.
     ztunnel: Option<crate::ztunnel::Deployment>,
+    /// The agents' admin sockets (the path check reads their flow tables).
+    admin_sockets: Vec<PathBuf>,
 }
 
 impl Active {
@@ -287,6 +304,7 @@ pub fn start(mode: Mode, topo: &Topology, env: &Env, tag: &str) -> Result<Active
         servers,
         expect_peer: IpAddr::V4(topo.client.ip),
         ztunnel: None,
+        admin_sockets: Vec::new(),
     };
     match mode {
         Mode::Plaintext => {}
@@ -294,7 +312,8 @@ pub fn start(mode: Mode, topo: &Topology, env: &Env, tag: &str) -> Result<Active
         Mode::InterceptorKtls
         | Mode::InterceptorRelay
         | Mode::InterceptorSkmsg
-        | Mode::InterceptorRelayFull => start_agents(&mut active, topo, env, tag)?,
+        | Mode::InterceptorRelayFull
+        | Mode::InterceptorLocal => start_agents(&mut active, topo, env, tag)?,
         Mode::ZtunnelDefault | Mode::ZtunnelOneStream => {
             let bin = env.ztunnel_bin.as_deref().context("no ztunnel binary")?;
             active.expect_peer = IpAddr::V4(crate::ztunnel::expected_peer(topo));
@@ -423,6 +442,9 @@ fn verify_path(active: &mut Active, topo: &Topology, env: &Env) -> Result<()> {
     if active.mode.is_ztunnel() {
         crate::ztunnel::check_hbone(topo)
             .with_context(|| format!("{} path check", active.mode.label()))?;
+    }
+    if active.mode.is_interceptor() {
+        check_fast_path(active, env)?;
     }
     if active.mode == Mode::InterceptorKtls {
         let after = tls_sessions(topo);
@@ -560,6 +582,7 @@ struct PeerCfg {
 struct TuningCfg {
     sk_msg_local_leg: bool,
     session_resumption: bool,
+    same_node_fast_path: bool,
     /// Room for the `scale` workload's 10 000 idle connections from one pod.
     max_connections_per_pod: u32,
     outbound_port: u16,
@@ -646,6 +669,7 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
             tuning: TuningCfg {
                 sk_msg_local_leg: active.mode == Mode::InterceptorSkmsg,
                 session_resumption: active.mode != Mode::InterceptorRelayFull,
+                same_node_fast_path: active.mode == Mode::InterceptorLocal,
                 max_connections_per_pod: 16_384,
                 outbound_port: 15001,
                 inbound_port: 15006,
@@ -671,6 +695,33 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
         active.proxies.push(proc);
         active.proxy_cgroups.push(cgroup);
         wait_ready(&cfg.admin_socket, active, env)?;
+        active.admin_sockets.push(cfg.admin_socket);
+    }
+    Ok(())
+}
+
+/// Whether the agents listed the path check's flow as same-node (`protection: local`): the
+/// fast path mode must, every other mode must not (or its same-node numbers would not be
+/// mesh mTLS).
+fn check_fast_path(active: &Active, env: &Env) -> Result<()> {
+    let agent = env.agent_bin.as_deref().context("no agent binary")?;
+    let mut local = false;
+    for socket in &active.admin_sockets {
+        let mut cmd = Command::new(agent);
+        cmd.args(["flows", "--json", "--all", "--admin-socket"])
+            .arg(socket);
+        let out = procs::run_bounded("flows --json", &mut cmd, Duration::from_secs(10))?;
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&out.stdout).context("flows --json")?;
+        local |= rows.iter().any(|r| r["protection"] == "local");
+    }
+    let want = active.mode == Mode::InterceptorLocal;
+    if local != want {
+        bail!(
+            "{}: the agent {} the path check's flow as same-node fast path",
+            active.mode.label(),
+            if local { "listed" } else { "did not list" }
+        );
     }
     Ok(())
 }

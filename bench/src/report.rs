@@ -520,6 +520,7 @@ fn short(mode: Mode) -> &'static str {
         Mode::InterceptorRelayFull => "relay, no resumption",
         Mode::ZtunnelDefault => "ztunnel",
         Mode::ZtunnelOneStream => "ztunnel 1-stream",
+        Mode::InterceptorLocal => "same-node fast path",
     }
 }
 
@@ -740,6 +741,7 @@ impl Report {
             (Mode::InterceptorRelayFull, "#e7298a"),
             (Mode::ZtunnelDefault, "#e6ab02"),
             (Mode::ZtunnelOneStream, "#a6761d"),
+            (Mode::InterceptorLocal, "#666666"),
             (Mode::HaproxyPair, "#d95f02"),
         ];
         let panel_w = 900.0;
@@ -906,6 +908,7 @@ impl Report {
             (Mode::InterceptorRelayFull, "#e7298a"),
             (Mode::ZtunnelDefault, "#e6ab02"),
             (Mode::ZtunnelOneStream, "#a6761d"),
+            (Mode::InterceptorLocal, "#666666"),
         ];
         let titles: Vec<String> = self
             .layouts

@@ -160,6 +160,12 @@ fn run_layout(
     results: &mut LayoutResults,
 ) -> Result<()> {
     println!("bench: building the {} topology", layout.label());
+    let runnable: Vec<Mode> = runnable
+        .iter()
+        .copied()
+        .filter(|m| m.runs_on(layout))
+        .collect();
+    let runnable = &runnable[..];
     let topo = Topology::new(layout)?;
     if plan.warmup {
         let warm = plan.params.warmup();

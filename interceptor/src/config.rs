@@ -465,6 +465,12 @@ pub struct Tuning {
     /// How long a resumption ticket stays usable, on both ends; no ticket outlives a policy
     /// reload or a new certificate either.
     pub ticket_lifetime_secs: u64,
+    /// Same-node fast path: a mesh flow whose destination is a pod this agent enrolled is
+    /// decided with both pods' identities (which pod each socket belongs to is the kernel's
+    /// word, not a certificate's) and relayed between the two pods' loopback legs, with no
+    /// TLS and no leg on the pods' links. Off: such flows run mesh mTLS like any other, for a
+    /// rule that demands encryption even between two pods of one node.
+    pub same_node_fast_path: bool,
 }
 
 impl Default for Tuning {
@@ -481,6 +487,7 @@ impl Default for Tuning {
             policy_poll_ms: 500,
             session_resumption: true,
             ticket_lifetime_secs: 300,
+            same_node_fast_path: true,
         }
     }
 }
@@ -1416,5 +1423,21 @@ tuning:
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");
         }
+    }
+    #[test]
+    fn same_node_fast_path_is_on_by_default_and_can_be_turned_off() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert!(c.tuning.same_node_fast_path);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        assert!(
+            !with("  sameNodeFastPath: false\n")
+                .unwrap()
+                .tuning
+                .same_node_fast_path
+        );
+        let e = with("  sameNodeFastPath: sometimes\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sameNodeFastPath"), "{e}");
     }
 }

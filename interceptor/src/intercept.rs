@@ -7,6 +7,7 @@
 //! * `outbound`: decide, dial, then one set-up per transport (plaintext, mesh mTLS,
 //!   TLS origination);
 //! * `inbound`: classify the first bytes, then mesh mTLS or plaintext per policy, dial the app;
+//! * `local`: the same-node fast path, for an outbound flow to a pod this agent enrolled;
 //! * `handoff`: list an established flow and start its relay (kTLS, userspace, plain);
 //! * `revalidate`: decide open flows again when policy changes.
 
@@ -17,6 +18,7 @@ mod flow;
 mod handoff;
 mod inbound;
 pub mod limits;
+mod local;
 pub mod originate;
 mod outbound;
 pub mod peek;
@@ -31,7 +33,8 @@ pub use self::{
 };
 
 use std::{
-    net::Ipv4Addr,
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
     sync::{
         Arc, Mutex, RwLock, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -124,6 +127,9 @@ pub struct Shared {
     /// Connections accepted and not yet closed, set-up included (the flow table lists a flow
     /// only once it is decided): what a draining agent waits for before it exits.
     pub live: AtomicU64,
+    /// The pods this agent enrolled, by address: the same-node fast path's directory (see
+    /// `local`). Weak, so a pod whose listeners and flows are gone is gone here too.
+    local_pods: RwLock<HashMap<IpAddr, Weak<pod::PodCtx>>>,
 }
 
 /// Counts one accepted connection in [`Shared::live`] for as long as it is held.
@@ -206,6 +212,7 @@ impl Shared {
             resumption,
             accepting: tokio::sync::watch::Sender::new(true),
             live: AtomicU64::new(0),
+            local_pods: RwLock::new(HashMap::new()),
         })
     }
 
@@ -385,6 +392,32 @@ impl Shared {
             Offload::Kernel(_) => driver::Reads::RecordExact,
             Offload::Userspace => driver::Reads::Ahead,
         }
+    }
+
+    /// Lists an enrolled pod's addresses in the same-node directory.
+    fn add_local_pod(&self, ctx: &Arc<pod::PodCtx>) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        for ip in &ctx.ips {
+            pods.insert(ip.to_canonical(), Arc::downgrade(ctx));
+        }
+    }
+
+    /// Takes an unenrolled pod's addresses out of the same-node directory (an address IPAM
+    /// gives to the next pod must not lead to the old one).
+    fn remove_local_pod(&self, ips: &[IpAddr]) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        for ip in ips {
+            pods.remove(&ip.to_canonical());
+        }
+    }
+
+    /// The pod this agent enrolled at `ip`, if any.
+    fn local_pod(&self, ip: IpAddr) -> Option<Arc<pod::PodCtx>> {
+        self.local_pods
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip.to_canonical())
+            .and_then(Weak::upgrade)
     }
 
     fn datapath(&self) -> std::sync::MutexGuard<'_, Datapath> {

@@ -37,6 +37,7 @@
 mod buf;
 mod kernel;
 mod plain;
+mod spliced;
 mod userspace;
 
 use std::{
@@ -363,6 +364,17 @@ pub async fn relay_plain(
     stats: Arc<RelayStats>,
 ) -> Result<(), RelayError> {
     plain::run(app, peer, config, stats).await
+}
+
+/// Two plain legs joined by `splice(2)` (the same-node fast path): the bytes stay in the
+/// kernel, with exact half-close, the idle timeout and byte counts.
+pub async fn relay_spliced(
+    app: TcpStream,
+    peer: TcpStream,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    spliced::run(app, peer, config, stats).await
 }
 
 /// Makes the close that follows send RST: the other side must see the flow failed, not end.

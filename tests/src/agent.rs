@@ -93,7 +93,12 @@ pub fn config(
         policy: Default::default(),
         probe_sources: Vec::new(),
         cluster_domain: "cluster.local".to_owned(),
-        tuning: Tuning::default(),
+        // One simulated node holds every pod of most suites, which test the mesh mTLS path:
+        // those keep it; the same-node suite (`samenode_e2e`) turns the fast path on.
+        tuning: Tuning {
+            same_node_fast_path: false,
+            ..Tuning::default()
+        },
         identity: Default::default(),
         cni: None,
         kubernetes: None,

@@ -72,6 +72,7 @@ const HOST_ONLY: &[&str] = &[
     "metrics_e2e",
     "relay_userspace",
     "resumption_e2e",
+    "samenode_e2e",
     "upgrade_e2e",
 ];
 

@@ -300,6 +300,18 @@ impl Ends {
                 client: c.peer.clone(),
                 server: None,
             },
+            FlowCheck::Local(c) => Ends {
+                direction: Direction::Outbound,
+                pod: pod.to_owned(),
+                source: c.outbound.source,
+                destination: c.outbound.destination,
+                endpoint: Some(c.outbound.endpoint),
+                client: Some(c.outbound.client.clone()),
+                server: match &c.outbound.tls {
+                    FlowTls::Mesh(server) => Some(server.clone()),
+                    FlowTls::Plaintext | FlowTls::Originate(_) => None,
+                },
+            },
             FlowCheck::Outbound(c) => Ends {
                 direction: Direction::Outbound,
                 pod: pod.to_owned(),

@@ -3,7 +3,7 @@
 //! decides, and hand it to the app through a connection from the agent's own source address.
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::fd::AsFd as _,
     sync::Arc,
     time::{Duration, Instant},
@@ -13,12 +13,12 @@ use tokio::{io::Interest, net::TcpStream};
 use tracing::debug;
 
 use super::{
-    AGENT_SOURCE_V4, Shared,
+    Shared,
     enforce::{Generation, Refused},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused},
     handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_mesh, relaying},
     peek::{self, FirstBytes},
-    pod::{PodCtx, dial},
+    pod::{PodCtx, agent_source, dial},
     revalidate::admitted_now,
     table::{Direction, FlowCheck, FlowInfo, InboundCheck, Protection, SessionCrypto},
 };
@@ -71,11 +71,7 @@ pub(super) async fn inbound<'a>(
         ctx,
         source,
         destination: dst,
-        app_source: if dst.is_ipv6() {
-            IpAddr::V6(Ipv6Addr::LOCALHOST)
-        } else {
-            IpAddr::V4(AGENT_SOURCE_V4)
-        },
+        app_source: agent_source(dst.is_ipv6()),
         flow: FlowInfo {
             pod: ctx.name.clone(),
             direction: Direction::Inbound,

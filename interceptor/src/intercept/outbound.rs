@@ -17,7 +17,7 @@ use super::{
     enforce::{self, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
     handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
-    originate,
+    local, originate,
     pod::{PodCtx, dial, pod_ip},
     revalidate::admitted_now,
     table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
@@ -27,21 +27,21 @@ use crate::{
 };
 
 /// What every transport's set-up knows of the flow.
-struct Outbound<'c> {
-    ctx: &'c PodCtx,
+pub(super) struct Outbound<'c> {
+    pub(super) ctx: &'c PodCtx,
     /// The pod's address and the app's port: the source policy decides on.
-    source: SocketAddr,
-    destination: SocketAddr,
-    endpoint: SocketAddr,
+    pub(super) source: SocketAddr,
+    pub(super) destination: SocketAddr,
+    pub(super) endpoint: SocketAddr,
     /// The generation that decided the flow.
-    decided_by: u64,
+    pub(super) decided_by: u64,
     check: FlowCheck,
-    flow: FlowInfo,
+    pub(super) flow: FlowInfo,
 }
 
 impl Outbound<'_> {
     /// A refusal of this flow, expecting `server` at the endpoint.
-    fn refusal(&self, server: Option<&SpiffeId>, refused: Refused) -> Refusal {
+    pub(super) fn refusal(&self, server: Option<&SpiffeId>, refused: Refused) -> Refusal {
         Refusal::new(
             Ends::outbound(
                 self.ctx,
@@ -81,6 +81,8 @@ pub(super) async fn outbound<'a>(
         }
     };
     let decided_by = generation.number;
+    // Decided under the same generation as the plan: the server's half of a same-node flow.
+    let local = local::candidate(shared, &generation, ctx, source, &plan);
     drop(generation);
     let Plan {
         endpoint,
@@ -118,6 +120,10 @@ pub(super) async fn outbound<'a>(
             reason: Some(reason),
         },
     };
+    // Only ever a mesh flow to a pod of this agent (see `local::candidate`).
+    if let Some(local) = local {
+        return local::relay(shared, out, local, app).await;
+    }
     match transport {
         Transport::Plaintext => {
             let (app, peer) = dial_endpoint(&out, None, app).await?;

@@ -179,6 +179,9 @@ pub fn enroll(
             inbound_limits: pod_limits(&shared.tuning),
         });
         shared.start_log_flush();
+        if shared.tuning.same_node_fast_path {
+            shared.add_local_pod(&ctx);
+        }
         let mut tasks = Vec::new();
         let mut copies = Vec::new();
         for (l, direction) in std::iter::once(out4)
@@ -314,6 +317,7 @@ pub fn unenroll(shared: &Shared, pod: PodHandle) {
             dp.clear_destination(*ip, None);
         }
     }
+    shared.remove_local_pod(&pod.workload.ips);
     info!(pod = %pod.workload.name, "unenrolled");
 }
 
@@ -450,6 +454,16 @@ pub(super) async fn dial(
         .await
         .with_context(|| format!("connect to {dst} timed out"))?
         .with_context(|| format!("connect to {dst}"))
+}
+
+/// The agent's source address toward a pod's app (sk_lookup never steers it back to the
+/// agent): 127.0.0.6, or ::1 (IPv6 loopback is one address).
+pub(super) fn agent_source(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(super::AGENT_SOURCE_V4)
+    }
 }
 
 /// The pod's own address of the family of `destination`: the source policy knows it by.

@@ -45,6 +45,7 @@ fn recheck(generation: &Generation, check: &FlowCheck) -> Result<(), Refused> {
         FlowCheck::Outbound(c) => {
             generation.outbound_still(c.source.ip(), c.destination, c.endpoint, &c.tls)
         }
+        FlowCheck::Local(c) => super::local::recheck(generation, c),
     }
 }
 

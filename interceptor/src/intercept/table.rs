@@ -44,6 +44,9 @@ pub enum Protection {
     /// TLS the agent originated to a server outside the mesh (DestinationRule SIMPLE or
     /// MUTUAL), relayed by rustls.
     Tls,
+    /// Both ends are pods this agent enrolled (the same-node fast path): no TLS, and no byte
+    /// on any link; both identities come from the kernel.
+    Local,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +128,16 @@ impl SessionCrypto {
 pub enum FlowCheck {
     Inbound(InboundCheck),
     Outbound(OutboundCheck),
+    /// A same-node flow: the client's outbound decision and the server's inbound one, both
+    /// taken again.
+    Local(Box<LocalCheck>),
+}
+
+/// Both halves of a same-node flow's decision.
+#[derive(Debug, Clone)]
+pub struct LocalCheck {
+    pub outbound: OutboundCheck,
+    pub inbound: InboundCheck,
 }
 
 /// An inbound flow: who connected to which workload port, with which proven identity.
@@ -323,6 +336,7 @@ fn mode(t: &Telemetry, info: &FlowInfo) -> Mode {
         Protection::Ktls => Mode::Ktls,
         Protection::Userspace => Mode::Userspace,
         Protection::Tls => Mode::Tls,
+        Protection::Local => Mode::Local,
         Protection::Plaintext => t.plaintext_mode(match info.direction {
             Direction::Outbound => info.endpoint.unwrap_or(info.destination).ip(),
             Direction::Inbound => info.source.ip(),
@@ -515,6 +529,7 @@ pub fn render(rows: &[FlowRow]) -> String {
                 Protection::Userspace => "userspace",
                 Protection::Plaintext => "plaintext",
                 Protection::Tls => "tls",
+                Protection::Local => "local",
             },
             r.bytes_to_peer,
             r.bytes_from_peer

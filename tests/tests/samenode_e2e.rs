@@ -1,0 +1,377 @@
+//! The same-node fast path (`tuning.sameNodeFastPath`, issue 17 §4), end to end with the
+//! real agent binary: two enrolled pods on one agent talk without TLS over two loopback legs,
+//! and nothing of it crosses either pod's link; policy is still decided with both identities
+//! (AuthorizationPolicy DENY on the client's principal, STRICT against a client outside the
+//! mesh, a DISABLE port); `flows --json` and the access log name both principals with mode
+//! `local`. With the fast path off, the same pods get mesh mTLS as before.
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use interceptor::{
+    config::AccessLogFormat,
+    intercept::table::{Direction, FlowRow, Protection},
+    telemetry::Mode,
+};
+use interceptor_tests::{
+    agent::{PinCleanup, RunningAgent, TempDir},
+    apps::{curl, curl_upload, random_payload, serve_http_on, serve_upload_hasher, sha256_hex},
+    connect_from,
+    mesh::{PolicyDir, workload},
+    process::AgentProcess,
+    require_privileged,
+    scenario::{self, Www, expected_protection},
+    topology::{Node, Pod},
+    wire::{Capture, Streams, assert_no_plaintext, assert_tls_records},
+};
+
+const SLEEP_ID: &str = "spiffe://cluster.local/ns/full/sa/sleep";
+const HTTPBIN_ID: &str = "spiffe://cluster.local/ns/full/sa/httpbin";
+
+/// httpbin: STRICT, but port 81 DISABLE; the `other` namespace's client is denied.
+const POLICY: &str = "apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: httpbin
+  namespace: full
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  mtls:
+    mode: STRICT
+  portLevelMtls:
+    81:
+      mode: DISABLE
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-other
+  namespace: full
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/other/sa/other]
+";
+
+/// The app port of the upload hasher in the httpbin pod.
+const UPLOAD_PORT: u16 = 8081;
+
+/// Captures on both pods' links (in the node's netns) while `f` runs.
+fn on_both_links<T>(node: &Node, pods: [&Pod; 2], f: impl FnOnce() -> T) -> (T, Vec<Streams>) {
+    let captures: Vec<Capture> = pods
+        .iter()
+        .map(|p| Capture::start_in(&node.ns.path(), &p.host_if))
+        .collect();
+    let out = f();
+    let streams = captures.into_iter().map(Capture::stop_streams).collect();
+    (out, streams)
+}
+
+/// Reads the access log until it holds `n` lines (or 10 s pass).
+fn access_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn same_node_fast_path_policy_matrix_wire_and_principals() {
+    require_privileged();
+    let node = Node::new(92);
+    let mut httpbin = node.pod("httpbin", 10);
+    let sleep = node.pod("sleep", 11);
+    let other = node.pod("other", 12);
+    let legacy = node.pod("legacy", 30);
+    let www = Www::with_blob("samenode", 4 << 20);
+    let ip = httpbin.ip;
+    serve_http_on(&mut httpbin, www.path(), "80", SocketAddr::from((ip, 80)));
+    serve_http_on(&mut httpbin, www.path(), "81", SocketAddr::from((ip, 81)));
+    serve_upload_hasher(&httpbin, UPLOAD_PORT);
+
+    let cluster = scenario::Cluster::new("samenode");
+    let policy = PolicyDir::new();
+    policy.write("policy.yaml", POLICY);
+    let mut config = cluster.config(
+        vec![
+            workload(&httpbin, "full", "httpbin", &[("app", "httpbin")]),
+            workload(&sleep, "full", "sleep", &[("app", "sleep")]),
+            workload(&other, "other", "other", &[("app", "other")]),
+        ],
+        vec![],
+    );
+    // The agent's default; the test helper turns it off for the suites that test mTLS.
+    config.tuning.same_node_fast_path = true;
+    config.policy_dir = Some(policy.path());
+    config.observability.access_log.format = AccessLogFormat::Json;
+    let _pins = PinCleanup(config.bpffs.clone());
+    let log_path = cluster.scratch.0.join("access.log");
+    let log = std::fs::File::create(&log_path).expect("access log file");
+    let agent = AgentProcess::start_with_stdout(
+        &config,
+        &cluster.scratch.0.join("node.yaml"),
+        Stdio::from(log),
+    );
+
+    // Allowed, both directions, with the links of both pods captured: byte-exact, and not
+    // one segment of the flow on either link (it never leaves the node's loopbacks).
+    let blob = format!("http://{}:80/blob", httpbin.ip);
+    let (fetch, links) = on_both_links(&node, [&sleep, &httpbin], || {
+        curl(sleep.command("curl"), &blob)
+    });
+    assert_eq!(fetch.code, "200", "sleep → httpbin, same node");
+    assert_eq!(
+        fetch.sha256(),
+        www.want,
+        "download corrupted on the fast path"
+    );
+    let upload = random_payload(3 << 20);
+    let upload_file = TempDir::new("samenode-up");
+    let upload_path = upload_file.0.join("up");
+    std::fs::write(&upload_path, &upload).expect("write upload");
+    let up_url = format!("http://{}:{UPLOAD_PORT}/", httpbin.ip);
+    let (sent, up_links) = on_both_links(&node, [&sleep, &httpbin], || {
+        curl_upload(sleep.command("curl"), &up_url, &upload_path)
+    });
+    assert_eq!(sent.code, "200", "upload sleep → httpbin");
+    assert_eq!(
+        String::from_utf8_lossy(&sent.body).trim(),
+        sha256_hex(&upload),
+        "upload corrupted on the fast path"
+    );
+    for (streams, payload) in links
+        .iter()
+        .map(|s| (s, &www.payload))
+        .chain(up_links.iter().map(|s| (s, &upload)))
+    {
+        assert_no_plaintext(streams, payload);
+        let on_link: Vec<_> = streams
+            .streams
+            .iter()
+            .filter(|s| {
+                [80, UPLOAD_PORT].contains(&s.src.port())
+                    || [80, UPLOAD_PORT].contains(&s.dst.port())
+            })
+            .map(|s| (s.src, s.dst, s.bytes.len()))
+            .collect();
+        assert!(
+            on_link.is_empty(),
+            "the flow crossed a pod link: {on_link:?}"
+        );
+    }
+
+    // Refused as the server's agent would refuse it: a denied principal, and plaintext from
+    // outside the mesh to a STRICT port.
+    let before = agent.stats();
+    let denied = curl(other.command("curl"), &blob);
+    assert_eq!(denied.code, "000", "other → httpbin must be denied");
+    let strict = curl(legacy.command_unenrolled("curl"), &blob);
+    assert_eq!(
+        strict.code, "000",
+        "plaintext to a STRICT port must be refused"
+    );
+    // DISABLE: the workload takes no mesh TLS there; automatic mTLS sends plaintext, which the
+    // fast path leaves to the plaintext path (as on another node).
+    let disabled = curl(
+        sleep.command("curl"),
+        &format!("http://{}:81/blob", httpbin.ip),
+    );
+    assert_eq!(disabled.code, "200", "DISABLE port");
+    assert_eq!(disabled.sha256(), www.want);
+    let after = agent.stats();
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert_eq!(delta("refused.deny_rule"), 1, "{after:?}");
+    assert_eq!(delta("refused.plaintext_refused_strict"), 1, "{after:?}");
+
+    // One row per same-node connection, both principals, mode local; the DISABLE request
+    // is plaintext on both sides.
+    let flows = agent.flows();
+    let local: Vec<&FlowRow> = flows
+        .iter()
+        .filter(|r| r.protection == Protection::Local)
+        .collect();
+    assert_eq!(local.len(), 2, "{flows:#?}");
+    for r in &local {
+        assert_eq!(r.pod, "sleep");
+        assert_eq!(r.direction, Direction::Outbound);
+        assert_eq!(r.peer_id.as_deref(), Some(HTTPBIN_ID), "{r:?}");
+        assert_eq!(r.mode, Some(Mode::Local), "{r:?}");
+        assert!(r.cipher.is_none(), "{r:?}");
+    }
+    let download = local
+        .iter()
+        .find(|r| r.destination.port() == 80)
+        .expect("download row");
+    assert!(
+        download.bytes_from_peer as usize > www.payload.len(),
+        "{download:?}"
+    );
+    assert!(
+        !flows
+            .iter()
+            .any(|r| r.destination.port() == 80 && r.pod == "httpbin"),
+        "a same-node flow must not also run the inbound path: {flows:#?}"
+    );
+    let plain: Vec<&FlowRow> = flows
+        .iter()
+        .filter(|r| r.destination.port() == 81)
+        .collect();
+    assert_eq!(plain.len(), 2, "{flows:#?}");
+    assert!(plain.iter().all(|r| r.protection == Protection::Plaintext));
+
+    // The access log: each local flow once, with both principals and the flow table's bytes.
+    let lines = access_lines(&log_path, 6);
+    let local_lines: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["mode"] == "local").collect();
+    assert_eq!(local_lines.len(), 2, "{lines:#?}");
+    for line in local_lines {
+        assert_eq!(line["event"], "flow_closed");
+        assert_eq!(line["outcome"], "closed", "{line}");
+        assert_eq!(line["src_spiffe"], SLEEP_ID, "{line}");
+        assert_eq!(line["dst_spiffe"], HTTPBIN_ID, "{line}");
+        assert_eq!(line["src_workload"], "sleep", "{line}");
+        assert_eq!(line["dst_workload"], "httpbin", "{line}");
+        assert_eq!(line["ktls"], false, "{line}");
+        let row = local
+            .iter()
+            .find(|r| r.source.to_string() == line["src_addr"].as_str().unwrap_or_default())
+            .unwrap_or_else(|| panic!("no flow row for {line}"));
+        assert_eq!(
+            line["bytes_sent"].as_u64(),
+            Some(row.bytes_to_peer),
+            "{line}"
+        );
+        assert_eq!(
+            line["bytes_received"].as_u64(),
+            Some(row.bytes_from_peer),
+            "{line}"
+        );
+    }
+    let refusals: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["event"] == "refused").collect();
+    let denied = refusals
+        .iter()
+        .find(|l| l["code"] == "deny_rule")
+        .unwrap_or_else(|| panic!("no deny_rule line: {lines:#?}"));
+    assert_eq!(
+        denied["src_spiffe"],
+        "spiffe://cluster.local/ns/other/sa/other"
+    );
+    assert_eq!(denied["dst_spiffe"], HTTPBIN_ID);
+
+    // A policy change decides an open same-node flow again on the server's half: a DENY of
+    // the client's principal closes it.
+    let held = connect_from(
+        Some(&sleep.cgroup.path),
+        &sleep.netns_path(),
+        SocketAddr::from((ip, 80)),
+        b"",
+    );
+    assert_eq!(held.peer, Ok(SocketAddr::from((ip, 80))));
+    let open = || {
+        agent
+            .flows()
+            .iter()
+            .any(|r| r.protection == Protection::Local && !r.closed)
+    };
+    wait_until("the held flow is listed", open);
+    let before = agent.stats();
+    policy.write("deny-sleep.yaml", POLICY_DENY_SLEEP);
+    wait_until("the held flow is closed by the new policy", || !open());
+    let after = agent.stats();
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert_eq!(delta("closed.deny_rule"), 1, "{after:?}");
+    drop(held);
+}
+
+const POLICY_DENY_SLEEP: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-sleep
+  namespace: full
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/full/sa/sleep]
+";
+
+/// Polls `cond` for up to 10 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// With `sameNodeFastPath: false` the same two pods get mesh mTLS on the wire, as before.
+#[test]
+fn same_node_fast_path_off_keeps_mesh_mtls() {
+    require_privileged();
+    let node = Node::new(93);
+    let mut httpbin = node.pod("httpbin", 10);
+    let sleep = node.pod("sleep", 11);
+    let www = Www::with_blob("samenodeoff", 1 << 20);
+    let ip = httpbin.ip;
+    serve_http_on(&mut httpbin, www.path(), "80", SocketAddr::from((ip, 80)));
+    let cluster = scenario::Cluster::new("samenodeoff");
+    let mut config = cluster.config(
+        vec![
+            workload(&httpbin, "full", "httpbin", &[]),
+            workload(&sleep, "full", "sleep", &[]),
+        ],
+        vec![],
+    );
+    config.tuning.same_node_fast_path = false;
+    let agent = RunningAgent::start(config);
+    let (fetch, links) = on_both_links(&node, [&sleep, &httpbin], || {
+        curl(
+            sleep.command("curl"),
+            &format!("http://{}:80/blob", httpbin.ip),
+        )
+    });
+    assert_eq!(fetch.code, "200");
+    assert_eq!(fetch.sha256(), www.want);
+    let server = SocketAddr::from((httpbin.ip, 80));
+    for streams in &links {
+        assert_no_plaintext(streams, &www.payload);
+        let mesh: Vec<_> = streams
+            .streams
+            .iter()
+            .filter(|s| s.src == server || s.dst == server)
+            .collect();
+        assert!(mesh.len() >= 2, "no mTLS streams on the link");
+        for s in mesh {
+            assert_tls_records(&s.bytes);
+        }
+    }
+    let flows = agent.agent.flows_with_recent();
+    assert!(
+        flows.iter().all(|r| r.protection == expected_protection()),
+        "{flows:#?}"
+    );
+    assert_eq!(flows.len(), 2, "outbound and inbound rows: {flows:#?}");
+}
