@@ -16,14 +16,21 @@ pub mod channel;
 pub mod serve;
 pub mod take;
 
-use std::{fmt, net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Workload;
+use crate::{config::Workload, intercept::table::Direction, relay::KtlsRelayState};
 
-/// The protocol version this build speaks at most.
-pub const VERSION: u32 = 1;
+/// The protocol version this build speaks at most. 2 moves open kTLS flows (`flow`).
+pub const VERSION: u32 = 2;
+/// The first version whose old agent sends its open kTLS flows.
+pub const FLOWS_VERSION: u32 = 2;
 /// The oldest version this build still speaks.
 pub const MIN_VERSION: u32 = 1;
 
@@ -124,6 +131,63 @@ pub struct PodTransfer {
     pub listeners: Vec<ListenerSpec>,
 }
 
+/// The TLS session of a handed-over flow, as the flow table shows it (IANA code points).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionTransfer {
+    pub suite: u16,
+    pub group: Option<u16>,
+    pub retried: bool,
+    pub resumed: bool,
+}
+
+/// What a handed-over flow was admitted on, so the new agent decides it again under its own
+/// policy (and on every later policy change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "direction", rename_all = "camelCase", deny_unknown_fields)]
+pub enum CheckTransfer {
+    #[serde(rename_all = "camelCase")]
+    Inbound {
+        source: SocketAddr,
+        destination: SocketAddr,
+        peer: Option<String>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Outbound {
+        source: SocketAddr,
+        destination: SocketAddr,
+        endpoint: SocketAddr,
+        client: String,
+        /// The server identity mesh mTLS verified.
+        server: String,
+    },
+}
+
+/// One open kTLS flow: who it is between, how it was admitted, and its relay's state. Its
+/// descriptors travel with it: app socket, peer socket (kTLS installed), then both pipes
+/// (read and write end, app → peer first), [`FLOW_FDS`] in all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FlowTransfer {
+    pub pod: String,
+    pub direction: Direction,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub endpoint: Option<SocketAddr>,
+    pub peer_id: Option<String>,
+    pub cipher: Option<String>,
+    pub session: Option<SessionTransfer>,
+    pub reason: Option<String>,
+    pub check: CheckTransfer,
+    /// The old agent's policy generation when it handed the flow over (for the log: the
+    /// new agent decides the flow under its own).
+    pub policy_generation: u64,
+    pub relay: KtlsRelayState,
+}
+
+/// Descriptors per [`FlowTransfer`].
+pub const FLOW_FDS: usize = 6;
+
 /// Everything either side sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
@@ -142,6 +206,10 @@ pub enum Message {
     /// Old → new: one enrolled pod, with its listeners' descriptors attached.
     #[serde(rename_all = "camelCase")]
     Pod { pod: PodTransfer },
+    /// Old → new, version 2 on, between `taken` and `released`: one open kTLS flow, parked
+    /// in the old agent, with its descriptors; the new agent continues its relay.
+    #[serde(rename_all = "camelCase")]
+    Flow { flow: Box<FlowTransfer> },
     /// Old → new: all pods sent.
     #[serde(rename_all = "camelCase")]
     Sent { pods: u32, flows_kept: u32 },
@@ -167,6 +235,7 @@ impl Message {
     pub fn fds(&self) -> usize {
         match self {
             Message::Pod { pod } => pod.listeners.len(),
+            Message::Flow { .. } => FLOW_FDS,
             _ => 0,
         }
     }
@@ -177,6 +246,7 @@ impl Message {
             Message::Accept { .. } => "accept",
             Message::Refuse { .. } => "refuse",
             Message::Pod { .. } => "pod",
+            Message::Flow { .. } => "flow",
             Message::Sent { .. } => "sent",
             Message::Taken { .. } => "taken",
             Message::Released { .. } => "released",
@@ -244,10 +314,48 @@ pub fn decode(body: &[u8], fds: usize) -> Result<Message, ProtocolError> {
             got: fds,
         });
     }
-    if let Message::Pod { pod } = &msg {
-        check_pod(pod)?;
+    match &msg {
+        Message::Pod { pod } => check_pod(pod)?,
+        Message::Flow { flow } => check_flow(flow)?,
+        _ => {}
     }
     Ok(msg)
+}
+
+/// Bound on the plaintext a parked relay may carry outside its pipes (a few records).
+pub const MAX_FLOW_PLAINTEXT: usize = 80 << 10;
+/// Bound on a parked relay's pipe size (the relay never asks for more).
+pub const MAX_FLOW_PIPE: usize = 1 << 20;
+
+/// What a received flow must look like before the new agent takes its descriptors on.
+fn check_flow(flow: &FlowTransfer) -> Result<(), ProtocolError> {
+    let r = &flow.relay;
+    let bad = |what: &str| {
+        ProtocolError::Invalid(format!(
+            "flow of pod `{}` {} → {}: {what}",
+            flow.pod, flow.source, flow.destination
+        ))
+    };
+    if flow.pod.is_empty() {
+        return Err(bad("no pod"));
+    }
+    if r.up_cap > MAX_FLOW_PIPE || r.down_cap > MAX_FLOW_PIPE {
+        return Err(bad("pipe over 1 MiB"));
+    }
+    if r.up_in_pipe > r.up_cap || r.down_in_pipe > r.down_cap {
+        return Err(bad("more bytes in a pipe than it holds"));
+    }
+    if r.to_app.len() > MAX_FLOW_PLAINTEXT {
+        return Err(bad("too much buffered plaintext"));
+    }
+    let check_dir = match flow.check {
+        CheckTransfer::Inbound { .. } => Direction::Inbound,
+        CheckTransfer::Outbound { .. } => Direction::Outbound,
+    };
+    if check_dir != flow.direction {
+        return Err(bad("admission check of the other direction"));
+    }
+    Ok(())
 }
 
 /// What a received pod must look like before the new agent acts on it.

@@ -28,6 +28,7 @@ pub mod table;
 
 pub use self::{
     counters::Counters,
+    handoff::adopt_parked,
     pod::{PodHandle, enroll, pod_netns_cookie, unenroll},
     revalidate::{apply_steering, revalidate},
 };

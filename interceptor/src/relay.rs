@@ -40,6 +40,8 @@ mod plain;
 mod spliced;
 mod userspace;
 
+pub use kernel::{KtlsRelayState, ParkedKtls};
+
 use std::{
     future::Future,
     io,
@@ -47,7 +49,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -83,6 +85,10 @@ pub struct RelayStats {
     mode: AtomicU8,
     app_to_peer: AtomicU64,
     peer_to_app: AtomicU64,
+    /// An agent upgrade asks the kernel relay to stop at its next poll and leave its state
+    /// in `parked` (see [`ParkedKtls`]); other relays ignore it and run on.
+    park: AtomicBool,
+    parked: std::sync::Mutex<Option<Box<ParkedKtls>>>,
 }
 
 impl RelayStats {
@@ -108,6 +114,24 @@ impl RelayStats {
     /// Plaintext bytes from the peer delivered to the app's socket.
     pub fn bytes_peer_to_app(&self) -> u64 {
         self.peer_to_app.load(Ordering::Relaxed)
+    }
+
+    /// Asks the kernel relay to park at its next poll (the caller polls it again).
+    pub fn request_park(&self) {
+        self.park.store(true, Ordering::Release);
+    }
+
+    fn park_requested(&self) -> bool {
+        self.park.load(Ordering::Acquire)
+    }
+
+    fn deposit(&self, parked: ParkedKtls) {
+        *self.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(parked));
+    }
+
+    /// The relay's state if it parked (its future then ended with `Ok`).
+    pub fn take_parked(&self) -> Option<Box<ParkedKtls>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn set_mode(&self, mode: RelayMode) {
@@ -352,6 +376,17 @@ pub async fn relay_ktls(
 ) -> Result<(), RelayError> {
     stats.set_mode(RelayMode::Ktls);
     kernel::run(app, peer, cipher, leftover, config, stats).await
+}
+
+/// Continues a kernel relay that an agent parked for this one (an upgrade): the sockets keep
+/// their kTLS state in the kernel, the pipes their bytes.
+pub async fn resume_ktls(
+    parked: ParkedKtls,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    stats.set_mode(RelayMode::Ktls);
+    kernel::resume(parked, config, stats).await
 }
 
 /// Plaintext passthrough between the app and a peer outside the mesh (or one a policy lets

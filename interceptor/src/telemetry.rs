@@ -130,6 +130,8 @@ pub enum Outcome {
     Failed,
     /// A policy or crypto policy change closed it.
     PolicyClosed,
+    /// Still open: handed, with its relay, to the agent that replaced this one.
+    HandedOver,
 }
 
 impl Outcome {
@@ -138,6 +140,7 @@ impl Outcome {
             Self::Closed => "closed",
             Self::Failed => "failed",
             Self::PolicyClosed => "policy_closed",
+            Self::HandedOver => "handed_over",
         }
     }
 }
@@ -280,6 +283,13 @@ struct DroppedLabels {
     why: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandoverLabels {
+    /// `sent` (parked here, continued by the successor), `received` (continued here),
+    /// `kept` (could not be parked or sent: continued by the agent that had it).
+    result: &'static str,
+}
+
 /// One flow as the metrics and the access log see it: who is on each end and how it runs.
 /// Built once when the flow is listed; [`Telemetry::flow_closed`] gets it back.
 #[derive(Clone, Debug)]
@@ -301,6 +311,8 @@ pub struct FlowMeta {
     pub group: Option<String>,
     /// The policy decision that let the flow through.
     pub decision: Option<String>,
+    /// Opened by the agent this one replaced, and handed over open (an upgrade).
+    pub handed_over: bool,
 }
 
 /// How a listed flow ended, with its final byte counts.
@@ -390,6 +402,7 @@ pub struct Telemetry {
     config_reloads: Family<OutcomeLabels, Counter>,
     ca_reloads: Family<OutcomeLabels, Counter>,
     access_dropped: Family<DroppedLabels, Counter>,
+    handover_flows: Family<HandoverLabels, Counter>,
     /// One shared copy of each label set flows hold (a flow keeps its open labels until it
     /// closes, so both counts land on the same series).
     interned: Mutex<HashSet<Arc<TcpLabels>>>,
@@ -516,6 +529,15 @@ impl Telemetry {
         for why in ["not_sampled", "rate_limited"] {
             let _ = access_dropped.get_or_create(&DroppedLabels { why });
         }
+        let handover_flows = Family::<HandoverLabels, Counter>::default();
+        registry.register(
+            "interceptor_handover_flows",
+            "Open kTLS flows moved between agents in upgrades, by result",
+            handover_flows.clone(),
+        );
+        for result in ["sent", "received", "kept"] {
+            let _ = handover_flows.get_or_create(&HandoverLabels { result });
+        }
         let observed = Arc::new(Slot::default());
         registry.register_collector(Box::new(ScrapeTime(Arc::clone(&observed))));
         Self {
@@ -531,6 +553,7 @@ impl Telemetry {
             config_reloads,
             ca_reloads,
             access_dropped,
+            handover_flows,
             interned: Mutex::new(HashSet::new()),
             workloads: RwLock::new(HashMap::new()),
             pods: RwLock::new(HashMap::new()),
@@ -742,6 +765,13 @@ impl Telemetry {
             })
             .inc();
         self.log(|format| access::refusal_line(format, &refusal()));
+    }
+
+    /// Open flows moved in an upgrade: `sent`, `received` or `kept` (see the metric).
+    pub fn handover_flows(&self, result: &'static str, n: u64) {
+        self.handover_flows
+            .get_or_create(&HandoverLabels { result })
+            .inc_by(n);
     }
 
     /// A listed flow was closed by a policy change (its close line follows with the relay).

@@ -78,7 +78,10 @@ impl AgentProcess {
             admin: config.admin_socket.clone(),
             started,
         };
-        agent.wait_ready(Duration::from_secs(30));
+        // Under TCG an agent loading its programs beside another one (a takeover) can take
+        // longer than on a host.
+        let limit = if crate::in_vm() { 90 } else { 30 };
+        agent.wait_ready(Duration::from_secs(limit));
         agent
     }
 

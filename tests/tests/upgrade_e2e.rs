@@ -1,5 +1,6 @@
 //! Agent upgrades (`interceptor run --takeover`, `handover:` in the node config) with the real
-//! agent binary, on the host (userspace relay).
+//! agent binary, on the host (userspace relay: open flows stay in the old agent until they
+//! end) and in the VMs (kTLS: open flows move to the new agent, sockets and all).
 //!
 //! What must hold across an upgrade: every flow open during it ends with the same bytes at
 //! both ends (SHA-256 of what each side sent and received), a client opening new connections
@@ -14,21 +15,42 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor::config::{Config, HandoverSettings, Ttl};
+use std::collections::HashMap;
+
+use interceptor::{
+    config::{Config, HandoverSettings, Ttl},
+    intercept::table::Protection,
+};
 use interceptor_tests::{
     agent::{PinCleanup, workload},
     apps::random_payload,
+    crypto::tls_stat,
+    in_vm,
     process::AgentProcess,
     require_privileged,
-    scenario::{Cluster, Scenario},
+    scenario::{Cluster, Scenario, expected_protection},
     upgrade::{Churn, Flows, Received, assert_intact, echo_server},
     wire::{Capture, assert_no_plaintext},
 };
 
-const LOAD: &str = env!("CARGO_BIN_EXE_upgrade_load");
+/// The load client: built beside this suite, installed at `/bin` in the VM guest.
+fn load() -> &'static str {
+    if in_vm() {
+        "/bin/upgrade_load"
+    } else {
+        env!("CARGO_BIN_EXE_upgrade_load")
+    }
+}
 const PORT: u16 = 9000;
-/// Flows open across each upgrade.
-const FLOWS: usize = 100;
+/// Flows open across each upgrade on the host. Under TCG on a loaded machine 100 mTLS
+/// handshakes at once do not finish within the load client's 20 s read timeout, so the VMs
+/// run fewer.
+const HOST_FLOWS: usize = 100;
+const VM_FLOWS: usize = 20;
+
+fn flows_n() -> usize {
+    if in_vm() { VM_FLOWS } else { HOST_FLOWS }
+}
 
 /// One node, a client and a server pod, an echo server, and the agent's config with a
 /// handover socket; everything removed when dropped (pins included).
@@ -59,6 +81,10 @@ impl Bench {
         // The echo app never speaks first: a client agent slowed by a loaded machine must not
         // have its mTLS flow taken for plaintext after the default 200 ms.
         cfg.tuning.first_byte_wait_ms = 5_000;
+        // 100 handshakes at once under TCG (the VMs) take longer than the default 5 s.
+        if in_vm() {
+            cfg.tuning.handshake_timeout_ms = 30_000;
+        }
         cfg.handover = Some(HandoverSettings {
             socket: cluster.scratch.0.join("handover").join("handover.sock"),
             drain_window: Ttl(drain),
@@ -97,7 +123,7 @@ impl Bench {
 
     fn flows(&self, n: usize, secs: f64) -> Flows {
         Flows::start(
-            self.scenario.client.command(LOAD),
+            self.scenario.client.command(load()),
             self.dst,
             n,
             secs,
@@ -106,7 +132,7 @@ impl Bench {
     }
 
     fn churn(&self, secs: f64) -> Churn {
-        Churn::start(self.scenario.client.command(LOAD), self.dst, secs)
+        Churn::start(self.scenario.client.command(load()), self.dst, secs)
     }
 
     /// Waits until a mesh connection works (the first one mints both leaves).
@@ -134,6 +160,63 @@ impl Bench {
         let frames = capture.stop();
         assert_no_plaintext(&frames, &self.payload);
     }
+}
+
+/// Whether open flows move to the new agent here: kTLS flows do (the VMs), userspace-relay
+/// flows stay in the old agent (the host).
+fn flows_move() -> bool {
+    expected_protection() == Protection::Ktls
+}
+
+/// Open flows the agent lists as handed over by its predecessor (two rows per connection:
+/// the client pod's outbound flow and the server pod's inbound one).
+fn handed_over(agent: &AgentProcess) -> usize {
+    agent
+        .flows()
+        .iter()
+        .filter(|r| r.handed_over && !r.closed)
+        .count()
+}
+
+/// Waits until `agent` lists `want` handed-over flows.
+fn await_handed_over(agent: &AgentProcess, want: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = handed_over(agent);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the new agent lists {got} handed-over flows, not {want}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `agent` relays `want` open flows with kTLS (set-up done: only those move).
+fn await_ktls_flows(agent: &AgentProcess, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = agent
+            .flows()
+            .iter()
+            .filter(|r| !r.closed && r.protection == Protection::Ktls)
+            .count();
+        if got >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{got} open kTLS flows, not the {want} expected"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The kTLS counters of both pods' netns.
+fn tls_sockets(b: &Bench) -> [HashMap<String, u64>; 2] {
+    [tls_stat(&b.scenario.client), tls_stat(&b.scenario.server)]
 }
 
 /// The old agent exits once its flows are done (well before its drain window).
@@ -166,26 +249,42 @@ fn upgrade_under_load_keeps_every_flow_and_refuses_no_connection() {
     let mut old = b.start(&[], &[]);
     b.wait_serving();
     let capture = b.capture();
-    let flows = b.flows(FLOWS, 5.0);
+    // Under TCG (the VMs) 100 handshakes take a while: the flows last until all of them are
+    // relayed by kTLS and the upgrade is done, and the connect loop starts once they are.
+    let flows = b.flows(flows_n(), if flows_move() { 40.0 } else { 5.0 });
+    if flows_move() {
+        await_ktls_flows(&old, 2 * flows_n());
+    }
     let churn = b.churn(5.0);
     std::thread::sleep(Duration::from_secs(1));
     let new = b.takeover(&[]);
-    // The old agent keeps the open flows and reports them to the new one until they end.
     let mut flows = flows;
-    let (mut reported, mut reported_while_running) = (0, false);
-    while flows.running() && reported == 0 {
-        reported = predecessor_flows(&new);
-        reported_while_running = flows.running();
-        std::thread::sleep(Duration::from_millis(100));
+    let mut reported = 0;
+    if flows_move() {
+        // kTLS: every open flow moves, both of its rows, and the old agent keeps none.
+        await_handed_over(&new, 2 * flows_n(), "upgrade");
+        assert!(flows.running(), "the flows ended before the check");
+    } else {
+        // The old agent keeps the open flows and reports them to the new one until they end.
+        let mut reported_while_running = false;
+        while flows.running() && reported == 0 {
+            reported = predecessor_flows(&new);
+            reported_while_running = flows.running();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            reported > 0 || !reported_while_running,
+            "the new agent never reported the flows its predecessor kept"
+        );
+        assert_eq!(handed_over(&new), 0, "userspace flows are not handed over");
     }
-    assert!(
-        reported > 0 || !reported_while_running,
-        "the new agent never reported the flows its predecessor kept"
-    );
     let results = flows.finish(Duration::from_secs(40));
-    assert_intact(&results, FLOWS, &b.received);
+    assert_intact(&results, flows_n(), &b.received);
     let ok = assert_churn_clean(churn, "during the upgrade");
-    eprintln!("upgrade: {FLOWS} flows intact, {ok} new connections, none failed");
+    eprintln!(
+        "upgrade: {} flows intact, {ok} new connections, none failed",
+        flows_n()
+    );
     assert_exits(&mut old, Duration::from_secs(10), "the old agent");
     let deadline = Instant::now() + Duration::from_secs(5);
     while predecessor_flows(&new) != 0 {
@@ -199,7 +298,48 @@ fn upgrade_under_load_keeps_every_flow_and_refuses_no_connection() {
     b.assert_serving("after the old agent exited");
     // The new agent carries the new flows, and says which pods it took over.
     assert!(!new.flows().is_empty(), "the new agent lists no flow");
+    if flows_move() {
+        assert_ktls_sockets_survive(&b, new);
+    }
     b.assert_no_plaintext(capture);
+}
+
+/// kTLS flows mid-transfer move to the next agent without a new kTLS socket: the kernel's
+/// counters of both pods' netns are the same before and after (no socket closed, none
+/// installed), with no other connection made meanwhile.
+fn assert_ktls_sockets_survive(b: &Bench, mut old: AgentProcess) {
+    let flows = b.flows(flows_n(), 15.0);
+    await_ktls_flows(&old, 2 * flows_n());
+    let before = tls_sockets(b);
+    let new = b.takeover(&[]);
+    await_handed_over(&new, 2 * flows_n(), "second upgrade");
+    let after = tls_sockets(b);
+    for (pod, (before, after)) in ["client", "server"].iter().zip(before.iter().zip(&after)) {
+        for key in ["TlsCurrTxSw", "TlsCurrRxSw", "TlsTxSw", "TlsRxSw"] {
+            assert_eq!(
+                before.get(key),
+                after.get(key),
+                "{pod} netns {key}: before {before:?}, after {after:?}"
+            );
+        }
+        let open = before.get("TlsCurrTxSw").copied().unwrap_or(0);
+        assert!(
+            open >= flows_n() as u64,
+            "{pod} netns: {open} kTLS sockets open, fewer than the {} flows",
+            flows_n()
+        );
+    }
+    eprintln!("upgrade: tls_stat unchanged across the takeover: {after:?}");
+    assert_exits(
+        &mut old,
+        Duration::from_secs(10),
+        "the agent that handed its flows over",
+    );
+    assert_intact(
+        &flows.finish(Duration::from_secs(40)),
+        flows_n(),
+        &b.received,
+    );
 }
 
 #[test]
@@ -208,7 +348,7 @@ fn killing_the_new_agent_mid_handover_leaves_the_old_one_serving() {
     let mut old = b.start(&[], &[]);
     b.wait_serving();
     let capture = b.capture();
-    let flows = b.flows(FLOWS / 2, 5.0);
+    let flows = b.flows(flows_n() / 2, 5.0);
     let churn = b.churn(5.0);
     std::thread::sleep(Duration::from_millis(500));
     // The new agent holds every listener (and its programs are attached and pinned), but has
@@ -217,7 +357,7 @@ fn killing_the_new_agent_mid_handover_leaves_the_old_one_serving() {
     std::thread::sleep(Duration::from_millis(500));
     new.kill9();
     let results = flows.finish(Duration::from_secs(40));
-    assert_intact(&results, FLOWS / 2, &b.received);
+    assert_intact(&results, flows_n() / 2, &b.received);
     assert_churn_clean(churn, "across the killed handover");
     assert!(
         old.running(),
@@ -274,15 +414,32 @@ fn five_upgrades_in_a_row_under_load() {
     let mut agents = vec![b.start(&[], &[])];
     b.wait_serving();
     let capture = b.capture();
-    let flows = b.flows(FLOWS, 6.0);
-    let churn = b.churn(6.0);
-    for _ in 0..5 {
+    // kTLS flows move with every upgrade: each successor waits until it holds them all (the
+    // VM is slow enough that five agents starting at once would starve the handshakes).
+    let secs = if flows_move() { 30.0 } else { 6.0 };
+    let flows = b.flows(flows_n(), secs);
+    let churn = b.churn(secs);
+    if flows_move() {
+        await_ktls_flows(&agents[0], 2 * flows_n());
+    }
+    for i in 0..5 {
         std::thread::sleep(Duration::from_millis(300));
         agents.push(b.takeover(&[]));
+        if flows_move() {
+            let new = agents.last().expect("agents");
+            await_handed_over(new, 2 * flows_n(), &format!("upgrade {}", i + 1));
+        }
     }
-    assert_intact(&flows.finish(Duration::from_secs(40)), FLOWS, &b.received);
+    assert_intact(
+        &flows.finish(Duration::from_secs(40)),
+        flows_n(),
+        &b.received,
+    );
     let ok = assert_churn_clean(churn, "five upgrades");
-    eprintln!("five upgrades: {FLOWS} flows intact, {ok} new connections, none failed");
+    eprintln!(
+        "five upgrades: {} flows intact, {ok} new connections, none failed",
+        flows_n()
+    );
     let last = agents.pop().expect("agents");
     for (i, a) in agents.iter_mut().enumerate() {
         assert_exits(a, Duration::from_secs(10), &format!("agent {i}"));

@@ -88,7 +88,12 @@ pub(crate) struct TestBinary {
 struct Binaries {
     tests: Vec<TestBinary>,
     agent: PathBuf,
+    /// Helper programs the suites run in pods, installed as `/bin/<name>` in the guest.
+    helpers: Vec<TestBinary>,
 }
+
+/// `interceptor-tests` programs a VM suite runs (found in the guest at `/bin/<name>`).
+const GUEST_HELPERS: &[&str] = &["upgrade_load"];
 
 /// How one kernel's run ended, kept for the closing summary.
 struct KernelReport {
@@ -120,6 +125,7 @@ pub fn vm_test(workspace_root: &Path, args: &VmTestArgs) -> Result<()> {
         let payload = initramfs::Payload {
             tests: &binaries.tests,
             agent: &binaries.agent,
+            helpers: &binaries.helpers,
             filter: args.filter.as_deref(),
         };
         let initrd = initramfs::build(&vm_dir.join(series.label()), &kernel, &payload)?;
@@ -206,7 +212,17 @@ fn build_binaries(workspace_root: &Path, release: bool) -> Result<Binaries> {
     let mut test_args = vec!["test", "--no-run", "-p", "interceptor-tests"];
     test_args.extend_from_slice(profile);
     let mut tests = Vec::new();
+    let mut helpers = Vec::new();
     for artifact in cargo_artifacts(workspace_root, &test_args)? {
+        if GUEST_HELPERS.contains(&artifact.target.name.as_str())
+            && !artifact.profile.test
+            && let Some(path) = &artifact.executable
+        {
+            helpers.push(TestBinary {
+                name: artifact.target.name.clone(),
+                path: path.clone().into_std_path_buf(),
+            });
+        }
         // A bin target's unit-test harness (e.g. the `demo` binary's) is not a test suite.
         // Host-only suites cover the userspace relay, which the host runs; the VM's time goes
         // to what only it can test (kTLS).
@@ -237,7 +253,11 @@ fn build_binaries(workspace_root: &Path, release: bool) -> Result<Binaries> {
         .context("cargo reported no executable for the interceptor agent")?
         .into_std_path_buf();
 
-    Ok(Binaries { tests, agent })
+    Ok(Binaries {
+        tests,
+        agent,
+        helpers,
+    })
 }
 
 /// Runs cargo with JSON messages on stdout; diagnostics are still rendered to the terminal.

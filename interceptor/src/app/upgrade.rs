@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::OwnedFd,
+    os::fd::{AsFd as _, OwnedFd},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -15,10 +15,17 @@ use super::{Agent, shutdown_signal, start_from};
 use crate::{
     config::{Config, HandoverSettings, Workload},
     handover::{
-        PodTransfer,
+        CheckTransfer, FlowTransfer, PodTransfer, SessionTransfer,
         serve::{self, Source},
         take::{self, Asked, GivenListener, ReceivedPod},
     },
+    identity::SpiffeId,
+    intercept::{
+        adopt_parked,
+        table::{FlowCheck, FlowInfo, InboundCheck, OutboundCheck, Protection, SessionCrypto},
+    },
+    policy::FlowTls,
+    relay::ParkedKtls,
 };
 
 /// Test knob: the new agent waits this many milliseconds between holding the handed-over
@@ -78,12 +85,20 @@ pub(super) async fn start(
         );
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let finished = tokio::task::spawn_blocking(move || t.finish(pods)).await;
+    let receiver = Arc::clone(&agent);
+    let runtime = tokio::runtime::Handle::current();
+    let finished = tokio::task::spawn_blocking(move || {
+        t.finish(pods, |flow, fds| receiver.adopt_flow(&runtime, flow, fds))
+    })
+    .await;
     // The old agent stopped accepting (or is gone, or did not answer): from here this agent
     // accepts; connections that arrived meanwhile waited in the listeners' queues.
     agent.shared.accepting.send_replace(true);
     match finished {
-        Ok(Ok((kept, channel))) => {
+        Ok(Ok((kept, received, channel))) => {
+            agent
+                .telemetry
+                .handover_flows("received", u64::from(received));
             agent
                 .predecessor_flows
                 .store(u64::from(kept), Ordering::Relaxed);
@@ -282,6 +297,198 @@ impl Source for Handing {
 
     fn open_flows(&self) -> usize {
         self.agent.open_connections()
+    }
+
+    fn park_flows(&self) -> Vec<(FlowTransfer, ParkedKtls)> {
+        let shared = &self.agent.shared;
+        let generation = shared.policy.current().number;
+        let parking = shared.flows.park_ktls();
+        let asked = parking.len();
+        let mut parked = Vec::with_capacity(asked);
+        for p in parking {
+            // The relay parks at its next poll, which the request itself wakes.
+            let relay = self
+                .runtime
+                .block_on(tokio::time::timeout(PARK_TIMEOUT, p.relay));
+            let Ok(Ok(relay)) = relay else {
+                // It ended meanwhile (or could not park): nothing to move.
+                continue;
+            };
+            match p
+                .check
+                .as_ref()
+                .and_then(|c| flow_transfer(&p.info, c, generation, &relay))
+            {
+                Some(t) => parked.push((t, *relay)),
+                None => {
+                    warn!(pod = %p.info.pod, "a parked flow cannot be described for a successor: kept here");
+                    if let Some(check) = p.check {
+                        adopt_parked(shared, &self.runtime, p.info, check, *relay, false);
+                    }
+                }
+            }
+        }
+        info!(
+            asked,
+            parked = parked.len(),
+            "kTLS flows parked for the successor"
+        );
+        self.agent
+            .telemetry
+            .handover_flows("sent", parked.len() as u64);
+        parked
+    }
+
+    fn keep_flow(&self, flow: FlowTransfer, relay: ParkedKtls) {
+        self.agent.telemetry.handover_flows("kept", 1);
+        match flow_from_transfer(flow) {
+            Ok((info, check)) => {
+                adopt_parked(&self.agent.shared, &self.runtime, info, check, relay, false);
+            }
+            Err(e) => {
+                warn!("a parked flow cannot be resumed here: {e:#}; reset");
+                let _ = crate::sys::set_zero_linger(relay.app.as_fd());
+                let _ = crate::sys::set_zero_linger(relay.peer.as_fd());
+            }
+        }
+    }
+}
+
+/// How long the old agent waits for one flow's relay to park.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A parked flow as the protocol carries it; `None` for a flow that is not mesh mTLS (never
+/// parked: only kTLS flows are).
+fn flow_transfer(
+    info: &FlowInfo,
+    check: &FlowCheck,
+    generation: u64,
+    relay: &ParkedKtls,
+) -> Option<FlowTransfer> {
+    let check = match check {
+        FlowCheck::Inbound(c) => CheckTransfer::Inbound {
+            source: c.source,
+            destination: c.destination,
+            peer: c.peer.as_ref().map(ToString::to_string),
+        },
+        FlowCheck::Outbound(c) => {
+            let FlowTls::Mesh(server) = &c.tls else {
+                return None;
+            };
+            CheckTransfer::Outbound {
+                source: c.source,
+                destination: c.destination,
+                endpoint: c.endpoint,
+                client: c.client.to_string(),
+                server: server.to_string(),
+            }
+        }
+    };
+    Some(FlowTransfer {
+        pod: info.pod.clone(),
+        direction: info.direction,
+        source: info.source,
+        destination: info.destination,
+        endpoint: info.endpoint,
+        peer_id: info.peer_id.clone(),
+        cipher: info.cipher.clone(),
+        session: info.session.filter(|s| s.mesh).map(|s| SessionTransfer {
+            suite: u16::from(s.suite),
+            group: s.group.map(u16::from),
+            retried: s.retried,
+            resumed: s.resumed,
+        }),
+        reason: info.reason.clone(),
+        check,
+        policy_generation: generation,
+        relay: relay.state.clone(),
+    })
+}
+
+/// The flow-table row and admission check of a received flow.
+fn flow_from_transfer(t: FlowTransfer) -> anyhow::Result<(FlowInfo, FlowCheck)> {
+    let id = |s: &str| -> anyhow::Result<SpiffeId> {
+        s.parse().with_context(|| format!("SPIFFE ID `{s}`"))
+    };
+    let check = match &t.check {
+        CheckTransfer::Inbound {
+            source,
+            destination,
+            peer,
+        } => FlowCheck::Inbound(InboundCheck {
+            source: *source,
+            destination: *destination,
+            peer: peer.as_deref().map(id).transpose()?,
+        }),
+        CheckTransfer::Outbound {
+            source,
+            destination,
+            endpoint,
+            client,
+            server,
+        } => FlowCheck::Outbound(OutboundCheck {
+            source: *source,
+            destination: *destination,
+            endpoint: *endpoint,
+            client: id(client)?,
+            tls: FlowTls::Mesh(id(server)?),
+        }),
+    };
+    let info = FlowInfo {
+        pod: t.pod,
+        direction: t.direction,
+        destination: t.destination,
+        source: t.source,
+        peer_id: t.peer_id,
+        cipher: t.cipher,
+        session: t.session.map(|s| SessionCrypto {
+            suite: rustls::CipherSuite::from(s.suite),
+            group: s.group.map(rustls::NamedGroup::from),
+            retried: s.retried,
+            resumed: s.resumed,
+            mesh: true,
+        }),
+        protection: Protection::Ktls,
+        endpoint: t.endpoint,
+        reason: t.reason,
+    };
+    Ok((info, check))
+}
+
+impl Agent {
+    /// Takes on a kTLS flow the predecessor parked: its app socket must be in the netns of
+    /// the pod it names, enrolled here. A flow that fails a check is reset (its descriptors
+    /// are the only ones left: the predecessor closed its own).
+    fn adopt_flow(&self, runtime: &tokio::runtime::Handle, flow: FlowTransfer, fds: Vec<OwnedFd>) {
+        let what = format!("{} {} → {}", flow.pod, flow.source, flow.destination);
+        let cookie = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&flow.pod)
+            .map(|p| p.netns_cookie);
+        let checked = (|| -> anyhow::Result<()> {
+            let cookie = cookie.context("no such pod enrolled here")?;
+            let app = fds.first().context("no descriptors")?;
+            let ns = crate::sys::netns_cookie(app.as_fd()).context("netns of the app socket")?;
+            anyhow::ensure!(
+                ns == cookie,
+                "app socket from netns {ns}, not the pod's ({cookie})"
+            );
+            Ok(())
+        })();
+        let parts = checked.and_then(|()| {
+            let state = flow.relay.clone();
+            let (info, check) = flow_from_transfer(flow)?;
+            let parked = ParkedKtls::from_parts(fds, state).context("descriptors")?;
+            Ok((info, check, parked))
+        });
+        match parts {
+            Ok((info, check, parked)) => {
+                adopt_parked(&self.shared, runtime, info, check, parked, true);
+            }
+            Err(e) => warn!(flow = %what, "handed-over flow refused, reset: {e:#}"),
+        }
     }
 }
 

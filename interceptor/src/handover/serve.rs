@@ -20,7 +20,8 @@ use std::{
 use anyhow::Context as _;
 use tracing::{error, info, warn};
 
-use super::{Message, PodTransfer, Versions, channel::Channel};
+use super::{FLOWS_VERSION, FlowTransfer, Message, PodTransfer, Versions, channel::Channel};
+use crate::relay::ParkedKtls;
 
 /// How long the successor may take between receiving the pods and holding them all (it
 /// loads its programs and opens every pod's accept loop meanwhile).
@@ -39,6 +40,12 @@ pub trait Source: Send + Sync + 'static {
     fn step_down(&self) -> u32;
     /// Flows still open in this process.
     fn open_flows(&self) -> usize;
+    /// Parks every open kTLS flow for the successor (after `release`): each comes back with
+    /// its descriptors in [`FlowTransfer`] order. Flows that end or fail meanwhile are not
+    /// in the list.
+    fn park_flows(&self) -> Vec<(FlowTransfer, ParkedKtls)>;
+    /// A parked flow that could not be sent: continue it here.
+    fn keep_flow(&self, flow: FlowTransfer, relay: ParkedKtls);
 }
 
 /// Where a handover left the agent.
@@ -178,7 +185,17 @@ fn serve_one(
             "the successor took fewer pods than sent"
         );
     }
-    let kept = source.release();
+    let mut kept = source.release();
+    if version >= FLOWS_VERSION {
+        let (sent, stayed) = send_flows(&mut ch, source);
+        kept = kept.saturating_sub(sent).max(stayed);
+        info!(
+            successor,
+            flows_sent = sent,
+            flows_kept = stayed,
+            "open kTLS flows handed over; kernel TLS state stays in their sockets"
+        );
+    }
     info!(
         successor,
         version,
@@ -188,4 +205,37 @@ fn serve_one(
     );
     let _ = ch.send(&Message::Released { flows_kept: kept }, &[]);
     Ok(Some((Outcome::HandedOver { successor }, Some(ch))))
+}
+
+/// Parks the open kTLS flows and sends each with its descriptors. A flow that cannot be sent
+/// (the successor went away) and every flow after it stays here, resumed where it stopped.
+/// Returns (sent, kept here).
+fn send_flows(ch: &mut Channel, source: &dyn Source) -> (u32, u32) {
+    let parked = source.park_flows();
+    let (mut sent, mut kept) = (0u32, 0u32);
+    let mut broken = false;
+    for (flow, relay) in parked {
+        if !broken {
+            let fds = relay.fds();
+            match ch.send(
+                &Message::Flow {
+                    flow: Box::new(flow.clone()),
+                },
+                &fds,
+            ) {
+                Ok(()) => {
+                    sent += 1;
+                    // Our copies close here; the successor holds the flow.
+                    continue;
+                }
+                Err(e) => {
+                    error!("handing a flow over failed, keeping the rest here: {e:#}");
+                    broken = true;
+                }
+            }
+        }
+        source.keep_flow(flow, relay);
+        kept += 1;
+    }
+    (sent, kept)
 }

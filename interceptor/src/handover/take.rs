@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use tracing::{info, warn};
 
-use super::{ListenerSpec, MAX_PODS, Message, PodTransfer, Versions, channel::Channel};
+use super::{
+    FLOWS_VERSION, FlowTransfer, ListenerSpec, MAX_PODS, Message, PodTransfer, Versions,
+    channel::Channel,
+};
 use crate::sys;
 
 /// A listener received from the old agent, with what it is.
@@ -176,19 +179,34 @@ impl Takeover {
     /// Every received pod accepts in this agent now: tell the old agent to stop accepting,
     /// and wait for it to confirm. Returns how many flows stay in the old process, and the
     /// channel on which it reports them ([`follow`]).
-    pub fn finish(mut self, pods: u32) -> anyhow::Result<(u32, Channel)> {
+    pub fn finish(
+        mut self,
+        pods: u32,
+        mut flow: impl FnMut(FlowTransfer, Vec<std::os::fd::OwnedFd>),
+    ) -> anyhow::Result<(u32, u32, Channel)> {
         self.channel.send(&Message::Taken { pods }, &[])?;
-        let (released, _) = self.channel.expect("released")?;
-        let Message::Released { flows_kept } = released else {
-            bail!("expected `released`");
+        let mut flows = 0u32;
+        let flows_kept = loop {
+            let (msg, fds) = self.channel.recv().context("waiting for `released`")?;
+            match msg {
+                Message::Flow { flow: f } if self.version >= FLOWS_VERSION => {
+                    flows += 1;
+                    flow(*f, fds);
+                }
+                Message::Released { flows_kept } => break flows_kept,
+                Message::Abort { reason } => bail!("the handover peer gave up: {reason}"),
+                other => bail!("expected `flow` or `released`, got `{}`", other.kind()),
+            }
         };
         info!(
             predecessor = self.predecessor,
             pods,
+            flows_received = flows,
             flows_kept,
-            "took over: the previous agent stopped accepting and keeps only its open flows"
+            "took over: the previous agent stopped accepting and keeps only the flows it \
+             could not hand over"
         );
-        Ok((flows_kept, self.channel))
+        Ok((flows_kept, flows, self.channel))
     }
 
     /// Gives up before taking over: the old agent keeps serving.

@@ -36,6 +36,83 @@ fn pod(name: &str) -> PodTransfer {
     }
 }
 
+fn flow() -> FlowTransfer {
+    FlowTransfer {
+        pod: "a".to_owned(),
+        direction: Direction::Outbound,
+        source: "10.0.0.1:40000".parse().unwrap(),
+        destination: "10.0.0.2:80".parse().unwrap(),
+        endpoint: None,
+        peer_id: Some("spiffe://cluster.local/ns/b/sa/b".to_owned()),
+        cipher: Some("TLS13_AES_128_GCM_SHA256".to_owned()),
+        session: Some(SessionTransfer {
+            suite: 0x1301,
+            group: Some(0x11ec),
+            retried: false,
+            resumed: true,
+        }),
+        reason: Some("mode STRICT".to_owned()),
+        check: CheckTransfer::Outbound {
+            source: "10.0.0.1:40000".parse().unwrap(),
+            destination: "10.0.0.2:80".parse().unwrap(),
+            endpoint: "10.0.0.2:80".parse().unwrap(),
+            client: "spiffe://cluster.local/ns/a/sa/a".to_owned(),
+            server: "spiffe://cluster.local/ns/b/sa/b".to_owned(),
+        },
+        policy_generation: 4,
+        relay: KtlsRelayState {
+            up_in_pipe: 10,
+            up_cap: 1 << 18,
+            down_in_pipe: 0,
+            down_cap: 1 << 18,
+            app_eof: false,
+            close_notify_sent: false,
+            peer_write_shut: false,
+            peer_fin_first: true,
+            peer_closed: false,
+            app_write_shut: false,
+            to_app: vec![1, 2, 3],
+            tx_seq_base: 2,
+            tx_queued_base: Some(100),
+            tx_plaintext: 5000,
+            tx_since_check: 5000,
+            tx_limit: Some(1 << 24),
+            idle_for_ms: 3,
+            bytes_app_to_peer: 5000,
+            bytes_peer_to_app: 4000,
+        },
+    }
+}
+
+#[test]
+fn a_flow_carries_six_descriptors_and_bounded_state() {
+    let m = Message::Flow {
+        flow: Box::new(flow()),
+    };
+    assert_eq!(m.fds(), FLOW_FDS);
+    let frame = encode(&m).unwrap();
+    assert_eq!(decode(&frame[4..], FLOW_FDS).unwrap(), m);
+    assert!(matches!(
+        decode(&frame[4..], 2),
+        Err(ProtocolError::Descriptors {
+            want: 6,
+            got: 2,
+            ..
+        })
+    ));
+    let bad = |f: fn(&mut FlowTransfer)| {
+        let mut t = flow();
+        f(&mut t);
+        let body = serde_json::to_vec(&Message::Flow { flow: Box::new(t) }).unwrap();
+        decode(&body, FLOW_FDS).unwrap_err().to_string()
+    };
+    assert!(bad(|t| t.relay.up_in_pipe = t.relay.up_cap + 1).contains("pipe"));
+    assert!(bad(|t| t.relay.down_cap = 2 << 20).contains("1 MiB"));
+    assert!(bad(|t| t.relay.to_app = vec![0; MAX_FLOW_PLAINTEXT + 1]).contains("plaintext"));
+    assert!(bad(|t| t.direction = Direction::Inbound).contains("other direction"));
+    assert!(bad(|t| t.pod.clear()).contains("no pod"));
+}
+
 #[test]
 fn negotiation_picks_the_highest_common_version() {
     let v = |min, max| Versions { min, max };

@@ -33,20 +33,30 @@ fn zero_linger(fd: &OwnedFd) {
 
 /// Runs a relay until it ends or the flow's policy check fails (see `revalidate`); then
 /// both connections are reset, and the relay is dropped. `socks` are duplicates of the relay's
-/// two sockets, taken before they moved into it.
+/// two sockets, taken before they moved into it. An upgrade asking the flow to park is passed
+/// to the relay, which is polled on: the kernel relay then ends with its state in `stats`.
 async fn cancellable(
     cancel: &Cancel,
+    stats: &relay::RelayStats,
     socks: &[OwnedFd],
     relay: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    tokio::select! {
-        r = relay => r,
-        () = cancel.fired() => {
-            for fd in socks {
-                zero_linger(fd);
+    tokio::pin!(relay);
+    loop {
+        tokio::select! {
+            r = &mut relay => return r,
+            () = cancel.fired() => {
+                if cancel.is_fired() {
+                    for fd in socks {
+                        zero_linger(fd);
+                    }
+                    // `revalidate` logged and counted it.
+                    return Ok(());
+                }
+                if cancel.parking() {
+                    stats.request_park();
+                }
             }
-            // `revalidate` logged and counted it.
-            Ok(())
         }
     }
 }
@@ -71,7 +81,26 @@ pub(super) fn relaying<'a>(
     relay: impl Future<Output = anyhow::Result<()>> + Send + 'a,
 ) -> Relay<'a> {
     Box::pin(async move {
-        let result = cancellable(&guard.cancel, &socks, relay).await;
+        let result = cancellable(&guard.cancel, &guard.stats, &socks, relay).await;
+        if result.is_ok()
+            && let Some(parked) = guard.stats.take_parked()
+        {
+            match guard.cancel.parked(parked) {
+                Ok(()) => guard.ended(Outcome::HandedOver, None),
+                Err(_parked) => {
+                    // Parked for a successor that is gone: its sockets close with `socks`
+                    // and `_parked`, reset, never a clean end the app could trust.
+                    for fd in &socks {
+                        zero_linger(fd);
+                    }
+                    guard.ended(
+                        Outcome::Failed,
+                        Some("parked for a successor agent that went away".to_owned()),
+                    );
+                }
+            }
+            return result;
+        }
         match &result {
             Ok(()) if guard.cancel.is_fired() => {
                 let code = guard.cancel.code().map(|c| c.to_string());
@@ -196,4 +225,52 @@ pub(super) fn plain(
 ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
     let relay = relay::relay_plain(a, b, relay_config(shared), Arc::clone(&guard.stats));
     async move { Ok(relay.await?) }
+}
+
+/// Continues a kTLS flow parked by a predecessor agent (`handed_over`) or parked here for a
+/// successor that could not take it: listed again (decided again under this agent's
+/// policy first; a refused flow is reset), its relay resumed in a task of its own.
+pub fn adopt_parked(
+    shared: &Arc<Shared>,
+    runtime: &tokio::runtime::Handle,
+    info: FlowInfo,
+    check: FlowCheck,
+    parked: relay::ParkedKtls,
+    handed_over: bool,
+) {
+    let live = super::Live::count(shared);
+    let shared = Arc::clone(shared);
+    let hold_reset = info.direction == Direction::Outbound;
+    let config = relay::RelayConfig {
+        peer_fin_first: parked.state.peer_fin_first,
+        ..relay_config(&shared)
+    };
+    runtime.spawn(async move {
+        if let Err(refused) = super::revalidate::admitted_by_current(&shared, &check) {
+            tracing::warn!(
+                pod = %info.pod,
+                source = %info.source,
+                destination = %info.destination,
+                code = %refused.code,
+                "a handed-over flow is refused by this agent's policy: reset"
+            );
+            let _ = crate::sys::set_zero_linger(parked.app.as_fd());
+            let _ = crate::sys::set_zero_linger(parked.peer.as_fd());
+            drop(live);
+            return;
+        }
+        let socks: Vec<OwnedFd> = [parked.app.as_fd(), parked.peer.as_fd()]
+            .iter()
+            .filter_map(|s| s.try_clone_to_owned().ok())
+            .collect();
+        let guard = if handed_over {
+            shared.flows.insert_handed_over(info, Some(check))
+        } else {
+            shared.flows.insert_checked(info, Some(check))
+        };
+        let stats = Arc::clone(&guard.stats);
+        let relay = relay::resume_ktls(parked, config, stats);
+        let _ = relaying(guard, socks, hold_reset, async move { Ok(relay.await?) }).await;
+        drop(live);
+    });
 }

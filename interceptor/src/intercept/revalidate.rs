@@ -81,3 +81,9 @@ pub(super) fn admitted_now(
     }
     recheck(&generation, check)
 }
+
+/// Decides a flow another agent admitted (an upgrade hands it over) under this agent's
+/// current generation.
+pub(super) fn admitted_by_current(shared: &Shared, check: &FlowCheck) -> Result<(), Refused> {
+    recheck(&shared.policy.current(), check)
+}

@@ -168,6 +168,19 @@ pub struct Cancel {
     fired: AtomicBool,
     /// Why a policy change closed the flow, for its access-log line.
     code: std::sync::OnceLock<RefusalCode>,
+    /// An upgrade asks the flow's relay to park; its state goes to this sender (dropped
+    /// unsent if the flow ends first, or its relay cannot park).
+    park: Mutex<Option<tokio::sync::oneshot::Sender<Parked>>>,
+}
+
+/// A kTLS flow stopped for a successor agent: the relay's sockets, pipes and state.
+pub type Parked = Box<crate::relay::ParkedKtls>;
+
+/// A flow being parked: what it is, and where its relay's state arrives.
+pub struct Parking {
+    pub info: FlowInfo,
+    pub check: Option<FlowCheck>,
+    pub relay: tokio::sync::oneshot::Receiver<Parked>,
 }
 
 impl Cancel {
@@ -181,7 +194,30 @@ impl Cancel {
         first
     }
 
-    /// Whether [`Cancel::fire`] was called.
+    /// Asks the flow to park its relay for a successor; its state arrives on the receiver.
+    fn park(&self) -> tokio::sync::oneshot::Receiver<Parked> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self.park.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.notify.notify_one();
+        rx
+    }
+
+    /// Whether an upgrade asked the flow to park.
+    pub fn parking(&self) -> bool {
+        self.park
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Hands the parked relay to whoever asked; gives it back if they went away.
+    pub fn parked(&self, relay: Parked) -> Result<(), Parked> {
+        match self.park.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(tx) => tx.send(relay),
+            None => Err(relay),
+        }
+    }
+
     /// [`Cancel::fire`] for a flow a policy no longer allows.
     pub fn fire_because(&self, code: RefusalCode) -> bool {
         let _ = self.code.set(code);
@@ -212,6 +248,8 @@ struct Entry {
     /// The metrics labels it was counted under when listed (its close counts there too).
     labels: Arc<TcpLabels>,
     opened: std::time::Instant,
+    /// Taken over from the agent this one replaced (an upgrade), relay state and all.
+    handed_over: bool,
 }
 
 /// One row of `interceptor flows --json`.
@@ -248,6 +286,10 @@ pub struct FlowRow {
     /// `passthrough`), fixed when it was listed.
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// The flow was opened by the agent this one replaced and handed over, open, in an
+    /// upgrade (closed rows of the old agent say so with `handed_over` too).
+    #[serde(default)]
+    pub handed_over: bool,
 }
 
 /// How many closed flows `interceptor flows --all` still shows.
@@ -316,7 +358,7 @@ impl Drop for FlowGuard<'_> {
         self.table
             .telemetry
             .flow_closed(direction(info.direction), &entry.labels, &end, || {
-                meta(info, entry.labels.mode)
+                meta(info, entry.labels.mode, entry.handed_over)
             });
     }
 }
@@ -344,8 +386,9 @@ fn mode(t: &Telemetry, info: &FlowInfo) -> Mode {
     }
 }
 
-fn meta(info: &FlowInfo, mode: Mode) -> FlowMeta {
+fn meta(info: &FlowInfo, mode: Mode, handed_over: bool) -> FlowMeta {
     FlowMeta {
+        handed_over,
         direction: direction(info.direction),
         mode,
         pod: info.pod.clone(),
@@ -378,6 +421,7 @@ fn row(id: u64, entry: &Entry) -> FlowRow {
         endpoint: i.endpoint,
         reason: i.reason.clone(),
         mode: Some(entry.labels.mode),
+        handed_over: entry.handed_over,
     }
 }
 
@@ -415,12 +459,26 @@ impl FlowTable {
 
     /// Inserts a flow whose admission `check` is re-decided when the policy changes.
     pub fn insert_checked(&self, info: FlowInfo, check: Option<FlowCheck>) -> FlowGuard<'_> {
+        self.insert_entry(info, check, false)
+    }
+
+    /// Lists a flow a predecessor agent handed over, open (see `handover`).
+    pub fn insert_handed_over(&self, info: FlowInfo, check: Option<FlowCheck>) -> FlowGuard<'_> {
+        self.insert_entry(info, check, true)
+    }
+
+    fn insert_entry(
+        &self,
+        info: FlowInfo,
+        check: Option<FlowCheck>,
+        handed_over: bool,
+    ) -> FlowGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let stats = RelayStats::new();
         let cancel = Arc::new(Cancel::default());
-        let labels = self
-            .telemetry
-            .flow_opened(&meta(&info, mode(&self.telemetry, &info)));
+        let labels =
+            self.telemetry
+                .flow_opened(&meta(&info, mode(&self.telemetry, &info), handed_over));
         self.lock().insert(
             id,
             Box::new(Entry {
@@ -430,6 +488,7 @@ impl FlowTable {
                 cancel: Arc::clone(&cancel),
                 labels,
                 opened: std::time::Instant::now(),
+                handed_over,
             }),
         );
         FlowGuard {
@@ -468,6 +527,21 @@ impl FlowTable {
             }
         }
         closed
+    }
+
+    /// Asks every open kTLS flow with a policy check (mesh flows) to park its relay for a
+    /// successor agent. Flows being closed by a policy change are left to close.
+    pub fn park_ktls(&self) -> Vec<Parking> {
+        self.lock()
+            .values()
+            .filter(|e| e.stats.mode() == Some(RelayMode::Ktls) && !e.cancel.is_fired())
+            .filter(|e| e.check.is_some())
+            .map(|e| Parking {
+                info: e.info.clone(),
+                check: e.check.clone(),
+                relay: e.cancel.park(),
+            })
+            .collect()
     }
 
     /// Open flows.
@@ -598,6 +672,7 @@ mod tests {
             endpoint: None,
             reason: None,
             mode: None,
+            handed_over: false,
         };
         let table = render(std::slice::from_ref(&row));
         let header = table.lines().next().unwrap();

@@ -96,7 +96,7 @@ pub(super) async fn run(
     // Without tcp_info's byte counter the flush check is skipped (shutdown right after
     // close_notify), which only matters when the send buffer is full at the very end.
     let queued_base = sys::tcp_bytes_queued(peer.as_fd()).ok();
-    let mut relay = Kernel {
+    let relay = Kernel {
         stats,
         up,
         app_eof: false,
@@ -117,11 +117,36 @@ pub(super) async fn run(
         peer_closed: false,
         app_write_shut: false,
         record: None,
+        parked: false,
         app,
         peer,
     };
-    let mut idle = IdleTimer::new(config.idle_timeout);
+    drive(relay, IdleTimer::new(config.idle_timeout), config).await
+}
+
+/// Runs the relay to its end, or until the flow is parked for a successor agent
+/// ([`RelayStats::request_park`]): then the sockets and pipes leave in a [`ParkedKtls`] left in
+/// `stats`, untouched (no reset, no FIN), and the future ends with `Ok`.
+async fn drive(
+    mut relay: Kernel,
+    mut idle: IdleTimer,
+    config: RelayConfig,
+) -> Result<(), RelayError> {
     let result = std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)).await;
+    if relay.parked {
+        match relay.park(&idle, config) {
+            Ok(parked) => {
+                relay.stats.deposit(parked);
+                return Ok(());
+            }
+            // Nothing left this process: the flow cannot continue, here or elsewhere.
+            Err(e) => {
+                reset(&relay.app);
+                reset(&relay.peer);
+                return Err(RelayError::Setup(e));
+            }
+        }
+    }
     if result.is_err() {
         reset(&relay.app);
         reset(&relay.peer);
@@ -129,6 +154,142 @@ pub(super) async fn run(
         await_peer_fin(&relay.peer).await;
     }
     result
+}
+
+/// The part of a kernel relay's state that is not a descriptor: what a successor agent needs,
+/// with the flow's two sockets and both pipes, to continue the relay where it stopped. The
+/// kernel keeps the TLS state (keys, record sequence numbers) in the peer socket itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KtlsRelayState {
+    /// Bytes sitting in the app → peer pipe, and that pipe's size.
+    pub up_in_pipe: usize,
+    pub up_cap: usize,
+    pub down_in_pipe: usize,
+    pub down_cap: usize,
+    pub app_eof: bool,
+    pub close_notify_sent: bool,
+    pub peer_write_shut: bool,
+    pub peer_fin_first: bool,
+    pub peer_closed: bool,
+    pub app_write_shut: bool,
+    /// Plaintext for the app that did not come through the pipe (read with `recvmsg`).
+    pub to_app: Vec<u8>,
+    pub tx_seq_base: u64,
+    pub tx_queued_base: Option<u64>,
+    pub tx_plaintext: u64,
+    pub tx_since_check: u64,
+    pub tx_limit: Option<u64>,
+    /// How long the flow had been idle when it was parked: its idle deadline moves with it.
+    pub idle_for_ms: u64,
+    pub bytes_app_to_peer: u64,
+    pub bytes_peer_to_app: u64,
+}
+
+/// A kernel relay stopped between two polls, for a successor agent: its sockets (no longer
+/// registered with this process's reactor), its pipes with whatever they hold, and its state.
+#[derive(Debug)]
+pub struct ParkedKtls {
+    pub app: std::net::TcpStream,
+    pub peer: std::net::TcpStream,
+    /// Read and write ends, app → peer then peer → app.
+    pub pipes: [OwnedFd; 4],
+    pub state: KtlsRelayState,
+}
+
+impl ParkedKtls {
+    /// The descriptors in the order [`ParkedKtls::from_parts`] takes them.
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 6] {
+        let [a, b, c, d] = &self.pipes;
+        [
+            self.app.as_fd(),
+            self.peer.as_fd(),
+            a.as_fd(),
+            b.as_fd(),
+            c.as_fd(),
+            d.as_fd(),
+        ]
+    }
+
+    /// Rebuilds a parked relay from descriptors received in [`ParkedKtls::fds`] order.
+    pub fn from_parts(fds: Vec<OwnedFd>, state: KtlsRelayState) -> io::Result<ParkedKtls> {
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+        let [app, peer, a, b, c, d]: [OwnedFd; 6] = fds
+            .try_into()
+            .map_err(|_| bad("a parked kTLS relay carries six descriptors"))?;
+        if state.up_in_pipe > state.up_cap
+            || state.down_in_pipe > state.down_cap
+            || state.up_cap > MAX_PIPE
+            || state.down_cap > MAX_PIPE
+            || state.to_app.len() > MAX_RECORD * 4
+        {
+            return Err(bad("parked relay state out of bounds"));
+        }
+        Ok(ParkedKtls {
+            app: std::net::TcpStream::from(app),
+            peer: std::net::TcpStream::from(peer),
+            pipes: [a, b, c, d],
+            state,
+        })
+    }
+}
+
+/// Continues a relay another agent parked; `stats` starts from the counts it carries.
+pub(super) async fn resume(
+    parked: ParkedKtls,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> Result<(), RelayError> {
+    let ParkedKtls {
+        app,
+        peer,
+        pipes: [ur, uw, dr, dw],
+        state: s,
+    } = parked;
+    stats.add_app_to_peer(usize::try_from(s.bytes_app_to_peer).unwrap_or(usize::MAX));
+    stats.add_peer_to_app(usize::try_from(s.bytes_peer_to_app).unwrap_or(usize::MAX));
+    let streams = (|| -> io::Result<(TcpStream, TcpStream)> {
+        app.set_nonblocking(true)?;
+        peer.set_nonblocking(true)?;
+        Ok((TcpStream::from_std(app)?, TcpStream::from_std(peer)?))
+    })();
+    let (app, peer) = streams.map_err(RelayError::Setup)?;
+    let lane = |r, w, in_pipe, cap| Lane {
+        carrier: Carrier::Pipe { r, w },
+        in_pipe,
+        cap,
+    };
+    let relay = Kernel {
+        stats,
+        up: lane(ur, uw, s.up_in_pipe, s.up_cap),
+        app_eof: s.app_eof,
+        close_notify_sent: s.close_notify_sent,
+        peer_write_shut: s.peer_write_shut,
+        peer_fin_first: s.peer_fin_first,
+        tx: TxAccount {
+            seq_base: s.tx_seq_base,
+            queued_base: s.tx_queued_base,
+            plaintext: s.tx_plaintext,
+            since_check: s.tx_since_check,
+            limit: s.tx_limit,
+        },
+        flush_wait: None,
+        down: lane(dr, dw, s.down_in_pipe, s.down_cap),
+        to_app: s.to_app,
+        to_app_off: 0,
+        peer_closed: s.peer_closed,
+        app_write_shut: s.app_write_shut,
+        record: None,
+        parked: false,
+        app,
+        peer,
+    };
+    let mut idle = IdleTimer::new(config.idle_timeout);
+    idle.last_progress = idle
+        .last_progress
+        .checked_sub(Duration::from_millis(s.idle_for_ms))
+        .unwrap_or(idle.last_progress);
+    drive(relay, idle, config).await
 }
 
 /// One direction's pipe (or copy buffer) and how many bytes sit in it.
@@ -252,6 +413,8 @@ struct Kernel {
     app_write_shut: bool,
     /// Buffer for non-data records, allocated the first time one arrives.
     record: Option<Box<[u8]>>,
+    /// Stopped for a successor agent: the poll returned without finishing.
+    parked: bool,
 }
 
 impl Kernel {
@@ -263,6 +426,13 @@ impl Kernel {
     ) -> Poll<Result<(), RelayError>> {
         let mut moved = 0usize;
         loop {
+            // Between two polls every byte is in a socket, a pipe or `to_app`: a consistent
+            // point to stop. A copying lane (sk_msg local leg) holds bytes in this process's
+            // memory and is not parked; its flow ends here.
+            if self.stats.park_requested() && self.parkable() {
+                self.parked = true;
+                return Poll::Ready(Ok(()));
+            }
             let mut again = false;
             let mut progress = self.app_to_peer(cx, &mut moved, &mut again)?;
             progress |= self.peer_to_app(cx, &mut moved)?;
@@ -287,6 +457,57 @@ impl Kernel {
             self.up.release();
             return Poll::Pending;
         }
+    }
+
+    fn parkable(&self) -> bool {
+        matches!(self.up.carrier, Carrier::Pipe { .. })
+            && matches!(self.down.carrier, Carrier::Pipe { .. })
+    }
+
+    /// Takes the relay apart for a successor: duplicates of the sockets (the originals leave
+    /// this process's reactor when the relay drops), both pipes, and the rest as a
+    /// [`KtlsRelayState`]. On error nothing was taken and the caller resets the flow.
+    fn park(&mut self, idle: &IdleTimer, config: RelayConfig) -> io::Result<ParkedKtls> {
+        let app = self.app.as_fd().try_clone_to_owned()?;
+        let peer = self.peer.as_fd().try_clone_to_owned()?;
+        let take = |lane: &mut Lane| match std::mem::replace(
+            &mut lane.carrier,
+            Carrier::Copy(Buf::new(0)),
+        ) {
+            Carrier::Pipe { r, w } => Ok((r, w)),
+            Carrier::Copy(_) => Err(io::Error::other("a copying lane cannot be parked")),
+        };
+        let (ur, uw) = take(&mut self.up)?;
+        let (dr, dw) = take(&mut self.down)?;
+        let off = self.to_app_off.min(self.to_app.len());
+        let state = KtlsRelayState {
+            up_in_pipe: self.up.in_pipe,
+            up_cap: self.up.cap,
+            down_in_pipe: self.down.in_pipe,
+            down_cap: self.down.cap,
+            app_eof: self.app_eof,
+            close_notify_sent: self.close_notify_sent,
+            peer_write_shut: self.peer_write_shut,
+            peer_fin_first: config.peer_fin_first,
+            peer_closed: self.peer_closed,
+            app_write_shut: self.app_write_shut,
+            to_app: self.to_app.split_off(off),
+            tx_seq_base: self.tx.seq_base,
+            tx_queued_base: self.tx.queued_base,
+            tx_plaintext: self.tx.plaintext,
+            tx_since_check: self.tx.since_check,
+            tx_limit: self.tx.limit,
+            idle_for_ms: u64::try_from(idle.last_progress.elapsed().as_millis())
+                .unwrap_or(u64::MAX),
+            bytes_app_to_peer: self.stats.bytes_app_to_peer(),
+            bytes_peer_to_app: self.stats.bytes_peer_to_app(),
+        };
+        Ok(ParkedKtls {
+            app: std::net::TcpStream::from(app),
+            peer: std::net::TcpStream::from(peer),
+            pipes: [ur, uw, dr, dw],
+            state,
+        })
     }
 
     fn app_to_peer(

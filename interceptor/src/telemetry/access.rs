@@ -163,6 +163,7 @@ pub(super) fn flow_line(format: AccessLogFormat, l: &FlowLine<'_>) -> String {
         ),
         ("outcome", l.outcome.into()),
         ("reason", opt(l.reason.or(f.decision.as_deref()))),
+        ("handed_over", f.handed_over.into()),
     ];
     render(format, m)
 }

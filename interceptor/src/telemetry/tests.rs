@@ -71,6 +71,7 @@ fn telemetry() -> Telemetry {
 
 fn outbound(mode: Mode, peer: Option<&str>) -> FlowMeta {
     FlowMeta {
+        handed_over: false,
         direction: Direction::Outbound,
         mode,
         pod: "client".into(),
@@ -137,6 +138,7 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
 
     // Inbound plaintext: nothing proves the client, its principal stays unknown.
     let inbound = FlowMeta {
+        handed_over: false,
         direction: Direction::Inbound,
         mode: Mode::Passthrough,
         source: "10.0.0.9:1234".parse().unwrap(),

@@ -27,6 +27,7 @@ use super::{
 pub(crate) struct Payload<'a> {
     pub(crate) tests: &'a [TestBinary],
     pub(crate) agent: &'a Path,
+    pub(crate) helpers: &'a [TestBinary],
     pub(crate) filter: Option<&'a str>,
 }
 
@@ -118,6 +119,9 @@ pub(crate) fn build(work_dir: &Path, kernel: &Kernel, payload: &Payload<'_>) -> 
         }
     }
     installer.executable(payload.agent, "bin/interceptor", true)?;
+    for helper in payload.helpers {
+        installer.executable(&helper.path, &format!("bin/{}", helper.name), true)?;
+    }
     for test in payload.tests {
         installer.executable(&test.path, &format!("tests/{}", test.name), true)?;
     }
