@@ -20,11 +20,13 @@ use super::{Agent, applied};
 use crate::{
     cluster::{
         Membership,
-        kube::{self, ClusterView, KubeDirectory},
+        kube::{self, ClusterView},
     },
     config::{KubernetesSettings, Workload},
     intercept::enforce::ClusterInputs,
 };
+
+pub(super) use crate::cluster::kube::KubeDirectory;
 
 /// How long start-up waits for the first full sync before serving anyway (not ready).
 pub(super) const SYNC_WAIT: Duration = Duration::from_secs(10);
