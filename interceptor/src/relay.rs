@@ -313,11 +313,28 @@ pub fn relay(
             expect_no_pad
         }
         _ => {
+            let conn = match session.conn.into_rustls() {
+                Ok(conn) => conn,
+                Err(_) => {
+                    // A kernel-only client session (the node runs kTLS, and the ULP attached
+                    // before its handshake); losing the ULP since cannot happen short of the
+                    // socket failing, so the flow ends.
+                    reset(&app);
+                    reset(&peer);
+                    return Box::pin(std::future::ready(Err(RelayError::Ktls(
+                        KtlsError::UnsupportedSecrets(
+                            "the kernel refused the tls ULP after a handshake that only kernel \
+                             TLS can carry on"
+                                .into(),
+                        ),
+                    ))));
+                }
+            };
             stats.set_mode(RelayMode::Userspace);
             return Box::pin(userspace::run(
                 app,
                 peer,
-                session.conn,
+                conn,
                 session.leftover_plaintext,
                 session.leftover_ciphertext,
                 config,
@@ -329,14 +346,18 @@ pub fn relay(
         .into_ktls_secrets()
         .and_then(|h| h.secrets.install(peer.as_fd(), expect_no_pad).map(|()| h));
     match handoff {
-        Ok(h) => Box::pin(relay_ktls(
-            app,
-            peer,
-            h.secrets.cipher,
-            h.leftover_plaintext,
-            config,
-            stats,
-        )),
+        Ok(h) => {
+            stats.set_mode(RelayMode::Ktls);
+            Box::pin(kernel::run(
+                app,
+                peer,
+                h.secrets.cipher,
+                h.leftover_plaintext,
+                h.tickets,
+                config,
+                stats,
+            ))
+        }
         Err(e) => {
             reset(&app);
             reset(&peer);
@@ -375,7 +396,7 @@ pub async fn relay_ktls(
     stats: Arc<RelayStats>,
 ) -> Result<(), RelayError> {
     stats.set_mode(RelayMode::Ktls);
-    kernel::run(app, peer, cipher, leftover, config, stats).await
+    kernel::run(app, peer, cipher, leftover, None, config, stats).await
 }
 
 /// Continues a kernel relay that an agent parked for this one (an upgrade): the sockets keep

@@ -470,7 +470,10 @@ async fn truncate(
     let setup = |e: io::Error| FlowError::Setup(e.to_string());
     match layer {
         Layer::Userspace => {
-            let mut conn = est.conn;
+            let mut conn = est
+                .conn
+                .into_rustls()
+                .unwrap_or_else(|_| panic!("a buffered session"));
             io::Write::write_all(&mut conn.writer(), data).map_err(setup)?;
             let mut out = Vec::new();
             while conn.wants_write() {

@@ -102,23 +102,31 @@ fn ktls_carries_hybrid_group_sessions_with_aes_128_and_aes_256() {
 /// A resumed session (no certificates in its handshake, keys from the ticket's secret and a
 /// fresh key exchange) goes to the kernel like a full one: the server agent extracts its keys
 /// after sending the next ticket under them, so the kernel's record sequence starts past it.
-/// The client is the test's own rustls, which keeps tickets as a userspace client agent does.
+/// The client is first the test's own rustls, which keeps tickets as a userspace client agent
+/// does, then an enrolled pod whose agent is a kTLS client: the ticket reaches that agent as a
+/// kTLS control record after the hand-off, and its second connection resumes with it.
 #[test]
 fn ktls_takes_over_resumed_sessions() {
     require_privileged();
     let Scenario {
-        client: _client,
+        client,
         mut server,
         node,
     } = Scenario::new(96, "rsk-client", "rsk-server");
     let stranger = node.pod("rsk-peer", 4);
     let www = serve_blob(&mut server, "rsk-www", 256 << 10);
     let cluster = Cluster::new("resume-ktls");
-    let mut config = cluster.config(vec![workload(&server, "crypto", "server")], vec![]);
+    let mut config = cluster.config(
+        vec![
+            workload(&server, "crypto", "server"),
+            workload(&client, "crypto", "client"),
+        ],
+        vec![],
+    );
     config.tuning.first_byte_wait_ms = 2_000;
     let agent = RunningAgent::start(config);
     let server_http = SocketAddr::from((server.ip, 80));
-    let client = peer_client_resuming(
+    let own_client = peer_client_resuming(
         &cluster.ca,
         &MeshCrypto::default_aes_gcm(),
         "spiffe://cluster.local/ns/crypto/sa/server",
@@ -127,7 +135,7 @@ fn ktls_takes_over_resumed_sessions() {
         let before = tls_stat(&server);
         let (got, streams) = captured(&node, &server, || {
             let session =
-                MeshSession::open(&stranger, server_http, std::sync::Arc::clone(&client))?;
+                MeshSession::open(&stranger, server_http, std::sync::Arc::clone(&own_client))?;
             let (local, resumed) = (session.local, session.negotiated.resumed);
             session.get("/blob").map(|body| (local, resumed, body))
         });
@@ -166,6 +174,68 @@ fn ktls_takes_over_resumed_sessions() {
             (row.protection, row.resumed),
             (Protection::Ktls, Some(resumed)),
             "connection {round}"
+        );
+    }
+    // A kTLS client agent: the first connection's ticket arrives after the hand-off, as a
+    // control record on the kernel socket; the second connection offers and uses it.
+    let client_id = "spiffe://cluster.local/ns/crypto/sa/client";
+    for (round, resumed) in [(2, false), (3, true)] {
+        let before = [tls_stat(&client), tls_stat(&server)];
+        let (f, streams) = captured(&node, &server, || {
+            curl(
+                client.command("curl"),
+                &format!("http://{}/blob", server.ip),
+            )
+        });
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", www.want.clone()),
+            "connection {round}: payload through kTLS"
+        );
+        let (ch, sh) = hellos(&streams, any_port(client.ip), server_http);
+        let sh = sh.expect("ServerHello");
+        assert_eq!(
+            (ch.psk_identities, sh.psk_identity),
+            if resumed { (1, Some(0)) } else { (0, None) },
+            "connection {round} on the wire: the kTLS client offers its ticket"
+        );
+        assert_no_plaintext(&streams, &www.payload);
+        for (pod, before) in [&client, &server].into_iter().zip(before) {
+            let after = tls_stat(pod);
+            let get = |m: &std::collections::HashMap<String, u64>, k: &str| {
+                m.get(k).copied().unwrap_or(0)
+            };
+            for key in ["TlsTxSw", "TlsRxSw"] {
+                assert!(
+                    get(&after, key) > get(&before, key),
+                    "connection {round}: {key} did not rise in {}: {before:?} → {after:?}",
+                    pod.name
+                );
+            }
+            assert_eq!(
+                get(&after, "TlsDecryptError"),
+                get(&before, "TlsDecryptError"),
+                "connection {round}: kTLS decrypt errors in {}",
+                pod.name
+            );
+        }
+        let rows = agent.agent.flows_with_recent();
+        let latest = |pod: &str, peer: &str| {
+            rows.iter()
+                .filter(|r| r.pod == pod && r.peer_id.as_deref() == Some(peer))
+                .max_by_key(|r| r.id)
+                .map(|r| (r.protection, r.resumed))
+                .unwrap_or_else(|| panic!("connection {round}: no flow of {pod}"))
+        };
+        assert_eq!(
+            latest("rsk-client", "spiffe://cluster.local/ns/crypto/sa/server"),
+            (Protection::Ktls, Some(resumed)),
+            "connection {round}: the client agent's flow"
+        );
+        assert_eq!(
+            latest("rsk-server", client_id),
+            (Protection::Ktls, Some(resumed)),
+            "connection {round}: the server agent's flow"
         );
     }
 }

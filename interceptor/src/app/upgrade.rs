@@ -383,6 +383,9 @@ fn flow_transfer(
                 server: server.to_string(),
             }
         }
+        // Same-node flows are two plain legs spliced by this agent, not kTLS: like relay
+        // flows, they end in the old agent.
+        FlowCheck::Local(_) => return None,
     };
     Some(FlowTransfer {
         pod: info.pod.clone(),

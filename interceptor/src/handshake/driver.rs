@@ -24,7 +24,10 @@ use std::{io, sync::Arc, time::Duration};
 
 use rustls::{
     ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection,
+    client::{ClientConnectionData, UnbufferedClientConnection},
+    kernel::KernelConnection,
     pki_types::ServerName,
+    unbuffered::{ConnectionState, EncodeError, UnbufferedStatus},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -59,19 +62,55 @@ pub struct Established {
     /// only; always empty with [`Reads::RecordExact`]). They precede anything still on the
     /// socket: the userspace relay feeds them to `conn` first.
     pub leftover_ciphertext: Vec<u8>,
-    /// The live session, with nothing buffered in either direction. Boxed because the
-    /// session is over a kilobyte and every future that carries it toward the relay (and
-    /// each of them lives as long as the flow) would otherwise hold a copy of that space.
-    pub conn: Box<Connection>,
+    /// The live session, with nothing buffered in either direction.
+    pub conn: Session,
 }
 
+/// A finished session's rustls state, in the form its handshake used.
+///
+/// Both forms are boxed because a session is over a kilobyte and every future that carries it
+/// toward the relay (and each of them lives as long as the flow) would otherwise hold a copy
+/// of that space.
+pub enum Session {
+    /// rustls' buffered connection: it can stay in userspace or give its keys to the kernel.
+    Rustls(Box<Connection>),
+    /// A client session driven through rustls' unbuffered API, meant for the kernel only: it
+    /// is the form that can become a [`KernelConnection`], which keeps the resumption tickets
+    /// the server sends after the hand-off (they reach the relay as kTLS control records).
+    /// It cannot be relayed in userspace.
+    KernelClient(Box<UnbufferedClientConnection>),
+}
+
+impl Session {
+    /// The buffered connection, for the userspace relay; `None` for a kernel-only session.
+    pub fn rustls(&mut self) -> Option<&mut Connection> {
+        match self {
+            Session::Rustls(conn) => Some(conn),
+            Session::KernelClient(_) => None,
+        }
+    }
+
+    /// The buffered connection, or the session back if it is kernel-only.
+    pub fn into_rustls(self) -> Result<Box<Connection>, Session> {
+        match self {
+            Session::Rustls(conn) => Ok(conn),
+            other => Err(other),
+        }
+    }
+}
+
+/// What a kTLS client keeps of rustls after the hand-off: the state that turns the server's
+/// NewSessionTicket messages into resumable sessions in the client config's ticket store.
+pub type TicketSink = Box<KernelConnection<ClientConnectionData>>;
+
 /// An [`Established`] session converted for the kernel: keys for `SessionSecrets::install`.
-#[derive(Debug)]
 pub struct KtlsHandoff {
     pub negotiated: Negotiated,
     /// Bytes to write to the app before splicing anything the kernel decrypts.
     pub leftover_plaintext: Vec<u8>,
     pub secrets: SessionSecrets,
+    /// For a [`Session::KernelClient`]: where the relay feeds the tickets the kernel hands it.
+    pub tickets: Option<TicketSink>,
 }
 
 /// Why a handshake over a socket did not produce a usable session.
@@ -117,15 +156,33 @@ impl Established {
                 self.leftover_ciphertext.len()
             )));
         }
-        let secrets = self
-            .conn
-            .dangerous_extract_secrets()
-            .map_err(|e| KtlsError::UnsupportedSecrets(e.to_string()))?;
+        let unsupported = |e: rustls::Error| KtlsError::UnsupportedSecrets(e.to_string());
+        let (secrets, tickets) = match self.conn {
+            Session::Rustls(conn) => (conn.dangerous_extract_secrets().map_err(unsupported)?, None),
+            Session::KernelClient(conn) => {
+                let (secrets, kernel) = conn
+                    .dangerous_into_kernel_connection()
+                    .map_err(unsupported)?;
+                (secrets, Some(Box::new(kernel)))
+            }
+        };
         Ok(KtlsHandoff {
             negotiated: self.negotiated,
             leftover_plaintext: self.leftover_plaintext,
             secrets: SessionSecrets::try_from(secrets)?,
+            tickets,
         })
+    }
+}
+
+impl std::fmt::Debug for KtlsHandoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KtlsHandoff")
+            .field("negotiated", &self.negotiated)
+            .field("leftover_plaintext", &self.leftover_plaintext.len())
+            .field("secrets", &self.secrets)
+            .field("tickets", &self.tickets.is_some())
+            .finish()
     }
 }
 
@@ -249,8 +306,153 @@ async fn drive_boxed(
         negotiated,
         leftover_plaintext,
         leftover_ciphertext,
-        conn,
+        conn: Session::Rustls(conn),
     })
+}
+
+/// A client connection for a session the kernel will carry ([`Session::KernelClient`]); like
+/// [`client_connection`], its first flight is built at once.
+pub fn kernel_client_connection(
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+) -> Result<UnbufferedClientConnection, HandshakeError> {
+    UnbufferedClientConnection::new(config, server_name).map_err(HandshakeError::from)
+}
+
+/// The outbound handshake of a session bound for kernel TLS, through rustls' unbuffered API
+/// and with record-exact reads: the result's keys (and its [`TicketSink`]) come from
+/// [`Established::into_ktls_secrets`]; it cannot be relayed in userspace.
+pub async fn client_handshake_kernel(
+    sock: &mut TcpStream,
+    mut conn: UnbufferedClientConnection,
+    timeout: Duration,
+) -> Result<Established, DriveError> {
+    let leftover_plaintext =
+        match tokio::time::timeout(timeout, exchange_unbuffered(sock, &mut conn)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(DriveError::Timeout(timeout)),
+        };
+    let negotiated = negotiated(&conn)?;
+    Ok(Established {
+        negotiated,
+        leftover_plaintext,
+        leftover_ciphertext: Vec::new(),
+        conn: Session::KernelClient(Box::new(conn)),
+    })
+}
+
+/// [`exchange`] for an unbuffered client: the header of each record, then its body, go to
+/// rustls as they arrive (so a peer that does not speak TLS is refused on its first header, as
+/// in [`exchange`]), its output is written as rustls releases it, until rustls may send
+/// application data. Returns application data the peer sent within the handshake (none in
+/// practice).
+async fn exchange_unbuffered(
+    sock: &mut TcpStream,
+    conn: &mut UnbufferedClientConnection,
+) -> Result<Vec<u8>, DriveError> {
+    // What rustls has not discarded yet: the record being read, plus any handshake message
+    // that continues into it from earlier records.
+    let mut incoming: Vec<u8> = Vec::with_capacity(RECORD_HEADER + MAX_RECORD_BODY);
+    let mut outgoing: Vec<u8> = vec![0; 4096];
+    let mut out_len = 0;
+    let mut plaintext = Vec::new();
+    // Body length of the record whose header rustls has seen, while its body is awaited.
+    let mut body_due: Option<usize> = None;
+    let mut failed: Option<rustls::Error> = None;
+    loop {
+        let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut incoming);
+        let mut blocked = false;
+        match state {
+            // After a failure rustls hands out its alert to encode, then fails again (before
+            // asking for the transmission if the failed record held more messages): send
+            // what was encoded, best effort, and report the first error.
+            Err(e) => match failed.take() {
+                Some(first) => {
+                    if out_len > 0 {
+                        let _ = sock.write_all(&outgoing[..out_len]).await;
+                    }
+                    return Err(HandshakeError::from(first).into());
+                }
+                None => failed = Some(e),
+            },
+            Ok(ConnectionState::EncodeTlsData(mut data)) => loop {
+                match data.encode(&mut outgoing[out_len..]) {
+                    Ok(n) => {
+                        out_len += n;
+                        break;
+                    }
+                    Err(EncodeError::InsufficientSize(s)) => {
+                        outgoing.resize(out_len + s.required_size, 0);
+                    }
+                    Err(e) => {
+                        return Err(DriveError::Io(io::Error::other(format!(
+                            "rustls could not encode a handshake message: {e}"
+                        ))));
+                    }
+                }
+            },
+            Ok(ConnectionState::TransmitTlsData(data)) => {
+                sock.write_all(&outgoing[..out_len])
+                    .await
+                    .map_err(DriveError::Io)?;
+                out_len = 0;
+                data.done();
+            }
+            Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                while let Some(record) = traffic.next_record() {
+                    let record = record.map_err(HandshakeError::from)?;
+                    discard += record.discard;
+                    plaintext.extend_from_slice(record.payload);
+                }
+            }
+            Ok(ConnectionState::WriteTraffic(_)) => {
+                if out_len > 0 {
+                    sock.write_all(&outgoing[..out_len])
+                        .await
+                        .map_err(DriveError::Io)?;
+                }
+                return Ok(plaintext);
+            }
+            Ok(ConnectionState::BlockedHandshake) => blocked = true,
+            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                return Err(DriveError::PeerClosed);
+            }
+            Ok(_) => {
+                return Err(DriveError::Io(io::Error::other(
+                    "unexpected rustls state during a client handshake",
+                )));
+            }
+        }
+        incoming.drain(..discard);
+        if !blocked {
+            continue;
+        }
+        if let Some(e) = failed.take() {
+            if out_len > 0 {
+                let _ = sock.write_all(&outgoing[..out_len]).await;
+            }
+            return Err(HandshakeError::from(e).into());
+        }
+        let start = incoming.len();
+        match body_due.take() {
+            Some(len) => {
+                incoming.resize(start + len, 0);
+                read_exact(sock, &mut incoming[start..]).await?;
+            }
+            None => {
+                incoming.resize(start + RECORD_HEADER, 0);
+                read_exact(sock, &mut incoming[start..]).await?;
+                let len = usize::from(u16::from_be_bytes([
+                    incoming[start + 3],
+                    incoming[start + 4],
+                ]));
+                if len > MAX_RECORD_BODY {
+                    return Err(DriveError::RecordTooLong { len });
+                }
+                body_due = Some(len);
+            }
+        }
+    }
 }
 
 async fn exchange(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), DriveError> {
@@ -453,9 +655,10 @@ mod tests {
             let mut est = client_handshake(&mut c, cfg.client, name(), TIMEOUT)
                 .await
                 .unwrap();
-            io::Write::write_all(&mut est.conn.writer(), b"first request").unwrap();
+            io::Write::write_all(&mut est.conn.rustls().unwrap().writer(), b"first request")
+                .unwrap();
             let mut out = Vec::new();
-            est.conn.write_tls(&mut out).unwrap();
+            est.conn.rustls().unwrap().write_tls(&mut out).unwrap();
             c.write_all(&out).await.unwrap();
             (c, est)
         });
@@ -474,12 +677,111 @@ mod tests {
         let mut body = vec![0u8; len];
         s.read_exact(&mut body).await.unwrap();
         // ...that the session, continuing from where the driver stopped, decrypts.
-        est.conn.read_tls(&mut &header[..]).unwrap();
-        est.conn.read_tls(&mut &body[..]).unwrap();
-        est.conn.process_new_packets().unwrap();
+        est.conn
+            .rustls()
+            .unwrap()
+            .read_tls(&mut &header[..])
+            .unwrap();
+        est.conn.rustls().unwrap().read_tls(&mut &body[..]).unwrap();
+        est.conn.rustls().unwrap().process_new_packets().unwrap();
         let mut got = vec![0u8; 64];
-        let n = io::Read::read(&mut est.conn.reader(), &mut got).unwrap();
+        let n = io::Read::read(&mut est.conn.rustls().unwrap().reader(), &mut got).unwrap();
         assert_eq!(&got[..n], b"first request");
+    }
+
+    /// A kTLS client (unbuffered handshake, then [`KernelConnection`]) keeps the ticket the
+    /// server sends right after the handshake, though it arrives only once the keys have left
+    /// rustls; the next connection resumes with it. The record is decrypted here with the
+    /// extracted keys, as the kernel does for the relay.
+    #[tokio::test]
+    async fn a_kernel_client_keeps_the_ticket_that_follows_the_hand_off() {
+        use std::sync::atomic::AtomicU64;
+
+        use rustls::{
+            ConnectionTrafficSecrets as S, ContentType, ProtocolVersion,
+            crypto::{
+                aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256, cipher::InboundOpaqueMessage,
+            },
+        };
+
+        use crate::handshake::{SessionResumption, client_config_with, server_config_with};
+
+        let td: TrustDomain = "cluster.local".parse().unwrap();
+        let ca = Ca::generate(&td).unwrap();
+        let roots = mesh_roots(ca.roots()).unwrap();
+        let crypto = MeshCrypto::default_aes_gcm();
+        let rules = SessionResumption::new(Duration::from_secs(60), Arc::new(AtomicU64::new(1)));
+        let c = ca
+            .issue(&CLIENT_ID.parse().unwrap(), DEFAULT_LEAF_TTL)
+            .unwrap();
+        let s = ca
+            .issue(&SERVER_ID.parse().unwrap(), DEFAULT_LEAF_TTL)
+            .unwrap();
+        let cc = client_config_with(
+            &c,
+            Arc::clone(&roots),
+            &td,
+            &SERVER_ID.parse().unwrap(),
+            &crypto,
+            &rules,
+        )
+        .unwrap();
+        let sc = server_config_with(&s, roots, &td, &crypto, &rules).unwrap();
+
+        let connect = |cc: Arc<ClientConfig>, sc: Arc<ServerConfig>| async move {
+            let (mut c, mut s) = tcp_pair().await;
+            let server = tokio::spawn(async move {
+                let est = server_handshake(&mut s, sc, TIMEOUT).await.unwrap();
+                (s, est)
+            });
+            let conn = kernel_client_connection(cc, name()).unwrap();
+            let est = client_handshake_kernel(&mut c, conn, TIMEOUT)
+                .await
+                .unwrap();
+            let (s, server_est) = server.await.unwrap();
+            (c, est, s, server_est)
+        };
+
+        let (mut c, est, _s, server_est) = connect(Arc::clone(&cc), Arc::clone(&sc)).await;
+        assert!(!est.negotiated.resumed && !server_est.negotiated.resumed);
+        let Session::KernelClient(conn) = est.conn else {
+            panic!("a kernel client session")
+        };
+        let (secrets, mut sink) = conn.dangerous_into_kernel_connection().unwrap();
+        assert_eq!(secrets.rx.0, 0, "the ticket is still on the socket");
+        let S::Aes128Gcm { key, iv } = secrets.rx.1 else {
+            panic!("AES-128-GCM")
+        };
+        let mut record = vec![0u8; RECORD_HEADER];
+        c.read_exact(&mut record).await.unwrap();
+        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        let mut body = vec![0u8; len];
+        c.read_exact(&mut body).await.unwrap();
+        let mut decrypter = TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .unwrap()
+            .aead_alg
+            .decrypter(key, iv);
+        let msg = InboundOpaqueMessage::new(
+            ContentType::ApplicationData,
+            ProtocolVersion::TLSv1_2,
+            &mut body,
+        );
+        let plain = decrypter.decrypt(msg, 0).unwrap();
+        assert_eq!(plain.typ, ContentType::Handshake);
+        let [4, l0, l1, l2, ticket @ ..] = plain.payload else {
+            panic!("a NewSessionTicket")
+        };
+        assert_eq!(
+            u32::from_be_bytes([0, *l0, *l1, *l2]) as usize,
+            ticket.len()
+        );
+        sink.handle_new_session_ticket(ticket).unwrap();
+
+        let (_c, est, _s, server_est) = connect(cc, sc).await;
+        assert!(est.negotiated.resumed, "the kept ticket resumes");
+        assert!(server_est.negotiated.resumed);
+        assert_eq!(est.peer().to_string(), SERVER_ID);
     }
 
     #[tokio::test]
@@ -543,10 +845,10 @@ mod tests {
         assert!(est.leftover_plaintext.is_empty());
         assert!(!est.leftover_ciphertext.is_empty());
         let rest = est.leftover_ciphertext.clone();
-        est.conn.read_tls(&mut &rest[..]).unwrap();
-        est.conn.process_new_packets().unwrap();
+        est.conn.rustls().unwrap().read_tls(&mut &rest[..]).unwrap();
+        est.conn.rustls().unwrap().process_new_packets().unwrap();
         let mut got = vec![0u8; 64];
-        let n = io::Read::read(&mut est.conn.reader(), &mut got).unwrap();
+        let n = io::Read::read(&mut est.conn.rustls().unwrap().reader(), &mut got).unwrap();
         assert_eq!(&got[..n], b"first request");
 
         // The same session shape, unfed records and all, cannot go to the kernel.
@@ -568,12 +870,26 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_identity_is_reported_on_both_sides() {
+        wrong_identity(false).await;
+    }
+
+    /// The same through the unbuffered client of kTLS nodes: its alert reaches the server.
+    #[tokio::test]
+    async fn wrong_identity_is_reported_on_both_sides_by_a_kernel_client() {
+        wrong_identity(true).await;
+    }
+
+    async fn wrong_identity(kernel: bool) {
         let cfg = configs("spiffe://cluster.local/ns/backend/sa/other");
         let (mut c, mut s) = tcp_pair().await;
-        let client =
-            tokio::spawn(
-                async move { client_handshake(&mut c, cfg.client, name(), TIMEOUT).await },
-            );
+        let client = tokio::spawn(async move {
+            if kernel {
+                let conn = kernel_client_connection(cfg.client, name()).unwrap();
+                client_handshake_kernel(&mut c, conn, TIMEOUT).await
+            } else {
+                client_handshake(&mut c, cfg.client, name(), TIMEOUT).await
+            }
+        });
         let server = server_handshake(&mut s, cfg.server, TIMEOUT).await;
         let client = client.await.unwrap();
         match client {

@@ -150,15 +150,17 @@ pub(super) fn relay_config(shared: &Shared) -> relay::RelayConfig {
 /// Attaches the `tls` ULP to the peer socket before the handshake when kTLS is in use: the
 /// kernel refuses the ULP once the peer's FIN has arrived, and a peer that half-closes right
 /// behind its Finished would otherwise push the flow to userspace. Failure is not fatal: the
-/// relay then keeps the flow in rustls.
-pub(super) fn prepare_peer(shared: &Shared, peer: &TcpStream) {
-    if let Offload::Kernel(_) = shared.offload {
-        let _ = relay::prepare_socket(
+/// relay then keeps the flow in rustls. Returns whether kTLS can take the session over.
+pub(super) fn prepare_peer(shared: &Shared, peer: &TcpStream) -> bool {
+    match shared.offload {
+        Offload::Kernel(_) => relay::prepare_socket(
             peer,
             relay::RecordLayer::Kernel {
                 expect_no_pad: true,
             },
-        );
+        )
+        .is_ok(),
+        Offload::Userspace => false,
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    Shared,
+    Offload, Shared,
     enforce::{self, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
     handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
@@ -192,7 +192,15 @@ async fn mesh<'a>(
     let me = shared.credentials(&out.ctx.id)?;
     let config = me.client(&expected).map_err(anyhow::Error::from)?;
     let name = rustls_pki_types::ServerName::IpAddress(out.endpoint.ip().into());
-    let conn = match driver::client_connection(config, name) {
+    // A session bound for kTLS is driven through rustls' unbuffered API, the form whose
+    // remainder keeps the server's resumption tickets after the hand-off.
+    let kernel = matches!(shared.offload, Offload::Kernel(_));
+    let prepared = if kernel {
+        driver::kernel_client_connection(Arc::clone(&config), name.clone()).map(Prepared::Kernel)
+    } else {
+        driver::client_connection(Arc::clone(&config), name.clone()).map(Prepared::Buffered)
+    };
+    let prepared = match prepared {
         Ok(conn) => conn,
         Err(e) => {
             let e = driver::DriveError::from(e);
@@ -202,30 +210,52 @@ async fn mesh<'a>(
     };
     let (app, mut peer) = dial_endpoint(&out, Some(&expected), app).await?;
     let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
-    prepare_peer(shared, &peer);
+    let prepared = match prepared {
+        // The kernel refused the ULP on this socket: the flow stays in rustls, which needs
+        // the buffered form (built now, off the usual path).
+        Prepared::Kernel(_) if !prepare_peer(shared, &peer) => {
+            match driver::client_connection(config, name) {
+                Ok(conn) => Prepared::Buffered(conn),
+                Err(e) => {
+                    let e = driver::DriveError::from(e);
+                    let refused = handshake_refused(shared, &e);
+                    return Err(out
+                        .refusal(Some(&expected), refused)
+                        .answer_app(app)
+                        .reset(peer)
+                        .into());
+                }
+            }
+        }
+        other => other,
+    };
     let started = Instant::now();
-    let est =
-        match driver::client_handshake_prepared(&mut peer, conn, timeout, shared.handshake_reads())
-            .await
-        {
-            Ok(est) => {
-                shared.telemetry.handshake_done(
-                    telemetry::Direction::Outbound,
-                    mesh_mode(shared),
-                    &out.ctx.name,
-                    started.elapsed(),
-                );
-                est
-            }
-            Err(e) => {
-                let refused = handshake_refused(shared, &e);
-                return Err(out
-                    .refusal(Some(&expected), refused)
-                    .answer_app(app)
-                    .reset(peer)
-                    .into());
-            }
-        };
+    let handshake = match prepared {
+        Prepared::Buffered(conn) => {
+            driver::client_handshake_prepared(&mut peer, conn, timeout, shared.handshake_reads())
+                .await
+        }
+        Prepared::Kernel(conn) => driver::client_handshake_kernel(&mut peer, conn, timeout).await,
+    };
+    let est = match handshake {
+        Ok(est) => {
+            shared.telemetry.handshake_done(
+                telemetry::Direction::Outbound,
+                mesh_mode(shared),
+                &out.ctx.name,
+                started.elapsed(),
+            );
+            est
+        }
+        Err(e) => {
+            let refused = handshake_refused(shared, &e);
+            return Err(out
+                .refusal(Some(&expected), refused)
+                .answer_app(app)
+                .reset(peer)
+                .into());
+        }
+    };
     if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
         return Err(out
             .refusal(Some(&expected), refused)
@@ -307,4 +337,10 @@ async fn originate<'a>(
         true,
         async move { Ok(relay.await?) },
     ))
+}
+
+/// A client connection built before the connect, in the form its record layer needs.
+enum Prepared {
+    Buffered(rustls::ClientConnection),
+    Kernel(rustls::client::UnbufferedClientConnection),
 }

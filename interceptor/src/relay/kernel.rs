@@ -36,6 +36,7 @@ use super::{
     buf::Buf, ktls_record_limit, reset, shutdown_write, wait_ready,
 };
 use crate::{
+    handshake::driver::TicketSink,
     ktls::{
         self, Cipher, Direction, content_type,
         sys::{self as ksys, SpliceFlags},
@@ -71,6 +72,7 @@ pub(super) async fn run(
     peer: TcpStream,
     cipher: Cipher,
     leftover: Vec<u8>,
+    tickets: Option<TicketSink>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
 ) -> Result<(), RelayError> {
@@ -118,6 +120,7 @@ pub(super) async fn run(
         app_write_shut: false,
         record: None,
         parked: false,
+        tickets,
         app,
         peer,
     };
@@ -281,6 +284,9 @@ pub(super) async fn resume(
         app_write_shut: s.app_write_shut,
         record: None,
         parked: false,
+        // The client's rustls remainder stays with the old agent: tickets that arrive after
+        // the takeover are dropped, and the next connection does a full handshake.
+        tickets: None,
         app,
         peer,
     };
@@ -415,6 +421,9 @@ struct Kernel {
     record: Option<Box<[u8]>>,
     /// Stopped for a successor agent: the poll returned without finishing.
     parked: bool,
+    /// A client's rustls remainder, which stores the server's tickets for resumption; `None`
+    /// on the server side (and for callers that do not resume), where tickets are dropped.
+    tickets: Option<TicketSink>,
 }
 
 impl Kernel {
@@ -718,13 +727,20 @@ impl Kernel {
             };
         let body = &buf[..n];
         match kind {
-            content_type::HANDSHAKE => match only_session_tickets(body) {
-                Ok(()) => Ok(Step::Progress),
-                Err(detail) => Err(RelayError::UnexpectedRecord {
-                    content_type: kind,
-                    detail,
-                }),
-            },
+            content_type::HANDSHAKE => {
+                let tickets =
+                    session_tickets(body).map_err(|detail| RelayError::UnexpectedRecord {
+                        content_type: kind,
+                        detail,
+                    })?;
+                if let Some(sink) = &mut self.tickets {
+                    for ticket in tickets {
+                        sink.handle_new_session_ticket(ticket)
+                            .map_err(RelayError::Tls)?;
+                    }
+                }
+                Ok(Step::Progress)
+            }
             content_type::ALERT => match body {
                 // TLS 1.3 ignores the level; description 0 is close_notify.
                 [_, 0] => {
@@ -779,14 +795,16 @@ impl Kernel {
     }
 }
 
-/// `Ok` if a handshake record holds only complete NewSessionTicket messages, which the mesh
-/// ignores (it never resumes). Anything else is named in the error.
-pub(super) fn only_session_tickets(body: &[u8]) -> Result<(), String> {
+/// The bodies of the NewSessionTicket messages a handshake record holds, if it holds nothing
+/// else; anything else is named in the error. A client keeps them (see [`TicketSink`]), a
+/// server never gets any.
+pub(super) fn session_tickets(body: &[u8]) -> Result<Vec<&[u8]>, String> {
     const NEW_SESSION_TICKET: u8 = 4;
     const KEY_UPDATE: u8 = 24;
     if body.is_empty() {
         return Err("empty handshake record".into());
     }
+    let mut tickets = Vec::new();
     let mut rest = body;
     while let [kind, l0, l1, l2, tail @ ..] = rest {
         let len = u32::from_be_bytes([0, *l0, *l1, *l2]) as usize;
@@ -794,7 +812,7 @@ pub(super) fn only_session_tickets(body: &[u8]) -> Result<(), String> {
             return Err("handshake message continues in another record".into());
         }
         match *kind {
-            NEW_SESSION_TICKET => {}
+            NEW_SESSION_TICKET => tickets.push(&tail[..len]),
             KEY_UPDATE => {
                 return Err("KeyUpdate, which these kernels cannot follow (no rekey)".into());
             }
@@ -803,7 +821,7 @@ pub(super) fn only_session_tickets(body: &[u8]) -> Result<(), String> {
         rest = &tail[len..];
     }
     if rest.is_empty() {
-        Ok(())
+        Ok(tickets)
     } else {
         Err("truncated handshake message header".into())
     }
@@ -811,7 +829,7 @@ pub(super) fn only_session_tickets(body: &[u8]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::only_session_tickets;
+    use super::session_tickets;
 
     fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
         let len = u32::try_from(body.len()).unwrap().to_be_bytes();
@@ -822,20 +840,20 @@ mod tests {
 
     #[test]
     fn tickets_alone_are_accepted() {
-        assert_eq!(only_session_tickets(&msg(4, &[0; 40])), Ok(()));
+        assert_eq!(session_tickets(&msg(4, &[0; 40])), Ok(vec![&[0u8; 40][..]]));
         let two = [msg(4, &[1; 20]), msg(4, &[])].concat();
-        assert_eq!(only_session_tickets(&two), Ok(()));
+        assert_eq!(session_tickets(&two), Ok(vec![&[1u8; 20][..], &[][..]]));
     }
 
     #[test]
     fn anything_else_is_named() {
-        let e = only_session_tickets(&msg(24, &[0])).unwrap_err();
+        let e = session_tickets(&msg(24, &[0])).unwrap_err();
         assert!(e.contains("KeyUpdate"), "{e}");
-        let e = only_session_tickets(&[msg(4, &[0; 8]), msg(13, &[])].concat()).unwrap_err();
+        let e = session_tickets(&[msg(4, &[0; 8]), msg(13, &[])].concat()).unwrap_err();
         assert!(e.contains("type 13"), "{e}");
-        assert!(only_session_tickets(&[]).is_err());
+        assert!(session_tickets(&[]).is_err());
         // A ticket split across records, and a stray partial header.
-        assert!(only_session_tickets(&msg(4, &[0; 8])[..10]).is_err());
-        assert!(only_session_tickets(&[msg(4, &[]), vec![4, 0]].concat()).is_err());
+        assert!(session_tickets(&msg(4, &[0; 8])[..10]).is_err());
+        assert!(session_tickets(&[msg(4, &[]), vec![4, 0]].concat()).is_err());
     }
 }
