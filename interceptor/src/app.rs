@@ -2,6 +2,10 @@
 //! configured and persisted pods, serve the admin API, and on SIGTERM exit leaving the pinned
 //! programs in place so enrolled pods stay fail-closed until the agent is back.
 
+#[cfg(feature = "kubernetes")]
+mod kubernetes;
+#[cfg(not(feature = "kubernetes"))]
+#[path = "app/without_kubernetes.rs"]
 mod kubernetes;
 
 use std::{
@@ -286,7 +290,7 @@ struct StartParts {
     ca: Ca,
     datapath: Datapath,
     policy: Enforcer,
-    cluster: Option<crate::cluster::kube::KubeDirectory>,
+    cluster: Option<kubernetes::KubeDirectory>,
     observed: Observability,
 }
 
@@ -559,6 +563,7 @@ impl Agent {
     }
 
     /// The workloads enrolled now.
+    #[cfg(feature = "kubernetes")]
     fn enrolled_workloads(&self) -> Vec<Workload> {
         self.pods
             .lock()
@@ -895,7 +900,7 @@ impl Agent {
 /// node has one.
 fn pod_directory(
     config: &Config,
-    cluster: Option<crate::cluster::kube::KubeDirectory>,
+    cluster: Option<kubernetes::KubeDirectory>,
 ) -> Option<Arc<dyn PodDirectory>> {
     if let Some(cluster) = cluster {
         return Some(Arc::new(cluster));

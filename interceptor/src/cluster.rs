@@ -4,6 +4,7 @@
 //! reflector in a cluster and a static table on hosts without one; both answer through this
 //! trait so enrollment has one code path.
 
+#[cfg(feature = "kubernetes")]
 pub mod kube;
 
 use std::{collections::BTreeMap, net::IpAddr};

@@ -20,12 +20,14 @@ use super::{Agent, applied};
 use crate::{
     cluster::{
         Membership,
-        kube::{self, ClusterView, KubeDirectory},
+        kube::{self, ClusterView},
     },
     config::{KubernetesSettings, Workload},
     intercept::enforce::ClusterInputs,
     telemetry::WorkloadLabels,
 };
+
+pub(super) use crate::cluster::kube::KubeDirectory;
 
 /// How long start-up waits for the first full sync before serving anyway (not ready).
 pub(super) const SYNC_WAIT: Duration = Duration::from_secs(10);
