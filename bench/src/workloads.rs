@@ -426,14 +426,13 @@ fn http(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<M
         "--warmup",
         &p.http_warmup_secs.to_string(),
     ]);
-    let win = CpuWindow::open(topo, active)?;
-    let out = procs::run_bounded(
+    let (r, cpu): (LoadReport, Cpu) = measured(
+        topo,
+        active,
         "http-load",
         &mut cmd,
         Duration::from_secs_f64((p.http_secs + p.http_warmup_secs) * 3.0 + 30.0),
     )?;
-    let cpu = win.close(topo, active)?;
-    let r: LoadReport = serde_json::from_str(&out.stdout).context("http-load output")?;
     // The offered rate holds for the whole invocation (warm-up included), so CPU over the
     // whole window divided by that rate is the cost per 1000 rps.
     let krps = p.http_rate / 1000.0;
@@ -452,6 +451,22 @@ fn http(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<M
     Ok(m)
 }
 
+/// Runs the client pod's bench command `cmd` (`what` names it) inside a CPU window, bounded
+/// by `limit`, and parses the JSON report it prints.
+fn measured<T: serde::de::DeserializeOwned>(
+    topo: &Topology,
+    active: &Active,
+    what: &str,
+    cmd: &mut std::process::Command,
+    limit: Duration,
+) -> Result<(T, Cpu)> {
+    let win = CpuWindow::open(topo, active)?;
+    let out = procs::run_bounded(what, cmd, limit)?;
+    let cpu = win.close(topo, active)?;
+    let report = serde_json::from_str(&out.stdout).with_context(|| format!("{what} output"))?;
+    Ok((report, cpu))
+}
+
 fn churn(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
     let mut cmd = bench_in_client(topo, env)?;
     cmd.args([
@@ -461,14 +476,13 @@ fn churn(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
         "--duration",
         &p.churn_secs.to_string(),
     ]);
-    let win = CpuWindow::open(topo, active)?;
-    let out = procs::run_bounded(
+    let (r, cpu): (ChurnReport, Cpu) = measured(
+        topo,
+        active,
         "churn",
         &mut cmd,
         Duration::from_secs_f64(p.churn_secs * 3.0 + 30.0),
     )?;
-    let cpu = win.close(topo, active)?;
-    let r: ChurnReport = serde_json::from_str(&out.stdout).context("churn output")?;
     let n = (r.connections as f64).max(1.0);
     let mut m = vec![
         ("conn_per_s", r.conn_per_s),
@@ -512,14 +526,13 @@ fn sustained(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<
             "--window",
             &p.sustained_window_secs.to_string(),
         ]);
-        let win = CpuWindow::open(topo, active)?;
-        let out = procs::run_bounded(
+        let (r, cpu): (ChurnReport, Cpu) = measured(
+            topo,
+            active,
             "sustained churn",
             &mut cmd,
             Duration::from_secs_f64(p.sustained_secs * 2.0 + 60.0),
         )?;
-        let cpu = win.close(topo, active)?;
-        let r: ChurnReport = serde_json::from_str(&out.stdout).context("churn output")?;
         let w = &r.window_conn_per_s;
         let (Some(&first), Some(&last)) = (w.first(), w.last()) else {
             bail!("sustained churn reported no windows");
@@ -735,14 +748,13 @@ fn scale(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
             "--threads",
             &threads.to_string(),
         ]);
-        let win = CpuWindow::open(topo, active)?;
-        let out = procs::run_bounded(
+        let (r, cpu): (ChurnReport, Cpu) = measured(
+            topo,
+            active,
             "churn",
             &mut cmd,
             Duration::from_secs_f64(p.churn_secs * 3.0 + 30.0),
         )?;
-        let cpu = win.close(topo, active)?;
-        let r: ChurnReport = serde_json::from_str(&out.stdout).context("churn output")?;
         let n = (r.connections as f64).max(1.0);
         m.push((name(format!("setup_t{threads}_conn_per_s")), r.conn_per_s));
         m.push((
