@@ -31,9 +31,14 @@ impl AgentProcess {
         Self::start_with(config, file, &[], &[])
     }
 
-    /// [`AgentProcess::start`] with the agent's stdout (its access log) sent to `stdout`.
-    pub fn start_with_stdout(config: &Config, file: &Path, stdout: Stdio) -> AgentProcess {
-        Self::spawn(config, file, &[], &[], stdout)
+    /// [`AgentProcess::start`] on `dir/node.yaml` with the access log in JSON, written to
+    /// `dir/access.log` (its path is returned), for tests that read what the agent logged.
+    pub fn start_logging_json(config: &mut Config, dir: &Path) -> (AgentProcess, PathBuf) {
+        config.observability.access_log.format = interceptor::config::AccessLogFormat::Json;
+        let log_path = dir.join("access.log");
+        let log = std::fs::File::create(&log_path).expect("access log file");
+        let agent = Self::spawn(config, &dir.join("node.yaml"), &[], &[], Stdio::from(log));
+        (agent, log_path)
     }
 
     /// [`AgentProcess::start`] with extra `run` arguments (such as `--takeover`) and

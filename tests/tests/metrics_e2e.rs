@@ -501,15 +501,8 @@ fn access_log_has_one_json_line_per_connection() {
         ],
         vec![],
     );
-    config.observability.access_log.format = interceptor::config::AccessLogFormat::Json;
     let _pins = PinCleanup(config.bpffs.clone());
-    let log_path = cluster.scratch.0.join("access.log");
-    let log = std::fs::File::create(&log_path).expect("access log file");
-    let agent = AgentProcess::start_with_stdout(
-        &config,
-        &cluster.scratch.0.join("node.yaml"),
-        Stdio::from(log),
-    );
+    let (agent, log_path) = AgentProcess::start_logging_json(&mut config, &cluster.scratch.0);
     let url = format!("http://{}:80/headers", httpbin.ip);
     let c = curl(sleep.command("curl"), &url, &[]);
     assert_eq!(c.code, "200", "mTLS: {c:?}");

@@ -7,12 +7,10 @@
 
 use std::{
     net::SocketAddr,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use interceptor::{
-    config::AccessLogFormat,
     intercept::table::{Direction, FlowRow, Protection},
     telemetry::Mode,
 };
@@ -121,15 +119,8 @@ fn same_node_fast_path_policy_matrix_wire_and_principals() {
     // The agent's default; the test helper turns it off for the suites that test mTLS.
     config.tuning.same_node_fast_path = true;
     config.policy_dir = Some(policy.path());
-    config.observability.access_log.format = AccessLogFormat::Json;
     let _pins = PinCleanup(config.bpffs.clone());
-    let log_path = cluster.scratch.0.join("access.log");
-    let log = std::fs::File::create(&log_path).expect("access log file");
-    let agent = AgentProcess::start_with_stdout(
-        &config,
-        &cluster.scratch.0.join("node.yaml"),
-        Stdio::from(log),
-    );
+    let (agent, log_path) = AgentProcess::start_logging_json(&mut config, &cluster.scratch.0);
 
     // Allowed, both directions, with the links of both pods captured: byte-exact, and not
     // one segment of the flow on either link (it never leaves the node's loopbacks).
