@@ -90,24 +90,10 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
 /// Every host-capable integration test of `interceptor-tests`, as root, with skips turned into
 /// failures.
 fn host_privileged(root: &Path) -> Result<()> {
-    // The demo test drives the real `interceptor` binary, and the CNI test the real
-    // `interceptor-cni`, found next to the test executables.
-    run(
-        root,
-        Command::new("cargo").args([
-            "build",
-            "-p",
-            "interceptor",
-            "--bin",
-            "interceptor",
-            "-p",
-            "interceptor-cni",
-            "--bin",
-            "interceptor-cni",
-        ]),
-    )?;
-    // cni_podman runs the agent and the CNI installer from the image, as the DaemonSet does:
-    // the dev image packs the binaries just built (no release build).
+    // The demo test drives the real `interceptor` binary, and the CNI tests the real
+    // `interceptor-cni`, found next to the test executables; cni_podman runs both from the
+    // image, as the DaemonSet does. The dev image builds those two binaries and packs them (no
+    // release build).
     deploy::image(
         root,
         &deploy::ImageArgs {
