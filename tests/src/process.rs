@@ -24,6 +24,37 @@ pub struct AgentProcess {
     pub started: Instant,
 }
 
+/// Reads a JSON access log until it holds `n` lines (or 10 s pass): the agent writes a line
+/// when a connection closes, a little after the client saw its end.
+pub fn access_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An access-log line and the flow table agree on the bytes each way.
+pub fn assert_log_bytes_match(line: &serde_json::Value, row: &FlowRow) {
+    assert_eq!(
+        line["bytes_sent"].as_u64(),
+        Some(row.bytes_to_peer),
+        "{line}"
+    );
+    assert_eq!(
+        line["bytes_received"].as_u64(),
+        Some(row.bytes_from_peer),
+        "{line}"
+    );
+}
+
 impl AgentProcess {
     /// Writes `config` to `file` and starts the agent on it; returns once its admin socket
     /// answers (at most 30 s: the VM emulates its CPU).

@@ -21,7 +21,7 @@ use interceptor::intercept::table::Protection;
 use interceptor_tests::{
     agent::{PinCleanup, RunningAgent, TempDir},
     mesh::{PolicyDir, STRICT_HTTPBIN, curl, httpbin_root, serve_http, service, workload},
-    process::AgentProcess,
+    process::{AgentProcess, access_lines, assert_log_bytes_match},
     require_privileged,
     scenario::{self, expected_protection},
     topology::Node,
@@ -510,18 +510,7 @@ fn access_log_has_one_json_line_per_connection() {
     assert_eq!(c.code, "200", "plaintext from outside the mesh: {c:?}");
 
     // sleep's outbound and httpbin's inbound of the mTLS request, and the inbound plaintext.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let lines: Vec<serde_json::Value> = loop {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
-            .collect();
-        if lines.len() >= 3 || Instant::now() > deadline {
-            break lines;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let lines = access_lines(&log_path, 3);
     assert_eq!(lines.len(), 3, "{lines:#?}");
     let flows = agent.flows();
     let mesh = match expected_protection() {
@@ -572,16 +561,7 @@ fn access_log_has_one_json_line_per_connection() {
                     && r.pod == pod
             })
             .unwrap_or_else(|| panic!("no flow row for {line}"));
-        assert_eq!(
-            line["bytes_sent"].as_u64(),
-            Some(row.bytes_to_peer),
-            "{line}"
-        );
-        assert_eq!(
-            line["bytes_received"].as_u64(),
-            Some(row.bytes_from_peer),
-            "{line}"
-        );
+        assert_log_bytes_match(line, row);
         assert!(row.bytes_from_peer > 0 && row.bytes_to_peer > 0, "{row:?}");
     }
 }

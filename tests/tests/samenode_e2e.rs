@@ -19,7 +19,7 @@ use interceptor_tests::{
     apps::{curl, curl_upload, random_payload, serve_http_on, serve_upload_hasher, sha256_hex},
     connect_from,
     mesh::{PolicyDir, workload},
-    process::AgentProcess,
+    process::{AgentProcess, access_lines, assert_log_bytes_match},
     require_privileged,
     scenario::{self, Www, expected_protection},
     topology::{Node, Pod},
@@ -73,22 +73,6 @@ fn on_both_links<T>(node: &Node, pods: [&Pod; 2], f: impl FnOnce() -> T) -> (T, 
     let out = f();
     let streams = captures.into_iter().map(Capture::stop_streams).collect();
     (out, streams)
-}
-
-/// Reads the access log until it holds `n` lines (or 10 s pass).
-fn access_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
-            .collect();
-        if lines.len() >= n || Instant::now() > deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -245,16 +229,7 @@ fn same_node_fast_path_policy_matrix_wire_and_principals() {
             .iter()
             .find(|r| r.source.to_string() == line["src_addr"].as_str().unwrap_or_default())
             .unwrap_or_else(|| panic!("no flow row for {line}"));
-        assert_eq!(
-            line["bytes_sent"].as_u64(),
-            Some(row.bytes_to_peer),
-            "{line}"
-        );
-        assert_eq!(
-            line["bytes_received"].as_u64(),
-            Some(row.bytes_from_peer),
-            "{line}"
-        );
+        assert_log_bytes_match(line, row);
     }
     let refusals: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l["event"] == "refused").collect();
