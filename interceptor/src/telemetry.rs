@@ -535,7 +535,7 @@ impl Telemetry {
             "Open kTLS flows moved between agents in upgrades, by result",
             handover_flows.clone(),
         );
-        for result in ["sent", "received", "kept"] {
+        for result in ["sent", "received", "kept", "refused"] {
             let _ = handover_flows.get_or_create(&HandoverLabels { result });
         }
         let observed = Arc::new(Slot::default());

@@ -346,6 +346,7 @@ impl Source for Handing {
                 adopt_parked(&self.agent.shared, &self.runtime, info, check, relay, false);
             }
             Err(e) => {
+                self.agent.telemetry.handover_flows("refused", 1);
                 warn!("a parked flow cannot be resumed here: {e:#}; reset");
                 let _ = crate::sys::set_zero_linger(relay.app.as_fd());
                 let _ = crate::sys::set_zero_linger(relay.peer.as_fd());
@@ -490,7 +491,10 @@ impl Agent {
             Ok((info, check, parked)) => {
                 adopt_parked(&self.shared, runtime, info, check, parked, true);
             }
-            Err(e) => warn!(flow = %what, "handed-over flow refused, reset: {e:#}"),
+            Err(e) => {
+                self.telemetry.handover_flows("refused", 1);
+                warn!(flow = %what, "handed-over flow refused, reset: {e:#}");
+            }
         }
     }
 }
