@@ -260,6 +260,8 @@ struct LocalWorkload {
     protocol: &'static str,
     node: String,
     network: &'static str,
+    /// Required by ztunnel's local config (service name → port map); no services here.
+    services: std::collections::BTreeMap<String, std::collections::BTreeMap<u16, u16>>,
 }
 
 pub fn node_name(index: usize) -> String {
@@ -295,6 +297,7 @@ fn local_config(topo: &Topology) -> LocalConfig {
             protocol: "HBONE",
             node: node_name(node),
             network: "",
+            services: Default::default(),
         })
         .collect();
     LocalConfig {
