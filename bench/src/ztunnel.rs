@@ -140,6 +140,20 @@ pub fn redirect_rules() -> Vec<Vec<String>> {
             "--to-ports",
             &out,
         ],
+        // Not in ambient's rules: counts new HBONE connections into the pod (a no-op RETURN
+        // to the chain's ACCEPT policy), for the path check.
+        vec![
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            &hbone,
+            "-j",
+            "RETURN",
+        ],
         // Inbound TCP except HBONE → plaintext inbound listener.
         vec![
             "-t",
@@ -485,20 +499,83 @@ fn wait_listening(pod: &Pod, procs: &mut [Proc]) -> Result<()> {
     }
 }
 
-/// The path check's second half: the request crossed HBONE (a connection to the server pod's
-/// 15008 exists or just closed), so the client pod's address the server app saw came through
-/// ztunnel's transparent inbound, not a direct connection.
+/// New TCP connections a pod's NAT table has counted per redirection rule since the rules
+/// were installed (NAT rules see the first packet of each connection only).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Captured {
+    /// The pod's own outbound connections sent to ztunnel's outbound listener (15001).
+    pub outbound: u64,
+    /// Inbound plaintext connections sent to ztunnel's inbound listener (15006).
+    pub inbound_plain: u64,
+    /// Inbound HBONE connections (to 15008).
+    pub hbone: u64,
+}
+
+/// Reads [`Captured`] from `iptables-save -c -t nat` output (`[packets:bytes] -A CHAIN ...`).
+pub fn parse_captured(save: &str) -> Captured {
+    let mut c = Captured::default();
+    for line in save.lines() {
+        let Some((count, rule)) = line.strip_prefix('[').and_then(|l| l.split_once("] ")) else {
+            continue;
+        };
+        let packets: u64 = count
+            .split(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let words: Vec<&str> = rule.split_whitespace().collect();
+        let has = |pair: [&str; 2]| words.windows(2).any(|w| w == pair);
+        let out = OUTBOUND_PORT.to_string();
+        let inb = INBOUND_PLAIN_PORT.to_string();
+        let hbone = HBONE_PORT.to_string();
+        if has(["--to-ports", &out]) {
+            c.outbound += packets;
+        } else if has(["--to-ports", &inb]) {
+            c.inbound_plain += packets;
+        } else if has(["--dport", &hbone]) && has(["-j", "RETURN"]) {
+            c.hbone += packets;
+        }
+    }
+    c
+}
+
+/// What the redirection rules in `pod` have counted so far.
+pub fn captured(pod: &Pod) -> Result<Captured> {
+    let mut cmd = Command::new("iptables-save");
+    cmd.args(["-c", "-t", "nat"]);
+    topology::enter(&mut cmd, None, Some(&pod.ns.path()), None)?;
+    let out = procs::run_bounded("iptables-save", &mut cmd, Duration::from_secs(10))
+        .with_context(|| format!("iptables-save in pod {}", pod.name))?;
+    Ok(parse_captured(&out.stdout))
+}
+
+/// The path check's second half (the first: the server app saw the client pod's address):
+/// the client pod's connection went to ztunnel's outbound listener, the server pod received
+/// HBONE, and no connection reached the server pod in plaintext (which ztunnel's inbound
+/// plaintext listener would also have passed to the app with the client's address).
 pub fn check_hbone(topo: &Topology) -> Result<()> {
-    let seen = sockets_on(&topo.server, HBONE_PORT, false)
-        .into_iter()
-        .chain(sockets_on(&topo.client, HBONE_PORT, true))
-        .filter(|s| s != "0A")
-        .count();
-    if seen == 0 {
+    let client = captured(&topo.client)?;
+    let server = captured(&topo.server)?;
+    if client.outbound == 0 {
         bail!(
-            "no HBONE connection to {}:{HBONE_PORT} in either pod: the request did not go \
-             through ztunnel",
+            "no connection from pod {} was redirected to ztunnel's outbound listener \
+             ({OUTBOUND_PORT}): the request did not go through ztunnel",
+            topo.client.name
+        );
+    }
+    if server.hbone == 0 {
+        bail!(
+            "no HBONE connection reached {}:{HBONE_PORT}: the request did not go through \
+             ztunnel's tunnel",
             topo.server.ip
+        );
+    }
+    if server.inbound_plain != 0 {
+        bail!(
+            "{} connection(s) reached pod {} in plaintext (redirected to {INBOUND_PLAIN_PORT}), \
+             not over HBONE",
+            server.inbound_plain,
+            topo.server.name
         );
     }
     Ok(())
@@ -541,7 +618,30 @@ mod tests {
             .unwrap();
         assert!(inb.contains("-A PREROUTING"), "{inb}");
         assert!(inb.contains("! --dport 15008"), "{inb}");
+        assert!(joined.iter().any(|r| r.contains("--dport 15008 -j RETURN")));
         assert!(joined.iter().any(|r| r.contains("--set-xmark 0x111/0xfff")));
         assert!(joined.iter().any(|r| r.contains("--restore-mark")));
+    }
+
+    /// The counters as `iptables-save -c` prints them after a request went client pod →
+    /// 15001 → HBONE, with the rules [`redirect_rules`] installs (as iptables normalises them).
+    #[test]
+    fn counts_captured_connections_per_rule() {
+        let save = "# Generated by iptables-save\n*nat\n:PREROUTING ACCEPT [3:180]\n\
+            :OUTPUT ACCEPT [2:120]\n\
+            [2:120] -A PREROUTING -p tcp -m tcp --dport 15008 -j RETURN\n\
+            [1:60] -A PREROUTING ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m mark ! \
+            --mark 0x539/0xfff -j REDIRECT --to-ports 15006\n\
+            [5:300] -A OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j \
+            REDIRECT --to-ports 15001\nCOMMIT\n";
+        assert_eq!(
+            parse_captured(save),
+            Captured {
+                outbound: 5,
+                inbound_plain: 1,
+                hbone: 2
+            }
+        );
+        assert_eq!(parse_captured(""), Captured::default());
     }
 }
