@@ -123,7 +123,8 @@ struct RunArgs {
     /// ztunnel, ztunnel-1stream (default: all).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
-    /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all).
+    /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all), and
+    /// the opt-in churn2 (2 client threads), sustained, scale.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Topologies, comma separated: same-node, cross-node (default: both).

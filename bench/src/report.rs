@@ -254,7 +254,7 @@ impl LayoutResults {
 }
 
 /// The metrics a reader looks at first, in reading order.
-const HEADLINE: [(Workload, &str, &str); 15] = [
+const HEADLINE: [(Workload, &str, &str); 17] = [
     (Workload::Iperf1, "mb_s", "bulk 1 stream, MB/s"),
     (Workload::Iperf4, "mb_s", "bulk 4 streams, MB/s"),
     (
@@ -288,6 +288,16 @@ const HEADLINE: [(Workload, &str, &str); 15] = [
         Workload::Churn,
         "setups_per_proxy_core_s",
         "mTLS setups per proxy CPU-s (full, or resumed where on)",
+    ),
+    (
+        Workload::Churn2,
+        "conn_per_s",
+        "new connections/s (2 client threads)",
+    ),
+    (
+        Workload::Churn2,
+        "proxy_cpu_ms_per_conn",
+        "proxy CPU-ms per connection (2 client threads)",
     ),
     (
         Workload::Idle,

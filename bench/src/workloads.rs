@@ -32,6 +32,9 @@ pub enum Workload {
     Rr1k,
     Http,
     Churn,
+    /// The churn workload with 2 client threads (opt-in): the setup rate when the proxies,
+    /// not one client's round trips, are the limit.
+    Churn2,
     Idle,
     /// Sustained churn (opt-in, minutes long): not in [`Workload::ALL`].
     Sustained,
@@ -53,13 +56,14 @@ impl Workload {
 
     /// Every workload `--workloads` accepts: [`Workload::ALL`] (the default set) and the
     /// long ones that run only when named.
-    pub const KNOWN: [Workload; 9] = [
+    pub const KNOWN: [Workload; 10] = [
         Workload::Iperf1,
         Workload::Iperf4,
         Workload::Rr64,
         Workload::Rr1k,
         Workload::Http,
         Workload::Churn,
+        Workload::Churn2,
         Workload::Idle,
         Workload::Sustained,
         Workload::Scale,
@@ -73,6 +77,7 @@ impl Workload {
             Workload::Rr1k => "rr1k",
             Workload::Http => "http",
             Workload::Churn => "churn",
+            Workload::Churn2 => "churn2",
             Workload::Idle => "idle",
             Workload::Sustained => "sustained",
             Workload::Scale => "scale",
@@ -86,7 +91,7 @@ impl Workload {
             .with_context(|| {
                 format!(
                     "unknown workload {s:?}: expected iperf1 iperf4 rr64 rr1k http churn idle \
-                     sustained scale"
+                     churn2 sustained scale"
                 )
             })
     }
@@ -175,7 +180,8 @@ pub fn run(
         Workload::Rr64 => sockperf(topo, active, env, p, 64),
         Workload::Rr1k => sockperf(topo, active, env, p, 1024),
         Workload::Http => http(topo, active, env, p),
-        Workload::Churn => churn(topo, active, env, p),
+        Workload::Churn => churn(topo, active, env, p, 1),
+        Workload::Churn2 => churn(topo, active, env, p, 2),
         Workload::Idle => idle(topo, active, env, p),
         Workload::Sustained => sustained(topo, active, env, p),
         Workload::Scale => scale(topo, active, env, p),
@@ -467,7 +473,13 @@ fn measured<T: serde::de::DeserializeOwned>(
     Ok((report, cpu))
 }
 
-fn churn(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
+fn churn(
+    topo: &Topology,
+    active: &Active,
+    env: &Env,
+    p: &Params,
+    threads: usize,
+) -> Result<Vec<Metric>> {
     let mut cmd = bench_in_client(topo, env)?;
     cmd.args([
         "churn",
@@ -475,6 +487,8 @@ fn churn(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
         &active.target(HTTP_PORT).to_string(),
         "--duration",
         &p.churn_secs.to_string(),
+        "--threads",
+        &threads.to_string(),
     ]);
     let (r, cpu): (ChurnReport, Cpu) = measured(
         topo,

@@ -34,7 +34,8 @@ pub struct BenchArgs {
     /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg (default: all).
     #[arg(long, value_delimiter = ',')]
     pub modes: Vec<String>,
-    /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all).
+    /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all), and
+    /// the opt-in churn2 (2 client threads), sustained, scale.
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
     /// Topologies, comma separated: same-node, cross-node (default: both).
