@@ -120,7 +120,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg, relay-full, local,
-    /// ztunnel, ztunnel-1stream (default: all).
+    /// ztunnel, ztunnel-1stream, relay-base (default: all).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all), and
@@ -133,6 +133,10 @@ struct RunArgs {
     /// The agent binary (release build of `interceptor`).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// A second agent build, run as mode `relay-base`: a change to the agent measured
+    /// before and after in the same rounds.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -302,6 +306,7 @@ fn run(args: RunArgs) -> Result<()> {
         workloads,
         layouts,
         agent: args.agent,
+        baseline_agent: args.baseline_agent,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

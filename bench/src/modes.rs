@@ -56,11 +56,14 @@ pub enum Mode {
     /// ztunnel with `POOL_MAX_STREAMS_PER_CONNECTION=1`: one HBONE (mTLS) connection per app
     /// connection, the like-for-like case for connection setup.
     ZtunnelOneStream,
+    /// The relay run by a second agent build (`--baseline-agent`): a change to the agent
+    /// measured before and after in the same rounds, paired like every other mode.
+    InterceptorRelayBase,
 }
 
 impl Mode {
     /// Round order (A B C D E F G H I).
-    pub const ALL: [Mode; 9] = [
+    pub const ALL: [Mode; 10] = [
         Mode::Plaintext,
         Mode::InterceptorKtls,
         Mode::InterceptorRelay,
@@ -70,6 +73,7 @@ impl Mode {
         Mode::InterceptorLocal,
         Mode::ZtunnelDefault,
         Mode::ZtunnelOneStream,
+        Mode::InterceptorRelayBase,
     ];
 
     pub fn label(self) -> &'static str {
@@ -83,6 +87,7 @@ impl Mode {
             Mode::InterceptorLocal => "interceptor-local",
             Mode::ZtunnelDefault => "ztunnel",
             Mode::ZtunnelOneStream => "ztunnel-1stream",
+            Mode::InterceptorRelayBase => "interceptor-relay-base",
         }
     }
 
@@ -97,10 +102,11 @@ impl Mode {
             "interceptor-local" | "local" | "same-node-fast-path" => Mode::InterceptorLocal,
             "ztunnel" | "ztunnel-default" => Mode::ZtunnelDefault,
             "ztunnel-1stream" | "ztunnel-1" => Mode::ZtunnelOneStream,
+            "interceptor-relay-base" | "relay-base" | "baseline" => Mode::InterceptorRelayBase,
             other => {
                 bail!(
                     "unknown mode {other:?}: expected plaintext, ktls, relay, haproxy, skmsg, \
-                     relay-full, local, ztunnel or ztunnel-1stream"
+                     relay-full, local, ztunnel, ztunnel-1stream or relay-base"
                 )
             }
         })
@@ -118,6 +124,7 @@ impl Mode {
                 | Mode::InterceptorSkmsg
                 | Mode::InterceptorRelayFull
                 | Mode::InterceptorLocal
+                | Mode::InterceptorRelayBase
         )
     }
 
@@ -132,6 +139,8 @@ impl Mode {
 #[derive(Debug, Clone)]
 pub struct Env {
     pub agent_bin: Option<PathBuf>,
+    /// A second agent build for the `relay-base` mode (`--baseline-agent`).
+    pub baseline_agent_bin: Option<PathBuf>,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -160,6 +169,10 @@ pub fn availability(mode: Mode, env: &Env) -> Result<(), String> {
         Mode::ZtunnelDefault | Mode::ZtunnelOneStream => {
             crate::ztunnel::availability(env.ztunnel_bin.as_deref())
         }
+        Mode::InterceptorRelayBase => match env.baseline_agent_bin.as_deref() {
+            Some(bin) => agent_runnable(Some(bin)),
+            None => Err("unavailable (no --baseline-agent)".to_owned()),
+        },
         Mode::InterceptorKtls
         | Mode::InterceptorRelay
         | Mode::InterceptorSkmsg
@@ -313,7 +326,8 @@ pub fn start(mode: Mode, topo: &Topology, env: &Env, tag: &str) -> Result<Active
         | Mode::InterceptorRelay
         | Mode::InterceptorSkmsg
         | Mode::InterceptorRelayFull
-        | Mode::InterceptorLocal => start_agents(&mut active, topo, env, tag)?,
+        | Mode::InterceptorLocal
+        | Mode::InterceptorRelayBase => start_agents(&mut active, topo, env, tag)?,
         Mode::ZtunnelDefault | Mode::ZtunnelOneStream => {
             let bin = env.ztunnel_bin.as_deref().context("no ztunnel binary")?;
             active.expect_peer = IpAddr::V4(crate::ztunnel::expected_peer(topo));
@@ -612,7 +626,12 @@ fn peer(pod: &topology::Pod, sa: &'static str) -> PeerCfg {
 }
 
 fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> Result<()> {
-    let agent = env.agent_bin.as_deref().context("no agent binary")?;
+    let agent = if active.mode == Mode::InterceptorRelayBase {
+        env.baseline_agent_bin.as_deref()
+    } else {
+        env.agent_bin.as_deref()
+    }
+    .context("no agent binary")?;
     active.expect_peer = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
     let ktls = match active.mode {
         // `required`: a kernel that cannot take the keys fails the start instead of

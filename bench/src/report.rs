@@ -531,6 +531,7 @@ fn short(mode: Mode) -> &'static str {
         Mode::ZtunnelDefault => "ztunnel",
         Mode::ZtunnelOneStream => "ztunnel 1-stream",
         Mode::InterceptorLocal => "same-node fast path",
+        Mode::InterceptorRelayBase => "relay, baseline agent",
     }
 }
 

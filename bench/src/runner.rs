@@ -29,6 +29,8 @@ pub struct Plan {
     pub workloads: Vec<Workload>,
     pub layouts: Vec<Layout>,
     pub agent: Option<PathBuf>,
+    /// A second agent build for the `relay-base` mode.
+    pub baseline_agent: Option<PathBuf>,
     /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
     pub ztunnel: Option<PathBuf>,
     pub out: PathBuf,
@@ -76,6 +78,11 @@ pub fn run(plan: &Plan) -> Result<Report> {
     let pki = pki::create(&work_dir, agent.as_deref()).context("certificates")?;
     let env = Env {
         agent_bin: agent.clone(),
+        baseline_agent_bin: plan
+            .baseline_agent
+            .as_ref()
+            .filter(|a| a.is_file())
+            .map(|a| fs::canonicalize(a).unwrap_or_else(|_| a.clone())),
         ztunnel_bin: crate::ztunnel::binary(plan.ztunnel.as_deref())
             .map(|z| fs::canonicalize(&z).unwrap_or(z)),
         bench_bin: std::env::current_exe().context("own executable")?,

@@ -33,25 +33,47 @@ pub fn in_netns<T: Send + 'static>(
 /// thread there: enter, `socket()`, return. Costs two setns calls, far
 /// less than handing the work to a thread parked in the pod's namespace.
 pub fn tcp_socket_in(ns: BorrowedFd<'_>, v6: bool) -> io::Result<std::os::fd::OwnedFd> {
+    tcp_sockets_in(ns, v6, 1)?
+        .pop()
+        .ok_or_else(|| io::Error::other("no socket made"))
+}
+
+/// [`tcp_socket_in`] for `count` sockets (at least one) behind one pair of setns calls: a
+/// socket keeps the namespace it was made in, so a batch made now serves later dials from
+/// any thread.
+pub fn tcp_sockets_in(
+    ns: BorrowedFd<'_>,
+    v6: bool,
+    count: usize,
+) -> io::Result<Vec<std::os::fd::OwnedFd>> {
     use std::os::fd::FromRawFd as _;
     thread_local! {
         static HOME_NS: io::Result<File> = File::open("/proc/thread-self/ns/net");
     }
-    HOME_NS.with(|home| {
+    let made = HOME_NS.with(|home| {
         let home = home
             .as_ref()
             .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
         setns_net(ns)?;
         let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-        // SAFETY: plain socket(2) call; the returned fd is owned below.
-        let fd = unsafe {
-            libc::socket(
-                domain,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        let err = io::Error::last_os_error();
+        let mut made = Vec::with_capacity(count.max(1));
+        let mut failed = None;
+        while made.len() < count.max(1) {
+            // SAFETY: plain socket(2) call; the returned fd is owned below.
+            let fd = unsafe {
+                libc::socket(
+                    domain,
+                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                )
+            };
+            if fd < 0 {
+                failed = Some(io::Error::last_os_error());
+                break;
+            }
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            made.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        }
         // Always go home, even if socket() failed: this thread runs other pods' work next.
         if let Err(e) = setns_net(home.as_fd()) {
             // The runtime would catch a panic and keep this thread, still in the pod's
@@ -59,16 +81,17 @@ pub fn tcp_socket_in(ns: BorrowedFd<'_>, v6: bool) -> io::Result<std::os::fd::Ow
             tracing::error!("cannot return to the agent's own network namespace: {e}; aborting");
             std::process::abort();
         }
-        if fd < 0 {
-            return Err(err);
+        match failed {
+            Some(e) if made.is_empty() => Err(e),
+            _ => Ok(made),
         }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    })?;
+    for sock in &made {
         // Without the mark, programs attached at a parent cgroup holding the agent would
         // steer this socket's connect back to the agent (a loop), so no mark, no socket.
         set_mark(sock.as_fd(), interceptor_common::AGENT_SOCKET_MARK)?;
-        Ok(sock)
-    })
+    }
+    Ok(made)
 }
 
 /// Sets `SO_MARK` (needs CAP_NET_ADMIN).
@@ -87,6 +110,31 @@ pub fn set_mark(sock: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Sets `TCP_NODELAY`. On a listener it is inherited by every connection accepted from it.
+pub fn set_nodelay(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `sock` is an open socket and the option value is a valid c_int of the size
+    // passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `TCP_NODELAY` is set.
+pub fn nodelay(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(getsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_NODELAY)? != 0)
 }
 
 /// Moves the calling thread into the network namespace `ns`.
@@ -757,6 +805,18 @@ pub fn recv_with_fds(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent sets TCP_NODELAY once on its listeners instead of on every accepted
+    /// connection: this holds only if the kernel copies it to the accepted socket.
+    #[test]
+    fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let listener = tcp_listener((std::net::Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        set_nodelay(listener.as_fd()).unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(nodelay(accepted.as_fd()).unwrap());
+        assert!(!nodelay(client.as_fd()).unwrap());
+    }
 
     #[test]
     fn reserved_ports_merge_keeps_what_is_there() {

@@ -59,7 +59,6 @@ pub(super) async fn inbound<'a>(
 ) -> Result<Relay<'a>, Stop> {
     // sk_lookup delivered the connection unchanged: our local address is what the client dialed.
     let dst = client.local_addr()?;
-    client.set_nodelay(true)?;
     let generation = shared.policy.current();
     let wait = if generation.requires_mtls(source, dst) {
         Duration::from_millis(shared.tuning.handshake_timeout_ms)

@@ -70,7 +70,6 @@ pub(super) async fn outbound<'a>(
         reset(app);
         return Err(anyhow::anyhow!("no original destination recorded for this connection").into());
     };
-    app.set_nodelay(true)?;
     let generation = shared.policy.current();
     let source = SocketAddr::new(pod_ip(ctx, dst.is_ipv6()), app_addr.port());
     let plan = match generation.outbound(source.ip(), dst) {

@@ -85,6 +85,41 @@ pub(super) struct PodCtx {
     /// per source address).
     pub(super) outbound_limits: Arc<PodLimits>,
     pub(super) inbound_limits: Arc<PodLimits>,
+    /// Sockets made in the pod's netns ahead of its dials (see [`SocketStash`]).
+    pub(super) sockets: SocketStash,
+}
+
+/// How many sockets one trip into a pod's netns makes: the agent's thread enters the netns
+/// and leaves it again (two setns calls) once per this many dials instead of once per dial.
+const STASH_BATCH: usize = 8;
+
+/// Unconnected sockets made in one pod's netns, per address family. A socket keeps the
+/// netns it was made in, so dials take one from here and only an empty stash costs a trip
+/// into the netns ([`sys::tcp_sockets_in`]). At most `STASH_BATCH - 1` sockets wait per
+/// family (an unconnected TCP socket is a few KB of kernel memory and one descriptor); they
+/// close with the pod's context.
+#[derive(Default)]
+pub(super) struct SocketStash {
+    v4: std::sync::Mutex<Vec<OwnedFd>>,
+    v6: std::sync::Mutex<Vec<OwnedFd>>,
+}
+
+impl SocketStash {
+    fn take(&self, netns: &std::fs::File, v6: bool) -> std::io::Result<OwnedFd> {
+        let slot = if v6 { &self.v6 } else { &self.v4 };
+        let mut stash = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(sock) = stash.pop() {
+            return Ok(sock);
+        }
+        let mut batch = sys::tcp_sockets_in(netns.as_fd(), v6, STASH_BATCH)?;
+        let sock = batch
+            .pop()
+            .ok_or_else(|| std::io::Error::other("no socket made"))?;
+        *stash = batch;
+        Ok(sock)
+    }
 }
 
 /// Opens the pod's listeners inside its netns, registers it with the datapath and starts
@@ -177,6 +212,7 @@ pub fn enroll(
             netns_cookie,
             outbound_limits: pod_limits(&shared.tuning),
             inbound_limits: pod_limits(&shared.tuning),
+            sockets: SocketStash::default(),
         });
         shared.start_log_flush();
         if shared.tuning.same_node_fast_path {
@@ -194,6 +230,9 @@ pub fn enroll(
             )
         {
             l.set_nonblocking(true)?;
+            // Inherited by every accepted connection (the app's and the peer agent's legs),
+            // so no setsockopt per connection. Set on handed-over listeners too.
+            sys::set_nodelay(l.as_fd())?;
             let at = l.local_addr()?;
             copies.push((
                 ListenerSpec {
@@ -428,7 +467,7 @@ fn admit(
 
 /// A socket in the pod's netns, so the connection leaves with the pod's address.
 fn pod_socket(ctx: &PodCtx, v6: bool) -> anyhow::Result<TcpSocket> {
-    let fd: OwnedFd = sys::tcp_socket_in(ctx.netns.as_fd(), v6)?;
+    let fd: OwnedFd = ctx.sockets.take(&ctx.netns, v6)?;
     Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
 }
 
