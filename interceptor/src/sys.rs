@@ -89,6 +89,25 @@ pub fn set_mark(sock: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets `SO_RCVLOWAT`; the kernel re-checks the receive queue against it at once, which
+/// wakes whatever reads the socket (a psock's verdict included) if bytes are waiting.
+pub fn set_rcvlowat(sock: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: `sock` is an open socket and the option value is a valid int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Moves the calling thread into the network namespace `ns`.
 pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `ns` is a valid open fd for the lifetime of the call; CLONE_NEWNET restricts the
