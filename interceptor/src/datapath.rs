@@ -36,7 +36,8 @@ pub const CGROUP_PROGRAMS: [&str; 6] = [
     "intercept_getpeername6",
 ];
 pub const SK_LOOKUP_PROGRAM: &str = "intercept_sk_lookup";
-/// The kernel-only leg joins [`LegJoins`] measures; the agent never loads them.
+/// The kernel-only leg joins [`LegJoins`] measures; the agent never loads them, and the
+/// probe does not report them (a kernel without them lacks nothing the agent uses).
 const LEG_JOIN_PROGRAMS: [&str; 2] = ["join_legs_skb", "join_legs_msg"];
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +246,7 @@ pub fn probe_programs() -> Result<Vec<ProgramReport>> {
     let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Load)?;
     let mut reports: Vec<ProgramReport> = ebpf
         .programs_mut()
+        .filter(|(name, _)| !LEG_JOIN_PROGRAMS.contains(name))
         .map(|(name, p)| ProgramReport {
             name: name.to_owned(),
             kind: kind_of(p),
