@@ -7,6 +7,7 @@
 pub mod apps;
 pub mod handoff;
 pub mod kx;
+pub mod legs;
 pub mod micro;
 pub mod modes;
 pub mod pki;

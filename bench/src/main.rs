@@ -102,6 +102,18 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/scaling")]
         out: PathBuf,
     },
+    /// The same-node fast path's two loopback legs joined by splice, by an sk_skb verdict
+    /// and by sk_msg, side by side (root): 64 B round trips.
+    LegsProbe {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Comma separated subset of: direct, splice, sk_skb, sk_msg.
+        #[arg(long, value_delimiter = ',')]
+        variants: Vec<String>,
+    },
     /// One GET on a new connection; prints the body.
     HttpGet {
         #[arg(long)]
@@ -224,6 +236,21 @@ fn real_main() -> Result<()> {
             }
             runner::write(&report, &dir)?;
             println!("{}", report.markdown());
+            Ok(())
+        }
+        Cmd::LegsProbe {
+            secs,
+            rounds,
+            mut variants,
+        } => {
+            if variants.is_empty() {
+                variants = interceptor_bench::legs::VARIANTS
+                    .map(str::to_owned)
+                    .to_vec();
+            }
+            let samples = interceptor_bench::legs::run(secs, rounds, &variants)?;
+            println!("{}", serde_json::to_string(&samples)?);
+            print!("{}", interceptor_bench::legs::markdown(&samples, &variants));
             Ok(())
         }
         Cmd::Kx { secs, rounds, json } => {

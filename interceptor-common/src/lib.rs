@@ -32,6 +32,13 @@ pub mod maps {
     /// created with the LOCAL_LEGS entry and removed when the socket closes. See
     /// [`crate::SKMSG_LEG_BUDGET`].
     pub const LEG_BYTES: &str = "LEG_BYTES";
+    /// Kernel-only leg joins, measured by `interceptor-bench legs-probe` (not used by the
+    /// agent): `socket cookie of one leg → the other leg`, with the stream verdict attached.
+    pub const JOIN_SKB: &str = "JOIN_SKB";
+    /// Leg joins by sk_msg: `LegKey → app socket`, with the sk_msg join program attached.
+    pub const JOIN_MSG: &str = "JOIN_MSG";
+    /// Leg joins by sk_msg: `LegKey of an app socket → the leg its bytes leave by`.
+    pub const JOIN_MSG_PEERS: &str = "JOIN_MSG_PEERS";
     /// Per-CPU counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// sk_lookup: `pod address → slot` of the agent's inbound listener for that pod.

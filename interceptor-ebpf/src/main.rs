@@ -4,14 +4,17 @@
 #![no_main]
 
 mod connect;
+mod legs;
 mod lookup;
 mod maps;
 mod skmsg;
 mod sockops;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, sk_lookup, sk_msg, sock_ops},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sk_lookup, sk_msg, sock_ops, stream_verdict},
+    programs::{
+        SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext,
+    },
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -58,6 +61,18 @@ pub fn intercept_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[sk_msg]
 pub fn intercept_sk_msg(ctx: SkMsgContext) -> u32 {
     skmsg::on_msg(&ctx)
+}
+
+/// Attached to JOIN_SKB by the leg-join measurement only; redirects or passes, never drops.
+#[stream_verdict]
+pub fn join_legs_skb(ctx: SkBuffContext) -> u32 {
+    legs::on_skb(&ctx)
+}
+
+/// Attached to JOIN_MSG by the leg-join measurement only; redirects or passes, never drops.
+#[sk_msg]
+pub fn join_legs_msg(ctx: SkMsgContext) -> u32 {
+    legs::on_msg(&ctx)
 }
 
 #[cfg(not(test))]

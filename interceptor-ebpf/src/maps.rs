@@ -49,6 +49,19 @@ pub static LOCAL_LEGS: SockHash<LegKey> = SockHash::with_max_entries(MAX_PENDING
 #[map(name = "LEG_BYTES")]
 pub static LEG_BYTES: HashMap<LegKey, u64> = HashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
 
+/// Kernel-only leg joins (`legs.rs`): `cookie of one leg → the other leg`; the stream
+/// verdict is attached here, so every socket in it is judged.
+#[map(name = "JOIN_SKB")]
+pub static JOIN_SKB: SockHash<u64> = SockHash::with_max_entries(MAX_PENDING_FLOWS, 0);
+
+/// `LegKey of an app's socket → that socket`: the sk_msg join program is attached here.
+#[map(name = "JOIN_MSG")]
+pub static JOIN_MSG: SockHash<LegKey> = SockHash::with_max_entries(MAX_PENDING_FLOWS, 0);
+
+/// `LegKey of an app's socket → the agent's leg its bytes go out of`; no program attached.
+#[map(name = "JOIN_MSG_PEERS")]
+pub static JOIN_MSG_PEERS: SockHash<LegKey> = SockHash::with_max_entries(MAX_PENDING_FLOWS, 0);
+
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 

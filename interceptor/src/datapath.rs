@@ -6,7 +6,7 @@ use std::{
     collections::HashMap as StdHashMap,
     fs::File,
     net::{IpAddr, SocketAddr},
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -36,6 +36,9 @@ pub const CGROUP_PROGRAMS: [&str; 6] = [
     "intercept_getpeername6",
 ];
 pub const SK_LOOKUP_PROGRAM: &str = "intercept_sk_lookup";
+/// The kernel-only leg joins [`LegJoins`] measures; the agent never loads them, and the
+/// probe does not report them (a kernel without them lacks nothing the agent uses).
+const LEG_JOIN_PROGRAMS: [&str; 2] = ["join_legs_skb", "join_legs_msg"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -243,6 +246,7 @@ pub fn probe_programs() -> Result<Vec<ProgramReport>> {
     let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Load)?;
     let mut reports: Vec<ProgramReport> = ebpf
         .programs_mut()
+        .filter(|(name, _)| !LEG_JOIN_PROGRAMS.contains(name))
         .map(|(name, p)| ProgramReport {
             name: name.to_owned(),
             kind: kind_of(p),
@@ -269,6 +273,11 @@ where
 {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn sock_hash<K: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<SockHash<MapData, K>> {
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    SockHash::try_from(map).map_err(map_err(name))
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
@@ -313,6 +322,9 @@ impl Datapath {
             }
         }
         for (name, p) in ebpf.programs_mut() {
+            if LEG_JOIN_PROGRAMS.contains(&name) {
+                continue;
+            }
             load_program(p).map_err(|source| DatapathError::Program {
                 name: name.to_owned(),
                 source,
@@ -996,6 +1008,96 @@ pub fn socket_addr(a: SockAddr) -> SocketAddr {
             o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
         SocketAddr::new(IpAddr::from(o), port)
+    }
+}
+
+/// Two plain TCP legs joined inside the kernel, for measuring against the splice relay
+/// (`interceptor-bench legs-probe`, ARCHITECTURE.md "Same-node fast path"). Its own copy of
+/// the object: nothing of the agent's maps or links is touched.
+pub struct LegJoins {
+    _ebpf: Ebpf,
+    skb: SockHash<MapData, u64>,
+    msg: SockHash<MapData, LegKey>,
+    msg_peers: SockHash<MapData, LegKey>,
+}
+
+impl LegJoins {
+    /// Loads the two join programs and attaches each to its map.
+    pub fn load() -> Result<Self> {
+        raise_memlock();
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        let skb: SockHash<MapData, u64> = sock_hash(&mut ebpf, maps::JOIN_SKB)?;
+        let msg: SockHash<MapData, LegKey> = sock_hash(&mut ebpf, maps::JOIN_MSG)?;
+        let msg_peers = sock_hash(&mut ebpf, maps::JOIN_MSG_PEERS)?;
+        let program_error = |name: &'static str| {
+            move |source| DatapathError::Program {
+                name: name.to_owned(),
+                source,
+            }
+        };
+        let name = LEG_JOIN_PROGRAMS[0];
+        let verdict: &mut aya::programs::SkSkb = ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::NotLoaded)
+            .and_then(TryInto::try_into)
+            .map_err(program_error(name))?;
+        verdict.load().map_err(program_error(name))?;
+        verdict.attach(skb.fd()).map_err(program_error(name))?;
+        let name = LEG_JOIN_PROGRAMS[1];
+        let sk_msg: &mut aya::programs::SkMsg = ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::NotLoaded)
+            .and_then(TryInto::try_into)
+            .map_err(program_error(name))?;
+        sk_msg.load().map_err(program_error(name))?;
+        sk_msg.attach(msg.fd()).map_err(program_error(name))?;
+        Ok(LegJoins {
+            _ebpf: ebpf,
+            skb,
+            msg,
+            msg_peers,
+        })
+    }
+
+    /// What `a` receives leaves by `b` and the other way round, by the stream verdict. Bytes
+    /// `a` or `b` already hold are judged at their next wake-up; `SO_RCVLOWAT` is set again
+    /// to cause one.
+    pub fn join_skb(&mut self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<()> {
+        let cookie = |fd| crate::sys::socket_cookie(fd).map_err(DatapathError::Sys);
+        let (ca, cb) = (cookie(a)?, cookie(b)?);
+        self.skb
+            .insert(ca, b.as_raw_fd(), 0)
+            .map_err(map_err(maps::JOIN_SKB))?;
+        self.skb
+            .insert(cb, a.as_raw_fd(), 0)
+            .map_err(map_err(maps::JOIN_SKB))?;
+        for fd in [a, b] {
+            crate::sys::set_rcvlowat(fd, 1).map_err(DatapathError::Sys)?;
+        }
+        Ok(())
+    }
+
+    /// What the app's socket `app` (bound to `local`, connected to `remote`) sends leaves
+    /// by `out`, by sk_msg in the app's `sendmsg`.
+    pub fn join_msg(
+        &mut self,
+        app: BorrowedFd<'_>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        out: BorrowedFd<'_>,
+    ) -> Result<()> {
+        let key = LegKey {
+            netns_cookie: crate::sys::netns_cookie(app).map_err(DatapathError::Sys)?,
+            local: sock_addr(local),
+            remote: sock_addr(remote),
+        };
+        self.msg_peers
+            .insert(key, out.as_raw_fd(), 0)
+            .map_err(map_err(maps::JOIN_MSG_PEERS))?;
+        self.msg
+            .insert(key, app.as_raw_fd(), 0)
+            .map_err(map_err(maps::JOIN_MSG))?;
+        Ok(())
     }
 }
 

@@ -96,45 +96,32 @@ pub fn tcp_sockets_in(
 
 /// Sets `SO_MARK` (needs CAP_NET_ADMIN).
 pub fn set_mark(sock: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
-    // SAFETY: `sock` is an open socket and the option value is a valid u32 of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&raw const mark).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt(sock, libc::SOL_SOCKET, libc::SO_MARK, &mark)
 }
 
 /// Sets `TCP_NODELAY`. On a listener it is inherited by every connection accepted from it.
 pub fn set_nodelay(sock: BorrowedFd<'_>) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `sock` is an open socket and the option value is a valid c_int of the size
-    // passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
 }
 
 /// Whether `TCP_NODELAY` is set.
 pub fn nodelay(sock: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(getsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_NODELAY)? != 0)
+}
+
+/// Sets `SO_RCVLOWAT`; the kernel re-checks the receive queue against it at once, which
+/// wakes whatever reads the socket (a psock's verdict included) if bytes are waiting.
+pub fn set_rcvlowat(sock: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+fn setsockopt_int(
+    sock: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    setsockopt(sock, level, name, &value)
 }
 
 /// Moves the calling thread into the network namespace `ns`.
@@ -222,6 +209,26 @@ fn getsockopt<T: SockoptValue>(
     };
     if rc == 0 {
         Ok(len as usize)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `setsockopt(2)` with a plain value of its own size.
+fn setsockopt<T>(sock: BorrowedFd<'_>, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: `sock` is an open socket for the duration of the call and `value` is valid for
+    // reads of `size_of::<T>()` bytes, the length passed; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
     } else {
         Err(io::Error::last_os_error())
     }
@@ -469,21 +476,7 @@ pub fn tcp_bytes_queued(sock: BorrowedFd<'_>) -> io::Result<u64> {
 /// time only has to make the 4-tuple unique, and may take over a TIME_WAIT socket on a
 /// loopback address (`tcp_tw_reuse`, default 2).
 pub fn bind_address_no_port(sock: BorrowedFd<'_>) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `sock` is an open socket and the option value is a valid int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_int(sock, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
 }
 
 /// Resizes a pipe (`F_SETPIPE_SZ`) and returns the size the kernel chose (it rounds up to a
@@ -514,22 +507,7 @@ pub fn set_zero_linger(sock: BorrowedFd<'_>) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: `sock` is an open descriptor for the duration of the call and the option value
-    // is a valid `linger` of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt(sock, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
 }
 
 /// Where the calling thread's network namespace keeps its reserved local ports (the sysctl is
