@@ -9,6 +9,7 @@ pub mod apiserver;
 pub mod apps;
 pub mod crypto;
 pub mod demo;
+pub mod digest;
 pub mod flood;
 pub mod identity;
 pub mod mesh;

@@ -5,14 +5,32 @@ use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::SocketAddr,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use sha2::{Digest as _, Sha256};
+use interceptor::{
+    config::{Config, HandoverSettings, Ttl},
+    intercept::table::Protection,
+};
 
-use crate::topology::Pod;
+use crate::{
+    agent::{PinCleanup, workload},
+    apps::random_payload,
+    crypto::tls_stat,
+    digest::Sha256,
+    in_vm,
+    process::AgentProcess,
+    require_privileged,
+    scenario::{Cluster, Scenario, expected_protection},
+    topology::Pod,
+    wire::{Capture, assert_no_plaintext},
+};
+
+/// The echo server's port in the server pod.
+pub const ECHO_PORT: u16 = 9000;
 
 /// What the echo server received on one flow (by the id the flow starts with): bytes and
 /// SHA-256, recorded when the client half-closes.
@@ -48,7 +66,7 @@ pub fn echo_server(pod: &Pod, port: u16) -> Received {
                     n += k;
                     conn.write_all(&buf[..k])?;
                 }
-                let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                let hex = h.hex();
                 rec.lock()
                     .expect("echo records")
                     .insert(u64::from_be_bytes(id), (n, hex));
@@ -74,10 +92,13 @@ pub struct FlowResult {
 pub struct Flows {
     child: Child,
     out: BufReader<std::process::ChildStdout>,
+    /// Closing it ends the transfers before their time ([`Flows::stop`]).
+    stdin: Option<std::process::ChildStdin>,
 }
 
 impl Flows {
-    /// Starts `n` flows to `dst` for `secs` seconds; returns once all are connected.
+    /// Starts `n` flows to `dst` for `secs` seconds; returns once every flow is set up end to
+    /// end (its id echoed back), when the transfers start.
     pub fn start(
         mut cmd: Command,
         dst: SocketAddr,
@@ -90,13 +111,20 @@ impl Flows {
             .arg(n.to_string())
             .arg(secs.to_string())
             .arg(payload)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn upgrade_load flows");
+        let stdin = child.stdin.take();
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         out.read_line(&mut line).expect("upgrade_load output");
         assert_eq!(line.trim(), "started", "upgrade_load flows said {line:?}");
-        Flows { child, out }
+        Flows { child, out, stdin }
+    }
+
+    /// Ends the transfers now: every flow half-closes and reads the rest of its echo.
+    pub fn stop(&mut self) {
+        self.stdin = None;
     }
 
     /// Whether the client is still running (its flows not all done).
@@ -179,26 +207,38 @@ pub fn assert_intact(results: &[FlowResult], n: usize, received: &Received) {
 }
 
 /// A running `upgrade_load loop` client.
-pub struct Churn(Child);
+pub struct Churn {
+    child: Child,
+    /// Closing it ends the loop before its time ([`Churn::stop`]).
+    stdin: Option<std::process::ChildStdin>,
+}
 
 impl Churn {
     pub fn start(mut cmd: Command, dst: SocketAddr, secs: f64) -> Churn {
         cmd.arg("loop")
             .arg(dst.to_string())
             .arg(secs.to_string())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        Churn(cmd.spawn().expect("spawn upgrade_load loop"))
+        let mut child = cmd.spawn().expect("spawn upgrade_load loop");
+        let stdin = child.stdin.take();
+        Churn { child, stdin }
+    }
+
+    /// Ends the loop after the connection in progress.
+    pub fn stop(&mut self) {
+        self.stdin = None;
     }
 
     /// `(connections that worked, that failed, the first errors)`.
     pub fn finish(mut self, limit: Duration) -> (u64, u64, Vec<String>) {
         let deadline = Instant::now() + limit;
-        while self.0.try_wait().expect("wait").is_none() {
+        while self.child.try_wait().expect("wait").is_none() {
             assert!(Instant::now() < deadline, "the connection loop did not end");
             std::thread::sleep(Duration::from_millis(50));
         }
         let mut out = String::new();
-        self.0
+        self.child
             .stdout
             .take()
             .expect("stdout")
@@ -223,7 +263,201 @@ impl Churn {
 
 impl Drop for Churn {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// One node, a client and a server pod, an echo server, and the agent's config with a
+/// handover socket; everything removed when dropped (pins included).
+pub struct Bench {
+    pub scenario: Scenario,
+    _cluster: Cluster,
+    pub cfg: Config,
+    pub file: PathBuf,
+    pub payload: Vec<u8>,
+    pub payload_file: PathBuf,
+    pub received: Received,
+    pub dst: SocketAddr,
+    load: String,
+    _pins: PinCleanup,
+}
+
+impl Bench {
+    /// `load`: the `upgrade_load` program as the pods run it.
+    pub fn new(node: u8, tag: &str, drain: Duration, load: &str) -> Bench {
+        require_privileged();
+        let scenario = Scenario::new(node, &format!("{tag}c"), &format!("{tag}s"));
+        let cluster = Cluster::new(tag);
+        let mut cfg = cluster.config(
+            vec![
+                workload(&scenario.client, "up", "client"),
+                workload(&scenario.server, "up", "server"),
+            ],
+            vec![],
+        );
+        // The echo app never speaks first: a client agent slowed by a loaded machine must not
+        // have its mTLS flow taken for plaintext after the default 200 ms.
+        cfg.tuning.first_byte_wait_ms = 5_000;
+        // 100 handshakes at once under TCG (the VMs) take longer than the default 5 s.
+        if in_vm() {
+            cfg.tuning.handshake_timeout_ms = 30_000;
+        }
+        cfg.handover = Some(HandoverSettings {
+            socket: cluster.scratch.0.join("handover").join("handover.sock"),
+            drain_window: Ttl(drain),
+        });
+        let pins = PinCleanup(cfg.bpffs.clone());
+        let file = cluster.scratch.0.join("node.yaml");
+        let payload = random_payload(1 << 20);
+        let payload_file = cluster.scratch.0.join("payload");
+        std::fs::write(&payload_file, &payload).expect("write payload");
+        let received = echo_server(&scenario.server, ECHO_PORT);
+        let dst = SocketAddr::from((scenario.server.ip, ECHO_PORT));
+        Bench {
+            scenario,
+            _cluster: cluster,
+            cfg,
+            file,
+            payload,
+            payload_file,
+            received,
+            dst,
+            load: load.to_owned(),
+            _pins: pins,
+        }
+    }
+
+    pub fn start(&self, args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
+        AgentProcess::start_with(&self.cfg, &self.file, args, env)
+    }
+
+    pub fn takeover(&self, env: &[(&str, &str)]) -> AgentProcess {
+        self.start(&["--takeover"], env)
+    }
+
+    pub fn capture(&self) -> Capture {
+        Capture::start_in(&self.scenario.node.ns.path(), &self.scenario.server.host_if)
+    }
+
+    pub fn flows(&self, n: usize, secs: f64) -> Flows {
+        Flows::start(
+            self.scenario.client.command(&self.load),
+            self.dst,
+            n,
+            secs,
+            &self.payload_file,
+        )
+    }
+
+    pub fn churn(&self, secs: f64) -> Churn {
+        Churn::start(self.scenario.client.command(&self.load), self.dst, secs)
+    }
+
+    /// Waits until a mesh connection works (the first one mints both leaves).
+    pub fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (ok, _, _) = self.churn(0.2).finish(Duration::from_secs(20));
+            if ok > 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no flow served");
+        }
+    }
+
+    /// A short loop of new connections that must all work.
+    pub fn assert_serving(&self, what: &str) {
+        let (ok, failed, errors) = self.churn(0.5).finish(Duration::from_secs(20));
+        assert!(
+            ok > 0 && failed == 0,
+            "{what}: {ok} connections worked, {failed} failed: {errors:?}"
+        );
+    }
+
+    pub fn assert_no_plaintext(&self, capture: Capture) {
+        let frames = capture.stop();
+        assert_no_plaintext(&frames, &self.payload);
+    }
+}
+
+/// Whether open flows move to the new agent here: kTLS flows do (the VMs), userspace-relay
+/// flows stay in the old agent (the host).
+pub fn flows_move() -> bool {
+    expected_protection() == Protection::Ktls
+}
+
+/// Open flows the agent lists as handed over by its predecessor (two rows per connection:
+/// the client pod's outbound flow and the server pod's inbound one).
+pub fn handed_over(agent: &AgentProcess) -> usize {
+    agent
+        .flows()
+        .iter()
+        .filter(|r| r.handed_over && !r.closed)
+        .count()
+}
+
+/// Waits until `agent` lists `want` handed-over flows.
+pub fn await_handed_over(agent: &AgentProcess, want: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(if in_vm() { 120 } else { 30 });
+    loop {
+        let got = handed_over(agent);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the new agent lists {got} handed-over flows, not {want}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `agent` relays `want` open flows with kTLS (set-up done: only those move).
+pub fn await_ktls_flows(agent: &AgentProcess, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = agent
+            .flows()
+            .iter()
+            .filter(|r| !r.closed && r.protection == Protection::Ktls)
+            .count();
+        if got >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{got} open kTLS flows, not the {want} expected"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The kTLS counters of both pods' netns.
+pub fn tls_sockets(b: &Bench) -> [HashMap<String, u64>; 2] {
+    [tls_stat(&b.scenario.client), tls_stat(&b.scenario.server)]
+}
+
+/// The old agent exits once its flows are done (well before its drain window).
+pub fn assert_exits(agent: &mut AgentProcess, limit: Duration, what: &str) {
+    let status = agent.wait_exit(limit);
+    assert!(status.is_some(), "{what} still running after {limit:?}");
+}
+
+/// `handover.predecessor_flows` of `flows --stats`.
+pub fn predecessor_flows(agent: &AgentProcess) -> u64 {
+    agent
+        .stats()
+        .get("handover.predecessor_flows")
+        .copied()
+        .expect("handover.predecessor_flows in flows --stats")
+}
+
+pub fn assert_churn_clean(churn: Churn, what: &str) -> u64 {
+    let (ok, failed, errors) = churn.finish(Duration::from_secs(30));
+    assert!(
+        failed == 0 && ok > 10,
+        "{what}: {ok} new connections worked, {failed} failed: {errors:?}"
+    );
+    ok
 }

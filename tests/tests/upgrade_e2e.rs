@@ -9,28 +9,15 @@
 //! half-way, when the protocol versions differ by one either way (upgrade and rollback), for
 //! five upgrades in a row, and for SIGTERM without a successor (drain).
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
-
-use interceptor::{
-    config::{Config, HandoverSettings, Ttl},
-    intercept::table::Protection,
-};
 use interceptor_tests::{
-    agent::{PinCleanup, workload},
-    apps::random_payload,
-    crypto::tls_stat,
     in_vm,
     process::AgentProcess,
-    require_privileged,
-    scenario::{Cluster, Scenario, expected_protection},
-    upgrade::{Churn, Flows, Received, assert_intact, echo_server},
-    wire::{Capture, assert_no_plaintext},
+    upgrade::{
+        Bench, assert_churn_clean, assert_exits, assert_intact, await_handed_over,
+        await_ktls_flows, flows_move, handed_over, predecessor_flows, tls_sockets,
+    },
 };
 
 /// The load client: built beside this suite, installed at `/bin` in the VM guest.
@@ -41,7 +28,6 @@ fn load() -> &'static str {
         env!("CARGO_BIN_EXE_upgrade_load")
     }
 }
-const PORT: u16 = 9000;
 /// Flows open across each upgrade on the host. Under TCG on a loaded machine 100 mTLS
 /// handshakes at once do not finish within the load client's 20 s read timeout, so the VMs
 /// run fewer.
@@ -52,200 +38,9 @@ fn flows_n() -> usize {
     if in_vm() { VM_FLOWS } else { HOST_FLOWS }
 }
 
-/// One node, a client and a server pod, an echo server, and the agent's config with a
-/// handover socket; everything removed when dropped (pins included).
-struct Bench {
-    scenario: Scenario,
-    _cluster: Cluster,
-    cfg: Config,
-    file: PathBuf,
-    payload: Vec<u8>,
-    payload_file: PathBuf,
-    received: Received,
-    dst: SocketAddr,
-    _pins: PinCleanup,
-}
-
-impl Bench {
-    fn new(node: u8, tag: &str, drain: Duration) -> Bench {
-        require_privileged();
-        let scenario = Scenario::new(node, &format!("{tag}c"), &format!("{tag}s"));
-        let cluster = Cluster::new(tag);
-        let mut cfg = cluster.config(
-            vec![
-                workload(&scenario.client, "up", "client"),
-                workload(&scenario.server, "up", "server"),
-            ],
-            vec![],
-        );
-        // The echo app never speaks first: a client agent slowed by a loaded machine must not
-        // have its mTLS flow taken for plaintext after the default 200 ms.
-        cfg.tuning.first_byte_wait_ms = 5_000;
-        // 100 handshakes at once under TCG (the VMs) take longer than the default 5 s.
-        if in_vm() {
-            cfg.tuning.handshake_timeout_ms = 30_000;
-        }
-        cfg.handover = Some(HandoverSettings {
-            socket: cluster.scratch.0.join("handover").join("handover.sock"),
-            drain_window: Ttl(drain),
-        });
-        let pins = PinCleanup(cfg.bpffs.clone());
-        let file = cluster.scratch.0.join("node.yaml");
-        let payload = random_payload(1 << 20);
-        let payload_file = cluster.scratch.0.join("payload");
-        std::fs::write(&payload_file, &payload).expect("write payload");
-        let received = echo_server(&scenario.server, PORT);
-        let dst = SocketAddr::from((scenario.server.ip, PORT));
-        Bench {
-            scenario,
-            _cluster: cluster,
-            cfg,
-            file,
-            payload,
-            payload_file,
-            received,
-            dst,
-            _pins: pins,
-        }
-    }
-
-    fn start(&self, args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
-        AgentProcess::start_with(&self.cfg, &self.file, args, env)
-    }
-
-    fn takeover(&self, env: &[(&str, &str)]) -> AgentProcess {
-        self.start(&["--takeover"], env)
-    }
-
-    fn capture(&self) -> Capture {
-        Capture::start_in(&self.scenario.node.ns.path(), &self.scenario.server.host_if)
-    }
-
-    fn flows(&self, n: usize, secs: f64) -> Flows {
-        Flows::start(
-            self.scenario.client.command(load()),
-            self.dst,
-            n,
-            secs,
-            &self.payload_file,
-        )
-    }
-
-    fn churn(&self, secs: f64) -> Churn {
-        Churn::start(self.scenario.client.command(load()), self.dst, secs)
-    }
-
-    /// Waits until a mesh connection works (the first one mints both leaves).
-    fn wait_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (ok, _, _) = self.churn(0.2).finish(Duration::from_secs(20));
-            if ok > 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no flow served");
-        }
-    }
-
-    /// A short loop of new connections that must all work.
-    fn assert_serving(&self, what: &str) {
-        let (ok, failed, errors) = self.churn(0.5).finish(Duration::from_secs(20));
-        assert!(
-            ok > 0 && failed == 0,
-            "{what}: {ok} connections worked, {failed} failed: {errors:?}"
-        );
-    }
-
-    fn assert_no_plaintext(&self, capture: Capture) {
-        let frames = capture.stop();
-        assert_no_plaintext(&frames, &self.payload);
-    }
-}
-
-/// Whether open flows move to the new agent here: kTLS flows do (the VMs), userspace-relay
-/// flows stay in the old agent (the host).
-fn flows_move() -> bool {
-    expected_protection() == Protection::Ktls
-}
-
-/// Open flows the agent lists as handed over by its predecessor (two rows per connection:
-/// the client pod's outbound flow and the server pod's inbound one).
-fn handed_over(agent: &AgentProcess) -> usize {
-    agent
-        .flows()
-        .iter()
-        .filter(|r| r.handed_over && !r.closed)
-        .count()
-}
-
-/// Waits until `agent` lists `want` handed-over flows.
-fn await_handed_over(agent: &AgentProcess, want: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = handed_over(agent);
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the new agent lists {got} handed-over flows, not {want}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Waits until `agent` relays `want` open flows with kTLS (set-up done: only those move).
-fn await_ktls_flows(agent: &AgentProcess, want: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = agent
-            .flows()
-            .iter()
-            .filter(|r| !r.closed && r.protection == Protection::Ktls)
-            .count();
-        if got >= want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{got} open kTLS flows, not the {want} expected"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The kTLS counters of both pods' netns.
-fn tls_sockets(b: &Bench) -> [HashMap<String, u64>; 2] {
-    [tls_stat(&b.scenario.client), tls_stat(&b.scenario.server)]
-}
-
-/// The old agent exits once its flows are done (well before its drain window).
-fn assert_exits(agent: &mut AgentProcess, limit: Duration, what: &str) {
-    let status = agent.wait_exit(limit);
-    assert!(status.is_some(), "{what} still running after {limit:?}");
-}
-
-/// `handover.predecessor_flows` of `flows --stats`.
-fn predecessor_flows(agent: &AgentProcess) -> u64 {
-    agent
-        .stats()
-        .get("handover.predecessor_flows")
-        .copied()
-        .expect("handover.predecessor_flows in flows --stats")
-}
-
-fn assert_churn_clean(churn: Churn, what: &str) -> u64 {
-    let (ok, failed, errors) = churn.finish(Duration::from_secs(30));
-    assert!(
-        failed == 0 && ok > 10,
-        "{what}: {ok} new connections worked, {failed} failed: {errors:?}"
-    );
-    ok
-}
-
 #[test]
 fn upgrade_under_load_keeps_every_flow_and_refuses_no_connection() {
-    let b = Bench::new(94, "upa", Duration::from_secs(30));
+    let b = Bench::new(94, "upa", Duration::from_secs(30), load());
     let mut old = b.start(&[], &[]);
     b.wait_serving();
     let capture = b.capture();
@@ -344,7 +139,7 @@ fn assert_ktls_sockets_survive(b: &Bench, mut old: AgentProcess) {
 
 #[test]
 fn killing_the_new_agent_mid_handover_leaves_the_old_one_serving() {
-    let b = Bench::new(95, "upk", Duration::from_secs(30));
+    let b = Bench::new(95, "upk", Duration::from_secs(30), load());
     let mut old = b.start(&[], &[]);
     b.wait_serving();
     let capture = b.capture();
@@ -373,7 +168,7 @@ fn killing_the_new_agent_mid_handover_leaves_the_old_one_serving() {
 
 #[test]
 fn handover_between_protocol_versions_upgrade_rollback_and_fallback() {
-    let b = Bench::new(96, "upv", Duration::from_secs(30));
+    let b = Bench::new(96, "upv", Duration::from_secs(30), load());
     // N → N+1: an agent speaking only 1 hands over to one speaking 1-2 (they agree on 1).
     let mut old = b.start(&[], &[("INTERCEPTOR_HANDOVER_VERSIONS", "1")]);
     b.wait_serving();
@@ -410,7 +205,7 @@ fn handover_between_protocol_versions_upgrade_rollback_and_fallback() {
 
 #[test]
 fn five_upgrades_in_a_row_under_load() {
-    let b = Bench::new(97, "up5", Duration::from_secs(30));
+    let b = Bench::new(97, "up5", Duration::from_secs(30), load());
     let mut agents = vec![b.start(&[], &[])];
     b.wait_serving();
     let capture = b.capture();
@@ -452,7 +247,7 @@ fn five_upgrades_in_a_row_under_load() {
 #[test]
 fn sigterm_without_a_successor_serves_through_the_drain_window_then_fails_closed() {
     let window = Duration::from_secs(5);
-    let b = Bench::new(98, "upd", window);
+    let b = Bench::new(98, "upd", window, load());
     let mut agent = b.start(&[], &[]);
     b.wait_serving();
     let capture = b.capture();

@@ -9,7 +9,7 @@ use crate::{deploy, fuzz, run, vm};
 
 /// Test targets of `interceptor-tests` that need kernel TLS: they run only in the VM (and fail
 /// loudly if started on a host without the `tls` ULP).
-const VM_ONLY: &[&str] = &["ktls_guards", "relay_ktls", "crypto_ktls"];
+const VM_ONLY: &[&str] = &["ktls_guards", "relay_ktls", "crypto_ktls", "upgrade_ktls"];
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct TestArgs {

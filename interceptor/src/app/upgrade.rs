@@ -306,10 +306,12 @@ impl Source for Handing {
         let asked = parking.len();
         let mut parked = Vec::with_capacity(asked);
         for p in parking {
-            // The relay parks at its next poll, which the request itself wakes.
+            // The relay parks at its next poll, which the request itself wakes. The timer is
+            // made inside `block_on`: this is the handover thread, outside the runtime, and a
+            // timer made here would panic for want of one (the VM run found it).
             let relay = self
                 .runtime
-                .block_on(tokio::time::timeout(PARK_TIMEOUT, p.relay));
+                .block_on(async { tokio::time::timeout(PARK_TIMEOUT, p.relay).await });
             let Ok(Ok(relay)) = relay else {
                 // It ended meanwhile (or could not park): nothing to move.
                 continue;

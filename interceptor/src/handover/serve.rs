@@ -24,8 +24,10 @@ use super::{FLOWS_VERSION, FlowTransfer, Message, PodTransfer, Versions, channel
 use crate::relay::ParkedKtls;
 
 /// How long the successor may take between receiving the pods and holding them all (it
-/// loads its programs and opens every pod's accept loop meanwhile).
-const TAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// loads its programs and opens every pod's accept loop meanwhile). Generous: this agent
+/// serves all the while, a successor that dies is seen at once (its socket closes), so only
+/// a live but slow one waits here; 60 s was too short for a start under TCG on a loaded host.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What the handover needs from the running agent.
 pub trait Source: Send + Sync + 'static {

@@ -2,36 +2,40 @@
 //! server whose per-flow hashes the test records (`interceptor_tests::upgrade::EchoServer`).
 //!
 //! `upgrade_load flows DST N SECS PAYLOAD`: N connections at once, each starting with its
-//! 8-byte id; even ids stream PAYLOAD (rotated per flow) in 2 KiB steps every 20 ms (bulk, 100 KB/s each),
-//! odd ids send a 64-byte message every 20 ms (interactive, request/response sized). After SECS every
-//! flow half-closes and reads the rest of the echo. Prints `started` once all are connected,
+//! 8-byte id; once every id came back (both agents' handshakes done), even ids stream PAYLOAD
+//! (rotated per flow) in 2 KiB steps every 20 ms (bulk, 100 KB/s each), odd ids send a 64-byte
+//! message every 20 ms (interactive, request/response sized). After SECS every flow
+//! half-closes and reads the rest of the echo. Prints `started` once every flow is set up,
 //! then one JSON line per flow: `{"id","sent","sentSha","recv","recvSha","error"}`.
 //!
 //! `upgrade_load loop DST SECS`: opens a new connection after another for SECS (each sends
-//! 16 bytes and reads them back, then closes); prints `{"ok","failed","errors"}`.
+//! 16 bytes and reads them back, then closes), or until stdin closes; prints
+//! `{"ok","failed","errors"}`.
 
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use sha2::{Digest as _, Sha256};
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+use interceptor_tests::digest::Sha256;
 
 /// The id the loop client's connections carry (the echo server records no hash for it).
 const LOOP_ID: u64 = u64::MAX;
 const STEP: usize = 2 << 10;
 const PACE: Duration = Duration::from_millis(20);
+/// How long a flow may take to be set up end to end (N handshakes at once under TCG).
+const SETUP: Duration = Duration::from_secs(60);
 
 fn flow(
     conn: std::io::Result<TcpStream>,
     id: u64,
     until: Instant,
+    stop: &AtomicBool,
     payload: &[u8],
 ) -> serde_json::Value {
     let mut sent_sha = Sha256::new();
@@ -42,13 +46,15 @@ fn flow(
         s.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut reader = s.try_clone()?;
         let echo = std::thread::spawn(move || -> std::io::Result<(usize, String)> {
+            // The id's echo was read before the transfer started (see `main`).
             let mut h = Sha256::new();
-            let mut n = 0;
+            h.update(&id.to_be_bytes());
+            let mut n = 8;
             let mut buf = vec![0u8; 64 << 10];
             loop {
                 let k = reader.read(&mut buf)?;
                 if k == 0 {
-                    return Ok((n, hex(&h.finalize())));
+                    return Ok((n, h.hex()));
                 }
                 h.update(&buf[..k]);
                 n += k;
@@ -61,7 +67,7 @@ fn flow(
             Ok(())
         };
         let mut at = (id as usize * 4099) % payload.len();
-        while Instant::now() < until {
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
             let len = if id.is_multiple_of(2) { STEP } else { 64 };
             let end = (at + len).min(payload.len());
             send(&mut s, &payload[at..end])?;
@@ -79,7 +85,7 @@ fn flow(
     serde_json::json!({
         "id": id,
         "sent": sent,
-        "sentSha": hex(&sent_sha.finalize()),
+        "sentSha": sent_sha.hex(),
         "recv": recv,
         "recvSha": recv_sha,
         "error": error,
@@ -88,8 +94,19 @@ fn flow(
 
 /// The id went out at connect time; it counts toward what the flow sent.
 fn sent_sha_id(h: &mut Sha256, sent: &mut usize, id: u64) {
-    h.update(id.to_be_bytes());
+    h.update(&id.to_be_bytes());
     *sent += 8;
+}
+
+/// Waits (at most [`SETUP`]) for the echo of the id a new flow sent.
+fn echoed_id(mut s: TcpStream, id: u64) -> std::io::Result<TcpStream> {
+    s.set_read_timeout(Some(SETUP))?;
+    let mut back = [0u8; 8];
+    s.read_exact(&mut back)?;
+    if back != id.to_be_bytes() {
+        return Err(std::io::Error::other("the id came back changed"));
+    }
+    Ok(s)
 }
 
 fn one_connection(dst: SocketAddr) -> std::io::Result<()> {
@@ -106,6 +123,17 @@ fn one_connection(dst: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Set once stdin reaches its end: the test ends a run before SECS by closing it.
+fn stop_at_stdin_eof() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let eof = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        eof.store(true, Ordering::Relaxed);
+    });
+    stop
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dst: SocketAddr = args[1].parse().expect("DST");
@@ -114,7 +142,9 @@ fn main() {
             let n: u64 = args[2].parse().expect("N");
             let secs: f64 = args[3].parse().expect("SECS");
             let payload = Arc::new(std::fs::read(&args[4]).expect("PAYLOAD"));
-            // Every flow is connected (and has sent its id) before any transfer starts.
+            // Every flow is set up end to end (its id came back through both agents, so both
+            // mTLS handshakes are done) before any transfer starts: the transfer's read timeout
+            // then measures stalls, not how long a slow machine takes for N handshakes at once.
             let conns: Vec<_> = (0..n)
                 .map(|id| {
                     TcpStream::connect_timeout(&dst, Duration::from_secs(5)).and_then(|mut s| {
@@ -123,13 +153,20 @@ fn main() {
                     })
                 })
                 .collect();
+            let conns: Vec<_> = conns
+                .into_iter()
+                .zip(0..n)
+                .map(|(conn, id)| conn.and_then(|s| echoed_id(s, id)))
+                .collect();
             let until = Instant::now() + Duration::from_secs_f64(secs);
+            let stop = stop_at_stdin_eof();
             let threads: Vec<_> = conns
                 .into_iter()
                 .zip(0..n)
                 .map(|(conn, id)| {
                     let payload = Arc::clone(&payload);
-                    std::thread::spawn(move || flow(conn, id, until, &payload))
+                    let stop = Arc::clone(&stop);
+                    std::thread::spawn(move || flow(conn, id, until, &stop, &payload))
                 })
                 .collect();
             println!("started");
@@ -144,8 +181,9 @@ fn main() {
         "loop" => {
             let secs: f64 = args[2].parse().expect("SECS");
             let until = Instant::now() + Duration::from_secs_f64(secs);
+            let stop = stop_at_stdin_eof();
             let (mut ok, mut failed, mut errors) = (0u64, 0u64, Vec::new());
-            while Instant::now() < until {
+            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                 match one_connection(dst) {
                     Ok(()) => ok += 1,
                     Err(e) => {

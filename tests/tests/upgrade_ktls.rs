@@ -1,0 +1,150 @@
+//! Agent upgrades with kernel-TLS flows open (VM only: the host has no `tls` module). Open
+//! kTLS flows move to the new agent with their sockets, pipes and relay state; the kernel's
+//! TLS state never leaves the sockets.
+//!
+//! One agent lineage, one set of flows mid-transfer (bulk and request/response), many
+//! upgrades: every step below must leave every flow with the same bytes at both ends
+//! (SHA-256 of what each side sent and received), no payload byte in clear on the pods' link,
+//! and new connections working throughout. One test instead of one per scenario because under
+//! TCG an agent start and N handshakes cost seconds each: the flows are set up once and
+//! carried through every step.
+//!
+//! 1. upgrade: the new agent lists every flow as handed over, and `/proc/net/tls_stat` of
+//!    both pods' netns is unchanged (no kTLS socket closed or installed);
+//! 2. four more upgrades in a row under a connection loop (five in all), each successor
+//!    holding every flow and its predecessor exiting;
+//! 3. a successor killed mid-handover (after it holds the listeners, before `taken`): the
+//!    running agent keeps the flows and keeps serving;
+//! 4. rollback to an agent speaking only protocol version 1 (the release before flows moved):
+//!    the flows stay in the old agent, which finishes them; the new one serves new
+//!    connections.
+
+use std::time::Duration;
+
+use interceptor_tests::upgrade::{
+    Bench, assert_churn_clean, assert_exits, assert_intact, await_handed_over, await_ktls_flows,
+    flows_move, handed_over, predecessor_flows, tls_sockets,
+};
+
+/// Flows open across the upgrades: half bulk, half request/response.
+const FLOWS: usize = 10;
+
+fn say(what: &str, since: std::time::Instant) {
+    eprintln!(
+        "upgrade_ktls: {:>5.1} s {what}",
+        since.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+#[ignore = "not yet green in the VM: on a host at load 16 each takeover took ~75 s under TCG and \
+            the third agent missed its 90 s readiness bound (upgrades 1 and 2 passed, tls_stat \
+            unchanged); to be timed on an idle machine before it joins CI"]
+fn ktls_flows_survive_five_upgrades_a_killed_successor_and_a_rollback() {
+    let t0 = std::time::Instant::now();
+    let b = Bench::new(92, "ukt", Duration::from_secs(30), "/bin/upgrade_load");
+    assert!(
+        flows_move(),
+        "kTLS flows need the VMs' kernels (cargo xtask vm-test)"
+    );
+    let mut old = b.start(&[], &[]);
+    b.wait_serving();
+    say("agent serving", t0);
+    let capture = b.capture();
+    // Ended by `stop` once every step is done; the limit only bounds a stuck run.
+    let mut flows = b.flows(FLOWS, 300.0);
+    await_ktls_flows(&old, 2 * FLOWS);
+    say("flows relayed by kTLS", t0);
+
+    // 1. No other connection is made meanwhile, so the kernel's counters must not move.
+    let before = tls_sockets(&b);
+    let mut agent = b.takeover(&[]);
+    await_handed_over(&agent, 2 * FLOWS, "upgrade 1");
+    let after = tls_sockets(&b);
+    for (pod, (before, after)) in ["client", "server"].iter().zip(before.iter().zip(&after)) {
+        for key in ["TlsCurrTxSw", "TlsCurrRxSw", "TlsTxSw", "TlsRxSw"] {
+            assert_eq!(
+                before.get(key),
+                after.get(key),
+                "{pod} netns {key}: before {before:?}, after {after:?}"
+            );
+        }
+        let open = before.get("TlsCurrTxSw").copied().unwrap_or(0);
+        assert!(
+            open >= FLOWS as u64,
+            "{pod} netns: {open} kTLS sockets open, fewer than the {FLOWS} flows"
+        );
+    }
+    assert_exits(
+        &mut old,
+        Duration::from_secs(15),
+        "the agent that handed over",
+    );
+    assert!(flows.running(), "the flows ended before the first upgrade");
+    say("upgrade 1: flows moved, tls_stat unchanged", t0);
+
+    // 2. Four more, with new connections opened in a loop throughout.
+    let churn = b.churn(300.0);
+    for i in 2..=5 {
+        let next = b.takeover(&[]);
+        await_handed_over(&next, 2 * FLOWS, &format!("upgrade {i}"));
+        let mut prev = std::mem::replace(&mut agent, next);
+        assert_exits(
+            &mut prev,
+            Duration::from_secs(15),
+            &format!("agent {}", i - 1),
+        );
+        say(&format!("upgrade {i}: flows moved"), t0);
+    }
+    assert!(flows.running(), "the flows ended before the fifth upgrade");
+
+    // 3. Killed while it holds the listeners, before it told the running agent anything.
+    let doomed = b.takeover(&[("INTERCEPTOR_HANDOVER_STALL_MS", "60000")]);
+    std::thread::sleep(Duration::from_secs(1));
+    doomed.kill9();
+    assert!(
+        agent.running(),
+        "the running agent exited after the killed handover"
+    );
+    assert_eq!(
+        handed_over(&agent),
+        2 * FLOWS,
+        "flows after the killed handover"
+    );
+    b.assert_serving("after the killed handover");
+    say("killed successor: the running agent kept every flow", t0);
+
+    // 4. Rollback: a version-1 successor takes the listeners, the flows stay here.
+    let mut back = b.takeover(&[("INTERCEPTOR_HANDOVER_VERSIONS", "1")]);
+    assert_eq!(
+        handed_over(&back),
+        0,
+        "a version-1 successor took kTLS flows"
+    );
+    assert!(
+        predecessor_flows(&back) >= 2 * FLOWS as u64,
+        "the rolled-back agent does not report the flows its predecessor kept"
+    );
+    assert!(flows.running(), "the flows ended before the rollback");
+    say("rollback: flows stay with the old agent", t0);
+
+    flows.stop();
+    let results = flows.finish(Duration::from_secs(60));
+    assert_intact(&results, FLOWS, &b.received);
+    let sent: usize = results.iter().map(|r| r.sent).sum();
+    let mut churn = churn;
+    churn.stop();
+    let ok = assert_churn_clean(churn, "across the upgrades");
+    assert_exits(
+        &mut agent,
+        Duration::from_secs(15),
+        "the agent that kept its flows at the rollback",
+    );
+    b.assert_serving("after the rollback");
+    say(
+        &format!("{FLOWS} flows intact ({sent} bytes each way), {ok} new connections, none failed"),
+        t0,
+    );
+    assert!(back.running(), "the rolled-back agent exited");
+    b.assert_no_plaintext(capture);
+}
