@@ -690,8 +690,11 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 session_resumption: active.mode != Mode::InterceptorRelayFull,
                 same_node_fast_path: active.mode == Mode::InterceptorLocal,
                 max_connections_per_pod: 16_384,
-                outbound_port: 15001,
-                inbound_port: 15006,
+                // Not the agent's defaults (15001/15006): those are ztunnel's fixed in-pod
+                // ports, and the agent's TIME_WAIT sockets on them (left by a churn run in
+                // the same pods) make ztunnel's bind fail with EADDRINUSE for 60 s.
+                outbound_port: 15011,
+                inbound_port: 15016,
                 handshake_timeout_ms: 5_000,
                 first_byte_wait_ms: 200,
                 idle_timeout_secs: 3_600,

@@ -173,10 +173,11 @@ fn pod(node: &Node, name: &str, host: u8) -> Result<Pod> {
     // ports and widen the range, as the baseline measurements did (these namespaces only).
     ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     ns.sysctl("net.ipv4.ip_local_port_range", "10000 64999")?;
-    // ...but never hand out a port something listens on: the agent's 15001/15006, the
-    // apps', the sidecars'. A TIME_WAIT socket left on such a port by an ephemeral
-    // connection makes the next listener's bind() fail with EADDRINUSE (seen: agent
-    // restarts within 60 s of a churn run), which Kubernetes' default range avoids.
+    // ...but never hand out a port something listens on: the agent's 15011/15016,
+    // ztunnel's 15001/15006/15008, the apps', the sidecars'. A TIME_WAIT socket left on
+    // such a port by an ephemeral connection makes the next listener's bind() fail with
+    // EADDRINUSE (seen: agent restarts within 60 s of a churn run), which Kubernetes'
+    // default range avoids.
     ns.sysctl("net.ipv4.ip_local_reserved_ports", RESERVED_PORTS)?;
     Ok(Pod {
         name: name.to_owned(),
