@@ -37,9 +37,9 @@ fn say(what: &str, since: std::time::Instant) {
 }
 
 #[test]
-#[ignore = "not yet green in the VM: on a host at load 16 each takeover took ~75 s under TCG and \
-            the third agent missed its 90 s readiness bound (upgrades 1 and 2 passed, tls_stat \
-            unchanged); to be timed on an idle machine before it joins CI"]
+#[ignore = "not yet green: on 6.1 with a quiet host five kTLS upgrades pass (70 s) but the killed \
+            successor step fails: a successor binds the admin socket's path before it has taken \
+            over, so the agent that keeps serving is no longer reachable there"]
 fn ktls_flows_survive_five_upgrades_a_killed_successor_and_a_rollback() {
     let t0 = std::time::Instant::now();
     let b = Bench::new(92, "ukt", Duration::from_secs(30), "/bin/upgrade_load");
