@@ -110,6 +110,20 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
+/// Where a successor binds its admin socket while it takes over: beside the real path, so
+/// [`publish`] can move it there with one rename.
+pub fn staged_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".next");
+    std::path::PathBuf::from(name)
+}
+
+/// Moves a staged admin socket onto its real path. rename(2) replaces the predecessor's
+/// socket file atomically: a client connects to one agent or the other, never to nothing.
+pub fn publish(staged: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::rename(staged, path)
+}
+
 /// The longest request line the agent reads (an enroll request is well under 4 KiB). A
 /// longer one is answered with an error and the connection is closed: a line is buffered
 /// whole before it is parsed, so without a bound one client could make the agent allocate

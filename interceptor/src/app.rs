@@ -328,6 +328,14 @@ async fn start_with(
         crypto: config.crypto,
         telemetry: Arc::clone(&observed.telemetry),
     })?);
+    // A successor answers on the admin socket's path only once the hand-over is done: until
+    // then the running agent is the one operators (and `interceptor flows`) must reach, and
+    // it still is if this process dies half-way.
+    let admin_path = if takeover.is_some() {
+        admin::staged_path(&config.admin_socket)
+    } else {
+        config.admin_socket.clone()
+    };
     if takeover.is_some() {
         // The old agent accepts on the handed-over listeners until it confirms it stopped.
         shared.accepting.send_replace(false);
@@ -425,8 +433,8 @@ async fn start_with(
     }
     agent.check_stale().await;
     tokio::spawn(watch_stale(Arc::clone(&agent)));
-    let listener = admin::bind(&config.admin_socket)
-        .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
+    let listener = admin::bind(&admin_path)
+        .with_context(|| format!("admin socket {}", admin_path.display()))?;
     tokio::spawn(admin::serve(listener, Arc::clone(&agent)));
     // Every configured pod has its programs attached (a failure refused the start above).
     agent

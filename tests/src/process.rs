@@ -20,6 +20,9 @@ pub struct AgentProcess {
     child: Child,
     pub bin: PathBuf,
     pub admin: PathBuf,
+    /// A `--takeover` agent answers here until its hand-over completes, then moves the socket
+    /// onto `admin` (the predecessor answers there meanwhile).
+    staged: Option<PathBuf>,
     /// When the process was spawned.
     pub started: Instant,
 }
@@ -93,7 +96,20 @@ impl AgentProcess {
     ) -> AgentProcess {
         let yaml = yaml_serde::to_string(config).expect("config to yaml");
         std::fs::write(file, yaml).expect("write node config");
-        let _ = std::fs::remove_file(&config.admin_socket);
+        // A successor must leave the running agent's socket alone: it stays the one that
+        // answers on the path until the hand-over completes.
+        let staged = args
+            .contains(&"--takeover")
+            .then(|| interceptor::admin::staged_path(&config.admin_socket));
+        match &staged {
+            Some(staged) => {
+                let _ = std::fs::remove_file(staged);
+            }
+            None => {
+                let _ = std::fs::remove_file(&config.admin_socket);
+            }
+        }
+        let predecessor_socket = inode(&config.admin_socket);
         let bin = agent_binary();
         let started = Instant::now();
         let child = Command::new(&bin)
@@ -112,22 +128,33 @@ impl AgentProcess {
             child,
             bin,
             admin: config.admin_socket.clone(),
+            staged,
             started,
         };
         // Under TCG an agent loading its programs beside another one (a takeover) can take
         // longer than on a host.
         let limit = if crate::in_vm() { 90 } else { 30 };
-        agent.wait_ready(Duration::from_secs(limit));
+        agent.wait_ready(Duration::from_secs(limit), predecessor_socket);
         agent
     }
 
-    fn wait_ready(&mut self, limit: Duration) {
+    /// Ready once this process answers: on its staged path, or on the real one after it
+    /// replaced the predecessor's socket file there (a different inode).
+    fn wait_ready(&mut self, limit: Duration, predecessor_socket: Option<u64>) {
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the agent exited during start: {status}");
             }
-            if self.admin.exists() && self.try_stats().is_some() {
+            let ours = match &self.staged {
+                Some(staged) if staged.exists() => admin_stats(&self.bin, staged).is_some(),
+                Some(_) => {
+                    inode(&self.admin).is_some_and(|i| Some(i) != predecessor_socket)
+                        && self.try_stats().is_some()
+                }
+                None => self.admin.exists() && self.try_stats().is_some(),
+            };
+            if ours {
                 return;
             }
             assert!(
@@ -181,6 +208,13 @@ impl AgentProcess {
 
     /// `interceptor flows --all --json`: open and recently closed flows.
     pub fn flows(&self) -> Vec<FlowRow> {
+        if let Some(staged) = self.staged.as_deref().filter(|s| s.exists()) {
+            // The staged socket is renamed away once the hand-over completes; a query that
+            // lost that race asks the real path, where this agent now answers.
+            if let Some(rows) = try_admin_flows(&self.bin, staged) {
+                return rows;
+            }
+        }
         admin_flows(&self.bin, &self.admin)
     }
 
@@ -190,7 +224,11 @@ impl AgentProcess {
     }
 
     fn try_stats(&self) -> Option<BTreeMap<String, u64>> {
-        admin_stats(&self.bin, &self.admin)
+        self.staged
+            .as_deref()
+            .filter(|s| s.exists())
+            .and_then(|s| admin_stats(&self.bin, s))
+            .or_else(|| admin_stats(&self.bin, &self.admin))
     }
 
     /// Open descriptors of the agent process.
@@ -223,17 +261,35 @@ impl Drop for AgentProcess {
 
 /// `bin flows --all --json` against the agent behind `admin`: open and recently closed flows.
 pub fn admin_flows(bin: &Path, admin: &Path) -> Vec<FlowRow> {
-    let out = Command::new(bin)
-        .args(["flows", "--all", "--json", "--admin-socket"])
-        .arg(admin)
-        .output()
-        .expect("interceptor flows");
+    let out = flows_json(bin, admin).expect("interceptor flows");
     assert!(
         out.status.success(),
         "interceptor flows: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("flows json")
+}
+
+/// [`admin_flows`], `None` while nothing answers at `admin`.
+fn try_admin_flows(bin: &Path, admin: &Path) -> Option<Vec<FlowRow>> {
+    let out = flows_json(bin, admin).ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn flows_json(bin: &Path, admin: &Path) -> std::io::Result<std::process::Output> {
+    Command::new(bin)
+        .args(["flows", "--all", "--json", "--admin-socket"])
+        .arg(admin)
+        .output()
+}
+
+/// The inode of the socket file at `path`, if there is one.
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// `bin flows --stats` against the agent behind `admin`; `None` while it does not answer.

@@ -158,6 +158,9 @@ fn killing_the_new_agent_mid_handover_leaves_the_old_one_serving() {
         old.running(),
         "the old agent exited after the failed handover"
     );
+    // Operators still reach the agent that serves: the killed successor never had the
+    // admin socket's path.
+    old.stats();
     b.assert_serving("after the killed handover");
     // A restart recovers: the next successor takes over.
     let _new = b.takeover(&[]);

@@ -65,11 +65,14 @@ pub(super) async fn start(
         // sharing its maps (same layout) keeps what it steers visible to us meanwhile.
         return Ok((start_from(config, None, predecessor_alive).await?, None));
     };
+    let admin_socket = config.admin_socket.clone();
+    let staged_admin = crate::admin::staged_path(&admin_socket);
     let agent = match start_from(config, Some(&mut t), true).await {
         Ok(a) => a,
         Err(e) => {
             // The old agent never stopped accepting: it goes on as if we had not come.
             t.abort(&format!("{e:#}"));
+            let _ = std::fs::remove_file(&staged_admin);
             return Err(e);
         }
     };
@@ -94,6 +97,13 @@ pub(super) async fn start(
     // The old agent stopped accepting (or is gone, or did not answer): from here this agent
     // accepts; connections that arrived meanwhile waited in the listeners' queues.
     agent.shared.accepting.send_replace(true);
+    if let Err(e) = crate::admin::publish(&staged_admin, &admin_socket) {
+        warn!(
+            staged = %staged_admin.display(),
+            admin = %admin_socket.display(),
+            "cannot move the admin socket onto its path ({e}); it answers at the staged path"
+        );
+    }
     match finished {
         Ok(Ok((kept, received, channel))) => {
             agent
