@@ -433,6 +433,29 @@ pub fn await_ktls_flows(agent: &AgentProcess, want: usize) {
     }
 }
 
+/// The kernel's TLS counters in both pods did not move between `before` and `after` (no kTLS
+/// socket was made or torn down), and at least `flows` kTLS sockets were open in each.
+pub fn assert_tls_sockets_unchanged(
+    before: &[HashMap<String, u64>; 2],
+    after: &[HashMap<String, u64>; 2],
+    flows: usize,
+) {
+    for (pod, (before, after)) in ["client", "server"].iter().zip(before.iter().zip(after)) {
+        for key in ["TlsCurrTxSw", "TlsCurrRxSw", "TlsTxSw", "TlsRxSw"] {
+            assert_eq!(
+                before.get(key),
+                after.get(key),
+                "{pod} netns {key}: before {before:?}, after {after:?}"
+            );
+        }
+        let open = before.get("TlsCurrTxSw").copied().unwrap_or(0);
+        assert!(
+            open >= flows as u64,
+            "{pod} netns: {open} kTLS sockets open, fewer than the {flows} flows"
+        );
+    }
+}
+
 /// The kTLS counters of both pods' netns.
 pub fn tls_sockets(b: &Bench) -> [HashMap<String, u64>; 2] {
     [tls_stat(&b.scenario.client), tls_stat(&b.scenario.server)]

@@ -15,8 +15,9 @@ use interceptor_tests::{
     in_vm,
     process::AgentProcess,
     upgrade::{
-        Bench, assert_churn_clean, assert_exits, assert_intact, await_handed_over,
-        await_ktls_flows, flows_move, handed_over, predecessor_flows, tls_sockets,
+        Bench, assert_churn_clean, assert_exits, assert_intact, assert_tls_sockets_unchanged,
+        await_handed_over, await_ktls_flows, flows_move, handed_over, predecessor_flows,
+        tls_sockets,
     },
 };
 
@@ -109,21 +110,7 @@ fn assert_ktls_sockets_survive(b: &Bench, mut old: AgentProcess) {
     let new = b.takeover(&[]);
     await_handed_over(&new, 2 * flows_n(), "second upgrade");
     let after = tls_sockets(b);
-    for (pod, (before, after)) in ["client", "server"].iter().zip(before.iter().zip(&after)) {
-        for key in ["TlsCurrTxSw", "TlsCurrRxSw", "TlsTxSw", "TlsRxSw"] {
-            assert_eq!(
-                before.get(key),
-                after.get(key),
-                "{pod} netns {key}: before {before:?}, after {after:?}"
-            );
-        }
-        let open = before.get("TlsCurrTxSw").copied().unwrap_or(0);
-        assert!(
-            open >= flows_n() as u64,
-            "{pod} netns: {open} kTLS sockets open, fewer than the {} flows",
-            flows_n()
-        );
-    }
+    assert_tls_sockets_unchanged(&before, &after, flows_n());
     eprintln!("upgrade: tls_stat unchanged across the takeover: {after:?}");
     assert_exits(
         &mut old,

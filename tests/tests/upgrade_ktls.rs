@@ -22,8 +22,8 @@
 use std::time::Duration;
 
 use interceptor_tests::upgrade::{
-    Bench, assert_churn_clean, assert_exits, assert_intact, await_handed_over, await_ktls_flows,
-    flows_move, handed_over, predecessor_flows, tls_sockets,
+    Bench, assert_churn_clean, assert_exits, assert_intact, assert_tls_sockets_unchanged,
+    await_handed_over, await_ktls_flows, flows_move, handed_over, predecessor_flows, tls_sockets,
 };
 
 /// Flows open across the upgrades: half bulk, half request/response.
@@ -60,20 +60,7 @@ fn ktls_flows_survive_five_upgrades_a_killed_successor_and_a_rollback() {
     let mut agent = b.takeover(&[]);
     await_handed_over(&agent, 2 * FLOWS, "upgrade 1");
     let after = tls_sockets(&b);
-    for (pod, (before, after)) in ["client", "server"].iter().zip(before.iter().zip(&after)) {
-        for key in ["TlsCurrTxSw", "TlsCurrRxSw", "TlsTxSw", "TlsRxSw"] {
-            assert_eq!(
-                before.get(key),
-                after.get(key),
-                "{pod} netns {key}: before {before:?}, after {after:?}"
-            );
-        }
-        let open = before.get("TlsCurrTxSw").copied().unwrap_or(0);
-        assert!(
-            open >= FLOWS as u64,
-            "{pod} netns: {open} kTLS sockets open, fewer than the {FLOWS} flows"
-        );
-    }
+    assert_tls_sockets_unchanged(&before, &after, FLOWS);
     assert_exits(
         &mut old,
         Duration::from_secs(15),
