@@ -37,8 +37,6 @@ fn say(what: &str, since: std::time::Instant) {
 }
 
 #[test]
-#[ignore = "passes on 6.1 (124 s) and 6.12 (104 s) on a quiet host, once each; it adds ~4 min to \
-            CI's VM stage, so it joins CI after a full CI run with it has been timed"]
 fn ktls_flows_survive_five_upgrades_a_killed_successor_and_a_rollback() {
     let t0 = std::time::Instant::now();
     let b = Bench::new(92, "ukt", Duration::from_secs(30), "/bin/upgrade_load");
