@@ -275,6 +275,21 @@ where
     HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// The program `name` in `ebpf` as its kind, with an error naming it when it is missing or of
+/// another kind.
+fn typed_program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ProgramError::NotLoaded)
+        .and_then(TryInto::try_into)
+        .map_err(|source| DatapathError::Program {
+            name: name.to_owned(),
+            source,
+        })
+}
+
 fn sock_hash<K: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<SockHash<MapData, K>> {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     SockHash::try_from(map).map_err(map_err(name))
@@ -480,12 +495,7 @@ impl Datapath {
             name: SK_LOOKUP_PROGRAM.to_owned(),
             source,
         };
-        let prog: &mut SkLookup = self
-            .ebpf
-            .program_mut(SK_LOOKUP_PROGRAM)
-            .ok_or_else(|| program_error(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error)?;
+        let prog: &mut SkLookup = typed_program(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
         let id = prog.attach(ns.as_fd()).map_err(program_error)?;
         let link = prog.take_link(id).map_err(program_error)?;
         Ok(FdLink::from(link))
@@ -793,12 +803,7 @@ impl Datapath {
             let name = name.to_owned();
             move |source| DatapathError::Program { name, source }
         };
-        let prog: &mut aya::programs::SkMsg = self
-            .ebpf
-            .program_mut("intercept_sk_msg")
-            .ok_or_else(|| program_error("intercept_sk_msg")(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error("intercept_sk_msg"))?;
+        let prog: &mut aya::programs::SkMsg = typed_program(&mut self.ebpf, "intercept_sk_msg")?;
         prog.attach(self.local_legs.fd())
             .map_err(program_error("intercept_sk_msg"))?;
         let dir = File::open(agent_cgroup).map_err(|source| DatapathError::Cgroup {
@@ -1036,19 +1041,11 @@ impl LegJoins {
             }
         };
         let name = LEG_JOIN_PROGRAMS[0];
-        let verdict: &mut aya::programs::SkSkb = ebpf
-            .program_mut(name)
-            .ok_or(ProgramError::NotLoaded)
-            .and_then(TryInto::try_into)
-            .map_err(program_error(name))?;
+        let verdict: &mut aya::programs::SkSkb = typed_program(&mut ebpf, name)?;
         verdict.load().map_err(program_error(name))?;
         verdict.attach(skb.fd()).map_err(program_error(name))?;
         let name = LEG_JOIN_PROGRAMS[1];
-        let sk_msg: &mut aya::programs::SkMsg = ebpf
-            .program_mut(name)
-            .ok_or(ProgramError::NotLoaded)
-            .and_then(TryInto::try_into)
-            .map_err(program_error(name))?;
+        let sk_msg: &mut aya::programs::SkMsg = typed_program(&mut ebpf, name)?;
         sk_msg.load().map_err(program_error(name))?;
         sk_msg.attach(msg.fd()).map_err(program_error(name))?;
         Ok(LegJoins {
