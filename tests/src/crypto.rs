@@ -86,6 +86,27 @@ pub fn tls_stat(pod: &Pod) -> HashMap<String, u64> {
         .collect()
 }
 
+/// Asserts that kernel TLS carried traffic both ways in `pod` since `before` (its
+/// [`tls_stat`] then) and never failed to decrypt a record: the proof that the keys the agent
+/// installed match the peer's, not just that a socket accepted them.
+pub fn assert_ktls_moved_bytes(pod: &Pod, before: &HashMap<String, u64>, context: &str) {
+    let after = tls_stat(pod);
+    let get = |m: &HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    for key in ["TlsTxSw", "TlsRxSw"] {
+        assert!(
+            get(&after, key) > get(before, key),
+            "{context}: {key} did not rise in {}: {before:?} → {after:?}",
+            pod.name
+        );
+    }
+    assert_eq!(
+        get(&after, "TlsDecryptError"),
+        get(before, "TlsDecryptError"),
+        "{context}: kTLS decrypt errors in {}",
+        pod.name
+    );
+}
+
 /// The identity the stand-in client presents.
 pub const PEER_ID: &str = "spiffe://cluster.local/ns/elsewhere/sa/peer";
 

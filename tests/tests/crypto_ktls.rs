@@ -14,7 +14,7 @@ use interceptor_tests::{
     apps::{curl, sha256_hex},
     crypto::{
         AES_128_GCM, AES_256_GCM, MeshSession, PEER_ID, X25519MLKEM768, any_port, assert_hello,
-        captured, hellos, peer_client_resuming, reconfigure, tls_stat,
+        assert_ktls_moved_bytes, captured, hellos, peer_client_resuming, reconfigure, tls_stat,
     },
     require_privileged,
     scenario::{Cluster, Scenario, serve_blob},
@@ -69,23 +69,7 @@ fn ktls_carries_hybrid_group_sessions_with_aes_128_and_aes_256() {
         assert_no_plaintext(&streams, &www.payload);
         // Kernel state: both agents' peer sockets became kTLS sessions and decrypted cleanly.
         for (pod, before) in [&client, &server].into_iter().zip(before) {
-            let after = tls_stat(pod);
-            let get = |m: &std::collections::HashMap<String, u64>, k: &str| {
-                m.get(k).copied().unwrap_or(0)
-            };
-            for key in ["TlsTxSw", "TlsRxSw"] {
-                assert!(
-                    get(&after, key) > get(&before, key),
-                    "{key} did not rise in {} with suite {suite:#06x}: {before:?} → {after:?}",
-                    pod.name
-                );
-            }
-            assert_eq!(
-                get(&after, "TlsDecryptError"),
-                get(&before, "TlsDecryptError"),
-                "{}: kTLS decrypt errors",
-                pod.name
-            );
+            assert_ktls_moved_bytes(pod, &before, &format!("suite {suite:#06x}"));
         }
         let row = agent
             .agent
@@ -150,19 +134,7 @@ fn ktls_takes_over_resumed_sessions() {
             "connection {round} on the wire"
         );
         assert_no_plaintext(&streams, &www.payload);
-        let after = tls_stat(&server);
-        let get =
-            |m: &std::collections::HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
-        for key in ["TlsTxSw", "TlsRxSw"] {
-            assert!(
-                get(&after, key) > get(&before, key),
-                "connection {round}: {key} did not rise: {before:?} → {after:?}"
-            );
-        }
-        assert_eq!(
-            get(&after, "TlsDecryptError"),
-            get(&before, "TlsDecryptError")
-        );
+        assert_ktls_moved_bytes(&server, &before, &format!("connection {round}"));
         let row = agent
             .agent
             .flows_with_recent()
@@ -201,23 +173,7 @@ fn ktls_takes_over_resumed_sessions() {
         );
         assert_no_plaintext(&streams, &www.payload);
         for (pod, before) in [&client, &server].into_iter().zip(before) {
-            let after = tls_stat(pod);
-            let get = |m: &std::collections::HashMap<String, u64>, k: &str| {
-                m.get(k).copied().unwrap_or(0)
-            };
-            for key in ["TlsTxSw", "TlsRxSw"] {
-                assert!(
-                    get(&after, key) > get(&before, key),
-                    "connection {round}: {key} did not rise in {}: {before:?} → {after:?}",
-                    pod.name
-                );
-            }
-            assert_eq!(
-                get(&after, "TlsDecryptError"),
-                get(&before, "TlsDecryptError"),
-                "connection {round}: kTLS decrypt errors in {}",
-                pod.name
-            );
+            assert_ktls_moved_bytes(pod, &before, &format!("connection {round}"));
         }
         let rows = agent.agent.flows_with_recent();
         let latest = |pod: &str, peer: &str| {
