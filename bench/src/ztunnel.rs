@@ -82,107 +82,33 @@ pub fn availability(bin: Option<&Path>) -> Result<(), String> {
 
 /// The redirection rules for one pod, as `iptables` argument lists (table first).
 pub fn redirect_rules() -> Vec<Vec<String>> {
-    let out = OUTBOUND_PORT.to_string();
-    let inb = INBOUND_PLAIN_PORT.to_string();
-    let hbone = HBONE_PORT.to_string();
-    let rules: Vec<Vec<&str>> = vec![
+    let (out, inb, hbone) = (OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT);
+    let all = 0xffff_ffff_u32;
+    [
         // Connections ztunnel opens to the local app: remember them on the connection...
-        vec![
-            "-t",
-            "mangle",
-            "-A",
-            "PREROUTING",
-            "-m",
-            "mark",
-            "--mark",
-            MARK,
-            "-j",
-            "CONNMARK",
-            "--set-xmark",
-            CONNMARK,
-        ],
+        format!("-t mangle -A PREROUTING -m mark --mark {MARK} -j CONNMARK --set-xmark {CONNMARK}"),
         // ...and mark the app's replies so policy routing hands them back to ztunnel.
-        vec![
-            "-t",
-            "mangle",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "connmark",
-            "--mark",
-            CONNMARK,
-            "-j",
-            "CONNMARK",
-            "--restore-mark",
-            "--nfmask",
-            "0xffffffff",
-            "--ctmask",
-            "0xffffffff",
-        ],
+        format!(
+            "-t mangle -A OUTPUT -m connmark --mark {CONNMARK} -j CONNMARK --restore-mark \
+             --nfmask {all:#x} --ctmask {all:#x}"
+        ),
         // The pod's own outbound TCP (not ztunnel's, not loopback) → outbound listener.
-        vec![
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "!",
-            "-d",
-            "127.0.0.1/32",
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            MARK,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &out,
-        ],
+        format!(
+            "-t nat -A OUTPUT -p tcp ! -d 127.0.0.1/32 -m mark ! --mark {MARK} \
+             -j REDIRECT --to-ports {out}"
+        ),
         // Not in ambient's rules: counts new HBONE connections into the pod (a no-op RETURN
         // to the chain's ACCEPT policy), for the path check.
-        vec![
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            &hbone,
-            "-j",
-            "RETURN",
-        ],
+        format!("-t nat -A PREROUTING -p tcp --dport {hbone} -j RETURN"),
         // Inbound TCP except HBONE → plaintext inbound listener.
-        vec![
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "!",
-            "-d",
-            "127.0.0.1/32",
-            "!",
-            "--dport",
-            &hbone,
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            MARK,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &inb,
-        ],
-    ];
-    rules
-        .into_iter()
-        .map(|r| r.into_iter().map(str::to_owned).collect())
-        .collect()
+        format!(
+            "-t nat -A PREROUTING -p tcp ! -d 127.0.0.1/32 ! --dport {hbone} \
+             -m mark ! --mark {MARK} -j REDIRECT --to-ports {inb}"
+        ),
+    ]
+    .iter()
+    .map(|rule| rule.split_whitespace().map(str::to_owned).collect())
+    .collect()
 }
 
 fn run_in(netns: &Path, program: &str, args: &[String]) -> Result<()> {
