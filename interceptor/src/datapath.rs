@@ -3,7 +3,7 @@
 //! that imports aya; the rest of the agent speaks [`SocketAddr`]s and [`PodConfig`]s.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd as _, BorrowedFd},
@@ -214,6 +214,8 @@ pub struct Datapath {
     agent_cgroup_link: Option<FdLink>,
     cgroups: StdHashMap<PathBuf, Vec<FdLink>>,
     netns: StdHashMap<u64, FdLink>,
+    /// With adopted maps, until [`Datapath::refresh_adopted`]: what this process wrote.
+    written: Option<Written>,
     options: DatapathOptions,
 }
 
@@ -377,6 +379,7 @@ impl Datapath {
             agent_cgroup_link: None,
             cgroups: StdHashMap::new(),
             netns: StdHashMap::new(),
+            written: options.adopt_maps.then(Written::default),
             options,
         })
     }
@@ -596,10 +599,13 @@ impl Datapath {
             self.pod_addrs
                 .insert(key, 1, 0)
                 .map_err(map_err(maps::POD_ADDRS))?;
+            self.note(|w| w.pod_addrs.insert(key));
         }
         self.pod_config
             .insert(netns_cookie, config, 0)
-            .map_err(map_err(maps::POD_CONFIG))
+            .map_err(map_err(maps::POD_CONFIG))?;
+        self.note(|w| w.pod_config.insert(netns_cookie));
+        Ok(())
     }
 
     /// Forgets a pod's netns, and frees the original destinations its sockets recorded: once
@@ -608,12 +614,14 @@ impl Datapath {
     pub fn unenroll_pod_netns(&mut self, netns_cookie: u64, own_addrs: &[IpAddr]) {
         self.forget_original_destinations(netns_cookie);
         let _ = self.pod_config.remove(&netns_cookie);
+        self.note(|w| w.pod_config.remove(&netns_cookie));
         for ip in own_addrs {
             let key = PodAddrKey {
                 netns_cookie,
                 addr: sock_addr(SocketAddr::new(*ip, 0)).without_port(),
             };
             let _ = self.pod_addrs.remove(&key);
+            self.note(|w| w.pod_addrs.remove(&key));
         }
     }
 
@@ -631,11 +639,15 @@ impl Datapath {
         };
         self.dest_policy
             .insert(key, DestAction { action, _pad: 0 }, 0)
-            .map_err(map_err(maps::DEST_POLICY))
+            .map_err(map_err(maps::DEST_POLICY))?;
+        self.note(|w| w.dest_policy.insert(key));
+        Ok(())
     }
 
     pub fn clear_destination(&mut self, ip: IpAddr, port: Option<u16>) {
-        let _ = self.dest_policy.remove(&dest_key(ip, port));
+        let key = dest_key(ip, port);
+        let _ = self.dest_policy.remove(&key);
+        self.note(|w| w.dest_policy.remove(&key));
     }
 
     /// The original destination of a steered connection, looked up by the netns it was made
@@ -714,18 +726,24 @@ impl Datapath {
         listener6: Option<&L>,
         addrs: &[IpAddr],
     ) -> Result<()> {
+        let index4 = interceptor_common::inbound_index(slot, false);
         self.inbound_listeners
-            .set(interceptor_common::inbound_index(slot, false), listener4, 0)
+            .set(index4, listener4, 0)
             .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        self.note(|w| w.inbound_listeners.insert(index4));
         if let Some(l6) = listener6 {
+            let index6 = interceptor_common::inbound_index(slot, true);
             self.inbound_listeners
-                .set(interceptor_common::inbound_index(slot, true), l6, 0)
+                .set(index6, l6, 0)
                 .map_err(map_err(maps::INBOUND_LISTENERS))?;
+            self.note(|w| w.inbound_listeners.insert(index6));
         }
         for ip in addrs {
+            let key = sock_addr(SocketAddr::new(*ip, 0)).without_port();
             self.inbound_slots
-                .insert(sock_addr(SocketAddr::new(*ip, 0)).without_port(), slot, 0)
+                .insert(key, slot, 0)
                 .map_err(map_err(maps::INBOUND_SLOTS))?;
+            self.note(|w| w.inbound_slots.insert(key));
         }
         Ok(())
     }
@@ -743,14 +761,14 @@ impl Datapath {
 
     fn clear_inbound(&mut self, slot: u32, addrs: &[IpAddr]) {
         for ip in addrs {
-            let _ = self
-                .inbound_slots
-                .remove(&sock_addr(SocketAddr::new(*ip, 0)).without_port());
+            let key = sock_addr(SocketAddr::new(*ip, 0)).without_port();
+            let _ = self.inbound_slots.remove(&key);
+            self.note(|w| w.inbound_slots.remove(&key));
         }
         for v6 in [false, true] {
-            let _ = self
-                .inbound_listeners
-                .clear_index(&interceptor_common::inbound_index(slot, v6));
+            let index = interceptor_common::inbound_index(slot, v6);
+            let _ = self.inbound_listeners.clear_index(&index);
+            self.note(|w| w.inbound_listeners.remove(&index));
         }
     }
 
@@ -874,6 +892,139 @@ impl Datapath {
             }
         }
         Counters(out)
+    }
+}
+
+/// The steering entries this process wrote into maps it adopted from a running agent (a
+/// handover), so that [`Datapath::refresh_adopted`] can tell them from the predecessor's.
+/// Only the maps the agent fills from its configuration: the per-socket ones (original
+/// destinations, local legs, counters) belong to connections, whichever agent made them.
+#[derive(Debug, Default)]
+struct Written {
+    dest_policy: HashSet<SockAddr>,
+    pod_config: HashSet<u64>,
+    pod_addrs: HashSet<PodAddrKey>,
+    inbound_slots: HashSet<SockAddr>,
+    inbound_listeners: HashSet<u32>,
+}
+
+/// What a stale enrollment (a pod this agent keeps fail-closed without serving it) still
+/// needs in the maps: the predecessor's pinned programs steer it with them.
+#[derive(Debug, Default, Clone)]
+pub struct KeepSteering {
+    pub netns: Vec<u64>,
+    pub ips: Vec<IpAddr>,
+}
+
+impl Datapath {
+    fn note(&mut self, f: impl FnOnce(&mut Written) -> bool) {
+        if let Some(w) = &mut self.written {
+            f(w);
+        }
+    }
+
+    /// Removes from adopted maps the steering entries this agent did not write itself and
+    /// `keep` does not name: destinations the predecessor steered that this agent's
+    /// configuration and policy no longer do (a peer or service removed between the two
+    /// versions), and pods, addresses and inbound slots it no longer enrolls. Without this
+    /// they would stay until the address or pod is unenrolled, which for an entry this agent
+    /// never knew is never. Call it once the predecessor stopped writing (it released the
+    /// node): until then its entries are its own. Returns how many entries each map lost;
+    /// with maps this process created (no adoption) there is nothing to do.
+    pub fn refresh_adopted(&mut self, keep: &KeepSteering) -> Vec<(&'static str, usize)> {
+        let Some(w) = self.written.take() else {
+            return Vec::new();
+        };
+        let kept_addrs: HashSet<SockAddr> = keep
+            .ips
+            .iter()
+            .map(|ip| sock_addr(SocketAddr::new(*ip, 0)).without_port())
+            .collect();
+        let kept_netns: HashSet<u64> = keep.netns.iter().copied().collect();
+        // Inbound first: an address whose slot is gone passes to the app directly only when
+        // nothing steers it at all, and its pod is then no longer one this agent protects.
+        let stale_slots: Vec<(SockAddr, u32)> = self
+            .inbound_slots
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| !w.inbound_slots.contains(k) && !kept_addrs.contains(k))
+            .collect();
+        let kept_slots: HashSet<u32> = self
+            .inbound_slots
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| kept_addrs.contains(k))
+            .map(|(_, slot)| slot)
+            .collect();
+        for (k, _) in &stale_slots {
+            let _ = self.inbound_slots.remove(k);
+        }
+        let stale_pods: Vec<(u64, PodConfig)> = self
+            .pod_config
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(c, _)| !w.pod_config.contains(c) && !kept_netns.contains(c))
+            .collect();
+        let mut listeners = 0;
+        let slots: HashSet<u32> = stale_slots
+            .iter()
+            .map(|(_, s)| *s)
+            .chain(stale_pods.iter().map(|(_, p)| p.inbound_slot))
+            .filter(|s| !kept_slots.contains(s))
+            .collect();
+        for slot in slots {
+            for v6 in [false, true] {
+                let index = interceptor_common::inbound_index(slot, v6);
+                if !w.inbound_listeners.contains(&index)
+                    && self.inbound_listeners.clear_index(&index).is_ok()
+                {
+                    listeners += 1;
+                }
+            }
+        }
+        for (c, _) in &stale_pods {
+            let _ = self.pod_config.remove(c);
+        }
+        let stale_addrs: Vec<PodAddrKey> = self
+            .pod_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !w.pod_addrs.contains(k) && !kept_netns.contains(&k.netns_cookie))
+            .collect();
+        for k in &stale_addrs {
+            let _ = self.pod_addrs.remove(k);
+        }
+        let stale_dests: Vec<SockAddr> = self
+            .dest_policy
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !w.dest_policy.contains(k) && !kept_addrs.contains(k))
+            .collect();
+        for k in &stale_dests {
+            let _ = self.dest_policy.remove(k);
+        }
+        vec![
+            (maps::DEST_POLICY, stale_dests.len()),
+            (maps::POD_CONFIG, stale_pods.len()),
+            (maps::POD_ADDRS, stale_addrs.len()),
+            (maps::INBOUND_SLOTS, stale_slots.len()),
+            (maps::INBOUND_LISTENERS, listeners),
+        ]
+    }
+
+    /// Whether connect() to `ip` (`port`, or any port for `None`) is steered to the agent.
+    pub fn steers(&self, ip: IpAddr, port: Option<u16>) -> bool {
+        self.dest_policy
+            .get(&dest_key(ip, port), 0)
+            .is_ok_and(|a| a.action == ACTION_STEER)
+    }
+
+    /// The inbound slot the maps give the pod of netns `netns_cookie`, if it has one.
+    pub fn pod_slot(&self, netns_cookie: u64) -> Option<u32> {
+        self.pod_config
+            .get(&netns_cookie, 0)
+            .ok()
+            .map(|p| p.inbound_slot)
     }
 }
 

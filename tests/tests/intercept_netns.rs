@@ -167,3 +167,108 @@ fn programs_at_a_parent_cgroup_act_only_on_enrolled_netns() {
     assert_eq!(occupancy(&dp, maps::POD_CONFIG), 0);
     assert_eq!(occupancy(&dp, maps::POD_ADDRS), 0);
 }
+
+/// A successor adopts the running agent's pinned maps (a handover): both agents' programs
+/// steer with the same entries until the old one lets go. Then the successor removes what
+/// the predecessor wrote and it would not write itself (a peer dropped from the config
+/// between the versions, a pod no longer enrolled, its inbound slot), keeps what it wrote,
+/// and keeps what a stale enrollment (kept fail-closed on the predecessor's pinned programs)
+/// still needs.
+#[test]
+fn adopted_maps_keep_only_the_successors_steering_after_the_handover() {
+    require_privileged();
+    let pin_dir =
+        std::path::PathBuf::from("/sys/fs/bpf").join(interceptor_tests::unique_name("adopt"));
+    let _pins = interceptor_tests::agent::PinCleanup(pin_dir.clone());
+    let load = |adopt_maps| {
+        Datapath::load(interceptor::datapath::DatapathOptions {
+            pin_dir: Some(pin_dir.clone()),
+            adopt_maps,
+        })
+        .expect("load eBPF")
+    };
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let (kept_peer, dropped_peer) = (ip("10.78.1.1"), ip("10.78.1.2"));
+    let (pod_ip, gone_ip, stale_ip) = (ip(POD_IP), ip("10.78.2.2"), ip("10.78.3.3"));
+    let (pod, gone, stale) = (netns("ada"), 0xdead_0001_u64, 0xdead_0002_u64);
+    let settings = |slot| PodSettings {
+        outbound_port: AGENT_PORT,
+        inbound_slot: slot,
+        steer_inbound: true,
+        ..Default::default()
+    };
+    let listener = || pod.ns.run(|| TcpListener::bind(("127.0.0.1", 0)));
+    let (l0, l1, l2) = (listener(), listener(), listener());
+
+    // The old agent: two peers, the pod it hands over, a pod the successor will not enroll,
+    // and a stale one, each with its own inbound slot.
+    let mut old = load(false);
+    for (dest, _) in [(kept_peer, 0), (dropped_peer, 0)] {
+        old.set_destination(dest, None, Destination::Steer).unwrap();
+    }
+    for (cookie, addr, slot, l) in [
+        (pod.cookie, pod_ip, 0, &l0),
+        (gone, gone_ip, 1, &l1),
+        (stale, stale_ip, 2, &l2),
+    ] {
+        old.enroll_pod_netns(cookie, settings(slot), &[addr])
+            .unwrap();
+        old.steer_inbound(slot, l, None, &[addr]).unwrap();
+        old.set_destination(addr, None, Destination::Steer).unwrap();
+    }
+
+    // The successor writes what its own configuration says: one peer, the handed-over pod.
+    let mut new = load(true);
+    assert!(
+        new.steers(dropped_peer, None) && new.has_pod(gone),
+        "the successor does not see the maps it adopted"
+    );
+    new.set_destination(kept_peer, None, Destination::Steer)
+        .unwrap();
+    new.enroll_pod_netns(pod.cookie, settings(0), &[pod_ip])
+        .unwrap();
+    new.steer_inbound(0, &l0, None, &[pod_ip]).unwrap();
+    new.set_destination(pod_ip, None, Destination::Steer)
+        .unwrap();
+    // Nothing is removed before the predecessor let go: its entries are still its own.
+    assert_eq!(occupancy(&new, maps::POD_CONFIG), 3);
+    assert_eq!(occupancy(&new, maps::DEST_POLICY), 5);
+
+    let removed = new.refresh_adopted(&interceptor::datapath::KeepSteering {
+        netns: vec![stale],
+        ips: vec![stale_ip],
+    });
+    let removed: std::collections::BTreeMap<_, _> = removed.into_iter().collect();
+    eprintln!("removed: {removed:?}");
+    assert_eq!(
+        removed[maps::DEST_POLICY],
+        2,
+        "the dropped peer and the gone pod"
+    );
+    assert_eq!(removed[maps::POD_CONFIG], 1);
+    assert_eq!(removed[maps::POD_ADDRS], 1);
+    assert_eq!(removed[maps::INBOUND_SLOTS], 1);
+    assert_eq!(removed[maps::INBOUND_LISTENERS], 1, "the gone pod's slot");
+
+    // What the successor wrote stays; so does what the stale pod needs.
+    assert!(new.steers(kept_peer, None) && new.steers(pod_ip, None));
+    assert!(!new.steers(dropped_peer, None) && !new.steers(gone_ip, None));
+    assert!(new.steers(stale_ip, None), "the stale pod's address");
+    assert!(new.has_pod(pod.cookie) && new.has_pod(stale) && !new.has_pod(gone));
+    assert_eq!(new.pod_slot(stale), Some(2));
+    assert_eq!(occupancy(&new, maps::POD_ADDRS), 2);
+    assert_eq!(occupancy(&new, maps::INBOUND_SLOTS), 2);
+    // The old agent's programs read the same maps: they see the refresh too.
+    assert!(!old.steers(dropped_peer, None) && !old.has_pod(gone));
+
+    // Only once: from here on the successor's own unenrollments keep the maps exact.
+    assert!(
+        new.refresh_adopted(&Default::default())
+            .iter()
+            .all(|(_, n)| *n == 0)
+    );
+    assert!(new.has_pod(stale), "a second refresh removed the stale pod");
+    // Fresh maps (no adoption) are never refreshed.
+    assert!(load(false).refresh_adopted(&Default::default()).is_empty());
+    drop(old);
+}

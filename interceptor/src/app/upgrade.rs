@@ -65,7 +65,13 @@ pub(super) async fn start(
     let Some(mut t) = taken else {
         // A predecessor that stepped down still runs its programs until we replace them:
         // sharing its maps (same layout) keeps what it steers visible to us meanwhile.
-        return Ok((start_from(config, None, predecessor_alive).await?, None));
+        let agent = start_from(config, None, predecessor_alive).await?;
+        if predecessor_alive {
+            // It closed its listeners and dropped its links before answering: what it
+            // steered is ours to decide now.
+            agent.refresh_adopted_maps();
+        }
+        return Ok((agent, None));
     };
     let admin_socket = config.admin_socket.clone();
     let staged_admin = crate::admin::staged_path(&admin_socket);
@@ -108,6 +114,8 @@ pub(super) async fn start(
     }
     match finished {
         Ok(Ok((kept, received, channel))) => {
+            // The predecessor released the node: it writes no map entry any more.
+            agent.refresh_adopted_maps();
             agent
                 .telemetry
                 .handover_flows("received", u64::from(received));
@@ -590,6 +598,32 @@ fn ktls_both_ways(sock: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()> {
 }
 
 impl Agent {
+    /// Removes what the predecessor left in the maps this agent adopted and would not write
+    /// itself (ARCHITECTURE.md, "Upgrades"), keeping what stale enrollments still need.
+    fn refresh_adopted_maps(&self) {
+        let stale = self.stale();
+        let (_, netns) = self.stale_pins();
+        let keep = crate::datapath::KeepSteering {
+            netns,
+            ips: stale.iter().flat_map(|s| s.workload.ips.clone()).collect(),
+        };
+        let removed = self
+            .shared
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh_adopted(&keep);
+        let removed: Vec<_> = removed.into_iter().filter(|(_, n)| *n > 0).collect();
+        if removed.is_empty() {
+            info!("adopted maps hold only what this agent steers");
+        } else {
+            info!(
+                ?removed,
+                "removed the steering entries of the predecessor this agent does not make"
+            );
+        }
+    }
+
     /// Connections this process still holds, those in set-up included.
     fn open_connections(&self) -> usize {
         usize::try_from(self.shared.live.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
