@@ -272,3 +272,127 @@ fn adopted_maps_keep_only_the_successors_steering_after_the_handover() {
     assert!(load(false).refresh_adopted(&Default::default()).is_empty());
     drop(old);
 }
+
+/// How a handover moves the programs: the successor attaches its own links beside the running
+/// agent's (cgroup links always stack) and pins them over the old pins; the old agent's links
+/// detach when it drops them. No connect may escape at any point of that: before, while both
+/// are attached, and after, every connect from an enrolled pod is steered exactly once (never
+/// twice: the second program sees a loopback destination), reaches the agent's listener,
+/// never the server, and is recorded in the shared maps where either agent finds it. A loop
+/// of connects runs through both transitions, and the programs attached are counted at each
+/// step (a connect to a destination nothing steers is seen once by each).
+#[test]
+fn stacked_links_in_a_handover_steer_every_connect_exactly_once() {
+    require_privileged();
+    let parent = Cgroup::new("ics");
+    let child_path = parent.path.join("pod");
+    std::fs::create_dir(&child_path).expect("child cgroup");
+    let child = Cgroup { path: child_path };
+    let pod = netns("icsa");
+    let dst: SocketAddr = SERVER.parse().unwrap();
+    let pin_dir =
+        std::path::PathBuf::from("/sys/fs/bpf").join(interceptor_tests::unique_name("stack"));
+    let _pins = interceptor_tests::agent::PinCleanup(pin_dir.clone());
+    let load = |adopt_maps| {
+        let mut dp = Datapath::load(interceptor::datapath::DatapathOptions {
+            pin_dir: Some(pin_dir.clone()),
+            adopt_maps,
+        })
+        .expect("load eBPF");
+        dp.enroll_pod_netns(
+            pod.cookie,
+            PodSettings {
+                outbound_port: AGENT_PORT,
+                ..Default::default()
+            },
+            &[POD_IP.parse().unwrap()],
+        )
+        .expect("pod config");
+        dp.set_destination("10.78.0.1".parse().unwrap(), None, Destination::Steer)
+            .expect("destination");
+        dp.enroll_cgroup(&parent.path).expect("attach");
+        dp
+    };
+    // Programs attached: a connect to the pod's own address is seen by each, steered by none.
+    let attached = |dp: &Datapath| {
+        let before = dp.counters().get(Counter::ConnectSeen);
+        let own: SocketAddr = format!("{POD_IP}:9").parse().unwrap();
+        drop(connect_from(Some(&child.path), &pod.ns.path(), own, b""));
+        dp.counters().get(Counter::ConnectSeen) - before
+    };
+    // One connect: steered once, to the agent, recorded, invisible to the app.
+    let steered_once = |dp: &Datapath, what: &str| {
+        let before = dp.counters().get(Counter::ConnectSteered);
+        let app = connect_from(Some(&child.path), &pod.ns.path(), dst, b"hi");
+        assert_eq!(app.peer, Ok(dst), "{what}: getpeername");
+        let (_conn, at) = accept_within(&pod.agent, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{what}: the agent got nothing"));
+        assert_eq!(dp.original_destination(pod.cookie, at), Some(dst), "{what}");
+        assert!(
+            accept_within(&pod.server, Duration::from_millis(50)).is_none(),
+            "{what}: a connect reached the server directly"
+        );
+        assert_eq!(
+            dp.counters().get(Counter::ConnectSteered) - before,
+            1,
+            "{what}: steered more or less than once"
+        );
+    };
+    // Connects in a loop while `step` runs; then every one must be at the agent.
+    let through = |step: &mut dyn FnMut(), what: &str| {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (child, ns, flag) = (
+            child.path.clone(),
+            pod.ns.path(),
+            std::sync::Arc::clone(&stop),
+        );
+        let looped = std::thread::spawn(move || {
+            let mut n = 0usize;
+            while n < 20 || !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let app = connect_from(Some(&child), &ns, dst, b"x");
+                assert_eq!(app.peer, Ok(dst), "a connect failed or escaped");
+                n += 1;
+            }
+            n
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        step();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = looped.join().expect("connect loop");
+        let mut at_agent = 0;
+        while accept_within(&pod.agent, Duration::from_millis(200)).is_some() {
+            at_agent += 1;
+        }
+        assert_eq!(at_agent, n, "{what}: connects that did not reach the agent");
+        assert!(
+            accept_within(&pod.server, Duration::from_millis(50)).is_none(),
+            "{what}: a connect escaped to the server"
+        );
+        eprintln!("{what}: {n} connects, all steered");
+    };
+
+    let old = load(false);
+    assert_eq!(attached(&old), 1);
+    steered_once(&old, "old agent alone");
+    let mut new = None;
+    through(&mut || new = Some(load(true)), "successor attaching");
+    let mut new = new.expect("successor");
+    assert_eq!(
+        attached(&new),
+        2,
+        "the successor's links stack on the old ones"
+    );
+    steered_once(&new, "both attached");
+    let mut old = Some(old);
+    through(
+        &mut || {
+            if let Some(mut dp) = old.take() {
+                dp.release_links();
+            }
+        },
+        "old agent letting go",
+    );
+    assert_eq!(attached(&new), 1, "the old agent's links outlived it");
+    steered_once(&new, "successor alone");
+    new.release_links();
+}
