@@ -1026,6 +1026,23 @@ impl Datapath {
             .ok()
             .map(|p| p.inbound_slot)
     }
+
+    /// The inbound slots the maps give pods: the one of `netns_cookie`'s pod, and those of
+    /// every other pod. With adopted maps these are the predecessor's until this agent
+    /// rewrites them: a pod enrolled here must keep its slot, and never take another pod's,
+    /// or sk_lookup would hand that pod's connections to its listener meanwhile.
+    pub fn slots_in_maps(&self, netns_cookie: Option<u64>) -> (Option<u32>, Vec<u32>) {
+        let mut own = None;
+        let mut others = Vec::new();
+        for (cookie, pod) in self.pod_config.iter().filter_map(Result::ok) {
+            if Some(cookie) == netns_cookie {
+                own = Some(pod.inbound_slot);
+            } else {
+                others.push(pod.inbound_slot);
+            }
+        }
+        (own, others)
+    }
 }
 
 /// What the agent asks of the eBPF programs for one pod's netns; [`PodConfig`] is its ABI

@@ -223,6 +223,10 @@ fn adopted_maps_keep_only_the_successors_steering_after_the_handover() {
         new.steers(dropped_peer, None) && new.has_pod(gone),
         "the successor does not see the maps it adopted"
     );
+    // Slots: the handed-over pod keeps its own, and the others' are known to be taken.
+    let (own, mut others) = new.slots_in_maps(Some(pod.cookie));
+    others.sort_unstable();
+    assert_eq!((own, others), (Some(0), vec![1, 2]));
     new.set_destination(kept_peer, None, Destination::Steer)
         .unwrap();
     new.enroll_pod_netns(pod.cookie, settings(0), &[pod_ip])

@@ -152,6 +152,41 @@ pub(super) fn listeners_for(
     Some(pod.listeners)
 }
 
+/// The slots the maps already give pods ([`crate::datapath::Datapath::slots_in_maps`]), for
+/// a pod enrolled with `given` listeners (its netns is theirs) or with new ones.
+pub(super) fn slots_in_maps(
+    shared: &crate::intercept::Shared,
+    given: Option<&[GivenListener]>,
+) -> (Option<u32>, Vec<u32>) {
+    let netns = given
+        .and_then(<[GivenListener]>::first)
+        .and_then(|(_, l)| crate::sys::netns_cookie(l.as_fd()).ok());
+    shared
+        .datapath
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .slots_in_maps(netns)
+}
+
+/// The inbound slot for a pod: the one the (adopted) maps already give it, unless a pod
+/// enrolled here holds it (`used`); otherwise the first from `next` on that neither a pod
+/// here nor any other pod in the maps (`reserved`: a predecessor's stale ones) holds. With
+/// maps of its own the agent's pods are all the maps hold, so this is the first free slot.
+pub(super) fn choose_slot(
+    used: &[u32],
+    adopted: Option<u32>,
+    reserved: &[u32],
+    next: &mut u32,
+) -> u32 {
+    if let Some(s) = adopted.filter(|s| !used.contains(s)) {
+        return s;
+    }
+    while used.contains(next) || reserved.contains(next) {
+        *next += 1;
+    }
+    *next
+}
+
 /// Enrolls the pods the predecessor handed over that neither the node config nor the
 /// persisted enrollments name (enrolled at run time there): they are persisted here too, so
 /// they survive this agent's restart as they would have the old one's.
@@ -768,6 +803,20 @@ spec: {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             other => panic!("{what}: the far end read {other:?}, not a reset"),
         }
+    }
+
+    #[test]
+    fn a_pod_keeps_the_inbound_slot_the_adopted_maps_give_it_and_takes_no_other() {
+        let mut next = 0;
+        // Handed over: the slot the predecessor gave it, even if a lower one is free.
+        assert_eq!(choose_slot(&[], Some(2), &[0, 1], &mut next), 2);
+        // A stale pod of the predecessor holds 0 and 1: a new pod gets neither.
+        assert_eq!(choose_slot(&[2], None, &[0, 1], &mut next), 3);
+        // Its adopted slot taken here already (cannot happen with one netns per pod): a free one.
+        assert_eq!(choose_slot(&[2, 3], Some(3), &[0, 1], &mut next), 4);
+        // Maps of its own: the first free slot, as before.
+        let mut next = 0;
+        assert_eq!(choose_slot(&[0, 1], None, &[0, 1], &mut next), 2);
     }
 
     #[test]
