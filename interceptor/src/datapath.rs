@@ -599,13 +599,10 @@ impl Datapath {
             self.pod_addrs
                 .insert(key, 1, 0)
                 .map_err(map_err(maps::POD_ADDRS))?;
-            self.note(|w| w.pod_addrs.insert(key));
         }
         self.pod_config
             .insert(netns_cookie, config, 0)
-            .map_err(map_err(maps::POD_CONFIG))?;
-        self.note(|w| w.pod_config.insert(netns_cookie));
-        Ok(())
+            .map_err(map_err(maps::POD_CONFIG))
     }
 
     /// Forgets a pod's netns, and frees the original destinations its sockets recorded: once
@@ -614,14 +611,12 @@ impl Datapath {
     pub fn unenroll_pod_netns(&mut self, netns_cookie: u64, own_addrs: &[IpAddr]) {
         self.forget_original_destinations(netns_cookie);
         let _ = self.pod_config.remove(&netns_cookie);
-        self.note(|w| w.pod_config.remove(&netns_cookie));
         for ip in own_addrs {
             let key = PodAddrKey {
                 netns_cookie,
                 addr: sock_addr(SocketAddr::new(*ip, 0)).without_port(),
             };
             let _ = self.pod_addrs.remove(&key);
-            self.note(|w| w.pod_addrs.remove(&key));
         }
     }
 
@@ -726,24 +721,18 @@ impl Datapath {
         listener6: Option<&L>,
         addrs: &[IpAddr],
     ) -> Result<()> {
-        let index4 = interceptor_common::inbound_index(slot, false);
         self.inbound_listeners
-            .set(index4, listener4, 0)
+            .set(interceptor_common::inbound_index(slot, false), listener4, 0)
             .map_err(map_err(maps::INBOUND_LISTENERS))?;
-        self.note(|w| w.inbound_listeners.insert(index4));
         if let Some(l6) = listener6 {
-            let index6 = interceptor_common::inbound_index(slot, true);
             self.inbound_listeners
-                .set(index6, l6, 0)
+                .set(interceptor_common::inbound_index(slot, true), l6, 0)
                 .map_err(map_err(maps::INBOUND_LISTENERS))?;
-            self.note(|w| w.inbound_listeners.insert(index6));
         }
         for ip in addrs {
-            let key = sock_addr(SocketAddr::new(*ip, 0)).without_port();
             self.inbound_slots
-                .insert(key, slot, 0)
+                .insert(sock_addr(SocketAddr::new(*ip, 0)).without_port(), slot, 0)
                 .map_err(map_err(maps::INBOUND_SLOTS))?;
-            self.note(|w| w.inbound_slots.insert(key));
         }
         Ok(())
     }
@@ -761,14 +750,14 @@ impl Datapath {
 
     fn clear_inbound(&mut self, slot: u32, addrs: &[IpAddr]) {
         for ip in addrs {
-            let key = sock_addr(SocketAddr::new(*ip, 0)).without_port();
-            let _ = self.inbound_slots.remove(&key);
-            self.note(|w| w.inbound_slots.remove(&key));
+            let _ = self
+                .inbound_slots
+                .remove(&sock_addr(SocketAddr::new(*ip, 0)).without_port());
         }
         for v6 in [false, true] {
-            let index = interceptor_common::inbound_index(slot, v6);
-            let _ = self.inbound_listeners.clear_index(&index);
-            self.note(|w| w.inbound_listeners.remove(&index));
+            let _ = self
+                .inbound_listeners
+                .clear_index(&interceptor_common::inbound_index(slot, v6));
         }
     }
 
@@ -895,24 +884,18 @@ impl Datapath {
     }
 }
 
-/// The steering entries this process wrote into maps it adopted from a running agent (a
-/// handover), so that [`Datapath::refresh_adopted`] can tell them from the predecessor's.
-/// Only the maps the agent fills from its configuration: the per-socket ones (original
-/// destinations, local legs, counters) belong to connections, whichever agent made them.
+/// The destination entries this process wrote into a `DEST_POLICY` it adopted from a running
+/// agent (a handover), so that [`Datapath::refresh_adopted`] can tell them from the
+/// predecessor's.
 #[derive(Debug, Default)]
 struct Written {
     dest_policy: HashSet<SockAddr>,
-    pod_config: HashSet<u64>,
-    pod_addrs: HashSet<PodAddrKey>,
-    inbound_slots: HashSet<SockAddr>,
-    inbound_listeners: HashSet<u32>,
 }
 
 /// What a stale enrollment (a pod this agent keeps fail-closed without serving it) still
-/// needs in the maps: the predecessor's pinned programs steer it with them.
+/// needs in `DEST_POLICY`: its addresses stay mesh destinations.
 #[derive(Debug, Default, Clone)]
 pub struct KeepSteering {
-    pub netns: Vec<u64>,
     pub ips: Vec<IpAddr>,
 }
 
@@ -923,93 +906,35 @@ impl Datapath {
         }
     }
 
-    /// Removes from adopted maps the steering entries this agent did not write itself and
-    /// `keep` does not name: destinations the predecessor steered that this agent's
-    /// configuration and policy no longer do (a peer or service removed between the two
-    /// versions), and pods, addresses and inbound slots it no longer enrolls. Without this
-    /// they would stay until the address or pod is unenrolled, which for an entry this agent
-    /// never knew is never. Call it once the predecessor stopped writing (it released the
-    /// node): until then its entries are its own. Returns how many entries each map lost;
-    /// with maps this process created (no adoption) there is nothing to do.
+    /// Removes from an adopted `DEST_POLICY` the destinations this agent did not steer itself
+    /// and `keep` does not name: a peer, service or pod the predecessor steered that this
+    /// agent's configuration, cluster view and policy no longer do. Without this they would
+    /// stay steered until the address is unenrolled, which for an address this agent never
+    /// knew is never. Call it once the predecessor stopped writing (it released the node):
+    /// until then its entries are its own. Returns how many entries each map lost; with maps
+    /// this process created (no adoption) there is nothing to do.
+    ///
+    /// Entries keyed by a pod's netns (pod config and addresses, inbound slot and listener)
+    /// stay. A pod this agent does not enroll may still exist (enrolled by the predecessor
+    /// after it sent its pods, or stale): with its entries it stays fail-closed (its
+    /// connects go to a port nobody listens on, inbound finds no listener and is dropped);
+    /// without them its connects would leave unsteered, in clear. A pod that is really gone
+    /// leaves entries no socket ever matches, bounded by the map sizes.
     pub fn refresh_adopted(&mut self, keep: &KeepSteering) -> Vec<(&'static str, usize)> {
         let Some(w) = self.written.take() else {
             return Vec::new();
         };
-        let kept_addrs: HashSet<SockAddr> = keep
-            .ips
-            .iter()
-            .map(|ip| sock_addr(SocketAddr::new(*ip, 0)).without_port())
-            .collect();
-        let kept_netns: HashSet<u64> = keep.netns.iter().copied().collect();
-        // Inbound first: an address whose slot is gone passes to the app directly only when
-        // nothing steers it at all, and its pod is then no longer one this agent protects.
-        let stale_slots: Vec<(SockAddr, u32)> = self
-            .inbound_slots
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| !w.inbound_slots.contains(k) && !kept_addrs.contains(k))
-            .collect();
-        let kept_slots: HashSet<u32> = self
-            .inbound_slots
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| kept_addrs.contains(k))
-            .map(|(_, slot)| slot)
-            .collect();
-        for (k, _) in &stale_slots {
-            let _ = self.inbound_slots.remove(k);
-        }
-        let stale_pods: Vec<(u64, PodConfig)> = self
-            .pod_config
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(c, _)| !w.pod_config.contains(c) && !kept_netns.contains(c))
-            .collect();
-        let mut listeners = 0;
-        let slots: HashSet<u32> = stale_slots
-            .iter()
-            .map(|(_, s)| *s)
-            .chain(stale_pods.iter().map(|(_, p)| p.inbound_slot))
-            .filter(|s| !kept_slots.contains(s))
-            .collect();
-        for slot in slots {
-            for v6 in [false, true] {
-                let index = interceptor_common::inbound_index(slot, v6);
-                if !w.inbound_listeners.contains(&index)
-                    && self.inbound_listeners.clear_index(&index).is_ok()
-                {
-                    listeners += 1;
-                }
-            }
-        }
-        for (c, _) in &stale_pods {
-            let _ = self.pod_config.remove(c);
-        }
-        let stale_addrs: Vec<PodAddrKey> = self
-            .pod_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !w.pod_addrs.contains(k) && !kept_netns.contains(&k.netns_cookie))
-            .collect();
-        for k in &stale_addrs {
-            let _ = self.pod_addrs.remove(k);
-        }
-        let stale_dests: Vec<SockAddr> = self
+        let kept: HashSet<SockAddr> = keep.ips.iter().map(|ip| dest_key(*ip, None)).collect();
+        let stale: Vec<SockAddr> = self
             .dest_policy
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !w.dest_policy.contains(k) && !kept_addrs.contains(k))
+            .filter(|k| !w.dest_policy.contains(k) && !kept.contains(k))
             .collect();
-        for k in &stale_dests {
+        for k in &stale {
             let _ = self.dest_policy.remove(k);
         }
-        vec![
-            (maps::DEST_POLICY, stale_dests.len()),
-            (maps::POD_CONFIG, stale_pods.len()),
-            (maps::POD_ADDRS, stale_addrs.len()),
-            (maps::INBOUND_SLOTS, stale_slots.len()),
-            (maps::INBOUND_LISTENERS, listeners),
-        ]
+        vec![(maps::DEST_POLICY, stale.len())]
     }
 
     /// Whether connect() to `ip` (`port`, or any port for `None`) is steered to the agent.

@@ -636,11 +636,12 @@ impl Agent {
     /// Removes what the predecessor left in the maps this agent adopted and would not write
     /// itself (ARCHITECTURE.md, "Upgrades"), keeping what stale enrollments still need.
     fn refresh_adopted_maps(&self) {
-        let stale = self.stale();
-        let (_, netns) = self.stale_pins();
         let keep = crate::datapath::KeepSteering {
-            netns,
-            ips: stale.iter().flat_map(|s| s.workload.ips.clone()).collect(),
+            ips: self
+                .stale()
+                .iter()
+                .flat_map(|s| s.workload.ips.clone())
+                .collect(),
         };
         let removed = self
             .shared
