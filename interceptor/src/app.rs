@@ -719,10 +719,8 @@ impl Agent {
         let slot = {
             let mut next = self.next_slot.lock().unwrap_or_else(|p| p.into_inner());
             let used: Vec<u32> = pods.values().map(|p| p.slot()).collect();
-            while used.contains(&*next) {
-                *next += 1;
-            }
-            *next
+            let (adopted, reserved) = upgrade::slots_in_maps(&self.shared, listeners.as_deref());
+            upgrade::choose_slot(&used, adopted, &reserved, &mut next)
         };
         let handle = intercept::enroll(&self.shared, w, slot, listeners)?;
         pods.insert(w.name.clone(), handle);

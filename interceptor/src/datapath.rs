@@ -3,7 +3,7 @@
 //! that imports aya; the rest of the agent speaks [`SocketAddr`]s and [`PodConfig`]s.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd as _, BorrowedFd},
@@ -214,6 +214,8 @@ pub struct Datapath {
     agent_cgroup_link: Option<FdLink>,
     cgroups: StdHashMap<PathBuf, Vec<FdLink>>,
     netns: StdHashMap<u64, FdLink>,
+    /// With adopted maps, until [`Datapath::refresh_adopted`]: what this process wrote.
+    written: Option<Written>,
     options: DatapathOptions,
 }
 
@@ -377,6 +379,7 @@ impl Datapath {
             agent_cgroup_link: None,
             cgroups: StdHashMap::new(),
             netns: StdHashMap::new(),
+            written: options.adopt_maps.then(Written::default),
             options,
         })
     }
@@ -631,11 +634,15 @@ impl Datapath {
         };
         self.dest_policy
             .insert(key, DestAction { action, _pad: 0 }, 0)
-            .map_err(map_err(maps::DEST_POLICY))
+            .map_err(map_err(maps::DEST_POLICY))?;
+        self.note(|w| w.dest_policy.insert(key));
+        Ok(())
     }
 
     pub fn clear_destination(&mut self, ip: IpAddr, port: Option<u16>) {
-        let _ = self.dest_policy.remove(&dest_key(ip, port));
+        let key = dest_key(ip, port);
+        let _ = self.dest_policy.remove(&key);
+        self.note(|w| w.dest_policy.remove(&key));
     }
 
     /// The original destination of a steered connection, looked up by the netns it was made
@@ -874,6 +881,92 @@ impl Datapath {
             }
         }
         Counters(out)
+    }
+}
+
+/// The destination entries this process wrote into a `DEST_POLICY` it adopted from a running
+/// agent (a handover), so that [`Datapath::refresh_adopted`] can tell them from the
+/// predecessor's.
+#[derive(Debug, Default)]
+struct Written {
+    dest_policy: HashSet<SockAddr>,
+}
+
+/// What a stale enrollment (a pod this agent keeps fail-closed without serving it) still
+/// needs in `DEST_POLICY`: its addresses stay mesh destinations.
+#[derive(Debug, Default, Clone)]
+pub struct KeepSteering {
+    pub ips: Vec<IpAddr>,
+}
+
+impl Datapath {
+    fn note(&mut self, f: impl FnOnce(&mut Written) -> bool) {
+        if let Some(w) = &mut self.written {
+            f(w);
+        }
+    }
+
+    /// Removes from an adopted `DEST_POLICY` the destinations this agent did not steer itself
+    /// and `keep` does not name: a peer, service or pod the predecessor steered that this
+    /// agent's configuration, cluster view and policy no longer do. Without this they would
+    /// stay steered until the address is unenrolled, which for an address this agent never
+    /// knew is never. Call it once the predecessor stopped writing (it released the node):
+    /// until then its entries are its own. Returns how many entries each map lost; with maps
+    /// this process created (no adoption) there is nothing to do.
+    ///
+    /// Entries keyed by a pod's netns (pod config and addresses, inbound slot and listener)
+    /// stay. A pod this agent does not enroll may still exist (enrolled by the predecessor
+    /// after it sent its pods, or stale): with its entries it stays fail-closed (its
+    /// connects go to a port nobody listens on, inbound finds no listener and is dropped);
+    /// without them its connects would leave unsteered, in clear. A pod that is really gone
+    /// leaves entries no socket ever matches, bounded by the map sizes.
+    pub fn refresh_adopted(&mut self, keep: &KeepSteering) -> Vec<(&'static str, usize)> {
+        let Some(w) = self.written.take() else {
+            return Vec::new();
+        };
+        let kept: HashSet<SockAddr> = keep.ips.iter().map(|ip| dest_key(*ip, None)).collect();
+        let stale: Vec<SockAddr> = self
+            .dest_policy
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !w.dest_policy.contains(k) && !kept.contains(k))
+            .collect();
+        for k in &stale {
+            let _ = self.dest_policy.remove(k);
+        }
+        vec![(maps::DEST_POLICY, stale.len())]
+    }
+
+    /// Whether connect() to `ip` (`port`, or any port for `None`) is steered to the agent.
+    pub fn steers(&self, ip: IpAddr, port: Option<u16>) -> bool {
+        self.dest_policy
+            .get(&dest_key(ip, port), 0)
+            .is_ok_and(|a| a.action == ACTION_STEER)
+    }
+
+    /// The inbound slot the maps give the pod of netns `netns_cookie`, if it has one.
+    pub fn pod_slot(&self, netns_cookie: u64) -> Option<u32> {
+        self.pod_config
+            .get(&netns_cookie, 0)
+            .ok()
+            .map(|p| p.inbound_slot)
+    }
+
+    /// The inbound slots the maps give pods: the one of `netns_cookie`'s pod, and those of
+    /// every other pod. With adopted maps these are the predecessor's until this agent
+    /// rewrites them: a pod enrolled here must keep its slot, and never take another pod's,
+    /// or sk_lookup would hand that pod's connections to its listener meanwhile.
+    pub fn slots_in_maps(&self, netns_cookie: Option<u64>) -> (Option<u32>, Vec<u32>) {
+        let mut own = None;
+        let mut others = Vec::new();
+        for (cookie, pod) in self.pod_config.iter().filter_map(Result::ok) {
+            if Some(cookie) == netns_cookie {
+                own = Some(pod.inbound_slot);
+            } else {
+                others.push(pod.inbound_slot);
+            }
+        }
+        (own, others)
     }
 }
 

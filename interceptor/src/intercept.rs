@@ -30,7 +30,7 @@ pub use self::{
     counters::Counters,
     handoff::adopt_parked,
     pod::{PodHandle, enroll, pod_netns_cookie, unenroll},
-    revalidate::{apply_steering, revalidate},
+    revalidate::{apply_steering, decide_handed_over, revalidate},
 };
 
 use std::{

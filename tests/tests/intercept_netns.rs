@@ -167,3 +167,237 @@ fn programs_at_a_parent_cgroup_act_only_on_enrolled_netns() {
     assert_eq!(occupancy(&dp, maps::POD_CONFIG), 0);
     assert_eq!(occupancy(&dp, maps::POD_ADDRS), 0);
 }
+
+/// A successor adopts the running agent's pinned maps (a handover): both agents' programs
+/// steer with the same entries until the old one lets go. Then the successor removes the
+/// destinations the predecessor steered and it would not steer itself (a peer dropped from
+/// the config between the versions, the address of a pod it does not enroll), keeps its own,
+/// and keeps what a stale enrollment (kept fail-closed on the predecessor's pinned programs)
+/// still needs. Entries keyed by a pod's netns stay: a pod it does not know keeps failing
+/// closed rather than leaving unsteered.
+#[test]
+fn adopted_maps_keep_only_the_destinations_the_successor_steers() {
+    require_privileged();
+    let pin_dir =
+        std::path::PathBuf::from("/sys/fs/bpf").join(interceptor_tests::unique_name("adopt"));
+    let _pins = interceptor_tests::agent::PinCleanup(pin_dir.clone());
+    let load = |adopt_maps| {
+        Datapath::load(interceptor::datapath::DatapathOptions {
+            pin_dir: Some(pin_dir.clone()),
+            adopt_maps,
+        })
+        .expect("load eBPF")
+    };
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let (kept_peer, dropped_peer) = (ip("10.78.1.1"), ip("10.78.1.2"));
+    let (pod_ip, gone_ip, stale_ip) = (ip(POD_IP), ip("10.78.2.2"), ip("10.78.3.3"));
+    let (pod, gone, stale) = (netns("ada"), 0xdead_0001_u64, 0xdead_0002_u64);
+    let settings = |slot| PodSettings {
+        outbound_port: AGENT_PORT,
+        inbound_slot: slot,
+        steer_inbound: true,
+        ..Default::default()
+    };
+    let listener = || pod.ns.run(|| TcpListener::bind(("127.0.0.1", 0)));
+    let (l0, l1, l2) = (listener(), listener(), listener());
+
+    // The old agent: two peers, the pod it hands over, a pod the successor will not enroll,
+    // and a stale one, each with its own inbound slot.
+    let mut old = load(false);
+    for (dest, _) in [(kept_peer, 0), (dropped_peer, 0)] {
+        old.set_destination(dest, None, Destination::Steer).unwrap();
+    }
+    for (cookie, addr, slot, l) in [
+        (pod.cookie, pod_ip, 0, &l0),
+        (gone, gone_ip, 1, &l1),
+        (stale, stale_ip, 2, &l2),
+    ] {
+        old.enroll_pod_netns(cookie, settings(slot), &[addr])
+            .unwrap();
+        old.steer_inbound(slot, l, None, &[addr]).unwrap();
+        old.set_destination(addr, None, Destination::Steer).unwrap();
+    }
+
+    // The successor writes what its own configuration says: one peer, the handed-over pod.
+    let mut new = load(true);
+    assert!(
+        new.steers(dropped_peer, None) && new.has_pod(gone),
+        "the successor does not see the maps it adopted"
+    );
+    // Slots: the handed-over pod keeps its own, and the others' are known to be taken.
+    let (own, mut others) = new.slots_in_maps(Some(pod.cookie));
+    others.sort_unstable();
+    assert_eq!((own, others), (Some(0), vec![1, 2]));
+    new.set_destination(kept_peer, None, Destination::Steer)
+        .unwrap();
+    new.enroll_pod_netns(pod.cookie, settings(0), &[pod_ip])
+        .unwrap();
+    new.steer_inbound(0, &l0, None, &[pod_ip]).unwrap();
+    new.set_destination(pod_ip, None, Destination::Steer)
+        .unwrap();
+    // Nothing is removed before the predecessor let go: its entries are still its own.
+    assert_eq!(occupancy(&new, maps::POD_CONFIG), 3);
+    assert_eq!(occupancy(&new, maps::DEST_POLICY), 5);
+
+    let removed = new.refresh_adopted(&interceptor::datapath::KeepSteering {
+        ips: vec![stale_ip],
+    });
+    assert_eq!(
+        removed,
+        [(maps::DEST_POLICY, 2)],
+        "the dropped peer and the unenrolled pod's address"
+    );
+
+    // What the successor wrote stays; so does what the stale pod needs.
+    assert!(new.steers(kept_peer, None) && new.steers(pod_ip, None));
+    assert!(!new.steers(dropped_peer, None) && !new.steers(gone_ip, None));
+    assert!(new.steers(stale_ip, None), "the stale pod's address");
+    // Pods it does not enroll keep their netns entries (fail closed), and their slots.
+    assert!(new.has_pod(pod.cookie) && new.has_pod(stale) && new.has_pod(gone));
+    assert_eq!(
+        (new.pod_slot(stale), new.pod_slot(gone)),
+        (Some(2), Some(1))
+    );
+    assert_eq!(occupancy(&new, maps::POD_ADDRS), 3);
+    assert_eq!(occupancy(&new, maps::INBOUND_SLOTS), 3);
+    // The old agent's programs read the same maps: they see the refresh too.
+    assert!(!old.steers(dropped_peer, None));
+
+    // Only once: from here on the successor's own unenrollments keep the maps exact.
+    assert!(
+        new.refresh_adopted(&Default::default())
+            .iter()
+            .all(|(_, n)| *n == 0)
+    );
+    assert!(
+        new.steers(stale_ip, None),
+        "a second refresh removed the stale pod's address"
+    );
+    // Fresh maps (no adoption) are never refreshed.
+    assert!(load(false).refresh_adopted(&Default::default()).is_empty());
+    drop(old);
+}
+
+/// How a handover moves the programs: the successor attaches its own links beside the running
+/// agent's (cgroup links always stack) and pins them over the old pins; the old agent's links
+/// detach when it drops them. No connect may escape at any point of that: before, while both
+/// are attached, and after, every connect from an enrolled pod is steered exactly once (never
+/// twice: the second program sees a loopback destination), reaches the agent's listener,
+/// never the server, and is recorded in the shared maps where either agent finds it. A loop
+/// of connects runs through both transitions, and the programs attached are counted at each
+/// step (a connect to a destination nothing steers is seen once by each).
+#[test]
+fn stacked_links_in_a_handover_steer_every_connect_exactly_once() {
+    require_privileged();
+    let parent = Cgroup::new("ics");
+    let child_path = parent.path.join("pod");
+    std::fs::create_dir(&child_path).expect("child cgroup");
+    let child = Cgroup { path: child_path };
+    let pod = netns("icsa");
+    let dst: SocketAddr = SERVER.parse().unwrap();
+    let pin_dir =
+        std::path::PathBuf::from("/sys/fs/bpf").join(interceptor_tests::unique_name("stack"));
+    let _pins = interceptor_tests::agent::PinCleanup(pin_dir.clone());
+    let load = |adopt_maps| {
+        let mut dp = Datapath::load(interceptor::datapath::DatapathOptions {
+            pin_dir: Some(pin_dir.clone()),
+            adopt_maps,
+        })
+        .expect("load eBPF");
+        dp.enroll_pod_netns(
+            pod.cookie,
+            PodSettings {
+                outbound_port: AGENT_PORT,
+                ..Default::default()
+            },
+            &[POD_IP.parse().unwrap()],
+        )
+        .expect("pod config");
+        dp.set_destination("10.78.0.1".parse().unwrap(), None, Destination::Steer)
+            .expect("destination");
+        dp.enroll_cgroup(&parent.path).expect("attach");
+        dp
+    };
+    // Programs attached: a connect to the pod's own address is seen by each, steered by none.
+    let attached = |dp: &Datapath| {
+        let before = dp.counters().get(Counter::ConnectSeen);
+        let own: SocketAddr = format!("{POD_IP}:9").parse().unwrap();
+        drop(connect_from(Some(&child.path), &pod.ns.path(), own, b""));
+        dp.counters().get(Counter::ConnectSeen) - before
+    };
+    // One connect: steered once, to the agent, recorded, invisible to the app.
+    let steered_once = |dp: &Datapath, what: &str| {
+        let before = dp.counters().get(Counter::ConnectSteered);
+        let app = connect_from(Some(&child.path), &pod.ns.path(), dst, b"hi");
+        assert_eq!(app.peer, Ok(dst), "{what}: getpeername");
+        let (_conn, at) = accept_within(&pod.agent, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{what}: the agent got nothing"));
+        assert_eq!(dp.original_destination(pod.cookie, at), Some(dst), "{what}");
+        assert!(
+            accept_within(&pod.server, Duration::from_millis(50)).is_none(),
+            "{what}: a connect reached the server directly"
+        );
+        assert_eq!(
+            dp.counters().get(Counter::ConnectSteered) - before,
+            1,
+            "{what}: steered more or less than once"
+        );
+    };
+    // Connects in a loop while `step` runs; then every one must be at the agent.
+    let through = |step: &mut dyn FnMut(), what: &str| {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (child, ns, flag) = (
+            child.path.clone(),
+            pod.ns.path(),
+            std::sync::Arc::clone(&stop),
+        );
+        let looped = std::thread::spawn(move || {
+            let mut n = 0usize;
+            while n < 20 || !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let app = connect_from(Some(&child), &ns, dst, b"x");
+                assert_eq!(app.peer, Ok(dst), "a connect failed or escaped");
+                n += 1;
+            }
+            n
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        step();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = looped.join().expect("connect loop");
+        let mut at_agent = 0;
+        while accept_within(&pod.agent, Duration::from_millis(200)).is_some() {
+            at_agent += 1;
+        }
+        assert_eq!(at_agent, n, "{what}: connects that did not reach the agent");
+        assert!(
+            accept_within(&pod.server, Duration::from_millis(50)).is_none(),
+            "{what}: a connect escaped to the server"
+        );
+        eprintln!("{what}: {n} connects, all steered");
+    };
+
+    let old = load(false);
+    assert_eq!(attached(&old), 1);
+    steered_once(&old, "old agent alone");
+    let mut new = None;
+    through(&mut || new = Some(load(true)), "successor attaching");
+    let mut new = new.expect("successor");
+    assert_eq!(
+        attached(&new),
+        2,
+        "the successor's links stack on the old ones"
+    );
+    steered_once(&new, "both attached");
+    let mut old = Some(old);
+    through(
+        &mut || {
+            if let Some(mut dp) = old.take() {
+                dp.release_links();
+            }
+        },
+        "old agent letting go",
+    );
+    assert_eq!(attached(&new), 1, "the old agent's links outlived it");
+    steered_once(&new, "successor alone");
+    new.release_links();
+}

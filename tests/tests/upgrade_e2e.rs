@@ -279,3 +279,58 @@ fn sigterm_without_a_successor_serves_through_the_drain_window_then_fails_closed
     b.assert_serving("after the handover during a drain");
     b.assert_no_plaintext(capture);
 }
+
+/// Only a process of the agent's own uid (root) may hand over or take listeners: the socket
+/// file's mode keeps others out, and behind it the kernel's record of the peer
+/// (`SO_PEERCRED`) is checked. A process that connected as another uid is refused, whichever
+/// side it plays, before a message is read.
+#[test]
+fn a_handover_peer_of_another_uid_is_refused() {
+    use std::os::unix::net::UnixListener;
+    interceptor_tests::require_privileged();
+    let dir = std::env::temp_dir().join(interceptor_tests::unique_name("hocred"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let path = dir.join("handover.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    // SAFETY: an all-zero sockaddr_un is valid; the path fits (checked below).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    assert!(bytes.len() < addr.sun_path.len(), "socket path too long");
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: the child makes only async-signal-safe calls on memory prepared before fork,
+    // and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        // SAFETY: raw syscalls on valid arguments; the child never returns.
+        unsafe {
+            if libc::setuid(65534) != 0 {
+                libc::_exit(2);
+            }
+            let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if s < 0 || libc::connect(s, (&raw const addr).cast(), len) != 0 {
+                libc::_exit(3);
+            }
+            let mut b = [0u8; 1];
+            libc::read(s, b.as_mut_ptr().cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    let (sock, _) = listener.accept().expect("accept");
+    let refused = interceptor::handover::channel::Channel::new(sock).err();
+    let mut status = 0;
+    // SAFETY: waiting for our own child, which exits once the socket is closed.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    let _ = std::fs::remove_dir_all(&dir);
+    let e = format!("{:#}", refused.expect("a peer of uid 65534 was accepted"));
+    assert!(e.contains("uid 65534"), "{e}");
+    assert_eq!(libc::WEXITSTATUS(status), 0, "the child could not connect");
+}

@@ -537,6 +537,48 @@ mod tests {
         assert_eq!(images, [image_name(), image_name()]);
     }
 
+    /// The value of the first `key: value` line under the line containing `after`.
+    fn value_after<'a>(text: &'a str, after: &str, key: &str) -> &'a str {
+        let from = text.find(after).unwrap_or_else(|| panic!("no `{after}`"));
+        text[from..]
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+            .map(|v| v.split('#').next().unwrap_or_default().trim())
+            .unwrap_or_else(|| panic!("no `{key}` after `{after}`"))
+    }
+
+    /// Upgrades as issue 15 asks: on each node the new pod starts before the old one stops
+    /// (surge, never a node without an agent), runs `--takeover`, and reaches the old one's
+    /// handover socket on a host directory both pods mount; the old pod drains within its
+    /// grace period.
+    #[test]
+    fn the_daemonset_lets_the_new_agent_take_over_from_the_old_one() {
+        let ds = include_str!("../../deploy/base/daemonset.yaml");
+        let cm = include_str!("../../deploy/base/configmap.yaml");
+        assert_eq!(value_after(ds, "updateStrategy:", "type"), "RollingUpdate");
+        assert_eq!(value_after(ds, "rollingUpdate:", "maxSurge"), "1");
+        assert_eq!(value_after(ds, "rollingUpdate:", "maxUnavailable"), "0");
+        let args = value_after(ds, "- name: agent", "args");
+        assert!(args.contains("--takeover"), "agent args {args}");
+        // The socket's directory is the host's /run/interceptor in every agent pod (the
+        // image links /var/run to /run).
+        let socket = value_after(cm, "handover:", "socket");
+        let file = socket
+            .strip_prefix("/var/run/interceptor/")
+            .or_else(|| socket.strip_prefix("/run/interceptor/"));
+        assert!(file.is_some_and(|f| !f.contains('/')), "socket {socket}");
+        assert!(ds.contains("{name: run, mountPath: /run/interceptor}"));
+        assert!(ds.contains("hostPath: {path: /run/interceptor, type: DirectoryOrCreate}"));
+        let grace: u64 = value_after(ds, "priorityClassName", "terminationGracePeriodSeconds")
+            .parse()
+            .unwrap();
+        let drain: u64 = value_after(cm, "handover:", "drainWindow")
+            .trim_end_matches('s')
+            .parse()
+            .unwrap();
+        assert!(drain < grace, "drainWindow {drain}s, grace period {grace}s");
+    }
+
     #[test]
     fn kustomization_lists_every_manifest_of_the_base() {
         let root = crate::workspace_root().unwrap();

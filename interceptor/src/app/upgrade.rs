@@ -21,11 +21,13 @@ use crate::{
     },
     identity::SpiffeId,
     intercept::{
-        adopt_parked,
+        adopt_parked, decide_handed_over,
+        enforce::Generation,
         table::{FlowCheck, FlowInfo, InboundCheck, OutboundCheck, Protection, SessionCrypto},
     },
     policy::FlowTls,
     relay::ParkedKtls,
+    telemetry::Telemetry,
 };
 
 /// Test knob: the new agent waits this many milliseconds between holding the handed-over
@@ -63,7 +65,13 @@ pub(super) async fn start(
     let Some(mut t) = taken else {
         // A predecessor that stepped down still runs its programs until we replace them:
         // sharing its maps (same layout) keeps what it steers visible to us meanwhile.
-        return Ok((start_from(config, None, predecessor_alive).await?, None));
+        let agent = start_from(config, None, predecessor_alive).await?;
+        if predecessor_alive {
+            // It closed its listeners and dropped its links before answering: what it
+            // steered is ours to decide now.
+            agent.refresh_adopted_maps();
+        }
+        return Ok((agent, None));
     };
     let admin_socket = config.admin_socket.clone();
     let staged_admin = crate::admin::staged_path(&admin_socket);
@@ -106,6 +114,8 @@ pub(super) async fn start(
     }
     match finished {
         Ok(Ok((kept, received, channel))) => {
+            // The predecessor released the node: it writes no map entry any more.
+            agent.refresh_adopted_maps();
             agent
                 .telemetry
                 .handover_flows("received", u64::from(received));
@@ -140,6 +150,41 @@ pub(super) fn listeners_for(
         return None;
     }
     Some(pod.listeners)
+}
+
+/// The slots the maps already give pods ([`crate::datapath::Datapath::slots_in_maps`]), for
+/// a pod enrolled with `given` listeners (its netns is theirs) or with new ones.
+pub(super) fn slots_in_maps(
+    shared: &crate::intercept::Shared,
+    given: Option<&[GivenListener]>,
+) -> (Option<u32>, Vec<u32>) {
+    let netns = given
+        .and_then(<[GivenListener]>::first)
+        .and_then(|(_, l)| crate::sys::netns_cookie(l.as_fd()).ok());
+    shared
+        .datapath
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .slots_in_maps(netns)
+}
+
+/// The inbound slot for a pod: the one the (adopted) maps already give it, unless a pod
+/// enrolled here holds it (`used`); otherwise the first from `next` on that neither a pod
+/// here nor any other pod in the maps (`reserved`: a predecessor's stale ones) holds. With
+/// maps of its own the agent's pods are all the maps hold, so this is the first free slot.
+pub(super) fn choose_slot(
+    used: &[u32],
+    adopted: Option<u32>,
+    reserved: &[u32],
+    next: &mut u32,
+) -> u32 {
+    if let Some(s) = adopted.filter(|s| !used.contains(s)) {
+        return s;
+    }
+    while used.contains(next) || reserved.contains(next) {
+        *next += 1;
+    }
+    *next
 }
 
 /// Enrolls the pods the predecessor handed over that neither the node config nor the
@@ -335,7 +380,15 @@ impl Source for Handing {
                 None => {
                     warn!(pod = %p.info.pod, "a parked flow cannot be described for a successor: kept here");
                     if let Some(check) = p.check {
-                        adopt_parked(shared, &self.runtime, p.info, check, *relay, false);
+                        adopt_parked(
+                            shared,
+                            &self.runtime,
+                            p.info,
+                            check,
+                            *relay,
+                            false,
+                            generation,
+                        );
                     }
                 }
             }
@@ -353,9 +406,18 @@ impl Source for Handing {
 
     fn keep_flow(&self, flow: FlowTransfer, relay: ParkedKtls) {
         self.agent.telemetry.handover_flows("kept", 1);
+        let parked_under = flow.policy_generation;
         match flow_from_transfer(flow) {
             Ok((info, check)) => {
-                adopt_parked(&self.agent.shared, &self.runtime, info, check, relay, false);
+                adopt_parked(
+                    &self.agent.shared,
+                    &self.runtime,
+                    info,
+                    check,
+                    relay,
+                    false,
+                    parked_under,
+                );
             }
             Err(e) => {
                 self.agent.telemetry.handover_flows("refused", 1);
@@ -472,46 +534,132 @@ fn flow_from_transfer(t: FlowTransfer) -> anyhow::Result<(FlowInfo, FlowCheck)> 
 }
 
 impl Agent {
-    /// Takes on a kTLS flow the predecessor parked: its app socket must be in the netns of
-    /// the pod it names, enrolled here. A flow that fails a check is reset (its descriptors
-    /// are the only ones left: the predecessor closed its own).
+    /// Takes on a kTLS flow the predecessor parked, if [`admit_flow`] lets it in.
     fn adopt_flow(&self, runtime: &tokio::runtime::Handle, flow: FlowTransfer, fds: Vec<OwnedFd>) {
-        let what = format!("{} {} → {}", flow.pod, flow.source, flow.destination);
         let cookie = self
             .pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&flow.pod)
             .map(|p| p.netns_cookie);
-        let checked = (|| -> anyhow::Result<()> {
-            let cookie = cookie.context("no such pod enrolled here")?;
-            let app = fds.first().context("no descriptors")?;
-            let ns = crate::sys::netns_cookie(app.as_fd()).context("netns of the app socket")?;
-            anyhow::ensure!(
-                ns == cookie,
-                "app socket from netns {ns}, not the pod's ({cookie})"
+        let generation = self.shared.policy.current();
+        if let Ok((info, check, parked)) =
+            admit_flow(cookie, &generation, &self.telemetry, flow, fds)
+        {
+            adopt_parked(
+                &self.shared,
+                runtime,
+                info,
+                check,
+                parked,
+                true,
+                generation.number,
             );
-            Ok(())
-        })();
-        let parts = checked.and_then(|()| {
-            let state = flow.relay.clone();
-            let (info, check) = flow_from_transfer(flow)?;
-            let parked = ParkedKtls::from_parts(fds, state).context("descriptors")?;
-            Ok((info, check, parked))
-        });
-        match parts {
-            Ok((info, check, parked)) => {
-                adopt_parked(&self.shared, runtime, info, check, parked, true);
-            }
-            Err(e) => {
-                self.telemetry.handover_flows("refused", 1);
-                warn!(flow = %what, "handed-over flow refused, reset: {e:#}");
-            }
         }
     }
 }
 
+/// Decides whether this agent continues a flow its predecessor handed over: the pod it names
+/// is enrolled here (`pod_netns`: its netns cookie), the app socket is in that pod's netns,
+/// this agent's policy (`generation`) admits the flow as it would an open one after a policy
+/// change, and the peer socket carries kernel TLS both ways (a relay onto a plain socket
+/// would put the app's bytes on the wire in clear).
+///
+/// A refused flow is reset here, app and peer socket, and counted as handover `refused`: the
+/// received descriptors are the only ones left (the predecessor closed its own), so closing
+/// them without a reset would show the app a clean end of stream, as if the peer had
+/// finished, and the peer agent the same.
+fn admit_flow(
+    pod_netns: Option<u64>,
+    generation: &Generation,
+    telemetry: &Telemetry,
+    flow: FlowTransfer,
+    fds: Vec<OwnedFd>,
+) -> anyhow::Result<(FlowInfo, FlowCheck, ParkedKtls)> {
+    let what = format!("{} {} → {}", flow.pod, flow.source, flow.destination);
+    // Second descriptors of both sockets, taken first: whichever check fails below, and
+    // whatever has closed the others by then, the reset reaches both sockets through these.
+    let sockets: Vec<OwnedFd> = fds
+        .iter()
+        .take(2)
+        .filter_map(|f| f.try_clone().ok())
+        .collect();
+    let admitted = (move || {
+        let cookie = pod_netns.context("no such pod enrolled here")?;
+        let app = fds.first().context("no descriptors")?;
+        let ns = crate::sys::netns_cookie(app.as_fd()).context("netns of the app socket")?;
+        anyhow::ensure!(
+            ns == cookie,
+            "app socket from netns {ns}, not the pod's ({cookie})"
+        );
+        let state = flow.relay.clone();
+        let (info, check) = flow_from_transfer(flow)?;
+        if let Err(r) = decide_handed_over(generation, &check) {
+            anyhow::bail!(
+                "refused by this agent's policy (generation {}): {} [{}]",
+                generation.number,
+                r.reason,
+                r.code
+            );
+        }
+        let peer = fds.get(1).context("no peer socket")?;
+        ktls_both_ways(peer.as_fd()).context("peer socket")?;
+        let parked = ParkedKtls::from_parts(fds, state).context("descriptors")?;
+        Ok((info, check, parked))
+    })();
+    if let Err(e) = &admitted {
+        for s in &sockets {
+            let _ = crate::sys::set_zero_linger(s.as_fd());
+        }
+        telemetry.handover_flows("refused", 1);
+        warn!(flow = %what, "handed-over flow refused, reset: {e:#}");
+    }
+    admitted
+}
+
+/// Whether `sock` has the `tls` ULP with keys installed for sending and receiving.
+fn ktls_both_ways(sock: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()> {
+    let ulp = crate::ktls::sys::get_ulp(sock).context("getsockopt(TCP_ULP)")?;
+    anyhow::ensure!(
+        ulp.as_deref() == Some("tls"),
+        "no kernel TLS (ULP {})",
+        ulp.as_deref().unwrap_or("none")
+    );
+    for dir in [crate::ktls::Direction::Tx, crate::ktls::Direction::Rx] {
+        crate::ktls::record_seq(sock, dir)
+            .with_context(|| format!("no kernel TLS keys for {dir:?}"))?;
+    }
+    Ok(())
+}
+
 impl Agent {
+    /// Removes what the predecessor left in the maps this agent adopted and would not write
+    /// itself (ARCHITECTURE.md, "Upgrades"), keeping what stale enrollments still need.
+    fn refresh_adopted_maps(&self) {
+        let keep = crate::datapath::KeepSteering {
+            ips: self
+                .stale()
+                .iter()
+                .flat_map(|s| s.workload.ips.clone())
+                .collect(),
+        };
+        let removed = self
+            .shared
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh_adopted(&keep);
+        let removed: Vec<_> = removed.into_iter().filter(|(_, n)| *n > 0).collect();
+        if removed.is_empty() {
+            info!("adopted maps hold only what this agent steers");
+        } else {
+            info!(
+                ?removed,
+                "removed the steering entries of the predecessor this agent does not make"
+            );
+        }
+    }
+
     /// Connections this process still holds, those in set-up included.
     fn open_connections(&self) -> usize {
         usize::try_from(self.shared.live.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
@@ -519,5 +667,212 @@ impl Agent {
 
     pub(super) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Read as _,
+        net::{TcpListener, TcpStream},
+        path::{Path, PathBuf},
+    };
+
+    use super::*;
+    use crate::{
+        config::AccessLog,
+        handover::CheckTransfer,
+        intercept::{enforce::Enforcer, table::Direction},
+        relay::KtlsRelayState,
+    };
+
+    /// A scratch directory removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("upgrade-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The node's policy: `policy` (YAML) in a policy directory, or none.
+    fn generation(dir: &Path, policy: Option<&str>) -> Arc<Generation> {
+        if let Some(p) = policy {
+            std::fs::write(dir.join("policy.yaml"), p).unwrap();
+        }
+        let yaml = format!(
+            "trustDomain: cluster.local
+caDir: /nonexistent
+policyDir: {}
+workloads:
+  - name: httpbin
+    namespace: full
+    serviceAccount: httpbin
+    cgroup: /sys/fs/cgroup/a
+    netns: /run/netns/a
+    ips: [10.88.0.10]
+",
+            dir.display()
+        );
+        let config = Config::parse("node.yaml", &yaml).unwrap();
+        Enforcer::load(&config).unwrap().current()
+    }
+
+    /// Allows nothing into the namespace of httpbin.
+    const ALLOW_NOTHING: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: nothing, namespace: full}
+spec: {}
+";
+
+    /// An inbound mesh flow from `sleep` to httpbin, as a predecessor hands it over.
+    fn inbound_flow() -> FlowTransfer {
+        let source = "10.88.0.31:40000".parse().unwrap();
+        let destination = "10.88.0.10:80".parse().unwrap();
+        FlowTransfer {
+            pod: "httpbin".to_owned(),
+            direction: Direction::Inbound,
+            source,
+            destination,
+            endpoint: None,
+            peer_id: Some("spiffe://cluster.local/ns/full/sa/sleep".to_owned()),
+            cipher: Some("TLS13_AES_128_GCM_SHA256".to_owned()),
+            session: None,
+            reason: None,
+            check: CheckTransfer::Inbound {
+                source,
+                destination,
+                peer: Some("spiffe://cluster.local/ns/full/sa/sleep".to_owned()),
+            },
+            policy_generation: 1,
+            relay: KtlsRelayState {
+                up_in_pipe: 0,
+                up_cap: 1 << 16,
+                down_in_pipe: 0,
+                down_cap: 1 << 16,
+                app_eof: false,
+                close_notify_sent: false,
+                peer_write_shut: false,
+                peer_fin_first: false,
+                peer_closed: false,
+                app_write_shut: false,
+                to_app: Vec::new(),
+                tx_seq_base: 0,
+                tx_queued_base: None,
+                tx_plaintext: 0,
+                tx_since_check: 0,
+                tx_limit: None,
+                idle_for_ms: 0,
+                bytes_app_to_peer: 0,
+                bytes_peer_to_app: 0,
+            },
+        }
+    }
+
+    /// A connected TCP pair on loopback: the agent's end, and the far end the test reads.
+    fn pair() -> (OwnedFd, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let far = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (near, _) = l.accept().unwrap();
+        (near.into(), far)
+    }
+
+    /// The six descriptors of a handed-over flow (app, peer, two pipes), and the far ends of
+    /// its two sockets.
+    fn descriptors() -> (Vec<OwnedFd>, [TcpStream; 2]) {
+        let (app, app_far) = pair();
+        let (peer, peer_far) = pair();
+        let (a, b) = crate::ktls::sys::pipe2(false).unwrap();
+        let (c, d) = crate::ktls::sys::pipe2(false).unwrap();
+        (vec![app, peer, a, b, c, d], [app_far, peer_far])
+    }
+
+    /// The far end of a socket the agent reset: a read fails with ECONNRESET (a close would
+    /// read as a clean end of stream, 0 bytes).
+    fn assert_reset(mut far: TcpStream, what: &str) {
+        far.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        match far.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("{what}: the far end read {other:?}, not a reset"),
+        }
+    }
+
+    #[test]
+    fn a_pod_keeps_the_inbound_slot_the_adopted_maps_give_it_and_takes_no_other() {
+        let mut next = 0;
+        // Handed over: the slot the predecessor gave it, even if a lower one is free.
+        assert_eq!(choose_slot(&[], Some(2), &[0, 1], &mut next), 2);
+        // A stale pod of the predecessor holds 0 and 1: a new pod gets neither.
+        assert_eq!(choose_slot(&[2], None, &[0, 1], &mut next), 3);
+        // Its adopted slot taken here already (cannot happen with one netns per pod): a free one.
+        assert_eq!(choose_slot(&[2, 3], Some(3), &[0, 1], &mut next), 4);
+        // Maps of its own: the first free slot, as before.
+        let mut next = 0;
+        assert_eq!(choose_slot(&[0, 1], None, &[0, 1], &mut next), 2);
+    }
+
+    #[test]
+    fn a_handed_over_flow_this_agent_refuses_is_reset_and_counted() {
+        let scratch = Scratch::new("refuse");
+        let allow_all = generation(&scratch.0, None);
+        let denying = generation(&scratch.0, Some(ALLOW_NOTHING));
+        let telemetry = Telemetry::new(&AccessLog::default());
+        let own_netns = {
+            let (fd, _far) = pair();
+            crate::sys::netns_cookie(fd.as_fd()).unwrap()
+        };
+        let cases: [(&str, Option<u64>, &Generation, &str); 4] = [
+            (
+                "pod not enrolled",
+                None,
+                &allow_all,
+                "no such pod enrolled here",
+            ),
+            (
+                "app socket from another netns",
+                Some(own_netns ^ 1),
+                &allow_all,
+                "app socket from netns",
+            ),
+            (
+                "policy now denies",
+                Some(own_netns),
+                &denying,
+                "refused by this agent's policy",
+            ),
+            // The one check a well-formed flow can still fail on this host (no `tls` module,
+            // and these are plain sockets): it comes after the policy, so the flow got past it.
+            (
+                "peer without kTLS",
+                Some(own_netns),
+                &allow_all,
+                "no kernel TLS",
+            ),
+        ];
+        for (n, (what, pod_netns, g, because)) in cases.into_iter().enumerate() {
+            let (fds, [app_far, peer_far]) = descriptors();
+            let e = admit_flow(pod_netns, g, &telemetry, inbound_flow(), fds)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: admitted"));
+            let e = format!("{e:#}");
+            assert!(e.contains(because), "{what}: {e}");
+            assert_reset(app_far, what);
+            assert_reset(peer_far, what);
+            let metrics = telemetry.encode(false).unwrap();
+            let line = format!(
+                "interceptor_handover_flows_total{{result=\"refused\"}} {}",
+                n + 1
+            );
+            assert!(metrics.contains(&line), "{what}: no `{line}` in\n{metrics}");
+        }
     }
 }

@@ -230,8 +230,10 @@ pub(super) fn plain(
 }
 
 /// Continues a kTLS flow parked by a predecessor agent (`handed_over`) or parked here for a
-/// successor that could not take it: listed again (decided again under this agent's
-/// policy first; a refused flow is reset), its relay resumed in a task of its own.
+/// successor that could not take it: listed again, its relay resumed in a task of its own.
+/// The caller decided the flow under policy generation `decided_by`; a generation applied
+/// since then revalidated the table without this flow, so it is decided again here, and a
+/// refused flow is reset (both sockets), counted `closed.<code>` and handover `refused`.
 pub fn adopt_parked(
     shared: &Arc<Shared>,
     runtime: &tokio::runtime::Handle,
@@ -239,6 +241,7 @@ pub fn adopt_parked(
     check: FlowCheck,
     parked: relay::ParkedKtls,
     handed_over: bool,
+    decided_by: u64,
 ) {
     let live = super::Live::count(shared);
     let shared = Arc::clone(shared);
@@ -248,14 +251,10 @@ pub fn adopt_parked(
         ..relay_config(&shared)
     };
     runtime.spawn(async move {
-        if let Err(refused) = super::revalidate::admitted_by_current(&shared, &check) {
-            tracing::warn!(
-                pod = %info.pod,
-                source = %info.source,
-                destination = %info.destination,
-                code = %refused.code,
-                "a handed-over flow is refused by this agent's policy: reset"
-            );
+        if let Err(refused) = admitted_now(&shared, decided_by, &check) {
+            let by = format!("policy generation {}", shared.policy.current().number);
+            super::flow::closed(&shared, &Ends::of(&check, &info.pod), &by, &refused);
+            shared.telemetry.handover_flows("refused", 1);
             let _ = crate::sys::set_zero_linger(parked.app.as_fd());
             let _ = crate::sys::set_zero_linger(parked.peer.as_fd());
             drop(live);

@@ -82,8 +82,8 @@ pub(super) fn admitted_now(
     recheck(&generation, check)
 }
 
-/// Decides a flow another agent admitted (an upgrade hands it over) under this agent's
-/// current generation.
-pub(super) fn admitted_by_current(shared: &Shared, check: &FlowCheck) -> Result<(), Refused> {
-    recheck(&shared.policy.current(), check)
+/// Decides a flow another agent admitted (an upgrade hands it over) under `generation`, as
+/// [`revalidate`] decides an open flow.
+pub fn decide_handed_over(generation: &Generation, check: &FlowCheck) -> Result<(), Refused> {
+    recheck(generation, check)
 }
