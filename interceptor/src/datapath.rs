@@ -1188,7 +1188,7 @@ impl LegJoins {
         local: SocketAddr,
         remote: SocketAddr,
         out: BorrowedFd<'_>,
-    ) -> Result<()> {
+    ) -> Result<LegKey> {
         let key = LegKey {
             netns_cookie: crate::sys::netns_cookie(app).map_err(DatapathError::Sys)?,
             local: sock_addr(local),
@@ -1210,7 +1210,20 @@ impl LegJoins {
         self.msg
             .insert(key, app.as_raw_fd(), 0)
             .map_err(map_err(maps::JOIN_MSG))?;
-        Ok(())
+        Ok(key)
+    }
+
+    /// Replaces the grant of a joined app socket (what the agent's relay does), for tests of
+    /// the program's rules.
+    pub fn set_grant(&mut self, key: LegKey, grant: JoinGrant) -> Result<()> {
+        self.msg_grant
+            .insert(key, grant, 0)
+            .map_err(map_err(maps::JOIN_GRANT))
+    }
+
+    /// What the program counted for a joined app socket.
+    pub fn sent(&self, key: LegKey) -> Option<JoinSent> {
+        self.msg_sent.get(&key, 0).ok()
     }
 }
 
