@@ -132,7 +132,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg, relay-full, local,
-    /// ztunnel, ztunnel-1stream, relay-base (default: all).
+    /// local-skmsg, ztunnel, ztunnel-1stream, relay-base (default: all).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all), and

@@ -59,11 +59,14 @@ pub enum Mode {
     /// The relay run by a second agent build (`--baseline-agent`): a change to the agent
     /// measured before and after in the same rounds, paired like every other mode.
     InterceptorRelayBase,
+    /// The fast path with `tuning.sameNodeJoin: skMsg`: the two loopback legs joined by the
+    /// sk_msg leg join instead of the splice relay. Same node only.
+    InterceptorLocalSkmsg,
 }
 
 impl Mode {
-    /// Round order (A B C D E F G H I).
-    pub const ALL: [Mode; 10] = [
+    /// Round order (A B C D E F G H I J K).
+    pub const ALL: [Mode; 11] = [
         Mode::Plaintext,
         Mode::InterceptorKtls,
         Mode::InterceptorRelay,
@@ -74,6 +77,7 @@ impl Mode {
         Mode::ZtunnelDefault,
         Mode::ZtunnelOneStream,
         Mode::InterceptorRelayBase,
+        Mode::InterceptorLocalSkmsg,
     ];
 
     pub fn label(self) -> &'static str {
@@ -88,6 +92,7 @@ impl Mode {
             Mode::ZtunnelDefault => "ztunnel",
             Mode::ZtunnelOneStream => "ztunnel-1stream",
             Mode::InterceptorRelayBase => "interceptor-relay-base",
+            Mode::InterceptorLocalSkmsg => "interceptor-local-skmsg",
         }
     }
 
@@ -103,10 +108,11 @@ impl Mode {
             "ztunnel" | "ztunnel-default" => Mode::ZtunnelDefault,
             "ztunnel-1stream" | "ztunnel-1" => Mode::ZtunnelOneStream,
             "interceptor-relay-base" | "relay-base" | "baseline" => Mode::InterceptorRelayBase,
+            "interceptor-local-skmsg" | "local-skmsg" => Mode::InterceptorLocalSkmsg,
             other => {
                 bail!(
                     "unknown mode {other:?}: expected plaintext, ktls, relay, haproxy, skmsg, \
-                     relay-full, local, ztunnel, ztunnel-1stream or relay-base"
+                     relay-full, local, local-skmsg, ztunnel, ztunnel-1stream or relay-base"
                 )
             }
         })
@@ -125,13 +131,19 @@ impl Mode {
                 | Mode::InterceptorRelayFull
                 | Mode::InterceptorLocal
                 | Mode::InterceptorRelayBase
+                | Mode::InterceptorLocalSkmsg
         )
+    }
+
+    /// The same-node fast path, by either join.
+    pub fn is_local(self) -> bool {
+        matches!(self, Mode::InterceptorLocal | Mode::InterceptorLocalSkmsg)
     }
 
     /// Whether the mode means anything on `layout` (the fast path needs both pods on one
     /// agent).
     pub fn runs_on(self, layout: Layout) -> bool {
-        self != Mode::InterceptorLocal || layout == Layout::SameNode
+        !self.is_local() || layout == Layout::SameNode
     }
 }
 
@@ -177,7 +189,8 @@ pub fn availability(mode: Mode, env: &Env) -> Result<(), String> {
         | Mode::InterceptorRelay
         | Mode::InterceptorSkmsg
         | Mode::InterceptorRelayFull
-        | Mode::InterceptorLocal => {
+        | Mode::InterceptorLocal
+        | Mode::InterceptorLocalSkmsg => {
             agent_runnable(env.agent_bin.as_deref())?;
             if mode == Mode::InterceptorKtls {
                 let support = interceptor::ktls::probe();
@@ -327,6 +340,7 @@ pub fn start(mode: Mode, topo: &Topology, env: &Env, tag: &str) -> Result<Active
         | Mode::InterceptorSkmsg
         | Mode::InterceptorRelayFull
         | Mode::InterceptorLocal
+        | Mode::InterceptorLocalSkmsg
         | Mode::InterceptorRelayBase => start_agents(&mut active, topo, env, tag)?,
         Mode::ZtunnelDefault | Mode::ZtunnelOneStream => {
             let bin = env.ztunnel_bin.as_deref().context("no ztunnel binary")?;
@@ -597,6 +611,7 @@ struct TuningCfg {
     sk_msg_local_leg: bool,
     session_resumption: bool,
     same_node_fast_path: bool,
+    same_node_join: &'static str,
     /// Room for the `scale` workload's 10 000 idle connections from one pod.
     max_connections_per_pod: u32,
     outbound_port: u16,
@@ -688,7 +703,12 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
             tuning: TuningCfg {
                 sk_msg_local_leg: active.mode == Mode::InterceptorSkmsg,
                 session_resumption: active.mode != Mode::InterceptorRelayFull,
-                same_node_fast_path: active.mode == Mode::InterceptorLocal,
+                same_node_fast_path: active.mode.is_local(),
+                same_node_join: if active.mode == Mode::InterceptorLocalSkmsg {
+                    "skMsg"
+                } else {
+                    "splice"
+                },
                 max_connections_per_pod: 16_384,
                 // Not the agent's defaults (15001/15006): those are ztunnel's fixed in-pod
                 // ports, and the agent's TIME_WAIT sockets on them (left by a churn run in
@@ -737,7 +757,7 @@ fn check_fast_path(active: &Active, env: &Env) -> Result<()> {
             serde_json::from_str(&out.stdout).context("flows --json")?;
         local |= rows.iter().any(|r| r["protection"] == "local");
     }
-    let want = active.mode == Mode::InterceptorLocal;
+    let want = active.mode.is_local();
     if local != want {
         bail!(
             "{}: the agent {} the path check's flow as same-node fast path",

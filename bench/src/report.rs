@@ -531,6 +531,7 @@ fn short(mode: Mode) -> &'static str {
         Mode::ZtunnelDefault => "ztunnel",
         Mode::ZtunnelOneStream => "ztunnel 1-stream",
         Mode::InterceptorLocal => "same-node fast path",
+        Mode::InterceptorLocalSkmsg => "same-node fast path, sk_msg join",
         Mode::InterceptorRelayBase => "relay, baseline agent",
     }
 }
@@ -753,6 +754,7 @@ impl Report {
             (Mode::ZtunnelDefault, "#e6ab02"),
             (Mode::ZtunnelOneStream, "#a6761d"),
             (Mode::InterceptorLocal, "#666666"),
+            (Mode::InterceptorLocalSkmsg, "#1b9e77"),
             (Mode::HaproxyPair, "#d95f02"),
         ];
         let panel_w = 900.0;
@@ -920,6 +922,7 @@ impl Report {
             (Mode::ZtunnelDefault, "#e6ab02"),
             (Mode::ZtunnelOneStream, "#a6761d"),
             (Mode::InterceptorLocal, "#666666"),
+            (Mode::InterceptorLocalSkmsg, "#1b9e77"),
         ];
         let titles: Vec<String> = self
             .layouts

@@ -39,6 +39,13 @@ pub mod maps {
     pub const JOIN_MSG: &str = "JOIN_MSG";
     /// Leg joins by sk_msg: `LegKey of an app socket → the leg its bytes leave by`.
     pub const JOIN_MSG_PEERS: &str = "JOIN_MSG_PEERS";
+    /// Leg joins by sk_msg: `LegKey of an app socket → what it sent` ([`crate::JoinSent`]),
+    /// written only by the join program, created by sockops when the socket is established
+    /// (so it counts from the first byte) and removed when it closes.
+    pub const JOIN_SENT: &str = "JOIN_SENT";
+    /// Leg joins by sk_msg: `LegKey of an app socket → what the agent allows`
+    /// ([`crate::JoinGrant`]), written only by the agent. No entry: never redirect.
+    pub const JOIN_GRANT: &str = "JOIN_GRANT";
     /// Per-CPU counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// sk_lookup: `pod address → slot` of the agent's inbound listener for that pod.
@@ -187,6 +194,39 @@ pub const POD_FLAG_STEER_INBOUND: u32 = 1;
 /// with read/write on that leg: bytes redirected into a socket's ingress cannot be spliced).
 pub const POD_FLAG_LOCAL_LEG_SKMSG: u32 = 2;
 
+/// The app sockets of this pod that talk to the agent (steered connects, and connections
+/// the agent dials to the pod's apps) enter the sk_msg leg join (`tuning.sameNodeJoin:
+/// skMsg`): the join program runs in their `sendmsg`, and redirects only for flows the agent
+/// joined.
+pub const POD_FLAG_JOIN_SKMSG: u32 = 4;
+
+/// Value of [`maps::JOIN_SENT`], written by the join program under the sending socket's lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct JoinSent {
+    /// Bytes the socket sent over TCP to the agent's leg (the program passed them).
+    pub passed: u64,
+    /// Bytes the program redirected out of the agent's other leg.
+    pub redirected: u64,
+}
+const _: () = assert!(core::mem::size_of::<JoinSent>() == 16);
+
+/// Value of [`maps::JOIN_GRANT`], written whole by the agent.
+///
+/// The program redirects a message only when `passed == relayed` (every byte that took TCP
+/// is already in the outgoing leg's send queue, so the redirected one lands behind it) and
+/// `redirected + size <= granted` (the outgoing leg has room: the agent grants what its send
+/// buffer can take, so a non-blocking sender never meets a full leg it cannot poll).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct JoinGrant {
+    /// Bytes of this socket's TCP stream the agent has written into the outgoing leg.
+    pub relayed: u64,
+    /// Total the program may have redirected, counted like [`JoinSent::redirected`].
+    pub granted: u64,
+}
+const _: () = assert!(core::mem::size_of::<JoinGrant>() == 16);
+
 /// Key of [`maps::LOCAL_LEGS`]: one end of a loopback connection, seen from that end.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -247,10 +287,15 @@ pub enum Counter {
     /// sk_msg let a message take the loopback TCP path because its leg had spent
     /// [`SKMSG_LEG_BUDGET`] (or was never given one).
     SkMsgBudgetSpent = 9,
+    /// The sk_msg leg join redirected a message out of the agent's other leg.
+    JoinRedirected = 10,
+    /// The sk_msg leg join let a message of a joined socket take TCP to the agent: the
+    /// agent had not yet relayed the bytes before it, or the outgoing leg had no room.
+    JoinFellBack = 11,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
         Self::ConnectSteered,
@@ -262,6 +307,8 @@ impl Counter {
         Self::LookupNoListener,
         Self::SkMsgRedirected,
         Self::SkMsgBudgetSpent,
+        Self::JoinRedirected,
+        Self::JoinFellBack,
     ];
 }
 
@@ -282,4 +329,8 @@ mod pod {
     unsafe impl aya::Pod for super::LegKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::JoinSent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::JoinGrant {}
 }

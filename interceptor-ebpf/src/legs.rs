@@ -1,5 +1,6 @@
-//! Kernel-only joins of two plain TCP legs, measured against the splice relay for the
-//! same-node fast path (`interceptor-bench legs-probe`; the agent does not attach them).
+//! Kernel-only joins of two plain TCP legs for the same-node fast path. `on_msg` is the
+//! agent's `sameNodeJoin: skMsg`; `on_skb` is only measured (`interceptor-bench
+//! legs-probe`), never attached by the agent.
 //!
 //! * `on_skb` (sk_skb stream verdict on the agent's two sockets): what one of them receives
 //!   is sent out of the other, without waking the agent. The kernel queues the redirected
@@ -10,15 +11,14 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::bpf_get_socket_cookie,
     programs::{SkBuffContext, SkMsgContext},
 };
-use interceptor_common::LegKey;
+use interceptor_common::Counter;
 
 use crate::{
-    connect::read_ip6,
-    maps::{JOIN_MSG_PEERS, JOIN_SKB},
-    skmsg::{SK_PASS, addr},
+    maps::{JOIN_GRANT, JOIN_MSG_PEERS, JOIN_SENT, JOIN_SKB, count},
+    skmsg::{SK_PASS, msg_key},
 };
 
 /// Redirects to the socket stored under this socket's cookie; passes (the bytes stay on
@@ -31,28 +31,38 @@ pub fn on_skb(ctx: &SkBuffContext) -> u32 {
     SK_PASS
 }
 
-/// Redirects to the egress of the socket stored under this socket's own [`LegKey`].
+/// The sk_msg leg join (`tuning.sameNodeJoin: skMsg`; also what `legs-probe` measures):
+/// what an app sends leaves by the agent's other leg, inside the app's `sendmsg`, once the
+/// agent allows it ([`interceptor_common::JoinGrant`]); otherwise it takes TCP to the agent, which relays it.
+///
+/// Messages of one socket are judged one at a time under its socket lock, and a redirected
+/// message is in the outgoing leg's send queue before the next one is judged (the kernel
+/// sends it before `sendmsg` moves on), so the counts below need no atomics and
+/// `passed == relayed` at judgement means nothing that took TCP can still come after it.
 pub fn on_msg(ctx: &SkMsgContext) -> u32 {
-    let md = ctx.msg;
-    // SAFETY: `md` is the kernel's sk_msg_md; every field is an aligned u32 read once.
-    let (family, rip4, lip4, rip6, lip6, rport, lport) = unsafe {
-        (
-            core::ptr::read_volatile(&raw const (*md).family),
-            core::ptr::read_volatile(&raw const (*md).remote_ip4),
-            core::ptr::read_volatile(&raw const (*md).local_ip4),
-            read_ip6(&(*md).remote_ip6),
-            read_ip6(&(*md).local_ip6),
-            core::ptr::read_volatile(&raw const (*md).remote_port),
-            core::ptr::read_volatile(&raw const (*md).local_port),
-        )
+    let (mut this, size) = msg_key(ctx);
+    // No entry: not a socket sockops registered (or its map was full): TCP, uncounted.
+    let Some(sent) = JOIN_SENT.get_ptr_mut(this) else {
+        return SK_PASS;
     };
-    // SAFETY: helper valid for sk_msg programs.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let mut this = LegKey {
-        netns_cookie,
-        local: addr(family, lip4, lip6, (lport as u16).to_be()),
-        remote: addr(family, rip4, rip6, (rport >> 16) as u16),
-    };
-    let _ = JOIN_MSG_PEERS.redirect_msg(ctx, &mut this, 0);
+    // SAFETY: read-only lookup, value copied; the agent replaces grants whole.
+    let grant = unsafe { JOIN_GRANT.get(this) }.copied();
+    // SAFETY: `sent` points at this socket's live entry, written only here (see above).
+    let (passed, redirected) = unsafe { ((*sent).passed, (*sent).redirected) };
+    let size = u64::from(size);
+    if let Some(grant) = grant {
+        if passed == grant.relayed
+            && redirected + size <= grant.granted
+            && JOIN_MSG_PEERS.redirect_msg(ctx, &mut this, 0) == i64::from(SK_PASS)
+        {
+            // SAFETY: as above.
+            unsafe { (*sent).redirected = redirected + size };
+            count(Counter::JoinRedirected);
+            return SK_PASS;
+        }
+        count(Counter::JoinFellBack);
+    }
+    // SAFETY: as above.
+    unsafe { (*sent).passed = passed + size };
     SK_PASS
 }

@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, SockHash, SockMap},
 };
 use interceptor_common::{
-    Counter, DestAction, FlowKey, LegKey, OrigDst, PodAddrKey, PodConfig, SockAddr,
+    Counter, DestAction, FlowKey, JoinGrant, JoinSent, LegKey, OrigDst, PodAddrKey, PodConfig,
+    SockAddr,
     maps::{MAX_DESTS, MAX_PENDING_FLOWS, MAX_POD_ADDRS, MAX_PODS},
 };
 
@@ -61,6 +62,22 @@ pub static JOIN_MSG: SockHash<LegKey> = SockHash::with_max_entries(MAX_PENDING_F
 /// `LegKey of an app's socket → the agent's leg its bytes go out of`; no program attached.
 #[map(name = "JOIN_MSG_PEERS")]
 pub static JOIN_MSG_PEERS: SockHash<LegKey> = SockHash::with_max_entries(MAX_PENDING_FLOWS, 0);
+
+/// Written by the join program only, under the sending socket's lock; plain hash, not LRU
+/// (an evicted entry would restart the count at zero and break the order check). Entries
+/// come with the socket's JOIN_MSG entry and go at TCP_CLOSE (sockops).
+#[map(name = "JOIN_SENT")]
+pub static JOIN_SENT: HashMap<LegKey, JoinSent> = HashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
+
+/// Written whole by the agent. Not preallocated: an update then swaps in a fresh element and
+/// frees the old one after an RCU grace period, so the program never reads half of one
+/// grant and half of the next.
+#[map(name = "JOIN_GRANT")]
+pub static JOIN_GRANT: HashMap<LegKey, JoinGrant> =
+    HashMap::with_max_entries(MAX_PENDING_FLOWS, BPF_F_NO_PREALLOC);
+
+/// `BPF_F_NO_PREALLOC` from the kernel's uapi.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

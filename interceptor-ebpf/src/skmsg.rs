@@ -33,7 +33,10 @@ pub fn addr(family: u32, ip4: u32, ip6: [u32; 4], port_be: u16) -> SockAddr {
     }
 }
 
-pub fn on_msg(ctx: &SkMsgContext) -> u32 {
+/// The sending socket's own [`LegKey`] and the message's size: the shape every sk_msg
+/// program here starts with.
+#[inline(always)]
+pub fn msg_key(ctx: &SkMsgContext) -> (LegKey, u32) {
     let md = ctx.msg;
     // SAFETY: `md` is the kernel's sk_msg_md; every field is an aligned u32 read once.
     let (family, rip4, lip4, rip6, lip6, rport, lport, size) = unsafe {
@@ -48,16 +51,21 @@ pub fn on_msg(ctx: &SkMsgContext) -> u32 {
             core::ptr::read_volatile(&raw const (*md).size),
         )
     };
-    // remote_port carries the network-order port in its upper 16 bits; local_port is host order.
-    let remote = addr(family, rip4, rip6, (rport >> 16) as u16);
-    let local = addr(family, lip4, lip6, (lport as u16).to_be());
     // SAFETY: helper valid for sk_msg programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let this = LegKey {
+    let key = LegKey {
         netns_cookie,
-        local,
-        remote,
+        // local_port is host order; remote_port carries the network-order port in its upper
+        // 16 bits.
+        local: addr(family, lip4, lip6, (lport as u16).to_be()),
+        remote: addr(family, rip4, rip6, (rport >> 16) as u16),
     };
+    (key, size)
+}
+
+pub fn on_msg(ctx: &SkMsgContext) -> u32 {
+    let (this, size) = msg_key(ctx);
+    let (local, remote) = (this.local, this.remote);
     // Messages on one socket are judged under its socket lock, one at a time, so the
     // read-modify-write below needs no atomics. No entry: the leg was never given a budget.
     let Some(sent) = LEG_BYTES.get_ptr_mut(this) else {
@@ -74,7 +82,7 @@ pub fn on_msg(ctx: &SkMsgContext) -> u32 {
     }
     // The peer socket, seen from its own end.
     let mut peer = LegKey {
-        netns_cookie,
+        netns_cookie: this.netns_cookie,
         local: remote,
         remote: local,
     };

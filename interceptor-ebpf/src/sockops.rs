@@ -10,11 +10,18 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
-use interceptor_common::{AF_INET6, Counter, FlowKey, LegKey, POD_FLAG_LOCAL_LEG_SKMSG, SockAddr};
+use interceptor_common::{
+    AF_INET6, Counter, FlowKey, JoinSent, LegKey, POD_FLAG_JOIN_SKMSG, POD_FLAG_LOCAL_LEG_SKMSG,
+    SockAddr,
+};
 
 use crate::{
     connect::read_ip6,
-    maps::{LEG_BYTES, LOCAL_LEGS, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, POD_CONFIG, count},
+    lookup::{AGENT_SOURCE4_BE, AGENT_SOURCE6_BE},
+    maps::{
+        JOIN_MSG, JOIN_SENT, LEG_BYTES, LOCAL_LEGS, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW,
+        POD_CONFIG, count,
+    },
     skmsg::addr,
 };
 
@@ -110,6 +117,43 @@ fn add_local_leg(ctx: &SockOpsContext, key: LegKey) {
     }
 }
 
+/// Whether the pod's app sockets enter the sk_msg leg join.
+#[inline(always)]
+fn join_enabled(netns_cookie: u64) -> bool {
+    // SAFETY: read-only lookup, value copied.
+    unsafe { POD_CONFIG.get(netns_cookie) }.is_some_and(|p| p.flags & POD_FLAG_JOIN_SKMSG != 0)
+}
+
+/// Puts an app socket that talks to the agent in JOIN_MSG, its byte count first and only at
+/// establishment, so the count starts at its first byte (the order check compares it with
+/// what the agent relayed). Created only if absent, for the reason [`add_local_leg`] gives.
+#[inline(always)]
+fn add_join(ctx: &SockOpsContext, key: LegKey) {
+    if JOIN_SENT
+        .insert(key, JoinSent::default(), u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        return;
+    }
+    // SAFETY: `ctx.ops` is the live bpf_sock_ops of an established plain socket.
+    if JOIN_MSG
+        .update(key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY))
+        .is_err()
+    {
+        let _ = JOIN_SENT.remove(key);
+    }
+}
+
+/// The agent's source address toward a pod's apps (inbound and same-node dials).
+#[inline(always)]
+fn from_agent(remote: &SockAddr) -> bool {
+    if remote.family == AF_INET6 {
+        remote.addr_be == AGENT_SOURCE6_BE
+    } else {
+        remote.addr_be[3] == AGENT_SOURCE4_BE
+    }
+}
+
 pub fn on_event(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
@@ -134,6 +178,9 @@ pub fn on_event(ctx: &SockOpsContext) {
             if local_leg_enabled(key.netns_cookie).is_some() {
                 add_local_leg(ctx, leg_key(ctx, key.netns_cookie));
             }
+            if join_enabled(key.netns_cookie) {
+                add_join(ctx, leg_key(ctx, key.netns_cookie));
+            }
             // Ask for state changes so both entries go when the socket closes.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
@@ -142,6 +189,14 @@ pub fn on_event(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // SAFETY: helper valid for sock_ops programs.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            // An app's end of a connection the agent dialed into its pod.
+            if join_enabled(netns_cookie) {
+                let key = leg_key(ctx, netns_cookie);
+                if from_agent(&key.remote) {
+                    add_join(ctx, key);
+                    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                }
+            }
             let Some(port_be) = local_leg_enabled(netns_cookie) else {
                 return;
             };
@@ -158,7 +213,9 @@ pub fn on_event(ctx: &SockOpsContext) {
             let _ = ORIG_DST_BY_FLOW.remove(flow_key(ctx));
             // SAFETY: helper valid for sock_ops programs.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-            let _ = LEG_BYTES.remove(leg_key(ctx, netns_cookie));
+            let key = leg_key(ctx, netns_cookie);
+            let _ = LEG_BYTES.remove(key);
+            let _ = JOIN_SENT.remove(key);
         }
         _ => {}
     }

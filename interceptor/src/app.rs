@@ -184,6 +184,13 @@ async fn start_from(
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
     }
+    if config.tuning.same_node_fast_path
+        && config.tuning.same_node_join == crate::config::SameNodeJoin::SkMsg
+    {
+        datapath
+            .enable_join()
+            .context("tuning.sameNodeJoin: skMsg (the sk_msg leg join)")?;
+    }
     if let Some(cni) = &config.cni {
         // Once, before any pod: every pod cgroup the runtime creates below it later runs the
         // programs from its first process on.

@@ -471,6 +471,23 @@ pub struct Tuning {
     /// TLS and no leg on the pods' links. Off: such flows run mesh mTLS like any other, for a
     /// rule that demands encryption even between two pods of one node.
     pub same_node_fast_path: bool,
+    /// How the fast path joins its two loopback legs: `splice` (the agent moves the bytes
+    /// through a pipe, waking for each burst) or `skMsg` (an sk_msg program sends what each
+    /// app writes straight out of the agent's other leg, inside the app's `sendmsg`, once the
+    /// agent has relayed everything sent before and while that leg has room; otherwise the
+    /// splice relay carries it). `skMsg` gives every app socket that talks to the agent a
+    /// kernel psock, so all of them pay the sk_msg send path (ARCHITECTURE.md "Same-node fast
+    /// path").
+    pub same_node_join: SameNodeJoin,
+}
+
+/// `tuning.sameNodeJoin`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SameNodeJoin {
+    #[default]
+    Splice,
+    SkMsg,
 }
 
 impl Default for Tuning {
@@ -488,6 +505,7 @@ impl Default for Tuning {
             session_resumption: true,
             ticket_lifetime_secs: 300,
             same_node_fast_path: true,
+            same_node_join: SameNodeJoin::Splice,
         }
     }
 }
@@ -1439,5 +1457,21 @@ tuning:
             .unwrap_err()
             .to_string();
         assert!(e.contains("sameNodeFastPath"), "{e}");
+    }
+
+    #[test]
+    fn same_node_join_defaults_to_splice_and_names_bad_values() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.tuning.same_node_join, SameNodeJoin::Splice);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        assert_eq!(
+            with("  sameNodeJoin: skMsg\n")
+                .unwrap()
+                .tuning
+                .same_node_join,
+            SameNodeJoin::SkMsg
+        );
+        let e = with("  sameNodeJoin: skb\n").unwrap_err().to_string();
+        assert!(e.contains("sameNodeJoin") && e.contains("skMsg"), "{e}");
     }
 }

@@ -17,8 +17,9 @@ use aya::{
 };
 pub use interceptor_common::Counter;
 use interceptor_common::{
-    ACTION_PASSTHROUGH, ACTION_STEER, DestAction, FlowKey, LegKey, OrigDst,
-    POD_FLAG_LOCAL_LEG_SKMSG, POD_FLAG_STEER_INBOUND, PodAddrKey, PodConfig, SockAddr, maps,
+    ACTION_PASSTHROUGH, ACTION_STEER, DestAction, FlowKey, JoinGrant, JoinSent, LegKey, OrigDst,
+    POD_FLAG_JOIN_SKMSG, POD_FLAG_LOCAL_LEG_SKMSG, POD_FLAG_STEER_INBOUND, PodAddrKey, PodConfig,
+    SockAddr, maps,
 };
 
 /// The compiled eBPF object, built by aya-build from `interceptor-ebpf`.
@@ -36,8 +37,9 @@ pub const CGROUP_PROGRAMS: [&str; 6] = [
     "intercept_getpeername6",
 ];
 pub const SK_LOOKUP_PROGRAM: &str = "intercept_sk_lookup";
-/// The kernel-only leg joins [`LegJoins`] measures; the agent never loads them, and the
-/// probe does not report them (a kernel without them lacks nothing the agent uses).
+/// The leg joins [`LegJoins`] measures; the agent loads only the sk_msg one, and only with
+/// `tuning.sameNodeJoin: skMsg` ([`Datapath::enable_join`]). The probe does not report them
+/// (a kernel without them lacks nothing the default agent uses).
 const LEG_JOIN_PROGRAMS: [&str; 2] = ["join_legs_skb", "join_legs_msg"];
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +214,8 @@ pub struct Datapath {
     /// sockops on the agent's own cgroup (sk_msg local-leg option), so the agent's ends of
     /// local legs enter LOCAL_LEGS too.
     agent_cgroup_link: Option<FdLink>,
+    /// The sk_msg leg join's maps, once [`Datapath::enable_join`] attached its program.
+    join: Option<std::sync::Arc<std::sync::Mutex<JoinMaps>>>,
     cgroups: StdHashMap<PathBuf, Vec<FdLink>>,
     netns: StdHashMap<u64, FdLink>,
     /// With adopted maps, until [`Datapath::refresh_adopted`]: what this process wrote.
@@ -377,6 +381,7 @@ impl Datapath {
             counters,
             local_legs,
             agent_cgroup_link: None,
+            join: None,
             cgroups: StdHashMap::new(),
             netns: StdHashMap::new(),
             written: options.adopt_maps.then(Written::default),
@@ -822,6 +827,41 @@ impl Datapath {
         Ok(())
     }
 
+    /// Turns on the sk_msg leg join (`tuning.sameNodeJoin: skMsg`): the join program runs
+    /// on every socket sockops puts in JOIN_MSG (pods enrolled with
+    /// [`PodSettings::join_skmsg`]) and redirects only what [`JoinMaps`] allows. Its maps are
+    /// not pinned: a successor agent starts with empty ones, and the old agent's flows keep
+    /// the old maps through their sockets' program.
+    pub fn enable_join(&mut self) -> Result<()> {
+        if self.join.is_some() {
+            return Ok(());
+        }
+        let name = LEG_JOIN_PROGRAMS[1];
+        let program_error = |source| DatapathError::Program {
+            name: name.to_owned(),
+            source,
+        };
+        let apps: SockHash<MapData, LegKey> = sock_hash(&mut self.ebpf, maps::JOIN_MSG)?;
+        let peers = sock_hash(&mut self.ebpf, maps::JOIN_MSG_PEERS)?;
+        let sent = take(&mut self.ebpf, maps::JOIN_SENT)?;
+        let grant = take(&mut self.ebpf, maps::JOIN_GRANT)?;
+        let prog: &mut aya::programs::SkMsg = typed_program(&mut self.ebpf, name)?;
+        prog.load().map_err(program_error)?;
+        prog.attach(apps.fd()).map_err(program_error)?;
+        self.join = Some(std::sync::Arc::new(std::sync::Mutex::new(JoinMaps {
+            _apps: apps,
+            peers,
+            sent,
+            grant,
+        })));
+        Ok(())
+    }
+
+    /// The sk_msg leg join's maps, when it is on.
+    pub fn join_maps(&self) -> Option<std::sync::Arc<std::sync::Mutex<JoinMaps>>> {
+        self.join.clone()
+    }
+
     /// How many entries each per-pod map holds, by map name: what a removed pod must leave
     /// behind is none of its own.
     pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
@@ -984,6 +1024,9 @@ pub struct PodSettings {
     pub steer_inbound: bool,
     /// sockops and sk_msg short-cut the app <-> agent loopback leg (`tuning.skMsgLocalLeg`).
     pub local_leg_skmsg: bool,
+    /// sockops puts the pod's app sockets that talk to the agent in the sk_msg leg join
+    /// (`tuning.sameNodeJoin: skMsg`).
+    pub join_skmsg: bool,
 }
 
 impl PodSettings {
@@ -994,6 +1037,9 @@ impl PodSettings {
         }
         if self.local_leg_skmsg {
             flags |= POD_FLAG_LOCAL_LEG_SKMSG;
+        }
+        if self.join_skmsg {
+            flags |= POD_FLAG_JOIN_SKMSG;
         }
         PodConfig {
             outbound_port_be: self.outbound_port.to_be(),
@@ -1109,6 +1155,59 @@ pub fn socket_addr(a: SockAddr) -> SocketAddr {
     }
 }
 
+/// One app socket of a joined flow, as the join program keys it: its netns and both ends,
+/// seen from the app.
+pub fn leg_key(netns_cookie: u64, app_local: SocketAddr, app_remote: SocketAddr) -> LegKey {
+    LegKey {
+        netns_cookie,
+        local: sock_addr(app_local),
+        remote: sock_addr(app_remote),
+    }
+}
+
+/// The agent's side of the sk_msg leg join: which leg an app socket's bytes leave by, what
+/// the program counted, and what the agent allows (`interceptor_common::JoinGrant` says
+/// the rule).
+pub struct JoinMaps {
+    /// JOIN_MSG, kept so the program stays attached; sockops fills it.
+    _apps: SockHash<MapData, LegKey>,
+    peers: SockHash<MapData, LegKey>,
+    sent: HashMap<MapData, LegKey, JoinSent>,
+    grant: HashMap<MapData, LegKey, JoinGrant>,
+}
+
+impl JoinMaps {
+    /// Lets the app socket `app` redirect into `out`: up to `granted` bytes, once the agent
+    /// relayed every byte that took TCP before (`relayed`). The peer goes in before the grant,
+    /// so the program never sees a grant without a socket to redirect to.
+    pub fn arm(&mut self, app: LegKey, out: BorrowedFd<'_>, grant: JoinGrant) -> Result<()> {
+        self.peers
+            .insert(app, out.as_raw_fd(), 0)
+            .map_err(map_err(maps::JOIN_MSG_PEERS))?;
+        self.set_grant(app, grant)
+    }
+
+    /// Replaces the app socket's grant whole.
+    pub fn set_grant(&mut self, app: LegKey, grant: JoinGrant) -> Result<()> {
+        self.grant
+            .insert(app, grant, 0)
+            .map_err(map_err(maps::JOIN_GRANT))?;
+        Ok(())
+    }
+
+    /// What the program counted for the app socket; `None` once the socket closed (sockops
+    /// removed its entry) or if sockops never registered it.
+    pub fn sent(&self, app: LegKey) -> Option<JoinSent> {
+        self.sent.get(&app, 0).ok()
+    }
+
+    /// Ends the join for the app socket: no grant, no peer.
+    pub fn disarm(&mut self, app: LegKey) {
+        let _ = self.grant.remove(&app);
+        let _ = self.peers.remove(&app);
+    }
+}
+
 /// Two plain TCP legs joined inside the kernel, for measuring against the splice relay
 /// (`interceptor-bench legs-probe`, ARCHITECTURE.md "Same-node fast path"). Its own copy of
 /// the object: nothing of the agent's maps or links is touched.
@@ -1117,6 +1216,8 @@ pub struct LegJoins {
     skb: SockHash<MapData, u64>,
     msg: SockHash<MapData, LegKey>,
     msg_peers: SockHash<MapData, LegKey>,
+    msg_sent: HashMap<MapData, LegKey, JoinSent>,
+    msg_grant: HashMap<MapData, LegKey, JoinGrant>,
 }
 
 impl LegJoins {
@@ -1127,6 +1228,8 @@ impl LegJoins {
         let skb: SockHash<MapData, u64> = sock_hash(&mut ebpf, maps::JOIN_SKB)?;
         let msg: SockHash<MapData, LegKey> = sock_hash(&mut ebpf, maps::JOIN_MSG)?;
         let msg_peers = sock_hash(&mut ebpf, maps::JOIN_MSG_PEERS)?;
+        let msg_sent = take(&mut ebpf, maps::JOIN_SENT)?;
+        let msg_grant = take(&mut ebpf, maps::JOIN_GRANT)?;
         let program_error = |name: &'static str| {
             move |source| DatapathError::Program {
                 name: name.to_owned(),
@@ -1146,6 +1249,8 @@ impl LegJoins {
             skb,
             msg,
             msg_peers,
+            msg_sent,
+            msg_grant,
         })
     }
 
@@ -1168,14 +1273,15 @@ impl LegJoins {
     }
 
     /// What the app's socket `app` (bound to `local`, connected to `remote`) sends leaves
-    /// by `out`, by sk_msg in the app's `sendmsg`.
+    /// by `out`, by sk_msg in the app's `sendmsg`: the agent's program with an unlimited
+    /// grant and nothing sent before (the probe joins before the first byte).
     pub fn join_msg(
         &mut self,
         app: BorrowedFd<'_>,
         local: SocketAddr,
         remote: SocketAddr,
         out: BorrowedFd<'_>,
-    ) -> Result<()> {
+    ) -> Result<LegKey> {
         let key = LegKey {
             netns_cookie: crate::sys::netns_cookie(app).map_err(DatapathError::Sys)?,
             local: sock_addr(local),
@@ -1184,10 +1290,33 @@ impl LegJoins {
         self.msg_peers
             .insert(key, out.as_raw_fd(), 0)
             .map_err(map_err(maps::JOIN_MSG_PEERS))?;
+        self.msg_sent
+            .insert(key, JoinSent::default(), 0)
+            .map_err(map_err(maps::JOIN_SENT))?;
+        let unlimited = JoinGrant {
+            relayed: 0,
+            granted: u64::MAX,
+        };
+        self.msg_grant
+            .insert(key, unlimited, 0)
+            .map_err(map_err(maps::JOIN_GRANT))?;
         self.msg
             .insert(key, app.as_raw_fd(), 0)
             .map_err(map_err(maps::JOIN_MSG))?;
-        Ok(())
+        Ok(key)
+    }
+
+    /// Replaces the grant of a joined app socket (what the agent's relay does), for tests of
+    /// the program's rules.
+    pub fn set_grant(&mut self, key: LegKey, grant: JoinGrant) -> Result<()> {
+        self.msg_grant
+            .insert(key, grant, 0)
+            .map_err(map_err(maps::JOIN_GRANT))
+    }
+
+    /// What the program counted for a joined app socket.
+    pub fn sent(&self, key: LegKey) -> Option<JoinSent> {
+        self.msg_sent.get(&key, 0).ok()
     }
 }
 

@@ -168,6 +168,14 @@ pub struct NodeParts {
 }
 
 impl Shared {
+    /// The sk_msg leg join's maps, when `tuning.sameNodeJoin: skMsg` turned it on.
+    pub(crate) fn join_maps(&self) -> Option<Arc<std::sync::Mutex<crate::datapath::JoinMaps>>> {
+        self.datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join_maps()
+    }
+
     pub fn new(parts: NodeParts) -> anyhow::Result<Self> {
         let NodeParts {
             trust_domain,

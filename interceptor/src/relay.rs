@@ -430,7 +430,31 @@ pub async fn relay_spliced(
     config: RelayConfig,
     stats: Arc<RelayStats>,
 ) -> Result<(), RelayError> {
-    spliced::run(app, peer, config, stats).await
+    spliced::run(app, peer, config, stats, None).await
+}
+
+/// [`relay_spliced`] under the sk_msg leg join (`tuning.sameNodeJoin: skMsg`): the apps'
+/// bytes leave by the other leg inside their `sendmsg` whenever order and room allow, and
+/// through the splice relay otherwise. `client`/`server` are the app sockets at the far ends
+/// of `app`/`peer`, as the join program keys them. When the join cannot be armed the flow
+/// runs on the splice relay alone.
+pub async fn relay_joined(
+    app: TcpStream,
+    peer: TcpStream,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+    maps: Arc<std::sync::Mutex<crate::datapath::JoinMaps>>,
+    client: interceptor_common::LegKey,
+    server: interceptor_common::LegKey,
+) -> Result<(), RelayError> {
+    let join = match spliced::Join::arm(maps, Arc::clone(&stats), &app, &peer, client, server) {
+        Ok(join) => Some(join),
+        Err(e) => {
+            tracing::debug!(error = %e, "sk_msg join not armed; splice relay only");
+            None
+        }
+    };
+    spliced::run(app, peer, config, stats, join).await
 }
 
 /// Makes the close that follows send RST: the other side must see the flow failed, not end.

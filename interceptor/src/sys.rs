@@ -469,6 +469,23 @@ pub fn tcp_bytes_queued(sock: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
 }
 
+/// What a TCP socket's send queue can still take before a writer would wait: half its send
+/// buffer (the kernel's own accounting also charges each buffer's overhead, which loopback
+/// segments keep well under the payload) less the bytes queued and not yet acknowledged.
+pub fn tcp_send_room(sock: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut sndbuf: libc::c_int = 0;
+    getsockopt(sock, libc::SOL_SOCKET, libc::SO_SNDBUF, &mut sndbuf)?;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int, the bytes in the send queue not yet
+    // acknowledged, into `outq`.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let half = u64::try_from(sndbuf).unwrap_or(0) / 2;
+    Ok(half.saturating_sub(u64::try_from(outq).unwrap_or(0)))
+}
+
 /// Sets `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike): a later `bind` to an
 /// address with port 0 takes the address only, and `connect` picks the port once the whole
 /// 4-tuple is known. A port chosen at bind time must be free of every socket on it,

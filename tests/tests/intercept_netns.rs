@@ -73,6 +73,7 @@ fn programs_at_a_parent_cgroup_act_only_on_enrolled_netns() {
             inbound_slot: 0,
             steer_inbound: false,
             local_leg_skmsg: false,
+            join_skmsg: false,
         },
         &[POD_IP.parse().unwrap()],
     )

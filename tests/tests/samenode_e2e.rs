@@ -11,6 +11,7 @@ use std::{
 };
 
 use interceptor::{
+    config::SameNodeJoin,
     intercept::table::{Direction, FlowRow, Protection},
     telemetry::Mode,
 };
@@ -340,4 +341,216 @@ fn same_node_fast_path_off_keeps_mesh_mtls() {
         "{flows:#?}"
     );
     assert_eq!(flows.len(), 2, "outbound and inbound rows: {flows:#?}");
+}
+
+/// A raw sink in `pod` (a thread of the test, in the pod's netns): waits `stall` before its
+/// first read, then reads in 16 KiB steps with a pause between them until EOF, and answers
+/// `"<bytes> <sha256>\n"` before it closes. A writer meets a full leg: what the join must
+/// then hand to the splice relay without losing order or failing the sender.
+fn serve_slow_sink(pod: &Pod, port: u16, stall: Duration) {
+    use std::io::{Read as _, Write as _};
+    let addr = SocketAddr::from((pod.ip, port));
+    let listener = pod.ns.run(move || std::net::TcpListener::bind(addr));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || -> std::io::Result<()> {
+                std::thread::sleep(stall);
+                let mut hasher = interceptor_tests::digest::Sha256::new();
+                let (mut buf, mut total) = (vec![0u8; 16 << 10], 0usize);
+                loop {
+                    let n = conn.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    total += n;
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                let line = format!("{total} {}\n", hasher.hex());
+                conn.write_all(line.as_bytes())
+            });
+        }
+    });
+}
+
+/// `tuning.sameNodeJoin: skMsg`: the same flows, now mostly carried by the sk_msg join. Both
+/// directions byte-exact with the join redirecting (kernel counters), nothing on either
+/// pod's link, a writer far faster than its reader (the join falls back to the relay and
+/// back; byte-exact, the sender never fails), a client half-close answered after it, byte
+/// counts that include the redirected bytes in the flow table and the access log, and a
+/// policy change that still closes an open joined flow.
+#[test]
+fn same_node_sk_msg_join_order_backpressure_half_close_counts_and_reset() {
+    require_privileged();
+    let node = Node::new(94);
+    let mut httpbin = node.pod("httpbin", 10);
+    let sleep = node.pod("sleep", 11);
+    let www = Www::with_blob("samenodejoin", 4 << 20);
+    let ip = httpbin.ip;
+    serve_http_on(&mut httpbin, www.path(), "80", SocketAddr::from((ip, 80)));
+    serve_upload_hasher(&httpbin, UPLOAD_PORT);
+    const SINK_PORT: u16 = 9090;
+    serve_slow_sink(&httpbin, SINK_PORT, Duration::from_millis(400));
+
+    let cluster = scenario::Cluster::new("samenodejoin");
+    let policy = PolicyDir::new();
+    policy.write("policy.yaml", POLICY);
+    let mut config = cluster.config(
+        vec![
+            workload(&httpbin, "full", "httpbin", &[("app", "httpbin")]),
+            workload(&sleep, "full", "sleep", &[("app", "sleep")]),
+        ],
+        vec![],
+    );
+    config.tuning.same_node_fast_path = true;
+    config.tuning.same_node_join = SameNodeJoin::SkMsg;
+    config.policy_dir = Some(policy.path());
+    let _pins = PinCleanup(config.bpffs.clone());
+    let (agent, log_path) = AgentProcess::start_logging_json(&mut config, &cluster.scratch.0);
+
+    // Download (the server app's sends are joined) and upload (curl's, non-blocking).
+    let before = agent.stats();
+    let blob = format!("http://{ip}:80/blob");
+    let upload = random_payload(3 << 20);
+    let upload_file = TempDir::new("samenodejoin-up");
+    let upload_path = upload_file.0.join("up");
+    std::fs::write(&upload_path, &upload).expect("write upload");
+    let up_url = format!("http://{ip}:{UPLOAD_PORT}/");
+    let ((fetch, sent), links) = on_both_links(&node, [&sleep, &httpbin], || {
+        (
+            curl(sleep.command("curl"), &blob),
+            curl_upload(sleep.command("curl"), &up_url, &upload_path),
+        )
+    });
+    assert_eq!(fetch.code, "200", "download over the join");
+    assert_eq!(fetch.sha256(), www.want, "download corrupted by the join");
+    assert_eq!(sent.code, "200", "upload over the join");
+    assert_eq!(
+        String::from_utf8_lossy(&sent.body).trim(),
+        sha256_hex(&upload),
+        "upload corrupted by the join"
+    );
+    let after = agent.stats();
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert!(
+        delta("JoinRedirected") > 0,
+        "the join redirected nothing: {after:?}"
+    );
+
+    // A writer faster than its reader, half-closing at the end: the sink stalls, then reads
+    // slowly; the leg fills, the join hands over to the relay and takes over again.
+    let before = agent.stats();
+    let bulk = random_payload(12 << 20);
+    let bulk_path = upload_file.0.join("bulk");
+    std::fs::write(&bulk_path, &bulk).expect("write bulk");
+    let (answer, bulk_links) = on_both_links(&node, [&sleep, &httpbin], || {
+        let out = sleep
+            .command("busybox")
+            .args(["nc", &ip.to_string(), &SINK_PORT.to_string()])
+            .stdin(std::fs::File::open(&bulk_path).expect("open bulk"))
+            .output()
+            .expect("nc");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    });
+    assert_eq!(
+        answer,
+        format!("{} {}", bulk.len(), {
+            let mut h = interceptor_tests::digest::Sha256::new();
+            h.update(&bulk);
+            h.hex()
+        }),
+        "slow reader: bytes lost, reordered, or the half-close not answered"
+    );
+    let after = agent.stats();
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert!(
+        delta("JoinFellBack") > 0 && delta("JoinRedirected") > 0,
+        "a full leg must hand over to the relay and back: {after:?}"
+    );
+
+    for (streams, payload) in links
+        .iter()
+        .map(|s| (s, &www.payload))
+        .chain(links.iter().map(|s| (s, &upload)))
+        .chain(bulk_links.iter().map(|s| (s, &bulk)))
+    {
+        assert_no_plaintext(streams, payload);
+        let ports = [80, UPLOAD_PORT, SINK_PORT];
+        assert!(
+            !streams
+                .streams
+                .iter()
+                .any(|s| ports.contains(&s.src.port()) || ports.contains(&s.dst.port())),
+            "a joined flow crossed a pod link"
+        );
+    }
+
+    // Byte counts include what the program redirected, in the table and the access log.
+    let flows = agent.flows();
+    let local: Vec<&FlowRow> = flows
+        .iter()
+        .filter(|r| r.protection == Protection::Local)
+        .collect();
+    assert_eq!(local.len(), 3, "{flows:#?}");
+    let row = |port: u16| {
+        *local
+            .iter()
+            .find(|r| r.destination.port() == port)
+            .unwrap_or_else(|| panic!("no row for port {port}: {flows:#?}"))
+    };
+    assert!(
+        row(80).bytes_from_peer as usize > www.payload.len(),
+        "{:?}",
+        row(80)
+    );
+    assert!(
+        row(UPLOAD_PORT).bytes_to_peer as usize > upload.len(),
+        "{:?}",
+        row(UPLOAD_PORT)
+    );
+    assert_eq!(
+        row(SINK_PORT).bytes_to_peer as usize,
+        bulk.len(),
+        "{:?}",
+        row(SINK_PORT)
+    );
+    let answer_len = answer.len() as u64 + 1;
+    assert_eq!(
+        row(SINK_PORT).bytes_from_peer,
+        answer_len,
+        "{:?}",
+        row(SINK_PORT)
+    );
+    let lines = access_lines(&log_path, 3);
+    for line in lines.iter().filter(|l| l["mode"] == "local") {
+        let row = local
+            .iter()
+            .find(|r| r.source.to_string() == line["src_addr"].as_str().unwrap_or_default())
+            .unwrap_or_else(|| panic!("no flow row for {line}"));
+        assert_log_bytes_match(line, row);
+    }
+
+    // A policy change still closes an open joined flow.
+    let held = connect_from(
+        Some(&sleep.cgroup.path),
+        &sleep.netns_path(),
+        SocketAddr::from((ip, 80)),
+        b"",
+    );
+    assert_eq!(held.peer, Ok(SocketAddr::from((ip, 80))));
+    let open = || {
+        agent
+            .flows()
+            .iter()
+            .any(|r| r.protection == Protection::Local && !r.closed)
+    };
+    wait_until("the held flow is listed", open);
+    let before = agent.stats();
+    policy.write("deny-sleep.yaml", POLICY_DENY_SLEEP);
+    wait_until("the held flow is closed by the new policy", || !open());
+    let after = agent.stats();
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert_eq!(delta("closed.deny_rule"), 1, "{after:?}");
+    drop(held);
 }

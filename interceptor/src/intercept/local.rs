@@ -11,9 +11,10 @@
 //! ClientHello; AuthorizationPolicy with the client's principal). Then it dials the app
 //! from inside the server pod, from the address the inbound path uses, and splices between
 //! the two loopback legs (`relay::relay_spliced`): two TCP connections instead of three, no TLS, and no byte on
-//! either pod's link.
+//! either pod's link. With `tuning.sameNodeJoin: skMsg` the apps' bytes mostly skip the agent
+//! too (`relay::relay_joined`).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, os::fd::AsFd as _, sync::Arc};
 
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -81,6 +82,24 @@ pub(super) fn recheck(generation: &Generation, check: &LocalCheck) -> Result<(),
     let i = &check.inbound;
     let client = i.peer.as_ref().unwrap_or(&o.client);
     server_decides(generation, i.source, i.destination, client).map(|_| ())
+}
+
+/// The two app sockets at the far ends of the agent's legs, as the sk_msg join program keys
+/// them (each from its own end): the client app's socket talks to `app`, the server app's
+/// to `peer`. `None` if a socket cannot say where it is (it is then left to splice alone).
+fn join_keys(
+    app: &TcpStream,
+    peer: &TcpStream,
+) -> Option<(interceptor_common::LegKey, interceptor_common::LegKey)> {
+    let key = |s: &TcpStream| {
+        let netns = crate::sys::netns_cookie(s.as_fd()).ok()?;
+        Some(crate::datapath::leg_key(
+            netns,
+            s.peer_addr().ok()?,
+            s.local_addr().ok()?,
+        ))
+    };
+    Some((key(app)?, key(peer)?))
 }
 
 /// Sets up a same-node flow: refuses it as the server's agent would, or dials the app inside
@@ -167,8 +186,19 @@ pub(super) async fn relay<'a>(
     });
     let guard = shared.flows.insert_checked(out.flow, Some(check));
     let socks = dups([&app, &peer]);
-    let relay =
-        crate::relay::relay_spliced(app, peer, relay_config(shared), Arc::clone(&guard.stats));
+    let config = relay_config(shared);
+    let stats = Arc::clone(&guard.stats);
+    let joined = shared
+        .join_maps()
+        .and_then(|maps| Some((maps, join_keys(&app, &peer)?)));
+    let relay = async move {
+        match joined {
+            Some((maps, (client, server))) => {
+                crate::relay::relay_joined(app, peer, config, stats, maps, client, server).await
+            }
+            None => crate::relay::relay_spliced(app, peer, config, stats).await,
+        }
+    };
     Ok(relaying(guard, socks, false, async move {
         let ended = relay.await;
         drop(permit);

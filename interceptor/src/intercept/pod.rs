@@ -325,6 +325,8 @@ fn register(
             inbound_slot: slot,
             steer_inbound: true,
             local_leg_skmsg: shared.tuning.sk_msg_local_leg,
+            join_skmsg: shared.tuning.same_node_fast_path
+                && shared.tuning.same_node_join == crate::config::SameNodeJoin::SkMsg,
         },
         &workload.ips,
     )?;

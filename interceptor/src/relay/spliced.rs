@@ -2,6 +2,14 @@
 //! fast path's relay. The bytes go socket → pipe → socket inside the kernel (no copy into
 //! the agent), with exact half-close, the idle timeout and byte counts of every relay.
 //!
+//! With the sk_msg leg join ([`Join`], `tuning.sameNodeJoin: skMsg`) the apps' bytes mostly
+//! bypass this relay: the join program sends them out of the other leg inside the app's
+//! `sendmsg`. What it passes (bytes sent before the agent allowed the join, and whatever it
+//! sends while the outgoing leg has no room) arrives here as before; after writing it on, the
+//! relay publishes how far it got and how much room the leg has, which lets the program
+//! redirect again only behind everything relayed. The program's redirected counts join the
+//! flow's byte counts whenever the relay wakes, before each half-close and at the end.
+//!
 //! Readiness follows the kTLS relay's rule (see `kernel.rs`): a non-blocking splice that
 //! returns `EAGAIN` while its pipe holds data may have met a full pipe rather than an empty
 //! source, so the source's readiness is kept and the drain side decides what to wait for.
@@ -9,11 +17,15 @@
 use std::{
     io,
     os::fd::{AsFd as _, OwnedFd},
-    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::AtomicU64, atomic::Ordering},
     task::{Context, Poll},
 };
 
+use interceptor_common::{JoinGrant, LegKey};
 use tokio::{io::Interest, net::TcpStream};
+use tracing::debug;
+
+use crate::datapath::JoinMaps;
 
 use super::{IdleTimer, RelayConfig, RelayError, RelayStats, YIELD_AFTER_BYTES, reset};
 use crate::{
@@ -40,6 +52,8 @@ struct Lane {
     eof: bool,
     /// FIN passed on to the destination.
     shut: bool,
+    /// Bytes written into the destination.
+    written: u64,
 }
 
 impl Lane {
@@ -53,11 +67,13 @@ impl Lane {
             in_pipe: 0,
             eof: false,
             shut: false,
+            written: 0,
         })
     }
 
     /// Moves what it can from `src` to `dst`; `Ok(true)` when something moved or ended.
     /// Registers `cx` for what it waits on when it returns `Ok(false)`.
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
         src: &TcpStream,
@@ -65,6 +81,7 @@ impl Lane {
         counter: &AtomicU64,
         cx: &mut Context<'_>,
         moved: &mut usize,
+        join: Option<&Join>,
     ) -> io::Result<bool> {
         let mut progress = false;
         if !self.eof && self.in_pipe < self.cap {
@@ -104,6 +121,7 @@ impl Lane {
                 }
                 Ok(n) => {
                     self.in_pipe -= n;
+                    self.written += n as u64;
                     progress = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -111,6 +129,11 @@ impl Lane {
             }
         }
         if self.eof && self.in_pipe == 0 && !self.shut {
+            if let Some(join) = join {
+                // The source's FIN came after every byte it redirected; the destination's
+                // app may close for good once it sees ours, and its count goes with it.
+                join.collect();
+            }
             super::shutdown_write(dst)?;
             self.shut = true;
             progress = true;
@@ -134,13 +157,144 @@ impl Lane {
     }
 }
 
+/// One direction of the sk_msg leg join: the app socket whose bytes it carries, seen from
+/// the app, and how far the relay published.
+struct JoinSide {
+    app: LegKey,
+    published: u64,
+    /// What the program had redirected at the last look (already in the flow's counts).
+    redirected: u64,
+}
+
+/// A flow's sk_msg leg join, from arming to disarming (on drop, so a cancelled relay
+/// disarms too).
+pub struct Join {
+    maps: Arc<Mutex<JoinMaps>>,
+    stats: Arc<super::RelayStats>,
+    /// The client app's socket: its bytes leave by the peer leg.
+    up: Mutex<JoinSide>,
+    /// The server app's socket: its bytes leave by the app leg.
+    down: Mutex<JoinSide>,
+}
+
+impl Join {
+    /// `client` is the app socket on the far end of `app`, `server` the one on the far end of
+    /// `peer`. Arms both directions with nothing relayed yet: bytes the apps sent before
+    /// this make the program pass until the relay has written them on.
+    pub fn arm(
+        maps: Arc<Mutex<JoinMaps>>,
+        stats: Arc<super::RelayStats>,
+        app: &TcpStream,
+        peer: &TcpStream,
+        client: LegKey,
+        server: LegKey,
+    ) -> Result<Join, crate::datapath::DatapathError> {
+        let side = |app| {
+            Mutex::new(JoinSide {
+                app,
+                published: 0,
+                redirected: 0,
+            })
+        };
+        let join = Join {
+            maps,
+            stats,
+            up: side(client),
+            down: side(server),
+        };
+        {
+            let mut maps = join.lock();
+            for (key, out) in [(client, peer), (server, app)] {
+                let granted = crate::sys::tcp_send_room(out.as_fd()).unwrap_or(0);
+                let grant = JoinGrant {
+                    relayed: 0,
+                    granted,
+                };
+                maps.arm(key, out.as_fd(), grant)?;
+            }
+        }
+        Ok(join)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JoinMaps> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds what the program redirected since the last look to the flow's counts.
+    fn collect(&self) {
+        let maps = self.lock();
+        for (side, counter) in [
+            (&self.up, &self.stats.app_to_peer),
+            (&self.down, &self.stats.peer_to_app),
+        ] {
+            let mut side = side.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(sent) = maps.sent(side.app)
+                && sent.redirected > side.redirected
+            {
+                counter.fetch_add(sent.redirected - side.redirected, Ordering::Relaxed);
+                side.redirected = sent.redirected;
+            }
+        }
+    }
+
+    /// After the relay wrote `written` bytes of a direction into `out`: lets the program
+    /// redirect again behind them, into the room `out` has. Only called when `written`
+    /// grew, i.e. while the program is passing (it saw `passed` ahead of the last
+    /// `relayed`), so its redirected count cannot move under this.
+    fn publish(&self, up: bool, written: u64, out: &TcpStream) {
+        let side = if up { &self.up } else { &self.down };
+        let mut side = side.lock().unwrap_or_else(|p| p.into_inner());
+        if written == side.published {
+            return;
+        }
+        let mut maps = self.lock();
+        let Some(sent) = maps.sent(side.app) else {
+            return;
+        };
+        let room = crate::sys::tcp_send_room(out.as_fd()).unwrap_or(0);
+        let grant = JoinGrant {
+            relayed: written,
+            granted: sent.redirected.saturating_add(room),
+        };
+        if let Err(e) = maps.set_grant(side.app, grant) {
+            // The program keeps passing: the flow stays on this relay, correct and slower.
+            debug!(error = %e, "sk_msg join grant not updated");
+        }
+        side.published = written;
+    }
+
+    /// Whether the program redirected anything since the last look (the flow is not idle).
+    fn moved(&self) -> bool {
+        let before = self.up_down_redirected();
+        self.collect();
+        self.up_down_redirected() != before
+    }
+
+    fn up_down_redirected(&self) -> (u64, u64) {
+        let get = |s: &Mutex<JoinSide>| s.lock().unwrap_or_else(|p| p.into_inner()).redirected;
+        (get(&self.up), get(&self.down))
+    }
+}
+
+impl Drop for Join {
+    fn drop(&mut self) {
+        self.collect();
+        let mut maps = self.lock();
+        for side in [&self.up, &self.down] {
+            maps.disarm(side.lock().unwrap_or_else(|p| p.into_inner()).app);
+        }
+    }
+}
+
 /// Relays until both directions ended; a flow idle for `config.idle_timeout`, or one where
-/// either socket fails, is reset on both sides.
+/// either socket fails, is reset on both sides. With `join`, idle means neither this relay
+/// nor the join program moved a byte.
 pub(super) async fn run(
     app: TcpStream,
     peer: TcpStream,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    join: Option<Join>,
 ) -> Result<(), RelayError> {
     let (mut up, mut down) = match (Lane::new(config.pipe_size), Lane::new(config.pipe_size)) {
         (Ok(up), Ok(down)) => (up, down),
@@ -150,16 +304,21 @@ pub(super) async fn run(
             return Err(RelayError::Setup(e));
         }
     };
+    let join = join.as_ref();
     let mut idle = IdleTimer::new(config.idle_timeout);
     let result = std::future::poll_fn(|cx| {
         let mut moved = 0usize;
         loop {
-            let a = up.step(&app, &peer, &stats.app_to_peer, cx, &mut moved);
-            let b = down.step(&peer, &app, &stats.peer_to_app, cx, &mut moved);
+            let a = up.step(&app, &peer, &stats.app_to_peer, cx, &mut moved, join);
+            let b = down.step(&peer, &app, &stats.peer_to_app, cx, &mut moved, join);
             let (a, b) = match (a, b) {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(e), _) | (_, Err(e)) => return Poll::Ready(Err(RelayError::Passthrough(e))),
             };
+            if let Some(join) = join {
+                join.publish(true, up.written, &peer);
+                join.publish(false, down.written, &app);
+            }
             if up.shut && down.shut {
                 return Poll::Ready(Ok(()));
             }
@@ -172,6 +331,10 @@ pub(super) async fn run(
                 continue;
             }
             if idle.poll_expired(cx).is_ready() {
+                if join.is_some_and(Join::moved) {
+                    idle.progressed();
+                    continue;
+                }
                 return Poll::Ready(Err(RelayError::IdleTimeout(config.idle_timeout)));
             }
             return Poll::Pending;
