@@ -62,6 +62,11 @@ pub mod maps {
     pub const MAX_PODS: u32 = 1_024;
     pub const MAX_POD_ADDRS: u32 = 4_096;
     pub const MAX_DESTS: u32 = 65_536;
+    /// Slots of the pinned `COUNTERS` array: more than [`super::Counter::COUNT`], so that a
+    /// build adding a counter keeps the map layout and its successor still adopts the pinned
+    /// maps in an upgrade (a layout change means fresh maps and a window of resets).
+    pub const COUNTER_SLOTS: u32 = 32;
+    const _: () = assert!(super::Counter::COUNT <= COUNTER_SLOTS);
 }
 
 /// Bytes one direction of a local leg may move through sk_msg before it falls back to the

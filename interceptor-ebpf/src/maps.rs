@@ -7,7 +7,7 @@ use aya_ebpf::{
 use interceptor_common::{
     Counter, DestAction, FlowKey, JoinGrant, JoinSent, LegKey, OrigDst, PodAddrKey, PodConfig,
     SockAddr,
-    maps::{MAX_DESTS, MAX_PENDING_FLOWS, MAX_POD_ADDRS, MAX_PODS},
+    maps::{COUNTER_SLOTS, MAX_DESTS, MAX_PENDING_FLOWS, MAX_POD_ADDRS, MAX_PODS},
 };
 
 /// Plain hash, not LRU: an LRU evicts the entry of another live socket when full (or earlier:
@@ -80,7 +80,7 @@ pub static JOIN_GRANT: HashMap<LegKey, JoinGrant> =
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map(name = "COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 #[inline(always)]
 pub fn count(counter: Counter) {

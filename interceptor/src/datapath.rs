@@ -169,7 +169,7 @@ pub fn map_layout() -> String {
             maps::COUNTERS,
             size_of::<u32>(),
             size_of::<u64>(),
-            Counter::COUNT,
+            interceptor_common::maps::COUNTER_SLOTS,
         ),
     ];
     let text = format!("{MAP_LAYOUT_REVISION}:{layout:?}");
