@@ -234,16 +234,40 @@ impl RecordLayer {
         if plain.len() > MAX_PLAINTEXT {
             return Err(RecordError::PlaintextTooLong(plain.len()));
         }
+        self.seal_body(plain, Some(u8::from(typ)), out)
+    }
+
+    /// Seals `inner` as a whole TLSInnerPlaintext (content, type, padding: whatever the caller
+    /// wrote, up to the largest record body), so a fuzz target can reach every path behind
+    /// the AEAD. Nothing in the agent calls it.
+    #[doc(hidden)]
+    pub fn seal_inner_plaintext(
+        &mut self,
+        inner: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        if inner.len() + self.tx.tag_len() > MAX_CIPHERTEXT {
+            return Err(RecordError::PlaintextTooLong(inner.len()));
+        }
+        self.seal_body(inner, None, out)
+    }
+
+    fn seal_body(
+        &mut self,
+        content: &[u8],
+        typ: Option<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         if self.tx.seq >= self.tx_limit {
             return Err(RecordError::RecordLimit(self.tx.seq));
         }
-        let body = plain.len() + 1 + self.tx.tag_len();
+        let body = content.len() + usize::from(typ.is_some()) + self.tx.tag_len();
         let header = header(body);
         let start = out.len();
         out.reserve(HEADER_LEN + body);
         out.extend_from_slice(&header);
-        out.extend_from_slice(plain);
-        out.push(u8::from(typ));
+        out.extend_from_slice(content);
+        out.extend(typ);
         let tag = self
             .tx
             .key
