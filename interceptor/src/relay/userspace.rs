@@ -388,9 +388,9 @@ impl Userspace {
         let secrets = conn.dangerous_extract_secrets().map_err(RelayError::Tls)?;
         let own = RecordLayer::new(secrets, is_client).map_err(RelayError::Tls)?;
         self.layer = Layer::Own(Box::new(own));
-        // Full records only from here on: the first buffer must hold the largest one.
+        // Whole records only from here on: the buffer must be able to hold the largest one.
+        // (`tls_in` is empty here; `down` may still hold plaintext for a slow app and stays.)
         self.tls_in = Buf::new(self.out_limit.max(record::MAX_RECORD));
-        self.down = Buf::new(self.out_limit);
         Ok(())
     }
 
