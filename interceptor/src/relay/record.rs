@@ -740,6 +740,25 @@ mod tests {
     }
 
     #[test]
+    fn oversized_inner_plaintext_is_a_record_overflow() {
+        let (mut c, mut s) = own_pair(cs::TLS13_AES_128_GCM_SHA256);
+        // 2^14 bytes of content, its type, and one byte of padding: one byte over §5.4's limit,
+        // though the record itself is within §5.2's.
+        let mut inner = payload(MAX_PLAINTEXT);
+        inner.extend_from_slice(&[23, 0]);
+        let mut w = Vec::new();
+        c.seal_inner_plaintext(&inner, &mut w).unwrap();
+        assert_eq!(record_len(&w), Ok(Some(w.len())));
+        let e = s.open(&mut w).unwrap_err();
+        assert_eq!(e, RecordError::Oversized(MAX_PLAINTEXT + 2));
+        assert_eq!(e.alert(), Some(AlertDescription::RecordOverflow));
+        // Exactly at the limit it opens.
+        let mut w = Vec::new();
+        c.seal_data(&payload(MAX_PLAINTEXT), &mut w).unwrap();
+        assert_eq!(s.open(&mut w), Ok(Opened::Data(MAX_PLAINTEXT)));
+    }
+
+    #[test]
     fn sealing_stops_at_the_aead_limit_and_rejects_oversized_plaintext() {
         let (mut c, _) = own_pair(cs::TLS13_AES_128_GCM_SHA256);
         let mut w = Vec::new();
