@@ -37,6 +37,7 @@
 mod buf;
 mod kernel;
 mod plain;
+pub mod record;
 mod spliced;
 mod userspace;
 
@@ -237,7 +238,8 @@ pub enum RelayError {
     #[error("peer sent alert `{0:?}`; connection reset")]
     PeerAlert(AlertDescription),
     /// A record the relay cannot pass on: a KeyUpdate, an unknown content type, a malformed
-    /// alert. Kernel mode only (rustls handles these itself).
+    /// alert. Kernel mode and the userspace relay's own record layer (rustls handles these
+    /// itself).
     #[error(
         "peer sent a TLS record of content type {content_type} the relay cannot handle \
          ({detail}); connection reset"

@@ -49,6 +49,23 @@ impl Buf {
         &self.data[self.start..]
     }
 
+    pub(super) fn pending_mut(&mut self) -> &mut [u8] {
+        &mut self.data[self.start..]
+    }
+
+    /// Moves what is pending to the front and makes the buffer hold at least `total` bytes,
+    /// so a record cut by a read can be completed in place (the own record layer decrypts
+    /// whole records only).
+    pub(super) fn make_room(&mut self, total: usize) {
+        if self.start > 0 {
+            self.data.drain(..self.start);
+            self.start = 0;
+        }
+        if self.data.capacity() < total {
+            self.data.reserve_exact(total - self.data.len());
+        }
+    }
+
     pub(super) fn consume(&mut self, n: usize) {
         self.start += n;
     }
