@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{display, run};
 
 /// Every target in `fuzz/Cargo.toml`, cheapest first.
-pub(crate) const TARGETS: &[&str] = &["peek", "admin", "config", "policy"];
+pub(crate) const TARGETS: &[&str] = &["peek", "admin", "config", "policy", "record"];
 
 /// Per-target seconds for `--smoke` (CI).
 pub(crate) const SMOKE_SECS: u64 = 25;
@@ -183,7 +183,7 @@ fn run_target(
 
 fn dict(target: &str) -> &'static str {
     match target {
-        "peek" => "tls.dict",
+        "peek" | "record" => "tls.dict",
         "admin" => "json.dict",
         _ => "yaml.dict",
     }
