@@ -163,22 +163,28 @@ async fn fill(shared: Arc<Shared>, ctx: Weak<PodCtx>, key: Key, slot: Arc<Slot>)
         }
         let have = lock(&slot.ready).len();
         if have < target && now >= retry_at {
-            match open(&shared, &pod, &key).await {
-                Ok(Some(s)) => {
-                    shared.counters.spare("opened");
-                    lock(&slot.ready).push_back(s);
-                    backoff = Duration::from_millis(100);
-                }
-                Ok(None) => {
-                    // The peer agent predates spares: stop asking it for a while.
-                    shared.counters.spare("not_supported");
-                    retry_at = Instant::now() + idle.max(Duration::from_secs(60));
-                }
-                Err(e) => {
-                    shared.counters.spare("fill_failed");
-                    tracing::debug!(pod = %pod.name, endpoint = %key.endpoint, "spare: {e:#}");
-                    retry_at = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(idle);
+            // All missing spares at once: a burst that took several is refilled in one
+            // handshake's time, not one after the other.
+            let opened =
+                futures::future::join_all((have..target).map(|_| open(&shared, &pod, &key))).await;
+            for result in opened {
+                match result {
+                    Ok(Some(s)) => {
+                        shared.counters.spare("opened");
+                        lock(&slot.ready).push_back(s);
+                        backoff = Duration::from_millis(100);
+                    }
+                    Ok(None) => {
+                        // The peer agent predates spares: stop asking it for a while.
+                        shared.counters.spare("not_supported");
+                        retry_at = Instant::now() + idle.max(Duration::from_secs(60));
+                    }
+                    Err(e) => {
+                        shared.counters.spare("fill_failed");
+                        tracing::debug!(pod = %pod.name, endpoint = %key.endpoint, "spare: {e:#}");
+                        retry_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(idle);
+                    }
                 }
             }
             continue;
