@@ -30,6 +30,10 @@ use crate::{
     telemetry,
 };
 
+/// How long a refill waits after a claim while other spares remain (see `fill`): about one
+/// first exchange of a claimed flow on a loaded node.
+const REFILL_DELAY: Duration = Duration::from_millis(1);
+
 /// A ready spare: the socket, the finished session, and what it was made under.
 pub(super) struct Spare {
     pub(super) sock: TcpStream,
@@ -198,9 +202,14 @@ async fn fill(shared: Arc<Shared>, ctx: Weak<PodCtx>, key: Key, slot: Arc<Slot>)
         if have < target {
             next = next.min(retry_at);
         }
-        tokio::select! {
-            () = slot.wake.notified() => {}
-            () = tokio::time::sleep_until(next) => {}
+        let woken = tokio::select! {
+            () = slot.wake.notified() => true,
+            () = tokio::time::sleep_until(next) => false,
+        };
+        // A spare was just claimed: its flow's first exchange runs on the same cores as a
+        // refill's handshake would. While spares remain, let it go first.
+        if woken && !lock(&slot.ready).is_empty() {
+            tokio::time::sleep(REFILL_DELAY).await;
         }
     }
 }
