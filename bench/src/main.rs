@@ -149,6 +149,10 @@ struct RunArgs {
     /// before and after in the same rounds.
     #[arg(long)]
     baseline_agent: Option<PathBuf>,
+    /// `tuning.meshSpares` for the agent under test (`--agent`; never the baseline, which
+    /// may predate the knob): spare mesh sessions per (pod, server, endpoint). 0: none.
+    #[arg(long, default_value_t = 0)]
+    mesh_spares: u32,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -334,6 +338,7 @@ fn run(args: RunArgs) -> Result<()> {
         layouts,
         agent: args.agent,
         baseline_agent: args.baseline_agent,
+        mesh_spares: args.mesh_spares,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

@@ -153,6 +153,8 @@ pub struct Env {
     pub agent_bin: Option<PathBuf>,
     /// A second agent build for the `relay-base` mode (`--baseline-agent`).
     pub baseline_agent_bin: Option<PathBuf>,
+    /// `tuning.meshSpares` for `agent_bin` (see `--mesh-spares`).
+    pub mesh_spares: u32,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -619,6 +621,9 @@ struct TuningCfg {
     handshake_timeout_ms: u64,
     first_byte_wait_ms: u64,
     idle_timeout_secs: u64,
+    /// Left out for the baseline agent, which may not know it (unknown fields are errors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mesh_spares: Option<u32>,
 }
 
 fn workload(pod: &topology::Pod, sa: &'static str) -> WorkloadCfg {
@@ -718,6 +723,8 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 handshake_timeout_ms: 5_000,
                 first_byte_wait_ms: 200,
                 idle_timeout_secs: 3_600,
+                mesh_spares: (active.mode != Mode::InterceptorRelayBase && env.mesh_spares > 0)
+                    .then_some(env.mesh_spares),
             },
         };
         // JSON is YAML, and serde_json is already here.

@@ -31,6 +31,8 @@ pub struct Plan {
     pub agent: Option<PathBuf>,
     /// A second agent build for the `relay-base` mode.
     pub baseline_agent: Option<PathBuf>,
+    /// `tuning.meshSpares` for the agent under test.
+    pub mesh_spares: u32,
     /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
     pub ztunnel: Option<PathBuf>,
     pub out: PathBuf,
@@ -85,6 +87,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
             .map(|a| fs::canonicalize(a).unwrap_or_else(|_| a.clone())),
         ztunnel_bin: crate::ztunnel::binary(plan.ztunnel.as_deref())
             .map(|z| fs::canonicalize(&z).unwrap_or(z)),
+        mesh_spares: plan.mesh_spares,
         bench_bin: std::env::current_exe().context("own executable")?,
         work_dir: work_dir.clone(),
         log_dir,

@@ -419,6 +419,13 @@ pub const MAX_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(90 
 /// short next to leaves (hours).
 pub const MAX_TICKET_LIFETIME_SECS: u64 = 3_600;
 
+/// Spares per (pod, server identity, endpoint): each is an open connection on both agents and
+/// a pending set-up on the server's, so a handful covers bursts without turning into a pool.
+pub const MAX_MESH_SPARES: u32 = 16;
+
+/// A spare is a session nobody uses yet: it should not outlive a short pause in traffic.
+pub const MAX_SPARE_IDLE_MS: u64 = 60_000;
+
 /// What policy may read from the node besides `policyDir`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -465,6 +472,15 @@ pub struct Tuning {
     /// How long a resumption ticket stays usable, on both ends; no ticket outlives a policy
     /// reload or a new certificate either.
     pub ticket_lifetime_secs: u64,
+    /// Spare mesh sessions a pod keeps ready per (server identity, endpoint) it has called
+    /// within `spareIdleMs`: opened ahead, so an app connection there waits for no agent
+    /// handshake (still one TLS session per app connection; the server's agent decides the
+    /// flow when a spare is claimed). 0, the default, opens none. Agents always accept them.
+    pub mesh_spares: u32,
+    /// How long a spare waits to be claimed (the client's agent closes it then, and stops
+    /// refilling a (server, endpoint) no connection went to for this long); the server's
+    /// agent closes an unclaimed one after this plus `handshakeTimeoutMs`.
+    pub spare_idle_ms: u64,
     /// Same-node fast path: a mesh flow whose destination is a pod this agent enrolled is
     /// decided with both pods' identities (which pod each socket belongs to is the kernel's
     /// word, not a certificate's) and relayed between the two pods' loopback legs, with no
@@ -504,6 +520,8 @@ impl Default for Tuning {
             policy_poll_ms: 500,
             session_resumption: true,
             ticket_lifetime_secs: 300,
+            mesh_spares: 0,
+            spare_idle_ms: 5_000,
             same_node_fast_path: true,
             same_node_join: SameNodeJoin::Splice,
         }
@@ -679,6 +697,18 @@ impl Config {
         }
         if t.idle_timeout_secs == 0 {
             return Err("tuning.idleTimeoutSecs: must be at least 1".to_owned());
+        }
+        if t.mesh_spares > MAX_MESH_SPARES {
+            return Err(format!(
+                "tuning.meshSpares: {} is more than {MAX_MESH_SPARES}",
+                t.mesh_spares
+            ));
+        }
+        if !(100..=MAX_SPARE_IDLE_MS).contains(&t.spare_idle_ms) {
+            return Err(format!(
+                "tuning.spareIdleMs: {} is outside 100 to {MAX_SPARE_IDLE_MS}",
+                t.spare_idle_ms
+            ));
         }
         if t.max_connections_per_pod == 0 || t.max_pending_handshakes_per_pod == 0 {
             return Err(
@@ -1430,6 +1460,8 @@ tuning:
         let c = with("  sessionResumption: false\n  ticketLifetimeSecs: 60\n").unwrap();
         assert!(!c.tuning.session_resumption);
         assert_eq!(c.tuning.ticket_lifetime_secs, 60);
+        let c = with("  meshSpares: 2\n  spareIdleMs: 2000\n").unwrap();
+        assert_eq!((c.tuning.mesh_spares, c.tuning.spare_idle_ms), (2, 2_000));
         for (yaml, field) in [
             (
                 "  ticketLifetimeSecs: 0\n",
@@ -1437,6 +1469,14 @@ tuning:
             ),
             ("  ticketLifetimeSecs: 86400\n", "tuning.ticketLifetimeSecs"),
             ("  sessionResumption: maybe\n", "sessionResumption"),
+            (
+                "  meshSpares: 17\n",
+                "tuning.meshSpares: 17 is more than 16",
+            ),
+            (
+                "  spareIdleMs: 10\n",
+                "tuning.spareIdleMs: 10 is outside 100 to 60000",
+            ),
         ] {
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");

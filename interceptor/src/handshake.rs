@@ -21,6 +21,7 @@ mod credentials;
 pub mod driver;
 mod provider;
 mod resumption;
+pub mod spare;
 mod verifier;
 
 use std::sync::Arc;
@@ -58,6 +59,13 @@ use crate::{
 /// application's own TLS passing through.
 pub const MESH_ALPN: &[u8] = b"interceptor-mtls/1";
 
+/// The ALPN protocol of a spare mesh connection: a session the client's agent opens before
+/// any app connection needs it. The server's agent then waits for [`spare::CLAIM`] before
+/// it decides the flow or dials the app. Servers prefer it when offered; a spare's client
+/// offers it first and [`MESH_ALPN`] second, so an agent that predates spares negotiates the
+/// plain protocol and the client's agent drops the connection instead of keeping it.
+pub const SPARE_ALPN: &[u8] = b"interceptor-mtls-spare/1";
+
 /// What a finished mesh handshake established.
 #[derive(Clone, Debug)]
 pub struct Negotiated {
@@ -72,6 +80,9 @@ pub struct Negotiated {
     /// The session resumed an earlier one (a ticket): no certificate was sent in this
     /// handshake, `peer` is the identity of the certificate the ticket's session verified.
     pub resumed: bool,
+    /// The session was opened as a spare ([`SPARE_ALPN`]): nothing is decided until the
+    /// client's agent claims it.
+    pub spare: bool,
 }
 
 /// Why a TLS configuration could not be built.
@@ -217,7 +228,8 @@ pub fn server_config_with(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(leaf.chain().to_vec(), leaf.key().clone_key())
         .map_err(TlsConfigError::Rustls)?;
-    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // Server preference decides: a spare's client offers both.
+    config.alpn_protocols = vec![SPARE_ALPN.to_vec(), MESH_ALPN.to_vec()];
     config.enable_secret_extraction = true;
     if resumption.enabled() {
         config.session_storage = Arc::new(ServerTickets::new(resumption.clone(), SERVER_TICKETS));
@@ -331,9 +343,11 @@ fn negotiated_at(conn: &CommonState, now: UnixTime) -> Result<Negotiated, Handsh
         Some(ProtocolVersion::TLSv1_3) => {}
         other => return Err(HandshakeError::NotTls13(other)),
     }
-    if conn.alpn_protocol() != Some(MESH_ALPN) {
-        return Err(HandshakeError::NotMesh);
-    }
+    let spare = match conn.alpn_protocol() {
+        Some(MESH_ALPN) => false,
+        Some(SPARE_ALPN) => true,
+        _ => return Err(HandshakeError::NotMesh),
+    };
     let suite = conn
         .negotiated_cipher_suite()
         .ok_or(HandshakeError::Incomplete)?;
@@ -353,6 +367,7 @@ fn negotiated_at(conn: &CommonState, now: UnixTime) -> Result<Negotiated, Handsh
         group: conn.negotiated_key_exchange_group().map(|g| g.name()),
         retried: conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
         resumed,
+        spare,
     })
 }
 

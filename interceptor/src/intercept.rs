@@ -24,6 +24,7 @@ mod outbound;
 pub mod peek;
 mod pod;
 mod revalidate;
+mod spare;
 pub mod table;
 
 pub use self::{

@@ -73,6 +73,7 @@ const HOST_ONLY: &[&str] = &[
     "relay_userspace",
     "resumption_e2e",
     "samenode_e2e",
+    "spares_e2e",
     "upgrade_e2e",
 ];
 

@@ -8,7 +8,8 @@ use std::{collections::HashMap, sync::Arc, sync::Mutex};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::{
-    MeshCrypto, SessionResumption, TlsConfigError, client_config_with, server_config_with,
+    MESH_ALPN, MeshCrypto, SPARE_ALPN, SessionResumption, TlsConfigError, client_config_with,
+    server_config_with,
 };
 use crate::{
     ca::{LeafCert, renew::HoldsLeaf},
@@ -25,6 +26,8 @@ pub struct Credentials {
     resumption: SessionResumption,
     /// Client configs by expected server identity (the verifier pins it).
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    /// The same, for spare connections (see [`Credentials::spare_client`]).
+    spare_clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
 impl Credentials {
@@ -45,6 +48,7 @@ impl Credentials {
             crypto,
             resumption: resumption.clone(),
             clients: Mutex::new(HashMap::new()),
+            spare_clients: Mutex::new(HashMap::new()),
         })
     }
 
@@ -69,6 +73,24 @@ impl Credentials {
         )?;
         clients.insert(expected.clone(), Arc::clone(&c));
         Ok(c)
+    }
+}
+
+impl Credentials {
+    /// The config that opens a spare connection to a mesh peer which must prove `expected`:
+    /// [`Credentials::client`]'s, offering [`SPARE_ALPN`] first. It shares that config's
+    /// verifier and ticket store, so spares resume from the tickets plain connections
+    /// brought back and the other way round.
+    pub fn spare_client(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        let mut spares = self.spare_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = spares.get(expected) {
+            return Ok(Arc::clone(c));
+        }
+        let mut config = ClientConfig::clone(&*self.client(expected)?);
+        config.alpn_protocols = vec![SPARE_ALPN.to_vec(), MESH_ALPN.to_vec()];
+        let config = Arc::new(config);
+        spares.insert(expected.clone(), Arc::clone(&config));
+        Ok(config)
     }
 }
 

@@ -20,7 +20,24 @@ pub struct Counters {
     flows_failed: AtomicU64,
     accept_failed: [AtomicU64; ACCEPT_ERRORS.len()],
     config_reload_failures: AtomicU64,
+    spares: [AtomicU64; SPARE_OUTCOMES.len()],
 }
+
+/// What became of spare mesh sessions (`spares.<name>`; see `intercept::spare`). Client side:
+/// `opened`, `used`, `fill_failed`, and the reasons one was closed unused; server side:
+/// `claimed` and `unclaimed`.
+pub const SPARE_OUTCOMES: [&str; 10] = [
+    "opened",
+    "used",
+    "fill_failed",
+    "stale_cert",
+    "stale_policy",
+    "expired",
+    "dead",
+    "not_supported",
+    "claimed",
+    "unclaimed",
+];
 
 impl Counters {
     /// A flow that failed after it was accepted, other than by a refusal (`flows_failed`).
@@ -41,6 +58,13 @@ impl Counters {
     /// A node config (or crypto policy) that was not applied (`config.reload_failures`).
     pub fn config_reload_failed(&self) {
         self.config_reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One spare's outcome, by a name of [`SPARE_OUTCOMES`].
+    pub fn spare(&self, outcome: &str) {
+        if let Some(i) = SPARE_OUTCOMES.iter().position(|n| *n == outcome) {
+            self.spares[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn flows_failed(&self) -> u64 {
@@ -77,6 +101,12 @@ impl Counters {
                     .into_iter()
                     .map(|(name, n)| (format!("accept_failed.{name}"), n)),
             )
+            .chain(
+                SPARE_OUTCOMES
+                    .iter()
+                    .zip(&self.spares)
+                    .map(|(name, n)| (format!("spares.{name}"), n.load(Ordering::Relaxed))),
+            )
             .chain([
                 ("flows_failed".to_owned(), self.flows_failed()),
                 (
@@ -103,6 +133,8 @@ mod tests {
         c.accept_failed("no such name");
         c.flow_failed();
         c.config_reload_failed();
+        c.spare("used");
+        c.spare("no such outcome");
         let want: BTreeMap<String, u64> = [
             ("refused.deny_rule", 1),
             ("closed.transport_changed", 1),
@@ -110,6 +142,7 @@ mod tests {
             ("accept_failed.other", 1),
             ("flows_failed", 1),
             ("config.reload_failures", 1),
+            ("spares.used", 1),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

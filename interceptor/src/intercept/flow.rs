@@ -37,6 +37,9 @@ pub(super) enum Stop {
     Refused(Box<Refusal>),
     /// Something failed that is not a decision about the connection (`flows_failed`).
     Failed(anyhow::Error),
+    /// A spare session its client's agent let go unclaimed: nothing was decided, nothing is
+    /// counted but `spares.unclaimed`.
+    Unclaimed,
 }
 
 impl From<anyhow::Error> for Stop {
@@ -84,6 +87,7 @@ pub(super) async fn serve(
             Ok(())
         }
         Err(Stop::Failed(e)) => Err(e),
+        Err(Stop::Unclaimed) => Ok(()),
     };
     drop(permit);
     if let Err(e) = result {

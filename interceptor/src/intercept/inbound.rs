@@ -22,7 +22,11 @@ use super::{
     revalidate::admitted_now,
     table::{Direction, FlowCheck, FlowInfo, InboundCheck, Protection, SessionCrypto},
 };
-use crate::{handshake::driver, identity::SpiffeId, sys, telemetry};
+use crate::{
+    handshake::{driver, spare},
+    identity::SpiffeId,
+    sys, telemetry,
+};
 
 /// What both set-ups know of the flow.
 struct Inbound<'c> {
@@ -97,7 +101,7 @@ pub(super) async fn inbound<'a>(
 async fn mesh<'a>(
     shared: &'a Shared,
     mut inbound: Inbound<'_>,
-    generation: Arc<Generation>,
+    mut generation: Arc<Generation>,
     mut client: TcpStream,
 ) -> Result<Relay<'a>, Stop> {
     let (ctx, source, dst) = (inbound.ctx, inbound.source, inbound.destination);
@@ -107,7 +111,7 @@ async fn mesh<'a>(
     let me = shared.credentials(&ctx.id)?;
     prepare_peer(shared, &client);
     let started = Instant::now();
-    let est = match driver::server_handshake_with(
+    let mut est = match driver::server_handshake_with(
         &mut client,
         Arc::clone(me.server()),
         Duration::from_millis(shared.tuning.handshake_timeout_ms),
@@ -129,6 +133,25 @@ async fn mesh<'a>(
     let peer = est.peer().clone();
     if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
         return Err(inbound.refuse_from(Some(&peer), client, refused));
+    }
+    if est.negotiated.spare {
+        // Opened ahead by the client's agent: nothing is decided until it is claimed, and
+        // then under the policy of that moment.
+        let wait =
+            Duration::from_millis(shared.tuning.spare_idle_ms + shared.tuning.handshake_timeout_ms);
+        drop(generation);
+        if spare::await_claim(&mut client, &mut est, wait)
+            .await
+            .is_err()
+        {
+            shared.counters.spare("unclaimed");
+            return Err(Stop::Unclaimed);
+        }
+        shared.counters.spare("claimed");
+        generation = shared.policy.current();
+        if let Some(refused) = generation.refuses_mtls(dst) {
+            return Err(inbound.refuse_from(Some(&peer), client, refused));
+        }
     }
     match generation.inbound(source, dst, Some(&peer)) {
         Ok(code) => inbound.flow.reason = Some(code.to_owned()),

@@ -20,10 +20,15 @@ use super::{
     local, originate,
     pod::{PodCtx, dial, pod_ip},
     revalidate::admitted_now,
+    spare,
     table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
 };
 use crate::{
-    handshake::driver, identity::SpiffeId, policy::TlsMode, refusal::RefusalCode, telemetry,
+    handshake::{self, driver},
+    identity::SpiffeId,
+    policy::TlsMode,
+    refusal::RefusalCode,
+    telemetry,
 };
 
 /// What every transport's set-up knows of the flow.
@@ -58,8 +63,8 @@ impl Outbound<'_> {
 /// Sets up an outbound flow: decides it, dials, handshakes. Returns the relay to run, or why
 /// there is none.
 pub(super) async fn outbound<'a>(
-    shared: &'a Shared,
-    ctx: &PodCtx,
+    shared: &'a Arc<Shared>,
+    ctx: &Arc<PodCtx>,
     app: TcpStream,
     app_addr: SocketAddr,
 ) -> Result<Relay<'a>, Stop> {
@@ -129,7 +134,7 @@ pub(super) async fn outbound<'a>(
             plaintext(shared, out, app, peer)
         }
         Transport::Mesh(None) => unreachable!("refused above"),
-        Transport::Mesh(Some(expected)) => mesh(shared, out, expected, app).await,
+        Transport::Mesh(Some(expected)) => mesh(shared, ctx, out, expected, app).await,
         Transport::Originate {
             config, name, mode, ..
         } => {
@@ -181,14 +186,28 @@ fn plaintext<'a>(
 /// Mesh mTLS to the agent of the server pod, which must present `expected`; the session
 /// then goes to kTLS, or stays in rustls (see [`relay_mesh`]).
 async fn mesh<'a>(
-    shared: &'a Shared,
-    mut out: Outbound<'_>,
+    shared: &'a Arc<Shared>,
+    pod: &Arc<PodCtx>,
+    out: Outbound<'_>,
     expected: SpiffeId,
     app: TcpStream,
 ) -> Result<Relay<'a>, Stop> {
+    let me = shared.credentials(&out.ctx.id)?;
+    if let Some(mut s) = spare::take(shared, pod, &expected, out.endpoint, &me, out.decided_by) {
+        match handshake::spare::claim(&mut s.sock, &mut s.est).await {
+            Ok(()) => {
+                shared.counters.spare("used");
+                return established(shared, out, &expected, app, s.sock, s.est);
+            }
+            // Gone between the check and the claim: the app still gets a fresh dial.
+            Err(_) => {
+                shared.counters.spare("dead");
+                reset(s.sock);
+            }
+        }
+    }
     // The first flight is built before the connect: the server's agent waits only
     // `firstByteWaitMs` for it before treating the connection as plaintext.
-    let me = shared.credentials(&out.ctx.id)?;
     let config = me.client(&expected).map_err(anyhow::Error::from)?;
     let name = rustls_pki_types::ServerName::IpAddress(out.endpoint.ip().into());
     // A session bound for kTLS is driven through rustls' unbuffered API, the form whose
@@ -255,9 +274,22 @@ async fn mesh<'a>(
                 .into());
         }
     };
+    established(shared, out, &expected, app, peer, est)
+}
+
+/// The rest of a mesh flow once its session is established (fresh, or a claimed spare):
+/// the node's crypto policy, the flow's row, the relay.
+fn established<'a>(
+    shared: &'a Shared,
+    mut out: Outbound<'_>,
+    expected: &SpiffeId,
+    app: TcpStream,
+    peer: TcpStream,
+    est: driver::Established,
+) -> Result<Relay<'a>, Stop> {
     if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
         return Err(out
-            .refusal(Some(&expected), refused)
+            .refusal(Some(expected), refused)
             .answer_app(app)
             .reset(peer)
             .into());

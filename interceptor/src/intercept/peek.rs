@@ -2,12 +2,12 @@
 //! the mesh ALPN is mesh mTLS; any other bytes are plaintext (or the application's own TLS),
 //! handled by policy. Pure and bounded: reads at most one record.
 
-use crate::handshake::MESH_ALPN;
+use crate::handshake::{MESH_ALPN, SPARE_ALPN};
 
 /// What the first bytes of an inbound connection say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstBytes {
-    /// A ClientHello offering [`MESH_ALPN`].
+    /// A ClientHello offering [`MESH_ALPN`] or [`SPARE_ALPN`].
     Mesh,
     /// Anything else: plaintext, or TLS that is not ours.
     Other,
@@ -99,7 +99,8 @@ fn offers_mesh_alpn(record: &[u8]) -> Option<bool> {
         if ty == EXT_ALPN {
             let mut list = Reader(Reader(data).vec16()?);
             while !list.0.is_empty() {
-                if list.vec8()? == MESH_ALPN {
+                let offered = list.vec8()?;
+                if offered == MESH_ALPN || offered == SPARE_ALPN {
                     return Some(true);
                 }
             }
@@ -122,6 +123,11 @@ mod tests {
 
     /// A real ClientHello from our own client config.
     fn mesh_client_hello() -> Vec<u8> {
+        client_hello(&[MESH_ALPN])
+    }
+
+    /// The same, offering `alpn`.
+    fn client_hello(alpn: &[&[u8]]) -> Vec<u8> {
         let ca = Ca::generate(&"cluster.local".parse().unwrap()).unwrap();
         let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let leaf = ca.issue(&id, std::time::Duration::from_secs(60)).unwrap();
@@ -134,9 +140,10 @@ mod tests {
             &handshake::MeshCrypto::default_aes_gcm(),
         )
         .unwrap();
+        let mut cfg = rustls::ClientConfig::clone(&cfg);
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         let mut conn =
-            rustls::ClientConnection::new(Arc::clone(&cfg), "10.0.0.1".try_into().unwrap())
-                .unwrap();
+            rustls::ClientConnection::new(Arc::new(cfg), "10.0.0.1".try_into().unwrap()).unwrap();
         let mut out = Vec::new();
         conn.write_tls(&mut out).unwrap();
         out
@@ -153,6 +160,16 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    /// A spare's ClientHello (the spare protocol, alone or first) is mesh.
+    #[test]
+    fn a_spare_client_hello_is_mesh() {
+        for alpn in [vec![SPARE_ALPN], vec![SPARE_ALPN, MESH_ALPN]] {
+            let hello = client_hello(&alpn);
+            assert_eq!(classify(&hello), FirstBytes::Mesh);
+        }
+        assert_eq!(classify(&client_hello(&[b"h2"])), FirstBytes::Other);
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub(super) struct PodCtx {
     pub(super) inbound_limits: Arc<PodLimits>,
     /// Sockets made in the pod's netns ahead of its dials (see [`SocketStash`]).
     pub(super) sockets: SocketStash,
+    /// Spare mesh sessions toward the servers this pod calls (see `spare`).
+    pub(super) spares: super::spare::Spares,
 }
 
 /// How many sockets one trip into a pod's netns makes: the agent's thread enters the netns
@@ -213,6 +215,7 @@ pub fn enroll(
             outbound_limits: pod_limits(&shared.tuning),
             inbound_limits: pod_limits(&shared.tuning),
             sockets: SocketStash::default(),
+            spares: Default::default(),
         });
         shared.start_log_flush();
         if shared.tuning.same_node_fast_path {
