@@ -653,7 +653,6 @@ fn loopback_pair() -> io::Result<(TcpStream, TcpStream)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn aes_iv_is_split_salt_then_iv() {
@@ -716,48 +715,7 @@ mod tests {
     fn handshake_and_extract(
         suite: rustls::SupportedCipherSuite,
     ) -> (SessionSecrets, SessionSecrets) {
-        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-        let ck = rcgen::generate_simple_self_signed(vec!["probe.test".to_string()]).unwrap();
-        let cert = ck.cert.der().clone();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-        let provider = Arc::new(rustls::crypto::CryptoProvider {
-            cipher_suites: vec![suite],
-            ..rustls::crypto::aws_lc_rs::default_provider()
-        });
-        let mut server_cfg = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        server_cfg.enable_secret_extraction = true;
-        server_cfg.send_tls13_tickets = 0;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let mut client_cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client_cfg.enable_secret_extraction = true;
-        let mut client =
-            rustls::ClientConnection::new(Arc::new(client_cfg), "probe.test".try_into().unwrap())
-                .unwrap();
-        let mut server = rustls::ServerConnection::new(Arc::new(server_cfg)).unwrap();
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            client.write_tls(&mut buf).unwrap();
-            server.read_tls(&mut &buf[..]).unwrap();
-            server.process_new_packets().unwrap();
-            buf.clear();
-            server.write_tls(&mut buf).unwrap();
-            client.read_tls(&mut &buf[..]).unwrap();
-            client.process_new_packets().unwrap();
-            if !client.is_handshaking() && !server.is_handshaking() && !server.wants_write() {
-                break;
-            }
-        }
-        assert!(!client.is_handshaking() && !server.is_handshaking());
+        let (client, server) = crate::test_tls::finished_pair(suite, 0);
         let c = SessionSecrets::try_from(client.dangerous_extract_secrets().unwrap()).unwrap();
         let s = SessionSecrets::try_from(server.dangerous_extract_secrets().unwrap()).unwrap();
         (c, s)

@@ -31,3 +31,5 @@ pub mod relay;
 #[allow(unsafe_code)] // syscall wrappers, each block with its SAFETY comment
 pub mod sys;
 pub mod telemetry;
+#[cfg(test)]
+mod test_tls;

@@ -444,67 +444,18 @@ impl Boundary {
 
 #[cfg(test)]
 mod tests {
-    use std::{io::Read as _, io::Write as _, sync::Arc};
+    use std::{io::Read as _, io::Write as _};
 
-    use rustls::{
-        ClientConnection, Connection, ServerConnection, SupportedCipherSuite,
-        crypto::aws_lc_rs::cipher_suite as cs,
-    };
+    use rustls::{Connection, SupportedCipherSuite, crypto::aws_lc_rs::cipher_suite as cs};
 
     use super::*;
+    use crate::test_tls::finished_pair;
 
     const SUITES: [SupportedCipherSuite; 3] = [
         cs::TLS13_AES_128_GCM_SHA256,
         cs::TLS13_AES_256_GCM_SHA384,
         cs::TLS13_CHACHA20_POLY1305_SHA256,
     ];
-
-    /// A finished in-memory handshake; the server's `tickets` session tickets are delivered.
-    fn pair(suite: SupportedCipherSuite, tickets: usize) -> (ClientConnection, ServerConnection) {
-        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-        let ck = rcgen::generate_simple_self_signed(vec!["record.test".to_string()]).unwrap();
-        let cert = ck.cert.der().clone();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-        let provider = Arc::new(rustls::crypto::CryptoProvider {
-            cipher_suites: vec![suite],
-            ..rustls::crypto::aws_lc_rs::default_provider()
-        });
-        let mut server_cfg = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        server_cfg.enable_secret_extraction = true;
-        server_cfg.send_tls13_tickets = tickets;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let mut client_cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client_cfg.enable_secret_extraction = true;
-        let mut client =
-            ClientConnection::new(Arc::new(client_cfg), "record.test".try_into().unwrap()).unwrap();
-        let mut server = ServerConnection::new(Arc::new(server_cfg)).unwrap();
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            client.write_tls(&mut buf).unwrap();
-            server.read_tls(&mut &buf[..]).unwrap();
-            server.process_new_packets().unwrap();
-            buf.clear();
-            server.write_tls(&mut buf).unwrap();
-            client.read_tls(&mut &buf[..]).unwrap();
-            client.process_new_packets().unwrap();
-            if !client.is_handshaking() && !server.is_handshaking() && !server.wants_write() {
-                break;
-            }
-        }
-        assert!(!client.is_handshaking() && !server.is_handshaking());
-        assert_eq!(client.tls13_tickets_received() as usize, tickets);
-        (client, server)
-    }
 
     fn take_over(conn: Connection) -> RecordLayer {
         let is_client = matches!(conn, Connection::Client(_));
@@ -513,7 +464,7 @@ mod tests {
 
     /// Two of our own layers with mirrored keys: the client's and the server's.
     fn own_pair(suite: SupportedCipherSuite) -> (RecordLayer, RecordLayer) {
-        let (c, s) = pair(suite, 1);
+        let (c, s) = finished_pair(suite, 1);
         (take_over(c.into()), take_over(s.into()))
     }
 
@@ -556,7 +507,7 @@ mod tests {
     fn own_layer_and_rustls_understand_each_other() {
         for suite in SUITES {
             for own_is_client in [false, true] {
-                let (client, server) = pair(suite, 1);
+                let (client, server) = finished_pair(suite, 1);
                 let (mut peer, own): (Connection, Connection) = if own_is_client {
                     (server.into(), client.into())
                 } else {
@@ -782,7 +733,7 @@ mod tests {
 
     #[test]
     fn key_update_from_rustls_is_refused() {
-        let (mut client, server) = pair(cs::TLS13_AES_128_GCM_SHA256, 1);
+        let (mut client, server) = finished_pair(cs::TLS13_AES_128_GCM_SHA256, 1);
         let mut own = take_over(server.into());
         client.refresh_traffic_keys().unwrap();
         let mut wire = Vec::new();
