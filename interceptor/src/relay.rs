@@ -185,6 +185,13 @@ pub struct RelayConfig {
     /// server port for 60 s, and under sustained churn to one port the dialing side runs
     /// out of them, so the dialing agent sets this and the TIME_WAIT stays with the server.
     pub peer_fin_first: bool,
+    /// Userspace mode: the peer is another agent (a mesh session), so once rustls is idle the
+    /// relay may continue on its own record layer, which refuses KeyUpdate and late
+    /// post-handshake messages as the kernel's does. A TLS server outside the mesh (a
+    /// DestinationRule's origination) may send those at any time, and its session was not
+    /// made to give up its secrets: such flows keep rustls for their whole life. Set by
+    /// [`relay`] for the mesh sessions it is given; other callers leave it off.
+    pub own_record_layer: bool,
 }
 
 /// How long a relay with [`RelayConfig::peer_fin_first`] waits for the peer's FIN after both
@@ -200,6 +207,7 @@ impl Default for RelayConfig {
             app_leg_redirected: false,
             max_tx_records: None,
             peer_fin_first: false,
+            own_record_layer: false,
         }
     }
 }
@@ -333,6 +341,10 @@ pub fn relay(
                 }
             };
             stats.set_mode(RelayMode::Userspace);
+            let config = RelayConfig {
+                own_record_layer: true,
+                ..config
+            };
             return Box::pin(userspace::run(
                 app,
                 peer,

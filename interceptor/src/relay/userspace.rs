@@ -178,8 +178,11 @@ impl Userspace {
                 return Poll::Ready(Err(RelayError::IdleTimeout(config.idle_timeout)));
             }
             // Both directions wait for their sockets: whatever is drained goes back to the
-            // allocator, so a quiet flow holds no buffer, and rustls goes once it can.
-            self.take_over()?;
+            // allocator, so a quiet flow holds no buffer, and rustls goes once it can (mesh
+            // sessions only: see `RelayConfig::own_record_layer`).
+            if config.own_record_layer {
+                self.take_over()?;
+            }
             self.up.release();
             self.tls_in.release();
             self.down.release();
