@@ -258,31 +258,68 @@ impl RecordLayer {
         typ: Option<u8>,
         out: &mut Vec<u8>,
     ) -> Result<(), RecordError> {
+        let start = out.len();
+        out.resize(start + self.sealed_len(content.len(), typ.is_some()), 0);
+        self.seal_into(content, typ, &mut out[start..])
+            .inspect_err(|_| out.truncate(start))
+            .map(|_| ())
+    }
+
+    /// The length of the record that carries `content` bytes (and the content type byte).
+    fn sealed_len(&self, content: usize, typed: bool) -> usize {
+        HEADER_LEN + content + usize::from(typed) + self.tx.tag_len()
+    }
+
+    /// The length of the application-data record that carries `plain` bytes.
+    pub fn sealed_data_len(&self, plain: usize) -> usize {
+        self.sealed_len(plain, true)
+    }
+
+    /// Seals one application-data record carrying `plain` (at most [`MAX_PLAINTEXT`] bytes)
+    /// at the start of `out`, which must hold [`RecordLayer::sealed_data_len`] bytes, and
+    /// returns its length. The AEAD reads `plain` and writes the ciphertext into `out`, so
+    /// the plaintext is never copied first.
+    pub fn seal_data_into(&mut self, plain: &[u8], out: &mut [u8]) -> Result<usize, RecordError> {
+        if plain.len() > MAX_PLAINTEXT {
+            return Err(RecordError::PlaintextTooLong(plain.len()));
+        }
+        self.seal_into(plain, Some(u8::from(ContentType::ApplicationData)), out)
+    }
+
+    /// Header, then the ciphertext of `content` and of the type byte, then the tag: sealed out
+    /// of place from `content` into `out`. We never pad.
+    fn seal_into(
+        &mut self,
+        content: &[u8],
+        typ: Option<u8>,
+        out: &mut [u8],
+    ) -> Result<usize, RecordError> {
         if self.tx.seq >= self.tx_limit {
             return Err(RecordError::RecordLimit(self.tx.seq));
         }
-        let body = content.len() + usize::from(typ.is_some()) + self.tx.tag_len();
-        let header = header(body);
-        let start = out.len();
-        out.reserve(HEADER_LEN + body);
-        out.extend_from_slice(&header);
-        out.extend_from_slice(content);
-        out.extend(typ);
-        let tag = self
-            .tx
+        let total = self.sealed_len(content.len(), typ.is_some());
+        let Some(out) = out.get_mut(..total) else {
+            // A caller bug: the room given does not fit the record.
+            return Err(RecordError::PlaintextTooLong(content.len()));
+        };
+        let header = header(total - HEADER_LEN);
+        let (head, body) = out.split_at_mut(HEADER_LEN);
+        head.copy_from_slice(&header);
+        let (ciphertext, extra_and_tag) = body.split_at_mut(content.len());
+        let typ = typ.map(|t| [t]);
+        self.tx
             .key
-            .seal_in_place_separate_tag(
+            .seal_out_of_place_scatter(
                 self.tx.nonce(),
                 Aad::from(header),
-                &mut out[start + HEADER_LEN..],
+                content,
+                ciphertext,
+                typ.as_ref().map_or(&[][..], |t| &t[..]),
+                extra_and_tag,
             )
-            .map_err(|_| {
-                out.truncate(start);
-                RecordError::InnerPlaintext("the AEAD refused to seal".into())
-            })?;
-        out.extend_from_slice(tag.as_ref());
+            .map_err(|_| RecordError::InnerPlaintext("the AEAD refused to seal".into()))?;
         self.tx.seq += 1;
-        Ok(())
+        Ok(total)
     }
 
     /// Decrypts one whole record (`record` is exactly [`record_len`]'s bytes, header

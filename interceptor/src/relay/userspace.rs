@@ -168,9 +168,12 @@ struct Userspace {
     fed: Boundary,
     /// rustls returned plaintext at least once: any session ticket came before it.
     peer_data_seen: bool,
-    /// Own layer: sealed records not yet sent, from `tls_out_sent` on.
+    /// Own layer: sealed records not yet sent, `tls_out_sent..tls_out_end`. The rest of its
+    /// length is initialised room the next records are sealed into (the AEAD writes there
+    /// straight from `up`), kept until the flow goes quiet.
     tls_out: Vec<u8>,
     tls_out_sent: usize,
+    tls_out_end: usize,
     /// Own layer: how much to seal ahead of the socket (the configured buffer size).
     out_limit: usize,
     /// Own layer: records opened in place in `tls_in`, plaintext owed to the app.
@@ -219,6 +222,7 @@ impl Userspace {
             peer_data_seen: false,
             tls_out: Vec::new(),
             tls_out_sent: 0,
+            tls_out_end: 0,
             out_limit: size,
             opened: OpenedRecords::default(),
             alert: Vec::new(),
@@ -271,9 +275,10 @@ impl Userspace {
             self.up.release();
             self.tls_in.release();
             self.down.release();
-            if self.tls_out_sent == self.tls_out.len() {
+            if self.tls_out_sent == self.tls_out_end {
                 self.tls_out = Vec::new();
                 self.tls_out_sent = 0;
+                self.tls_out_end = 0;
             }
             return Poll::Pending;
         }
@@ -312,7 +317,7 @@ impl Userspace {
     fn wants_write(&self) -> bool {
         match &self.layer {
             Layer::Rustls(conn) => conn.wants_write(),
-            Layer::Own(_) | Layer::Moving => self.tls_out_sent < self.tls_out.len(),
+            Layer::Own(_) | Layer::Moving => self.tls_out_sent < self.tls_out_end,
         }
     }
 
@@ -375,10 +380,12 @@ impl Userspace {
         };
         let mut progress = false;
         loop {
-            while self.tls_out_sent < self.tls_out.len() {
+            while self.tls_out_sent < self.tls_out_end {
                 // `poll_write`: a short write marks the socket full, so the next attempt
                 // waits for epoll instead of costing a `sendto` that returns EAGAIN.
-                match Pin::new(&mut self.peer).poll_write(cx, &self.tls_out[self.tls_out_sent..]) {
+                match Pin::new(&mut self.peer)
+                    .poll_write(cx, &self.tls_out[self.tls_out_sent..self.tls_out_end])
+                {
                     Poll::Ready(Ok(n)) => {
                         self.tls_out_sent += n;
                         *moved += n;
@@ -388,21 +395,30 @@ impl Userspace {
                     Poll::Pending => return Ok(progress),
                 }
             }
-            self.tls_out.clear();
             self.tls_out_sent = 0;
+            self.tls_out_end = 0;
 
             if !self.up.is_empty() {
-                if self.tls_out.capacity() == 0 {
-                    let records = self.up.pending().len().div_ceil(record::MAX_PLAINTEXT);
-                    let want = (records * record::MAX_RECORD).min(self.out_limit);
-                    self.tls_out.reserve_exact(want.max(record::MAX_RECORD));
+                // Room for what `up` holds, up to `out_limit` (at least one record): zeroed
+                // once when it grows, then reused while the flow is busy.
+                let pending = self.up.pending().len();
+                let full = layer.sealed_data_len(record::MAX_PLAINTEXT);
+                let want = (pending / record::MAX_PLAINTEXT * full
+                    + layer.sealed_data_len(pending % record::MAX_PLAINTEXT))
+                .min(self.out_limit.max(full));
+                if self.tls_out.len() < want {
+                    self.tls_out.resize(want, 0);
                 }
-                while !self.up.is_empty()
-                    && self.tls_out.len() + record::MAX_RECORD <= self.tls_out.capacity()
-                {
+                while !self.up.is_empty() {
                     let n = self.up.pending().len().min(record::MAX_PLAINTEXT);
-                    layer
-                        .seal_data(&self.up.pending()[..n], &mut self.tls_out)
+                    if self.tls_out_end + layer.sealed_data_len(n) > self.tls_out.len() {
+                        break;
+                    }
+                    self.tls_out_end += layer
+                        .seal_data_into(
+                            &self.up.pending()[..n],
+                            &mut self.tls_out[self.tls_out_end..],
+                        )
                         .map_err(record_error)?;
                     self.up.consume(n);
                     self.stats.add_app_to_peer(n);
@@ -411,9 +427,11 @@ impl Userspace {
                 continue;
             }
             if self.app_eof && !self.close_notify_queued {
+                self.tls_out.truncate(self.tls_out_end);
                 layer
                     .seal_alert(AlertDescription::CloseNotify, &mut self.tls_out)
                     .map_err(record_error)?;
+                self.tls_out_end = self.tls_out.len();
                 self.close_notify_queued = true;
                 progress = true;
                 continue;
@@ -671,7 +689,7 @@ impl Userspace {
     /// (best effort, only behind whole records) and names the failure.
     fn refuse(&mut self, e: RecordError) -> RelayError {
         if let (Layer::Own(layer), Some(alert)) = (&mut self.layer, e.alert())
-            && self.tls_out_sent == self.tls_out.len()
+            && self.tls_out_sent == self.tls_out_end
         {
             let _ = layer.seal_alert(alert, &mut self.alert);
         }
