@@ -891,4 +891,55 @@ mod tests {
         assert!(got[before.len()..] == after[..], "then the own layer's");
         task.abort();
     }
+
+    /// A record the own layer refuses ends the flow as a `record_layer` failure, with the
+    /// bad_record_mac alert sealed for the peer.
+    #[tokio::test]
+    async fn a_tampered_record_is_a_record_layer_failure() {
+        let (mut client, server) = finished_pair(cs::TLS13_AES_128_GCM_SHA256, 1);
+        let (app, _app_far) = tcp_pair().await;
+        let (peer, mut peer_far) = tcp_pair().await;
+        let config = RelayConfig {
+            own_record_layer: true,
+            ..RelayConfig::default()
+        };
+        let conn = Box::new(Connection::from(server));
+        let mut relay = Userspace::new(
+            app,
+            peer,
+            conn,
+            Vec::new(),
+            Vec::new(),
+            config,
+            RelayStats::new(),
+        );
+        relay.take_over().unwrap();
+        assert!(
+            matches!(relay.layer, Layer::Own(_)),
+            "the own layer took over"
+        );
+
+        client.writer().write_all(b"tampered").unwrap();
+        let mut record = Vec::new();
+        client.write_tls(&mut record).unwrap();
+        record[record::HEADER_LEN + 2] ^= 1;
+        peer_far.write_all(&record).await.unwrap();
+        let mut idle = IdleTimer::new(config.idle_timeout);
+        let e = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)),
+        )
+        .await
+        .expect("the relay ended")
+        .expect_err("a tampered record fails the flow");
+        assert!(
+            matches!(e, RelayError::RecordLayer(RecordError::BadRecordMac)),
+            "{e:?}"
+        );
+        assert_eq!(e.reason(), "record_layer");
+        assert!(
+            !relay.alert.is_empty(),
+            "bad_record_mac sealed for the peer"
+        );
+    }
 }
