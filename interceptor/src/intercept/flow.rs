@@ -60,7 +60,9 @@ impl From<Refusal> for Stop {
     }
 }
 
-/// Serves one accepted connection under its share of the pod's caps (`permit`).
+/// Serves one accepted connection under its share of the pod's caps (`permit`), counted in
+/// [`Shared::live`](super::Shared) while `live` is held. Spawn this future itself: a wrapper
+/// that awaits it would hold it twice (its captured copy and the awaited one).
 ///
 /// Two phases, each boxed: the set-up (decision, dial, handshake, configs) is freed before
 /// the relay starts, and the task itself stays a few words, so an idle flow holds only what
@@ -72,6 +74,7 @@ pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     mut permit: FlowPermit,
+    live: super::Live,
 ) {
     let setup: Setup<'_> = match direction {
         Direction::Outbound => Box::pin(super::outbound::outbound(&shared, &ctx, stream, peer)),
@@ -83,7 +86,9 @@ pub(super) async fn serve(
             relay.await
         }
         Err(Stop::Refused(refusal)) => {
-            refusal.answer(&shared).await;
+            // Boxed: the answer's state (the refusal's ends and identities, a timer) would
+            // otherwise size every flow's task, which lives as long as the flow.
+            Box::pin(refusal.answer(&shared)).await;
             Ok(())
         }
         Err(Stop::Failed(e)) => Err(e),
@@ -96,6 +101,7 @@ pub(super) async fn serve(
             warn!(pod = %ctx.name, ?direction, %peer, "flow failed: {e:#}");
         }
     }
+    drop(live);
 }
 
 /// A connection the agent turns away: its ends, why, and the sockets to answer on.
@@ -418,3 +424,23 @@ async fn refuse_app(shared: &Shared, app: TcpStream) {
 
 /// The least [`refuse_app`] waits for an app's request.
 pub(super) const REFUSE_WAIT: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn output_size<A, B, C, D, E, G, H, R>(_: fn(A, B, C, D, E, G, H) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// A flow's task lives as long as the flow, so whatever its future holds inline is paid
+    /// by every idle connection; the set-up, the relay and the refusal's answer are boxed
+    /// and freed when done. (With the answer inline it was 1.5 KB, and twice that in the
+    /// task, whose wrapper held it twice.)
+    #[test]
+    fn a_flows_task_holds_a_few_words_besides_its_relay() {
+        let size = output_size(serve);
+        assert!(size <= 384, "flow::serve's future is {size} bytes");
+    }
+}

@@ -410,19 +410,15 @@ fn accept_loop(
                 flow::reset(stream);
                 continue;
             };
-            let live = super::Live::count(&shared);
-            let serve = flow::serve(
+            tokio::spawn(flow::serve(
                 Arc::clone(&shared),
                 Arc::clone(&ctx),
                 direction,
                 stream,
                 peer,
                 permit,
-            );
-            tokio::spawn(async move {
-                serve.await;
-                drop(live);
-            });
+                super::Live::count(&shared),
+            ));
         }
     })
 }
