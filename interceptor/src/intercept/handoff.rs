@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use futures::TryFutureExt as _;
 use tokio::net::TcpStream;
 
 use super::{
@@ -213,10 +214,10 @@ pub(super) fn relay_mesh(
     };
     let socks = dups([&app, &peer]);
     let stats = Arc::clone(&guard.stats);
-    let relay = relay::relay(app, peer, est, layer, config, stats);
-    Ok(relaying(guard, socks, hold_reset, async move {
-        Ok(relay.await?)
-    }))
+    // `map_err` rather than an async block, which would hold the boxed relay twice (its
+    // capture and the awaited copy) in state that lives as long as the flow.
+    let relay = relay::relay(app, peer, est, layer, config, stats).map_err(anyhow::Error::from);
+    Ok(relaying(guard, socks, hold_reset, relay))
 }
 
 /// Plaintext passthrough (non-mesh destination, or plaintext a policy allows), under the idle
