@@ -411,13 +411,11 @@ fn accept_loop(
                 continue;
             };
             tokio::spawn(flow::serve(
-                Arc::clone(&shared),
+                super::Live::count(&shared),
                 Arc::clone(&ctx),
                 direction,
-                stream,
-                peer,
+                Box::new((stream, peer)),
                 permit,
-                super::Live::count(&shared),
             ));
         }
     })
