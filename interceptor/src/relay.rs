@@ -277,6 +277,48 @@ pub enum RelayError {
     /// Plaintext passthrough: either socket failed.
     #[error("passthrough: {0}; both connections reset")]
     Passthrough(#[source] io::Error),
+    /// The userspace relay's own record layer ([`record::RecordLayer`], after rustls) refused
+    /// a record from the peer (authentication, framing, a message it does not follow) or could
+    /// not seal one.
+    #[error("record layer: {0}; connection reset")]
+    RecordLayer(#[source] record::RecordError),
+}
+
+impl RelayError {
+    /// Every [`RelayError::reason`], for metrics that start each series at zero.
+    pub const REASONS: [&'static str; 12] = [
+        "truncated",
+        "peer_alert",
+        "unexpected_record",
+        "tls",
+        "idle_timeout",
+        "record_limit",
+        "ktls",
+        "setup",
+        "app",
+        "peer",
+        "passthrough",
+        "record_layer",
+    ];
+
+    /// A short, stable name of why the flow failed: the `reason` label of failed flows and
+    /// the `code` of their access log lines.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RelayError::Truncated => "truncated",
+            RelayError::PeerAlert(_) => "peer_alert",
+            RelayError::UnexpectedRecord { .. } => "unexpected_record",
+            RelayError::Tls(_) => "tls",
+            RelayError::IdleTimeout(_) => "idle_timeout",
+            RelayError::RecordLimit { .. } => "record_limit",
+            RelayError::Ktls(_) => "ktls",
+            RelayError::Setup(_) => "setup",
+            RelayError::App(_) => "app",
+            RelayError::Peer(_) => "peer",
+            RelayError::Passthrough(_) => "passthrough",
+            RelayError::RecordLayer(_) => "record_layer",
+        }
+    }
 }
 
 /// Readies the socket to the peer agent for `layer`; call it right after connect/accept,

@@ -344,6 +344,31 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Reads from `sock` into the spare capacity of `buf` (none of it need be initialised) and
+/// appends what arrived; `Pending` once the socket has nothing, with the waker registered.
+///
+/// Through tokio's `poll_read`, unlike `try_read_buf`: a read shorter than the room given
+/// proves the socket drained and clears its readiness, so the next attempt waits for epoll
+/// instead of costing a `recvfrom` that returns `EAGAIN` (one per message on a
+/// request/response flow).
+pub fn poll_read_spare(
+    sock: &mut tokio::net::TcpStream,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut Vec<u8>,
+) -> std::task::Poll<io::Result<usize>> {
+    use tokio::io::AsyncRead as _;
+    let mut read = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+    match std::pin::Pin::new(sock).poll_read(cx, &mut read) {
+        std::task::Poll::Ready(Ok(())) => {}
+        other => return other.map_ok(|()| 0),
+    }
+    let n = read.filled().len();
+    // SAFETY: `ReadBuf::filled` is the prefix of the spare capacity the read initialised, so
+    // the first `len + n` bytes of `buf` are initialised and within its capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    std::task::Poll::Ready(Ok(n))
+}
+
 /// Copies what is queued on a socket into `buf` without consuming it and without blocking
 /// (`MSG_PEEK | MSG_DONTWAIT`): `WouldBlock` when nothing is queued, `Ok(0)` at end of stream.
 pub fn peek(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {

@@ -327,6 +327,8 @@ pub struct FlowEnd<'a> {
     pub duration: Duration,
     /// Why it ended, when not by itself (a refusal code of a policy change, an error).
     pub reason: Option<&'a str>,
+    /// A failed flow's short failure name (`RelayError::reason`), counted by it.
+    pub failure: Option<&'static str>,
 }
 
 /// One refused connection, for the counters and the access log.
@@ -397,6 +399,7 @@ pub struct Telemetry {
     received: Family<TcpLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     policy_closed: Family<RefusedLabels, Counter>,
+    flow_failures: Family<RefusedLabels, Counter>,
     handshake: Family<HandshakeLabels, Histogram>,
     policy_reloads: Family<OutcomeLabels, Counter>,
     config_reloads: Family<OutcomeLabels, Counter>,
@@ -443,6 +446,7 @@ impl Telemetry {
         let received = Family::<TcpLabels, Counter>::default();
         let refused = Family::<RefusedLabels, Counter>::default();
         let policy_closed = Family::<RefusedLabels, Counter>::default();
+        let flow_failures = Family::<RefusedLabels, Counter>::default();
         let handshake = Family::<HandshakeLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(handshake_buckets())) as fn() -> Histogram,
         );
@@ -482,6 +486,12 @@ impl Telemetry {
             policy_closed.clone(),
         );
         registry.register(
+            "interceptor_flow_failures",
+            "Listed flows that failed, by direction and failure (the relay's name for it; \
+             `other` for a failure outside the relay)",
+            flow_failures.clone(),
+        );
+        registry.register(
             "interceptor_handshake_duration_seconds",
             "Completed TLS handshakes (mesh mTLS and originated TLS), from the first flight to \
              the peer's Finished",
@@ -519,6 +529,12 @@ impl Telemetry {
                 let _ = refused.get_or_create(&labels);
                 let _ = policy_closed.get_or_create(&labels);
             }
+            for reason in crate::relay::RelayError::REASONS
+                .into_iter()
+                .chain(["other"])
+            {
+                let _ = flow_failures.get_or_create(&RefusedLabels { direction, reason });
+            }
         }
         for outcome in ["applied", "rejected"] {
             let labels = OutcomeLabels { outcome };
@@ -548,6 +564,7 @@ impl Telemetry {
             received,
             refused,
             policy_closed,
+            flow_failures,
             handshake,
             policy_reloads,
             config_reloads,
@@ -720,7 +737,13 @@ impl Telemetry {
             from_peer,
             duration,
             reason,
+            failure,
         } = *end;
+        if let Some(reason) = failure {
+            self.flow_failures
+                .get_or_create(&RefusedLabels { direction, reason })
+                .inc();
+        }
         self.closed
             .get_or_create(&ClosedLabels {
                 tcp: labels.clone(),
@@ -742,6 +765,7 @@ impl Telemetry {
                     labels,
                     outcome: outcome.as_str(),
                     reason,
+                    code: failure,
                     to_peer,
                     from_peer,
                     duration,

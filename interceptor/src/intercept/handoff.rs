@@ -108,7 +108,7 @@ pub(super) fn relaying<'a>(
                 guard.ended(Outcome::PolicyClosed, code);
             }
             Ok(()) => guard.ended(Outcome::Closed, None),
-            Err(e) => guard.ended(Outcome::Failed, Some(format!("{e:#}"))),
+            Err(e) => guard.failed(failure_name(e), format!("{e:#}")),
         }
         if result.is_err()
             && hold_reset
@@ -121,6 +121,12 @@ pub(super) fn relaying<'a>(
         }
         result
     })
+}
+
+/// The name a failed flow is counted by: the relay's own, `other` for anything else.
+fn failure_name(e: &anyhow::Error) -> &'static str {
+    e.downcast_ref::<relay::RelayError>()
+        .map_or("other", relay::RelayError::reason)
 }
 
 /// Waits (at most [`REFUSE_WAIT`]) until the app has sent something or closed.

@@ -320,6 +320,7 @@ pub struct FlowGuard<'a> {
     /// dropped with the runtime) counts as failed.
     outcome: Outcome,
     reason: Option<String>,
+    failure: Option<&'static str>,
 }
 
 impl FlowGuard<'_> {
@@ -327,6 +328,13 @@ impl FlowGuard<'_> {
     pub fn ended(&mut self, outcome: Outcome, reason: Option<String>) {
         self.outcome = outcome;
         self.reason = reason;
+    }
+
+    /// Records a failure: `failure` is its short name (counted by it), `reason` the detail.
+    pub fn failed(&mut self, failure: &'static str, reason: String) {
+        self.outcome = Outcome::Failed;
+        self.reason = Some(reason);
+        self.failure = Some(failure);
     }
 }
 
@@ -353,6 +361,7 @@ impl Drop for FlowGuard<'_> {
             from_peer: entry.stats.bytes_peer_to_app(),
             duration: entry.opened.elapsed(),
             reason: self.reason.as_deref(),
+            failure: self.failure,
         };
         let info = &entry.info;
         self.table
@@ -498,6 +507,7 @@ impl FlowTable {
             cancel,
             outcome: Outcome::Failed,
             reason: None,
+            failure: None,
         }
     }
 

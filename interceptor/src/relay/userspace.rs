@@ -40,37 +40,13 @@ use super::{
 pub(super) fn run(
     app: TcpStream,
     peer: TcpStream,
-    mut conn: Box<Connection>,
+    conn: Box<Connection>,
     leftover: Vec<u8>,
     leftover_tls: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
 ) -> impl Future<Output = Result<(), RelayError>> + Send {
-    let size = config.buffer_size.max(16 << 10);
-    conn.set_buffer_limit(Some(size));
-    let mut relay = Userspace {
-        app,
-        peer,
-        layer: Layer::Rustls(conn),
-        fed: Boundary::default(),
-        peer_data_seen: false,
-        tls_out: Vec::new(),
-        tls_out_sent: 0,
-        out_limit: size,
-        opened: None,
-        alert: Vec::new(),
-        stats,
-        up: Buf::new(size),
-        app_eof: false,
-        close_notify_queued: false,
-        peer_write_shut: false,
-        peer_fin_first: config.peer_fin_first,
-        tls_in: Buf::with_content(leftover_tls, size),
-        down: Buf::with_content(leftover, size),
-        peer_eof: false,
-        peer_closed: false,
-        app_write_shut: false,
-    };
+    let mut relay = Userspace::new(app, peer, conn, leftover, leftover_tls, config, stats);
     async move {
         let mut idle = IdleTimer::new(config.idle_timeout);
         let result = std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)).await;
@@ -106,12 +82,84 @@ enum Layer {
     Moving,
 }
 
-/// Plaintext of an opened record still in `tls_in`, not yet copied to `down`.
-#[derive(Clone, Copy)]
-struct OpenedData {
-    from: usize,
-    to: usize,
-    record_len: usize,
+/// How many opened records one `writev` to the app may carry: 128 KiB of plaintext, more than
+/// one read of ciphertext at the default buffer size.
+const MAX_OPENED: usize = 8;
+
+/// Own layer: the records at the front of `tls_in` that are opened in place and whose
+/// plaintext is not yet all written to the app. The plaintext goes to the app straight from
+/// there, in one `writev`, instead of being copied into `down` first.
+#[derive(Default)]
+struct OpenedRecords {
+    /// Record length and plaintext length of each, in order from the front of `tls_in`
+    /// (records are at most [`record::MAX_RECORD`] long, so `u16` holds both).
+    spans: [(u16, u16); MAX_OPENED],
+    count: u8,
+    /// Plaintext of the first record already written to the app.
+    written: u16,
+}
+
+impl OpenedRecords {
+    fn is_full(&self) -> bool {
+        usize::from(self.count) == MAX_OPENED
+    }
+
+    /// Bytes of `tls_in` the opened records cover.
+    fn len(&self) -> usize {
+        self.spans[..usize::from(self.count)]
+            .iter()
+            .map(|&(record, _)| usize::from(record))
+            .sum()
+    }
+
+    fn push(&mut self, record_len: usize, plain_len: usize) {
+        debug_assert!(!self.is_full() && record_len <= record::MAX_RECORD);
+        // Both fit: a record is at most `MAX_RECORD` (under 2^16) bytes.
+        self.spans[usize::from(self.count)] = (
+            u16::try_from(record_len).unwrap_or(u16::MAX),
+            u16::try_from(plain_len).unwrap_or(u16::MAX),
+        );
+        self.count += 1;
+    }
+
+    /// The plaintext not yet written, as slices of `records` (the pending part of `tls_in`).
+    fn slices<'a>(&self, records: &'a [u8]) -> ([IoSlice<'a>; MAX_OPENED], usize) {
+        let mut slices = [IoSlice::new(&[]); MAX_OPENED];
+        let mut n = 0;
+        let mut at = 0;
+        let mut skip = usize::from(self.written);
+        for &(record, plain) in &self.spans[..usize::from(self.count)] {
+            let (record, plain) = (usize::from(record), usize::from(plain));
+            if plain > skip {
+                slices[n] =
+                    IoSlice::new(&records[at + record::HEADER_LEN + skip..][..plain - skip]);
+                n += 1;
+            }
+            skip = 0;
+            at += record;
+        }
+        (slices, n)
+    }
+
+    /// Counts `n` bytes as written and gives every record written in full back to `tls_in`
+    /// (records without plaintext too, once nothing before them is owed).
+    fn written(&mut self, mut n: usize, tls_in: &mut Buf) {
+        let mut done = 0;
+        for &(record, plain) in &self.spans[..usize::from(self.count)] {
+            let left = usize::from(plain) - usize::from(self.written);
+            if n < left {
+                // Less than a record's plaintext: `n` is below `plain`, a `u16`.
+                self.written += u16::try_from(n).unwrap_or(0);
+                break;
+            }
+            n -= left;
+            self.written = 0;
+            tls_in.consume(usize::from(record));
+            done += 1;
+        }
+        self.spans.copy_within(done..usize::from(self.count), 0);
+        self.count -= u8::try_from(done).unwrap_or(0);
+    }
 }
 
 struct Userspace {
@@ -127,8 +175,8 @@ struct Userspace {
     tls_out_sent: usize,
     /// Own layer: how much to seal ahead of the socket (the configured buffer size).
     out_limit: usize,
-    /// Own layer: plaintext opened in place in `tls_in`.
-    opened: Option<OpenedData>,
+    /// Own layer: records opened in place in `tls_in`, plaintext owed to the app.
+    opened: OpenedRecords,
     /// Own layer: the alert record to send, best effort, when a record from the peer fails.
     alert: Vec<u8>,
     stats: Arc<RelayStats>,
@@ -144,7 +192,8 @@ struct Userspace {
 
     /// Ciphertext read from the peer that rustls has not taken yet.
     tls_in: Buf,
-    /// Plaintext from the peer not yet written to the app.
+    /// Plaintext from the peer not yet written to the app: everything rustls opens, and what
+    /// is still owed when the own layer takes over (written before its first record).
     down: Buf,
     peer_eof: bool,
     /// close_notify received: no more data will come from the peer.
@@ -153,6 +202,42 @@ struct Userspace {
 }
 
 impl Userspace {
+    fn new(
+        app: TcpStream,
+        peer: TcpStream,
+        mut conn: Box<Connection>,
+        leftover: Vec<u8>,
+        leftover_tls: Vec<u8>,
+        config: RelayConfig,
+        stats: Arc<RelayStats>,
+    ) -> Userspace {
+        let size = config.buffer_size.max(16 << 10);
+        conn.set_buffer_limit(Some(size));
+        Userspace {
+            app,
+            peer,
+            layer: Layer::Rustls(conn),
+            fed: Boundary::default(),
+            peer_data_seen: false,
+            tls_out: Vec::new(),
+            tls_out_sent: 0,
+            out_limit: size,
+            opened: OpenedRecords::default(),
+            alert: Vec::new(),
+            stats,
+            up: Buf::new(size),
+            app_eof: false,
+            close_notify_queued: false,
+            peer_write_shut: false,
+            peer_fin_first: config.peer_fin_first,
+            tls_in: Buf::with_content(leftover_tls, size),
+            down: Buf::with_content(leftover, size),
+            peer_eof: false,
+            peer_closed: false,
+            app_write_shut: false,
+        }
+    }
+
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -213,24 +298,13 @@ impl Userspace {
 
         if !self.app_eof && self.up.is_empty() {
             self.up.clear();
-            let app = &self.app;
-            match self.up.fill(|v| app.try_read_buf(v)) {
-                Ok(0) => {
+            match read_into(&mut self.app, &mut self.up, cx, moved, RelayError::App)? {
+                Read::Eof => {
                     self.app_eof = true;
                     progress = true;
                 }
-                Ok(n) => {
-                    *moved += n;
-                    progress = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Step::Progress =
-                        wait_ready(self.app.poll_read_ready(cx)).map_err(RelayError::App)?
-                    {
-                        progress = true;
-                    }
-                }
-                Err(e) => return Err(RelayError::App(e)),
+                Read::Data => progress = true,
+                Read::Blocked => {}
             }
         }
         Ok(progress)
@@ -304,21 +378,16 @@ impl Userspace {
         let mut progress = false;
         loop {
             while self.tls_out_sent < self.tls_out.len() {
-                match self.peer.try_write(&self.tls_out[self.tls_out_sent..]) {
-                    Ok(n) => {
+                // `poll_write`: a short write marks the socket full, so the next attempt
+                // waits for epoll instead of costing a `sendto` that returns EAGAIN.
+                match Pin::new(&mut self.peer).poll_write(cx, &self.tls_out[self.tls_out_sent..]) {
+                    Poll::Ready(Ok(n)) => {
                         self.tls_out_sent += n;
                         *moved += n;
                         progress = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        match wait_ready(self.peer.poll_write_ready(cx))
-                            .map_err(RelayError::Peer)?
-                        {
-                            Step::Progress => continue,
-                            Step::Idle => return Ok(progress),
-                        }
-                    }
-                    Err(e) => return Err(RelayError::Peer(e)),
+                    Poll::Ready(Err(e)) => return Err(RelayError::Peer(e)),
+                    Poll::Pending => return Ok(progress),
                 }
             }
             self.tls_out.clear();
@@ -336,7 +405,7 @@ impl Userspace {
                     let n = self.up.pending().len().min(record::MAX_PLAINTEXT);
                     layer
                         .seal_data(&self.up.pending()[..n], &mut self.tls_out)
-                        .map_err(sealing_error)?;
+                        .map_err(record_error)?;
                     self.up.consume(n);
                     self.stats.add_app_to_peer(n);
                 }
@@ -346,7 +415,7 @@ impl Userspace {
             if self.app_eof && !self.close_notify_queued {
                 layer
                     .seal_alert(AlertDescription::CloseNotify, &mut self.tls_out)
-                    .map_err(sealing_error)?;
+                    .map_err(record_error)?;
                 self.close_notify_queued = true;
                 progress = true;
                 continue;
@@ -403,33 +472,33 @@ impl Userspace {
         let mut progress = false;
 
         if !self.down.is_empty() {
-            match self.app.try_write(self.down.pending()) {
-                Ok(n) => {
+            match Pin::new(&mut self.app).poll_write(cx, self.down.pending()) {
+                Poll::Ready(Ok(n)) => {
                     self.down.consume(n);
                     self.stats.add_peer_to_app(n);
                     *moved += n;
                     progress = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Step::Progress =
-                        wait_ready(self.app.poll_write_ready(cx)).map_err(RelayError::App)?
-                    {
-                        progress = true;
-                    }
-                }
-                Err(e) => return Err(RelayError::App(e)),
+                Poll::Ready(Err(e)) => return Err(RelayError::App(e)),
+                Poll::Pending => {}
             }
         }
 
         if !self.peer_closed {
             progress |= match self.layer {
                 Layer::Rustls(_) => self.decrypt_into_down(cx, moved)?,
-                Layer::Own(_) => self.open_into_down(cx, moved)?,
+                Layer::Own(_) => self.open_to_app(cx, moved)?,
                 Layer::Moving => return Err(RelayError::Tls(lost_session())),
             };
+        } else if self.opened.count != 0 {
+            progress |= self.open_to_app(cx, moved)?;
         }
 
-        if self.peer_closed && self.down.is_empty() && !self.app_write_shut {
+        if self.peer_closed
+            && self.down.is_empty()
+            && self.opened.count == 0
+            && !self.app_write_shut
+        {
             shutdown_write(&mut self.app, cx).map_err(RelayError::App)?;
             self.app_write_shut = true;
             progress = true;
@@ -490,9 +559,14 @@ impl Userspace {
             }
 
             self.tls_in.clear();
-            let peer = &self.peer;
-            match self.tls_in.fill(|v| peer.try_read_buf(v)) {
-                Ok(0) => {
+            match read_into(
+                &mut self.peer,
+                &mut self.tls_in,
+                cx,
+                moved,
+                RelayError::Peer,
+            )? {
+                Read::Eof => {
                     self.peer_eof = true;
                     // An empty read tells rustls the transport ended; it then reports clean
                     // close (after close_notify) or truncation through the reader.
@@ -500,112 +574,97 @@ impl Userspace {
                     conn.process_new_packets().map_err(tls_error)?;
                     progress = true;
                 }
-                Ok(n) => {
-                    *moved += n;
-                    progress = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match wait_ready(self.peer.poll_read_ready(cx)).map_err(RelayError::Peer)? {
-                        Step::Progress => continue,
-                        Step::Idle => return Ok(progress),
-                    }
-                }
-                Err(e) => return Err(RelayError::Peer(e)),
+                Read::Data => progress = true,
+                Read::Blocked => return Ok(progress),
             }
         }
     }
-    /// Own layer: fills `down` with the plaintext of whole records, reading ciphertext as
-    /// needed, until `down` is full, the peer has nothing more for now, or it closed.
-    fn open_into_down(
-        &mut self,
-        cx: &mut Context<'_>,
-        moved: &mut usize,
-    ) -> Result<bool, RelayError> {
-        let Layer::Own(layer) = &mut self.layer else {
-            return Ok(false);
-        };
+    /// Own layer: opens the whole records in `tls_in` in place and writes their plaintext to
+    /// the app straight from there (after anything still in `down`), reading ciphertext while
+    /// there is room, until the app or the peer blocks or the peer closed.
+    fn open_to_app(&mut self, cx: &mut Context<'_>, moved: &mut usize) -> Result<bool, RelayError> {
         let mut progress = false;
         loop {
-            if self.down.is_empty() {
-                self.down.clear();
-            }
-            if let Some(open) = self.opened {
-                let room = self.down.spare_len();
-                if room == 0 {
-                    return Ok(progress);
-                }
-                let plain = &self.tls_in.pending()[open.from..open.to];
-                let n = plain.len().min(room);
-                self.down
-                    .fill(|v| {
-                        v.extend_from_slice(&plain[..n]);
-                        Ok(n)
-                    })
-                    .map_err(RelayError::App)?;
-                if n == plain.len() {
-                    self.tls_in.consume(open.record_len);
-                    self.opened = None;
-                } else {
-                    self.opened = Some(OpenedData {
-                        from: open.from + n,
-                        ..open
-                    });
-                }
+            let Layer::Own(layer) = &mut self.layer else {
+                return Ok(progress);
+            };
+            let mut at = self.opened.len();
+            while !self.peer_closed && !self.opened.is_full() {
+                let len = match record::record_len(&self.tls_in.pending()[at..]) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.refuse(e)),
+                };
+                let plain = match layer.open(&mut self.tls_in.pending_mut()[at..at + len]) {
+                    Ok(Opened::Data(n)) => n,
+                    Ok(Opened::Nothing) => 0,
+                    Ok(Opened::CloseNotify) => {
+                        self.peer_closed = true;
+                        0
+                    }
+                    Err(e) => return Err(self.refuse(e)),
+                };
+                self.opened.push(len, plain);
+                at += len;
                 progress = true;
-                continue;
+            }
+            // Records without plaintext leave at once when nothing before them is owed.
+            self.opened.written(0, &mut self.tls_in);
+
+            let (slices, n) = self.opened.slices(self.tls_in.pending());
+            if n > 0 && self.down.is_empty() {
+                match self.app.try_write_vectored(&slices[..n]) {
+                    Ok(n) => {
+                        self.opened.written(n, &mut self.tls_in);
+                        self.stats.add_peer_to_app(n);
+                        *moved += n;
+                        progress = true;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Step::Progress =
+                            wait_ready(self.app.poll_write_ready(cx)).map_err(RelayError::App)?
+                        {
+                            continue;
+                        }
+                    }
+                    Err(e) => return Err(RelayError::App(e)),
+                }
             }
 
-            match record::record_len(self.tls_in.pending()) {
-                Ok(Some(len)) => {
-                    match layer.open(&mut self.tls_in.pending_mut()[..len]) {
-                        Ok(Opened::Data(n)) => {
-                            self.opened = Some(OpenedData {
-                                from: record::HEADER_LEN,
-                                to: record::HEADER_LEN + n,
-                                record_len: len,
-                            });
-                        }
-                        Ok(Opened::Nothing) => self.tls_in.consume(len),
-                        Ok(Opened::CloseNotify) => {
-                            self.tls_in.consume(len);
-                            self.peer_closed = true;
-                            return Ok(true);
-                        }
-                        Err(e) => return Err(self.refuse(e)),
-                    }
-                    progress = true;
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => return Err(self.refuse(e)),
+            if self.peer_closed {
+                return Ok(progress);
             }
             if self.peer_eof {
+                if self.opened.is_full() {
+                    return Ok(progress);
+                }
                 // The stream ended without close_notify, possibly inside a record.
                 return Err(RelayError::Truncated);
             }
-
             if self.tls_in.is_empty() {
                 self.tls_in.clear();
-            } else {
+            } else if self.opened.count == 0 {
+                // Only part of a record left: to the front, with room for the largest.
                 self.tls_in.make_room(record::MAX_RECORD);
             }
-            let peer = &self.peer;
-            match self.tls_in.fill(|v| peer.try_read_buf(v)) {
-                Ok(0) => {
+            if self.opened.is_full() || self.tls_in.spare_len() == 0 {
+                // The app has not taken what is opened yet; its write readiness wakes us.
+                return Ok(progress);
+            }
+            match read_into(
+                &mut self.peer,
+                &mut self.tls_in,
+                cx,
+                moved,
+                RelayError::Peer,
+            )? {
+                Read::Eof => {
                     self.peer_eof = true;
                     progress = true;
                 }
-                Ok(n) => {
-                    *moved += n;
-                    progress = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match wait_ready(self.peer.poll_read_ready(cx)).map_err(RelayError::Peer)? {
-                        Step::Progress => continue,
-                        Step::Idle => return Ok(progress),
-                    }
-                }
-                Err(e) => return Err(RelayError::Peer(e)),
+                Read::Data => progress = true,
+                Read::Blocked => return Ok(progress),
             }
         }
     }
@@ -622,6 +681,41 @@ impl Userspace {
     }
 }
 
+/// What one non-blocking read from a socket did.
+enum Read {
+    /// The stream ended (FIN).
+    Eof,
+    /// Bytes arrived.
+    Data,
+    /// Nothing to read; the task wakes when there is.
+    Blocked,
+}
+
+/// Reads from `sock` into `buf`'s spare room (there must be some: an empty read means EOF);
+/// `side` names the socket in an error. A short read leaves the socket waiting for epoll
+/// (`sys::poll_read_spare`), so a drained socket costs no extra `recvfrom`.
+fn read_into(
+    sock: &mut TcpStream,
+    buf: &mut Buf,
+    cx: &mut Context<'_>,
+    moved: &mut usize,
+    side: fn(io::Error) -> RelayError,
+) -> Result<Read, RelayError> {
+    let read = buf.fill(|v| match crate::sys::poll_read_spare(sock, cx, v) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+    });
+    match read {
+        Ok(0) => Ok(Read::Eof),
+        Ok(n) => {
+            *moved += n;
+            Ok(Read::Data)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Blocked),
+        Err(e) => Err(side(e)),
+    }
+}
+
 /// Moves the plaintext of one received record (or the part that fits) into `into`'s spare
 /// capacity, with `Read::read`'s results: `Ok(0)` after close_notify, `WouldBlock` when rustls
 /// has nothing, `UnexpectedEof` after a cut stream. Through `fill_buf` the destination need not
@@ -635,24 +729,14 @@ fn read_plaintext(conn: &mut Connection, into: &mut Vec<u8>) -> io::Result<usize
     Ok(n)
 }
 
-/// A record from the peer the own layer refuses, as the relay reports it.
+/// A record the own layer refuses (or cannot seal), as the relay reports it: the peer's own
+/// alert and the AEAD usage limit keep the names every relay gives them; everything else is
+/// the record layer's own failure.
 fn record_error(e: RecordError) -> RelayError {
     match e {
         RecordError::Alert(alert) => RelayError::PeerAlert(alert),
-        RecordError::BadRecordMac => RelayError::Tls(rustls::Error::DecryptError),
         RecordError::RecordLimit(records) => RelayError::RecordLimit { records },
-        e => RelayError::UnexpectedRecord {
-            content_type: 23,
-            detail: e.to_string(),
-        },
-    }
-}
-
-/// Sealing fails only at the AEAD usage limit (or for a bug, reported as is).
-fn sealing_error(e: RecordError) -> RelayError {
-    match e {
-        RecordError::RecordLimit(records) => RelayError::RecordLimit { records },
-        e => RelayError::Tls(rustls::Error::General(e.to_string())),
+        e => RelayError::RecordLayer(e),
     }
 }
 
@@ -693,5 +777,100 @@ impl Write for SocketWriter<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+    use crate::{relay::RelayStats, test_tls::finished_pair};
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    /// Seals `data` as one record with the peer's rustls and sends it.
+    async fn send(client: &mut rustls::ClientConnection, sock: &mut TcpStream, data: &[u8]) {
+        client.writer().write_all(data).unwrap();
+        let mut records = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut records).unwrap();
+        }
+        sock.write_all(&records).await.unwrap();
+    }
+
+    /// Plaintext rustls opened that the app has not taken yet stays owed to the app when the
+    /// own record layer takes over, and reaches it before anything opened after the switch
+    /// (the switch once replaced that buffer and dropped it).
+    #[tokio::test]
+    async fn plaintext_owed_to_a_slow_app_survives_the_record_layer_switch() {
+        let (mut client, server) = finished_pair(cs::TLS13_AES_128_GCM_SHA256, 1);
+        let (app, mut app_far) = tcp_pair().await;
+        let (peer, mut peer_far) = tcp_pair().await;
+        let config = RelayConfig {
+            own_record_layer: true,
+            ..RelayConfig::default()
+        };
+        let conn = Box::new(Connection::from(server));
+        let mut relay = Userspace::new(
+            app,
+            peer,
+            conn,
+            Vec::new(),
+            Vec::new(),
+            config,
+            RelayStats::new(),
+        );
+
+        // rustls opens the first record into `down`; the app has not been written to yet.
+        let before: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        send(&mut client, &mut peer_far, &before).await;
+        let mut moved = 0;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| match relay.decrypt_into_down(cx, &mut moved) {
+                Ok(_) if relay.down.pending().len() == before.len() => Poll::Ready(()),
+                Ok(_) => Poll::Pending,
+                Err(e) => panic!("{e}"),
+            }),
+        )
+        .await
+        .expect("rustls opened the first record");
+
+        relay.take_over().unwrap();
+        assert!(
+            matches!(relay.layer, Layer::Own(_)),
+            "the own layer took over"
+        );
+        assert_eq!(relay.down.pending(), &before[..], "owed plaintext kept");
+
+        // The peer goes on with the same session; the own layer opens what follows.
+        let after: Vec<u8> = (0..40_000u32).map(|i| (i % 241) as u8).collect();
+        send(&mut client, &mut peer_far, &after).await;
+        let task = tokio::spawn(async move {
+            let mut idle = IdleTimer::new(config.idle_timeout);
+            std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)).await
+        });
+        let mut got = vec![0; before.len() + after.len()];
+        tokio::time::timeout(Duration::from_secs(5), app_far.read_exact(&mut got))
+            .await
+            .expect("the app got every byte")
+            .unwrap();
+        assert!(got[..before.len()] == before[..], "owed plaintext first");
+        assert!(got[before.len()..] == after[..], "then the own layer's");
+        task.abort();
     }
 }

@@ -97,6 +97,8 @@ pub(super) struct FlowLine<'a> {
     pub labels: &'a TcpLabels,
     pub outcome: &'a str,
     pub reason: Option<&'a str>,
+    /// A failed flow's failure name (`RelayError::reason`).
+    pub code: Option<&'a str>,
     pub to_peer: u64,
     pub from_peer: u64,
     pub duration: Duration,
@@ -163,6 +165,7 @@ pub(super) fn flow_line(format: AccessLogFormat, l: &FlowLine<'_>) -> String {
         ),
         ("outcome", l.outcome.into()),
         ("reason", opt(l.reason.or(f.decision.as_deref()))),
+        ("code", opt(l.code)),
         ("handed_over", f.handed_over.into()),
     ];
     render(format, m)

@@ -122,6 +122,7 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
             from_peer: 7_000,
             duration: Duration::from_millis(3),
             reason: None,
+            failure: None,
         },
         || flow.clone(),
     );
@@ -163,6 +164,7 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
             from_peer: 9,
             duration: Duration::ZERO,
             reason: None,
+            failure: Some("record_layer"),
         },
         || inbound.clone(),
     );
@@ -171,6 +173,32 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
         sent.iter()
             .any(|l| l.contains("direction=\"inbound\"") && l.ends_with(" 5")),
         "{sent:?}"
+    );
+    // A failure is counted by its name; every other name's series exists at zero.
+    let failures = metric_lines(&t, "interceptor_flow_failures_total{");
+    let count = |direction: &str, reason: &str| {
+        failures
+            .iter()
+            .find(|l| {
+                l.contains(&format!("direction=\"{direction}\""))
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+    };
+    assert_eq!(
+        count("inbound", "record_layer").as_deref(),
+        Some("1"),
+        "{failures:?}"
+    );
+    assert_eq!(
+        count("outbound", "record_layer").as_deref(),
+        Some("0"),
+        "{failures:?}"
+    );
+    assert_eq!(
+        count("inbound", "truncated").as_deref(),
+        Some("0"),
+        "{failures:?}"
     );
 }
 
@@ -308,6 +336,7 @@ fn access_lines_are_json_or_logfmt_with_every_field() {
                 labels: &l,
                 outcome: "closed",
                 reason: None,
+                code: None,
                 to_peer: 10,
                 from_peer: 20,
                 duration: Duration::from_millis(1500),
