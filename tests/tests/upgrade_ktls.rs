@@ -33,8 +33,13 @@ use interceptor_tests::upgrade::{
 /// Flows open across the upgrades: half bulk, half request/response.
 const FLOWS: usize = 10;
 
+/// Progress on stderr as it happens, past libtest's capture (which holds `eprintln!` until
+/// the test ends): the VM console then shows how far a slow run got, and its silence
+/// watchdog sees a test that is slow, not hung.
 fn say(what: &str, since: std::time::Instant) {
-    eprintln!(
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "upgrade_ktls: {:>5.1} s {what}",
         since.elapsed().as_secs_f64()
     );
@@ -48,6 +53,7 @@ fn ktls_flows_survive_five_upgrades_a_killed_successor_and_a_rollback() {
         flows_move(),
         "kTLS flows need the VMs' kernels (cargo xtask vm-test)"
     );
+    say("bench set up", t0);
     let mut old = b.start(&[], &[]);
     b.wait_serving();
     say("agent serving", t0);
@@ -63,6 +69,7 @@ fn ktls_flows_survive_five_upgrades_a_killed_successor_and_a_rollback() {
     let mut agent = b.takeover(&[]);
     await_handed_over(&agent, 2 * FLOWS, "upgrade 1");
     let upgrade = upgrade.elapsed();
+    say("upgrade 1: flows listed by the successor", t0);
     let after = tls_sockets(&b);
     assert_tls_sockets_unchanged(&before, &after, FLOWS);
     assert_exits(
