@@ -182,7 +182,7 @@ fn agent_runtime(workers: u16) -> anyhow::Result<tokio::runtime::Runtime> {
 /// Sends one admin request and turns an error response into an error.
 fn admin_call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response> {
     match runtime()?.block_on(admin::call(socket, &req))? {
-        Response::Error { message } => anyhow::bail!("{message}"),
+        Response::Error { message, .. } => anyhow::bail!("{message}"),
         other => Ok(other),
     }
 }
