@@ -153,6 +153,10 @@ struct RunArgs {
     /// may predate the knob): spare mesh sessions per (pod, server, endpoint). 0: none.
     #[arg(long, default_value_t = 0)]
     mesh_spares: u32,
+    /// `tuning.workerThreads` for the agent under test (`--agent`; never the baseline): the
+    /// runtime's worker threads. 0: the agent's default (one per CPU).
+    #[arg(long, default_value_t = 0)]
+    worker_threads: u16,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -339,6 +343,7 @@ fn run(args: RunArgs) -> Result<()> {
         agent: args.agent,
         baseline_agent: args.baseline_agent,
         mesh_spares: args.mesh_spares,
+        worker_threads: args.worker_threads,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

@@ -155,6 +155,8 @@ pub struct Env {
     pub baseline_agent_bin: Option<PathBuf>,
     /// `tuning.meshSpares` for `agent_bin` (see `--mesh-spares`).
     pub mesh_spares: u32,
+    /// `tuning.workerThreads` for `agent_bin` (see `--worker-threads`).
+    pub worker_threads: u16,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -624,6 +626,9 @@ struct TuningCfg {
     /// Left out for the baseline agent, which may not know it (unknown fields are errors).
     #[serde(skip_serializing_if = "Option::is_none")]
     mesh_spares: Option<u32>,
+    /// Left out for the baseline agent, like `mesh_spares`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_threads: Option<u16>,
 }
 
 fn workload(pod: &topology::Pod, sa: &'static str) -> WorkloadCfg {
@@ -725,6 +730,9 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 idle_timeout_secs: 3_600,
                 mesh_spares: (active.mode != Mode::InterceptorRelayBase && env.mesh_spares > 0)
                     .then_some(env.mesh_spares),
+                worker_threads: (active.mode != Mode::InterceptorRelayBase
+                    && env.worker_threads > 0)
+                    .then_some(env.worker_threads),
             },
         };
         // JSON is YAML, and serde_json is already here.

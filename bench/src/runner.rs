@@ -33,6 +33,8 @@ pub struct Plan {
     pub baseline_agent: Option<PathBuf>,
     /// `tuning.meshSpares` for the agent under test.
     pub mesh_spares: u32,
+    /// `tuning.workerThreads` for the agent under test.
+    pub worker_threads: u16,
     /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
     pub ztunnel: Option<PathBuf>,
     pub out: PathBuf,
@@ -88,6 +90,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
         ztunnel_bin: crate::ztunnel::binary(plan.ztunnel.as_deref())
             .map(|z| fs::canonicalize(&z).unwrap_or(z)),
         mesh_spares: plan.mesh_spares,
+        worker_threads: plan.worker_threads,
         bench_bin: std::env::current_exe().context("own executable")?,
         work_dir: work_dir.clone(),
         log_dir,

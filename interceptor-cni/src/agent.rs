@@ -32,7 +32,20 @@ pub enum AgentError {
     Unreachable(String),
     /// The agent answered with an error.
     Refused(String),
+    /// The agent is handing its pods over to a successor (an upgrade) and asked to be asked
+    /// again; still so when the retries ran out.
+    HandingOver(String),
 }
+
+/// The agent's error code for a refusal to be retried as it was (the agent's
+/// `admin::HANDING_OVER`).
+const HANDING_OVER: &str = "handing_over";
+/// First wait before asking again an agent that is handing over; doubled each time up to
+/// [`RETRY_MAX_WAIT`]. A handover takes well under a second on a node; the budget is the
+/// plugin's `timeoutSeconds`, far inside the runtime's own limit for a sandbox's network
+/// set-up (kubelet: 2 min).
+const RETRY_FIRST_WAIT: Duration = Duration::from_millis(50);
+const RETRY_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// What the membership cache says about a namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,13 +140,42 @@ impl Agent for SocketAgent {
 }
 
 /// One request line, one answer line (`{"result":"ok"|"error","message":...}`).
-/// [`call`] with the socket and timeout the plugin's config names.
+/// [`call`] with the socket and timeout the plugin's config names, asked again while the
+/// agent answers that it is handing over ([`retry_while_handing_over`]).
 fn ask(conf: &NetConf, request: &Value) -> Result<String, AgentError> {
-    call(
-        &conf.admin_socket,
-        Duration::from_secs(conf.timeout_seconds),
-        request,
-    )
+    let timeout = Duration::from_secs(conf.timeout_seconds);
+    retry_while_handing_over(timeout, std::thread::sleep, || {
+        call(&conf.admin_socket, timeout, request)
+    })
+}
+
+/// Calls `once` again, with exponential backoff, while it answers
+/// [`AgentError::HandingOver`] and `budget` is not spent: during an upgrade the old agent
+/// refuses enrollment changes until the new one has taken the pods and answers on the same
+/// socket path. Any other answer is returned at once.
+pub fn retry_while_handing_over(
+    budget: Duration,
+    mut sleep: impl FnMut(Duration),
+    mut once: impl FnMut() -> Result<String, AgentError>,
+) -> Result<String, AgentError> {
+    let mut waited = Duration::ZERO;
+    let mut wait = RETRY_FIRST_WAIT;
+    loop {
+        match once() {
+            Err(AgentError::HandingOver(_)) if waited + wait <= budget => {
+                sleep(wait);
+                waited += wait;
+                wait = (wait * 2).min(RETRY_MAX_WAIT);
+            }
+            Err(AgentError::HandingOver(m)) => {
+                return Err(AgentError::HandingOver(format!(
+                    "{m} (asked again for {:.1} s)",
+                    waited.as_secs_f64()
+                )));
+            }
+            other => return other,
+        }
+    }
 }
 
 pub fn call(socket: &Path, timeout: Duration, request: &Value) -> Result<String, AgentError> {
@@ -170,6 +212,9 @@ pub fn call(socket: &Path, timeout: Duration, request: &Value) -> Result<String,
         .to_owned();
     match value.get("result").and_then(Value::as_str) {
         Some("ok") => Ok(message),
+        _ if value.get("code").and_then(Value::as_str) == Some(HANDING_OVER) => {
+            Err(AgentError::HandingOver(message))
+        }
         _ => Err(AgentError::Refused(message)),
     }
 }
@@ -258,5 +303,85 @@ mod tests {
         assert_eq!(r, Err(AgentError::Refused("no".to_owned())));
         assert!(server.join().unwrap().contains("check-pod"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_handing_over_agent_is_asked_again_with_backoff_until_it_answers_or_the_budget_ends() {
+        // The code is what makes a refusal retryable; the same message without it is final.
+        let dir = std::env::temp_dir().join(format!("icni-retry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            for answer in [
+                r#"{"result":"error","message":"handing over","code":"handing_over"}"#,
+                r#"{"result":"error","message":"handing over"}"#,
+            ] {
+                let (s, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                let _ = BufReader::new(&s).read_line(&mut line);
+                (&s).write_all(format!("{answer}\n").as_bytes()).unwrap();
+            }
+        });
+        let ask = || call(&path, Duration::from_secs(5), &json!({"cmd": "enroll-pod"}));
+        assert_eq!(
+            ask(),
+            Err(AgentError::HandingOver("handing over".to_owned()))
+        );
+        assert_eq!(ask(), Err(AgentError::Refused("handing over".to_owned())));
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // Three refusals, then the successor answers: 50 + 100 + 200 ms of backoff.
+        let mut waits = Vec::new();
+        let mut answers = vec![
+            Ok("enrolled".to_owned()),
+            Err(AgentError::HandingOver("h".to_owned())),
+            Err(AgentError::HandingOver("h".to_owned())),
+            Err(AgentError::HandingOver("h".to_owned())),
+        ];
+        let r = retry_while_handing_over(
+            Duration::from_secs(20),
+            |d| waits.push(d),
+            || answers.pop().unwrap(),
+        );
+        assert_eq!(r, Ok("enrolled".to_owned()));
+        assert_eq!(waits, [50, 100, 200].map(Duration::from_millis));
+
+        // Any other error ends it at once.
+        let mut calls = 0;
+        let r = retry_while_handing_over(
+            Duration::from_secs(20),
+            |_| {},
+            || {
+                calls += 1;
+                Err(AgentError::Unreachable("gone".to_owned()))
+            },
+        );
+        assert_eq!(
+            (r, calls),
+            (Err(AgentError::Unreachable("gone".to_owned())), 1)
+        );
+
+        // Refused for good: bounded by the budget, waits capped at 1 s, and the error says
+        // how long it asked.
+        let mut waits = Vec::new();
+        let r = retry_while_handing_over(
+            Duration::from_secs(5),
+            |d| waits.push(d),
+            || Err(AgentError::HandingOver("h".to_owned())),
+        );
+        let total: Duration = waits.iter().sum();
+        assert!(total <= Duration::from_secs(5), "{waits:?}");
+        assert!(total >= Duration::from_secs(4), "{waits:?}");
+        assert!(
+            waits.iter().all(|w| *w <= Duration::from_secs(1)),
+            "{waits:?}"
+        );
+        assert!(
+            matches!(&r, Err(AgentError::HandingOver(m)) if m.starts_with("h (asked again for 4.")),
+            "{r:?}"
+        );
     }
 }

@@ -266,6 +266,7 @@ fn add(
             ),
             message,
         )),
+        Err(AgentError::HandingOver(message)) => Err(handing_over("enroll", &pod, message)),
         Err(AgentError::Unreachable(why)) => match agent.cached_membership(conf, &pod.namespace) {
             Membership::Outside => pass(conf),
             known => Err(CniError::new(
@@ -321,7 +322,22 @@ fn del(
             ),
             message,
         )),
+        Err(AgentError::HandingOver(message)) => Err(handing_over("unenroll", &pod, message)),
     }
+}
+
+/// The agent was handing over to a successor for longer than the plugin asks: the runtime
+/// should try again (the successor will answer), never start the pod unenrolled.
+fn handing_over(what: &str, pod: &PodRef, message: String) -> CniError {
+    CniError::new(
+        CODE_TRY_AGAIN,
+        format!(
+            "cannot {what} pod {}/{}: the interceptor agent is handing over to its successor \
+             (an upgrade)",
+            pod.namespace, pod.name
+        ),
+        message,
+    )
 }
 
 fn check(
@@ -348,6 +364,7 @@ fn check(
             ),
             message,
         )),
+        Err(AgentError::HandingOver(message)) => Err(handing_over("check", &pod, message)),
         Err(AgentError::Unreachable(why)) => match agent.cached_membership(conf, &pod.namespace) {
             Membership::Outside => Ok(()),
             _ => Err(CniError::new(

@@ -74,8 +74,17 @@ pub enum Response {
     },
     Error {
         message: String,
+        /// Set when the refusal is temporary and the request should be sent again as it was:
+        /// [`HANDING_OVER`]. Absent for every other error.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
     },
 }
+
+/// The error code of an enrollment change refused because the agent is handing its pods over
+/// to a successor (or already has): the successor answers on the same socket path once it
+/// has taken over, so the caller asks again there (the CNI plugin does, with backoff).
+pub const HANDING_OVER: &str = "handing_over";
 
 /// `FlowRow` as it travels (the server side serialises, the CLI deserialises).
 pub type FlowRowWire = serde_json::Value;
@@ -148,6 +157,7 @@ pub async fn serve<H: Handler>(listener: tokio::net::UnixListener, handler: std:
                                 "bad request: line longer than {MAX_REQUEST_LINE} bytes; \
                                  closing the connection"
                             ),
+                            code: None,
                         },
                         true,
                     ),
@@ -156,6 +166,7 @@ pub async fn serve<H: Handler>(listener: tokio::net::UnixListener, handler: std:
                             Ok(req) => handler.handle(req).await,
                             Err(e) => Response::Error {
                                 message: format!("bad request: {e}"),
+                                code: None,
                             },
                         };
                         (resp, false)
@@ -302,7 +313,7 @@ mod tests {
             .expect("an answer");
         let resp: Response = serde_json::from_str(&reply).unwrap();
         assert!(
-            matches!(&resp, Response::Error { message } if message.contains("longer than")),
+            matches!(&resp, Response::Error { message, .. } if message.contains("longer than")),
             "{resp:?}"
         );
         // Closed: EOF, or a reset because the unread rest of the line was discarded.

@@ -78,6 +78,10 @@ pub struct Agent {
     /// A successor holds the listeners (or this agent stepped down for one): no enrollment
     /// changes any more, only the open flows are served until they end.
     retired: std::sync::atomic::AtomicBool,
+    /// A successor is taking the pods over (from the moment their listeners are sent until
+    /// it holds them, or the attempt fails): enrollment changes are refused as retryable,
+    /// because a pod enrolled here now would not reach the successor.
+    handing_over: std::sync::atomic::AtomicBool,
     /// The node config file and the config read from it, until the file watcher takes them.
     watched_config: Mutex<Option<watch::NodeSource>>,
     /// Flows the agent this one took over from still serves (its reports; 0 once it exits).
@@ -383,6 +387,7 @@ async fn start_with(
         observability: observed.addr,
         config: config.clone(),
         retired: std::sync::atomic::AtomicBool::new(false),
+        handing_over: std::sync::atomic::AtomicBool::new(false),
         predecessor_flows: Arc::default(),
         watched_config: Mutex::new(None),
     });
@@ -764,6 +769,7 @@ impl Agent {
     /// policy inventory and persisted, all or nothing.
     async fn enroll_now(&self, w: &Workload) -> anyhow::Result<()> {
         let _change = self.changes.lock().await;
+        self.refuse_while_handing_over()?;
         self.validate(w)?;
         self.enroll(w)?;
         let done = self.sync_policy().and_then(|()| {
@@ -783,6 +789,7 @@ impl Agent {
     /// `interceptor unenroll`: the file first, so an error leaves the pod as it was.
     async fn unenroll_now(&self, name: &str) -> anyhow::Result<()> {
         let _change = self.changes.lock().await;
+        self.refuse_while_handing_over()?;
         let enrolled = self
             .pods
             .lock()
@@ -859,7 +866,7 @@ impl Agent {
     /// Drops stale enrollments whose cgroup is gone (nothing is left to protect) and retries
     /// the others.
     async fn check_stale(&self) {
-        if self.is_retired()
+        if self.refuse_while_handing_over().is_err()
             || self
                 .stale
                 .lock()
@@ -1329,6 +1336,12 @@ impl admin::Handler for Agent {
                             ),
                         ),
                     ])
+                    .chain(["sent", "received", "kept", "refused"].map(|result| {
+                        (
+                            format!("handover.flows_{result}"),
+                            serde_json::Value::from(self.telemetry.handover_flows_counted(result)),
+                        )
+                    }))
                     .collect();
                 return Response::Stats {
                     stats: serde_json::Value::Object(stats),
@@ -1340,9 +1353,7 @@ impl admin::Handler for Agent {
             | Request::UnenrollPod { .. }
                 if self.is_retired() =>
             {
-                Err(anyhow::anyhow!(
-                    "this agent handed its pods over and only drains its open flows"
-                ))
+                Err(upgrade::HandingOver::RETIRED.into())
             }
             Request::Enroll { workload } => self
                 .enroll_now(&workload)
@@ -1372,6 +1383,10 @@ impl admin::Handler for Agent {
             Ok(message) => Response::Ok { message },
             Err(e) => Response::Error {
                 message: format!("{e:#}"),
+                code: e
+                    .chain()
+                    .any(|c| c.is::<upgrade::HandingOver>())
+                    .then(|| admin::HANDING_OVER.to_owned()),
             },
         }
     }

@@ -426,6 +426,9 @@ pub const MAX_MESH_SPARES: u32 = 16;
 /// A spare is a session nobody uses yet: it should not outlive a short pause in traffic.
 pub const MAX_SPARE_IDLE_MS: u64 = 60_000;
 
+/// More runtime workers than any node has cores is a typo, not a setting.
+pub const MAX_WORKER_THREADS: u16 = 1_024;
+
 /// What policy may read from the node besides `policyDir`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -495,6 +498,11 @@ pub struct Tuning {
     /// kernel psock, so all of them pay the sk_msg send path (ARCHITECTURE.md "Same-node fast
     /// path").
     pub same_node_join: SameNodeJoin,
+    /// Threads that run flows (the async runtime's workers). 0, the default: one per CPU the
+    /// agent may run on. Fewer keeps each flow's wake-ups on fewer threads: on a node whose
+    /// agent shares few cores with busy pods, 1 set up connections with less CPU each in the
+    /// benchmark (bench/README.md "Runtime shape"), at the price of one core for all relaying.
+    pub worker_threads: u16,
 }
 
 /// `tuning.sameNodeJoin`.
@@ -524,6 +532,7 @@ impl Default for Tuning {
             spare_idle_ms: 5_000,
             same_node_fast_path: true,
             same_node_join: SameNodeJoin::Splice,
+            worker_threads: 0,
         }
     }
 }
@@ -708,6 +717,12 @@ impl Config {
             return Err(format!(
                 "tuning.spareIdleMs: {} is outside 100 to {MAX_SPARE_IDLE_MS}",
                 t.spare_idle_ms
+            ));
+        }
+        if t.worker_threads > MAX_WORKER_THREADS {
+            return Err(format!(
+                "tuning.workerThreads: {} is more than {MAX_WORKER_THREADS}",
+                t.worker_threads
             ));
         }
         if t.max_connections_per_pod == 0 || t.max_pending_handshakes_per_pod == 0 {
@@ -1482,6 +1497,27 @@ tuning:
             assert!(e.contains(field), "{yaml}: {e}");
         }
     }
+    #[test]
+    fn worker_threads_default_to_one_per_cpu_and_are_bounded() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.tuning.worker_threads, 0);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        assert_eq!(
+            with("  workerThreads: 1\n").unwrap().tuning.worker_threads,
+            1
+        );
+        for (yaml, field) in [
+            (
+                "  workerThreads: 5000\n",
+                "tuning.workerThreads: 5000 is more than 1024",
+            ),
+            ("  workerThreads: -1\n", "workerThreads"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+    }
+
     #[test]
     fn same_node_fast_path_is_on_by_default_and_can_be_turned_off() {
         let c = Config::parse("n", EXAMPLE).unwrap();

@@ -167,15 +167,22 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    agent_runtime(0)
+}
+
+/// The runtime: `workers` threads (`tuning.workerThreads`), or one per CPU when 0.
+fn agent_runtime(workers: u16) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(usize::from(workers));
+    }
+    Ok(builder.enable_all().build()?)
 }
 
 /// Sends one admin request and turns an error response into an error.
 fn admin_call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response> {
     match runtime()?.block_on(admin::call(socket, &req))? {
-        Response::Error { message } => anyhow::bail!("{message}"),
+        Response::Error { message, .. } => anyhow::bail!("{message}"),
         other => Ok(other),
     }
 }
@@ -254,7 +261,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(&config)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
             let parsed = Config::parse(&config.display().to_string(), &text)?;
-            runtime()?.block_on(app::run(parsed, config, takeover))?;
+            agent_runtime(parsed.tuning.worker_threads)?
+                .block_on(app::run(parsed, config, takeover))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Enroll {

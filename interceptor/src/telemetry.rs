@@ -285,8 +285,9 @@ struct DroppedLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandoverLabels {
-    /// `sent` (parked here, continued by the successor), `received` (continued here),
-    /// `kept` (could not be parked or sent: continued by the agent that had it).
+    /// `sent` (parked here and sent: the successor continues it), `received` (continued
+    /// here), `kept` (parked but not sent: continued by the agent that had it), `refused`
+    /// (received but failed its checks here: reset).
     result: &'static str,
 }
 
@@ -792,6 +793,13 @@ impl Telemetry {
     }
 
     /// Open flows moved in an upgrade: `sent`, `received` or `kept` (see the metric).
+    /// `interceptor_handover_flows_total{result}` as counted so far (for `flows --stats`).
+    pub fn handover_flows_counted(&self, result: &'static str) -> u64 {
+        self.handover_flows
+            .get_or_create(&HandoverLabels { result })
+            .get()
+    }
+
     pub fn handover_flows(&self, result: &'static str, n: u64) {
         self.handover_flows
             .get_or_create(&HandoverLabels { result })

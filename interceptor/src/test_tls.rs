@@ -1,13 +1,18 @@
 //! A finished TLS 1.3 session between two in-memory rustls peers, for the tests of the code
 //! that continues a session after rustls (the kernel key conversion, the userspace record
-//! layer): both need real secrets from a real handshake, not hand-made keys.
+//! layer): both need real secrets from a real handshake, not hand-made keys. Also the loopback
+//! pair the handshake driver's tests (fresh and spare sessions) run both roles over.
 
-use std::sync::Arc;
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use rustls::{
     ClientConnection, ServerConnection, SupportedCipherSuite,
-    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
 };
+use tokio::net::{TcpListener, TcpStream};
 
 /// Client and server after a handshake restricted to `suite`, secret extraction enabled; the
 /// server sends `tickets` session tickets and the client has received them all.
@@ -57,4 +62,17 @@ pub(crate) fn finished_pair(
     assert!(!client.is_handshaking() && !server.is_handshaking());
     assert_eq!(client.tls13_tickets_received() as usize, tickets);
     (client, server)
+}
+
+/// The name a test client dials its loopback server by.
+pub(crate) fn loopback_name() -> ServerName<'static> {
+    ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into())
+}
+
+/// A connected loopback TCP pair, client end first, for tests that drive both handshake roles.
+pub(crate) async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (s, _) = l.accept().await.unwrap();
+    (c, s)
 }

@@ -569,7 +569,7 @@ fn runtime_enroll_and_unenroll_through_the_admin_socket() {
         name: "nope".to_owned(),
     });
     assert!(
-        matches!(resp, Response::Error { ref message } if message.contains("nope")),
+        matches!(resp, Response::Error { ref message, .. } if message.contains("nope")),
         "{resp:?}"
     );
 }

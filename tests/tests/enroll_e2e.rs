@@ -206,7 +206,7 @@ fn conflicting_enroll_is_refused_and_changes_nothing() {
     for (w, want) in cases {
         let resp = enroll(&admin, w);
         assert!(
-            matches!(&resp, Response::Error { message } if message.contains(want)),
+            matches!(&resp, Response::Error { message, .. } if message.contains(want)),
             "want an error containing {want:?}, got {resp:?}"
         );
     }
@@ -276,7 +276,7 @@ fn failed_enroll_rolls_back_its_kernel_state() {
     broken.cgroup = PathBuf::from("/sys/fs/cgroup").join(interceptor_tests::unique_name("nocg"));
     let resp = enroll(&admin, broken);
     assert!(
-        matches!(&resp, Response::Error { message } if message.contains("cgroup")),
+        matches!(&resp, Response::Error { message, .. } if message.contains("cgroup")),
         "{resp:?}"
     );
     assert_eq!(

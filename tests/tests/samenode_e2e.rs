@@ -246,6 +246,35 @@ fn same_node_fast_path_policy_matrix_wire_and_principals() {
 
     // A policy change decides an open same-node flow again on the server's half: a DENY of
     // the client's principal closes it.
+    assert_deny_closes_a_held_local_flow(&agent, &sleep, ip, &policy);
+}
+
+const POLICY_DENY_SLEEP: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-sleep
+  namespace: full
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/full/sa/sleep]
+";
+
+/// Polls `cond` for up to 10 s.
+/// Holds a same-node flow from `sleep` to port 80 open, then writes a DENY of sleep's
+/// principal: the server's half decides the open flow again, so it must close with the
+/// `deny_rule` reason, exactly once.
+fn assert_deny_closes_a_held_local_flow(
+    agent: &AgentProcess,
+    sleep: &Pod,
+    ip: std::net::Ipv4Addr,
+    policy: &PolicyDir,
+) {
     let held = connect_from(
         Some(&sleep.cgroup.path),
         &sleep.netns_path(),
@@ -269,23 +298,6 @@ fn same_node_fast_path_policy_matrix_wire_and_principals() {
     drop(held);
 }
 
-const POLICY_DENY_SLEEP: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-sleep
-  namespace: full
-spec:
-  selector:
-    matchLabels:
-      app: httpbin
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: [cluster.local/ns/full/sa/sleep]
-";
-
-/// Polls `cond` for up to 10 s.
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {
@@ -536,25 +548,5 @@ fn same_node_sk_msg_join_order_backpressure_half_close_counts_and_reset() {
     }
 
     // A policy change still closes an open joined flow.
-    let held = connect_from(
-        Some(&sleep.cgroup.path),
-        &sleep.netns_path(),
-        SocketAddr::from((ip, 80)),
-        b"",
-    );
-    assert_eq!(held.peer, Ok(SocketAddr::from((ip, 80))));
-    let open = || {
-        agent
-            .flows()
-            .iter()
-            .any(|r| r.protection == Protection::Local && !r.closed)
-    };
-    wait_until("the held flow is listed", open);
-    let before = agent.stats();
-    policy.write("deny-sleep.yaml", POLICY_DENY_SLEEP);
-    wait_until("the held flow is closed by the new policy", || !open());
-    let after = agent.stats();
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
-    assert_eq!(delta("closed.deny_rule"), 1, "{after:?}");
-    drop(held);
+    assert_deny_closes_a_held_local_flow(&agent, &sleep, ip, &policy);
 }

@@ -11,14 +11,19 @@
 
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
 use interceptor_tests::{
     in_vm,
     process::AgentProcess,
+    scenario::expected_protection,
     upgrade::{
-        Bench, assert_churn_clean, assert_exits, assert_intact, assert_tls_sockets_unchanged,
-        await_handed_over, await_ktls_flows, flows_move, handed_over, predecessor_flows,
+        Bench, ECHO_PORT, Flows, ask_admin, assert_churn_clean, assert_exits, assert_intact,
+        assert_tls_sockets_unchanged, await_handed_over, await_ktls_flows, cni_add, echo_server,
+        enable_cni, flows_move, handed_over, handed_over_lines, handover_count, predecessor_flows,
         tls_sockets,
     },
+    wire::{Capture, assert_no_plaintext},
 };
 
 /// The load client: built beside this suite, installed at `/bin` in the VM guest.
@@ -91,6 +96,30 @@ fn upgrade_under_load_keeps_every_flow_and_refuses_no_connection() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("upgrade: the new agent saw {reported} flows kept by its predecessor");
+    if !flows_move() {
+        // Userspace flows: none moved, so none counted received and none logged handed
+        // over; the old agent closed every one of them itself, with both ends' bytes.
+        assert_eq!(
+            handover_count(&new, "received"),
+            0,
+            "userspace flows received"
+        );
+        let lines = old.access_lines();
+        assert!(
+            handed_over_lines(&old).is_empty(),
+            "userspace flows logged as handed over"
+        );
+        let ours = lines
+            .iter()
+            .filter(|l| l["dst_addr"] == b.dst.to_string() && l["outcome"] == "closed")
+            .count();
+        assert!(
+            ours >= 2 * flows_n(),
+            "{ours} flow ends to the echo server closed by the old agent, fewer than the {} \
+             it kept",
+            2 * flows_n()
+        );
+    }
     b.assert_serving("after the old agent exited");
     // The new agent carries the new flows, and says which pods it took over.
     assert!(!new.flows().is_empty(), "the new agent lists no flow");
@@ -126,7 +155,11 @@ fn assert_ktls_sockets_survive(b: &Bench, mut old: AgentProcess) {
 
 #[test]
 fn killing_the_new_agent_mid_handover_leaves_the_old_one_serving() {
-    let b = Bench::new(95, "upk", Duration::from_secs(30), load());
+    let mut b = Bench::new(95, "upk", Duration::from_secs(30), load());
+    // A pod the CNI plugin enrolls during the second handover (below).
+    let late = b.scenario.node.pod("upkl", 4);
+    let late_received = echo_server(&late, ECHO_PORT);
+    enable_cni(&mut b.cfg, &b.scenario.client, &late, "up");
     let mut old = b.start(&[], &[]);
     b.wait_serving();
     let capture = b.capture();
@@ -149,10 +182,57 @@ fn killing_the_new_agent_mid_handover_leaves_the_old_one_serving() {
     // admin socket's path.
     old.stats();
     b.assert_serving("after the killed handover");
-    // A restart recovers: the next successor takes over.
-    let _new = b.takeover(&[]);
+    // A restart recovers: the next successor takes over. It stalls for 3 s holding the
+    // listeners, before it confirms: a pod whose sandbox is set up meanwhile asks the old
+    // agent, which has sent its pods and must not enroll one the successor would not get.
+    let new = b.takeover(&[("INTERCEPTOR_HANDOVER_STALL_MS", "3000")]);
+    let late_name = format!("up/{}", late.name);
+    let answer = ask_admin(
+        &b.cfg.admin_socket,
+        &serde_json::json!({"cmd": "enroll-pod", "pod": {"namespace": "up", "name": late.name},
+            "netns": late.netns_path(), "ips": [late.ip], "containerId": "direct"}),
+    );
+    assert_eq!(
+        (&answer["result"], &answer["code"]),
+        (&"error".into(), &"handing_over".into()),
+        "the old agent's answer to an enrollment during the handover: {answer}"
+    );
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(message.contains("handing its pods over"), "{message}");
+    // The plugin asks again with backoff and reaches the successor once it answers on the
+    // admin socket's path.
+    let (out, took) = cni_add(&b.cfg, &late, "up");
+    assert!(
+        out.status.success(),
+        "CNI ADD during the handover failed after {took:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("upgrade: CNI ADD during the handover took {took:?}");
     assert_exits(&mut old, Duration::from_secs(10), "the old agent");
     b.assert_serving("after the second handover");
+    // Served by the successor: mTLS to the late pod, both ends' bytes hashed, nothing in
+    // clear on its link.
+    let late_capture = Capture::start_in(&b.scenario.node.ns.path(), &late.host_if);
+    let late_dst = SocketAddr::from((late.ip, ECHO_PORT));
+    let flows = Flows::start(
+        b.scenario.client.command(load()),
+        late_dst,
+        4,
+        1.0,
+        &b.payload_file,
+    );
+    assert_intact(&flows.finish(Duration::from_secs(30)), 4, &late_received);
+    let served = new
+        .flows()
+        .into_iter()
+        .filter(|r| r.pod == late_name && r.protection == expected_protection())
+        .count();
+    assert!(
+        served >= 4,
+        "the successor lists {served} protected flows of {late_name}, not the 4 made"
+    );
+    assert_no_plaintext(&late_capture.stop(), &b.payload);
     b.assert_no_plaintext(capture);
 }
 

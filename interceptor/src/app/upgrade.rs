@@ -34,6 +34,36 @@ use crate::{
 /// listeners and telling the old agent to stop, so a test can kill it there.
 const STALL_ENV: &str = "INTERCEPTOR_HANDOVER_STALL_MS";
 
+/// An enrollment change refused because the pods are being handed over (or were): temporary,
+/// answered with the admin API's retryable code ([`crate::admin::HANDING_OVER`]).
+#[derive(Debug)]
+pub struct HandingOver {
+    /// The successor already holds the pods (this agent only drains); otherwise it is taking
+    /// them now.
+    retired: bool,
+}
+
+impl HandingOver {
+    pub(super) const RETIRED: HandingOver = HandingOver { retired: true };
+}
+
+impl std::fmt::Display for HandingOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let now = if self.retired {
+            "has handed its pods over to a successor and only drains its open flows"
+        } else {
+            "is handing its pods over to a successor"
+        };
+        write!(
+            f,
+            "this agent {now}; try again: the successor answers on this admin socket once it \
+             has taken over"
+        )
+    }
+}
+
+impl std::error::Error for HandingOver {}
+
 /// How often a draining agent looks whether its last flow ended.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
@@ -304,6 +334,11 @@ impl Handing {
 
 impl Source for Handing {
     fn pods(&self) -> anyhow::Result<Vec<(PodTransfer, Vec<OwnedFd>)>> {
+        // From here enrollment changes are refused (retryably) until the successor holds the
+        // pods or the attempt fails: one made now would be missing from the list. Taking the
+        // `changes` lock waits for one already under way, which then is in the list.
+        self.agent.handing_over.store(true, Ordering::SeqCst);
+        let _change = self.runtime.block_on(self.agent.changes.lock());
         let pods = self.agent.pods.lock().unwrap_or_else(|p| p.into_inner());
         pods.values()
             .map(|pod| {
@@ -354,6 +389,17 @@ impl Source for Handing {
         self.agent.open_connections()
     }
 
+    fn aborted(&self) {
+        if !self.agent.is_retired() {
+            self.agent.handing_over.store(false, Ordering::SeqCst);
+            info!("handover attempt over without a successor: enrollment changes accepted again");
+        }
+    }
+
+    fn flows_sent(&self, n: u32) {
+        self.agent.telemetry.handover_flows("sent", u64::from(n));
+    }
+
     fn park_flows(&self) -> Vec<(FlowTransfer, ParkedKtls)> {
         let shared = &self.agent.shared;
         let generation = shared.policy.current().number;
@@ -398,9 +444,6 @@ impl Source for Handing {
             parked = parked.len(),
             "kTLS flows parked for the successor"
         );
-        self.agent
-            .telemetry
-            .handover_flows("sent", parked.len() as u64);
         parked
     }
 
@@ -667,6 +710,21 @@ impl Agent {
 
     pub(super) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Refuses an enrollment change (retryably, [`HandingOver`]) while a successor is taking
+    /// the pods over or has taken them: a pod enrolled here then would not be in what the
+    /// successor received, and would stay unserved until enrolled again. Called under the
+    /// `changes` lock, which the handover holds while it lists the pods, so a change either
+    /// lands before the list or is refused.
+    pub(super) fn refuse_while_handing_over(&self) -> Result<(), HandingOver> {
+        if self.is_retired() {
+            return Err(HandingOver { retired: true });
+        }
+        if self.handing_over.load(Ordering::SeqCst) {
+            return Err(HandingOver { retired: false });
+        }
+        Ok(())
     }
 }
 

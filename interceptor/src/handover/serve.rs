@@ -48,6 +48,12 @@ pub trait Source: Send + Sync + 'static {
     fn park_flows(&self) -> Vec<(FlowTransfer, ParkedKtls)>;
     /// A parked flow that could not be sent: continue it here.
     fn keep_flow(&self, flow: FlowTransfer, relay: ParkedKtls);
+    /// `n` parked flows reached the successor (counted once sent, not when parked: a flow
+    /// whose send failed is kept instead).
+    fn flows_sent(&self, _n: u32) {}
+    /// A successor went away or failed before it took the pods: this agent serves on as
+    /// before, enrollment changes included.
+    fn aborted(&self) {}
 }
 
 /// Where a handover left the agent.
@@ -105,8 +111,11 @@ pub fn spawn(
                         }
                         return;
                     }
-                    Ok(None) => {}
-                    Err(e) => error!("handover aborted, still serving: {e:#}"),
+                    Ok(None) => source.aborted(),
+                    Err(e) => {
+                        error!("handover aborted, still serving: {e:#}");
+                        source.aborted();
+                    }
                 }
             }
         })
@@ -239,5 +248,6 @@ fn send_flows(ch: &mut Channel, source: &dyn Source) -> (u32, u32) {
         source.keep_flow(flow, relay);
         kept += 1;
     }
+    source.flows_sent(sent);
     (sent, kept)
 }

@@ -590,16 +590,12 @@ fn drain_plaintext(conn: &mut Connection) -> Result<Vec<u8>, DriveError> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-
-    use rustls::pki_types::ServerName;
-    use tokio::net::TcpListener;
-
     use super::*;
     use crate::{
         ca::{Ca, CertificateAuthority, DEFAULT_LEAF_TTL},
         handshake::{MeshCrypto, client_config, mesh_roots, server_config},
         identity::TrustDomain,
+        test_tls::{loopback_name as name, tcp_pair},
     };
 
     const CLIENT_ID: &str = "spiffe://cluster.local/ns/frontend/sa/web";
@@ -632,17 +628,6 @@ mod tests {
             .unwrap(),
             server: server_config(&s, roots, &td, &MeshCrypto::default_aes_gcm()).unwrap(),
         }
-    }
-
-    fn name() -> ServerName<'static> {
-        ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into())
-    }
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
     }
 
     /// The client's first application record follows its Finished immediately; the server

@@ -168,13 +168,7 @@ async fn read_exact(sock: &mut TcpStream, buf: &mut [u8]) -> Result<(), DriveErr
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        net::{IpAddr, Ipv4Addr},
-        sync::Arc,
-    };
-
-    use rustls::pki_types::ServerName;
-    use tokio::net::TcpListener;
+    use std::sync::Arc;
 
     use super::*;
     use crate::{
@@ -185,6 +179,7 @@ mod tests {
             mesh_roots,
         },
         identity::{SpiffeId, TrustDomain},
+        test_tls::{loopback_name as name, tcp_pair},
     };
 
     const CLIENT_ID: &str = "spiffe://cluster.local/ns/frontend/sa/web";
@@ -212,17 +207,6 @@ mod tests {
 
     fn server_id() -> SpiffeId {
         SERVER_ID.parse().unwrap()
-    }
-
-    fn name() -> ServerName<'static> {
-        ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into())
-    }
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
     }
 
     /// A spare handshake on both ends, as the agents run it.

@@ -410,19 +410,13 @@ fn accept_loop(
                 flow::reset(stream);
                 continue;
             };
-            let live = super::Live::count(&shared);
-            let serve = flow::serve(
-                Arc::clone(&shared),
+            tokio::spawn(flow::serve(
+                super::Live::count(&shared),
                 Arc::clone(&ctx),
                 direction,
-                stream,
-                peer,
+                Box::new((stream, peer)),
                 permit,
-            );
-            tokio::spawn(async move {
-                serve.await;
-                drop(live);
-            });
+            ));
         }
     })
 }

@@ -66,7 +66,9 @@ pub(super) fn run(
             reset(&relay.app);
             reset(&relay.peer);
         } else if relay.peer_fin_first && !relay.peer_eof {
-            await_peer_fin(&relay.peer).await;
+            // Boxed: its timer and readiness future would otherwise size the state of every
+            // flow, idle or not, for a wait made once at the end.
+            Box::pin(await_peer_fin(&relay.peer)).await;
         }
         result
     }

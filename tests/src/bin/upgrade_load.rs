@@ -8,9 +8,11 @@
 //! half-closes and reads the rest of the echo. Prints `started` once every flow is set up,
 //! then one JSON line per flow: `{"id","sent","sentSha","recv","recvSha","error"}`.
 //!
-//! `upgrade_load loop DST SECS`: opens a new connection after another for SECS (each sends
-//! 16 bytes and reads them back, then closes), or until stdin closes; prints
-//! `{"ok","failed","errors"}`.
+//! `upgrade_load loop DST SECS [TIMEOUT_MS]`: opens a new connection after another for SECS
+//! (each sends 16 bytes and reads them back, then closes), or until stdin closes; a connection
+//! that has not echoed within TIMEOUT_MS (default 5 000) fails. Prints
+//! `{"ok","failed","errors","slowest"}`: `slowest` lists the five slowest connections as
+//! `[ms after the loop started, ms it took]`.
 
 use std::{
     io::{Read as _, Write as _},
@@ -109,9 +111,9 @@ fn echoed_id(mut s: TcpStream, id: u64) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-fn one_connection(dst: SocketAddr) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+fn one_connection(dst: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&dst, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
     let mut msg = [0x5au8; 16];
     msg[..8].copy_from_slice(&LOOP_ID.to_be_bytes());
     s.write_all(&msg)?;
@@ -180,23 +182,41 @@ fn main() {
         }
         "loop" => {
             let secs: f64 = args[2].parse().expect("SECS");
-            let until = Instant::now() + Duration::from_secs_f64(secs);
+            let timeout = Duration::from_millis(
+                args.get(3)
+                    .map_or(5_000, |t| t.parse().expect("TIMEOUT_MS")),
+            );
+            let start = Instant::now();
+            let until = start + Duration::from_secs_f64(secs);
             let stop = stop_at_stdin_eof();
             let (mut ok, mut failed, mut errors) = (0u64, 0u64, Vec::new());
+            let mut slowest: Vec<(u128, u128)> = Vec::new();
             while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                match one_connection(dst) {
+                let began = Instant::now();
+                let result = one_connection(dst, timeout);
+                slowest.push((
+                    began.duration_since(start).as_millis(),
+                    began.elapsed().as_millis(),
+                ));
+                slowest.sort_by_key(|&(_, took)| std::cmp::Reverse(took));
+                slowest.truncate(5);
+                match result {
                     Ok(()) => ok += 1,
                     Err(e) => {
                         failed += 1;
                         if errors.len() < 5 {
-                            errors.push(e.to_string());
+                            errors.push(format!(
+                                "{e} (after {} ms, {} ms into the loop)",
+                                began.elapsed().as_millis(),
+                                began.duration_since(start).as_millis()
+                            ));
                         }
                     }
                 }
             }
             println!(
                 "{}",
-                serde_json::json!({"ok": ok, "failed": failed, "errors": errors})
+                serde_json::json!({"ok": ok, "failed": failed, "errors": errors, "slowest": slowest})
             );
         }
         other => panic!("unknown mode {other}"),
