@@ -150,11 +150,11 @@ impl AgentProcess {
             .arg(file)
             .stdout(stdout)
             .args(args)
-            .envs(env.iter().copied())
             .env(
                 "INTERCEPTOR_LOG",
                 std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| "warn".to_owned()),
             )
+            .envs(env.iter().copied())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
         let mut agent = AgentProcess {

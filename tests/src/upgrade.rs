@@ -364,7 +364,14 @@ impl Bench {
             .agents
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.file.with_file_name(format!("agent-{n}.log"));
-        AgentProcess::start_logged(&self.cfg, &self.file, args, env, &log)
+        // Each handover step is one info line on either side: with them a slow or stuck
+        // upgrade shows where it was.
+        let mut env = env.to_vec();
+        let filter = std::env::var("INTERCEPTOR_LOG").unwrap_or_else(|_| {
+            "warn,interceptor::handover=info,interceptor::app::upgrade=info".to_owned()
+        });
+        env.push(("INTERCEPTOR_LOG", &filter));
+        AgentProcess::start_logged(&self.cfg, &self.file, args, &env, &log)
     }
 
     pub fn takeover(&self, env: &[(&str, &str)]) -> AgentProcess {
@@ -438,9 +445,16 @@ pub fn handed_over(agent: &AgentProcess) -> usize {
         .count()
 }
 
-/// Waits until `agent` lists `want` handed-over flows.
+/// Waits until `agent` lists `want` handed-over flows (at most 120 s in the VMs, 30 s on a
+/// host).
 pub fn await_handed_over(agent: &AgentProcess, want: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(if in_vm() { 120 } else { 30 });
+    let limit = Duration::from_secs(if in_vm() { 120 } else { 30 });
+    await_handed_over_within(agent, want, what, limit);
+}
+
+/// [`await_handed_over`] with a bound of the test's choosing (measured on the machine).
+pub fn await_handed_over_within(agent: &AgentProcess, want: usize, what: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
     loop {
         let got = handed_over(agent);
         if got == want {
@@ -448,7 +462,7 @@ pub fn await_handed_over(agent: &AgentProcess, want: usize, what: &str) {
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: the new agent lists {got} handed-over flows, not {want}"
+            "{what}: the new agent lists {got} handed-over flows, not {want}, after {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
