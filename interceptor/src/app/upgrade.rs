@@ -628,6 +628,7 @@ fn admit_flow(
         .filter_map(|f| f.try_clone().ok())
         .collect();
     let admitted = (move || {
+        crate::handover::check_flow(&flow)?;
         let cookie = pod_netns.context("no such pod enrolled here")?;
         let app = fds.first().context("no descriptors")?;
         let ns = crate::sys::netns_cookie(app.as_fd()).context("netns of the app socket")?;
@@ -932,5 +933,17 @@ spec: {}
             );
             assert!(metrics.contains(&line), "{what}: no `{line}` in\n{metrics}");
         }
+        // A malformed flow message is one refused flow, not a failed takeover.
+        let (fds, [app_far, peer_far]) = descriptors();
+        let mut flow = inbound_flow();
+        flow.relay.down_cap = 2 << 20;
+        let Err(e) = admit_flow(Some(own_netns), &allow_all, &telemetry, flow, fds) else {
+            panic!("a flow with a 2 MiB pipe admitted");
+        };
+        assert!(format!("{e:#}").contains("1 MiB"), "{e:#}");
+        assert_reset(app_far, "malformed flow");
+        assert_reset(peer_far, "malformed flow");
+        let metrics = telemetry.encode(false).unwrap();
+        assert!(metrics.contains("interceptor_handover_flows_total{result=\"refused\"} 5"));
     }
 }

@@ -508,6 +508,15 @@ pub fn pipe2(nonblock: bool) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) })
 }
 
+/// Bytes a pipe holds now (`FIONREAD` on its read end). A pipe's size (`F_GETPIPE_SZ`) bounds
+/// its buffers, not its bytes: a buffer spliced from a socket may hold more than a page.
+pub fn pipe_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid for the call.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut c_int) })?;
+    usize::try_from(n).map_err(|_| io::Error::other("negative FIONREAD"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,6 +559,16 @@ mod tests {
         let s = format!("{ci:?}");
         assert!(s.contains("redacted") && s.contains("rec_seq: 7"), "{s}");
         assert!(!s.contains("17, 17") && !s.contains("34, 34"), "{s}");
+    }
+
+    #[test]
+    fn pipe_len_counts_the_bytes_a_pipe_holds() {
+        use std::os::fd::AsFd;
+        let (r, w) = pipe2(true).unwrap();
+        assert_eq!(pipe_len(r.as_fd()).unwrap(), 0);
+        let mut f = std::fs::File::from(w);
+        std::io::Write::write_all(&mut f, &[7u8; 5000]).unwrap();
+        assert_eq!(pipe_len(r.as_fd()).unwrap(), 5000);
     }
 
     #[test]

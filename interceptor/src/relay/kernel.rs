@@ -162,7 +162,7 @@ async fn drive(
 /// The part of a kernel relay's state that is not a descriptor: what a successor agent needs,
 /// with the flow's two sockets and both pipes, to continue the relay where it stopped. The
 /// kernel keeps the TLS state (keys, record sequence numbers) in the peer socket itself.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KtlsRelayState {
     /// Bytes sitting in the app → peer pipe, and that pipe's size.
@@ -220,13 +220,26 @@ impl ParkedKtls {
         let [app, peer, a, b, c, d]: [OwnedFd; 6] = fds
             .try_into()
             .map_err(|_| bad("a parked kTLS relay carries six descriptors"))?;
-        if state.up_in_pipe > state.up_cap
-            || state.down_in_pipe > state.down_cap
-            || state.up_cap > MAX_PIPE
+        if state.up_cap > MAX_PIPE
             || state.down_cap > MAX_PIPE
             || state.to_app.len() > MAX_RECORD * 4
         {
             return Err(bad("parked relay state out of bounds"));
+        }
+        // The relay's byte counts must be what the pipes hold: the relay splices out exactly
+        // that many. They may exceed the pipe's size (a spliced buffer can hold more than a
+        // page), so the pipes themselves are asked.
+        for (what, fd, want) in [
+            ("app → peer", &a, state.up_in_pipe),
+            ("peer → app", &c, state.down_in_pipe),
+        ] {
+            let got = ksys::pipe_len(fd.as_fd())?;
+            if got != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{what} pipe holds {got} bytes, the relay state says {want}"),
+                ));
+            }
         }
         Ok(ParkedKtls {
             app: std::net::TcpStream::from(app),
@@ -843,6 +856,35 @@ mod tests {
         assert_eq!(session_tickets(&msg(4, &[0; 40])), Ok(vec![&[0u8; 40][..]]));
         let two = [msg(4, &[1; 20]), msg(4, &[])].concat();
         assert_eq!(session_tickets(&two), Ok(vec![&[1u8; 20][..], &[][..]]));
+    }
+
+    #[test]
+    fn a_parked_relay_s_pipe_counts_must_be_what_its_pipes_hold() {
+        use super::{KtlsRelayState, ParkedKtls, ksys};
+        use std::os::fd::OwnedFd;
+        let parts = |in_up: usize| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let app = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (peer, _) = l.accept().unwrap();
+            let (ur, uw) = ksys::pipe2(true).unwrap();
+            let (dr, dw) = ksys::pipe2(true).unwrap();
+            let mut w = std::fs::File::from(uw.try_clone().unwrap());
+            std::io::Write::write_all(&mut w, &[1; 100]).unwrap();
+            let fds: Vec<OwnedFd> = vec![app.into(), peer.into(), ur, uw, dr, dw];
+            // Counts above the pipe's size are legal: a spliced buffer may exceed a page.
+            let state = KtlsRelayState {
+                up_in_pipe: in_up,
+                up_cap: 64,
+                down_cap: 64,
+                ..KtlsRelayState::default()
+            };
+            ParkedKtls::from_parts(fds, state)
+        };
+        assert!(parts(100).is_ok());
+        let Err(e) = parts(99) else {
+            panic!("a state that miscounts its pipe admitted");
+        };
+        assert!(e.to_string().contains("holds 100 bytes"), "{e}");
     }
 
     #[test]
