@@ -805,22 +805,13 @@ mod tests {
     use std::time::Duration;
 
     use rustls::crypto::aws_lc_rs::cipher_suite as cs;
-    use tokio::{
-        io::{AsyncReadExt as _, AsyncWriteExt as _},
-        net::TcpListener,
-    };
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::{relay::RelayStats, test_tls::finished_pair};
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let near = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (far, _) = listener.accept().await.unwrap();
-        (near, far)
-    }
+    use crate::{
+        relay::RelayStats,
+        test_tls::{finished_pair, tcp_pair},
+    };
 
     /// Seals `data` as one record with the peer's rustls and sends it.
     async fn send(client: &mut rustls::ClientConnection, sock: &mut TcpStream, data: &[u8]) {
@@ -832,20 +823,24 @@ mod tests {
         sock.write_all(&records).await.unwrap();
     }
 
-    /// Plaintext rustls opened that the app has not taken yet stays owed to the app when the
-    /// own record layer takes over, and reaches it before anything opened after the switch
-    /// (the switch once replaced that buffer and dropped it).
-    #[tokio::test]
-    async fn plaintext_owed_to_a_slow_app_survives_the_record_layer_switch() {
-        let (mut client, server) = finished_pair(cs::TLS13_AES_128_GCM_SHA256, 1);
-        let (app, mut app_far) = tcp_pair().await;
-        let (peer, mut peer_far) = tcp_pair().await;
+    /// A server-side relay allowed to switch to the own record layer, over a finished TLS 1.3
+    /// session whose client end the test holds, with the far ends of both legs.
+    async fn own_layer_relay() -> (
+        rustls::ClientConnection,
+        Userspace,
+        TcpStream,
+        TcpStream,
+        RelayConfig,
+    ) {
+        let (client, server) = finished_pair(cs::TLS13_AES_128_GCM_SHA256, 1);
+        let (app, app_far) = tcp_pair().await;
+        let (peer, peer_far) = tcp_pair().await;
         let config = RelayConfig {
             own_record_layer: true,
             ..RelayConfig::default()
         };
         let conn = Box::new(Connection::from(server));
-        let mut relay = Userspace::new(
+        let relay = Userspace::new(
             app,
             peer,
             conn,
@@ -854,6 +849,15 @@ mod tests {
             config,
             RelayStats::new(),
         );
+        (client, relay, app_far, peer_far, config)
+    }
+
+    /// Plaintext rustls opened that the app has not taken yet stays owed to the app when the
+    /// own record layer takes over, and reaches it before anything opened after the switch
+    /// (the switch once replaced that buffer and dropped it).
+    #[tokio::test]
+    async fn plaintext_owed_to_a_slow_app_survives_the_record_layer_switch() {
+        let (mut client, mut relay, mut app_far, mut peer_far, config) = own_layer_relay().await;
 
         // rustls opens the first record into `down`; the app has not been written to yet.
         let before: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
@@ -898,23 +902,7 @@ mod tests {
     /// bad_record_mac alert sealed for the peer.
     #[tokio::test]
     async fn a_tampered_record_is_a_record_layer_failure() {
-        let (mut client, server) = finished_pair(cs::TLS13_AES_128_GCM_SHA256, 1);
-        let (app, _app_far) = tcp_pair().await;
-        let (peer, mut peer_far) = tcp_pair().await;
-        let config = RelayConfig {
-            own_record_layer: true,
-            ..RelayConfig::default()
-        };
-        let conn = Box::new(Connection::from(server));
-        let mut relay = Userspace::new(
-            app,
-            peer,
-            conn,
-            Vec::new(),
-            Vec::new(),
-            config,
-            RelayStats::new(),
-        );
+        let (mut client, mut relay, _app_far, mut peer_far, config) = own_layer_relay().await;
         relay.take_over().unwrap();
         assert!(
             matches!(relay.layer, Layer::Own(_)),
