@@ -792,7 +792,6 @@ impl Telemetry {
         self.log(|format| access::refusal_line(format, &refusal()));
     }
 
-    /// Open flows moved in an upgrade: `sent`, `received` or `kept` (see the metric).
     /// `interceptor_handover_flows_total{result}` as counted so far (for `flows --stats`).
     pub fn handover_flows_counted(&self, result: &'static str) -> u64 {
         self.handover_flows
@@ -800,6 +799,8 @@ impl Telemetry {
             .get()
     }
 
+    /// Open flows moved in an upgrade: `sent`, `received`, `kept` or `refused` (see the
+    /// metric).
     pub fn handover_flows(&self, result: &'static str, n: u64) {
         self.handover_flows
             .get_or_create(&HandoverLabels { result })
