@@ -132,7 +132,8 @@ pub fn vm_test(workspace_root: &Path, args: &VmTestArgs) -> Result<()> {
         let initrd = initramfs::build(&vm_dir.join(series.label()), &kernel, &payload)?;
         let prepare = started.elapsed();
         println!(
-            "vm-test: booting {} ({}) under {}",
+            "vm-test: [{}] booting {} ({}) under {}",
+            crate::elapsed(),
             kernel.package,
             kernel.release,
             limits.accel_name()
