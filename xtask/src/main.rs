@@ -177,6 +177,7 @@ fn demo(root: &Path, args: &DemoArgs) -> Result<()> {
                 kernel: "6.1".to_owned(),
                 filter: Some("demo_matrix".to_owned()),
                 release: true,
+                jobs: 1,
             },
         );
     }
