@@ -762,12 +762,13 @@ impl fmt::Display for Finding {
 ///   block ends at most at `p+8+8`), so every occurrence of any window in a haystack contains
 ///   an indexed block at some haystack offset: the search looks up the 8 bytes at *every*
 ///   haystack offset.
-/// * **dense** ([`PlaintextIndex::for_haystacks`], when the haystacks hold more bytes than the
-///   payload): the block at *every* payload offset (~20 bytes of memory per payload byte), so
-///   the search needs to look up only every 9th haystack offset: an occurrence of a window at
-///   haystack offset `h` contains the haystack block at the first multiple of 9 at or after
-///   `h`, and that block is some payload offset's block. A capture of a long transfer is
-///   searched 9 times faster, which is what the VM tests' time goes to under emulation.
+/// * **dense** ([`PlaintextIndex::for_haystacks`], when the haystacks hold many times more
+///   bytes than the payload): the block at *every* payload offset (~20 bytes of memory per
+///   payload byte), so the search needs to look up only every 9th haystack offset: an
+///   occurrence of a window at haystack offset `h` contains the haystack block at the first
+///   multiple of 9 at or after `h`, and that block is some payload offset's block. A long
+///   capture of a small payload (upgrade_ktls: ~100 MB against 1 MiB) is searched several
+///   times faster, which is what those VM tests' time went to under emulation.
 ///
 /// A lookup is one hash probe (a 32-bit fingerprint in the slot avoids touching the payload on
 /// misses); on a hit the match is extended left and right byte by byte to decide whether a
@@ -790,6 +791,11 @@ const BLOCK: usize = 8;
 const STRIDE: usize = WINDOW - BLOCK + 1;
 /// The largest payload given a dense index (~20 bytes of memory per payload byte).
 const DENSE_MAX: usize = 8 << 20;
+/// How many times the payload's size the haystacks must hold for a dense index to pay: an
+/// insertion costs about three sparse lookups and a dense lookup (a table too big for the
+/// caches) about two and a half (measured unoptimised: 4 MiB against 7 MiB is faster sparse,
+/// 1 MiB against 32 MiB four times faster dense).
+const DENSE_RATIO: usize = 4;
 
 // `mix` and `block_at` run once per haystack lookup. The tests are built unoptimised, where a
 // function call (or a range index, `try_into`, an iterator adapter) costs more than the work:
@@ -823,9 +829,10 @@ impl<'p> PlaintextIndex<'p> {
     }
 
     /// Indexes `payload` for searching haystacks of `haystack_bytes` in all: densely when they
-    /// are larger than the payload (and the payload at most [`DENSE_MAX`]), else sparsely.
+    /// are over [`DENSE_RATIO`] times larger than the payload (and the payload at most
+    /// [`DENSE_MAX`]), else sparsely.
     pub fn for_haystacks(payload: &'p [u8], haystack_bytes: usize) -> Self {
-        let dense = haystack_bytes > payload.len() && payload.len() <= DENSE_MAX;
+        let dense = haystack_bytes / DENSE_RATIO > payload.len() && payload.len() <= DENSE_MAX;
         Self::with_stride(payload, if dense { 1 } else { STRIDE })
     }
 
@@ -837,38 +844,41 @@ impl<'p> PlaintextIndex<'p> {
         let nblocks = (payload.len() - BLOCK) / stride + 1;
         assert!(nblocks < u32::MAX as usize, "payload too large to index");
         let cap = (nblocks * 2).next_power_of_two().max(16);
-        let mut idx = PlaintextIndex {
-            payload,
-            slots: vec![0; cap],
-            next: vec![0; nblocks],
-            mask: cap - 1,
-            stride,
-        };
-        for k in 0..nblocks {
-            idx.insert(k);
+        let mask = cap - 1;
+        let mut slots = vec![0u64; cap];
+        let mut next = vec![0u32; nblocks];
+        // Plain slices and a `while` loop: this runs once per indexed block, unoptimised.
+        let (table, chain) = (slots.as_mut_slice(), next.as_mut_slice());
+        let mut k = 0;
+        while k < nblocks {
+            let v = block_at(payload, k * stride);
+            let h = mix(v);
+            let fp = h >> 32;
+            let mut i = (h as usize) & mask;
+            loop {
+                let s = table[i];
+                if s == 0 {
+                    table[i] = (fp << 32) | (k as u64 + 1);
+                    break;
+                }
+                let other = (s & 0xffff_ffff) as usize - 1;
+                if s >> 32 == fp && block_at(payload, other * stride) == v {
+                    // Same block value: chain it behind the head so lookups see every
+                    // occurrence.
+                    chain[k] = chain[other];
+                    chain[other] = k as u32 + 1;
+                    break;
+                }
+                i = (i + 1) & mask;
+            }
+            k += 1;
         }
-        idx
-    }
-
-    fn insert(&mut self, k: usize) {
-        let v = block_at(self.payload, k * self.stride);
-        let h = mix(v);
-        let fp = h >> 32;
-        let mut i = (h as usize) & self.mask;
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                self.slots[i] = (fp << 32) | (k as u64 + 1);
-                return;
-            }
-            let other = (s & 0xffff_ffff) as usize - 1;
-            if s >> 32 == fp && block_at(self.payload, other * self.stride) == v {
-                // Same block value: chain it behind the head so lookups see every occurrence.
-                self.next[k] = self.next[other];
-                self.next[other] = k as u32 + 1;
-                return;
-            }
-            i = (i + 1) & self.mask;
+        PlaintextIndex {
+            payload,
+            slots,
+            next,
+            mask,
+            stride,
         }
     }
 
@@ -1540,8 +1550,11 @@ mod tests {
         assert_eq!(dense.find_in(&payload[3..19]), Some((0, 3, 16)));
         assert_eq!(dense.find_in(&payload[3..18]), None);
         // A big haystack picks the dense layout, a small one (or a huge payload) the sparse one.
-        assert_eq!(PlaintextIndex::for_haystacks(&payload, 65).stride, 1);
-        assert_eq!(PlaintextIndex::for_haystacks(&payload, 64).stride, STRIDE);
+        assert_eq!(PlaintextIndex::for_haystacks(&payload, 4 * 65).stride, 1);
+        assert_eq!(
+            PlaintextIndex::for_haystacks(&payload, 4 * 65 - 1).stride,
+            STRIDE
+        );
     }
 
     #[test]
