@@ -69,6 +69,8 @@ const HOST_ONLY: &[&str] = &[
     "faults_e2e",
     "identity_clock",
     "intercept_netns",
+    // The harness library's own unit tests (packet parsing, the wire oracle): no kernel in them.
+    "interceptor_tests",
     "kube_e2e",
     "kube_watch",
     "limits_e2e",
