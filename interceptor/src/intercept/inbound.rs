@@ -16,7 +16,7 @@ use super::{
     Shared,
     enforce::{Generation, Refused},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused},
-    handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_mesh, relaying},
+    handoff::{Relay, mesh_mode, plain, prepare_peer, relay_mesh, relaying},
     peek::{self, FirstBytes},
     pod::{PodCtx, agent_source, dial},
     revalidate::admitted_now,
@@ -205,9 +205,8 @@ async fn plaintext<'a>(
         return Err(Refusal::new(ends, refused).reset(client).reset(app).into());
     }
     let guard = shared.flows.insert_checked(inbound.flow, Some(check));
-    let socks = dups([&client, &app]);
     let relay = plain(shared, client, app, &guard);
-    Ok(relaying(guard, socks, false, relay))
+    Ok(relaying(guard, relay))
 }
 
 /// Waits for the client's first bytes (at most `wait` for a silent, server-speaks-first

@@ -23,7 +23,7 @@ use super::{
     Shared,
     enforce::{Generation, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop},
-    handoff::{Relay, dups, relay_config, relaying},
+    handoff::{Relay, relay_config, relaying},
     outbound::Outbound,
     pod::{PodCtx, agent_source, dial},
     revalidate::admitted_now,
@@ -185,7 +185,6 @@ pub(super) async fn relay<'a>(
         None => format!("{} {code}", server.name),
     });
     let guard = shared.flows.insert_checked(out.flow, Some(check));
-    let socks = dups([&app, &peer]);
     let config = relay_config(shared);
     let stats = Arc::clone(&guard.stats);
     let joined = shared
@@ -199,7 +198,7 @@ pub(super) async fn relay<'a>(
             None => crate::relay::relay_spliced(app, peer, config, stats).await,
         }
     };
-    Ok(relaying(guard, socks, false, async move {
+    Ok(relaying(guard, async move {
         let ended = relay.await;
         drop(permit);
         Ok(ended?)

@@ -16,7 +16,7 @@ use super::{
     Offload, Shared,
     enforce::{self, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
-    handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
+    handoff::{Relay, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
     local, originate,
     pod::{PodCtx, dial, pod_ip},
     revalidate::admitted_now,
@@ -178,9 +178,8 @@ fn plaintext<'a>(
             .into());
     }
     let guard = shared.flows.insert_checked(out.flow, Some(out.check));
-    let socks = dups([&app, &peer]);
     let relay = plain(shared, app, peer, &guard);
-    Ok(relaying(guard, socks, false, relay))
+    Ok(relaying(guard, relay))
 }
 
 /// Mesh mTLS to the agent of the server pod, which must present `expected`; the session
@@ -356,18 +355,15 @@ async fn originate<'a>(
         return Err(Refusal::new(ends, refused).reset(app).reset(peer).into());
     }
     let guard = shared.flows.insert_checked(out.flow, Some(out.check));
-    let config = relay_config(shared);
-    let socks = dups([&app, &peer]);
+    let config = crate::relay::RelayConfig {
+        reset_after_request: Some(super::flow::REFUSE_WAIT),
+        ..relay_config(shared)
+    };
     let stats = Arc::clone(&guard.stats);
     // Boxed before the future captures it: see `relay::relay_userspace`.
     let conn = Box::new(conn);
     let relay = crate::relay::relay_userspace(app, peer, conn, leftover, config, stats);
-    Ok(relaying(
-        guard,
-        socks,
-        true,
-        async move { Ok(relay.await?) },
-    ))
+    Ok(relaying(guard, async move { Ok(relay.await?) }))
 }
 
 /// A client connection built before the connect, in the form its record layer needs.
