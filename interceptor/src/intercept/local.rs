@@ -179,10 +179,10 @@ pub(super) async fn relay<'a>(
         peer = %server.id, "outbound same-node"
     );
     out.flow.protection = Protection::Local;
-    out.flow.peer_id = Some(server.id.to_string());
+    out.flow.peer_id = Some(server.id.clone());
     out.flow.reason = Some(match out.flow.reason.take() {
-        Some(client_side) => format!("{client_side}; {} {code}", server.name),
-        None => format!("{} {code}", server.name),
+        Some(client_side) => format!("{client_side}; {} {code}", server.name).into(),
+        None => format!("{} {code}", server.name).into(),
     });
     let guard = shared.flows.insert_checked(out.flow, Some(check));
     let config = relay_config(shared);

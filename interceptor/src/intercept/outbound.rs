@@ -112,7 +112,7 @@ pub(super) async fn outbound<'a>(
             tls,
         }),
         flow: FlowInfo {
-            pod: ctx.name.clone(),
+            pod: Arc::clone(&ctx.name),
             direction: Direction::Outbound,
             destination: dst,
             source: app_addr,
@@ -121,7 +121,7 @@ pub(super) async fn outbound<'a>(
             session: None,
             protection: Protection::Plaintext,
             endpoint: Some(endpoint),
-            reason: Some(reason),
+            reason: Some(reason.into()),
         },
     };
     // Only ever a mesh flow to a pod of this agent (see `local::candidate`).
@@ -293,8 +293,8 @@ fn established<'a>(
             .reset(peer)
             .into());
     }
-    out.flow.peer_id = Some(est.peer().to_string());
-    out.flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+    out.flow.peer_id = Some(est.peer().clone());
+    out.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
     let session = SessionCrypto::mesh(&est.negotiated);
     out.flow.session = Some(session);
     debug!(
@@ -348,7 +348,7 @@ async fn originate<'a>(
     out.flow.protection = Protection::Tls;
     out.flow.cipher = conn
         .negotiated_cipher_suite()
-        .map(|s| format!("{:?}", s.suite()));
+        .map(|s| super::table::suite_name(s.suite()));
     out.flow.session = SessionCrypto::originated(&conn);
     if let Err(refused) = admitted_now(shared, out.decided_by, &out.check) {
         let ends = Ends::of(&out.check, &out.ctx.name);
