@@ -18,7 +18,7 @@ use super::{
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
     handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
     local, originate,
-    pod::{MeshDial, PodCtx, dial, dial_mesh, pod_ip},
+    pod::{CONNECT_TIMEOUT, MeshDial, PodCtx, dial, dial_mesh, pod_ip},
     revalidate::admitted_now,
     spare,
     table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
@@ -239,7 +239,11 @@ async fn mesh<'a>(
             return Err(out.refusal(Some(&expected), refused).answer_app(app).into());
         }
     };
-    let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    let mut timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    if deferred {
+        // The TCP handshake runs inside this one (see `MeshDial::deferred`).
+        timeout += CONNECT_TIMEOUT;
+    }
     let prepared = match prepared {
         // A connect deferred to the ClientHello (Fast Open): the ULP is attached once the
         // server's first bytes show the socket established (see `client_handshake_kernel`).

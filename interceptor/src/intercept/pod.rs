@@ -529,14 +529,19 @@ fn pod_socket(ctx: &PodCtx, v6: bool) -> anyhow::Result<TcpSocket> {
     Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
 }
 
+/// How long a dial waits for the TCP handshake (the SYN retried at 1 s, 3 s and 7 s).
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection to a peer agent from inside the pod, with TCP Fast Open where the pod's kernel
 /// allows it (`tuning.tcpFastOpen`).
 pub(super) struct MeshDial {
     pub(super) sock: TcpStream,
     /// The connect was deferred to the first write, which sends the SYN with the data (a Fast
     /// Open cookie for `dst` was cached): the socket is not established yet, so the `tls` ULP
-    /// cannot be attached before the peer's first bytes, and a failure to reach the peer shows
-    /// up in the handshake instead of the connect.
+    /// cannot be attached before the peer's first bytes, a failure to reach the peer shows up
+    /// in the handshake instead of the connect, and the handshake's bound must include the
+    /// connect's ([`CONNECT_TIMEOUT`]): a SYN the peer's full accept queue drops is retried
+    /// after 1 s and 3 s.
     pub(super) deferred: bool,
 }
 
@@ -555,7 +560,7 @@ pub(super) async fn dial_mesh(
     sock.set_nodelay(true)?;
     // Refused (EOPNOTSUPP) where the pod turned client Fast Open off: an ordinary connect.
     let fast_open = fast_open && sys::set_fastopen_connect(sock.as_fd()).is_ok();
-    let sock = tokio::time::timeout(Duration::from_secs(10), sock.connect(dst))
+    let sock = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await
         .with_context(|| format!("connect to {dst} timed out"))?
         .with_context(|| format!("connect to {dst}"))?;
@@ -581,7 +586,7 @@ pub(super) async fn dial(
         sock.bind(SocketAddr::new(src, 0))
             .with_context(|| format!("bind {src}"))?;
     }
-    tokio::time::timeout(Duration::from_secs(10), sock.connect(dst))
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await
         .with_context(|| format!("connect to {dst} timed out"))?
         .with_context(|| format!("connect to {dst}"))
