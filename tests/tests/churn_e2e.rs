@@ -183,22 +183,9 @@ fn mesh_churn(node: u8, v6: bool) {
 /// `client`) and of connections accepted with data in their SYN (`TCPFastOpenPassive`, in
 /// `server`).
 fn fast_open_counts(client: &NetNs, server: &NetNs) -> (u64, u64) {
-    let counter = |ns: &NetNs, name: &str| -> u64 {
-        let text = ns.proc_net("netstat").expect("read /proc/net/netstat");
-        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-            panic!("no TcpExt lines in /proc/net/netstat")
-        };
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/net/netstat"))
-    };
     (
-        counter(client, "TCPFastOpenActive"),
-        counter(server, "TCPFastOpenPassive"),
+        client.tcp_ext("TCPFastOpenActive"),
+        server.tcp_ext("TCPFastOpenPassive"),
     )
 }
 
