@@ -135,6 +135,24 @@ impl NetNs {
             .with_context(|| format!("read /proc/net/{file} in netns {}", self.name))
     }
 
+    /// A `TcpExt` counter of this namespace's `/proc/net/netstat` (e.g. `TCPFastOpenPassive`).
+    pub fn tcp_ext(&self, name: &str) -> u64 {
+        let text = self.proc_net("netstat").expect("read /proc/net/netstat");
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            panic!(
+                "no TcpExt lines in /proc/net/netstat of netns {}",
+                self.name
+            )
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("no TcpExt {name} in netns {}", self.name))
+    }
+
     /// Runs `f` on a thread inside this namespace (sockets made there stay in it).
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> T {
         interceptor::sys::in_netns(&self.path(), f)
