@@ -308,7 +308,7 @@ pub fn processes_cpu(pids: &[u32]) -> Result<f64> {
 }
 
 /// Descriptors the harness asks for (children inherit them): 10 000 idle flows through an
-/// agent are some 40 000 descriptors there.
+/// agent are 20 000 descriptors there (two sockets per flow end), plus its own.
 const NOFILE_WANTED: libc::rlim_t = 1 << 17;
 
 /// Raises the open-file limit (children inherit it): to [`NOFILE_WANTED`] where allowed (root),
@@ -323,7 +323,7 @@ pub fn raise_nofile_limit() -> Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
     }
-    // The `scale` workload holds 10 000 idle flows: about four descriptors each in an agent.
+    // The `scale` workload holds 10 000 idle flows: two descriptors each in an agent.
     // As root the hard limit may rise too (up to fs.nr_open); if it may not, keep it.
     let wanted = libc::rlimit {
         rlim_cur: NOFILE_WANTED.max(lim.rlim_max),
@@ -337,6 +337,19 @@ pub fn raise_nofile_limit() -> Result<u64> {
     // SAFETY: setrlimit reads the struct we own.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
         return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The open-file limit this process (and every child it starts) runs under.
+pub fn nofile_limit() -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
     }
     Ok(lim.rlim_cur)
 }

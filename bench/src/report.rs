@@ -13,7 +13,7 @@ use crate::{
     modes::Mode,
     plot::{Chart, Series, page},
     topology::Layout,
-    workloads::{SCALE_FLOWS, SCALE_IDLE, SCALE_THREADS, Workload},
+    workloads::{SCALE_FLOWS, SCALE_THREADS, Workload},
 };
 
 /// One measured value.
@@ -910,12 +910,13 @@ impl Report {
     }
 }
 
-/// One scaling curve: title, x label, y label, the x values, the metric name at an x.
+/// One scaling curve: title, x label, y label, the x values (`None`: the idle counts the
+/// run held, see `workloads::scale_idle_counts`), the metric name at an x.
 type Curve = (
     &'static str,
     &'static str,
     &'static str,
-    &'static [usize],
+    Option<&'static [usize]>,
     fn(usize) -> String,
 );
 
@@ -924,42 +925,42 @@ const CURVES: [Curve; 6] = [
         "bulk throughput",
         "concurrent flows",
         "MB/s",
-        &SCALE_FLOWS,
+        Some(&SCALE_FLOWS),
         |x| format!("bulk_p{x}_mb_s"),
     ),
     (
         "proxy CPU per GB",
         "concurrent flows",
         "CPU-s/GB",
-        &SCALE_FLOWS,
+        Some(&SCALE_FLOWS),
         |x| format!("bulk_p{x}_proxy_cpu_s_per_gb"),
     ),
     (
         "proxy RSS per idle connection",
         "idle connections",
         "KB",
-        &SCALE_IDLE,
+        None,
         |x| format!("idle_n{x}_rss_kb_per_conn"),
     ),
     (
         "proxy descriptors per idle connection",
         "idle connections",
         "fds",
-        &SCALE_IDLE,
+        None,
         |x| format!("idle_n{x}_fds_per_conn"),
     ),
     (
         "new connections/s",
         "client threads",
         "conn/s",
-        &SCALE_THREADS,
+        Some(&SCALE_THREADS),
         |x| format!("setup_t{x}_conn_per_s"),
     ),
     (
         "proxy CPU per new connection",
         "client threads",
         "CPU-ms",
-        &SCALE_THREADS,
+        Some(&SCALE_THREADS),
         |x| format!("setup_t{x}_proxy_cpu_ms_per_conn"),
     ),
 ];
@@ -992,7 +993,23 @@ impl Report {
         let mut charts = Vec::new();
         let mut any = false;
         for (i, l) in self.layouts.iter().enumerate() {
+            // The idle counts held: the host's open-file limit may cap them.
+            let mut idle: Vec<usize> = l
+                .rows
+                .iter()
+                .filter(|r| r.workload == Workload::Scale)
+                .filter_map(|r| {
+                    r.metric
+                        .strip_prefix("idle_n")?
+                        .strip_suffix("_rss_kb_per_conn")?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            idle.sort_unstable();
+            idle.dedup();
             for (j, (_, x_label, y_label, xs, metric)) in CURVES.iter().enumerate() {
+                let xs = xs.unwrap_or(&idle);
                 let series: Vec<Series<'_>> = colors
                     .iter()
                     .filter_map(|(mode, color)| {

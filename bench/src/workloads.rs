@@ -768,7 +768,9 @@ fn hold_idle(topo: &Topology, active: &Active, env: &Env, count: usize) -> Resul
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(60 + count as u64 / 2);
+    // Set-up runs at hundreds of connections per second or more even on a busy host; a
+    // holder that stalls (a proxy out of descriptors) fails the point within minutes.
+    let deadline = Instant::now() + Duration::from_secs(60 + count as u64 / 50);
     loop {
         procs::check_interrupted()?;
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -796,8 +798,11 @@ fn hold_idle(topo: &Topology, active: &Active, env: &Env, count: usize) -> Resul
 
 /// Scaling curves, each point a metric of its own so the JSON keeps every one: bulk
 /// throughput and proxy CPU per GB with 1, 16 and 256 concurrent flows (iperf3 `-P`, at most
-/// 128 streams per process); proxy RSS and descriptors per idle connection with 1 000 and
-/// 10 000 held; new connections/s and proxy CPU per connection with 1 and 2 client threads.
+/// 128 streams per process); new connections/s and proxy CPU per connection with 1 and 2
+/// client threads. The idle points (proxy RSS and descriptors per idle connection with
+/// 1 000 and 10 000 held) are [`scale_idle`], each on proxies the runner starts fresh: held
+/// flows would otherwise reuse the memory the bulk and churn points left freed but resident,
+/// and look cheaper than they are.
 fn scale(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<Metric>> {
     let name = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let mut m = Vec::new();
@@ -848,36 +853,65 @@ fn scale(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<
             ));
         }
     }
-    if has_proxy(active) {
-        for count in SCALE_IDLE {
-            let h = match hold_idle(topo, active, env, count) {
-                Ok(h) => h,
-                Err(e) => {
-                    failed(format!("idle_n{count}"), e, &mut m);
-                    continue;
-                }
-            };
-            let n = count as f64;
-            m.push((
-                name(format!("idle_n{count}_rss_kb_per_conn")),
-                (h.rss_mb - h.rss_before_mb) * 1e3 / n,
-            ));
-            m.push((
-                name(format!("idle_n{count}_fds_per_conn")),
-                (h.fds - h.fds_before) / n,
-            ));
-            m.push((name(format!("idle_n{count}_proxy_rss_mb")), h.rss_mb));
-            // Let the proxies close the held flows before the next count.
-            procs::sleep(Duration::from_secs(2))?;
-        }
-    }
     Ok(m)
+}
+
+/// One idle point of the scaling curves: proxy RSS and descriptors per connection with
+/// `count` idle connections held through `active`, which the runner started fresh for it
+/// (see [`scale_idle_counts`]). Nothing for modes without a proxy.
+pub fn scale_idle(
+    topo: &Topology,
+    active: &Active,
+    env: &Env,
+    count: usize,
+) -> Result<Vec<Metric>> {
+    if !has_proxy(active) {
+        return Ok(Vec::new());
+    }
+    let name = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let h = match hold_idle(topo, active, env, count) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("  scale: idle_n{count} failed: {e:#}");
+            return Ok(vec![(name(format!("idle_n{count}_failed")), 1.0)]);
+        }
+    };
+    let n = count as f64;
+    Ok(vec![
+        (
+            name(format!("idle_n{count}_rss_kb_per_conn")),
+            (h.rss_mb - h.rss_before_mb) * 1e3 / n,
+        ),
+        (
+            name(format!("idle_n{count}_fds_per_conn")),
+            (h.fds - h.fds_before) / n,
+        ),
+        (name(format!("idle_n{count}_proxy_rss_mb")), h.rss_mb),
+    ])
 }
 
 /// The x values of the scaling curves.
 pub const SCALE_FLOWS: [usize; 3] = [1, 16, 256];
 pub const SCALE_IDLE: [usize; 2] = [1_000, 10_000];
 pub const SCALE_THREADS: [usize; 2] = [1, 2];
+
+/// Descriptors a proxy process holds besides its flows (listeners, eBPF objects, the
+/// reactor, logs), with room to spare.
+const PROXY_BASE_FDS: u64 = 512;
+
+/// The idle counts the `scale` workload holds under the open-file limit `nofile` (every
+/// process inherits it): [`SCALE_IDLE`], each capped at what fits in one agent, which holds two
+/// sockets per connection (the app's and the peer agent's), rounded down to 500. The same
+/// counts for every mode, so the points stay paired. A host whose hard limit is 20 000 (a
+/// container without CAP_SYS_RESOURCE) gets 9 500 instead of 10 000: 10 000 connections
+/// through one agent need 20 000 descriptors plus its own.
+pub fn scale_idle_counts(nofile: u64) -> Vec<usize> {
+    let fits = nofile.saturating_sub(PROXY_BASE_FDS) / 2 / 500 * 500;
+    let fits = usize::try_from(fits).unwrap_or(usize::MAX);
+    let mut counts: Vec<usize> = SCALE_IDLE.iter().map(|&c| c.min(fits)).collect();
+    counts.dedup();
+    counts
+}
 
 /// iperf3's most streams in one process (`-P`).
 const IPERF_MAX_STREAMS: usize = 128;

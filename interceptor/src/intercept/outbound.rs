@@ -16,9 +16,9 @@ use super::{
     Offload, Shared,
     enforce::{self, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
-    handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
+    handoff::{Relay, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
     local, originate,
-    pod::{PodCtx, dial, pod_ip},
+    pod::{CONNECT_TIMEOUT, MeshDial, PodCtx, dial, dial_mesh, pod_ip},
     revalidate::admitted_now,
     spare,
     table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
@@ -112,7 +112,7 @@ pub(super) async fn outbound<'a>(
             tls,
         }),
         flow: FlowInfo {
-            pod: ctx.name.clone(),
+            pod: Arc::clone(&ctx.name),
             direction: Direction::Outbound,
             destination: dst,
             source: app_addr,
@@ -121,7 +121,7 @@ pub(super) async fn outbound<'a>(
             session: None,
             protection: Protection::Plaintext,
             endpoint: Some(endpoint),
-            reason: Some(reason),
+            reason: Some(reason.into()),
         },
     };
     // Only ever a mesh flow to a pod of this agent (see `local::candidate`).
@@ -178,9 +178,8 @@ fn plaintext<'a>(
             .into());
     }
     let guard = shared.flows.insert_checked(out.flow, Some(out.check));
-    let socks = dups([&app, &peer]);
     let relay = plain(shared, app, peer, &guard);
-    Ok(relaying(guard, socks, false, relay))
+    Ok(relaying(guard, relay))
 }
 
 /// Mesh mTLS to the agent of the server pod, which must present `expected`; the session
@@ -226,9 +225,28 @@ async fn mesh<'a>(
             return Err(out.refusal(Some(&expected), refused).answer_app(app).into());
         }
     };
-    let (app, mut peer) = dial_endpoint(&out, Some(&expected), app).await?;
-    let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    let MeshDial {
+        sock: mut peer,
+        deferred,
+    } = match dial_mesh(out.ctx, out.endpoint, shared.tuning.tcp_fast_open).await {
+        Ok(dialed) => dialed,
+        Err(e) => {
+            let refused = Refused {
+                code: RefusalCode::ConnectFailed,
+                reason: format!("{e:#}"),
+            };
+            return Err(out.refusal(Some(&expected), refused).answer_app(app).into());
+        }
+    };
+    let mut timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    if deferred {
+        // The TCP handshake runs inside this one (see `MeshDial::deferred`).
+        timeout += CONNECT_TIMEOUT;
+    }
     let prepared = match prepared {
+        // A connect deferred to the ClientHello (Fast Open): the ULP is attached once the
+        // server's first bytes show the socket established (see `client_handshake_kernel`).
+        Prepared::Kernel(conn) if deferred => Prepared::KernelDeferred(conn),
         // The kernel refused the ULP on this socket: the flow stays in rustls, which needs
         // the buffered form (built now, off the usual path).
         Prepared::Kernel(_) if !prepare_peer(shared, &peer) => {
@@ -253,7 +271,12 @@ async fn mesh<'a>(
             driver::client_handshake_prepared(&mut peer, conn, timeout, shared.handshake_reads())
                 .await
         }
-        Prepared::Kernel(conn) => driver::client_handshake_kernel(&mut peer, conn, timeout).await,
+        Prepared::Kernel(conn) => {
+            driver::client_handshake_kernel(&mut peer, conn, timeout, false).await
+        }
+        Prepared::KernelDeferred(conn) => {
+            driver::client_handshake_kernel(&mut peer, conn, timeout, true).await
+        }
     };
     let est = match handshake {
         Ok(est) => {
@@ -266,7 +289,13 @@ async fn mesh<'a>(
             est
         }
         Err(e) => {
-            let refused = handshake_refused(shared, &e);
+            let refused = match deferred.then(|| unreachable_peer(&e, &peer)).flatten() {
+                Some(reason) => Refused {
+                    code: RefusalCode::ConnectFailed,
+                    reason: format!("connect to {}: {reason}", out.endpoint),
+                },
+                None => handshake_refused(shared, &e),
+            };
             return Err(out
                 .refusal(Some(&expected), refused)
                 .answer_app(app)
@@ -294,8 +323,8 @@ fn established<'a>(
             .reset(peer)
             .into());
     }
-    out.flow.peer_id = Some(est.peer().to_string());
-    out.flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+    out.flow.peer_id = Some(est.peer().clone());
+    out.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
     let session = SessionCrypto::mesh(&est.negotiated);
     out.flow.session = Some(session);
     debug!(
@@ -349,29 +378,52 @@ async fn originate<'a>(
     out.flow.protection = Protection::Tls;
     out.flow.cipher = conn
         .negotiated_cipher_suite()
-        .map(|s| format!("{:?}", s.suite()));
+        .map(|s| super::table::suite_name(s.suite()));
     out.flow.session = SessionCrypto::originated(&conn);
     if let Err(refused) = admitted_now(shared, out.decided_by, &out.check) {
         let ends = Ends::of(&out.check, &out.ctx.name);
         return Err(Refusal::new(ends, refused).reset(app).reset(peer).into());
     }
     let guard = shared.flows.insert_checked(out.flow, Some(out.check));
-    let config = relay_config(shared);
-    let socks = dups([&app, &peer]);
+    let config = crate::relay::RelayConfig {
+        reset_after_request: Some(super::flow::REFUSE_WAIT),
+        ..relay_config(shared)
+    };
     let stats = Arc::clone(&guard.stats);
     // Boxed before the future captures it: see `relay::relay_userspace`.
     let conn = Box::new(conn);
     let relay = crate::relay::relay_userspace(app, peer, conn, leftover, config, stats);
-    Ok(relaying(
-        guard,
-        socks,
-        true,
-        async move { Ok(relay.await?) },
-    ))
+    Ok(relaying(guard, async move { Ok(relay.await?) }))
 }
 
 /// A client connection built before the connect, in the form its record layer needs.
 enum Prepared {
     Buffered(rustls::ClientConnection),
     Kernel(rustls::client::UnbufferedClientConnection),
+    /// [`Prepared::Kernel`] on a socket whose connect waits for the ClientHello (Fast Open).
+    KernelDeferred(rustls::client::UnbufferedClientConnection),
+}
+
+/// Why a handshake on a Fast Open socket failed before the peer was ever reached, if it did:
+/// the SYN went out with the ClientHello, so what `connect()` reports otherwise (refused,
+/// unreachable, no answer) comes from the handshake's I/O, and is counted as a failed connect,
+/// as it would be without Fast Open.
+fn unreachable_peer(e: &driver::DriveError, peer: &TcpStream) -> Option<String> {
+    match e {
+        // Set only while SYN_SENT: a reset of an established connection is ECONNRESET.
+        driver::DriveError::Io(io)
+            if matches!(
+                io.raw_os_error(),
+                Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ETIMEDOUT)
+            ) =>
+        {
+            Some(io.to_string())
+        }
+        driver::DriveError::Timeout(t)
+            if crate::sys::syn_sent(std::os::fd::AsFd::as_fd(peer)).unwrap_or(false) =>
+        {
+            Some(format!("no answer to the SYN within {t:?}"))
+        }
+        _ => None,
+    }
 }

@@ -31,6 +31,7 @@ use tokio::{io::AsyncWrite as _, net::TcpStream};
 
 use super::{
     IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, await_peer_fin,
+    await_request,
     buf::Buf,
     record::{self, Boundary, Opened, RecordError, RecordLayer},
     reset, wait_ready,
@@ -51,7 +52,18 @@ pub(super) fn run(
     let mut relay = Userspace::new(app, peer, conn, leftover, leftover_tls, config, stats);
     async move {
         let mut idle = IdleTimer::new(config.idle_timeout);
-        let result = std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)).await;
+        let result = std::future::poll_fn(|cx| {
+            if relay.stats.cancelled() {
+                return Poll::Ready(Ok(()));
+            }
+            relay.poll(cx, &mut idle, config)
+        })
+        .await;
+        if relay.stats.cancelled() {
+            reset(&relay.app);
+            reset(&relay.peer);
+            return Ok(());
+        }
         if let Err(e) = &result {
             match &mut relay.layer {
                 Layer::Rustls(conn) if matches!(e, RelayError::Tls(_)) => {
@@ -65,6 +77,8 @@ pub(super) fn run(
             }
             reset(&relay.app);
             reset(&relay.peer);
+            // Boxed: only a failed flow makes this wait.
+            Box::pin(await_request(&relay.app, &config, &relay.stats)).await;
         } else if relay.peer_fin_first && !relay.peer_eof {
             // Boxed: its timer and readiness future would otherwise size the state of every
             // flow, idle or not, for a wait made once at the end.
