@@ -69,7 +69,7 @@ const HOST_ONLY: &[&str] = &[
     "faults_e2e",
     "identity_clock",
     "intercept_netns",
-    // The harness library's own unit tests (packet parsing, the wire oracle): no kernel in them.
+    // The harness library's own unit tests: no kernel in them (the wire oracle's are in its crate).
     "interceptor_tests",
     "kube_e2e",
     "kube_watch",
