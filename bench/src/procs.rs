@@ -8,6 +8,7 @@
 use std::{
     fs,
     io::Read as _,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -61,6 +62,9 @@ pub fn sleep(d: Duration) -> Result<()> {
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// Where its stdout and stderr go, when [`Proc::spawn_logged`] started it: an early exit
+    /// quotes the log's last line (sockperf reports a failed bind there and exits with 0).
+    log: Option<PathBuf>,
 }
 
 impl Proc {
@@ -72,7 +76,17 @@ impl Proc {
         Ok(Self {
             name: name.to_owned(),
             child,
+            log: None,
         })
+    }
+
+    /// Like [`Proc::spawn`], with stdout and stderr written to `log` (truncated first).
+    pub fn spawn_logged(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        let out = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        cmd.stdout(out.try_clone()?).stderr(out);
+        let mut p = Self::spawn(name, cmd)?;
+        p.log = Some(log.to_owned());
+        Ok(p)
     }
 
     pub fn pid(&self) -> u32 {
@@ -83,7 +97,21 @@ impl Proc {
     /// rejected its configuration).
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited early with {status}", self.name);
+            let last = self
+                .log
+                .as_ref()
+                .and_then(|l| fs::read_to_string(l).ok())
+                .and_then(|t| {
+                    t.lines()
+                        .rev()
+                        .map(str::trim)
+                        .find(|l| !l.is_empty())
+                        .map(str::to_owned)
+                });
+            match last {
+                Some(last) => bail!("{} exited early with {status}: {last}", self.name),
+                None => bail!("{} exited early with {status}", self.name),
+            }
         }
         Ok(())
     }
@@ -280,7 +308,7 @@ pub fn processes_cpu(pids: &[u32]) -> Result<f64> {
 }
 
 /// Descriptors the harness asks for (children inherit them): 10 000 idle flows through an
-/// agent are some 40 000 descriptors there.
+/// agent are 20 000 descriptors there (two sockets per flow end), plus its own.
 const NOFILE_WANTED: libc::rlim_t = 1 << 17;
 
 /// Raises the open-file limit (children inherit it): to [`NOFILE_WANTED`] where allowed (root),
@@ -295,7 +323,7 @@ pub fn raise_nofile_limit() -> Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
     }
-    // The `scale` workload holds 10 000 idle flows: about four descriptors each in an agent.
+    // The `scale` workload holds 10 000 idle flows: two descriptors each in an agent.
     // As root the hard limit may rise too (up to fs.nr_open); if it may not, keep it.
     let wanted = libc::rlimit {
         rlim_cur: NOFILE_WANTED.max(lim.rlim_max),
@@ -309,6 +337,19 @@ pub fn raise_nofile_limit() -> Result<u64> {
     // SAFETY: setrlimit reads the struct we own.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
         return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The open-file limit this process (and every child it starts) runs under.
+pub fn nofile_limit() -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
     }
     Ok(lim.rlim_cur)
 }

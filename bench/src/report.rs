@@ -13,7 +13,7 @@ use crate::{
     modes::Mode,
     plot::{Chart, Series, page},
     topology::Layout,
-    workloads::{SCALE_FLOWS, SCALE_IDLE, SCALE_THREADS, Workload},
+    workloads::{SCALE_FLOWS, SCALE_THREADS, Workload},
 };
 
 /// One measured value.
@@ -254,7 +254,7 @@ impl LayoutResults {
 }
 
 /// The metrics a reader looks at first, in reading order.
-const HEADLINE: [(Workload, &str, &str); 17] = [
+const HEADLINE: [(Workload, &str, &str); 18] = [
     (Workload::Iperf1, "mb_s", "bulk 1 stream, MB/s"),
     (Workload::Iperf4, "mb_s", "bulk 4 streams, MB/s"),
     (
@@ -269,6 +269,11 @@ const HEADLINE: [(Workload, &str, &str); 17] = [
     ),
     (Workload::Rr64, "p50_us", "RTT 64 B p50, µs"),
     (Workload::Rr64, "p99_us", "RTT 64 B p99, µs"),
+    (
+        Workload::Rr64,
+        "p99_block_median_us",
+        "RTT 64 B p99, median of 1 000-trip blocks, µs",
+    ),
     (Workload::Rr1k, "p50_us", "RTT 1 KiB p50, µs"),
     (Workload::Http, "p50_us", "HTTP p50 at the fixed rate, µs"),
     (Workload::Http, "p90_us", "HTTP p90, µs"),
@@ -394,14 +399,43 @@ impl LayoutResults {
             let _ = write!(s, "| {} | {} | {dir} |", r.workload.label(), r.metric);
             for m in ours {
                 for map in [&r.vs_ztunnel, &r.vs_ztunnel_1stream] {
-                    let _ = write!(
-                        s,
-                        " {} |",
-                        map.get(m).map_or("—".to_owned(), |x| fmt_num(x.median))
-                    );
+                    let _ = write!(s, " {} |", map.get(m).map_or("—".to_owned(), fmt_ratio));
                 }
             }
             s.push('\n');
+        }
+        s.push_str("\nCells: median [lowest–highest] of the per-round ratios.\n");
+        s
+    }
+
+    /// The agent under test ÷ the baseline agent (`--baseline-agent`), paired per round, for
+    /// every metric both measured; empty without the baseline mode.
+    pub fn baseline_table(&self) -> String {
+        let mut s = String::new();
+        let (ours, base) = (Mode::InterceptorRelay, Mode::InterceptorRelayBase);
+        let rows: Vec<(&Row, Ratio)> = self
+            .rows
+            .iter()
+            .filter_map(|r| Some((r, self.ratio(ours, base, r.workload, &r.metric)?)))
+            .collect();
+        if rows.is_empty() {
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\nThis agent ÷ the baseline agent (relay), per-round ratios: median [lowest–highest]:\n"
+        );
+        let _ = writeln!(s, "| workload | metric | dir | relay ÷ baseline |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for (r, ratio) in rows {
+            let dir = if r.lower_is_better { "↓" } else { "↑" };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {dir} | {} |",
+                r.workload.label(),
+                r.metric,
+                fmt_ratio(&ratio)
+            );
         }
         s
     }
@@ -422,7 +456,13 @@ fn meta(metric: &str) -> (&'static str, bool) {
         "mb_s" => ("MB/s", false),
         "cpu_s_per_gb" | "busy_cpu_s_per_gb" | "proxy_cpu_s_per_gb" => ("CPU-s/GB", true),
         "tcp_retransmits" => ("count", true),
-        "p50_us" | "p90_us" | "p99_us" | "p999_us" | "sender_lateness_p99_us" => ("µs", true),
+        "p50_us"
+        | "p90_us"
+        | "p99_us"
+        | "p999_us"
+        | "sender_lateness_p99_us"
+        | "p99_block_median_us" => ("µs", true),
+        "round_trips" => ("count", false),
         "achieved_rps" => ("req/s", false),
         "errors" => ("count", true),
         "vcpu_per_krps" | "proxy_vcpu_per_krps" => ("vCPU per 1000 rps", true),
@@ -462,6 +502,21 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     let lo = pos.floor() as usize;
     let hi = pos.ceil() as usize;
     s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
+}
+
+/// A paired ratio with its spread: the median, and the lowest and highest round where there
+/// are three or more (one disturbed round shows as a wide bracket, not as a moved median).
+fn fmt_ratio(r: &Ratio) -> String {
+    if r.per_round.len() < 3 {
+        return fmt_num(r.median);
+    }
+    let lo = r.per_round.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = r
+        .per_round
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    format!("{} [{}–{}]", fmt_num(r.median), fmt_num(lo), fmt_num(hi))
 }
 
 fn stat(v: &[f64]) -> Stat {
@@ -699,6 +754,7 @@ impl Report {
                 s.push('\n');
             }
             s.push_str(&l.ztunnel_table(&ours));
+            s.push_str(&l.baseline_table());
             let _ = writeln!(s, "\nTargets (issue 5):\n");
             let _ = writeln!(s, "| target | goal | measured | met |");
             let _ = writeln!(s, "|---|---|---|---|");
@@ -854,12 +910,13 @@ impl Report {
     }
 }
 
-/// One scaling curve: title, x label, y label, the x values, the metric name at an x.
+/// One scaling curve: title, x label, y label, the x values (`None`: the idle counts the
+/// run held, see `workloads::scale_idle_counts`), the metric name at an x.
 type Curve = (
     &'static str,
     &'static str,
     &'static str,
-    &'static [usize],
+    Option<&'static [usize]>,
     fn(usize) -> String,
 );
 
@@ -868,42 +925,42 @@ const CURVES: [Curve; 6] = [
         "bulk throughput",
         "concurrent flows",
         "MB/s",
-        &SCALE_FLOWS,
+        Some(&SCALE_FLOWS),
         |x| format!("bulk_p{x}_mb_s"),
     ),
     (
         "proxy CPU per GB",
         "concurrent flows",
         "CPU-s/GB",
-        &SCALE_FLOWS,
+        Some(&SCALE_FLOWS),
         |x| format!("bulk_p{x}_proxy_cpu_s_per_gb"),
     ),
     (
         "proxy RSS per idle connection",
         "idle connections",
         "KB",
-        &SCALE_IDLE,
+        None,
         |x| format!("idle_n{x}_rss_kb_per_conn"),
     ),
     (
         "proxy descriptors per idle connection",
         "idle connections",
         "fds",
-        &SCALE_IDLE,
+        None,
         |x| format!("idle_n{x}_fds_per_conn"),
     ),
     (
         "new connections/s",
         "client threads",
         "conn/s",
-        &SCALE_THREADS,
+        Some(&SCALE_THREADS),
         |x| format!("setup_t{x}_conn_per_s"),
     ),
     (
         "proxy CPU per new connection",
         "client threads",
         "CPU-ms",
-        &SCALE_THREADS,
+        Some(&SCALE_THREADS),
         |x| format!("setup_t{x}_proxy_cpu_ms_per_conn"),
     ),
 ];
@@ -936,7 +993,23 @@ impl Report {
         let mut charts = Vec::new();
         let mut any = false;
         for (i, l) in self.layouts.iter().enumerate() {
+            // The idle counts held: the host's open-file limit may cap them.
+            let mut idle: Vec<usize> = l
+                .rows
+                .iter()
+                .filter(|r| r.workload == Workload::Scale)
+                .filter_map(|r| {
+                    r.metric
+                        .strip_prefix("idle_n")?
+                        .strip_suffix("_rss_kb_per_conn")?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            idle.sort_unstable();
+            idle.dedup();
             for (j, (_, x_label, y_label, xs, metric)) in CURVES.iter().enumerate() {
+                let xs = xs.unwrap_or(&idle);
                 let series: Vec<Series<'_>> = colors
                     .iter()
                     .filter_map(|(mode, color)| {

@@ -60,7 +60,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
     procs::install_signal_handlers();
     topology::sweep_stale();
     let nofile = procs::raise_nofile_limit()?;
-    if (nofile as usize) < plan.params.idle_flows * 4 + 256 {
+    if (nofile as usize) < plan.params.idle_flows * 2 + 512 {
         eprintln!(
             "bench: note: open-file limit {nofile} may be too low for {} idle flows",
             plan.params.idle_flows
@@ -232,10 +232,40 @@ fn one_mode(
         mode.label(),
         round.map_or("warmup".to_owned(), |r| format!("r{r}"))
     );
-    let active = modes::start(mode, topo, env, &tag)?;
+    let mut active = modes::start(mode, topo, env, &tag)?;
     for &w in &plan.workloads {
         procs::check_interrupted()?;
-        match workloads::run(w, topo, &active, env, params) {
+        if w == Workload::Scale {
+            // Each idle point on proxies started for it, before anything else ran through
+            // them: memory earlier workloads left freed but resident would be reused by the
+            // held flows and hide their cost.
+            for count in workloads::scale_idle_counts(procs::nofile_limit()?) {
+                procs::check_interrupted()?;
+                active.teardown()?;
+                active = modes::start(mode, topo, env, &format!("{tag}-idle{count}"))?;
+                let metrics = workloads::scale_idle(topo, &active, env, count);
+                recorded(w, round, mode, metrics, results);
+            }
+            active.teardown()?;
+            active = modes::start(mode, topo, env, &format!("{tag}-scale"))?;
+        }
+        let metrics = workloads::run(w, topo, &active, env, params);
+        recorded(w, round, mode, metrics, results);
+    }
+    active.teardown()
+}
+
+/// Prints a workload's metrics and keeps them (`round` None: the warm-up, kept nowhere), or
+/// its failure.
+fn recorded(
+    w: Workload,
+    round: Option<usize>,
+    mode: Mode,
+    metrics: Result<Vec<workloads::Metric>>,
+    results: &mut LayoutResults,
+) {
+    {
+        match metrics {
             Ok(metrics) => {
                 println!(
                     "  {:<7} {}",
@@ -259,7 +289,6 @@ fn one_mode(
                 }
             }
             Err(e) => {
-                procs::check_interrupted()?;
                 println!("  {:<7} FAILED: {e:#}", w.label());
                 if let Some(round) = round {
                     results.failures.push(Failure {
@@ -272,7 +301,6 @@ fn one_mode(
             }
         }
     }
-    active.teardown()
 }
 
 fn short_num(v: f64) -> String {

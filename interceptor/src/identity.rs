@@ -5,7 +5,7 @@
 //! as untrusted bytes: every failure is an error value, and any input echoed in an error message
 //! is escaped and truncated so a hostile peer cannot forge log lines.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
@@ -22,12 +22,29 @@ pub struct TrustDomain(String);
 ///
 /// Only this path shape is accepted because it is the only one the mesh issues; anything else
 /// in a peer certificate is a foreign or malformed identity.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Shared, not copied: every open flow keeps the identities it was decided on (to decide it
+/// again when policy changes), and a clone is a reference count, not three strings per flow.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct SpiffeId {
+pub struct SpiffeId(Arc<SpiffeParts>);
+
+/// What a [`SpiffeId`] names; the field order is its sort order.
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct SpiffeParts {
     trust_domain: TrustDomain,
     namespace: String,
     service_account: String,
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeId")
+            .field("trust_domain", &self.0.trust_domain)
+            .field("namespace", &self.0.namespace)
+            .field("service_account", &self.0.service_account)
+            .finish()
+    }
 }
 
 /// Why a trust domain or SPIFFE ID string was rejected.
@@ -172,11 +189,11 @@ impl SpiffeId {
                 rule,
             });
         }
-        Ok(Self {
+        Ok(Self(Arc::new(SpiffeParts {
             trust_domain,
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-        })
+        })))
     }
 
     /// Reads the single SPIFFE ID from a DER certificate's URI SANs.
@@ -200,17 +217,17 @@ impl SpiffeId {
 
     /// The trust domain that vouches for this identity.
     pub fn trust_domain(&self) -> &TrustDomain {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     /// The Kubernetes namespace of the service account.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     /// The service account's name within its namespace.
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 }
 
@@ -265,7 +282,7 @@ impl fmt::Display for SpiffeId {
         write!(
             f,
             "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }

@@ -90,6 +90,9 @@ pub struct RelayStats {
     /// in `parked` (see [`ParkedKtls`]); other relays ignore it and run on.
     park: AtomicBool,
     parked: std::sync::Mutex<Option<Box<ParkedKtls>>>,
+    /// The flow's owner closed it (a policy change): the relay resets both of its sockets
+    /// at its next poll and ends with `Ok` (see [`RelayStats::cancel`]).
+    cancel: AtomicBool,
 }
 
 impl RelayStats {
@@ -124,6 +127,19 @@ impl RelayStats {
 
     fn park_requested(&self) -> bool {
         self.park.load(Ordering::Acquire)
+    }
+
+    /// Asks the relay to reset both its sockets and end at its next poll (the caller polls
+    /// it again; it ends with `Ok`). The relay owns the flow's only descriptors of them: a
+    /// flow end costs its two sockets and nothing kept aside to reset them from outside.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+
+    /// Whether the flow's owner cancelled it; a relay checks it at the start of every poll
+    /// and, once its loop has ended, to reset instead of closing.
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
     }
 
     fn deposit(&self, parked: ParkedKtls) {
@@ -192,6 +208,13 @@ pub struct RelayConfig {
     /// made to give up its secrets: such flows keep rustls for their whole life. Set by
     /// [`relay`] for the mesh sessions it is given; other callers leave it off.
     pub own_record_layer: bool,
+    /// A flow that fails before the app sent a byte (the server side refused it right after
+    /// the handshake) holds the app's reset until the app's request arrives, at most this
+    /// long, as a refused outbound connection is answered: an app still finishing its own
+    /// connect would otherwise see a failed connect (curl exit 7) instead of a refused
+    /// request (exit 56), depending on scheduling. Set for outbound TLS flows, which count
+    /// the app's bytes.
+    pub reset_after_request: Option<Duration>,
 }
 
 /// How long a relay with [`RelayConfig::peer_fin_first`] waits for the peer's FIN after both
@@ -208,6 +231,7 @@ impl Default for RelayConfig {
             max_tx_records: None,
             peer_fin_first: false,
             own_record_layer: false,
+            reset_after_request: None,
         }
     }
 }
@@ -284,41 +308,39 @@ pub enum RelayError {
     RecordLayer(#[source] record::RecordError),
 }
 
-impl RelayError {
-    /// Every [`RelayError::reason`], for metrics that start each series at zero.
-    pub const REASONS: [&'static str; 12] = [
-        "truncated",
-        "peer_alert",
-        "unexpected_record",
-        "tls",
-        "idle_timeout",
-        "record_limit",
-        "ktls",
-        "setup",
-        "app",
-        "peer",
-        "passthrough",
-        "record_layer",
-    ];
+/// Writes [`RelayError::reason`] and [`RelayError::REASONS`] from one table, so the list the
+/// metrics start at zero cannot miss a reason the match returns (the match is exhaustive, so
+/// a new variant does not compile without its row).
+macro_rules! relay_error_reasons {
+    ($($variant:pat => $reason:literal,)+) => {
+        impl RelayError {
+            /// Every [`RelayError::reason`], for metrics that start each series at zero.
+            pub const REASONS: &'static [&'static str] = &[$($reason),+];
 
-    /// A short, stable name of why the flow failed: the `reason` label of failed flows and
-    /// the `code` of their access log lines.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            RelayError::Truncated => "truncated",
-            RelayError::PeerAlert(_) => "peer_alert",
-            RelayError::UnexpectedRecord { .. } => "unexpected_record",
-            RelayError::Tls(_) => "tls",
-            RelayError::IdleTimeout(_) => "idle_timeout",
-            RelayError::RecordLimit { .. } => "record_limit",
-            RelayError::Ktls(_) => "ktls",
-            RelayError::Setup(_) => "setup",
-            RelayError::App(_) => "app",
-            RelayError::Peer(_) => "peer",
-            RelayError::Passthrough(_) => "passthrough",
-            RelayError::RecordLayer(_) => "record_layer",
+            /// A short, stable name of why the flow failed: the `reason` label of failed flows
+            /// and the `code` of their access log lines.
+            pub fn reason(&self) -> &'static str {
+                match self {
+                    $($variant => $reason,)+
+                }
+            }
         }
-    }
+    };
+}
+
+relay_error_reasons! {
+    RelayError::Truncated => "truncated",
+    RelayError::PeerAlert(_) => "peer_alert",
+    RelayError::UnexpectedRecord { .. } => "unexpected_record",
+    RelayError::Tls(_) => "tls",
+    RelayError::IdleTimeout(_) => "idle_timeout",
+    RelayError::RecordLimit { .. } => "record_limit",
+    RelayError::Ktls(_) => "ktls",
+    RelayError::Setup(_) => "setup",
+    RelayError::App(_) => "app",
+    RelayError::Peer(_) => "peer",
+    RelayError::Passthrough(_) => "passthrough",
+    RelayError::RecordLayer(_) => "record_layer",
 }
 
 /// Readies the socket to the peer agent for `layer`; call it right after connect/accept,
@@ -371,15 +393,17 @@ pub fn relay(
                     // A kernel-only client session (the node runs kTLS, and the ULP attached
                     // before its handshake); losing the ULP since cannot happen short of the
                     // socket failing, so the flow ends.
-                    reset(&app);
-                    reset(&peer);
-                    return Box::pin(std::future::ready(Err(RelayError::Ktls(
-                        KtlsError::UnsupportedSecrets(
+                    return failed_at_start(
+                        app,
+                        peer,
+                        config,
+                        stats,
+                        RelayError::Ktls(KtlsError::UnsupportedSecrets(
                             "the kernel refused the tls ULP after a handshake that only kernel \
                              TLS can carry on"
                                 .into(),
-                        ),
-                    ))));
+                        )),
+                    );
                 }
             };
             stats.set_mode(RelayMode::Userspace);
@@ -414,12 +438,26 @@ pub fn relay(
                 stats,
             ))
         }
-        Err(e) => {
-            reset(&app);
-            reset(&peer);
-            Box::pin(std::future::ready(Err(RelayError::Ktls(e))))
-        }
+        Err(e) => failed_at_start(app, peer, config, stats, RelayError::Ktls(e)),
     }
+}
+
+/// A relay that failed before it started: both sockets reset, the app's held as
+/// [`RelayConfig::reset_after_request`] says.
+fn failed_at_start(
+    app: TcpStream,
+    peer: TcpStream,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+    e: RelayError,
+) -> Pin<Box<dyn Future<Output = Result<(), RelayError>> + Send>> {
+    reset(&app);
+    reset(&peer);
+    Box::pin(async move {
+        await_request(&app, &config, &stats).await;
+        drop(peer);
+        Err(e)
+    })
 }
 
 /// Userspace relay: `conn` is the finished session on `peer`; `leftover` is plaintext the
@@ -525,6 +563,18 @@ fn shutdown_write(sock: &TcpStream) -> io::Result<()> {
     std::net::TcpStream::from(dup).shutdown(std::net::Shutdown::Write)
 }
 
+/// Holds a failed flow's reset (see [`RelayConfig::reset_after_request`]): while the app has
+/// sent nothing, waits until it sends something or closes, at most that long. The caller
+/// reset the sockets already; they go out when it drops them.
+async fn await_request(app: &TcpStream, config: &RelayConfig, stats: &RelayStats) {
+    let Some(wait) = config.reset_after_request else {
+        return;
+    };
+    if stats.bytes_app_to_peer() == 0 {
+        let _ = tokio::time::timeout(wait, app.readable()).await;
+    }
+}
+
 /// Waits (at most [`PEER_FIN_WAIT`]) until the peer's FIN has arrived, after its
 /// close_notify; whatever else arrives ends the wait too (the caller closes either way).
 async fn await_peer_fin(peer: &TcpStream) {
@@ -594,5 +644,28 @@ fn wait_ready(ready: Poll<io::Result<()>>) -> io::Result<Step> {
         Poll::Ready(Ok(())) => Ok(Step::Progress),
         Poll::Ready(Err(e)) => Err(e),
         Poll::Pending => Ok(Step::Idle),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RelayError;
+
+    /// Each reason is its own metric series and access-log code: two variants sharing one, or
+    /// one named like the `other` series for failures that are not relay errors, would merge
+    /// causes an operator must tell apart.
+    #[test]
+    fn every_relay_error_reason_is_distinct_and_not_other() {
+        let mut seen = std::collections::HashSet::new();
+        for r in RelayError::REASONS {
+            assert!(seen.insert(*r), "reason {r:?} listed twice");
+            assert_ne!(*r, "other");
+            assert!(
+                r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{r:?} is not a snake_case label value"
+            );
+        }
+        let truncated = RelayError::Truncated;
+        assert!(RelayError::REASONS.contains(&truncated.reason()));
     }
 }

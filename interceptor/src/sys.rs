@@ -355,9 +355,12 @@ pub fn poll_read_spare(
     sock: &mut tokio::net::TcpStream,
     cx: &mut std::task::Context<'_>,
     buf: &mut Vec<u8>,
+    limit: usize,
 ) -> std::task::Poll<io::Result<usize>> {
     use tokio::io::AsyncRead as _;
-    let mut read = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+    let spare = buf.spare_capacity_mut();
+    let room = spare.len().min(limit);
+    let mut read = tokio::io::ReadBuf::uninit(&mut spare[..room]);
     match std::pin::Pin::new(sock).poll_read(cx, &mut read) {
         std::task::Poll::Ready(Ok(())) => {}
         other => return other.map_ok(|()| 0),

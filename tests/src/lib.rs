@@ -1,6 +1,6 @@
 //! Shared harness for the privileged host tests and the VM tests: throwaway network namespaces
 //! and cgroups that are removed even when a test fails, a way to run a connect() from inside a
-//! cgroup + netns, and the wire oracle.
+//! cgroup + netns, and the wire oracle (its own crate, `interceptor-wire`, built optimised).
 //!
 //! Tests that need root never skip: without privileges they fail, saying why.
 
@@ -19,7 +19,9 @@ pub mod process;
 pub mod scenario;
 pub mod topology;
 pub mod upgrade;
-pub mod wire;
+
+/// The wire oracle lives in its own crate so the dev profile can optimise it alone.
+pub use interceptor_wire as wire;
 
 use std::{
     io,

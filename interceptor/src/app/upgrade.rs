@@ -2,6 +2,7 @@
 //! successor, taking them from a predecessor (`run --takeover`), and draining on SIGTERM.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     os::fd::{AsFd as _, OwnedFd},
     sync::{Arc, atomic::Ordering},
@@ -506,20 +507,20 @@ fn flow_transfer(
         FlowCheck::Local(_) => return None,
     };
     Some(FlowTransfer {
-        pod: info.pod.clone(),
+        pod: info.pod.to_string(),
         direction: info.direction,
         source: info.source,
         destination: info.destination,
         endpoint: info.endpoint,
-        peer_id: info.peer_id.clone(),
-        cipher: info.cipher.clone(),
+        peer_id: info.peer_id.as_ref().map(ToString::to_string),
+        cipher: info.cipher.as_deref().map(str::to_owned),
         session: info.session.filter(|s| s.mesh).map(|s| SessionTransfer {
             suite: u16::from(s.suite),
             group: s.group.map(u16::from),
             retried: s.retried,
             resumed: s.resumed,
         }),
-        reason: info.reason.clone(),
+        reason: info.reason.as_deref().map(str::to_owned),
         check,
         policy_generation: generation,
         relay: relay.state.clone(),
@@ -556,12 +557,12 @@ fn flow_from_transfer(t: FlowTransfer) -> anyhow::Result<(FlowInfo, FlowCheck)> 
         }),
     };
     let info = FlowInfo {
-        pod: t.pod,
+        pod: t.pod.into(),
         direction: t.direction,
         destination: t.destination,
         source: t.source,
-        peer_id: t.peer_id,
-        cipher: t.cipher,
+        peer_id: t.peer_id.as_deref().map(id).transpose()?,
+        cipher: t.cipher.map(Cow::Owned),
         session: t.session.map(|s| SessionCrypto {
             suite: rustls::CipherSuite::from(s.suite),
             group: s.group.map(rustls::NamedGroup::from),
@@ -571,7 +572,7 @@ fn flow_from_transfer(t: FlowTransfer) -> anyhow::Result<(FlowInfo, FlowCheck)> 
         }),
         protection: Protection::Ktls,
         endpoint: t.endpoint,
-        reason: t.reason,
+        reason: t.reason.map(Cow::Owned),
     };
     Ok((info, check))
 }

@@ -250,7 +250,7 @@ impl Ends {
     ) -> Self {
         Ends {
             direction: Direction::Outbound,
-            pod: ctx.name.clone(),
+            pod: ctx.name.to_string(),
             source,
             destination,
             endpoint,
@@ -268,7 +268,7 @@ impl Ends {
     ) -> Self {
         Ends {
             direction: Direction::Inbound,
-            pod: ctx.name.clone(),
+            pod: ctx.name.to_string(),
             source,
             destination,
             endpoint: None,
@@ -291,7 +291,7 @@ impl Ends {
         };
         Ends {
             direction,
-            pod: ctx.name.clone(),
+            pod: ctx.name.to_string(),
             source,
             destination,
             endpoint: None,

@@ -3,13 +3,7 @@
 //! (kTLS or userspace for mesh mTLS, userspace for originated TLS, plain splice otherwise),
 //! cancellable by a later policy change.
 
-use std::{
-    future::Future,
-    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
-    pin::Pin,
-    sync::Arc,
-    time::Duration,
-};
+use std::{future::Future, os::fd::AsFd as _, pin::Pin, sync::Arc, time::Duration};
 
 use futures::TryFutureExt as _;
 use tokio::net::TcpStream;
@@ -26,35 +20,28 @@ use crate::{
     telemetry::{Mode, Outcome},
 };
 
-/// SO_LINGER 0 on a duplicate of a socket: the socket is reset when its last descriptor
-/// closes.
-fn zero_linger(fd: &OwnedFd) {
-    let _ = crate::sys::set_zero_linger(fd.as_fd());
-}
-
-/// Runs a relay until it ends or the flow's policy check fails (see `revalidate`); then
-/// both connections are reset, and the relay is dropped. `socks` are duplicates of the relay's
-/// two sockets, taken before they moved into it. An upgrade asking the flow to park is passed
-/// to the relay, which is polled on: the kernel relay then ends with its state in `stats`.
+/// Runs a relay until it ends. A flow its policy check no longer allows (see `revalidate`)
+/// is cancelled through its relay, which resets both connections at its next poll and ends
+/// (the relay owns the flow's only descriptors of its sockets); an upgrade asking the flow to
+/// park is passed to the relay the same way: the kernel relay then ends with its state in
+/// `stats`.
 async fn cancellable(
     cancel: &Cancel,
     stats: &relay::RelayStats,
-    socks: &[OwnedFd],
     relay: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     tokio::pin!(relay);
     loop {
         tokio::select! {
-            r = &mut relay => return r,
+            r = &mut relay => {
+                // A cancelled relay reset its sockets, whatever else it ran into; `revalidate`
+                // logged and counted the flow.
+                return if cancel.is_fired() { Ok(()) } else { r };
+            }
             () = cancel.fired() => {
                 if cancel.is_fired() {
-                    for fd in socks {
-                        zero_linger(fd);
-                    }
-                    // `revalidate` logged and counted it.
-                    return Ok(());
-                }
-                if cancel.parking() {
+                    stats.cancel();
+                } else if cancel.parking() {
                     stats.request_park();
                 }
             }
@@ -66,34 +53,23 @@ async fn cancellable(
 /// row, and nothing else of the set-up.
 pub(super) type Relay<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
 
-/// A listed flow's relay, cancellable through its row (see [`cancellable`]). `socks` are
-/// duplicates of its two sockets, app side first; they keep both open until the relay's
-/// future is done, so the reset a failed relay asked for goes out when they drop.
-///
-/// With `hold_reset` (outbound TLS flows, which count the app's bytes), a flow that fails
-/// before the app sent a byte (the server side refused it right after the handshake) holds
-/// that reset until the app's request arrives, as a refused outbound connection is answered
-/// (`flow::refuse_app`): an app still finishing its own connect would otherwise see a failed
-/// connect (curl exit 7) instead of a refused request (exit 56), depending on scheduling.
+/// A listed flow's relay, cancellable through its row (see [`cancellable`]).
 pub(super) fn relaying<'a>(
     mut guard: FlowGuard<'a>,
-    socks: Vec<OwnedFd>,
-    hold_reset: bool,
     relay: impl Future<Output = anyhow::Result<()>> + Send + 'a,
 ) -> Relay<'a> {
     Box::pin(async move {
-        let result = cancellable(&guard.cancel, &guard.stats, &socks, relay).await;
+        let result = cancellable(&guard.cancel, &guard.stats, relay).await;
         if result.is_ok()
             && let Some(parked) = guard.stats.take_parked()
         {
             match guard.cancel.parked(parked) {
                 Ok(()) => guard.ended(Outcome::HandedOver, None),
-                Err(_parked) => {
-                    // Parked for a successor that is gone: its sockets close with `socks`
-                    // and `_parked`, reset, never a clean end the app could trust.
-                    for fd in &socks {
-                        zero_linger(fd);
-                    }
+                Err(parked) => {
+                    // Parked for a successor that is gone: its sockets close with `parked`,
+                    // reset, never a clean end the app could trust.
+                    let _ = crate::sys::set_zero_linger(parked.app.as_fd());
+                    let _ = crate::sys::set_zero_linger(parked.peer.as_fd());
                     guard.ended(
                         Outcome::Failed,
                         Some("parked for a successor agent that went away".to_owned()),
@@ -110,15 +86,6 @@ pub(super) fn relaying<'a>(
             Ok(()) => guard.ended(Outcome::Closed, None),
             Err(e) => guard.failed(failure_name(e), format!("{e:#}")),
         }
-        if result.is_err()
-            && hold_reset
-            && guard.stats.bytes_app_to_peer() == 0
-            && let Some(app) = socks.first()
-        {
-            // Boxed: its timer and readiness future would otherwise size every flow's relay
-            // state, idle or not, for a wait only failed flows make.
-            Box::pin(await_request(app.as_fd())).await;
-        }
         result
     })
 }
@@ -127,24 +94,6 @@ pub(super) fn relaying<'a>(
 fn failure_name(e: &anyhow::Error) -> &'static str {
     e.downcast_ref::<relay::RelayError>()
         .map_or("other", relay::RelayError::reason)
-}
-
-/// Waits (at most [`REFUSE_WAIT`]) until the app has sent something or closed.
-async fn await_request(app: BorrowedFd<'_>) {
-    let Ok(dup) = app.try_clone_to_owned() else {
-        return;
-    };
-    let Ok(sock) = TcpStream::from_std(std::net::TcpStream::from(dup)) else {
-        return;
-    };
-    let _ = tokio::time::timeout(REFUSE_WAIT, sock.readable()).await;
-}
-
-pub(super) fn dups(socks: [&TcpStream; 2]) -> Vec<OwnedFd> {
-    socks
-        .iter()
-        .filter_map(|s| s.as_fd().try_clone_to_owned().ok())
-        .collect()
 }
 
 pub(super) fn relay_config(shared: &Shared) -> relay::RelayConfig {
@@ -210,20 +159,20 @@ pub(super) fn relay_mesh(
         let ends = Ends::of(&check, &flow.pod);
         return Err(Refusal::new(ends, refused).reset(app).reset(peer).into());
     }
-    let hold_reset = flow.direction == Direction::Outbound;
+    let outbound = flow.direction == Direction::Outbound;
     let guard = shared.flows.insert_checked(flow, Some(check));
     let config = relay::RelayConfig {
         // The dialing agent leaves the first FIN, and with it the TIME_WAIT socket, to the
         // peer agent (see the field).
-        peer_fin_first: hold_reset,
+        peer_fin_first: outbound,
+        reset_after_request: outbound.then_some(REFUSE_WAIT),
         ..relay_config(shared)
     };
-    let socks = dups([&app, &peer]);
     let stats = Arc::clone(&guard.stats);
     // `map_err` rather than an async block, which would hold the boxed relay twice (its
     // capture and the awaited copy) in state that lives as long as the flow.
     let relay = relay::relay(app, peer, est, layer, config, stats).map_err(anyhow::Error::from);
-    Ok(relaying(guard, socks, hold_reset, relay))
+    Ok(relaying(guard, relay))
 }
 
 /// Plaintext passthrough (non-mesh destination, or plaintext a policy allows), under the idle
@@ -254,9 +203,9 @@ pub fn adopt_parked(
 ) {
     let live = super::Live::count(shared);
     let shared = Arc::clone(shared);
-    let hold_reset = info.direction == Direction::Outbound;
     let config = relay::RelayConfig {
         peer_fin_first: parked.state.peer_fin_first,
+        reset_after_request: (info.direction == Direction::Outbound).then_some(REFUSE_WAIT),
         ..relay_config(&shared)
     };
     runtime.spawn(async move {
@@ -269,10 +218,6 @@ pub fn adopt_parked(
             drop(live);
             return;
         }
-        let socks: Vec<OwnedFd> = [parked.app.as_fd(), parked.peer.as_fd()]
-            .iter()
-            .filter_map(|s| s.try_clone_to_owned().ok())
-            .collect();
         let guard = if handed_over {
             shared.flows.insert_handed_over(info, Some(check))
         } else {
@@ -280,7 +225,7 @@ pub fn adopt_parked(
         };
         let stats = Arc::clone(&guard.stats);
         let relay = relay::resume_ktls(parked, config, stats);
-        let _ = relaying(guard, socks, hold_reset, async move { Ok(relay.await?) }).await;
+        let _ = relaying(guard, async move { Ok(relay.await?) }).await;
         drop(live);
     });
 }
@@ -290,14 +235,8 @@ mod tests {
     use super::*;
     use crate::intercept::table::FlowTable;
 
-    /// A relay's state lives as long as its flow, idle or not: the wait only a failed flow
-    /// makes ([`await_request`], a timer and a readiness future) is boxed, so the state holds
-    /// the row's guard, the descriptors and the cancellation wait. (With the wait inline
-    /// this future was 424 bytes in a debug build, 288 without.)
-    #[test]
-    fn a_relays_state_around_the_record_layer_stays_small() {
-        let table = FlowTable::default();
-        let guard = table.insert(FlowInfo {
+    fn info() -> FlowInfo {
+        FlowInfo {
             pod: "web".into(),
             direction: Direction::Outbound,
             destination: "10.88.0.3:80".parse().unwrap(),
@@ -308,9 +247,72 @@ mod tests {
             protection: Protection::Userspace,
             endpoint: None,
             reason: None,
-        });
-        let relay = relaying(guard, Vec::new(), true, async { Ok(()) });
+        }
+    }
+
+    /// A relay's state lives as long as its flow, idle or not: it holds the row's guard and
+    /// the cancellation wait, and no descriptors of its own. (With a failed flow's wait for
+    /// the app's request inline this future was 424 bytes in a debug build, 288 without;
+    /// the relay does that wait now, boxed.)
+    #[test]
+    fn a_relays_state_around_the_record_layer_stays_small() {
+        let table = FlowTable::default();
+        let guard = table.insert(info());
+        let relay = relaying(guard, async { Ok(()) });
         let size = std::mem::size_of_val(&*relay);
         assert!(size <= 320, "the relaying future is {size} bytes");
+    }
+
+    /// How many of this process's descriptors refer to the socket behind `fd`.
+    fn descriptors_of(fd: std::os::fd::BorrowedFd<'_>) -> usize {
+        use std::os::fd::AsRawFd as _;
+        let target = |fd: &str| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+        let me = target(&fd.as_raw_fd().to_string()).unwrap();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| target(&e.file_name().to_string_lossy()).as_ref() == Some(&me))
+            .count()
+    }
+
+    /// A flow end holds its two sockets and nothing else: a cancelled flow is reset by its
+    /// relay, not through second descriptors kept aside, and both far ends see the reset.
+    /// (With duplicates each socket had two descriptors: 4 per flow end, 8 per connection
+    /// through two agents, and 10 000 idle connections ran out of them.)
+    #[tokio::test]
+    async fn a_cancelled_flow_is_reset_by_its_relay_holding_one_descriptor_per_socket() {
+        use tokio::io::AsyncReadExt as _;
+        let (mut app_far, app) = crate::test_tls::tcp_pair().await;
+        let (peer, mut peer_far) = crate::test_tls::tcp_pair().await;
+        // The flow's task borrows the table, as the agent's do (its table lives as long).
+        let table: &'static FlowTable = Box::leak(Box::default());
+        let guard = table.insert(info());
+        let (cancel, stats) = (Arc::clone(&guard.cancel), Arc::clone(&guard.stats));
+        let (app_fd, peer_fd) = (app.as_fd().try_clone_to_owned().unwrap(), peer.as_fd());
+        let peer_fd = peer_fd.try_clone_to_owned().unwrap();
+        let relay = relay::relay_plain(app, peer, relay::RelayConfig::default(), stats);
+        let flow = tokio::spawn(relaying(guard, async move { Ok(relay.await?) }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Our own probes are one descriptor each; the flow holds one per socket.
+        assert_eq!(descriptors_of(app_fd.as_fd()), 2, "app socket");
+        assert_eq!(descriptors_of(peer_fd.as_fd()), 2, "peer socket");
+        drop((app_fd, peer_fd));
+        assert!(cancel.fire_because(crate::refusal::RefusalCode::DenyRule));
+        tokio::time::timeout(Duration::from_secs(5), flow)
+            .await
+            .expect("the cancelled relay ends")
+            .unwrap()
+            .unwrap();
+        for far in [&mut app_far, &mut peer_far] {
+            let mut byte = [0u8; 1];
+            let read = far.read(&mut byte).await;
+            assert_eq!(
+                read.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionReset),
+                "a cancelled flow resets, never ends cleanly"
+            );
+        }
+        let closed = table.rows_with_recent();
+        assert!(closed.iter().all(|r| r.closed), "{closed:?}");
     }
 }

@@ -16,7 +16,7 @@ use super::{
     Shared,
     enforce::{Generation, Refused},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused},
-    handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_mesh, relaying},
+    handoff::{Relay, mesh_mode, plain, prepare_peer, relay_mesh, relaying},
     peek::{self, FirstBytes},
     pod::{PodCtx, agent_source, dial},
     revalidate::admitted_now,
@@ -77,7 +77,7 @@ pub(super) async fn inbound<'a>(
         destination: dst,
         app_source: agent_source(dst.is_ipv6()),
         flow: FlowInfo {
-            pod: ctx.name.clone(),
+            pod: Arc::clone(&ctx.name),
             direction: Direction::Inbound,
             destination: dst,
             source,
@@ -155,13 +155,13 @@ async fn mesh<'a>(
         }
     }
     match generation.inbound(source, dst, Some(&peer)) {
-        Ok(code) => inbound.flow.reason = Some(code.to_owned()),
+        Ok(code) => inbound.flow.reason = Some(code.into()),
         Err(refused) => return Err(inbound.refuse_from(Some(&peer), client, refused)),
     }
     let decided_by = generation.number;
     drop(generation);
-    inbound.flow.peer_id = Some(peer.to_string());
-    inbound.flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+    inbound.flow.peer_id = Some(peer.clone());
+    inbound.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
     let session = SessionCrypto::mesh(&est.negotiated);
     inbound.flow.session = Some(session);
     let app = dial(ctx, dst, Some(inbound.app_source)).await?;
@@ -190,7 +190,7 @@ async fn plaintext<'a>(
 ) -> Result<Relay<'a>, Stop> {
     let (ctx, source, dst) = (inbound.ctx, inbound.source, inbound.destination);
     match generation.inbound(source, dst, None) {
-        Ok(code) => inbound.flow.reason = Some(code.to_owned()),
+        Ok(code) => inbound.flow.reason = Some(code.into()),
         Err(refused) => return Err(inbound.refuse(client, refused)),
     }
     let decided_by = generation.number;
@@ -206,9 +206,8 @@ async fn plaintext<'a>(
         return Err(Refusal::new(ends, refused).reset(client).reset(app).into());
     }
     let guard = shared.flows.insert_checked(inbound.flow, Some(check));
-    let socks = dups([&client, &app]);
     let relay = plain(shared, client, app, &guard);
-    Ok(relaying(guard, socks, false, relay))
+    Ok(relaying(guard, relay))
 }
 
 /// Waits for the client's first bytes (at most `wait` for a silent, server-speaks-first

@@ -23,7 +23,7 @@ use super::{
     Shared,
     enforce::{Generation, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop},
-    handoff::{Relay, dups, relay_config, relaying},
+    handoff::{Relay, relay_config, relaying},
     outbound::Outbound,
     pod::{PodCtx, agent_source, dial},
     revalidate::admitted_now,
@@ -179,13 +179,12 @@ pub(super) async fn relay<'a>(
         peer = %server.id, "outbound same-node"
     );
     out.flow.protection = Protection::Local;
-    out.flow.peer_id = Some(server.id.to_string());
+    out.flow.peer_id = Some(server.id.clone());
     out.flow.reason = Some(match out.flow.reason.take() {
-        Some(client_side) => format!("{client_side}; {} {code}", server.name),
-        None => format!("{} {code}", server.name),
+        Some(client_side) => format!("{client_side}; {} {code}", server.name).into(),
+        None => format!("{} {code}", server.name).into(),
     });
     let guard = shared.flows.insert_checked(out.flow, Some(check));
-    let socks = dups([&app, &peer]);
     let config = relay_config(shared);
     let stats = Arc::clone(&guard.stats);
     let joined = shared
@@ -199,7 +198,7 @@ pub(super) async fn relay<'a>(
             None => crate::relay::relay_spliced(app, peer, config, stats).await,
         }
     };
-    Ok(relaying(guard, socks, false, async move {
+    Ok(relaying(guard, async move {
         let ended = relay.await;
         drop(permit);
         Ok(ended?)

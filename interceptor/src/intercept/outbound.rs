@@ -16,7 +16,7 @@ use super::{
     Offload, Shared,
     enforce::{self, Plan, Refused, Transport},
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
-    handoff::{Relay, dups, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
+    handoff::{Relay, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
     local, originate,
     pod::{CONNECT_TIMEOUT, MeshDial, PodCtx, dial, dial_mesh, pod_ip},
     revalidate::admitted_now,
@@ -112,7 +112,7 @@ pub(super) async fn outbound<'a>(
             tls,
         }),
         flow: FlowInfo {
-            pod: ctx.name.clone(),
+            pod: Arc::clone(&ctx.name),
             direction: Direction::Outbound,
             destination: dst,
             source: app_addr,
@@ -121,7 +121,7 @@ pub(super) async fn outbound<'a>(
             session: None,
             protection: Protection::Plaintext,
             endpoint: Some(endpoint),
-            reason: Some(reason),
+            reason: Some(reason.into()),
         },
     };
     // Only ever a mesh flow to a pod of this agent (see `local::candidate`).
@@ -178,9 +178,8 @@ fn plaintext<'a>(
             .into());
     }
     let guard = shared.flows.insert_checked(out.flow, Some(out.check));
-    let socks = dups([&app, &peer]);
     let relay = plain(shared, app, peer, &guard);
-    Ok(relaying(guard, socks, false, relay))
+    Ok(relaying(guard, relay))
 }
 
 /// Mesh mTLS to the agent of the server pod, which must present `expected`; the session
@@ -324,8 +323,8 @@ fn established<'a>(
             .reset(peer)
             .into());
     }
-    out.flow.peer_id = Some(est.peer().to_string());
-    out.flow.cipher = Some(format!("{:?}", est.negotiated.suite.suite()));
+    out.flow.peer_id = Some(est.peer().clone());
+    out.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
     let session = SessionCrypto::mesh(&est.negotiated);
     out.flow.session = Some(session);
     debug!(
@@ -379,25 +378,22 @@ async fn originate<'a>(
     out.flow.protection = Protection::Tls;
     out.flow.cipher = conn
         .negotiated_cipher_suite()
-        .map(|s| format!("{:?}", s.suite()));
+        .map(|s| super::table::suite_name(s.suite()));
     out.flow.session = SessionCrypto::originated(&conn);
     if let Err(refused) = admitted_now(shared, out.decided_by, &out.check) {
         let ends = Ends::of(&out.check, &out.ctx.name);
         return Err(Refusal::new(ends, refused).reset(app).reset(peer).into());
     }
     let guard = shared.flows.insert_checked(out.flow, Some(out.check));
-    let config = relay_config(shared);
-    let socks = dups([&app, &peer]);
+    let config = crate::relay::RelayConfig {
+        reset_after_request: Some(super::flow::REFUSE_WAIT),
+        ..relay_config(shared)
+    };
     let stats = Arc::clone(&guard.stats);
     // Boxed before the future captures it: see `relay::relay_userspace`.
     let conn = Box::new(conn);
     let relay = crate::relay::relay_userspace(app, peer, conn, leftover, config, stats);
-    Ok(relaying(
-        guard,
-        socks,
-        true,
-        async move { Ok(relay.await?) },
-    ))
+    Ok(relaying(guard, async move { Ok(relay.await?) }))
 }
 
 /// A client connection built before the connect, in the form its record layer needs.

@@ -76,7 +76,8 @@ impl Drop for PodHandle {
 
 /// A pod-side context every handler gets.
 pub(super) struct PodCtx {
-    pub(super) name: String,
+    /// Shared with every open flow's row.
+    pub(super) name: Arc<str>,
     pub(super) id: SpiffeId,
     pub(super) ips: Vec<IpAddr>,
     pub(super) netns: std::fs::File,
@@ -212,7 +213,7 @@ pub fn enroll(
     }
     let started = (|| -> anyhow::Result<PodHandle> {
         let ctx = Arc::new(PodCtx {
-            name: workload.name.clone(),
+            name: workload.name.as_str().into(),
             id,
             ips: workload.ips.clone(),
             netns: std::fs::File::open(&workload.netns)?,

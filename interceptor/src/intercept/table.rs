@@ -2,6 +2,7 @@
 //! proved to be, how it is encrypted, and live byte counts.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
@@ -49,23 +50,25 @@ pub enum Protection {
     Local,
 }
 
+/// Kept per open flow for its whole life, so its strings are shared where they can be: the
+/// pod's name with the pod, identities with whoever verified them, the suite's name static.
 #[derive(Debug, Clone)]
 pub struct FlowInfo {
-    pub pod: String,
+    pub pod: Arc<str>,
     pub direction: Direction,
     /// Outbound: where the app connected; inbound: the pod address the client reached.
     pub destination: SocketAddr,
     /// Outbound: the app socket; inbound: the client.
     pub source: SocketAddr,
-    pub peer_id: Option<String>,
-    pub cipher: Option<String>,
+    pub peer_id: Option<SpiffeId>,
+    pub cipher: Option<Cow<'static, str>>,
     /// Suite and key-exchange group of the flow's TLS session, if it has one.
     pub session: Option<SessionCrypto>,
     pub protection: Protection,
     /// Outbound: the address the agent connected to (a service VIP's chosen endpoint).
     pub endpoint: Option<SocketAddr>,
     /// The policy decision that let the flow through (mode or rule).
-    pub reason: Option<String>,
+    pub reason: Option<Cow<'static, str>>,
 }
 
 /// What a flow's TLS session negotiated, kept so a new crypto policy can judge it again.
@@ -79,6 +82,13 @@ pub struct SessionCrypto {
     pub resumed: bool,
     /// Mesh mTLS (else TLS the agent originated to a server outside the mesh).
     pub mesh: bool,
+}
+
+/// A suite's name as flows list it: static for every suite rustls knows.
+pub fn suite_name(suite: CipherSuite) -> Cow<'static, str> {
+    suite
+        .as_str()
+        .map_or_else(|| format!("{suite:?}").into(), Cow::Borrowed)
 }
 
 impl SessionCrypto {
@@ -400,14 +410,14 @@ fn meta(info: &FlowInfo, mode: Mode, handed_over: bool) -> FlowMeta {
         handed_over,
         direction: direction(info.direction),
         mode,
-        pod: info.pod.clone(),
+        pod: info.pod.to_string(),
         source: info.source,
         destination: info.destination,
         endpoint: info.endpoint.filter(|e| *e != info.destination),
-        peer_principal: info.peer_id.clone(),
-        cipher: info.cipher.clone(),
+        peer_principal: info.peer_id.as_ref().map(ToString::to_string),
+        cipher: info.cipher.as_deref().map(str::to_owned),
         group: info.session.and_then(|s| s.group_label()),
-        decision: info.reason.clone(),
+        decision: info.reason.as_deref().map(str::to_owned),
     }
 }
 
@@ -415,12 +425,12 @@ fn row(id: u64, entry: &Entry) -> FlowRow {
     let (i, c) = (&entry.info, &entry.stats);
     FlowRow {
         id,
-        pod: i.pod.clone(),
+        pod: i.pod.to_string(),
         direction: i.direction,
         source: i.source,
         destination: i.destination,
-        peer_id: i.peer_id.clone(),
-        cipher: i.cipher.clone(),
+        peer_id: i.peer_id.as_ref().map(ToString::to_string),
+        cipher: i.cipher.as_deref().map(str::to_owned),
         group: i.session.and_then(|s| s.group_label()),
         resumed: i.session.map(|s| s.resumed),
         protection: protection(i.protection, c.mode()),
@@ -428,7 +438,7 @@ fn row(id: u64, entry: &Entry) -> FlowRow {
         bytes_from_peer: c.bytes_peer_to_app(),
         closed: false,
         endpoint: i.endpoint,
-        reason: i.reason.clone(),
+        reason: i.reason.as_deref().map(str::to_owned),
         mode: Some(entry.labels.mode),
         handed_over: entry.handed_over,
     }

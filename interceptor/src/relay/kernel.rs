@@ -33,7 +33,7 @@ use tokio::{
 
 use super::{
     IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, await_peer_fin,
-    buf::Buf, ktls_record_limit, reset, shutdown_write, wait_ready,
+    await_request, buf::Buf, ktls_record_limit, reset, shutdown_write, wait_ready,
 };
 use crate::{
     handshake::driver::TicketSink,
@@ -92,6 +92,8 @@ pub(super) async fn run(
         Err(e) => {
             reset(&app);
             reset(&peer);
+            // Boxed: only a failed set-up makes this wait.
+            Box::pin(await_request(&app, &config, &stats)).await;
             return Err(RelayError::Setup(e));
         }
     };
@@ -129,7 +131,8 @@ pub(super) async fn run(
 
 /// Runs the relay to its end, or until the flow is parked for a successor agent
 /// ([`RelayStats::request_park`]): then the sockets and pipes leave in a [`ParkedKtls`] left in
-/// `stats`, untouched (no reset, no FIN), and the future ends with `Ok`.
+/// `stats`, untouched (no reset, no FIN), and the future ends with `Ok`. A cancelled flow
+/// ([`RelayStats::cancel`]) is reset on both sides and ends with `Ok`.
 async fn drive(
     mut relay: Kernel,
     mut idle: IdleTimer,
@@ -150,9 +153,16 @@ async fn drive(
             }
         }
     }
+    if relay.stats.cancelled() {
+        reset(&relay.app);
+        reset(&relay.peer);
+        return Ok(());
+    }
     if result.is_err() {
         reset(&relay.app);
         reset(&relay.peer);
+        // Boxed: only a failed flow makes this wait.
+        Box::pin(await_request(&relay.app, &config, &relay.stats)).await;
     } else if relay.peer_fin_first {
         await_peer_fin(&relay.peer).await;
     }
@@ -451,6 +461,9 @@ impl Kernel {
             // Between two polls every byte is in a socket, a pipe or `to_app`: a consistent
             // point to stop. A copying lane (sk_msg local leg) holds bytes in this process's
             // memory and is not parked; its flow ends here.
+            if self.stats.cancelled() {
+                return Poll::Ready(Ok(()));
+            }
             if self.stats.park_requested() && self.parkable() {
                 self.parked = true;
                 return Poll::Ready(Ok(()));

@@ -80,6 +80,9 @@ pub(super) async fn run(
         let mut idle = IdleTimer::new(config.idle_timeout);
         let mut seen = 0;
         std::future::poll_fn(|cx| {
+            if stats.cancelled() {
+                return Poll::Ready(Ok(()));
+            }
             if let Poll::Ready(r) = copy.as_mut().poll(cx) {
                 return Poll::Ready(r.map(|_| ()).map_err(RelayError::Passthrough));
             }
@@ -95,7 +98,8 @@ pub(super) async fn run(
         })
         .await
     };
-    if result.is_err() {
+    // A cancelled flow (see `RelayStats::cancel`) is reset too, and ends with `Ok`.
+    if result.is_err() || stats.cancelled() {
         reset(&app);
         reset(&peer);
     }

@@ -307,6 +307,9 @@ pub(super) async fn run(
     let join = join.as_ref();
     let mut idle = IdleTimer::new(config.idle_timeout);
     let result = std::future::poll_fn(|cx| {
+        if stats.cancelled() {
+            return Poll::Ready(Ok(()));
+        }
         let mut moved = 0usize;
         loop {
             let a = up.step(&app, &peer, &stats.app_to_peer, cx, &mut moved, join);
@@ -341,7 +344,8 @@ pub(super) async fn run(
         }
     })
     .await;
-    if result.is_err() {
+    // A cancelled flow (see `RelayStats::cancel`) is reset too, and ends with `Ok`.
+    if result.is_err() || stats.cancelled() {
         reset(&app);
         reset(&peer);
     }
