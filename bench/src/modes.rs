@@ -391,18 +391,27 @@ fn try_start_servers(topo: &Topology, env: &Env) -> Result<Vec<Proc>> {
             .stderr(Stdio::null());
         out.push(Proc::spawn(&format!("iperf3 -s :{port}"), &mut cmd)?);
     }
+    // SO_REUSEADDR (`--uc-reuseaddr`, which sockperf also applies to TCP): the previous
+    // mode's agent leaves its accepted mesh sockets in TIME_WAIT with the app's address as
+    // their local one (the agent takes inbound connections transparently, and closes first
+    // when the client's side ended the flow), so a plain bind of this port fails for the
+    // 60 s TIME_WAIT lasts; those sockets carry SO_REUSEADDR from the agent's listener, so
+    // a listener that sets it too may bind. iperf3 and the bench's own servers set it already.
     let mut cmd = topo.server.command("sockperf", cpu)?;
     cmd.args([
         "server",
         "--tcp",
+        "--uc-reuseaddr",
         "-i",
         "0.0.0.0",
         "-p",
         &SOCKPERF_PORT.to_string(),
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    out.push(Proc::spawn("sockperf server", &mut cmd)?);
+    ]);
+    out.push(Proc::spawn_logged(
+        "sockperf server",
+        &mut cmd,
+        &env.log_dir.join("sockperf-server.log"),
+    )?);
     let bench = env.bench_bin.to_string_lossy().into_owned();
     let mut cmd = topo.server.command(&bench, cpu)?;
     cmd.args([

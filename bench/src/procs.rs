@@ -8,6 +8,7 @@
 use std::{
     fs,
     io::Read as _,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -61,6 +62,9 @@ pub fn sleep(d: Duration) -> Result<()> {
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// Where its stdout and stderr go, when [`Proc::spawn_logged`] started it: an early exit
+    /// quotes the log's last line (sockperf reports a failed bind there and exits with 0).
+    log: Option<PathBuf>,
 }
 
 impl Proc {
@@ -72,7 +76,17 @@ impl Proc {
         Ok(Self {
             name: name.to_owned(),
             child,
+            log: None,
         })
+    }
+
+    /// Like [`Proc::spawn`], with stdout and stderr written to `log` (truncated first).
+    pub fn spawn_logged(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        let out = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        cmd.stdout(out.try_clone()?).stderr(out);
+        let mut p = Self::spawn(name, cmd)?;
+        p.log = Some(log.to_owned());
+        Ok(p)
     }
 
     pub fn pid(&self) -> u32 {
@@ -83,7 +97,21 @@ impl Proc {
     /// rejected its configuration).
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited early with {status}", self.name);
+            let last = self
+                .log
+                .as_ref()
+                .and_then(|l| fs::read_to_string(l).ok())
+                .and_then(|t| {
+                    t.lines()
+                        .rev()
+                        .map(str::trim)
+                        .find(|l| !l.is_empty())
+                        .map(str::to_owned)
+                });
+            match last {
+                Some(last) => bail!("{} exited early with {status}: {last}", self.name),
+                None => bail!("{} exited early with {status}", self.name),
+            }
         }
         Ok(())
     }

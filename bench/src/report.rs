@@ -254,7 +254,7 @@ impl LayoutResults {
 }
 
 /// The metrics a reader looks at first, in reading order.
-const HEADLINE: [(Workload, &str, &str); 17] = [
+const HEADLINE: [(Workload, &str, &str); 18] = [
     (Workload::Iperf1, "mb_s", "bulk 1 stream, MB/s"),
     (Workload::Iperf4, "mb_s", "bulk 4 streams, MB/s"),
     (
@@ -269,6 +269,11 @@ const HEADLINE: [(Workload, &str, &str); 17] = [
     ),
     (Workload::Rr64, "p50_us", "RTT 64 B p50, µs"),
     (Workload::Rr64, "p99_us", "RTT 64 B p99, µs"),
+    (
+        Workload::Rr64,
+        "p99_block_median_us",
+        "RTT 64 B p99, median of 1 000-trip blocks, µs",
+    ),
     (Workload::Rr1k, "p50_us", "RTT 1 KiB p50, µs"),
     (Workload::Http, "p50_us", "HTTP p50 at the fixed rate, µs"),
     (Workload::Http, "p90_us", "HTTP p90, µs"),
@@ -394,14 +399,43 @@ impl LayoutResults {
             let _ = write!(s, "| {} | {} | {dir} |", r.workload.label(), r.metric);
             for m in ours {
                 for map in [&r.vs_ztunnel, &r.vs_ztunnel_1stream] {
-                    let _ = write!(
-                        s,
-                        " {} |",
-                        map.get(m).map_or("—".to_owned(), |x| fmt_num(x.median))
-                    );
+                    let _ = write!(s, " {} |", map.get(m).map_or("—".to_owned(), fmt_ratio));
                 }
             }
             s.push('\n');
+        }
+        s.push_str("\nCells: median [lowest–highest] of the per-round ratios.\n");
+        s
+    }
+
+    /// The agent under test ÷ the baseline agent (`--baseline-agent`), paired per round, for
+    /// every metric both measured; empty without the baseline mode.
+    pub fn baseline_table(&self) -> String {
+        let mut s = String::new();
+        let (ours, base) = (Mode::InterceptorRelay, Mode::InterceptorRelayBase);
+        let rows: Vec<(&Row, Ratio)> = self
+            .rows
+            .iter()
+            .filter_map(|r| Some((r, self.ratio(ours, base, r.workload, &r.metric)?)))
+            .collect();
+        if rows.is_empty() {
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\nThis agent ÷ the baseline agent (relay), per-round ratios: median [lowest–highest]:\n"
+        );
+        let _ = writeln!(s, "| workload | metric | dir | relay ÷ baseline |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for (r, ratio) in rows {
+            let dir = if r.lower_is_better { "↓" } else { "↑" };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {dir} | {} |",
+                r.workload.label(),
+                r.metric,
+                fmt_ratio(&ratio)
+            );
         }
         s
     }
@@ -422,7 +456,13 @@ fn meta(metric: &str) -> (&'static str, bool) {
         "mb_s" => ("MB/s", false),
         "cpu_s_per_gb" | "busy_cpu_s_per_gb" | "proxy_cpu_s_per_gb" => ("CPU-s/GB", true),
         "tcp_retransmits" => ("count", true),
-        "p50_us" | "p90_us" | "p99_us" | "p999_us" | "sender_lateness_p99_us" => ("µs", true),
+        "p50_us"
+        | "p90_us"
+        | "p99_us"
+        | "p999_us"
+        | "sender_lateness_p99_us"
+        | "p99_block_median_us" => ("µs", true),
+        "round_trips" => ("count", false),
         "achieved_rps" => ("req/s", false),
         "errors" => ("count", true),
         "vcpu_per_krps" | "proxy_vcpu_per_krps" => ("vCPU per 1000 rps", true),
@@ -462,6 +502,21 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     let lo = pos.floor() as usize;
     let hi = pos.ceil() as usize;
     s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
+}
+
+/// A paired ratio with its spread: the median, and the lowest and highest round where there
+/// are three or more (one disturbed round shows as a wide bracket, not as a moved median).
+fn fmt_ratio(r: &Ratio) -> String {
+    if r.per_round.len() < 3 {
+        return fmt_num(r.median);
+    }
+    let lo = r.per_round.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = r
+        .per_round
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    format!("{} [{}–{}]", fmt_num(r.median), fmt_num(lo), fmt_num(hi))
 }
 
 fn stat(v: &[f64]) -> Stat {
@@ -699,6 +754,7 @@ impl Report {
                 s.push('\n');
             }
             s.push_str(&l.ztunnel_table(&ours));
+            s.push_str(&l.baseline_table());
             let _ = writeln!(s, "\nTargets (issue 5):\n");
             let _ = writeln!(s, "| target | goal | measured | met |");
             let _ = writeln!(s, "|---|---|---|---|");

@@ -451,6 +451,14 @@ pub struct Tuning {
     /// How long inbound waits for a first byte before treating a silent client as plaintext
     /// (server-speaks-first protocols). Mesh clients always speak first, so never pay it.
     pub first_byte_wait_ms: u64,
+    /// TCP Fast Open on the agent-to-agent leg: a mesh connection's ClientHello rides in its
+    /// SYN once the client pod holds the server pod's cookie (its first connection there
+    /// fetches one), saving a round trip and leaving the server's agent nothing to wait for
+    /// before it classifies the connection. On: the agent sets the server bit of
+    /// `net.ipv4.tcp_fastopen` in each pod it enrolls and the option on its inbound listeners
+    /// only (ARCHITECTURE.md "TCP Fast Open between agents"). Off, or where a pod's kernel
+    /// refuses it: ordinary connects.
+    pub tcp_fast_open: bool,
     /// A flow (mTLS or plaintext passthrough) with no byte in either direction for this long
     /// is reset.
     pub idle_timeout_secs: u64,
@@ -521,6 +529,7 @@ impl Default for Tuning {
             inbound_port: 15006,
             handshake_timeout_ms: 5_000,
             first_byte_wait_ms: 200,
+            tcp_fast_open: true,
             idle_timeout_secs: 3_600,
             max_connections_per_pod: 4_096,
             max_pending_handshakes_per_pod: 512,
@@ -1496,6 +1505,13 @@ tuning:
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");
         }
+    }
+    #[test]
+    fn tcp_fast_open_is_on_unless_turned_off() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert!(c.tuning.tcp_fast_open);
+        let off = Config::parse("n", &format!("{EXAMPLE}tuning:\n  tcpFastOpen: false\n")).unwrap();
+        assert!(!off.tuning.tcp_fast_open);
     }
     #[test]
     fn worker_threads_default_to_one_per_cpu_and_are_bounded() {

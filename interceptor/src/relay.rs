@@ -308,41 +308,39 @@ pub enum RelayError {
     RecordLayer(#[source] record::RecordError),
 }
 
-impl RelayError {
-    /// Every [`RelayError::reason`], for metrics that start each series at zero.
-    pub const REASONS: [&'static str; 12] = [
-        "truncated",
-        "peer_alert",
-        "unexpected_record",
-        "tls",
-        "idle_timeout",
-        "record_limit",
-        "ktls",
-        "setup",
-        "app",
-        "peer",
-        "passthrough",
-        "record_layer",
-    ];
+/// Writes [`RelayError::reason`] and [`RelayError::REASONS`] from one table, so the list the
+/// metrics start at zero cannot miss a reason the match returns (the match is exhaustive, so
+/// a new variant does not compile without its row).
+macro_rules! relay_error_reasons {
+    ($($variant:pat => $reason:literal,)+) => {
+        impl RelayError {
+            /// Every [`RelayError::reason`], for metrics that start each series at zero.
+            pub const REASONS: &'static [&'static str] = &[$($reason),+];
 
-    /// A short, stable name of why the flow failed: the `reason` label of failed flows and
-    /// the `code` of their access log lines.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            RelayError::Truncated => "truncated",
-            RelayError::PeerAlert(_) => "peer_alert",
-            RelayError::UnexpectedRecord { .. } => "unexpected_record",
-            RelayError::Tls(_) => "tls",
-            RelayError::IdleTimeout(_) => "idle_timeout",
-            RelayError::RecordLimit { .. } => "record_limit",
-            RelayError::Ktls(_) => "ktls",
-            RelayError::Setup(_) => "setup",
-            RelayError::App(_) => "app",
-            RelayError::Peer(_) => "peer",
-            RelayError::Passthrough(_) => "passthrough",
-            RelayError::RecordLayer(_) => "record_layer",
+            /// A short, stable name of why the flow failed: the `reason` label of failed flows
+            /// and the `code` of their access log lines.
+            pub fn reason(&self) -> &'static str {
+                match self {
+                    $($variant => $reason,)+
+                }
+            }
         }
-    }
+    };
+}
+
+relay_error_reasons! {
+    RelayError::Truncated => "truncated",
+    RelayError::PeerAlert(_) => "peer_alert",
+    RelayError::UnexpectedRecord { .. } => "unexpected_record",
+    RelayError::Tls(_) => "tls",
+    RelayError::IdleTimeout(_) => "idle_timeout",
+    RelayError::RecordLimit { .. } => "record_limit",
+    RelayError::Ktls(_) => "ktls",
+    RelayError::Setup(_) => "setup",
+    RelayError::App(_) => "app",
+    RelayError::Peer(_) => "peer",
+    RelayError::Passthrough(_) => "passthrough",
+    RelayError::RecordLayer(_) => "record_layer",
 }
 
 /// Readies the socket to the peer agent for `layer`; call it right after connect/accept,
@@ -646,5 +644,28 @@ fn wait_ready(ready: Poll<io::Result<()>>) -> io::Result<Step> {
         Poll::Ready(Ok(())) => Ok(Step::Progress),
         Poll::Ready(Err(e)) => Err(e),
         Poll::Pending => Ok(Step::Idle),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RelayError;
+
+    /// Each reason is its own metric series and access-log code: two variants sharing one, or
+    /// one named like the `other` series for failures that are not relay errors, would merge
+    /// causes an operator must tell apart.
+    #[test]
+    fn every_relay_error_reason_is_distinct_and_not_other() {
+        let mut seen = std::collections::HashSet::new();
+        for r in RelayError::REASONS {
+            assert!(seen.insert(*r), "reason {r:?} listed twice");
+            assert_ne!(*r, "other");
+            assert!(
+                r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{r:?} is not a snake_case label value"
+            );
+        }
+        let truncated = RelayError::Truncated;
+        assert!(RelayError::REASONS.contains(&truncated.reason()));
     }
 }

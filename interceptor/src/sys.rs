@@ -355,9 +355,12 @@ pub fn poll_read_spare(
     sock: &mut tokio::net::TcpStream,
     cx: &mut std::task::Context<'_>,
     buf: &mut Vec<u8>,
+    limit: usize,
 ) -> std::task::Poll<io::Result<usize>> {
     use tokio::io::AsyncRead as _;
-    let mut read = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+    let spare = buf.spare_capacity_mut();
+    let room = spare.len().min(limit);
+    let mut read = tokio::io::ReadBuf::uninit(&mut spare[..room]);
     match std::pin::Pin::new(sock).poll_read(cx, &mut read) {
         std::task::Poll::Ready(Ok(())) => {}
         other => return other.map_ok(|()| 0),
@@ -551,6 +554,98 @@ pub fn set_zero_linger(sock: BorrowedFd<'_>) -> io::Result<()> {
     };
     setsockopt(sock, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
 }
+
+/// Lets a connect on `sock` (not connected yet) carry the first write in its SYN (TCP Fast
+/// Open, `TCP_FASTOPEN_CONNECT`): with a Fast Open cookie cached for the destination,
+/// `connect()` returns at once and the first `write` sends SYN + data; without one it is an
+/// ordinary connect whose SYN asks the server for a cookie. `EOPNOTSUPP` when the socket's
+/// network namespace has client Fast Open off (`net.ipv4.tcp_fastopen` bit 1).
+pub fn set_fastopen_connect(sock: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_FASTOPEN_CONNECT, 1)
+}
+
+/// Lets a listener accept connections whose SYN carries data with a valid Fast Open cookie
+/// (`TCP_FASTOPEN`), at most `queue` of them not yet acknowledged by their client; beyond
+/// that, and without the namespace's server bit ([`enable_fastopen_server`]), SYN data is
+/// ignored and the client's kernel sends it again after the handshake.
+pub fn set_fastopen_listener(sock: BorrowedFd<'_>, queue: libc::c_int) -> io::Result<()> {
+    setsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_FASTOPEN, queue)
+}
+
+/// Whether `sock`'s connection was opened with data in its SYN that the other side accepted
+/// (`TCPI_OPT_SYN_DATA`): true on both ends of a Fast Open connection.
+pub fn syn_data_acked(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    getsockopt(sock, libc::SOL_TCP, libc::TCP_INFO, &mut info)?;
+    Ok(info.tcpi_options & TCPI_OPT_SYN_DATA != 0)
+}
+
+/// Whether `sock` is still in SYN_SENT: a connect deferred by `TCP_FASTOPEN_CONNECT` until
+/// the first write, or one whose SYN is not answered yet.
+pub fn syn_sent(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    getsockopt(sock, libc::SOL_TCP, libc::TCP_INFO, &mut info)?;
+    Ok(info.tcpi_state == TCP_SYN_SENT)
+}
+
+/// `tcp_info.tcpi_state` of a socket whose SYN is not answered yet (`include/net/tcp_states.h`).
+const TCP_SYN_SENT: u8 = 2;
+
+/// `tcp_info.tcpi_options` bit: data in the SYN was acknowledged (uapi `linux/tcp.h`).
+const TCPI_OPT_SYN_DATA: u8 = 32;
+
+/// `net.ipv4.tcp_fastopen` bit: listeners that ask for it (`TCP_FASTOPEN`) accept SYN data.
+const TFO_SERVER_ENABLE: u32 = 2;
+
+/// Turns on the server bit of `net.ipv4.tcp_fastopen` in the calling thread's network
+/// namespace, keeping the other bits. Returns whether this call set it (to undo with
+/// [`disable_fastopen_server`]).
+///
+/// What it changes: listeners in this namespace that set `TCP_FASTOPEN` accept SYN data from
+/// clients holding a valid cookie. Cookies stay required (bit 0x200 is never set): a cookie
+/// is a MAC of the client's address under this namespace's own random key, so a SYN from a
+/// forged address never delivers data. A listener that does not set the option sees no
+/// change.
+pub fn enable_fastopen_server() -> io::Result<bool> {
+    let path = net_sysctl_path("ipv4/tcp_fastopen");
+    let current = parse_fastopen(&std::fs::read_to_string(&path)?)?;
+    if current & TFO_SERVER_ENABLE != 0 {
+        return Ok(false);
+    }
+    std::fs::write(&path, (current | TFO_SERVER_ENABLE).to_string())?;
+    Ok(true)
+}
+
+/// Clears the bit [`enable_fastopen_server`] set (a failed enrollment undoes what it did).
+pub fn disable_fastopen_server() -> io::Result<()> {
+    let path = net_sysctl_path("ipv4/tcp_fastopen");
+    let current = parse_fastopen(&std::fs::read_to_string(&path)?)?;
+    std::fs::write(&path, (current & !TFO_SERVER_ENABLE).to_string())
+}
+
+fn parse_fastopen(text: &str) -> io::Result<u32> {
+    // The kernel prints the value in decimal; it accepts hex written back too, not needed.
+    text.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("net.ipv4.tcp_fastopen reads {text:?}, not a number"),
+        )
+    })
+}
+
+/// A `net` sysctl of the calling thread's network namespace: through `/host/proc/sys/net`
+/// when the node's copy is mounted there (see [`RESERVED_PORTS_HOST`]), else `/proc/sys/net`.
+fn net_sysctl_path(name: &str) -> PathBuf {
+    if Path::new(HOST_NET_SYSCTLS).exists() {
+        Path::new(HOST_NET_SYSCTLS).join(name)
+    } else {
+        Path::new("/proc/sys/net").join(name)
+    }
+}
+
+const HOST_NET_SYSCTLS: &str = "/host/proc/sys/net";
 
 /// Where the calling thread's network namespace keeps its reserved local ports (the sysctl is
 /// per namespace, and covers IPv6 too).

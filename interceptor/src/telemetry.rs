@@ -530,10 +530,7 @@ impl Telemetry {
                 let _ = refused.get_or_create(&labels);
                 let _ = policy_closed.get_or_create(&labels);
             }
-            for reason in crate::relay::RelayError::REASONS
-                .into_iter()
-                .chain(["other"])
-            {
+            for &reason in crate::relay::RelayError::REASONS.iter().chain(&["other"]) {
                 let _ = flow_failures.get_or_create(&RefusedLabels { direction, reason });
             }
         }

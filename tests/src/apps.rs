@@ -8,9 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sha2::{Digest as _, Sha256};
-
-use crate::topology::Pod;
+use crate::{
+    digest::{Sha256, sha256},
+    topology::Pod,
+};
 
 /// busybox: /bin/busybox in the VM guest, from PATH on the host.
 pub fn busybox() -> &'static str {
@@ -61,7 +62,7 @@ pub struct Fetch {
 
 impl Fetch {
     pub fn sha256(&self) -> String {
-        hex(&Sha256::digest(&self.body))
+        hex(&sha256(&self.body))
     }
 }
 
@@ -84,7 +85,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 pub fn sha256_hex(b: &[u8]) -> String {
-    hex(&Sha256::digest(b))
+    hex(&sha256(b))
 }
 
 /// Deterministic incompressible bytes (xorshift), so a leak of any 16-byte window is
@@ -140,7 +141,7 @@ pub fn serve_upload_hasher(pod: &Pod, port: u16) {
                     }
                     hasher.update(&buf[..n]);
                 }
-                let digest = hex(&hasher.finalize());
+                let digest = hasher.hex();
                 let mut conn = conn;
                 write!(
                     conn,

@@ -11,11 +11,11 @@ use std::{
 };
 
 use interceptor::{config::KtlsMode, intercept::table::FlowRow};
-use sha2::{Digest as _, Sha256};
 
 use crate::{
     agent::{TempDir, config, make_ca, workload},
     apps::{Fetch, curl, random_payload, serve_http},
+    digest::sha256,
     topology::Node,
     wire::{self, Capture},
 };
@@ -133,7 +133,7 @@ pub fn run(ktls: KtlsMode) -> Report {
     let www = TempDir::new("demo-www");
     let body = random_payload(256 << 10);
     std::fs::write(www.0.join("data"), &body).expect("write payload");
-    let want = Sha256::digest(&body);
+    let want = sha256(&body);
     serve_http(&mut httpbin, &www.0);
     serve_http(&mut legacy, &www.0);
 
@@ -214,7 +214,7 @@ pub fn run(ktls: KtlsMode) -> Report {
                 from: from.to_owned(),
                 to: to.to_owned(),
                 code,
-                intact: Sha256::digest(&got) == want,
+                intact: sha256(&got) == want,
                 protection,
                 client_id: inb.and_then(|r| r.peer_id.clone()),
                 server_id: out.and_then(|r| r.peer_id.clone()),

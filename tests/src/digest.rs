@@ -30,6 +30,20 @@ impl Sha256 {
     pub fn hex(self) -> String {
         hex(self.0.finish().as_ref())
     }
+
+    /// The digest.
+    pub fn finish(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.0.finish().as_ref());
+        out
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(bytes);
+    h.finish()
 }
 
 /// Lower-case hex of `bytes`.

@@ -1,6 +1,6 @@
 //! Shared harness for the privileged host tests and the VM tests: throwaway network namespaces
 //! and cgroups that are removed even when a test fails, a way to run a connect() from inside a
-//! cgroup + netns, and the wire oracle.
+//! cgroup + netns, and the wire oracle (its own crate, `interceptor-wire`, built optimised).
 //!
 //! Tests that need root never skip: without privileges they fail, saying why.
 
@@ -19,7 +19,9 @@ pub mod process;
 pub mod scenario;
 pub mod topology;
 pub mod upgrade;
-pub mod wire;
+
+/// The wire oracle lives in its own crate so the dev profile can optimise it alone.
+pub use interceptor_wire as wire;
 
 use std::{
     io,
@@ -131,6 +133,24 @@ impl NetNs {
         let path = PathBuf::from("/proc/thread-self/net").join(file);
         interceptor::sys::in_netns(&self.path(), move || std::fs::read_to_string(&path))
             .with_context(|| format!("read /proc/net/{file} in netns {}", self.name))
+    }
+
+    /// A `TcpExt` counter of this namespace's `/proc/net/netstat` (e.g. `TCPFastOpenPassive`).
+    pub fn tcp_ext(&self, name: &str) -> u64 {
+        let text = self.proc_net("netstat").expect("read /proc/net/netstat");
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            panic!(
+                "no TcpExt lines in /proc/net/netstat of netns {}",
+                self.name
+            )
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("no TcpExt {name} in netns {}", self.name))
     }
 
     /// Runs `f` on a thread inside this namespace (sockets made there stay in it).

@@ -12,6 +12,13 @@
 //! and churn mesh flows between two enrolled pods: there the TIME_WAIT socket of each mesh
 //! connection must land in the server pod (the dialing agent lets the peer agent close
 //! first), or the client agent's dials run out of ports.
+//!
+//! The mesh tests also run the server's agent with `firstByteWaitMs: 0`, in PERMISSIVE mode:
+//! a connection whose first bytes are not in the queue when the agent first looks is taken
+//! for plaintext and handed to the app, which echoes the ClientHello back, and the flow fails.
+//! Mesh connections carry their ClientHello in the SYN (TCP Fast Open between agents), so it
+//! is there before the connection can be accepted, whatever the load; without Fast Open this
+//! run fails within its first connections.
 
 use std::{
     io::{Read as _, Write as _},
@@ -26,7 +33,7 @@ use std::{
 
 use interceptor_tests::{
     NetNs,
-    agent::workload,
+    agent::{RunningAgent, workload},
     require_privileged,
     scenario::{Cluster, Scenario},
 };
@@ -72,6 +79,11 @@ fn churn_client_process() {
         return;
     };
     let target: SocketAddr = target.parse().expect("client target");
+    // The client pod's first connection to the server's address has no Fast Open cookie yet
+    // (the server's SYN-ACK brings one), so its ClientHello follows the handshake as without
+    // Fast Open, and a zero first-byte wait may take it for plaintext: its outcome is not
+    // what this test judges.
+    let _ = one_connection(target, usize::MAX);
     if let Err((i, e)) = run_clients(target) {
         panic!("connection {i} of {CONNECTIONS} to {target} failed: {e}");
     }
@@ -105,13 +117,17 @@ fn mesh_churn(node: u8, v6: bool) {
     let echo = EchoServer::start(&server.ns, target);
 
     let cluster = Cluster::new("meshchurn");
-    let _agent = cluster.start(
+    let mut config = cluster.config(
         vec![
             workload(client, "churn", "client"),
             workload(server, "churn", "echo"),
         ],
         vec![],
     );
+    // No wait at all: only a ClientHello already queued at accept is seen (module doc).
+    config.tuning.first_byte_wait_ms = 0;
+    let _agent = RunningAgent::start(config);
+    let fast_open_before = fast_open_counts(&client.ns, &server.ns);
 
     let exe = std::env::current_exe().expect("test binary");
     let started = Instant::now();
@@ -125,13 +141,16 @@ fn mesh_churn(node: u8, v6: bool) {
     let client_waiting = time_wait_from(&client.ns, client_ip, None);
     let server_waiting = time_wait_from(&server.ns, server_ip, Some(APP_PORT));
     drop(echo);
+    let fast_open = fast_open_counts(&client.ns, &server.ns);
     assert!(
         out.status.success(),
         "mesh churn from {client_ip} to {target} failed after {elapsed:?} \
          ({client_waiting} TIME_WAIT sockets from the client pod's address in the client pod, \
          {server_waiting} on the server's port in the server pod; client ephemeral range \
-         {range}):\n{}",
-        String::from_utf8_lossy(&out.stdout)
+         {range}; Fast Open active/passive {fast_open_before:?} before, {fast_open:?} \
+         after):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
     // Kernel state: the mesh connections' TIME_WAIT sockets are on the server's side. A new
     // connection on a 4-tuple takes its TIME_WAIT socket over, so there are at most as many
@@ -146,6 +165,28 @@ fn mesh_churn(node: u8, v6: bool) {
         "{client_waiting} TIME_WAIT sockets from {client_ip} in the client pod: the client \
          side closed its mesh connections first"
     );
+    // Kernel state: every mesh connection after the first went out with its ClientHello in
+    // the SYN (the client pod's kernel counts it) and the server pod's kernel accepted it.
+    let (active, passive) = (
+        fast_open.0 - fast_open_before.0,
+        fast_open.1 - fast_open_before.1,
+    );
+    assert!(
+        active >= CONNECTIONS as u64 && passive >= CONNECTIONS as u64,
+        "of {CONNECTIONS} mesh connections after the first, {active} sent their ClientHello in \
+         the SYN (TCPFastOpenActive, client pod) and {passive} were accepted with it \
+         (TCPFastOpenPassive, server pod)"
+    );
+}
+
+/// `TcpExt` counters of SYNs sent with data the server accepted (`TCPFastOpenActive`, in
+/// `client`) and of connections accepted with data in their SYN (`TCPFastOpenPassive`, in
+/// `server`).
+fn fast_open_counts(client: &NetNs, server: &NetNs) -> (u64, u64) {
+    (
+        client.tcp_ext("TCPFastOpenActive"),
+        server.tcp_ext("TCPFastOpenPassive"),
+    )
 }
 
 fn churn(node: u8, v6: bool) {

@@ -153,6 +153,7 @@ fn ktls_takes_over_resumed_sessions() {
     let client_id = "spiffe://cluster.local/ns/crypto/sa/client";
     for (round, resumed) in [(2, false), (3, true)] {
         let before = [tls_stat(&client), tls_stat(&server)];
+        let fast_open_before = server.ns.tcp_ext("TCPFastOpenPassive");
         let (f, streams) = captured(&node, &server, || {
             curl(
                 client.command("curl"),
@@ -193,5 +194,14 @@ fn ktls_takes_over_resumed_sessions() {
             (Protection::Ktls, Some(resumed)),
             "connection {round}: the server agent's flow"
         );
+        // The second connection's ClientHello rode in its SYN (the first fetched the cookie):
+        // both agents still handed the session to the kernel, though neither socket was
+        // established when the agent first tried the `tls` ULP.
+        if round == 3 {
+            assert!(
+                server.ns.tcp_ext("TCPFastOpenPassive") > fast_open_before,
+                "connection {round}: not accepted with data in its SYN (TCP Fast Open)"
+            );
+        }
     }
 }

@@ -23,11 +23,11 @@ use interceptor::ktls::{
     self, Cipher, DirectionSecrets, KtlsError, content_type,
     sys::{self, Direction, SpliceFlags},
 };
+use interceptor_tests::digest::{Sha256, sha256};
 use interceptor_tests::wire::{
     self, Capture, Filter, Frame, Streams, assert_no_plaintext, assert_tls_records, find_plaintext,
     parse_tls_records,
 };
-use sha2::{Digest, Sha256};
 
 // Fixed, public test keys: TLS 1.3 AES-128-GCM, one key/IV per direction.
 const KEY_AB: [u8; 16] = *b"kTLS-guard-key-A";
@@ -302,9 +302,15 @@ fn ktls_tx_rx_wire_is_tls_records_only() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// (b) splice plain -> pipe -> kTLS TX -> wire -> kTLS RX -> pipe -> plain, 64 MiB.
+// (b) splice plain -> pipe -> kTLS TX -> wire -> kTLS RX -> pipe -> plain, 4 MiB and a tail.
 
-const SPLICE_PAYLOAD: usize = 64 << 20;
+/// The smallest size that crosses every boundary of this path many times over: the pipe's
+/// capacity (64 KiB, 64 times), the 1 MiB a splice asks for (4 times), the 16 KiB TLS record
+/// (257 records and the close_notify, so the record sequence number carries into its second
+/// byte, which the nonce XORs in too) and the send buffer's autotuning ceiling (4 MiB). The odd
+/// tail leaves the last record, pipe load and segment partial. (It was 64 MiB: 16 times the
+/// bytes for no boundary more, ~60 s per VM kernel under emulation.)
+const SPLICE_PAYLOAD: usize = (4 << 20) + 4099;
 
 /// Moves exactly `n` bytes from a pipe into `to`.
 fn splice_out_all(
@@ -369,11 +375,11 @@ fn pump_out_of_ktls(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
 }
 
 #[test]
-fn ktls_splice_64mib_roundtrip_no_plaintext() {
+fn ktls_splice_roundtrip_no_plaintext() {
     require_ktls();
     private_netns();
     let payload = Arc::new(random_bytes(SPLICE_PAYLOAD));
-    let want = Sha256::digest(&*payload);
+    let want = sha256(&payload);
 
     let (app_w, proxy_in) = tcp_pair(); // app writes plaintext, proxy reads it
     let (tx, rx) = ktls_pair(); // the encrypted hop
@@ -405,12 +411,11 @@ fn ktls_splice_64mib_roundtrip_no_plaintext() {
         writer.join().unwrap().expect("writer");
         let moved_in = pin.join().unwrap().expect("splice into kTLS");
         let moved_out = pout.join().unwrap().expect("splice out of kTLS");
-        (n_total, h.finalize(), moved_in, moved_out)
+        (n_total, h.finish(), moved_in, moved_out)
     });
     let elapsed = started.elapsed();
     eprintln!(
-        "splice: {} MiB through kTLS in {elapsed:.2?} ({:.1} MiB/s)",
-        SPLICE_PAYLOAD >> 20,
+        "splice: {SPLICE_PAYLOAD} bytes through kTLS in {elapsed:.2?} ({:.1} MiB/s)",
         SPLICE_PAYLOAD as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
     );
     assert_eq!(got_len, SPLICE_PAYLOAD);
@@ -429,8 +434,8 @@ fn ktls_splice_64mib_roundtrip_no_plaintext() {
     assert!(recs.iter().all(|r| r.content_type == 23));
     // Every record adds 5 bytes of header and 17 of inner type + tag.
     assert_eq!(fwd.bytes.len(), SPLICE_PAYLOAD + 2 + recs.len() * 22);
-    assert!(recs.len() >= SPLICE_PAYLOAD / (1 << 14));
-    // Complete check: every 16-byte window of the 64 MiB payload against every captured byte.
+    assert!(recs.len() > SPLICE_PAYLOAD / (1 << 14));
+    // Complete check: every 16-byte window of the payload against every captured byte.
     let t = Instant::now();
     assert_no_plaintext(&streams, &payload);
     eprintln!(

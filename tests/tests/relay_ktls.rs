@@ -96,10 +96,15 @@ mod relay_ktls {
         pair::run(pair::request_half_close_response(kernel()));
     }
 
+    /// Many kTLS flows at once: both agents install kTLS on mesh sockets while others are
+    /// being set up, relayed and torn down. 32, not the host's 200 (`relay_userspace`): each
+    /// flow costs two handshakes of unoptimised test code under emulation, and 200 took most
+    /// of this suite's time (over 300 s on a loaded host); concurrency in the kernel's TLS
+    /// needs no more than a few dozen.
     #[test]
     fn concurrent_flows() {
         setup();
-        pair::run(pair::concurrent_flows(kernel(), 200));
+        pair::run(pair::concurrent_flows(kernel(), 32));
     }
 
     #[test]

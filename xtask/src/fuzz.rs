@@ -149,7 +149,12 @@ fn run_target(
         .arg("-timeout=30")
         .arg("-print_final_stats=1");
     let out = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    eprintln!("+ {} (log: {})", display(&cmd), log.display());
+    eprintln!(
+        "+ [{}] {} (log: {})",
+        crate::elapsed(),
+        display(&cmd),
+        log.display()
+    );
     let started = Instant::now();
     let status = cmd
         .current_dir(root)

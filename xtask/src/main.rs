@@ -12,6 +12,8 @@ mod vm;
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::LazyLock,
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -49,7 +51,18 @@ enum Cmd {
     Soak(soak::SoakArgs),
 }
 
+/// When this xtask started: every step prints its offset and duration, so a slow CI run says
+/// which step grew without anyone re-running it under a stopwatch.
+static STARTED: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// `mm:ss` since the xtask started.
+pub(crate) fn elapsed() -> String {
+    let secs = STARTED.elapsed().as_secs();
+    format!("{:02}:{:02}", secs / 60, secs % 60)
+}
+
 fn main() -> Result<()> {
+    LazyLock::force(&STARTED);
     let cli = Cli::parse();
     let root = workspace_root()?;
     setup::setup(&root)?;
@@ -76,11 +89,18 @@ fn workspace_root() -> Result<PathBuf> {
 
 /// Runs a command in the workspace, echoing it, and fails naming it when it fails.
 pub(crate) fn run(root: &Path, cmd: &mut Command) -> Result<()> {
-    eprintln!("+ {}", display(cmd));
+    eprintln!("+ [{}] {}", elapsed(), display(cmd));
+    let step = Instant::now();
     let status = cmd
         .current_dir(root)
         .status()
         .with_context(|| format!("cannot start {}", display(cmd)))?;
+    eprintln!(
+        "  [{}] {:.0} s: {}",
+        elapsed(),
+        step.elapsed().as_secs_f64(),
+        cmd.get_program().to_string_lossy()
+    );
     if !status.success() {
         bail!("`{}` failed ({status})", display(cmd));
     }
@@ -157,6 +177,7 @@ fn demo(root: &Path, args: &DemoArgs) -> Result<()> {
                 kernel: "6.1".to_owned(),
                 filter: Some("demo_matrix".to_owned()),
                 release: true,
+                jobs: 1,
             },
         );
     }

@@ -62,6 +62,8 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
             "interceptor-bench",
             "-p",
             "interceptor-cni",
+            "-p",
+            "interceptor-wire",
         ]),
     )?;
     host_privileged(root)?;
@@ -83,6 +85,7 @@ pub(crate) fn test(root: &Path, args: &TestArgs) -> Result<()> {
             kernel: "all".to_owned(),
             filter: None,
             release: false,
+            jobs: 1,
         },
     )
 }

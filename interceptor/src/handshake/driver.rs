@@ -322,16 +322,23 @@ pub fn kernel_client_connection(
 /// The outbound handshake of a session bound for kernel TLS, through rustls' unbuffered API
 /// and with record-exact reads: the result's keys (and its [`TicketSink`]) come from
 /// [`Established::into_ktls_secrets`]; it cannot be relayed in userspace.
+///
+/// `attach_ulp`: attach the `tls` ULP as soon as the peer's first record header arrives. For
+/// a socket whose connect waits for the ClientHello (TCP Fast Open), which the kernel refuses
+/// the ULP until it is established: the server's first bytes prove it is, and arrive before
+/// the server can have sent a FIN (which would make the kernel refuse the ULP too). A refusal
+/// then shows when the relay attaches it again and fails the flow.
 pub async fn client_handshake_kernel(
     sock: &mut TcpStream,
     mut conn: UnbufferedClientConnection,
     timeout: Duration,
+    attach_ulp: bool,
 ) -> Result<Established, DriveError> {
-    let leftover_plaintext =
-        match tokio::time::timeout(timeout, exchange_unbuffered(sock, &mut conn)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(DriveError::Timeout(timeout)),
-        };
+    let exchanged = exchange_unbuffered(sock, &mut conn, attach_ulp);
+    let leftover_plaintext = match tokio::time::timeout(timeout, exchanged).await {
+        Ok(r) => r?,
+        Err(_) => return Err(DriveError::Timeout(timeout)),
+    };
     let negotiated = negotiated(&conn)?;
     Ok(Established {
         negotiated,
@@ -349,6 +356,7 @@ pub async fn client_handshake_kernel(
 async fn exchange_unbuffered(
     sock: &mut TcpStream,
     conn: &mut UnbufferedClientConnection,
+    mut attach_ulp: bool,
 ) -> Result<Vec<u8>, DriveError> {
     // What rustls has not discarded yet: the record being read, plus any handshake message
     // that continues into it from earlier records.
@@ -442,6 +450,9 @@ async fn exchange_unbuffered(
             None => {
                 incoming.resize(start + RECORD_HEADER, 0);
                 read_exact(sock, &mut incoming[start..]).await?;
+                if std::mem::take(&mut attach_ulp) {
+                    let _ = crate::ktls::attach_ulp(std::os::fd::AsFd::as_fd(&*sock));
+                }
                 let len = usize::from(u16::from_be_bytes([
                     incoming[start + 3],
                     incoming[start + 4],
@@ -720,7 +731,7 @@ mod tests {
                 (s, est)
             });
             let conn = kernel_client_connection(cc, name()).unwrap();
-            let est = client_handshake_kernel(&mut c, conn, TIMEOUT)
+            let est = client_handshake_kernel(&mut c, conn, TIMEOUT, false)
                 .await
                 .unwrap();
             let (s, server_est) = server.await.unwrap();
@@ -870,7 +881,7 @@ mod tests {
         let client = tokio::spawn(async move {
             if kernel {
                 let conn = kernel_client_connection(cfg.client, name()).unwrap();
-                client_handshake_kernel(&mut c, conn, TIMEOUT).await
+                client_handshake_kernel(&mut c, conn, TIMEOUT, false).await
             } else {
                 client_handshake(&mut c, cfg.client, name(), TIMEOUT).await
             }

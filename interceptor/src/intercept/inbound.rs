@@ -64,12 +64,13 @@ pub(super) async fn inbound<'a>(
     // sk_lookup delivered the connection unchanged: our local address is what the client dialed.
     let dst = client.local_addr()?;
     let generation = shared.policy.current();
+    let tls_wait = Duration::from_millis(shared.tuning.handshake_timeout_ms);
     let wait = if generation.requires_mtls(source, dst) {
-        Duration::from_millis(shared.tuning.handshake_timeout_ms)
+        tls_wait
     } else {
         Duration::from_millis(shared.tuning.first_byte_wait_ms)
     };
-    let kind = classify(&client, wait).await?;
+    let kind = classify(&client, wait, tls_wait).await?;
     let inbound = Inbound {
         ctx,
         source,
@@ -210,16 +211,25 @@ async fn plaintext<'a>(
 }
 
 /// Waits for the client's first bytes (at most `wait` for a silent, server-speaks-first
-/// client, or one that stops inside a ClientHello) and classifies them without consuming
-/// anything.
+/// client) and classifies them without consuming anything. A client that has started a TLS
+/// handshake record is not server-speaks-first: the rest of that record is awaited until
+/// `tls_wait` (the handshake timeout) after the start. That matters to mesh clients: a
+/// ClientHello with a post-quantum key share is larger than a SYN can carry, so a Fast Open
+/// SYN brings its first part and the rest follows the handshake; only the first part is sure
+/// to be queued when the connection is accepted.
 ///
 /// Readiness-driven: the socket is peeked when the kernel reports new bytes, never on a
 /// clock, so a stalled client costs nothing until its deadline. (A peek that finds only the
 /// bytes already seen reports `WouldBlock` to tokio, which then waits for the next readiness
 /// event: new data, FIN or RST.)
-async fn classify(client: &TcpStream, wait: Duration) -> anyhow::Result<FirstBytes> {
+async fn classify(
+    client: &TcpStream,
+    wait: Duration,
+    tls_wait: Duration,
+) -> anyhow::Result<FirstBytes> {
     let mut buf = vec![0u8; peek::MAX_PEEK];
-    let deadline = tokio::time::Instant::now() + wait;
+    let started = tokio::time::Instant::now();
+    let mut deadline = started + wait;
     loop {
         let ready = match tokio::time::timeout_at(deadline, client.ready(Interest::READABLE)).await
         {
@@ -228,17 +238,24 @@ async fn classify(client: &TcpStream, wait: Duration) -> anyhow::Result<FirstByt
             // requires mTLS refuses it).
             Err(_) => return Ok(FirstBytes::Other),
         };
+        let mut tls_started = false;
         let peeked = client.try_io(Interest::READABLE, || {
             let n = sys::peek(client.as_fd(), &mut buf)?;
             if n == 0 {
                 return Ok(FirstBytes::Other);
             }
             match peek::classify(&buf[..n]) {
-                FirstBytes::NeedMore if n < buf.len() => Err(std::io::ErrorKind::WouldBlock.into()),
+                FirstBytes::NeedMore if n < buf.len() => {
+                    tls_started = true;
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                }
                 FirstBytes::NeedMore => Ok(FirstBytes::Other),
                 decided => Ok(decided),
             }
         });
+        if tls_started {
+            deadline = deadline.max(started + tls_wait);
+        }
         match peeked {
             Ok(kind) => return Ok(kind),
             // The client half-closed inside a ClientHello: no more bytes will come.
@@ -248,5 +265,52 @@ async fn classify(client: &TcpStream, wait: Duration) -> anyhow::Result<FirstByt
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+    use crate::{intercept::peek::tests::mesh_client_hello, test_tls::tcp_pair};
+
+    /// A ClientHello whose first part is queued at once and whose rest comes later (a Fast
+    /// Open SYN carries only the first ~1 400 bytes) is mesh even with no first-byte wait;
+    /// silence and plaintext are still decided by that wait.
+    #[tokio::test]
+    async fn a_started_client_hello_is_awaited_past_the_first_byte_wait() {
+        let hello = mesh_client_hello();
+        let (mut c, s) = tcp_pair().await;
+        c.write_all(&hello[..hello.len() / 2]).await.unwrap();
+        let rest = hello[hello.len() / 2..].to_vec();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.write_all(&rest).await.unwrap();
+            c
+        });
+        let kind = classify(&s, Duration::ZERO, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(kind, FirstBytes::Mesh);
+        drop(late.await.unwrap());
+
+        let (_silent, s) = tcp_pair().await;
+        let started = std::time::Instant::now();
+        let kind = classify(&s, Duration::from_millis(50), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(kind, FirstBytes::Other);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "silence waited for the TLS bound"
+        );
+
+        let (mut c, s) = tcp_pair().await;
+        c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let kind = classify(&s, Duration::ZERO, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(kind, FirstBytes::Other);
     }
 }

@@ -18,7 +18,7 @@ use super::{
     flow::{Ends, Refusal, Stop, crypto_refuses, handshake_refused, reset},
     handoff::{Relay, mesh_mode, plain, prepare_peer, relay_config, relay_mesh, relaying},
     local, originate,
-    pod::{PodCtx, dial, pod_ip},
+    pod::{CONNECT_TIMEOUT, MeshDial, PodCtx, dial, dial_mesh, pod_ip},
     revalidate::admitted_now,
     spare,
     table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
@@ -225,9 +225,28 @@ async fn mesh<'a>(
             return Err(out.refusal(Some(&expected), refused).answer_app(app).into());
         }
     };
-    let (app, mut peer) = dial_endpoint(&out, Some(&expected), app).await?;
-    let timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    let MeshDial {
+        sock: mut peer,
+        deferred,
+    } = match dial_mesh(out.ctx, out.endpoint, shared.tuning.tcp_fast_open).await {
+        Ok(dialed) => dialed,
+        Err(e) => {
+            let refused = Refused {
+                code: RefusalCode::ConnectFailed,
+                reason: format!("{e:#}"),
+            };
+            return Err(out.refusal(Some(&expected), refused).answer_app(app).into());
+        }
+    };
+    let mut timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    if deferred {
+        // The TCP handshake runs inside this one (see `MeshDial::deferred`).
+        timeout += CONNECT_TIMEOUT;
+    }
     let prepared = match prepared {
+        // A connect deferred to the ClientHello (Fast Open): the ULP is attached once the
+        // server's first bytes show the socket established (see `client_handshake_kernel`).
+        Prepared::Kernel(conn) if deferred => Prepared::KernelDeferred(conn),
         // The kernel refused the ULP on this socket: the flow stays in rustls, which needs
         // the buffered form (built now, off the usual path).
         Prepared::Kernel(_) if !prepare_peer(shared, &peer) => {
@@ -252,7 +271,12 @@ async fn mesh<'a>(
             driver::client_handshake_prepared(&mut peer, conn, timeout, shared.handshake_reads())
                 .await
         }
-        Prepared::Kernel(conn) => driver::client_handshake_kernel(&mut peer, conn, timeout).await,
+        Prepared::Kernel(conn) => {
+            driver::client_handshake_kernel(&mut peer, conn, timeout, false).await
+        }
+        Prepared::KernelDeferred(conn) => {
+            driver::client_handshake_kernel(&mut peer, conn, timeout, true).await
+        }
     };
     let est = match handshake {
         Ok(est) => {
@@ -265,7 +289,13 @@ async fn mesh<'a>(
             est
         }
         Err(e) => {
-            let refused = handshake_refused(shared, &e);
+            let refused = match deferred.then(|| unreachable_peer(&e, &peer)).flatten() {
+                Some(reason) => Refused {
+                    code: RefusalCode::ConnectFailed,
+                    reason: format!("connect to {}: {reason}", out.endpoint),
+                },
+                None => handshake_refused(shared, &e),
+            };
             return Err(out
                 .refusal(Some(&expected), refused)
                 .answer_app(app)
@@ -370,4 +400,30 @@ async fn originate<'a>(
 enum Prepared {
     Buffered(rustls::ClientConnection),
     Kernel(rustls::client::UnbufferedClientConnection),
+    /// [`Prepared::Kernel`] on a socket whose connect waits for the ClientHello (Fast Open).
+    KernelDeferred(rustls::client::UnbufferedClientConnection),
+}
+
+/// Why a handshake on a Fast Open socket failed before the peer was ever reached, if it did:
+/// the SYN went out with the ClientHello, so what `connect()` reports otherwise (refused,
+/// unreachable, no answer) comes from the handshake's I/O, and is counted as a failed connect,
+/// as it would be without Fast Open.
+fn unreachable_peer(e: &driver::DriveError, peer: &TcpStream) -> Option<String> {
+    match e {
+        // Set only while SYN_SENT: a reset of an established connection is ECONNRESET.
+        driver::DriveError::Io(io)
+            if matches!(
+                io.raw_os_error(),
+                Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ETIMEDOUT)
+            ) =>
+        {
+            Some(io.to_string())
+        }
+        driver::DriveError::Timeout(t)
+            if crate::sys::syn_sent(std::os::fd::AsFd::as_fd(peer)).unwrap_or(false) =>
+        {
+            Some(format!("no answer to the SYN within {t:?}"))
+        }
+        _ => None,
+    }
 }

@@ -111,7 +111,7 @@ fn offers_mesh_alpn(record: &[u8]) -> Option<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -122,7 +122,7 @@ mod tests {
     };
 
     /// A real ClientHello from our own client config.
-    fn mesh_client_hello() -> Vec<u8> {
+    pub(crate) fn mesh_client_hello() -> Vec<u8> {
         client_hello(&[MESH_ALPN])
     }
 

@@ -150,7 +150,7 @@ pub fn enroll(
     let t = shared.tuning.clone();
     let pod = workload.name.clone();
     let (listeners, reserved) = sys::in_netns(&workload.netns, move || {
-        let reserved = match sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
+        let ports = match sys::reserve_local_ports(&[t.outbound_port, t.inbound_port]) {
             Ok(added) => added,
             Err(e) => {
                 // Not fatal: it only matters if the pod widens its ephemeral port range.
@@ -161,6 +161,8 @@ pub fn enroll(
                 Vec::new()
             }
         };
+        let fast_open = t.tcp_fast_open && enable_fast_open(&pod);
+        let reserved = NetnsChanges { ports, fast_open };
         if let Some(given) = given {
             return Ok((sort_given(given)?, reserved));
         }
@@ -175,7 +177,7 @@ pub fn enroll(
         match bind() {
             Ok(l) => Ok((l, reserved)),
             Err(e) => {
-                let _ = sys::release_local_ports(&reserved);
+                reserved.undo();
                 Err(e)
             }
         }
@@ -185,9 +187,12 @@ pub fn enroll(
         if reserved.is_empty() {
             return;
         }
-        let ports = reserved.clone();
-        if let Err(e) = sys::in_netns(&workload.netns, move || sys::release_local_ports(&ports)) {
-            warn!(pod = %workload.name, "cannot release the reserved ports: {e}");
+        let changes = reserved.clone();
+        if let Err(e) = sys::in_netns(&workload.netns, move || {
+            changes.undo();
+            Ok(())
+        }) {
+            warn!(pod = %workload.name, "cannot undo the pod's sysctl changes: {e}");
         }
     };
     let (out4, out6, in4, in6) = listeners;
@@ -237,6 +242,13 @@ pub fn enroll(
             // Inherited by every accepted connection (the app's and the peer agent's legs),
             // so no setsockopt per connection. Set on handed-over listeners too.
             sys::set_nodelay(l.as_fd())?;
+            if direction == Direction::Inbound && shared.tuning.tcp_fast_open {
+                // Peer agents' SYNs may carry their ClientHello (see `dial_mesh`). Not fatal:
+                // without it they connect as before.
+                if let Err(e) = sys::set_fastopen_listener(l.as_fd(), FAST_OPEN_QUEUE) {
+                    warn!(pod = %workload.name, "TCP Fast Open refused on the inbound listener: {e}");
+                }
+            }
             let at = l.local_addr()?;
             copies.push((
                 ListenerSpec {
@@ -278,6 +290,53 @@ pub fn enroll(
             drop(dp);
             release_ports(workload);
             Err(e)
+        }
+    }
+}
+
+/// What [`enroll`] changed in a pod's network namespace, to undo if the enrollment fails.
+/// (Kept after an unenrollment: an agent restart or a successor needs both again, and neither
+/// changes what the pod's own sockets see.)
+#[derive(Clone)]
+struct NetnsChanges {
+    /// Ports added to `net.ipv4.ip_local_reserved_ports`.
+    ports: Vec<u16>,
+    /// Whether the server bit of `net.ipv4.tcp_fastopen` was set here.
+    fast_open: bool,
+}
+
+impl NetnsChanges {
+    fn is_empty(&self) -> bool {
+        self.ports.is_empty() && !self.fast_open
+    }
+
+    /// Undoes the changes in the calling thread's network namespace, best effort.
+    fn undo(&self) {
+        let _ = sys::release_local_ports(&self.ports);
+        if self.fast_open {
+            let _ = sys::disable_fastopen_server();
+        }
+    }
+}
+
+/// Mesh connections to a pod whose SYN carried data and whose client has not acknowledged the
+/// SYN-ACK yet, per inbound listener; beyond it SYN data waits for the handshake (the client's
+/// kernel sends it again), so a flood of cookie-bearing SYNs costs a bounded queue.
+const FAST_OPEN_QUEUE: libc::c_int = 1024;
+
+/// Sets the server bit of `net.ipv4.tcp_fastopen` in the calling thread's network namespace
+/// (the pod's) so the agent's inbound listener accepts a peer agent's ClientHello in its SYN
+/// (see [`sys::enable_fastopen_server`] for why this is safe); returns whether it was set
+/// here. A pod where it cannot be set still works: its clients connect without Fast Open.
+fn enable_fast_open(pod: &str) -> bool {
+    match sys::enable_fastopen_server() {
+        Ok(set) => set,
+        Err(e) => {
+            warn!(
+                pod,
+                "cannot enable TCP Fast Open for the agent's inbound listener: {e}"
+            );
+            false
         }
     }
 }
@@ -471,6 +530,45 @@ fn pod_socket(ctx: &PodCtx, v6: bool) -> anyhow::Result<TcpSocket> {
     Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
 }
 
+/// How long a dial waits for the TCP handshake (the SYN retried at 1 s, 3 s and 7 s).
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to a peer agent from inside the pod, with TCP Fast Open where the pod's kernel
+/// allows it (`tuning.tcpFastOpen`).
+pub(super) struct MeshDial {
+    pub(super) sock: TcpStream,
+    /// The connect was deferred to the first write, which sends the SYN with the data (a Fast
+    /// Open cookie for `dst` was cached): the socket is not established yet, so the `tls` ULP
+    /// cannot be attached before the peer's first bytes, a failure to reach the peer shows up
+    /// in the handshake instead of the connect, and the handshake's bound must include the
+    /// connect's ([`CONNECT_TIMEOUT`]): a SYN the peer's full accept queue drops is retried
+    /// after 1 s and 3 s.
+    pub(super) deferred: bool,
+}
+
+/// Dials a peer agent at `dst` from inside the pod. With `fast_open`, the first write (the
+/// ClientHello, built before this call) rides in the SYN when the pod's kernel holds a cookie
+/// for `dst`; the first connection to `dst` asks for one. The server's agent then has the
+/// whole ClientHello in its queue when it accepts the connection, so neither its first-byte
+/// wait nor the client's scheduling can make it look like a silent plaintext client, and the
+/// handshake saves a round trip.
+pub(super) async fn dial_mesh(
+    ctx: &PodCtx,
+    dst: SocketAddr,
+    fast_open: bool,
+) -> anyhow::Result<MeshDial> {
+    let sock = pod_socket(ctx, dst.is_ipv6())?;
+    sock.set_nodelay(true)?;
+    // Refused (EOPNOTSUPP) where the pod turned client Fast Open off: an ordinary connect.
+    let fast_open = fast_open && sys::set_fastopen_connect(sock.as_fd()).is_ok();
+    let sock = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
+        .await
+        .with_context(|| format!("connect to {dst} timed out"))?
+        .with_context(|| format!("connect to {dst}"))?;
+    let deferred = fast_open && sys::syn_sent(sock.as_fd()).unwrap_or(false);
+    Ok(MeshDial { sock, deferred })
+}
+
 /// Dials `dst` from inside the pod, optionally from a fixed source address.
 ///
 /// The local port is always left to `connect()`, which picks it with the whole 4-tuple known
@@ -489,7 +587,7 @@ pub(super) async fn dial(
         sock.bind(SocketAddr::new(src, 0))
             .with_context(|| format!("bind {src}"))?;
     }
-    tokio::time::timeout(Duration::from_secs(10), sock.connect(dst))
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await
         .with_context(|| format!("connect to {dst} timed out"))?
         .with_context(|| format!("connect to {dst}"))

@@ -23,7 +23,7 @@ use std::{
 
 use tokio::{net::TcpStream, sync::Notify, time::Instant};
 
-use super::{Offload, Shared, flow::reset, pod::PodCtx, pod::dial};
+use super::{Offload, Shared, flow::reset, pod::PodCtx, pod::dial_mesh};
 use crate::{
     handshake::{Credentials, driver, spare},
     identity::SpiffeId,
@@ -222,7 +222,9 @@ async fn open(shared: &Shared, ctx: &PodCtx, key: &Key) -> anyhow::Result<Option
     let config = credentials.spare_client(&key.server)?;
     let name = rustls_pki_types::ServerName::IpAddress(key.endpoint.ip().into());
     let conn = driver::client_connection(config, name)?;
-    let mut sock = dial(ctx, key.endpoint, None).await?;
+    let mut sock = dial_mesh(ctx, key.endpoint, shared.tuning.tcp_fast_open)
+        .await?
+        .sock;
     let started = std::time::Instant::now();
     let est = driver::client_handshake_prepared(
         &mut sock,

@@ -18,6 +18,9 @@ pub(super) struct Buf {
     /// What the next allocation asks for.
     next: usize,
     max: usize,
+    /// Bytes [`Buf::make_room`] moved to the front.
+    #[cfg(test)]
+    pub(super) moved: usize,
 }
 
 /// The first allocation of a buffer: one full TLS record of plaintext.
@@ -25,11 +28,18 @@ const FIRST_ALLOCATION: usize = 16 << 10;
 
 impl Buf {
     pub(super) fn new(max: usize) -> Buf {
+        Buf::sized(FIRST_ALLOCATION, max)
+    }
+
+    /// A buffer whose first allocation is `first` bytes (at most `max`).
+    pub(super) fn sized(first: usize, max: usize) -> Buf {
         Buf {
             data: Vec::new(),
             start: 0,
-            next: FIRST_ALLOCATION.min(max),
+            next: first.min(max),
             max,
+            #[cfg(test)]
+            moved: 0,
         }
     }
 
@@ -58,6 +68,10 @@ impl Buf {
     /// whole records only).
     pub(super) fn make_room(&mut self, total: usize) {
         if self.start > 0 {
+            #[cfg(test)]
+            {
+                self.moved += self.data.len() - self.start;
+            }
             self.data.drain(..self.start);
             self.start = 0;
         }

@@ -415,6 +415,12 @@ pub fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
     }))
 }
 
+/// The length of the record that starts `buf`, as its header announces it, whole or not yet
+/// (`None` until the header is).
+pub fn announced_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
+    Ok(check_header(buf)?.map(|body| HEADER_LEN + body))
+}
+
 /// The body length the header at the start of `buf` announces, once the header is whole.
 fn check_header(buf: &[u8]) -> Result<Option<usize>, RecordError> {
     let Some(header) = buf.get(..HEADER_LEN) else {

@@ -319,7 +319,14 @@ impl Userspace {
 
         if !self.app_eof && self.up.is_empty() {
             self.up.clear();
-            match read_into(&mut self.app, &mut self.up, cx, moved, RelayError::App)? {
+            match read_into(
+                &mut self.app,
+                &mut self.up,
+                usize::MAX,
+                cx,
+                moved,
+                RelayError::App,
+            )? {
                 Read::Eof => {
                     self.app_eof = true;
                     progress = true;
@@ -495,10 +502,13 @@ impl Userspace {
         };
         let secrets = conn.dangerous_extract_secrets().map_err(RelayError::Tls)?;
         let own = RecordLayer::new(secrets, is_client).map_err(RelayError::Tls)?;
+        let full = own.sealed_data_len(record::MAX_PLAINTEXT);
         self.layer = Layer::Own(Box::new(own));
-        // Whole records only from here on: the buffer must be able to hold the largest one.
-        // (`tls_in` is empty here; `down` may still hold plaintext for a slow app and stays.)
-        self.tls_in = Buf::new(self.out_limit.max(record::MAX_RECORD));
+        // Whole records only from here on: the buffer must be able to hold the largest one,
+        // and its sizes are whole numbers of full records (two at first), which the reads
+        // are cut to. (`tls_in` is empty here; `down` may still hold plaintext for a slow app
+        // and stays.)
+        self.tls_in = Buf::sized(2 * full, self.out_limit.div_ceil(full).max(2) * full);
         Ok(())
     }
 
@@ -596,6 +606,7 @@ impl Userspace {
             match read_into(
                 &mut self.peer,
                 &mut self.tls_in,
+                usize::MAX,
                 cx,
                 moved,
                 RelayError::Peer,
@@ -622,6 +633,7 @@ impl Userspace {
             let Layer::Own(layer) = &mut self.layer else {
                 return Ok(progress);
             };
+            let full = layer.sealed_data_len(record::MAX_PLAINTEXT);
             let mut at = self.opened.len();
             while !self.peer_closed && !self.opened.is_full() {
                 let len = match record::record_len(&self.tls_in.pending()[at..]) {
@@ -676,19 +688,41 @@ impl Userspace {
                 // The stream ended without close_notify, possibly inside a record.
                 return Err(RelayError::Truncated);
             }
-            if self.tls_in.is_empty() {
-                self.tls_in.clear();
-            } else if self.opened.count == 0 {
-                // Only part of a record left: to the front, with room for the largest.
-                self.tls_in.make_room(record::MAX_RECORD);
-            }
-            if self.opened.is_full() || self.tls_in.spare_len() == 0 {
+            if self.opened.is_full() {
                 // The app has not taken what is opened yet; its write readiness wakes us.
                 return Ok(progress);
             }
+            // Every whole record is opened: what follows them is the start of the next one.
+            let partial = &self.tls_in.pending()[self.opened.len()..];
+            let need = match record::announced_len(partial) {
+                Ok(Some(len)) => len.saturating_sub(partial.len()).max(1),
+                // No header yet: a busy peer sends full records.
+                Ok(None) => full.saturating_sub(partial.len()),
+                Err(e) => return Err(self.refuse(e)),
+            };
+            if self.tls_in.is_empty() {
+                self.tls_in.clear();
+            } else if self.opened.count == 0 && self.tls_in.spare_len() < need {
+                // Only part of a record left, and no room behind it for the rest: to the
+                // front, with room for the largest.
+                self.tls_in.make_room(record::MAX_RECORD);
+            }
+            let spare = self.tls_in.spare_len();
+            if spare == 0 {
+                return Ok(progress);
+            }
+            // Reads end where a record does when the peer's records are full: the rest of the
+            // one begun, then whole ones. A read cut inside a record would leave its start to
+            // be moved to the front of the buffer before the rest can follow.
+            let limit = if spare >= need + full {
+                need + (spare - need) / full * full
+            } else {
+                spare
+            };
             match read_into(
                 &mut self.peer,
                 &mut self.tls_in,
+                limit,
                 cx,
                 moved,
                 RelayError::Peer,
@@ -725,17 +759,18 @@ enum Read {
     Blocked,
 }
 
-/// Reads from `sock` into `buf`'s spare room (there must be some: an empty read means EOF);
-/// `side` names the socket in an error. A short read leaves the socket waiting for epoll
-/// (`sys::poll_read_spare`), so a drained socket costs no extra `recvfrom`.
+/// Reads at most `limit` bytes from `sock` into `buf`'s spare room (there must be some: an
+/// empty read means EOF); `side` names the socket in an error. A short read leaves the socket
+/// waiting for epoll (`sys::poll_read_spare`), so a drained socket costs no extra `recvfrom`.
 fn read_into(
     sock: &mut TcpStream,
     buf: &mut Buf,
+    limit: usize,
     cx: &mut Context<'_>,
     moved: &mut usize,
     side: fn(io::Error) -> RelayError,
 ) -> Result<Read, RelayError> {
-    let read = buf.fill(|v| match crate::sys::poll_read_spare(sock, cx, v) {
+    let read = buf.fill(|v| match crate::sys::poll_read_spare(sock, cx, v, limit) {
         Poll::Ready(r) => r,
         Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
     });
@@ -910,6 +945,48 @@ mod tests {
         assert!(got[..before.len()] == before[..], "owed plaintext first");
         assert!(got[before.len()..] == after[..], "then the own layer's");
         task.abort();
+    }
+
+    /// Full records queued from the peer are read whole: the reads end where records do, so
+    /// no record's start has to be moved to the front of the buffer before its rest can be
+    /// read (reads of the buffer's size cut one record in four and moved its start).
+    #[tokio::test]
+    async fn full_records_are_read_whole_without_moving_a_partial_one() {
+        let (mut client, mut relay, mut app_far, mut peer_far, config) = own_layer_relay().await;
+        relay.take_over().unwrap();
+        assert!(
+            matches!(relay.layer, Layer::Own(_)),
+            "the own layer took over"
+        );
+
+        // Four full records, queued on the peer socket before the relay reads any of them.
+        let data: Vec<u8> = (0..4 * record::MAX_PLAINTEXT as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        send(&mut client, &mut peer_far, &data).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let task = tokio::spawn(async move {
+            let mut idle = IdleTimer::new(config.idle_timeout);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                std::future::poll_fn(|cx| relay.poll(cx, &mut idle, config)),
+            )
+            .await;
+            relay.tls_in.moved
+        });
+        let mut got = vec![0; data.len()];
+        tokio::time::timeout(Duration::from_secs(5), app_far.read_exact(&mut got))
+            .await
+            .expect("the app got every byte")
+            .unwrap();
+        assert!(got == data, "the app got the peer's bytes");
+        drop(peer_far);
+        let moved = task.await.unwrap();
+        assert_eq!(
+            moved, 0,
+            "bytes of a cut record moved to the buffer's front"
+        );
     }
 
     /// A record the own layer refuses ends the flow as a `record_layer` failure, with the

@@ -106,7 +106,7 @@ const HOST_TOOLS: &[&str] = &[
     "ip", "tc", "ss", "nft", "tcpdump", "curl", "bpftool", "strace", "ethtool",
 ];
 
-/// Builds `<work_dir>/initramfs.cpio.gz` from scratch and returns its path.
+/// Builds `<work_dir>/initramfs.cpio` from scratch and returns its path.
 pub(crate) fn build(work_dir: &Path, kernel: &Kernel, payload: &Payload<'_>) -> Result<PathBuf> {
     let root = fresh_root(work_dir, &["tests"])?;
 
@@ -129,7 +129,7 @@ pub(crate) fn build(work_dir: &Path, kernel: &Kernel, payload: &Payload<'_>) -> 
     write_etc(&root)?;
     write_init(&root, &init_script(&modules, payload.tests, payload.filter))?;
 
-    let archive = work_dir.join("initramfs.cpio.gz");
+    let archive = work_dir.join("initramfs.cpio");
     pack(&root, &archive)?;
     let size = fs::metadata(&archive)
         .with_context(|| format!("failed to stat {}", archive.display()))?
@@ -143,7 +143,7 @@ pub(crate) fn build(work_dir: &Path, kernel: &Kernel, payload: &Payload<'_>) -> 
     Ok(archive)
 }
 
-/// Builds `<work_dir>/initramfs.cpio.gz` like [`build`], but with caller-chosen executables
+/// Builds `<work_dir>/initramfs.cpio` like [`build`], but with caller-chosen executables
 /// (`(source, destination inside the guest)`, shared libraries copied along) and a caller-
 /// written `/init`, which receives the module names it must load. The benchmark's guest
 /// (`cargo xtask bench --vm`) is built this way.
@@ -168,7 +168,7 @@ pub(crate) fn build_custom(
     let modules = install_modules(&root, kernel)?;
     write_etc(&root)?;
     write_init(&root, &init(&modules))?;
-    let archive = work_dir.join("initramfs.cpio.gz");
+    let archive = work_dir.join("initramfs.cpio");
     pack(&root, &archive)?;
     Ok(archive)
 }
@@ -664,7 +664,9 @@ sync
 poweroff -f
 "#;
 
-/// Packs `root` as a gzip'd newc cpio archive owned by root, in sorted (reproducible) order.
+/// Packs `root` as an uncompressed newc cpio archive owned by root, in sorted (reproducible)
+/// order. Uncompressed because the guest would inflate it under TCG: a few hundred MiB of
+/// debug test binaries took seconds of emulated gzip per boot, and QEMU loads the file as is.
 fn pack(root: &Path, archive: &Path) -> Result<()> {
     let mut entries = Vec::new();
     collect_entries(root, Path::new("."), &mut entries)?;
@@ -681,30 +683,18 @@ fn pack(root: &Path, archive: &Path) -> Result<()> {
         .args(["--quiet", "-o", "-H", "newc", "-R", "0:0"])
         .current_dir(root)
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("failed to run cpio")?;
-    let cpio_out = cpio
-        .stdout
-        .take()
-        .context("cpio's stdout was not captured")?;
-    let mut gzip = Command::new("gzip")
-        .arg("-1")
-        .stdin(cpio_out)
         .stdout(out)
         .spawn()
-        .context("failed to run gzip")?;
+        .context("failed to run cpio")?;
     let mut cpio_in = cpio.stdin.take().context("cpio's stdin was not captured")?;
     // A thread feeds the list so a full pipe cannot deadlock against cpio's output.
     let feeder = thread::spawn(move || cpio_in.write_all(list.as_bytes()));
     let cpio_status = cpio.wait().context("failed to wait for cpio")?;
-    let gzip_status = gzip.wait().context("failed to wait for gzip")?;
     feeder
         .join()
         .map_err(|_| anyhow::anyhow!("the cpio feeder thread panicked"))?
         .context("failed to write the file list to cpio")?;
     ensure!(cpio_status.success(), "cpio failed: {cpio_status}");
-    ensure!(gzip_status.success(), "gzip failed: {gzip_status}");
     Ok(())
 }
 

@@ -754,14 +754,25 @@ impl fmt::Display for Finding {
 
 /// An index of a payload for finding any [`WINDOW`]-byte window of it in other bytes.
 ///
-/// How it stays exact and cheap for a 64 MiB payload: it stores the 8-byte blocks of the payload
-/// that start at every 9th offset (P/9 entries, ~2.3 bytes of memory per payload byte). Any
-/// 16-byte window `payload[p..p+16]` contains the block at the first multiple of 9 at or after
-/// `p` (that block ends at most at `p+8+8`), so every occurrence of any window in a haystack
-/// contains an indexed block at some haystack offset. The search therefore looks up the 8 bytes
-/// at *every* haystack offset (one hash probe each; a 32-bit fingerprint in the slot avoids
-/// touching the payload on misses) and, on a hit, extends the match left and right byte by byte
-/// to decide whether a common run of ≥ 16 bytes exists. No sampling: the check is complete.
+/// Exact and complete (no sampling), in one of two layouts, chosen by which side is larger:
+///
+/// * **sparse** ([`PlaintextIndex::new`]): the 8-byte blocks of the payload that start at every
+///   9th offset (P/9 entries, ~2.3 bytes of memory per payload byte). Any 16-byte window
+///   `payload[p..p+16]` contains the block at the first multiple of 9 at or after `p` (that
+///   block ends at most at `p+8+8`), so every occurrence of any window in a haystack contains
+///   an indexed block at some haystack offset: the search looks up the 8 bytes at *every*
+///   haystack offset.
+/// * **dense** ([`PlaintextIndex::for_haystacks`], when the haystacks hold many times more
+///   bytes than the payload): the block at *every* payload offset (~20 bytes of memory per
+///   payload byte), so the search needs to look up only every 9th haystack offset: an
+///   occurrence of a window at haystack offset `h` contains the haystack block at the first
+///   multiple of 9 at or after `h`, and that block is some payload offset's block. A long
+///   capture of a small payload (upgrade_ktls: ~100 MB against 1 MiB) is searched several
+///   times faster, which is what those VM tests' time went to under emulation.
+///
+/// A lookup is one hash probe (a 32-bit fingerprint in the slot avoids touching the payload on
+/// misses); on a hit the match is extended left and right byte by byte to decide whether a
+/// common run of ≥ 16 bytes exists.
 ///
 /// Meant for high-entropy payloads (random bytes or markers). A payload with many identical
 /// 8-byte blocks still gives correct answers but is searched more slowly.
@@ -772,11 +783,24 @@ pub struct PlaintextIndex<'p> {
     /// Chains payload blocks that share an 8-byte value: block index -> next block index + 1.
     next: Vec<u32>,
     mask: usize,
+    /// Payload offset of block `k`: `k * stride` (1: dense, [`STRIDE`]: sparse).
+    stride: usize,
 }
 
 const BLOCK: usize = 8;
 const STRIDE: usize = WINDOW - BLOCK + 1;
+/// The largest payload given a dense index (~20 bytes of memory per payload byte).
+const DENSE_MAX: usize = 8 << 20;
+/// How many times the payload's size the haystacks must hold for a dense index to pay: an
+/// insertion costs about three sparse lookups and a dense lookup (a table too big for the
+/// caches) about two and a half (measured unoptimised: 4 MiB against 7 MiB is faster sparse,
+/// 1 MiB against 32 MiB four times faster dense).
+const DENSE_RATIO: usize = 4;
 
+// `mix` and `block_at` run once per haystack lookup. The tests are built unoptimised, where a
+// function call (or a range index, `try_into`, an iterator adapter) costs more than the work:
+// they are inlined even there, and the search loop below indexes plain slices.
+#[inline(always)]
 fn mix(x: u64) -> u64 {
     // splitmix64 finaliser
     let mut z = x;
@@ -785,76 +809,106 @@ fn mix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+#[inline(always)]
 fn block_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + BLOCK].try_into().expect("8 bytes"))
+    (b[off] as u64)
+        | (b[off + 1] as u64) << 8
+        | (b[off + 2] as u64) << 16
+        | (b[off + 3] as u64) << 24
+        | (b[off + 4] as u64) << 32
+        | (b[off + 5] as u64) << 40
+        | (b[off + 6] as u64) << 48
+        | (b[off + 7] as u64) << 56
 }
 
 impl<'p> PlaintextIndex<'p> {
-    /// Indexes `payload` (at least [`WINDOW`] bytes, under 32 GiB).
+    /// Indexes `payload` (at least [`WINDOW`] bytes, under 32 GiB) sparsely: every haystack
+    /// offset is looked up.
     pub fn new(payload: &'p [u8]) -> Self {
+        Self::with_stride(payload, STRIDE)
+    }
+
+    /// Indexes `payload` for searching haystacks of `haystack_bytes` in all: densely when they
+    /// are over [`DENSE_RATIO`] times larger than the payload (and the payload at most
+    /// [`DENSE_MAX`]), else sparsely.
+    pub fn for_haystacks(payload: &'p [u8], haystack_bytes: usize) -> Self {
+        let dense = haystack_bytes / DENSE_RATIO > payload.len() && payload.len() <= DENSE_MAX;
+        Self::with_stride(payload, if dense { 1 } else { STRIDE })
+    }
+
+    fn with_stride(payload: &'p [u8], stride: usize) -> Self {
         assert!(
             payload.len() >= WINDOW,
             "payload must be at least {WINDOW} bytes to search for"
         );
-        let nblocks = (payload.len() - BLOCK) / STRIDE + 1;
+        let nblocks = (payload.len() - BLOCK) / stride + 1;
         assert!(nblocks < u32::MAX as usize, "payload too large to index");
         let cap = (nblocks * 2).next_power_of_two().max(16);
-        let mut idx = PlaintextIndex {
+        let mask = cap - 1;
+        let mut slots = vec![0u64; cap];
+        let mut next = vec![0u32; nblocks];
+        // Plain slices and a `while` loop: this runs once per indexed block, unoptimised.
+        let (table, chain) = (slots.as_mut_slice(), next.as_mut_slice());
+        let mut k = 0;
+        while k < nblocks {
+            let v = block_at(payload, k * stride);
+            let h = mix(v);
+            let fp = h >> 32;
+            let mut i = (h as usize) & mask;
+            loop {
+                let s = table[i];
+                if s == 0 {
+                    table[i] = (fp << 32) | (k as u64 + 1);
+                    break;
+                }
+                let other = (s & 0xffff_ffff) as usize - 1;
+                if s >> 32 == fp && block_at(payload, other * stride) == v {
+                    // Same block value: chain it behind the head so lookups see every
+                    // occurrence.
+                    chain[k] = chain[other];
+                    chain[other] = k as u32 + 1;
+                    break;
+                }
+                i = (i + 1) & mask;
+            }
+            k += 1;
+        }
+        PlaintextIndex {
             payload,
-            slots: vec![0; cap],
-            next: vec![0; nblocks],
-            mask: cap - 1,
-        };
-        for k in 0..nblocks {
-            idx.insert(k);
-        }
-        idx
-    }
-
-    fn insert(&mut self, k: usize) {
-        let v = block_at(self.payload, k * STRIDE);
-        let h = mix(v);
-        let fp = h >> 32;
-        let mut i = (h as usize) & self.mask;
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                self.slots[i] = (fp << 32) | (k as u64 + 1);
-                return;
-            }
-            let other = (s & 0xffff_ffff) as usize - 1;
-            if s >> 32 == fp && block_at(self.payload, other * STRIDE) == v {
-                // Same block value: chain it behind the head so lookups see every occurrence.
-                self.next[k] = self.next[other];
-                self.next[other] = k as u32 + 1;
-                return;
-            }
-            i = (i + 1) & self.mask;
+            slots,
+            next,
+            mask,
+            stride,
         }
     }
 
-    /// The first place some [`WINDOW`]-byte window of the payload occurs in `hay`.
+    /// The first place some [`WINDOW`]-byte window of the payload occurs in `hay`, as
+    /// `(haystack offset, payload offset, length of the common run)`.
     pub fn find_in(&self, hay: &[u8]) -> Option<(usize, usize, usize)> {
         if hay.len() < BLOCK {
             return None;
         }
-        let p = self.payload;
-        for i in 0..=hay.len() - BLOCK {
+        // Dense: every payload offset is indexed, so every 9th haystack offset suffices.
+        let step = if self.stride == 1 { STRIDE } else { 1 };
+        let (p, slots, mask) = (self.payload, self.slots.as_slice(), self.mask);
+        let last = hay.len() - BLOCK;
+        let mut i = 0;
+        while i <= last {
             let v = block_at(hay, i);
             let h = mix(v);
             let fp = h >> 32;
-            let mut slot = (h as usize) & self.mask;
+            let mut slot = (h as usize) & mask;
             loop {
-                let s = self.slots[slot];
+                let s = slots[slot];
                 if s == 0 {
                     break;
                 }
                 if s >> 32 == fp {
                     let head = (s & 0xffff_ffff) as usize - 1;
-                    if block_at(p, head * STRIDE) == v {
+                    if block_at(p, head * self.stride) == v {
                         let mut k = Some(head);
                         while let Some(kk) = k {
-                            let o = kk * STRIDE;
+                            let o = kk * self.stride;
                             let mut l = 0;
                             while l < i.min(o) && hay[i - l - 1] == p[o - l - 1] {
                                 l += 1;
@@ -871,8 +925,9 @@ impl<'p> PlaintextIndex<'p> {
                         break; // the block value is unique in the table
                     }
                 }
-                slot = (slot + 1) & self.mask;
+                slot = (slot + 1) & mask;
             }
+            i += step;
         }
         None
     }
@@ -880,7 +935,9 @@ impl<'p> PlaintextIndex<'p> {
 
 /// Searches every haystack for any [`WINDOW`]-byte window of `payload`; see [`PlaintextIndex`].
 pub fn find_plaintext<H: Haystacks + ?Sized>(haystacks: &H, payload: &[u8]) -> Option<Finding> {
-    let idx = PlaintextIndex::new(payload);
+    let mut total = 0usize;
+    haystacks.for_each(&mut |_, b| total += b.len());
+    let idx = PlaintextIndex::for_haystacks(payload, total);
     let mut found = None;
     haystacks.for_each(&mut |label, bytes| {
         if found.is_none()
@@ -1449,6 +1506,55 @@ mod tests {
         assert!(find_plaintext(&payload, &payload).is_some());
         assert!(find_plaintext(&payload[payload.len() - 16..].to_vec(), &payload).is_some());
         assert_eq!(find_plaintext(&noise, &payload), None);
+    }
+
+    #[test]
+    fn dense_and_sparse_indexes_find_the_same_windows_at_every_alignment() {
+        // Every payload offset and every haystack offset modulo the lookup step, both layouts.
+        let payload = rand_bytes(64, 5);
+        let noise = rand_bytes(300, 6);
+        let dense = PlaintextIndex::for_haystacks(&payload, usize::MAX);
+        let sparse = PlaintextIndex::new(&payload);
+        assert_eq!((dense.stride, sparse.stride), (1, STRIDE));
+        for at in 30..30 + 2 * STRIDE {
+            for p in 0..=payload.len() - WINDOW {
+                for len in [WINDOW - 1, WINDOW] {
+                    let mut hay = noise[..at].to_vec();
+                    hay.extend_from_slice(&payload[p..p + len]);
+                    hay.extend_from_slice(&noise[at..]);
+                    // The noise around the run must not happen to extend it.
+                    if p > 0 {
+                        hay[at - 1] = !payload[p - 1];
+                    }
+                    if p + len < payload.len() {
+                        hay[at + len] = !payload[p + len];
+                    }
+                    let want = (len == WINDOW).then_some((at, p, WINDOW));
+                    assert_eq!(
+                        dense.find_in(&hay),
+                        want,
+                        "dense: at {at}, p {p}, len {len}"
+                    );
+                    assert_eq!(
+                        sparse.find_in(&hay),
+                        want,
+                        "sparse: at {at}, p {p}, len {len}"
+                    );
+                }
+            }
+        }
+        // A window ending the haystack exactly, and a haystack shorter than a lookup step.
+        let mut hay = noise[..50].to_vec();
+        hay.extend_from_slice(&payload[10..26]);
+        assert_eq!(dense.find_in(&hay), Some((50, 10, 16)));
+        assert_eq!(dense.find_in(&payload[3..19]), Some((0, 3, 16)));
+        assert_eq!(dense.find_in(&payload[3..18]), None);
+        // A big haystack picks the dense layout, a small one (or a huge payload) the sparse one.
+        assert_eq!(PlaintextIndex::for_haystacks(&payload, 4 * 65).stride, 1);
+        assert_eq!(
+            PlaintextIndex::for_haystacks(&payload, 4 * 65 - 1).stride,
+            STRIDE
+        );
     }
 
     #[test]
