@@ -315,14 +315,7 @@ const NOFILE_WANTED: libc::rlim_t = 1 << 17;
 /// else the soft limit to the hard one. 1 000 idle flows need several thousand descriptors in
 /// the agent, the holder and the echo server.
 pub fn raise_nofile_limit() -> Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
-    }
+    let mut lim = nofile_rlimit()?;
     // The `scale` workload holds 10 000 idle flows: two descriptors each in an agent.
     // As root the hard limit may rise too (up to fs.nr_open); if it may not, keep it.
     let wanted = libc::rlimit {
@@ -343,6 +336,10 @@ pub fn raise_nofile_limit() -> Result<u64> {
 
 /// The open-file limit this process (and every child it starts) runs under.
 pub fn nofile_limit() -> Result<u64> {
+    Ok(nofile_rlimit()?.rlim_cur)
+}
+
+fn nofile_rlimit() -> Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -351,7 +348,7 @@ pub fn nofile_limit() -> Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
     }
-    Ok(lim.rlim_cur)
+    Ok(lim)
 }
 
 /// This thread's CPU time in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`): fine-grained where
