@@ -84,7 +84,7 @@ pub fn config(
         handover: None,
         ktls,
         crypto: Default::default(),
-        bpffs: PathBuf::from("/sys/fs/bpf").join(unique_name("itest")),
+        bpffs: crate::pin_dir("itest"),
         workloads,
         peers,
         services: Vec::new(),

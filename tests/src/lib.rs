@@ -57,6 +57,17 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}x{n}", std::process::id() % 100_000)
 }
 
+/// A unique pin directory under /sys/fs/bpf, with a bpffs mounted there first (once per
+/// process, so tests starting together do not stack two mounts and hide each other's pins).
+/// A fresh machine has none mounted; without this, a test loading pinned maps passes only
+/// after some other test's agent happened to mount it.
+pub fn pin_dir(prefix: &str) -> PathBuf {
+    static MOUNTED: std::sync::Once = std::sync::Once::new();
+    let root = Path::new("/sys/fs/bpf");
+    MOUNTED.call_once(|| interceptor::sys::ensure_bpffs(root).expect("mount bpffs"));
+    root.join(unique_name(prefix))
+}
+
 /// Runs a command to completion; the error carries its output when it does not succeed.
 pub fn try_run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     use anyhow::Context as _;
@@ -276,7 +287,6 @@ pub fn connect_from_marked(
             mark,
             report: report_wr.as_raw_fd(),
             hold: hold_rd.as_raw_fd(),
-            parent_ends: [report_rd.as_raw_fd(), hold_wr.as_raw_fd()],
         };
         // SAFETY: we are the freshly forked child.
         unsafe { child.run() }
@@ -299,6 +309,32 @@ pub fn connect_from_marked(
     child
 }
 
+/// Closes every descriptor of a freshly forked child above stderr except `keep`.
+///
+/// fork() copies all of the parent's descriptors, and other test threads create pipes and
+/// listeners at the same time: a child that kept them would hold another test's hold pipe
+/// open (two such children deadlock, each waiting for the EOF the other withholds) and keep
+/// closed listeners' ports busy. Its own parent's pipe ends go too, or it would never see EOF
+/// on its hold pipe.
+///
+/// # Safety
+/// Only in a freshly forked child (it closes descriptors other code may think it owns).
+pub unsafe fn close_all_but(keep: &mut [i32]) {
+    keep.sort_unstable();
+    let mut first = 3u32;
+    for &fd in keep.iter() {
+        let fd = fd as u32;
+        if fd > first {
+            // SAFETY: close_range takes no pointers; descriptors in the range are not used
+            // again in this process.
+            unsafe { libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32) };
+        }
+        first = first.max(fd + 1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
+}
+
 struct ChildArgs<'a> {
     procs: Option<&'a std::ffi::CStr>,
     ns: i32,
@@ -308,9 +344,6 @@ struct ChildArgs<'a> {
     mark: u32,
     report: i32,
     hold: i32,
-    /// The parent's pipe ends, which fork() duplicated into the child: closed first, or the
-    /// child would hold its own hold pipe open and never see EOF.
-    parent_ends: [i32; 2],
 }
 
 impl ChildArgs<'_> {
@@ -329,9 +362,7 @@ impl ChildArgs<'_> {
                 libc::write(self.report, b.as_ptr().cast(), 4);
                 libc::_exit(1)
             };
-            for fd in self.parent_ends {
-                libc::close(fd);
-            }
+            close_all_but(&mut [self.ns, self.report, self.hold]);
             if let Some(procs) = self.procs {
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
                 if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {

@@ -24,16 +24,6 @@ use interceptor_tests::{
     topology::{Node, Pod},
 };
 
-/// The 64-pod test forks children that hold their sockets for a while, and fork() copies
-/// every descriptor of this process into them, including listeners other tests' agents have
-/// just closed (which would keep their ports busy). So it runs alone: it takes this lock for
-/// writing, the others for reading.
-static FORKS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    FORKS.read().unwrap_or_else(|p| p.into_inner())
-}
-
 /// One admin request, as `interceptor enroll`/`unenroll` sends it.
 fn call(admin: &Path, req: Request) -> Response {
     tokio::runtime::Builder::new_current_thread()
@@ -97,7 +87,6 @@ fn reserved_ports(netns: &Path) -> String {
 #[test]
 fn parallel_enrolls_all_survive_a_restart() {
     require_privileged();
-    let _alone = FORKS.write().unwrap_or_else(|p| p.into_inner());
     const PODS: u8 = 64;
     let node = Node::new(71);
     let mut server = node.pod("pe-server", 3);
@@ -173,7 +162,6 @@ fn parallel_enrolls_all_survive_a_restart() {
 #[test]
 fn conflicting_enroll_is_refused_and_changes_nothing() {
     require_privileged();
-    let _shared = shared();
     let Scenario {
         client,
         mut server,
@@ -255,7 +243,6 @@ fn conflicting_enroll_is_refused_and_changes_nothing() {
 #[test]
 fn failed_enroll_rolls_back_its_kernel_state() {
     require_privileged();
-    let _shared = shared();
     let Scenario {
         client,
         mut server,
@@ -311,7 +298,6 @@ fn failed_enroll_rolls_back_its_kernel_state() {
 #[test]
 fn stale_persisted_enrollment_does_not_stop_the_node() {
     require_privileged();
-    let _shared = shared();
     let Scenario {
         client,
         mut server,
@@ -383,7 +369,6 @@ fn stale_persisted_enrollment_does_not_stop_the_node() {
 #[test]
 fn cgroups_whose_old_pin_names_collided_keep_their_own_pins() {
     require_privileged();
-    let _shared = shared();
     let Scenario {
         client,
         mut server,
@@ -483,7 +468,6 @@ impl Drop for CgroupDirs {
 #[test]
 fn pins_under_the_old_names_are_adopted_on_upgrade() {
     require_privileged();
-    let _shared = shared();
     let Scenario {
         client,
         mut server,
@@ -558,7 +542,6 @@ fn pins_under_the_old_names_are_adopted_on_upgrade() {
 #[test]
 fn stale_enrollment_is_restored_when_its_netns_returns() {
     require_privileged();
-    let _shared = shared();
     let Scenario {
         client: _client,
         server,

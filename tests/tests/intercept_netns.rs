@@ -179,8 +179,7 @@ fn programs_at_a_parent_cgroup_act_only_on_enrolled_netns() {
 #[test]
 fn adopted_maps_keep_only_the_destinations_the_successor_steers() {
     require_privileged();
-    let pin_dir =
-        std::path::PathBuf::from("/sys/fs/bpf").join(interceptor_tests::unique_name("adopt"));
+    let pin_dir = interceptor_tests::pin_dir("adopt");
     let _pins = interceptor_tests::agent::PinCleanup(pin_dir.clone());
     let load = |adopt_maps| {
         Datapath::load(interceptor::datapath::DatapathOptions {
@@ -296,8 +295,7 @@ fn stacked_links_in_a_handover_steer_every_connect_exactly_once() {
     let child = Cgroup { path: child_path };
     let pod = netns("icsa");
     let dst: SocketAddr = SERVER.parse().unwrap();
-    let pin_dir =
-        std::path::PathBuf::from("/sys/fs/bpf").join(interceptor_tests::unique_name("stack"));
+    let pin_dir = interceptor_tests::pin_dir("stack");
     let _pins = interceptor_tests::agent::PinCleanup(pin_dir.clone());
     let load = |adopt_maps| {
         let mut dp = Datapath::load(interceptor::datapath::DatapathOptions {
@@ -344,31 +342,47 @@ fn stacked_links_in_a_handover_steer_every_connect_exactly_once() {
             "{what}: steered more or less than once"
         );
     };
-    // Connects in a loop while `step` runs; then every one must be at the agent.
+    // Connects in a loop while `step` runs; every one must reach the agent. The agent's
+    // listener is drained while the loop runs: a slow `step` (loading programs under load)
+    // lets the loop outrun a backlog of 128, and a connect beyond it waits for SYN retries.
     let through = |step: &mut dyn FnMut(), what: &str| {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (child, ns, flag) = (
-            child.path.clone(),
-            pod.ns.path(),
-            std::sync::Arc::clone(&stop),
-        );
-        let looped = std::thread::spawn(move || {
-            let mut n = 0usize;
-            while n < 20 || !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let app = connect_from(Some(&child), &ns, dst, b"x");
-                assert_eq!(app.peer, Ok(dst), "a connect failed or escaped");
-                n += 1;
-            }
-            n
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let (stop, looping) = (AtomicBool::new(false), AtomicBool::new(true));
+        let (child, ns) = (&child.path, pod.ns.path());
+        let (n, at_agent) = std::thread::scope(|s| {
+            let looped = s.spawn(|| {
+                let mut n = 0usize;
+                while n < 20 || !stop.load(Relaxed) {
+                    let app = connect_from(Some(child), &ns, dst, b"x");
+                    assert_eq!(app.peer, Ok(dst), "a connect failed or escaped");
+                    n += 1;
+                }
+                looping.store(false, Relaxed);
+                n
+            });
+            let drained = s.spawn(|| {
+                // Held, not dropped: closing one with its byte unread resets it, and the
+                // child's getpeername would fail. Each connect is queued before its child
+                // reports, so once the loop is done one empty wait means all have been taken.
+                let mut at_agent = Vec::new();
+                loop {
+                    let done = !looping.load(Relaxed);
+                    match accept_within(&pod.agent, Duration::from_millis(200)) {
+                        Some(c) => at_agent.push(c),
+                        None if done => return at_agent.len(),
+                        None => {}
+                    }
+                }
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            step();
+            stop.store(true, Relaxed);
+            let n = looped.join().unwrap_or_else(|_| {
+                looping.store(false, Relaxed);
+                panic!("{what}: connect loop")
+            });
+            (n, drained.join().expect("drain"))
         });
-        std::thread::sleep(Duration::from_millis(50));
-        step();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let n = looped.join().expect("connect loop");
-        let mut at_agent = 0;
-        while accept_within(&pod.agent, Duration::from_millis(200)).is_some() {
-            at_agent += 1;
-        }
         assert_eq!(at_agent, n, "{what}: connects that did not reach the agent");
         assert!(
             accept_within(&pod.server, Duration::from_millis(50)).is_none(),

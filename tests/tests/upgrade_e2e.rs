@@ -391,6 +391,7 @@ fn a_handover_peer_of_another_uid_is_refused() {
     if pid == 0 {
         // SAFETY: raw syscalls on valid arguments; the child never returns.
         unsafe {
+            interceptor_tests::close_all_but(&mut []);
             if libc::setuid(65534) != 0 {
                 libc::_exit(2);
             }

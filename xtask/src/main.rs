@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::LazyLock,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -95,6 +95,45 @@ pub(crate) fn run(root: &Path, cmd: &mut Command) -> Result<()> {
         .current_dir(root)
         .status()
         .with_context(|| format!("cannot start {}", display(cmd)))?;
+    finish(cmd, step, status)
+}
+
+/// [`run`] with a deadline, for steps whose tests fork and could hang: the whole process
+/// group (cargo, the test binaries, their children) is killed at `limit`, so a hung test
+/// fails CI in minutes, with cargo's "has been running for over 60 seconds" lines naming it
+/// above, instead of using up CI's time.
+pub(crate) fn run_within(root: &Path, cmd: &mut Command, limit: Duration) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    eprintln!("+ [{}] {}", elapsed(), display(cmd));
+    let step = Instant::now();
+    let mut child = cmd
+        .current_dir(root)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", display(cmd)))?;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("wait")? {
+            break status;
+        }
+        if step.elapsed() > limit {
+            // The group's id is the child's pid (process_group(0)).
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+            bail!(
+                "`{}` did not finish within {} s: killed (a hung test; cargo named the tests \
+                 still running above)",
+                display(cmd),
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    finish(cmd, step, status)
+}
+
+fn finish(cmd: &Command, step: Instant, status: std::process::ExitStatus) -> Result<()> {
     eprintln!(
         "  [{}] {:.0} s: {}",
         elapsed(),

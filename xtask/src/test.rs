@@ -1,11 +1,11 @@
 //! `cargo xtask test`: what CI runs, cheapest first, so a formatting slip fails in seconds and
 //! not after the VM boots.
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
 
-use crate::{deploy, fuzz, run, vm};
+use crate::{deploy, fuzz, run, run_within, vm};
 
 /// Test targets of `interceptor-tests` that need kernel TLS: they run only in the VM (and fail
 /// loudly if started on a host without the `tls` ULP).
@@ -123,5 +123,6 @@ fn host_privileged(root: &Path) -> Result<()> {
         }
     }
     cmd.env("INTERCEPTOR_REQUIRE_PRIVILEGED", "1");
-    run(root, &mut cmd)
+    // Build and run take ~4 min on a fresh machine; a hang must not take CI's 90.
+    run_within(root, &mut cmd, Duration::from_secs(20 * 60))
 }
