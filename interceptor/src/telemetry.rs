@@ -663,16 +663,16 @@ impl Telemetry {
         let peer = self.at(peer_ip);
         let side = |w: &Option<Arc<WorkloadLabels>>| match w {
             Some(w) => (
-                w.workload.clone(),
-                w.namespace.clone(),
-                w.app.clone(),
-                w.canonical_service.clone(),
+                Arc::clone(&w.workload),
+                Arc::clone(&w.namespace),
+                Arc::clone(&w.app),
+                Arc::clone(&w.canonical_service),
             ),
             None => (unknown(), unknown(), unknown(), unknown()),
         };
         let local_principal = local
             .as_ref()
-            .map(|w| w.principal.clone())
+            .map(|w| Arc::clone(&w.principal))
             .filter(|p| !p.is_empty())
             .unwrap_or_else(unknown);
         let (local, peer) = (side(&local), side(&peer));
@@ -825,7 +825,7 @@ impl Telemetry {
     pub fn handshake_done(&self, direction: Direction, mode: Mode, pod: &str, took: Duration) {
         let local = self.pod(pod);
         let (workload, namespace) = match &local {
-            Some(w) => (w.workload.clone(), w.namespace.clone()),
+            Some(w) => (Arc::clone(&w.workload), Arc::clone(&w.namespace)),
             None => (unknown(), unknown()),
         };
         self.handshake
