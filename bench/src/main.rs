@@ -117,6 +117,21 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
     },
+    /// The userspace relay's cost per byte and per round trip, counted: a flow through two
+    /// relays over loopback on one thread, for `valgrind --tool=callgrind` or `strace -c -f`
+    /// (two runs of different sizes; their difference is the cost of what lies between).
+    /// Unprivileged; JSON on stdout.
+    RelayCost {
+        /// MiB moved one way through one flow.
+        #[arg(long, default_value_t = 64)]
+        bulk_mb: u64,
+        /// 64-byte round trips on a second flow.
+        #[arg(long, default_value_t = 10_000)]
+        round_trips: u64,
+        /// The relays' buffer size in KiB (default: the agent's).
+        #[arg(long)]
+        buffer_kib: Option<usize>,
+    },
     /// One GET on a new connection; prints the body.
     HttpGet {
         #[arg(long)]
@@ -290,6 +305,19 @@ fn real_main() -> Result<()> {
             std::fs::write(out.join("scale-policy.md"), r.markdown())?;
             std::fs::write(out.join("scale-policy.svg"), r.svg())?;
             print!("{}", r.markdown());
+            Ok(())
+        }
+        Cmd::RelayCost {
+            bulk_mb,
+            round_trips,
+            buffer_kib,
+        } => {
+            let r = interceptor_bench::relay_cost::run(
+                bulk_mb,
+                round_trips,
+                buffer_kib.map(|k| k << 10),
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Cmd::HttpGet { target, path } => {

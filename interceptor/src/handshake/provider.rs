@@ -329,6 +329,30 @@ impl MeshCrypto {
     }
 }
 
+impl MeshCrypto {
+    /// The provider of a resumed offer (see `super::MeshClient`): the same groups with x25519
+    /// moved first, so that its share is the only one sent and a server that allows x25519
+    /// takes it at once; a server that does not (`pqc`, `fips-140-2`) asks for a group of its
+    /// own that is still listed, as it would of a full offer. `None` where full handshakes do
+    /// not start with the hybrid (their hello fits a SYN already) or x25519 is not allowed.
+    pub(super) fn resumed_provider(&self) -> Option<Arc<CryptoProvider>> {
+        let hybrid_first = self.groups().first().is_some_and(|g| g.post_quantum());
+        if !hybrid_first || !self.groups().contains(&MeshGroup::X25519) {
+            return None;
+        }
+        let groups = std::iter::once(MeshGroup::X25519).chain(
+            self.groups()
+                .iter()
+                .copied()
+                .filter(|&g| g != MeshGroup::X25519),
+        );
+        Some(Arc::new(CryptoProvider {
+            kx_groups: groups.map(MeshGroup::rustls).collect(),
+            ..CryptoProvider::clone(&self.provider())
+        }))
+    }
+}
+
 /// A negotiated group as logs and `interceptor flows` show it: the IANA name.
 pub fn group_name(group: NamedGroup) -> String {
     match MeshGroup::from_rustls(group) {
