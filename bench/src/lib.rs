@@ -13,6 +13,7 @@ pub mod modes;
 pub mod pki;
 pub mod plot;
 pub mod procs;
+pub mod relay_cost;
 pub mod report;
 pub mod runner;
 pub mod scale_policy;

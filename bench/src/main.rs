@@ -66,6 +66,9 @@ enum Cmd {
         /// of one HTTP request with `Connection: close`.
         #[arg(long)]
         echo: bool,
+        /// Stop after this many connections per thread (or at DURATION, whichever is first).
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// Open COUNT echo connections, print `ready N`, hold them.
     Idle {
@@ -113,6 +116,21 @@ enum Cmd {
         /// Comma separated subset of: direct, splice, sk_skb, sk_msg.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
+    },
+    /// The userspace relay's cost per byte and per round trip, counted: a flow through two
+    /// relays over loopback on one thread, for `valgrind --tool=callgrind` or `strace -c -f`
+    /// (two runs of different sizes; their difference is the cost of what lies between).
+    /// Unprivileged; JSON on stdout.
+    RelayCost {
+        /// MiB moved one way through one flow.
+        #[arg(long, default_value_t = 64)]
+        bulk_mb: u64,
+        /// 64-byte round trips on a second flow.
+        #[arg(long, default_value_t = 10_000)]
+        round_trips: u64,
+        /// The relays' buffer size in KiB (default: the agent's).
+        #[arg(long)]
+        buffer_kib: Option<usize>,
     },
     /// One GET on a new connection; prints the body.
     HttpGet {
@@ -179,6 +197,11 @@ struct RunArgs {
     /// Skip the warm-up pass.
     #[arg(long)]
     no_warmup: bool,
+    /// churn / churn2: stop after N connections per client thread instead of after the
+    /// usual seconds (at most 600 s): a fixed amount of work, e.g. for an agent run under
+    /// `valgrind --tool=callgrind` or `strace -c` (bench/README.md, "Per-connection work").
+    #[arg(long)]
+    churn_count: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -218,12 +241,14 @@ fn real_main() -> Result<()> {
             threads,
             window,
             echo,
+            count,
         } => {
             let shape = apps::ChurnShape {
                 duration: Duration::from_secs_f64(duration),
                 threads,
                 window: window.map(Duration::from_secs_f64),
                 echo,
+                count,
             };
             let r = apps::churn_with(target, &shape)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -282,6 +307,19 @@ fn real_main() -> Result<()> {
             print!("{}", r.markdown());
             Ok(())
         }
+        Cmd::RelayCost {
+            bulk_mb,
+            round_trips,
+            buffer_kib,
+        } => {
+            let r = interceptor_bench::relay_cost::run(
+                bulk_mb,
+                round_trips,
+                buffer_kib.map(|k| k << 10),
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Cmd::HttpGet { target, path } => {
             let body = apps::http_get(target, &path, Duration::from_secs(10))?;
             print!("{body}");
@@ -302,6 +340,7 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(n) = args.idle_flows {
         params.idle_flows = n;
     }
+    params.churn_count = args.churn_count;
     if let Some(s) = args.iperf_secs {
         params.iperf_secs = s;
     }

@@ -19,6 +19,7 @@
 mod cache;
 mod credentials;
 pub mod driver;
+mod hkdf;
 mod provider;
 mod resumption;
 pub mod spare;

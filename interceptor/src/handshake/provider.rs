@@ -26,7 +26,7 @@ use rustls::{
     CipherSuite, NamedGroup, SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
     crypto::{
         CryptoProvider, SupportedKxGroup, WebPkiSupportedAlgorithms,
-        aws_lc_rs::{self, cipher_suite, kx_group},
+        aws_lc_rs::{self, kx_group},
     },
     version::{TLS12, TLS13},
 };
@@ -70,9 +70,11 @@ impl MeshSuite {
 
     fn rustls(self) -> SupportedCipherSuite {
         match self {
-            MeshSuite::Aes128Gcm => cipher_suite::TLS13_AES_128_GCM_SHA256,
-            MeshSuite::Aes256Gcm => cipher_suite::TLS13_AES_256_GCM_SHA384,
-            MeshSuite::Chacha20Poly1305 => cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            // rustls' aws-lc suites with a key schedule that sets each HMAC key up once (see
+            // `hkdf`); the same suites on the wire.
+            MeshSuite::Aes128Gcm => super::hkdf::tls13_aes_128_gcm_sha256(),
+            MeshSuite::Aes256Gcm => super::hkdf::tls13_aes_256_gcm_sha384(),
+            MeshSuite::Chacha20Poly1305 => super::hkdf::tls13_chacha20_poly1305_sha256(),
         }
     }
 
