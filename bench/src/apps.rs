@@ -360,6 +360,7 @@ pub fn churn(target: SocketAddr, duration: Duration) -> Result<ChurnReport> {
             threads: 1,
             window: None,
             echo: false,
+            count: None,
         },
     )
 }
@@ -376,6 +377,10 @@ pub struct ChurnShape {
     /// first, as most clients do) instead of one HTTP request with `Connection: close`
     /// (after which the server closes first).
     pub echo: bool,
+    /// Stop after this many connections per thread (or at `duration`, whichever comes
+    /// first): a fixed amount of work, so per-connection counts (instructions, system calls)
+    /// can be taken as the difference of two runs.
+    pub count: Option<u64>,
 }
 
 /// Connections one after another on `shape.threads` threads for `shape.duration`.
@@ -449,7 +454,9 @@ fn churn_thread(
     let mut errors = 0u64;
     let mut per_window = vec![0u64; windows];
     let mut buf = [0u8; 4096];
-    while start.elapsed() < shape.duration {
+    let mut made = 0u64;
+    while start.elapsed() < shape.duration && shape.count.is_none_or(|c| made < c) {
+        made += 1;
         let t0 = Instant::now();
         let one = (|| -> io::Result<Duration> {
             let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;

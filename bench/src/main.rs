@@ -66,6 +66,9 @@ enum Cmd {
         /// of one HTTP request with `Connection: close`.
         #[arg(long)]
         echo: bool,
+        /// Stop after this many connections per thread (or at DURATION, whichever is first).
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// Open COUNT echo connections, print `ready N`, hold them.
     Idle {
@@ -194,6 +197,11 @@ struct RunArgs {
     /// Skip the warm-up pass.
     #[arg(long)]
     no_warmup: bool,
+    /// churn / churn2: stop after N connections per client thread instead of after the
+    /// usual seconds (at most 600 s): a fixed amount of work, e.g. for an agent run under
+    /// `valgrind --tool=callgrind` or `strace -c` (bench/README.md, "Per-connection work").
+    #[arg(long)]
+    churn_count: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -233,12 +241,14 @@ fn real_main() -> Result<()> {
             threads,
             window,
             echo,
+            count,
         } => {
             let shape = apps::ChurnShape {
                 duration: Duration::from_secs_f64(duration),
                 threads,
                 window: window.map(Duration::from_secs_f64),
                 echo,
+                count,
             };
             let r = apps::churn_with(target, &shape)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -330,6 +340,7 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(n) = args.idle_flows {
         params.idle_flows = n;
     }
+    params.churn_count = args.churn_count;
     if let Some(s) = args.iperf_secs {
         params.iperf_secs = s;
     }

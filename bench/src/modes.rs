@@ -792,16 +792,17 @@ fn check_fast_path(active: &Active, env: &Env) -> Result<()> {
     Ok(())
 }
 
-/// The agent binds its admin socket last, after enrolling every pod.
+/// The agent binds its admin socket last, after enrolling every pod. Generous: an agent run
+/// under a profiler (`--churn-count`) starts tens of times slower; a dead one fails at once.
 fn wait_ready(socket: &Path, active: &mut Active, env: &Env) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !socket.exists() {
         for p in &mut active.proxies {
             p.check_alive()
                 .with_context(|| format!("agent log in {}", env.log_dir.display()))?;
         }
         if Instant::now() > deadline {
-            bail!("the agent did not create {} within 30 s", socket.display());
+            bail!("the agent did not create {} within 120 s", socket.display());
         }
         procs::sleep(Duration::from_millis(50))?;
     }

@@ -91,8 +91,18 @@ async fn flow(mesh: &Mesh, config: RelayConfig) -> Result<(TcpStream, TcpStream)
         ..config
     };
     for (app, peer, conn, config) in [
-        (client_app, client_peer, rustls::Connection::from(client), dialing),
-        (server_app, server_peer, rustls::Connection::from(server), config),
+        (
+            client_app,
+            client_peer,
+            rustls::Connection::from(client),
+            dialing,
+        ),
+        (
+            server_app,
+            server_peer,
+            rustls::Connection::from(server),
+            config,
+        ),
     ] {
         tokio::spawn(relay::relay_userspace(
             app,

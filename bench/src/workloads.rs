@@ -107,6 +107,10 @@ pub struct Params {
     pub http_rate: f64,
     pub http_conns: usize,
     pub churn_secs: f64,
+    /// churn and churn2 stop after this many connections per client thread instead of at
+    /// `churn_secs` (`--churn-count`): the same work in every mode, for profiling.
+    #[serde(default)]
+    pub churn_count: Option<u64>,
     pub idle_flows: usize,
     /// Sustained churn: seconds per client-thread count, and the window the rate is
     /// reported in.
@@ -126,6 +130,7 @@ impl Params {
             http_rate: 1000.0,
             http_conns: 16,
             churn_secs: 5.0,
+            churn_count: None,
             idle_flows: 1000,
             sustained_secs: 120.0,
             sustained_window_secs: 10.0,
@@ -141,6 +146,7 @@ impl Params {
             http_rate: 1000.0,
             http_conns: 16,
             churn_secs: 2.0,
+            churn_count: None,
             idle_flows: 1000,
             sustained_secs: 20.0,
             sustained_window_secs: 5.0,
@@ -155,6 +161,7 @@ impl Params {
             http_secs: 1.0,
             http_warmup_secs: 0.2,
             churn_secs: 0.5,
+            churn_count: None,
             idle_flows: self.idle_flows.min(50),
             sustained_secs: 2.0,
             sustained_window_secs: 1.0,
@@ -546,22 +553,30 @@ fn churn(
     p: &Params,
     threads: usize,
 ) -> Result<Vec<Metric>> {
+    // A fixed count may run under a profiler, many times slower: a generous cap instead.
+    let secs = match p.churn_count {
+        Some(_) => p.churn_secs.max(600.0),
+        None => p.churn_secs,
+    };
     let mut cmd = bench_in_client(topo, env)?;
     cmd.args([
         "churn",
         "--target",
         &active.target(HTTP_PORT).to_string(),
         "--duration",
-        &p.churn_secs.to_string(),
+        &secs.to_string(),
         "--threads",
         &threads.to_string(),
     ]);
+    if let Some(c) = p.churn_count {
+        cmd.args(["--count", &c.to_string()]);
+    }
     let (r, cpu): (ChurnReport, Cpu) = measured(
         topo,
         active,
         "churn",
         &mut cmd,
-        Duration::from_secs_f64(p.churn_secs * 3.0 + 30.0),
+        Duration::from_secs_f64(secs * 3.0 + 30.0),
     )?;
     let n = (r.connections as f64).max(1.0);
     let mut m = vec![

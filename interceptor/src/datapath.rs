@@ -22,7 +22,8 @@ use interceptor_common::{
     SockAddr, maps,
 };
 
-/// The compiled eBPF object, built by aya-build from `interceptor-ebpf`.
+/// The compiled eBPF object, built by aya-build from `interceptor-ebpf`. Empty in `cfg(fuzzing)`
+/// builds (see `build.rs`), where loading fails.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
 /// Programs attached to every enrolled cgroup, in attach order. sockops goes first so a flow is

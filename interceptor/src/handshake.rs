@@ -19,6 +19,7 @@
 mod cache;
 mod credentials;
 pub mod driver;
+mod hkdf;
 mod provider;
 mod resumption;
 pub mod spare;
@@ -30,8 +31,11 @@ use rustls::{
     AlertDescription, CertificateError, ClientConfig, CommonState, Error, HandshakeKind,
     NamedGroup, PeerIncompatible, ProtocolVersion, RootCertStore, ServerConfig,
     SupportedCipherSuite,
-    client::{Resumption, Tls12Resumption, VerifierBuilderError},
-    pki_types::{CertificateDer, UnixTime},
+    client::{
+        ClientSessionStore, Resumption, Tls12Resumption, VerifierBuilderError,
+        danger::ServerCertVerifier,
+    },
+    pki_types::{CertificateDer, ServerName, UnixTime},
     server::{NoServerSessionStorage, WebPkiClientVerifier},
     version::TLS13,
 };
@@ -47,7 +51,7 @@ pub use self::{
     verifier::PeerIdentityError,
 };
 use self::{
-    resumption::{ClientTickets, SERVER_TICKETS, ServerTickets},
+    resumption::{ClientTickets, OneTicket, SERVER_TICKETS, ServerTickets},
     verifier::{MeshClientVerifier, MeshServerVerifier},
 };
 use crate::{
@@ -278,18 +282,20 @@ pub fn client_config_with(
     crypto: &MeshCrypto,
     resumption: &SessionResumption,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
-    check_leaf(leaf, trust_domain)?;
-    if expected_server.trust_domain() != trust_domain {
-        return Err(TlsConfigError::ForeignPeer {
-            id: expected_server.clone(),
-            trust_domain: trust_domain.clone(),
-        });
-    }
-    build_client_config(leaf, roots, expected_server, crypto, resumption)
+    mesh_client_with(
+        leaf,
+        roots,
+        trust_domain,
+        expected_server,
+        crypto,
+        resumption,
+    )
+    .map(|c| c.full)
 }
 
 /// [`client_config`] without the trust-domain checks, so tests can build peers the checks
 /// would refuse.
+#[cfg(test)]
 fn build_client_config(
     leaf: &LeafCert,
     roots: Arc<RootCertStore>,
@@ -297,31 +303,171 @@ fn build_client_config(
     crypto: &MeshCrypto,
     resumption: &SessionResumption,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    Ok(build_mesh_client(leaf, roots, expected_server, crypto, resumption)?.full)
+}
+
+/// A mesh client's configs for one expected server identity: the full offer (every group of
+/// the policy, hybrid first) and, where resumption is on and the policy starts with the
+/// hybrid, the resumed offer.
+///
+/// The resumed offer exists so that a resumed ClientHello fits in a SYN (TCP Fast Open) and
+/// the TLS exchange starts with it: an X25519MLKEM768 share alone is 1 216 bytes, larger than
+/// what a SYN carries on a 1 500-byte link once the rest of the hello is added. It sends an
+/// x25519 share alone and lists x25519 first in `supported_groups`: rustls' server takes the
+/// first group of the client's `supported_groups` it supports, whatever the shares, and
+/// answers a missing share for it with a HelloRetryRequest (`server/hs.rs`
+/// `choose_suite_and_kx_group`, `server/tls13.rs`), so a list that still named the hybrid
+/// first would cost the round trip this saves. The policy's other groups follow, so a `pqc`
+/// or `fips-140-2` server asks for one of its own (a retry, as for a full offer) instead of
+/// finding no group in common. Why a session resumed this way keeps the hybrid's protection:
+/// ARCHITECTURE.md "Session resumption".
+#[derive(Clone)]
+pub struct MeshClient {
+    full: Arc<ClientConfig>,
+    resumed: Option<ResumedOffer>,
+}
+
+#[derive(Clone)]
+struct ResumedOffer {
+    /// Same verifier and client-certificate resolver as `full` (rustls resumes a ticket only
+    /// with the very ones that made it), x25519 only; its own store holds nothing.
+    config: Arc<ClientConfig>,
+    /// The store `full` keeps its tickets in.
+    tickets: Arc<ClientTickets>,
+}
+
+/// The config for one connection, and whether it is the resumed offer.
+pub struct ClientOffer {
+    pub config: Arc<ClientConfig>,
+    /// The connection holds a ticket and offers an x25519 share alone: if the server declines
+    /// the ticket, the handshake is a full one, on x25519 where the server allows it, which the
+    /// caller must not use (see [`MeshClient::declined`]).
+    pub resuming: bool,
+}
+
+impl MeshClient {
+    /// The full offer: every group of the policy, a ticket if one is held.
+    pub fn full(&self) -> &Arc<ClientConfig> {
+        &self.full
+    }
+
+    /// The config for the next connection to `server`: the resumed offer with a ticket taken
+    /// for this connection alone when one is held (so no other connection can take it between
+    /// this choice and the ClientHello, which would leave this one a full handshake on x25519),
+    /// else the full offer.
+    pub fn offer(&self, server: &ServerName<'static>) -> ClientOffer {
+        let full = ClientOffer {
+            config: Arc::clone(&self.full),
+            resuming: false,
+        };
+        let Some(resumed) = &self.resumed else {
+            return full;
+        };
+        let Some(ticket) = resumed.tickets.take_tls13_ticket(server) else {
+            return full;
+        };
+        let mut config = ClientConfig::clone(&resumed.config);
+        let one = OneTicket::new(ticket, Arc::clone(&resumed.tickets));
+        config.resumption =
+            Resumption::store(Arc::new(one)).tls12_resumption(Tls12Resumption::Disabled);
+        ClientOffer {
+            config: Arc::new(config),
+            resuming: true,
+        }
+    }
+
+    /// `server` declined the ticket of a resumed offer and the full handshake that followed
+    /// is not hybrid: it must not carry data (full handshakes stay hybrid). Drops the other
+    /// tickets held for `server` and returns the full offer to dial again with.
+    pub fn declined(&self, server: &ServerName<'static>) -> ClientOffer {
+        if let Some(resumed) = &self.resumed {
+            resumed.tickets.forget(server);
+        }
+        ClientOffer {
+            config: Arc::clone(&self.full),
+            resuming: false,
+        }
+    }
+}
+
+/// [`client_config_with`]'s checks, returning both offers.
+pub fn mesh_client_with(
+    leaf: &LeafCert,
+    roots: Arc<RootCertStore>,
+    trust_domain: &TrustDomain,
+    expected_server: &SpiffeId,
+    crypto: &MeshCrypto,
+    resumption: &SessionResumption,
+) -> Result<MeshClient, TlsConfigError> {
+    check_leaf(leaf, trust_domain)?;
+    if expected_server.trust_domain() != trust_domain {
+        return Err(TlsConfigError::ForeignPeer {
+            id: expected_server.clone(),
+            trust_domain: trust_domain.clone(),
+        });
+    }
+    build_mesh_client(leaf, roots, expected_server, crypto, resumption)
+}
+
+fn build_mesh_client(
+    leaf: &LeafCert,
+    roots: Arc<RootCertStore>,
+    expected_server: &SpiffeId,
+    crypto: &MeshCrypto,
+    resumption: &SessionResumption,
+) -> Result<MeshClient, TlsConfigError> {
     let provider = crypto.provider();
-    let verifier = MeshServerVerifier::new(
+    let verifier: Arc<dyn ServerCertVerifier> = Arc::new(MeshServerVerifier::new(
         roots,
         provider.signature_verification_algorithms,
         expected_server.clone(),
-    );
+    ));
 
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])
         .map_err(TlsConfigError::Rustls)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(Arc::clone(&verifier))
         .with_client_auth_cert(leaf.chain().to_vec(), leaf.key().clone_key())
         .map_err(TlsConfigError::Rustls)?;
+    mesh_client_settings(&mut config);
+    let tickets = resumption
+        .enabled()
+        .then(|| Arc::new(ClientTickets::new(resumption.clone())));
+    config.resumption = match &tickets {
+        Some(tickets) => Resumption::store(Arc::clone(tickets) as Arc<dyn ClientSessionStore>)
+            .tls12_resumption(Tls12Resumption::Disabled),
+        None => Resumption::disabled(),
+    };
+    let resumed = match (tickets, crypto.resumed_provider()) {
+        (Some(tickets), Some(provider)) => {
+            let mut resumed = ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&TLS13])
+                .map_err(TlsConfigError::Rustls)?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_client_cert_resolver(Arc::clone(&config.client_auth_cert_resolver));
+            mesh_client_settings(&mut resumed);
+            resumed.resumption = Resumption::disabled();
+            Some(ResumedOffer {
+                config: Arc::new(resumed),
+                tickets,
+            })
+        }
+        _ => None,
+    };
+    Ok(MeshClient {
+        full: Arc::new(config),
+        resumed,
+    })
+}
+
+/// What every mesh client config sets, whichever offer it makes.
+fn mesh_client_settings(config: &mut ClientConfig) {
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
     config.enable_secret_extraction = true;
-    config.resumption = if resumption.enabled() {
-        Resumption::store(Arc::new(ClientTickets::new(resumption.clone())))
-            .tls12_resumption(Tls12Resumption::Disabled)
-    } else {
-        Resumption::disabled()
-    };
     config.enable_sni = false;
     config.enable_early_data = false;
-    Ok(Arc::new(config))
 }
 
 /// The peer identity and suite of a finished mesh handshake, on either side.

@@ -563,11 +563,9 @@ fn reset(sock: &TcpStream) {
     let _ = sock.set_zero_linger();
 }
 
-/// `shutdown(SHUT_WR)` on a tokio socket from synchronous code. Shutdown acts on the socket,
-/// not the descriptor, so a short-lived duplicate does it without tokio's async wrapper.
+/// `shutdown(SHUT_WR)` on a tokio socket from synchronous code, on the borrowed descriptor.
 fn shutdown_write(sock: &TcpStream) -> io::Result<()> {
-    let dup = sock.as_fd().try_clone_to_owned()?;
-    std::net::TcpStream::from(dup).shutdown(std::net::Shutdown::Write)
+    crate::sys::shutdown_write(sock.as_fd())
 }
 
 /// Holds a failed flow's reset (see [`RelayConfig::reset_after_request`]): while the app has

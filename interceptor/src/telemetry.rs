@@ -158,19 +158,31 @@ label_value!(Direction, Mode, Outcome);
 
 /// What the metrics say about one workload (an enrolled pod, or a peer on another node).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Its values are shared ([`Label`]): every flow's label set is made of them, and a clone is a
+/// reference count, not an allocation per label per flow.
 pub struct WorkloadLabels {
     /// The workload (Deployment, StatefulSet, DaemonSet) the pod belongs to, see
     /// [`workload_name`].
-    pub workload: String,
-    pub namespace: String,
+    pub workload: Label,
+    pub namespace: Label,
     /// The `app` label (Istio's `*_app`).
-    pub app: String,
+    pub app: Label,
     /// Istio's canonical service: `service.istio.io/canonical-name`, else
     /// `app.kubernetes.io/name`, else `app`, else the workload.
-    pub canonical_service: String,
+    pub canonical_service: Label,
     /// An enrolled pod's SPIFFE ID (its end of a flow needs no proof); empty for a peer,
     /// whose identity counts only when its certificate proved it.
-    pub principal: String,
+    pub principal: Label,
+}
+
+/// A label value shared by every series and flow that carries it.
+pub type Label = Arc<str>;
+
+/// [`UNKNOWN`] as a shared [`Label`].
+fn unknown() -> Label {
+    static LABEL: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| UNKNOWN.into());
+    Arc::clone(&LABEL)
 }
 
 impl WorkloadLabels {
@@ -183,17 +195,17 @@ impl WorkloadLabels {
             .or_else(|| get("app"))
             .unwrap_or_else(|| workload.clone());
         Self {
-            workload,
-            namespace: namespace.to_owned(),
-            app: get("app").unwrap_or_else(|| UNKNOWN.to_owned()),
-            canonical_service,
-            principal: String::new(),
+            workload: workload.into(),
+            namespace: namespace.into(),
+            app: get("app").map_or_else(unknown, Label::from),
+            canonical_service: canonical_service.into(),
+            principal: "".into(),
         }
     }
 
     /// With the enrolled pod's SPIFFE ID.
     pub fn with_principal(mut self, principal: impl ToString) -> Self {
-        self.principal = principal.to_string();
+        self.principal = principal.to_string().into();
         self
     }
 }
@@ -236,16 +248,16 @@ pub fn workload_name(pod: &str, labels: &BTreeMap<String, String>) -> String {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_canonical_service: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_canonical_service: String,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub source_app: Label,
+    pub source_canonical_service: Label,
+    pub destination_workload: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_app: Label,
+    pub destination_canonical_service: Label,
     pub request_protocol: &'static str,
     pub connection_security_policy: &'static str,
     pub direction: Direction,
@@ -269,8 +281,8 @@ struct RefusedLabels {
 struct HandshakeLabels {
     direction: Direction,
     mode: Mode,
-    workload: String,
-    workload_namespace: String,
+    workload: Label,
+    workload_namespace: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -651,28 +663,23 @@ impl Telemetry {
         let peer = self.at(peer_ip);
         let side = |w: &Option<Arc<WorkloadLabels>>| match w {
             Some(w) => (
-                w.workload.clone(),
-                w.namespace.clone(),
-                w.app.clone(),
-                w.canonical_service.clone(),
+                Arc::clone(&w.workload),
+                Arc::clone(&w.namespace),
+                Arc::clone(&w.app),
+                Arc::clone(&w.canonical_service),
             ),
-            None => (
-                UNKNOWN.to_owned(),
-                UNKNOWN.to_owned(),
-                UNKNOWN.to_owned(),
-                UNKNOWN.to_owned(),
-            ),
+            None => (unknown(), unknown(), unknown(), unknown()),
         };
         let local_principal = local
             .as_ref()
-            .map(|w| w.principal.clone())
+            .map(|w| Arc::clone(&w.principal))
             .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| UNKNOWN.to_owned());
+            .unwrap_or_else(unknown);
         let (local, peer) = (side(&local), side(&peer));
         let peer_principal = flow
             .peer_principal
-            .clone()
-            .unwrap_or_else(|| UNKNOWN.to_owned());
+            .as_deref()
+            .map_or_else(unknown, Label::from);
         // Without mTLS nothing proves who the client is, so Istio leaves it unknown; the
         // agent's own pod is known either way.
         let (src, dst, src_principal, dst_principal) = match flow.direction {
@@ -818,8 +825,8 @@ impl Telemetry {
     pub fn handshake_done(&self, direction: Direction, mode: Mode, pod: &str, took: Duration) {
         let local = self.pod(pod);
         let (workload, namespace) = match &local {
-            Some(w) => (w.workload.clone(), w.namespace.clone()),
-            None => (UNKNOWN.to_owned(), UNKNOWN.to_owned()),
+            Some(w) => (Arc::clone(&w.workload), Arc::clone(&w.namespace)),
+            None => (unknown(), unknown()),
         };
         self.handshake
             .get_or_create(&HandshakeLabels {

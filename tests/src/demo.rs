@@ -45,14 +45,12 @@ pub struct Report {
 
 /// Writes straight to fd 2: the test harness captures `eprintln!`, and the demo's table is the
 /// point of running it.
+/// The copy is close-on-exec (a plain dup(2) was not: a pod command spawned by another test
+/// thread meanwhile kept the harness's stderr open).
 pub fn say(s: &str) {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: dup(2) returns a new descriptor that the File owns and closes.
-    let fd = unsafe { libc::dup(2) };
-    if fd >= 0 {
-        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-        let _ = f.write_all(s.as_bytes());
+    use std::os::fd::AsFd as _;
+    if let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() {
+        let _ = std::fs::File::from(fd).write_all(s.as_bytes());
     }
 }
 

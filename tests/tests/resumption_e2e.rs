@@ -7,6 +7,11 @@
 //! issued before it is offered or accepted, so a policy that now denies the client refuses it
 //! on a full handshake.
 //!
+//! A resumed connection offers x25519 alone, so its ClientHello fits in the SYN (TCP Fast
+//! Open between agents) and the server's flight follows the SYN-ACK: on the wire of the
+//! server pod's link, the client waits once for the server before its Finished, where a full
+//! handshake (hybrid, too large for the SYN) waits twice; no HelloRetryRequest either way.
+//!
 //! Host only: the userspace relay, where the client agent's rustls keeps the tickets.
 
 use std::net::SocketAddr;
@@ -15,11 +20,11 @@ use interceptor::{app::Agent, intercept::table::FlowRow};
 use interceptor_tests::{
     agent::RunningAgent,
     apps::curl,
-    crypto::{any_port, captured, hellos},
+    crypto::{X25519, X25519MLKEM768, any_port, assert_hello, captured, hellos},
     mesh::{PolicyDir, stats_delta, wait_generation},
     require_privileged,
     scenario::{Cluster, Scenario, serve_blob},
-    wire::{Streams, assert_no_plaintext},
+    wire::{Capture, Frame, Streams, assert_no_plaintext},
 };
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/resume/sa/client";
@@ -196,4 +201,152 @@ fn a_second_connection_resumes_and_policy_still_decides_with_the_restored_identi
     let (f, streams) = get(http);
     assert_eq!(f.code, "200");
     assert_eq!(psk_on_the_wire(&streams, &client, http), (1, Some(0)));
+}
+
+/// A rule that matches nobody here: loading it starts a new policy generation.
+const UNRELATED: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-nobody, namespace: resume}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/nobody/sa/none"]
+"#;
+
+const SYN: u8 = 0x02;
+const FIN: u8 = 0x01;
+
+/// What the capture shows of the one connection from `client` to `server`.
+#[derive(Debug)]
+struct SetUp {
+    /// The ClientHello record's size.
+    hello: usize,
+    /// Bytes the client's SYN carried.
+    syn_data: usize,
+    /// Times the client sent (a SYN or bytes) after the server had sent, up to and with the
+    /// segment carrying its first byte past the ClientHello (its second flight: Finished):
+    /// one more than the round trips it waited for before it.
+    client_turns: usize,
+}
+
+fn set_up(frames: &[Frame], client: std::net::IpAddr, server: SocketAddr) -> SetUp {
+    let segs: Vec<_> = frames.iter().filter_map(Frame::tcp).collect();
+    let syn = segs
+        .iter()
+        .find(|s| s.src.ip() == client && s.dst == server && s.flags & SYN != 0)
+        .unwrap_or_else(|| panic!("no SYN {client} → {server} in {} segments", segs.len()));
+    let (from, isn) = (syn.src, syn.seq);
+    let streams = Streams::from_frames(frames.to_vec());
+    let (ch, _) = hellos(&streams, from, server);
+    let hello = 5 + ch.message_len;
+    let mut turns = 0;
+    let mut last_up = false;
+    for s in &segs {
+        let up = s.src == from && s.dst == server;
+        let down = s.src == server && s.dst == from;
+        if !(up || down) {
+            continue;
+        }
+        if s.payload.is_empty() && s.flags & (SYN | FIN) == 0 {
+            continue;
+        }
+        if up && !last_up {
+            turns += 1;
+        }
+        last_up = up;
+        let start = if s.flags & SYN != 0 {
+            0
+        } else {
+            s.seq.wrapping_sub(isn.wrapping_add(1)) as usize
+        };
+        if up && start + s.payload.len() > hello {
+            return SetUp {
+                hello,
+                syn_data: syn.payload.len(),
+                client_turns: turns,
+            };
+        }
+    }
+    panic!("the client never sent past its ClientHello ({hello} bytes)");
+}
+
+#[test]
+fn a_resumed_client_hello_rides_in_the_syn_and_saves_a_round_trip() {
+    require_privileged();
+    let Scenario {
+        client,
+        mut server,
+        node,
+    } = Scenario::new(99, "tfo-client", "tfo-server");
+    let www = serve_blob(&mut server, "tfo-www", 64 << 10);
+    let cluster = Cluster::new("resume-tfo");
+    let policy = PolicyDir::with("policy.yaml", POLICY);
+    let pods = [(&client, "client"), (&server, "server")];
+    let config = cluster.config_in("resume", &pods, &policy);
+    assert!(config.tuning.tcp_fast_open && config.tuning.session_resumption);
+    let agent = RunningAgent::start(config);
+    let agent = &agent.agent;
+    let http = SocketAddr::from((server.ip, 80));
+    let get = || {
+        let capture = Capture::start_in(&node.ns.path(), &server.host_if);
+        let f = curl(client.command("curl"), &format!("http://{http}/blob"));
+        assert_eq!((f.code.as_str(), f.sha256()), ("200", www.want.clone()));
+        let frames = capture.stop();
+        let streams = Streams::from_frames(frames.clone());
+        assert_no_plaintext(&streams, &www.payload);
+        (frames, streams)
+    };
+
+    // The first connection fetches the Fast Open cookie and the first ticket.
+    get();
+
+    // Resumed: x25519 alone, the whole ClientHello in the SYN, the server's flight right
+    // behind the SYN-ACK; the server took the offered share (no HelloRetryRequest).
+    let fast_open = client.ns.tcp_ext("TCPFastOpenActive");
+    let (frames, streams) = get();
+    let (ch, sh) = hellos(&streams, any_port(client.ip), http);
+    assert_eq!(
+        (ch.groups.first(), ch.key_shares.as_slice()),
+        (Some(&X25519), &[(X25519, 32)][..])
+    );
+    assert_eq!(ch.psk_identities, 1);
+    assert_hello(&sh, X25519, sh.as_ref().unwrap().cipher_suite, None);
+    assert_eq!(
+        sh.as_ref().unwrap().psk_identity,
+        Some(0),
+        "the ticket was accepted"
+    );
+    let resumed = set_up(&frames, client.ip.into(), http);
+    assert_eq!(
+        (resumed.syn_data, resumed.client_turns),
+        (resumed.hello, 2),
+        "resumed: {resumed:?}"
+    );
+    assert!(client.ns.tcp_ext("TCPFastOpenActive") > fast_open);
+    let row = last_flow(agent, "tfo-client");
+    assert_eq!(
+        (row.resumed, row.group.as_deref()),
+        (Some(true), Some("x25519")),
+        "{row:?}"
+    );
+
+    // Full (a policy reload retires every ticket; the cookie stays): the hybrid, a
+    // ClientHello larger than the SYN carries, one more round trip.
+    let generation = agent.policy_generation();
+    policy.write("unrelated.yaml", UNRELATED);
+    wait_generation(agent, generation);
+    let (frames, streams) = get();
+    let (ch, sh) = hellos(&streams, any_port(client.ip), http);
+    assert_eq!(ch.groups.first(), Some(&X25519MLKEM768));
+    assert_eq!(ch.psk_identities, 0);
+    assert_hello(&sh, X25519MLKEM768, sh.as_ref().unwrap().cipher_suite, None);
+    let full = set_up(&frames, client.ip.into(), http);
+    assert!(
+        full.syn_data > 0 && full.syn_data < full.hello && full.client_turns == 3,
+        "full: {full:?}"
+    );
+    eprintln!("ClientHello in the SYN: resumed {resumed:?}, full {full:?}");
 }

@@ -8,8 +8,8 @@ use std::{collections::HashMap, sync::Arc, sync::Mutex};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::{
-    MESH_ALPN, MeshCrypto, SPARE_ALPN, SessionResumption, TlsConfigError, client_config_with,
-    server_config_with,
+    MESH_ALPN, MeshClient, MeshCrypto, SPARE_ALPN, SessionResumption, TlsConfigError,
+    mesh_client_with, server_config_with,
 };
 use crate::{
     ca::{LeafCert, renew::HoldsLeaf},
@@ -25,7 +25,7 @@ pub struct Credentials {
     crypto: Arc<MeshCrypto>,
     resumption: SessionResumption,
     /// Client configs by expected server identity (the verifier pins it).
-    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    clients: Mutex<HashMap<SpiffeId, MeshClient>>,
     /// The same, for spare connections (see [`Credentials::spare_client`]).
     spare_clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
@@ -57,13 +57,19 @@ impl Credentials {
         &self.server
     }
 
-    /// The config that dials a mesh peer which must prove `expected`.
+    /// The config that dials a mesh peer which must prove `expected` (its full offer).
     pub fn client(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        Ok(Arc::clone(self.mesh_client(expected)?.full()))
+    }
+
+    /// The configs that dial a mesh peer which must prove `expected`: the full offer and the
+    /// resumed one (see [`MeshClient`]).
+    pub fn mesh_client(&self, expected: &SpiffeId) -> Result<MeshClient, TlsConfigError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(expected) {
-            return Ok(Arc::clone(c));
+            return Ok(c.clone());
         }
-        let c = client_config_with(
+        let c = mesh_client_with(
             &self.leaf,
             Arc::clone(&self.roots),
             &self.trust_domain,
@@ -71,7 +77,7 @@ impl Credentials {
             &self.crypto,
             &self.resumption,
         )?;
-        clients.insert(expected.clone(), Arc::clone(&c));
+        clients.insert(expected.clone(), c.clone());
         Ok(c)
     }
 }

@@ -26,7 +26,7 @@ use rustls::{
     CipherSuite, NamedGroup, SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
     crypto::{
         CryptoProvider, SupportedKxGroup, WebPkiSupportedAlgorithms,
-        aws_lc_rs::{self, cipher_suite, kx_group},
+        aws_lc_rs::{self, kx_group},
     },
     version::{TLS12, TLS13},
 };
@@ -70,9 +70,11 @@ impl MeshSuite {
 
     fn rustls(self) -> SupportedCipherSuite {
         match self {
-            MeshSuite::Aes128Gcm => cipher_suite::TLS13_AES_128_GCM_SHA256,
-            MeshSuite::Aes256Gcm => cipher_suite::TLS13_AES_256_GCM_SHA384,
-            MeshSuite::Chacha20Poly1305 => cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            // rustls' aws-lc suites with a key schedule that sets each HMAC key up once (see
+            // `hkdf`); the same suites on the wire.
+            MeshSuite::Aes128Gcm => super::hkdf::tls13_aes_128_gcm_sha256(),
+            MeshSuite::Aes256Gcm => super::hkdf::tls13_aes_256_gcm_sha384(),
+            MeshSuite::Chacha20Poly1305 => super::hkdf::tls13_chacha20_poly1305_sha256(),
         }
     }
 
@@ -324,6 +326,30 @@ impl MeshCrypto {
             signature_verification_algorithms: SIGNATURE_ALGORITHMS,
             ..base
         })
+    }
+}
+
+impl MeshCrypto {
+    /// The provider of a resumed offer (see `super::MeshClient`): the same groups with x25519
+    /// moved first, so that its share is the only one sent and a server that allows x25519
+    /// takes it at once; a server that does not (`pqc`, `fips-140-2`) asks for a group of its
+    /// own that is still listed, as it would of a full offer. `None` where full handshakes do
+    /// not start with the hybrid (their hello fits a SYN already) or x25519 is not allowed.
+    pub(super) fn resumed_provider(&self) -> Option<Arc<CryptoProvider>> {
+        let hybrid_first = self.groups().first().is_some_and(|g| g.post_quantum());
+        if !hybrid_first || !self.groups().contains(&MeshGroup::X25519) {
+            return None;
+        }
+        let groups = std::iter::once(MeshGroup::X25519).chain(
+            self.groups()
+                .iter()
+                .copied()
+                .filter(|&g| g != MeshGroup::X25519),
+        );
+        Some(Arc::new(CryptoProvider {
+            kx_groups: groups.map(MeshGroup::rustls).collect(),
+            ..CryptoProvider::clone(&self.provider())
+        }))
     }
 }
 

@@ -206,6 +206,65 @@ impl ClientTickets {
     pub(super) fn held(&self, name: &ServerName<'static>) -> usize {
         self.state().tickets.get(name).map_or(0, VecDeque::len)
     }
+
+    /// Drops every ticket held for `server`: it declined one, so the others, issued before
+    /// the same restart or policy change, would most likely be declined too.
+    pub(super) fn forget(&self, server: &ServerName<'static>) {
+        self.state().tickets.remove(server);
+    }
+}
+
+/// The store of one resumed offer's connection (see `super::MeshClient::offer`): the ticket
+/// taken from the shared store before the connection was built, so the connection that was
+/// given the classical-only offer is the one that resumes with it. The ticket the server
+/// sends back goes to the shared store; no key-exchange hint is kept (the hint of a resumed
+/// handshake would make the next full handshake start with a classical share).
+pub(super) struct OneTicket {
+    ticket: Mutex<Option<Tls13ClientSessionValue>>,
+    shared: Arc<ClientTickets>,
+}
+
+impl OneTicket {
+    pub(super) fn new(ticket: Tls13ClientSessionValue, shared: Arc<ClientTickets>) -> Self {
+        Self {
+            ticket: Mutex::new(Some(ticket)),
+            shared,
+        }
+    }
+}
+
+impl fmt::Debug for OneTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OneTicket").finish_non_exhaustive()
+    }
+}
+
+impl ClientSessionStore for OneTicket {
+    fn set_kx_hint(&self, _: ServerName<'static>, _: NamedGroup) {}
+
+    fn kx_hint(&self, _: &ServerName<'_>) -> Option<NamedGroup> {
+        None
+    }
+
+    fn set_tls12_session(&self, _: ServerName<'static>, _: Tls12ClientSessionValue) {}
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.shared.insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(&self, _: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        self.ticket.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 impl fmt::Debug for ClientTickets {

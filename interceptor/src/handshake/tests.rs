@@ -1041,3 +1041,256 @@ fn a_resumed_session_whose_peer_certificate_expired_is_refused() {
     let (c, _) = connect(client.client(SERVER_ID), server.server());
     assert!(negotiated_at(&c, later).is_ok());
 }
+
+// === the resumed offer (x25519 alone, so the ClientHello fits a SYN) ===
+
+impl Node {
+    fn mesh_client(&self, crypto: &MeshCrypto, rules: &SessionResumption) -> MeshClient {
+        mesh_client_with(
+            &self.leaf,
+            Arc::clone(&self.roots),
+            &self.trust_domain,
+            &id(SERVER_ID),
+            crypto,
+            rules,
+        )
+        .unwrap()
+    }
+
+    fn resuming_server_with(
+        &self,
+        crypto: &MeshCrypto,
+        rules: &SessionResumption,
+    ) -> Arc<ServerConfig> {
+        server_config_with(
+            &self.leaf,
+            Arc::clone(&self.roots),
+            &self.trust_domain,
+            crypto,
+            rules,
+        )
+        .unwrap()
+    }
+}
+
+/// The random of a ServerHello that is a HelloRetryRequest (RFC 8446 §4.1.3).
+const HRR_RANDOM: [u8; 32] = [
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+];
+
+/// What one connection with an offer showed.
+struct Offered {
+    /// The client's first flight (its ClientHello record), in bytes.
+    hello: usize,
+    /// The server answered it with a HelloRetryRequest (read off the records: rustls reports
+    /// a resumed handshake as `Resumed` whether or not it was retried).
+    retried: bool,
+    /// What the client negotiated (the server agrees on group and resumption).
+    at_client: Negotiated,
+}
+
+fn offered(offer: &ClientOffer, server: &Arc<ServerConfig>) -> Offered {
+    let (mut c, mut s) = pair(Arc::clone(&offer.config), Arc::clone(server));
+    let mut hello = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut hello).unwrap();
+    }
+    let mut unread = &hello[..];
+    while !unread.is_empty() {
+        s.read_tls(&mut unread).unwrap();
+    }
+    s.process_new_packets().unwrap();
+    let mut answer = Vec::new();
+    while s.wants_write() {
+        s.write_tls(&mut answer).unwrap();
+    }
+    // Record header (5), handshake header (4), legacy version (2), then the random.
+    let retried = answer.get(11..43) == Some(&HRR_RANDOM[..]);
+    let mut unread = &answer[..];
+    while !unread.is_empty() {
+        c.read_tls(&mut unread).unwrap();
+        c.process_new_packets().unwrap();
+    }
+    handshake(&mut c, &mut s).unwrap();
+    let (at_c, at_s) = (negotiated(&c).unwrap(), negotiated(&s).unwrap());
+    assert_eq!((at_c.group, at_c.resumed), (at_s.group, at_s.resumed));
+    Offered {
+        hello: hello.len(),
+        retried,
+        at_client: at_c,
+    }
+}
+
+#[test]
+fn a_resumed_offer_sends_x25519_alone_and_the_server_takes_it_without_a_retry() {
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    let crypto = policy(CompliancePolicy::Default, false);
+    let mc = client.mesh_client(&crypto, &rules);
+    let sc = server.resuming_server_with(&crypto, &rules);
+
+    // Without a ticket: the full offer, hybrid, larger than a 1 500-byte link's SYN carries.
+    let offer = mc.offer(&test_name());
+    assert!(!offer.resuming);
+    let full = offered(&offer, &sc);
+    let c = &full.at_client;
+    assert_eq!(
+        (c.group, full.retried, c.resumed),
+        (Some(NamedGroup::X25519MLKEM768), false, false)
+    );
+    // A SYN carries at most the MSS less 40 bytes of option room: 1 420 on a 1 500-byte
+    // IPv4 link.
+    assert!(
+        full.hello > 1420,
+        "full ClientHello record: {} bytes",
+        full.hello
+    );
+
+    // With one: x25519 alone, resumed, no HelloRetryRequest, and small enough for the SYN.
+    for round in 0..3 {
+        let offer = mc.offer(&test_name());
+        assert!(offer.resuming, "round {round}");
+        let resumed = offered(&offer, &sc);
+        let c = &resumed.at_client;
+        assert_eq!(
+            (c.group, resumed.retried, c.resumed),
+            (Some(NamedGroup::X25519), false, true),
+            "round {round}"
+        );
+        assert!(
+            resumed.hello < 600,
+            "resumed ClientHello: {} bytes",
+            resumed.hello
+        );
+        eprintln!(
+            "ClientHello records: full {} bytes, resumed {} bytes",
+            full.hello, resumed.hello
+        );
+    }
+    // Each resumed connection's ticket went back to the shared store: the full offer (a
+    // spare's, for instance) resumes from it too, with the hybrid.
+    let (mut c, mut s) = pair(Arc::clone(mc.full()), Arc::clone(&sc));
+    handshake(&mut c, &mut s).unwrap();
+    let at_c = negotiated(&c).unwrap();
+    assert_eq!(
+        (at_c.group, at_c.resumed),
+        (Some(NamedGroup::X25519MLKEM768), true)
+    );
+    // The resumed offers left no key-exchange hint behind (rustls starts a full offer with
+    // the hinted group's share, and a server then asks again for the hybrid the client lists
+    // first): a full handshake, where no ticket is known, is still the hybrid at once.
+    let restarted = server.resuming_server_with(&crypto, &rules);
+    let (mut c, mut s) = pair(Arc::clone(mc.full()), restarted);
+    handshake(&mut c, &mut s).unwrap();
+    let at_c = negotiated(&c).unwrap();
+    assert_eq!(
+        (at_c.group, at_c.resumed, at_c.retried),
+        (Some(NamedGroup::X25519MLKEM768), false, false)
+    );
+}
+
+#[test]
+fn a_declined_ticket_is_a_classical_full_handshake_and_the_client_offers_in_full_again() {
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    let crypto = policy(CompliancePolicy::Default, false);
+    let mc = client.mesh_client(&crypto, &rules);
+    let sc = server.resuming_server_with(&crypto, &rules);
+    for _ in 0..3 {
+        offered(&mc.offer(&test_name()), &sc);
+    }
+    // A server that does not know the ticket (restarted): a full handshake on x25519, which
+    // the caller must not use.
+    let restarted = server.resuming_server_with(&crypto, &rules);
+    let offer = mc.offer(&test_name());
+    assert!(offer.resuming);
+    let declined = offered(&offer, &restarted);
+    let c = &declined.at_client;
+    assert_eq!(
+        (c.group, c.resumed, declined.retried),
+        (Some(NamedGroup::X25519), false, false)
+    );
+    // The caller dials again with the full offer; the other tickets are gone too.
+    let again = mc.declined(&test_name());
+    assert!(!again.resuming);
+    let c = offered(&again, &restarted).at_client;
+    assert_eq!(
+        (c.group, c.resumed),
+        (Some(NamedGroup::X25519MLKEM768), false)
+    );
+    // That full handshake's ticket is the one held now.
+    let offer = mc.offer(&test_name());
+    assert!(offer.resuming);
+    let c = offered(&offer, &restarted).at_client;
+    assert_eq!((c.group, c.resumed), (Some(NamedGroup::X25519), true));
+}
+
+#[test]
+fn only_a_hybrid_first_policy_with_x25519_makes_a_resumed_offer() {
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    // pqc allows the hybrid alone, fips-140-2 no x25519, the legacy offer is classical and
+    // small already: each resumes with its full offer.
+    for crypto in [
+        policy(CompliancePolicy::Pqc, false),
+        policy(CompliancePolicy::Fips1402, false),
+        legacy(),
+    ] {
+        let mc = client.mesh_client(&crypto, &rules);
+        let sc = server.resuming_server_with(&crypto, &rules);
+        let first = offered(&mc.offer(&test_name()), &sc).at_client;
+        let offer = mc.offer(&test_name());
+        assert!(!offer.resuming, "{}", crypto.offer());
+        let c = offered(&offer, &sc).at_client;
+        assert_eq!(
+            (c.group, c.resumed),
+            (first.group, true),
+            "{}",
+            crypto.offer()
+        );
+    }
+    // Without resumption there is nothing to resume with.
+    let (off, _) = resuming(Duration::ZERO);
+    let crypto = policy(CompliancePolicy::Default, false);
+    let mc = client.mesh_client(&crypto, &off);
+    offered(
+        &mc.offer(&test_name()),
+        &server.resuming_server_with(&crypto, &off),
+    );
+    assert!(!mc.offer(&test_name()).resuming);
+}
+
+#[test]
+fn a_server_without_x25519_asks_for_its_own_group_and_the_session_still_resumes() {
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    let crypto = policy(CompliancePolicy::Default, false);
+    let mc = client.mesh_client(&crypto, &rules);
+    for (server_policy, group, full_retried) in [
+        (CompliancePolicy::Pqc, NamedGroup::X25519MLKEM768, false),
+        (CompliancePolicy::Fips1402, NamedGroup::secp256r1, true),
+    ] {
+        let sc = server.resuming_server_with(&policy(server_policy, false), &rules);
+        let full = offered(&mc.offer(&test_name()), &sc);
+        assert_eq!(
+            (full.at_client.group, full.retried, full.at_client.resumed),
+            (Some(group), full_retried, false),
+            "{server_policy}"
+        );
+        // x25519 is listed first but not allowed there: one retry for the server's group
+        // (what a full offer costs such a server too), and the ticket is still accepted.
+        let offer = mc.offer(&test_name());
+        assert!(offer.resuming);
+        let resumed = offered(&offer, &sc);
+        assert_eq!(
+            (
+                resumed.at_client.group,
+                resumed.retried,
+                resumed.at_client.resumed
+            ),
+            (Some(group), true, true),
+            "{server_policy}"
+        );
+    }
+}

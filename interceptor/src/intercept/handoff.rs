@@ -159,20 +159,32 @@ pub(super) fn relay_mesh(
         let ends = Ends::of(&check, &flow.pod);
         return Err(Refusal::new(ends, refused).reset(app).reset(peer).into());
     }
-    let outbound = flow.direction == Direction::Outbound;
+    // The dialing agent leaves the first FIN, and with it the TIME_WAIT socket, to the peer
+    // agent (see the field).
+    let peer_fin_first = flow.direction == Direction::Outbound;
+    let config = mesh_relay_config(shared, flow.direction, peer_fin_first);
     let guard = shared.flows.insert_checked(flow, Some(check));
-    let config = relay::RelayConfig {
-        // The dialing agent leaves the first FIN, and with it the TIME_WAIT socket, to the
-        // peer agent (see the field).
-        peer_fin_first: outbound,
-        reset_after_request: outbound.then_some(REFUSE_WAIT),
-        ..relay_config(shared)
-    };
     let stats = Arc::clone(&guard.stats);
     // `map_err` rather than an async block, which would hold the boxed relay twice (its
     // capture and the awaited copy) in state that lives as long as the flow.
     let relay = relay::relay(app, peer, est, layer, config, stats).map_err(anyhow::Error::from);
     Ok(relaying(guard, relay))
+}
+
+/// The relay settings of a mesh flow, new or adopted, so both derive the held reset from the
+/// direction alike: only a flow this node dialed holds a failed flow's reset until the app's
+/// request (see the field), as its app is the client that would otherwise see a failed
+/// connect; on the serving side the app does not speak first.
+fn mesh_relay_config(
+    shared: &Shared,
+    direction: Direction,
+    peer_fin_first: bool,
+) -> relay::RelayConfig {
+    relay::RelayConfig {
+        peer_fin_first,
+        reset_after_request: (direction == Direction::Outbound).then_some(REFUSE_WAIT),
+        ..relay_config(shared)
+    }
 }
 
 /// Plaintext passthrough (non-mesh destination, or plaintext a policy allows), under the idle
@@ -203,11 +215,7 @@ pub fn adopt_parked(
 ) {
     let live = super::Live::count(shared);
     let shared = Arc::clone(shared);
-    let config = relay::RelayConfig {
-        peer_fin_first: parked.state.peer_fin_first,
-        reset_after_request: (info.direction == Direction::Outbound).then_some(REFUSE_WAIT),
-        ..relay_config(&shared)
-    };
+    let config = mesh_relay_config(&shared, info.direction, parked.state.peer_fin_first);
     runtime.spawn(async move {
         if let Err(refused) = admitted_now(&shared, decided_by, &check) {
             let by = format!("policy generation {}", shared.policy.current().number);

@@ -205,10 +205,50 @@ async fn mesh<'a>(
             }
         }
     }
+    let client = me.mesh_client(&expected).map_err(anyhow::Error::from)?;
+    let name = rustls_pki_types::ServerName::IpAddress(out.endpoint.ip().into());
+    let mut offer = client.offer(&name);
+    let (peer, est) = loop {
+        match dial_handshake(shared, &out, Arc::clone(&offer.config), name.clone()).await {
+            // The server declined the ticket (restarted, or its policy changed since): the
+            // session is a full handshake on the resumed offer's x25519. Full handshakes stay
+            // hybrid, so it carries nothing and the flow dials again with the full offer.
+            Ok((peer, est)) if offer.resuming && !est.negotiated.resumed && !hybrid(&est) => {
+                debug!(pod = %out.ctx.name, peer = %out.endpoint, "ticket declined; full handshake");
+                reset(peer);
+                offer = client.declined(&name);
+            }
+            Ok(done) => break done,
+            Err((refused, peer)) => {
+                let mut refusal = out.refusal(Some(&expected), refused).answer_app(app);
+                if let Some(peer) = peer {
+                    refusal = refusal.reset(peer);
+                }
+                return Err(refusal.into());
+            }
+        }
+    };
+    established(shared, out, &expected, app, peer, est)
+}
+
+/// Whether the session's key exchange was the post-quantum hybrid.
+fn hybrid(est: &driver::Established) -> bool {
+    est.negotiated
+        .group
+        .and_then(handshake::MeshGroup::from_rustls)
+        .is_some_and(handshake::MeshGroup::post_quantum)
+}
+
+/// Dials the peer agent and runs the client handshake with `config`. On failure, why, and the
+/// socket to reset if there is one.
+async fn dial_handshake(
+    shared: &Shared,
+    out: &Outbound<'_>,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+) -> Result<(TcpStream, driver::Established), (Refused, Option<TcpStream>)> {
     // The first flight is built before the connect: the server's agent waits only
     // `firstByteWaitMs` for it before treating the connection as plaintext.
-    let config = me.client(&expected).map_err(anyhow::Error::from)?;
-    let name = rustls_pki_types::ServerName::IpAddress(out.endpoint.ip().into());
     // A session bound for kTLS is driven through rustls' unbuffered API, the form whose
     // remainder keeps the server's resumption tickets after the hand-off.
     let kernel = matches!(shared.offload, Offload::Kernel(_));
@@ -217,27 +257,22 @@ async fn mesh<'a>(
     } else {
         driver::client_connection(Arc::clone(&config), name.clone()).map(Prepared::Buffered)
     };
-    let prepared = match prepared {
-        Ok(conn) => conn,
-        Err(e) => {
-            let e = driver::DriveError::from(e);
-            let refused = handshake_refused(shared, &e);
-            return Err(out.refusal(Some(&expected), refused).answer_app(app).into());
-        }
-    };
+    let prepared = prepared.map_err(|e| {
+        let e = driver::DriveError::from(e);
+        (handshake_refused(shared, &e), None)
+    })?;
     let MeshDial {
         sock: mut peer,
         deferred,
-    } = match dial_mesh(out.ctx, out.endpoint, shared.tuning.tcp_fast_open).await {
-        Ok(dialed) => dialed,
-        Err(e) => {
+    } = dial_mesh(out.ctx, out.endpoint, shared.tuning.tcp_fast_open)
+        .await
+        .map_err(|e| {
             let refused = Refused {
                 code: RefusalCode::ConnectFailed,
                 reason: format!("{e:#}"),
             };
-            return Err(out.refusal(Some(&expected), refused).answer_app(app).into());
-        }
-    };
+            (refused, None)
+        })?;
     let mut timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
     if deferred {
         // The TCP handshake runs inside this one (see `MeshDial::deferred`).
@@ -254,12 +289,7 @@ async fn mesh<'a>(
                 Ok(conn) => Prepared::Buffered(conn),
                 Err(e) => {
                     let e = driver::DriveError::from(e);
-                    let refused = handshake_refused(shared, &e);
-                    return Err(out
-                        .refusal(Some(&expected), refused)
-                        .answer_app(app)
-                        .reset(peer)
-                        .into());
+                    return Err((handshake_refused(shared, &e), Some(peer)));
                 }
             }
         }
@@ -278,7 +308,7 @@ async fn mesh<'a>(
             driver::client_handshake_kernel(&mut peer, conn, timeout, true).await
         }
     };
-    let est = match handshake {
+    match handshake {
         Ok(est) => {
             shared.telemetry.handshake_done(
                 telemetry::Direction::Outbound,
@@ -286,7 +316,7 @@ async fn mesh<'a>(
                 &out.ctx.name,
                 started.elapsed(),
             );
-            est
+            Ok((peer, est))
         }
         Err(e) => {
             let refused = match deferred.then(|| unreachable_peer(&e, &peer)).flatten() {
@@ -296,14 +326,9 @@ async fn mesh<'a>(
                 },
                 None => handshake_refused(shared, &e),
             };
-            return Err(out
-                .refusal(Some(&expected), refused)
-                .answer_app(app)
-                .reset(peer)
-                .into());
+            Err((refused, Some(peer)))
         }
-    };
-    established(shared, out, &expected, app, peer, est)
+    }
 }
 
 /// The rest of a mesh flow once its session is established (fresh, or a claimed spare):

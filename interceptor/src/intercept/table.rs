@@ -316,7 +316,36 @@ pub struct FlowTable {
     flows: Mutex<BTreeMap<u64, Box<Entry>>>,
     /// The last closed flows with their final counts: short connections (a curl) are gone
     /// before anyone can list them, yet operators and the demo want to see how they went.
-    recent: Mutex<std::collections::VecDeque<FlowRow>>,
+    /// Kept as they were listed and turned into rows only when someone lists them: every flow
+    /// closes, few are ever listed, and a row is several strings (an identity formatted).
+    recent: Mutex<std::collections::VecDeque<Closed>>,
+}
+
+/// A closed flow in [`FlowTable::recent`]: its row's makings, not its row.
+#[derive(Debug)]
+struct Closed {
+    id: u64,
+    info: FlowInfo,
+    relay: Option<RelayMode>,
+    to_peer: u64,
+    from_peer: u64,
+    mode: Mode,
+    handed_over: bool,
+}
+
+impl Closed {
+    fn row(&self) -> FlowRow {
+        let mut row = row_of(
+            self.id,
+            &self.info,
+            self.relay,
+            (self.to_peer, self.from_peer),
+            self.mode,
+            self.handed_over,
+        );
+        row.closed = true;
+        row
+    }
 }
 
 /// Removes its flow from the table when the connection ends, however it ends, and counts
@@ -357,12 +386,18 @@ impl Drop for FlowGuard<'_> {
             let Some(entry) = self.table.lock().remove(&self.id) else {
                 return;
             };
-            let mut row = row(self.id, &entry);
-            row.closed = true;
             if recent.len() == RECENT {
                 recent.pop_front();
             }
-            recent.push_back(row);
+            recent.push_back(Closed {
+                id: self.id,
+                info: entry.info.clone(),
+                relay: entry.stats.mode(),
+                to_peer: entry.stats.bytes_app_to_peer(),
+                from_peer: entry.stats.bytes_peer_to_app(),
+                mode: entry.labels.mode,
+                handed_over: entry.handed_over,
+            });
             entry
         };
         let end = FlowEnd {
@@ -407,6 +442,16 @@ fn mode(t: &Telemetry, info: &FlowInfo) -> Mode {
 
 fn meta(info: &FlowInfo, mode: Mode, handed_over: bool) -> FlowMeta {
     FlowMeta {
+        cipher: info.cipher.as_deref().map(str::to_owned),
+        group: info.session.and_then(|s| s.group_label()),
+        decision: info.reason.as_deref().map(str::to_owned),
+        ..meta_of_ends(info, mode, handed_over)
+    }
+}
+
+/// [`meta`] without the session and the decision.
+fn meta_of_ends(info: &FlowInfo, mode: Mode, handed_over: bool) -> FlowMeta {
+    FlowMeta {
         handed_over,
         direction: direction(info.direction),
         mode,
@@ -415,14 +460,34 @@ fn meta(info: &FlowInfo, mode: Mode, handed_over: bool) -> FlowMeta {
         destination: info.destination,
         endpoint: info.endpoint.filter(|e| *e != info.destination),
         peer_principal: info.peer_id.as_ref().map(ToString::to_string),
-        cipher: info.cipher.as_deref().map(str::to_owned),
-        group: info.session.and_then(|s| s.group_label()),
-        decision: info.reason.as_deref().map(str::to_owned),
+        cipher: None,
+        group: None,
+        decision: None,
     }
 }
 
 fn row(id: u64, entry: &Entry) -> FlowRow {
-    let (i, c) = (&entry.info, &entry.stats);
+    let c = &entry.stats;
+    row_of(
+        id,
+        &entry.info,
+        c.mode(),
+        (c.bytes_app_to_peer(), c.bytes_peer_to_app()),
+        entry.labels.mode,
+        entry.handed_over,
+    )
+}
+
+/// A flow's row from what it was listed with, its relay's mode and byte counts (to the
+/// peer, from the peer).
+fn row_of(
+    id: u64,
+    i: &FlowInfo,
+    relay: Option<RelayMode>,
+    (to_peer, from_peer): (u64, u64),
+    mode: Mode,
+    handed_over: bool,
+) -> FlowRow {
     FlowRow {
         id,
         pod: i.pod.to_string(),
@@ -433,14 +498,14 @@ fn row(id: u64, entry: &Entry) -> FlowRow {
         cipher: i.cipher.as_deref().map(str::to_owned),
         group: i.session.and_then(|s| s.group_label()),
         resumed: i.session.map(|s| s.resumed),
-        protection: protection(i.protection, c.mode()),
-        bytes_to_peer: c.bytes_app_to_peer(),
-        bytes_from_peer: c.bytes_peer_to_app(),
+        protection: protection(i.protection, relay),
+        bytes_to_peer: to_peer,
+        bytes_from_peer: from_peer,
         closed: false,
         endpoint: i.endpoint,
         reason: i.reason.as_deref().map(str::to_owned),
-        mode: Some(entry.labels.mode),
-        handed_over: entry.handed_over,
+        mode: Some(mode),
+        handed_over,
     }
 }
 
@@ -495,9 +560,12 @@ impl FlowTable {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let stats = RelayStats::new();
         let cancel = Arc::new(Cancel::default());
-        let labels =
-            self.telemetry
-                .flow_opened(&meta(&info, mode(&self.telemetry, &info), handed_over));
+        // What the labels are made of, no more: the session and decision are for access lines.
+        let labels = self.telemetry.flow_opened(&meta_of_ends(
+            &info,
+            mode(&self.telemetry, &info),
+            handed_over,
+        ));
         self.lock().insert(
             id,
             Box::new(Entry {
@@ -572,7 +640,7 @@ impl FlowTable {
     /// Recently closed flows, oldest first, then the open ones.
     pub fn rows_with_recent(&self) -> Vec<FlowRow> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows: Vec<FlowRow> = recent.iter().cloned().collect();
+        let mut rows: Vec<FlowRow> = recent.iter().map(Closed::row).collect();
         rows.extend(self.rows());
         rows
     }

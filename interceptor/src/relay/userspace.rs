@@ -864,8 +864,8 @@ fn tls_error(e: rustls::Error) -> RelayError {
     }
 }
 
-/// `shutdown(SHUT_WR)` without the descriptor duplicate `super::shutdown_write` needs for a
-/// shared socket: tokio's `poll_shutdown` on a TCP stream is that one system call, made at once.
+/// `shutdown(SHUT_WR)` through tokio: `poll_shutdown` on a TCP stream is that one system
+/// call, made at once.
 fn shutdown_write(sock: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
     match Pin::new(sock).poll_shutdown(cx) {
         Poll::Ready(r) => r,

@@ -127,7 +127,7 @@ fn opt(v: Option<impl ToString>) -> Value {
 pub(super) fn flow_line(format: AccessLogFormat, l: &FlowLine<'_>) -> String {
     let f = l.flow;
     let (src_id, dst_id) = (&l.labels.source_principal, &l.labels.destination_principal);
-    let known = |s: &String| (s != super::UNKNOWN).then(|| s.clone());
+    let known = |s: &super::Label| (&**s != super::UNKNOWN).then(|| s.to_string());
     let m: Fields = vec![
         ("ts", timestamp().into()),
         ("event", "flow_closed".into()),
@@ -136,18 +136,15 @@ pub(super) fn flow_line(format: AccessLogFormat, l: &FlowLine<'_>) -> String {
         ("src_addr", f.source.to_string().into()),
         ("dst_addr", f.destination.to_string().into()),
         ("endpoint", opt(f.endpoint)),
-        ("src_workload", l.labels.source_workload.as_str().into()),
+        ("src_workload", (&*l.labels.source_workload).into()),
         (
             "src_namespace",
-            l.labels.source_workload_namespace.as_str().into(),
+            (&*l.labels.source_workload_namespace).into(),
         ),
-        (
-            "dst_workload",
-            l.labels.destination_workload.as_str().into(),
-        ),
+        ("dst_workload", (&*l.labels.destination_workload).into()),
         (
             "dst_namespace",
-            l.labels.destination_workload_namespace.as_str().into(),
+            (&*l.labels.destination_workload_namespace).into(),
         ),
         ("src_spiffe", opt(known(src_id))),
         ("dst_spiffe", opt(known(dst_id))),

@@ -39,9 +39,9 @@ fn replicas_share_their_workload_name() {
             ("service.istio.io/canonical-name", "frontend"),
         ]),
     );
-    assert_eq!(w.workload, "web");
-    assert_eq!(w.canonical_service, "frontend");
-    assert_eq!(w.app, "web");
+    assert_eq!(&*w.workload, "web");
+    assert_eq!(&*w.canonical_service, "frontend");
+    assert_eq!(&*w.app, "web");
 }
 
 fn settings(format: AccessLogFormat) -> Settings {
@@ -100,12 +100,12 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
     let flow = outbound(Mode::Ktls, Some(SERVER));
     let l = t.labels(&flow);
     assert_eq!(l.reporter, "source");
-    assert_eq!(l.source_workload, "client");
-    assert_eq!(l.source_principal, CLIENT);
+    assert_eq!(&*l.source_workload, "client");
+    assert_eq!(&*l.source_principal, CLIENT);
     // The endpoint a VIP resolved to names the other end.
-    assert_eq!(l.destination_workload, "server");
-    assert_eq!(l.destination_workload_namespace, "b");
-    assert_eq!(l.destination_principal, SERVER);
+    assert_eq!(&*l.destination_workload, "server");
+    assert_eq!(&*l.destination_workload_namespace, "b");
+    assert_eq!(&*l.destination_principal, SERVER);
     assert_eq!(l.connection_security_policy, "mutual_tls");
     let held = t.flow_opened(&flow);
     assert_eq!(*held, l);
@@ -150,10 +150,10 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
     };
     let l = t.labels(&inbound);
     assert_eq!(l.reporter, "destination");
-    assert_eq!(l.source_principal, UNKNOWN);
-    assert_eq!(l.source_workload, UNKNOWN);
-    assert_eq!(l.destination_workload, "client");
-    assert_eq!(l.destination_principal, CLIENT);
+    assert_eq!(&*l.source_principal, UNKNOWN);
+    assert_eq!(&*l.source_workload, UNKNOWN);
+    assert_eq!(&*l.destination_workload, "client");
+    assert_eq!(&*l.destination_principal, CLIENT);
     assert_eq!(l.connection_security_policy, "none");
     t.flow_closed(
         inbound.direction,

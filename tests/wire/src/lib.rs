@@ -1639,27 +1639,42 @@ mod tests {
             rustls::ClientConnection::new(Arc::new(client), "example.org".try_into().unwrap())
                 .unwrap();
         let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
-        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
+        let (up, down, refused) = pump(&mut c, &mut s);
+        // The client refuses the certificate (no DNS name); the hellos are all we need.
+        assert!(
+            refused.is_some(),
+            "the client took a certificate for another name"
+        );
+        (up, down)
+    }
+
+    /// Runs an in-memory handshake: `(client→server, server→client)` bytes, and the client's
+    /// error if it gave up (the bytes then end with the flight it refused). Four flights each
+    /// way cover a full or resumed TLS 1.3 handshake and the server's tickets.
+    fn pump(
+        c: &mut rustls::ClientConnection,
+        s: &mut rustls::ServerConnection,
+    ) -> (Vec<u8>, Vec<u8>, Option<rustls::Error>) {
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for _ in 0..4 {
             let mut out = Vec::new();
             while c.wants_write() {
                 c.write_tls(&mut out).unwrap();
             }
-            to_server.extend_from_slice(&out);
+            up.extend_from_slice(&out);
             s.read_tls(&mut &out[..]).unwrap();
             s.process_new_packets().unwrap();
             let mut back = Vec::new();
             while s.wants_write() {
                 s.write_tls(&mut back).unwrap();
             }
-            to_client.extend_from_slice(&back);
+            down.extend_from_slice(&back);
             c.read_tls(&mut &back[..]).unwrap();
-            // The client refuses the certificate (no DNS name); the hellos are all we need.
-            if c.process_new_packets().is_err() {
-                break;
+            if let Err(e) = c.process_new_packets() {
+                return (up, down, Some(e));
             }
         }
-        (to_server, to_client)
+        (up, down, None)
     }
 
     #[test]
@@ -1696,23 +1711,8 @@ mod tests {
             rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([10, 0, 0, 7]).into());
         let mut c = rustls::ClientConnection::new(client, name).unwrap();
         let mut s = rustls::ServerConnection::new(server).unwrap();
-        let (mut up, mut down) = (Vec::new(), Vec::new());
-        for _ in 0..4 {
-            let mut out = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut out).unwrap();
-            }
-            up.extend_from_slice(&out);
-            s.read_tls(&mut &out[..]).unwrap();
-            s.process_new_packets().unwrap();
-            let mut back = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut back).unwrap();
-            }
-            down.extend_from_slice(&back);
-            c.read_tls(&mut &back[..]).unwrap();
-            c.process_new_packets().unwrap();
-        }
+        let (up, down, refused) = pump(&mut c, &mut s);
+        assert!(refused.is_none(), "{refused:?}");
         assert!(!c.is_handshaking() && !s.is_handshaking());
         (up, down)
     }
