@@ -184,9 +184,10 @@ pub struct RelayConfig {
     /// ciphertext reads, plaintext toward the app) grows to, and the cap on rustls' queue of
     /// encrypted records; memory per busy flow is up to 4x this. The buffers start at one
     /// record (16 KiB), grow only while reads fill them, and are freed once the flow has
-    /// waited [`RELEASE_AFTER`] with them drained, so an idle flow holds none. On loopback 64 KiB moved within 5%
-    /// of 256 KiB's throughput (about 1 GB/s one way through two agents) and 10% more than
-    /// 16 KiB.
+    /// waited [`RELEASE_AFTER`] with them drained, so an idle flow holds none. 128 KiB: less
+    /// than half the system calls per MB of 64 KiB through two relays (57.9 against 130,
+    /// `interceptor-bench relay-cost`) and 1.24x the single-stream bulk across two nodes in a
+    /// paired run, at the same agent CPU per GB (bench/README.md "Bulk CPU per MB, counted").
     pub buffer_size: usize,
     /// Kernel mode: requested size of each of the two pipes, at most 1 MiB (the record-limit
     /// arithmetic assumes it). The kernel rounds it up to a power of two pages, and without
@@ -232,7 +233,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             idle_timeout: Duration::from_secs(3600),
-            buffer_size: 64 << 10,
+            buffer_size: 128 << 10,
             pipe_size: 256 << 10,
             app_leg_redirected: false,
             max_tx_records: None,
