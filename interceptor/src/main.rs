@@ -219,16 +219,33 @@ fn init_logging() {
                 .with_filter(env)
                 .with_filter(filter_fn(|m| !access(m))),
         )
-        .with(
-            fmt::layer()
-                .with_writer(std::io::stdout)
-                .without_time()
-                .with_level(false)
-                .with_target(false)
-                .with_ansi(false)
-                .with_filter(filter_fn(access)),
-        )
+        .with(AccessLines.with_filter(filter_fn(access)))
         .init();
+}
+
+/// Writes each access line to stdout as it was rendered, one per line. Its renderers (JSON,
+/// logfmt) escape control characters themselves, so the fmt layer's own escaping, one
+/// character at a time, was pure cost: ~28 000 instructions per line, one line per flow end
+/// (bench/README.md, "Per-connection work, counted").
+struct AccessLines;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AccessLines {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        event.record(&mut AccessLines);
+    }
+}
+
+impl tracing::field::Visit for AccessLines {
+    fn record_str(&mut self, field: &tracing::field::Field, line: &str) {
+        if field.name() == "line" {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.write_all(b"\n");
+        }
+    }
+
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
 }
 
 fn main() -> ExitCode {

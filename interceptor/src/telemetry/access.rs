@@ -87,8 +87,10 @@ impl AccessLog {
     }
 }
 
+/// One access line, as the field `line` (a `&str`: the agent's stdout layer writes it as it
+/// is, with no formatting pass over it; see `main.rs`).
 pub(super) fn emit(line: &str) {
-    tracing::info!(target: TARGET, "{line}");
+    tracing::info!(target: TARGET, line);
 }
 
 /// A closed flow.
