@@ -70,6 +70,16 @@ use crate::{
 /// A relay gives other tasks a turn after moving this much in one poll.
 pub const YIELD_AFTER_BYTES: usize = 4 << 20;
 
+/// The userspace relay keeps its buffers while its flow has moved bytes within this long, and
+/// gives them back once it has been quiet for it. Released at every wait instead, a busy flow
+/// paid an allocation, a fresh zeroed output buffer and (glibc trimming the heap's top) a
+/// `brk` and page faults every time a socket made it wait: 22 `brk` per MB through two relays
+/// (`interceptor-bench relay-cost`, bench/README.md). An idle flow still holds no buffer.
+/// Short, because flows that go quiet together hold their buffers together and glibc keeps
+/// the peak: at 100 ms the agents' RSS growth for 1 000 idle flows doubled (20.2 against
+/// 9.3 MB), while a busy flow's waits last well under a millisecond.
+pub const RELEASE_AFTER: Duration = Duration::from_millis(5);
+
 /// Which record layer carries a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RelayMode {
@@ -176,10 +186,11 @@ pub struct RelayConfig {
     /// Userspace mode: the largest each of the three per-flow buffers (app reads, peer
     /// ciphertext reads, plaintext toward the app) grows to, and the cap on rustls' queue of
     /// encrypted records; memory per busy flow is up to 4x this. The buffers start at one
-    /// record (16 KiB), grow only while reads fill them, and are freed whenever the flow
-    /// waits with them drained, so an idle flow holds none. On loopback 64 KiB moved within 5%
-    /// of 256 KiB's throughput (about 1 GB/s one way through two agents) and 10% more than
-    /// 16 KiB.
+    /// record (16 KiB), grow only while reads fill them, and are freed once the flow has
+    /// waited [`RELEASE_AFTER`] with them drained, so an idle flow holds none. 128 KiB: less
+    /// than half the system calls per MB of 64 KiB through two relays (57.9 against 130,
+    /// `interceptor-bench relay-cost`) and 1.24x the single-stream bulk across two nodes in a
+    /// paired run, at the same agent CPU per GB (bench/README.md "Bulk CPU per MB, counted").
     pub buffer_size: usize,
     /// Kernel mode: requested size of each of the two pipes, at most 1 MiB (the record-limit
     /// arithmetic assumes it). The kernel rounds it up to a power of two pages, and without
@@ -225,7 +236,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             idle_timeout: Duration::from_secs(3600),
-            buffer_size: 64 << 10,
+            buffer_size: 128 << 10,
             pipe_size: 256 << 10,
             app_leg_redirected: false,
             max_tx_records: None,
@@ -612,6 +623,40 @@ impl IdleTimer {
         self.last_progress = Instant::now();
     }
 
+    /// For a relay that keeps buffers while its flow is busy: [`Quiet::Expired`] once nothing
+    /// has moved for the whole timeout, and `release` once nothing has moved for
+    /// [`RELEASE_AFTER`] while `holding` (the caller then gives its buffers back). The timer is
+    /// moved at most once per busy period and once per [`RELEASE_AFTER`] while the flow stays
+    /// busy, not at every wait.
+    fn poll_quiet(&mut self, cx: &mut Context<'_>, holding: bool) -> Quiet {
+        let release_at = self.last_progress + RELEASE_AFTER;
+        if holding && self.sleep.deadline() > release_at {
+            self.sleep.as_mut().reset(release_at);
+        }
+        let mut release = false;
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Quiet::Waiting { release };
+            }
+            let now = Instant::now();
+            let expiry = self.last_progress + self.timeout;
+            if now >= expiry {
+                return Quiet::Expired;
+            }
+            let next = if holding && !release {
+                if now >= release_at {
+                    release = true;
+                    expiry
+                } else {
+                    release_at
+                }
+            } else {
+                expiry
+            };
+            self.sleep.as_mut().reset(next);
+        }
+    }
+
     /// Ready once nothing has moved for the whole timeout.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
@@ -625,6 +670,14 @@ impl IdleTimer {
             self.sleep.as_mut().reset(deadline);
         }
     }
+}
+
+/// What [`IdleTimer::poll_quiet`] found.
+enum Quiet {
+    /// The flow may wait on; `release`: it has been quiet long enough to give its buffers back.
+    Waiting { release: bool },
+    /// Nothing moved for the idle timeout.
+    Expired,
 }
 
 /// Outcome of one attempt at a non-blocking operation inside a poll loop.
@@ -647,7 +700,46 @@ fn wait_ready(ready: Poll<io::Result<()>>) -> io::Result<Step> {
 
 #[cfg(test)]
 mod tests {
-    use super::RelayError;
+    use std::time::Duration;
+
+    use super::{IdleTimer, Quiet, RELEASE_AFTER, RelayError};
+
+    fn poll_quiet_once(idle: &mut IdleTimer, holding: bool) -> Quiet {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        idle.poll_quiet(&mut cx, holding)
+    }
+
+    /// A relay holding buffers is told to release them only after `RELEASE_AFTER` without
+    /// progress (not at the first wait), once per quiet period, and the idle timeout still
+    /// ends the flow.
+    #[tokio::test]
+    async fn buffers_are_released_after_a_quiet_spell_not_at_every_wait() {
+        let mut idle = IdleTimer::new(Duration::from_millis(400));
+        idle.progressed();
+        let since = std::time::Instant::now();
+        let first = poll_quiet_once(&mut idle, true);
+        if since.elapsed() < RELEASE_AFTER {
+            assert!(
+                matches!(first, Quiet::Waiting { release: false }),
+                "released at the first wait"
+            );
+        }
+        tokio::time::sleep(RELEASE_AFTER + Duration::from_millis(20)).await;
+        assert!(
+            matches!(
+                poll_quiet_once(&mut idle, true),
+                Quiet::Waiting { release: true }
+            ),
+            "not released after a quiet spell"
+        );
+        // Released: nothing more to give back, the flow waits on for its idle timeout.
+        assert!(matches!(
+            poll_quiet_once(&mut idle, false),
+            Quiet::Waiting { release: false }
+        ));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(matches!(poll_quiet_once(&mut idle, false), Quiet::Expired));
+    }
 
     /// Each reason is its own metric series and access-log code: two variants sharing one, or
     /// one named like the `other` series for failures that are not relay errors, would merge

@@ -122,6 +122,11 @@ impl Buf {
         Ok(n)
     }
 
+    /// Memory is allocated and nothing is pending: [`Buf::release`] would free it.
+    pub(super) fn is_drained_allocation(&self) -> bool {
+        self.is_empty() && self.data.capacity() != 0
+    }
+
     /// Gives the memory back if nothing is pending.
     pub(super) fn release(&mut self) {
         if self.is_empty() && self.data.capacity() != 0 {

@@ -30,7 +30,7 @@ use rustls::{AlertDescription, Connection};
 use tokio::{io::AsyncWrite as _, net::TcpStream};
 
 use super::{
-    IdleTimer, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, await_peer_fin,
+    IdleTimer, Quiet, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, await_peer_fin,
     await_request,
     buf::Buf,
     record::{self, Boundary, Opened, RecordError, RecordLayer},
@@ -281,24 +281,44 @@ impl Userspace {
                 }
                 continue;
             }
-            if idle.poll_expired(cx).is_ready() {
-                return Poll::Ready(Err(RelayError::IdleTimeout(config.idle_timeout)));
-            }
-            // Both directions wait for their sockets: whatever is drained goes back to the
-            // allocator, so a quiet flow holds no buffer, and rustls goes once it can (mesh
-            // sessions only: see `RelayConfig::own_record_layer`).
+            // Both directions wait for their sockets: rustls goes once it can (mesh sessions
+            // only: see `RelayConfig::own_record_layer`), and whatever is drained goes back to
+            // the allocator once the flow has been quiet for `RELEASE_AFTER`, so a quiet flow
+            // holds no buffer and a busy one does not allocate at every wait.
             if config.own_record_layer {
                 self.take_over()?;
             }
-            self.up.release();
-            self.tls_in.release();
-            self.down.release();
-            if self.tls_out_sent == self.tls_out_end {
-                self.tls_out = Vec::new();
-                self.tls_out_sent = 0;
-                self.tls_out_end = 0;
+            match idle.poll_quiet(cx, self.holds_drained_buffers()) {
+                Quiet::Expired => {
+                    return Poll::Ready(Err(RelayError::IdleTimeout(config.idle_timeout)));
+                }
+                Quiet::Waiting { release } => {
+                    if release {
+                        self.release_drained_buffers();
+                    }
+                }
             }
             return Poll::Pending;
+        }
+    }
+
+    /// A buffer is allocated with nothing in it: what [`Userspace::release_drained_buffers`]
+    /// would free.
+    fn holds_drained_buffers(&self) -> bool {
+        self.up.is_drained_allocation()
+            || self.tls_in.is_drained_allocation()
+            || self.down.is_drained_allocation()
+            || (self.tls_out.capacity() != 0 && self.tls_out_sent == self.tls_out_end)
+    }
+
+    fn release_drained_buffers(&mut self) {
+        self.up.release();
+        self.tls_in.release();
+        self.down.release();
+        if self.tls_out_sent == self.tls_out_end {
+            self.tls_out = Vec::new();
+            self.tls_out_sent = 0;
+            self.tls_out_end = 0;
         }
     }
 
@@ -659,22 +679,16 @@ impl Userspace {
 
             let (slices, n) = self.opened.slices(self.tls_in.pending());
             if n > 0 && self.down.is_empty() {
-                match self.app.try_write_vectored(&slices[..n]) {
-                    Ok(n) => {
+                match poll_write_vectored(&self.app, cx, &slices[..n]) {
+                    Poll::Ready(Ok(n)) => {
                         self.opened.written(n, &mut self.tls_in);
                         self.stats.add_peer_to_app(n);
                         *moved += n;
                         progress = true;
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Step::Progress =
-                            wait_ready(self.app.poll_write_ready(cx)).map_err(RelayError::App)?
-                        {
-                            continue;
-                        }
-                    }
-                    Err(e) => return Err(RelayError::App(e)),
+                    Poll::Ready(Err(e)) => return Err(RelayError::App(e)),
+                    Poll::Pending => {}
                 }
             }
 
@@ -782,6 +796,36 @@ fn read_into(
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Blocked),
         Err(e) => Err(side(e)),
+    }
+}
+
+/// One `writev` of `bufs` to `sock` once it is writable. A short write marks the socket full,
+/// as tokio's `poll_write` does for one buffer (its `poll_write_vectored` does not), so the next
+/// attempt waits for epoll instead of costing a `writev` that returns EAGAIN: a busy flow whose
+/// app reads slower than the peer sends made one such call per short write.
+fn poll_write_vectored(
+    sock: &TcpStream,
+    cx: &mut Context<'_>,
+    bufs: &[IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    loop {
+        std::task::ready!(sock.poll_write_ready(cx))?;
+        let mut written = 0;
+        // `try_io` clears the socket's write readiness when its closure reports WouldBlock:
+        // a short write reports it after keeping the count.
+        match sock.try_io(tokio::io::Interest::WRITABLE, || {
+            written = sock.try_write_vectored(bufs)?;
+            if written < total {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        }) {
+            Ok(()) => return Poll::Ready(Ok(written)),
+            Err(_) if written > 0 => return Poll::Ready(Ok(written)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -987,6 +1031,47 @@ mod tests {
             moved, 0,
             "bytes of a cut record moved to the buffer's front"
         );
+    }
+
+    /// A flow keeps its buffers across the waits of a busy spell (releasing them at every wait
+    /// cost an allocation, a zeroed output buffer and heap trims per wait) and gives them back
+    /// once it has been quiet for `RELEASE_AFTER`.
+    #[tokio::test]
+    async fn buffers_stay_across_waits_and_go_once_the_flow_is_quiet() {
+        let (_client, mut relay, mut app_far, _peer_far, config) = own_layer_relay().await;
+        relay.take_over().unwrap();
+        let mut idle = IdleTimer::new(config.idle_timeout);
+        let since = std::time::Instant::now();
+        app_far.write_all(b"request").await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = relay.poll(cx, &mut idle, config) {
+                    panic!("the relay ended: {r:?}");
+                }
+                if relay.stats.bytes_app_to_peer() == 7 {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }),
+        )
+        .await
+        .expect("the request was sealed and sent");
+        // The poll that sent it ended waiting for both sockets.
+        if since.elapsed() < super::super::RELEASE_AFTER {
+            assert!(relay.up.is_drained_allocation(), "app buffer kept");
+            assert!(relay.tls_out.capacity() != 0, "output buffer kept");
+        }
+        tokio::time::sleep(super::super::RELEASE_AFTER + Duration::from_millis(20)).await;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(relay.poll(&mut cx, &mut idle, config).is_pending());
+        assert!(!relay.up.is_drained_allocation(), "app buffer released");
+        assert!(
+            !relay.tls_in.is_drained_allocation(),
+            "peer buffer released"
+        );
+        assert_eq!(relay.tls_out.capacity(), 0, "output buffer released");
     }
 
     /// A record the own layer refuses ends the flow as a `record_layer` failure, with the
