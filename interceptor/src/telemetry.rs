@@ -419,6 +419,7 @@ pub struct Telemetry {
     ca_reloads: Family<OutcomeLabels, Counter>,
     access_dropped: Family<DroppedLabels, Counter>,
     handover_flows: Family<HandoverLabels, Counter>,
+    tickets_declined: Counter,
     /// One shared copy of each label set flows hold (a flow keeps its open labels until it
     /// closes, so both counts land on the same series).
     interned: Mutex<HashSet<Arc<TcpLabels>>>,
@@ -564,6 +565,13 @@ impl Telemetry {
         for result in ["sent", "received", "kept", "refused"] {
             let _ = handover_flows.get_or_create(&HandoverLabels { result });
         }
+        let tickets_declined = Counter::default();
+        registry.register(
+            "interceptor_resumption_tickets_declined",
+            "Resumption tickets a peer agent declined (it restarted, or its policy changed): \
+             the connection dialed again with a full handshake",
+            tickets_declined.clone(),
+        );
         let observed = Arc::new(Slot::default());
         registry.register_collector(Box::new(ScrapeTime(Arc::clone(&observed))));
         Self {
@@ -581,6 +589,7 @@ impl Telemetry {
             ca_reloads,
             access_dropped,
             handover_flows,
+            tickets_declined,
             interned: Mutex::new(HashSet::new()),
             workloads: RwLock::new(HashMap::new()),
             pods: RwLock::new(HashMap::new()),
@@ -809,6 +818,11 @@ impl Telemetry {
         self.handover_flows
             .get_or_create(&HandoverLabels { result })
             .inc_by(n);
+    }
+
+    /// A peer agent declined a resumption ticket and the flow dialed again.
+    pub fn ticket_declined(&self) {
+        self.tickets_declined.inc();
     }
 
     /// A listed flow was closed by a policy change (its close line follows with the relay).

@@ -21,6 +21,7 @@ pub struct Counters {
     accept_failed: [AtomicU64; ACCEPT_ERRORS.len()],
     config_reload_failures: AtomicU64,
     spares: [AtomicU64; SPARE_OUTCOMES.len()],
+    tickets_declined: AtomicU64,
 }
 
 /// What became of spare mesh sessions (`spares.<name>`; see `intercept::spare`). Client side:
@@ -65,6 +66,17 @@ impl Counters {
         if let Some(i) = SPARE_OUTCOMES.iter().position(|n| *n == outcome) {
             self.spares[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A peer agent declined the resumption ticket a connection offered, so the flow dialed
+    /// again with a full handshake (`tickets.declined`): each one costs a set-up round trip,
+    /// and a run of them means peers restart or reload policy often.
+    pub fn ticket_declined(&self) {
+        self.tickets_declined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tickets_declined(&self) -> u64 {
+        self.tickets_declined.load(Ordering::Relaxed)
     }
 
     pub fn flows_failed(&self) -> u64 {
@@ -113,6 +125,7 @@ impl Counters {
                     "config.reload_failures".to_owned(),
                     self.config_reload_failures(),
                 ),
+                ("tickets.declined".to_owned(), self.tickets_declined()),
             ])
             .filter(|(_, n)| *n > 0)
             .collect()
@@ -135,6 +148,8 @@ mod tests {
         c.config_reload_failed();
         c.spare("used");
         c.spare("no such outcome");
+        c.ticket_declined();
+        c.ticket_declined();
         let want: BTreeMap<String, u64> = [
             ("refused.deny_rule", 1),
             ("closed.transport_changed", 1),
@@ -143,6 +158,7 @@ mod tests {
             ("flows_failed", 1),
             ("config.reload_failures", 1),
             ("spares.used", 1),
+            ("tickets.declined", 2),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

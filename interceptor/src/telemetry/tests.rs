@@ -290,6 +290,16 @@ impl Observed for Fake {
 }
 
 #[test]
+fn declined_tickets_are_counted_from_zero() {
+    let t = telemetry();
+    let name = "interceptor_resumption_tickets_declined_total";
+    assert_eq!(metric_lines(&t, name), [format!("{name} 0")]);
+    t.ticket_declined();
+    t.ticket_declined();
+    assert_eq!(metric_lines(&t, name), [format!("{name} 2")]);
+}
+
+#[test]
 fn scrape_time_values_come_from_the_agent() {
     let t = telemetry();
     // Before the agent exists: counters only, no error.
