@@ -18,6 +18,7 @@
 
 mod cache;
 mod credentials;
+pub mod derived;
 pub mod driver;
 mod hkdf;
 mod provider;
