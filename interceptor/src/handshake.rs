@@ -88,6 +88,9 @@ pub struct Negotiated {
     /// The session was opened as a spare ([`SPARE_ALPN`]): nothing is decided until the
     /// client's agent claims it.
     pub spare: bool,
+    /// The connection runs on keys derived from an earlier session (`handshake::derived`):
+    /// no handshake at all; `peer` is the identity that session verified.
+    pub derived: bool,
 }
 
 /// Why a TLS configuration could not be built.
@@ -515,6 +518,7 @@ fn negotiated_at(conn: &CommonState, now: UnixTime) -> Result<Negotiated, Handsh
         retried: conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
         resumed,
         spare,
+        derived: false,
     })
 }
 

@@ -21,7 +21,27 @@ pub struct Counters {
     accept_failed: [AtomicU64; ACCEPT_ERRORS.len()],
     config_reload_failures: AtomicU64,
     spares: [AtomicU64; SPARE_OUTCOMES.len()],
+    derived: [AtomicU64; DERIVED_OUTCOMES.len()],
 }
+
+/// What became of derived-key connections (`derived.<name>`; `tuning.connectionKeys:
+/// derived`, `handshake::derived`). Client side: `kept` (a handshake left a root),
+/// `offered`, `used` (the server accepted), `fallback` (it did not: dialed again with a
+/// handshake); server side: `kept`, `accepted`, and why a header was refused.
+pub const DERIVED_OUTCOMES: [&str; 12] = [
+    "kept",
+    "offered",
+    "used",
+    "fallback",
+    "accepted",
+    "malformed",
+    "unknown",
+    "expired",
+    "generation",
+    "peer_expired",
+    "bad_mac",
+    "replayed",
+];
 
 /// What became of spare mesh sessions (`spares.<name>`; see `intercept::spare`). Client side:
 /// `opened`, `used`, `fill_failed`, and the reasons one was closed unused; server side:
@@ -67,6 +87,13 @@ impl Counters {
         }
     }
 
+    /// One derived-key connection's outcome, by a name of [`DERIVED_OUTCOMES`].
+    pub fn derived(&self, outcome: &str) {
+        if let Some(i) = DERIVED_OUTCOMES.iter().position(|n| *n == outcome) {
+            self.derived[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn flows_failed(&self) -> u64 {
         self.flows_failed.load(Ordering::Relaxed)
     }
@@ -107,6 +134,12 @@ impl Counters {
                     .zip(&self.spares)
                     .map(|(name, n)| (format!("spares.{name}"), n.load(Ordering::Relaxed))),
             )
+            .chain(
+                DERIVED_OUTCOMES
+                    .iter()
+                    .zip(&self.derived)
+                    .map(|(name, n)| (format!("derived.{name}"), n.load(Ordering::Relaxed))),
+            )
             .chain([
                 ("flows_failed".to_owned(), self.flows_failed()),
                 (
@@ -135,6 +168,9 @@ mod tests {
         c.config_reload_failed();
         c.spare("used");
         c.spare("no such outcome");
+        c.derived("used");
+        c.derived("replayed");
+        c.derived("no such outcome");
         let want: BTreeMap<String, u64> = [
             ("refused.deny_rule", 1),
             ("closed.transport_changed", 1),
@@ -143,6 +179,8 @@ mod tests {
             ("flows_failed", 1),
             ("config.reload_failures", 1),
             ("spares.used", 1),
+            ("derived.used", 1),
+            ("derived.replayed", 1),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
