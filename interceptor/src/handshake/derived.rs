@@ -38,7 +38,7 @@ use std::{
 };
 
 use rustls::{
-    ConnectionTrafficSecrets, ExtractedSecrets, SupportedCipherSuite, Tls13CipherSuite,
+    ConnectionTrafficSecrets, ExtractedSecrets, NamedGroup, SupportedCipherSuite, Tls13CipherSuite,
     crypto::tls13::{HkdfExpander, OkmBlock},
 };
 
@@ -328,6 +328,9 @@ impl ReplayWindow {
 pub struct Binding {
     /// The peer identity the handshake verified.
     pub peer: SpiffeId,
+    /// The handshake's key-exchange group: a derived connection's keys descend from it, so
+    /// the crypto policy judges it as the connection's.
+    pub group: Option<NamedGroup>,
     /// The peer leaf's notAfter, Unix seconds: no connection is derived past it.
     pub peer_not_after: u64,
     /// The policy generation the handshake was decided under.
@@ -361,6 +364,7 @@ pub struct Accepted {
     pub keys: ConnectionKeys,
     pub suite: SupportedCipherSuite,
     pub peer: SpiffeId,
+    pub group: Option<NamedGroup>,
 }
 
 struct ClientEntry {
@@ -375,6 +379,7 @@ pub struct Offer {
     pub keys: ConnectionKeys,
     pub suite: SupportedCipherSuite,
     pub peer: SpiffeId,
+    pub group: Option<NamedGroup>,
     /// The root's first connection: a refusal then means the peer does not keep roots.
     pub first: bool,
 }
@@ -449,12 +454,13 @@ impl Store {
             if !entry.window.accept(header.counter) {
                 return Err(Refused::Replayed);
             }
-            (Arc::clone(&entry.root), entry.binding.peer.clone())
+            (Arc::clone(&entry.root), entry.binding.clone())
         };
         Ok(Accepted {
             keys: root.connection(header.counter).ok_or(Refused::BadMac)?,
             suite: root.suite(),
-            peer,
+            peer: peer.peer,
+            group: peer.group,
         })
     }
 
@@ -492,7 +498,7 @@ impl Store {
         now: Instant,
         unix_now: u64,
     ) -> Option<Offer> {
-        let (root, counter) = {
+        let (root, counter, group) = {
             let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
             let entry = client.get_mut(&server)?;
             if entry.binding.refuses(generation, now, unix_now).is_some()
@@ -503,12 +509,13 @@ impl Store {
                 return None;
             }
             entry.used += 1;
-            (Arc::clone(&entry.root), entry.used)
+            (Arc::clone(&entry.root), entry.used, entry.binding.group)
         };
         Some(Offer {
             keys: root.connection(counter)?,
             suite: root.suite(),
             peer: expected.clone(),
+            group,
             first: counter == 1,
         })
     }
@@ -577,6 +584,7 @@ mod tests {
             peer: "spiffe://cluster.local/ns/default/sa/server"
                 .parse()
                 .unwrap(),
+            group: Some(NamedGroup::X25519),
             peer_not_after: unix_now() + 3600,
             generation,
             expires: Instant::now() + Duration::from_secs(300),

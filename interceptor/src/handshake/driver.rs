@@ -193,6 +193,7 @@ impl Established {
             root,
             super::derived::Binding {
                 peer: self.negotiated.peer.clone(),
+                group: self.negotiated.group,
                 peer_not_after,
                 generation,
                 expires: std::time::Instant::now() + lifetime,

@@ -231,7 +231,7 @@ async fn derived<'a>(
     let negotiated = Negotiated {
         peer: peer.clone(),
         suite: accepted.suite,
-        group: None,
+        group: accepted.group,
         retried: false,
         resumed: true,
         spare: false,

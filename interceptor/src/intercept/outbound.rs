@@ -195,6 +195,7 @@ async fn mesh<'a>(
     let me = shared.credentials(&out.ctx.id)?;
     let derived_keys = shared.tuning.connection_keys == ConnectionKeysMode::Derived;
     let server_ip = out.endpoint.ip();
+    let mut tickets_stale = false;
     if derived_keys && let Some(offer) = me.derived().offer(server_ip, &expected, out.decided_by) {
         shared.counters.derived("offered");
         let first = offer.first;
@@ -204,7 +205,7 @@ async fn mesh<'a>(
                 let negotiated = handshake::Negotiated {
                     peer: offer.peer,
                     suite: offer.suite,
-                    group: None,
+                    group: offer.group,
                     retried: false,
                     resumed: true,
                     spare: false,
@@ -220,6 +221,10 @@ async fn mesh<'a>(
                 shared.counters.derived("fallback");
                 reset(peer);
                 me.derived().refused(server_ip, first, lifetime(shared));
+                // What retired a used root (a restart, a policy reload, its age) retired the
+                // tickets from the same time too: a resumed offer would be declined and cost
+                // one more connection.
+                tickets_stale = !first;
             }
             // Not reached at all: the handshake's dial reports it.
             Err(None) => shared.counters.derived("fallback"),
@@ -240,7 +245,11 @@ async fn mesh<'a>(
     }
     let client = me.mesh_client(&expected).map_err(anyhow::Error::from)?;
     let name = rustls_pki_types::ServerName::IpAddress(out.endpoint.ip().into());
-    let mut offer = client.offer(&name);
+    let mut offer = if tickets_stale {
+        client.declined(&name)
+    } else {
+        client.offer(&name)
+    };
     let (peer, est) = loop {
         match dial_handshake(shared, &out, Arc::clone(&offer.config), name.clone()).await {
             // The server declined the ticket (restarted, or its policy changed since): the
