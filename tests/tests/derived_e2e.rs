@@ -15,8 +15,9 @@
 //! 5. a restarted server agent knows no root: the client falls back (`derived.fallback`),
 //!    the request succeeds, no flow fails.
 //!
-//! Host only: the userspace relay's own record layer carries the derived keys (the kTLS
-//! install takes them as it takes extracted ones).
+//! On the host the userspace relay's own record layer carries the derived keys; in the VM
+//! (`cargo xtask vm-test --kernel 6.1 --filter derived_e2e`) both agents install them in
+//! kTLS, and every flow's protection says which.
 
 use std::{
     collections::BTreeMap,
@@ -31,7 +32,7 @@ use interceptor_tests::{
     apps::curl,
     mesh::{PolicyDir, stats_delta, wait_generation},
     require_privileged,
-    scenario::{Cluster, serve_blob},
+    scenario::{Cluster, expected_protection, serve_blob},
     topology::{Node, Pod, wire},
     wire::{Capture, Stream, Streams, assert_no_plaintext},
 };
@@ -231,6 +232,27 @@ fn a_second_connection_needs_no_handshake_and_refused_headers_fall_back() {
         "{dc:?} {ds:?}"
     );
     assert_eq!(stat(&dc, "derived.kept") + stat(&ds, "derived.kept"), 0);
+    // Both ends of the derived connection on this environment's record layer (kTLS in the VM).
+    for (agent, pod) in [
+        (&agent1.agent, "dkclient"),
+        (&server_agent(&agent2), "dkserver"),
+    ] {
+        let row = agent
+            .flows_with_recent()
+            .into_iter()
+            .filter(|r| r.pod == pod)
+            .max_by_key(|r| r.id)
+            .expect("a flow");
+        assert_eq!(
+            (
+                row.protection,
+                row.resumed,
+                row.bytes_from_peer + row.bytes_to_peer > 0
+            ),
+            (expected_protection(), Some(true), true),
+            "{row:?}"
+        );
+    }
 
     // 3. The same header again: refused, nothing accepted, counted as a replay.
     let s0 = server_agent(&agent2).policy_stats();

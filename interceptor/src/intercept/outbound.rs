@@ -347,7 +347,12 @@ async fn dial_handshake(
     // A session bound for kTLS is driven through rustls' unbuffered API, the form whose
     // remainder keeps the server's resumption tickets after the hand-off.
     let kernel = matches!(shared.offload, Offload::Kernel(_));
-    let prepared = if kernel {
+    // Derived keys need the handshake's exporter, which rustls' unbuffered client lacks: on
+    // a kTLS node that mode takes the buffered client, whose keys go to the kernel as well
+    // (the server's ticket, arriving after the hand-off, is then dropped; derived
+    // connections need none).
+    let unbuffered = kernel && shared.tuning.connection_keys == ConnectionKeysMode::Handshake;
+    let prepared = if unbuffered {
         driver::kernel_client_connection(Arc::clone(&config), name.clone()).map(Prepared::Kernel)
     } else {
         driver::client_connection(Arc::clone(&config), name.clone()).map(Prepared::Buffered)
@@ -387,6 +392,12 @@ async fn dial_handshake(
                     return Err((handshake_refused(shared, &e), Some(peer)));
                 }
             }
+        }
+        Prepared::Buffered(conn) => {
+            if kernel && !deferred {
+                prepare_peer(shared, &peer);
+            }
+            Prepared::Buffered(conn)
         }
         other => other,
     };
