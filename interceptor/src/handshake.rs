@@ -482,10 +482,20 @@ fn mesh_client_settings(config: &mut ClientConfig) {
 /// peer certificate its ticket carries is outside its validity window now: no chain check ran
 /// on this connection.
 pub fn negotiated(conn: &CommonState) -> Result<Negotiated, HandshakeError> {
-    negotiated_at(conn, UnixTime::now())
+    negotiated_at(conn, UnixTime::now(), false)
 }
 
-fn negotiated_at(conn: &CommonState, now: UnixTime) -> Result<Negotiated, HandshakeError> {
+/// [`negotiated`] for a handshake its driver saw go through a HelloRetryRequest
+/// (`retried`), which rustls no longer reports once such a handshake resumed a session.
+pub fn negotiated_after(conn: &CommonState, retried: bool) -> Result<Negotiated, HandshakeError> {
+    negotiated_at(conn, UnixTime::now(), retried)
+}
+
+fn negotiated_at(
+    conn: &CommonState,
+    now: UnixTime,
+    retried: bool,
+) -> Result<Negotiated, HandshakeError> {
     if conn.is_handshaking() {
         return Err(HandshakeError::Incomplete);
     }
@@ -515,7 +525,7 @@ fn negotiated_at(conn: &CommonState, now: UnixTime) -> Result<Negotiated, Handsh
         peer,
         suite,
         group: conn.negotiated_key_exchange_group().map(|g| g.name()),
-        retried: conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
+        retried: retried || conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
         resumed,
         spare,
         derived: false,

@@ -22,6 +22,7 @@ pub struct Counters {
     config_reload_failures: AtomicU64,
     spares: [AtomicU64; SPARE_OUTCOMES.len()],
     derived: [AtomicU64; DERIVED_OUTCOMES.len()],
+    tickets_declined: AtomicU64,
 }
 
 /// What became of derived-key connections (`derived.<name>`; `tuning.connectionKeys:
@@ -94,6 +95,17 @@ impl Counters {
         }
     }
 
+    /// A peer agent declined the resumption ticket a connection offered, so the flow dialed
+    /// again with a full handshake (`tickets.declined`): each one costs a set-up round trip,
+    /// and a run of them means peers restart or reload policy often.
+    pub fn ticket_declined(&self) {
+        self.tickets_declined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tickets_declined(&self) -> u64 {
+        self.tickets_declined.load(Ordering::Relaxed)
+    }
+
     pub fn flows_failed(&self) -> u64 {
         self.flows_failed.load(Ordering::Relaxed)
     }
@@ -146,6 +158,7 @@ impl Counters {
                     "config.reload_failures".to_owned(),
                     self.config_reload_failures(),
                 ),
+                ("tickets.declined".to_owned(), self.tickets_declined()),
             ])
             .filter(|(_, n)| *n > 0)
             .collect()
@@ -171,6 +184,8 @@ mod tests {
         c.derived("used");
         c.derived("replayed");
         c.derived("no such outcome");
+        c.ticket_declined();
+        c.ticket_declined();
         let want: BTreeMap<String, u64> = [
             ("refused.deny_rule", 1),
             ("closed.transport_changed", 1),
@@ -181,6 +196,7 @@ mod tests {
             ("spares.used", 1),
             ("derived.used", 1),
             ("derived.replayed", 1),
+            ("tickets.declined", 2),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

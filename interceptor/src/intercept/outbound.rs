@@ -257,6 +257,7 @@ async fn mesh<'a>(
             // hybrid, so it carries nothing and the flow dials again with the full offer.
             Ok((peer, est)) if offer.resuming && !est.negotiated.resumed && !hybrid(&est) => {
                 debug!(pod = %out.ctx.name, peer = %out.endpoint, "ticket declined; full handshake");
+                shared.ticket_declined();
                 reset(peer);
                 offer = client.declined(&name);
             }
