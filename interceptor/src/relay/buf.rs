@@ -145,7 +145,8 @@ impl Buf {
     /// Frees the allocation, into [`POOL`] if it is a first allocation.
     fn give_back(&mut self) {
         let data = std::mem::take(&mut self.data);
-        if data.capacity() == self.first {
+        // (An unallocated buffer, or a kernel relay's zero-sized one, has nothing to give.)
+        if data.capacity() != 0 && data.capacity() == self.first {
             give(data);
         }
     }
