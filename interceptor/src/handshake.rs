@@ -18,6 +18,7 @@
 
 mod cache;
 mod credentials;
+pub mod derived;
 pub mod driver;
 mod hkdf;
 mod provider;
@@ -51,7 +52,7 @@ pub use self::{
     verifier::PeerIdentityError,
 };
 use self::{
-    resumption::{ClientTickets, OneTicket, SERVER_TICKETS, ServerTickets},
+    resumption::{ClientTickets, ResumedConfigs, SERVER_TICKETS, ServerTickets},
     verifier::{MeshClientVerifier, MeshServerVerifier},
 };
 use crate::{
@@ -87,6 +88,9 @@ pub struct Negotiated {
     /// The session was opened as a spare ([`SPARE_ALPN`]): nothing is decided until the
     /// client's agent claims it.
     pub spare: bool,
+    /// The connection runs on keys derived from an earlier session (`handshake::derived`):
+    /// no handshake at all; `peer` is the identity that session verified.
+    pub derived: bool,
 }
 
 /// Why a TLS configuration could not be built.
@@ -324,16 +328,7 @@ fn build_client_config(
 #[derive(Clone)]
 pub struct MeshClient {
     full: Arc<ClientConfig>,
-    resumed: Option<ResumedOffer>,
-}
-
-#[derive(Clone)]
-struct ResumedOffer {
-    /// Same verifier and client-certificate resolver as `full` (rustls resumes a ticket only
-    /// with the very ones that made it), x25519 only; its own store holds nothing.
-    config: Arc<ClientConfig>,
-    /// The store `full` keeps its tickets in.
-    tickets: Arc<ClientTickets>,
+    resumed: Option<Arc<ResumedConfigs>>,
 }
 
 /// The config for one connection, and whether it is the resumed offer.
@@ -360,19 +355,12 @@ impl MeshClient {
             config: Arc::clone(&self.full),
             resuming: false,
         };
-        let Some(resumed) = &self.resumed else {
-            return full;
-        };
-        let Some(ticket) = resumed.tickets.take_tls13_ticket(server) else {
-            return full;
-        };
-        let mut config = ClientConfig::clone(&resumed.config);
-        let one = OneTicket::new(ticket, Arc::clone(&resumed.tickets));
-        config.resumption =
-            Resumption::store(Arc::new(one)).tls12_resumption(Tls12Resumption::Disabled);
-        ClientOffer {
-            config: Arc::new(config),
-            resuming: true,
+        match self.resumed.as_ref().and_then(|r| r.lend(server)) {
+            Some(config) => ClientOffer {
+                config,
+                resuming: true,
+            },
+            None => full,
         }
     }
 
@@ -381,7 +369,7 @@ impl MeshClient {
     /// tickets held for `server` and returns the full offer to dial again with.
     pub fn declined(&self, server: &ServerName<'static>) -> ClientOffer {
         if let Some(resumed) = &self.resumed {
-            resumed.tickets.forget(server);
+            resumed.tickets().forget(server);
         }
         ClientOffer {
             config: Arc::clone(&self.full),
@@ -449,10 +437,7 @@ fn build_mesh_client(
                 .with_client_cert_resolver(Arc::clone(&config.client_auth_cert_resolver));
             mesh_client_settings(&mut resumed);
             resumed.resumption = Resumption::disabled();
-            Some(ResumedOffer {
-                config: Arc::new(resumed),
-                tickets,
-            })
+            Some(Arc::new(ResumedConfigs::new(resumed, tickets)))
         }
         _ => None,
     };
@@ -478,10 +463,20 @@ fn mesh_client_settings(config: &mut ClientConfig) {
 /// peer certificate its ticket carries is outside its validity window now: no chain check ran
 /// on this connection.
 pub fn negotiated(conn: &CommonState) -> Result<Negotiated, HandshakeError> {
-    negotiated_at(conn, UnixTime::now())
+    negotiated_at(conn, UnixTime::now(), false)
 }
 
-fn negotiated_at(conn: &CommonState, now: UnixTime) -> Result<Negotiated, HandshakeError> {
+/// [`negotiated`] for a handshake its driver saw go through a HelloRetryRequest
+/// (`retried`), which rustls no longer reports once such a handshake resumed a session.
+pub fn negotiated_after(conn: &CommonState, retried: bool) -> Result<Negotiated, HandshakeError> {
+    negotiated_at(conn, UnixTime::now(), retried)
+}
+
+fn negotiated_at(
+    conn: &CommonState,
+    now: UnixTime,
+    retried: bool,
+) -> Result<Negotiated, HandshakeError> {
     if conn.is_handshaking() {
         return Err(HandshakeError::Incomplete);
     }
@@ -511,9 +506,10 @@ fn negotiated_at(conn: &CommonState, now: UnixTime) -> Result<Negotiated, Handsh
         peer,
         suite,
         group: conn.negotiated_key_exchange_group().map(|g| g.name()),
-        retried: conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
+        retried: retried || conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
         resumed,
         spare,
+        derived: false,
     })
 }
 

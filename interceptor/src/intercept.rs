@@ -169,6 +169,14 @@ pub struct NodeParts {
 }
 
 impl Shared {
+    /// A peer agent declined the ticket a resumed offer carried; the flow dials again with a
+    /// full handshake. Counted for `flows --stats` (`tickets.declined`) and the metrics
+    /// (`interceptor_resumption_tickets_declined_total`).
+    pub(crate) fn ticket_declined(&self) {
+        self.counters.ticket_declined();
+        self.telemetry.ticket_declined();
+    }
+
     /// The sk_msg leg join's maps, when `tuning.sameNodeJoin: skMsg` turned it on.
     pub(crate) fn join_maps(&self) -> Option<Arc<std::sync::Mutex<crate::datapath::JoinMaps>>> {
         self.datapath

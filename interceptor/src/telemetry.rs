@@ -419,6 +419,7 @@ pub struct Telemetry {
     ca_reloads: Family<OutcomeLabels, Counter>,
     access_dropped: Family<DroppedLabels, Counter>,
     handover_flows: Family<HandoverLabels, Counter>,
+    tickets_declined: Counter,
     /// One shared copy of each label set flows hold (a flow keeps its open labels until it
     /// closes, so both counts land on the same series).
     interned: Mutex<HashSet<Arc<TcpLabels>>>,
@@ -564,6 +565,13 @@ impl Telemetry {
         for result in ["sent", "received", "kept", "refused"] {
             let _ = handover_flows.get_or_create(&HandoverLabels { result });
         }
+        let tickets_declined = Counter::default();
+        registry.register(
+            "interceptor_resumption_tickets_declined",
+            "Resumption tickets a peer agent declined (it restarted, or its policy changed): \
+             the connection dialed again with a full handshake",
+            tickets_declined.clone(),
+        );
         let observed = Arc::new(Slot::default());
         registry.register_collector(Box::new(ScrapeTime(Arc::clone(&observed))));
         Self {
@@ -581,6 +589,7 @@ impl Telemetry {
             ca_reloads,
             access_dropped,
             handover_flows,
+            tickets_declined,
             interned: Mutex::new(HashSet::new()),
             workloads: RwLock::new(HashMap::new()),
             pods: RwLock::new(HashMap::new()),
@@ -727,14 +736,20 @@ impl Telemetry {
         labels
     }
 
-    /// A listed flow ended: closed count, bytes, access log line. `to_peer` are the bytes the
-    /// enrolled pod's app sent, `from_peer` those it received.
+    /// A listed flow ended: closed count, bytes, and its access log line when `line` holds one
+    /// (see [`Telemetry::admit_line`]). `to_peer` are the bytes the enrolled pod's app sent,
+    /// `from_peer` those it received.
+    ///
+    /// The line is admitted by the caller, before the flow leaves the table: the flow's
+    /// [`FlowMeta`] is built only for a line that will be written, from the flow's state while
+    /// the table still owns it, so the table can move that state into its recent list instead
+    /// of copying it for a line that is usually never written.
     pub fn flow_closed(
         &self,
         direction: Direction,
         labels: &TcpLabels,
         end: &FlowEnd<'_>,
-        flow: impl FnOnce() -> FlowMeta,
+        line: Option<(AccessLogFormat, FlowMeta)>,
     ) {
         let FlowEnd {
             outcome,
@@ -762,11 +777,11 @@ impl Telemetry {
         };
         self.received.get_or_create(labels).inc_by(request);
         self.sent.get_or_create(labels).inc_by(response);
-        self.log(|format| {
-            access::flow_line(
+        if let Some((format, flow)) = line {
+            access::emit(&access::flow_line(
                 format,
                 &access::FlowLine {
-                    flow: &flow(),
+                    flow: &flow,
                     labels,
                     outcome: outcome.as_str(),
                     reason,
@@ -775,8 +790,8 @@ impl Telemetry {
                     from_peer,
                     duration,
                 },
-            )
-        });
+            ));
+        }
     }
 
     /// A connection was refused before it was listed; `refusal` builds its access line, if
@@ -809,6 +824,11 @@ impl Telemetry {
         self.handover_flows
             .get_or_create(&HandoverLabels { result })
             .inc_by(n);
+    }
+
+    /// A peer agent declined a resumption ticket and the flow dialed again.
+    pub fn ticket_declined(&self) {
+        self.tickets_declined.inc();
     }
 
     /// A listed flow was closed by a policy change (its close line follows with the relay).
@@ -864,22 +884,24 @@ impl Telemetry {
 
     /// Writes one access line if sampling and the rate limit let it through.
     fn log(&self, line: impl FnOnce(AccessLogFormat) -> String) {
-        match self.access.admit() {
-            access::Admit::Write(format) => access::emit(&line(format)),
-            access::Admit::Off => {}
-            access::Admit::NotSampled => {
-                self.access_dropped
-                    .get_or_create(&DroppedLabels { why: "not_sampled" })
-                    .inc();
-            }
-            access::Admit::RateLimited => {
-                self.access_dropped
-                    .get_or_create(&DroppedLabels {
-                        why: "rate_limited",
-                    })
-                    .inc();
-            }
+        if let Some(format) = self.admit_line() {
+            access::emit(&line(format));
         }
+    }
+
+    /// Whether the next access line is written (sampling and the rate limit let it through),
+    /// and in which format; a line left out is counted here. One call per event.
+    pub fn admit_line(&self) -> Option<AccessLogFormat> {
+        let why = match self.access.admit() {
+            access::Admit::Write(format) => return Some(format),
+            access::Admit::Off => return None,
+            access::Admit::NotSampled => "not_sampled",
+            access::Admit::RateLimited => "rate_limited",
+        };
+        self.access_dropped
+            .get_or_create(&DroppedLabels { why })
+            .inc();
+        None
     }
 
     /// The Prometheus text format (0.0.4), or OpenMetrics when `openmetrics`.

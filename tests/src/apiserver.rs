@@ -15,7 +15,8 @@
 //! * `fieldSelector` on `spec.nodeName` (`=`, `==`, `!=`) and `metadata.name`/`namespace`.
 //! * Faults: [`FakeApiServer::drop_streams`] cuts every open connection mid-stream,
 //!   [`FakeApiServer::go_down`] / [`FakeApiServer::come_up`] stop listening (closing all
-//!   connections) and listen again on the same port, [`FakeApiServer::compact`] forgets the event history (the next resume
+//!   connections) and listen again on the same port, which stays bound in between so nothing
+//!   else takes it, [`FakeApiServer::compact`] forgets the event history (the next resume
 //!   gets 410 and the client must list again), [`FakeApiServer::send_gone`] sends an ERROR
 //!   410 event on every open watch.
 //!
@@ -27,6 +28,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     path::Path,
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
@@ -97,6 +99,9 @@ struct Shared {
 /// The server; stops (closing every connection) when dropped.
 pub struct FakeApiServer {
     addr: SocketAddr,
+    /// Bound for the server's whole life, listening only while it is up (see
+    /// [`Self::go_down`]).
+    listener: TcpListener,
     shared: Arc<Shared>,
     accept: Mutex<Option<thread::JoinHandle<()>>>,
 }
@@ -150,7 +155,7 @@ impl FakeApiServer {
     /// Listens on a free loopback port. Istio kinds are served in `v1` (and `v1beta1`, plus
     /// `v1alpha3` for DestinationRule) unless [`Self::serve_versions`] says otherwise.
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake API server");
+        let listener = bind_own_port();
         let addr = listener.local_addr().expect("local addr");
         let mut inner = Inner {
             rv: 100,
@@ -185,9 +190,10 @@ impl FakeApiServer {
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
-        let accept = Mutex::new(Some(spawn_accept(listener, Arc::clone(&shared))));
+        let accept = Mutex::new(Some(spawn_accept(&listener, Arc::clone(&shared))));
         Self {
             addr,
+            listener,
             shared,
             accept,
         }
@@ -340,8 +346,11 @@ impl FakeApiServer {
         self.shared.changed.notify_all();
     }
 
-    /// Stops listening and closes every connection, as a stopped API server would; objects
-    /// may still be changed (etcd lives on) until [`Self::come_up`].
+    /// Stops listening and closes every connection, as a stopped API server would (a connect
+    /// is refused); objects may still be changed (etcd lives on) until [`Self::come_up`]. The
+    /// port stays bound to this server: were it released, a client's own connect to it could
+    /// be given it as its source port (a TCP self-connect) or another test could bind it, and
+    /// the server could not come back on it.
     pub fn go_down(&self) {
         self.stop_accepting();
         self.drop_streams();
@@ -350,25 +359,25 @@ impl FakeApiServer {
     /// Listens again on the same port.
     pub fn come_up(&self) {
         self.shared.stop.store(false, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let listener = loop {
-            match TcpListener::bind(self.addr) {
-                Ok(l) => break l,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("rebind {}: {e}", self.addr),
-            }
-        };
+        // SAFETY: `listen` on a socket this server owns for its whole life; no memory passed.
+        let rc = unsafe { libc::listen(self.listener.as_raw_fd(), 128) };
+        assert_eq!(
+            rc,
+            0,
+            "listen again on {}: {}",
+            self.addr,
+            std::io::Error::last_os_error()
+        );
         *self.accept.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(spawn_accept(listener, Arc::clone(&self.shared)));
+            Some(spawn_accept(&self.listener, Arc::clone(&self.shared)));
     }
 
     fn stop_accepting(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = TcpStream::connect(self.addr);
+        // Stops the listening (queued connections are reset) and wakes the accept loop, whose
+        // `accept` fails; the socket keeps its port (it was bound to it by number).
+        // SAFETY: `shutdown` on a socket this server owns for its whole life.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         let accept = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = accept {
             let _ = t.join();
@@ -411,7 +420,27 @@ fn event_kind(event: &str) -> &'static str {
     }
 }
 
-fn spawn_accept(listener: TcpListener, shared: Arc<Shared>) -> thread::JoinHandle<()> {
+/// A loopback listener bound to its port by number: Linux keeps a port bound that way
+/// through a `shutdown` of the listening socket, so [`FakeApiServer::go_down`] never gives it
+/// up (one bound to port 0 would lose it there).
+fn bind_own_port() -> TcpListener {
+    let mut last = None;
+    for _ in 0..20 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|probe| probe.local_addr())
+            .expect("pick a free loopback port")
+            .port();
+        match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(listener) => return listener,
+            // Taken between the probe and the bind.
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("bind fake API server: {last:?}");
+}
+
+fn spawn_accept(listener: &TcpListener, shared: Arc<Shared>) -> thread::JoinHandle<()> {
+    let listener = listener.try_clone().expect("clone the listener");
     thread::spawn(move || {
         for conn in listener.incoming() {
             if shared.stop.load(Ordering::SeqCst) {
@@ -849,5 +878,63 @@ fn watch(
         if Instant::now() >= deadline {
             return write!(out, "0\r\n\r\n");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Binds a new TCP socket without `SO_REUSEADDR` to `addr`; the errno if that fails.
+    fn plain_bind(addr: SocketAddr) -> Result<(), i32> {
+        let SocketAddr::V4(v4) = addr else {
+            panic!("loopback v4 expected")
+        };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a fresh socket, a sockaddr_in that lives across the call with its size,
+        // and the fd closed before returning.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let rc = libc::bind(
+                fd,
+                (&raw const sin).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            libc::close(fd);
+            if rc == 0 { Ok(()) } else { Err(errno) }
+        }
+    }
+
+    #[test]
+    fn a_server_that_went_down_refuses_connects_and_keeps_its_port() {
+        let server = FakeApiServer::start();
+        let addr = server.addr();
+        assert!(TcpStream::connect(addr).is_ok());
+        server.go_down();
+        let refused = TcpStream::connect(addr).expect_err("a down server refuses connects");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        // Nobody else can have the port meanwhile (a plain bind, as a connect's choice of
+        // source port or another program's bind would see it).
+        assert_eq!(plain_bind(addr), Err(libc::EADDRINUSE));
+        server.come_up();
+        let mut conn = TcpStream::connect(addr).expect("up again on the same port");
+        conn.write_all(b"GET /api/v1/namespaces HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut status = [0u8; 12];
+        conn.read_exact(&mut status).unwrap();
+        assert_eq!(&status, b"HTTP/1.1 200");
+        // Twice, as the restart test does.
+        server.go_down();
+        server.come_up();
+        assert!(TcpStream::connect(addr).is_ok());
     }
 }

@@ -12,19 +12,26 @@
 //! server pod's link, the client waits once for the server before its Finished, where a full
 //! handshake (hybrid, too large for the SYN) waits twice; no HelloRetryRequest either way.
 //!
+//! When the server's agent restarts between two connections, the ticket the client's agent
+//! holds is declined: the client's agent counts it (`tickets.declined`,
+//! `interceptor_resumption_tickets_declined_total`), drops the session (a full handshake on
+//! the resumed offer's x25519) and dials again with the full hybrid offer, and the app's
+//! request succeeds with its bytes intact.
+//!
 //! Host only: the userspace relay, where the client agent's rustls keeps the tickets.
 
 use std::net::SocketAddr;
 
 use interceptor::{app::Agent, intercept::table::FlowRow};
 use interceptor_tests::{
-    agent::RunningAgent,
+    agent::{RunningAgent, peer, workload},
     apps::curl,
     crypto::{X25519, X25519MLKEM768, any_port, assert_hello, captured, hellos},
     mesh::{PolicyDir, stats_delta, wait_generation},
     require_privileged,
     scenario::{Cluster, Scenario, serve_blob},
-    wire::{Capture, Frame, Streams, assert_no_plaintext},
+    topology::{Node, wire},
+    wire::{Capture, Frame, Streams, assert_no_plaintext, parse_client_hello, parse_server_hello},
 };
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/resume/sa/client";
@@ -349,4 +356,118 @@ fn a_resumed_client_hello_rides_in_the_syn_and_saves_a_round_trip() {
         "full: {full:?}"
     );
     eprintln!("ClientHello in the SYN: resumed {resumed:?}, full {full:?}");
+}
+
+/// `interceptor_resumption_tickets_declined_total` as `agent` serves it.
+fn declined_metric(agent: &Agent) -> u64 {
+    let name = "interceptor_resumption_tickets_declined_total ";
+    let text = agent.telemetry().encode(false).expect("encode metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// Every captured connection from `client` to `server`, in the order they started: tickets
+/// the ClientHello offered, its first group, and the ticket the ServerHello accepted.
+fn connections(
+    streams: &Streams,
+    client: std::net::IpAddr,
+    server: SocketAddr,
+) -> Vec<(usize, Option<u16>, Option<u16>)> {
+    streams
+        .streams
+        .iter()
+        .filter(|s| s.src.ip() == client && s.dst == server && !s.bytes.is_empty())
+        .map(|up| {
+            let ch = parse_client_hello(&up.bytes).unwrap_or_else(|e| panic!("ClientHello: {e}"));
+            let sh = streams
+                .get(server, up.src)
+                .map(|down| parse_server_hello(&down.bytes));
+            let accepted = match sh {
+                Some(Ok(sh)) => sh.psk_identity,
+                _ => None,
+            };
+            (ch.psk_identities, ch.groups.first().copied(), accepted)
+        })
+        .collect()
+}
+
+#[test]
+fn a_ticket_the_restarted_server_agent_declines_costs_a_redial_not_the_request() {
+    require_privileged();
+    let node1 = Node::new(111);
+    let node2 = Node::new(112);
+    let wire_if = wire(&node1, &node2);
+    let client = node1.pod("rdclient", 2);
+    let mut server = node2.pod("rdserver", 3);
+    let www = serve_blob(&mut server, "rdwww", 96 << 10);
+    let http = SocketAddr::from((server.ip, 80));
+    let url = format!("http://{http}/blob");
+
+    let cluster = Cluster::new("resume-restart");
+    let c1 = cluster.node_config(
+        "n1",
+        vec![workload(&client, "rda", "client")],
+        vec![peer(&server, "rdb", "server")],
+    );
+    let mut c2 = cluster.node_config(
+        "n2",
+        vec![workload(&server, "rdb", "server")],
+        vec![peer(&client, "rda", "client")],
+    );
+    assert!(c1.tuning.session_resumption && c2.tuning.session_resumption);
+    let agent1 = RunningAgent::start(c1);
+    let client_agent = &agent1.agent;
+    let mut agent2 = Some(RunningAgent::start(c2.clone()));
+    let get = |step: &str| {
+        let capture = Capture::start_in(&node1.ns.path(), &wire_if);
+        let f = curl(client.command("curl"), &url);
+        let streams = capture.stop_streams();
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", www.want.clone()),
+            "{step}"
+        );
+        assert_no_plaintext(&streams, &www.payload);
+        connections(&streams, client.ip.into(), http)
+    };
+
+    // 1. A full handshake brings the first ticket back; 2. the next connection resumes.
+    let hybrid = Some(X25519MLKEM768);
+    assert_eq!(get("first"), [(0, hybrid, None)]);
+    assert_eq!(get("second"), [(1, Some(X25519), Some(0))]);
+    let row = last_flow(client_agent, "rdclient");
+    assert_eq!(row.resumed, Some(true), "{row:?}");
+    assert_eq!(declined_metric(client_agent), 0);
+
+    // 3. The server's agent restarts (same pins): its ticket store is new. The client's agent
+    //    offers the ticket it holds, the server declines it, and the flow dials again with
+    //    the full offer: two connections on the wire, one request that succeeds.
+    let pins = agent2.take().unwrap().kill();
+    c2.bpffs = pins;
+    agent2 = Some(RunningAgent::start(c2));
+    let before = client_agent.policy_stats();
+    assert_eq!(
+        get("after the server agent restarted"),
+        [(1, Some(X25519), None), (0, hybrid, None)]
+    );
+    let delta = stats_delta(&before, &client_agent.policy_stats());
+    assert_eq!(delta.get("tickets.declined"), Some(&1), "{delta:?}");
+    assert_eq!(delta.get("flows_failed"), None, "{delta:?}");
+    assert_eq!(declined_metric(client_agent), 1);
+    let row = last_flow(client_agent, "rdclient");
+    assert_eq!(
+        (row.resumed, row.group.as_deref()),
+        (Some(false), Some("X25519MLKEM768")),
+        "{row:?}"
+    );
+
+    // 4. The redial brought a ticket from the new agent: the next connection resumes, and
+    //    nothing more is declined.
+    assert_eq!(get("fourth"), [(1, Some(X25519), Some(0))]);
+    assert_eq!(declined_metric(client_agent), 1);
+    drop(agent2);
 }

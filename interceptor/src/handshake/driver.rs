@@ -23,7 +23,8 @@
 use std::{io, sync::Arc, time::Duration};
 
 use rustls::{
-    ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection,
+    ClientConfig, ClientConnection, CommonState, Connection, ExtractedSecrets, HandshakeKind,
+    ServerConfig, ServerConnection,
     client::{ClientConnectionData, UnbufferedClientConnection},
     kernel::KernelConnection,
     pki_types::ServerName,
@@ -34,7 +35,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{HandshakeError, Negotiated, negotiated};
+use super::{HandshakeError, Negotiated, negotiated_after};
 use crate::{
     identity::SpiffeId,
     ktls::{KtlsError, SessionSecrets},
@@ -79,6 +80,13 @@ pub enum Session {
     /// the server sends after the hand-off (they reach the relay as kTLS control records).
     /// It cannot be relayed in userspace.
     KernelClient(Box<UnbufferedClientConnection>),
+    /// A connection whose keys were derived from an earlier session's exported secret
+    /// (`handshake::derived`): no rustls state at all, only this end's two directions with
+    /// their sequence numbers, which the kernel or the relay's own record layer takes.
+    Derived {
+        secrets: Box<ExtractedSecrets>,
+        is_client: bool,
+    },
 }
 
 impl Session {
@@ -86,7 +94,7 @@ impl Session {
     pub fn rustls(&mut self) -> Option<&mut Connection> {
         match self {
             Session::Rustls(conn) => Some(conn),
-            Session::KernelClient(_) => None,
+            Session::KernelClient(_) | Session::Derived { .. } => None,
         }
     }
 
@@ -138,6 +146,62 @@ pub enum DriveError {
 }
 
 impl Established {
+    /// A connection on derived keys (`handshake::derived`), for the relay.
+    pub fn derived(negotiated: Negotiated, secrets: ExtractedSecrets, is_client: bool) -> Self {
+        Established {
+            negotiated,
+            leftover_plaintext: Vec::new(),
+            leftover_ciphertext: Vec::new(),
+            conn: Session::Derived {
+                secrets: Box::new(secrets),
+                is_client,
+            },
+        }
+    }
+
+    /// The root of derived connection keys this session leaves both ends, and what it is
+    /// bound to (the peer identity, its leaf's notAfter, policy generation `generation`, an
+    /// expiry `lifetime` from now). Call before the keys move on. `None` for a session that
+    /// cannot export: a kTLS client's (rustls' unbuffered client has no exporter), a derived
+    /// one, or a peer leaf that does not parse.
+    pub fn derived_root(
+        &self,
+        generation: u64,
+        lifetime: Duration,
+    ) -> Option<(super::derived::Root, super::derived::Binding)> {
+        let Session::Rustls(conn) = &self.conn else {
+            return None;
+        };
+        let len = self
+            .negotiated
+            .suite
+            .tls13()?
+            .common
+            .hash_provider
+            .output_len();
+        let mut secret = zeroize::Zeroizing::new([0u8; 64]);
+        let secret = conn
+            .export_keying_material(
+                &mut secret[..len.min(64)],
+                super::derived::EXPORTER_LABEL,
+                None,
+            )
+            .ok()?;
+        let root = super::derived::Root::new(self.negotiated.suite, secret)?;
+        let leaf = conn.peer_certificates()?.first()?;
+        let (_, peer_not_after) = super::cache::validity(leaf)?;
+        Some((
+            root,
+            super::derived::Binding {
+                peer: self.negotiated.peer.clone(),
+                group: self.negotiated.group,
+                peer_not_after,
+                generation,
+                expires: std::time::Instant::now() + lifetime,
+            },
+        ))
+    }
+
     /// The authenticated identity of the other end.
     pub fn peer(&self) -> &SpiffeId {
         &self.negotiated.peer
@@ -165,6 +229,7 @@ impl Established {
                     .map_err(unsupported)?;
                 (secrets, Some(Box::new(kernel)))
             }
+            Session::Derived { secrets, .. } => (*secrets, None),
         };
         Ok(KtlsHandoff {
             negotiated: self.negotiated,
@@ -289,18 +354,23 @@ async fn drive_boxed(
     timeout: Duration,
     reads: Reads,
 ) -> Result<Established, DriveError> {
+    let mut retried = Retried::default();
     let exchanged = match reads {
-        Reads::RecordExact => tokio::time::timeout(timeout, exchange(sock, &mut conn))
-            .await
-            .map(|r| r.map(|()| Vec::new())),
-        Reads::Ahead => tokio::time::timeout(timeout, exchange_ahead(sock, &mut conn)).await,
+        Reads::RecordExact => {
+            tokio::time::timeout(timeout, exchange(sock, &mut conn, &mut retried))
+                .await
+                .map(|r| r.map(|()| Vec::new()))
+        }
+        Reads::Ahead => {
+            tokio::time::timeout(timeout, exchange_ahead(sock, &mut conn, &mut retried)).await
+        }
     };
     let leftover_ciphertext = match exchanged {
         Ok(Ok(rest)) => rest,
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(DriveError::Timeout(timeout)),
     };
-    let negotiated = negotiated(&conn)?;
+    let negotiated = negotiated_after(&conn, retried.0)?;
     let leftover_plaintext = drain_plaintext(&mut conn)?;
     Ok(Established {
         negotiated,
@@ -334,12 +404,13 @@ pub async fn client_handshake_kernel(
     timeout: Duration,
     attach_ulp: bool,
 ) -> Result<Established, DriveError> {
-    let exchanged = exchange_unbuffered(sock, &mut conn, attach_ulp);
+    let mut retried = Retried::default();
+    let exchanged = exchange_unbuffered(sock, &mut conn, attach_ulp, &mut retried);
     let leftover_plaintext = match tokio::time::timeout(timeout, exchanged).await {
         Ok(r) => r?,
         Err(_) => return Err(DriveError::Timeout(timeout)),
     };
-    let negotiated = negotiated(&conn)?;
+    let negotiated = negotiated_after(&conn, retried.0)?;
     Ok(Established {
         negotiated,
         leftover_plaintext,
@@ -357,6 +428,7 @@ async fn exchange_unbuffered(
     sock: &mut TcpStream,
     conn: &mut UnbufferedClientConnection,
     mut attach_ulp: bool,
+    retried: &mut Retried,
 ) -> Result<Vec<u8>, DriveError> {
     // What rustls has not discarded yet: the record being read, plus any handshake message
     // that continues into it from earlier records.
@@ -431,6 +503,7 @@ async fn exchange_unbuffered(
                 )));
             }
         }
+        retried.note(conn);
         incoming.drain(..discard);
         if !blocked {
             continue;
@@ -466,7 +539,25 @@ async fn exchange_unbuffered(
     }
 }
 
-async fn exchange(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), DriveError> {
+/// Whether the handshake went through a HelloRetryRequest. rustls reports one only until the
+/// handshake resumes a session (`HandshakeKind::Resumed` then replaces
+/// `FullWithHelloRetryRequest`), so it is noted after each step: the retry is always
+/// processed (client) or sent (server) in an earlier step than the resumption, since the
+/// client's second ClientHello lies between them.
+#[derive(Default)]
+struct Retried(bool);
+
+impl Retried {
+    fn note(&mut self, conn: &CommonState) {
+        self.0 |= conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest);
+    }
+}
+
+async fn exchange(
+    sock: &mut TcpStream,
+    conn: &mut Connection,
+    retried: &mut Retried,
+) -> Result<(), DriveError> {
     let mut record = Vec::with_capacity(RECORD_HEADER + MAX_RECORD_BODY);
     loop {
         flush(sock, conn).await?;
@@ -479,14 +570,14 @@ async fn exchange(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), Dri
         read_exact(sock, &mut record).await?;
         // rustls validates the header on its own (content type, version, length), so a peer
         // that does not speak TLS is refused with the proper alert before its "body" is awaited.
-        feed(sock, conn, &record).await?;
+        feed(sock, conn, &record, retried).await?;
         let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
         if len > MAX_RECORD_BODY {
             return Err(DriveError::RecordTooLong { len });
         }
         record.resize(len, 0);
         read_exact(sock, &mut record).await?;
-        feed(sock, conn, &record).await?;
+        feed(sock, conn, &record, retried).await?;
     }
 }
 
@@ -496,6 +587,7 @@ async fn exchange(sock: &mut TcpStream, conn: &mut Connection) -> Result<(), Dri
 async fn exchange_ahead(
     sock: &mut TcpStream,
     conn: &mut Connection,
+    retried: &mut Retried,
 ) -> Result<Vec<u8>, DriveError> {
     // Room for one maximal record: once the consumed prefix is dropped, a record that is not
     // complete yet always fits.
@@ -519,7 +611,7 @@ async fn exchange_ahead(
             let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
             if !header_fed {
                 // As in `exchange`: rustls judges the header before the body is awaited.
-                feed(sock, conn, header).await?;
+                feed(sock, conn, header, retried).await?;
                 header_fed = true;
                 if len > MAX_RECORD_BODY {
                     return Err(DriveError::RecordTooLong { len });
@@ -527,7 +619,7 @@ async fn exchange_ahead(
             }
             if avail >= RECORD_HEADER + len {
                 let body = &buf[pos + RECORD_HEADER..pos + RECORD_HEADER + len];
-                feed(sock, conn, body).await?;
+                feed(sock, conn, body, retried).await?;
                 pos += RECORD_HEADER + len;
                 header_fed = false;
                 continue;
@@ -547,7 +639,12 @@ async fn exchange_ahead(
 
 /// Hands `bytes` to rustls and processes them. On a TLS error the alert rustls queued is sent
 /// (best effort) so the peer's log can say why, then the error is returned.
-async fn feed(sock: &mut TcpStream, conn: &mut Connection, bytes: &[u8]) -> Result<(), DriveError> {
+async fn feed(
+    sock: &mut TcpStream,
+    conn: &mut Connection,
+    bytes: &[u8],
+    retried: &mut Retried,
+) -> Result<(), DriveError> {
     let mut rest = bytes;
     while !rest.is_empty() {
         // Reading from a slice cannot fail; a zero-length read would mean rustls refuses more
@@ -562,6 +659,7 @@ async fn feed(sock: &mut TcpStream, conn: &mut Connection, bytes: &[u8]) -> Resu
             let _ = flush(sock, conn).await;
             return Err(HandshakeError::from(e).into());
         }
+        retried.note(conn);
     }
     Ok(())
 }

@@ -1028,7 +1028,7 @@ fn a_resumed_session_whose_peer_certificate_expired_is_refused() {
     );
     for side in [&c, &s] {
         assert!(negotiated(side).unwrap().resumed);
-        match negotiated_at(side, later) {
+        match negotiated_at(side, later, false) {
             Err(HandshakeError::PeerCertificate(Error::InvalidCertificate(
                 CertificateError::Expired,
             ))) => {}
@@ -1039,7 +1039,7 @@ fn a_resumed_session_whose_peer_certificate_expired_is_refused() {
     // check is only for sessions that skipped it.
     let (client, server) = two_nodes();
     let (c, _) = connect(client.client(SERVER_ID), server.server());
-    assert!(negotiated_at(&c, later).is_ok());
+    assert!(negotiated_at(&c, later, false).is_ok());
 }
 
 // === the resumed offer (x25519 alone, so the ClientHello fits a SYN) ===
@@ -1293,4 +1293,116 @@ fn a_server_without_x25519_asks_for_its_own_group_and_the_session_still_resumes(
             "{server_policy}"
         );
     }
+}
+
+/// A resumed handshake that went through a HelloRetryRequest is reported as retried by the
+/// drivers on both sides (rustls itself reports such a handshake as merely `Resumed`), with
+/// either record layer's client.
+#[tokio::test]
+async fn the_drivers_report_the_retry_of_a_resumed_handshake() {
+    use tokio::io::AsyncReadExt as _;
+
+    use crate::test_tls::tcp_pair;
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    let mc = client.mesh_client(&policy(CompliancePolicy::Default, false), &rules);
+    // A server that allows neither x25519 nor the hybrid: the resumed offer's x25519 share
+    // draws a retry for secp256r1.
+    let sc = server.resuming_server_with(&policy(CompliancePolicy::Fips1402, false), &rules);
+    // A full handshake (retried as well) brings the first ticket; each resumed one the next.
+    for (kernel, resumed) in [(false, false), (false, true), (true, true)] {
+        let offer = mc.offer(&test_name());
+        assert_eq!(offer.resuming, resumed, "kernel {kernel}");
+        let (mut c, mut s) = tcp_pair().await;
+        let server_side = {
+            let sc = Arc::clone(&sc);
+            tokio::spawn(async move {
+                let est = driver::server_handshake(&mut s, sc, TIMEOUT).await;
+                (s, est)
+            })
+        };
+        let at_client = if kernel {
+            let conn = driver::kernel_client_connection(offer.config, test_name()).unwrap();
+            driver::client_handshake_kernel(&mut c, conn, TIMEOUT, false)
+                .await
+                .unwrap()
+                .negotiated
+        } else {
+            let mut est = driver::client_handshake(&mut c, offer.config, test_name(), TIMEOUT)
+                .await
+                .unwrap();
+            // The server's ticket follows the handshake: read it, as the relay would.
+            let conn = est.conn.rustls().unwrap();
+            let mut header = [0u8; 5];
+            c.read_exact(&mut header).await.unwrap();
+            let mut body = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+            c.read_exact(&mut body).await.unwrap();
+            conn.read_tls(&mut &header[..]).unwrap();
+            conn.read_tls(&mut &body[..]).unwrap();
+            conn.process_new_packets().unwrap();
+            est.negotiated
+        };
+        let (_s, at_server) = server_side.await.unwrap();
+        let at_server = at_server.unwrap().negotiated;
+        for (side, n) in [("client", &at_client), ("server", &at_server)] {
+            assert_eq!(
+                (n.group, n.retried, n.resumed),
+                (Some(NamedGroup::secp256r1), true, resumed),
+                "{side}, kernel {kernel}"
+            );
+        }
+    }
+}
+
+/// A resumed offer's config is lent, not copied: once the connection built from it is gone,
+/// the next resumed connection gets the same config with its own ticket; one still in use
+/// is never lent twice, so two connections set up at once each resume with their own ticket.
+#[test]
+fn resumed_offers_reuse_their_config_once_its_connection_is_gone() {
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    let crypto = policy(CompliancePolicy::Default, false);
+    let mc = client.mesh_client(&crypto, &rules);
+    let sc = server.resuming_server_with(&crypto, &rules);
+    let resumed = mc.resumed.as_ref().expect("a resumed offer");
+    // Two full handshakes under way at once: two tickets.
+    let mut pairs = [
+        pair(Arc::clone(mc.full()), Arc::clone(&sc)),
+        pair(Arc::clone(mc.full()), Arc::clone(&sc)),
+    ];
+    for (c, s) in &mut pairs {
+        handshake(c, s).unwrap();
+    }
+    drop(pairs);
+    let first = mc.offer(&test_name());
+    assert!(first.resuming);
+    let c = offered(&first, &sc).at_client;
+    assert_eq!((c.group, c.resumed), (Some(NamedGroup::X25519), true));
+    let config = Arc::as_ptr(&first.config);
+    drop(first);
+    // Its connection (dropped in `offered`) and the offer are gone: the same config again.
+    let second = mc.offer(&test_name());
+    assert!(
+        std::ptr::eq(Arc::as_ptr(&second.config), config),
+        "not lent again"
+    );
+    // While `second` holds it, a third offer gets another config.
+    let third = mc.offer(&test_name());
+    assert!(third.resuming);
+    assert!(!Arc::ptr_eq(&second.config, &third.config));
+    assert_eq!(resumed.pooled(), 2);
+    // Each resumes with the ticket taken for it.
+    for offer in [&third, &second] {
+        let c = offered(offer, &sc).at_client;
+        assert_eq!((c.group, c.resumed), (Some(NamedGroup::X25519), true));
+    }
+    // And many in sequence use no more configs than were ever in use at once.
+    drop((second, third));
+    for _ in 0..10 {
+        let offer = mc.offer(&test_name());
+        assert!(offer.resuming);
+        assert!(offered(&offer, &sc).at_client.resumed);
+    }
+    assert_eq!(resumed.pooled(), 2);
 }

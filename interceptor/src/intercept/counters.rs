@@ -21,7 +21,28 @@ pub struct Counters {
     accept_failed: [AtomicU64; ACCEPT_ERRORS.len()],
     config_reload_failures: AtomicU64,
     spares: [AtomicU64; SPARE_OUTCOMES.len()],
+    derived: [AtomicU64; DERIVED_OUTCOMES.len()],
+    tickets_declined: AtomicU64,
 }
+
+/// What became of derived-key connections (`derived.<name>`; `tuning.connectionKeys:
+/// derived`, `handshake::derived`). Client side: `kept` (a handshake left a root),
+/// `offered`, `used` (the server accepted), `fallback` (it did not: dialed again with a
+/// handshake); server side: `kept`, `accepted`, and why a header was refused.
+pub const DERIVED_OUTCOMES: [&str; 12] = [
+    "kept",
+    "offered",
+    "used",
+    "fallback",
+    "accepted",
+    "malformed",
+    "unknown",
+    "expired",
+    "generation",
+    "peer_expired",
+    "bad_mac",
+    "replayed",
+];
 
 /// What became of spare mesh sessions (`spares.<name>`; see `intercept::spare`). Client side:
 /// `opened`, `used`, `fill_failed`, and the reasons one was closed unused; server side:
@@ -67,6 +88,24 @@ impl Counters {
         }
     }
 
+    /// One derived-key connection's outcome, by a name of [`DERIVED_OUTCOMES`].
+    pub fn derived(&self, outcome: &str) {
+        if let Some(i) = DERIVED_OUTCOMES.iter().position(|n| *n == outcome) {
+            self.derived[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A peer agent declined the resumption ticket a connection offered, so the flow dialed
+    /// again with a full handshake (`tickets.declined`): each one costs a set-up round trip,
+    /// and a run of them means peers restart or reload policy often.
+    pub fn ticket_declined(&self) {
+        self.tickets_declined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tickets_declined(&self) -> u64 {
+        self.tickets_declined.load(Ordering::Relaxed)
+    }
+
     pub fn flows_failed(&self) -> u64 {
         self.flows_failed.load(Ordering::Relaxed)
     }
@@ -107,12 +146,19 @@ impl Counters {
                     .zip(&self.spares)
                     .map(|(name, n)| (format!("spares.{name}"), n.load(Ordering::Relaxed))),
             )
+            .chain(
+                DERIVED_OUTCOMES
+                    .iter()
+                    .zip(&self.derived)
+                    .map(|(name, n)| (format!("derived.{name}"), n.load(Ordering::Relaxed))),
+            )
             .chain([
                 ("flows_failed".to_owned(), self.flows_failed()),
                 (
                     "config.reload_failures".to_owned(),
                     self.config_reload_failures(),
                 ),
+                ("tickets.declined".to_owned(), self.tickets_declined()),
             ])
             .filter(|(_, n)| *n > 0)
             .collect()
@@ -135,6 +181,11 @@ mod tests {
         c.config_reload_failed();
         c.spare("used");
         c.spare("no such outcome");
+        c.derived("used");
+        c.derived("replayed");
+        c.derived("no such outcome");
+        c.ticket_declined();
+        c.ticket_declined();
         let want: BTreeMap<String, u64> = [
             ("refused.deny_rule", 1),
             ("closed.transport_changed", 1),
@@ -143,6 +194,9 @@ mod tests {
             ("flows_failed", 1),
             ("config.reload_failures", 1),
             ("spares.used", 1),
+            ("derived.used", 1),
+            ("derived.replayed", 1),
+            ("tickets.declined", 2),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -379,41 +379,55 @@ impl FlowGuard<'_> {
 
 impl Drop for FlowGuard<'_> {
     fn drop(&mut self) {
-        let entry = {
+        let telemetry = &self.table.telemetry;
+        let (entry, direction, line) = {
             // `recent` before `flows`, as in `rows_with_recent`: a listing never sees a
             // closing flow in neither place.
             let mut recent = self.table.recent.lock().unwrap_or_else(|p| p.into_inner());
             let Some(entry) = self.table.lock().remove(&self.id) else {
                 return;
             };
+            let Entry {
+                info,
+                stats,
+                labels,
+                opened,
+                handed_over,
+                ..
+            } = *entry;
+            // The access line's view of the flow, built only when a line is written: the
+            // flow's info then moves into `recent` as it is.
+            let line = telemetry.admit_line().map(|format| {
+                (
+                    format,
+                    meta(&info, labels.mode, handed_over, MetaFor::AccessLine),
+                )
+            });
+            let direction = direction(info.direction);
             if recent.len() == RECENT {
                 recent.pop_front();
             }
             recent.push_back(Closed {
                 id: self.id,
-                info: entry.info.clone(),
-                relay: entry.stats.mode(),
-                to_peer: entry.stats.bytes_app_to_peer(),
-                from_peer: entry.stats.bytes_peer_to_app(),
-                mode: entry.labels.mode,
-                handed_over: entry.handed_over,
+                info,
+                relay: stats.mode(),
+                to_peer: stats.bytes_app_to_peer(),
+                from_peer: stats.bytes_peer_to_app(),
+                mode: labels.mode,
+                handed_over,
             });
-            entry
+            ((stats, labels, opened), direction, line)
         };
+        let (stats, labels, opened) = entry;
         let end = FlowEnd {
             outcome: self.outcome,
-            to_peer: entry.stats.bytes_app_to_peer(),
-            from_peer: entry.stats.bytes_peer_to_app(),
-            duration: entry.opened.elapsed(),
+            to_peer: stats.bytes_app_to_peer(),
+            from_peer: stats.bytes_peer_to_app(),
+            duration: opened.elapsed(),
             reason: self.reason.as_deref(),
             failure: self.failure,
         };
-        let info = &entry.info;
-        self.table
-            .telemetry
-            .flow_closed(direction(info.direction), &entry.labels, &end, || {
-                meta(info, entry.labels.mode, entry.handed_over)
-            });
+        telemetry.flow_closed(direction, &labels, &end, line);
     }
 }
 
@@ -440,17 +454,18 @@ fn mode(t: &Telemetry, info: &FlowInfo) -> Mode {
     }
 }
 
-fn meta(info: &FlowInfo, mode: Mode, handed_over: bool) -> FlowMeta {
-    FlowMeta {
-        cipher: info.cipher.as_deref().map(str::to_owned),
-        group: info.session.and_then(|s| s.group_label()),
-        decision: info.reason.as_deref().map(str::to_owned),
-        ..meta_of_ends(info, mode, handed_over)
-    }
+/// Who a [`FlowMeta`] is built for.
+#[derive(Clone, Copy, PartialEq)]
+enum MetaFor {
+    /// The metrics labels: the ends and the mode, no more.
+    Labels,
+    /// An access line: the session (cipher, group) and the decision too.
+    AccessLine,
 }
 
-/// [`meta`] without the session and the decision.
-fn meta_of_ends(info: &FlowInfo, mode: Mode, handed_over: bool) -> FlowMeta {
+/// The flow as its metrics labels or its access line see it; each field is set once.
+fn meta(info: &FlowInfo, mode: Mode, handed_over: bool, wanted: MetaFor) -> FlowMeta {
+    let line = wanted == MetaFor::AccessLine;
     FlowMeta {
         handed_over,
         direction: direction(info.direction),
@@ -460,9 +475,15 @@ fn meta_of_ends(info: &FlowInfo, mode: Mode, handed_over: bool) -> FlowMeta {
         destination: info.destination,
         endpoint: info.endpoint.filter(|e| *e != info.destination),
         peer_principal: info.peer_id.as_ref().map(ToString::to_string),
-        cipher: None,
-        group: None,
-        decision: None,
+        cipher: line
+            .then(|| info.cipher.as_deref().map(str::to_owned))
+            .flatten(),
+        group: line
+            .then(|| info.session.and_then(|s| s.group_label()))
+            .flatten(),
+        decision: line
+            .then(|| info.reason.as_deref().map(str::to_owned))
+            .flatten(),
     }
 }
 
@@ -560,11 +581,11 @@ impl FlowTable {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let stats = RelayStats::new();
         let cancel = Arc::new(Cancel::default());
-        // What the labels are made of, no more: the session and decision are for access lines.
-        let labels = self.telemetry.flow_opened(&meta_of_ends(
+        let labels = self.telemetry.flow_opened(&meta(
             &info,
             mode(&self.telemetry, &info),
             handed_over,
+            MetaFor::Labels,
         ));
         self.lock().insert(
             id,
@@ -727,6 +748,81 @@ mod tests {
         assert!(!cancel.fire_because(RefusalCode::CryptoPolicy));
         assert!(cancel.is_fired());
         assert_eq!(cancel.code(), Some(RefusalCode::DenyRule));
+    }
+
+    fn outbound_info() -> FlowInfo {
+        FlowInfo {
+            pod: Arc::from("web"),
+            direction: Direction::Outbound,
+            destination: "10.96.0.10:80".parse().unwrap(),
+            source: "10.88.0.2:40000".parse().unwrap(),
+            peer_id: Some("spiffe://cluster.local/ns/a/sa/b".parse().unwrap()),
+            cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
+            session: Some(SessionCrypto {
+                suite: CipherSuite::TLS13_AES_128_GCM_SHA256,
+                group: Some(NamedGroup::X25519),
+                retried: false,
+                resumed: true,
+                mesh: true,
+            }),
+            protection: Protection::Userspace,
+            endpoint: Some("10.88.1.3:80".parse().unwrap()),
+            reason: Some(String::from("auto mTLS (STRICT)").into()),
+        }
+    }
+
+    #[test]
+    fn labels_leave_the_session_out_and_access_lines_keep_it() {
+        let info = outbound_info();
+        let labels = meta(&info, Mode::Userspace, false, MetaFor::Labels);
+        let line = meta(&info, Mode::Userspace, false, MetaFor::AccessLine);
+        assert_eq!(
+            (&labels.cipher, &labels.group, &labels.decision),
+            (&None, &None, &None)
+        );
+        assert_eq!(
+            (
+                line.cipher.as_deref(),
+                line.group.as_deref(),
+                line.decision.as_deref()
+            ),
+            (
+                Some("TLS13_AES_128_GCM_SHA256"),
+                Some("x25519"),
+                Some("auto mTLS (STRICT)")
+            )
+        );
+        // The ends are the same for both.
+        for m in [&labels, &line] {
+            assert_eq!(
+                (m.pod.as_str(), m.peer_principal.as_deref(), m.endpoint),
+                (
+                    "web",
+                    Some("spiffe://cluster.local/ns/a/sa/b"),
+                    info.endpoint
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_closed_flow_keeps_everything_it_was_listed_with() {
+        let table = FlowTable::default();
+        let guard = table.insert(outbound_info());
+        let open = table.rows();
+        drop(guard);
+        assert!(table.rows().is_empty());
+        let recent = table.rows_with_recent();
+        assert_eq!(recent.len(), 1);
+        let closed = &recent[0];
+        assert!(closed.closed);
+        let mut want = open[0].clone();
+        want.closed = true;
+        assert_eq!(
+            serde_json::to_value(closed).unwrap(),
+            serde_json::to_value(&want).unwrap()
+        );
+        assert_eq!(closed.reason.as_deref(), Some("auto mTLS (STRICT)"));
     }
 
     fn session_resumed(s: &SessionCrypto) -> Option<bool> {

@@ -49,7 +49,35 @@ pub(super) fn run(
     config: RelayConfig,
     stats: Arc<RelayStats>,
 ) -> impl Future<Output = Result<(), RelayError>> + Send {
-    let mut relay = Userspace::new(app, peer, conn, leftover, leftover_tls, config, stats);
+    let mut conn = conn;
+    conn.set_buffer_limit(Some(config.buffer_size.max(16 << 10)));
+    let layer = Layer::Rustls(conn);
+    run_layer(app, peer, layer, leftover, leftover_tls, config, stats)
+}
+
+/// [`run`] for a session that never had rustls state (keys derived for the connection,
+/// `handshake::derived`): the relay's own record layer from the first record.
+pub(super) fn run_own(
+    app: TcpStream,
+    peer: TcpStream,
+    own: Box<RecordLayer>,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> impl Future<Output = Result<(), RelayError>> + Send {
+    let layer = Layer::Own(own);
+    run_layer(app, peer, layer, Vec::new(), Vec::new(), config, stats)
+}
+
+fn run_layer(
+    app: TcpStream,
+    peer: TcpStream,
+    layer: Layer,
+    leftover: Vec<u8>,
+    leftover_tls: Vec<u8>,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+) -> impl Future<Output = Result<(), RelayError>> + Send {
+    let mut relay = Userspace::new(app, peer, layer, leftover, leftover_tls, config, stats);
     async move {
         let mut idle = IdleTimer::new(config.idle_timeout);
         let result = std::future::poll_fn(|cx| {
@@ -224,18 +252,17 @@ impl Userspace {
     fn new(
         app: TcpStream,
         peer: TcpStream,
-        mut conn: Box<Connection>,
+        layer: Layer,
         leftover: Vec<u8>,
         leftover_tls: Vec<u8>,
         config: RelayConfig,
         stats: Arc<RelayStats>,
     ) -> Userspace {
         let size = config.buffer_size.max(16 << 10);
-        conn.set_buffer_limit(Some(size));
         Userspace {
             app,
             peer,
-            layer: Layer::Rustls(conn),
+            layer,
             fed: Boundary::default(),
             peer_data_seen: false,
             tls_out: Vec::new(),
@@ -949,11 +976,12 @@ mod tests {
             own_record_layer: true,
             ..RelayConfig::default()
         };
-        let conn = Box::new(Connection::from(server));
+        let mut conn = Box::new(Connection::from(server));
+        conn.set_buffer_limit(Some(config.buffer_size));
         let relay = Userspace::new(
             app,
             peer,
-            conn,
+            Layer::Rustls(conn),
             Vec::new(),
             Vec::new(),
             config,

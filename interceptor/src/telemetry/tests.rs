@@ -124,7 +124,7 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
             reason: None,
             failure: None,
         },
-        || flow.clone(),
+        t.admit_line().map(|format| (format, flow.clone())),
     );
     let opened = metric_lines(&t, "istio_tcp_connections_opened_total{");
     assert_eq!(opened.len(), 1, "{opened:?}");
@@ -166,7 +166,7 @@ fn flows_are_counted_with_istio_labels_and_bytes_by_direction() {
             reason: None,
             failure: Some("record_layer"),
         },
-        || inbound.clone(),
+        t.admit_line().map(|format| (format, inbound.clone())),
     );
     let sent = metric_lines(&t, "istio_tcp_sent_bytes_total{");
     assert!(
@@ -287,6 +287,16 @@ impl Observed for Fake {
             "kubernetes": { "token": "abc", "kubeconfig": "/etc/kube" },
         }))
     }
+}
+
+#[test]
+fn declined_tickets_are_counted_from_zero() {
+    let t = telemetry();
+    let name = "interceptor_resumption_tickets_declined_total";
+    assert_eq!(metric_lines(&t, name), [format!("{name} 0")]);
+    t.ticket_declined();
+    t.ticket_declined();
+    assert_eq!(metric_lines(&t, name), [format!("{name} 2")]);
 }
 
 #[test]
