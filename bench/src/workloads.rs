@@ -725,6 +725,7 @@ fn idle(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<Vec<M
         ("proxy_rss_mb", held.rss_mb),
         ("max_proxy_rss_mb", held.max_rss_mb),
         ("proxy_rss_delta_mb", held.rss_mb - held.rss_before_mb),
+        ("proxy_anon_rss_mb", held.anon_mb),
     ])
 }
 
@@ -733,6 +734,8 @@ struct Held {
     rss_before_mb: f64,
     rss_mb: f64,
     max_rss_mb: f64,
+    /// `RssAnon` of the proxies with the flows open (see [`procs::process_rss_anon`]).
+    anon_mb: f64,
     fds_before: f64,
     fds: f64,
 }
@@ -800,12 +803,17 @@ fn hold_idle(topo: &Topology, active: &Active, env: &Env, count: usize) -> Resul
     // Let allocators settle after the burst of handshakes.
     procs::sleep(Duration::from_millis(500))?;
     let (sum, max) = rss(active)?;
+    let mut anon = 0u64;
+    for pid in active.proxy_pids() {
+        anon += procs::process_rss_anon(pid)?;
+    }
     let fds = proxy_fds(active)?;
     drop(holder);
     Ok(Held {
         rss_before_mb: before,
         rss_mb: sum,
         max_rss_mb: max,
+        anon_mb: anon as f64 / 1e6,
         fds_before,
         fds,
     })
