@@ -175,6 +175,10 @@ struct RunArgs {
     /// runtime's worker threads. 0: the agent's default (one per CPU).
     #[arg(long, default_value_t = 0)]
     worker_threads: u16,
+    /// `tuning.connectionKeys: derived` for the agent under test (`--agent`; never the
+    /// baseline): per-connection keys derived from an earlier mesh session.
+    #[arg(long)]
+    derived_keys: bool,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -383,6 +387,7 @@ fn run(args: RunArgs) -> Result<()> {
         baseline_agent: args.baseline_agent,
         mesh_spares: args.mesh_spares,
         worker_threads: args.worker_threads,
+        derived_keys: args.derived_keys,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

@@ -157,6 +157,8 @@ pub struct Env {
     pub mesh_spares: u32,
     /// `tuning.workerThreads` for `agent_bin` (see `--worker-threads`).
     pub worker_threads: u16,
+    /// `tuning.connectionKeys: derived` for `agent_bin` (see `--derived-keys`).
+    pub derived_keys: bool,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -648,6 +650,9 @@ struct TuningCfg {
     /// Left out for the baseline agent, like `mesh_spares`.
     #[serde(skip_serializing_if = "Option::is_none")]
     worker_threads: Option<u16>,
+    /// Left out for the baseline agent, like `mesh_spares`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection_keys: Option<&'static str>,
 }
 
 fn workload(pod: &topology::Pod, sa: &'static str) -> WorkloadCfg {
@@ -752,6 +757,8 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 worker_threads: (active.mode != Mode::InterceptorRelayBase
                     && env.worker_threads > 0)
                     .then_some(env.worker_threads),
+                connection_keys: (active.mode != Mode::InterceptorRelayBase && env.derived_keys)
+                    .then_some("derived"),
             },
         };
         // JSON is YAML, and serde_json is already here.

@@ -35,6 +35,8 @@ pub struct Plan {
     pub mesh_spares: u32,
     /// `tuning.workerThreads` for the agent under test.
     pub worker_threads: u16,
+    /// `tuning.connectionKeys: derived` for the agent under test.
+    pub derived_keys: bool,
     /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
     pub ztunnel: Option<PathBuf>,
     pub out: PathBuf,
@@ -91,6 +93,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
             .map(|z| fs::canonicalize(&z).unwrap_or(z)),
         mesh_spares: plan.mesh_spares,
         worker_threads: plan.worker_threads,
+        derived_keys: plan.derived_keys,
         bench_bin: std::env::current_exe().context("own executable")?,
         work_dir: work_dir.clone(),
         log_dir,

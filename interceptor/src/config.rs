@@ -483,6 +483,15 @@ pub struct Tuning {
     /// How long a resumption ticket stays usable, on both ends; no ticket outlives a policy
     /// reload or a new certificate either.
     pub ticket_lifetime_secs: u64,
+    /// How a mesh connection gets its keys. `handshake` (the default): a TLS handshake per
+    /// connection (resumed where a ticket allows). `derived`: after one handshake to a server
+    /// address, the next connections there open with a 44-byte header and keys expanded from
+    /// a secret that handshake exported, for `ticketLifetimeSecs` and while the policy
+    /// generation holds: no key exchange and no handshake round trip, one TLS record stream
+    /// (own keys, kTLS-installable) per connection still, but the secrecy of `psk_ke`, i.e. of
+    /// a pooled proxy: whoever learns that secret from either agent's memory can read every
+    /// connection derived from it (ARCHITECTURE.md "Derived connection keys").
+    pub connection_keys: ConnectionKeysMode,
     /// Spare mesh sessions a pod keeps ready per (server identity, endpoint) it has called
     /// within `spareIdleMs`: opened ahead, so an app connection there waits for no agent
     /// handshake (still one TLS session per app connection; the server's agent decides the
@@ -513,6 +522,15 @@ pub struct Tuning {
     pub worker_threads: u16,
 }
 
+/// `tuning.connectionKeys`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ConnectionKeysMode {
+    #[default]
+    Handshake,
+    Derived,
+}
+
 /// `tuning.sameNodeJoin`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -537,6 +555,7 @@ impl Default for Tuning {
             policy_poll_ms: 500,
             session_resumption: true,
             ticket_lifetime_secs: 300,
+            connection_keys: ConnectionKeysMode::Handshake,
             mesh_spares: 0,
             spare_idle_ms: 5_000,
             same_node_fast_path: true,
@@ -1484,6 +1503,11 @@ tuning:
         let c = with("  sessionResumption: false\n  ticketLifetimeSecs: 60\n").unwrap();
         assert!(!c.tuning.session_resumption);
         assert_eq!(c.tuning.ticket_lifetime_secs, 60);
+        assert_eq!(c.tuning.connection_keys, ConnectionKeysMode::Handshake);
+        let c = with("  connectionKeys: derived\n").unwrap();
+        assert_eq!(c.tuning.connection_keys, ConnectionKeysMode::Derived);
+        let e = with("  connectionKeys: pooled\n").unwrap_err().to_string();
+        assert!(e.contains("connectionKeys") || e.contains("pooled"), "{e}");
         let c = with("  meshSpares: 2\n  spareIdleMs: 2000\n").unwrap();
         assert_eq!((c.tuning.mesh_spares, c.tuning.spare_idle_ms), (2, 2_000));
         for (yaml, field) in [

@@ -18,6 +18,7 @@
 
 mod cache;
 mod credentials;
+pub mod derived;
 pub mod driver;
 mod hkdf;
 mod provider;
@@ -87,6 +88,9 @@ pub struct Negotiated {
     /// The session was opened as a spare ([`SPARE_ALPN`]): nothing is decided until the
     /// client's agent claims it.
     pub spare: bool,
+    /// The connection runs on keys derived from an earlier session (`handshake::derived`):
+    /// no handshake at all; `peer` is the identity that session verified.
+    pub derived: bool,
 }
 
 /// Why a TLS configuration could not be built.
@@ -505,6 +509,7 @@ fn negotiated_at(
         retried: retried || conn.handshake_kind() == Some(HandshakeKind::FullWithHelloRetryRequest),
         resumed,
         spare,
+        derived: false,
     })
 }
 

@@ -63,7 +63,7 @@ use tokio::{
 };
 
 use crate::{
-    handshake::driver::Established,
+    handshake::driver::{Established, Session},
     ktls::{self, Cipher, KtlsError},
 };
 
@@ -400,6 +400,21 @@ pub fn relay(
         _ => {
             let conn = match session.conn.into_rustls() {
                 Ok(conn) => conn,
+                // Derived keys (`handshake::derived`): no rustls state, the relay's own record
+                // layer from the first record, sequence numbers from 0.
+                Err(Session::Derived { secrets, is_client }) => {
+                    stats.set_mode(RelayMode::Userspace);
+                    let config = RelayConfig {
+                        own_record_layer: true,
+                        ..config
+                    };
+                    return match record::RecordLayer::new(*secrets, is_client) {
+                        Ok(own) => {
+                            Box::pin(userspace::run_own(app, peer, Box::new(own), config, stats))
+                        }
+                        Err(e) => failed_at_start(app, peer, config, stats, RelayError::Tls(e)),
+                    };
+                }
                 Err(_) => {
                     // A kernel-only client session (the node runs kTLS, and the ULP attached
                     // before its handshake); losing the ULP since cannot happen short of the

@@ -113,7 +113,7 @@ impl VerifiedChains {
 
 /// The validity window in Unix seconds, clamped at zero (webpki compares against a `UnixTime`,
 /// which cannot be before 1970 either).
-fn validity(der: &[u8]) -> Option<(u64, u64)> {
+pub(super) fn validity(der: &[u8]) -> Option<(u64, u64)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let v = cert.validity();
     let secs = |t: i64| u64::try_from(t).unwrap_or(0);

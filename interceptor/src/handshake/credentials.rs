@@ -28,6 +28,9 @@ pub struct Credentials {
     clients: Mutex<HashMap<SpiffeId, MeshClient>>,
     /// The same, for spare connections (see [`Credentials::spare_client`]).
     spare_clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    /// Roots of derived connection keys (`tuning.connectionKeys: derived`), bound to this
+    /// leaf like the ticket stores: new credentials start with none.
+    derived: super::derived::Store,
 }
 
 impl Credentials {
@@ -49,7 +52,13 @@ impl Credentials {
             resumption: resumption.clone(),
             clients: Mutex::new(HashMap::new()),
             spare_clients: Mutex::new(HashMap::new()),
+            derived: super::derived::Store::default(),
         })
+    }
+
+    /// This service account's roots of derived connection keys, as server and as client.
+    pub fn derived(&self) -> &super::derived::Store {
+        &self.derived
     }
 
     /// The config that terminates mesh mTLS for this service account.

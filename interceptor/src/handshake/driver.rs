@@ -23,8 +23,8 @@
 use std::{io, sync::Arc, time::Duration};
 
 use rustls::{
-    ClientConfig, ClientConnection, CommonState, Connection, HandshakeKind, ServerConfig,
-    ServerConnection,
+    ClientConfig, ClientConnection, CommonState, Connection, ExtractedSecrets, HandshakeKind,
+    ServerConfig, ServerConnection,
     client::{ClientConnectionData, UnbufferedClientConnection},
     kernel::KernelConnection,
     pki_types::ServerName,
@@ -80,6 +80,13 @@ pub enum Session {
     /// the server sends after the hand-off (they reach the relay as kTLS control records).
     /// It cannot be relayed in userspace.
     KernelClient(Box<UnbufferedClientConnection>),
+    /// A connection whose keys were derived from an earlier session's exported secret
+    /// (`handshake::derived`): no rustls state at all, only this end's two directions with
+    /// their sequence numbers, which the kernel or the relay's own record layer takes.
+    Derived {
+        secrets: Box<ExtractedSecrets>,
+        is_client: bool,
+    },
 }
 
 impl Session {
@@ -87,7 +94,7 @@ impl Session {
     pub fn rustls(&mut self) -> Option<&mut Connection> {
         match self {
             Session::Rustls(conn) => Some(conn),
-            Session::KernelClient(_) => None,
+            Session::KernelClient(_) | Session::Derived { .. } => None,
         }
     }
 
@@ -139,6 +146,62 @@ pub enum DriveError {
 }
 
 impl Established {
+    /// A connection on derived keys (`handshake::derived`), for the relay.
+    pub fn derived(negotiated: Negotiated, secrets: ExtractedSecrets, is_client: bool) -> Self {
+        Established {
+            negotiated,
+            leftover_plaintext: Vec::new(),
+            leftover_ciphertext: Vec::new(),
+            conn: Session::Derived {
+                secrets: Box::new(secrets),
+                is_client,
+            },
+        }
+    }
+
+    /// The root of derived connection keys this session leaves both ends, and what it is
+    /// bound to (the peer identity, its leaf's notAfter, policy generation `generation`, an
+    /// expiry `lifetime` from now). Call before the keys move on. `None` for a session that
+    /// cannot export: a kTLS client's (rustls' unbuffered client has no exporter), a derived
+    /// one, or a peer leaf that does not parse.
+    pub fn derived_root(
+        &self,
+        generation: u64,
+        lifetime: Duration,
+    ) -> Option<(super::derived::Root, super::derived::Binding)> {
+        let Session::Rustls(conn) = &self.conn else {
+            return None;
+        };
+        let len = self
+            .negotiated
+            .suite
+            .tls13()?
+            .common
+            .hash_provider
+            .output_len();
+        let mut secret = zeroize::Zeroizing::new([0u8; 64]);
+        let secret = conn
+            .export_keying_material(
+                &mut secret[..len.min(64)],
+                super::derived::EXPORTER_LABEL,
+                None,
+            )
+            .ok()?;
+        let root = super::derived::Root::new(self.negotiated.suite, secret)?;
+        let leaf = conn.peer_certificates()?.first()?;
+        let (_, peer_not_after) = super::cache::validity(leaf)?;
+        Some((
+            root,
+            super::derived::Binding {
+                peer: self.negotiated.peer.clone(),
+                group: self.negotiated.group,
+                peer_not_after,
+                generation,
+                expires: std::time::Instant::now() + lifetime,
+            },
+        ))
+    }
+
     /// The authenticated identity of the other end.
     pub fn peer(&self) -> &SpiffeId {
         &self.negotiated.peer
@@ -166,6 +229,7 @@ impl Established {
                     .map_err(unsupported)?;
                 (secrets, Some(Box::new(kernel)))
             }
+            Session::Derived { secrets, .. } => (*secrets, None),
         };
         Ok(KtlsHandoff {
             negotiated: self.negotiated,

@@ -24,7 +24,7 @@ const MAX_RECORD: usize = RECORD_HEADER + (1 << 14) + 256;
 fn buffered(est: &mut Established) -> io::Result<&mut rustls::Connection> {
     match &mut est.conn {
         Session::Rustls(conn) => Ok(conn),
-        Session::KernelClient(_) => Err(io::Error::other(
+        Session::KernelClient(_) | Session::Derived { .. } => Err(io::Error::other(
             "a spare session must be driven by rustls' buffered connection",
         )),
     }

@@ -21,8 +21,28 @@ pub struct Counters {
     accept_failed: [AtomicU64; ACCEPT_ERRORS.len()],
     config_reload_failures: AtomicU64,
     spares: [AtomicU64; SPARE_OUTCOMES.len()],
+    derived: [AtomicU64; DERIVED_OUTCOMES.len()],
     tickets_declined: AtomicU64,
 }
+
+/// What became of derived-key connections (`derived.<name>`; `tuning.connectionKeys:
+/// derived`, `handshake::derived`). Client side: `kept` (a handshake left a root),
+/// `offered`, `used` (the server accepted), `fallback` (it did not: dialed again with a
+/// handshake); server side: `kept`, `accepted`, and why a header was refused.
+pub const DERIVED_OUTCOMES: [&str; 12] = [
+    "kept",
+    "offered",
+    "used",
+    "fallback",
+    "accepted",
+    "malformed",
+    "unknown",
+    "expired",
+    "generation",
+    "peer_expired",
+    "bad_mac",
+    "replayed",
+];
 
 /// What became of spare mesh sessions (`spares.<name>`; see `intercept::spare`). Client side:
 /// `opened`, `used`, `fill_failed`, and the reasons one was closed unused; server side:
@@ -65,6 +85,13 @@ impl Counters {
     pub fn spare(&self, outcome: &str) {
         if let Some(i) = SPARE_OUTCOMES.iter().position(|n| *n == outcome) {
             self.spares[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One derived-key connection's outcome, by a name of [`DERIVED_OUTCOMES`].
+    pub fn derived(&self, outcome: &str) {
+        if let Some(i) = DERIVED_OUTCOMES.iter().position(|n| *n == outcome) {
+            self.derived[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -119,6 +146,12 @@ impl Counters {
                     .zip(&self.spares)
                     .map(|(name, n)| (format!("spares.{name}"), n.load(Ordering::Relaxed))),
             )
+            .chain(
+                DERIVED_OUTCOMES
+                    .iter()
+                    .zip(&self.derived)
+                    .map(|(name, n)| (format!("derived.{name}"), n.load(Ordering::Relaxed))),
+            )
             .chain([
                 ("flows_failed".to_owned(), self.flows_failed()),
                 (
@@ -148,6 +181,9 @@ mod tests {
         c.config_reload_failed();
         c.spare("used");
         c.spare("no such outcome");
+        c.derived("used");
+        c.derived("replayed");
+        c.derived("no such outcome");
         c.ticket_declined();
         c.ticket_declined();
         let want: BTreeMap<String, u64> = [
@@ -158,6 +194,8 @@ mod tests {
             ("flows_failed", 1),
             ("config.reload_failures", 1),
             ("spares.used", 1),
+            ("derived.used", 1),
+            ("derived.replayed", 1),
             ("tickets.declined", 2),
         ]
         .into_iter()

@@ -40,6 +40,10 @@ pub(super) enum Stop {
     /// A spare session its client's agent let go unclaimed: nothing was decided, nothing is
     /// counted but `spares.unclaimed`.
     Unclaimed,
+    /// A derived-key header the server's agent does not take (unknown, expired, replayed...):
+    /// reset, and the client's agent dials again with a handshake. Counted only as
+    /// `derived.<reason>`: nothing was decided about the connection.
+    Declined,
 }
 
 impl From<anyhow::Error> for Stop {
@@ -95,7 +99,7 @@ pub(super) async fn serve(
             Ok(())
         }
         Err(Stop::Failed(e)) => Err(e),
-        Err(Stop::Unclaimed) => Ok(()),
+        Err(Stop::Unclaimed | Stop::Declined) => Ok(()),
     };
     drop(permit);
     if let Err(e) = result {

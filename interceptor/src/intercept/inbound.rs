@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
+    net::TcpStream,
+};
 use tracing::debug;
 
 use super::{
@@ -23,7 +26,8 @@ use super::{
     table::{Direction, FlowCheck, FlowInfo, InboundCheck, Protection, SessionCrypto},
 };
 use crate::{
-    handshake::{driver, spare},
+    config::ConnectionKeysMode,
+    handshake::{Negotiated, derived, driver, spare},
     identity::SpiffeId,
     sys, telemetry,
 };
@@ -91,6 +95,7 @@ pub(super) async fn inbound<'a>(
     };
     match kind {
         FirstBytes::Mesh => mesh(shared, inbound, generation, client).await,
+        FirstBytes::Derived => derived(shared, inbound, generation, client).await,
         FirstBytes::Other | FirstBytes::NeedMore => {
             plaintext(shared, inbound, generation, client).await
         }
@@ -160,6 +165,15 @@ async fn mesh<'a>(
     }
     let decided_by = generation.number;
     drop(generation);
+    if shared.tuning.connection_keys == ConnectionKeysMode::Derived
+        && let Some((root, binding)) = est.derived_root(
+            decided_by,
+            Duration::from_secs(shared.tuning.ticket_lifetime_secs),
+        )
+    {
+        me.derived().keep_server(root, binding);
+        shared.counters.derived("kept");
+    }
     inbound.flow.peer_id = Some(peer.clone());
     inbound.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
     let session = SessionCrypto::mesh(&est.negotiated);
@@ -170,6 +184,79 @@ async fn mesh<'a>(
         pod = %ctx.name, %source, %peer, cipher = ?session.suite,
         group = session.group_label().as_deref().unwrap_or("-"),
         resumed = session.resumed,
+        "inbound mTLS"
+    );
+    let check = FlowCheck::Inbound(InboundCheck {
+        source,
+        destination: dst,
+        peer: Some(peer),
+    });
+    relay_mesh(shared, inbound.flow, check, decided_by, app, client, est)
+}
+
+/// A connection on keys derived from an earlier mesh session (`handshake::derived`): its
+/// header names the session's root and a fresh counter; a header this agent does not take
+/// (unknown root, expired, replayed, a policy reload since, a bad MAC) is reset and the
+/// client's agent dials again with a handshake. Policy decides the identity the root's
+/// handshake verified, as for a resumed session. The acceptance goes out before the app is
+/// dialed, so the client's first bytes travel while this agent dials.
+async fn derived<'a>(
+    shared: &'a Shared,
+    mut inbound: Inbound<'_>,
+    generation: Arc<Generation>,
+    mut client: TcpStream,
+) -> Result<Relay<'a>, Stop> {
+    let (ctx, source, dst) = (inbound.ctx, inbound.source, inbound.destination);
+    if let Some(refused) = generation.refuses_mtls(dst) {
+        return Err(inbound.refuse(client, refused));
+    }
+    let me = shared.credentials(&ctx.id)?;
+    prepare_peer(shared, &client);
+    let mut header = [0u8; derived::HEADER_LEN];
+    let wait = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    let accepted = match tokio::time::timeout(wait, client.read_exact(&mut header)).await {
+        Ok(Ok(_)) => me.derived().accept(&header, generation.number),
+        _ => Err(derived::Refused::Malformed),
+    };
+    let accepted = match accepted {
+        Ok(accepted) => accepted,
+        Err(refused) => {
+            shared.counters.derived(refused.reason());
+            debug!(pod = %ctx.name, %source, reason = %refused, "derived connection declined");
+            super::flow::reset(client);
+            return Err(Stop::Declined);
+        }
+    };
+    let peer = accepted.peer;
+    let negotiated = Negotiated {
+        peer: peer.clone(),
+        suite: accepted.suite,
+        group: accepted.group,
+        retried: false,
+        resumed: true,
+        spare: false,
+        derived: true,
+    };
+    if let Some(refused) = crypto_refuses(shared, &negotiated) {
+        return Err(inbound.refuse_from(Some(&peer), client, refused));
+    }
+    match generation.inbound(source, dst, Some(&peer)) {
+        Ok(code) => inbound.flow.reason = Some(code.into()),
+        Err(refused) => return Err(inbound.refuse_from(Some(&peer), client, refused)),
+    }
+    let decided_by = generation.number;
+    drop(generation);
+    client.write_all(&accepted.keys.accept).await?;
+    shared.counters.derived("accepted");
+    let est = driver::Established::derived(negotiated, accepted.keys.secrets(false), false);
+    inbound.flow.peer_id = Some(peer.clone());
+    inbound.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
+    let session = SessionCrypto::mesh(&est.negotiated);
+    inbound.flow.session = Some(session);
+    let app = dial(ctx, dst, Some(inbound.app_source)).await?;
+    debug!(
+        target: "interceptor::access",
+        pod = %ctx.name, %source, %peer, cipher = ?session.suite, derived = true,
         "inbound mTLS"
     );
     let check = FlowCheck::Inbound(InboundCheck {

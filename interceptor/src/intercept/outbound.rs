@@ -24,7 +24,8 @@ use super::{
     table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
 };
 use crate::{
-    handshake::{self, driver},
+    config::ConnectionKeysMode,
+    handshake::{self, derived, driver},
     identity::SpiffeId,
     policy::TlsMode,
     refusal::RefusalCode,
@@ -192,6 +193,43 @@ async fn mesh<'a>(
     app: TcpStream,
 ) -> Result<Relay<'a>, Stop> {
     let me = shared.credentials(&out.ctx.id)?;
+    let derived_keys = shared.tuning.connection_keys == ConnectionKeysMode::Derived;
+    let server_ip = out.endpoint.ip();
+    let mut tickets_stale = false;
+    if derived_keys && let Some(offer) = me.derived().offer(server_ip, &expected, out.decided_by) {
+        shared.counters.derived("offered");
+        let first = offer.first;
+        match dial_derived(shared, &out, &offer.keys.header, &offer.keys.accept).await {
+            Ok(peer) => {
+                shared.counters.derived("used");
+                let negotiated = handshake::Negotiated {
+                    peer: offer.peer,
+                    suite: offer.suite,
+                    group: offer.group,
+                    retried: false,
+                    resumed: true,
+                    spare: false,
+                    derived: true,
+                };
+                let est = driver::Established::derived(negotiated, offer.keys.secrets(true), true);
+                return established(shared, out, &expected, app, peer, est);
+            }
+            // Refused (the server agent restarted, its policy changed, it keeps no roots):
+            // the root goes and the flow dials with a handshake, which leaves a new one.
+            Err(Some(peer)) => {
+                debug!(pod = %out.ctx.name, peer = %out.endpoint, "derived keys declined; handshake");
+                shared.counters.derived("fallback");
+                reset(peer);
+                me.derived().refused(server_ip, first, lifetime(shared));
+                // What retired a used root (a restart, a policy reload, its age) retired the
+                // tickets from the same time too: a resumed offer would be declined and cost
+                // one more connection.
+                tickets_stale = !first;
+            }
+            // Not reached at all: the handshake's dial reports it.
+            Err(None) => shared.counters.derived("fallback"),
+        }
+    }
     if let Some(mut s) = spare::take(shared, pod, &expected, out.endpoint, &me, out.decided_by) {
         match handshake::spare::claim(&mut s.sock, &mut s.est).await {
             Ok(()) => {
@@ -207,7 +245,11 @@ async fn mesh<'a>(
     }
     let client = me.mesh_client(&expected).map_err(anyhow::Error::from)?;
     let name = rustls_pki_types::ServerName::IpAddress(out.endpoint.ip().into());
-    let mut offer = client.offer(&name);
+    let mut offer = if tickets_stale {
+        client.declined(&name)
+    } else {
+        client.offer(&name)
+    };
     let (peer, est) = loop {
         match dial_handshake(shared, &out, Arc::clone(&offer.config), name.clone()).await {
             // The server declined the ticket (restarted, or its policy changed since): the
@@ -229,7 +271,60 @@ async fn mesh<'a>(
             }
         }
     };
+    if derived_keys
+        && me.derived().wants_client_root(server_ip)
+        && let Some((root, binding)) = est.derived_root(out.decided_by, lifetime(shared))
+    {
+        me.derived().keep_client(server_ip, root, binding);
+        shared.counters.derived("kept");
+    }
     established(shared, out, &expected, app, peer, est)
+}
+
+/// How long a root of derived keys is used: as long as a resumption ticket.
+fn lifetime(shared: &Shared) -> Duration {
+    Duration::from_secs(shared.tuning.ticket_lifetime_secs)
+}
+
+/// Dials the peer agent for a connection on derived keys: the header (in the SYN with Fast
+/// Open), then the server's acceptance, read exactly so that the server's first records stay
+/// on the socket for the kernel. `Err(Some(sock))`: the server refused (reset, end of stream,
+/// a wrong acceptance, no answer in time); `Err(None)`: the peer could not be dialed.
+async fn dial_derived(
+    shared: &Shared,
+    out: &Outbound<'_>,
+    header: &[u8; derived::HEADER_LEN],
+    accept: &[u8; derived::ACCEPT_LEN],
+) -> Result<TcpStream, Option<TcpStream>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let MeshDial {
+        sock: mut peer,
+        deferred,
+    } = dial_mesh(out.ctx, out.endpoint, shared.tuning.tcp_fast_open)
+        .await
+        .map_err(|_| None)?;
+    if !deferred {
+        prepare_peer(shared, &peer);
+    }
+    let mut timeout = Duration::from_millis(shared.tuning.handshake_timeout_ms);
+    if deferred {
+        timeout += CONNECT_TIMEOUT;
+    }
+    let mut got = [0u8; derived::ACCEPT_LEN];
+    let exchange = async {
+        peer.write_all(header).await?;
+        peer.read_exact(&mut got).await
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(_)) if derived::constant_eq(&got, accept) => {
+            if deferred {
+                // Established now (the acceptance came back): the ULP can go on.
+                prepare_peer(shared, &peer);
+            }
+            Ok(peer)
+        }
+        _ => Err(Some(peer)),
+    }
 }
 
 /// Whether the session's key exchange was the post-quantum hybrid.
@@ -253,7 +348,12 @@ async fn dial_handshake(
     // A session bound for kTLS is driven through rustls' unbuffered API, the form whose
     // remainder keeps the server's resumption tickets after the hand-off.
     let kernel = matches!(shared.offload, Offload::Kernel(_));
-    let prepared = if kernel {
+    // Derived keys need the handshake's exporter, which rustls' unbuffered client lacks: on
+    // a kTLS node that mode takes the buffered client, whose keys go to the kernel as well
+    // (the server's ticket, arriving after the hand-off, is then dropped; derived
+    // connections need none).
+    let unbuffered = kernel && shared.tuning.connection_keys == ConnectionKeysMode::Handshake;
+    let prepared = if unbuffered {
         driver::kernel_client_connection(Arc::clone(&config), name.clone()).map(Prepared::Kernel)
     } else {
         driver::client_connection(Arc::clone(&config), name.clone()).map(Prepared::Buffered)
@@ -293,6 +393,12 @@ async fn dial_handshake(
                     return Err((handshake_refused(shared, &e), Some(peer)));
                 }
             }
+        }
+        Prepared::Buffered(conn) => {
+            if kernel && !deferred {
+                prepare_peer(shared, &peer);
+            }
+            Prepared::Buffered(conn)
         }
         other => other,
     };

@@ -9,6 +9,8 @@ use crate::handshake::{MESH_ALPN, SPARE_ALPN};
 pub enum FirstBytes {
     /// A ClientHello offering [`MESH_ALPN`] or [`SPARE_ALPN`].
     Mesh,
+    /// The header of a connection on derived keys (`handshake::derived`).
+    Derived,
     /// Anything else: plaintext, or TLS that is not ours.
     Other,
     /// A TLS handshake record has started but is not complete yet: peek again.
@@ -53,6 +55,11 @@ pub fn classify(bytes: &[u8]) -> FirstBytes {
     let Some(&first) = bytes.first() else {
         return FirstBytes::NeedMore;
     };
+    match crate::handshake::derived::starts_derived(bytes) {
+        Some(true) => return FirstBytes::Derived,
+        None => return FirstBytes::NeedMore,
+        Some(false) => {}
+    }
     if first != HANDSHAKE {
         return FirstBytes::Other;
     }
@@ -184,6 +191,26 @@ pub(crate) mod tests {
             .unwrap();
         hello[pos] ^= 0x20;
         assert_eq!(classify(&hello), FirstBytes::Other);
+    }
+
+    /// A derived-key header is recognised from its magic alone, and a prefix of it is
+    /// awaited (it may come in pieces without Fast Open).
+    #[test]
+    fn a_derived_header_is_derived_at_every_split() {
+        let header = crate::handshake::derived::Root::new(
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            &[3; 32],
+        )
+        .unwrap()
+        .connection(1)
+        .unwrap()
+        .header;
+        assert_eq!(classify(&header[..1]), FirstBytes::NeedMore);
+        assert_eq!(classify(&header[..3]), FirstBytes::NeedMore);
+        for cut in 4..=header.len() {
+            assert_eq!(classify(&header[..cut]), FirstBytes::Derived, "{cut}");
+        }
+        assert_eq!(classify(&[0xd1, b'x']), FirstBytes::Other);
     }
 
     #[test]

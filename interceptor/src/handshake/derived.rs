@@ -1,0 +1,791 @@
+//! Per-connection keys derived from an established mesh session (`tuning.connectionKeys:
+//! derived`; ARCHITECTURE.md "Session resumption between agents", "Derived connection keys").
+//!
+//! Why: a resumed handshake still costs each agent an X25519 exchange, a full key schedule and
+//! a round trip per app connection. Here both agents keep a secret exported from one mesh
+//! handshake (RFC 8446 §7.5, own label) and a new app connection opens with a short header
+//! instead of a ClientHello; its two traffic secrets are expanded from (that secret, the
+//! header's counter), so each connection is still its own TLS 1.3 record stream (own keys,
+//! sequence numbers from 0) that the kernel or [`crate::relay::record`] carries.
+//!
+//! What it gives up: a connection's keys follow from the stored secret alone, with no fresh
+//! key exchange, so whoever learns that secret (either agent's memory while it lives) can
+//! decrypt every connection derived from it: `psk_ke`'s secrecy, i.e. a pooled proxy's.
+//!
+//! Every derivation is HKDF-Expand-Label (RFC 8446 §7.1) with the negotiated suite's hash:
+//!
+//! ```text
+//! root    = TLS-Exporter("EXPORTER-interceptor-connection-keys/1", "", Hash.length)
+//! id      = Expand-Label(root, "ikd id", "", 16)          // names the root on the wire
+//! hdr_key = Expand-Label(root, "ikd header", "", Hash.length)
+//! conn    = Expand-Label(root, "ikd conn", counter, Hash.length)   // counter: u64 BE
+//! c_ap    = Expand-Label(conn, "c ap traffic", "", Hash.length)    // client → server
+//! s_ap    = Expand-Label(conn, "s ap traffic", "", Hash.length)    // server → client
+//! key, iv = Expand-Label(c_ap | s_ap, "key" | "iv", "", ...)       // as RFC 8446 §7.3
+//! accept  = Expand-Label(conn, "ikd accept", "", 16)
+//! header  = magic (4) | id (16) | counter (8) | Expand-Label(hdr_key, "ikd mac", magic|id|counter, 16)
+//! ```
+//!
+//! The server answers an accepted header with `accept` (16 bytes, in clear: it proves the
+//! server holds the root, and tells the client its app's bytes may follow); a refused one with
+//! a reset, after which the client's agent dials again with a TLS handshake.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rustls::{
+    ConnectionTrafficSecrets, ExtractedSecrets, NamedGroup, SupportedCipherSuite, Tls13CipherSuite,
+    crypto::tls13::{HkdfExpander, OkmBlock},
+};
+
+use crate::identity::SpiffeId;
+
+/// The exporter label both agents derive the root with.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-interceptor-connection-keys/1";
+/// First bytes of a derived connection: 0xd1 is no TLS content type and no ASCII (so neither a
+/// ClientHello nor an app's plaintext protocol starts this way), then "ik", then the version.
+pub const MAGIC: [u8; 4] = [0xd1, b'i', b'k', 1];
+const ID_LEN: usize = 16;
+const MAC_LEN: usize = 16;
+/// Bytes of the header a derived connection starts with.
+pub const HEADER_LEN: usize = MAGIC.len() + ID_LEN + 8 + MAC_LEN;
+/// Bytes of the server's acceptance.
+pub const ACCEPT_LEN: usize = 16;
+/// Out-of-order counters the server still accepts behind the highest one seen (connections
+/// dialed concurrently may arrive in another order than their counters).
+pub const REPLAY_WINDOW: u64 = 64;
+/// Roots a server keeps per local identity (one per mesh handshake, until it expires);
+/// beyond it the oldest goes. A client keeps one per server address.
+pub const SERVER_CAPACITY: usize = 4096;
+/// Server addresses a client stops trying for a lifetime after a fresh root was refused (the
+/// peer agent does not keep roots: it runs `connectionKeys: handshake`, or an older version).
+const CLIENT_CAPACITY: usize = 4096;
+
+/// HKDF-Expand-Label (RFC 8446 §7.1) into `out`; `None` only for an output longer than HKDF
+/// gives (never for the lengths here).
+fn expand_label(
+    exp: &dyn HkdfExpander,
+    label: &[u8],
+    context: &[u8],
+    out: &mut [u8],
+) -> Option<()> {
+    // Lengths here are all constants far below their fields' limits.
+    let len = u16::try_from(out.len()).unwrap_or(u16::MAX).to_be_bytes();
+    let label_len = [u8::try_from(6 + label.len()).unwrap_or(u8::MAX)];
+    let context_len = [u8::try_from(context.len()).unwrap_or(u8::MAX)];
+    let info: [&[u8]; 6] = [&len, &label_len, b"tls13 ", label, &context_len, context];
+    exp.expand_slice(&info, out).ok()
+}
+
+/// [`expand_label`] to one hash-length block.
+fn expand_block(exp: &dyn HkdfExpander, label: &[u8], context: &[u8]) -> Option<OkmBlock> {
+    let mut buf = [0u8; OkmBlock::MAX_LEN];
+    let n = exp.hash_len().min(OkmBlock::MAX_LEN);
+    let done = expand_label(exp, label, context, &mut buf[..n]);
+    let block = OkmBlock::new(&buf[..n]);
+    zeroize::Zeroize::zeroize(&mut buf);
+    done.map(|()| block)
+}
+
+/// The secret one mesh handshake left both agents, set up for expansion.
+pub struct Root {
+    suite: &'static Tls13CipherSuite,
+    id: [u8; ID_LEN],
+    root: Box<dyn HkdfExpander>,
+    header: Box<dyn HkdfExpander>,
+}
+
+impl std::fmt::Debug for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("Root")
+            .field("suite", &self.suite.common.suite)
+            .field("id", &hex(&self.id))
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One connection's keys and its wire header, from [`Root::connection`].
+pub struct ConnectionKeys {
+    /// What the client sends first.
+    pub header: [u8; HEADER_LEN],
+    /// What the server answers an accepted header with.
+    pub accept: [u8; ACCEPT_LEN],
+    /// Client → server traffic keys.
+    pub client: ConnectionTrafficSecrets,
+    /// Server → client traffic keys.
+    pub server: ConnectionTrafficSecrets,
+}
+
+impl ConnectionKeys {
+    /// Both directions as one end uses them, sequence numbers from 0.
+    pub fn secrets(self, is_client: bool) -> ExtractedSecrets {
+        let (tx, rx) = if is_client {
+            (self.client, self.server)
+        } else {
+            (self.server, self.client)
+        };
+        ExtractedSecrets {
+            tx: (0, tx),
+            rx: (0, rx),
+        }
+    }
+}
+
+impl Root {
+    /// Sets up a root from the exporter output `secret` of a session on `suite` (a TLS 1.3
+    /// suite; its hash is the derivations'). `None` for a TLS 1.2 suite.
+    pub fn new(suite: SupportedCipherSuite, secret: &[u8]) -> Option<Root> {
+        let suite = suite.tls13()?;
+        let root = suite.hkdf_provider.expander_for_okm(&OkmBlock::new(secret));
+        let mut id = [0u8; ID_LEN];
+        expand_label(root.as_ref(), b"ikd id", &[], &mut id)?;
+        let header = expand_block(root.as_ref(), b"ikd header", &[])?;
+        let header = suite.hkdf_provider.expander_for_okm(&header);
+        Some(Root {
+            suite,
+            id,
+            root,
+            header,
+        })
+    }
+
+    /// The suite whose hash and AEAD every derived connection uses.
+    pub fn suite(&self) -> SupportedCipherSuite {
+        SupportedCipherSuite::Tls13(self.suite)
+    }
+
+    /// How the wire names this root.
+    pub fn id(&self) -> [u8; ID_LEN] {
+        self.id
+    }
+
+    fn mac(&self, signed: &[u8]) -> Option<[u8; MAC_LEN]> {
+        let mut mac = [0u8; MAC_LEN];
+        expand_label(self.header.as_ref(), b"ikd mac", signed, &mut mac)?;
+        Some(mac)
+    }
+
+    /// Connection `counter`'s header, acceptance and traffic keys; `None` if the suite's
+    /// AEAD is one whose keys rustls cannot hand out (none of the mesh suites).
+    pub fn connection(&self, counter: u64) -> Option<ConnectionKeys> {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&MAGIC);
+        header[4..4 + ID_LEN].copy_from_slice(&self.id);
+        header[4 + ID_LEN..HEADER_LEN - MAC_LEN].copy_from_slice(&counter.to_be_bytes());
+        let mac = self.mac(&header[..HEADER_LEN - MAC_LEN])?;
+        header[HEADER_LEN - MAC_LEN..].copy_from_slice(&mac);
+        let hkdf = self.suite.hkdf_provider;
+        let conn = expand_block(self.root.as_ref(), b"ikd conn", &counter.to_be_bytes())?;
+        let conn = hkdf.expander_for_okm(&conn);
+        let mut accept = [0u8; ACCEPT_LEN];
+        expand_label(conn.as_ref(), b"ikd accept", &[], &mut accept)?;
+        let traffic = |label: &[u8]| {
+            let secret = hkdf.expander_for_okm(&expand_block(conn.as_ref(), label, &[])?);
+            let key = rustls::internal::derive_traffic_key(secret.as_ref(), self.suite.aead_alg);
+            let iv = rustls::internal::derive_traffic_iv(secret.as_ref());
+            self.suite.aead_alg.extract_keys(key, iv).ok()
+        };
+        Some(ConnectionKeys {
+            header,
+            accept,
+            client: traffic(b"c ap traffic")?,
+            server: traffic(b"s ap traffic")?,
+        })
+    }
+}
+
+/// A parsed header: which root, which connection. The MAC is checked against the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub id: [u8; ID_LEN],
+    pub counter: u64,
+    mac: [u8; MAC_LEN],
+}
+
+impl Header {
+    /// Parses the first [`HEADER_LEN`] bytes of a derived connection.
+    pub fn parse(bytes: &[u8; HEADER_LEN]) -> Result<Header, Refused> {
+        if bytes[..4] != MAGIC {
+            return Err(Refused::Malformed);
+        }
+        let mut id = [0u8; ID_LEN];
+        id.copy_from_slice(&bytes[4..4 + ID_LEN]);
+        let mut counter = [0u8; 8];
+        counter.copy_from_slice(&bytes[4 + ID_LEN..HEADER_LEN - MAC_LEN]);
+        let mut mac = [0u8; MAC_LEN];
+        mac.copy_from_slice(&bytes[HEADER_LEN - MAC_LEN..]);
+        Ok(Header {
+            id,
+            counter: u64::from_be_bytes(counter),
+            mac,
+        })
+    }
+
+    fn signed(&self) -> [u8; HEADER_LEN - MAC_LEN] {
+        let mut b = [0u8; HEADER_LEN - MAC_LEN];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..4 + ID_LEN].copy_from_slice(&self.id);
+        b[4 + ID_LEN..].copy_from_slice(&self.counter.to_be_bytes());
+        b
+    }
+}
+
+/// Whether `bytes` (a peeked prefix) starts like a derived connection: `Some(true)` once the
+/// magic is all there, `None` while a prefix of it is, `Some(false)` otherwise.
+pub fn starts_derived(bytes: &[u8]) -> Option<bool> {
+    let n = bytes.len().min(MAGIC.len());
+    if bytes[..n] != MAGIC[..n] {
+        Some(false)
+    } else if n == MAGIC.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Why the server refused a header; the client then dials again with a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("not a derived-connection header of this version")]
+    Malformed,
+    #[error("no such mesh session here (restarted, evicted, or never made)")]
+    Unknown,
+    #[error("the mesh session expired")]
+    Expired,
+    #[error("the policy changed since the mesh session was made")]
+    Generation,
+    #[error("the peer certificate of the mesh session is no longer valid")]
+    PeerExpired,
+    #[error("header MAC does not verify")]
+    BadMac,
+    #[error("connection counter already used or out of the replay window")]
+    Replayed,
+}
+
+impl Refused {
+    /// A short stable name for counters.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refused::Malformed => "malformed",
+            Refused::Unknown => "unknown",
+            Refused::Expired => "expired",
+            Refused::Generation => "generation",
+            Refused::PeerExpired => "peer_expired",
+            Refused::BadMac => "bad_mac",
+            Refused::Replayed => "replayed",
+        }
+    }
+}
+
+/// Counters seen for one root: the highest and a bitmap of the [`REPLAY_WINDOW`] below it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReplayWindow {
+    top: u64,
+    seen: u64,
+}
+
+impl ReplayWindow {
+    /// Records `counter`; false if it was seen or is too far behind (or 0, never issued).
+    pub fn accept(&mut self, counter: u64) -> bool {
+        if counter == 0 {
+            return false;
+        }
+        if counter > self.top {
+            let shift = counter - self.top;
+            self.seen = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.seen << shift
+            };
+            self.seen |= 1;
+            self.top = counter;
+            return true;
+        }
+        let behind = self.top - counter;
+        if behind >= REPLAY_WINDOW {
+            return false;
+        }
+        let bit = 1u64 << behind;
+        if self.seen & bit != 0 {
+            return false;
+        }
+        self.seen |= bit;
+        true
+    }
+}
+
+/// What a root is bound to besides its secret; a connection derived from it gets the same.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// The peer identity the handshake verified.
+    pub peer: SpiffeId,
+    /// The handshake's key-exchange group: a derived connection's keys descend from it, so
+    /// the crypto policy judges it as the connection's.
+    pub group: Option<NamedGroup>,
+    /// The peer leaf's notAfter, Unix seconds: no connection is derived past it.
+    pub peer_not_after: u64,
+    /// The policy generation the handshake was decided under.
+    pub generation: u64,
+    /// When the root stops being used (monotonic).
+    pub expires: Instant,
+}
+
+impl Binding {
+    fn refuses(&self, generation: u64, now: Instant, unix_now: u64) -> Option<Refused> {
+        if now >= self.expires {
+            Some(Refused::Expired)
+        } else if generation != self.generation {
+            Some(Refused::Generation)
+        } else if unix_now >= self.peer_not_after {
+            Some(Refused::PeerExpired)
+        } else {
+            None
+        }
+    }
+}
+
+struct ServerEntry {
+    root: Arc<Root>,
+    binding: Binding,
+    window: ReplayWindow,
+}
+
+/// A connection the server accepted.
+pub struct Accepted {
+    pub keys: ConnectionKeys,
+    pub suite: SupportedCipherSuite,
+    pub peer: SpiffeId,
+    pub group: Option<NamedGroup>,
+}
+
+struct ClientEntry {
+    root: Arc<Root>,
+    binding: Binding,
+    /// The last counter used.
+    used: u64,
+}
+
+/// A connection the client may open with a derived header.
+pub struct Offer {
+    pub keys: ConnectionKeys,
+    pub suite: SupportedCipherSuite,
+    pub peer: SpiffeId,
+    pub group: Option<NamedGroup>,
+    /// The root's first connection: a refusal then means the peer does not keep roots.
+    pub first: bool,
+}
+
+/// One local identity's roots, as server (by id) and as client (by server address). Lives in
+/// that identity's credentials, so a new leaf, bundle or crypto policy starts empty.
+#[derive(Default)]
+pub struct Store {
+    server: Mutex<HashMap<[u8; ID_LEN], ServerEntry>>,
+    client: Mutex<HashMap<IpAddr, ClientEntry>>,
+    /// Server addresses that refused a fresh root, until when.
+    refusing: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Store {
+    /// Keeps a root the server side of a handshake made.
+    pub fn keep_server(&self, root: Root, binding: Binding) {
+        let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        if server.len() >= SERVER_CAPACITY {
+            let now = Instant::now();
+            server.retain(|_, e| e.binding.expires > now);
+            if server.len() >= SERVER_CAPACITY
+                && let Some(oldest) = server
+                    .iter()
+                    .min_by_key(|(_, e)| e.binding.expires)
+                    .map(|(id, _)| *id)
+            {
+                server.remove(&oldest);
+            }
+        }
+        server.insert(
+            root.id(),
+            ServerEntry {
+                root: Arc::new(root),
+                binding,
+                window: ReplayWindow::default(),
+            },
+        );
+    }
+
+    /// Decides a header under policy generation `generation`: the connection's keys, or why
+    /// not. A root that can no longer be used is dropped.
+    pub fn accept(&self, header: &[u8; HEADER_LEN], generation: u64) -> Result<Accepted, Refused> {
+        self.accept_at(header, generation, Instant::now(), unix_now())
+    }
+
+    fn accept_at(
+        &self,
+        header: &[u8; HEADER_LEN],
+        generation: u64,
+        now: Instant,
+        unix_now: u64,
+    ) -> Result<Accepted, Refused> {
+        let header = Header::parse(header)?;
+        let (root, peer) = {
+            let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = server.get_mut(&header.id).ok_or(Refused::Unknown)?;
+            if let Some(refused) = entry.binding.refuses(generation, now, unix_now) {
+                server.remove(&header.id);
+                return Err(refused);
+            }
+            let mac = entry.root.mac(&header.signed()).ok_or(Refused::BadMac)?;
+            if !constant_eq(&mac, &header.mac) {
+                return Err(Refused::BadMac);
+            }
+            if !entry.window.accept(header.counter) {
+                return Err(Refused::Replayed);
+            }
+            (Arc::clone(&entry.root), entry.binding.clone())
+        };
+        Ok(Accepted {
+            keys: root.connection(header.counter).ok_or(Refused::BadMac)?,
+            suite: root.suite(),
+            peer: peer.peer,
+            group: peer.group,
+        })
+    }
+
+    /// Keeps a root the client side of a handshake to `server` made (the one before goes).
+    pub fn keep_client(&self, server: IpAddr, root: Root, binding: Binding) {
+        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if client.len() >= CLIENT_CAPACITY && !client.contains_key(&server) {
+            let now = Instant::now();
+            client.retain(|_, e| e.binding.expires > now);
+            if client.len() >= CLIENT_CAPACITY {
+                return;
+            }
+        }
+        client.insert(
+            server,
+            ClientEntry {
+                root: Arc::new(root),
+                binding,
+                used: 0,
+            },
+        );
+    }
+
+    /// The next derived connection to `server`, which must prove `expected`, under policy
+    /// generation `generation`; `None` if there is no usable root (dial with a handshake).
+    pub fn offer(&self, server: IpAddr, expected: &SpiffeId, generation: u64) -> Option<Offer> {
+        self.offer_at(server, expected, generation, Instant::now(), unix_now())
+    }
+
+    fn offer_at(
+        &self,
+        server: IpAddr,
+        expected: &SpiffeId,
+        generation: u64,
+        now: Instant,
+        unix_now: u64,
+    ) -> Option<Offer> {
+        let (root, counter, group) = {
+            let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = client.get_mut(&server)?;
+            if entry.binding.refuses(generation, now, unix_now).is_some()
+                || entry.binding.peer != *expected
+                || entry.used == u64::MAX
+            {
+                client.remove(&server);
+                return None;
+            }
+            entry.used += 1;
+            (Arc::clone(&entry.root), entry.used, entry.binding.group)
+        };
+        Some(Offer {
+            keys: root.connection(counter)?,
+            suite: root.suite(),
+            peer: expected.clone(),
+            group,
+            first: counter == 1,
+        })
+    }
+
+    /// The server refused `offer`: its root is dropped, and after a refused first use the
+    /// address is not offered derived connections for `lifetime` (its agent keeps no roots).
+    pub fn refused(&self, server: IpAddr, offer_was_first: bool, lifetime: Duration) {
+        self.client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&server);
+        if offer_was_first {
+            let mut refusing = self.refusing.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if refusing.len() >= CLIENT_CAPACITY {
+                refusing.retain(|_, until| *until > now);
+            }
+            if refusing.len() < CLIENT_CAPACITY {
+                refusing.insert(server, now + lifetime);
+            }
+        }
+    }
+
+    /// Whether the client should keep a root for `server` (false while its agent is known to
+    /// refuse them).
+    pub fn wants_client_root(&self, server: IpAddr) -> bool {
+        let mut refusing = self.refusing.lock().unwrap_or_else(|p| p.into_inner());
+        match refusing.get(&server) {
+            Some(until) if *until > Instant::now() => false,
+            Some(_) => {
+                refusing.remove(&server);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Roots held (server side, client side): for tests and the admin view.
+    pub fn len(&self) -> (usize, usize) {
+        (
+            self.server.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            self.client.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        )
+    }
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn suite() -> SupportedCipherSuite {
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
+    }
+
+    fn root(byte: u8) -> Root {
+        Root::new(suite(), &[byte; 32]).unwrap()
+    }
+
+    fn binding(generation: u64) -> Binding {
+        Binding {
+            peer: "spiffe://cluster.local/ns/default/sa/server"
+                .parse()
+                .unwrap(),
+            group: Some(NamedGroup::X25519),
+            peer_not_after: unix_now() + 3600,
+            generation,
+            expires: Instant::now() + Duration::from_secs(300),
+        }
+    }
+
+    fn key_bytes(s: &ConnectionTrafficSecrets) -> (Vec<u8>, Vec<u8>) {
+        match s {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+                (key.as_ref().to_vec(), iv.as_ref().to_vec())
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// The derivation, written out from RFC 8446's HKDF-Expand-Label with aws-lc's HMAC
+    /// directly, gives the same id, header, acceptance and keys: a second implementation to
+    /// catch a wrong label, length or context.
+    #[test]
+    fn derivation_matches_an_independent_hkdf_expand_label() {
+        use aws_lc_rs::hmac;
+        fn expand(prk: &[u8], label: &[u8], ctx: &[u8], len: usize) -> Vec<u8> {
+            let mut info = Vec::new();
+            info.extend_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+            info.push(u8::try_from(6 + label.len()).unwrap());
+            info.extend_from_slice(b"tls13 ");
+            info.extend_from_slice(label);
+            info.push(u8::try_from(ctx.len()).unwrap());
+            info.extend_from_slice(ctx);
+            // One block is enough for every length here (≤ 32).
+            info.push(1);
+            let key = hmac::Key::new(hmac::HMAC_SHA256, prk);
+            hmac::sign(&key, &info).as_ref()[..len].to_vec()
+        }
+        let secret = [7u8; 32];
+        let r = Root::new(suite(), &secret).unwrap();
+        assert_eq!(r.id().to_vec(), expand(&secret, b"ikd id", &[], 16));
+        let hdr_key = expand(&secret, b"ikd header", &[], 32);
+        let counter = 0x0102_0304_0506_0708u64;
+        let k = r.connection(counter).unwrap();
+        assert_eq!(&k.header[..4], &MAGIC);
+        assert_eq!(&k.header[4..20], &r.id());
+        assert_eq!(&k.header[20..28], &counter.to_be_bytes());
+        assert_eq!(
+            k.header[28..].to_vec(),
+            expand(&hdr_key, b"ikd mac", &k.header[..28], 16)
+        );
+        let conn = expand(&secret, b"ikd conn", &counter.to_be_bytes(), 32);
+        assert_eq!(k.accept.to_vec(), expand(&conn, b"ikd accept", &[], 16));
+        for (label, got) in [
+            (&b"c ap traffic"[..], &k.client),
+            (b"s ap traffic", &k.server),
+        ] {
+            let ts = expand(&conn, label, &[], 32);
+            let (key, iv) = key_bytes(got);
+            assert_eq!(key, expand(&ts, b"key", &[], 16));
+            assert_eq!(iv, expand(&ts, b"iv", &[], 12));
+        }
+        // Fixed vectors (computed with Python's hmac module), so a change of any constant
+        // shows: counter 1's header and client key.
+        let one = r.connection(1).unwrap();
+        assert_eq!(
+            hex(&one.header),
+            "d1696b01d47c970c2740818b713014db72fa81bf0000000000000001f3af7bfa77cc1e4ce86f1ba19b751f07"
+        );
+        assert_eq!(
+            hex(&key_bytes(&one.client).0),
+            "90f6866b5a1ca90396bbd77a72be6d2d"
+        );
+        assert_ne!(key_bytes(&k.client), key_bytes(&k.server));
+        assert_ne!(
+            key_bytes(&r.connection(1).unwrap().client),
+            key_bytes(&r.connection(2).unwrap().client)
+        );
+    }
+
+    #[test]
+    fn header_parse_round_trips_and_refuses_other_bytes() {
+        let k = root(1).connection(42).unwrap();
+        let h = Header::parse(&k.header).unwrap();
+        assert_eq!(h.counter, 42);
+        assert_eq!(h.id, root(1).id());
+        let mut bad = k.header;
+        bad[3] = 2;
+        assert_eq!(Header::parse(&bad), Err(Refused::Malformed));
+        assert_eq!(starts_derived(&[0xd1, b'i']), None);
+        assert_eq!(starts_derived(&k.header), Some(true));
+        assert_eq!(starts_derived(b"GET / HTTP/1.1"), Some(false));
+        assert_eq!(starts_derived(&[22, 3, 1]), Some(false));
+    }
+
+    #[test]
+    fn replay_window_refuses_repeats_and_the_too_old() {
+        let mut w = ReplayWindow::default();
+        assert!(!w.accept(0), "counters start at 1");
+        assert!(w.accept(1));
+        assert!(!w.accept(1));
+        assert!(w.accept(3));
+        assert!(w.accept(2), "out of order inside the window");
+        assert!(!w.accept(2));
+        assert!(w.accept(100));
+        assert!(!w.accept(100 - REPLAY_WINDOW), "behind the window");
+        assert!(w.accept(100 - REPLAY_WINDOW + 1));
+        assert!(!w.accept(3), "far behind");
+        assert!(w.accept(1000));
+        assert!(!w.accept(1000));
+    }
+
+    /// Client and server derive the same keys; the server refuses a replay, a bad MAC, an
+    /// unknown id, a changed generation, an expired root and an expired peer leaf.
+    #[test]
+    fn the_server_accepts_each_counter_once_under_its_binding() {
+        let (client, server) = (Store::default(), Store::default());
+        let addr: IpAddr = "10.0.0.2".parse().unwrap();
+        let peer = binding(5).peer;
+        server.keep_server(root(9), binding(5));
+        client.keep_client(addr, root(9), binding(5));
+        let offer = client.offer(addr, &peer, 5).unwrap();
+        assert!(offer.first);
+        let header = offer.keys.header;
+        let accepted = server.accept(&header, 5).unwrap();
+        assert_eq!(accepted.keys.accept, offer.keys.accept);
+        assert_eq!(accepted.peer, peer);
+        let c = offer.keys.secrets(true);
+        let s = accepted.keys.secrets(false);
+        assert_eq!(key_bytes(&c.tx.1), key_bytes(&s.rx.1));
+        assert_eq!(key_bytes(&c.rx.1), key_bytes(&s.tx.1));
+        assert_eq!((c.tx.0, c.rx.0), (0, 0));
+        assert_eq!(
+            server.accept(&header, 5).err(),
+            Some(Refused::Replayed),
+            "a replayed header"
+        );
+        let second = client.offer(addr, &peer, 5).unwrap();
+        assert!(!second.first);
+        let mut forged = second.keys.header;
+        forged[27] ^= 1; // another counter under the old MAC
+        assert_eq!(server.accept(&forged, 5).err(), Some(Refused::BadMac));
+        let mut unknown = second.keys.header;
+        unknown[4] ^= 1;
+        assert_eq!(server.accept(&unknown, 5).err(), Some(Refused::Unknown));
+        assert!(server.accept(&second.keys.header, 5).is_ok());
+        // A policy reload: the server drops the root, the client stops offering it.
+        let third = client.offer(addr, &peer, 5).unwrap();
+        assert_eq!(
+            server.accept(&third.keys.header, 6).err(),
+            Some(Refused::Generation)
+        );
+        assert_eq!(
+            server.accept(&third.keys.header, 5).err(),
+            Some(Refused::Unknown)
+        );
+        assert!(client.offer(addr, &peer, 6).is_none());
+        assert_eq!(client.len(), (0, 0));
+
+        // Expiry (monotonic) and the peer leaf's notAfter, on both sides.
+        server.keep_server(root(10), binding(5));
+        client.keep_client(addr, root(10), binding(5));
+        let later = Instant::now() + Duration::from_secs(301);
+        assert!(client.offer_at(addr, &peer, 5, later, unix_now()).is_none());
+        client.keep_client(addr, root(10), binding(5));
+        let o = client.offer(addr, &peer, 5).unwrap();
+        assert_eq!(
+            server.accept_at(&o.keys.header, 5, later, unix_now()).err(),
+            Some(Refused::Expired)
+        );
+        server.keep_server(root(10), binding(5));
+        let o = client.offer(addr, &peer, 5).unwrap();
+        assert_eq!(
+            server
+                .accept_at(&o.keys.header, 5, Instant::now(), unix_now() + 7200)
+                .err(),
+            Some(Refused::PeerExpired)
+        );
+        // Another expected server identity at the address: no offer.
+        client.keep_client(addr, root(11), binding(5));
+        let other: SpiffeId = "spiffe://cluster.local/ns/default/sa/other"
+            .parse()
+            .unwrap();
+        assert!(client.offer(addr, &other, 5).is_none());
+    }
+
+    #[test]
+    fn a_refused_first_offer_stops_offers_to_that_address() {
+        let client = Store::default();
+        let addr: IpAddr = "10.0.0.3".parse().unwrap();
+        assert!(client.wants_client_root(addr));
+        client.keep_client(addr, root(1), binding(1));
+        client.refused(addr, false, Duration::from_secs(60));
+        assert!(client.wants_client_root(addr), "a later refusal: retry");
+        client.refused(addr, true, Duration::from_secs(60));
+        assert!(!client.wants_client_root(addr));
+    }
+
+    #[test]
+    fn the_server_store_is_bounded() {
+        let server = Store::default();
+        for i in 0..SERVER_CAPACITY + 10 {
+            let secret = (i as u64).to_be_bytes().repeat(4);
+            server.keep_server(Root::new(suite(), &secret).unwrap(), binding(1));
+        }
+        assert_eq!(server.len().0, SERVER_CAPACITY);
+    }
+}

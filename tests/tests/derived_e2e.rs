@@ -1,0 +1,333 @@
+//! Derived connection keys (`tuning.connectionKeys: derived`) between two nodes, on the wire
+//! of the link between them:
+//!
+//! 1. the first connection to the server's address is a TLS handshake and leaves both agents
+//!    a root (`derived.kept`);
+//! 2. the next one has no handshake at all: its client → server stream starts with the
+//!    derived header and then carries only TLS application_data records, the server's starts
+//!    with the 16-byte acceptance and then records; the body arrives intact and nothing is in
+//!    clear;
+//! 3. that connection's header sent again (from an unenrolled socket in the client pod) is
+//!    refused: reset, no acceptance, `derived.replayed` on the server's agent;
+//! 4. a policy reload on the server's node retires the root: the next connection's header is
+//!    refused (`derived.generation`), the client's agent dials again with a handshake and the
+//!    request succeeds; the one after is derived again;
+//! 5. a restarted server agent knows no root: the client falls back (`derived.fallback`),
+//!    the request succeeds, no flow fails.
+//!
+//! On the host the userspace relay's own record layer carries the derived keys; in the VM
+//! (`cargo xtask vm-test --kernel 6.1 --filter derived_e2e`) both agents install them in
+//! kTLS, and every flow's protection says which.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use interceptor::config::ConnectionKeysMode;
+use interceptor_tests::{
+    agent::{RunningAgent, peer, workload},
+    apps::curl,
+    mesh::{PolicyDir, stats_delta, wait_generation},
+    require_privileged,
+    scenario::{Cluster, expected_protection, serve_blob},
+    topology::{Node, Pod, wire},
+    wire::{Capture, Stream, Streams, assert_no_plaintext},
+};
+
+/// The first bytes of a derived connection (`handshake::derived::MAGIC`).
+const MAGIC: [u8; 4] = [0xd1, b'i', b'k', 1];
+const HEADER_LEN: usize = 44;
+const ACCEPT_LEN: usize = 16;
+
+/// A rule that matches nobody here: loading it starts a new policy generation.
+const UNRELATED: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: unrelated, namespace: elsewhere}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/elsewhere/sa/nobody"]
+"#;
+
+fn stat(stats: &BTreeMap<String, u64>, name: &str) -> u64 {
+    stats.get(name).copied().unwrap_or(0)
+}
+
+/// The content types of the TLS records that fill `bytes` exactly (panics on a torn record).
+fn record_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        assert!(at + 5 <= bytes.len(), "torn record header at {at}");
+        let len = usize::from(u16::from_be_bytes([bytes[at + 3], bytes[at + 4]]));
+        assert_eq!(&bytes[at + 1..at + 3], &[3, 3], "record version at {at}");
+        types.push(bytes[at]);
+        at += 5 + len;
+    }
+    assert_eq!(at, bytes.len(), "the last record is torn");
+    types
+}
+
+/// The agent-to-agent connections to `server` in the capture, client → server and back, in
+/// order.
+fn connections(streams: &Streams, server: SocketAddr) -> Vec<(&Stream, Option<&Stream>)> {
+    streams
+        .streams
+        .iter()
+        .filter(|s| s.dst == server)
+        .map(|s| (s, streams.get(server, s.src)))
+        .collect()
+}
+
+/// What an assertion message shows of the connections: first bytes and sizes.
+fn summary(conns: &[(&Stream, Option<&Stream>)]) -> Vec<String> {
+    conns
+        .iter()
+        .map(|(up, down)| {
+            let head = |s: &Stream| {
+                format!(
+                    "{:02x?} ({} B, rst {})",
+                    &s.bytes[..s.bytes.len().min(6)],
+                    s.bytes.len(),
+                    s.rst
+                )
+            };
+            format!("up {} down {}", head(up), down.map_or("-".to_owned(), head))
+        })
+        .collect()
+}
+
+/// Sends `bytes` to `dst` from the client pod's network namespace, outside its cgroup (so
+/// its own agent does not intercept it), and returns what came back before the connection
+/// ended, and whether it ended with a reset.
+fn send_raw(pod: &Pod, dst: SocketAddr, bytes: Vec<u8>) -> (Vec<u8>, bool) {
+    let ns = std::fs::File::open(pod.netns_path()).expect("open pod netns");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on this thread only, with a descriptor that lives for the call.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&bytes).expect("send");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return (got, false),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+                Err(e) => panic!("raw connection: {e}"),
+            }
+        }
+    })
+    .join()
+    .expect("raw sender")
+}
+
+#[test]
+fn a_second_connection_needs_no_handshake_and_refused_headers_fall_back() {
+    require_privileged();
+    let node1 = Node::new(112);
+    let node2 = Node::new(113);
+    let wire_if = wire(&node1, &node2);
+    let client = node1.pod("dkclient", 2);
+    let mut server = node2.pod("dkserver", 3);
+    let www = serve_blob(&mut server, "wwwdk", 64 << 10);
+    let http = SocketAddr::from((server.ip, 80));
+    let url = format!("http://{http}/blob");
+
+    let cluster = Cluster::new("derived");
+    let (policy1, policy2) = (PolicyDir::new(), PolicyDir::new());
+    let mut c1 = cluster.node_config(
+        "n1",
+        vec![workload(&client, "dka", "client")],
+        vec![peer(&server, "dkb", "server")],
+    );
+    let mut c2 = cluster.node_config(
+        "n2",
+        vec![workload(&server, "dkb", "server")],
+        vec![peer(&client, "dka", "client")],
+    );
+    c1.tuning.connection_keys = ConnectionKeysMode::Derived;
+    c2.tuning.connection_keys = ConnectionKeysMode::Derived;
+    c1.policy_dir = Some(policy1.path());
+    c2.policy_dir = Some(policy2.path());
+    let agent1 = RunningAgent::start(c1);
+    let mut agent2 = Some(RunningAgent::start(c2.clone()));
+    let server_agent = |a: &Option<RunningAgent>| std::sync::Arc::clone(&a.as_ref().unwrap().agent);
+    let mut all_frames = Vec::new();
+    let mut get = |step: &str| {
+        let capture = Capture::start_in(&node1.ns.path(), &wire_if);
+        let f = curl(client.command("curl"), &url);
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", www.want.clone()),
+            "{step}"
+        );
+        let frames = capture.stop();
+        all_frames.extend(frames.iter().cloned());
+        Streams::from_frames(frames)
+    };
+    let deltas =
+        |c0: &BTreeMap<String, u64>, s0: &BTreeMap<String, u64>, a2: &Option<RunningAgent>| {
+            (
+                stats_delta(c0, &agent1.agent.policy_stats()),
+                stats_delta(s0, &server_agent(a2).policy_stats()),
+            )
+        };
+
+    // 1. A handshake (the first byte is a TLS handshake record), which leaves both a root.
+    let (c0, s0) = (
+        agent1.agent.policy_stats(),
+        server_agent(&agent2).policy_stats(),
+    );
+    let streams = get("first connection");
+    let conns = connections(&streams, http);
+    assert_eq!(conns.len(), 1, "{:?}", summary(&conns));
+    assert_eq!(conns[0].0.bytes.first(), Some(&22), "a ClientHello first");
+    let (dc, ds) = deltas(&c0, &s0, &agent2);
+    assert_eq!(
+        (stat(&dc, "derived.kept"), stat(&ds, "derived.kept")),
+        (1, 1),
+        "{dc:?} {ds:?}"
+    );
+
+    // 2. Derived: header, acceptance, then nothing but application_data records either way.
+    let (c0, s0) = (
+        agent1.agent.policy_stats(),
+        server_agent(&agent2).policy_stats(),
+    );
+    let streams = get("derived connection");
+    let conns = connections(&streams, http);
+    assert_eq!(
+        conns.len(),
+        1,
+        "one connection, no fallback: {:?}",
+        summary(&conns)
+    );
+    let (up, down) = (conns[0].0, conns[0].1.expect("the server's direction"));
+    up.assert_complete();
+    down.assert_complete();
+    assert_eq!(&up.bytes[..4], &MAGIC, "the derived header first");
+    let header = up.bytes[..HEADER_LEN].to_vec();
+    let up_types = record_types(&up.bytes[HEADER_LEN..]);
+    let down_types = record_types(&down.bytes[ACCEPT_LEN..]);
+    assert!(
+        up_types.iter().chain(&down_types).all(|t| *t == 23),
+        "only application_data records: {up_types:?} {down_types:?}"
+    );
+    assert!(!up_types.is_empty() && !down_types.is_empty());
+    assert_no_plaintext(&streams, &www.payload);
+    let (dc, ds) = deltas(&c0, &s0, &agent2);
+    assert_eq!(
+        (stat(&dc, "derived.used"), stat(&ds, "derived.accepted")),
+        (1, 1),
+        "{dc:?} {ds:?}"
+    );
+    assert_eq!(stat(&dc, "derived.kept") + stat(&ds, "derived.kept"), 0);
+    // Both ends of the derived connection on this environment's record layer (kTLS in the VM).
+    for (agent, pod) in [
+        (&agent1.agent, "dkclient"),
+        (&server_agent(&agent2), "dkserver"),
+    ] {
+        let row = agent
+            .flows_with_recent()
+            .into_iter()
+            .filter(|r| r.pod == pod)
+            .max_by_key(|r| r.id)
+            .expect("a flow");
+        assert_eq!(
+            (
+                row.protection,
+                row.resumed,
+                row.bytes_from_peer + row.bytes_to_peer > 0
+            ),
+            (expected_protection(), Some(true), true),
+            "{row:?}"
+        );
+    }
+
+    // 3. The same header again: refused, nothing accepted, counted as a replay.
+    let s0 = server_agent(&agent2).policy_stats();
+    let (answer, _) = send_raw(&client, http, header);
+    assert!(
+        answer.len() < ACCEPT_LEN,
+        "a replay got an acceptance: {answer:?}"
+    );
+    let ds = stats_delta(&s0, &server_agent(&agent2).policy_stats());
+    assert_eq!(
+        (stat(&ds, "derived.replayed"), stat(&ds, "derived.accepted")),
+        (1, 0),
+        "{ds:?}"
+    );
+
+    // 4. A policy reload on the server's node: the root is refused, the flow falls back to a
+    //    handshake on a second connection and succeeds; the next one is derived again.
+    let agent2_now = server_agent(&agent2);
+    let g = agent2_now.policy_generation();
+    policy2.write("unrelated.yaml", UNRELATED);
+    wait_generation(&agent2_now, g);
+    let (c0, s0) = (agent1.agent.policy_stats(), agent2_now.policy_stats());
+    // The agent must be able to go away in step 5.
+    drop(agent2_now);
+    let streams = get("after the server's policy reload");
+    let conns = connections(&streams, http);
+    assert_eq!(
+        conns.len(),
+        2,
+        "a refused derived connection, then a handshake"
+    );
+    assert_eq!(&conns[0].0.bytes[..4], &MAGIC);
+    assert_eq!(conns[1].0.bytes.first(), Some(&22));
+    let (dc, ds) = deltas(&c0, &s0, &agent2);
+    assert_eq!(
+        (
+            stat(&dc, "derived.fallback"),
+            stat(&ds, "derived.generation")
+        ),
+        (1, 1),
+        "{dc:?} {ds:?}"
+    );
+    let streams = get("derived again after the reload");
+    let conns = connections(&streams, http);
+    assert_eq!(conns.len(), 1, "{:?}", summary(&conns));
+    assert_eq!(&conns[0].0.bytes[..4], &MAGIC);
+
+    // 5. The server's agent restarts: no root there, the client falls back, nothing fails.
+    let pins = agent2.take().unwrap().kill();
+    c2.bpffs = pins;
+    agent2 = Some(RunningAgent::start(c2));
+    let (c0, s0) = (
+        agent1.agent.policy_stats(),
+        server_agent(&agent2).policy_stats(),
+    );
+    let streams = get("after the server agent restarted");
+    let conns = connections(&streams, http);
+    assert_eq!(
+        conns.len(),
+        2,
+        "a refused derived connection, then a handshake"
+    );
+    let (dc, ds) = deltas(&c0, &s0, &agent2);
+    assert_eq!(
+        (
+            stat(&dc, "derived.fallback"),
+            stat(&ds, "derived.unknown"),
+            stat(&dc, "flows_failed")
+        ),
+        (1, 1, 0),
+        "{dc:?} {ds:?}"
+    );
+    get("derived after the restart");
+
+    // Nothing in clear between the nodes, in any of it.
+    assert_no_plaintext(&all_frames, &www.payload);
+    drop(agent2);
+}
