@@ -52,7 +52,7 @@ pub use self::{
     verifier::PeerIdentityError,
 };
 use self::{
-    resumption::{ClientTickets, OneTicket, SERVER_TICKETS, ServerTickets},
+    resumption::{ClientTickets, ResumedConfigs, SERVER_TICKETS, ServerTickets},
     verifier::{MeshClientVerifier, MeshServerVerifier},
 };
 use crate::{
@@ -328,16 +328,7 @@ fn build_client_config(
 #[derive(Clone)]
 pub struct MeshClient {
     full: Arc<ClientConfig>,
-    resumed: Option<ResumedOffer>,
-}
-
-#[derive(Clone)]
-struct ResumedOffer {
-    /// Same verifier and client-certificate resolver as `full` (rustls resumes a ticket only
-    /// with the very ones that made it), x25519 only; its own store holds nothing.
-    config: Arc<ClientConfig>,
-    /// The store `full` keeps its tickets in.
-    tickets: Arc<ClientTickets>,
+    resumed: Option<Arc<ResumedConfigs>>,
 }
 
 /// The config for one connection, and whether it is the resumed offer.
@@ -364,19 +355,12 @@ impl MeshClient {
             config: Arc::clone(&self.full),
             resuming: false,
         };
-        let Some(resumed) = &self.resumed else {
-            return full;
-        };
-        let Some(ticket) = resumed.tickets.take_tls13_ticket(server) else {
-            return full;
-        };
-        let mut config = ClientConfig::clone(&resumed.config);
-        let one = OneTicket::new(ticket, Arc::clone(&resumed.tickets));
-        config.resumption =
-            Resumption::store(Arc::new(one)).tls12_resumption(Tls12Resumption::Disabled);
-        ClientOffer {
-            config: Arc::new(config),
-            resuming: true,
+        match self.resumed.as_ref().and_then(|r| r.lend(server)) {
+            Some(config) => ClientOffer {
+                config,
+                resuming: true,
+            },
+            None => full,
         }
     }
 
@@ -385,7 +369,7 @@ impl MeshClient {
     /// tickets held for `server` and returns the full offer to dial again with.
     pub fn declined(&self, server: &ServerName<'static>) -> ClientOffer {
         if let Some(resumed) = &self.resumed {
-            resumed.tickets.forget(server);
+            resumed.tickets().forget(server);
         }
         ClientOffer {
             config: Arc::clone(&self.full),
@@ -453,10 +437,7 @@ fn build_mesh_client(
                 .with_client_cert_resolver(Arc::clone(&config.client_auth_cert_resolver));
             mesh_client_settings(&mut resumed);
             resumed.resumption = Resumption::disabled();
-            Some(ResumedOffer {
-                config: Arc::new(resumed),
-                tickets,
-            })
+            Some(Arc::new(ResumedConfigs::new(resumed, tickets)))
         }
         _ => None,
     };

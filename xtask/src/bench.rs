@@ -47,6 +47,13 @@ pub struct BenchArgs {
     /// Also run the criterion microbenchmarks (`cargo bench -p interceptor-bench`), host only.
     #[arg(long)]
     pub micro: bool,
+    /// The AEAD the guest kernel offers kTLS (--vm only): `aes-gcm` and `chacha20-poly1305`
+    /// (default: both, so the agent negotiates AES-128-GCM), or `chacha20-poly1305` alone: the
+    /// guest then has no `gcm(aes)` at all (its `aesni_intel` and `gcm` modules are left
+    /// out), the agent's kTLS probe finds ChaCha20-Poly1305 only and kTLS flows use it, while
+    /// the userspace relay stays on AES-GCM (the relay offers nothing else).
+    #[arg(long, default_value = "all", value_parser = ["all", "chacha20-poly1305"])]
+    pub kernel_aead: String,
 }
 
 impl BenchArgs {

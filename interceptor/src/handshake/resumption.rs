@@ -39,8 +39,11 @@ use std::{
 };
 
 use rustls::{
-    NamedGroup,
-    client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue},
+    ClientConfig, NamedGroup,
+    client::{
+        ClientSessionStore, Resumption, Tls12ClientSessionValue, Tls12Resumption,
+        Tls13ClientSessionValue,
+    },
     pki_types::ServerName,
     server::StoresServerSessions,
 };
@@ -214,8 +217,8 @@ impl ClientTickets {
     }
 }
 
-/// The store of one resumed offer's connection (see `super::MeshClient::offer`): the ticket
-/// taken from the shared store before the connection was built, so the connection that was
+/// The store of one resumed offer's config (see [`ResumedConfigs`]): the ticket taken from
+/// the shared store for the connection the config is lent to, so the connection that was
 /// given the classical-only offer is the one that resumes with it. The ticket the server
 /// sends back goes to the shared store; no key-exchange hint is kept (the hint of a resumed
 /// handshake would make the next full handshake start with a classical share).
@@ -225,11 +228,96 @@ pub(super) struct OneTicket {
 }
 
 impl OneTicket {
-    pub(super) fn new(ticket: Tls13ClientSessionValue, shared: Arc<ClientTickets>) -> Self {
+    fn new(shared: Arc<ClientTickets>) -> Self {
         Self {
-            ticket: Mutex::new(Some(ticket)),
+            ticket: Mutex::new(None),
             shared,
         }
+    }
+
+    fn set(&self, ticket: Tls13ClientSessionValue) {
+        *self.ticket.lock().unwrap_or_else(|p| p.into_inner()) = Some(ticket);
+    }
+}
+
+/// The resumed offer's configs, lent one connection at a time.
+///
+/// rustls takes a connection's ticket from its config's store, so a connection that must
+/// resume with a ticket taken in advance needs a config whose store holds that ticket alone.
+/// Cloning the config for each connection did that at the cost of a `ClientConfig` copy (its
+/// vectors and two `Arc`s) per resumed connection; here a config goes back to the pool when
+/// the last connection built from it is gone (only the pool holds it), and is lent again
+/// with the next ticket. A config is never lent to two connections at once, so no connection
+/// can take another's ticket.
+pub(super) struct ResumedConfigs {
+    /// x25519 only, same verifier and client-certificate resolver as the full offer (rustls
+    /// resumes a ticket only with the very ones that made it); its own store holds nothing.
+    template: ClientConfig,
+    /// The store the full offer keeps its tickets in.
+    tickets: Arc<ClientTickets>,
+    pool: Mutex<Vec<Lendable>>,
+}
+
+struct Lendable {
+    config: Arc<ClientConfig>,
+    ticket: Arc<OneTicket>,
+}
+
+/// Configs one [`ResumedConfigs`] keeps: as many resumed connections can be in flight (or,
+/// with the userspace relay, open: rustls keeps its config for the session's life) before
+/// one more costs a config copy again.
+const RESUMED_CONFIGS: usize = 32;
+
+impl ResumedConfigs {
+    pub(super) fn new(template: ClientConfig, tickets: Arc<ClientTickets>) -> Self {
+        Self {
+            template,
+            tickets,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(super) fn tickets(&self) -> &Arc<ClientTickets> {
+        &self.tickets
+    }
+
+    /// A config for one connection to `server` that resumes with a ticket taken now, if one
+    /// is held.
+    pub(super) fn lend(&self, server: &ServerName<'static>) -> Option<Arc<ClientConfig>> {
+        let ticket = self.tickets.take_tls13_ticket(server)?;
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the pool holds it: no connection uses it, and none can get it but through
+        // this lock.
+        if let Some(free) = pool.iter().find(|l| Arc::strong_count(&l.config) == 1) {
+            free.ticket.set(ticket);
+            return Some(Arc::clone(&free.config));
+        }
+        let store = Arc::new(OneTicket::new(Arc::clone(&self.tickets)));
+        store.set(ticket);
+        let mut config = self.template.clone();
+        config.resumption = Resumption::store(Arc::clone(&store) as Arc<dyn ClientSessionStore>)
+            .tls12_resumption(Tls12Resumption::Disabled);
+        let config = Arc::new(config);
+        if pool.len() < RESUMED_CONFIGS {
+            pool.push(Lendable {
+                config: Arc::clone(&config),
+                ticket: store,
+            });
+        }
+        Some(config)
+    }
+
+    #[cfg(test)]
+    pub(super) fn pooled(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl fmt::Debug for ResumedConfigs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResumedConfigs")
+            .field("pooled", &self.pool.lock().map_or(0, |p| p.len()))
+            .finish_non_exhaustive()
     }
 }
 

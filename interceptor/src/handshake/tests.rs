@@ -1354,3 +1354,55 @@ async fn the_drivers_report_the_retry_of_a_resumed_handshake() {
         }
     }
 }
+
+/// A resumed offer's config is lent, not copied: once the connection built from it is gone,
+/// the next resumed connection gets the same config with its own ticket; one still in use
+/// is never lent twice, so two connections set up at once each resume with their own ticket.
+#[test]
+fn resumed_offers_reuse_their_config_once_its_connection_is_gone() {
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    let crypto = policy(CompliancePolicy::Default, false);
+    let mc = client.mesh_client(&crypto, &rules);
+    let sc = server.resuming_server_with(&crypto, &rules);
+    let resumed = mc.resumed.as_ref().expect("a resumed offer");
+    // Two full handshakes under way at once: two tickets.
+    let mut pairs = [
+        pair(Arc::clone(mc.full()), Arc::clone(&sc)),
+        pair(Arc::clone(mc.full()), Arc::clone(&sc)),
+    ];
+    for (c, s) in &mut pairs {
+        handshake(c, s).unwrap();
+    }
+    drop(pairs);
+    let first = mc.offer(&test_name());
+    assert!(first.resuming);
+    let c = offered(&first, &sc).at_client;
+    assert_eq!((c.group, c.resumed), (Some(NamedGroup::X25519), true));
+    let config = Arc::as_ptr(&first.config);
+    drop(first);
+    // Its connection (dropped in `offered`) and the offer are gone: the same config again.
+    let second = mc.offer(&test_name());
+    assert!(
+        std::ptr::eq(Arc::as_ptr(&second.config), config),
+        "not lent again"
+    );
+    // While `second` holds it, a third offer gets another config.
+    let third = mc.offer(&test_name());
+    assert!(third.resuming);
+    assert!(!Arc::ptr_eq(&second.config, &third.config));
+    assert_eq!(resumed.pooled(), 2);
+    // Each resumes with the ticket taken for it.
+    for offer in [&third, &second] {
+        let c = offered(offer, &sc).at_client;
+        assert_eq!((c.group, c.resumed), (Some(NamedGroup::X25519), true));
+    }
+    // And many in sequence use no more configs than were ever in use at once.
+    drop((second, third));
+    for _ in 0..10 {
+        let offer = mc.offer(&test_name());
+        assert!(offer.resuming);
+        assert!(offered(&offer, &sc).at_client.resumed);
+    }
+    assert_eq!(resumed.pooled(), 2);
+}

@@ -91,8 +91,9 @@ pub(super) fn bench_in_vm(root: &Path, bins: &Binaries, args: &BenchArgs) -> Res
         for (p, d) in &tool_paths {
             exes.push((p.as_path(), d.as_str()));
         }
+        let chacha_only = args.kernel_aead == "chacha20-poly1305";
         let initrd = initramfs::build_custom(&work, &kernel, &exes, |modules| {
-            init_script(modules, &harness_args, &git)
+            init_script(modules, &harness_args, &git, chacha_only)
         })?;
         println!(
             "bench: booting {} ({}) with the benchmark",
@@ -124,8 +125,34 @@ fn between(lines: &[String], begin: &str, end: &str) -> Option<String> {
 
 /// The guest's PID 1: mount, load modules, run the harness, print the results, power off.
 /// It must never exit (the kernel would panic), so everything ends in `poweroff -f`.
-fn init_script(modules: &[String], harness_args: &[String], git: &str) -> String {
+fn init_script(
+    modules: &[String],
+    harness_args: &[String],
+    git: &str,
+    chacha_only: bool,
+) -> String {
     let args: Vec<String> = harness_args.iter().map(|a| shell_quote(a)).collect();
+    // Without these nothing in the guest provides `gcm(aes)` (the kernel would load them on
+    // demand; without GHASH not even a built-in `gcm` template can): kTLS then has
+    // ChaCha20-Poly1305 alone.
+    let (drop_aes, modules) = if chacha_only {
+        (
+            "find /lib/modules \\( -name 'aesni-intel.ko*' -o -name 'gcm.ko*' -o -name 'ghash-*.ko*' \\) -exec rm -f {} \\;\n\
+             echo \"bench-init: AES-GCM modules removed (kTLS offers ChaCha20-Poly1305 only)\"\n",
+            modules
+                .iter()
+                .filter(|m| {
+                    !matches!(
+                        m.as_str(),
+                        "aesni_intel" | "gcm" | "ghash_generic" | "ghash_clmulni_intel"
+                    )
+                })
+                .cloned()
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        ("", modules.to_vec())
+    };
     format!(
         r#"#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -136,7 +163,7 @@ mount -t tmpfs tmpfs /run
 hostname vm
 ulimit -l unlimited
 ulimit -n 65536
-for m in {modules}; do
+{drop_aes}for m in {modules}; do
     modprobe "$m" 2>/dev/null || echo "bench-init: modprobe $m failed"
 done
 ip link set lo up
@@ -156,6 +183,7 @@ poweroff -f
 "#,
         git = shell_quote(git),
         modules = modules.join(" "),
+        drop_aes = drop_aes,
         args = args.join(" "),
     )
 }
