@@ -920,7 +920,7 @@ type Curve = (
     fn(usize) -> String,
 );
 
-const CURVES: [Curve; 6] = [
+const CURVES: [Curve; 7] = [
     (
         "bulk throughput",
         "concurrent flows",
@@ -934,6 +934,13 @@ const CURVES: [Curve; 6] = [
         "CPU-s/GB",
         Some(&SCALE_FLOWS),
         |x| format!("bulk_p{x}_proxy_cpu_s_per_gb"),
+    ),
+    (
+        "proxy peak RSS during bulk",
+        "concurrent flows",
+        "MB",
+        Some(&SCALE_FLOWS),
+        |x| format!("bulk_p{x}_proxy_peak_rss_mb"),
     ),
     (
         "proxy RSS per idle connection",

@@ -947,14 +947,54 @@ fn iperf_parallel(
         );
     }
     let per = flows / procs_needed;
-    let (IperfSum { bytes, secs, .. }, cpu) =
-        iperf_clients(topo, active, env, p, procs_needed, Some(per), 60)?;
+    let sampler = RssSampler::start(active.proxy_pids());
+    let sent = iperf_clients(topo, active, env, p, procs_needed, Some(per), 60);
+    let peak_rss_mb = sampler.stop();
+    let (IperfSum { bytes, secs, .. }, cpu) = sent?;
     let gb = (bytes / 1e9).max(1e-12);
     let mut m = vec![("mb_s", bytes / secs.max(1e-9) / 1e6)];
     if has_proxy(active) {
         m.push(("proxy_cpu_s_per_gb", cpu.proxy / gb));
+        m.push(("proxy_peak_rss_mb", peak_rss_mb));
     }
     Ok(m)
+}
+
+/// The proxies' RSS, summed, sampled every 100 ms while a workload runs: what busy flows'
+/// buffers cost (the relay's buffer size decides it), which the idle points cannot show.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<f64>,
+}
+
+impl RssSampler {
+    fn start(pids: Vec<u32>) -> RssSampler {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut peak = 0u64;
+            loop {
+                // A proxy that exited mid-run counts as nothing; the workload reports the failure.
+                let sum: u64 = pids
+                    .iter()
+                    .map(|&pid| procs::process_rss(pid).unwrap_or(0))
+                    .sum();
+                peak = peak.max(sum);
+                if flag.load(Ordering::Relaxed) {
+                    return peak as f64 / 1e6;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        RssSampler { stop, thread }
+    }
+
+    /// The largest sum seen, MB.
+    fn stop(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0.0)
+    }
 }
 
 #[cfg(test)]
