@@ -1155,6 +1155,66 @@ mod tests {
         assert_eq!(relay.tls_out.capacity(), 0, "output buffer released");
     }
 
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Yields (keeping the paused clock still) until `wakes` has counted past `before`.
+    async fn woken(wakes: &Wakes, before: usize, what: &str) {
+        for _ in 0..100_000 {
+            if wakes.0.load(std::sync::atomic::Ordering::SeqCst) > before {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{what}: the relay was not woken by its socket");
+    }
+
+    /// Each pass that ends leaves a waker with every socket a direction waits on, including
+    /// the passes a direction skips once it moved and settled: messages either way wake the
+    /// relay through the sockets alone. The clock is paused and the test never lets the
+    /// runtime idle, so no timer (buffer release, idle timeout) can stand in for a waker a
+    /// pass forgot.
+    #[tokio::test(start_paused = true)]
+    async fn every_message_wakes_the_relay_through_its_socket_alone() {
+        let (mut client, mut relay, mut app_far, mut peer_far, config) = own_layer_relay().await;
+        relay.take_over().unwrap();
+        let mut idle = IdleTimer::new(config.idle_timeout);
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        assert!(relay.poll(&mut cx, &mut idle, config).is_pending());
+        let start = tokio::time::Instant::now();
+        for i in 0..50u8 {
+            let before = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+            app_far.write_all(&[i; 64]).await.unwrap();
+            woken(&wakes, before, "app to peer").await;
+            assert!(relay.poll(&mut cx, &mut idle, config).is_pending());
+            // One sealed record: header, 64 bytes, content type, tag.
+            let mut record = [0u8; 5 + 64 + 1 + 16];
+            peer_far.read_exact(&mut record).await.unwrap();
+            client.read_tls(&mut &record[..]).unwrap();
+            client.process_new_packets().unwrap();
+            let mut plain = [0u8; 64];
+            std::io::Read::read_exact(&mut client.reader(), &mut plain).unwrap();
+            assert_eq!(plain, [i; 64]);
+
+            let before = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+            send(&mut client, &mut peer_far, &[!i; 64]).await;
+            woken(&wakes, before, "peer to app").await;
+            assert!(relay.poll(&mut cx, &mut idle, config).is_pending());
+            app_far.read_exact(&mut plain).await.unwrap();
+            assert_eq!(plain, [!i; 64]);
+        }
+        assert_eq!(tokio::time::Instant::now(), start, "a timer woke the relay");
+    }
+
     /// A record the own layer refuses ends the flow as a `record_layer` failure, with the
     /// bad_record_mac alert sealed for the peer.
     #[tokio::test]
