@@ -605,6 +605,19 @@ pub fn syn_sent(sock: BorrowedFd<'_>) -> io::Result<bool> {
 
 /// `tcp_info.tcpi_state` of a socket whose SYN is not answered yet (`include/net/tcp_states.h`).
 const TCP_SYN_SENT: u8 = 2;
+/// `tcp_info.tcpi_state` of an accepted Fast Open socket whose client has not acknowledged the
+/// SYN-ACK yet.
+const TCP_SYN_RECV: u8 = 3;
+
+/// Whether an accepted `sock` is still in SYN_RECV: a Fast Open connection handed to accept
+/// with its SYN's data, before the client's ACK of the SYN-ACK (the kernel refuses the `tls`
+/// ULP until it is established).
+pub fn syn_received(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    getsockopt(sock, libc::SOL_TCP, libc::TCP_INFO, &mut info)?;
+    Ok(info.tcpi_state == TCP_SYN_RECV)
+}
 
 /// `tcp_info.tcpi_options` bit: data in the SYN was acknowledged (uapi `linux/tcp.h`).
 const TCPI_OPT_SYN_DATA: u8 = 32;

@@ -254,6 +254,9 @@ async fn derived<'a>(
     let session = SessionCrypto::mesh(&est.negotiated);
     inbound.flow.session = Some(session);
     let app = dial(ctx, dst, Some(inbound.app_source)).await?;
+    if matches!(shared.offload, super::Offload::Kernel(_)) {
+        established(&client, wait).await;
+    }
     debug!(
         target: "interceptor::access",
         pod = %ctx.name, %source, %peer, cipher = ?session.suite, derived = true,
@@ -265,6 +268,22 @@ async fn derived<'a>(
         peer: Some(peer),
     });
     relay_mesh(shared, inbound.flow, check, decided_by, app, client, est)
+}
+
+/// Waits (at most `limit`) until a Fast Open connection accepted with its header in the SYN
+/// is established. A handshake's server waits for the client's Finished, a round trip after
+/// its SYN-ACK; a derived connection's server has nothing to wait for, and may reach the
+/// kernel hand-off before the client's ACK of the SYN-ACK, while the kernel still refuses
+/// the `tls` ULP (the flow would stay in userspace). No readiness event marks that ACK, and
+/// the client may not send data before its app does, so this looks at the state every
+/// millisecond: a round trip on the agents' link, in practice none at all.
+async fn established(client: &TcpStream, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while sys::syn_received(client.as_fd()).unwrap_or(false)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Plaintext (or bytes that are not a mesh ClientHello, or silence), let through only where
