@@ -522,6 +522,14 @@ pub struct Tuning {
     pub worker_threads: u16,
 }
 
+impl Tuning {
+    /// How long a resumption ticket, and a root of derived connection keys, stays usable:
+    /// both ends of both mechanisms read this one value.
+    pub fn ticket_lifetime(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ticket_lifetime_secs)
+    }
+}
+
 /// `tuning.connectionKeys`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

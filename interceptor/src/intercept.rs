@@ -201,10 +201,7 @@ impl Shared {
         let crypto = MeshCrypto::new(crypto, suites(&offload)).context("crypto")?;
         crypto.warm_up();
         let resumption = if tuning.session_resumption {
-            SessionResumption::new(
-                Duration::from_secs(tuning.ticket_lifetime_secs),
-                policy.generation_counter(),
-            )
+            SessionResumption::new(tuning.ticket_lifetime(), policy.generation_counter())
         } else {
             SessionResumption::disabled()
         };

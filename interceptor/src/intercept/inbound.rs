@@ -166,10 +166,7 @@ async fn mesh<'a>(
     let decided_by = generation.number;
     drop(generation);
     if shared.tuning.connection_keys == ConnectionKeysMode::Derived
-        && let Some((root, binding)) = est.derived_root(
-            decided_by,
-            Duration::from_secs(shared.tuning.ticket_lifetime_secs),
-        )
+        && let Some((root, binding)) = est.derived_root(decided_by, shared.tuning.ticket_lifetime())
     {
         me.derived().keep_server(root, binding);
         shared.counters.derived("kept");

@@ -220,7 +220,8 @@ async fn mesh<'a>(
                 debug!(pod = %out.ctx.name, peer = %out.endpoint, "derived keys declined; handshake");
                 shared.counters.derived("fallback");
                 reset(peer);
-                me.derived().refused(server_ip, first, lifetime(shared));
+                me.derived()
+                    .refused(server_ip, first, shared.tuning.ticket_lifetime());
                 // What retired a used root (a restart, a policy reload, its age) retired the
                 // tickets from the same time too: a resumed offer would be declined and cost
                 // one more connection.
@@ -273,17 +274,13 @@ async fn mesh<'a>(
     };
     if derived_keys
         && me.derived().wants_client_root(server_ip)
-        && let Some((root, binding)) = est.derived_root(out.decided_by, lifetime(shared))
+        && let Some((root, binding)) =
+            est.derived_root(out.decided_by, shared.tuning.ticket_lifetime())
     {
         me.derived().keep_client(server_ip, root, binding);
         shared.counters.derived("kept");
     }
     established(shared, out, &expected, app, peer, est)
-}
-
-/// How long a root of derived keys is used: as long as a resumption ticket.
-fn lifetime(shared: &Shared) -> Duration {
-    Duration::from_secs(shared.tuning.ticket_lifetime_secs)
 }
 
 /// Dials the peer agent for a connection on derived keys: the header (in the SYN with Fast
