@@ -177,6 +177,12 @@ impl Shared {
         self.telemetry.ticket_declined();
     }
 
+    /// One derived-key connection's outcome, for the flow stats and the metrics alike.
+    pub(crate) fn derived(&self, outcome: &'static str) {
+        self.counters.derived(outcome);
+        self.telemetry.derived(outcome);
+    }
+
     /// The sk_msg leg join's maps, when `tuning.sameNodeJoin: skMsg` turned it on.
     pub(crate) fn join_maps(&self) -> Option<Arc<std::sync::Mutex<crate::datapath::JoinMaps>>> {
         self.datapath

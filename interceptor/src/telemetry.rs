@@ -420,6 +420,7 @@ pub struct Telemetry {
     access_dropped: Family<DroppedLabels, Counter>,
     handover_flows: Family<HandoverLabels, Counter>,
     tickets_declined: Counter,
+    derived: Family<OutcomeLabels, Counter>,
     /// One shared copy of each label set flows hold (a flow keeps its open labels until it
     /// closes, so both counts land on the same series).
     interned: Mutex<HashSet<Arc<TcpLabels>>>,
@@ -572,6 +573,13 @@ impl Telemetry {
              the connection dialed again with a full handshake",
             tickets_declined.clone(),
         );
+        let derived = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "interceptor_derived_connections",
+            "Connections on derived keys (tuning.connectionKeys: derived), by outcome: a root \
+             kept, offered, used, fallback, accepted, or the reason the server refused a header",
+            derived.clone(),
+        );
         let observed = Arc::new(Slot::default());
         registry.register_collector(Box::new(ScrapeTime(Arc::clone(&observed))));
         Self {
@@ -590,6 +598,7 @@ impl Telemetry {
             access_dropped,
             handover_flows,
             tickets_declined,
+            derived,
             interned: Mutex::new(HashSet::new()),
             workloads: RwLock::new(HashMap::new()),
             pods: RwLock::new(HashMap::new()),
@@ -829,6 +838,11 @@ impl Telemetry {
     /// A peer agent declined a resumption ticket and the flow dialed again.
     pub fn ticket_declined(&self) {
         self.tickets_declined.inc();
+    }
+
+    /// One derived-key connection's outcome (`derived.<outcome>` in the flow stats).
+    pub fn derived(&self, outcome: &'static str) {
+        self.derived.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     /// A listed flow was closed by a policy change (its close line follows with the relay).

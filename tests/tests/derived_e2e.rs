@@ -267,6 +267,17 @@ fn a_second_connection_needs_no_handshake_and_refused_headers_fall_back() {
         (1, 0),
         "{ds:?}"
     );
+    // The same refusal on the metrics endpoint, by its reason.
+    let line = r#"interceptor_derived_connections_total{outcome="replayed"} "#;
+    let text = server_agent(&agent2)
+        .telemetry()
+        .encode(false)
+        .expect("encode metrics");
+    let replayed: Option<u64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix(line))
+        .and_then(|v| v.trim().parse().ok());
+    assert_eq!(replayed, Some(1), "metrics: {text}");
 
     // 4. A policy reload on the server's node: the root is refused, the flow falls back to a
     //    handshake on a second connection and succeeds; the next one is derived again.

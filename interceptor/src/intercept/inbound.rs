@@ -169,7 +169,7 @@ async fn mesh<'a>(
         && let Some((root, binding)) = est.derived_root(decided_by, shared.tuning.ticket_lifetime())
     {
         me.derived().keep_server(root, binding);
-        shared.counters.derived("kept");
+        shared.derived("kept");
     }
     inbound.flow.peer_id = Some(peer.clone());
     inbound.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
@@ -218,7 +218,7 @@ async fn derived<'a>(
     let accepted = match accepted {
         Ok(accepted) => accepted,
         Err(refused) => {
-            shared.counters.derived(refused.reason());
+            shared.derived(refused.reason());
             debug!(pod = %ctx.name, %source, reason = %refused, "derived connection declined");
             super::flow::reset(client);
             return Err(Stop::Declined);
@@ -244,7 +244,7 @@ async fn derived<'a>(
     let decided_by = generation.number;
     drop(generation);
     client.write_all(&accepted.keys.accept).await?;
-    shared.counters.derived("accepted");
+    shared.derived("accepted");
     let est = driver::Established::derived(negotiated, accepted.keys.secrets(false), false);
     inbound.flow.peer_id = Some(peer.clone());
     inbound.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));

@@ -197,11 +197,11 @@ async fn mesh<'a>(
     let server_ip = out.endpoint.ip();
     let mut tickets_stale = false;
     if derived_keys && let Some(offer) = me.derived().offer(server_ip, &expected, out.decided_by) {
-        shared.counters.derived("offered");
+        shared.derived("offered");
         let first = offer.first;
         match dial_derived(shared, &out, &offer.keys.header, &offer.keys.accept).await {
             Ok(peer) => {
-                shared.counters.derived("used");
+                shared.derived("used");
                 let negotiated = handshake::Negotiated {
                     peer: offer.peer,
                     suite: offer.suite,
@@ -218,7 +218,7 @@ async fn mesh<'a>(
             // the root goes and the flow dials with a handshake, which leaves a new one.
             Err(Some(peer)) => {
                 debug!(pod = %out.ctx.name, peer = %out.endpoint, "derived keys declined; handshake");
-                shared.counters.derived("fallback");
+                shared.derived("fallback");
                 reset(peer);
                 me.derived()
                     .refused(server_ip, first, shared.tuning.ticket_lifetime());
@@ -228,7 +228,7 @@ async fn mesh<'a>(
                 tickets_stale = !first;
             }
             // Not reached at all: the handshake's dial reports it.
-            Err(None) => shared.counters.derived("fallback"),
+            Err(None) => shared.derived("fallback"),
         }
     }
     if let Some(mut s) = spare::take(shared, pod, &expected, out.endpoint, &me, out.decided_by) {
@@ -278,7 +278,7 @@ async fn mesh<'a>(
             est.derived_root(out.decided_by, shared.tuning.ticket_lifetime())
     {
         me.derived().keep_client(server_ip, root, binding);
-        shared.counters.derived("kept");
+        shared.derived("kept");
     }
     established(shared, out, &expected, app, peer, est)
 }

@@ -300,6 +300,25 @@ fn declined_tickets_are_counted_from_zero() {
 }
 
 #[test]
+fn derived_key_outcomes_are_counted_by_outcome() {
+    let t = telemetry();
+    let name = "interceptor_derived_connections_total";
+    assert!(metric_lines(&t, name).is_empty());
+    t.derived("used");
+    t.derived("used");
+    t.derived("replayed");
+    let mut lines = metric_lines(&t, name);
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            format!("{name}{{outcome=\"replayed\"}} 1"),
+            format!("{name}{{outcome=\"used\"}} 2"),
+        ]
+    );
+}
+
+#[test]
 fn scrape_time_values_come_from_the_agent() {
     let t = telemetry();
     // Before the agent exists: counters only, no error.
