@@ -197,11 +197,11 @@ async fn mesh<'a>(
     let server_ip = out.endpoint.ip();
     let mut tickets_stale = false;
     if derived_keys && let Some(offer) = me.derived().offer(server_ip, &expected, out.decided_by) {
-        shared.derived("offered");
+        shared.derived(super::DerivedOutcome::Offered);
         let first = offer.first;
         match dial_derived(shared, &out, &offer.keys.header, &offer.keys.accept).await {
             Ok(peer) => {
-                shared.derived("used");
+                shared.derived(super::DerivedOutcome::Used);
                 let negotiated = handshake::Negotiated {
                     peer: offer.peer,
                     suite: offer.suite,
@@ -218,7 +218,7 @@ async fn mesh<'a>(
             // the root goes and the flow dials with a handshake, which leaves a new one.
             Err(Some(peer)) => {
                 debug!(pod = %out.ctx.name, peer = %out.endpoint, "derived keys declined; handshake");
-                shared.derived("fallback");
+                shared.derived(super::DerivedOutcome::Fallback);
                 reset(peer);
                 me.derived()
                     .refused(server_ip, first, shared.tuning.ticket_lifetime());
@@ -228,18 +228,18 @@ async fn mesh<'a>(
                 tickets_stale = !first;
             }
             // Not reached at all: the handshake's dial reports it.
-            Err(None) => shared.derived("fallback"),
+            Err(None) => shared.derived(super::DerivedOutcome::Fallback),
         }
     }
     if let Some(mut s) = spare::take(shared, pod, &expected, out.endpoint, &me, out.decided_by) {
         match handshake::spare::claim(&mut s.sock, &mut s.est).await {
             Ok(()) => {
-                shared.counters.spare("used");
+                shared.counters.spare(super::SpareOutcome::Used);
                 return established(shared, out, &expected, app, s.sock, s.est);
             }
             // Gone between the check and the claim: the app still gets a fresh dial.
             Err(_) => {
-                shared.counters.spare("dead");
+                shared.counters.spare(super::SpareOutcome::Dead);
                 reset(s.sock);
             }
         }
@@ -278,7 +278,7 @@ async fn mesh<'a>(
             est.derived_root(out.decided_by, shared.tuning.ticket_lifetime())
     {
         me.derived().keep_client(server_ip, root, binding);
-        shared.derived("kept");
+        shared.derived(super::DerivedOutcome::Kept);
     }
     established(shared, out, &expected, app, peer, est)
 }
