@@ -275,9 +275,12 @@ async fn derived<'a>(
 /// is established. A handshake's server waits for the client's Finished, a round trip after
 /// its SYN-ACK; a derived connection's server has nothing to wait for, and may reach the
 /// kernel hand-off before the client's ACK of the SYN-ACK, while the kernel still refuses
-/// the `tls` ULP (the flow would stay in userspace). No readiness event marks that ACK, and
-/// the client may not send data before its app does, so this looks at the state every
-/// millisecond: a round trip on the agents' link, in practice none at all.
+/// the `tls` ULP (the flow would stay in userspace). No readiness event marks that ACK:
+/// `tcp_poll` already reports a Fast Open child writable in SYN_RECV, the client may not send
+/// data before its app does (so no EPOLLIN either), and sockops' state callback would need a
+/// notification from the kernel for every connection. So the state is read once, after the app
+/// is dialed (a loopback connect, about as long as the ACK needs on the agents' link), and
+/// only while it is still SYN_RECV again every millisecond, at most `limit`.
 async fn established(client: &TcpStream, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     while sys::syn_received(client.as_fd()).unwrap_or(false)
