@@ -13,7 +13,7 @@ use std::{
 use interceptor::{config::RelayAppLeg, datapath::Counter, intercept::table::Protection};
 use interceptor_tests::{
     agent::{RunningAgent, workload},
-    apps::{busybox, curl, curl_upload, serve_upload_hasher, sha256_hex, wait_listening},
+    apps::{curl, curl_upload, serve_http_enrolled, serve_upload_hasher, sha256_hex},
     in_vm,
     scenario::{Cluster, Scenario, Www},
     wire::{Capture, assert_no_plaintext},
@@ -53,14 +53,9 @@ fn relay_app_leg_redirects_exactly_once_in_order_and_leaves_nothing_behind() {
     let www = Www::with_blob("wwwral", 256 << 10);
     // Beyond the window (1 MiB) both ways.
     let bulk_want = www.add("bulk", 24 << 20);
-    // An httpd inside the server pod's cgroup: sockops registers only enrolled pods' sockets
-    // (the shared `serve_http` runs outside it).
-    let mut httpd = server.command(busybox());
-    httpd
-        .args(["httpd", "-f", "-p", "8081", "-h"])
-        .arg(www.path());
-    server.spawn(httpd);
-    wait_listening(&server, SocketAddr::from((server.ip, 8081)));
+    // Inside the server pod's cgroup: sockops registers only enrolled pods' sockets.
+    let probe = SocketAddr::from((server.ip, 8081));
+    serve_http_enrolled(&mut server, www.path(), "8081", probe);
     serve_upload_hasher(&server, 8080);
     let cluster = Cluster::new("agentral");
     let mut cfg = cluster.config(
