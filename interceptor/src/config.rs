@@ -521,7 +521,8 @@ pub struct Tuning {
     /// agent grants ahead of what it has read; beyond it, or before the agent armed the flow,
     /// TCP). Like `sameNodeJoin: skMsg`, `skMsg` gives every app socket that talks to the
     /// agent a kernel psock, so all of them take the sk_msg send path (ARCHITECTURE.md
-    /// "The userspace relay's app leg").
+    /// "The userspace relay's app leg"). `tcp` by default: the round trip gained less than
+    /// the benchmark's noise, and bulk senders lost.
     pub relay_app_leg: RelayAppLeg,
     /// Threads that run flows (the async runtime's workers). 0, the default: one per CPU the
     /// agent may run on. Fewer keeps each flow's wake-ups on fewer threads: on a node whose
