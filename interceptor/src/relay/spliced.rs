@@ -24,7 +24,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use interceptor_common::{JoinGrant, LegKey};
+use interceptor_common::{JOIN_EGRESS, JoinGrant, LegKey};
 use tokio::{io::Interest, net::TcpStream};
 use tracing::debug;
 
@@ -224,6 +224,7 @@ impl Join {
                 let grant = JoinGrant {
                     relayed: 0,
                     granted,
+                    kind: JOIN_EGRESS,
                 };
                 maps.arm(key, out.as_fd(), grant)?;
             }
@@ -282,6 +283,7 @@ impl Join {
         let grant = JoinGrant {
             relayed: written,
             granted: sent.redirected.saturating_add(room),
+            kind: JOIN_EGRESS,
         };
         if let Err(e) = maps.set_grant(side.app, grant) {
             // The program keeps passing: the flow stays on this relay, correct and slower.
