@@ -183,6 +183,10 @@ struct RunArgs {
     /// baseline): per-connection keys derived from an earlier mesh session.
     #[arg(long)]
     derived_keys: bool,
+    /// `tuning.relayAppLeg: skMsg` for the agent under test (`--agent`; never the baseline):
+    /// the apps' sends reach the agent's ends of their loopback connections by sk_msg.
+    #[arg(long)]
+    app_leg_skmsg: bool,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -400,6 +404,7 @@ fn run(args: RunArgs) -> Result<()> {
         mesh_spares: args.mesh_spares,
         worker_threads: args.worker_threads,
         derived_keys: args.derived_keys,
+        app_leg_skmsg: args.app_leg_skmsg,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

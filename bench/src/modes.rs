@@ -159,6 +159,8 @@ pub struct Env {
     pub worker_threads: u16,
     /// `tuning.connectionKeys: derived` for `agent_bin` (see `--derived-keys`).
     pub derived_keys: bool,
+    /// `tuning.relayAppLeg: skMsg` for `agent_bin` (see `--app-leg-skmsg`).
+    pub app_leg_skmsg: bool,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -653,6 +655,9 @@ struct TuningCfg {
     /// Left out for the baseline agent, like `mesh_spares`.
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_keys: Option<&'static str>,
+    /// Left out for the baseline agent, like `mesh_spares`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay_app_leg: Option<&'static str>,
 }
 
 fn workload(pod: &topology::Pod, sa: &'static str) -> WorkloadCfg {
@@ -759,6 +764,8 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                     .then_some(env.worker_threads),
                 connection_keys: (active.mode != Mode::InterceptorRelayBase && env.derived_keys)
                     .then_some("derived"),
+                relay_app_leg: (active.mode != Mode::InterceptorRelayBase && env.app_leg_skmsg)
+                    .then_some("skMsg"),
             },
         };
         // JSON is YAML, and serde_json is already here.
