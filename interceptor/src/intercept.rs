@@ -180,7 +180,7 @@ impl Shared {
     /// One derived-key connection's outcome, for the flow stats and the metrics alike.
     pub(crate) fn derived(&self, outcome: DerivedOutcome) {
         self.counters.derived(outcome);
-        self.telemetry.derived(outcome.name());
+        self.telemetry.derived_at(outcome.index(), outcome.name());
     }
 
     /// The sk_msg leg join's maps, when `tuning.sameNodeJoin: skMsg` turned it on.

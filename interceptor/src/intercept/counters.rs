@@ -50,7 +50,8 @@ macro_rules! outcomes {
                 }
             }
 
-            const fn index(self) -> usize {
+            /// Its counter's place in [`Counters`] (and in the metrics' per-index series).
+            pub const fn index(self) -> usize {
                 self as usize
             }
         }
@@ -261,6 +262,7 @@ mod tests {
     /// every refusal reason has the outcome of the same name.
     #[test]
     fn outcomes_count_under_their_names() {
+        assert!(DerivedOutcome::ALL.len() <= crate::telemetry::DERIVED_SLOTS);
         for (i, o) in DerivedOutcome::ALL.into_iter().enumerate() {
             let c = Counters::default();
             c.derived(o);
