@@ -388,6 +388,23 @@ pub fn peek(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// Takes what is queued on a socket now, without waiting (`MSG_DONTWAIT`): `WouldBlock` when
+/// nothing is, `Ok(0)` at end of stream. Unlike tokio's `try_read` it asks the kernel even
+/// before the runtime has seen the socket readable (a connection accepted a moment ago).
+pub fn recv_now(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the kernel writes at most
+    // that many.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it.
 pub fn raise_memlock_rlimit() -> io::Result<()> {
     let lim = libc::rlimit {

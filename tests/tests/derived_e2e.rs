@@ -15,6 +15,12 @@
 //! 5. a restarted server agent knows no root: the client falls back (`derived.fallback`),
 //!    the request succeeds, no flow fails.
 //!
+//! The second test follows the app's first bytes (0-RTT): they ride behind the header as
+//! one application_data record (in the first segment, the SYN with Fast Open); a replay of
+//! that flight and a header the server refuses deliver nothing to the server's app, and after
+//! a refusal the client's agent sends them again on a handshake: the server's app receives
+//! each upload exactly once, hash-checked, on exactly one connection per upload.
+//!
 //! On the host the userspace relay's own record layer carries the derived keys; in the VM
 //! (`cargo xtask vm-test --kernel 6.1 --filter derived_e2e`) both agents install them in
 //! kTLS, and every flow's protection says which.
@@ -28,13 +34,14 @@ use std::{
 
 use interceptor::config::ConnectionKeysMode;
 use interceptor_tests::{
-    agent::{RunningAgent, peer, workload},
-    apps::curl,
+    agent::{RunningAgent, TempDir, peer, workload},
+    apps::{curl, curl_upload, random_payload, sha256_hex},
+    digest::Sha256,
     mesh::{PolicyDir, stats_delta, wait_generation},
     require_privileged,
     scenario::{Cluster, expected_protection, serve_blob},
     topology::{Node, Pod, wire},
-    wire::{Capture, Stream, Streams, assert_no_plaintext},
+    wire::{Capture, Frame, Stream, Streams, assert_no_plaintext},
 };
 
 /// The first bytes of a derived connection (`handshake::derived::MAGIC`).
@@ -341,4 +348,326 @@ fn a_second_connection_needs_no_handshake_and_refused_headers_fall_back() {
     // Nothing in clear between the nodes, in any of it.
     assert_no_plaintext(&all_frames, &www.payload);
     drop(agent2);
+}
+
+/// What the upload sink saw on one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    /// SHA-256 of the request body.
+    body: String,
+    /// Every byte that arrived on the connection, request head included, until its end.
+    total: usize,
+}
+
+/// An HTTP PUT sink on `port` of the pod's address, run by the test (unenrolled): each
+/// connection's body is hashed and answered with its SHA-256; every connection is recorded
+/// once it ends, so a second delivery of anything (another connection, extra bytes) shows.
+fn serve_recording_sink(pod: &Pod, port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<Seen>>> {
+    use std::io::{BufRead as _, BufReader};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let addr = SocketAddr::from((pod.ip, port));
+    let listener = pod.ns.run(move || std::net::TcpListener::bind(addr));
+    let record = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let record = std::sync::Arc::clone(&record);
+            std::thread::spawn(move || -> std::io::Result<()> {
+                conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut reader = BufReader::new(conn.try_clone()?);
+                let (mut length, mut total) = (0usize, 0usize);
+                loop {
+                    let mut line = String::new();
+                    let n = reader.read_line(&mut line)?;
+                    total += n;
+                    if n == 0 || line.trim_end().is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body)?;
+                total += length;
+                let mut hasher = Sha256::new();
+                hasher.update(&body);
+                let digest = hasher.hex();
+                let mut conn = conn;
+                write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{digest}",
+                    digest.len()
+                )?;
+                // Anything after the request is counted too, until the client's end.
+                let mut rest = Vec::new();
+                let _ = reader.read_to_end(&mut rest);
+                total += rest.len();
+                record.lock().unwrap().push(Seen {
+                    body: digest,
+                    total,
+                });
+                Ok(())
+            });
+        }
+    });
+    seen
+}
+
+/// The first client → server segment with payload of each connection to `server`, and
+/// whether it was the SYN (Fast Open).
+fn first_segments(frames: &[Frame], server: SocketAddr) -> Vec<(Vec<u8>, bool)> {
+    let mut firsts: Vec<(SocketAddr, Vec<u8>, bool)> = Vec::new();
+    for seg in frames.iter().filter_map(Frame::tcp) {
+        if seg.dst != server || seg.payload.is_empty() {
+            continue;
+        }
+        if firsts.iter().any(|(src, _, _)| *src == seg.src) {
+            continue;
+        }
+        firsts.push((seg.src, seg.payload.to_vec(), seg.flags & 0x02 != 0));
+    }
+    firsts.into_iter().map(|(_, p, syn)| (p, syn)).collect()
+}
+
+/// Payload bytes the client sent to `server` on its first connection before the first
+/// payload byte came back, in capture order.
+fn client_bytes_before_answer(frames: &[Frame], server: SocketAddr) -> usize {
+    let mut client = None;
+    let mut sent = 0;
+    for seg in frames.iter().filter_map(Frame::tcp) {
+        if seg.payload.is_empty() {
+            continue;
+        }
+        if seg.dst == server && client.is_none_or(|c| c == seg.src) {
+            client = Some(seg.src);
+            sent += seg.payload.len();
+        } else if seg.src == server && Some(seg.dst) == client {
+            break;
+        }
+    }
+    sent
+}
+
+/// Drops every segment but a SYN-ACK from `server` forwarded through `node` for `hold`, then
+/// lets them pass again: the server's answer to a derived header (acceptance or reset)
+/// reaches the client only after the app's first bytes have surely gone out behind the
+/// header (the client's kernel resends what was not acknowledged; a reset comes back in
+/// answer to that). Without it which comes first is a race with the app's first write.
+fn hold_answers(node: &Node, server: SocketAddr, hold: Duration) -> std::thread::JoinHandle<()> {
+    let net = format!("--net={}", node.ns.path().display());
+    let nft = move |args: &str| {
+        let out = std::process::Command::new("nsenter")
+            .args([net.as_str(), "nft"])
+            .arg(args)
+            .output()
+            .expect("run nft");
+        assert!(out.status.success(), "nft {args}: {out:?}");
+    };
+    nft("add table ip zrhold");
+    nft("add chain ip zrhold held { type filter hook forward priority 0 ; }");
+    nft(&format!(
+        "add rule ip zrhold held ip saddr {} tcp sport {} tcp flags & syn == 0 drop",
+        server.ip(),
+        server.port()
+    ));
+    std::thread::spawn(move || {
+        std::thread::sleep(hold);
+        nft("delete table ip zrhold");
+    })
+}
+
+#[test]
+fn the_apps_first_bytes_ride_behind_the_header_and_arrive_exactly_once() {
+    require_privileged();
+    const HOLD: Duration = Duration::from_millis(400);
+    let node1 = Node::new(121);
+    let node2 = Node::new(122);
+    let wire_if = wire(&node1, &node2);
+    let client = node1.pod("zrclient", 2);
+    let server = node2.pod("zrserver", 3);
+    let sink = SocketAddr::from((server.ip, 7000));
+    let seen = serve_recording_sink(&server, 7000);
+    let url = format!("http://{sink}/up");
+    let dir = TempDir::new("zerortt");
+    let payload = random_payload(48 << 10);
+    let file = dir.0.join("body");
+    std::fs::write(&file, &payload).unwrap();
+    let want = sha256_hex(&payload);
+
+    let cluster = Cluster::new("zerortt");
+    let policy2 = PolicyDir::new();
+    let mut c1 = cluster.node_config(
+        "n1",
+        vec![workload(&client, "zra", "client")],
+        vec![peer(&server, "zrb", "server")],
+    );
+    let mut c2 = cluster.node_config(
+        "n2",
+        vec![workload(&server, "zrb", "server")],
+        vec![peer(&client, "zra", "client")],
+    );
+    c1.tuning.connection_keys = ConnectionKeysMode::Derived;
+    c2.tuning.connection_keys = ConnectionKeysMode::Derived;
+    c2.policy_dir = Some(policy2.path());
+    let agent1 = RunningAgent::start(c1);
+    let agent2 = RunningAgent::start(c2);
+    let (a1, a2) = (&agent1.agent, &agent2.agent);
+    let mut uploads = 0;
+    let mut upload = |step: &str| {
+        let capture = Capture::start_in(&node1.ns.path(), &wire_if);
+        let f = curl_upload(client.command("curl"), &url, &file);
+        uploads += 1;
+        assert_eq!(
+            (
+                f.code.as_str(),
+                String::from_utf8_lossy(&f.body).into_owned()
+            ),
+            ("200", want.clone()),
+            "{step}"
+        );
+        capture.stop()
+    };
+
+    // A handshake leaves the root.
+    let (c0, s0) = (a1.policy_stats(), a2.policy_stats());
+    upload("first connection");
+    let (dc, ds) = (
+        stats_delta(&c0, &a1.policy_stats()),
+        stats_delta(&s0, &a2.policy_stats()),
+    );
+    assert_eq!(
+        (stat(&dc, "derived.kept"), stat(&ds, "derived.kept")),
+        (1, 1),
+        "{dc:?} {ds:?}"
+    );
+
+    // 0-RTT: the first segment is the header and then a record, never the request in clear.
+    let (c0, s0) = (a1.policy_stats(), a2.policy_stats());
+    let held = hold_answers(&node2, sink, HOLD);
+    let frames = upload("derived connection");
+    held.join().unwrap();
+    let streams = Streams::from_frames(frames.clone());
+    let conns = connections(&streams, sink);
+    assert_eq!(conns.len(), 1, "{:?}", summary(&conns));
+    let up = conns[0].0;
+    up.assert_complete();
+    let firsts = first_segments(&frames, sink);
+    let (first, in_syn) = &firsts[0];
+    assert_eq!(&first[..4], &MAGIC, "the header first");
+    assert!(
+        first.len() == HEADER_LEN || first[HEADER_LEN..HEADER_LEN + 3] == [23, 3, 3],
+        "behind the header in its segment only a record: {:02x?}",
+        &first[..first.len().min(HEADER_LEN + 8)]
+    );
+    // 0-RTT on the wire: more than the header left the client before the server's first
+    // byte (its acceptance) came back.
+    let before_answer = client_bytes_before_answer(&frames, sink);
+    assert!(
+        before_answer > HEADER_LEN + 5,
+        "the app's bytes waited for the acceptance: {before_answer} B before it"
+    );
+    eprintln!(
+        "derived connection: first segment {} B (header {HEADER_LEN}), in the SYN: {in_syn}; \
+         {before_answer} B sent before the acceptance",
+        first.len()
+    );
+    let early_len = usize::from(u16::from_be_bytes([
+        up.bytes[HEADER_LEN + 3],
+        up.bytes[HEADER_LEN + 4],
+    ]));
+    let flight = up.bytes[..HEADER_LEN + 5 + early_len].to_vec();
+    assert!(
+        record_types(&up.bytes[HEADER_LEN..])
+            .iter()
+            .all(|t| *t == 23)
+    );
+    assert_no_plaintext(&frames, b"PUT /up HTTP/1.1");
+    assert_no_plaintext(&frames, &payload);
+    let (dc, ds) = (
+        stats_delta(&c0, &a1.policy_stats()),
+        stats_delta(&s0, &a2.policy_stats()),
+    );
+    assert_eq!(
+        (
+            stat(&dc, "derived.used"),
+            stat(&dc, "derived.early"),
+            stat(&ds, "derived.accepted")
+        ),
+        (1, 1, 1),
+        "{dc:?} {ds:?}"
+    );
+
+    // The same flight replayed from outside the agent: refused, and its record never
+    // reaches the sink (counted at the end).
+    let s0 = a2.policy_stats();
+    let (answer, _) = send_raw(&client, sink, flight);
+    assert!(answer.len() < ACCEPT_LEN, "a replay got an acceptance");
+    let ds = stats_delta(&s0, &a2.policy_stats());
+    assert_eq!(stat(&ds, "derived.replayed"), 1, "{ds:?}");
+
+    // A header the server refuses (its policy reloaded): the request went behind it, the
+    // server's agent resets it unread, the client's agent sends it again on a handshake.
+    let g = a2.policy_generation();
+    policy2.write("unrelated.yaml", UNRELATED);
+    wait_generation(a2, g);
+    let (c0, s0) = (a1.policy_stats(), a2.policy_stats());
+    let held = hold_answers(&node2, sink, HOLD);
+    let frames = upload("after the server's policy reload");
+    held.join().unwrap();
+    let streams = Streams::from_frames(frames.clone());
+    let conns = connections(&streams, sink);
+    assert_eq!(
+        conns.len(),
+        2,
+        "refused, then a handshake: {:?}",
+        summary(&conns)
+    );
+    let (refused_up, refused_down) = (conns[0].0, conns[0].1);
+    assert_eq!(&refused_up.bytes[..4], &MAGIC);
+    assert_eq!(
+        refused_up.bytes.get(HEADER_LEN),
+        Some(&23),
+        "the request rode behind the refused header"
+    );
+    assert!(
+        refused_down.is_none_or(|d| d.bytes.len() < ACCEPT_LEN && d.rst),
+        "no acceptance, a reset: {:?}",
+        summary(&conns)
+    );
+    assert_eq!(conns[1].0.bytes.first(), Some(&22), "a ClientHello");
+    assert_no_plaintext(&frames, &payload);
+    let (dc, ds) = (
+        stats_delta(&c0, &a1.policy_stats()),
+        stats_delta(&s0, &a2.policy_stats()),
+    );
+    assert_eq!(
+        (
+            stat(&dc, "derived.early"),
+            stat(&dc, "derived.fallback"),
+            stat(&dc, "derived.resent"),
+            stat(&ds, "derived.generation"),
+            stat(&dc, "flows_failed"),
+        ),
+        (0, 1, 1, 1, 0),
+        "{dc:?} {ds:?}"
+    );
+
+    // Exactly one connection per upload reached the sink, each with the whole body once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().len() < uploads && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Anything the replay or the refused header had delivered would be a further connection
+    // (or longer one); the agents' flows are all ended by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), uploads, "{seen:?}");
+    assert!(seen.iter().all(|s| s.body == want), "{seen:?}");
+    assert!(
+        seen.iter().all(|s| s.total == seen[0].total),
+        "the same bytes on every connection: {seen:?}"
+    );
 }

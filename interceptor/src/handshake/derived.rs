@@ -128,17 +128,74 @@ pub struct ConnectionKeys {
 impl ConnectionKeys {
     /// Both directions as one end uses them, sequence numbers from 0.
     pub fn secrets(self, is_client: bool) -> ExtractedSecrets {
+        self.secrets_after(is_client, 0)
+    }
+
+    /// [`ConnectionKeys::secrets`] for an end that has already sent `sent` records (the
+    /// client's early data, [`ConnectionKeys::seal_early`]).
+    pub fn secrets_after(self, is_client: bool, sent: u64) -> ExtractedSecrets {
         let (tx, rx) = if is_client {
             (self.client, self.server)
         } else {
             (self.server, self.client)
         };
         ExtractedSecrets {
-            tx: (0, tx),
+            tx: (sent, tx),
             rx: (0, rx),
         }
     }
+
+    /// Appends the client's record number `seq` (client → server keys) carrying `plain` (at
+    /// most [`EARLY_MAX`] bytes) to `out`: the app's first bytes, sent behind the header
+    /// instead of a round trip later. A TLS 1.3 application_data record exactly as the
+    /// kernel or `relay::record` seals it, so the server reads it as its record `seq` with
+    /// no special case. `None` for an empty or oversized `plain`.
+    pub fn seal_early(&self, seq: u64, plain: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        use aws_lc_rs::aead;
+        if plain.is_empty() || plain.len() > EARLY_MAX {
+            return None;
+        }
+        let (alg, key, iv) = match &self.client {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            _ => return None,
+        };
+        let key = aead::LessSafeKey::new(aead::UnboundKey::new(alg, key.as_ref()).ok()?);
+        // RFC 8446 §5.3: the sequence number, big-endian and left-padded, XORed into the IV.
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        nonce.copy_from_slice(iv.as_ref().get(..aead::NONCE_LEN)?);
+        for (n, s) in nonce[aead::NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(seq.to_be_bytes())
+        {
+            *n ^= s;
+        }
+        let nonce = aead::Nonce::assume_unique_for_key(nonce);
+        // Inner plaintext: the data, then its real content type (RFC 8446 §5.2).
+        let body_len = plain.len() + 1 + alg.tag_len();
+        let len = u16::try_from(body_len).ok()?.to_be_bytes();
+        let header = [23, 3, 3, len[0], len[1]];
+        let start = out.len();
+        out.extend_from_slice(&header);
+        out.extend_from_slice(plain);
+        out.push(23);
+        let mut body = out.split_off(start + header.len());
+        let sealed = key.seal_in_place_append_tag(nonce, aead::Aad::from(header), &mut body);
+        if sealed.is_err() {
+            out.truncate(start);
+            return None;
+        }
+        out.append(&mut body);
+        Some(())
+    }
 }
+
+/// The most app bytes a client sends behind its header before the server's acceptance: one
+/// TLS record's plaintext (RFC 8446 §5.1). The agent keeps a copy of them until then.
+pub const EARLY_MAX: usize = 16384;
 
 impl Root {
     /// Sets up a root from the exporter output `secret` of a session on `suite` (a TLS 1.3
@@ -660,6 +717,61 @@ mod tests {
             key_bytes(&r.connection(1).unwrap().client),
             key_bytes(&r.connection(2).unwrap().client)
         );
+    }
+
+    /// The client's early records open with the server's keys in the relay's own record
+    /// layer (a second implementation of the record format) as its records 0 and 1, and the
+    /// client continues after them; under another counter's keys they do not open.
+    #[test]
+    fn early_records_are_the_servers_first_records() {
+        use crate::relay::record::{Opened, RecordLayer};
+        let early: [&[u8]; 2] = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"second write"];
+        for suite in [
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let len = suite.tls13().unwrap().common.hash_provider.output_len();
+            let r = Root::new(suite, &[3u8; 48][..len]).unwrap();
+            let client = r.connection(7).unwrap();
+            let mut wire = b"prefix".to_vec();
+            client.seal_early(0, early[0], &mut wire).unwrap();
+            assert_eq!(&wire[..6], b"prefix", "appended");
+            let mut first = wire.split_off(6);
+            let mut second = Vec::new();
+            client.seal_early(1, early[1], &mut second).unwrap();
+            assert_eq!(&first[..3], &[23, 3, 3]);
+            assert!(
+                !first.windows(early[0].len()).any(|w| w == early[0]),
+                "in clear"
+            );
+            let mut wrong =
+                RecordLayer::new(r.connection(8).unwrap().secrets(false), false).unwrap();
+            assert!(
+                wrong.open(&mut first.clone()).is_err(),
+                "another counter's keys"
+            );
+            let mut server =
+                RecordLayer::new(r.connection(7).unwrap().secrets(false), false).unwrap();
+            assert!(server.open(&mut second.clone()).is_err(), "out of order");
+            for (record, plain) in [(&mut first, early[0]), (&mut second, early[1])] {
+                assert_eq!(server.open(record).unwrap(), Opened::Data(plain.len()));
+                assert_eq!(&record[5..5 + plain.len()], plain);
+            }
+            assert_eq!(server.rx_seq(), 2);
+            let after = RecordLayer::new(client.secrets_after(true, 2), true).unwrap();
+            assert_eq!(after.tx_seq(), 2, "the client's next record is 2");
+        }
+        let k = root(1).connection(1).unwrap();
+        let mut out = Vec::new();
+        assert!(k.seal_early(0, &[], &mut out).is_none());
+        assert!(
+            k.seal_early(0, &vec![0u8; EARLY_MAX + 1], &mut out)
+                .is_none()
+        );
+        assert!(out.is_empty());
+        assert!(k.seal_early(0, &vec![0u8; EARLY_MAX], &mut out).is_some());
+        assert_eq!(out.len(), 5 + EARLY_MAX + 1 + 16);
     }
 
     #[test]

@@ -202,6 +202,30 @@ impl Established {
         ))
     }
 
+    /// Seals `data` as this session's first application records and writes them to `sock`,
+    /// before any relay runs: the app's bytes that rode behind a refused derived header
+    /// (`handshake::derived`), sent again on the handshake that replaced it. The sequence
+    /// numbers move on with them, so the kernel or the relay continues after. Only a buffered
+    /// rustls session can seal here; the others report it (the caller then fails the flow
+    /// rather than lose the bytes).
+    pub async fn send_first(&mut self, sock: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+        use std::io::Write as _;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let Session::Rustls(conn) = &mut self.conn else {
+            return Err(io::Error::other(
+                "this session cannot seal records before its hand-off",
+            ));
+        };
+        conn.writer().write_all(data)?;
+        let mut records = Vec::with_capacity(data.len() + 64);
+        while conn.wants_write() {
+            conn.write_tls(&mut records)?;
+        }
+        sock.write_all(&records).await
+    }
+
     /// The authenticated identity of the other end.
     pub fn peer(&self) -> &SpiffeId {
         &self.negotiated.peer

@@ -28,8 +28,11 @@ pub struct Counters {
 /// What became of derived-key connections (`derived.<name>`; `tuning.connectionKeys:
 /// derived`, `handshake::derived`). Client side: `kept` (a handshake left a root),
 /// `offered`, `used` (the server accepted), `fallback` (it did not: dialed again with a
-/// handshake); server side: `kept`, `accepted`, and why a header was refused.
-pub const DERIVED_OUTCOMES: [&str; 12] = [
+/// handshake), `early` (the app's first bytes rode behind the header), `resent` (those bytes
+/// went again on the handshake after a refusal), `early_unknown` (no answer with them out:
+/// the app's connection reset, nothing resent); server side: `kept`, `accepted`, and why a
+/// header was refused.
+pub const DERIVED_OUTCOMES: [&str; 15] = [
     "kept",
     "offered",
     "used",
@@ -42,6 +45,9 @@ pub const DERIVED_OUTCOMES: [&str; 12] = [
     "peer_expired",
     "bad_mac",
     "replayed",
+    "early",
+    "resent",
+    "early_unknown",
 ];
 
 /// What became of spare mesh sessions (`spares.<name>`; see `intercept::spare`). Client side:

@@ -196,7 +196,11 @@ async fn mesh<'a>(
 /// (unknown root, expired, replayed, a policy reload since, a bad MAC) is reset and the
 /// client's agent dials again with a handshake. Policy decides the identity the root's
 /// handshake verified, as for a resumed session. The acceptance goes out before the app is
-/// dialed, so the client's first bytes travel while this agent dials.
+/// dialed, so the client's first bytes travel while this agent dials. The client's agent may
+/// have sent the app's first records behind the header already (0-RTT): only the header is
+/// read here, so a refused header is reset with them unread and no app ever sees them (the
+/// client sends them again on a handshake), and an accepted one leaves them on the socket as
+/// the connection's records from 0 for the relay or the kernel.
 async fn derived<'a>(
     shared: &'a Shared,
     mut inbound: Inbound<'_>,

@@ -196,27 +196,40 @@ async fn mesh<'a>(
     let derived_keys = shared.tuning.connection_keys == ConnectionKeysMode::Derived;
     let server_ip = out.endpoint.ip();
     let mut tickets_stale = false;
+    // The app's first bytes, taken to ride behind a derived header (0-RTT) and kept until
+    // the server accepts it; after a refusal they open the handshake's session instead.
+    let mut early = Vec::new();
     if derived_keys && let Some(offer) = me.derived().offer(server_ip, &expected, out.decided_by) {
         shared.derived("offered");
         let first = offer.first;
-        match dial_derived(shared, &out, &offer.keys.header, &offer.keys.accept).await {
-            Ok(peer) => {
+        let negotiated = handshake::Negotiated {
+            peer: offer.peer,
+            suite: offer.suite,
+            group: offer.group,
+            retried: false,
+            resumed: true,
+            spare: false,
+            derived: true,
+        };
+        // Nothing of the app's leaves on keys this node's crypto policy refuses (the flow is
+        // refused in `established` as before).
+        let app_first = crypto_refuses(shared, &negotiated)
+            .is_none()
+            .then_some(&app);
+        match dial_derived(shared, &out, &offer.keys, app_first, &mut early).await {
+            Ok((peer, sent)) => {
                 shared.derived("used");
-                let negotiated = handshake::Negotiated {
-                    peer: offer.peer,
-                    suite: offer.suite,
-                    group: offer.group,
-                    retried: false,
-                    resumed: true,
-                    spare: false,
-                    derived: true,
-                };
-                let est = driver::Established::derived(negotiated, offer.keys.secrets(true), true);
-                return established(shared, out, &expected, app, peer, est);
+                if sent > 0 {
+                    shared.derived("early");
+                }
+                drop(early);
+                let secrets = offer.keys.secrets_after(true, sent);
+                let est = driver::Established::derived(negotiated, secrets, true);
+                return established(shared, out, &expected, app, peer, est, &[]).await;
             }
             // Refused (the server agent restarted, its policy changed, it keeps no roots):
             // the root goes and the flow dials with a handshake, which leaves a new one.
-            Err(Some(peer)) => {
+            Err(Declined::Refused(peer)) => {
                 debug!(pod = %out.ctx.name, peer = %out.endpoint, "derived keys declined; handshake");
                 shared.derived("fallback");
                 reset(peer);
@@ -228,14 +241,29 @@ async fn mesh<'a>(
                 tickets_stale = !first;
             }
             // Not reached at all: the handshake's dial reports it.
-            Err(None) => shared.derived("fallback"),
+            Err(Declined::Unreached) => shared.derived("fallback"),
+            // The app's bytes went out and no answer came: the server's agent may have
+            // accepted and delivered them, so they are never sent again; the app's
+            // connection fails instead (see ARCHITECTURE.md "Early data").
+            Err(Declined::Silent(peer)) => {
+                shared.derived("early_unknown");
+                reset(peer);
+                reset(app);
+                return Err(anyhow::anyhow!(
+                    "no answer from {} to a derived header within the handshake timeout, with \
+                     the app's first {} bytes behind it: reset rather than risk a second delivery",
+                    out.endpoint,
+                    early.len()
+                )
+                .into());
+            }
         }
     }
     if let Some(mut s) = spare::take(shared, pod, &expected, out.endpoint, &me, out.decided_by) {
         match handshake::spare::claim(&mut s.sock, &mut s.est).await {
             Ok(()) => {
                 shared.counters.spare("used");
-                return established(shared, out, &expected, app, s.sock, s.est);
+                return established(shared, out, &expected, app, s.sock, s.est, &early).await;
             }
             // Gone between the check and the claim: the app still gets a fresh dial.
             Err(_) => {
@@ -251,8 +279,12 @@ async fn mesh<'a>(
     } else {
         client.offer(&name)
     };
+    // A root needs the handshake's exporter (the buffered client); a server known to keep
+    // none gets the client that keeps its tickets on a kTLS node (see `dial_handshake`).
+    let wants_root = derived_keys && me.derived().wants_client_root(server_ip);
     let (peer, est) = loop {
-        match dial_handshake(shared, &out, Arc::clone(&offer.config), name.clone()).await {
+        let config = Arc::clone(&offer.config);
+        match dial_handshake(shared, &out, config, name.clone(), wants_root).await {
             // The server declined the ticket (restarted, or its policy changed since): the
             // session is a full handshake on the resumed offer's x25519. Full handshakes stay
             // hybrid, so it carries nothing and the flow dials again with the full offer.
@@ -272,34 +304,71 @@ async fn mesh<'a>(
             }
         }
     };
-    if derived_keys
-        && me.derived().wants_client_root(server_ip)
+    if wants_root
         && let Some((root, binding)) =
             est.derived_root(out.decided_by, shared.tuning.ticket_lifetime())
     {
         me.derived().keep_client(server_ip, root, binding);
         shared.derived("kept");
     }
-    established(shared, out, &expected, app, peer, est)
+    established(shared, out, &expected, app, peer, est, &early).await
 }
 
-/// Dials the peer agent for a connection on derived keys: the header (in the SYN with Fast
-/// Open), then the server's acceptance, read exactly so that the server's first records stay
-/// on the socket for the kernel. `Err(Some(sock))`: the server refused (reset, end of stream,
-/// a wrong acceptance, no answer in time); `Err(None)`: the peer could not be dialed.
+/// Why a derived dial did not give a connection.
+enum Declined {
+    /// The server's agent turned the header down (a reset or end of stream before its
+    /// acceptance), or the peer is not an agent that keeps roots (another answer): nothing
+    /// behind the header reached an app, so the app's bytes may go again.
+    Refused(TcpStream),
+    /// The peer could not be dialed at all.
+    Unreached,
+    /// No answer in time with the app's bytes behind the header: whether they were
+    /// delivered is unknown.
+    Silent(TcpStream),
+}
+
+/// Dials the peer agent for a connection on derived keys and waits for the server's
+/// acceptance, read exactly so that the server's first records stay on the socket for the
+/// kernel. With `app` (0-RTT), the app's bytes do not wait for it: what is queued at the dial
+/// is sealed as record 0 right behind the header, in one write (in the SYN with Fast Open, as
+/// far as it fits); what the app writes while the acceptance is on its way follows as the
+/// next records; all of it, up to [`derived::EARLY_MAX`], is kept in `copy` until the
+/// acceptance. Returns the connection and how many records went.
 async fn dial_derived(
     shared: &Shared,
     out: &Outbound<'_>,
-    header: &[u8; derived::HEADER_LEN],
-    accept: &[u8; derived::ACCEPT_LEN],
-) -> Result<TcpStream, Option<TcpStream>> {
+    keys: &derived::ConnectionKeys,
+    app: Option<&TcpStream>,
+    copy: &mut Vec<u8>,
+) -> Result<(TcpStream, u64), Declined> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = Vec::new();
+    let mut flight = Vec::with_capacity(derived::HEADER_LEN + 64);
+    flight.extend_from_slice(&keys.header);
+    let mut sent = 0u64;
+    if let Some(app) = app {
+        buf.resize(derived::EARLY_MAX, 0);
+        // An app that speaks first has usually written its request by now; one that waits
+        // for the server has sent nothing and loses nothing. (`recv_now`: the runtime may not
+        // have seen the socket readable yet.)
+        if let Ok(n) = crate::sys::recv_now(std::os::fd::AsFd::as_fd(app), &mut buf)
+            && n > 0
+        {
+            // Kept before anything can fail: taken from the app, these bytes now exist
+            // only here until the server has them.
+            copy.extend_from_slice(&buf[..n]);
+            if keys.seal_early(0, &buf[..n], &mut flight).is_none() {
+                return Err(Declined::Unreached);
+            }
+            sent = 1;
+        }
+    }
     let MeshDial {
         sock: mut peer,
         deferred,
     } = dial_mesh(out.ctx, out.endpoint, shared.tuning.tcp_fast_open)
         .await
-        .map_err(|_| None)?;
+        .map_err(|_| Declined::Unreached)?;
     if !deferred {
         prepare_peer(shared, &peer);
     }
@@ -309,18 +378,59 @@ async fn dial_derived(
     }
     let mut got = [0u8; derived::ACCEPT_LEN];
     let exchange = async {
-        peer.write_all(header).await?;
-        peer.read_exact(&mut got).await
+        peer.write_all(&flight).await?;
+        let mut have = 0;
+        // The app's end of stream (or an error, which the relay meets again): read no more.
+        let mut app_done = app.is_none();
+        let mut record = Vec::new();
+        while have < derived::ACCEPT_LEN {
+            let room = derived::EARLY_MAX - copy.len();
+            tokio::select! {
+                biased;
+                n = peer.read(&mut got[have..]) => match n? {
+                    0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    n => have += n,
+                },
+                ready = async { app?.readable().await.ok() }, if !app_done && room > 0 => {
+                    let Some(app) = app.filter(|_| ready.is_some()) else {
+                        app_done = true;
+                        continue;
+                    };
+                    match app.try_read(&mut buf[..room]) {
+                        Ok(0) => app_done = true,
+                        Ok(n) => {
+                            // Kept first: a write the server's reset cuts short must not
+                            // lose them (they go again on the handshake).
+                            copy.extend_from_slice(&buf[..n]);
+                            record.clear();
+                            if keys.seal_early(sent, &buf[..n], &mut record).is_none() {
+                                return Err(std::io::Error::other("sealing the app's bytes"));
+                            }
+                            sent += 1;
+                            peer.write_all(&record).await?;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => app_done = true,
+                    }
+                }
+            }
+        }
+        Ok(())
     };
     match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(_)) if derived::constant_eq(&got, accept) => {
+        Ok(Ok(())) if derived::constant_eq(&got, &keys.accept) => {
             if deferred {
                 // Established now (the acceptance came back): the ULP can go on.
                 prepare_peer(shared, &peer);
             }
-            Ok(peer)
+            Ok((peer, sent))
         }
-        _ => Err(Some(peer)),
+        // The server's agent answers a header it takes with the acceptance before it dials
+        // the app, and resets one it refuses unread: an answer that ended without it is a
+        // refusal, and nothing behind the header was delivered.
+        Ok(_) => Err(Declined::Refused(peer)),
+        Err(_) if copy.is_empty() => Err(Declined::Refused(peer)),
+        Err(_) => Err(Declined::Silent(peer)),
     }
 }
 
@@ -332,13 +442,15 @@ fn hybrid(est: &driver::Established) -> bool {
         .is_some_and(handshake::MeshGroup::post_quantum)
 }
 
-/// Dials the peer agent and runs the client handshake with `config`. On failure, why, and the
-/// socket to reset if there is one.
+/// Dials the peer agent and runs the client handshake with `config`; `wants_root`: the
+/// session must leave a derived-keys root (see below). On failure, why, and the socket to
+/// reset if there is one.
 async fn dial_handshake(
     shared: &Shared,
     out: &Outbound<'_>,
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
+    wants_root: bool,
 ) -> Result<(TcpStream, driver::Established), (Refused, Option<TcpStream>)> {
     // The first flight is built before the connect: the server's agent waits only
     // `firstByteWaitMs` for it before treating the connection as plaintext.
@@ -346,10 +458,12 @@ async fn dial_handshake(
     // remainder keeps the server's resumption tickets after the hand-off.
     let kernel = matches!(shared.offload, Offload::Kernel(_));
     // Derived keys need the handshake's exporter, which rustls' unbuffered client lacks: on
-    // a kTLS node that mode takes the buffered client, whose keys go to the kernel as well
-    // (the server's ticket, arriving after the hand-off, is then dropped; derived
-    // connections need none).
-    let unbuffered = kernel && shared.tuning.connection_keys == ConnectionKeysMode::Handshake;
+    // a kTLS node a handshake that should leave a root takes the buffered client, whose keys
+    // go to the kernel as well (the server's ticket, arriving after the hand-off, is then
+    // dropped: it would be refused exactly when the root is, see ARCHITECTURE.md). To a
+    // server known to keep no roots the unbuffered client keeps its tickets, as in
+    // `handshake` mode.
+    let unbuffered = kernel && !wants_root;
     let prepared = if unbuffered {
         driver::kernel_client_connection(Arc::clone(&config), name.clone()).map(Prepared::Kernel)
     } else {
@@ -436,14 +550,16 @@ async fn dial_handshake(
 }
 
 /// The rest of a mesh flow once its session is established (fresh, or a claimed spare):
-/// the node's crypto policy, the flow's row, the relay.
-fn established<'a>(
+/// the node's crypto policy, the app's bytes a refused derived header carried (`resend`,
+/// sent first), the flow's row, the relay.
+async fn established<'a>(
     shared: &'a Shared,
     mut out: Outbound<'_>,
     expected: &SpiffeId,
     app: TcpStream,
-    peer: TcpStream,
-    est: driver::Established,
+    mut peer: TcpStream,
+    mut est: driver::Established,
+    resend: &[u8],
 ) -> Result<Relay<'a>, Stop> {
     if let Some(refused) = crypto_refuses(shared, &est.negotiated) {
         return Err(out
@@ -451,6 +567,16 @@ fn established<'a>(
             .answer_app(app)
             .reset(peer)
             .into());
+    }
+    if !resend.is_empty() {
+        if let Err(e) = est.send_first(&mut peer, resend).await {
+            reset(peer);
+            reset(app);
+            return Err(anyhow::Error::new(e)
+                .context("sending the app's first bytes again after a refused derived header")
+                .into());
+        }
+        shared.derived("resent");
     }
     out.flow.peer_id = Some(est.peer().clone());
     out.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
