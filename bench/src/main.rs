@@ -179,6 +179,11 @@ struct RunArgs {
     /// baseline): per-connection keys derived from an earlier mesh session.
     #[arg(long)]
     derived_keys: bool,
+    /// `tuning.connectionKeys: derived` for the baseline agent too (`--baseline-agent`, a
+    /// version that has the key): a change to derived connections measured against the same
+    /// mode before it.
+    #[arg(long)]
+    baseline_derived_keys: bool,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -388,6 +393,7 @@ fn run(args: RunArgs) -> Result<()> {
         mesh_spares: args.mesh_spares,
         worker_threads: args.worker_threads,
         derived_keys: args.derived_keys,
+        baseline_derived_keys: args.baseline_derived_keys,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,
