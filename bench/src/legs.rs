@@ -7,6 +7,10 @@
 //!   the other; the agent is not woken;
 //! * `sk_msg`: sk_msg on the apps' sockets pushes what each app sends straight out of the
 //!   agent's other leg, inside the app's `sendmsg`.
+//! * `ingress`: no agent, one connection as `direct`, but the client's sends go straight
+//!   into the server's receive queue by sk_msg (`tuning.relayAppLeg: skMsg`'s redirect, the
+//!   join program with an unlimited `JOIN_INGRESS` grant): against `direct`, what one
+//!   loopback TCP traversal per round trip costs.
 //!
 //! Per variant: 64 B ping-pong round trips, each echo checked (a reordered or lost message
 //! fails the run). Bulk and back-pressure of the kernel joins are not measured here yet;
@@ -24,7 +28,7 @@ use anyhow::{Context as _, Result, bail};
 use interceptor::{datapath::LegJoins, relay};
 use serde::Serialize;
 
-pub const VARIANTS: [&str; 4] = ["direct", "splice", "sk_skb", "sk_msg"];
+pub const VARIANTS: [&str; 5] = ["direct", "splice", "sk_skb", "sk_msg", "ingress"];
 
 #[derive(Debug, Serialize, Clone)]
 pub struct Sample {
@@ -61,8 +65,22 @@ fn pair(to: &TcpListener) -> Result<(TcpStream, TcpStream)> {
 fn path(variant: &str, joins: &mut LegJoins) -> Result<Path> {
     let front = listener()?;
     let app = listener()?;
-    if variant == "direct" {
+    if variant == "direct" || variant == "ingress" {
         let (client, server) = pair(&app)?;
+        if variant == "ingress" {
+            let key = joins.join_msg(
+                client.as_fd(),
+                client.local_addr()?,
+                client.peer_addr()?,
+                server.as_fd(),
+            )?;
+            let grant = interceptor_common::JoinGrant {
+                relayed: 0,
+                granted: u64::MAX,
+                kind: interceptor_common::JOIN_INGRESS,
+            };
+            joins.set_grant(key, grant)?;
+        }
         return Ok(Path {
             client,
             server,

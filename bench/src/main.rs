@@ -184,6 +184,10 @@ struct RunArgs {
     /// mode before it.
     #[arg(long)]
     baseline_derived_keys: bool,
+    /// `tuning.relayAppLeg: skMsg` for the agent under test (`--agent`; never the baseline):
+    /// the apps' sends reach the agent's ends of their loopback connections by sk_msg.
+    #[arg(long)]
+    app_leg_skmsg: bool,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -394,6 +398,7 @@ fn run(args: RunArgs) -> Result<()> {
         worker_threads: args.worker_threads,
         derived_keys: args.derived_keys,
         baseline_derived_keys: args.baseline_derived_keys,
+        app_leg_skmsg: args.app_leg_skmsg,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

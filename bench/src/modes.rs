@@ -161,6 +161,8 @@ pub struct Env {
     pub derived_keys: bool,
     /// The same for the baseline agent (see `--baseline-derived-keys`).
     pub baseline_derived_keys: bool,
+    /// `tuning.relayAppLeg: skMsg` for `agent_bin` (see `--app-leg-skmsg`).
+    pub app_leg_skmsg: bool,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -655,6 +657,9 @@ struct TuningCfg {
     /// Left out for the baseline agent, like `mesh_spares`.
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_keys: Option<&'static str>,
+    /// Left out for the baseline agent, like `mesh_spares`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay_app_leg: Option<&'static str>,
 }
 
 fn workload(pod: &topology::Pod, sa: &'static str) -> WorkloadCfg {
@@ -765,6 +770,8 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                     env.derived_keys
                 }
                 .then_some("derived"),
+                relay_app_leg: (active.mode != Mode::InterceptorRelayBase && env.app_leg_skmsg)
+                    .then_some("skMsg"),
             },
         };
         // JSON is YAML, and serde_json is already here.

@@ -318,6 +318,53 @@ pub fn processes_cpu(pids: &[u32]) -> Result<f64> {
     pids.iter().map(|p| process_cpu(*p)).sum()
 }
 
+/// Context switches (voluntary and involuntary) of every thread of these processes so far:
+/// how often a proxy was put to sleep or off its CPU, a cost a busy host turns into waiting.
+pub fn processes_context_switches(pids: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let tasks = format!("/proc/{pid}/task");
+        for task in std::fs::read_dir(&tasks).with_context(|| format!("read {tasks}"))? {
+            let status = task?.path().join("status");
+            // A thread that ended since the listing has nothing more to add.
+            let Ok(text) = std::fs::read_to_string(&status) else {
+                continue;
+            };
+            for line in text.lines() {
+                if let Some(v) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    total += v
+                        .trim()
+                        .parse::<u64>()
+                        .with_context(|| format!("{}: context switches {v:?}", status.display()))?;
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// NET_RX softirqs run on every CPU so far (`/proc/softirqs`): each loopback or veth
+/// segment is received in one. System-wide, so other network work on the host adds to it.
+pub fn net_rx_softirqs() -> Result<u64> {
+    parse_net_rx(&std::fs::read_to_string("/proc/softirqs").context("read /proc/softirqs")?)
+}
+
+fn parse_net_rx(text: &str) -> Result<u64> {
+    let line = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("NET_RX:"))
+        .context("/proc/softirqs has no NET_RX line")?;
+    line.split_whitespace()
+        .map(|v| {
+            v.parse::<u64>()
+                .with_context(|| format!("/proc/softirqs: NET_RX count {v:?}"))
+        })
+        .sum()
+}
+
 /// Descriptors the harness asks for (children inherit them): 10 000 idle flows through an
 /// agent are 20 000 descriptors there (two sockets per flow end), plus its own.
 const NOFILE_WANTED: libc::rlim_t = 1 << 17;
@@ -375,4 +422,17 @@ pub fn thread_cpu_ns() -> Result<u64> {
     }
     Ok(u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
         + u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_rx_softirqs_sum_every_cpu() {
+        let text = "                    CPU0       CPU1\n          HI:          1          0\n      NET_TX:          5          7\n      NET_RX:     123456      65432\n       BLOCK:          0          0\n";
+        assert_eq!(parse_net_rx(text).unwrap(), 123_456 + 65_432);
+        assert!(parse_net_rx("      NET_TX: 1 2\n").is_err());
+        assert!(parse_net_rx("      NET_RX: 1 x\n").is_err());
+    }
 }

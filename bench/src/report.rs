@@ -463,6 +463,8 @@ fn meta(metric: &str) -> (&'static str, bool) {
         | "sender_lateness_p99_us"
         | "p99_block_median_us" => ("µs", true),
         "round_trips" => ("count", false),
+        "cpu_us_per_rt" | "proxy_cpu_us_per_rt" => ("CPU-µs per round trip", true),
+        "proxy_switches_per_rt" | "net_rx_softirqs_per_rt" => ("per round trip", true),
         "achieved_rps" => ("req/s", false),
         "errors" => ("count", true),
         "vcpu_per_krps" | "proxy_vcpu_per_krps" => ("vCPU per 1000 rps", true),

@@ -409,11 +409,13 @@ fn sockperf(
         "--full-log",
     ])
     .arg(&log);
+    let counts = RoundTripCounts::open(topo, active)?;
     procs::run_bounded(
         "sockperf",
         &mut cmd,
         Duration::from_secs(p.rr_secs * 3 + 30),
     )?;
+    let counts = counts.close(topo, active)?;
     let text = std::fs::read_to_string(&log)
         .with_context(|| format!("sockperf wrote no log {}", log.display()))?;
     let _ = std::fs::remove_file(&log);
@@ -424,7 +426,59 @@ fn sockperf(
             rtts.len()
         );
     }
-    Ok(rr_metrics(&rtts))
+    let mut m = rr_metrics(&rtts);
+    m.extend(counts.per_round_trip(rtts.len() as f64, has_proxy(active)));
+    Ok(m)
+}
+
+/// What one sockperf run cost, for per-round-trip counts: CPU, the proxies' context
+/// switches, NET_RX softirqs. Divided by the logged round trips, which leave out sockperf's
+/// warm-up (~0.4 s of the run), so every figure is a few per cent high, the same for every
+/// mode of a run.
+struct RoundTripCounts {
+    cpu: CpuWindow,
+    switches: u64,
+    softirqs: u64,
+}
+
+struct RoundTripTotals {
+    cpu: Cpu,
+    switches: u64,
+    softirqs: u64,
+}
+
+impl RoundTripCounts {
+    fn open(topo: &Topology, active: &Active) -> Result<Self> {
+        Ok(Self {
+            cpu: CpuWindow::open(topo, active)?,
+            switches: procs::processes_context_switches(&active.proxy_pids())?,
+            softirqs: procs::net_rx_softirqs()?,
+        })
+    }
+
+    fn close(self, topo: &Topology, active: &Active) -> Result<RoundTripTotals> {
+        Ok(RoundTripTotals {
+            cpu: self.cpu.close(topo, active)?,
+            switches: procs::processes_context_switches(&active.proxy_pids())?
+                .saturating_sub(self.switches),
+            softirqs: procs::net_rx_softirqs()?.saturating_sub(self.softirqs),
+        })
+    }
+}
+
+impl RoundTripTotals {
+    fn per_round_trip(&self, round_trips: f64, proxy: bool) -> Vec<Metric> {
+        let n = round_trips.max(1.0);
+        let mut m = vec![
+            ("cpu_us_per_rt", self.cpu.attributed * 1e6 / n),
+            ("net_rx_softirqs_per_rt", self.softirqs as f64 / n),
+        ];
+        if proxy {
+            m.push(("proxy_cpu_us_per_rt", self.cpu.proxy * 1e6 / n));
+            m.push(("proxy_switches_per_rt", self.switches as f64 / n));
+        }
+        m
+    }
 }
 
 /// The round-trip times (µs) of a sockperf `--full-log`, in the order they were sent: lines

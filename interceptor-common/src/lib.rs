@@ -211,26 +211,50 @@ pub const POD_FLAG_JOIN_SKMSG: u32 = 4;
 pub struct JoinSent {
     /// Bytes the socket sent over TCP to the agent's leg (the program passed them).
     pub passed: u64,
-    /// Bytes the program redirected out of the agent's other leg.
+    /// Bytes the program redirected (out of the agent's other leg, or into the agent's own
+    /// end for [`JOIN_INGRESS`]).
     pub redirected: u64,
+    /// [`JOIN_INGRESS`]: 1 when the last message was redirected, 0 when it took TCP.
+    pub redirecting: u64,
 }
-const _: () = assert!(core::mem::size_of::<JoinSent>() == 16);
+const _: () = assert!(core::mem::size_of::<JoinSent>() == 24);
 
 /// Value of [`maps::JOIN_GRANT`], written whole by the agent.
 ///
-/// The program redirects a message only when `passed == relayed` (every byte that took TCP
-/// is already in the outgoing leg's send queue, so the redirected one lands behind it) and
-/// `redirected + size <= granted` (the outgoing leg has room: the agent grants what its send
-/// buffer can take, so a non-blocking sender never meets a full leg it cannot poll).
+/// [`JOIN_EGRESS`] (the same-node join): the program redirects a message out of the agent's
+/// other leg only when `passed == relayed` (every byte that took TCP is already in the
+/// outgoing leg's send queue, so the redirected one lands behind it) and `redirected + size
+/// <= granted` (the outgoing leg has room: the agent grants what its send buffer can take,
+/// so a non-blocking sender never meets a full leg it cannot poll).
+///
+/// [`JOIN_INGRESS`] (`tuning.relayAppLeg: skMsg`, the userspace relay's app leg): the program
+/// puts a message straight into the receive queue of the agent's own end of the app's
+/// connection. The agent's reader takes that queue before its TCP queue, so order holds as
+/// long as no byte that took TCP is still unread when a message is redirected: the program
+/// redirects only while its previous message was redirected too ([`JoinSent::redirecting`]),
+/// or once the agent has read every byte the socket sent (`passed + redirected <= relayed`,
+/// `relayed` then counting every byte the agent read from its end). `passed + redirected +
+/// size <= granted` bounds what waits unread: the kernel charges an ingress redirect to no
+/// socket buffer and gives the sender no back-pressure, so the agent grants a window ahead of
+/// what it has read, and a sender beyond it takes TCP (with TCP's flow control) instead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct JoinGrant {
-    /// Bytes of this socket's TCP stream the agent has written into the outgoing leg.
+    /// [`JOIN_EGRESS`]: bytes of this socket's TCP stream the agent has written into the
+    /// outgoing leg. [`JOIN_INGRESS`]: bytes the agent has read from its end in all.
     pub relayed: u64,
-    /// Total the program may have redirected, counted like [`JoinSent::redirected`].
+    /// [`JOIN_EGRESS`]: total the program may have redirected, counted like
+    /// [`JoinSent::redirected`]. [`JOIN_INGRESS`]: total the socket may have sent.
     pub granted: u64,
+    /// [`JOIN_EGRESS`] or [`JOIN_INGRESS`].
+    pub kind: u64,
 }
-const _: () = assert!(core::mem::size_of::<JoinGrant>() == 16);
+const _: () = assert!(core::mem::size_of::<JoinGrant>() == 24);
+
+/// [`JoinGrant::kind`]: out of the agent's other leg (the same-node join).
+pub const JOIN_EGRESS: u64 = 0;
+/// [`JoinGrant::kind`]: into the agent's own end of the app's connection.
+pub const JOIN_INGRESS: u64 = 1;
 
 /// Key of [`maps::LOCAL_LEGS`]: one end of a loopback connection, seen from that end.
 #[repr(C)]

@@ -11,10 +11,11 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::BPF_F_INGRESS,
     helpers::bpf_get_socket_cookie,
     programs::{SkBuffContext, SkMsgContext},
 };
-use interceptor_common::Counter;
+use interceptor_common::{Counter, JOIN_INGRESS, JoinGrant, JoinSent, LegKey};
 
 use crate::{
     maps::{JOIN_GRANT, JOIN_MSG_PEERS, JOIN_SENT, JOIN_SKB, count},
@@ -50,6 +51,12 @@ pub fn on_msg(ctx: &SkMsgContext) -> u32 {
     // SAFETY: `sent` points at this socket's live entry, written only here (see above).
     let (passed, redirected) = unsafe { ((*sent).passed, (*sent).redirected) };
     let size = u64::from(size);
+    if let Some(grant) = grant
+        && grant.kind == JOIN_INGRESS
+    {
+        // SAFETY: as above.
+        return unsafe { into_agent(ctx, &mut this, &mut *sent, &grant, size) };
+    }
     if let Some(grant) = grant {
         if passed == grant.relayed
             && redirected + size <= grant.granted
@@ -64,5 +71,36 @@ pub fn on_msg(ctx: &SkMsgContext) -> u32 {
     }
     // SAFETY: as above.
     unsafe { (*sent).passed = passed + size };
+    SK_PASS
+}
+
+/// [`JOIN_INGRESS`] (`tuning.relayAppLeg: skMsg`): the message goes straight into the receive
+/// queue of the agent's own end of this connection, skipping the loopback TCP stack, when
+/// [`JoinGrant`]'s rule allows; otherwise it takes TCP. `sent` is this socket's entry, written
+/// only under its socket lock (see [`on_msg`]).
+#[inline(always)]
+fn into_agent(
+    ctx: &SkMsgContext,
+    this: &mut LegKey,
+    sent: &mut JoinSent,
+    grant: &JoinGrant,
+    size: u64,
+) -> u32 {
+    let total = sent.passed + sent.redirected;
+    // Order: nothing that took TCP may be unread behind a redirected message (the agent's
+    // reader drains its redirected queue first).
+    let ordered = sent.redirecting != 0 || total <= grant.relayed;
+    if ordered
+        && total + size <= grant.granted
+        && JOIN_MSG_PEERS.redirect_msg(ctx, this, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
+    {
+        sent.redirected += size;
+        sent.redirecting = 1;
+        count(Counter::JoinRedirected);
+        return SK_PASS;
+    }
+    sent.passed += size;
+    sent.redirecting = 0;
+    count(Counter::JoinFellBack);
     SK_PASS
 }

@@ -188,12 +188,10 @@ async fn start_from(
         let cg = sys::own_cgroup().context("the agent's own cgroup")?;
         datapath.enable_local_leg(&cg).context("sk_msg local leg")?;
     }
-    if config.tuning.same_node_fast_path
-        && config.tuning.same_node_join == crate::config::SameNodeJoin::SkMsg
-    {
+    if config.tuning.joins_app_sockets() {
         datapath
             .enable_join()
-            .context("tuning.sameNodeJoin: skMsg (the sk_msg leg join)")?;
+            .context("tuning.sameNodeJoin / relayAppLeg: skMsg (the sk_msg leg join)")?;
     }
     if let Some(cni) = &config.cni {
         // Once, before any pod: every pod cgroup the runtime creates below it later runs the
@@ -574,6 +572,14 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .counters()
+    }
+
+    /// Entries of the sk_msg join's maps (grants, peer sockets, sent counts), when the join
+    /// is on: see `datapath::JoinMaps::entries`.
+    pub fn join_entries(&self) -> Option<(usize, usize, usize)> {
+        let maps = self.shared.join_maps()?;
+        let maps = maps.lock().unwrap_or_else(|p| p.into_inner());
+        Some(maps.entries())
     }
 
     /// How mesh flows are protected on this node.

@@ -515,6 +515,15 @@ pub struct Tuning {
     /// kernel psock, so all of them pay the sk_msg send path (ARCHITECTURE.md "Same-node fast
     /// path").
     pub same_node_join: SameNodeJoin,
+    /// The app leg of a mesh flow relayed in userspace (no kTLS): `tcp` (loopback TCP, as
+    /// any socket pair) or `skMsg` (an sk_msg program puts what the app sends straight into
+    /// the receive queue of the agent's end, inside the app's `sendmsg`, within a window the
+    /// agent grants ahead of what it has read; beyond it, or before the agent armed the flow,
+    /// TCP). Like `sameNodeJoin: skMsg`, `skMsg` gives every app socket that talks to the
+    /// agent a kernel psock, so all of them take the sk_msg send path (ARCHITECTURE.md
+    /// "The userspace relay's app leg"). `tcp` by default: the round trip gained less than
+    /// the benchmark's noise, and bulk senders lost.
+    pub relay_app_leg: RelayAppLeg,
     /// Threads that run flows (the async runtime's workers). 0, the default: one per CPU the
     /// agent may run on. Fewer keeps each flow's wake-ups on fewer threads: on a node whose
     /// agent shares few cores with busy pods, 1 set up connections with less CPU each in the
@@ -523,6 +532,18 @@ pub struct Tuning {
 }
 
 impl Tuning {
+    /// Whether app sockets that talk to the agent enter the sk_msg join program: for the
+    /// same-node join (`sameNodeJoin: skMsg` with the fast path on), for the userspace
+    /// relay's app leg (`relayAppLeg: skMsg`), or both (one program, two rules).
+    pub fn joins_app_sockets(&self) -> bool {
+        self.same_node_joins() || self.relay_app_leg == RelayAppLeg::SkMsg
+    }
+
+    /// The same-node fast path joins its legs with sk_msg.
+    pub fn same_node_joins(&self) -> bool {
+        self.same_node_fast_path && self.same_node_join == SameNodeJoin::SkMsg
+    }
+
     /// How long a resumption ticket, and a root of derived connection keys, stays usable:
     /// both ends of both mechanisms read this one value.
     pub fn ticket_lifetime(&self) -> std::time::Duration {
@@ -537,6 +558,15 @@ pub enum ConnectionKeysMode {
     #[default]
     Handshake,
     Derived,
+}
+
+/// `tuning.relayAppLeg`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RelayAppLeg {
+    #[default]
+    Tcp,
+    SkMsg,
 }
 
 /// `tuning.sameNodeJoin`.
@@ -568,6 +598,7 @@ impl Default for Tuning {
             spare_idle_ms: 5_000,
             same_node_fast_path: true,
             same_node_join: SameNodeJoin::Splice,
+            relay_app_leg: RelayAppLeg::Tcp,
             worker_threads: 0,
         }
     }
@@ -1564,6 +1595,19 @@ tuning:
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn relay_app_leg_defaults_to_tcp_and_names_bad_values() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.tuning.relay_app_leg, RelayAppLeg::Tcp);
+        assert!(!c.tuning.joins_app_sockets());
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        let t = with("  relayAppLeg: skMsg\n").unwrap().tuning;
+        assert_eq!(t.relay_app_leg, RelayAppLeg::SkMsg);
+        assert!(t.joins_app_sockets());
+        let e = with("  relayAppLeg: skb\n").unwrap_err().to_string();
+        assert!(e.contains("relayAppLeg") && e.contains("skMsg"), "{e}");
     }
 
     #[test]

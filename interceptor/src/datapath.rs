@@ -1207,6 +1207,17 @@ impl JoinMaps {
         let _ = self.grant.remove(&app);
         let _ = self.peers.remove(&app);
     }
+
+    /// Entries in JOIN_GRANT, JOIN_MSG_PEERS and JOIN_SENT: what flows that ended must not
+    /// leave behind (the agent disarms its grants, the kernel drops closed sockets from the
+    /// socket map, sockops the counts of closed app sockets).
+    pub fn entries(&self) -> (usize, usize, usize) {
+        (
+            self.grant.keys().flatten().count(),
+            self.peers.keys().flatten().count(),
+            self.sent.keys().flatten().count(),
+        )
+    }
 }
 
 /// Two plain TCP legs joined inside the kernel, for measuring against the splice relay
@@ -1297,6 +1308,7 @@ impl LegJoins {
         let unlimited = JoinGrant {
             relayed: 0,
             granted: u64::MAX,
+            kind: interceptor_common::JOIN_EGRESS,
         };
         self.msg_grant
             .insert(key, unlimited, 0)

@@ -34,6 +34,7 @@
 //! spinning, no extra tasks), and yields after [`YIELD_AFTER_BYTES`] so one fast flow cannot
 //! starve others on the same worker.
 
+mod appleg;
 mod buf;
 mod kernel;
 mod plain;
@@ -389,6 +390,33 @@ pub fn relay(
     config: RelayConfig,
     stats: Arc<RelayStats>,
 ) -> Pin<Box<dyn Future<Output = Result<(), RelayError>> + Send>> {
+    relay_joining(app, peer, session, layer, config, stats, None)
+}
+
+/// [`relay`], and with `join` (`tuning.relayAppLeg: skMsg`) a flow that stays in userspace
+/// has its app leg armed for the join program (`appleg`): what the app sends lands in the
+/// agent's end without crossing loopback TCP. A kTLS flow is never armed (its relay splices
+/// the app leg, and splice cannot see redirected bytes), nor one whose arming failed (it
+/// relays over TCP as without the option).
+pub fn relay_joining(
+    app: TcpStream,
+    peer: TcpStream,
+    session: Established,
+    layer: RecordLayer,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+    join: Option<Arc<std::sync::Mutex<crate::datapath::JoinMaps>>>,
+) -> Pin<Box<dyn Future<Output = Result<(), RelayError>> + Send>> {
+    let app_leg = |app: &TcpStream| {
+        let maps = join.clone()?;
+        match appleg::AppLeg::arm(maps, app) {
+            Ok(leg) => Some(Box::new(leg)),
+            Err(e) => {
+                tracing::debug!(error = %e, "sk_msg app leg not armed; loopback TCP only");
+                None
+            }
+        }
+    };
     let expect_no_pad = match layer {
         // Records read past the handshake cannot be given to the kernel (see
         // `Established::leftover_ciphertext`): such a session stays in userspace.
@@ -410,7 +438,15 @@ pub fn relay(
                     };
                     return match record::RecordLayer::new(*secrets, is_client) {
                         Ok(own) => {
-                            Box::pin(userspace::run_own(app, peer, Box::new(own), config, stats))
+                            let leg = app_leg(&app);
+                            Box::pin(userspace::run_own(
+                                app,
+                                peer,
+                                Box::new(own),
+                                config,
+                                stats,
+                                leg,
+                            ))
                         }
                         Err(e) => failed_at_start(app, peer, config, stats, RelayError::Tls(e)),
                     };
@@ -437,6 +473,7 @@ pub fn relay(
                 own_record_layer: true,
                 ..config
             };
+            let leg = app_leg(&app);
             return Box::pin(userspace::run(
                 app,
                 peer,
@@ -445,6 +482,7 @@ pub fn relay(
                 session.leftover_ciphertext,
                 config,
                 stats,
+                leg,
             ));
         }
     };
@@ -502,7 +540,16 @@ pub fn relay_userspace(
     stats: Arc<RelayStats>,
 ) -> impl Future<Output = Result<(), RelayError>> + Send {
     stats.set_mode(RelayMode::Userspace);
-    userspace::run(app, peer, conn.into(), leftover, Vec::new(), config, stats)
+    userspace::run(
+        app,
+        peer,
+        conn.into(),
+        leftover,
+        Vec::new(),
+        config,
+        stats,
+        None,
+    )
 }
 
 /// Kernel relay: `peer` already has kTLS TX and RX installed for `cipher`; `leftover` is

@@ -41,7 +41,19 @@ pub fn wait_listening(pod: &Pod, addr: SocketAddr) {
 /// Serves `dir` over HTTP from the pod (busybox httpd in the foreground, killed with the pod)
 /// on `listen` (e.g. "80" or "[::]:80"), and waits until it answers on `probe`.
 pub fn serve_http_on(pod: &mut Pod, dir: &Path, listen: &str, probe: SocketAddr) {
-    let mut cmd = pod.command_unenrolled(busybox());
+    let cmd = pod.command_unenrolled(busybox());
+    serve_http_with(pod, cmd, dir, listen, probe);
+}
+
+/// [`serve_http_on`] from inside the pod's cgroup, as an enrolled pod's app runs: its sockets
+/// get the pod's socket programs (sockops, the sk_msg leg join), which a server outside the
+/// cgroup never sees.
+pub fn serve_http_enrolled(pod: &mut Pod, dir: &Path, listen: &str, probe: SocketAddr) {
+    let cmd = pod.command(busybox());
+    serve_http_with(pod, cmd, dir, listen, probe);
+}
+
+fn serve_http_with(pod: &mut Pod, mut cmd: Command, dir: &Path, listen: &str, probe: SocketAddr) {
     cmd.args(["httpd", "-f", "-p", listen, "-h"]).arg(dir);
     pod.spawn(cmd);
     wait_listening(pod, probe);

@@ -93,6 +93,20 @@ impl Traffic {
             .collect()
     }
 
+    /// Waits until two more requests finished than `seen`: at least one of them was sent
+    /// after the caller's step began, so every step of the rotation is crossed by traffic
+    /// however slow the machine (a fixed request count raced the VM's emulated CPU).
+    fn wait_past(&self, seen: usize, step: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.results().len() < seen + 2 {
+            assert!(
+                Instant::now() < deadline,
+                "{step}: no background request finished in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn finish(mut self) -> Vec<String> {
         std::fs::write(&self.stop, "").expect("stop traffic");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -294,10 +308,12 @@ fn staggered_root_rotation_loses_no_request_and_no_open_flow() {
     ];
     for (step, _dir, agent, apply) in steps {
         let before = agent.agent.ca_generation();
+        let seen = traffic.results().len();
         apply();
         wait_reload(&agent.agent, before, step);
         settle();
         check(step, &mut flow);
+        traffic.wait_past(seen, step);
         if step == "(b) node2 signs with B" {
             // It presents its new intermediate at once (and only that).
             assert!(chains_to(&root_b) && !chains_to(&root_a), "{step}");

@@ -17,7 +17,10 @@ use interceptor::{
 };
 use interceptor_tests::{
     agent::{PinCleanup, RunningAgent, TempDir},
-    apps::{curl, curl_upload, random_payload, serve_http_on, serve_upload_hasher, sha256_hex},
+    apps::{
+        curl, curl_upload, random_payload, serve_http_enrolled, serve_http_on, serve_upload_hasher,
+        sha256_hex,
+    },
     connect_from,
     mesh::{PolicyDir, workload},
     process::{AgentProcess, access_lines, assert_log_bytes_match},
@@ -400,7 +403,8 @@ fn same_node_sk_msg_join_order_backpressure_half_close_counts_and_reset() {
     let sleep = node.pod("sleep", 11);
     let www = Www::with_blob("samenodejoin", 4 << 20);
     let ip = httpbin.ip;
-    serve_http_on(&mut httpbin, www.path(), "80", SocketAddr::from((ip, 80)));
+    // In the pod's cgroup, so its sends enter the join (a server outside it is never joined).
+    serve_http_enrolled(&mut httpbin, www.path(), "80", SocketAddr::from((ip, 80)));
     serve_upload_hasher(&httpbin, UPLOAD_PORT);
     const SINK_PORT: u16 = 9090;
     serve_slow_sink(&httpbin, SINK_PORT, Duration::from_millis(400));

@@ -167,7 +167,11 @@ pub(super) fn relay_mesh(
     let stats = Arc::clone(&guard.stats);
     // `map_err` rather than an async block, which would hold the boxed relay twice (its
     // capture and the awaited copy) in state that lives as long as the flow.
-    let relay = relay::relay(app, peer, est, layer, config, stats).map_err(anyhow::Error::from);
+    let join = (shared.tuning.relay_app_leg == crate::config::RelayAppLeg::SkMsg)
+        .then(|| shared.join_maps())
+        .flatten();
+    let relay = relay::relay_joining(app, peer, est, layer, config, stats, join)
+        .map_err(anyhow::Error::from);
     Ok(relaying(guard, relay))
 }
 

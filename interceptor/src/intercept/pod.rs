@@ -388,8 +388,11 @@ fn register(
             inbound_slot: slot,
             steer_inbound: true,
             local_leg_skmsg: shared.tuning.sk_msg_local_leg,
-            join_skmsg: shared.tuning.same_node_fast_path
-                && shared.tuning.same_node_join == crate::config::SameNodeJoin::SkMsg,
+            // `relayAppLeg: skMsg` arms userspace-relay flows only: on a kTLS node the app
+            // sockets would pay the sk_msg send path for nothing.
+            join_skmsg: shared.tuning.same_node_joins()
+                || (shared.tuning.relay_app_leg == crate::config::RelayAppLeg::SkMsg
+                    && matches!(shared.offload, super::Offload::Userspace)),
         },
         &workload.ips,
     )?;

@@ -7,8 +7,11 @@
 //! `sendmsg`. What it passes (bytes sent before the agent allowed the join, and whatever it
 //! sends while the outgoing leg has no room) arrives here as before; after writing it on, the
 //! relay publishes how far it got and how much room the leg has, which lets the program
-//! redirect again only behind everything relayed. The program's redirected counts join the
-//! flow's byte counts whenever the relay wakes, before each half-close and at the end.
+//! redirect again only behind everything relayed. What the program redirected joins the
+//! flow's byte counts when the relay looks (idle checks, before each half-close, at the end):
+//! read off the outgoing leg, the agent's own socket, as everything it queued less what the
+//! relay wrote, because the app socket's entry in the program's map goes with the socket,
+//! which can close before the relay looks.
 //!
 //! Readiness follows the kTLS relay's rule (see `kernel.rs`): a non-blocking splice that
 //! returns `EAGAIN` while its pipe holds data may have met a full pipe rather than an empty
@@ -21,7 +24,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use interceptor_common::{JoinGrant, LegKey};
+use interceptor_common::{JOIN_EGRESS, JoinGrant, LegKey};
 use tokio::{io::Interest, net::TcpStream};
 use tracing::debug;
 
@@ -54,10 +57,12 @@ struct Lane {
     shut: bool,
     /// Bytes written into the destination.
     written: u64,
+    /// Carries the client's bytes (toward the peer leg).
+    up: bool,
 }
 
 impl Lane {
-    fn new(size: usize) -> io::Result<Lane> {
+    fn new(size: usize, up: bool) -> io::Result<Lane> {
         let (r, w) = ksys::pipe2(true)?;
         let cap = sys::set_pipe_size(w.as_fd(), size.min(MAX_PIPE)).unwrap_or(DEFAULT_PIPE);
         Ok(Lane {
@@ -68,6 +73,7 @@ impl Lane {
             eof: false,
             shut: false,
             written: 0,
+            up,
         })
     }
 
@@ -130,9 +136,9 @@ impl Lane {
         }
         if self.eof && self.in_pipe == 0 && !self.shut {
             if let Some(join) = join {
-                // The source's FIN came after every byte it redirected; the destination's
-                // app may close for good once it sees ours, and its count goes with it.
-                join.collect();
+                // The source's FIN came after every byte it redirected, and ours must not
+                // be counted as one.
+                join.collect(self.up, self.written, dst, true);
             }
             super::shutdown_write(dst)?;
             self.shut = true;
@@ -161,13 +167,20 @@ impl Lane {
 /// the app, and how far the relay published.
 struct JoinSide {
     app: LegKey,
+    /// What the outgoing leg had queued when the join was armed (the kernel counts the
+    /// handshake into it, and bytes the agent wrote before the relay began).
+    base: u64,
     published: u64,
     /// What the program had redirected at the last look (already in the flow's counts).
     redirected: u64,
+    /// The direction's FIN went out: its count is final (and the outgoing leg's counter
+    /// would count the FIN once acknowledged).
+    done: bool,
 }
 
 /// A flow's sk_msg leg join, from arming to disarming (on drop, so a cancelled relay
-/// disarms too).
+/// disarms too). The relay hands it the outgoing leg of a direction when it counts, since a
+/// direction's redirected bytes are in that leg's send queue (see [`Join::collect`]).
 pub struct Join {
     maps: Arc<Mutex<JoinMaps>>,
     stats: Arc<super::RelayStats>,
@@ -189,18 +202,20 @@ impl Join {
         client: LegKey,
         server: LegKey,
     ) -> Result<Join, crate::datapath::DatapathError> {
-        let side = |app| {
+        let side = |app, out: &TcpStream| {
             Mutex::new(JoinSide {
                 app,
+                base: crate::sys::tcp_bytes_queued(out.as_fd()).unwrap_or(0),
                 published: 0,
                 redirected: 0,
+                done: false,
             })
         };
         let join = Join {
             maps,
             stats,
-            up: side(client),
-            down: side(server),
+            up: side(client, peer),
+            down: side(server, app),
         };
         {
             let mut maps = join.lock();
@@ -209,6 +224,7 @@ impl Join {
                 let grant = JoinGrant {
                     relayed: 0,
                     granted,
+                    kind: JOIN_EGRESS,
                 };
                 maps.arm(key, out.as_fd(), grant)?;
             }
@@ -220,21 +236,33 @@ impl Join {
         self.maps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds what the program redirected since the last look to the flow's counts.
-    fn collect(&self) {
-        let maps = self.lock();
-        for (side, counter) in [
-            (&self.up, &self.stats.app_to_peer),
-            (&self.down, &self.stats.peer_to_app),
-        ] {
-            let mut side = side.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(sent) = maps.sent(side.app)
-                && sent.redirected > side.redirected
-            {
-                counter.fetch_add(sent.redirected - side.redirected, Ordering::Relaxed);
-                side.redirected = sent.redirected;
-            }
+    /// Adds what the program redirected in one direction since the last look to the flow's
+    /// counts; `true` when it grew. `out` is the direction's outgoing leg and `written` what
+    /// the relay wrote into it: the program's redirects go into the same send queue, inside
+    /// the app's `sendmsg`, so the leg's count of everything queued less `written` is what it
+    /// redirected, exact at any moment the relay is not writing. `last` freezes the count
+    /// (called before the direction's FIN is queued).
+    fn collect(&self, up: bool, written: u64, out: &TcpStream, last: bool) -> bool {
+        let (side, counter) = if up {
+            (&self.up, &self.stats.app_to_peer)
+        } else {
+            (&self.down, &self.stats.peer_to_app)
+        };
+        let mut side = side.lock().unwrap_or_else(|p| p.into_inner());
+        if side.done {
+            return false;
         }
+        side.done = last;
+        let Ok(queued) = crate::sys::tcp_bytes_queued(out.as_fd()) else {
+            return false;
+        };
+        let redirected = queued.saturating_sub(side.base).saturating_sub(written);
+        if redirected <= side.redirected {
+            return false;
+        }
+        counter.fetch_add(redirected - side.redirected, Ordering::Relaxed);
+        side.redirected = redirected;
+        true
     }
 
     /// After the relay wrote `written` bytes of a direction into `out`: lets the program
@@ -255,6 +283,7 @@ impl Join {
         let grant = JoinGrant {
             relayed: written,
             granted: sent.redirected.saturating_add(room),
+            kind: JOIN_EGRESS,
         };
         if let Err(e) = maps.set_grant(side.app, grant) {
             // The program keeps passing: the flow stays on this relay, correct and slower.
@@ -262,23 +291,10 @@ impl Join {
         }
         side.published = written;
     }
-
-    /// Whether the program redirected anything since the last look (the flow is not idle).
-    fn moved(&self) -> bool {
-        let before = self.up_down_redirected();
-        self.collect();
-        self.up_down_redirected() != before
-    }
-
-    fn up_down_redirected(&self) -> (u64, u64) {
-        let get = |s: &Mutex<JoinSide>| s.lock().unwrap_or_else(|p| p.into_inner()).redirected;
-        (get(&self.up), get(&self.down))
-    }
 }
 
 impl Drop for Join {
     fn drop(&mut self) {
-        self.collect();
         let mut maps = self.lock();
         for side in [&self.up, &self.down] {
             maps.disarm(side.lock().unwrap_or_else(|p| p.into_inner()).app);
@@ -296,7 +312,10 @@ pub(super) async fn run(
     stats: Arc<RelayStats>,
     join: Option<Join>,
 ) -> Result<(), RelayError> {
-    let (mut up, mut down) = match (Lane::new(config.pipe_size), Lane::new(config.pipe_size)) {
+    let (mut up, mut down) = match (
+        Lane::new(config.pipe_size, true),
+        Lane::new(config.pipe_size, false),
+    ) {
         (Ok(up), Ok(down)) => (up, down),
         (Err(e), _) | (_, Err(e)) => {
             reset(&app);
@@ -334,7 +353,11 @@ pub(super) async fn run(
                 continue;
             }
             if idle.poll_expired(cx).is_ready() {
-                if join.is_some_and(Join::moved) {
+                // Whether the program moved anything since the last look.
+                if join.is_some_and(|join| {
+                    let a = join.collect(true, up.written, &peer, false);
+                    join.collect(false, down.written, &app, false) || a
+                }) {
                     idle.progressed();
                     continue;
                 }
@@ -344,6 +367,10 @@ pub(super) async fn run(
         }
     })
     .await;
+    if let Some(join) = join {
+        join.collect(true, up.written, &peer, true);
+        join.collect(false, down.written, &app, true);
+    }
     // A cancelled flow (see `RelayStats::cancel`) is reset too, and ends with `Ok`.
     if result.is_err() || stats.cancelled() {
         reset(&app);

@@ -30,8 +30,9 @@ use rustls::{AlertDescription, Connection};
 use tokio::{io::AsyncWrite as _, net::TcpStream};
 
 use super::{
-    IdleTimer, Quiet, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES, await_peer_fin,
-    await_request,
+    IdleTimer, Quiet, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES,
+    appleg::AppLeg,
+    await_peer_fin, await_request,
     buf::Buf,
     record::{self, Boundary, Opened, RecordError, RecordLayer},
     reset, wait_ready,
@@ -40,6 +41,7 @@ use super::{
 /// Builds the relay's state now; the future owns only that state. `leftover` is plaintext
 /// for the app, `leftover_tls` records from the peer not yet given to `conn`; both precede
 /// anything on the sockets.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     app: TcpStream,
     peer: TcpStream,
@@ -48,11 +50,21 @@ pub(super) fn run(
     leftover_tls: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    app_leg: Option<Box<AppLeg>>,
 ) -> impl Future<Output = Result<(), RelayError>> + Send {
     let mut conn = conn;
     conn.set_buffer_limit(Some(config.buffer_size.max(16 << 10)));
     let layer = Layer::Rustls(conn);
-    run_layer(app, peer, layer, leftover, leftover_tls, config, stats)
+    run_layer(
+        app,
+        peer,
+        layer,
+        leftover,
+        leftover_tls,
+        config,
+        stats,
+        app_leg,
+    )
 }
 
 /// [`run`] for a session that never had rustls state (keys derived for the connection,
@@ -63,11 +75,22 @@ pub(super) fn run_own(
     own: Box<RecordLayer>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    app_leg: Option<Box<AppLeg>>,
 ) -> impl Future<Output = Result<(), RelayError>> + Send {
     let layer = Layer::Own(own);
-    run_layer(app, peer, layer, Vec::new(), Vec::new(), config, stats)
+    run_layer(
+        app,
+        peer,
+        layer,
+        Vec::new(),
+        Vec::new(),
+        config,
+        stats,
+        app_leg,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_layer(
     app: TcpStream,
     peer: TcpStream,
@@ -76,8 +99,10 @@ fn run_layer(
     leftover_tls: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    app_leg: Option<Box<AppLeg>>,
 ) -> impl Future<Output = Result<(), RelayError>> + Send {
     let mut relay = Userspace::new(app, peer, layer, leftover, leftover_tls, config, stats);
+    relay.app_leg = app_leg;
     async move {
         let mut idle = IdleTimer::new(config.idle_timeout);
         let result = std::future::poll_fn(|cx| {
@@ -246,6 +271,9 @@ struct Userspace {
     /// close_notify received: no more data will come from the peer.
     peer_closed: bool,
     app_write_shut: bool,
+    /// `tuning.relayAppLeg: skMsg`: the app's bytes may arrive in the app socket's redirected
+    /// queue as well as its TCP queue (see `appleg`).
+    app_leg: Option<Box<AppLeg>>,
 }
 
 impl Userspace {
@@ -282,6 +310,7 @@ impl Userspace {
             peer_eof: false,
             peer_closed: false,
             app_write_shut: false,
+            app_leg: None,
         }
     }
 
@@ -397,14 +426,22 @@ impl Userspace {
                 return Ok(progress);
             }
             self.up.clear();
-            match read_into(
-                &mut self.app,
-                &mut self.up,
-                usize::MAX,
-                cx,
-                moved,
-                RelayError::App,
-            )? {
+            let read = match &mut self.app_leg {
+                None => read_into(
+                    &mut self.app,
+                    &mut self.up,
+                    usize::MAX,
+                    cx,
+                    moved,
+                    RelayError::App,
+                )?,
+                Some(leg) => {
+                    let read = read_joined(&self.app, &mut self.up, cx, moved)?;
+                    leg.read(self.up.pending().len());
+                    read
+                }
+            };
+            match read {
                 Read::Eof => self.app_eof = true,
                 Read::Data => {}
                 Read::Blocked => {
@@ -876,6 +913,37 @@ fn read_into(
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Blocked),
         Err(e) => Err(side(e)),
+    }
+}
+
+/// [`read_into`] for an app socket under `tuning.relayAppLeg: skMsg`. The kernel reads the
+/// redirected queue before the TCP queue and returns from the first alone, so a short read
+/// does not mean the socket is drained (TCP bytes, whose wake-up has been consumed, may
+/// wait behind it): the readiness is kept until a read finds nothing, at the price of one
+/// `recvfrom` that returns `EAGAIN` per burst.
+fn read_joined(
+    sock: &TcpStream,
+    buf: &mut Buf,
+    cx: &mut Context<'_>,
+    moved: &mut usize,
+) -> Result<Read, RelayError> {
+    loop {
+        match sock.poll_read_ready(cx) {
+            Poll::Pending => return Ok(Read::Blocked),
+            Poll::Ready(Err(e)) => return Err(RelayError::App(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        // `try_read_buf` clears the readiness only on `EAGAIN`; the next pass then registers
+        // the waker.
+        match buf.fill(|v| sock.try_read_buf(v)) {
+            Ok(0) => return Ok(Read::Eof),
+            Ok(n) => {
+                *moved += n;
+                return Ok(Read::Data);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(RelayError::App(e)),
+        }
     }
 }
 
