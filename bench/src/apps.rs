@@ -349,6 +349,9 @@ pub struct ChurnReport {
     /// Completed connections per second in each window, when windows were asked for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub window_conn_per_s: Vec<f64>,
+    /// Mean connect → first byte time of the connections completed in each window (µs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub window_first_byte_mean_us: Vec<f64>,
 }
 
 /// New connection per request, closed-loop, one thread, for `duration`.
@@ -361,6 +364,7 @@ pub fn churn(target: SocketAddr, duration: Duration) -> Result<ChurnReport> {
             window: None,
             echo: false,
             count: None,
+            rate: None,
         },
     )
 }
@@ -381,6 +385,11 @@ pub struct ChurnShape {
     /// first): a fixed amount of work, so per-connection counts (instructions, system calls)
     /// can be taken as the difference of two runs.
     pub count: Option<u64>,
+    /// Offer this many connections per second in all (each thread its share, on a fixed
+    /// schedule) instead of as many as the path takes: below saturation, the cost of a
+    /// connection (CPU, first-byte time) can be compared between the first and the last
+    /// windows without the rate itself moving.
+    pub rate: Option<f64>,
 }
 
 /// Connections one after another on `shape.threads` threads for `shape.duration`.
@@ -398,6 +407,7 @@ pub fn churn_with(target: SocketAddr, shape: &ChurnShape) -> Result<ChurnReport>
     let mut lat = Vec::new();
     let mut errors = 0u64;
     let mut per_window = vec![0u64; windows];
+    let mut window_ns = vec![0u64; windows];
     for w in workers {
         let r = w
             .join()
@@ -406,6 +416,9 @@ pub fn churn_with(target: SocketAddr, shape: &ChurnShape) -> Result<ChurnReport>
         errors += r.errors;
         for (sum, n) in per_window.iter_mut().zip(r.per_window) {
             *sum += n;
+        }
+        for (sum, ns) in window_ns.iter_mut().zip(r.window_ns) {
+            *sum += ns;
         }
     }
     let secs = start.elapsed().as_secs_f64();
@@ -423,6 +436,11 @@ pub fn churn_with(target: SocketAddr, shape: &ChurnShape) -> Result<ChurnReport>
             .collect(),
         None => Vec::new(),
     };
+    let window_first_byte_mean_us = per_window
+        .iter()
+        .zip(&window_ns)
+        .map(|(&n, &ns)| ns as f64 / 1000.0 / (n.max(1) as f64))
+        .collect();
     Ok(ChurnReport {
         connections,
         errors,
@@ -430,6 +448,7 @@ pub fn churn_with(target: SocketAddr, shape: &ChurnShape) -> Result<ChurnReport>
         conn_per_s: connections as f64 / secs,
         first_byte: Percentiles::from_ns(&mut lat),
         window_conn_per_s,
+        window_first_byte_mean_us,
     })
 }
 
@@ -437,6 +456,8 @@ struct ThreadResult {
     lat: Vec<u64>,
     errors: u64,
     per_window: Vec<u64>,
+    /// Sum of first-byte times per window (ns).
+    window_ns: Vec<u64>,
 }
 
 fn churn_thread(
@@ -453,9 +474,21 @@ fn churn_thread(
     let mut lat = Vec::new();
     let mut errors = 0u64;
     let mut per_window = vec![0u64; windows];
+    let mut window_ns = vec![0u64; windows];
     let mut buf = [0u8; 4096];
     let mut made = 0u64;
+    // This thread's share of a fixed rate: connection `made` is due at `start + made × gap`.
+    let gap = shape
+        .rate
+        .map(|r| Duration::from_secs_f64(shape.threads.max(1) as f64 / r.max(1e-3)));
     while start.elapsed() < shape.duration && shape.count.is_none_or(|c| made < c) {
+        if let Some(gap) = gap {
+            let due = start + gap.mul_f64(made as f64);
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+        }
         made += 1;
         let t0 = Instant::now();
         let one = (|| -> io::Result<Duration> {
@@ -485,8 +518,12 @@ fn churn_thread(
                 lat.push(d.as_nanos() as u64);
                 if let Some(w) = shape.window {
                     let i = (start.elapsed().as_secs_f64() / w.as_secs_f64()) as usize;
-                    if let Some(n) = per_window.get_mut(i.min(windows.saturating_sub(1))) {
+                    let i = i.min(windows.saturating_sub(1));
+                    if let Some(n) = per_window.get_mut(i) {
                         *n += 1;
+                    }
+                    if let Some(ns) = window_ns.get_mut(i) {
+                        *ns += d.as_nanos() as u64;
                     }
                 }
             }
@@ -502,6 +539,7 @@ fn churn_thread(
         lat,
         errors,
         per_window,
+        window_ns,
     })
 }
 

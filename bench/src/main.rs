@@ -69,6 +69,10 @@ enum Cmd {
         /// Stop after this many connections per thread (or at DURATION, whichever is first).
         #[arg(long)]
         count: Option<u64>,
+        /// Offer this many connections per second in all, on a fixed schedule, instead of
+        /// one after another as fast as they complete.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Open COUNT echo connections, print `ready N`, hold them.
     Idle {
@@ -215,6 +219,11 @@ struct RunArgs {
     /// `valgrind --tool=callgrind` or `strace -c` (bench/README.md, "Per-connection work").
     #[arg(long)]
     churn_count: Option<u64>,
+    /// sustained: offer this many connections per second (per phase, in all) instead of
+    /// closed-loop churn, so the first and last windows' cost per connection compare at the
+    /// same load (bench/README.md "Sustained churn at a fixed rate").
+    #[arg(long)]
+    sustained_rate: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -255,6 +264,7 @@ fn real_main() -> Result<()> {
             window,
             echo,
             count,
+            rate,
         } => {
             let shape = apps::ChurnShape {
                 duration: Duration::from_secs_f64(duration),
@@ -262,6 +272,7 @@ fn real_main() -> Result<()> {
                 window: window.map(Duration::from_secs_f64),
                 echo,
                 count,
+                rate,
             };
             let r = apps::churn_with(target, &shape)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -354,6 +365,7 @@ fn run(args: RunArgs) -> Result<()> {
         params.idle_flows = n;
     }
     params.churn_count = args.churn_count;
+    params.sustained_rate = args.sustained_rate;
     if let Some(s) = args.iperf_secs {
         params.iperf_secs = s;
     }

@@ -118,6 +118,10 @@ pub struct Params {
     pub sustained_secs: f64,
     #[serde(default)]
     pub sustained_window_secs: f64,
+    /// Sustained churn at this offered rate (conn/s) instead of closed-loop
+    /// (`--sustained-rate`).
+    #[serde(default)]
+    pub sustained_rate: Option<f64>,
 }
 
 impl Params {
@@ -134,6 +138,7 @@ impl Params {
             idle_flows: 1000,
             sustained_secs: 120.0,
             sustained_window_secs: 10.0,
+            sustained_rate: None,
         }
     }
 
@@ -150,6 +155,7 @@ impl Params {
             idle_flows: 1000,
             sustained_secs: 20.0,
             sustained_window_secs: 5.0,
+            sustained_rate: None,
         }
     }
 
@@ -675,6 +681,9 @@ fn sustained(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<
             "--window",
             &p.sustained_window_secs.to_string(),
         ]);
+        if let Some(rate) = p.sustained_rate {
+            cmd.args(["--rate", &rate.to_string()]);
+        }
         let (r, cpu): (ChurnReport, Cpu) = measured(
             topo,
             active,
@@ -706,13 +715,22 @@ fn sustained(topo: &Topology, active: &Active, env: &Env, p: &Params) -> Result<
         for (i, rate) in w.iter().enumerate() {
             m.push((t(&format!("w{i:02}_conn_per_s")), *rate));
         }
+        for (i, us) in r.window_first_byte_mean_us.iter().enumerate() {
+            m.push((t(&format!("w{i:02}_first_byte_mean_us")), *us));
+        }
         m.push((t("server_time_wait"), time_wait(&topo.server)? as f64));
         m.push((t("client_time_wait"), time_wait(&topo.client)? as f64));
         println!(
-            "  sustained, {threads} thread(s), {} connections; conn/s per {} s window: {}",
+            "  sustained, {threads} thread(s), {} connections; conn/s per {} s window: {}; \
+             mean first byte µs: {}",
             r.connections,
             p.sustained_window_secs,
             w.iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            r.window_first_byte_mean_us
+                .iter()
                 .map(|r| format!("{r:.0}"))
                 .collect::<Vec<_>>()
                 .join(" ")

@@ -28,7 +28,7 @@ mod spare;
 pub mod table;
 
 pub use self::{
-    counters::Counters,
+    counters::{Counters, DerivedOutcome, SpareOutcome},
     handoff::adopt_parked,
     pod::{PodHandle, enroll, pod_netns_cookie, unenroll},
     revalidate::{apply_steering, decide_handed_over, revalidate},
@@ -178,9 +178,9 @@ impl Shared {
     }
 
     /// One derived-key connection's outcome, for the flow stats and the metrics alike.
-    pub(crate) fn derived(&self, outcome: &'static str) {
+    pub(crate) fn derived(&self, outcome: DerivedOutcome) {
         self.counters.derived(outcome);
-        self.telemetry.derived(outcome);
+        self.telemetry.derived_at(outcome.index(), outcome.name());
     }
 
     /// The sk_msg leg join's maps, when `tuning.sameNodeJoin: skMsg` turned it on.

@@ -285,6 +285,9 @@ struct HandshakeLabels {
     workload_namespace: Label,
 }
 
+/// Outcomes of derived-key connections [`Telemetry::derived_at`] can count by index.
+pub const DERIVED_SLOTS: usize = 32;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
@@ -421,6 +424,9 @@ pub struct Telemetry {
     handover_flows: Family<HandoverLabels, Counter>,
     tickets_declined: Counter,
     derived: Family<OutcomeLabels, Counter>,
+    /// `derived`'s series by the outcome's index, each taken from the family on its first
+    /// use: counting a connection is then one atomic add, not hashing its label into the map.
+    derived_by: [OnceLock<Counter>; DERIVED_SLOTS],
     /// One shared copy of each label set flows hold (a flow keeps its open labels until it
     /// closes, so both counts land on the same series).
     interned: Mutex<HashSet<Arc<TcpLabels>>>,
@@ -599,6 +605,7 @@ impl Telemetry {
             handover_flows,
             tickets_declined,
             derived,
+            derived_by: Default::default(),
             interned: Mutex::new(HashSet::new()),
             workloads: RwLock::new(HashMap::new()),
             pods: RwLock::new(HashMap::new()),
@@ -843,6 +850,22 @@ impl Telemetry {
     /// One derived-key connection's outcome (`derived.<outcome>` in the flow stats).
     pub fn derived(&self, outcome: &'static str) {
         self.derived.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// [`Telemetry::derived`] for an outcome that also has a fixed `index` (below
+    /// [`DERIVED_SLOTS`]; `intercept::DerivedOutcome`): the same series, found by the index.
+    pub fn derived_at(&self, index: usize, outcome: &'static str) {
+        match self.derived_by.get(index) {
+            Some(slot) => {
+                slot.get_or_init(|| {
+                    self.derived
+                        .get_or_create(&OutcomeLabels { outcome })
+                        .clone()
+                })
+                .inc();
+            }
+            None => self.derived(outcome),
+        }
     }
 
     /// A listed flow was closed by a policy change (its close line follows with the relay).

@@ -171,3 +171,28 @@ pub fn curl_upload(mut cmd: Command, url: &str, file: &Path) -> Fetch {
     cmd.args(["-H", "Expect:", "-T"]).arg(file);
     curl(cmd, url)
 }
+
+/// From `client`: downloads `down` and uploads `file` to a [`serve_upload_hasher`] at `up`;
+/// both must answer 200 and `want`, the file's SHA-256 (byte-exact both ways). `what` names
+/// the path under test in a failure.
+pub fn assert_bulk_both_ways(
+    client: &Pod,
+    down: &str,
+    up: &str,
+    file: &Path,
+    want: &str,
+    what: &str,
+) {
+    let f = curl(client.command("curl"), down);
+    assert_eq!(
+        (f.code.as_str(), f.sha256().as_str()),
+        ("200", want),
+        "bulk download {what}"
+    );
+    let f = curl_upload(client.command("curl"), up, file);
+    assert_eq!(
+        (f.code.as_str(), String::from_utf8_lossy(&f.body).as_ref()),
+        ("200", want),
+        "bulk upload {what}"
+    );
+}

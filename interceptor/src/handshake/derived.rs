@@ -892,6 +892,31 @@ mod tests {
         assert!(!client.wants_client_root(addr));
     }
 
+    /// What a store keeps does not grow with the connections it has derived: one root per
+    /// peer on each side, however many counters were used (the sustained-churn workload makes
+    /// hundreds of thousands per root), and every counter still accepted exactly once.
+    #[test]
+    fn stores_hold_one_root_per_peer_however_many_connections() {
+        let (client, server) = (Store::default(), Store::default());
+        let addr: IpAddr = "10.0.0.4".parse().unwrap();
+        let peer = binding(1).peer;
+        server.keep_server(root(7), binding(1));
+        client.keep_client(addr, root(7), binding(1));
+        for n in 1..=20_000u64 {
+            let offer = client.offer(addr, &peer, 1).unwrap();
+            assert_eq!(Header::parse(&offer.keys.header).unwrap().counter, n);
+            let accepted = server.accept(&offer.keys.header, 1).unwrap();
+            assert_eq!(accepted.keys.accept, offer.keys.accept);
+            assert_eq!(
+                server.accept(&offer.keys.header, 1).err(),
+                Some(Refused::Replayed)
+            );
+        }
+        assert_eq!(server.len(), (1, 0));
+        assert_eq!(client.len(), (0, 1));
+        assert!(std::mem::size_of::<ReplayWindow>() <= 16);
+    }
+
     #[test]
     fn the_server_store_is_bounded() {
         let server = Store::default();

@@ -9,7 +9,10 @@ use std::{
 };
 
 use super::limits::ACCEPT_ERRORS;
-use crate::refusal::{RefusalCode, RefusalCounts};
+use crate::{
+    handshake::derived::Refused,
+    refusal::{RefusalCode, RefusalCounts},
+};
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -25,46 +28,97 @@ pub struct Counters {
     tickets_declined: AtomicU64,
 }
 
-/// What became of derived-key connections (`derived.<name>`; `tuning.connectionKeys:
-/// derived`, `handshake::derived`). Client side: `kept` (a handshake left a root),
-/// `offered`, `used` (the server accepted), `fallback` (it did not: dialed again with a
-/// handshake), `early` (the app's first bytes rode behind the header), `resent` (those bytes
-/// went again on the handshake after a refusal), `early_unknown` (no answer with them out:
-/// the app's connection reset, nothing resent); server side: `kept`, `accepted`, and why a
-/// header was refused.
-pub const DERIVED_OUTCOMES: [&str; 15] = [
-    "kept",
-    "offered",
-    "used",
-    "fallback",
-    "accepted",
-    "malformed",
-    "unknown",
-    "expired",
-    "generation",
-    "peer_expired",
-    "bad_mac",
-    "replayed",
-    "early",
-    "resent",
-    "early_unknown",
-];
+/// Declares an outcome enum whose discriminant indexes its counter array and whose
+/// [`name`](DerivedOutcome::name) is the counter's stats/metrics label, so counting one is an
+/// array index, not a search by string.
+macro_rules! outcomes {
+    ($(#[$doc:meta])* $ty:ident, $all:ident { $($variant:ident => $name:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $ty {
+            $($variant,)+
+        }
 
-/// What became of spare mesh sessions (`spares.<name>`; see `intercept::spare`). Client side:
-/// `opened`, `used`, `fill_failed`, and the reasons one was closed unused; server side:
-/// `claimed` and `unclaimed`.
-pub const SPARE_OUTCOMES: [&str; 10] = [
-    "opened",
-    "used",
-    "fill_failed",
-    "stale_cert",
-    "stale_policy",
-    "expired",
-    "dead",
-    "not_supported",
-    "claimed",
-    "unclaimed",
-];
+        impl $ty {
+            /// Every outcome, in counter order.
+            pub const ALL: [$ty; [$($name),+].len()] = [$($ty::$variant),+];
+
+            /// Its name in `flows --stats` and the metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)+
+                }
+            }
+
+            /// Its counter's place in [`Counters`] (and in the metrics' per-index series).
+            pub const fn index(self) -> usize {
+                self as usize
+            }
+        }
+
+        #[doc = concat!("The names of [`", stringify!($ty), "`], in counter order.")]
+        pub const $all: [&str; $ty::ALL.len()] = [$($name),+];
+    };
+}
+
+outcomes! {
+    /// What became of derived-key connections (`derived.<name>`; `tuning.connectionKeys:
+    /// derived`, `handshake::derived`). Client side: `kept` (a handshake left a root),
+    /// `offered`, `used` (the server accepted), `fallback` (it did not: dialed again with a
+    /// handshake), `early` (the app's first bytes rode behind the header), `resent` (they
+    /// went again behind a handshake after a refusal), `early_unknown` (no answer in time
+    /// with early bytes out: the app connection was reset, nothing resent); server side:
+    /// `kept`, `accepted`, and why a header was refused.
+    DerivedOutcome, DERIVED_OUTCOMES {
+        Kept => "kept",
+        Offered => "offered",
+        Used => "used",
+        Fallback => "fallback",
+        Accepted => "accepted",
+        Malformed => "malformed",
+        Unknown => "unknown",
+        Expired => "expired",
+        Generation => "generation",
+        PeerExpired => "peer_expired",
+        BadMac => "bad_mac",
+        Replayed => "replayed",
+        Early => "early",
+        Resent => "resent",
+        EarlyUnknown => "early_unknown",
+    }
+}
+
+impl From<Refused> for DerivedOutcome {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Malformed => DerivedOutcome::Malformed,
+            Refused::Unknown => DerivedOutcome::Unknown,
+            Refused::Expired => DerivedOutcome::Expired,
+            Refused::Generation => DerivedOutcome::Generation,
+            Refused::PeerExpired => DerivedOutcome::PeerExpired,
+            Refused::BadMac => DerivedOutcome::BadMac,
+            Refused::Replayed => DerivedOutcome::Replayed,
+        }
+    }
+}
+
+outcomes! {
+    /// What became of spare mesh sessions (`spares.<name>`; see `intercept::spare`). Client
+    /// side: `opened`, `used`, `fill_failed`, and the reasons one was closed unused; server
+    /// side: `claimed` and `unclaimed`.
+    SpareOutcome, SPARE_OUTCOMES {
+        Opened => "opened",
+        Used => "used",
+        FillFailed => "fill_failed",
+        StaleCert => "stale_cert",
+        StalePolicy => "stale_policy",
+        Expired => "expired",
+        Dead => "dead",
+        NotSupported => "not_supported",
+        Claimed => "claimed",
+        Unclaimed => "unclaimed",
+    }
+}
 
 impl Counters {
     /// A flow that failed after it was accepted, other than by a refusal (`flows_failed`).
@@ -87,18 +141,14 @@ impl Counters {
         self.config_reload_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One spare's outcome, by a name of [`SPARE_OUTCOMES`].
-    pub fn spare(&self, outcome: &str) {
-        if let Some(i) = SPARE_OUTCOMES.iter().position(|n| *n == outcome) {
-            self.spares[i].fetch_add(1, Ordering::Relaxed);
-        }
+    /// One spare's outcome.
+    pub fn spare(&self, outcome: SpareOutcome) {
+        self.spares[outcome.index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One derived-key connection's outcome, by a name of [`DERIVED_OUTCOMES`].
-    pub fn derived(&self, outcome: &str) {
-        if let Some(i) = DERIVED_OUTCOMES.iter().position(|n| *n == outcome) {
-            self.derived[i].fetch_add(1, Ordering::Relaxed);
-        }
+    /// One derived-key connection's outcome.
+    pub fn derived(&self, outcome: DerivedOutcome) {
+        self.derived[outcome.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A peer agent declined the resumption ticket a connection offered, so the flow dialed
@@ -185,11 +235,9 @@ mod tests {
         c.accept_failed("no such name");
         c.flow_failed();
         c.config_reload_failed();
-        c.spare("used");
-        c.spare("no such outcome");
-        c.derived("used");
-        c.derived("replayed");
-        c.derived("no such outcome");
+        c.spare(SpareOutcome::Used);
+        c.derived(DerivedOutcome::Used);
+        c.derived(Refused::Replayed.into());
         c.ticket_declined();
         c.ticket_declined();
         let want: BTreeMap<String, u64> = [
@@ -208,5 +256,42 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         assert_eq!(c.stats(), want);
+    }
+
+    /// Each outcome counts under its own name: the enum's order and the name list agree, and
+    /// every refusal reason has the outcome of the same name.
+    #[test]
+    fn outcomes_count_under_their_names() {
+        assert!(DerivedOutcome::ALL.len() <= crate::telemetry::DERIVED_SLOTS);
+        for (i, o) in DerivedOutcome::ALL.into_iter().enumerate() {
+            let c = Counters::default();
+            c.derived(o);
+            assert_eq!(o.index(), i);
+            assert_eq!(DERIVED_OUTCOMES[i], o.name());
+            let stats = c.stats();
+            assert_eq!(
+                stats.get(&format!("derived.{}", o.name())),
+                Some(&1),
+                "{o:?}"
+            );
+            assert_eq!(stats.len(), 1);
+        }
+        for (i, o) in SpareOutcome::ALL.into_iter().enumerate() {
+            let c = Counters::default();
+            c.spare(o);
+            assert_eq!(SPARE_OUTCOMES[i], o.name());
+            assert_eq!(c.stats().get(&format!("spares.{}", o.name())), Some(&1));
+        }
+        for r in [
+            Refused::Malformed,
+            Refused::Unknown,
+            Refused::Expired,
+            Refused::Generation,
+            Refused::PeerExpired,
+            Refused::BadMac,
+            Refused::Replayed,
+        ] {
+            assert_eq!(DerivedOutcome::from(r).name(), r.reason());
+        }
     }
 }

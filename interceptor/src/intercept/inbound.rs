@@ -150,10 +150,10 @@ async fn mesh<'a>(
             .await
             .is_err()
         {
-            shared.counters.spare("unclaimed");
+            shared.counters.spare(super::SpareOutcome::Unclaimed);
             return Err(Stop::Unclaimed);
         }
-        shared.counters.spare("claimed");
+        shared.counters.spare(super::SpareOutcome::Claimed);
         generation = shared.policy.current();
         if let Some(refused) = generation.refuses_mtls(dst) {
             return Err(inbound.refuse_from(Some(&peer), client, refused));
@@ -169,18 +169,40 @@ async fn mesh<'a>(
         && let Some((root, binding)) = est.derived_root(decided_by, shared.tuning.ticket_lifetime())
     {
         me.derived().keep_server(root, binding);
-        shared.derived("kept");
+        shared.derived(super::DerivedOutcome::Kept);
     }
+    relay_decided(shared, inbound, peer, est, decided_by, client, None).await
+}
+
+/// What both mesh set-ups do once the peer's identity is decided: list the flow's session,
+/// dial the app, write the access line, start the relay. `established_within`: how long a
+/// derived connection's server may wait for its Fast Open connection to be established
+/// before a kernel hand-off (see [`established`]); a handshake has waited for it already.
+async fn relay_decided<'a>(
+    shared: &'a Shared,
+    mut inbound: Inbound<'_>,
+    peer: SpiffeId,
+    est: driver::Established,
+    decided_by: u64,
+    client: TcpStream,
+    established_within: Option<Duration>,
+) -> Result<Relay<'a>, Stop> {
+    let (ctx, source, dst) = (inbound.ctx, inbound.source, inbound.destination);
     inbound.flow.peer_id = Some(peer.clone());
     inbound.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
     let session = SessionCrypto::mesh(&est.negotiated);
     inbound.flow.session = Some(session);
     let app = dial(ctx, dst, Some(inbound.app_source)).await?;
+    if let Some(limit) = established_within
+        && matches!(shared.offload, super::Offload::Kernel(_))
+    {
+        established(&client, limit).await;
+    }
     debug!(
         target: "interceptor::access",
         pod = %ctx.name, %source, %peer, cipher = ?session.suite,
         group = session.group_label().as_deref().unwrap_or("-"),
-        resumed = session.resumed,
+        resumed = session.resumed, derived = est.negotiated.derived,
         "inbound mTLS"
     );
     let check = FlowCheck::Inbound(InboundCheck {
@@ -222,7 +244,7 @@ async fn derived<'a>(
     let accepted = match accepted {
         Ok(accepted) => accepted,
         Err(refused) => {
-            shared.derived(refused.reason());
+            shared.derived(refused.into());
             debug!(pod = %ctx.name, %source, reason = %refused, "derived connection declined");
             super::flow::reset(client);
             return Err(Stop::Declined);
@@ -248,36 +270,21 @@ async fn derived<'a>(
     let decided_by = generation.number;
     drop(generation);
     client.write_all(&accepted.keys.accept).await?;
-    shared.derived("accepted");
+    shared.derived(super::DerivedOutcome::Accepted);
     let est = driver::Established::derived(negotiated, accepted.keys.secrets(false), false);
-    inbound.flow.peer_id = Some(peer.clone());
-    inbound.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));
-    let session = SessionCrypto::mesh(&est.negotiated);
-    inbound.flow.session = Some(session);
-    let app = dial(ctx, dst, Some(inbound.app_source)).await?;
-    if matches!(shared.offload, super::Offload::Kernel(_)) {
-        established(&client, wait).await;
-    }
-    debug!(
-        target: "interceptor::access",
-        pod = %ctx.name, %source, %peer, cipher = ?session.suite, derived = true,
-        "inbound mTLS"
-    );
-    let check = FlowCheck::Inbound(InboundCheck {
-        source,
-        destination: dst,
-        peer: Some(peer),
-    });
-    relay_mesh(shared, inbound.flow, check, decided_by, app, client, est)
+    relay_decided(shared, inbound, peer, est, decided_by, client, Some(wait)).await
 }
 
 /// Waits (at most `limit`) until a Fast Open connection accepted with its header in the SYN
 /// is established. A handshake's server waits for the client's Finished, a round trip after
 /// its SYN-ACK; a derived connection's server has nothing to wait for, and may reach the
 /// kernel hand-off before the client's ACK of the SYN-ACK, while the kernel still refuses
-/// the `tls` ULP (the flow would stay in userspace). No readiness event marks that ACK, and
-/// the client may not send data before its app does, so this looks at the state every
-/// millisecond: a round trip on the agents' link, in practice none at all.
+/// the `tls` ULP (the flow would stay in userspace). No readiness event marks that ACK:
+/// `tcp_poll` already reports a Fast Open child writable in SYN_RECV, the client may not send
+/// data before its app does (so no EPOLLIN either), and sockops' state callback would need a
+/// notification from the kernel for every connection. So the state is read once, after the app
+/// is dialed (a loopback connect, about as long as the ACK needs on the agents' link), and
+/// only while it is still SYN_RECV again every millisecond, at most `limit`.
 async fn established(client: &TcpStream, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     while sys::syn_received(client.as_fd()).unwrap_or(false)

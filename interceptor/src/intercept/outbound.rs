@@ -200,7 +200,7 @@ async fn mesh<'a>(
     // the server accepts it; after a refusal they open the handshake's session instead.
     let mut early = Vec::new();
     if derived_keys && let Some(offer) = me.derived().offer(server_ip, &expected, out.decided_by) {
-        shared.derived("offered");
+        shared.derived(super::DerivedOutcome::Offered);
         let first = offer.first;
         let negotiated = handshake::Negotiated {
             peer: offer.peer,
@@ -218,9 +218,9 @@ async fn mesh<'a>(
             .then_some(&app);
         match dial_derived(shared, &out, &offer.keys, app_first, &mut early).await {
             Ok((peer, sent)) => {
-                shared.derived("used");
+                shared.derived(super::DerivedOutcome::Used);
                 if sent > 0 {
-                    shared.derived("early");
+                    shared.derived(super::DerivedOutcome::Early);
                 }
                 drop(early);
                 let secrets = offer.keys.secrets_after(true, sent);
@@ -231,7 +231,7 @@ async fn mesh<'a>(
             // the root goes and the flow dials with a handshake, which leaves a new one.
             Err(Declined::Refused(peer)) => {
                 debug!(pod = %out.ctx.name, peer = %out.endpoint, "derived keys declined; handshake");
-                shared.derived("fallback");
+                shared.derived(super::DerivedOutcome::Fallback);
                 reset(peer);
                 me.derived()
                     .refused(server_ip, first, shared.tuning.ticket_lifetime());
@@ -241,12 +241,12 @@ async fn mesh<'a>(
                 tickets_stale = !first;
             }
             // Not reached at all: the handshake's dial reports it.
-            Err(Declined::Unreached) => shared.derived("fallback"),
+            Err(Declined::Unreached) => shared.derived(super::DerivedOutcome::Fallback),
             // The app's bytes went out and no answer came: the server's agent may have
             // accepted and delivered them, so they are never sent again; the app's
             // connection fails instead (see ARCHITECTURE.md "Early data").
             Err(Declined::Silent(peer)) => {
-                shared.derived("early_unknown");
+                shared.derived(super::DerivedOutcome::EarlyUnknown);
                 reset(peer);
                 reset(app);
                 return Err(anyhow::anyhow!(
@@ -262,12 +262,12 @@ async fn mesh<'a>(
     if let Some(mut s) = spare::take(shared, pod, &expected, out.endpoint, &me, out.decided_by) {
         match handshake::spare::claim(&mut s.sock, &mut s.est).await {
             Ok(()) => {
-                shared.counters.spare("used");
+                shared.counters.spare(super::SpareOutcome::Used);
                 return established(shared, out, &expected, app, s.sock, s.est, &early).await;
             }
             // Gone between the check and the claim: the app still gets a fresh dial.
             Err(_) => {
-                shared.counters.spare("dead");
+                shared.counters.spare(super::SpareOutcome::Dead);
                 reset(s.sock);
             }
         }
@@ -309,7 +309,7 @@ async fn mesh<'a>(
             est.derived_root(out.decided_by, shared.tuning.ticket_lifetime())
     {
         me.derived().keep_client(server_ip, root, binding);
-        shared.derived("kept");
+        shared.derived(super::DerivedOutcome::Kept);
     }
     established(shared, out, &expected, app, peer, est, &early).await
 }
@@ -583,7 +583,7 @@ async fn established<'a>(
                 .context("sending the app's first bytes again after a refused derived header")
                 .into());
         }
-        shared.derived("resent");
+        shared.derived(super::DerivedOutcome::Resent);
     }
     out.flow.peer_id = Some(est.peer().clone());
     out.flow.cipher = Some(super::table::suite_name(est.negotiated.suite.suite()));

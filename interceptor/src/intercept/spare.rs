@@ -111,13 +111,13 @@ pub(super) fn take(
     let mut found = None;
     while let Some(mut s) = lock(&slot.ready).pop_front() {
         let outcome = if s.opened.elapsed() >= idle {
-            "expired"
+            super::SpareOutcome::Expired
         } else if !Arc::ptr_eq(&s.credentials, me) {
-            "stale_cert"
+            super::SpareOutcome::StaleCert
         } else if s.generation != generation {
-            "stale_policy"
+            super::SpareOutcome::StalePolicy
         } else if !spare::alive(&s.sock, &mut s.est) {
-            "dead"
+            super::SpareOutcome::Dead
         } else {
             found = Some(s);
             break;
@@ -144,7 +144,7 @@ async fn fill(shared: Arc<Shared>, ctx: Weak<PodCtx>, key: Key, slot: Arc<Slot>)
             ready.drain(..cut).collect()
         };
         for s in expired {
-            shared.counters.spare("expired");
+            shared.counters.spare(super::SpareOutcome::Expired);
             reset(s.sock);
         }
         let asked = *lock(&slot.last_asked);
@@ -160,7 +160,7 @@ async fn fill(shared: Arc<Shared>, ctx: Weak<PodCtx>, key: Key, slot: Arc<Slot>)
             }
             drop(slots);
             for s in lock(&slot.ready).drain(..) {
-                shared.counters.spare("expired");
+                shared.counters.spare(super::SpareOutcome::Expired);
                 reset(s.sock);
             }
             return;
@@ -174,17 +174,17 @@ async fn fill(shared: Arc<Shared>, ctx: Weak<PodCtx>, key: Key, slot: Arc<Slot>)
             for result in opened {
                 match result {
                     Ok(Some(s)) => {
-                        shared.counters.spare("opened");
+                        shared.counters.spare(super::SpareOutcome::Opened);
                         lock(&slot.ready).push_back(s);
                         backoff = Duration::from_millis(100);
                     }
                     Ok(None) => {
                         // The peer agent predates spares: stop asking it for a while.
-                        shared.counters.spare("not_supported");
+                        shared.counters.spare(super::SpareOutcome::NotSupported);
                         retry_at = Instant::now() + idle.max(Duration::from_secs(60));
                     }
                     Err(e) => {
-                        shared.counters.spare("fill_failed");
+                        shared.counters.spare(super::SpareOutcome::FillFailed);
                         tracing::debug!(pod = %pod.name, endpoint = %key.endpoint, "spare: {e:#}");
                         retry_at = Instant::now() + backoff;
                         backoff = (backoff * 2).min(idle);

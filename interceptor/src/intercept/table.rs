@@ -771,6 +771,27 @@ mod tests {
         }
     }
 
+    /// What the table keeps does not grow with the flows it has carried: open flows only,
+    /// and the last [`RECENT`] closed ones (sustained churn closes hundreds of thousands).
+    #[test]
+    fn the_table_keeps_open_flows_and_a_bounded_recent_list() {
+        let table = FlowTable::default();
+        let held = table.insert(outbound_info());
+        for _ in 0..10_000 {
+            drop(table.insert(outbound_info()));
+        }
+        assert_eq!(table.lock().len(), 1);
+        assert_eq!(
+            table.recent.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            RECENT
+        );
+        let rows = table.rows_with_recent();
+        assert_eq!(rows.len(), RECENT + 1);
+        assert_eq!(rows.iter().filter(|r| !r.closed).count(), 1);
+        drop(held);
+        assert!(table.lock().is_empty());
+    }
+
     #[test]
     fn labels_leave_the_session_out_and_access_lines_keep_it() {
         let info = outbound_info();

@@ -305,15 +305,18 @@ fn derived_key_outcomes_are_counted_by_outcome() {
     let name = "interceptor_derived_connections_total";
     assert!(metric_lines(&t, name).is_empty());
     t.derived("used");
-    t.derived("used");
-    t.derived("replayed");
+    // By index: the same series as by name, before and after the index's first use.
+    t.derived_at(2, "used");
+    t.derived_at(11, "replayed");
+    t.derived_at(2, "used");
+    t.derived_at(DERIVED_SLOTS, "replayed");
     let mut lines = metric_lines(&t, name);
     lines.sort();
     assert_eq!(
         lines,
         [
-            format!("{name}{{outcome=\"replayed\"}} 1"),
-            format!("{name}{{outcome=\"used\"}} 2"),
+            format!("{name}{{outcome=\"replayed\"}} 2"),
+            format!("{name}{{outcome=\"used\"}} 3"),
         ]
     );
 }
