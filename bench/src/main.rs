@@ -183,6 +183,11 @@ struct RunArgs {
     /// baseline): per-connection keys derived from an earlier mesh session.
     #[arg(long)]
     derived_keys: bool,
+    /// `tuning.connectionKeys: derived` for the baseline agent too (`--baseline-agent`, a
+    /// version that has the key): a change to derived connections measured against the same
+    /// mode before it.
+    #[arg(long)]
+    baseline_derived_keys: bool,
     /// `tuning.relayAppLeg: skMsg` for the agent under test (`--agent`; never the baseline):
     /// the apps' sends reach the agent's ends of their loopback connections by sk_msg.
     #[arg(long)]
@@ -404,6 +409,7 @@ fn run(args: RunArgs) -> Result<()> {
         mesh_spares: args.mesh_spares,
         worker_threads: args.worker_threads,
         derived_keys: args.derived_keys,
+        baseline_derived_keys: args.baseline_derived_keys,
         app_leg_skmsg: args.app_leg_skmsg,
         ztunnel: args.ztunnel,
         out: args.out.clone(),

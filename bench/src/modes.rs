@@ -159,6 +159,8 @@ pub struct Env {
     pub worker_threads: u16,
     /// `tuning.connectionKeys: derived` for `agent_bin` (see `--derived-keys`).
     pub derived_keys: bool,
+    /// The same for the baseline agent (see `--baseline-derived-keys`).
+    pub baseline_derived_keys: bool,
     /// `tuning.relayAppLeg: skMsg` for `agent_bin` (see `--app-leg-skmsg`).
     pub app_leg_skmsg: bool,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
@@ -762,8 +764,12 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 worker_threads: (active.mode != Mode::InterceptorRelayBase
                     && env.worker_threads > 0)
                     .then_some(env.worker_threads),
-                connection_keys: (active.mode != Mode::InterceptorRelayBase && env.derived_keys)
-                    .then_some("derived"),
+                connection_keys: if active.mode == Mode::InterceptorRelayBase {
+                    env.baseline_derived_keys
+                } else {
+                    env.derived_keys
+                }
+                .then_some("derived"),
                 relay_app_leg: (active.mode != Mode::InterceptorRelayBase && env.app_leg_skmsg)
                     .then_some("skMsg"),
             },

@@ -37,6 +37,8 @@ pub struct Plan {
     pub worker_threads: u16,
     /// `tuning.connectionKeys: derived` for the agent under test.
     pub derived_keys: bool,
+    /// The same for the baseline agent.
+    pub baseline_derived_keys: bool,
     /// `tuning.relayAppLeg: skMsg` for the agent under test.
     pub app_leg_skmsg: bool,
     /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
@@ -96,6 +98,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
         mesh_spares: plan.mesh_spares,
         worker_threads: plan.worker_threads,
         derived_keys: plan.derived_keys,
+        baseline_derived_keys: plan.baseline_derived_keys,
         app_leg_skmsg: plan.app_leg_skmsg,
         bench_bin: std::env::current_exe().context("own executable")?,
         work_dir: work_dir.clone(),

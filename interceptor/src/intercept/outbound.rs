@@ -314,6 +314,9 @@ async fn mesh<'a>(
     established(shared, out, &expected, app, peer, est, &early).await
 }
 
+/// Bytes of the app's first read for a derived dial (see [`dial_derived`]).
+const FIRST_READ: usize = 4096;
+
 /// Why a derived dial did not give a connection.
 enum Declined {
     /// The server's agent turned the header down (a reset or end of stream before its
@@ -347,7 +350,8 @@ async fn dial_derived(
     flight.extend_from_slice(&keys.header);
     let mut sent = 0u64;
     if let Some(app) = app {
-        buf.resize(derived::EARLY_MAX, 0);
+        // A first request is usually small: the full record's worth only if more follows.
+        buf.resize(FIRST_READ, 0);
         // An app that speaks first has usually written its request by now; one that waits
         // for the server has sent nothing and loses nothing. (`recv_now`: the runtime may not
         // have seen the socket readable yet.)
@@ -396,6 +400,9 @@ async fn dial_derived(
                         app_done = true;
                         continue;
                     };
+                    if buf.len() < room {
+                        buf.resize(room, 0);
+                    }
                     match app.try_read(&mut buf[..room]) {
                         Ok(0) => app_done = true,
                         Ok(n) => {
