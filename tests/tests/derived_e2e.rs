@@ -81,13 +81,15 @@ fn record_types(bytes: &[u8]) -> Vec<u8> {
     types
 }
 
-/// The agent-to-agent connections to `server` in the capture, client → server and back, in
-/// order.
+/// The agent-to-agent connections to `server` opened during the capture (their SYN is in it),
+/// client → server and back, in order. Each step captures anew, and the previous step's
+/// connection may still be closing when the next capture starts: its FINs alone are no
+/// connection of this step.
 fn connections(streams: &Streams, server: SocketAddr) -> Vec<(&Stream, Option<&Stream>)> {
     streams
         .streams
         .iter()
-        .filter(|s| s.dst == server)
+        .filter(|s| s.dst == server && s.syn)
         .map(|s| (s, streams.get(server, s.src)))
         .collect()
 }
