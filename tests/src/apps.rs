@@ -119,7 +119,7 @@ pub fn random_payload(len: usize) -> Vec<u8> {
 /// response, so an upload of any size is checked without holding it. Lives as long as the
 /// test.
 pub fn serve_upload_hasher(pod: &Pod, port: u16) {
-    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    use std::io::{BufReader, Read as _};
     let addr = SocketAddr::from((pod.ip, port));
     let listener = pod.ns.run(move || std::net::TcpListener::bind(addr));
     std::thread::spawn(move || {
@@ -127,24 +127,12 @@ pub fn serve_upload_hasher(pod: &Pod, port: u16) {
             let Ok(conn) = conn else { continue };
             std::thread::spawn(move || -> std::io::Result<()> {
                 let mut reader = BufReader::new(conn.try_clone()?);
-                let mut length = 0u64;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line)? == 0 {
-                        return Ok(());
-                    }
-                    let line = line.trim_end();
-                    if line.is_empty() {
-                        break;
-                    }
-                    if let Some((name, value)) = line.split_once(':')
-                        && name.eq_ignore_ascii_case("content-length")
-                    {
-                        length = value.trim().parse().unwrap_or(0);
-                    }
+                let head = read_request_head(&mut reader)?;
+                if head.ended {
+                    return Ok(());
                 }
                 let mut hasher = Sha256::new();
-                let mut body = reader.take(length);
+                let mut body = reader.take(head.content_length as u64);
                 let mut buf = vec![0u8; 64 << 10];
                 loop {
                     let n = body.read(&mut buf)?;
@@ -153,16 +141,56 @@ pub fn serve_upload_hasher(pod: &Pod, port: u16) {
                     }
                     hasher.update(&buf[..n]);
                 }
-                let digest = hasher.hex();
-                let mut conn = conn;
-                write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{digest}",
-                    digest.len()
-                )
+                answer_digest(conn, &hasher.hex())
             });
         }
     });
+}
+
+/// An HTTP request head as an upload sink reads it.
+pub struct RequestHead {
+    /// `Content-Length`, 0 when absent or unreadable.
+    pub content_length: usize,
+    /// Bytes of the head, blank line included.
+    pub bytes: usize,
+    /// The connection ended before the blank line.
+    pub ended: bool,
+}
+
+/// Reads a request head line by line up to its blank line (or the connection's end).
+pub fn read_request_head(reader: &mut impl std::io::BufRead) -> std::io::Result<RequestHead> {
+    let mut head = RequestHead {
+        content_length: 0,
+        bytes: 0,
+        ended: false,
+    };
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line)?;
+        head.bytes += n;
+        if n == 0 {
+            head.ended = true;
+            return Ok(head);
+        }
+        if line.trim_end().is_empty() {
+            return Ok(head);
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            head.content_length = value.trim().parse().unwrap_or(0);
+        }
+    }
+}
+
+/// Answers an upload with its SHA-256 as the body, and closes.
+pub fn answer_digest(mut conn: std::net::TcpStream, digest: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{digest}",
+        digest.len()
+    )
 }
 
 /// Uploads `file` with `curl -T` (no `Expect: 100-continue` round trip) and returns what the

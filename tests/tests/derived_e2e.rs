@@ -35,7 +35,7 @@ use std::{
 use interceptor::config::ConnectionKeysMode;
 use interceptor_tests::{
     agent::{RunningAgent, TempDir, peer, workload},
-    apps::{curl, curl_upload, random_payload, sha256_hex},
+    apps::{answer_digest, curl, curl_upload, random_payload, read_request_head, sha256_hex},
     digest::Sha256,
     mesh::{PolicyDir, stats_delta, wait_generation},
     require_privileged,
@@ -365,7 +365,7 @@ struct Seen {
 /// connection's body is hashed and answered with its SHA-256; every connection is recorded
 /// once it ends, so a second delivery of anything (another connection, extra bytes) shows.
 fn serve_recording_sink(pod: &Pod, port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<Seen>>> {
-    use std::io::{BufRead as _, BufReader};
+    use std::io::BufReader;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let addr = SocketAddr::from((pod.ip, port));
     let listener = pod.ns.run(move || std::net::TcpListener::bind(addr));
@@ -377,32 +377,15 @@ fn serve_recording_sink(pod: &Pod, port: u16) -> std::sync::Arc<std::sync::Mutex
             std::thread::spawn(move || -> std::io::Result<()> {
                 conn.set_read_timeout(Some(Duration::from_secs(30)))?;
                 let mut reader = BufReader::new(conn.try_clone()?);
-                let (mut length, mut total) = (0usize, 0usize);
-                loop {
-                    let mut line = String::new();
-                    let n = reader.read_line(&mut line)?;
-                    total += n;
-                    if n == 0 || line.trim_end().is_empty() {
-                        break;
-                    }
-                    if let Some((name, value)) = line.split_once(':')
-                        && name.eq_ignore_ascii_case("content-length")
-                    {
-                        length = value.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0u8; length];
+                let head = read_request_head(&mut reader)?;
+                let mut total = head.bytes;
+                let mut body = vec![0u8; head.content_length];
                 reader.read_exact(&mut body)?;
-                total += length;
+                total += head.content_length;
                 let mut hasher = Sha256::new();
                 hasher.update(&body);
                 let digest = hasher.hex();
-                let mut conn = conn;
-                write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{digest}",
-                    digest.len()
-                )?;
+                answer_digest(conn, &digest)?;
                 // Anything after the request is counted too, until the client's end.
                 let mut rest = Vec::new();
                 let _ = reader.read_to_end(&mut rest);
