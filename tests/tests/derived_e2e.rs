@@ -497,6 +497,7 @@ fn the_apps_first_bytes_ride_behind_the_header_and_arrive_exactly_once() {
     c1.tuning.connection_keys = ConnectionKeysMode::Derived;
     c2.tuning.connection_keys = ConnectionKeysMode::Derived;
     c2.policy_dir = Some(policy2.path());
+    let timeout = Duration::from_millis(c1.tuning.handshake_timeout_ms);
     let agent1 = RunningAgent::start(c1);
     let agent2 = RunningAgent::start(c2);
     let (a1, a2) = (&agent1.agent, &agent2.agent);
@@ -637,6 +638,32 @@ fn the_apps_first_bytes_ride_behind_the_header_and_arrive_exactly_once() {
             stat(&dc, "flows_failed"),
         ),
         (0, 1, 1, 1, 0),
+        "{dc:?} {ds:?}"
+    );
+
+    // A peer that takes the header and the request and never answers (its answers dropped
+    // past the handshake timeout): the client's agent cannot know whether the sink got the
+    // bytes, so it resets the app's connection and never sends them again. The request is
+    // 48 KiB and early data stops at 16 KiB, so the sink never completes (records) it.
+    let (c0, s0) = (a1.policy_stats(), a2.policy_stats());
+    // The client waits the handshake timeout, plus the agent's 10 s connect timeout when
+    // the header rode in a Fast Open SYN (its connect completes only with the answer).
+    let held = hold_answers(&node2, sink, timeout + Duration::from_secs(11));
+    let f = curl_upload(client.command("curl"), &url, &file);
+    held.join().unwrap();
+    assert_eq!(f.code, "000", "a silent peer: the app's connection fails");
+    let (dc, ds) = (
+        stats_delta(&c0, &a1.policy_stats()),
+        stats_delta(&s0, &a2.policy_stats()),
+    );
+    assert_eq!(
+        (
+            stat(&dc, "derived.early_unknown"),
+            stat(&dc, "derived.resent"),
+            stat(&dc, "flows_failed"),
+            stat(&ds, "derived.accepted"),
+        ),
+        (1, 0, 1, 1),
         "{dc:?} {ds:?}"
     );
 
