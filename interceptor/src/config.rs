@@ -418,6 +418,16 @@ pub const MAX_LEAF_TTL: std::time::Duration = std::time::Duration::from_secs(90 
 /// Longest resumption ticket lifetime: tickets skip the certificate checks, so they stay
 /// short next to leaves (hours).
 pub const MAX_TICKET_LIFETIME_SECS: u64 = 3_600;
+/// `tuning.derivedRootLifetimeSecs` by default: two minutes of traffic per stolen root at
+/// most, against one handshake per two minutes per (client identity, server address).
+pub const DEFAULT_DERIVED_ROOT_LIFETIME_SECS: u64 = 120;
+/// The longest `tuning.derivedRootLifetimeSecs` allowed (as a ticket's).
+pub const MAX_DERIVED_ROOT_LIFETIME_SECS: u64 = 3_600;
+/// `tuning.derivedRootMaxConnections` by default: one handshake per 1 000 connections costs
+/// well under 1 % of their set-up (bench/README.md "Bounded roots").
+pub const DEFAULT_DERIVED_ROOT_MAX_CONNECTIONS: u64 = 1_000;
+/// The most `tuning.derivedRootMaxConnections` allowed.
+pub const MAX_DERIVED_ROOT_MAX_CONNECTIONS: u64 = 1_000_000;
 
 /// Spares per (pod, server identity, endpoint): each is an open connection on both agents and
 /// a pending set-up on the server's, so a handful covers bursts without turning into a pool.
@@ -483,15 +493,26 @@ pub struct Tuning {
     /// How long a resumption ticket stays usable, on both ends; no ticket outlives a policy
     /// reload or a new certificate either.
     pub ticket_lifetime_secs: u64,
-    /// How a mesh connection gets its keys. `handshake` (the default): a TLS handshake per
-    /// connection (resumed where a ticket allows). `derived`: after one handshake to a server
-    /// address, the next connections there open with a 44-byte header and keys expanded from
-    /// a secret that handshake exported, for `ticketLifetimeSecs` and while the policy
+    /// How a mesh connection gets its keys. `derived` (the default): after one handshake to a
+    /// server address, the next connections there open with a 44-byte header and keys
+    /// expanded from a secret (a root) that handshake exported, for at most
+    /// `derivedRootLifetimeSecs` and `derivedRootMaxConnections` and while the policy
     /// generation holds: no key exchange and no handshake round trip, one TLS record stream
     /// (own keys, kTLS-installable) per connection still, but the secrecy of `psk_ke`, i.e. of
-    /// a pooled proxy: whoever learns that secret from either agent's memory can read every
-    /// connection derived from it (ARCHITECTURE.md "Derived connection keys").
+    /// a pooled proxy: whoever learns a root from either agent's memory can read every
+    /// connection derived from it, which is why a root is short-lived and capped
+    /// (ARCHITECTURE.md "Derived connection keys"). `handshake`: a TLS handshake per
+    /// connection (resumed where a ticket allows), forward secrecy per connection.
     pub connection_keys: ConnectionKeysMode,
+    /// The longest a root of derived connection keys is used, from the handshake that made
+    /// it, on both ends (`connectionKeys: derived`); then the next connection makes a new one
+    /// with a handshake and the old root is erased. Bounds how long one stolen root reads
+    /// traffic.
+    pub derived_root_lifetime_secs: u64,
+    /// The most connections derived from one root (counters 1 to this, on both ends); the
+    /// next one makes a new root with a handshake. Bounds how many connections one stolen
+    /// root reads.
+    pub derived_root_max_connections: u64,
     /// Spare mesh sessions a pod keeps ready per (server identity, endpoint) it has called
     /// within `spareIdleMs`: opened ahead, so an app connection there waits for no agent
     /// handshake (still one TLS session per app connection; the server's agent decides the
@@ -550,10 +571,15 @@ impl Tuning {
         self.same_node_fast_path && self.same_node_join == SameNodeJoin::SkMsg
     }
 
-    /// How long a resumption ticket, and a root of derived connection keys, stays usable:
-    /// both ends of both mechanisms read this one value.
+    /// How long a resumption ticket stays usable (both ends), and how long a client stops
+    /// offering derived connections to a server whose agent refused a fresh root.
     pub fn ticket_lifetime(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.ticket_lifetime_secs)
+    }
+
+    /// How long a root of derived connection keys stays usable, on both ends.
+    pub fn derived_root_lifetime(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.derived_root_lifetime_secs)
     }
 }
 
@@ -561,8 +587,8 @@ impl Tuning {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum ConnectionKeysMode {
-    #[default]
     Handshake,
+    #[default]
     Derived,
 }
 
@@ -608,7 +634,9 @@ impl Default for Tuning {
             policy_poll_ms: 500,
             session_resumption: true,
             ticket_lifetime_secs: 300,
-            connection_keys: ConnectionKeysMode::Handshake,
+            connection_keys: ConnectionKeysMode::Derived,
+            derived_root_lifetime_secs: DEFAULT_DERIVED_ROOT_LIFETIME_SECS,
+            derived_root_max_connections: DEFAULT_DERIVED_ROOT_MAX_CONNECTIONS,
             mesh_spares: 0,
             spare_idle_ms: 5_000,
             same_node_fast_path: true,
@@ -785,6 +813,20 @@ impl Config {
             return Err(format!(
                 "tuning.ticketLifetimeSecs: {} is outside 1 to {MAX_TICKET_LIFETIME_SECS}",
                 t.ticket_lifetime_secs
+            ));
+        }
+        if !(1..=MAX_DERIVED_ROOT_LIFETIME_SECS).contains(&t.derived_root_lifetime_secs) {
+            return Err(format!(
+                "tuning.derivedRootLifetimeSecs: {} is outside 1 to \
+                 {MAX_DERIVED_ROOT_LIFETIME_SECS}",
+                t.derived_root_lifetime_secs
+            ));
+        }
+        if !(1..=MAX_DERIVED_ROOT_MAX_CONNECTIONS).contains(&t.derived_root_max_connections) {
+            return Err(format!(
+                "tuning.derivedRootMaxConnections: {} is outside 1 to \
+                 {MAX_DERIVED_ROOT_MAX_CONNECTIONS}",
+                t.derived_root_max_connections
             ));
         }
         if t.idle_timeout_secs == 0 {
@@ -1558,9 +1600,42 @@ tuning:
         let c = with("  sessionResumption: false\n  ticketLifetimeSecs: 60\n").unwrap();
         assert!(!c.tuning.session_resumption);
         assert_eq!(c.tuning.ticket_lifetime_secs, 60);
-        assert_eq!(c.tuning.connection_keys, ConnectionKeysMode::Handshake);
-        let c = with("  connectionKeys: derived\n").unwrap();
         assert_eq!(c.tuning.connection_keys, ConnectionKeysMode::Derived);
+        assert_eq!(
+            (
+                c.tuning.derived_root_lifetime_secs,
+                c.tuning.derived_root_max_connections
+            ),
+            (120, 1_000)
+        );
+        let c = with("  connectionKeys: handshake\n").unwrap();
+        assert_eq!(c.tuning.connection_keys, ConnectionKeysMode::Handshake);
+        let c = with("  derivedRootLifetimeSecs: 30\n  derivedRootMaxConnections: 5\n").unwrap();
+        assert_eq!(
+            (
+                c.tuning.derived_root_lifetime(),
+                c.tuning.derived_root_max_connections
+            ),
+            (std::time::Duration::from_secs(30), 5)
+        );
+        for (yaml, field) in [
+            ("  derivedRootLifetimeSecs: 0\n", "derivedRootLifetimeSecs"),
+            (
+                "  derivedRootLifetimeSecs: 3601\n",
+                "derivedRootLifetimeSecs",
+            ),
+            (
+                "  derivedRootMaxConnections: 0\n",
+                "derivedRootMaxConnections",
+            ),
+            (
+                "  derivedRootMaxConnections: 1000001\n",
+                "derivedRootMaxConnections",
+            ),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
         let e = with("  connectionKeys: pooled\n").unwrap_err().to_string();
         assert!(e.contains("connectionKeys") || e.contains("pooled"), "{e}");
         let c = with("  meshSpares: 2\n  spareIdleMs: 2000\n").unwrap();

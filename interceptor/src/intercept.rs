@@ -109,6 +109,10 @@ pub struct Shared {
     /// Metrics and the access log (the flow table counts into it too).
     pub telemetry: Arc<Telemetry>,
     credentials: LeafStore<Credentials>,
+    /// Every minted leaf's store of derived-key roots, weakly: [`Shared::renew_due`]
+    /// erases the expired and spent ones there, so a root lives no longer than its bound
+    /// even on an agent that no connection touches.
+    derived_stores: Mutex<Vec<std::sync::Weak<handshake::derived::Store>>>,
     /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
     crypto_generation: AtomicU64,
     /// Samples the warnings a remote party can cause (refusals, failed flows, failed
@@ -226,6 +230,7 @@ impl Shared {
             flows: FlowTable::new(Arc::clone(&telemetry)),
             telemetry,
             credentials: LeafStore::new(identity.clock, identity.renew),
+            derived_stores: Mutex::new(Vec::new()),
             crypto_generation: AtomicU64::new(0),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
@@ -280,6 +285,11 @@ impl Shared {
 
     /// Renews every leaf due within `ahead` or minted under older material; returns how many.
     pub fn renew_due(&self, ahead: Duration) -> usize {
+        // The same periodic sweep retires derived-key roots (seconds late at most).
+        let retired = self.retire_derived_roots();
+        if retired > 0 {
+            debug!(retired, "derived-key roots erased");
+        }
         let material = self.material();
         self.credentials
             .sweep(self.leaf_generation(&material), ahead, |id, now, ttl| {
@@ -396,13 +406,33 @@ impl Shared {
             .ca
             .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
-        Ok(Credentials::new(
+        let credentials = Credentials::new(
             leaf,
             Arc::clone(&material.roots),
             &self.trust_domain,
             self.crypto(),
             &self.resumption,
-        )?)
+        )?;
+        let mut stores = self
+            .derived_stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        stores.retain(|s| s.strong_count() > 0);
+        stores.push(credentials.derived_weak());
+        Ok(credentials)
+    }
+
+    /// Erases every root of derived connection keys past its lifetime or connection budget
+    /// (`tuning.derivedRootLifetimeSecs`, `derivedRootMaxConnections`); returns how many.
+    pub fn retire_derived_roots(&self) -> usize {
+        let stores: Vec<_> = self
+            .derived_stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        stores.iter().map(|s| s.retire_expired()).sum()
     }
 
     /// Record-exact handshake reads where kTLS may take the session over (the kernel must

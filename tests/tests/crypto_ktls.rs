@@ -108,6 +108,8 @@ fn ktls_takes_over_resumed_sessions() {
         vec![],
     );
     config.tuning.first_byte_wait_ms = 2_000;
+    // Resumed handshakes on the wire: derived keys (the default) would skip them.
+    config.tuning.connection_keys = interceptor::config::ConnectionKeysMode::Handshake;
     let agent = RunningAgent::start(config);
     let server_http = SocketAddr::from((server.ip, 80));
     let own_client = peer_client_resuming(

@@ -36,6 +36,7 @@ use interceptor::config::ConnectionKeysMode;
 use interceptor_tests::{
     agent::{RunningAgent, TempDir, peer, workload},
     apps::{answer_digest, curl, curl_upload, random_payload, read_request_head, sha256_hex},
+    crypto::{any_port, hellos},
     digest::Sha256,
     mesh::{PolicyDir, stats_delta, wait_generation},
     require_privileged,
@@ -682,4 +683,153 @@ fn the_apps_first_bytes_ride_behind_the_header_and_arrive_exactly_once() {
         seen.iter().all(|s| s.total == seen[0].total),
         "the same bytes on every connection: {seen:?}"
     );
+}
+
+/// A client agent in the default `derived` mode toward a server agent that keeps no roots
+/// (`connectionKeys: handshake`): after the one refused root the client stops offering them
+/// to that address and keeps tickets again, so its next connections there are resumed
+/// handshakes, not full ones. In the VM this is the kTLS client, whose handshake that leaves
+/// a root drops its ticket (ARCHITECTURE.md "Derived connection keys", kTLS): before
+/// `wants_root` every connection of it to such a server was a full handshake. Fails if the
+/// client keeps offering roots, or if its handshakes there stay full.
+///
+/// 1. a full handshake, a root kept by the client only;
+/// 2. the root's first use is refused (a derived header, then a handshake on a second
+///    connection, `derived.fallback`), the request still succeeds;
+/// 3. and 4. one connection each, no header: a ClientHello offering a ticket that the server
+///    takes (psk on the wire), both agents' flows resumed and on this environment's record
+///    layer (kTLS in the VM), no derived offer, no root kept.
+#[test]
+fn a_derived_client_resumes_toward_a_server_that_keeps_no_roots() {
+    require_privileged();
+    let node1 = Node::new(123);
+    let node2 = Node::new(124);
+    let wire_if = wire(&node1, &node2);
+    let client = node1.pod("nrclient", 2);
+    let mut server = node2.pod("nrserver", 3);
+    let www = serve_blob(&mut server, "wwwnr", 64 << 10);
+    let http = SocketAddr::from((server.ip, 80));
+    let url = format!("http://{http}/blob");
+
+    let cluster = Cluster::new("noroots");
+    let c1 = cluster.node_config(
+        "n1",
+        vec![workload(&client, "nra", "client")],
+        vec![peer(&server, "nrb", "server")],
+    );
+    let mut c2 = cluster.node_config(
+        "n2",
+        vec![workload(&server, "nrb", "server")],
+        vec![peer(&client, "nra", "client")],
+    );
+    assert_eq!(
+        c1.tuning.connection_keys,
+        ConnectionKeysMode::Derived,
+        "the client runs the default, derived"
+    );
+    assert!(c1.tuning.session_resumption && c1.tuning.tcp_fast_open);
+    c2.tuning.connection_keys = ConnectionKeysMode::Handshake;
+    let agent1 = RunningAgent::start(c1);
+    let agent2 = RunningAgent::start(c2);
+    let (ca, sa) = (&agent1.agent, &agent2.agent);
+    let mut all_frames = Vec::new();
+    let mut get = |step: &str| {
+        let (c0, s0) = (ca.policy_stats(), sa.policy_stats());
+        let capture = Capture::start_in(&node1.ns.path(), &wire_if);
+        let f = curl(client.command("curl"), &url);
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", www.want.clone()),
+            "{step}"
+        );
+        let frames = capture.stop();
+        all_frames.extend(frames.iter().cloned());
+        (
+            Streams::from_frames(frames),
+            stats_delta(&c0, &ca.policy_stats()),
+            stats_delta(&s0, &sa.policy_stats()),
+        )
+    };
+    let latest = |agent: &interceptor::app::Agent, pod: &str| {
+        let row = agent
+            .flows_with_recent()
+            .into_iter()
+            .filter(|r| r.pod == pod)
+            .max_by_key(|r| r.id)
+            .unwrap_or_else(|| panic!("no flow of {pod}"));
+        (row.protection, row.resumed)
+    };
+
+    // 1. Full handshake; the client keeps a root, the server none.
+    let (streams, dc, ds) = get("first connection");
+    let conns = connections(&streams, http);
+    assert_eq!(conns.len(), 1, "{:?}", summary(&conns));
+    assert_eq!(conns[0].0.bytes.first(), Some(&22), "a ClientHello first");
+    assert_eq!(
+        (stat(&dc, "derived.kept"), stat(&ds, "derived.kept")),
+        (1, 0),
+        "{dc:?} {ds:?}"
+    );
+    assert_eq!(
+        latest(ca, "nrclient"),
+        (expected_protection(), Some(false)),
+        "connection 1: a full handshake"
+    );
+
+    // 2. The root's first use: refused by an agent that keeps none, a handshake instead.
+    let (streams, dc, _) = get("the refused root");
+    let conns = connections(&streams, http);
+    assert_eq!(
+        conns.len(),
+        2,
+        "a derived header, then a handshake: {:?}",
+        summary(&conns)
+    );
+    assert_eq!(&conns[0].0.bytes[..4], &MAGIC);
+    assert_eq!(conns[1].0.bytes.first(), Some(&22));
+    assert_eq!(
+        (
+            stat(&dc, "derived.offered"),
+            stat(&dc, "derived.fallback"),
+            stat(&dc, "derived.kept"),
+            stat(&dc, "flows_failed")
+        ),
+        (1, 1, 0, 0),
+        "{dc:?}"
+    );
+
+    // 3. and 4. No more roots offered to that address; the handshakes resume.
+    for step in ["third connection", "fourth connection"] {
+        let (streams, dc, ds) = get(step);
+        let conns = connections(&streams, http);
+        assert_eq!(conns.len(), 1, "{step}: {:?}", summary(&conns));
+        assert_eq!(conns[0].0.bytes.first(), Some(&22), "{step}: a ClientHello");
+        let (ch, sh) = hellos(&streams, any_port(client.ip), http);
+        let sh = sh.unwrap_or_else(|e| panic!("{step}: no ServerHello: {e}"));
+        assert_eq!(
+            (ch.psk_identities, sh.psk_identity),
+            (1, Some(0)),
+            "{step}: a ticket offered and taken on the wire"
+        );
+        assert_eq!(
+            (
+                stat(&dc, "derived.offered"),
+                stat(&dc, "derived.kept"),
+                stat(&ds, "derived.accepted")
+            ),
+            (0, 0, 0),
+            "{step}: {dc:?} {ds:?}"
+        );
+        assert_eq!(
+            latest(ca, "nrclient"),
+            (expected_protection(), Some(true)),
+            "{step}: the client agent's flow"
+        );
+        assert_eq!(
+            latest(sa, "nrserver"),
+            (expected_protection(), Some(true)),
+            "{step}: the server agent's flow"
+        );
+    }
+    assert_no_plaintext(&all_frames, &www.payload);
 }

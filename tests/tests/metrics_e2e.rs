@@ -247,6 +247,9 @@ fn prometheus_scrapes_exact_counts_after_a_curl_matrix() {
         vec![],
     );
     config.policy_dir = Some(policy.path());
+    // Exact handshake counts: every mesh connection a handshake (derived connections are
+    // none). `access_log_has_one_json_line_per_connection` runs in the default.
+    config.tuning.connection_keys = interceptor::config::ConnectionKeysMode::Handshake;
     // Plaintext passthrough: a service whose endpoint is outside the mesh (the agent steers
     // service VIPs and mesh workloads, nothing else).
     let outside_vip = std::net::Ipv4Addr::new(10, 96, 83, 30);

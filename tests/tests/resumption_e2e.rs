@@ -22,7 +22,7 @@
 
 use std::net::SocketAddr;
 
-use interceptor::{app::Agent, intercept::table::FlowRow};
+use interceptor::{app::Agent, config::ConnectionKeysMode, intercept::table::FlowRow};
 use interceptor_tests::{
     agent::{RunningAgent, peer, workload},
     apps::curl,
@@ -116,7 +116,9 @@ fn a_second_connection_resumes_and_policy_still_decides_with_the_restored_identi
     let cluster = Cluster::new("resume");
     let policy = PolicyDir::with("policy.yaml", POLICY);
     let pods = [(&client, "client"), (&server, "server")];
-    let config = cluster.config_in("resume", &pods, &policy);
+    let mut config = cluster.config_in("resume", &pods, &policy);
+    // About handshakes (tickets, their ClientHellos): derived keys would skip them.
+    config.tuning.connection_keys = ConnectionKeysMode::Handshake;
     assert!(
         config.tuning.session_resumption,
         "resumption is on by default"
@@ -292,7 +294,9 @@ fn a_resumed_client_hello_rides_in_the_syn_and_saves_a_round_trip() {
     let cluster = Cluster::new("resume-tfo");
     let policy = PolicyDir::with("policy.yaml", POLICY);
     let pods = [(&client, "client"), (&server, "server")];
-    let config = cluster.config_in("resume", &pods, &policy);
+    let mut config = cluster.config_in("resume", &pods, &policy);
+    // About handshakes (tickets, their ClientHellos): derived keys would skip them.
+    config.tuning.connection_keys = ConnectionKeysMode::Handshake;
     assert!(config.tuning.tcp_fast_open && config.tuning.session_resumption);
     let agent = RunningAgent::start(config);
     let agent = &agent.agent;
@@ -408,7 +412,7 @@ fn a_ticket_the_restarted_server_agent_declines_costs_a_redial_not_the_request()
     let url = format!("http://{http}/blob");
 
     let cluster = Cluster::new("resume-restart");
-    let c1 = cluster.node_config(
+    let mut c1 = cluster.node_config(
         "n1",
         vec![workload(&client, "rda", "client")],
         vec![peer(&server, "rdb", "server")],
@@ -418,6 +422,10 @@ fn a_ticket_the_restarted_server_agent_declines_costs_a_redial_not_the_request()
         vec![workload(&server, "rdb", "server")],
         vec![peer(&client, "rda", "client")],
     );
+    // About handshakes (tickets, their ClientHellos): derived keys would skip them.
+    // (derived_e2e restarts a server agent in the default mode.)
+    c1.tuning.connection_keys = ConnectionKeysMode::Handshake;
+    c2.tuning.connection_keys = ConnectionKeysMode::Handshake;
     assert!(c1.tuning.session_resumption && c2.tuning.session_resumption);
     let agent1 = RunningAgent::start(c1);
     let client_agent = &agent1.agent;

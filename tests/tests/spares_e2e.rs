@@ -25,6 +25,7 @@ use std::{
 use interceptor::{
     app::Agent,
     ca::{Ca, OnExisting},
+    config::ConnectionKeysMode,
 };
 use interceptor_tests::{
     agent::{RunningAgent, TempDir, peer, workload},
@@ -120,6 +121,10 @@ fn spares_are_used_and_never_outlive_policy_leaf_or_peer() {
         vec![workload(&server, "spb", "server")],
         vec![peer(&client, "spa", "client")],
     );
+    // Spares stand in for handshakes; with derived keys (the default) a connection after
+    // the first needs neither, so this counts spares in `handshake` mode.
+    c1.tuning.connection_keys = ConnectionKeysMode::Handshake;
+    c2.tuning.connection_keys = ConnectionKeysMode::Handshake;
     c1.tuning.mesh_spares = SPARES;
     c1.tuning.spare_idle_ms = 30_000;
     c1.identity.ca_poll_ms = 100;

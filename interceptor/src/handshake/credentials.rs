@@ -29,8 +29,9 @@ pub struct Credentials {
     /// The same, for spare connections (see [`Credentials::spare_client`]).
     spare_clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
     /// Roots of derived connection keys (`tuning.connectionKeys: derived`), bound to this
-    /// leaf like the ticket stores: new credentials start with none.
-    derived: super::derived::Store,
+    /// leaf like the ticket stores: new credentials start with none. Shared so the agent's
+    /// periodic sweep can erase expired roots without holding the credentials alive.
+    derived: Arc<super::derived::Store>,
 }
 
 impl Credentials {
@@ -52,13 +53,19 @@ impl Credentials {
             resumption: resumption.clone(),
             clients: Mutex::new(HashMap::new()),
             spare_clients: Mutex::new(HashMap::new()),
-            derived: super::derived::Store::default(),
+            derived: Arc::default(),
         })
     }
 
     /// This service account's roots of derived connection keys, as server and as client.
     pub fn derived(&self) -> &super::derived::Store {
         &self.derived
+    }
+
+    /// The same store, held weakly by the sweep that retires expired roots
+    /// ([`super::derived::Store::retire_expired`]).
+    pub fn derived_weak(&self) -> std::sync::Weak<super::derived::Store> {
+        Arc::downgrade(&self.derived)
     }
 
     /// The config that terminates mesh mTLS for this service account.

@@ -392,8 +392,12 @@ pub struct Binding {
     pub peer_not_after: u64,
     /// The policy generation the handshake was decided under.
     pub generation: u64,
-    /// When the root stops being used (monotonic).
+    /// When the root stops being used (monotonic): `tuning.derivedRootLifetimeSecs` after
+    /// its handshake.
     pub expires: Instant,
+    /// The highest counter derived from it (`tuning.derivedRootMaxConnections`); the
+    /// connection after makes a new root with a handshake.
+    pub max_connections: u64,
 }
 
 impl Binding {
@@ -508,6 +512,12 @@ impl Store {
             if !constant_eq(&mac, &header.mac) {
                 return Err(Refused::BadMac);
             }
+            // Past its connection budget the root is spent, as if expired: the client
+            // should not have asked, so the root goes here too.
+            if header.counter > entry.binding.max_connections {
+                server.remove(&header.id);
+                return Err(Refused::Expired);
+            }
             if !entry.window.accept(header.counter) {
                 return Err(Refused::Replayed);
             }
@@ -560,7 +570,7 @@ impl Store {
             let entry = client.get_mut(&server)?;
             if entry.binding.refuses(generation, now, unix_now).is_some()
                 || entry.binding.peer != *expected
-                || entry.used == u64::MAX
+                || entry.used >= entry.binding.max_connections
             {
                 client.remove(&server);
                 return None;
@@ -610,6 +620,37 @@ impl Store {
         }
     }
 
+    /// Drops every root past its lifetime or its connection budget, and every lapsed
+    /// refusal; returns how many roots went. Expired roots are otherwise only noticed when
+    /// used, so without this an idle agent would keep them in memory long after: run
+    /// periodically (`Shared::renew_due`). A dropped root is erased: its two keys live in
+    /// aws-lc's HKDF PRKs, which zeroize on drop.
+    pub fn retire_expired(&self) -> usize {
+        self.retire_at(Instant::now())
+    }
+
+    fn retire_at(&self, now: Instant) -> usize {
+        let mut retired = 0;
+        {
+            let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+            let before = server.len();
+            server
+                .retain(|_, e| e.binding.expires > now && e.window.top < e.binding.max_connections);
+            retired += before - server.len();
+        }
+        {
+            let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+            let before = client.len();
+            client.retain(|_, e| e.binding.expires > now && e.used < e.binding.max_connections);
+            retired += before - client.len();
+        }
+        self.refusing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, until| *until > now);
+        retired
+    }
+
     /// Roots held (server side, client side): for tests and the admin view.
     pub fn len(&self) -> (usize, usize) {
         (
@@ -646,6 +687,7 @@ mod tests {
             peer_not_after: unix_now() + 3600,
             generation,
             expires: Instant::now() + Duration::from_secs(300),
+            max_connections: u64::MAX,
         }
     }
 
@@ -878,6 +920,76 @@ mod tests {
             .parse()
             .unwrap();
         assert!(client.offer(addr, &other, 5).is_none());
+    }
+
+    /// A root serves `max_connections` connections on both ends, then the client asks for
+    /// a handshake and the server refuses a counter past it (a client that ignored the
+    /// budget); the periodic sweep drops spent and expired roots on both ends and keeps the
+    /// live ones. Fails if either end ignores the budget or the sweep keeps a dead root.
+    #[test]
+    fn a_root_is_retired_after_its_connection_budget_or_lifetime() {
+        let (client, server) = (Store::default(), Store::default());
+        let addr: IpAddr = "10.0.0.4".parse().unwrap();
+        let peer = binding(5).peer;
+        let capped = || Binding {
+            max_connections: 3,
+            ..binding(5)
+        };
+        server.keep_server(root(20), capped());
+        client.keep_client(addr, root(20), capped());
+        for counter in 1..=3u64 {
+            let offer = client.offer(addr, &peer, 5).expect("within the budget");
+            assert_eq!(&offer.keys.header[20..28], &counter.to_be_bytes());
+            assert!(server.accept(&offer.keys.header, 5).is_ok(), "{counter}");
+        }
+        assert!(
+            client.offer(addr, &peer, 5).is_none(),
+            "the budget is spent"
+        );
+        assert_eq!(client.len(), (0, 0), "the spent root is gone on the client");
+        // A fourth counter made anyway (a client with a larger budget): refused, root gone.
+        let over = root(20).connection(4).unwrap();
+        assert_eq!(server.accept(&over.header, 5).err(), Some(Refused::Expired));
+        assert_eq!(server.len(), (0, 0));
+
+        // The sweep: one spent and one expired root on each end go, a live one stays.
+        let short = || Binding {
+            expires: Instant::now() + Duration::from_secs(10),
+            ..binding(5)
+        };
+        server.keep_server(root(21), capped());
+        server.keep_server(root(22), short());
+        server.keep_server(root(23), binding(5));
+        for counter in 1..=3 {
+            let h = root(21).connection(counter).unwrap().header;
+            assert!(server.accept(&h, 5).is_ok());
+        }
+        let other: IpAddr = "10.0.0.5".parse().unwrap();
+        let third: IpAddr = "10.0.0.6".parse().unwrap();
+        client.keep_client(addr, root(21), capped());
+        for _ in 0..3 {
+            assert!(client.offer(addr, &peer, 5).is_some());
+        }
+        client.keep_client(other, root(22), short());
+        client.keep_client(third, root(23), binding(5));
+        let refusing: IpAddr = "10.0.0.7".parse().unwrap();
+        client.refused(refusing, true, Duration::from_secs(10));
+        assert_eq!((server.len().0, client.len().1), (3, 3));
+        assert!(!client.wants_client_root(refusing));
+        let later = Instant::now() + Duration::from_secs(11);
+        assert_eq!(server.retire_at(later), 2);
+        assert_eq!(client.retire_at(later), 2);
+        assert_eq!((server.len().0, client.len().1), (1, 1));
+        assert!(
+            client.wants_client_root(refusing),
+            "a lapsed refusal goes too"
+        );
+        let live = root(23).connection(1).unwrap().header;
+        assert!(
+            server.accept(&live, 5).is_ok(),
+            "the live root still serves"
+        );
+        assert!(client.offer(third, &peer, 5).is_some());
     }
 
     #[test]

@@ -161,13 +161,15 @@ impl Established {
 
     /// The root of derived connection keys this session leaves both ends, and what it is
     /// bound to (the peer identity, its leaf's notAfter, policy generation `generation`, an
-    /// expiry `lifetime` from now). Call before the keys move on. `None` for a session that
+    /// expiry `lifetime` from now, at most `max_connections` derived from it). Call before
+    /// the keys move on. `None` for a session that
     /// cannot export: a kTLS client's (rustls' unbuffered client has no exporter), a derived
     /// one, or a peer leaf that does not parse.
     pub fn derived_root(
         &self,
         generation: u64,
         lifetime: Duration,
+        max_connections: u64,
     ) -> Option<(super::derived::Root, super::derived::Binding)> {
         let Session::Rustls(conn) = &self.conn else {
             return None;
@@ -198,6 +200,7 @@ impl Established {
                 peer_not_after,
                 generation,
                 expires: std::time::Instant::now() + lifetime,
+                max_connections,
             },
         ))
     }

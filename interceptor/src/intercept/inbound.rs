@@ -166,7 +166,11 @@ async fn mesh<'a>(
     let decided_by = generation.number;
     drop(generation);
     if shared.tuning.connection_keys == ConnectionKeysMode::Derived
-        && let Some((root, binding)) = est.derived_root(decided_by, shared.tuning.ticket_lifetime())
+        && let Some((root, binding)) = est.derived_root(
+            decided_by,
+            shared.tuning.derived_root_lifetime(),
+            shared.tuning.derived_root_max_connections,
+        )
     {
         me.derived().keep_server(root, binding);
         shared.derived(super::DerivedOutcome::Kept);

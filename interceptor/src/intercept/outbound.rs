@@ -305,8 +305,11 @@ async fn mesh<'a>(
         }
     };
     if wants_root
-        && let Some((root, binding)) =
-            est.derived_root(out.decided_by, shared.tuning.ticket_lifetime())
+        && let Some((root, binding)) = est.derived_root(
+            out.decided_by,
+            shared.tuning.derived_root_lifetime(),
+            shared.tuning.derived_root_max_connections,
+        )
     {
         me.derived().keep_client(server_ip, root, binding);
         shared.derived(super::DerivedOutcome::Kept);

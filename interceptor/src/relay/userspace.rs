@@ -19,7 +19,6 @@
 //! AEAD contexts and no buffer.
 
 use std::{
-    future::Future,
     io::{self, BufRead, IoSlice, Write},
     pin::Pin,
     sync::Arc,
@@ -38,11 +37,10 @@ use super::{
     reset, wait_ready,
 };
 
-/// Builds the relay's state now; the future owns only that state. `leftover` is plaintext
-/// for the app, `leftover_tls` records from the peer not yet given to `conn`; both precede
-/// anything on the sockets.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn run(
+/// Builds the relay's state now; [`Userspace::run`] makes the future, which owns only that
+/// state. `leftover` is plaintext for the app, `leftover_tls` records from the peer not yet
+/// given to `conn`; both precede anything on the sockets.
+pub(super) fn with_rustls(
     app: TcpStream,
     peer: TcpStream,
     conn: Box<Connection>,
@@ -50,60 +48,50 @@ pub(super) fn run(
     leftover_tls: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
-    app_leg: Option<Box<AppLeg>>,
-) -> impl Future<Output = Result<(), RelayError>> + Send {
+) -> Userspace {
     let mut conn = conn;
     conn.set_buffer_limit(Some(config.buffer_size.max(16 << 10)));
-    let layer = Layer::Rustls(conn);
-    run_layer(
+    Userspace::new(
         app,
         peer,
-        layer,
+        Layer::Rustls(conn),
         leftover,
         leftover_tls,
         config,
         stats,
-        app_leg,
     )
 }
 
-/// [`run`] for a session that never had rustls state (keys derived for the connection,
-/// `handshake::derived`): the relay's own record layer from the first record.
-pub(super) fn run_own(
+/// [`with_rustls`] for a session that never had rustls state (keys derived for the
+/// connection, `handshake::derived`): the relay's own record layer from the first record.
+pub(super) fn with_own(
     app: TcpStream,
     peer: TcpStream,
     own: Box<RecordLayer>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
-    app_leg: Option<Box<AppLeg>>,
-) -> impl Future<Output = Result<(), RelayError>> + Send {
-    let layer = Layer::Own(own);
-    run_layer(
+) -> Userspace {
+    Userspace::new(
         app,
         peer,
-        layer,
+        Layer::Own(own),
         Vec::new(),
         Vec::new(),
         config,
         stats,
-        app_leg,
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_layer(
-    app: TcpStream,
-    peer: TcpStream,
-    layer: Layer,
-    leftover: Vec<u8>,
-    leftover_tls: Vec<u8>,
-    config: RelayConfig,
-    stats: Arc<RelayStats>,
-    app_leg: Option<Box<AppLeg>>,
-) -> impl Future<Output = Result<(), RelayError>> + Send {
-    let mut relay = Userspace::new(app, peer, layer, leftover, leftover_tls, config, stats);
-    relay.app_leg = app_leg;
-    async move {
+impl Userspace {
+    /// `tuning.relayAppLeg: skMsg`: the app's bytes may also arrive by redirect (`appleg`).
+    pub(super) fn with_app_leg(mut self, app_leg: Option<Box<AppLeg>>) -> Userspace {
+        self.app_leg = app_leg;
+        self
+    }
+
+    /// The relay itself: moves bytes until both directions are closed or the flow fails.
+    pub(super) async fn run(mut self, config: RelayConfig) -> Result<(), RelayError> {
+        let relay = &mut self;
         let mut idle = IdleTimer::new(config.idle_timeout);
         let result = std::future::poll_fn(|cx| {
             if relay.stats.cancelled() {
@@ -231,7 +219,7 @@ impl OpenedRecords {
     }
 }
 
-struct Userspace {
+pub(super) struct Userspace {
     app: TcpStream,
     peer: TcpStream,
     layer: Layer,
