@@ -56,6 +56,12 @@ impl FlowRuntimes {
         })
     }
 
+    /// The next runtime, round robin.
+    fn next_handle(&self) -> &Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[i]
+    }
+
     /// Runs `serve(stream)` as a task of its own on the next runtime (round robin), the
     /// stream moved to that runtime's I/O driver first.
     ///
@@ -76,8 +82,7 @@ impl FlowRuntimes {
                 return;
             }
         };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        self.handles[i].spawn(async move {
+        self.next_handle().spawn(async move {
             match TcpStream::from_std(stream) {
                 Ok(stream) => {
                     tokio::spawn(serve(stream));
@@ -101,6 +106,15 @@ pub fn install(runtimes: FlowRuntimes) -> anyhow::Result<()> {
     FLOWS
         .set(runtimes)
         .map_err(|_| anyhow::anyhow!("flow runtimes installed twice"))
+}
+
+/// Where a flow that arrives without an accept (one a predecessor agent handed over, or one
+/// parked here for a successor that could not take it) runs: the next installed flow runtime,
+/// or `fallback` when none are.
+pub fn for_flow(fallback: &Handle) -> Handle {
+    FLOWS
+        .get()
+        .map_or_else(|| fallback.clone(), |f| f.next_handle().clone())
 }
 
 /// Runs `serve(stream)` as a task of its own: on one of the installed flow runtimes, or on
