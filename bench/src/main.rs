@@ -192,6 +192,11 @@ struct RunArgs {
     /// the apps' sends reach the agent's ends of their loopback connections by sk_msg.
     #[arg(long)]
     app_leg_skmsg: bool,
+    /// `tuning.runtime: perThread` for the agent under test (`--agent`; never the baseline):
+    /// one single-threaded runtime per flow thread (`--worker-threads` of them), each
+    /// accepted connection kept on one.
+    #[arg(long)]
+    per_thread_runtime: bool,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -411,6 +416,7 @@ fn run(args: RunArgs) -> Result<()> {
         derived_keys: args.derived_keys,
         baseline_derived_keys: args.baseline_derived_keys,
         app_leg_skmsg: args.app_leg_skmsg,
+        per_thread_runtime: args.per_thread_runtime,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

@@ -163,6 +163,8 @@ pub struct Env {
     pub baseline_derived_keys: bool,
     /// `tuning.relayAppLeg: skMsg` for `agent_bin` (see `--app-leg-skmsg`).
     pub app_leg_skmsg: bool,
+    /// `tuning.runtime: perThread` for `agent_bin` (see `--per-thread-runtime`).
+    pub per_thread_runtime: bool,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -660,6 +662,9 @@ struct TuningCfg {
     /// Left out for the baseline agent, like `mesh_spares`.
     #[serde(skip_serializing_if = "Option::is_none")]
     relay_app_leg: Option<&'static str>,
+    /// Left out for the baseline agent, like `mesh_spares`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runtime: Option<&'static str>,
 }
 
 fn workload(pod: &topology::Pod, sa: &'static str) -> WorkloadCfg {
@@ -772,6 +777,8 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 .then_some("derived"),
                 relay_app_leg: (active.mode != Mode::InterceptorRelayBase && env.app_leg_skmsg)
                     .then_some("skMsg"),
+                runtime: (active.mode != Mode::InterceptorRelayBase && env.per_thread_runtime)
+                    .then_some("perThread"),
             },
         };
         // JSON is YAML, and serde_json is already here.

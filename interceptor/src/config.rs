@@ -550,6 +550,12 @@ pub struct Tuning {
     /// agent shares few cores with busy pods, 1 set up connections with less CPU each in the
     /// benchmark (bench/README.md "Runtime shape"), at the price of one core for all relaying.
     pub worker_threads: u16,
+    /// How flows are spread over those threads: `shared` (one multi-threaded runtime: a
+    /// flow's readiness may be seen by one worker and its task run, or stolen, by another)
+    /// or `perThread` (one single-threaded runtime per thread; each accepted connection is
+    /// handed to one of them and stays there, so its wake-ups, its task and its sockets'
+    /// readiness are one thread's). ARCHITECTURE.md "Runtime shape".
+    pub runtime: RuntimeShape,
 }
 
 impl Tuning {
@@ -584,6 +590,15 @@ pub enum ConnectionKeysMode {
     Handshake,
     #[default]
     Derived,
+}
+
+/// `tuning.runtime`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RuntimeShape {
+    #[default]
+    Shared,
+    PerThread,
 }
 
 /// `tuning.relayAppLeg`.
@@ -628,6 +643,7 @@ impl Default for Tuning {
             same_node_join: SameNodeJoin::Splice,
             relay_app_leg: RelayAppLeg::Tcp,
             worker_threads: 0,
+            runtime: RuntimeShape::Shared,
         }
     }
 }
@@ -1670,6 +1686,19 @@ tuning:
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn runtime_defaults_to_shared_and_names_bad_values() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.tuning.runtime, RuntimeShape::Shared);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        assert_eq!(
+            with("  runtime: perThread\n").unwrap().tuning.runtime,
+            RuntimeShape::PerThread
+        );
+        let e = with("  runtime: perCore\n").unwrap_err().to_string();
+        assert!(e.contains("perCore") && e.contains("runtime"), "{e}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod policy;
 pub mod probe;
 pub mod refusal;
 pub mod relay;
+pub mod runtimes;
 #[allow(unsafe_code)] // syscall wrappers, each block with its SAFETY comment
 pub mod sys;
 pub mod telemetry;

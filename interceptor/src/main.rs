@@ -9,10 +9,10 @@ use clap::{Parser, Subcommand};
 use interceptor::{
     admin::{self, Request, Response},
     app, ca,
-    config::{Config, Workload},
+    config::{Config, RuntimeShape, Tuning, Workload},
     identity::TrustDomain,
     intercept::{self, table},
-    probe,
+    probe, runtimes,
 };
 
 #[derive(Parser)]
@@ -167,16 +167,37 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    agent_runtime(0)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
-/// The runtime: `workers` threads (`tuning.workerThreads`), or one per CPU when 0.
-fn agent_runtime(workers: u16) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(usize::from(workers));
+/// The agent's runtime, shaped by `tuning.runtime`: `shared`, one multi-threaded runtime of
+/// `tuning.workerThreads` workers (one per CPU when 0) for everything; `perThread`, as many
+/// single-threaded flow runtimes on threads of their own (installed for the accept loops to
+/// hand connections to) and a single-threaded runtime on the main thread for the rest.
+fn agent_runtime(tuning: &Tuning) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = usize::from(tuning.worker_threads);
+    match tuning.runtime {
+        RuntimeShape::Shared => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if workers > 0 {
+                builder.worker_threads(workers);
+            }
+            Ok(builder.enable_all().build()?)
+        }
+        RuntimeShape::PerThread => {
+            let threads = if workers > 0 {
+                workers
+            } else {
+                std::thread::available_parallelism().map_or(1, usize::from)
+            };
+            runtimes::install(runtimes::FlowRuntimes::start(threads)?)?;
+            Ok(tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?)
+        }
     }
-    Ok(builder.enable_all().build()?)
 }
 
 /// Sends one admin request and turns an error response into an error.
@@ -278,8 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(&config)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
             let parsed = Config::parse(&config.display().to_string(), &text)?;
-            agent_runtime(parsed.tuning.worker_threads)?
-                .block_on(app::run(parsed, config, takeover))?;
+            agent_runtime(&parsed.tuning)?.block_on(app::run(parsed, config, takeover))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Enroll {

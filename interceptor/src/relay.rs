@@ -439,14 +439,9 @@ pub fn relay_joining(
                     return match record::RecordLayer::new(*secrets, is_client) {
                         Ok(own) => {
                             let leg = app_leg(&app);
-                            Box::pin(userspace::run_own(
-                                app,
-                                peer,
-                                Box::new(own),
-                                config,
-                                stats,
-                                leg,
-                            ))
+                            let relay =
+                                userspace::with_own(app, peer, Box::new(own), config, stats);
+                            Box::pin(relay.with_app_leg(leg).run(config))
                         }
                         Err(e) => failed_at_start(app, peer, config, stats, RelayError::Tls(e)),
                     };
@@ -474,7 +469,7 @@ pub fn relay_joining(
                 ..config
             };
             let leg = app_leg(&app);
-            return Box::pin(userspace::run(
+            let relay = userspace::with_rustls(
                 app,
                 peer,
                 conn,
@@ -482,8 +477,8 @@ pub fn relay_joining(
                 session.leftover_ciphertext,
                 config,
                 stats,
-                leg,
-            ));
+            );
+            return Box::pin(relay.with_app_leg(leg).run(config));
         }
     };
     let handoff = session
@@ -540,16 +535,7 @@ pub fn relay_userspace(
     stats: Arc<RelayStats>,
 ) -> impl Future<Output = Result<(), RelayError>> + Send {
     stats.set_mode(RelayMode::Userspace);
-    userspace::run(
-        app,
-        peer,
-        conn.into(),
-        leftover,
-        Vec::new(),
-        config,
-        stats,
-        None,
-    )
+    userspace::with_rustls(app, peer, conn.into(), leftover, Vec::new(), config, stats).run(config)
 }
 
 /// Kernel relay: `peer` already has kTLS TX and RX installed for `cipher`; `leftover` is

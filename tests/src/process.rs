@@ -60,6 +60,18 @@ pub fn assert_log_bytes_match(line: &serde_json::Value, row: &FlowRow) {
     );
 }
 
+/// `config` with `tuning.runtime` as `INTERCEPTOR_TEST_RUNTIME` (`shared` or `perThread`)
+/// says, when set: the suites that run the agent binary run under either runtime shape.
+fn with_test_runtime(config: &Config) -> std::borrow::Cow<'_, Config> {
+    let Ok(shape) = std::env::var("INTERCEPTOR_TEST_RUNTIME") else {
+        return std::borrow::Cow::Borrowed(config);
+    };
+    let mut config = config.clone();
+    config.tuning.runtime = serde_json::from_value(serde_json::Value::String(shape.clone()))
+        .unwrap_or_else(|e| panic!("INTERCEPTOR_TEST_RUNTIME={shape}: {e}"));
+    std::borrow::Cow::Owned(config)
+}
+
 impl AgentProcess {
     /// Writes `config` to `file` and starts the agent on it; returns once its admin socket
     /// answers (at most 30 s: the VM emulates its CPU).
@@ -127,7 +139,7 @@ impl AgentProcess {
         env: &[(&str, &str)],
         stdout: Stdio,
     ) -> AgentProcess {
-        let yaml = yaml_serde::to_string(config).expect("config to yaml");
+        let yaml = yaml_serde::to_string(&with_test_runtime(config)).expect("config to yaml");
         std::fs::write(file, yaml).expect("write node config");
         // A successor must leave the running agent's socket alone: it stays the one that
         // answers on the path until the hand-over completes.

@@ -22,7 +22,7 @@ use std::{
 };
 
 use interceptor::datapath::LegJoins;
-use interceptor_common::{JOIN_EGRESS, JOIN_INGRESS, JoinGrant};
+use interceptor_common::{JOIN_EGRESS, JOIN_INGRESS, JoinGrant, LegKey};
 use interceptor_tests::require_privileged;
 
 fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
@@ -33,6 +33,18 @@ fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
             .expect("timeout");
     }
     (c, a)
+}
+
+/// Joins the app socket `c` to `to` (the leg its messages are redirected to).
+fn join(joins: &mut LegJoins, c: &TcpStream, to: &TcpStream) -> LegKey {
+    joins
+        .join_msg(
+            c.as_fd(),
+            c.local_addr().expect("addr"),
+            c.peer_addr().expect("addr"),
+            to.as_fd(),
+        )
+        .expect("join")
 }
 
 /// Whatever `s` holds now (reads until a 300 ms silence).
@@ -64,14 +76,7 @@ fn sk_msg_join_redirects_only_behind_relayed_bytes_and_within_room() {
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let (mut c, mut a) = pair(&agent);
     let (mut b, mut s) = pair(&server);
-    let key = joins
-        .join_msg(
-            c.as_fd(),
-            c.local_addr().expect("addr"),
-            c.peer_addr().expect("addr"),
-            b.as_fd(),
-        )
-        .expect("join");
+    let key = join(&mut joins, &c, &b);
     let grant = |relayed, granted| JoinGrant {
         relayed,
         granted,
@@ -134,14 +139,7 @@ fn sk_msg_app_leg_redirects_into_the_agents_end_in_order_and_within_the_window()
     let agent = TcpListener::bind("127.0.0.1:0").expect("bind");
     let (mut c, mut a) = pair(&agent);
     // The app socket's messages go into `a`, its own peer: the agent's end.
-    let key = joins
-        .join_msg(
-            c.as_fd(),
-            c.local_addr().expect("addr"),
-            c.peer_addr().expect("addr"),
-            a.as_fd(),
-        )
-        .expect("join");
+    let key = join(&mut joins, &c, &a);
     let grant = |relayed, granted| JoinGrant {
         relayed,
         granted,
@@ -206,14 +204,7 @@ fn sk_msg_app_leg_without_the_agents_end_fails_the_apps_connection() {
     let mut joins = LegJoins::load().expect("load the join program");
     let agent = TcpListener::bind("127.0.0.1:0").expect("bind");
     let (mut c, a) = pair(&agent);
-    let key = joins
-        .join_msg(
-            c.as_fd(),
-            c.local_addr().expect("addr"),
-            c.peer_addr().expect("addr"),
-            a.as_fd(),
-        )
-        .expect("join");
+    let key = join(&mut joins, &c, &a);
     let grant = JoinGrant {
         relayed: 0,
         granted: u64::MAX,

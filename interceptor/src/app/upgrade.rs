@@ -429,7 +429,7 @@ impl Source for Handing {
                     if let Some(check) = p.check {
                         adopt_parked(
                             shared,
-                            &self.runtime,
+                            &crate::runtimes::for_flow(&self.runtime),
                             p.info,
                             check,
                             *relay,
@@ -455,7 +455,7 @@ impl Source for Handing {
             Ok((info, check)) => {
                 adopt_parked(
                     &self.agent.shared,
-                    &self.runtime,
+                    &crate::runtimes::for_flow(&self.runtime),
                     info,
                     check,
                     relay,
@@ -592,7 +592,7 @@ impl Agent {
         {
             adopt_parked(
                 &self.shared,
-                runtime,
+                &crate::runtimes::for_flow(runtime),
                 info,
                 check,
                 parked,

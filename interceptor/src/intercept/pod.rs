@@ -473,13 +473,10 @@ fn accept_loop(
                 flow::reset(stream);
                 continue;
             };
-            tokio::spawn(flow::serve(
-                super::Live::count(&shared),
-                Arc::clone(&ctx),
-                direction,
-                Box::new((stream, peer)),
-                permit,
-            ));
+            let (live, ctx) = (super::Live::count(&shared), Arc::clone(&ctx));
+            crate::runtimes::spawn_accepted(stream, move |stream| {
+                flow::serve(live, ctx, direction, Box::new((stream, peer)), permit)
+            });
         }
     })
 }

@@ -15,11 +15,10 @@
 //! time the flow goes quiet, the relay takes the keys (`dangerous_extract_secrets`) and drops
 //! rustls: from then on [`record::RecordLayer`] seals `up` straight into `tls_out` (out of
 //! place: no copy before the AEAD) and opens records in place in `tls_in`, from where their
-//! plaintext goes to the app in one `writev` (no copy into `down`), so an idle flow holds two
-//! AEAD contexts and no buffer.
+//! plaintext goes to the app in one `writev` (`send` for one record; no copy into `down`), so
+//! an idle flow holds two AEAD contexts and no buffer.
 
 use std::{
-    future::Future,
     io::{self, BufRead, IoSlice, Write},
     pin::Pin,
     sync::Arc,
@@ -38,11 +37,10 @@ use super::{
     reset, wait_ready,
 };
 
-/// Builds the relay's state now; the future owns only that state. `leftover` is plaintext
-/// for the app, `leftover_tls` records from the peer not yet given to `conn`; both precede
-/// anything on the sockets.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn run(
+/// Builds the relay's state now; [`Userspace::run`] makes the future, which owns only that
+/// state. `leftover` is plaintext for the app, `leftover_tls` records from the peer not yet
+/// given to `conn`; both precede anything on the sockets.
+pub(super) fn with_rustls(
     app: TcpStream,
     peer: TcpStream,
     conn: Box<Connection>,
@@ -50,60 +48,50 @@ pub(super) fn run(
     leftover_tls: Vec<u8>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
-    app_leg: Option<Box<AppLeg>>,
-) -> impl Future<Output = Result<(), RelayError>> + Send {
+) -> Userspace {
     let mut conn = conn;
     conn.set_buffer_limit(Some(config.buffer_size.max(16 << 10)));
-    let layer = Layer::Rustls(conn);
-    run_layer(
+    Userspace::new(
         app,
         peer,
-        layer,
+        Layer::Rustls(conn),
         leftover,
         leftover_tls,
         config,
         stats,
-        app_leg,
     )
 }
 
-/// [`run`] for a session that never had rustls state (keys derived for the connection,
-/// `handshake::derived`): the relay's own record layer from the first record.
-pub(super) fn run_own(
+/// [`with_rustls`] for a session that never had rustls state (keys derived for the
+/// connection, `handshake::derived`): the relay's own record layer from the first record.
+pub(super) fn with_own(
     app: TcpStream,
     peer: TcpStream,
     own: Box<RecordLayer>,
     config: RelayConfig,
     stats: Arc<RelayStats>,
-    app_leg: Option<Box<AppLeg>>,
-) -> impl Future<Output = Result<(), RelayError>> + Send {
-    let layer = Layer::Own(own);
-    run_layer(
+) -> Userspace {
+    Userspace::new(
         app,
         peer,
-        layer,
+        Layer::Own(own),
         Vec::new(),
         Vec::new(),
         config,
         stats,
-        app_leg,
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_layer(
-    app: TcpStream,
-    peer: TcpStream,
-    layer: Layer,
-    leftover: Vec<u8>,
-    leftover_tls: Vec<u8>,
-    config: RelayConfig,
-    stats: Arc<RelayStats>,
-    app_leg: Option<Box<AppLeg>>,
-) -> impl Future<Output = Result<(), RelayError>> + Send {
-    let mut relay = Userspace::new(app, peer, layer, leftover, leftover_tls, config, stats);
-    relay.app_leg = app_leg;
-    async move {
+impl Userspace {
+    /// `tuning.relayAppLeg: skMsg`: the app's bytes may also arrive by redirect (`appleg`).
+    pub(super) fn with_app_leg(mut self, app_leg: Option<Box<AppLeg>>) -> Userspace {
+        self.app_leg = app_leg;
+        self
+    }
+
+    /// The relay itself: moves bytes until both directions are closed or the flow fails.
+    pub(super) async fn run(mut self, config: RelayConfig) -> Result<(), RelayError> {
+        let relay = &mut self;
         let mut idle = IdleTimer::new(config.idle_timeout);
         let result = std::future::poll_fn(|cx| {
             if relay.stats.cancelled() {
@@ -231,7 +219,7 @@ impl OpenedRecords {
     }
 }
 
-struct Userspace {
+pub(super) struct Userspace {
     app: TcpStream,
     peer: TcpStream,
     layer: Layer,
@@ -951,6 +939,10 @@ fn read_joined(
 /// as tokio's `poll_write` does for one buffer (its `poll_write_vectored` does not), so the next
 /// attempt waits for epoll instead of costing a `writev` that returns EAGAIN: a busy flow whose
 /// app reads slower than the peer sends made one such call per short write.
+///
+/// One slice (a request/response flow's every message) goes by `send` instead: `writev` takes
+/// the file layer first (copying in the vector, the LSM file hook, fsnotify), which `send`
+/// skips for the same TCP work.
 fn poll_write_vectored(
     sock: &TcpStream,
     cx: &mut Context<'_>,
@@ -963,7 +955,10 @@ fn poll_write_vectored(
         // `try_io` clears the socket's write readiness when its closure reports WouldBlock:
         // a short write reports it after keeping the count.
         match sock.try_io(tokio::io::Interest::WRITABLE, || {
-            written = sock.try_write_vectored(bufs)?;
+            written = match bufs {
+                [one] => sock.try_write(one)?,
+                _ => sock.try_write_vectored(bufs)?,
+            };
             if written < total {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
@@ -1316,5 +1311,62 @@ mod tests {
             !relay.alert.is_empty(),
             "bad_record_mac sealed for the peer"
         );
+    }
+
+    /// The app leg's write takes one slice by `send` and several by `writev`; either way a
+    /// short write (an app that does not read) returns what went, the next call waits for the
+    /// socket with the waker kept instead of trying again, and once the app reads every byte
+    /// arrives in order.
+    #[tokio::test]
+    async fn a_short_write_of_one_slice_or_several_waits_for_the_app() {
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        for slices in [1usize, 3] {
+            let (app, mut app_far) = tcp_pair().await;
+            let wakes = Arc::new(Wakes::default());
+            let waker = std::task::Waker::from(Arc::clone(&wakes));
+            let mut cx = Context::from_waker(&waker);
+            let cut = |from: usize| -> Vec<IoSlice<'_>> {
+                let rest = &data[from..];
+                rest.chunks(rest.len().div_ceil(slices).max(1))
+                    .map(IoSlice::new)
+                    .collect()
+            };
+            let mut sent = 0;
+            loop {
+                let bufs = cut(sent);
+                match poll_write_vectored(&app, &mut cx, &bufs) {
+                    Poll::Ready(Ok(n)) => {
+                        assert!(n > 0, "{slices} slice(s): a write of nothing");
+                        sent += n;
+                        assert!(
+                            sent < data.len(),
+                            "{slices} slice(s): the app took 8 MiB unread"
+                        );
+                    }
+                    Poll::Ready(Err(e)) => panic!("{slices} slice(s): {e}"),
+                    Poll::Pending => break,
+                }
+            }
+            let before = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                app_far.read_to_end(&mut got).await.unwrap();
+                got
+            });
+            woken(&wakes, before, "the app's reads").await;
+            let mut app = app;
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            while sent < data.len() {
+                let bufs = cut(sent);
+                match poll_write_vectored(&app, &mut cx, &bufs) {
+                    Poll::Ready(Ok(n)) => sent += n,
+                    Poll::Ready(Err(e)) => panic!("{slices} slice(s): {e}"),
+                    Poll::Pending => tokio::task::yield_now().await,
+                }
+            }
+            app.shutdown().await.unwrap();
+            let got = reader.await.unwrap();
+            assert!(got == data, "{slices} slice(s): the app got other bytes");
+        }
     }
 }
