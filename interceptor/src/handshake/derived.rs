@@ -10,7 +10,10 @@
 //!
 //! What it gives up: a connection's keys follow from the stored secret alone, with no fresh
 //! key exchange, so whoever learns that secret (either agent's memory while it lives) can
-//! decrypt every connection derived from it: `psk_ke`'s secrecy, i.e. a pooled proxy's.
+//! decrypt every connection derived from it: `psk_ke`'s secrecy, i.e. a pooled proxy's. So a
+//! root is bounded ([`Binding::expires`], [`Binding::max_connections`]) on both ends and
+//! erased when retired ([`Store::retire_expired`]): a stolen one reads minutes and a capped
+//! number of connections, where a busy pooled connection's keys read all its streams.
 //!
 //! Every derivation is HKDF-Expand-Label (RFC 8446 §7.1) with the negotiated suite's hash:
 //!

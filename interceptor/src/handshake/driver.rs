@@ -216,16 +216,25 @@ impl Established {
         if data.is_empty() {
             return Ok(());
         }
-        let Session::Rustls(conn) = &mut self.conn else {
-            return Err(io::Error::other(
-                "this session cannot seal records before its hand-off",
-            ));
+        let records = match &mut self.conn {
+            Session::Rustls(conn) => {
+                conn.writer().write_all(data)?;
+                let mut records = Vec::with_capacity(data.len() + 64);
+                while conn.wants_write() {
+                    conn.write_tls(&mut records)?;
+                }
+                records
+            }
+            // A kTLS client's unbuffered session (after a refused root, toward an agent that
+            // keeps none): rustls seals them too, and the sequence number it hands the kernel
+            // afterwards counts them.
+            Session::KernelClient(conn) => seal_unbuffered(conn, data)?,
+            Session::Derived { .. } => {
+                return Err(io::Error::other(
+                    "this session cannot seal records before its hand-off",
+                ));
+            }
         };
-        conn.writer().write_all(data)?;
-        let mut records = Vec::with_capacity(data.len() + 64);
-        while conn.wants_write() {
-            conn.write_tls(&mut records)?;
-        }
         sock.write_all(&records).await
     }
 
@@ -444,6 +453,30 @@ pub async fn client_handshake_kernel(
         leftover_ciphertext: Vec::new(),
         conn: Session::KernelClient(Box::new(conn)),
     })
+}
+
+/// `data` as application records of an unbuffered client whose handshake is done.
+fn seal_unbuffered(conn: &mut UnbufferedClientConnection, data: &[u8]) -> io::Result<Vec<u8>> {
+    let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut []);
+    let Ok(ConnectionState::WriteTraffic(mut traffic)) = state else {
+        return Err(io::Error::other(
+            "the unbuffered session cannot send application data yet",
+        ));
+    };
+    // Per record: a 5-byte header, the content type and a 16-byte tag.
+    let mut records = vec![0; data.len() + (data.len() / 16_384 + 1) * 22];
+    loop {
+        match traffic.encrypt(data, &mut records) {
+            Ok(n) => {
+                records.truncate(n);
+                return Ok(records);
+            }
+            Err(rustls::unbuffered::EncryptError::InsufficientSize(s)) => {
+                records.resize(s.required_size, 0);
+            }
+            Err(e) => return Err(io::Error::other(format!("sealing the first records: {e}"))),
+        }
+    }
 }
 
 /// [`exchange`] for an unbuffered client: the header of each record, then its body, go to

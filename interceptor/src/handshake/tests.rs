@@ -1406,3 +1406,57 @@ fn resumed_offers_reuse_their_config_once_its_connection_is_gone() {
     }
     assert_eq!(resumed.pooled(), 2);
 }
+
+/// The app's first bytes sent again on a kTLS client's unbuffered session (after a refused
+/// derived header, toward an agent that keeps no roots) arrive at the server as its first
+/// application record, and the kernel's send sequence number then counts that record. Fails
+/// if the unbuffered session cannot seal (the flow failed that way in the VM) or if the
+/// kernel would reuse record number 0.
+#[tokio::test]
+async fn an_unbuffered_client_session_sends_the_first_bytes_and_counts_them() {
+    use std::io::Read as _;
+
+    use tokio::io::AsyncReadExt as _;
+
+    use crate::test_tls::tcp_pair;
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let (client, server) = two_nodes();
+    let (rules, _) = resuming(Duration::from_secs(60));
+    let crypto = policy(CompliancePolicy::Default, false);
+    let mc = client.mesh_client(&crypto, &rules);
+    let sc = server.resuming_server_with(&crypto, &rules);
+    let (mut c, mut s) = tcp_pair().await;
+    let server_side = tokio::spawn(async move {
+        let est = driver::server_handshake(&mut s, sc, TIMEOUT).await;
+        (s, est)
+    });
+    let conn = driver::kernel_client_connection(Arc::clone(mc.full()), test_name()).unwrap();
+    let mut est = driver::client_handshake_kernel(&mut c, conn, TIMEOUT, false)
+        .await
+        .unwrap();
+    let first = b"GET / HTTP/1.1\r\nHost: again\r\n\r\n";
+    est.send_first(&mut c, first).await.unwrap();
+    let driver::Session::KernelClient(conn) = est.conn else {
+        panic!("not the unbuffered client");
+    };
+    let (secrets, _) = conn.dangerous_into_kernel_connection().unwrap();
+    assert_eq!(
+        (secrets.tx.0, secrets.rx.0),
+        (1, 0),
+        "the kernel continues after the record"
+    );
+    let (mut s, at_server) = server_side.await.unwrap();
+    let mut at_server = at_server.unwrap();
+    let conn = at_server.conn.rustls().unwrap();
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[0], 23, "an application_data record");
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+    s.read_exact(&mut body).await.unwrap();
+    conn.read_tls(&mut &header[..]).unwrap();
+    conn.read_tls(&mut &body[..]).unwrap();
+    conn.process_new_packets().unwrap();
+    let mut got = vec![0u8; first.len()];
+    conn.reader().read_exact(&mut got).unwrap();
+    assert_eq!(&got[..], &first[..]);
+}

@@ -15,8 +15,8 @@
 //! time the flow goes quiet, the relay takes the keys (`dangerous_extract_secrets`) and drops
 //! rustls: from then on [`record::RecordLayer`] seals `up` straight into `tls_out` (out of
 //! place: no copy before the AEAD) and opens records in place in `tls_in`, from where their
-//! plaintext goes to the app in one `writev` (no copy into `down`), so an idle flow holds two
-//! AEAD contexts and no buffer.
+//! plaintext goes to the app in one `writev` (`send` for one record; no copy into `down`), so
+//! an idle flow holds two AEAD contexts and no buffer.
 
 use std::{
     io::{self, BufRead, IoSlice, Write},
@@ -939,6 +939,10 @@ fn read_joined(
 /// as tokio's `poll_write` does for one buffer (its `poll_write_vectored` does not), so the next
 /// attempt waits for epoll instead of costing a `writev` that returns EAGAIN: a busy flow whose
 /// app reads slower than the peer sends made one such call per short write.
+///
+/// One slice (a request/response flow's every message) goes by `send` instead: `writev` takes
+/// the file layer first (copying in the vector, the LSM file hook, fsnotify), which `send`
+/// skips for the same TCP work.
 fn poll_write_vectored(
     sock: &TcpStream,
     cx: &mut Context<'_>,
@@ -951,7 +955,10 @@ fn poll_write_vectored(
         // `try_io` clears the socket's write readiness when its closure reports WouldBlock:
         // a short write reports it after keeping the count.
         match sock.try_io(tokio::io::Interest::WRITABLE, || {
-            written = sock.try_write_vectored(bufs)?;
+            written = match bufs {
+                [one] => sock.try_write(one)?,
+                _ => sock.try_write_vectored(bufs)?,
+            };
             if written < total {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
@@ -1304,5 +1311,62 @@ mod tests {
             !relay.alert.is_empty(),
             "bad_record_mac sealed for the peer"
         );
+    }
+
+    /// The app leg's write takes one slice by `send` and several by `writev`; either way a
+    /// short write (an app that does not read) returns what went, the next call waits for the
+    /// socket with the waker kept instead of trying again, and once the app reads every byte
+    /// arrives in order.
+    #[tokio::test]
+    async fn a_short_write_of_one_slice_or_several_waits_for_the_app() {
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        for slices in [1usize, 3] {
+            let (app, mut app_far) = tcp_pair().await;
+            let wakes = Arc::new(Wakes::default());
+            let waker = std::task::Waker::from(Arc::clone(&wakes));
+            let mut cx = Context::from_waker(&waker);
+            let cut = |from: usize| -> Vec<IoSlice<'_>> {
+                let rest = &data[from..];
+                rest.chunks(rest.len().div_ceil(slices).max(1))
+                    .map(IoSlice::new)
+                    .collect()
+            };
+            let mut sent = 0;
+            loop {
+                let bufs = cut(sent);
+                match poll_write_vectored(&app, &mut cx, &bufs) {
+                    Poll::Ready(Ok(n)) => {
+                        assert!(n > 0, "{slices} slice(s): a write of nothing");
+                        sent += n;
+                        assert!(
+                            sent < data.len(),
+                            "{slices} slice(s): the app took 8 MiB unread"
+                        );
+                    }
+                    Poll::Ready(Err(e)) => panic!("{slices} slice(s): {e}"),
+                    Poll::Pending => break,
+                }
+            }
+            let before = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                app_far.read_to_end(&mut got).await.unwrap();
+                got
+            });
+            woken(&wakes, before, "the app's reads").await;
+            let mut app = app;
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            while sent < data.len() {
+                let bufs = cut(sent);
+                match poll_write_vectored(&app, &mut cx, &bufs) {
+                    Poll::Ready(Ok(n)) => sent += n,
+                    Poll::Ready(Err(e)) => panic!("{slices} slice(s): {e}"),
+                    Poll::Pending => tokio::task::yield_now().await,
+                }
+            }
+            app.shutdown().await.unwrap();
+            let got = reader.await.unwrap();
+            assert!(got == data, "{slices} slice(s): the app got other bytes");
+        }
     }
 }
