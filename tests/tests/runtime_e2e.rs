@@ -1,6 +1,7 @@
-//! `tuning.runtime: perThread` with the real agent binary: accepted connections are spread
-//! over every flow thread, each flow's bytes arrive intact both ways, and the agent's admin
-//! socket and SIGTERM drain work with the control plane on the main thread.
+//! `tuning.runtime: perThread` and `perCpu` with the real agent binary: accepted connections
+//! are spread over every flow thread (perCpu: one pinned to each of the agent's CPUs), each
+//! flow's bytes arrive intact both ways, and the agent's admin socket and SIGTERM drain work
+//! with the control plane on the main thread.
 //!
 //! (The suites that run the agent binary run under either shape with
 //! `INTERCEPTOR_TEST_RUNTIME=perThread`.)
@@ -86,6 +87,65 @@ fn per_thread_runtime_spreads_flows_over_every_flow_thread_with_their_bytes_inta
     }
     // SIGTERM without a successor: new connections are still served in the drain window,
     // then the agent exits.
+    agent.sigterm();
+    b.assert_serving("after SIGTERM, inside the drain window");
+    assert_exits(&mut agent, window + Duration::from_secs(5), "the agent");
+}
+
+/// `Cpus_allowed_list` of one of the agent's threads, as CPU numbers.
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+#[test]
+fn per_cpu_runtime_pins_a_flow_thread_to_each_cpu_and_keeps_flows_intact() {
+    const FLOWS: usize = 16;
+    let window = Duration::from_secs(3);
+    let mut b = Bench::new(87, "rtc", window, load());
+    b.cfg.tuning.runtime = RuntimeShape::PerCpu;
+    let mut agent = b.start(&[], &[]);
+    b.wait_serving();
+    let pid = agent.pid();
+    let main_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let cpus = allowed_cpus(&main_status);
+    // One flow thread per CPU the agent may run on, each pinned to its own.
+    let mut pinned = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let dir = task.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if let Some(i) = comm.trim().strip_prefix("flows-") {
+            let status = std::fs::read_to_string(dir.join("status")).expect("status");
+            pinned.insert(i.parse::<usize>().expect("index"), allowed_cpus(&status));
+        }
+    }
+    let expected: BTreeMap<usize, Vec<usize>> = cpus
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| (i, vec![c]))
+        .collect();
+    assert_eq!(
+        pinned, expected,
+        "flow threads and their CPUs (agent's: {cpus:?})"
+    );
+    let flows = b.flows(FLOWS, 2.0);
+    assert_intact(&flows.finish(Duration::from_secs(30)), FLOWS, &b.received);
+    let switched = flow_thread_switches(pid);
+    assert!(
+        switched.values().sum::<u64>() >= 50,
+        "the flow threads served nothing: {switched:?}"
+    );
     agent.sigterm();
     b.assert_serving("after SIGTERM, inside the drain window");
     assert_exits(&mut agent, window + Duration::from_secs(5), "the agent");
