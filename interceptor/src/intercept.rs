@@ -432,7 +432,11 @@ impl Shared {
             .iter()
             .filter_map(std::sync::Weak::upgrade)
             .collect();
-        stores.iter().map(|s| s.retire_expired()).sum()
+        let retired = stores.iter().map(|s| s.retire_expired()).sum();
+        for _ in 0..retired {
+            self.derived(DerivedOutcome::Retired);
+        }
+        retired
     }
 
     /// Record-exact handshake reads where kTLS may take the session over (the kernel must

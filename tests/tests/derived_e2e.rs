@@ -21,6 +21,11 @@
 //! a refusal the client's agent sends them again on a handshake: the server's app receives
 //! each upload exactly once, hash-checked, on exactly one connection per upload.
 //!
+//! The third test: a client in the default mode toward a server agent that keeps no roots
+//! resumes its handshakes there after one refused root. The fourth: a root serves at most
+//! `derivedRootMaxConnections` connections, then a handshake (no refused header) makes a new
+//! one.
+//!
 //! On the host the userspace relay's own record layer carries the derived keys; in the VM
 //! (`cargo xtask vm-test --kernel 6.1 --filter derived_e2e`) both agents install them in
 //! kTLS, and every flow's protection says which.
@@ -830,6 +835,130 @@ fn a_derived_client_resumes_toward_a_server_that_keeps_no_roots() {
             (expected_protection(), Some(true)),
             "{step}: the server agent's flow"
         );
+    }
+    assert_no_plaintext(&all_frames, &www.payload);
+}
+
+/// The connection cap of a root (`tuning.derivedRootMaxConnections`) between two agents in
+/// the default mode, on the wire: with a cap of 2, connection 1 is a handshake that leaves
+/// both agents a root, 2 and 3 open with derived headers (counters 1 and 2), and 4 is a
+/// handshake again on one connection (the client knows the root is spent: no refused header
+/// first) that leaves a new root, which 5 uses from counter 1. Fails if either end ignores
+/// the cap or if a spent root costs a refused connection.
+#[test]
+fn a_root_serves_at_most_its_connection_cap_then_a_handshake_makes_a_new_one() {
+    require_privileged();
+    let node1 = Node::new(125);
+    let node2 = Node::new(126);
+    let wire_if = wire(&node1, &node2);
+    let client = node1.pod("capclient", 2);
+    let mut server = node2.pod("capserver", 3);
+    let www = serve_blob(&mut server, "wwwcap", 32 << 10);
+    let http = SocketAddr::from((server.ip, 80));
+    let url = format!("http://{http}/blob");
+
+    let cluster = Cluster::new("rootcap");
+    let mut c1 = cluster.node_config(
+        "n1",
+        vec![workload(&client, "cpa", "client")],
+        vec![peer(&server, "cpb", "server")],
+    );
+    let mut c2 = cluster.node_config(
+        "n2",
+        vec![workload(&server, "cpb", "server")],
+        vec![peer(&client, "cpa", "client")],
+    );
+    for c in [&mut c1, &mut c2] {
+        assert_eq!(c.tuning.connection_keys, ConnectionKeysMode::Derived);
+        c.tuning.derived_root_max_connections = 2;
+    }
+    let agent1 = RunningAgent::start(c1);
+    let agent2 = RunningAgent::start(c2);
+    let (ca, sa) = (&agent1.agent, &agent2.agent);
+    let mut all_frames = Vec::new();
+    let mut get = |step: &str| {
+        let (c0, s0) = (ca.policy_stats(), sa.policy_stats());
+        let capture = Capture::start_in(&node1.ns.path(), &wire_if);
+        let f = curl(client.command("curl"), &url);
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", www.want.clone()),
+            "{step}"
+        );
+        let frames = capture.stop();
+        all_frames.extend(frames.iter().cloned());
+        let streams = Streams::from_frames(frames);
+        let conns = connections(&streams, http);
+        assert_eq!(
+            conns.len(),
+            1,
+            "{step}: one connection: {:?}",
+            summary(&conns)
+        );
+        let first = conns[0].0.bytes[..HEADER_LEN.min(conns[0].0.bytes.len())].to_vec();
+        (
+            first,
+            stats_delta(&c0, &ca.policy_stats()),
+            stats_delta(&s0, &sa.policy_stats()),
+        )
+    };
+    let counter = |header: &[u8]| u64::from_be_bytes(header[20..28].try_into().unwrap());
+    let mut ids = Vec::new();
+    for (step, derived_counter) in [
+        ("connection 1", None),
+        ("connection 2", Some(1)),
+        ("connection 3", Some(2)),
+        ("connection 4, past the cap", None),
+        ("connection 5, the new root", Some(1)),
+    ] {
+        let (first, dc, ds) = get(step);
+        match derived_counter {
+            None => {
+                assert_eq!(first.first(), Some(&22), "{step}: a ClientHello");
+                assert_eq!(
+                    (stat(&dc, "derived.kept"), stat(&ds, "derived.kept")),
+                    (1, 1),
+                    "{step}: a new root on both ends {dc:?} {ds:?}"
+                );
+            }
+            Some(n) => {
+                assert_eq!(&first[..4], &MAGIC, "{step}: a derived header");
+                assert_eq!(counter(&first), n, "{step}: its counter");
+                ids.push(first[4..20].to_vec());
+                assert_eq!(
+                    (stat(&dc, "derived.used"), stat(&ds, "derived.accepted")),
+                    (1, 1),
+                    "{step}: {dc:?} {ds:?}"
+                );
+            }
+        }
+        assert_eq!(
+            (
+                stat(&dc, "derived.fallback"),
+                stat(&ds, "derived.expired"),
+                stat(&dc, "flows_failed")
+            ),
+            (0, 0, 0),
+            "{step}: no refused header, nothing failed {dc:?} {ds:?}"
+        );
+    }
+    assert_eq!(ids[0], ids[1], "connections 2 and 3 share a root");
+    assert_ne!(ids[1], ids[2], "connection 5 runs on a new root");
+    // The client dropped the spent first root when it found it spent (connection 4); the
+    // server, which cannot know no late counter is coming, keeps it until the agent's
+    // periodic sweep (every 5 s) erases it, and only it: the second root has one of its two
+    // connections left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let retired = [ca, sa].map(|a| stat(&a.policy_stats(), "derived.retired"));
+        if retired == [0, 1] {
+            break;
+        }
+        assert!(
+            retired[0] == 0 && retired[1] <= 1 && std::time::Instant::now() < deadline,
+            "spent roots erased by the sweep (client, server): {retired:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
     assert_no_plaintext(&all_frames, &www.payload);
 }

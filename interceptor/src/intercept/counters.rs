@@ -68,7 +68,8 @@ outcomes! {
     /// handshake), `early` (the app's first bytes rode behind the header), `resent` (they
     /// went again behind a handshake after a refusal), `early_unknown` (no answer in time
     /// with early bytes out: the app connection was reset, nothing resent); server side:
-    /// `kept`, `accepted`, and why a header was refused.
+    /// `kept`, `accepted`, and why a header was refused; both: `retired` (a root past its
+    /// lifetime or connection cap erased by the periodic sweep).
     DerivedOutcome, DERIVED_OUTCOMES {
         Kept => "kept",
         Offered => "offered",
@@ -85,6 +86,7 @@ outcomes! {
         Early => "early",
         Resent => "resent",
         EarlyUnknown => "early_unknown",
+        Retired => "retired",
     }
 }
 
