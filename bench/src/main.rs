@@ -197,6 +197,11 @@ struct RunArgs {
     /// accepted connection kept on one.
     #[arg(long)]
     per_thread_runtime: bool,
+    /// `tuning.runtime: perCpu` for the agent under test (never the baseline): a runtime per
+    /// CPU, its thread pinned there, each connection on the runtime of the CPU its packets
+    /// arrive on. Overrides `--per-thread-runtime`.
+    #[arg(long)]
+    per_cpu_runtime: bool,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -417,6 +422,7 @@ fn run(args: RunArgs) -> Result<()> {
         baseline_derived_keys: args.baseline_derived_keys,
         app_leg_skmsg: args.app_leg_skmsg,
         per_thread_runtime: args.per_thread_runtime,
+        per_cpu_runtime: args.per_cpu_runtime,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

@@ -165,6 +165,8 @@ pub struct Env {
     pub app_leg_skmsg: bool,
     /// `tuning.runtime: perThread` for `agent_bin` (see `--per-thread-runtime`).
     pub per_thread_runtime: bool,
+    /// `tuning.runtime: perCpu` for `agent_bin` (see `--per-cpu-runtime`).
+    pub per_cpu_runtime: bool,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -777,8 +779,13 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 .then_some("derived"),
                 relay_app_leg: (active.mode != Mode::InterceptorRelayBase && env.app_leg_skmsg)
                     .then_some("skMsg"),
-                runtime: (active.mode != Mode::InterceptorRelayBase && env.per_thread_runtime)
-                    .then_some("perThread"),
+                runtime: if active.mode == Mode::InterceptorRelayBase {
+                    None
+                } else if env.per_cpu_runtime {
+                    Some("perCpu")
+                } else {
+                    env.per_thread_runtime.then_some("perThread")
+                },
             },
         };
         // JSON is YAML, and serde_json is already here.

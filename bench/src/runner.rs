@@ -43,6 +43,8 @@ pub struct Plan {
     pub app_leg_skmsg: bool,
     /// `tuning.runtime: perThread` for the agent under test.
     pub per_thread_runtime: bool,
+    /// `tuning.runtime: perCpu` for the agent under test.
+    pub per_cpu_runtime: bool,
     /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
     pub ztunnel: Option<PathBuf>,
     pub out: PathBuf,
@@ -103,6 +105,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
         baseline_derived_keys: plan.baseline_derived_keys,
         app_leg_skmsg: plan.app_leg_skmsg,
         per_thread_runtime: plan.per_thread_runtime,
+        per_cpu_runtime: plan.per_cpu_runtime,
         bench_bin: std::env::current_exe().context("own executable")?,
         work_dir: work_dir.clone(),
         log_dir,

@@ -554,7 +554,10 @@ pub struct Tuning {
     /// flow's readiness may be seen by one worker and its task run, or stolen, by another)
     /// or `perThread` (one single-threaded runtime per thread; each accepted connection is
     /// handed to one of them and stays there, so its wake-ups, its task and its sockets'
-    /// readiness are one thread's). ARCHITECTURE.md "Runtime shape".
+    /// readiness are one thread's), or `perCpu` (as `perThread`, one runtime per CPU the
+    /// agent may run on, each thread pinned to its CPU, and a connection handed to the
+    /// runtime of the CPU its packets arrive on; `workerThreads` is not read).
+    /// ARCHITECTURE.md "Runtime shape".
     pub runtime: RuntimeShape,
 }
 
@@ -599,6 +602,7 @@ pub enum RuntimeShape {
     #[default]
     Shared,
     PerThread,
+    PerCpu,
 }
 
 /// `tuning.relayAppLeg`.

@@ -197,6 +197,12 @@ fn agent_runtime(tuning: &Tuning) -> anyhow::Result<tokio::runtime::Runtime> {
                 .enable_all()
                 .build()?)
         }
+        RuntimeShape::PerCpu => {
+            runtimes::install(runtimes::FlowRuntimes::start_per_cpu()?)?;
+            Ok(tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?)
+        }
     }
 }
 

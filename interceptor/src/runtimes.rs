@@ -32,14 +32,33 @@ static FLOWS: OnceLock<FlowRuntimes> = OnceLock::new();
 pub struct FlowRuntimes {
     handles: Vec<Handle>,
     next: AtomicUsize,
+    /// `perCpu`: the CPU each runtime's thread is pinned to, by index.
+    cpus: Option<Vec<usize>>,
 }
 
 impl FlowRuntimes {
-    /// Starts `threads` runtimes on threads named by [`flow_thread_name`].
+    /// Starts `threads` runtimes on threads named by [`flow_thread_name`]; connections go to
+    /// them round robin.
     pub fn start(threads: usize) -> anyhow::Result<Self> {
         anyhow::ensure!(threads > 0, "no flow threads");
-        let mut handles = Vec::with_capacity(threads);
-        for i in 0..threads {
+        Self::start_on((0..threads).map(|_| None).collect())
+    }
+
+    /// Starts one runtime per CPU the agent may run on (`perCpu`), its thread pinned to that
+    /// CPU; a connection goes to the runtime of the CPU its packets arrive on
+    /// (`SO_INCOMING_CPU`), so the softirq that queued its bytes, the wake-up and the relay
+    /// share one core's caches.
+    pub fn start_per_cpu() -> anyhow::Result<Self> {
+        let cpus = crate::sys::allowed_cpus().context("the agent's CPUs")?;
+        anyhow::ensure!(!cpus.is_empty(), "no CPU to run flows on");
+        let mut runtimes = Self::start_on(cpus.iter().copied().map(Some).collect())?;
+        runtimes.cpus = Some(cpus);
+        Ok(runtimes)
+    }
+
+    fn start_on(pins: Vec<Option<usize>>) -> anyhow::Result<Self> {
+        let mut handles = Vec::with_capacity(pins.len());
+        for (i, pin) in pins.into_iter().enumerate() {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -47,13 +66,36 @@ impl FlowRuntimes {
             handles.push(rt.handle().clone());
             std::thread::Builder::new()
                 .name(flow_thread_name(i))
-                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .spawn(move || {
+                    if let Some(cpu) = pin
+                        && let Err(e) = crate::sys::pin_current_thread(cpu)
+                    {
+                        // Still a runtime of its own; only the cache locality is lost.
+                        warn!(cpu, error = %e, "cannot pin a flow thread");
+                    }
+                    rt.block_on(std::future::pending::<()>());
+                })
                 .context("flow thread")?;
         }
         Ok(Self {
             handles,
             next: AtomicUsize::new(0),
+            cpus: None,
         })
+    }
+
+    /// The runtime for a connection: that of the CPU its packets arrive on (`perCpu`, once
+    /// one has arrived), else the next one round robin.
+    fn handle_for(&self, stream: &TcpStream) -> &Handle {
+        use std::os::fd::AsFd as _;
+        let by_cpu = self.cpus.as_ref().and_then(|cpus| {
+            let cpu = crate::sys::incoming_cpu(stream.as_fd()).ok().flatten()?;
+            cpus.iter().position(|&c| c == cpu)
+        });
+        match by_cpu {
+            Some(i) => &self.handles[i],
+            None => self.next_handle(),
+        }
     }
 
     /// The next runtime, round robin.
@@ -72,6 +114,7 @@ impl FlowRuntimes {
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let handle = self.handle_for(&stream).clone();
         // Deregistered from the accepting runtime's driver; still non-blocking.
         let stream = match stream.into_std() {
             Ok(s) => s,
@@ -82,7 +125,7 @@ impl FlowRuntimes {
                 return;
             }
         };
-        self.next_handle().spawn(async move {
+        handle.spawn(async move {
             match TcpStream::from_std(stream) {
                 Ok(stream) => {
                     tokio::spawn(serve(stream));
@@ -164,6 +207,60 @@ mod tests {
             !served_on.is_some_and(|n| n.starts_with("flows-")),
             "served on a flow thread without flow runtimes"
         );
+    }
+
+    /// The CPU the calling thread runs on (`processor`, field 39 of its stat).
+    fn current_cpu() -> usize {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let after_comm = stat.rsplit_once(')').unwrap().1;
+        after_comm
+            .split_whitespace()
+            .nth(36)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// `perCpu`: a connection runs on the runtime pinned to the CPU its packets arrived on,
+    /// and its bytes come back whole.
+    #[tokio::test]
+    async fn per_cpu_runtimes_serve_a_connection_on_the_cpu_its_packets_arrive_on() {
+        use std::os::fd::AsFd as _;
+        let runtimes = FlowRuntimes::start_per_cpu().unwrap();
+        let cpus = crate::sys::allowed_cpus().unwrap();
+        assert_eq!(runtimes.handles.len(), cpus.len());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for round in 0..8u8 {
+            let client = tokio::spawn(async move {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                c.write_all(&[round; 1000]).await.unwrap();
+                c.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                c.read_to_end(&mut back).await.unwrap();
+                back
+            });
+            let (stream, _) = listener.accept().await.unwrap();
+            // Wait for the bytes, so the socket has an incoming CPU.
+            stream.readable().await.unwrap();
+            let arrived_on = crate::sys::incoming_cpu(stream.as_fd()).unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            runtimes.spawn(stream, move |mut s| async move {
+                let ran_on = current_cpu();
+                let (mut r, mut w) = s.split();
+                tokio::io::copy(&mut r, &mut w).await.unwrap();
+                w.shutdown().await.unwrap();
+                let _ = tx.send(ran_on);
+            });
+            assert_eq!(client.await.unwrap(), vec![round; 1000]);
+            let ran_on = rx.await.unwrap();
+            if let Some(cpu) = arrived_on.filter(|c| cpus.contains(c)) {
+                assert_eq!(
+                    ran_on, cpu,
+                    "packets arrived on CPU {cpu}, served on {ran_on}"
+                );
+            }
+        }
     }
 
     /// Connections handed to flow runtimes are spread over all of them, each served whole on
