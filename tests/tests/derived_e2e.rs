@@ -37,7 +37,7 @@ use std::{
     time::Duration,
 };
 
-use interceptor::config::ConnectionKeysMode;
+use interceptor::config::{Config, ConnectionKeysMode};
 use interceptor_tests::{
     agent::{RunningAgent, TempDir, peer, workload},
     apps::{answer_digest, curl, curl_upload, random_payload, read_request_head, sha256_hex},
@@ -146,30 +146,80 @@ fn send_raw(pod: &Pod, dst: SocketAddr, bytes: Vec<u8>) -> (Vec<u8>, bool) {
     .expect("raw sender")
 }
 
+/// The set-up of the tests here: two nodes joined by a wire, a client pod on the first, a
+/// server pod on the second, and each node's config (the default tuning) naming the other's
+/// pod as its peer; `tag` names the pods (`<tag>client`, `<tag>server`) and their workloads.
+struct TwoNodes {
+    node1: Node,
+    /// Held: dropping a node removes its namespace.
+    _node2: Node,
+    wire_if: String,
+    client: Pod,
+    server: Pod,
+    c1: Config,
+    c2: Config,
+    /// Holds the CA and the nodes' state that `c1` and `c2` point into.
+    _cluster: Cluster,
+}
+
+impl TwoNodes {
+    fn new(first_node: u8, tag: &str) -> Self {
+        let node1 = Node::new(first_node);
+        let node2 = Node::new(first_node + 1);
+        let wire_if = wire(&node1, &node2);
+        let client = node1.pod(&format!("{tag}client"), 2);
+        let server = node2.pod(&format!("{tag}server"), 3);
+        let cluster = Cluster::new(tag);
+        let (a, b) = (format!("{tag}a"), format!("{tag}b"));
+        let c1 = cluster.node_config(
+            "n1",
+            vec![workload(&client, &a, "client")],
+            vec![peer(&server, &b, "server")],
+        );
+        let c2 = cluster.node_config(
+            "n2",
+            vec![workload(&server, &b, "server")],
+            vec![peer(&client, &a, "client")],
+        );
+        TwoNodes {
+            node1,
+            _node2: node2,
+            wire_if,
+            client,
+            server,
+            c1,
+            c2,
+            _cluster: cluster,
+        }
+    }
+
+    /// One `curl` of `url` from the client pod with the wire captured: the body must be
+    /// `want`; the frames are added to `all`, the step's streams returned.
+    fn fetch(&self, url: &str, want: &str, step: &str, all: &mut Vec<Frame>) -> Streams {
+        let capture = Capture::start_in(&self.node1.ns.path(), &self.wire_if);
+        let f = curl(self.client.command("curl"), url);
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", want.to_owned()),
+            "{step}"
+        );
+        let frames = capture.stop();
+        all.extend(frames.iter().cloned());
+        Streams::from_frames(frames)
+    }
+}
+
 #[test]
 fn a_second_connection_needs_no_handshake_and_refused_headers_fall_back() {
     require_privileged();
-    let node1 = Node::new(112);
-    let node2 = Node::new(113);
-    let wire_if = wire(&node1, &node2);
-    let client = node1.pod("dkclient", 2);
-    let mut server = node2.pod("dkserver", 3);
-    let www = serve_blob(&mut server, "wwwdk", 64 << 10);
-    let http = SocketAddr::from((server.ip, 80));
+    let mut t = TwoNodes::new(112, "dk");
+    let www = serve_blob(&mut t.server, "wwwdk", 64 << 10);
+    let http = SocketAddr::from((t.server.ip, 80));
     let url = format!("http://{http}/blob");
+    let client = &t.client;
 
-    let cluster = Cluster::new("derived");
     let (policy1, policy2) = (PolicyDir::new(), PolicyDir::new());
-    let mut c1 = cluster.node_config(
-        "n1",
-        vec![workload(&client, "dka", "client")],
-        vec![peer(&server, "dkb", "server")],
-    );
-    let mut c2 = cluster.node_config(
-        "n2",
-        vec![workload(&server, "dkb", "server")],
-        vec![peer(&client, "dka", "client")],
-    );
+    let (mut c1, mut c2) = (t.c1.clone(), t.c2.clone());
     c1.tuning.connection_keys = ConnectionKeysMode::Derived;
     c2.tuning.connection_keys = ConnectionKeysMode::Derived;
     c1.policy_dir = Some(policy1.path());
@@ -178,18 +228,7 @@ fn a_second_connection_needs_no_handshake_and_refused_headers_fall_back() {
     let mut agent2 = Some(RunningAgent::start(c2.clone()));
     let server_agent = |a: &Option<RunningAgent>| std::sync::Arc::clone(&a.as_ref().unwrap().agent);
     let mut all_frames = Vec::new();
-    let mut get = |step: &str| {
-        let capture = Capture::start_in(&node1.ns.path(), &wire_if);
-        let f = curl(client.command("curl"), &url);
-        assert_eq!(
-            (f.code.as_str(), f.sha256()),
-            ("200", www.want.clone()),
-            "{step}"
-        );
-        let frames = capture.stop();
-        all_frames.extend(frames.iter().cloned());
-        Streams::from_frames(frames)
-    };
+    let mut get = |step: &str| t.fetch(&url, &www.want, step, &mut all_frames);
     let deltas =
         |c0: &BTreeMap<String, u64>, s0: &BTreeMap<String, u64>, a2: &Option<RunningAgent>| {
             (
@@ -271,7 +310,7 @@ fn a_second_connection_needs_no_handshake_and_refused_headers_fall_back() {
 
     // 3. The same header again: refused, nothing accepted, counted as a replay.
     let s0 = server_agent(&agent2).policy_stats();
-    let (answer, _) = send_raw(&client, http, header);
+    let (answer, _) = send_raw(client, http, header);
     assert!(
         answer.len() < ACCEPT_LEN,
         "a replay got an acceptance: {answer:?}"
@@ -707,26 +746,11 @@ fn the_apps_first_bytes_ride_behind_the_header_and_arrive_exactly_once() {
 #[test]
 fn a_derived_client_resumes_toward_a_server_that_keeps_no_roots() {
     require_privileged();
-    let node1 = Node::new(123);
-    let node2 = Node::new(124);
-    let wire_if = wire(&node1, &node2);
-    let client = node1.pod("nrclient", 2);
-    let mut server = node2.pod("nrserver", 3);
-    let www = serve_blob(&mut server, "wwwnr", 64 << 10);
-    let http = SocketAddr::from((server.ip, 80));
+    let mut t = TwoNodes::new(123, "nr");
+    let www = serve_blob(&mut t.server, "wwwnr", 64 << 10);
+    let http = SocketAddr::from((t.server.ip, 80));
     let url = format!("http://{http}/blob");
-
-    let cluster = Cluster::new("noroots");
-    let c1 = cluster.node_config(
-        "n1",
-        vec![workload(&client, "nra", "client")],
-        vec![peer(&server, "nrb", "server")],
-    );
-    let mut c2 = cluster.node_config(
-        "n2",
-        vec![workload(&server, "nrb", "server")],
-        vec![peer(&client, "nra", "client")],
-    );
+    let (c1, mut c2) = (t.c1.clone(), t.c2.clone());
     assert_eq!(
         c1.tuning.connection_keys,
         ConnectionKeysMode::Derived,
@@ -740,17 +764,8 @@ fn a_derived_client_resumes_toward_a_server_that_keeps_no_roots() {
     let mut all_frames = Vec::new();
     let mut get = |step: &str| {
         let (c0, s0) = (ca.policy_stats(), sa.policy_stats());
-        let capture = Capture::start_in(&node1.ns.path(), &wire_if);
-        let f = curl(client.command("curl"), &url);
-        assert_eq!(
-            (f.code.as_str(), f.sha256()),
-            ("200", www.want.clone()),
-            "{step}"
-        );
-        let frames = capture.stop();
-        all_frames.extend(frames.iter().cloned());
         (
-            Streams::from_frames(frames),
+            t.fetch(&url, &www.want, step, &mut all_frames),
             stats_delta(&c0, &ca.policy_stats()),
             stats_delta(&s0, &sa.policy_stats()),
         )
@@ -809,7 +824,7 @@ fn a_derived_client_resumes_toward_a_server_that_keeps_no_roots() {
         let conns = connections(&streams, http);
         assert_eq!(conns.len(), 1, "{step}: {:?}", summary(&conns));
         assert_eq!(conns[0].0.bytes.first(), Some(&22), "{step}: a ClientHello");
-        let (ch, sh) = hellos(&streams, any_port(client.ip), http);
+        let (ch, sh) = hellos(&streams, any_port(t.client.ip), http);
         let sh = sh.unwrap_or_else(|e| panic!("{step}: no ServerHello: {e}"));
         assert_eq!(
             (ch.psk_identities, sh.psk_identity),
@@ -848,26 +863,11 @@ fn a_derived_client_resumes_toward_a_server_that_keeps_no_roots() {
 #[test]
 fn a_root_serves_at_most_its_connection_cap_then_a_handshake_makes_a_new_one() {
     require_privileged();
-    let node1 = Node::new(125);
-    let node2 = Node::new(126);
-    let wire_if = wire(&node1, &node2);
-    let client = node1.pod("capclient", 2);
-    let mut server = node2.pod("capserver", 3);
-    let www = serve_blob(&mut server, "wwwcap", 32 << 10);
-    let http = SocketAddr::from((server.ip, 80));
+    let mut t = TwoNodes::new(125, "cap");
+    let www = serve_blob(&mut t.server, "wwwcap", 32 << 10);
+    let http = SocketAddr::from((t.server.ip, 80));
     let url = format!("http://{http}/blob");
-
-    let cluster = Cluster::new("rootcap");
-    let mut c1 = cluster.node_config(
-        "n1",
-        vec![workload(&client, "cpa", "client")],
-        vec![peer(&server, "cpb", "server")],
-    );
-    let mut c2 = cluster.node_config(
-        "n2",
-        vec![workload(&server, "cpb", "server")],
-        vec![peer(&client, "cpa", "client")],
-    );
+    let (mut c1, mut c2) = (t.c1.clone(), t.c2.clone());
     for c in [&mut c1, &mut c2] {
         assert_eq!(c.tuning.connection_keys, ConnectionKeysMode::Derived);
         c.tuning.derived_root_max_connections = 2;
@@ -878,16 +878,7 @@ fn a_root_serves_at_most_its_connection_cap_then_a_handshake_makes_a_new_one() {
     let mut all_frames = Vec::new();
     let mut get = |step: &str| {
         let (c0, s0) = (ca.policy_stats(), sa.policy_stats());
-        let capture = Capture::start_in(&node1.ns.path(), &wire_if);
-        let f = curl(client.command("curl"), &url);
-        assert_eq!(
-            (f.code.as_str(), f.sha256()),
-            ("200", www.want.clone()),
-            "{step}"
-        );
-        let frames = capture.stop();
-        all_frames.extend(frames.iter().cloned());
-        let streams = Streams::from_frames(frames);
+        let streams = t.fetch(&url, &www.want, step, &mut all_frames);
         let conns = connections(&streams, http);
         assert_eq!(
             conns.len(),
