@@ -167,43 +167,38 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    multi_thread(0)
+}
+
+/// One multi-threaded runtime of `workers` threads (one per CPU when 0).
+fn multi_thread(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    Ok(builder.enable_all().build()?)
 }
 
 /// The agent's runtime, shaped by `tuning.runtime`: `shared`, one multi-threaded runtime of
-/// `tuning.workerThreads` workers (one per CPU when 0) for everything; `perThread`, as many
-/// single-threaded flow runtimes on threads of their own (installed for the accept loops to
-/// hand connections to) and a single-threaded runtime on the main thread for the rest.
+/// `tuning.workerThreads` workers for everything; `perThread` (that many, or one per CPU) and
+/// `perCpu` (one per allowed CPU, pinned) install single-threaded flow runtimes on threads of
+/// their own for the accept loops to hand connections to, and the rest runs on a
+/// single-threaded runtime on the main thread.
 fn agent_runtime(tuning: &Tuning) -> anyhow::Result<tokio::runtime::Runtime> {
     let workers = usize::from(tuning.worker_threads);
-    match tuning.runtime {
-        RuntimeShape::Shared => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if workers > 0 {
-                builder.worker_threads(workers);
-            }
-            Ok(builder.enable_all().build()?)
-        }
-        RuntimeShape::PerThread => {
-            let threads = if workers > 0 {
-                workers
-            } else {
-                std::thread::available_parallelism().map_or(1, usize::from)
-            };
-            runtimes::install(runtimes::FlowRuntimes::start(threads)?)?;
-            Ok(tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?)
-        }
-        RuntimeShape::PerCpu => {
-            runtimes::install(runtimes::FlowRuntimes::start_per_cpu()?)?;
-            Ok(tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?)
-        }
-    }
+    let flows = match tuning.runtime {
+        RuntimeShape::Shared => return multi_thread(workers),
+        RuntimeShape::PerThread => runtimes::FlowRuntimes::start(if workers > 0 {
+            workers
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        })?,
+        RuntimeShape::PerCpu => runtimes::FlowRuntimes::start_per_cpu()?,
+    };
+    runtimes::install(flows)?;
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Sends one admin request and turns an error response into an error.

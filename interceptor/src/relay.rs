@@ -441,7 +441,7 @@ pub fn relay_joining(
                             let leg = app_leg(&app);
                             let relay =
                                 userspace::with_own(app, peer, Box::new(own), config, stats);
-                            Box::pin(relay.with_app_leg(leg).run(config))
+                            Box::pin(relay.with_app_leg(leg).run())
                         }
                         Err(e) => failed_at_start(app, peer, config, stats, RelayError::Tls(e)),
                     };
@@ -478,7 +478,7 @@ pub fn relay_joining(
                 config,
                 stats,
             );
-            return Box::pin(relay.with_app_leg(leg).run(config));
+            return Box::pin(relay.with_app_leg(leg).run());
         }
     };
     let handoff = session
@@ -535,7 +535,7 @@ pub fn relay_userspace(
     stats: Arc<RelayStats>,
 ) -> impl Future<Output = Result<(), RelayError>> + Send {
     stats.set_mode(RelayMode::Userspace);
-    userspace::with_rustls(app, peer, conn.into(), leftover, Vec::new(), config, stats).run(config)
+    userspace::with_rustls(app, peer, conn.into(), leftover, Vec::new(), config, stats).run()
 }
 
 /// Kernel relay: `peer` already has kTLS TX and RX installed for `cipher`; `leftover` is

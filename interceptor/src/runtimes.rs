@@ -1,16 +1,19 @@
 //! Where accepted connections run (`tuning.runtime`).
 //!
-//! `shared`: every task on one multi-threaded runtime. A flow's socket readiness is seen by
-//! whichever worker holds the I/O driver, its task may sit in another worker's queue or be
-//! stolen, and a worker that queues work wakes an idle one to look for it: for a round trip
-//! through the agent that is thread hand-offs (futex wake-ups, context switches) on top of the
-//! wake-up the bytes themselves need.
+//! `shared` (the default): every task on one multi-threaded runtime; a flow's readiness may
+//! be seen by one worker and its task run by another. Measured during a 64-B round trip, the
+//! workers do not wake each other for a flow (futex 0.00–0.01 per round trip): the agent's
+//! extra context switches are preemptions by the receiver its own send woke (bench/README.md
+//! "Round trip: the agent's threading").
 //!
 //! `perThread`: one single-threaded runtime per flow thread. The accept loops hand each
 //! connection to one of them (round robin) and it stays there for its whole life: its
 //! readiness comes from that thread's own `epoll`, its task and every task it spawns run on
-//! that thread, so a hop through the agent is one wake-up of one thread. The control plane
-//! (admin, watchers, reloads, accept loops) runs on the runtime of the main thread.
+//! that thread. `perCpu`: one such runtime per allowed CPU, its thread pinned there, each
+//! connection on the runtime of the CPU its packets arrive on. Both trade bulk (one flow's two
+//! directions on one thread) or idle-CPU use (a pinned thread cannot move) for locality, and
+//! stay opt-in. The control plane (admin, watchers, reloads, accept loops) runs on the
+//! runtime of the main thread.
 
 use std::{
     future::Future,
@@ -104,8 +107,8 @@ impl FlowRuntimes {
         &self.handles[i]
     }
 
-    /// Runs `serve(stream)` as a task of its own on the next runtime (round robin), the
-    /// stream moved to that runtime's I/O driver first.
+    /// Runs `serve(stream)` as a task of its own on the runtime [`Self::handle_for`] picks,
+    /// the stream moved to that runtime's I/O driver first.
     ///
     /// `serve`'s future is spawned itself, never awaited inside a wrapper, so a long-lived
     /// flow's task holds one copy of it (see `intercept::flow::serve`).

@@ -90,7 +90,8 @@ impl Userspace {
     }
 
     /// The relay itself: moves bytes until both directions are closed or the flow fails.
-    pub(super) async fn run(mut self, config: RelayConfig) -> Result<(), RelayError> {
+    pub(super) async fn run(mut self) -> Result<(), RelayError> {
+        let config = self.config;
         let relay = &mut self;
         let mut idle = IdleTimer::new(config.idle_timeout);
         let result = std::future::poll_fn(|cx| {
@@ -220,6 +221,8 @@ impl OpenedRecords {
 }
 
 pub(super) struct Userspace {
+    /// What it was built with; [`Userspace::run`] takes its timeouts and modes from here.
+    config: RelayConfig,
     app: TcpStream,
     peer: TcpStream,
     layer: Layer,
@@ -293,6 +296,7 @@ impl Userspace {
             close_notify_queued: false,
             peer_write_shut: false,
             peer_fin_first: config.peer_fin_first,
+            config,
             tls_in: Buf::with_content(leftover_tls, size),
             down: Buf::with_content(leftover, size),
             peer_eof: false,
