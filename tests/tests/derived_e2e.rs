@@ -958,12 +958,8 @@ fn a_root_serves_at_most_its_connection_cap_then_a_handshake_makes_a_new_one() {
 /// Holds back, on the client's node, the client → server segments of a handshake's second
 /// flight (Certificate, CertificateVerify, Finished: large segments that are not a
 /// ClientHello), while letting SYNs, ClientHellos and small segments (a derived header with
-/// the app's request) through; released after `hold`, when TCP resends them.
-fn hold_client_finished(
-    node: &Node,
-    server: SocketAddr,
-    hold: Duration,
-) -> std::thread::JoinHandle<()> {
+/// the app's request) through, until the returned closure is called; TCP then resends them.
+fn hold_client_finished(node: &Node, server: SocketAddr) -> impl FnOnce() {
     let net = format!("--net={}", node.ns.path().display());
     let nft = move |args: &str| {
         let out = std::process::Command::new("nsenter")
@@ -981,10 +977,7 @@ fn hold_client_finished(
         server.ip(),
         server.port()
     ));
-    std::thread::spawn(move || {
-        std::thread::sleep(hold);
-        nft("delete table ip zfhold");
-    })
+    move || nft("delete table ip zfhold")
 }
 
 /// The first-use race of a fresh root: the client's agent keeps its root once it has sent
@@ -1020,8 +1013,8 @@ fn concurrent_dials_on_a_fresh_root_wait_for_it_and_are_derived() {
         std::thread::spawn(move || curl(cmd, &url))
     };
 
-    // The handshake connection, its client's second flight held for a second.
-    let release = hold_client_finished(&t.node1, http, Duration::from_secs(1));
+    // The handshake connection, its client's second flight held.
+    let release = hold_client_finished(&t.node1, http);
     let first = curl_in_thread(&t.client);
     // The client's agent keeps the root as soon as it has sent (into the hold) its Finished.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1037,8 +1030,18 @@ fn concurrent_dials_on_a_fresh_root_wait_for_it_and_are_derived() {
         0,
         "the server's agent kept its root before the Finished arrived: the hold did not hold"
     );
-    // Two app connections at once on the fresh root, while the Finished is still held.
+    // Two app connections at once on the fresh root, while the Finished is still held, and
+    // held until both headers are out (their SYNs cross a veth pair; the margin is for a
+    // slow emulated VM), well within the server's handshake timeout (5 s).
     let racing = [curl_in_thread(&t.client), curl_in_thread(&t.client)];
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while stat(&stats_delta(&c0, &ca.policy_stats()), "derived.offered") < 2
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    release();
     for (i, f) in std::iter::once(first)
         .chain(racing)
         .map(|h| h.join().expect("curl thread"))
@@ -1050,7 +1053,6 @@ fn concurrent_dials_on_a_fresh_root_wait_for_it_and_are_derived() {
             "connection {i}"
         );
     }
-    release.join().expect("release the hold");
     let (dc, ds) = (
         stats_delta(&c0, &ca.policy_stats()),
         stats_delta(&s0, &sa.policy_stats()),
