@@ -456,7 +456,8 @@ pub struct Store {
     client: Mutex<HashMap<IpAddr, ClientEntry>>,
     /// Server addresses that refused a fresh root, until when.
     refusing: Mutex<HashMap<IpAddr, Instant>>,
-    /// Server addresses that have accepted a root of this store since its last refusal: their
+    /// Server addresses that have accepted a root of this store since their last refused first
+    /// use: their
     /// agent keeps roots, so a refused first use there means the root was lost (a restart, a
     /// new leaf), not an agent that keeps none ([`Store::refused`]).
     keeping: Mutex<HashSet<IpAddr>>,
@@ -727,9 +728,10 @@ impl Store {
 
     /// The server refused `offer`: its root is dropped, and after a refused first use the
     /// address is not offered derived connections for `lifetime` (its agent keeps no roots),
-    /// unless that agent had accepted one of this store's roots since its last refusal: then
-    /// it lost its roots (it restarted, or its leaf was renewed and its store started empty,
-    /// after the client kept this root and before its first use), and one more root is tried.
+    /// unless that agent had accepted one of this store's roots since its last refused first
+    /// use: then it lost its roots (it restarted, or its leaf was renewed and its store
+    /// started empty, after the client kept this root and before its first use), and one
+    /// more root is tried.
     /// Without that second chance one renewal of the server's leaf at the wrong moment made
     /// every connection a handshake for `lifetime` (the soak found it). An agent that keeps
     /// no roots costs one more refused connection, once.
@@ -738,12 +740,17 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&server);
-        let kept_before = self
-            .keeping
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&server);
-        if offer_was_first && !kept_before {
+        // Only a refused first use spends the second chance: the refusal of a used root
+        // says the server lost its roots, and the handshake after it may still end in the
+        // lost store (one that began under the server's old leaf keeps its root there), so
+        // its root's first use may be refused too (the soak saw exactly that pair).
+        if offer_was_first
+            && !self
+                .keeping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&server)
+        {
             let mut refusing = self.refusing.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             if refusing.len() >= CLIENT_CAPACITY {
@@ -1176,6 +1183,15 @@ mod tests {
         client.accepted(addr);
         client.refused(addr, true, lifetime);
         assert!(client.wants_client_root(addr), "accepted since: again");
+        // A used root refused (the server lost its store), then the fallback's root refused
+        // at its first use (its handshake kept it in the lost store): still a second chance.
+        client.accepted(addr);
+        client.refused(addr, false, lifetime);
+        client.refused(addr, true, lifetime);
+        assert!(
+            client.wants_client_root(addr),
+            "a refused used root spends no chance"
+        );
         client.refused(addr, true, lifetime);
         assert!(
             !client.wants_client_root(addr),
