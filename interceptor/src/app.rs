@@ -1325,6 +1325,13 @@ impl admin::Handler for Agent {
                             .map(|(k, v)| (k, serde_json::Value::from(v))),
                     )
                     .chain(self.map_occupancy())
+                    .chain({
+                        let (server, client) = self.shared.derived_roots_held();
+                        [
+                            ("derived.roots_server".to_owned(), server.into()),
+                            ("derived.roots_client".to_owned(), client.into()),
+                        ]
+                    })
                     .chain([
                         (
                             "enrollments.active".to_owned(),

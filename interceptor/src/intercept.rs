@@ -439,6 +439,23 @@ impl Shared {
         retired
     }
 
+    /// Roots of derived connection keys held in memory now, as server and as client, over
+    /// every store still alive (a replaced leaf's store lives while a flow holds it): what
+    /// a soak watches to see the stores stay bounded.
+    pub fn derived_roots_held(&self) -> (usize, usize) {
+        let stores: Vec<_> = self
+            .derived_stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        stores
+            .iter()
+            .map(|s| s.len())
+            .fold((0, 0), |(a, b), (s, c)| (a + s, b + c))
+    }
+
     /// Record-exact handshake reads where kTLS may take the session over (the kernel must
     /// find the peer's first records still queued); reads ahead, with fewer system calls,
     /// where the session stays in rustls anyway.

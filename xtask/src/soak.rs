@@ -1,6 +1,8 @@
-//! `cargo xtask soak [--minutes N]`: the real agent under mixed churn and bulk load for N
-//! minutes (default 10), checking every transfer, the wire and the agent's memory and
-//! descriptors (see `tests/src/bin/soak.rs`). Not part of CI: it is long by design.
+//! `cargo xtask soak [--minutes N]`: the real agent on two nodes, in its defaults, under mixed
+//! churn and bulk load with roots retiring, policy reloads and leaf renewals for N minutes
+//! (default 10), checking every transfer, the wire, both agents' memory and descriptors and
+//! that derived connection keys hold up (see `tests/src/bin/soak.rs`). Not part of CI: it is
+//! long by design.
 
 use std::{
     env,

@@ -34,7 +34,7 @@
 //! a reset, after which the client's agent dials again with a TLS handshake.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -456,6 +456,11 @@ pub struct Store {
     client: Mutex<HashMap<IpAddr, ClientEntry>>,
     /// Server addresses that refused a fresh root, until when.
     refusing: Mutex<HashMap<IpAddr, Instant>>,
+    /// Server addresses that have accepted a root of this store since their last refused first
+    /// use: their
+    /// agent keeps roots, so a refused first use there means the root was lost (a restart, a
+    /// new leaf), not an agent that keeps none ([`Store::refused`]).
+    keeping: Mutex<HashSet<IpAddr>>,
     /// Server handshakes under way that may leave a root ([`Store::expect_root`]).
     in_flight: Mutex<InFlight>,
     /// Woken whenever one of them settles (kept its root, or will keep none).
@@ -713,14 +718,39 @@ impl Store {
         })
     }
 
+    /// The server accepted a derived connection: its agent keeps roots.
+    pub fn accepted(&self, server: IpAddr) {
+        let mut keeping = self.keeping.lock().unwrap_or_else(|p| p.into_inner());
+        if keeping.len() < CLIENT_CAPACITY || keeping.contains(&server) {
+            keeping.insert(server);
+        }
+    }
+
     /// The server refused `offer`: its root is dropped, and after a refused first use the
-    /// address is not offered derived connections for `lifetime` (its agent keeps no roots).
+    /// address is not offered derived connections for `lifetime` (its agent keeps no roots),
+    /// unless that agent had accepted one of this store's roots since its last refused first
+    /// use: then it lost its roots (it restarted, or its leaf was renewed and its store
+    /// started empty, after the client kept this root and before its first use), and one
+    /// more root is tried.
+    /// Without that second chance one renewal of the server's leaf at the wrong moment made
+    /// every connection a handshake for `lifetime` (the soak found it). An agent that keeps
+    /// no roots costs one more refused connection, once.
     pub fn refused(&self, server: IpAddr, offer_was_first: bool, lifetime: Duration) {
         self.client
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&server);
-        if offer_was_first {
+        // Only a refused first use spends the second chance: the refusal of a used root
+        // says the server lost its roots, and the handshake after it may still end in the
+        // lost store (one that began under the server's old leaf keeps its root there), so
+        // its root's first use may be refused too (the soak saw exactly that pair).
+        if offer_was_first
+            && !self
+                .keeping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&server)
+        {
             let mut refusing = self.refusing.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             if refusing.len() >= CLIENT_CAPACITY {
@@ -1134,6 +1164,44 @@ mod tests {
         assert!(client.wants_client_root(addr), "a later refusal: retry");
         client.refused(addr, true, Duration::from_secs(60));
         assert!(!client.wants_client_root(addr));
+    }
+
+    /// A server that has accepted a root lost it (restart, new leaf) when it refuses the next
+    /// root's first use: one more root is tried, and only a second refused first use in a row
+    /// stops offers. An acceptance in between starts over.
+    #[test]
+    fn a_server_that_kept_roots_gets_a_second_chance() {
+        let client = Store::default();
+        let addr: IpAddr = "10.0.0.3".parse().unwrap();
+        let lifetime = Duration::from_secs(60);
+        client.accepted(addr);
+        client.refused(addr, true, lifetime);
+        assert!(
+            client.wants_client_root(addr),
+            "a lost root, not a server without roots"
+        );
+        client.accepted(addr);
+        client.refused(addr, true, lifetime);
+        assert!(client.wants_client_root(addr), "accepted since: again");
+        // A used root refused (the server lost its store), then the fallback's root refused
+        // at its first use (its handshake kept it in the lost store): still a second chance.
+        client.accepted(addr);
+        client.refused(addr, false, lifetime);
+        client.refused(addr, true, lifetime);
+        assert!(
+            client.wants_client_root(addr),
+            "a refused used root spends no chance"
+        );
+        client.refused(addr, true, lifetime);
+        assert!(
+            !client.wants_client_root(addr),
+            "two refused first uses in a row"
+        );
+        // Another address's history is its own.
+        let other: IpAddr = "10.0.0.4".parse().unwrap();
+        client.accepted(addr);
+        client.refused(other, true, lifetime);
+        assert!(!client.wants_client_root(other));
     }
 
     /// What a store keeps does not grow with the connections it has derived: one root per

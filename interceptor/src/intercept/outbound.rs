@@ -219,6 +219,7 @@ async fn mesh<'a>(
         match dial_derived(shared, &out, &offer.keys, app_first, &mut early).await {
             Ok((peer, sent)) => {
                 shared.derived(super::DerivedOutcome::Used);
+                me.derived().accepted(server_ip);
                 if sent > 0 {
                     shared.derived(super::DerivedOutcome::Early);
                 }
