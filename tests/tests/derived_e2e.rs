@@ -24,7 +24,8 @@
 //! The third test: a client in the default mode toward a server agent that keeps no roots
 //! resumes its handshakes there after one refused root. The fourth: a root serves at most
 //! `derivedRootMaxConnections` connections, then a handshake (no refused header) makes a new
-//! one.
+//! one. The fifth: two connections dialed concurrently on a root whose handshake the server
+//! has not finished yet (its Finished held on the wire) both wait for it and are derived.
 //!
 //! On the host the userspace relay's own record layer carries the derived keys; in the VM
 //! (`cargo xtask vm-test --kernel 6.1 --filter derived_e2e`) both agents install them in
@@ -952,4 +953,143 @@ fn a_root_serves_at_most_its_connection_cap_then_a_handshake_makes_a_new_one() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_no_plaintext(&all_frames, &www.payload);
+}
+
+/// Holds back, on the client's node, the client → server segments of a handshake's second
+/// flight (Certificate, CertificateVerify, Finished: large segments that are not a
+/// ClientHello), while letting SYNs, ClientHellos and small segments (a derived header with
+/// the app's request) through; released after `hold`, when TCP resends them.
+fn hold_client_finished(
+    node: &Node,
+    server: SocketAddr,
+    hold: Duration,
+) -> std::thread::JoinHandle<()> {
+    let net = format!("--net={}", node.ns.path().display());
+    let nft = move |args: &str| {
+        let out = std::process::Command::new("nsenter")
+            .args([net.as_str(), "nft"])
+            .arg(args)
+            .output()
+            .expect("run nft");
+        assert!(out.status.success(), "nft {args}: {out:?}");
+    };
+    nft("add table ip zfhold");
+    nft("add chain ip zfhold held { type filter hook forward priority 0 ; }");
+    nft(&format!(
+        "add rule ip zfhold held ip daddr {} tcp dport {} tcp flags & syn == 0 ip length > 600 \
+         @ih,0,8 != 0x16 drop",
+        server.ip(),
+        server.port()
+    ));
+    std::thread::spawn(move || {
+        std::thread::sleep(hold);
+        nft("delete table ip zfhold");
+    })
+}
+
+/// The first-use race of a fresh root: the client's agent keeps its root once it has sent
+/// its Finished, the server's agent once it has read it and decided policy. Here the
+/// Finished is held on the wire while two app connections are dialed concurrently on the
+/// fresh root: both headers reach the server's agent before the root they name exists there.
+/// Both must be accepted as derived connections once the handshake completes: no refused
+/// header (`derived.unknown`), no fallback, no flow failed, both bodies intact, and the root
+/// still offered afterwards (on main the first refusal made the client take the server for
+/// one that keeps no roots, and every later connection was a handshake).
+#[test]
+fn concurrent_dials_on_a_fresh_root_wait_for_it_and_are_derived() {
+    require_privileged();
+    let mut t = TwoNodes::new(127, "race");
+    let www = serve_blob(&mut t.server, "wwwrace", 16 << 10);
+    let http = SocketAddr::from((t.server.ip, 80));
+    let url = format!("http://{http}/blob");
+    let (c1, c2) = (t.c1.clone(), t.c2.clone());
+    for c in [&c1, &c2] {
+        assert_eq!(
+            c.tuning.connection_keys,
+            ConnectionKeysMode::Derived,
+            "the default"
+        );
+    }
+    let agent1 = RunningAgent::start(c1);
+    let agent2 = RunningAgent::start(c2);
+    let (ca, sa) = (&agent1.agent, &agent2.agent);
+    let (c0, s0) = (ca.policy_stats(), sa.policy_stats());
+    let curl_in_thread = |pod: &Pod| {
+        let cmd = pod.command("curl");
+        let url = url.clone();
+        std::thread::spawn(move || curl(cmd, &url))
+    };
+
+    // The handshake connection, its client's second flight held for a second.
+    let release = hold_client_finished(&t.node1, http, Duration::from_secs(1));
+    let first = curl_in_thread(&t.client);
+    // The client's agent keeps the root as soon as it has sent (into the hold) its Finished.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stat(&stats_delta(&c0, &ca.policy_stats()), "derived.kept") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client kept no root"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        stat(&stats_delta(&s0, &sa.policy_stats()), "derived.kept"),
+        0,
+        "the server's agent kept its root before the Finished arrived: the hold did not hold"
+    );
+    // Two app connections at once on the fresh root, while the Finished is still held.
+    let racing = [curl_in_thread(&t.client), curl_in_thread(&t.client)];
+    for (i, f) in std::iter::once(first)
+        .chain(racing)
+        .map(|h| h.join().expect("curl thread"))
+        .enumerate()
+    {
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", www.want.clone()),
+            "connection {i}"
+        );
+    }
+    release.join().expect("release the hold");
+    let (dc, ds) = (
+        stats_delta(&c0, &ca.policy_stats()),
+        stats_delta(&s0, &sa.policy_stats()),
+    );
+    assert_eq!(
+        (
+            stat(&dc, "derived.kept"),
+            stat(&dc, "derived.used"),
+            stat(&dc, "derived.fallback"),
+            stat(&dc, "flows_failed"),
+        ),
+        (1, 2, 0, 0),
+        "client: one root, both racing connections derived, no fallback {dc:?}"
+    );
+    assert_eq!(
+        (
+            stat(&ds, "derived.kept"),
+            stat(&ds, "derived.accepted"),
+            stat(&ds, "derived.unknown"),
+            stat(&ds, "derived.awaited"),
+        ),
+        (1, 2, 0, 2),
+        "server: both headers waited for the root's handshake and were accepted {ds:?}"
+    );
+    // And the root is still offered: the next connection is derived too.
+    let (c1, s1) = (ca.policy_stats(), sa.policy_stats());
+    let f = curl(t.client.command("curl"), &url);
+    assert_eq!((f.code.as_str(), f.sha256()), ("200", www.want.clone()));
+    let (dc, ds) = (
+        stats_delta(&c1, &ca.policy_stats()),
+        stats_delta(&s1, &sa.policy_stats()),
+    );
+    assert_eq!(
+        (
+            stat(&dc, "derived.used"),
+            stat(&ds, "derived.accepted"),
+            stat(&dc, "derived.kept")
+        ),
+        (1, 1, 0),
+        "the connection after: {dc:?} {ds:?}"
+    );
 }

@@ -34,7 +34,7 @@
 //! a reset, after which the client's agent dials again with a TLS handshake.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap, VecDeque},
     net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -452,10 +452,81 @@ pub struct Offer {
 /// that identity's credentials, so a new leaf, bundle or crypto policy starts empty.
 #[derive(Default)]
 pub struct Store {
-    server: Mutex<HashMap<[u8; ID_LEN], ServerEntry>>,
+    server: Mutex<ServerRoots>,
     client: Mutex<HashMap<IpAddr, ClientEntry>>,
     /// Server addresses that refused a fresh root, until when.
     refusing: Mutex<HashMap<IpAddr, Instant>>,
+    /// Server handshakes under way that may leave a root ([`Store::expect_root`]).
+    in_flight: Mutex<InFlight>,
+    /// Woken whenever one of them settles (kept its root, or will keep none).
+    settled: tokio::sync::Notify,
+}
+
+/// The server's roots by id, and their ids in the order they were kept: every root has the
+/// same lifetime (`derivedRootLifetimeSecs`), so the front is the oldest and the first to
+/// expire, and a full store evicts it without a scan.
+#[derive(Default)]
+struct ServerRoots {
+    by_id: HashMap<[u8; ID_LEN], ServerEntry>,
+    /// May hold ids already gone from `by_id` (refused, retired): skipped when met, and
+    /// dropped whenever it grows past twice the capacity.
+    order: VecDeque<[u8; ID_LEN]>,
+}
+
+impl ServerRoots {
+    fn insert(&mut self, id: [u8; ID_LEN], entry: ServerEntry) {
+        while self.by_id.len() >= SERVER_CAPACITY {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.by_id.remove(&oldest);
+        }
+        if self.order.len() >= 2 * SERVER_CAPACITY {
+            self.compact();
+        }
+        self.order.push_back(id);
+        self.by_id.insert(id, entry);
+    }
+
+    fn compact(&mut self) {
+        let by_id = &self.by_id;
+        self.order.retain(|id| by_id.contains_key(id));
+    }
+}
+
+/// Server handshakes that have begun and not yet settled, by the sequence number each got.
+#[derive(Default)]
+struct InFlight {
+    next: u64,
+    pending: BTreeSet<u64>,
+}
+
+/// A server handshake that may leave a root, from its ClientHello until it keeps the root
+/// ([`ExpectedRoot::keep`]) or is dropped (failed, refused, or a connection whose client keeps
+/// no root): a header naming a root this store does not know yet waits for it
+/// ([`Store::accept_after_handshakes`]).
+pub struct ExpectedRoot<'s> {
+    store: &'s Store,
+    seq: u64,
+}
+
+impl ExpectedRoot<'_> {
+    /// Keeps the root this handshake made; only then does the handshake count as settled.
+    pub fn keep(self, root: Root, binding: Binding) {
+        self.store.keep_server(root, binding);
+    }
+}
+
+impl Drop for ExpectedRoot<'_> {
+    fn drop(&mut self) {
+        self.store
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending
+            .remove(&self.seq);
+        self.store.settled.notify_waiters();
+    }
 }
 
 fn unix_now() -> u64 {
@@ -465,29 +536,80 @@ fn unix_now() -> u64 {
 }
 
 impl Store {
-    /// Keeps a root the server side of a handshake made.
+    /// Keeps a root the server side of a handshake made; a full store drops its oldest root
+    /// (in constant time: see [`ServerRoots`]).
     pub fn keep_server(&self, root: Root, binding: Binding) {
         let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
-        if server.len() >= SERVER_CAPACITY {
-            let now = Instant::now();
-            server.retain(|_, e| e.binding.expires > now);
-            if server.len() >= SERVER_CAPACITY
-                && let Some(oldest) = server
-                    .iter()
-                    .min_by_key(|(_, e)| e.binding.expires)
-                    .map(|(id, _)| *id)
-            {
-                server.remove(&oldest);
-            }
-        }
+        let id = root.id();
         server.insert(
-            root.id(),
+            id,
             ServerEntry {
                 root: Arc::new(root),
                 binding,
                 window: ReplayWindow::default(),
             },
         );
+    }
+
+    /// Registers a server handshake that is about to begin (before its first answer, so before
+    /// its client can hold the root it may leave). Why: the client's agent keeps its root as
+    /// soon as it has sent its Finished and may offer it on another connection at once; this
+    /// agent keeps its own only after reading that Finished and deciding policy. A header that
+    /// arrives in between names a root not kept yet; refused, the client would fall back and,
+    /// for a root's first use, take this agent for one that keeps no roots.
+    pub fn expect_root(&self) -> ExpectedRoot<'_> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = in_flight.next;
+        in_flight.next += 1;
+        in_flight.pending.insert(seq);
+        ExpectedRoot { store: self, seq }
+    }
+
+    /// [`Store::accept`], except that a header naming an unknown root waits (at most
+    /// `limit`) for every server handshake that had begun when it arrived to settle, and is
+    /// decided again each time one does: the root it names may be one of theirs, kept a
+    /// moment later (see [`Store::expect_root`]). Handshakes begun after it cannot have made
+    /// its root, so a header of a truly unknown root waits at most for the handshakes then
+    /// under way. The flag says whether it waited.
+    pub async fn accept_after_handshakes(
+        &self,
+        header: &[u8; HEADER_LEN],
+        generation: u64,
+        limit: Duration,
+    ) -> (Result<Accepted, Refused>, bool) {
+        let horizon = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut waited = false;
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the checks: a handshake that settles after them wakes it.
+            settled.as_mut().enable();
+            // Read before the lookup: a root kept in between is found by the lookup.
+            let pending = self.pending_before(horizon);
+            match self.accept(header, generation) {
+                Err(Refused::Unknown) if pending => {}
+                decided => return (decided, waited),
+            }
+            waited = true;
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return (self.accept(header, generation), waited);
+            }
+        }
+    }
+
+    /// Whether a server handshake that began before `horizon` is still under way.
+    fn pending_before(&self, horizon: u64) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending
+            .first()
+            .is_some_and(|&seq| seq < horizon)
     }
 
     /// Decides a header under policy generation `generation`: the connection's keys, or why
@@ -506,6 +628,7 @@ impl Store {
         let header = Header::parse(header)?;
         let (root, peer) = {
             let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+            let server = &mut server.by_id;
             let entry = server.get_mut(&header.id).ok_or(Refused::Unknown)?;
             if let Some(refused) = entry.binding.refuses(generation, now, unix_now) {
                 server.remove(&header.id);
@@ -636,10 +759,12 @@ impl Store {
         let mut retired = 0;
         {
             let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
-            let before = server.len();
+            let before = server.by_id.len();
             server
+                .by_id
                 .retain(|_, e| e.binding.expires > now && e.window.top < e.binding.max_connections);
-            retired += before - server.len();
+            retired += before - server.by_id.len();
+            server.compact();
         }
         {
             let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
@@ -657,7 +782,11 @@ impl Store {
     /// Roots held (server side, client side): for tests and the admin view.
     pub fn len(&self) -> (usize, usize) {
         (
-            self.server.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            self.server
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .by_id
+                .len(),
             self.client.lock().unwrap_or_else(|p| p.into_inner()).len(),
         )
     }
@@ -1032,13 +1161,98 @@ mod tests {
         assert!(std::mem::size_of::<ReplayWindow>() <= 16);
     }
 
+    /// A full store evicts the oldest root it kept, one per insert, and only it; ids that
+    /// went otherwise (refused, retired) are skipped without evicting a live root. Fails if
+    /// the store grows past its bound or evicts anything but the oldest.
     #[test]
-    fn the_server_store_is_bounded() {
+    fn the_server_store_is_bounded_and_evicts_the_oldest() {
         let server = Store::default();
-        for i in 0..SERVER_CAPACITY + 10 {
-            let secret = (i as u64).to_be_bytes().repeat(4);
-            server.keep_server(Root::new(suite(), &secret).unwrap(), binding(1));
+        let root_n = |i: u64| Root::new(suite(), &i.to_be_bytes().repeat(4)).unwrap();
+        let cap = SERVER_CAPACITY as u64;
+        for i in 0..cap + 10 {
+            server.keep_server(root_n(i), binding(1));
         }
         assert_eq!(server.len().0, SERVER_CAPACITY);
+        // A fresh counter each time, so only a missing root can refuse it.
+        let counter = std::cell::Cell::new(0u64);
+        let usable = |i: u64| {
+            counter.set(counter.get() + 1);
+            let h = root_n(i).connection(counter.get()).unwrap().header;
+            server.accept(&h, 1).is_ok()
+        };
+        assert!(!usable(9), "the 10 oldest went");
+        assert!(usable(10), "the 11th oldest stays");
+        // Root 11 goes otherwise (a policy reload): the next insert fills its place, the one
+        // after evicts the oldest live root (10), the one after that skips 11's stale place
+        // and evicts 12, and only it.
+        let h = root_n(11).connection(1).unwrap().header;
+        assert_eq!(server.accept(&h, 2).err(), Some(Refused::Generation));
+        server.keep_server(root_n(cap + 10), binding(1));
+        assert!(usable(10), "a free place: nothing evicted");
+        server.keep_server(root_n(cap + 11), binding(1));
+        assert!(!usable(10) && usable(12));
+        server.keep_server(root_n(cap + 12), binding(1));
+        assert_eq!(server.len().0, SERVER_CAPACITY);
+        assert!(!usable(12) && usable(13) && usable(cap + 12));
+        // Many refused roots do not make the order queue grow without bound.
+        for i in cap + 12..4 * cap {
+            server.keep_server(root_n(i), binding(1));
+        }
+        let roots = server.server.lock().unwrap();
+        assert_eq!(roots.by_id.len(), SERVER_CAPACITY);
+        assert!(roots.order.len() <= 2 * SERVER_CAPACITY);
+    }
+
+    /// The first-use race: the client's agent keeps its root when it has sent its Finished,
+    /// the server's only after reading it and deciding policy. A header naming that root which
+    /// arrives in between waits for the handshake under way and is accepted once it keeps the
+    /// root; without the wait it is `Unknown` (and the client would take this server for one
+    /// that keeps no roots). A header of a root no handshake under way makes is still refused,
+    /// after at most those handshakes, and a handshake begun after the header is not awaited.
+    #[tokio::test]
+    async fn a_header_overtaking_its_roots_handshake_waits_for_it() {
+        let server = Arc::new(Store::default());
+        let header = root(40).connection(1).unwrap().header;
+        let expected = server.expect_root();
+        let s = Arc::clone(&server);
+        let waiting = tokio::spawn(async move {
+            s.accept_after_handshakes(&header, 5, Duration::from_secs(30))
+                .await
+        });
+        // The handshake reads the client's Finished, decides policy, keeps its root.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "decided before the root was kept");
+        expected.keep(root(40), binding(5));
+        let (accepted, waited) = waiting.await.unwrap();
+        assert!(accepted.is_ok() && waited, "{:?}", accepted.err());
+
+        // An unknown root: refused once the handshakes under way settle without it.
+        let unknown = root(41).connection(1).unwrap().header;
+        let (a, b) = (server.expect_root(), server.expect_root());
+        let s = Arc::clone(&server);
+        let waiting = tokio::spawn(async move {
+            s.accept_after_handshakes(&unknown, 5, Duration::from_secs(30))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A handshake begun after the header, still under way, is not waited for.
+        let later = server.expect_root();
+        a.keep(root(42), binding(5));
+        drop(b);
+        let (refused, _) = waiting.await.unwrap();
+        assert_eq!(refused.err(), Some(Refused::Unknown));
+        drop(later);
+
+        // Nothing under way: decided at once, no wait.
+        let (refused, waited) = server
+            .accept_after_handshakes(&unknown, 5, Duration::from_secs(30))
+            .await;
+        assert_eq!((refused.err(), waited), (Some(Refused::Unknown), false));
+        // A handshake that never settles bounds the wait by the limit.
+        let _stuck = server.expect_root();
+        let (refused, waited) = server
+            .accept_after_handshakes(&unknown, 5, Duration::from_millis(20))
+            .await;
+        assert_eq!((refused.err(), waited), (Some(Refused::Unknown), true));
     }
 }

@@ -68,8 +68,10 @@ outcomes! {
     /// handshake), `early` (the app's first bytes rode behind the header), `resent` (they
     /// went again behind a handshake after a refusal), `early_unknown` (no answer in time
     /// with early bytes out: the app connection was reset, nothing resent); server side:
-    /// `kept`, `accepted`, and why a header was refused; both: `retired` (a root past its
-    /// lifetime or connection cap erased by the periodic sweep).
+    /// `kept`, `accepted`, `awaited` (accepted after waiting for the handshake under way that
+    /// kept its root: the client's agent keeps a root before this one can), and why a header
+    /// was refused; both: `retired` (a root past its lifetime or connection cap erased by the
+    /// periodic sweep).
     DerivedOutcome, DERIVED_OUTCOMES {
         Kept => "kept",
         Offered => "offered",
@@ -87,6 +89,7 @@ outcomes! {
         Resent => "resent",
         EarlyUnknown => "early_unknown",
         Retired => "retired",
+        Awaited => "awaited",
     }
 }
 

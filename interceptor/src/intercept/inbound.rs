@@ -116,6 +116,11 @@ async fn mesh<'a>(
     }
     let me = shared.credentials(&ctx.id)?;
     prepare_peer(shared, &client);
+    // Registered before this agent answers, so before the client's agent can hold the root
+    // this handshake may leave: a header naming it that overtakes this task waits for it
+    // (`derived::Store::expect_root`). Settled when dropped, on every path out of here.
+    let mut root_expected = (shared.tuning.connection_keys == ConnectionKeysMode::Derived)
+        .then(|| me.derived().expect_root());
     let started = Instant::now();
     let mut est = match driver::server_handshake_with(
         &mut client,
@@ -141,6 +146,9 @@ async fn mesh<'a>(
         return Err(inbound.refuse_from(Some(&peer), client, refused));
     }
     if est.negotiated.spare {
+        // The client's agent keeps no root from a spare (`outbound::mesh`), so neither does
+        // this one: it would only fill the store.
+        root_expected = None;
         // Opened ahead by the client's agent: nothing is decided until it is claimed, and
         // then under the policy of that moment.
         let wait =
@@ -165,14 +173,14 @@ async fn mesh<'a>(
     }
     let decided_by = generation.number;
     drop(generation);
-    if shared.tuning.connection_keys == ConnectionKeysMode::Derived
+    if let Some(expected) = root_expected
         && let Some((root, binding)) = est.derived_root(
             decided_by,
             shared.tuning.derived_root_lifetime(),
             shared.tuning.derived_root_max_connections,
         )
     {
-        me.derived().keep_server(root, binding);
+        expected.keep(root, binding);
         shared.derived(super::DerivedOutcome::Kept);
     }
     relay_decided(shared, inbound, peer, est, decided_by, client, None).await
@@ -242,7 +250,18 @@ async fn derived<'a>(
     let mut header = [0u8; derived::HEADER_LEN];
     let wait = Duration::from_millis(shared.tuning.handshake_timeout_ms);
     let accepted = match tokio::time::timeout(wait, client.read_exact(&mut header)).await {
-        Ok(Ok(_)) => me.derived().accept(&header, generation.number),
+        // An unknown root may be one a handshake under way here is about to keep: its
+        // client's agent kept it first (`derived::Store::expect_root`).
+        Ok(Ok(_)) => {
+            let (accepted, waited) = me
+                .derived()
+                .accept_after_handshakes(&header, generation.number, wait)
+                .await;
+            if waited && accepted.is_ok() {
+                shared.derived(super::DerivedOutcome::Awaited);
+            }
+            accepted
+        }
         _ => Err(derived::Refused::Malformed),
     };
     let accepted = match accepted {
