@@ -202,6 +202,10 @@ struct RunArgs {
     /// arrive on. Overrides `--per-thread-runtime`.
     #[arg(long)]
     per_cpu_runtime: bool,
+    /// `tuning.schedSliceUs` for the agent under test (never the baseline): the flow threads'
+    /// fair-scheduler slice in µs (100–100000; 0, the default, leaves the key out).
+    #[arg(long, default_value_t = 0)]
+    sched_slice_us: u32,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -423,6 +427,7 @@ fn run(args: RunArgs) -> Result<()> {
         app_leg_skmsg: args.app_leg_skmsg,
         per_thread_runtime: args.per_thread_runtime,
         per_cpu_runtime: args.per_cpu_runtime,
+        sched_slice_us: args.sched_slice_us,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

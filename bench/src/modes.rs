@@ -167,6 +167,8 @@ pub struct Env {
     pub per_thread_runtime: bool,
     /// `tuning.runtime: perCpu` for `agent_bin` (see `--per-cpu-runtime`).
     pub per_cpu_runtime: bool,
+    /// `tuning.schedSliceUs` for `agent_bin` when not 0 (see `--sched-slice-us`).
+    pub sched_slice_us: u32,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -667,6 +669,9 @@ struct TuningCfg {
     /// Left out for the baseline agent, like `mesh_spares`.
     #[serde(skip_serializing_if = "Option::is_none")]
     runtime: Option<&'static str>,
+    /// Left out for the baseline agent, like `mesh_spares`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sched_slice_us: Option<u32>,
 }
 
 fn workload(pod: &topology::Pod, sa: &'static str) -> WorkloadCfg {
@@ -786,6 +791,9 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 } else {
                     env.per_thread_runtime.then_some("perThread")
                 },
+                sched_slice_us: (active.mode != Mode::InterceptorRelayBase
+                    && env.sched_slice_us > 0)
+                    .then_some(env.sched_slice_us),
             },
         };
         // JSON is YAML, and serde_json is already here.

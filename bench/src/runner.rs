@@ -45,6 +45,8 @@ pub struct Plan {
     pub per_thread_runtime: bool,
     /// `tuning.runtime: perCpu` for the agent under test.
     pub per_cpu_runtime: bool,
+    /// `tuning.schedSliceUs` for the agent under test (0: not set).
+    pub sched_slice_us: u32,
     /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
     pub ztunnel: Option<PathBuf>,
     pub out: PathBuf,
@@ -106,6 +108,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
         app_leg_skmsg: plan.app_leg_skmsg,
         per_thread_runtime: plan.per_thread_runtime,
         per_cpu_runtime: plan.per_cpu_runtime,
+        sched_slice_us: plan.sched_slice_us,
         bench_bin: std::env::current_exe().context("own executable")?,
         work_dir: work_dir.clone(),
         log_dir,

@@ -438,6 +438,8 @@ pub const MAX_SPARE_IDLE_MS: u64 = 60_000;
 
 /// More runtime workers than any node has cores is a typo, not a setting.
 pub const MAX_WORKER_THREADS: u16 = 1_024;
+/// `tuning.schedSliceUs`: the range the kernel accepts for a fair task's slice (0.1–100 ms).
+pub const SCHED_SLICE_US: std::ops::RangeInclusive<u32> = 100..=100_000;
 
 /// What policy may read from the node besides `policyDir`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -559,6 +561,12 @@ pub struct Tuning {
     /// runtime of the CPU its packets arrive on; `workerThreads` is not read).
     /// ARCHITECTURE.md "Runtime shape".
     pub runtime: RuntimeShape,
+    /// The fair scheduler's slice for the threads that run flows, in microseconds (Linux
+    /// ≥ 6.12, EEVDF's per-task `sched_runtime`; older kernels ignore it). 0, the default:
+    /// the kernel's own. Measured on the 64-B round trip, where most of an agent's context
+    /// switches are preemptions by the reader its own send woke (bench/README.md "Round
+    /// trip: the scheduler's slice"); kept off because no value moved it beyond the noise.
+    pub sched_slice_us: u32,
 }
 
 impl Tuning {
@@ -648,6 +656,7 @@ impl Default for Tuning {
             relay_app_leg: RelayAppLeg::Tcp,
             worker_threads: 0,
             runtime: RuntimeShape::Shared,
+            sched_slice_us: 0,
         }
     }
 }
@@ -852,6 +861,14 @@ impl Config {
             return Err(format!(
                 "tuning.workerThreads: {} is more than {MAX_WORKER_THREADS}",
                 t.worker_threads
+            ));
+        }
+        if t.sched_slice_us != 0 && !SCHED_SLICE_US.contains(&t.sched_slice_us) {
+            return Err(format!(
+                "tuning.schedSliceUs: {} is outside {} to {} (or 0, the kernel's own)",
+                t.sched_slice_us,
+                SCHED_SLICE_US.start(),
+                SCHED_SLICE_US.end()
             ));
         }
         if t.max_connections_per_pod == 0 || t.max_pending_handshakes_per_pod == 0 {
@@ -1686,6 +1703,31 @@ tuning:
                 "tuning.workerThreads: 5000 is more than 1024",
             ),
             ("  workerThreads: -1\n", "workerThreads"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn sched_slice_is_the_kernels_unless_set_and_is_bounded() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.tuning.sched_slice_us, 0);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        assert_eq!(
+            with("  schedSliceUs: 100\n").unwrap().tuning.sched_slice_us,
+            100
+        );
+        for (yaml, field) in [
+            (
+                "  schedSliceUs: 99\n",
+                "tuning.schedSliceUs: 99 is outside 100 to 100000",
+            ),
+            (
+                "  schedSliceUs: 100001\n",
+                "tuning.schedSliceUs: 100001 is outside 100 to 100000",
+            ),
+            ("  schedSliceUs: -1\n", "schedSliceUs"),
         ] {
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");

@@ -167,14 +167,21 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    multi_thread(0)
+    multi_thread(0, None)
 }
 
-/// One multi-threaded runtime of `workers` threads (one per CPU when 0).
-fn multi_thread(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+/// One multi-threaded runtime of `workers` threads (one per CPU when 0), each started with
+/// `slice` as its scheduler slice when set.
+fn multi_thread(
+    workers: usize,
+    slice: Option<std::time::Duration>,
+) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         builder.worker_threads(workers);
+    }
+    if slice.is_some() {
+        builder.on_thread_start(move || runtimes::flow_thread_started(slice));
     }
     Ok(builder.enable_all().build()?)
 }
@@ -186,14 +193,19 @@ fn multi_thread(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 /// single-threaded runtime on the main thread.
 fn agent_runtime(tuning: &Tuning) -> anyhow::Result<tokio::runtime::Runtime> {
     let workers = usize::from(tuning.worker_threads);
+    let slice = (tuning.sched_slice_us > 0)
+        .then(|| std::time::Duration::from_micros(tuning.sched_slice_us.into()));
     let flows = match tuning.runtime {
-        RuntimeShape::Shared => return multi_thread(workers),
-        RuntimeShape::PerThread => runtimes::FlowRuntimes::start(if workers > 0 {
-            workers
-        } else {
-            std::thread::available_parallelism().map_or(1, usize::from)
-        })?,
-        RuntimeShape::PerCpu => runtimes::FlowRuntimes::start_per_cpu()?,
+        RuntimeShape::Shared => return multi_thread(workers, slice),
+        RuntimeShape::PerThread => runtimes::FlowRuntimes::start(
+            if workers > 0 {
+                workers
+            } else {
+                std::thread::available_parallelism().map_or(1, usize::from)
+            },
+            slice,
+        )?,
+        RuntimeShape::PerCpu => runtimes::FlowRuntimes::start_per_cpu(slice)?,
     };
     runtimes::install(flows)?;
     Ok(tokio::runtime::Builder::new_current_thread()

@@ -21,6 +21,7 @@ use std::{
         OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -42,24 +43,24 @@ pub struct FlowRuntimes {
 impl FlowRuntimes {
     /// Starts `threads` runtimes on threads named by [`flow_thread_name`]; connections go to
     /// them round robin.
-    pub fn start(threads: usize) -> anyhow::Result<Self> {
+    pub fn start(threads: usize, slice: Option<Duration>) -> anyhow::Result<Self> {
         anyhow::ensure!(threads > 0, "no flow threads");
-        Self::start_on((0..threads).map(|_| None).collect())
+        Self::start_on((0..threads).map(|_| None).collect(), slice)
     }
 
     /// Starts one runtime per CPU the agent may run on (`perCpu`), its thread pinned to that
     /// CPU; a connection goes to the runtime of the CPU its packets arrive on
     /// (`SO_INCOMING_CPU`), so the softirq that queued its bytes, the wake-up and the relay
     /// share one core's caches.
-    pub fn start_per_cpu() -> anyhow::Result<Self> {
+    pub fn start_per_cpu(slice: Option<Duration>) -> anyhow::Result<Self> {
         let cpus = crate::sys::allowed_cpus().context("the agent's CPUs")?;
         anyhow::ensure!(!cpus.is_empty(), "no CPU to run flows on");
-        let mut runtimes = Self::start_on(cpus.iter().copied().map(Some).collect())?;
+        let mut runtimes = Self::start_on(cpus.iter().copied().map(Some).collect(), slice)?;
         runtimes.cpus = Some(cpus);
         Ok(runtimes)
     }
 
-    fn start_on(pins: Vec<Option<usize>>) -> anyhow::Result<Self> {
+    fn start_on(pins: Vec<Option<usize>>, slice: Option<Duration>) -> anyhow::Result<Self> {
         let mut handles = Vec::with_capacity(pins.len());
         for (i, pin) in pins.into_iter().enumerate() {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -76,6 +77,7 @@ impl FlowRuntimes {
                         // Still a runtime of its own; only the cache locality is lost.
                         warn!(cpu, error = %e, "cannot pin a flow thread");
                     }
+                    flow_thread_started(slice);
                     rt.block_on(std::future::pending::<()>());
                 })
                 .context("flow thread")?;
@@ -138,6 +140,18 @@ impl FlowRuntimes {
                 }
             }
         });
+    }
+}
+
+/// What every thread that runs flows does first: takes `tuning.schedSliceUs` as its fair
+/// scheduler slice, if set. A kernel that refuses it leaves the thread at its default slice
+/// (only the latency experiment is lost), said once.
+pub fn flow_thread_started(slice: Option<Duration>) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if let Some(slice) = slice
+        && let Err(e) = crate::sys::set_current_thread_slice(slice)
+    {
+        WARNED.call_once(|| warn!(?slice, error = %e, "cannot set the flow threads' slice"));
     }
 }
 
@@ -229,7 +243,7 @@ mod tests {
     #[tokio::test]
     async fn per_cpu_runtimes_serve_a_connection_on_the_cpu_its_packets_arrive_on() {
         use std::os::fd::AsFd as _;
-        let runtimes = FlowRuntimes::start_per_cpu().unwrap();
+        let runtimes = FlowRuntimes::start_per_cpu(None).unwrap();
         let cpus = crate::sys::allowed_cpus().unwrap();
         assert_eq!(runtimes.handles.len(), cpus.len());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -266,6 +280,48 @@ mod tests {
         }
     }
 
+    /// The fair-scheduler slice a thread runs with (`se.slice`, ns, in its
+    /// `/proc/thread-self/sched`), where the kernel shows it.
+    fn current_slice_ns() -> Option<u64> {
+        let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
+        sched
+            .lines()
+            .find_map(|l| l.strip_prefix("se.slice"))?
+            .trim_start_matches([' ', ':'])
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Whether this kernel takes a fair task's `sched_runtime` as its slice (Linux ≥ 6.12).
+    fn kernel_takes_custom_slices() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut parts = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (6, 12)
+    }
+
+    /// `tuning.schedSliceUs`: every flow thread runs with the slice asked for (the kernel's
+    /// own state, read back), and one without it keeps the kernel's.
+    #[tokio::test]
+    async fn flow_threads_take_the_configured_scheduler_slice() {
+        let default = current_slice_ns();
+        for (slice, want) in [
+            (Some(Duration::from_micros(300)), Some(300_000)),
+            (None, default),
+        ] {
+            let runtimes = FlowRuntimes::start(2, slice).unwrap();
+            for handle in &runtimes.handles {
+                let seen = handle.spawn(async { current_slice_ns() }).await.unwrap();
+                if seen.is_some() && kernel_takes_custom_slices() {
+                    assert_eq!(seen, want, "slice {slice:?}");
+                }
+            }
+        }
+    }
+
     /// Connections handed to flow runtimes are spread over all of them, each served whole on
     /// one flow thread (its bytes echoed and hashed), and what a flow spawns runs there too.
     #[tokio::test]
@@ -273,7 +329,7 @@ mod tests {
         use sha2::{Digest as _, Sha256};
         const THREADS: usize = 3;
         const FLOWS: usize = 9;
-        let runtimes = FlowRuntimes::start(THREADS).unwrap();
+        let runtimes = FlowRuntimes::start(THREADS, None).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

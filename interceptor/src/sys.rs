@@ -448,6 +448,56 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     }
 }
 
+/// Sets the calling thread's fair-scheduler slice (`sched_setattr`, `SCHED_OTHER` at the
+/// thread's nice, `sched_runtime` = `slice`; EEVDF on Linux ≥ 6.12 uses it as the task's
+/// request size, older kernels accept and ignore it). Zero gives the thread the kernel's
+/// default back.
+pub fn set_current_thread_slice(slice: std::time::Duration) -> io::Result<()> {
+    /// `struct sched_attr` (include/uapi/linux/sched/types.h), its first version's fields.
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        sched_policy: u32,
+        sched_flags: u64,
+        sched_nice: i32,
+        sched_priority: u32,
+        sched_runtime: u64,
+        sched_deadline: u64,
+        sched_period: u64,
+        sched_util_min: u32,
+        sched_util_max: u32,
+    }
+    // getpriority returns -1 for nice -1 too, so errno tells an error apart.
+    // SAFETY: plain calls with no pointers; `who` 0 is the calling thread.
+    let nice = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    if nice == -1 && io::Error::last_os_error().raw_os_error() != Some(0) {
+        return Err(io::Error::last_os_error());
+    }
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: nice,
+        sched_priority: 0,
+        sched_runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
+        sched_deadline: 0,
+        sched_period: 0,
+        sched_util_min: 0,
+        sched_util_max: 0,
+    };
+    // SAFETY: `attr` is a valid sched_attr whose `size` is its own, only read by the kernel;
+    // pid 0 is the calling thread.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it.
 pub fn raise_memlock_rlimit() -> io::Result<()> {
     let lim = libc::rlimit {

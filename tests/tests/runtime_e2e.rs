@@ -1,7 +1,8 @@
 //! `tuning.runtime: perThread` and `perCpu` with the real agent binary: accepted connections
 //! are spread over every flow thread (perCpu: one pinned to each of the agent's CPUs), each
 //! flow's bytes arrive intact both ways, and the agent's admin socket and SIGTERM drain work
-//! with the control plane on the main thread.
+//! with the control plane on the main thread. `tuning.schedSliceUs`: the runtime's threads
+//! run with the slice asked for (read from the kernel), and flows stay intact.
 //!
 //! (The suites that run the agent binary run under either shape with
 //! `INTERCEPTOR_TEST_RUNTIME=perThread`.)
@@ -148,5 +149,68 @@ fn per_cpu_runtime_pins_a_flow_thread_to_each_cpu_and_keeps_flows_intact() {
     );
     agent.sigterm();
     b.assert_serving("after SIGTERM, inside the drain window");
+    assert_exits(&mut agent, window + Duration::from_secs(5), "the agent");
+}
+
+/// The fair-scheduler slice (`se.slice`, ns) of thread `tid` of `pid`, where the kernel
+/// shows it (`/proc/.../sched`), and whether this kernel takes a custom one (Linux ≥ 6.12).
+fn slice_ns(pid: i32, tid: &str) -> Option<u64> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut v = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    if (v.next()?, v.next()?) < (6, 12) {
+        return None;
+    }
+    let sched = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/sched")).ok()?;
+    sched
+        .lines()
+        .find_map(|l| l.strip_prefix("se.slice"))?
+        .trim_start_matches([' ', ':'])
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn sched_slice_reaches_every_worker_and_flows_stay_intact() {
+    const FLOWS: usize = 8;
+    const SLICE_US: u32 = 5_000;
+    let window = Duration::from_secs(3);
+    let mut b = Bench::new(88, "rsl", window, load());
+    b.cfg.tuning.sched_slice_us = SLICE_US;
+    let mut agent = b.start(&[], &[]);
+    b.wait_serving();
+    let pid = agent.pid();
+    // The runtime's threads (tokio's workers, which run the flows under `shared`, and its
+    // blocking pool) carry the slice; the agent's other threads keep the kernel's.
+    let mut workers = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let dir = task.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("tokio") {
+            continue;
+        }
+        let tid = dir
+            .file_name()
+            .expect("a tid")
+            .to_string_lossy()
+            .into_owned();
+        if let Some(ns) = slice_ns(pid, &tid) {
+            workers.insert(format!("{tid} {}", comm.trim()), ns);
+        }
+    }
+    if slice_ns(pid, &pid.to_string()).is_some() {
+        assert!(!workers.is_empty(), "no worker thread seen");
+        assert!(
+            workers
+                .values()
+                .all(|&ns| ns == u64::from(SLICE_US) * 1_000),
+            "the workers' slices: {workers:?}"
+        );
+    }
+    let flows = b.flows(FLOWS, 2.0);
+    assert_intact(&flows.finish(Duration::from_secs(30)), FLOWS, &b.received);
+    agent.sigterm();
     assert_exits(&mut agent, window + Duration::from_secs(5), "the agent");
 }
