@@ -422,16 +422,21 @@ impl Shared {
         Ok(credentials)
     }
 
-    /// Erases every root of derived connection keys past its lifetime or connection budget
-    /// (`tuning.derivedRootLifetimeSecs`, `derivedRootMaxConnections`); returns how many.
-    pub fn retire_derived_roots(&self) -> usize {
-        let stores: Vec<_> = self
-            .derived_stores
+    /// The root stores of every identity's credentials still alive (a replaced leaf's store
+    /// lives while a flow holds it).
+    fn live_derived_stores(&self) -> Vec<Arc<handshake::derived::Store>> {
+        self.derived_stores
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter_map(std::sync::Weak::upgrade)
-            .collect();
+            .collect()
+    }
+
+    /// Erases every root of derived connection keys past its lifetime or connection budget
+    /// (`tuning.derivedRootLifetimeSecs`, `derivedRootMaxConnections`); returns how many.
+    pub fn retire_derived_roots(&self) -> usize {
+        let stores = self.live_derived_stores();
         let retired = stores.iter().map(|s| s.retire_expired()).sum();
         for _ in 0..retired {
             self.derived(DerivedOutcome::Retired);
@@ -443,13 +448,7 @@ impl Shared {
     /// every store still alive (a replaced leaf's store lives while a flow holds it): what
     /// a soak watches to see the stores stay bounded.
     pub fn derived_roots_held(&self) -> (usize, usize) {
-        let stores: Vec<_> = self
-            .derived_stores
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect();
+        let stores = self.live_derived_stores();
         stores
             .iter()
             .map(|s| s.len())

@@ -266,6 +266,29 @@ pub fn stats_delta(
         .collect()
 }
 
+/// A counter of a `policy_stats` snapshot or delta; absent means it never moved.
+pub fn stat(stats: &BTreeMap<String, u64>, name: &str) -> u64 {
+    stats.get(name).copied().unwrap_or(0)
+}
+
+/// An AuthorizationPolicy named `name` that matches no workload of the tests: loading it
+/// starts a new policy generation and changes no decision.
+pub fn unrelated_policy(name: &str) -> String {
+    format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: elsewhere}}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/elsewhere/sa/nobody"]
+"#
+    )
+}
+
 /// A TCP echo server on `port` of the pod's address, run by the test process (unenrolled);
 /// lives as long as the test.
 pub fn echo_server(pod: &Pod, port: u16) {

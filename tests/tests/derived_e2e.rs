@@ -44,7 +44,7 @@ use interceptor_tests::{
     apps::{answer_digest, curl, curl_upload, random_payload, read_request_head, sha256_hex},
     crypto::{any_port, hellos},
     digest::Sha256,
-    mesh::{PolicyDir, stats_delta, wait_generation},
+    mesh::{PolicyDir, stat, stats_delta, unrelated_policy, wait_generation},
     require_privileged,
     scenario::{Cluster, expected_protection, serve_blob},
     topology::{Node, Pod, wire},
@@ -55,23 +55,6 @@ use interceptor_tests::{
 const MAGIC: [u8; 4] = [0xd1, b'i', b'k', 1];
 const HEADER_LEN: usize = 44;
 const ACCEPT_LEN: usize = 16;
-
-/// A rule that matches nobody here: loading it starts a new policy generation.
-const UNRELATED: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: unrelated, namespace: elsewhere}
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/elsewhere/sa/nobody"]
-"#;
-
-fn stat(stats: &BTreeMap<String, u64>, name: &str) -> u64 {
-    stats.get(name).copied().unwrap_or(0)
-}
 
 /// The content types of the TLS records that fill `bytes` exactly (panics on a torn record).
 fn record_types(bytes: &[u8]) -> Vec<u8> {
@@ -338,7 +321,7 @@ fn a_second_connection_needs_no_handshake_and_refused_headers_fall_back() {
     //    handshake on a second connection and succeeds; the next one is derived again.
     let agent2_now = server_agent(&agent2);
     let g = agent2_now.policy_generation();
-    policy2.write("unrelated.yaml", UNRELATED);
+    policy2.write("unrelated.yaml", &unrelated_policy("unrelated"));
     wait_generation(&agent2_now, g);
     let (c0, s0) = (agent1.agent.policy_stats(), agent2_now.policy_stats());
     // The agent must be able to go away in step 5.
@@ -643,7 +626,7 @@ fn the_apps_first_bytes_ride_behind_the_header_and_arrive_exactly_once() {
     // A header the server refuses (its policy reloaded): the request went behind it, the
     // server's agent resets it unread, the client's agent sends it again on a handshake.
     let g = a2.policy_generation();
-    policy2.write("unrelated.yaml", UNRELATED);
+    policy2.write("unrelated.yaml", &unrelated_policy("unrelated"));
     wait_generation(a2, g);
     let (c0, s0) = (a1.policy_stats(), a2.policy_stats());
     let held = hold_answers(&node2, sink, HOLD);

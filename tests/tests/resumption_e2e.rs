@@ -27,7 +27,7 @@ use interceptor_tests::{
     agent::{RunningAgent, peer, workload},
     apps::curl,
     crypto::{X25519, X25519MLKEM768, any_port, assert_hello, captured, hellos},
-    mesh::{PolicyDir, stats_delta, wait_generation},
+    mesh::{PolicyDir, stats_delta, unrelated_policy, wait_generation},
     require_privileged,
     scenario::{Cluster, Scenario, serve_blob},
     topology::{Node, wire},
@@ -212,19 +212,6 @@ fn a_second_connection_resumes_and_policy_still_decides_with_the_restored_identi
     assert_eq!(psk_on_the_wire(&streams, &client, http), (1, Some(0)));
 }
 
-/// A rule that matches nobody here: loading it starts a new policy generation.
-const UNRELATED: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-nobody, namespace: resume}
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/nobody/sa/none"]
-"#;
-
 const SYN: u8 = 0x02;
 const FIN: u8 = 0x01;
 
@@ -347,7 +334,7 @@ fn a_resumed_client_hello_rides_in_the_syn_and_saves_a_round_trip() {
     // Full (a policy reload retires every ticket; the cookie stays): the hybrid, a
     // ClientHello larger than the SYN carries, one more round trip.
     let generation = agent.policy_generation();
-    policy.write("unrelated.yaml", UNRELATED);
+    policy.write("unrelated.yaml", &unrelated_policy("deny-nobody"));
     wait_generation(agent, generation);
     let (frames, streams) = get();
     let (ch, sh) = hellos(&streams, any_port(client.ip), http);

@@ -17,7 +17,6 @@
 //! Host only: spares serve flows the userspace relay carries.
 
 use std::{
-    collections::BTreeMap,
     path::Path,
     time::{Duration, Instant},
 };
@@ -30,7 +29,7 @@ use interceptor::{
 use interceptor_tests::{
     agent::{RunningAgent, TempDir, peer, workload},
     apps::curl,
-    mesh::{PolicyDir, stats_delta, wait_generation},
+    mesh::{PolicyDir, stat, stats_delta, unrelated_policy, wait_generation},
     require_privileged,
     scenario::{Cluster, serve_blob},
     topology::{Node, wire},
@@ -51,23 +50,6 @@ spec:
     - source:
         principals: ["cluster.local/ns/spa/sa/client"]
 "#;
-
-/// A policy that changes nothing for these pods (written on the client's node).
-const UNRELATED: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: unrelated, namespace: elsewhere}
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/elsewhere/sa/nobody"]
-"#;
-
-fn stat(stats: &BTreeMap<String, u64>, name: &str) -> u64 {
-    stats.get(name).copied().unwrap_or(0)
-}
 
 /// Spares the client's agent holds now: every opened spare ends in exactly one outcome.
 fn ready(agent: &Agent) -> u64 {
@@ -162,7 +144,7 @@ fn spares_are_used_and_never_outlive_policy_leaf_or_peer() {
     // 2. A policy reload on the client's node: the spares made before it are not used.
     let c0 = agent1.agent.policy_stats();
     let g = agent1.agent.policy_generation();
-    policy1.write("unrelated.yaml", UNRELATED);
+    policy1.write("unrelated.yaml", &unrelated_policy("unrelated"));
     wait_generation(&agent1.agent, g);
     get("after a policy reload");
     let dc = stats_delta(&c0, &agent1.agent.policy_stats());

@@ -50,7 +50,7 @@ use interceptor::config::{Config, Ttl};
 use interceptor_tests::{
     agent::{PinCleanup, peer, workload},
     apps::{serve_upload_hasher, sha256_hex},
-    mesh::{PolicyDir, curl},
+    mesh::{PolicyDir, curl, unrelated_policy},
     process::AgentProcess,
     require_privileged,
     scenario::{Cluster, serve_blob},
@@ -106,23 +106,6 @@ const RENEW_PERCENT: u8 = 20;
 const LEAF_PERIOD_MIN: Duration = Duration::from_secs(54);
 /// The agents' 5 s sweep of spent and expired roots.
 const SWEEP: Duration = Duration::from_secs(5);
-
-/// A rule that matches nobody here: loading it starts a new policy generation.
-fn unrelated(n: usize) -> String {
-    format!(
-        r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: unrelated{n}, namespace: elsewhere}}
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/elsewhere/sa/nobody"]
-"#
-    )
-}
 
 #[derive(Default)]
 struct Totals {
@@ -551,7 +534,10 @@ fn run(duration: Duration) -> bool {
         if reloads < reload_at.len() && started.elapsed() >= reload_at[reloads] {
             reloads += 1;
             for p in [&policy1, &policy2] {
-                p.write(&format!("reload{reloads}.yaml"), &unrelated(reloads));
+                p.write(
+                    &format!("reload{reloads}.yaml"),
+                    &unrelated_policy(&format!("unrelated{reloads}")),
+                );
             }
             println!(
                 "soak: t={:>4}s policy reload {reloads} on both agents",
