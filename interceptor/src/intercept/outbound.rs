@@ -219,7 +219,12 @@ async fn mesh<'a>(
         match dial_derived(shared, &out, &offer.keys, app_first, &mut early).await {
             Ok((peer, sent)) => {
                 shared.derived(super::DerivedOutcome::Used);
-                me.derived().accepted(server_ip);
+                // Once per root, not per connection (a lock on the hot path): the record is
+                // dropped only by a refused first use, after which the next acceptance is
+                // again a first use.
+                if first {
+                    me.derived().accepted(server_ip);
+                }
                 if sent > 0 {
                     shared.derived(super::DerivedOutcome::Early);
                 }
