@@ -206,6 +206,11 @@ struct RunArgs {
     /// fair-scheduler slice in µs (100–100000; 0, the default, leaves the key out).
     #[arg(long, default_value_t = 0)]
     sched_slice_us: u32,
+    /// `tuning.relayBusyPollUs` for the agent under test (never the baseline): how long its
+    /// userspace relay spins for a reply after forwarding a small message, in µs (at most
+    /// 1000; 0, the default, leaves the key out).
+    #[arg(long, default_value_t = 0)]
+    relay_busy_poll_us: u32,
     /// ztunnel binary for the `ztunnel` and `ztunnel-1stream` modes (default: `ZTUNNEL_BIN`;
     /// without either they are reported unavailable). bench/README.md says how to build one.
     #[arg(long)]
@@ -428,6 +433,7 @@ fn run(args: RunArgs) -> Result<()> {
         per_thread_runtime: args.per_thread_runtime,
         per_cpu_runtime: args.per_cpu_runtime,
         sched_slice_us: args.sched_slice_us,
+        relay_busy_poll_us: args.relay_busy_poll_us,
         ztunnel: args.ztunnel,
         out: args.out.clone(),
         pin: args.pin,

@@ -169,6 +169,8 @@ pub struct Env {
     pub per_cpu_runtime: bool,
     /// `tuning.schedSliceUs` for `agent_bin` when not 0 (see `--sched-slice-us`).
     pub sched_slice_us: u32,
+    /// `tuning.relayBusyPollUs` for `agent_bin` when not 0 (see `--relay-busy-poll-us`).
+    pub relay_busy_poll_us: u32,
     /// ztunnel, built outside this project (`--ztunnel` or `ZTUNNEL_BIN`).
     pub ztunnel_bin: Option<PathBuf>,
     pub bench_bin: PathBuf,
@@ -672,6 +674,9 @@ struct TuningCfg {
     /// Left out for the baseline agent, like `mesh_spares`.
     #[serde(skip_serializing_if = "Option::is_none")]
     sched_slice_us: Option<u32>,
+    /// Left out for the baseline agent, like `mesh_spares`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay_busy_poll_us: Option<u32>,
 }
 
 fn workload(pod: &topology::Pod, sa: &'static str) -> WorkloadCfg {
@@ -794,6 +799,9 @@ fn start_agents(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> R
                 sched_slice_us: (active.mode != Mode::InterceptorRelayBase
                     && env.sched_slice_us > 0)
                     .then_some(env.sched_slice_us),
+                relay_busy_poll_us: (active.mode != Mode::InterceptorRelayBase
+                    && env.relay_busy_poll_us > 0)
+                    .then_some(env.relay_busy_poll_us),
             },
         };
         // JSON is YAML, and serde_json is already here.

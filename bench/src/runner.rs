@@ -47,6 +47,8 @@ pub struct Plan {
     pub per_cpu_runtime: bool,
     /// `tuning.schedSliceUs` for the agent under test (0: not set).
     pub sched_slice_us: u32,
+    /// `tuning.relayBusyPollUs` for the agent under test (0: not set).
+    pub relay_busy_poll_us: u32,
     /// ztunnel binary for the ztunnel modes (else `ZTUNNEL_BIN`).
     pub ztunnel: Option<PathBuf>,
     pub out: PathBuf,
@@ -109,6 +111,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
         per_thread_runtime: plan.per_thread_runtime,
         per_cpu_runtime: plan.per_cpu_runtime,
         sched_slice_us: plan.sched_slice_us,
+        relay_busy_poll_us: plan.relay_busy_poll_us,
         bench_bin: std::env::current_exe().context("own executable")?,
         work_dir: work_dir.clone(),
         log_dir,

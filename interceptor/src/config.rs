@@ -440,6 +440,10 @@ pub const MAX_SPARE_IDLE_MS: u64 = 60_000;
 pub const MAX_WORKER_THREADS: u16 = 1_024;
 /// `tuning.schedSliceUs`: the range the kernel accepts for a fair task's slice (0.1–100 ms).
 pub const SCHED_SLICE_US: std::ops::RangeInclusive<u32> = 100..=100_000;
+/// `tuning.relayBusyPollUs`: the longest a relay may spin for a reply. A cross-node round trip
+/// is ~50-150 µs on the nodes measured (bench/README.md "Round trip: bounded busy polling"):
+/// a wait longer than a millisecond is not a round trip being caught, it is a core burnt.
+pub const MAX_RELAY_BUSY_POLL_US: u32 = 1_000;
 
 /// What policy may read from the node besides `policyDir`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -567,6 +571,13 @@ pub struct Tuning {
     /// switches are preemptions by the reader its own send woke (bench/README.md "Round
     /// trip: the scheduler's slice"); kept off because no value moved it beyond the noise.
     pub sched_slice_us: u32,
+    /// After a userspace relay forwards a small message and both of its sockets are drained,
+    /// it keeps polling them without blocking for up to this many microseconds before it
+    /// waits in the reactor, so a reply a few hops away is picked up by a thread that is
+    /// running instead of one that must be woken (bench/README.md "Round trip: bounded busy
+    /// polling"). 0, the default: never spin. At most [`MAX_RELAY_BUSY_POLL_US`]. Flows that
+    /// move more than a record per wake-up, or whose sockets are full, never spin.
+    pub relay_busy_poll_us: u32,
 }
 
 impl Tuning {
@@ -657,6 +668,7 @@ impl Default for Tuning {
             worker_threads: 0,
             runtime: RuntimeShape::Shared,
             sched_slice_us: 0,
+            relay_busy_poll_us: 0,
         }
     }
 }
@@ -869,6 +881,12 @@ impl Config {
                 t.sched_slice_us,
                 SCHED_SLICE_US.start(),
                 SCHED_SLICE_US.end()
+            ));
+        }
+        if t.relay_busy_poll_us > MAX_RELAY_BUSY_POLL_US {
+            return Err(format!(
+                "tuning.relayBusyPollUs: {} is more than {MAX_RELAY_BUSY_POLL_US} (0 turns it off)",
+                t.relay_busy_poll_us
             ));
         }
         if t.max_connections_per_pod == 0 || t.max_pending_handshakes_per_pod == 0 {
@@ -1728,6 +1746,28 @@ tuning:
                 "tuning.schedSliceUs: 100001 is outside 100 to 100000",
             ),
             ("  schedSliceUs: -1\n", "schedSliceUs"),
+        ] {
+            let e = with(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn relay_busy_poll_is_off_unless_set_and_is_bounded() {
+        let c = Config::parse("n", EXAMPLE).unwrap();
+        assert_eq!(c.tuning.relay_busy_poll_us, 0);
+        let with = |yaml: &str| Config::parse("n", &format!("{EXAMPLE}tuning:\n{yaml}"));
+        for us in [1, 100, 1_000] {
+            let yaml = format!("  relayBusyPollUs: {us}\n");
+            assert_eq!(with(&yaml).unwrap().tuning.relay_busy_poll_us, us);
+        }
+        for (yaml, field) in [
+            (
+                "  relayBusyPollUs: 1001\n",
+                "tuning.relayBusyPollUs: 1001 is more than 1000",
+            ),
+            ("  relayBusyPollUs: -1\n", "relayBusyPollUs"),
+            ("  relayBusyPollUs: fast\n", "relayBusyPollUs"),
         ] {
             let e = with(yaml).unwrap_err().to_string();
             assert!(e.contains(field), "{yaml}: {e}");

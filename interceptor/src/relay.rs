@@ -227,6 +227,10 @@ pub struct RelayConfig {
     /// request (exit 56), depending on scheduling. Set for outbound TLS flows, which count
     /// the app's bytes.
     pub reset_after_request: Option<Duration>,
+    /// Userspace mode, own record layer: `tuning.relayBusyPollUs`. After the flow forwarded a
+    /// small message and both its sockets are drained, the relay polls them without blocking
+    /// for up to this long before it waits in the reactor (see [`BusyPolls`]). Zero: never.
+    pub busy_poll: Duration,
 }
 
 /// How long a relay with [`RelayConfig::peer_fin_first`] waits for the peer's FIN after both
@@ -244,7 +248,54 @@ impl Default for RelayConfig {
             peer_fin_first: false,
             own_record_layer: false,
             reset_after_request: None,
+            busy_poll: Duration::ZERO,
         }
+    }
+}
+
+/// What the relays' bounded busy polling did, process-wide (`relay.busy_poll_*` in `flows
+/// --stats`): a spin that found bytes saved the flow a wake-up through the reactor; one that
+/// timed out burnt its whole bound for nothing. The ratio of the two, and the time spun, are
+/// what says whether `tuning.relayBusyPollUs` earns its CPU on a node.
+#[derive(Debug, Default)]
+pub struct BusyPolls {
+    found: AtomicU64,
+    timed_out: AtomicU64,
+    spun_ns: AtomicU64,
+}
+
+/// The one set of [`BusyPolls`] counters: every relay of the process counts here (a relay
+/// has no handle on its agent's counters, and one agent runs per process).
+pub static BUSY_POLLS: BusyPolls = BusyPolls {
+    found: AtomicU64::new(0),
+    timed_out: AtomicU64::new(0),
+    spun_ns: AtomicU64::new(0),
+};
+
+impl BusyPolls {
+    fn spun(&self, found: bool, took: Duration) {
+        if found {
+            self.found.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.timed_out.fetch_add(1, Ordering::Relaxed);
+        }
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.spun_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Spins that found bytes to read within the bound.
+    pub fn found(&self) -> u64 {
+        self.found.load(Ordering::Relaxed)
+    }
+
+    /// Spins that reached the bound with nothing to read.
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Time spent spinning, both outcomes, in microseconds.
+    pub fn spun_us(&self) -> u64 {
+        self.spun_ns.load(Ordering::Relaxed) / 1_000
     }
 }
 

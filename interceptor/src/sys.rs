@@ -405,6 +405,55 @@ pub fn recv_now(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// Whether each of two sockets has something to read (bytes, end of stream or an error: a
+/// read would not block), asked without waiting (`poll(2)` with a zero timeout). For a relay
+/// that spins on its flow's sockets: tokio's readiness only changes when its reactor runs.
+pub fn readable_now(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<(bool, bool)> {
+    let events = libc::POLLIN | libc::POLLRDHUP;
+    let mut fds = [
+        libc::pollfd {
+            fd: a.as_raw_fd(),
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.as_raw_fd(),
+            events,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd structs, its length is passed, and the
+    // kernel writes only their `revents`; a zero timeout never blocks.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((fds[0].revents != 0, fds[1].revents != 0))
+}
+
+/// [`recv_now`] into `buf`'s spare capacity (at most `limit` bytes), growing its length by
+/// what arrived: the read a spinning relay makes once [`readable_now`] said there is
+/// something, before tokio's reactor has seen the socket readable.
+pub fn recv_spare(sock: BorrowedFd<'_>, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let room = spare.len().min(limit);
+    // SAFETY: the first `room` bytes of the spare capacity are valid for writes, and the
+    // kernel writes at most that many.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            room,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: the kernel initialised the first `n` (≤ `room`) bytes of the spare capacity,
+    // so the first `len + n` bytes of `buf` are initialised and within its capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// The CPU whose network stack last received for the socket (`SO_INCOMING_CPU`): where its
 /// peer's packets land. `None` before any was received.
 pub fn incoming_cpu(sock: BorrowedFd<'_>) -> io::Result<Option<usize>> {

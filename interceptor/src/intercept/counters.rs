@@ -221,9 +221,19 @@ impl Counters {
                 ),
                 ("tickets.declined".to_owned(), self.tickets_declined()),
             ])
+            .chain(busy_polls(&crate::relay::BUSY_POLLS))
             .filter(|(_, n)| *n > 0)
             .collect()
     }
+}
+
+/// `tuning.relayBusyPollUs`'s counts (process-wide: see [`crate::relay::BusyPolls`]).
+fn busy_polls(b: &crate::relay::BusyPolls) -> [(String, u64); 3] {
+    [
+        ("relay.busy_poll_found".to_owned(), b.found()),
+        ("relay.busy_poll_timed_out".to_owned(), b.timed_out()),
+        ("relay.busy_poll_spun_us".to_owned(), b.spun_us()),
+    ]
 }
 
 #[cfg(test)]

@@ -100,6 +100,7 @@ pub(super) fn relay_config(shared: &Shared) -> relay::RelayConfig {
     relay::RelayConfig {
         idle_timeout: Duration::from_secs(shared.tuning.idle_timeout_secs),
         app_leg_redirected: shared.tuning.sk_msg_local_leg,
+        busy_poll: Duration::from_micros(shared.tuning.relay_busy_poll_us.into()),
         ..Default::default()
     }
 }

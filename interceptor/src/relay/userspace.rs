@@ -20,16 +20,18 @@
 
 use std::{
     io::{self, BufRead, IoSlice, Write},
+    os::fd::AsFd as _,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use rustls::{AlertDescription, Connection};
 use tokio::{io::AsyncWrite as _, net::TcpStream};
 
 use super::{
-    IdleTimer, Quiet, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES,
+    BUSY_POLLS, IdleTimer, Quiet, RelayConfig, RelayError, RelayStats, Step, YIELD_AFTER_BYTES,
     appleg::AppLeg,
     await_peer_fin, await_request,
     buf::Buf,
@@ -139,6 +141,16 @@ enum Layer {
     /// Only while the keys move from one to the other; a failed move ends the flow.
     Moving,
 }
+
+/// Busy polling: spins one poll of a flow may make. Each follows a message forwarded, so two
+/// cover an agent's two waits of a round trip (the reply a few hops away, then the app's
+/// next request); the cap keeps one chatty flow from holding its worker from the others.
+const MAX_SPINS_PER_POLL: u8 = 2;
+
+/// Busy polling: a flow spins only if it moved at most this many bytes (read and written,
+/// both directions) since the poll began or its last spin: one record's worth. A bulk flow
+/// moves more per wake-up, and must not have a core burnt behind each of its reads.
+const SPIN_AFTER_AT_MOST: usize = 1 << 14;
 
 /// How many opened records one `writev` to the app may carry: 128 KiB of plaintext, more than
 /// one read of ciphertext at the default buffer size.
@@ -265,6 +277,11 @@ pub(super) struct Userspace {
     /// `tuning.relayAppLeg: skMsg`: the app's bytes may arrive in the app socket's redirected
     /// queue as well as its TCP queue (see `appleg`).
     app_leg: Option<Box<AppLeg>>,
+    /// A spin (`RelayConfig::busy_poll`) saw a socket readable: the next pass reads with
+    /// `recv` straight away, since tokio's readiness changes only when its reactor runs.
+    /// Such reads register no waker, so a pass through the reactor's readiness follows
+    /// before the flow waits.
+    spin_read: bool,
 }
 
 impl Userspace {
@@ -303,6 +320,7 @@ impl Userspace {
             peer_closed: false,
             app_write_shut: false,
             app_leg: None,
+            spin_read: false,
         }
     }
 
@@ -314,6 +332,8 @@ impl Userspace {
     ) -> Poll<Result<(), RelayError>> {
         let mut moved = 0usize;
         let (mut up, mut down) = (true, true);
+        // Busy polling: spins made in this poll, and `moved` when the last one ended.
+        let (mut spins, mut moved_at_spin) = (0u8, 0usize);
         loop {
             let (mut up_settled, mut down_settled) = (false, false);
             let sent = up && self.app_to_peer(cx, &mut moved, &mut up_settled)?;
@@ -343,6 +363,24 @@ impl Userspace {
                     continue;
                 }
             }
+            if std::mem::take(&mut self.spin_read) {
+                // Reads without the reactor registered no waker: one pass through it first.
+                (up, down) = (true, true);
+                continue;
+            }
+            if !config.busy_poll.is_zero()
+                && spins < MAX_SPINS_PER_POLL
+                && (1..=SPIN_AFTER_AT_MOST).contains(&(moved - moved_at_spin))
+                && self.may_spin()
+            {
+                spins += 1;
+                moved_at_spin = moved;
+                if let Some((app, peer)) = self.spin(config.busy_poll) {
+                    (up, down) = (app, peer);
+                    self.spin_read = true;
+                    continue;
+                }
+            }
             // Both directions wait for their sockets: rustls goes once it can (mesh sessions
             // only: see `RelayConfig::own_record_layer`), and whatever is drained goes back to
             // the allocator once the flow has been quiet for `RELEASE_AFTER`, so a quiet flow
@@ -361,6 +399,41 @@ impl Userspace {
                 }
             }
             return Poll::Pending;
+        }
+    }
+
+    /// Whether the flow looks like request/response at rest: the own record layer (rustls'
+    /// queues are not looked into), both directions open and drained (nothing owed to
+    /// either socket: a direction that waits for room is busy, never spun for), the app's
+    /// bytes by TCP only.
+    fn may_spin(&self) -> bool {
+        matches!(self.layer, Layer::Own(_))
+            && self.app_leg.is_none()
+            && !(self.app_eof || self.peer_eof || self.peer_closed)
+            && self.up.is_empty()
+            && self.down.is_empty()
+            && self.opened.count == 0
+            && self.tls_out_sent == self.tls_out_end
+    }
+
+    /// Polls both sockets without blocking for up to `bound`: which of (app, peer) has
+    /// something to read, or `None` once the bound passed with nothing. A failed `poll`
+    /// counts as readable, so the reads that follow report the socket's error.
+    fn spin(&self, bound: Duration) -> Option<(bool, bool)> {
+        let start = Instant::now();
+        loop {
+            let ready = crate::sys::readable_now(self.app.as_fd(), self.peer.as_fd())
+                .unwrap_or((true, true));
+            if ready.0 || ready.1 {
+                BUSY_POLLS.spun(true, start.elapsed());
+                return Some(ready);
+            }
+            let took = start.elapsed();
+            if took >= bound {
+                BUSY_POLLS.spun(false, took);
+                return None;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -423,7 +496,7 @@ impl Userspace {
                     &mut self.app,
                     &mut self.up,
                     usize::MAX,
-                    cx,
+                    (cx, self.spin_read),
                     moved,
                     RelayError::App,
                 )?,
@@ -726,7 +799,7 @@ impl Userspace {
                 &mut self.peer,
                 &mut self.tls_in,
                 usize::MAX,
-                cx,
+                (cx, self.spin_read),
                 moved,
                 RelayError::Peer,
             )? {
@@ -843,7 +916,7 @@ impl Userspace {
                 &mut self.peer,
                 &mut self.tls_in,
                 limit,
-                cx,
+                (cx, self.spin_read),
                 moved,
                 RelayError::Peer,
             )? {
@@ -885,17 +958,24 @@ enum Read {
 /// Reads at most `limit` bytes from `sock` into `buf`'s spare room (there must be some: an
 /// empty read means EOF); `side` names the socket in an error. A short read leaves the socket
 /// waiting for epoll (`sys::poll_read_spare`), so a drained socket costs no extra `recvfrom`.
+/// `(cx, raw)`: with `raw` (a spin saw the socket readable) the read asks the kernel without
+/// the reactor's readiness, and registers no waker.
 fn read_into(
     sock: &mut TcpStream,
     buf: &mut Buf,
     limit: usize,
-    cx: &mut Context<'_>,
+    (cx, raw): (&mut Context<'_>, bool),
     moved: &mut usize,
     side: fn(io::Error) -> RelayError,
 ) -> Result<Read, RelayError> {
-    let read = buf.fill(|v| match crate::sys::poll_read_spare(sock, cx, v, limit) {
-        Poll::Ready(r) => r,
-        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+    let read = buf.fill(|v| {
+        if raw {
+            return crate::sys::recv_spare(sock.as_fd(), v, limit);
+        }
+        match crate::sys::poll_read_spare(sock, cx, v, limit) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
     });
     match read {
         Ok(0) => Ok(Read::Eof),
