@@ -416,9 +416,10 @@ impl Userspace {
             && self.tls_out_sent == self.tls_out_end
     }
 
-    /// Polls both sockets without blocking for up to `bound`: which of (app, peer) has
-    /// something to read, or `None` once the bound passed with nothing. A failed `poll`
-    /// counts as readable, so the reads that follow report the socket's error.
+    /// Polls both sockets without blocking for up to `bound`, yielding the CPU between
+    /// polls: which of (app, peer) has something to read, or `None` once the bound passed
+    /// with nothing. A failed `poll` counts as readable, so the reads that follow report the
+    /// socket's error.
     fn spin(&self, bound: Duration) -> Option<(bool, bool)> {
         let start = Instant::now();
         loop {
@@ -433,7 +434,10 @@ impl Userspace {
                 BUSY_POLLS.spun(false, took);
                 return None;
             }
-            std::hint::spin_loop();
+            // Any other task runnable on this CPU (the app or the other agent that makes the
+            // reply, on a node whose cores are shared) runs first: a plain spin held it off
+            // for the whole bound (bench/README.md "Round trip: bounded busy polling").
+            std::thread::yield_now();
         }
     }
 
