@@ -54,6 +54,7 @@ fn run(node: u8, tag: &str, us: u32) -> (u64, u64, u64) {
 fn busy_polling_finds_replies_and_keeps_flows_intact() {
     const US: u32 = 200;
     let (found, timed_out, spun_us) = run(89, "bsp", US);
+    eprintln!("busy polls: {found} found, {timed_out} timed out, {spun_us} µs spun");
     // Every message is echoed: the spin after forwarding it finds the echo on its way back
     // (a hop away for the server side, three for the client side) unless the machine is
     // too loaded for even one of the ~800 messages; the pause behind each echo outlasts any
