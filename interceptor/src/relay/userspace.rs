@@ -152,6 +152,18 @@ const MAX_SPINS_PER_POLL: u8 = 2;
 /// moves more per wake-up, and must not have a core burnt behind each of its reads.
 const SPIN_AFTER_AT_MOST: usize = 1 << 14;
 
+/// Busy polling: a flow's first quiet moments after a small message are not spun for. A
+/// connect/echo/close connection has two and ends: its spins would only hold its worker
+/// from the other connections' accepts and handshakes (churn lost 8 % of its connections/s
+/// when every flow spun, bench/README.md "Round trip: bounded busy polling").
+const SPIN_FROM_EXCHANGE: u8 = 4;
+
+/// Busy polling: after a spin for one of a flow's two waits (a reply from the peer, the app's
+/// next message) ran out, that wait is not spun for the next this many times, then tried
+/// again. An app that pauses between requests would otherwise have every message followed by
+/// a whole spin for nothing.
+const SKIP_AFTER_MISS: u8 = 16;
+
 /// How many opened records one `writev` to the app may carry: 128 KiB of plaintext, more than
 /// one read of ciphertext at the default buffer size.
 const MAX_OPENED: usize = 8;
@@ -282,6 +294,15 @@ pub(super) struct Userspace {
     /// Such reads register no waker, so a pass through the reactor's readiness follows
     /// before the flow waits.
     spin_read: bool,
+    /// Busy polling: the flow's quiet moments after a small message so far (saturating at
+    /// [`SPIN_FROM_EXCHANGE`]); a flow spins only once it has had that many.
+    exchanges: u8,
+    /// Busy polling: the last bytes forwarded went to the peer, so the flow waits for its
+    /// reply (else for the app's next message).
+    awaits_peer: bool,
+    /// Busy polling, per wait (index: `awaits_peer`): chances still to let pass after a spin
+    /// for that wait ran out.
+    spin_skip: [u8; 2],
 }
 
 impl Userspace {
@@ -321,6 +342,9 @@ impl Userspace {
             app_write_shut: false,
             app_leg: None,
             spin_read: false,
+            exchanges: 0,
+            awaits_peer: false,
+            spin_skip: [0; 2],
         }
     }
 
@@ -343,6 +367,8 @@ impl Userspace {
                 return Poll::Ready(Ok(()));
             }
             if sent || received {
+                // `received` last: the peer's bytes were the last moved when both moved.
+                self.awaits_peer = !received;
                 idle.progressed();
                 if moved >= YIELD_AFTER_BYTES {
                     cx.waker().wake_by_ref();
@@ -375,10 +401,17 @@ impl Userspace {
             {
                 spins += 1;
                 moved_at_spin = moved;
-                if let Some((app, peer)) = self.spin(config.busy_poll) {
+                let wait = usize::from(self.awaits_peer);
+                if self.exchanges < SPIN_FROM_EXCHANGE {
+                    self.exchanges += 1;
+                } else if self.spin_skip[wait] > 0 {
+                    self.spin_skip[wait] -= 1;
+                } else if let Some((app, peer)) = self.spin(config.busy_poll) {
                     (up, down) = (app, peer);
                     self.spin_read = true;
                     continue;
+                } else {
+                    self.spin_skip[wait] = SKIP_AFTER_MISS;
                 }
             }
             // Both directions wait for their sockets: rustls goes once it can (mesh sessions
