@@ -1308,6 +1308,104 @@ mod tests {
         assert!(!client.wants_client_root(addr));
     }
 
+    /// A renewal of the local leaf (same leaf generation) hands the identity's store on: a
+    /// server handshake that began under the old leaf and keeps its root after the renewal is
+    /// found by a header decided under the new one (even one that overtook it and waits), the
+    /// client still knows the server keeps roots (a refused first use there gets its second
+    /// chance), and the roots kept before are still offered and accepted. New CA material or
+    /// crypto policy (another generation) starts empty, and so does another identity. With a
+    /// store per leaf, as before session 15, the header is refused `Unknown` and the second
+    /// chance is lost.
+    #[tokio::test]
+    async fn a_renewed_leaf_keeps_its_roots_and_what_the_client_learned() {
+        let stores = Stores::default();
+        let me: SpiffeId = "spiffe://cluster.local/ns/default/sa/server"
+            .parse()
+            .unwrap();
+        let old = stores.for_leaf(&me, 3);
+        let addr: IpAddr = "10.0.0.9".parse().unwrap();
+        let peer = binding(5).peer;
+        // Before the renewal: a root kept each way, a server that keeps roots, and a
+        // handshake under way on the old leaf.
+        old.keep_server(root(50), binding(5));
+        old.keep_client(addr, root(51), binding(5));
+        old.accepted(addr);
+        let straddling = old.expect_root();
+        // The leaf is renewed; the old credentials live on in the handshake's task.
+        let new = stores.for_leaf(&me, 3);
+        assert!(Arc::ptr_eq(&old, &new), "a renewal keeps the store");
+        let header = root(52).connection(1).unwrap().header;
+        let current = Arc::clone(&new);
+        let waiting = tokio::spawn(async move {
+            current
+                .accept_after_handshakes(&header, 5, Duration::from_secs(30))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        straddling.keep(root(52), binding(5));
+        drop(old);
+        let (accepted, waited) = waiting.await.unwrap();
+        assert!(accepted.is_ok() && waited, "{:?}", accepted.err());
+        let kept_before = root(50).connection(1).unwrap().header;
+        assert!(new.accept(&kept_before, 5).is_ok());
+        assert!(new.offer(addr, &peer, 5).is_some(), "the client's root too");
+        new.refused(addr, true, Duration::from_secs(60));
+        assert!(
+            new.wants_client_root(addr),
+            "the server was known to keep roots: a second chance"
+        );
+
+        // New material or crypto policy: an empty store, the old one left to its holders.
+        let next = stores.for_leaf(&me, 4);
+        assert!(!Arc::ptr_eq(&new, &next));
+        assert_eq!(next.len(), (0, 0));
+        let kept_before = root(50).connection(2).unwrap().header;
+        assert_eq!(next.accept(&kept_before, 5).err(), Some(Refused::Unknown));
+        assert_eq!(
+            stores.live().len(),
+            2,
+            "the sweep still reaches the old one"
+        );
+        drop(new);
+        assert_eq!(stores.live().len(), 1);
+        let other: SpiffeId = "spiffe://cluster.local/ns/default/sa/other"
+            .parse()
+            .unwrap();
+        let theirs = stores.for_leaf(&other, 4);
+        assert!(!Arc::ptr_eq(&theirs, &next), "each identity its own");
+        assert!(Arc::ptr_eq(&stores.for_leaf(&me, 4), &next));
+        // A store no credentials hold any more is not revived: the next leaf starts empty.
+        drop(next);
+        assert_eq!(stores.for_leaf(&me, 4).len(), (0, 0));
+    }
+
+    /// A root ends with the leaf this end presented at its handshake as with the peer's: a
+    /// store kept across renewals still holds roots made under a replaced leaf, and past that
+    /// leaf's notAfter the client no longer offers one and the server refuses it.
+    #[test]
+    fn a_root_ends_with_the_local_leaf_it_was_made_under() {
+        let (client, server) = (Store::default(), Store::default());
+        let addr: IpAddr = "10.0.0.8".parse().unwrap();
+        let peer = binding(5).peer;
+        let leaf_ends = || Binding {
+            own_not_after: unix_now() + 60,
+            ..binding(5)
+        };
+        server.keep_server(root(60), leaf_ends());
+        client.keep_client(addr, root(60), leaf_ends());
+        let later = unix_now() + 61;
+        assert!(
+            client
+                .offer_at(addr, &peer, 5, Instant::now(), later)
+                .is_none()
+        );
+        let header = root(60).connection(1).unwrap().header;
+        assert_eq!(
+            server.accept_at(&header, 5, Instant::now(), later).err(),
+            Some(Refused::Expired)
+        );
+    }
+
     /// A server that has accepted a root lost it (restart, new leaf) when it refuses the next
     /// root's first use: one more root is tried, and only a second refused first use in a row
     /// stops offers. An acceptance in between starts over.
