@@ -584,7 +584,8 @@ impl Drop for ExpectedRoot<'_> {
 ///
 /// What starts a new store: new CA material (another signer or trust bundle: the peer of a
 /// root was verified against the old one) or a new crypto policy, i.e. another leaf
-/// generation ([`Stores::for_leaf`]'s `generation`).
+/// generation ([`Stores::for_leaf`]'s `generation`). Its roots start empty; what the client
+/// learned of server addresses (keeps roots, refuses them) carries over.
 #[derive(Default)]
 pub struct Stores {
     /// Each identity's store and the leaf generation it was made for; weak, so a store lives
@@ -607,7 +608,16 @@ impl Stores {
         {
             return store;
         }
-        let store = Arc::new(Store::default());
+        // What the client learned of its servers is about their agents, not about this leaf
+        // or its trust material: it carries over to the new generation's store, so a CA or
+        // crypto policy change here at the moment a server lost its roots cannot make that
+        // server look like one that keeps none.
+        let store = Arc::new(
+            current
+                .get(id)
+                .and_then(|(_, s)| s.upgrade())
+                .map_or_else(Store::default, |previous| previous.peers_only()),
+        );
         current.retain(|_, (_, s)| s.strong_count() > 0);
         current.insert(id.clone(), (generation, Arc::downgrade(&store)));
         let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
@@ -634,6 +644,26 @@ fn unix_now() -> u64 {
 }
 
 impl Store {
+    /// A new store with no roots that knows what this one learned of server addresses: which
+    /// keep roots, which refuse them (see [`Stores::for_leaf`]).
+    fn peers_only(&self) -> Store {
+        Store {
+            refusing: Mutex::new(
+                self.refusing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            ),
+            keeping: Mutex::new(
+                self.keeping
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            ),
+            ..Store::default()
+        }
+    }
+
     /// Keeps a root the server side of a handshake made; a full store drops its oldest root
     /// (in constant time: see [`ServerRoots`]).
     pub fn keep_server(&self, root: Root, binding: Binding) {
@@ -1313,7 +1343,8 @@ mod tests {
     /// found by a header decided under the new one (even one that overtook it and waits), the
     /// client still knows the server keeps roots (a refused first use there gets its second
     /// chance), and the roots kept before are still offered and accepted. New CA material or
-    /// crypto policy (another generation) starts empty, and so does another identity. With a
+    /// crypto policy (another generation) starts without roots but with what the client
+    /// learned of its servers; another identity starts empty. With a
     /// store per leaf, as before session 15, the header is refused `Unknown` and the second
     /// chance is lost.
     #[tokio::test]
@@ -1355,12 +1386,25 @@ mod tests {
             "the server was known to keep roots: a second chance"
         );
 
-        // New material or crypto policy: an empty store, the old one left to its holders.
+        // New material or crypto policy: no roots, the old store left to its holders; what
+        // the client learned of its servers carries over.
+        new.accepted(addr);
+        let rootless: IpAddr = "10.0.0.10".parse().unwrap();
+        new.refused(rootless, true, Duration::from_secs(60));
         let next = stores.for_leaf(&me, 4);
         assert!(!Arc::ptr_eq(&new, &next));
         assert_eq!(next.len(), (0, 0));
         let kept_before = root(50).connection(2).unwrap().header;
         assert_eq!(next.accept(&kept_before, 5).err(), Some(Refused::Unknown));
+        assert!(
+            !next.wants_client_root(rootless),
+            "still known to keep none"
+        );
+        next.refused(addr, true, Duration::from_secs(60));
+        assert!(
+            next.wants_client_root(addr),
+            "still known to keep roots: a second chance"
+        );
         assert_eq!(
             stores.live().len(),
             2,
