@@ -483,7 +483,7 @@ pub struct Offer {
 /// One local identity's roots, as server (by id) and as client (by server address), and what
 /// its client side learned of each server address (keeps roots, refuses them). Held by that
 /// identity's credentials and handed on to the next ones when only the leaf is renewed
-/// ([`Stores`]); a new bundle, signer or crypto policy starts empty.
+/// ([`Stores`]); a new bundle, signer or crypto policy starts one with no roots.
 #[derive(Default)]
 pub struct Store {
     server: Mutex<ServerRoots>,
@@ -1344,9 +1344,8 @@ mod tests {
     /// client still knows the server keeps roots (a refused first use there gets its second
     /// chance), and the roots kept before are still offered and accepted. New CA material or
     /// crypto policy (another generation) starts without roots but with what the client
-    /// learned of its servers; another identity starts empty. With a
-    /// store per leaf, as before session 15, the header is refused `Unknown` and the second
-    /// chance is lost.
+    /// learned of its servers; another identity starts empty. With a store per leaf, as
+    /// before session 15, the header is refused `Unknown` and the second chance is lost.
     #[tokio::test]
     async fn a_renewed_leaf_keeps_its_roots_and_what_the_client_learned() {
         let stores = Stores::default();
