@@ -424,7 +424,7 @@ impl Shared {
         Ok(credentials)
     }
 
-    /// The root stores of every identity's credentials still alive (a replaced leaf's store
+    /// The root stores still alive (one per identity and leaf generation; a replaced one
     /// lives while a flow holds it).
     fn live_derived_stores(&self) -> Vec<Arc<handshake::derived::Store>> {
         self.derived_stores.live()
@@ -442,7 +442,7 @@ impl Shared {
     }
 
     /// Roots of derived connection keys held in memory now, as server and as client, over
-    /// every store still alive (a replaced leaf's store lives while a flow holds it): what
+    /// every store still alive (a replaced generation's lives while a flow holds it): what
     /// a soak watches to see the stores stay bounded.
     pub fn derived_roots_held(&self) -> (usize, usize) {
         let stores = self.live_derived_stores();
