@@ -8,10 +8,19 @@
 //! path can do (an event loop adds its `epoll_wait`, a splice a pipe and a second call).
 //! Half-close is passed on (EOF in one direction shuts down that direction's write side
 //! only), so request/response protocols that end with a shutdown keep working.
+//!
+//! Threads are kept for the next connection instead of exiting: a thread's context switches
+//! vanish from `/proc/<pid>/task` when it exits, and the bench counts the proxies' switches
+//! per round trip there; a pool also spares churn a `clone` per connection.
 
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+        mpsc::{self, Receiver, Sender},
+    },
     thread,
 };
 
@@ -53,13 +62,82 @@ impl std::fmt::Display for Route {
 /// per application write, as for the agent's relay.
 const BUF: usize = 128 * 1024;
 
+type Job = Box<dyn FnOnce(&Pool) + Send>;
+
+/// Threads that wait for the next job when theirs is done; a job finding none idle gets a new
+/// thread. Blocking copies need a thread each for as long as their connection lives, so the
+/// pool grows to the most connections open at once and stays there.
+#[derive(Clone)]
+pub struct Pool {
+    tx: Sender<Job>,
+    rx: Arc<Mutex<Receiver<Job>>>,
+    /// Threads waiting (or about to wait) on `rx`: each job sent consumes one.
+    idle: Arc<AtomicUsize>,
+    /// Threads started so far (tests read it).
+    started: Arc<AtomicUsize>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Self {
+            tx,
+            rx: Arc::new(Mutex::new(rx)),
+            idle: Arc::new(AtomicUsize::new(0)),
+            started: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl Pool {
+    /// Runs `job` on an idle thread, or on a new one when none is idle.
+    pub fn run(&self, job: impl FnOnce(&Pool) + Send + 'static) {
+        let job: Job = Box::new(job);
+        let claimed = self
+            .idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if claimed {
+            // A claimed thread is waiting on (or about to take) the channel; it lives as long
+            // as the pool, so the send cannot fail.
+            let _ = self.tx.send(job);
+            return;
+        }
+        self.started.fetch_add(1, Ordering::Relaxed);
+        let pool = self.clone();
+        thread::spawn(move || {
+            job(&pool);
+            loop {
+                pool.idle.fetch_add(1, Ordering::AcqRel);
+                let next = pool
+                    .rx
+                    .lock()
+                    .map_err(drop)
+                    .and_then(|rx| rx.recv().map_err(drop));
+                match next {
+                    Ok(job) => job(&pool),
+                    Err(()) => return,
+                }
+            }
+        });
+    }
+
+    pub fn threads(&self) -> usize {
+        self.started.load(Ordering::Relaxed)
+    }
+}
+
 /// Binds every route's listener (all before any is served, so a bad address fails the start
 /// rather than a later connection), then serves them until the process is killed.
 pub fn run(routes: &[Route]) -> Result<()> {
     let listeners = bind(routes)?;
+    let pool = Pool::default();
     let handles: Vec<_> = listeners
         .into_iter()
-        .map(|(l, target)| thread::spawn(move || serve(&l, target)))
+        .map(|(l, target)| {
+            let pool = pool.clone();
+            thread::spawn(move || serve(&l, target, &pool))
+        })
         .collect();
     for h in handles {
         // `serve` returns only when accepting fails for good.
@@ -83,7 +161,7 @@ pub fn bind(routes: &[Route]) -> Result<Vec<(TcpListener, SocketAddr)>> {
 }
 
 /// Accepts on `listener` and relays each connection to `target` until accepting fails.
-pub fn serve(listener: &TcpListener, target: SocketAddr) -> Result<()> {
+pub fn serve(listener: &TcpListener, target: SocketAddr, pool: &Pool) -> Result<()> {
     loop {
         let (down, _) = match listener.accept() {
             Ok(c) => c,
@@ -99,27 +177,26 @@ pub fn serve(listener: &TcpListener, target: SocketAddr) -> Result<()> {
             }
             Err(e) => return Err(e).context("accept"),
         };
-        thread::spawn(move || {
+        pool.run(move |pool| {
             // A target that refuses: the client sees its connection closed, as behind any
             // proxy whose upstream is down.
-            if let Err(e) = relay(down, target) {
+            if let Err(e) = relay(down, target, pool) {
                 eprintln!("forward to {target}: {e:#}");
             }
         });
     }
 }
 
-/// Dials `target` for the accepted `down` and copies both directions until both ended.
-/// Returns once the dial failed or both copies finished.
-pub fn relay(down: TcpStream, target: SocketAddr) -> Result<()> {
+/// Dials `target` for the accepted `down` and copies both directions, this thread one and a
+/// pool thread the other. Returns when the dial failed or this thread's direction ended.
+pub fn relay(down: TcpStream, target: SocketAddr, pool: &Pool) -> Result<()> {
     let up = TcpStream::connect(target).with_context(|| format!("connect {target}"))?;
     // Small messages go out at once, as every proxy in this bench sends them.
     down.set_nodelay(true)?;
     up.set_nodelay(true)?;
     let (down2, up2) = (down.try_clone()?, up.try_clone()?);
-    let back = thread::spawn(move || copy(up2, down2));
+    pool.run(move |_| copy(up2, down2));
     copy(down, up);
-    let _ = back.join();
     Ok(())
 }
 
@@ -159,9 +236,13 @@ mod tests {
 
     /// A forwarder in front of `upstream`, on an ephemeral loopback port.
     fn forwarder(upstream: SocketAddr) -> SocketAddr {
+        forwarder_with(upstream, Pool::default())
+    }
+
+    fn forwarder_with(upstream: SocketAddr, pool: Pool) -> SocketAddr {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = l.local_addr().unwrap();
-        thread::spawn(move || serve(&l, upstream));
+        thread::spawn(move || serve(&l, upstream, &pool));
         addr
     }
 
@@ -335,5 +416,42 @@ mod tests {
         );
         let e = bind(&[]).unwrap_err();
         assert!(format!("{e:#}").contains("no route"), "{e:#}");
+    }
+
+    /// Connections one after another reuse the threads of the ones before: the pool stays at
+    /// two threads (one per direction) however many connections pass.
+    #[test]
+    fn sequential_connections_reuse_the_pool_threads() {
+        let up = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let up_addr = up.local_addr().unwrap();
+        thread::spawn(move || {
+            for s in up.incoming() {
+                let mut s = s.unwrap();
+                let mut m = [0u8; 4];
+                s.read_exact(&mut m).unwrap();
+                s.write_all(&m).unwrap();
+            }
+        });
+        let pool = Pool::default();
+        let fwd = forwarder_with(up_addr, pool.clone());
+        for i in 0..20u32 {
+            let mut c = TcpStream::connect(fwd).unwrap();
+            timeouts(&c);
+            c.write_all(&i.to_le_bytes()).unwrap();
+            let mut m = [0u8; 4];
+            c.read_exact(&mut m).unwrap();
+            assert_eq!(u32::from_le_bytes(m), i);
+            c.shutdown(Shutdown::Write).unwrap();
+            // EOF: both directions of this connection are done, its threads idle again.
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+            // The reverse copy may still be between its last write and going idle.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while pool.idle.load(Ordering::Acquire) < 2 && std::time::Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert_eq!(pool.threads(), 2);
     }
 }
