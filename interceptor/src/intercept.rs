@@ -109,10 +109,11 @@ pub struct Shared {
     /// Metrics and the access log (the flow table counts into it too).
     pub telemetry: Arc<Telemetry>,
     credentials: LeafStore<Credentials>,
-    /// Every minted leaf's store of derived-key roots, weakly: [`Shared::renew_due`]
-    /// erases the expired and spent ones there, so a root lives no longer than its bound
-    /// even on an agent that no connection touches.
-    derived_stores: Mutex<Vec<std::sync::Weak<handshake::derived::Store>>>,
+    /// Each identity's store of derived-key roots, handed from a leaf to its renewal; every
+    /// one alive is swept by [`Shared::renew_due`], which erases the expired and spent roots
+    /// there, so a root lives no longer than its bound even on an agent that no connection
+    /// touches.
+    derived_stores: handshake::derived::Stores,
     /// Bumped by every crypto policy change, so leaves' configs are rebuilt under it.
     crypto_generation: AtomicU64,
     /// Samples the warnings a remote party can cause (refusals, failed flows, failed
@@ -230,7 +231,7 @@ impl Shared {
             flows: FlowTable::new(Arc::clone(&telemetry)),
             telemetry,
             credentials: LeafStore::new(identity.clock, identity.renew),
-            derived_stores: Mutex::new(Vec::new()),
+            derived_stores: handshake::derived::Stores::default(),
             crypto_generation: AtomicU64::new(0),
             log_limiter: Mutex::new(LogLimiter::new(LOG_INTERVAL, LOG_BURST)),
             log_flush_started: AtomicBool::new(false),
@@ -406,31 +407,27 @@ impl Shared {
             .ca
             .issue_at(id, ttl, now)
             .context("issue leaf certificate")?;
+        // A renewal under the same CA material and crypto policy keeps the identity's roots
+        // (see `derived::Stores`): a handshake that began under the old leaf keeps its root
+        // where the next header looks, and the client keeps what it learned of its servers.
+        let derived = self
+            .derived_stores
+            .for_leaf(id, self.leaf_generation(material));
         let credentials = Credentials::new(
             leaf,
             Arc::clone(&material.roots),
             &self.trust_domain,
             self.crypto(),
             &self.resumption,
+            derived,
         )?;
-        let mut stores = self
-            .derived_stores
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        stores.retain(|s| s.strong_count() > 0);
-        stores.push(credentials.derived_weak());
         Ok(credentials)
     }
 
-    /// The root stores of every identity's credentials still alive (a replaced leaf's store
+    /// The root stores still alive (one per identity and leaf generation; a replaced one
     /// lives while a flow holds it).
     fn live_derived_stores(&self) -> Vec<Arc<handshake::derived::Store>> {
-        self.derived_stores
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect()
+        self.derived_stores.live()
     }
 
     /// Erases every root of derived connection keys past its lifetime or connection budget
@@ -445,7 +442,7 @@ impl Shared {
     }
 
     /// Roots of derived connection keys held in memory now, as server and as client, over
-    /// every store still alive (a replaced leaf's store lives while a flow holds it): what
+    /// every store still alive (a replaced generation's lives while a flow holds it): what
     /// a soak watches to see the stores stay bounded.
     pub fn derived_roots_held(&self) -> (usize, usize) {
         let stores = self.live_derived_stores();

@@ -26,6 +26,7 @@
 //! `derivedRootMaxConnections` connections, then a handshake (no refused header) makes a new
 //! one. The fifth: two connections dialed concurrently on a root whose handshake the server
 //! has not finished yet (its Finished held on the wire) both wait for it and are derived.
+//! The sixth: leaf renewals on both ends keep the root (no refused header, no new handshake).
 //!
 //! On the host the userspace relay's own record layer carries the derived keys; in the VM
 //! (`cargo xtask vm-test --kernel 6.1 --filter derived_e2e`) both agents install them in
@@ -1076,5 +1077,106 @@ fn concurrent_dials_on_a_fresh_root_wait_for_it_and_are_derived() {
         ),
         (1, 1, 0),
         "the connection after: {dc:?} {ds:?}"
+    );
+}
+
+/// Seconds until the leaf of the agent's one local identity expires (its `/metrics` gauge):
+/// it jumps up when the leaf is renewed.
+fn leaf_expiry(agent: &interceptor::app::Agent) -> f64 {
+    use interceptor::telemetry::Observed as _;
+    let certificates = agent.snapshot().certificates;
+    assert_eq!(
+        certificates.len(),
+        1,
+        "one local identity: {certificates:?}"
+    );
+    certificates[0].1
+}
+
+/// Leaf renewals on both ends keep the root (leaves of 5 min renewed at 10 %: each agent
+/// renews within about 30 s). Connections run one after another across the server's renewal
+/// and the client's: every one after the first is derived from the first handshake's root,
+/// no header is refused and no flow fails. Before session 15 a renewal started an empty root
+/// store: the server's refused the next header (`unknown`, one fallback handshake), the
+/// client's made a handshake for a new root (`derived.kept` 2 or more), and a handshake that
+/// straddled the server's renewal kept its root in the replaced store (unit test
+/// `a_renewed_leaf_keeps_its_roots_and_what_the_client_learned` holds that moment still).
+#[test]
+fn leaf_renewals_on_either_end_keep_the_root() {
+    require_privileged();
+    let mut t = TwoNodes::new(131, "renew");
+    let www = serve_blob(&mut t.server, "wwwrenew", 16 << 10);
+    let http = SocketAddr::from((t.server.ip, 80));
+    let url = format!("http://{http}/blob");
+    let (mut c1, mut c2) = (t.c1.clone(), t.c2.clone());
+    for c in [&mut c1, &mut c2] {
+        assert_eq!(c.tuning.connection_keys, ConnectionKeysMode::Derived);
+        c.identity.leaf_ttl = interceptor::config::Ttl(Duration::from_secs(300));
+        c.identity.renew_percent = 10;
+        assert!(
+            c.tuning.derived_root_lifetime_secs >= 120,
+            "the root outlives the test"
+        );
+    }
+    let agent1 = RunningAgent::start(c1);
+    let agent2 = RunningAgent::start(c2);
+    let (ca, sa) = (&agent1.agent, &agent2.agent);
+    let (c0, s0) = (ca.policy_stats(), sa.policy_stats());
+    let get = |i: usize| {
+        let f = curl(t.client.command("curl"), &url);
+        assert_eq!(
+            (f.code.as_str(), f.sha256()),
+            ("200", www.want.clone()),
+            "connection {i}"
+        );
+    };
+    get(0);
+    // The time left on a leaf only falls, until the leaf is renewed.
+    let mut left = [leaf_expiry(ca), leaf_expiry(sa)];
+    let mut renewed = [false, false];
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut n = 1;
+    // Until both have renewed, and a few connections after the later renewal.
+    let mut after = 0;
+    while after < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not both renewed within 90 s (client, server): {renewed:?}"
+        );
+        get(n);
+        n += 1;
+        for (i, agent) in [ca, sa].into_iter().enumerate() {
+            let now = leaf_expiry(agent);
+            renewed[i] |= now > left[i] + 1.0;
+            left[i] = now;
+        }
+        if renewed == [true, true] {
+            after += 1;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (dc, ds) = (
+        stats_delta(&c0, &ca.policy_stats()),
+        stats_delta(&s0, &sa.policy_stats()),
+    );
+    let connections = u64::try_from(n).unwrap();
+    assert_eq!(
+        (
+            stat(&dc, "derived.kept"),
+            stat(&dc, "derived.used"),
+            stat(&dc, "derived.fallback"),
+            stat(&dc, "flows_failed"),
+        ),
+        (1, connections - 1, 0, 0),
+        "client: one root for all {connections} connections across both renewals {dc:?}"
+    );
+    assert_eq!(
+        (
+            stat(&ds, "derived.kept"),
+            stat(&ds, "derived.accepted"),
+            stat(&ds, "derived.unknown"),
+        ),
+        (1, connections - 1, 0),
+        "server: the root survived its own renewal {ds:?}"
     );
 }

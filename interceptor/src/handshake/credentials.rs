@@ -28,9 +28,10 @@ pub struct Credentials {
     clients: Mutex<HashMap<SpiffeId, MeshClient>>,
     /// The same, for spare connections (see [`Credentials::spare_client`]).
     spare_clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
-    /// Roots of derived connection keys (`tuning.connectionKeys: derived`), bound to this
-    /// leaf like the ticket stores: new credentials start with none. Shared so the agent's
-    /// periodic sweep can erase expired roots without holding the credentials alive.
+    /// Roots of derived connection keys (`tuning.connectionKeys: derived`): the store of
+    /// this identity's leaf generation, which the credentials of a renewed leaf share
+    /// ([`super::derived::Stores`]). Shared so the agent's periodic sweep can erase expired
+    /// roots without holding the credentials alive.
     derived: Arc<super::derived::Store>,
 }
 
@@ -41,6 +42,7 @@ impl Credentials {
         trust_domain: &TrustDomain,
         crypto: Arc<MeshCrypto>,
         resumption: &SessionResumption,
+        derived: Arc<super::derived::Store>,
     ) -> Result<Self, TlsConfigError> {
         let server =
             server_config_with(&leaf, Arc::clone(&roots), trust_domain, &crypto, resumption)?;
@@ -53,19 +55,13 @@ impl Credentials {
             resumption: resumption.clone(),
             clients: Mutex::new(HashMap::new()),
             spare_clients: Mutex::new(HashMap::new()),
-            derived: Arc::default(),
+            derived,
         })
     }
 
     /// This service account's roots of derived connection keys, as server and as client.
     pub fn derived(&self) -> &super::derived::Store {
         &self.derived
-    }
-
-    /// The same store, held weakly by the sweep that retires expired roots
-    /// ([`super::derived::Store::retire_expired`]).
-    pub fn derived_weak(&self) -> std::sync::Weak<super::derived::Store> {
-        Arc::downgrade(&self.derived)
     }
 
     /// The config that terminates mesh mTLS for this service account.

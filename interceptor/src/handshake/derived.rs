@@ -59,8 +59,14 @@ pub const HEADER_LEN: usize = MAGIC.len() + ID_LEN + 8 + MAC_LEN;
 /// Bytes of the server's acceptance.
 pub const ACCEPT_LEN: usize = 16;
 /// Out-of-order counters the server still accepts behind the highest one seen (connections
-/// dialed concurrently may arrive in another order than their counters).
-pub const REPLAY_WINDOW: u64 = 64;
+/// dialed concurrently may arrive in another order than their counters). 64 was too few: a
+/// sustained run at two client threads and load 15 saw one header arrive more than 64
+/// counters late (the other thread had made 64 connections on the same root meanwhile, ~45 ms
+/// at its rate), refused as a replay and dialed again (bench/README.md "Sustained churn after
+/// the first-use race fix"). 256 covers a stall four times as long for 40 bytes per root.
+pub const REPLAY_WINDOW: u64 = 256;
+/// Bitmap words of a [`ReplayWindow`].
+const WINDOW_WORDS: usize = (REPLAY_WINDOW / 64) as usize;
 /// Roots a server keeps per local identity (one per mesh handshake, until it expires);
 /// beyond it the oldest goes. A client keeps one per server address.
 pub const SERVER_CAPACITY: usize = 4096;
@@ -346,11 +352,12 @@ impl Refused {
     }
 }
 
-/// Counters seen for one root: the highest and a bitmap of the [`REPLAY_WINDOW`] below it.
+/// Counters seen for one root: the highest and a bitmap of the [`REPLAY_WINDOW`] below it (bit
+/// `n` of the whole map: the counter `n` behind the highest; word 0 holds the newest).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReplayWindow {
     top: u64,
-    seen: u64,
+    seen: [u64; WINDOW_WORDS],
 }
 
 impl ReplayWindow {
@@ -360,13 +367,8 @@ impl ReplayWindow {
             return false;
         }
         if counter > self.top {
-            let shift = counter - self.top;
-            self.seen = if shift >= REPLAY_WINDOW {
-                0
-            } else {
-                self.seen << shift
-            };
-            self.seen |= 1;
+            self.advance(counter - self.top);
+            self.seen[0] |= 1;
             self.top = counter;
             return true;
         }
@@ -374,12 +376,34 @@ impl ReplayWindow {
         if behind >= REPLAY_WINDOW {
             return false;
         }
-        let bit = 1u64 << behind;
-        if self.seen & bit != 0 {
+        // Both below WINDOW_WORDS and 64: `behind` is below REPLAY_WINDOW.
+        let (word, bit) = ((behind / 64) as usize, 1u64 << (behind % 64));
+        if self.seen[word] & bit != 0 {
             return false;
         }
-        self.seen |= bit;
+        self.seen[word] |= bit;
         true
+    }
+
+    /// Moves every seen counter `by` further behind the top; those past the window fall off.
+    fn advance(&mut self, by: u64) {
+        if by >= REPLAY_WINDOW {
+            self.seen = [0; WINDOW_WORDS];
+            return;
+        }
+        let (words, bits) = ((by / 64) as usize, (by % 64) as u32);
+        // From the oldest word down, each reads only words at or below its own index, which
+        // are not yet rewritten.
+        for j in (0..WINDOW_WORDS).rev() {
+            let word = |i: Option<usize>| i.map_or(0, |i| self.seen[i]);
+            let high = word(j.checked_sub(words));
+            let low = word(j.checked_sub(words + 1));
+            self.seen[j] = if bits == 0 {
+                high
+            } else {
+                (high << bits) | (low >> (64 - bits))
+            };
+        }
     }
 }
 
@@ -393,6 +417,12 @@ pub struct Binding {
     pub group: Option<NamedGroup>,
     /// The peer leaf's notAfter, Unix seconds: no connection is derived past it.
     pub peer_not_after: u64,
+    /// The notAfter of the leaf this end presented, Unix seconds: no connection is derived
+    /// past it either. Why it matters: the store outlives a renewal of this end's leaf
+    /// ([`Stores`]), so a root made under the replaced leaf is still offered and accepted
+    /// here; the peer refuses it once that leaf has expired (its `peer_not_after`), and
+    /// checking it here too ends the root without that refused connection.
+    pub own_not_after: u64,
     /// The policy generation the handshake was decided under.
     pub generation: u64,
     /// When the root stops being used (monotonic): `tuning.derivedRootLifetimeSecs` after
@@ -411,6 +441,8 @@ impl Binding {
             Some(Refused::Generation)
         } else if unix_now >= self.peer_not_after {
             Some(Refused::PeerExpired)
+        } else if unix_now >= self.own_not_after {
+            Some(Refused::Expired)
         } else {
             None
         }
@@ -448,8 +480,10 @@ pub struct Offer {
     pub first: bool,
 }
 
-/// One local identity's roots, as server (by id) and as client (by server address). Lives in
-/// that identity's credentials, so a new leaf, bundle or crypto policy starts empty.
+/// One local identity's roots, as server (by id) and as client (by server address), and what
+/// its client side learned of each server address (keeps roots, refuses them). Held by that
+/// identity's credentials and handed on to the next ones when only the leaf is renewed
+/// ([`Stores`]); a new bundle, signer or crypto policy starts one with no roots.
 #[derive(Default)]
 pub struct Store {
     server: Mutex<ServerRoots>,
@@ -534,6 +568,75 @@ impl Drop for ExpectedRoot<'_> {
     }
 }
 
+/// The root store of each local identity, across renewals of its leaf.
+///
+/// Why a renewal keeps the store: nothing of a root depends on the leaf this agent presented.
+/// The root is an exporter secret of a handshake's key schedule; the leaf only authenticated
+/// that handshake, as it authenticates the session of an open flow, which a renewal does not
+/// end either (a renewal replaces a leaf that is still valid; it revokes nothing). What a root
+/// is bound to ([`Binding`]) is the peer's identity and leaf, the policy generation, the crypto
+/// policy (judged per connection) and its own bounds; the replaced leaf's notAfter is one of
+/// them too (`own_not_after`), so no root outlives the leaf it was made under. A store that
+/// started empty at every renewal instead lost roots the peer still used (one refused
+/// connection each), and worse: a server handshake that straddled the renewal kept its root
+/// in the replaced store, where no header finds it (its first use refused, 2–5 per renewal in
+/// the soak), and a client lost its record of which servers keep roots.
+///
+/// What starts a new store: new CA material (another signer or trust bundle: the peer of a
+/// root was verified against the old one) or a new crypto policy, i.e. another leaf
+/// generation ([`Stores::for_leaf`]'s `generation`). Its roots start empty; what the client
+/// learned of server addresses (keeps roots, refuses them) carries over.
+#[derive(Default)]
+pub struct Stores {
+    /// Each identity's store and the leaf generation it was made for; weak, so a store lives
+    /// exactly as long as credentials (or flows) that hold it.
+    current: Mutex<HashMap<SpiffeId, (u64, std::sync::Weak<Store>)>>,
+    /// Every store made and still alive, for the sweep: a replaced generation's store lives
+    /// while a flow holds its credentials.
+    all: Mutex<Vec<std::sync::Weak<Store>>>,
+}
+
+impl Stores {
+    /// The store for new credentials of `id` minted under leaf generation `generation`: the
+    /// one its current credentials hold when that is the same generation (a renewal), else a
+    /// new, empty one.
+    pub fn for_leaf(&self, id: &SpiffeId, generation: u64) -> Arc<Store> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((made_for, store)) = current.get(id)
+            && *made_for == generation
+            && let Some(store) = store.upgrade()
+        {
+            return store;
+        }
+        // What the client learned of its servers is about their agents, not about this leaf
+        // or its trust material: it carries over to the new generation's store, so a CA or
+        // crypto policy change here at the moment a server lost its roots cannot make that
+        // server look like one that keeps none.
+        let store = Arc::new(
+            current
+                .get(id)
+                .and_then(|(_, s)| s.upgrade())
+                .map_or_else(Store::default, |previous| previous.peers_only()),
+        );
+        current.retain(|_, (_, s)| s.strong_count() > 0);
+        current.insert(id.clone(), (generation, Arc::downgrade(&store)));
+        let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|s| s.strong_count() > 0);
+        all.push(Arc::downgrade(&store));
+        store
+    }
+
+    /// Every store still alive, each once.
+    pub fn live(&self) -> Vec<Arc<Store>> {
+        self.all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -541,6 +644,26 @@ fn unix_now() -> u64 {
 }
 
 impl Store {
+    /// A new store with no roots that knows what this one learned of server addresses: which
+    /// keep roots, which refuse them (see [`Stores::for_leaf`]).
+    fn peers_only(&self) -> Store {
+        Store {
+            refusing: Mutex::new(
+                self.refusing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            ),
+            keeping: Mutex::new(
+                self.keeping
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            ),
+            ..Store::default()
+        }
+    }
+
     /// Keeps a root the server side of a handshake made; a full store drops its oldest root
     /// (in constant time: see [`ServerRoots`]).
     pub fn keep_server(&self, root: Root, binding: Binding) {
@@ -847,6 +970,7 @@ mod tests {
                 .unwrap(),
             group: Some(NamedGroup::X25519),
             peer_not_after: unix_now() + 3600,
+            own_not_after: unix_now() + 3600,
             generation,
             expires: Instant::now() + Duration::from_secs(300),
             max_connections: u64::MAX,
@@ -1002,12 +1126,60 @@ mod tests {
         assert!(w.accept(3));
         assert!(w.accept(2), "out of order inside the window");
         assert!(!w.accept(2));
-        assert!(w.accept(100));
-        assert!(!w.accept(100 - REPLAY_WINDOW), "behind the window");
-        assert!(w.accept(100 - REPLAY_WINDOW + 1));
-        assert!(!w.accept(3), "far behind");
         assert!(w.accept(1000));
-        assert!(!w.accept(1000));
+        assert!(!w.accept(1000 - REPLAY_WINDOW), "behind the window");
+        assert!(w.accept(1000 - REPLAY_WINDOW + 1));
+        assert!(!w.accept(3), "far behind");
+        assert!(w.accept(5000));
+        assert!(!w.accept(5000));
+    }
+
+    /// The window is as wide as [`REPLAY_WINDOW`] says, at every word boundary: a counter
+    /// 200 behind (which a 64-counter window refused: the `replayed` fallback of a loaded
+    /// sustained run) is accepted once, the last one inside is accepted, the first outside
+    /// refused; and against a plain set of every counter seen, any order of counters gets the
+    /// same answers. Fails on a narrower window or a bit lost across a word when it shifts.
+    #[test]
+    fn replay_window_is_256_wide_and_exact_across_words() {
+        assert_eq!(REPLAY_WINDOW, 256);
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(1000));
+        assert!(w.accept(800), "200 behind");
+        assert!(!w.accept(800));
+        assert!(w.accept(1000 - 255), "the oldest inside");
+        assert!(!w.accept(1000 - 256), "the newest outside");
+        assert!(w.accept(1063) && w.accept(1064) && w.accept(1129));
+        assert!(!w.accept(800) && !w.accept(1000) && !w.accept(1064));
+        assert!(w.accept(1001) && w.accept(999));
+
+        // A reference model: a counter is accepted iff it is new and fewer than the window
+        // behind the highest seen before it.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut w = ReplayWindow::default();
+        let mut seen = HashSet::new();
+        let mut top = 0u64;
+        for _ in 0..200_000 {
+            // Mostly near the top, sometimes jumps of up to three windows, sometimes far back.
+            let counter = match next(10) {
+                0 => top + 1 + next(3 * REPLAY_WINDOW),
+                1 => top.saturating_sub(next(4 * REPLAY_WINDOW)),
+                _ => (top + 8).saturating_sub(next(REPLAY_WINDOW + 16)),
+            };
+            let model = counter > 0
+                && !seen.contains(&counter)
+                && (counter > top || top - counter < REPLAY_WINDOW);
+            assert_eq!(w.accept(counter), model, "counter {counter}, top {top}");
+            if model {
+                seen.insert(counter);
+                top = top.max(counter);
+            }
+        }
     }
 
     /// Client and server derive the same keys; the server refuses a replay, a bad MAC, an
@@ -1166,6 +1338,117 @@ mod tests {
         assert!(!client.wants_client_root(addr));
     }
 
+    /// A renewal of the local leaf (same leaf generation) hands the identity's store on: a
+    /// server handshake that began under the old leaf and keeps its root after the renewal is
+    /// found by a header decided under the new one (even one that overtook it and waits), the
+    /// client still knows the server keeps roots (a refused first use there gets its second
+    /// chance), and the roots kept before are still offered and accepted. New CA material or
+    /// crypto policy (another generation) starts without roots but with what the client
+    /// learned of its servers; another identity starts empty. With a store per leaf, as
+    /// before session 15, the header is refused `Unknown` and the second chance is lost.
+    #[tokio::test]
+    async fn a_renewed_leaf_keeps_its_roots_and_what_the_client_learned() {
+        let stores = Stores::default();
+        let me: SpiffeId = "spiffe://cluster.local/ns/default/sa/server"
+            .parse()
+            .unwrap();
+        let old = stores.for_leaf(&me, 3);
+        let addr: IpAddr = "10.0.0.9".parse().unwrap();
+        let peer = binding(5).peer;
+        // Before the renewal: a root kept each way, a server that keeps roots, and a
+        // handshake under way on the old leaf.
+        old.keep_server(root(50), binding(5));
+        old.keep_client(addr, root(51), binding(5));
+        old.accepted(addr);
+        let straddling = old.expect_root();
+        // The leaf is renewed; the old credentials live on in the handshake's task.
+        let new = stores.for_leaf(&me, 3);
+        assert!(Arc::ptr_eq(&old, &new), "a renewal keeps the store");
+        let header = root(52).connection(1).unwrap().header;
+        let current = Arc::clone(&new);
+        let waiting = tokio::spawn(async move {
+            current
+                .accept_after_handshakes(&header, 5, Duration::from_secs(30))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        straddling.keep(root(52), binding(5));
+        drop(old);
+        let (accepted, waited) = waiting.await.unwrap();
+        assert!(accepted.is_ok() && waited, "{:?}", accepted.err());
+        let kept_before = root(50).connection(1).unwrap().header;
+        assert!(new.accept(&kept_before, 5).is_ok());
+        assert!(new.offer(addr, &peer, 5).is_some(), "the client's root too");
+        new.refused(addr, true, Duration::from_secs(60));
+        assert!(
+            new.wants_client_root(addr),
+            "the server was known to keep roots: a second chance"
+        );
+
+        // New material or crypto policy: no roots, the old store left to its holders; what
+        // the client learned of its servers carries over.
+        new.accepted(addr);
+        let rootless: IpAddr = "10.0.0.10".parse().unwrap();
+        new.refused(rootless, true, Duration::from_secs(60));
+        let next = stores.for_leaf(&me, 4);
+        assert!(!Arc::ptr_eq(&new, &next));
+        assert_eq!(next.len(), (0, 0));
+        let kept_before = root(50).connection(2).unwrap().header;
+        assert_eq!(next.accept(&kept_before, 5).err(), Some(Refused::Unknown));
+        assert!(
+            !next.wants_client_root(rootless),
+            "still known to keep none"
+        );
+        next.refused(addr, true, Duration::from_secs(60));
+        assert!(
+            next.wants_client_root(addr),
+            "still known to keep roots: a second chance"
+        );
+        assert_eq!(
+            stores.live().len(),
+            2,
+            "the sweep still reaches the old one"
+        );
+        drop(new);
+        assert_eq!(stores.live().len(), 1);
+        let other: SpiffeId = "spiffe://cluster.local/ns/default/sa/other"
+            .parse()
+            .unwrap();
+        let theirs = stores.for_leaf(&other, 4);
+        assert!(!Arc::ptr_eq(&theirs, &next), "each identity its own");
+        assert!(Arc::ptr_eq(&stores.for_leaf(&me, 4), &next));
+        // A store no credentials hold any more is not revived: the next leaf starts empty.
+        drop(next);
+        assert_eq!(stores.for_leaf(&me, 4).len(), (0, 0));
+    }
+
+    /// A root ends with the leaf this end presented at its handshake as with the peer's: a
+    /// store kept across renewals still holds roots made under a replaced leaf, and past that
+    /// leaf's notAfter the client no longer offers one and the server refuses it.
+    #[test]
+    fn a_root_ends_with_the_local_leaf_it_was_made_under() {
+        let (client, server) = (Store::default(), Store::default());
+        let addr: IpAddr = "10.0.0.8".parse().unwrap();
+        let peer = binding(5).peer;
+        let leaf_ends = || Binding {
+            own_not_after: unix_now() + 60,
+            ..binding(5)
+        };
+        server.keep_server(root(60), leaf_ends());
+        client.keep_client(addr, root(60), leaf_ends());
+        let later = unix_now() + 61;
+        assert!(
+            client
+                .offer_at(addr, &peer, 5, Instant::now(), later)
+                .is_none()
+        );
+        let header = root(60).connection(1).unwrap().header;
+        assert_eq!(
+            server.accept_at(&header, 5, Instant::now(), later).err(),
+            Some(Refused::Expired)
+        );
+    }
+
     /// A server that has accepted a root lost it (restart, new leaf) when it refuses the next
     /// root's first use: one more root is tried, and only a second refused first use in a row
     /// stops offers. An acceptance in between starts over.
@@ -1226,7 +1509,11 @@ mod tests {
         }
         assert_eq!(server.len(), (1, 0));
         assert_eq!(client.len(), (0, 1));
-        assert!(std::mem::size_of::<ReplayWindow>() <= 16);
+        // Each live root holds one: the top and the window's bits, nothing else.
+        assert_eq!(
+            std::mem::size_of::<ReplayWindow>(),
+            8 + usize::try_from(REPLAY_WINDOW / 8).unwrap()
+        );
     }
 
     /// A full store evicts the oldest root it kept, one per insert, and only it; ids that

@@ -160,8 +160,9 @@ impl Established {
     }
 
     /// The root of derived connection keys this session leaves both ends, and what it is
-    /// bound to (the peer identity, its leaf's notAfter, policy generation `generation`, an
-    /// expiry `lifetime` from now, at most `max_connections` derived from it). Call before
+    /// bound to (the peer identity, its leaf's notAfter and `own_not_after`, the one this end
+    /// presented, policy generation `generation`, an expiry `lifetime` from now, at most
+    /// `max_connections` derived from it). Call before
     /// the keys move on. `None` for a session that
     /// cannot export: a kTLS client's (rustls' unbuffered client has no exporter), a derived
     /// one, or a peer leaf that does not parse.
@@ -170,6 +171,7 @@ impl Established {
         generation: u64,
         lifetime: Duration,
         max_connections: u64,
+        own_not_after: std::time::SystemTime,
     ) -> Option<(super::derived::Root, super::derived::Binding)> {
         let Session::Rustls(conn) = &self.conn else {
             return None;
@@ -198,6 +200,9 @@ impl Established {
                 peer: self.negotiated.peer.clone(),
                 group: self.negotiated.group,
                 peer_not_after,
+                own_not_after: own_not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
                 generation,
                 expires: std::time::Instant::now() + lifetime,
                 max_connections,

@@ -199,6 +199,7 @@ mod tests {
                 &td,
                 Arc::new(MeshCrypto::default_aes_gcm()),
                 &SessionResumption::disabled(),
+                Arc::default(),
             )
             .unwrap()
         };

@@ -26,6 +26,7 @@ use super::{
     table::{Direction, FlowCheck, FlowInfo, InboundCheck, Protection, SessionCrypto},
 };
 use crate::{
+    ca::renew::HoldsLeaf as _,
     config::ConnectionKeysMode,
     handshake::{Negotiated, derived, driver, spare},
     identity::SpiffeId,
@@ -178,6 +179,7 @@ async fn mesh<'a>(
             decided_by,
             shared.tuning.derived_root_lifetime(),
             shared.tuning.derived_root_max_connections,
+            me.leaf().not_after(),
         )
     {
         expected.keep(root, binding);

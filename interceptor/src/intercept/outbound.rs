@@ -24,6 +24,7 @@ use super::{
     table::{Direction, FlowCheck, FlowInfo, OutboundCheck, Protection, SessionCrypto},
 };
 use crate::{
+    ca::renew::HoldsLeaf as _,
     config::ConnectionKeysMode,
     handshake::{self, derived, driver},
     identity::SpiffeId,
@@ -315,6 +316,7 @@ async fn mesh<'a>(
             out.decided_by,
             shared.tuning.derived_root_lifetime(),
             shared.tuning.derived_root_max_connections,
+            me.leaf().not_after(),
         )
     {
         me.derived().keep_client(server_ip, root, binding);
