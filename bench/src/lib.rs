@@ -5,6 +5,7 @@
 //! builds it in release mode and runs it as root, on the host or inside the QEMU VM.
 
 pub mod apps;
+pub mod forward;
 pub mod handoff;
 pub mod kx;
 pub mod legs;

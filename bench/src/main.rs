@@ -136,6 +136,13 @@ enum Cmd {
         #[arg(long)]
         buffer_kib: Option<usize>,
     },
+    /// The `forward` mode's forwarder: relays each LISTEN's connections to its TARGET, a
+    /// blocking thread per direction, no TLS, until killed.
+    Forward {
+        /// LISTEN=TARGET (socket addresses), once per listener.
+        #[arg(long = "route", required = true)]
+        routes: Vec<interceptor_bench::forward::Route>,
+    },
     /// One GET on a new connection; prints the body.
     HttpGet {
         #[arg(long)]
@@ -154,7 +161,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Modes, comma separated: plaintext, ktls, relay, haproxy, skmsg, relay-full, local,
-    /// local-skmsg, ztunnel, ztunnel-1stream, relay-base (default: all).
+    /// local-skmsg, ztunnel, ztunnel-1stream, relay-base, forward (default: all).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Workloads, comma separated: iperf1 iperf4 rr64 rr1k http churn idle (default: all), and
@@ -363,6 +370,7 @@ fn real_main() -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        Cmd::Forward { routes } => interceptor_bench::forward::run(&routes),
         Cmd::HttpGet { target, path } => {
             let body = apps::http_get(target, &path, Duration::from_secs(10))?;
             print!("{body}");

@@ -7,6 +7,8 @@
 //!   cross-node, one agent per node, each knowing the other pod as a peer.
 //! - HAProxy sidecar pair: in each pod, app → 127.0.0.1 local HAProxy → mTLS (TLS 1.3,
 //!   TLS_AES_128_GCM_SHA256, X25519, certificates from the same CA) → remote HAProxy → app.
+//! - forward: the HAProxy pair's legs with the cheapest userspace relay instead (no TLS, a
+//!   blocking thread per direction, [`crate::forward`]): the floor of any three-leg relay.
 
 use std::{
     fmt::Write as _,
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     apps::{ECHO_PORT, HTTP_PORT},
+    forward::Route,
     pki::{self, Pki},
     procs::{self, Proc},
     topology::{self, Cgroup, Layout, Topology},
@@ -62,11 +65,16 @@ pub enum Mode {
     /// The fast path with `tuning.sameNodeJoin: skMsg`: the two loopback legs joined by the
     /// sk_msg leg join instead of the splice relay. Same node only.
     InterceptorLocalSkmsg,
+    /// No TLS, no agent: a forwarder in each pod (`interceptor-bench forward`, blocking
+    /// `read` → `write` per direction) on the relay's legs (app → loopback → forwarder →
+    /// node link → forwarder → loopback → app). What the three process hops of any userspace
+    /// relay cost on this topology, before any TLS or policy work.
+    Forward,
 }
 
 impl Mode {
-    /// Round order (A B C D E F G H I J K).
-    pub const ALL: [Mode; 11] = [
+    /// Round order (A B C D E F G H I J K L).
+    pub const ALL: [Mode; 12] = [
         Mode::Plaintext,
         Mode::InterceptorKtls,
         Mode::InterceptorRelay,
@@ -78,6 +86,7 @@ impl Mode {
         Mode::ZtunnelOneStream,
         Mode::InterceptorRelayBase,
         Mode::InterceptorLocalSkmsg,
+        Mode::Forward,
     ];
 
     pub fn label(self) -> &'static str {
@@ -93,6 +102,7 @@ impl Mode {
             Mode::ZtunnelOneStream => "ztunnel-1stream",
             Mode::InterceptorRelayBase => "interceptor-relay-base",
             Mode::InterceptorLocalSkmsg => "interceptor-local-skmsg",
+            Mode::Forward => "forward",
         }
     }
 
@@ -109,10 +119,11 @@ impl Mode {
             "ztunnel-1stream" | "ztunnel-1" => Mode::ZtunnelOneStream,
             "interceptor-relay-base" | "relay-base" | "baseline" => Mode::InterceptorRelayBase,
             "interceptor-local-skmsg" | "local-skmsg" => Mode::InterceptorLocalSkmsg,
+            "forward" | "floor" => Mode::Forward,
             other => {
                 bail!(
                     "unknown mode {other:?}: expected plaintext, ktls, relay, haproxy, skmsg, \
-                     relay-full, local, local-skmsg, ztunnel, ztunnel-1stream or relay-base"
+                     relay-full, local, local-skmsg, ztunnel, ztunnel-1stream, relay-base or forward"
                 )
             }
         })
@@ -194,7 +205,8 @@ impl Env {
 /// cannot, printed as "unavailable (...)" or "not runnable: ...": never a faked number.
 pub fn availability(mode: Mode, env: &Env) -> Result<(), String> {
     match mode {
-        Mode::Plaintext => Ok(()),
+        // The forwarder is this binary's `forward` subcommand.
+        Mode::Plaintext | Mode::Forward => Ok(()),
         Mode::HaproxyPair => which("haproxy").map(drop),
         Mode::ZtunnelDefault | Mode::ZtunnelOneStream => {
             crate::ztunnel::availability(env.ztunnel_bin.as_deref())
@@ -363,6 +375,7 @@ pub fn start(mode: Mode, topo: &Topology, env: &Env, tag: &str) -> Result<Active
     match mode {
         Mode::Plaintext => {}
         Mode::HaproxyPair => start_haproxy(&mut active, topo, env, tag)?,
+        Mode::Forward => start_forwarders(&mut active, topo, env, tag)?,
         Mode::InterceptorKtls
         | Mode::InterceptorRelay
         | Mode::InterceptorSkmsg
@@ -602,6 +615,79 @@ fn start_haproxy(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> 
     for p in &mut active.proxies {
         p.check_alive()
             .with_context(|| format!("see {}", env.log_dir.display()))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward: the three-leg floor
+
+/// The forwarders' routes, (client pod's, server pod's): the client app dials its own
+/// forwarder at 127.0.0.1:port (a loopback leg, as to the agent), which dials the server pod
+/// at port + [`SIDECAR_OFFSET`] across the nodes' link, whose forwarder dials the app at
+/// 127.0.0.1:port (a loopback leg, as from the agent). Addresses instead of redirection: the
+/// agent steers by eBPF at connect and accept only, so no per-packet NAT on either side.
+pub fn forward_routes(server_ip: Ipv4Addr) -> (Vec<Route>, Vec<Route>) {
+    let lo = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let wire = |port: u16| SocketAddr::from((server_ip, port + SIDECAR_OFFSET));
+    APP_PORTS
+        .iter()
+        .map(|&port| {
+            (
+                Route {
+                    listen: lo(port),
+                    target: wire(port),
+                },
+                Route {
+                    listen: wire(port),
+                    target: lo(port),
+                },
+            )
+        })
+        .unzip()
+}
+
+/// One forwarder per pod, each in a cgroup of its own (its CPU is the proxies' CPU, as an
+/// agent's) and in its pod's namespace; the server side first, so the client's first dial
+/// finds it.
+fn start_forwarders(active: &mut Active, topo: &Topology, env: &Env, tag: &str) -> Result<()> {
+    active.dial_ip = Ipv4Addr::LOCALHOST;
+    active.expect_peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let (client_routes, server_routes) = forward_routes(topo.server.ip);
+    for (side, pod, routes, cpu) in [
+        ("server", &topo.server, server_routes, env.server_cpu()),
+        ("client", &topo.client, client_routes, env.client_cpu()),
+    ] {
+        let cgroup = Cgroup::new(&format!("forward-{side}-"))?;
+        let log = fs::File::create(env.log_dir.join(format!("forward-{side}-{tag}.log")))?;
+        let mut cmd = Command::new(&env.bench_bin);
+        cmd.arg("forward");
+        for r in &routes {
+            cmd.arg("--route").arg(r.to_string());
+        }
+        cmd.stdout(Stdio::null()).stderr(log);
+        topology::enter(&mut cmd, Some(&cgroup.path), Some(&pod.ns.path()), cpu)?;
+        let p = Proc::spawn(&format!("forwarder in pod {}", pod.name), &mut cmd)?;
+        active.proxies.push(p);
+        active.proxy_cgroups.push(cgroup);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !routes.iter().all(|r| {
+            crate::ztunnel::sockets_on(pod, r.listen.port(), false)
+                .iter()
+                .any(|s| s == "0A")
+        }) {
+            for p in &mut active.proxies {
+                p.check_alive()
+                    .with_context(|| format!("see {}", env.log_dir.display()))?;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the forwarder in pod {} did not listen within 20 s",
+                    pod.name
+                );
+            }
+            procs::sleep(Duration::from_millis(50))?;
+        }
     }
     Ok(())
 }
@@ -867,4 +953,55 @@ fn wait_ready(socket: &Path, active: &mut Active, env: &Env) -> Result<()> {
         procs::sleep(Duration::from_millis(50))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_is_a_mode_of_its_own() {
+        assert_eq!(Mode::parse("forward").unwrap(), Mode::Forward);
+        assert_eq!(Mode::parse("floor").unwrap(), Mode::Forward);
+        assert_eq!(Mode::Forward.label(), "forward");
+        assert!(Mode::ALL.contains(&Mode::Forward));
+        // Not one of ours: no ÷ HAProxy / ÷ ztunnel columns as if it were the agent, and no
+        // agent flow table to read in the path check.
+        assert!(!Mode::Forward.is_interceptor());
+        assert!(!Mode::Forward.is_ztunnel());
+        assert!(Mode::Forward.runs_on(Layout::CrossNode));
+        assert!(Mode::Forward.runs_on(Layout::SameNode));
+        let e = Mode::parse("forwarder").unwrap_err();
+        assert!(format!("{e}").contains("forward"), "{e}");
+        // The label round-trips through the report's JSON.
+        let json = serde_json::to_string(&Mode::Forward).unwrap();
+        assert_eq!(json, "\"forward\"");
+        assert_eq!(serde_json::from_str::<Mode>(&json).unwrap(), Mode::Forward);
+    }
+
+    /// Every app port has a chain client loopback → server pod → server loopback, so the
+    /// legs are the relay's: two loopback legs and one across the node link.
+    #[test]
+    fn forward_routes_chain_each_app_port_over_three_legs() {
+        let server = Ipv4Addr::new(10, 88, 2, 3);
+        let (client, srv) = forward_routes(server);
+        assert_eq!(client.len(), APP_PORTS.len());
+        assert_eq!(srv.len(), APP_PORTS.len());
+        for port in APP_PORTS {
+            let c = client
+                .iter()
+                .find(|r| r.listen == SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+                .unwrap_or_else(|| panic!("no client route for {port}"));
+            assert_eq!(c.target.ip(), IpAddr::V4(server));
+            let s = srv
+                .iter()
+                .find(|r| r.listen == c.target)
+                .unwrap_or_else(|| panic!("nothing listens on {}", c.target));
+            assert_eq!(s.target, SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        }
+        // No wire port collides with an app port the server pod's apps listen on.
+        for r in &srv {
+            assert!(!APP_PORTS.contains(&r.listen.port()), "{r}");
+        }
+    }
 }

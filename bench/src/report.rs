@@ -66,6 +66,10 @@ pub struct Row {
     /// interceptor mode ÷ ztunnel with one stream per HBONE connection, per round.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub vs_ztunnel_1stream: BTreeMap<Mode, Ratio>,
+    /// Every proxied mode ÷ the `forward` floor (no TLS, blocking forwarders on the same
+    /// legs), per round: what a relay costs above the least any three-leg relay pays.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub vs_forward: BTreeMap<Mode, Ratio>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -153,6 +157,7 @@ impl LayoutResults {
                     vs_haproxy: BTreeMap::new(),
                     vs_ztunnel: BTreeMap::new(),
                     vs_ztunnel_1stream: BTreeMap::new(),
+                    vs_forward: BTreeMap::new(),
                 };
                 for &m in &modes {
                     let v: Vec<f64> = self.values(m, w, &metric).into_values().collect();
@@ -168,6 +173,11 @@ impl LayoutResults {
                         && let Some(r) = self.ratio(m, Mode::HaproxyPair, w, &metric)
                     {
                         row.vs_haproxy.insert(m, r);
+                    }
+                    if !matches!(m, Mode::Plaintext | Mode::Forward)
+                        && let Some(r) = self.ratio(m, Mode::Forward, w, &metric)
+                    {
+                        row.vs_forward.insert(m, r);
                     }
                     if m.is_interceptor() {
                         if let Some(r) = self.ratio(m, Mode::ZtunnelDefault, w, &metric) {
@@ -408,6 +418,93 @@ impl LayoutResults {
         s
     }
 
+    /// The three-leg floor: every proxied mode ÷ `forward` per round for every metric, then
+    /// the rr64 round trip per process hop; empty when `forward` did not run.
+    pub fn floor_table(&self) -> String {
+        let mut s = String::new();
+        let modes: Vec<Mode> = Mode::ALL
+            .into_iter()
+            .filter(|m| self.rows.iter().any(|r| r.vs_forward.contains_key(m)))
+            .collect();
+        if modes.is_empty() {
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\nEach mode ÷ forward (the three-leg floor: no TLS, blocking forwarders on the \
+             same legs), per-round ratios: median [lowest–highest]:\n"
+        );
+        let _ = write!(s, "| workload | metric | dir |");
+        for m in &modes {
+            let _ = write!(s, " {} ÷ forward |", short(*m));
+        }
+        s.push_str(" forward ÷ ztunnel |\n");
+        let _ = writeln!(s, "|---|---|---|{}---|", "---|".repeat(modes.len()));
+        for r in self.rows.iter().filter(|r| !r.vs_forward.is_empty()) {
+            let dir = if r.lower_is_better { "↓" } else { "↑" };
+            let _ = write!(s, "| {} | {} | {dir} |", r.workload.label(), r.metric);
+            for m in &modes {
+                let _ = write!(
+                    s,
+                    " {} |",
+                    r.vs_forward.get(m).map_or("—".to_owned(), fmt_ratio)
+                );
+            }
+            let fz = self.ratio(Mode::Forward, Mode::ZtunnelDefault, r.workload, &r.metric);
+            let _ = writeln!(s, " {} |", fz.as_ref().map_or("—".to_owned(), fmt_ratio));
+        }
+        let hops = self.per_hop();
+        if !hops.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nrr64 p50 per process hop (per round: p50 ÷ hops; added: (p50 − plaintext's) ÷ \
+                 the hops beyond plaintext's 2), median [lowest–highest] µs:\n"
+            );
+            let _ = writeln!(
+                s,
+                "| mode | hops per round trip | p50 ÷ hops | added per added hop |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|");
+            for (m, n, per, added) in hops {
+                let _ = writeln!(
+                    s,
+                    "| {} | {n} | {} | {} |",
+                    short(m),
+                    fmt_ratio(&per),
+                    added.as_ref().map_or("—".to_owned(), fmt_ratio)
+                );
+            }
+        }
+        s
+    }
+
+    /// For each mode with a known hop count that ran rr64: (mode, hops, p50 ÷ hops, and
+    /// (p50 − plaintext p50) ÷ (hops − 2) where plaintext ran in the same round).
+    pub fn per_hop(&self) -> Vec<(Mode, u32, Ratio, Option<Ratio>)> {
+        let plain = self.values(Mode::Plaintext, Workload::Rr64, "p50_us");
+        Mode::ALL
+            .into_iter()
+            .filter_map(|m| {
+                let n = process_hops(m)?;
+                let v = self.values(m, Workload::Rr64, "p50_us");
+                let per: Vec<f64> = v.values().map(|x| x / f64::from(n)).collect();
+                if per.is_empty() {
+                    return None;
+                }
+                let added: Vec<f64> = v
+                    .iter()
+                    .filter(|_| n > 2)
+                    .filter_map(|(r, x)| Some((x - plain.get(r)?) / f64::from(n - 2)))
+                    .collect();
+                let ratio = |v: Vec<f64>| Ratio {
+                    median: median(&v),
+                    per_round: v,
+                };
+                Some((m, n, ratio(per), (!added.is_empty()).then(|| ratio(added))))
+            })
+            .collect()
+    }
+
     /// The agent under test ÷ the baseline agent (`--baseline-agent`), paired per round, for
     /// every metric both measured; empty without the baseline mode.
     pub fn baseline_table(&self) -> String {
@@ -590,6 +687,28 @@ fn short(mode: Mode) -> &'static str {
         Mode::InterceptorLocal => "same-node fast path",
         Mode::InterceptorLocalSkmsg => "same-node fast path, sk_msg join",
         Mode::InterceptorRelayBase => "relay, baseline agent",
+        Mode::Forward => "forward",
+    }
+}
+
+/// Process wake-ups a 64 B round trip takes on the path of `mode` (a blocked reader made
+/// runnable): plaintext's two apps, plus two relays' three hops each way for the modes with
+/// a userspace proxy in each pod or on each node. `None` where the count is not that simple
+/// (kTLS hands the bytes to the kernel; the fast path has one agent and two legs).
+pub fn process_hops(mode: Mode) -> Option<u32> {
+    match mode {
+        Mode::Plaintext => Some(2),
+        Mode::Forward
+        | Mode::InterceptorRelay
+        | Mode::InterceptorRelayBase
+        | Mode::InterceptorRelayFull
+        | Mode::HaproxyPair
+        | Mode::ZtunnelDefault
+        | Mode::ZtunnelOneStream => Some(6),
+        Mode::InterceptorKtls
+        | Mode::InterceptorSkmsg
+        | Mode::InterceptorLocal
+        | Mode::InterceptorLocalSkmsg => None,
     }
 }
 
@@ -757,6 +876,7 @@ impl Report {
             }
             s.push_str(&l.ztunnel_table(&ours));
             s.push_str(&l.baseline_table());
+            s.push_str(&l.floor_table());
             let _ = writeln!(s, "\nTargets (issue 5):\n");
             let _ = writeln!(s, "| target | goal | measured | met |");
             let _ = writeln!(s, "|---|---|---|---|");
@@ -1091,5 +1211,72 @@ mod tests {
         assert_eq!(r.per_round, vec![0.5, 0.25, 0.8]);
         assert_eq!(r.median, 0.5);
         assert_eq!(row.medians[&Mode::Plaintext].median, 100.0);
+    }
+
+    /// `forward` is paired like every mode: relay ÷ forward per round in the rows (and so in
+    /// the JSON), forward ÷ ztunnel and the per-hop figures in the Markdown.
+    #[test]
+    fn forward_is_the_floor_of_the_proxied_modes() {
+        let mut l = LayoutResults::new(Layout::CrossNode);
+        let rounds = [
+            // (plaintext, forward, relay, ztunnel) rr64 p50 µs
+            (40.0, 100.0, 140.0, 160.0),
+            (50.0, 110.0, 121.0, 165.0),
+            (44.0, 92.0, 138.0, 184.0),
+        ];
+        for (round, (p, f, r, z)) in rounds.into_iter().enumerate() {
+            for (mode, v) in [
+                (Mode::Plaintext, p),
+                (Mode::Forward, f),
+                (Mode::InterceptorRelay, r),
+                (Mode::ZtunnelDefault, z),
+            ] {
+                l.samples.push(Sample {
+                    round,
+                    mode,
+                    workload: Workload::Rr64,
+                    metric: "p50_us".into(),
+                    value: v,
+                });
+            }
+        }
+        l.summarise();
+        let row = &l.rows[0];
+        assert_eq!(
+            row.vs_forward[&Mode::InterceptorRelay].per_round,
+            vec![1.4, 1.1, 1.5]
+        );
+        assert_eq!(
+            row.vs_forward[&Mode::ZtunnelDefault].per_round,
+            vec![1.6, 1.5, 2.0]
+        );
+        assert!(!row.vs_forward.contains_key(&Mode::Plaintext));
+        assert!(!row.vs_forward.contains_key(&Mode::Forward));
+        // Not the agent: no ÷ ztunnel column of its own in the ours ÷ ztunnel table.
+        assert!(!row.vs_ztunnel.contains_key(&Mode::Forward));
+        let json = serde_json::to_value(&l).unwrap();
+        let rr = &json["rows"][0];
+        assert_eq!(rr["medians"]["forward"]["median"], 100.0);
+        assert_eq!(rr["vs_forward"]["interceptor-relay"]["median"], 1.4);
+        let hops = l.per_hop();
+        let fwd = hops.iter().find(|h| h.0 == Mode::Forward).unwrap();
+        assert_eq!(fwd.1, 6);
+        // 100/6, 110/6, 92/6 → median 100/6; added: (60, 60, 48) / 4 → 15.
+        assert!((fwd.2.median - 100.0 / 6.0).abs() < 1e-9);
+        assert_eq!(fwd.3.as_ref().unwrap().median, 15.0);
+        let plain = hops.iter().find(|h| h.0 == Mode::Plaintext).unwrap();
+        assert_eq!((plain.1, plain.2.median), (2, 22.0));
+        assert!(plain.3.is_none());
+        let md = l.floor_table();
+        assert!(md.contains("| relay ÷ forward |"), "{md}");
+        assert!(md.contains("| forward ÷ ztunnel |"), "{md}");
+        // forward ÷ ztunnel per round: 0.625, 0.667, 0.5.
+        assert!(md.contains("0.625 [0.500–0.667]"), "{md}");
+        assert!(md.contains("| forward | 6 |"), "{md}");
+        assert!(
+            LayoutResults::new(Layout::CrossNode)
+                .floor_table()
+                .is_empty()
+        );
     }
 }
