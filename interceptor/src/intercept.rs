@@ -424,16 +424,10 @@ impl Shared {
         Ok(credentials)
     }
 
-    /// The root stores still alive (one per identity and leaf generation; a replaced one
-    /// lives while a flow holds it).
-    fn live_derived_stores(&self) -> Vec<Arc<handshake::derived::Store>> {
-        self.derived_stores.live()
-    }
-
     /// Erases every root of derived connection keys past its lifetime or connection budget
     /// (`tuning.derivedRootLifetimeSecs`, `derivedRootMaxConnections`); returns how many.
     pub fn retire_derived_roots(&self) -> usize {
-        let stores = self.live_derived_stores();
+        let stores = self.derived_stores.live();
         let retired = stores.iter().map(|s| s.retire_expired()).sum();
         for _ in 0..retired {
             self.derived(DerivedOutcome::Retired);
@@ -445,7 +439,7 @@ impl Shared {
     /// every store still alive (a replaced generation's lives while a flow holds it): what
     /// a soak watches to see the stores stay bounded.
     pub fn derived_roots_held(&self) -> (usize, usize) {
-        let stores = self.live_derived_stores();
+        let stores = self.derived_stores.live();
         stores
             .iter()
             .map(|s| s.len())
